@@ -1,0 +1,129 @@
+"""usage-meter HTTP API: ``POST /v1/usage``, ``GET /v1/prices``, ``PUT /v1/prices/{service}``."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import ORJSONResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from tally.auth import CurrentPrincipal, require_role
+from tally.errors import ApiError
+from tally.events import UsageEvent
+from tally.money import MoneyError, format_micros, to_micros
+from tally.service import runtime
+from tally_usage_meter import storage
+from tally_usage_meter.domain import Price
+from tally_usage_meter.ingestion import ingest
+
+router = APIRouter(prefix="/v1", tags=["usage"])
+
+MAX_BATCH = 1000
+SERVICE_RE = re.compile(r"^[a-z0-9_.-]{1,64}$")
+
+_USAGE_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"oneOf": [
+            UsageEvent.model_json_schema(ref_template="#/components/schemas/{model}"),
+            {"type": "object", "required": ["events"], "properties": {"events": {
+                "type": "array", "minItems": 1, "maxItems": MAX_BATCH,
+                "items": UsageEvent.model_json_schema(
+                    ref_template="#/components/schemas/{model}")}}},
+        ]}}},
+    }
+}
+
+
+def _invalid(message: str, details: list[Any] | None = None) -> ApiError:
+    return ApiError(422, "validation_error", message, details)
+
+
+def parse_usage_body(raw: bytes) -> list[UsageEvent]:
+    """One event or ``{"events": [...]}`` (1-1000). Anything malformed: 422, nothing taken."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _invalid(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise _invalid("body must be a usage event object or {\"events\": [...]}")
+    if "events" in data:
+        items = data["events"]
+        if not isinstance(items, list) or not items:
+            raise _invalid("events must be a non-empty array")
+        if len(items) > MAX_BATCH:
+            raise _invalid(f"a batch holds at most {MAX_BATCH} events, got {len(items)}")
+        prefix = "events"
+    else:
+        items, prefix = [data], ""
+    parsed, details = [], []
+    for i, item in enumerate(items):
+        try:
+            parsed.append(UsageEvent.model_validate(item))
+        except ValidationError as exc:
+            for err in exc.errors()[:10]:
+                loc = ".".join(str(p) for p in err["loc"])
+                field = f"{prefix}[{i}].{loc}" if prefix else loc
+                details.append({"field": field, "message": err["msg"]})
+    if details:
+        first = details[0]
+        raise _invalid(f"{first['field']}: {first['message']}", details[:100])
+    return parsed
+
+
+@router.post("/usage", status_code=202, openapi_extra=_USAGE_SCHEMA,
+             summary="Record usage (one event or a batch of up to 1000)")
+async def post_usage(request: Request, principal: CurrentPrincipal) -> ORJSONResponse:
+    require_role(principal, "product", "platform_admin")
+    batch = parse_usage_body(await request.body())
+    rt = runtime(request)
+    async with rt.pool.acquire() as conn, conn.transaction():
+        results = await ingest(conn, batch)
+    rt.relay.wake()
+    return ORJSONResponse({"results": [r.as_json() for r in results]}, status_code=202)
+
+
+class PriceOut(BaseModel):
+    service: str
+    unit: str
+    unit_price: str
+    currency: str
+
+
+class PriceIn(BaseModel):
+    unit: str = Field(min_length=1, max_length=64)
+    unit_price: str = Field(description="decimal string, up to 6 decimals, >= 0")
+    currency: str = Field("USD", pattern=r"^[A-Z]{3}$")
+
+
+def _out(p: Price) -> PriceOut:
+    return PriceOut(service=p.service, unit=p.unit, unit_price=format_micros(p.unit_price_micros),
+                    currency=p.currency)
+
+
+@router.get("/prices", summary="The platform price catalog")
+async def get_prices(request: Request, principal: CurrentPrincipal) -> dict[str, list[PriceOut]]:
+    async with runtime(request).pool.acquire() as conn:
+        prices = await storage.load_prices(conn)
+    return {"items": [_out(p) for p in sorted(prices.values(), key=lambda p: p.service)]}
+
+
+@router.put("/prices/{service}", summary="Set a service's platform price (applies to new events)")
+async def put_price(service: str, body: PriceIn, request: Request,
+                    principal: CurrentPrincipal) -> PriceOut:
+    require_role(principal, "platform_admin")
+    if not SERVICE_RE.match(service):
+        raise _invalid("service must match ^[a-z0-9_.-]{1,64}$")
+    try:
+        micros = to_micros(body.unit_price, field="unit_price")
+    except MoneyError as exc:
+        raise _invalid(str(exc), [{"field": "unit_price", "message": str(exc)}]) from exc
+    if micros < 0:
+        raise _invalid("unit_price must be >= 0", [{"field": "unit_price", "message": ">= 0"}])
+    price = Price(service, body.unit, micros, body.currency)
+    async with runtime(request).pool.acquire() as conn:
+        await storage.upsert_price(conn, price)
+    return _out(price)

@@ -1,0 +1,110 @@
+"""Pricing and validation of usage events. Pure: no I/O.
+
+An event is priced at the platform price of its service; the amount is exact
+(quantity x unit price in micros, rounded half-up to a whole micro)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from tally.events import UsageEvent
+from tally.money import MoneyError, parse_decimal, price_usage
+
+MAX_QUANTITY = Decimal(1_000_000_000)
+
+Rejection = Literal["unknown_service", "invalid_quantity", "account_suspended",
+                    "agency_wallet_empty"]
+
+
+@dataclass(frozen=True)
+class Price:
+    service: str
+    unit: str
+    unit_price_micros: int
+    currency: str
+
+
+@dataclass(frozen=True)
+class Priced:
+    event: UsageEvent
+    quantity: Decimal
+    price: Price
+    amount_micros: int
+    occurred_at: datetime
+
+
+@dataclass(frozen=True)
+class Rejected:
+    event_id: str
+    code: Rejection
+    message: str
+
+
+class InvalidQuantity(ValueError):
+    pass
+
+
+def parse_quantity(value: Any) -> Decimal:
+    """A quantity is a decimal string (or a JSON integer) > 0, with at most 6 decimals."""
+    if isinstance(value, bool) or value is None:
+        raise InvalidQuantity("quantity must be a decimal string greater than 0")
+    if isinstance(value, int):
+        quantity = Decimal(value)
+    elif isinstance(value, str):
+        try:
+            quantity = parse_decimal(value, field="quantity")
+        except MoneyError as exc:
+            raise InvalidQuantity(str(exc)) from exc
+    else:
+        raise InvalidQuantity("quantity must be a decimal string like \"1.5\" (not a float)")
+    if quantity <= 0:
+        raise InvalidQuantity("quantity must be greater than 0")
+    if quantity > MAX_QUANTITY:
+        raise InvalidQuantity(f"quantity must be at most {MAX_QUANTITY}")
+    return quantity
+
+
+def price_event(event: UsageEvent, prices: dict[str, Price], now: datetime) -> Priced | Rejected:
+    price = prices.get(event.service)
+    if price is None:
+        return Rejected(event.event_id, "unknown_service",
+                        f"unknown service {event.service!r}; see GET /v1/prices")
+    try:
+        quantity = parse_quantity(event.quantity)
+    except InvalidQuantity as exc:
+        return Rejected(event.event_id, "invalid_quantity", str(exc))
+    occurred = event.occurred_at or now
+    if occurred.tzinfo is None:
+        occurred = occurred.replace(tzinfo=UTC)
+    return Priced(event, quantity, price, price_usage(quantity, price.unit_price_micros), occurred)
+
+
+def suspension_of(event: UsageEvent, suspended: set[tuple[str, str]]) -> Rejected | None:
+    """Usage is refused while the account's wallet, or its agency's wallet, is suspended."""
+    if event.account_id and ("account", event.account_id) in suspended:
+        return Rejected(event.event_id, "account_suspended",
+                        "the account's wallet is empty; usage resumes after a credit")
+    if ("company", event.company_id) in suspended:
+        return Rejected(event.event_id, "agency_wallet_empty",
+                        "the agency wallet is empty; usage resumes after it is reloaded")
+    return None
+
+
+def recorded_payload(p: Priced, recorded_at: datetime) -> dict[str, Any]:
+    """The ``usage.recorded`` payload (fields of ``tally.events.UsageRecorded``)."""
+    e = p.event
+    return {
+        "event_id": e.event_id,
+        "company_id": e.company_id,
+        "account_id": e.account_id,
+        "service": e.service,
+        "quantity": format(p.quantity, "f"),
+        "occurred_at": p.occurred_at.isoformat(),
+        "recorded_at": recorded_at.isoformat(),
+        "unit_price_micros": p.price.unit_price_micros,
+        "platform_amount_micros": p.amount_micros,
+        "currency": p.price.currency,
+    }

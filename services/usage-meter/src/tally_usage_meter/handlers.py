@@ -1,0 +1,64 @@
+"""usage-meter's Kafka consumers: ``usage.ingest`` (products producing usage directly) and
+``wallet.events`` (to know which wallets are suspended)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tally import events, inbox
+from tally.consumer import dlq_row, subscribe_batch
+from tally.events import Topics
+from tally.outbox import enqueue
+from tally.service import Runtime
+from tally_usage_meter import storage
+from tally_usage_meter.ingestion import ingest, parse_ingest_record
+
+SERVICE = "usage-meter"
+
+
+def subscribe(rt: Runtime) -> None:
+    async def on_ingest(records: Sequence[Any]) -> None:
+        good, dead = [], []
+        for r in records:
+            try:
+                good.append((r, parse_ingest_record(r.value)))
+            except events.BadMessage as exc:
+                dead.append(dlq_row(r, str(exc), service=SERVICE))
+        async with rt.pool.acquire() as conn, conn.transaction():
+            results = await ingest(conn, [e for _, e in good])
+            for (record, _), result in zip(good, results, strict=True):
+                if result.status == "rejected":
+                    dead.append(dlq_row(record, f"{result.code}: {result.message}",
+                                        service=SERVICE))
+            await enqueue(conn, dead)
+        rt.relay.wake()
+
+    async def on_wallet_events(records: Sequence[Any]) -> None:
+        changes: list[tuple[str, events.Envelope, events.Payload]] = []
+        dead = []
+        for r in records:
+            try:
+                env = events.parse_envelope(r.value)
+                if env.type in ("wallet.suspended", "wallet.reactivated"):
+                    changes.append((env.id, env, events.typed(env)))
+            except events.BadMessage as exc:
+                dead.append(dlq_row(r, str(exc), service=SERVICE))
+        if not changes and not dead:
+            return
+        async with rt.pool.acquire() as conn, conn.transaction():
+            await enqueue(conn, dead)
+            fresh = await inbox.claim(conn, "wallet-status", [c[0] for c in changes])
+            for msg_id, env, payload in changes:
+                if msg_id not in fresh:
+                    continue
+                assert isinstance(payload, events.WalletSuspended | events.WalletReactivated)
+                owner_id = payload.company_id if payload.owner == "company" else payload.account_id
+                assert owner_id is not None
+                await storage.set_suspended(conn, payload.owner, owner_id,
+                                            env.type == "wallet.suspended")
+
+    subscribe_batch(rt.broker, Topics.USAGE_INGEST, service=SERVICE, group_id="usage-meter",
+                    handler=on_ingest, max_records=rt.settings.kafka_max_batch)
+    subscribe_batch(rt.broker, Topics.WALLET_EVENTS, service=SERVICE,
+                    group_id="usage-meter-wallet-status", handler=on_wallet_events)

@@ -1,0 +1,87 @@
+"""The one ingestion path, shared by ``POST /v1/usage`` and the ``usage.ingest`` topic:
+validate, refuse suspended accounts, price, dedupe by ``event_id``, and write the priced events
+to the outbox (topic ``usage.recorded``, key ``company_id``) in the caller's transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+import asyncpg
+from prometheus_client import Counter
+
+from tally import events, outbox
+from tally.events import Topics, UsageEvent
+from tally_usage_meter import storage
+from tally_usage_meter.domain import Priced, Rejected, price_event, recorded_payload, suspension_of
+
+SOURCE = "usage-meter"
+
+USAGE = Counter("tally_usage_events_total", "Usage events by outcome", ["outcome"])
+
+
+@dataclass(frozen=True)
+class Result:
+    event_id: str
+    status: Literal["accepted", "duplicate", "rejected"]
+    code: str | None = None
+    message: str | None = None
+
+    def as_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"event_id": self.event_id, "status": self.status}
+        if self.code:
+            out["error"] = {"code": self.code, "message": self.message}
+        return out
+
+
+async def ingest(conn: asyncpg.Connection, batch: Sequence[UsageEvent]) -> list[Result]:
+    """Must run inside a transaction; returns one result per input event, in order."""
+    now = datetime.now(UTC)
+    prices = await storage.load_prices(conn)
+    suspended = await storage.suspended_among(
+        conn, [e.company_id for e in batch], [e.account_id for e in batch if e.account_id])
+
+    outcome: list[Priced | Rejected | None] = []
+    first_seen: dict[str, int] = {}
+    for i, event in enumerate(batch):
+        checked = suspension_of(event, suspended) or price_event(event, prices, now)
+        if isinstance(checked, Priced):
+            if event.event_id in first_seen:
+                checked = None  # same id twice in one batch: the later one is a duplicate
+            else:
+                first_seen[event.event_id] = i
+        outcome.append(checked)
+
+    priced = [p for p in outcome if isinstance(p, Priced)]
+    new_ids = await storage.claim_event_ids(
+        conn, [p.event.event_id for p in priced], [p.event.company_id for p in priced])
+
+    rows = []
+    results = []
+    for event, checked in zip(batch, outcome, strict=True):
+        if isinstance(checked, Rejected):
+            results.append(Result(event.event_id, "rejected", checked.code, checked.message))
+        elif checked is None or event.event_id not in new_ids:
+            results.append(Result(event.event_id, "duplicate"))
+        else:
+            data = recorded_payload(checked, now)
+            message = {"id": f"usage:{event.event_id}", "type": "usage.recorded",
+                       "time": now.isoformat(), "source": SOURCE, "data": data}
+            rows.append(outbox.row(Topics.USAGE_RECORDED, event.company_id, message))
+            results.append(Result(event.event_id, "accepted"))
+    await outbox.enqueue(conn, rows)
+    for r in results:
+        USAGE.labels(r.status).inc()
+    return results
+
+
+def parse_ingest_record(value: bytes | None) -> UsageEvent:
+    """A ``usage.ingest`` message: the raw event JSON (as POST /v1/usage takes)."""
+    if not value:
+        raise events.BadMessage("empty message")
+    try:
+        return UsageEvent.model_validate_json(value)
+    except ValueError as exc:
+        raise events.BadMessage(f"not a usage event: {str(exc)[:500]}") from exc

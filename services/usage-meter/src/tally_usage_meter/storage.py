@@ -1,0 +1,60 @@
+"""usage-meter's tables: prices, ingestion dedupe, suspended wallets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import asyncpg
+
+from tally_usage_meter.domain import Price
+
+
+async def load_prices(conn: asyncpg.Connection) -> dict[str, Price]:
+    rows = await conn.fetch("SELECT service, unit, unit_price_micros, currency FROM prices")
+    return {r["service"]: Price(r["service"], r["unit"], r["unit_price_micros"], r["currency"])
+            for r in rows}
+
+
+async def upsert_price(conn: asyncpg.Connection, price: Price) -> None:
+    await conn.execute(
+        "INSERT INTO prices (service, unit, unit_price_micros, currency) VALUES ($1, $2, $3, $4) "
+        "ON CONFLICT (service) DO UPDATE SET unit = EXCLUDED.unit, "
+        "unit_price_micros = EXCLUDED.unit_price_micros, currency = EXCLUDED.currency, "
+        "updated_at = now()",
+        price.service, price.unit, price.unit_price_micros, price.currency,
+    )
+
+
+async def claim_event_ids(conn: asyncpg.Connection, event_ids: Sequence[str],
+                          company_ids: Sequence[str]) -> set[str]:
+    """Record first sightings; returns the ids that are new (the others are duplicates)."""
+    if not event_ids:
+        return set()
+    rows = await conn.fetch(
+        "INSERT INTO ingested (event_id, company_id) "
+        "SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING RETURNING event_id",
+        list(event_ids), list(company_ids),
+    )
+    return {r["event_id"] for r in rows}
+
+
+async def suspended_among(conn: asyncpg.Connection, company_ids: Sequence[str],
+                          account_ids: Sequence[str]) -> set[tuple[str, str]]:
+    rows = await conn.fetch(
+        "SELECT owner, owner_id FROM suspended_wallets "
+        "WHERE (owner = 'company' AND owner_id = ANY($1::text[])) "
+        "   OR (owner = 'account' AND owner_id = ANY($2::text[]))",
+        list(set(company_ids)), list(set(account_ids)),
+    )
+    return {(r["owner"], r["owner_id"]) for r in rows}
+
+
+async def set_suspended(conn: asyncpg.Connection, owner: str, owner_id: str,
+                        suspended: bool) -> None:
+    if suspended:
+        await conn.execute(
+            "INSERT INTO suspended_wallets (owner, owner_id) VALUES ($1, $2) "
+            "ON CONFLICT DO NOTHING", owner, owner_id)
+    else:
+        await conn.execute(
+            "DELETE FROM suspended_wallets WHERE owner = $1 AND owner_id = $2", owner, owner_id)

@@ -1,0 +1,140 @@
+"""The ledger, pure: wallets, transfers and the events a posting causes. No I/O.
+
+Every movement is a transfer from a debit wallet to a credit wallet of a positive amount, with
+a unique idempotency key. A wallet's balance is credits minus debits. Posting a batch updates
+balances in order and notes the edges it crosses:
+
+- ``wallet.threshold_crossed`` when a debit takes a user wallet from at-or-above its threshold
+  to below it (once per crossing, not once per debit);
+- ``wallet.suspended`` when a user wallet's balance goes below zero;
+- ``wallet.reactivated`` when a credit brings a suspended wallet back to zero or above.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Kind = Literal["company", "account", "system"]
+TransferKind = Literal["usage", "recharge", "top_up", "manual_credit", "credit_request",
+                       "refund", "adjustment"]
+
+SYSTEM_PLATFORM_REVENUE = "platform_revenue"
+SYSTEM_STRIPE_CLEARING = "stripe_clearing"
+SYSTEM_MANUAL_CREDITS = "manual_credits"
+
+
+def company_wallet_id(company_id: str) -> str:
+    return f"company:{company_id}"
+
+
+def account_wallet_id(account_id: str) -> str:
+    return f"account:{account_id}"
+
+
+def system_wallet_id(name: str, currency: str, company_id: str | None = None) -> str:
+    """System wallets per currency (and per company for company revenue)."""
+    return f"system:{name}:{currency}" if company_id is None else f"system:{name}:{company_id}:{currency}"
+
+
+@dataclass
+class Wallet:
+    id: str
+    kind: Kind
+    currency: str
+    company_id: str | None = None
+    account_id: str | None = None
+    balance: int = 0
+    threshold: int = 10_000_000
+    reload_amount: int = 50_000_000
+    auto_recharge: bool = True
+    smart_adjustment: bool = True
+    status: str = "active"
+
+    @property
+    def is_user(self) -> bool:
+        return self.kind != "system"
+
+    def ref(self) -> dict[str, Any]:
+        assert self.kind != "system"
+        return {"wallet_id": self.id, "owner": self.kind, "company_id": self.company_id,
+                "account_id": self.account_id, "currency": self.currency}
+
+
+@dataclass(frozen=True)
+class Transfer:
+    key: str
+    debit: str
+    credit: str
+    amount: int
+    kind: TransferKind
+    service: str | None = None
+    usage_event_id: str | None = None
+    reference: str | None = None
+
+
+@dataclass(frozen=True)
+class Posted:
+    transfer: Transfer
+    debit_after: int
+    credit_after: int
+
+
+@dataclass(frozen=True)
+class WalletEvent:
+    type: str
+    wallet_id: str
+    data: dict[str, Any]
+    cause: str  # the transfer key that caused it (deterministic event ids)
+
+
+class LedgerError(ValueError):
+    pass
+
+
+@dataclass
+class Posting:
+    """Applies transfers to in-memory wallets (loaded and locked by the caller)."""
+
+    wallets: dict[str, Wallet]
+    posted: list[Posted] = field(default_factory=list)
+    events: list[WalletEvent] = field(default_factory=list)
+    touched: set[str] = field(default_factory=set)
+
+    def apply(self, t: Transfer) -> Posted:
+        if t.amount <= 0:
+            raise LedgerError(f"transfer {t.key}: amount must be positive")
+        if t.debit == t.credit:
+            raise LedgerError(f"transfer {t.key}: debit and credit are the same wallet")
+        debit, credit = self.wallets[t.debit], self.wallets[t.credit]
+        if debit.currency != credit.currency:
+            raise LedgerError(f"transfer {t.key}: {debit.currency} wallet cannot pay "
+                              f"a {credit.currency} wallet")
+        before = debit.balance
+        debit.balance -= t.amount
+        credit.balance += t.amount
+        self.touched.update((debit.id, credit.id))
+        if debit.is_user:
+            self._after_debit(debit, before, t)
+        if credit.is_user:
+            self._after_credit(credit, t)
+        p = Posted(t, debit.balance, credit.balance)
+        self.posted.append(p)
+        return p
+
+    def _after_debit(self, w: Wallet, before: int, t: Transfer) -> None:
+        if before >= w.threshold > w.balance:
+            self.events.append(WalletEvent("wallet.threshold_crossed", w.id, {
+                **w.ref(), "balance_micros": w.balance, "threshold_micros": w.threshold,
+                "reload_amount_micros": w.reload_amount, "auto_recharge": w.auto_recharge,
+                "smart_adjustment": w.smart_adjustment}, t.key))
+        if w.balance < 0 and w.status == "active":
+            w.status = "suspended"
+            self.events.append(WalletEvent("wallet.suspended", w.id,
+                                           {**w.ref(), "balance_micros": w.balance}, t.key))
+
+    def _after_credit(self, w: Wallet, t: Transfer) -> None:
+        if w.balance >= 0 and w.status == "suspended":
+            w.status = "active"
+            self.events.append(WalletEvent("wallet.reactivated", w.id,
+                                           {**w.ref(), "balance_micros": w.balance}, t.key))

@@ -1,0 +1,101 @@
+"""Bearer JWT auth (HS256, ``TALLY_JWT_SECRET``) with the roles of API.md.
+
+A company admin acts on its company and that company's accounts; an account user on its own
+account. Another tenant's resource answers 404, never revealing that it exists."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import jwt
+from fastapi import Depends, Request
+
+from tally.errors import ApiError, not_found
+from tally.settings import get_settings
+
+Role = Literal["platform_admin", "company_admin", "account_user", "product"]
+ROLES: tuple[Role, ...] = ("platform_admin", "company_admin", "account_user", "product")
+
+
+@dataclass(frozen=True)
+class Principal:
+    sub: str
+    role: Role
+    company_id: str | None = None
+    account_id: str | None = None
+    email: str | None = None
+
+    def can_see_company(self, company_id: str) -> bool:
+        if self.role == "platform_admin":
+            return True
+        return self.role == "company_admin" and self.company_id == company_id
+
+    def can_see_account(self, company_id: str | None, account_id: str) -> bool:
+        """``company_id`` is the account's company as this service knows it (None: unknown)."""
+        if self.role == "platform_admin":
+            return True
+        if self.role == "company_admin":
+            return company_id is not None and self.company_id == company_id
+        if self.role == "account_user":
+            return self.account_id == account_id and (
+                company_id is None or self.company_id == company_id)
+        return False
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def decode_token(token: str, secret: str) -> Principal:
+    try:
+        claims = jwt.decode(token, secret, algorithms=["HS256"],
+                            options={"require": ["sub", "exp", "role"]})
+    except jwt.ExpiredSignatureError as exc:
+        raise _unauthorized("token expired") from exc
+    except jwt.InvalidTokenError as exc:
+        raise _unauthorized(f"invalid token: {exc}") from exc
+    role = claims.get("role")
+    if role not in ROLES:
+        raise _unauthorized("invalid token: unknown role")
+    company_id, account_id = claims.get("company_id"), claims.get("account_id")
+    if role in ("company_admin", "account_user") and not isinstance(company_id, str):
+        raise _unauthorized("invalid token: company_id claim required for this role")
+    if role == "account_user" and not isinstance(account_id, str):
+        raise _unauthorized("invalid token: account_id claim required for this role")
+    email = claims.get("email")
+    return Principal(sub=str(claims["sub"]), role=role, company_id=company_id,
+                     account_id=account_id, email=email if isinstance(email, str) else None)
+
+
+def issue_token(role: Role, *, sub: str = "tally", company_id: str | None = None,
+                account_id: str | None = None, email: str | None = None,
+                ttl_seconds: int = 3600, secret: str | None = None) -> str:
+    """Mint a token (demo, tests, CLI). Production tokens come from your identity provider."""
+    claims: dict[str, object] = {"sub": sub, "role": role, "exp": int(time.time()) + ttl_seconds}
+    for key, value in (("company_id", company_id), ("account_id", account_id), ("email", email)):
+        if value is not None:
+            claims[key] = value
+    return jwt.encode(claims, secret or get_settings().jwt_secret, algorithm="HS256")
+
+
+async def current_principal(request: Request) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise _unauthorized("missing bearer token")
+    return decode_token(token.strip(), get_settings().jwt_secret)
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+def require_role(principal: Principal, *roles: Role) -> None:
+    if principal.role not in roles:
+        raise ApiError(403, "forbidden", f"this needs one of the roles: {', '.join(roles)}")
+
+
+def require_company(principal: Principal, company_id: str, what: str = "company") -> None:
+    if not principal.can_see_company(company_id):
+        raise not_found(what)

@@ -1,0 +1,83 @@
+"""Batch consumption with at-least-once delivery and dead-lettering.
+
+A handler receives the raw records of one fetch and applies them in one DB transaction;
+offsets are committed only after it returns (FastStream ``AckPolicy.NACK_ON_ERROR``: an
+exception rewinds every partition of the batch so nothing is skipped). A record that can never
+be applied is not raised: the handler writes it to ``<topic>.dlq`` through the outbox, in the
+same transaction, so the partition goes on and the DLQ copy is as durable as the state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import ConsumerRecord
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+from faststream.middlewares import AckPolicy
+from prometheus_client import Counter, Histogram
+
+from tally import events, outbox
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = Histogram("tally_consumer_batch_size", "Records per consumed batch",
+                       ["service", "topic"], buckets=(1, 10, 50, 100, 500, 1000, 2000, 5000))
+RECORDS = Counter("tally_consumer_records_total", "Records consumed", ["service", "topic"])
+DLQ = Counter("tally_dlq_total", "Records sent to a DLQ", ["service", "topic"])
+FAILURES = Counter("tally_consumer_batch_failures_total", "Batches that failed and were retried",
+                   ["service", "topic"])
+
+Record = ConsumerRecord  # type: ignore[type-arg]
+BatchHandler = Callable[[Sequence[Any]], Awaitable[None]]
+
+
+async def _raw(msg: Any, original: Any = None) -> Any:
+    return msg.body
+
+
+def subscribe_batch(broker: KafkaBroker, topic: str, *, service: str, group_id: str,
+                    handler: BatchHandler, max_records: int = 2000,
+                    retry_backoff: float = 1.0) -> None:
+    """Register ``handler`` for batches of raw records of ``topic`` in consumer group
+    ``group_id``. A failing batch is retried (after a pause) from its first record."""
+
+    @broker.subscriber(topic, group_id=group_id, batch=True, max_records=max_records,
+                       batch_timeout_ms=50, auto_offset_reset="earliest",
+                       ack_policy=AckPolicy.NACK_ON_ERROR, decoder=_raw)
+    async def _consume(body: Any, msg: KafkaMessage) -> None:
+        raw = msg.raw_message
+        records = raw if isinstance(raw, tuple) else (raw,)
+        BATCH_SIZE.labels(service, topic).observe(len(records))
+        try:
+            await handler(records)
+        except Exception:
+            FAILURES.labels(service, topic).inc()
+            log.exception("batch failed; it will be redelivered",
+                          extra={"topic": topic, "records": len(records)})
+            await asyncio.sleep(retry_backoff)
+            raise
+        RECORDS.labels(service, topic).inc(len(records))
+
+
+def dlq_row(record: Any, reason: str, *, service: str) -> outbox.Row:
+    """An outbox row that dead-letters ``record`` to ``<topic>.dlq`` with the reason."""
+    DLQ.labels(service, record.topic).inc()
+    value = record.value or b""
+    body = {
+        "error": reason[:2000],
+        "source_topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "failed_by": service,
+        "failed_at": datetime.now(UTC).isoformat(),
+        "message": value.decode("utf-8", errors="replace")[:1_000_000],
+    }
+    key = record.key.decode("utf-8", errors="replace") if record.key else None
+    log.warning("dead-lettered", extra={"topic": record.topic, "offset": record.offset,
+                                        "reason": reason[:300]})
+    return outbox.row(events.Topics.dlq(record.topic), key, body)

@@ -1,0 +1,322 @@
+"""The event envelope and a typed payload for every event type on Tally's topics (API.md).
+
+Envelope: ``{"id", "type", "time", "source", "data"}``, JSON, with a ``traceparent`` header.
+Amounts are integer micros. ``parse(raw)`` validates an envelope and its payload by type.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tally.ids import Id
+
+
+class Topics:
+    USAGE_INGEST = "usage.ingest"
+    USAGE_RECORDED = "usage.recorded"
+    WALLET_EVENTS = "wallet.events"
+    RECHARGE_EVENTS = "recharge.events"
+    REBILLING_SETTINGS = "rebilling.settings"
+    REBILLING_EVENTS = "rebilling.events"
+
+    ALL = (USAGE_INGEST, USAGE_RECORDED, WALLET_EVENTS, RECHARGE_EVENTS,
+           REBILLING_SETTINGS, REBILLING_EVENTS)
+    COMPACTED = (REBILLING_SETTINGS,)
+
+    @staticmethod
+    def dlq(topic: str) -> str:
+        return f"{topic}.dlq"
+
+
+class Payload(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+# --- usage -------------------------------------------------------------------------------
+
+class UsageEvent(Payload):
+    """A raw usage event as products send it (POST /v1/usage, topic usage.ingest)."""
+
+    event_id: Id
+    company_id: Id
+    account_id: Id | None = None
+    service: str = Field(min_length=1, max_length=64)
+    # Validated by the usage-meter (a bad quantity rejects one event, not the whole batch).
+    quantity: Any
+    occurred_at: datetime | None = None
+
+
+class UsageRecorded(Payload):
+    event_id: str
+    company_id: str
+    account_id: str | None = None
+    service: str
+    quantity: str
+    occurred_at: datetime
+    recorded_at: datetime
+    unit_price_micros: int
+    platform_amount_micros: int
+    currency: str
+
+
+# --- wallet ------------------------------------------------------------------------------
+
+WalletOwner = Literal["company", "account"]
+
+
+class WalletRef(Payload):
+    wallet_id: str
+    owner: WalletOwner
+    company_id: str
+    account_id: str | None = None
+    currency: str
+
+
+class WalletDebited(WalletRef):
+    transfer_id: str
+    usage_event_id: str
+    service: str
+    amount_micros: int
+    balance_micros: int
+    rebilled: bool = False
+
+
+class WalletCredited(WalletRef):
+    transfer_id: str
+    kind: str
+    amount_micros: int
+    balance_micros: int
+    reference: str | None = None
+
+
+class WalletThresholdCrossed(WalletRef):
+    balance_micros: int
+    threshold_micros: int
+    reload_amount_micros: int
+    auto_recharge: bool
+    smart_adjustment: bool
+
+
+class WalletSuspended(WalletRef):
+    balance_micros: int
+
+
+class WalletReactivated(WalletRef):
+    balance_micros: int
+
+
+class CreditRequestCreated(Payload):
+    request_id: str
+    company_id: str
+    account_id: str
+    amount_micros: int
+    currency: str
+    reference: str | None = None
+    requested_by: str | None = None
+
+
+class CreditRequestResolved(Payload):
+    request_id: str
+    company_id: str
+    account_id: str
+    status: Literal["approved", "rejected"]
+    amount_micros: int
+    currency: str
+    resolved_by: str | None = None
+
+
+# --- recharge ----------------------------------------------------------------------------
+
+class RechargeTry(Payload):
+    payment_method: str
+    outcome: Literal["succeeded", "failed"]
+    decline_code: str | None = None
+
+
+class RechargeSucceeded(WalletRef):
+    recharge_id: str
+    trigger: Literal["auto", "manual"]
+    amount_micros: int
+    payment_intent: str | None = None
+
+
+class RechargeFailed(WalletRef):
+    recharge_id: str
+    trigger: Literal["auto", "manual"]
+    amount_micros: int
+    tries: list[RechargeTry] = []
+    auto_recharge_disabled: bool = False
+
+
+class RechargeTierRaised(WalletRef):
+    previous_reload_amount_micros: int
+    reload_amount_micros: int
+
+
+class PaymentMethodChanged(Payload):
+    company_id: str
+    account_id: str | None = None
+    payment_method: str
+    has_valid_card: bool
+
+
+# --- rebilling ---------------------------------------------------------------------------
+
+RebillingMode = Literal["off", "rebill", "rebill_markup"]
+
+
+class RebillingSettings(Payload):
+    """Full current rebilling settings of one account (compacted topic, key account_id).
+
+    ``markups`` maps a service (or ``"default"``) to a decimal string from "1" to "10".
+    """
+
+    account_id: str
+    company_id: str
+    mode: RebillingMode
+    markups: dict[str, str] = {}
+    active: bool = True  # false while the account still lacks a valid card
+    company_stripe_connected: bool = False
+    version: int = 0
+
+
+class AccountCreated(Payload):
+    account_id: str
+    company_id: str
+    name: str
+    owner_email: str | None = None
+    billing_model: Literal["self_billing", "stripe_connect_automated"] = "self_billing"
+
+
+class SubscriptionCharged(Payload):
+    subscription_id: str
+    company_id: str
+    account_id: str
+    product: str
+    deployment: Literal["direct", "resell"]
+    period: str
+    platform_amount_micros: int
+    company_amount_micros: int
+    currency: str
+
+
+class LicenseChanged(Payload):
+    company_id: str
+    account_id: str | None = None
+    total: int
+    assigned: int
+    account_assigned: int | None = None
+
+
+PAYLOADS: dict[str, type[Payload]] = {
+    "usage.ingest": UsageEvent,
+    "usage.recorded": UsageRecorded,
+    "wallet.debited": WalletDebited,
+    "wallet.credited": WalletCredited,
+    "wallet.threshold_crossed": WalletThresholdCrossed,
+    "wallet.suspended": WalletSuspended,
+    "wallet.reactivated": WalletReactivated,
+    "credit_request.created": CreditRequestCreated,
+    "credit_request.resolved": CreditRequestResolved,
+    "recharge.succeeded": RechargeSucceeded,
+    "recharge.failed": RechargeFailed,
+    "recharge.tier_raised": RechargeTierRaised,
+    "payment_method.attached": PaymentMethodChanged,
+    "payment_method.detached": PaymentMethodChanged,
+    "rebilling.settings": RebillingSettings,
+    "account.created": AccountCreated,
+    "subscription.charged": SubscriptionCharged,
+    "license.changed": LicenseChanged,
+}
+
+
+class Envelope(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(min_length=1, max_length=200)
+    type: str
+    time: datetime
+    source: str
+    data: dict[str, Any]
+
+    def payload(self) -> Payload:
+        """The typed payload for this envelope's type (ValidationError when it does not fit)."""
+        model = PAYLOADS.get(self.type)
+        if model is None:
+            raise UnknownEventType(self.type)
+        return model.model_validate(self.data)
+
+
+class UnknownEventType(ValueError):
+    pass
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def envelope(type_: str, data: Payload, *, source: str, id_: str | None = None,
+             time: datetime | None = None) -> dict[str, Any]:
+    """A ready-to-serialise envelope. Pass a deterministic ``id_`` whenever the event is the
+    consequence of another (consumers dedupe on it)."""
+    if PAYLOADS.get(type_) is not type(data) and not isinstance(data, PAYLOADS[type_]):
+        raise TypeError(f"{type(data).__name__} is not the payload of {type_}")
+    return {
+        "id": id_ or str(uuid.uuid4()),
+        "type": type_,
+        "time": (time or now()).isoformat(),
+        "source": source,
+        "data": data.model_dump(mode="json"),
+    }
+
+
+def dumps(obj: Any) -> bytes:
+    return orjson.dumps(obj)
+
+
+def parse_envelope(raw: bytes | None) -> Envelope:
+    """Validate the envelope only (its payload is checked by ``Envelope.payload``)."""
+    try:
+        return Envelope.model_validate_json(raw or b"")
+    except ValidationError as exc:
+        raise BadMessage(_summarise(exc)) from exc
+
+
+def typed(env: Envelope) -> Payload:
+    """The envelope's payload, or ``BadMessage`` with the reason."""
+    try:
+        return env.payload()
+    except ValidationError as exc:
+        raise BadMessage(f"{env.type}: {_summarise(exc)}") from exc
+    except UnknownEventType as exc:
+        raise BadMessage(f"unknown event type {exc.args[0]!r}") from exc
+
+
+def parse(raw: bytes) -> tuple[Envelope, Payload]:
+    """Validate raw bytes as an envelope with a known, valid payload.
+
+    Raises ``BadMessage`` with a readable reason otherwise (the caller dead-letters it)."""
+    try:
+        env = Envelope.model_validate_json(raw)
+        return env, env.payload()
+    except ValidationError as exc:
+        raise BadMessage(_summarise(exc)) from exc
+    except UnknownEventType as exc:
+        raise BadMessage(f"unknown event type {exc.args[0]!r}") from exc
+
+
+class BadMessage(ValueError):
+    """A message that can never be applied: it goes to the topic's DLQ with this reason."""
+
+
+def _summarise(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "message"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)

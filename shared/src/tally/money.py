@@ -1,0 +1,88 @@
+"""Money as integer micros (1/1,000,000 of a currency unit). No floats, anywhere.
+
+HTTP shows money as decimal strings with at most 6 fractional digits; inside the system and in
+events every amount is an ``int`` of micros. Conversions are exact; where a result can have
+more precision than a micro (quantity x unit price, price x markup) the rounding is explicit.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, InvalidOperation
+
+MICROS_PER_UNIT = 1_000_000
+MAX_MICROS = 10**18  # far above any real balance, well inside BIGINT
+
+_DECIMAL_RE = re.compile(r"^[+-]?(\d+)(\.(\d+))?$")
+
+# ISO 4217 minor units for currencies whose exponent is not 2.
+_MINOR_UNIT_EXPONENT = {
+    "BIF": 0, "CLP": 0, "DJF": 0, "GNF": 0, "JPY": 0, "KMF": 0, "KRW": 0, "MGA": 0,
+    "PYG": 0, "RWF": 0, "UGX": 0, "VND": 0, "VUV": 0, "XAF": 0, "XOF": 0, "XPF": 0,
+    "BHD": 3, "JOD": 3, "KWD": 3, "OMR": 3, "TND": 3,
+}
+
+
+class MoneyError(ValueError):
+    """A money or decimal string that cannot be represented exactly."""
+
+
+def parse_decimal(text: str, *, max_places: int = 6, field: str = "amount") -> Decimal:
+    """Parse a plain decimal string (``"12.5"``) exactly; no exponents, no floats."""
+    if not isinstance(text, str):
+        raise MoneyError(f"{field} must be a decimal string")
+    match = _DECIMAL_RE.match(text.strip())
+    if not match:
+        raise MoneyError(f"{field} must be a decimal string like \"12.50\"")
+    places = len(match.group(3) or "")
+    if places > max_places:
+        raise MoneyError(f"{field} has more than {max_places} decimal places")
+    try:
+        return Decimal(text.strip())
+    except InvalidOperation as exc:  # pragma: no cover - the regex already guards
+        raise MoneyError(f"{field} is not a decimal") from exc
+
+
+def to_micros(text: str, *, field: str = "amount") -> int:
+    """``"12.345678"`` -> ``12345678``. More than 6 decimals is an error, never rounded."""
+    micros = int(parse_decimal(text, field=field) * MICROS_PER_UNIT)
+    if abs(micros) >= MAX_MICROS:
+        raise MoneyError(f"{field} is too large")
+    return micros
+
+
+def format_micros(micros: int) -> str:
+    """``12345678`` -> ``"12.345678"``; ``-500`` -> ``"-0.000500"``. Always 6 places."""
+    sign = "-" if micros < 0 else ""
+    units, frac = divmod(abs(micros), MICROS_PER_UNIT)
+    return f"{sign}{units}.{frac:06d}"
+
+
+def round_half_up(value: Decimal) -> int:
+    """Round a Decimal amount of micros to a whole micro, halves away from zero."""
+    return int(value.to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def price_usage(quantity: Decimal, unit_price_micros: int) -> int:
+    """Amount in micros for ``quantity`` units at ``unit_price_micros``: exact, then half-up."""
+    return round_half_up(quantity * unit_price_micros)
+
+
+def apply_markup(amount_micros: int, markup: Decimal) -> int:
+    """The company price for a platform amount: ``amount x markup``, half-up to a micro."""
+    return round_half_up(Decimal(amount_micros) * markup)
+
+
+def minor_unit_exponent(currency: str) -> int:
+    return _MINOR_UNIT_EXPONENT.get(currency.upper(), 2)
+
+
+def micros_to_minor_units_ceil(micros: int, currency: str) -> int:
+    """Micros -> the currency's minor unit for a Stripe charge, rounding UP (never undercharge
+    the amount that must be credited)."""
+    per_minor = MICROS_PER_UNIT // 10 ** minor_unit_exponent(currency)
+    return int((Decimal(micros) / per_minor).to_integral_value(rounding=ROUND_CEILING))
+
+
+def minor_units_to_micros(minor: int, currency: str) -> int:
+    return minor * (MICROS_PER_UNIT // 10 ** minor_unit_exponent(currency))

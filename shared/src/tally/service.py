@@ -1,0 +1,219 @@
+"""How every Tally service is put together (the composition root each service calls).
+
+A service is a FastAPI app (its HTTP API, ``/openapi.json``, ``/docs``) whose lifespan owns:
+an asyncpg pool on the service's own schema (migrated on start), a FastStream Kafka broker for
+its subscribers, and an outbox relay. It serves ``/healthz`` (alive), ``/readyz`` (Postgres and
+Kafka reachable) and ``/metrics`` (Prometheus), logs JSON lines and propagates traces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import uvicorn
+from aiokafka import AIOKafkaProducer
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import ORJSONResponse
+from faststream.kafka import KafkaBroker
+from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
+from faststream.kafka.prometheus import KafkaPrometheusMiddleware
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tally import db
+from tally.errors import error_response, install_error_handlers
+from tally.kafka import make_broker, make_producer
+from tally.outbox import OutboxRelay
+from tally.settings import Settings, get_settings
+from tally.telemetry import setup_logging, setup_tracing
+
+log = logging.getLogger(__name__)
+
+HTTP_REQUESTS = Counter("tally_http_requests_total", "HTTP requests", ["service", "route", "status"])
+HTTP_LATENCY = Histogram("tally_http_request_seconds", "HTTP request latency", ["service", "route"])
+
+
+@dataclass
+class Runtime:
+    """The live resources of one service process, handed to its handlers and routes."""
+
+    name: str
+    settings: Settings
+    pool: asyncpg.Pool
+    broker: KafkaBroker
+    producer: AIOKafkaProducer
+    relay: OutboxRelay
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+Hook = Callable[[Runtime], Awaitable[None]]
+
+
+@dataclass
+class ServiceSpec:
+    name: str  # "usage-meter"
+    package: str  # "tally_usage_meter" (holds migrations/)
+    routers: Sequence[APIRouter] = ()
+    subscribe: Callable[[Runtime], None] | None = None  # registers FastStream subscribers
+    on_start: Sequence[Hook] = ()
+    on_stop: Sequence[Hook] = ()
+    description: str = ""
+
+    @property
+    def schema(self) -> str:
+        return self.name.replace("-", "_")
+
+
+def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    setup_logging(spec.name, settings.log_level)
+    provider = setup_tracing(spec.name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        dsn = settings.require_database_url()
+        pool = await db.create_pool(dsn, spec.schema, size=settings.db_pool_size)
+        await db.migrate(pool, spec.schema, "tally")
+        await db.migrate(pool, spec.schema, spec.package)
+        broker = make_broker(settings, client_id=spec.name, middlewares=[
+            KafkaTelemetryMiddleware(tracer_provider=provider),
+            KafkaPrometheusMiddleware(registry=REGISTRY, app_name=f"tally-{spec.name}"),
+        ])
+        producer = make_producer(settings, client_id=spec.name)
+        relay = OutboxRelay(pool, producer, service=spec.name,
+                            poll_interval=settings.outbox_poll_ms / 1000)
+        rt = Runtime(spec.name, settings, pool, broker, producer, relay)
+        app.state.runtime = rt
+        if spec.subscribe:
+            spec.subscribe(rt)
+        await producer.start()
+        await broker.start()
+        relay.start()
+        for hook in spec.on_start:
+            await hook(rt)
+        log.info("service started", extra={"port": settings.port_of(spec.name)})
+        try:
+            yield
+        finally:
+            log.info("service stopping")
+            for hook in spec.on_stop:
+                with contextlib.suppress(Exception):
+                    await hook(rt)
+            await broker.stop()
+            await relay.stop()
+            await producer.stop()
+            await pool.close()
+
+    app = FastAPI(
+        title=f"Tally {spec.name}", version="1.0.0", description=spec.description,
+        lifespan=lifespan, default_response_class=ORJSONResponse,
+    )
+    install_error_handlers(app)
+    for router in spec.routers:
+        app.include_router(router)
+    _add_probes(app, spec.name)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    _add_http_metrics(app, spec.name)
+    return app
+
+
+def runtime(request: Request) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
+def _add_probes(app: FastAPI, name: str) -> None:
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "service": name}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz(request: Request) -> Response:
+        rt = runtime(request)
+        checks: dict[str, str] = {}
+        try:
+            async with asyncio.timeout(2):
+                await rt.pool.fetchval("SELECT 1")
+            checks["postgres"] = "ok"
+        except Exception as exc:  # readiness reports, it does not raise
+            checks["postgres"] = f"error: {type(exc).__name__}"
+        try:
+            checks["kafka"] = "ok" if await rt.broker.ping(timeout=2.0) else "error: unreachable"
+        except Exception as exc:
+            checks["kafka"] = f"error: {type(exc).__name__}"
+        ok = all(v == "ok" for v in checks.values())
+        if not ok:
+            return error_response(503, "not_ready", "dependencies unavailable", [checks])
+        return ORJSONResponse({"status": "ready", "checks": checks})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_http_metrics(app: FastAPI, name: str) -> None:
+    @app.middleware("http")
+    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        HTTP_REQUESTS.labels(name, path, str(response.status_code)).inc()
+        HTTP_LATENCY.labels(name, path).observe(time.perf_counter() - start)
+        return response
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit, by Content-Length or while streaming."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope.get("headers", []):
+            if key == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(413, "payload_too_large",
+                                  f"request body is larger than {self.max_bytes} bytes")
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def serve(spec: ServiceSpec) -> None:
+    """Run one service until SIGTERM/SIGINT (graceful: in-flight work finishes)."""
+    settings = get_settings()
+    app = create_app(spec, settings)
+    uvicorn.run(app, host=settings.host, port=settings.port_of(spec.name), log_config=None,
+                access_log=False, timeout_graceful_shutdown=10, lifespan="on")

@@ -1,0 +1,56 @@
+"""Configuration from the environment (API.md lists the variables and their defaults)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SERVICE_PORTS = {
+    "usage-meter": 8001,
+    "wallet": 8002,
+    "recharge": 8003,
+    "rebilling": 8004,
+    "notifier": 8005,
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
+
+    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", alias="KAFKA_BOOTSTRAP_SERVERS")
+    # The embedded broker rejects idempotent producers; real Kafka clusters should turn it on.
+    kafka_enable_idempotence: bool = Field(False, alias="KAFKA_ENABLE_IDEMPOTENCE")
+    kafka_max_batch: int = Field(2000, alias="KAFKA_MAX_BATCH", ge=1, le=100_000)
+    database_url: str | None = Field(None, alias="DATABASE_URL")
+    db_pool_size: int = Field(8, alias="DB_POOL_SIZE", ge=1, le=200)
+    jwt_secret: str = Field("tally-dev-secret-change-me", alias="TALLY_JWT_SECRET")
+    stripe_api_base: str = Field("http://127.0.0.1:8420", alias="STRIPE_API_BASE")
+    stripe_api_key: str = Field("sk_test_tally", alias="STRIPE_API_KEY")
+    stripe_webhook_secret: str = Field("whsec_tally_dev", alias="STRIPE_WEBHOOK_SECRET")
+    smtp_url: str = Field("smtp://127.0.0.1:1025", alias="SMTP_URL")
+    mail_from: str = Field("Tally <billing@tally.local>", alias="TALLY_MAIL_FROM")
+    log_level: str = Field("INFO", alias="TALLY_LOG_LEVEL")
+    outbox_poll_ms: int = Field(20, alias="TALLY_OUTBOX_POLL_MS", ge=1, le=10_000)
+    max_body_bytes: int = Field(2_000_000, alias="TALLY_MAX_BODY_BYTES", ge=1024)
+
+    port_usage_meter: int = Field(SERVICE_PORTS["usage-meter"], alias="TALLY_PORT_USAGE_METER")
+    port_wallet: int = Field(SERVICE_PORTS["wallet"], alias="TALLY_PORT_WALLET")
+    port_recharge: int = Field(SERVICE_PORTS["recharge"], alias="TALLY_PORT_RECHARGE")
+    port_rebilling: int = Field(SERVICE_PORTS["rebilling"], alias="TALLY_PORT_REBILLING")
+    port_notifier: int = Field(SERVICE_PORTS["notifier"], alias="TALLY_PORT_NOTIFIER")
+    host: str = Field("127.0.0.1", alias="TALLY_HOST")
+
+    def port_of(self, service: str) -> int:
+        return int(getattr(self, "port_" + service.replace("-", "_")))
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise RuntimeError("DATABASE_URL is not set (make run / the test stack set it)")
+        return self.database_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
