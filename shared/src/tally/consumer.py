@@ -22,6 +22,7 @@ from faststream.middlewares import AckPolicy
 from prometheus_client import Counter, Histogram
 
 from tally import events, outbox
+from tally.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,13 @@ def subscribe_batch(broker: KafkaBroker, topic: str, *, service: str, group_id: 
                     retry_backoff: float = 1.0) -> None:
     """Register ``handler`` for batches of raw records of ``topic`` in consumer group
     ``group_id``. A failing batch is retried (after a pause) from its first record."""
+    settings = get_settings()
 
     @broker.subscriber(topic, group_id=group_id, batch=True, max_records=max_records,
                        batch_timeout_ms=50, auto_offset_reset="earliest",
-                       ack_policy=AckPolicy.NACK_ON_ERROR, decoder=_raw)
+                       ack_policy=AckPolicy.NACK_ON_ERROR, decoder=_raw,
+                       session_timeout_ms=settings.kafka_session_timeout_ms,
+                       heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms)
     async def _consume(body: Any, msg: KafkaMessage) -> None:
         raw = msg.raw_message
         records = raw if isinstance(raw, tuple) else (raw,)

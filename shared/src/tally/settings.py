@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     # The embedded broker rejects idempotent producers; real Kafka clusters should turn it on.
     kafka_enable_idempotence: bool = Field(False, alias="KAFKA_ENABLE_IDEMPOTENCE")
     kafka_max_batch: int = Field(2000, alias="KAFKA_MAX_BATCH", ge=1, le=100_000)
+    # Consumer group liveness. Joins take about half the session timeout on the embedded broker,
+    # so make run and the tests shorten it; keep Kafka's defaults in production.
+    kafka_session_timeout_ms: int = Field(10_000, alias="KAFKA_SESSION_TIMEOUT_MS", ge=1000)
+    kafka_heartbeat_interval_ms: int = Field(3_000, alias="KAFKA_HEARTBEAT_INTERVAL_MS", ge=100)
     database_url: str | None = Field(None, alias="DATABASE_URL")
     db_pool_size: int = Field(8, alias="DB_POOL_SIZE", ge=1, le=200)
     jwt_secret: str = Field("tally-dev-secret-change-me", alias="TALLY_JWT_SECRET")

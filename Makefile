@@ -1,0 +1,51 @@
+# Tally — two commands do all the set-up on a fresh machine with Python 3.11:
+#   make run    start the whole system on embedded infrastructure, with a demo
+#   make test   run the whole test suite
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+UV_VERSION := 0.13.8
+TOOLS      := .tally/tools
+UV         := $(TOOLS)/bin/uv
+PYTHON     ?= python3
+export UV_PYTHON_PREFERENCE ?= system
+
+.PHONY: help install run test test-fast lint format bench clean stack
+
+help: ## show the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(UV):
+	@echo "==> installing uv $(UV_VERSION) into $(TOOLS)"
+	@$(PYTHON) -m venv $(TOOLS)
+	@$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+.venv/.synced: $(UV) uv.lock pyproject.toml shared/pyproject.toml devstack/pyproject.toml $(wildcard services/*/pyproject.toml)
+	@echo "==> syncing the workspace from uv.lock"
+	@$(UV) sync --frozen --all-packages
+	@touch $@
+
+install: .venv/.synced ## install everything from the lock file
+
+run: install ## start broker, Postgres, fake Stripe, SMTP sink, all services, demo and live view
+	@$(UV) run --frozen --no-sync python -m tally_devstack run
+
+stack: install ## start only the embedded infrastructure and print its environment
+	@$(UV) run --frozen --no-sync python -m tally_devstack stack
+
+test: install ## the whole suite (unit + integration over real broker, Postgres, Stripe, SMTP)
+	@$(UV) run --frozen --no-sync pytest
+
+test-fast: install ## unit tests only
+	@$(UV) run --frozen --no-sync pytest -m "not integration"
+
+lint: install ## ruff and mypy
+	@$(UV) run --frozen --no-sync ruff check .
+	@$(UV) run --frozen --no-sync mypy shared/src services/*/src devstack/src
+
+format: install
+	@$(UV) run --frozen --no-sync ruff format .
+	@$(UV) run --frozen --no-sync ruff check --fix .
+
+clean: ## remove local state (.tally: data, logs, mail) and the virtualenv
+	rm -rf .tally .venv
