@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import base64
+import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel
+from fastapi import APIRouter, Header, Query, Request
+from pydantic import BaseModel, Field
 
-from tally.auth import CurrentPrincipal, Principal, require_company
+from tally.auth import CurrentPrincipal, Principal, require_company, require_role
 from tally.errors import ApiError, not_found
-from tally.money import format_micros
+from tally.money import MoneyError, format_micros, to_micros
 from tally.service import runtime
 from tally_wallet import storage
-from tally_wallet.domain import Wallet, account_wallet_id, company_wallet_id
+from tally_wallet.credits import credit
+from tally_wallet.domain import (
+    SYSTEM_MANUAL_CREDITS,
+    Wallet,
+    account_wallet_id,
+    company_wallet_id,
+)
 
 router = APIRouter(prefix="/v1", tags=["wallet"])
 
@@ -132,3 +139,68 @@ async def account_transactions(aid: str, request: Request, principal: CurrentPri
                                limit: Limit = 50, cursor: str | None = None) -> TransactionPage:
     w = await _account_wallet(request, principal, aid)
     return await _transactions(request, w.id, limit, cursor)
+
+
+class CreditIn(BaseModel):
+    amount: str = Field(description="decimal string > 0, at most 6 decimals")
+    reference: str | None = Field(None, max_length=200)
+
+
+class CreditOut(BaseModel):
+    transfer_id: str
+    amount: str
+    created: bool
+    wallet: WalletOut
+
+
+def _amount(text: str) -> int:
+    try:
+        micros = to_micros(text)
+    except MoneyError as exc:
+        raise ApiError(422, "validation_error", str(exc),
+                       [{"field": "amount", "message": str(exc)}]) from exc
+    if micros <= 0:
+        raise ApiError(422, "validation_error", "amount must be greater than 0",
+                       [{"field": "amount", "message": "must be greater than 0"}])
+    return micros
+
+
+async def _credit(request: Request, wallet: Wallet, body: CreditIn,
+                  idempotency_key: str | None) -> CreditOut:
+    amount = _amount(body.amount)
+    key = f"manual:{wallet.id}:{idempotency_key or uuid.uuid4()}"
+    rt = runtime(request)
+    async with rt.pool.acquire() as conn, conn.transaction():
+        posted, current = await credit(conn, wallet, amount=amount, kind="manual_credit",
+                                       key=key, system=SYSTEM_MANUAL_CREDITS,
+                                       reference=body.reference)
+    rt.relay.wake()
+    return CreditOut(transfer_id=key, amount=format_micros(amount), created=posted is not None,
+                     wallet=_out(current))
+
+
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
+
+
+@router.post("/accounts/{aid}/wallet/credits", status_code=201, response_model=CreditOut,
+             summary="Add credits to an account wallet now (the company's AI credits button)")
+async def credit_account(aid: str, body: CreditIn, request: Request,
+                         principal: CurrentPrincipal,
+                         idempotency_key: IdempotencyKey = None) -> CreditOut:
+    require_role(principal, "company_admin", "platform_admin")
+    wallet = await _account_wallet(request, principal, aid)
+    if wallet.company_id is None:
+        if principal.company_id is None:
+            raise not_found("wallet")
+        wallet.company_id = principal.company_id
+    return await _credit(request, wallet, body, idempotency_key)
+
+
+@router.post("/companies/{cid}/wallet/credits", status_code=201, response_model=CreditOut,
+             summary="Grant credits to a company (agency) wallet (platform admins)")
+async def credit_company(cid: str, body: CreditIn, request: Request,
+                         principal: CurrentPrincipal,
+                         idempotency_key: IdempotencyKey = None) -> CreditOut:
+    require_role(principal, "platform_admin")
+    wallet = await _company_wallet(request, principal, cid)
+    return await _credit(request, wallet, body, idempotency_key)

@@ -27,6 +27,17 @@ APPLIED = Counter("tally_wallet_usage_applied_total", "Usage legs posted to the 
 SKIPPED = Counter("tally_wallet_usage_duplicates_total", "Usage events already in the ledger")
 
 
+def edge_event_rows(posting: Posting) -> list[outbox.Row]:
+    """Outbox rows for the threshold/suspension/reactivation edges a posting crossed."""
+    rows = []
+    for e in posting.events:
+        w = posting.wallets[e.wallet_id]
+        model = events.PAYLOADS[e.type].model_validate(e.data)
+        rows.append(outbox.row(Topics.WALLET_EVENTS, w.company_id, events.envelope(
+            e.type, model, source=SOURCE, id_=f"{e.type}:{e.cause}")))
+    return rows
+
+
 @dataclass(frozen=True)
 class Outcome:
     posted: int
@@ -76,11 +87,7 @@ async def apply_usage(conn: asyncpg.Connection, batch: Sequence[UsageRecorded]) 
             "wallet.debited", debited, source=SOURCE, id_=p.transfer.key)))
     APPLIED.labels("company").inc(len(posting.posted))
 
-    for e in posting.events:
-        w = posting.wallets[e.wallet_id]
-        model = events.PAYLOADS[e.type].model_validate(e.data)
-        rows.append(outbox.row(Topics.WALLET_EVENTS, w.company_id, events.envelope(
-            e.type, model, source=SOURCE, id_=f"{e.type}:{e.cause}")))
+    rows.extend(edge_event_rows(posting))
     await storage.write_posting(conn, posting)
     await outbox.enqueue(conn, rows)
     return Outcome(len(posting.posted), len(batch) - len(fresh))

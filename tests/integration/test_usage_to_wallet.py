@@ -1,0 +1,238 @@
+"""The first slice of the money path over real parts: HTTP -> usage-meter -> outbox -> Kafka ->
+wallet -> ledger, and the same through the usage.ingest topic."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from tests.conftest import Tally, eventually, uid
+
+pytestmark = pytest.mark.integration
+
+
+def event(cid: str, service: str = "email", quantity: str = "3", **kw: str) -> dict[str, str]:
+    return {"event_id": uid("ev"), "company_id": cid, "service": service, "quantity": quantity,
+            **kw}
+
+
+async def test_posted_event_debits_company_wallet_by_the_catalog_price(tally: Tally) -> None:
+    cid = uid("co")
+    prices = (await tally.http.get(tally.url("usage-meter", "/v1/prices"),
+                                   headers=tally.auth("product"))).json()["items"]
+    email = next(p for p in prices if p["service"] == "email")
+    assert email["unit_price"] == "0.000675"
+
+    e = event(cid, quantity="3")
+    r = await tally.post_usage(e)
+    assert r.status_code == 202
+    assert r.json() == {"results": [{"event_id": e["event_id"], "status": "accepted"}]}
+
+    txs = await tally.wait_applied(cid, e["event_id"])
+    assert [t["amount"] for t in txs] == ["-0.002025"]
+    assert txs[0]["kind"] == "usage" and txs[0]["service"] == "email"
+    wallet = await tally.company_wallet(cid)
+    assert wallet["balance"] == "-0.002025"
+
+
+async def test_same_event_posted_twice_debits_once(tally: Tally) -> None:
+    cid = uid("co")
+    e = event(cid, service="sms", quantity="2")
+    assert (await tally.post_usage(e)).json()["results"][0]["status"] == "accepted"
+    await tally.wait_applied(cid, e["event_id"])
+    again = await tally.post_usage({"events": [e, e]})
+    assert [x["status"] for x in again.json()["results"]] == ["duplicate", "duplicate"]
+
+    # Everything for one company is ordered on one partition: once a later event is in the
+    # ledger, any debit the duplicate could have caused would be there too.
+    sentinel = event(cid)
+    await tally.post_usage(sentinel)
+    txs = await tally.wait_applied(cid, sentinel["event_id"])
+    assert [t["usage_event_id"] for t in txs].count(e["event_id"]) == 1
+    assert (await tally.company_wallet(cid))["balance"] == "-0.017825"  # 2*0.0079 + 0.002025
+
+
+async def test_same_message_delivered_twice_on_kafka_debits_once(tally: Tally) -> None:
+    cid = uid("co")
+    now = datetime.now(UTC).isoformat()
+    eid = uid("ev")
+    message = {"id": f"usage:{eid}", "type": "usage.recorded", "time": now, "source": "test",
+               "data": {"event_id": eid, "company_id": cid, "account_id": None,
+                        "service": "phone", "quantity": "1", "occurred_at": now,
+                        "recorded_at": now, "unit_price_micros": 14000,
+                        "platform_amount_micros": 14000, "currency": "USD"}}
+    await tally.produce("usage.recorded", message, key=cid)
+    await tally.produce("usage.recorded", message, key=cid)
+    sentinel = event(cid)
+    await tally.post_usage(sentinel)
+    txs = await tally.wait_applied(cid, sentinel["event_id"])
+    assert [t["usage_event_id"] for t in txs].count(eid) == 1
+    assert (await tally.company_wallet(cid))["balance"] == "-0.016025"
+
+
+async def test_malformed_requests_change_nothing(tally: Tally) -> None:
+    cid = uid("co")
+    good = event(cid)
+    bad_id = {**event(cid), "event_id": "has spaces!"}
+    url = tally.url("usage-meter", "/v1/usage")
+    product = tally.auth("product")
+
+    r = await tally.post_usage({"events": [good, bad_id]})
+    assert r.status_code == 422
+    body = r.json()["error"]
+    assert body["code"] == "validation_error" and "events[1].event_id" in body["message"]
+
+    r = await tally.http.post(url, content=b"{nope", headers={**product,
+                                                              "content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
+
+    r = await tally.post_usage({"events": [event(cid) for _ in range(1001)]})
+    assert r.status_code == 422 and "at most 1000" in r.json()["error"]["message"]
+
+    r = await tally.http.post(url, json=good)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    r = await tally.http.post(url, json=good, headers={"Authorization": "Bearer not-a-jwt"})
+    assert r.status_code == 401
+    r = await tally.post_usage(good, role="company_admin")  # wrong role (no company claim)
+    assert r.status_code == 401
+    r = await tally.http.post(url, json=good, headers=tally.auth("company_admin", company_id=cid))
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+
+    # Nothing above was taken: the good event is still new, and it is the only ledger line.
+    r = await tally.post_usage(good)
+    assert r.json()["results"][0]["status"] == "accepted"
+    txs = await tally.wait_applied(cid, good["event_id"])
+    assert len(txs) == 1
+
+
+async def test_per_event_rejections_leave_the_rest_accepted(tally: Tally) -> None:
+    cid = uid("co")
+    ok = event(cid)
+    batch = [ok, event(cid, service="fax"), event(cid, quantity="0"), event(cid, quantity="x")]
+    r = await tally.post_usage({"events": batch})
+    assert r.status_code == 202
+    results = r.json()["results"]
+    assert [x["status"] for x in results] == ["accepted", "rejected", "rejected", "rejected"]
+    assert [x.get("error", {}).get("code") for x in results[1:]] == [
+        "unknown_service", "invalid_quantity", "invalid_quantity"]
+    txs = await tally.wait_applied(cid, ok["event_id"])
+    assert len(txs) == 1
+
+
+async def test_usage_ingest_topic_prices_and_dead_letters_garbage(tally: Tally) -> None:
+    cid = uid("co")
+    marker = uid("garbage")
+    await tally.produce("usage.ingest", f"{{not json {marker}".encode(), key=cid)
+    await tally.produce("usage.ingest", {"event_id": uid("ev"), "company_id": cid,
+                                         "service": "nope", "quantity": "1"}, key=cid)
+    good = event(cid, service="whatsapp", quantity="1")
+    await tally.produce("usage.ingest", good, key=cid)
+
+    # The partition is not blocked by the garbage: the good event reaches the ledger.
+    txs = await tally.wait_applied(cid, good["event_id"])
+    assert [t["amount"] for t in txs] == ["-0.058000"]
+    dead = await tally.find_on_topic("usage.ingest.dlq", lambda d: marker in d.get("message", ""))
+    assert dead["source_topic"] == "usage.ingest" and dead["error"]
+    dead = await tally.find_on_topic(
+        "usage.ingest.dlq", lambda d: cid in d.get("message", "") and "unknown_service" in d["error"])
+    assert dead["failed_by"] == "usage-meter"
+
+
+async def test_poison_on_usage_recorded_goes_to_its_dlq(tally: Tally) -> None:
+    cid = uid("co")
+    marker = uid("poison")
+    await tally.produce("usage.recorded", {"id": marker, "type": "usage.recorded",
+                                           "time": "2026-01-01T00:00:00Z", "source": "test",
+                                           "data": {"event_id": marker}}, key=cid)
+    good = event(cid)
+    await tally.post_usage(good)
+    await tally.wait_applied(cid, good["event_id"])
+    dead = await tally.find_on_topic("usage.recorded.dlq", lambda d: marker in d.get("message", ""))
+    assert dead["failed_by"] == "wallet" and "company_id" in dead["error"]
+
+
+async def test_negative_agency_wallet_refuses_usage_until_credited(tally: Tally) -> None:
+    cid = uid("co")
+    first = event(cid, service="whatsapp", quantity="1")
+    await tally.post_usage(first)
+    await tally.wait_applied(cid, first["event_id"])
+    assert (await tally.company_wallet(cid))["status"] == "suspended"
+
+    async def refused() -> bool:
+        r = await tally.post_usage(event(cid))
+        res = r.json()["results"][0]
+        return res["status"] == "rejected" and res["error"]["code"] == "agency_wallet_empty"
+    await eventually(refused, what="usage-meter to learn of the suspension")
+
+    r = await tally.http.post(tally.url("wallet", f"/v1/companies/{cid}/wallet/credits"),
+                              json={"amount": "1.00", "reference": "test"},
+                              headers={**tally.auth("platform_admin"), "Idempotency-Key": "k1"})
+    assert r.status_code == 201, r.text
+    assert r.json()["wallet"]["status"] == "active"
+    assert r.json()["wallet"]["balance"] == "0.942000"
+    again = await tally.http.post(tally.url("wallet", f"/v1/companies/{cid}/wallet/credits"),
+                                  json={"amount": "1.00"},
+                                  headers={**tally.auth("platform_admin"), "Idempotency-Key": "k1"})
+    assert again.json()["created"] is False and again.json()["wallet"]["balance"] == "0.942000"
+
+    async def accepted() -> bool:
+        r = await tally.post_usage(event(cid))
+        return r.json()["results"][0]["status"] == "accepted"
+    await eventually(accepted, what="usage-meter to learn of the reactivation")
+
+
+async def test_dedupe_survives_a_usage_meter_crash(tally: Tally) -> None:
+    cid = uid("co")
+    e = event(cid)
+    assert (await tally.post_usage(e)).json()["results"][0]["status"] == "accepted"
+    await tally.stack.restart("usage-meter")  # SIGKILL, then start again
+    assert (await tally.post_usage(e)).json()["results"][0]["status"] == "duplicate"
+    await tally.wait_applied(cid, e["event_id"])
+
+
+async def test_ledger_balances_equal_the_transfers(tally: Tally) -> None:
+    cid = uid("co")
+    for q in ("1", "2", "3"):
+        await tally.post_usage(event(cid, quantity=q))
+    last = event(cid)
+    await tally.post_usage(last)
+    await tally.wait_applied(cid, last["event_id"])
+    rows = await tally.sql(
+        "wallet",
+        "SELECT w.id, w.balance, "
+        " COALESCE((SELECT sum(amount) FROM transfers WHERE credit_wallet = w.id), 0) -"
+        " COALESCE((SELECT sum(amount) FROM transfers WHERE debit_wallet = w.id), 0) AS derived "
+        "FROM wallets w")
+    assert rows, "the ledger has wallets"
+    assert all(r["balance"] == r["derived"] for r in rows)
+    assert sum(r["balance"] for r in rows) == 0
+
+
+@pytest.mark.parametrize("service", ["usage-meter", "wallet", "recharge", "rebilling", "notifier"])
+async def test_every_service_is_healthy_ready_and_measured(tally: Tally, service: str) -> None:
+    for path in ("/healthz", "/readyz"):
+        r = await tally.http.get(tally.url(service, path))
+        assert r.status_code == 200, r.text
+    metrics = await tally.http.get(tally.url(service, "/metrics"))
+    assert "tally_http_requests_total" in metrics.text
+    openapi = await tally.http.get(tally.url(service, "/openapi.json"))
+    assert openapi.json()["info"]["title"] == f"Tally {service}"
+
+
+async def test_other_tenants_wallets_are_not_found(tally: Tally) -> None:
+    cid = uid("co")
+    r = await tally.http.get(tally.url("wallet", f"/v1/companies/{cid}/wallet"),
+                             headers=tally.auth("company_admin", company_id="someone-else"))
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = await tally.http.get(tally.url("wallet", f"/v1/companies/{cid}/wallet"))
+    assert r.status_code == 401
+
+
+async def test_oversized_bodies_get_413(tally: Tally) -> None:
+    r = await tally.http.post(tally.url("usage-meter", "/v1/usage"),
+                              content=b"{" + b" " * 3_000_000 + b"}",
+                              headers={**tally.auth("product"), "content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+

@@ -1,0 +1,63 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tally_wallet.domain import LedgerError, Posting, Transfer, Wallet
+
+
+def wallets(balance: int = 0, threshold: int = 10) -> dict[str, Wallet]:
+    return {
+        "company:c": Wallet("company:c", "company", "USD", company_id="c", balance=balance,
+                            threshold=threshold),
+        "system:rev": Wallet("system:rev", "system", "USD"),
+    }
+
+
+def debit(key: str, amount: int) -> Transfer:
+    return Transfer(key, "company:c", "system:rev", amount, "usage")
+
+
+def types(p: Posting) -> list[str]:
+    return [e.type for e in p.events]
+
+
+def test_threshold_crossing_is_an_edge_not_a_level() -> None:
+    p = Posting(wallets(balance=20, threshold=10))
+    p.apply(debit("a", 5))   # 15: above
+    p.apply(debit("b", 6))   # 9: crosses
+    p.apply(debit("c", 1))   # 8: still below, no second event
+    assert types(p) == ["wallet.threshold_crossed"]
+
+
+def test_going_negative_suspends_once_and_a_credit_reactivates() -> None:
+    p = Posting(wallets(balance=1, threshold=0))
+    p.apply(debit("a", 2))
+    p.apply(debit("b", 2))
+    assert p.wallets["company:c"].status == "suspended"
+    p.apply(Transfer("c", "system:rev", "company:c", 3, "manual_credit"))
+    assert p.wallets["company:c"].balance == 0
+    assert types(p) == ["wallet.suspended", "wallet.reactivated"]
+
+
+def test_invalid_transfers_are_refused() -> None:
+    p = Posting(wallets())
+    with pytest.raises(LedgerError):
+        p.apply(debit("a", 0))
+    with pytest.raises(LedgerError):
+        p.apply(Transfer("b", "company:c", "company:c", 1, "usage"))
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 10**9)), max_size=200))
+def test_double_entry_sums_to_zero_and_balance_after_is_running(moves: list[tuple[bool, int]]) -> None:
+    p = Posting(wallets())
+    for i, (is_debit, amount) in enumerate(moves):
+        t = debit(str(i), amount) if is_debit else Transfer(str(i), "system:rev", "company:c",
+                                                            amount, "top_up")
+        p.apply(t)
+    assert sum(w.balance for w in p.wallets.values()) == 0
+    expected = sum(-a if d else a for d, a in moves)
+    assert p.wallets["company:c"].balance == expected
+    if p.posted:
+        last = p.posted[-1]
+        side = last.debit_after if last.transfer.debit == "company:c" else last.credit_after
+        assert side == expected

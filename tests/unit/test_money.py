@@ -1,0 +1,56 @@
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tally.money import (
+    MoneyError,
+    apply_markup,
+    format_micros,
+    micros_to_minor_units_ceil,
+    price_usage,
+    to_micros,
+)
+
+
+def test_parse_and_format_are_exact() -> None:
+    assert to_micros("12.345678") == 12_345_678
+    assert to_micros("0.000675") == 675
+    assert to_micros("-1.5") == -1_500_000
+    assert format_micros(675) == "0.000675"
+    assert format_micros(-500) == "-0.000500"
+    assert format_micros(12_000_000) == "12.000000"
+
+
+@pytest.mark.parametrize("bad", ["1.2345678", "abc", "1e3", "", " ", "1,5", "NaN", "0x10"])
+def test_rejects_what_is_not_an_exact_decimal(bad: str) -> None:
+    with pytest.raises(MoneyError):
+        to_micros(bad)
+
+
+def test_rejects_floats_outright() -> None:
+    with pytest.raises(MoneyError):
+        to_micros(1.5)  # type: ignore[arg-type]
+
+
+@given(st.integers(min_value=-(10**15), max_value=10**15))
+def test_format_then_parse_round_trips(micros: int) -> None:
+    assert to_micros(format_micros(micros)) == micros
+
+
+def test_usage_pricing_rounds_half_up_to_a_micro() -> None:
+    assert price_usage(Decimal("3"), 675) == 2025
+    assert price_usage(Decimal("0.5"), 675) == 338  # 337.5 -> 338
+    assert price_usage(Decimal("0.1"), 1) == 0
+
+
+def test_markup_is_exact() -> None:
+    assert apply_markup(675, Decimal("1.5")) == 1013  # 1012.5 -> 1013
+    assert apply_markup(1_000_000, Decimal("1")) == 1_000_000
+
+
+def test_stripe_amount_rounds_up_to_the_minor_unit() -> None:
+    assert micros_to_minor_units_ceil(10_000_001, "USD") == 1001
+    assert micros_to_minor_units_ceil(10_000_000, "USD") == 1000
+    assert micros_to_minor_units_ceil(1_500_000, "JPY") == 2
