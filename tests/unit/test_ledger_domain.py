@@ -36,7 +36,7 @@ def test_going_negative_suspends_once_and_a_credit_reactivates() -> None:
     assert p.wallets["company:c"].status == "suspended"
     p.apply(Transfer("c", "system:rev", "company:c", 3, "manual_credit"))
     assert p.wallets["company:c"].balance == 0
-    assert types(p) == ["wallet.suspended", "wallet.reactivated"]
+    assert types(p) == ["wallet.threshold_crossed", "wallet.suspended", "wallet.reactivated"]
 
 
 def test_invalid_transfers_are_refused() -> None:

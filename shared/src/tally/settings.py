@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     kafka_heartbeat_interval_ms: int = Field(3_000, alias="KAFKA_HEARTBEAT_INTERVAL_MS", ge=100)
     database_url: str | None = Field(None, alias="DATABASE_URL")
     db_pool_size: int = Field(8, alias="DB_POOL_SIZE", ge=1, le=200)
-    jwt_secret: str = Field("tally-dev-secret-change-me", alias="TALLY_JWT_SECRET")
+    jwt_secret: str = Field("tally-dev-secret-change-me-in-production", alias="TALLY_JWT_SECRET")
     stripe_api_base: str = Field("http://127.0.0.1:8420", alias="STRIPE_API_BASE")
     stripe_api_key: str = Field("sk_test_tally", alias="STRIPE_API_KEY")
     stripe_webhook_secret: str = Field("whsec_tally_dev", alias="STRIPE_WEBHOOK_SECRET")
