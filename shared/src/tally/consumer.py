@@ -33,7 +33,7 @@ DLQ = Counter("tally_dlq_total", "Records sent to a DLQ", ["service", "topic"])
 FAILURES = Counter("tally_consumer_batch_failures_total", "Batches that failed and were retried",
                    ["service", "topic"])
 
-Record = ConsumerRecord  # type: ignore[type-arg]
+Record = ConsumerRecord
 BatchHandler = Callable[[Sequence[Any]], Awaitable[None]]
 
 

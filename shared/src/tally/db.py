@@ -7,8 +7,17 @@ import importlib.resources
 import logging
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import asyncpg
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    # A connection, whether taken straight or from a pool (handlers accept both).
+    Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+else:
+    Conn = asyncpg.Connection
 
 log = logging.getLogger(__name__)
 

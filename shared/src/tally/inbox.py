@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import asyncpg
+from tally.db import Conn
 
 
-async def claim(conn: asyncpg.Connection, consumer: str, message_ids: Sequence[str]) -> set[str]:
+async def claim(conn: Conn, consumer: str, message_ids: Sequence[str]) -> set[str]:
     """Claim ``message_ids`` for ``consumer``; returns the ids never seen before (to apply).
     Must run inside the transaction that applies their effects."""
     if not message_ids:

@@ -80,9 +80,13 @@ def minor_unit_exponent(currency: str) -> int:
 def micros_to_minor_units_ceil(micros: int, currency: str) -> int:
     """Micros -> the currency's minor unit for a Stripe charge, rounding UP (never undercharge
     the amount that must be credited)."""
-    per_minor = MICROS_PER_UNIT // 10 ** minor_unit_exponent(currency)
+    per_minor = _micros_per_minor_unit(currency)
     return int((Decimal(micros) / per_minor).to_integral_value(rounding=ROUND_CEILING))
 
 
 def minor_units_to_micros(minor: int, currency: str) -> int:
-    return minor * (MICROS_PER_UNIT // 10 ** minor_unit_exponent(currency))
+    return minor * _micros_per_minor_unit(currency)
+
+
+def _micros_per_minor_unit(currency: str) -> int:
+    return MICROS_PER_UNIT // int(10 ** minor_unit_exponent(currency))

@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import Counter, Gauge
 
 from tally import events
+from tally.db import Conn
 from tally.telemetry import current_traceparent
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def row(topic: str, key: str | None, message: dict[str, Any] | bytes,
             traceparent if traceparent is not None else current_traceparent())
 
 
-async def enqueue(conn: asyncpg.Connection, rows: Iterable[Row]) -> int:
+async def enqueue(conn: Conn, rows: Iterable[Row]) -> int:
     """Write rows inside the caller's transaction (COPY: one round trip for any count)."""
     records = list(rows)
     if records:
@@ -44,7 +45,7 @@ async def enqueue(conn: asyncpg.Connection, rows: Iterable[Row]) -> int:
     return len(records)
 
 
-async def publish(conn: asyncpg.Connection, topic: str, key: str | None,
+async def publish(conn: Conn, topic: str, key: str | None,
                   message: dict[str, Any]) -> None:
     await enqueue(conn, [row(topic, key, message)])
 
@@ -98,13 +99,13 @@ class OutboxRelay:
                 log.exception("outbox relay failed; retrying", extra={"service": self._service})
                 await self._sleep(1.0)
 
-    async def _relay_loop(self, conn: asyncpg.Connection) -> None:
+    async def _relay_loop(self, conn: Conn) -> None:
         while not self._stopping.is_set():
             sent = await self.relay_once(conn)
             if sent < self._batch_size:
                 await self._sleep(self._poll)
 
-    async def relay_once(self, conn: asyncpg.Connection) -> int:
+    async def relay_once(self, conn: Conn) -> int:
         rows = await conn.fetch(
             "SELECT id, topic, key, value, traceparent FROM outbox ORDER BY id LIMIT $1",
             self._batch_size,

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-import asyncpg
 from prometheus_client import Counter
-
 from tally import events, outbox
+from tally.db import Conn
 from tally.events import Topics, UsageEvent
+
 from tally_usage_meter import storage
 from tally_usage_meter.domain import Priced, Rejected, price_event, recorded_payload, suspension_of
 
@@ -36,7 +36,7 @@ class Result:
         return out
 
 
-async def ingest(conn: asyncpg.Connection, batch: Sequence[UsageEvent]) -> list[Result]:
+async def ingest(conn: Conn, batch: Sequence[UsageEvent]) -> list[Result]:
     """Must run inside a transaction; returns one result per input event, in order."""
     now = datetime.now(UTC)
     prices = await storage.load_prices(conn)
@@ -46,13 +46,14 @@ async def ingest(conn: asyncpg.Connection, batch: Sequence[UsageEvent]) -> list[
     outcome: list[Priced | Rejected | None] = []
     first_seen: dict[str, int] = {}
     for i, event in enumerate(batch):
-        checked = suspension_of(event, suspended) or price_event(event, prices, now)
-        if isinstance(checked, Priced):
+        verdict: Priced | Rejected | None = (
+            suspension_of(event, suspended) or price_event(event, prices, now))
+        if isinstance(verdict, Priced):
             if event.event_id in first_seen:
-                checked = None  # same id twice in one batch: the later one is a duplicate
+                verdict = None  # same id twice in one batch: the later one is a duplicate
             else:
                 first_seen[event.event_id] = i
-        outcome.append(checked)
+        outcome.append(verdict)
 
     priced = [p for p in outcome if isinstance(p, Priced)]
     new_ids = await storage.claim_event_ids(

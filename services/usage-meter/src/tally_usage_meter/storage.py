@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import asyncpg
+from tally.db import Conn
 
 from tally_usage_meter.domain import Price
 
 
-async def load_prices(conn: asyncpg.Connection) -> dict[str, Price]:
+async def load_prices(conn: Conn) -> dict[str, Price]:
     rows = await conn.fetch("SELECT service, unit, unit_price_micros, currency FROM prices")
     return {r["service"]: Price(r["service"], r["unit"], r["unit_price_micros"], r["currency"])
             for r in rows}
 
 
-async def upsert_price(conn: asyncpg.Connection, price: Price) -> None:
+async def upsert_price(conn: Conn, price: Price) -> None:
     await conn.execute(
         "INSERT INTO prices (service, unit, unit_price_micros, currency) VALUES ($1, $2, $3, $4) "
         "ON CONFLICT (service) DO UPDATE SET unit = EXCLUDED.unit, "
@@ -25,7 +25,7 @@ async def upsert_price(conn: asyncpg.Connection, price: Price) -> None:
     )
 
 
-async def claim_event_ids(conn: asyncpg.Connection, event_ids: Sequence[str],
+async def claim_event_ids(conn: Conn, event_ids: Sequence[str],
                           company_ids: Sequence[str]) -> set[str]:
     """Record first sightings; returns the ids that are new (the others are duplicates)."""
     if not event_ids:
@@ -38,7 +38,7 @@ async def claim_event_ids(conn: asyncpg.Connection, event_ids: Sequence[str],
     return {r["event_id"] for r in rows}
 
 
-async def suspended_among(conn: asyncpg.Connection, company_ids: Sequence[str],
+async def suspended_among(conn: Conn, company_ids: Sequence[str],
                           account_ids: Sequence[str]) -> set[tuple[str, str]]:
     rows = await conn.fetch(
         "SELECT owner, owner_id FROM suspended_wallets "
@@ -49,7 +49,7 @@ async def suspended_among(conn: asyncpg.Connection, company_ids: Sequence[str],
     return {(r["owner"], r["owner_id"]) for r in rows}
 
 
-async def set_suspended(conn: asyncpg.Connection, owner: str, owner_id: str,
+async def set_suspended(conn: Conn, owner: str, owner_id: str,
                         suspended: bool) -> None:
     if suspended:
         await conn.execute(

@@ -1,4 +1,5 @@
 from tally.service import serve
+
 from tally_wallet.app import SPEC
 
 

@@ -8,11 +8,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, Field
-
 from tally.auth import CurrentPrincipal, Principal, require_company, require_role
 from tally.errors import ApiError, not_found
 from tally.money import MoneyError, format_micros, to_micros
 from tally.service import runtime
+
 from tally_wallet import storage
 from tally_wallet.credits import credit
 from tally_wallet.domain import (

@@ -1,6 +1,7 @@
 """wallet: the double-entry ledger; debits usage, emits wallet events."""
 
 from tally.service import ServiceSpec
+
 from tally_wallet import api, handlers
 
 SPEC = ServiceSpec(

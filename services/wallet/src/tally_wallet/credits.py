@@ -4,16 +4,16 @@ transfer from a system wallet, idempotent by key, with ``wallet.credited`` (and
 
 from __future__ import annotations
 
-import asyncpg
-
 from tally import events, outbox
+from tally.db import Conn
 from tally.events import Topics
+
 from tally_wallet import storage
 from tally_wallet.domain import Posted, Posting, Transfer, TransferKind, Wallet, system_wallet_id
 from tally_wallet.usage import SOURCE, edge_event_rows
 
 
-async def credit(conn: asyncpg.Connection, wallet: Wallet, *, amount: int, kind: TransferKind,
+async def credit(conn: Conn, wallet: Wallet, *, amount: int, kind: TransferKind,
                  key: str, system: str, reference: str | None = None) -> tuple[Posted | None, Wallet]:
     """Credit ``wallet`` (created with defaults if new) from system wallet ``system``.
     Returns ``(None, wallet)`` when ``key`` was already posted: nothing changes twice."""

@@ -10,6 +10,7 @@ from tally.consumer import dlq_row, subscribe_batch
 from tally.events import Topics, UsageRecorded
 from tally.outbox import enqueue
 from tally.service import Runtime
+
 from tally_wallet.domain import LedgerError
 from tally_wallet.usage import apply_usage
 

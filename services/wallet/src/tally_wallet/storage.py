@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import asyncpg
+from tally.db import Conn
 
 from tally_wallet.domain import Posting, Wallet
 
@@ -23,14 +24,14 @@ def _wallet(r: asyncpg.Record) -> Wallet:
                   smart_adjustment=r["smart_adjustment"], status=r["status"])
 
 
-async def existing_keys(conn: asyncpg.Connection, keys: Sequence[str]) -> set[str]:
+async def existing_keys(conn: Conn, keys: Sequence[str]) -> set[str]:
     if not keys:
         return set()
     rows = await conn.fetch("SELECT key FROM transfers WHERE key = ANY($1::text[])", list(keys))
     return {r["key"] for r in rows}
 
 
-async def lock_wallets(conn: asyncpg.Connection, wanted: Iterable[Wallet]) -> dict[str, Wallet]:
+async def lock_wallets(conn: Conn, wanted: Iterable[Wallet]) -> dict[str, Wallet]:
     """Create the wallets that do not exist yet (with defaults), then lock all of them in id
     order (no deadlocks between concurrent batches) and return their current state."""
     by_id = {w.id: w for w in wanted}
@@ -51,7 +52,7 @@ async def lock_wallets(conn: asyncpg.Connection, wanted: Iterable[Wallet]) -> di
     return {r["id"]: _wallet(r) for r in rows}
 
 
-async def write_posting(conn: asyncpg.Connection, posting: Posting) -> None:
+async def write_posting(conn: Conn, posting: Posting) -> None:
     if not posting.posted:
         return
     await conn.copy_records_to_table("transfers", columns=_TRANSFER_COLS, records=[
@@ -67,12 +68,12 @@ async def write_posting(conn: asyncpg.Connection, posting: Posting) -> None:
     )
 
 
-async def get_wallet(conn: asyncpg.Connection, wallet_id: str) -> Wallet | None:
+async def get_wallet(conn: Conn, wallet_id: str) -> Wallet | None:
     r = await conn.fetchrow(f"SELECT {_WALLET_COLS} FROM wallets WHERE id = $1", wallet_id)
     return _wallet(r) if r else None
 
 
-async def list_transfers(conn: asyncpg.Connection, wallet_id: str, *, limit: int,
+async def list_transfers(conn: Conn, wallet_id: str, *, limit: int,
                          before_id: int | None) -> list[dict[str, Any]]:
     """Ledger lines of one wallet, newest first, signed from the wallet's side."""
     before = before_id if before_id is not None else 2**62
@@ -90,7 +91,7 @@ async def list_transfers(conn: asyncpg.Connection, wallet_id: str, *, limit: int
     return [dict(r) for r in rows]
 
 
-async def ledger_totals(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+async def ledger_totals(conn: Conn) -> list[asyncpg.Record]:
     """Per wallet: materialised balance next to what the transfers say (for audits/tests)."""
     return await conn.fetch(
         "SELECT w.id, w.balance, "

@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import asyncpg
 from prometheus_client import Counter
-
 from tally import events, outbox
+from tally.db import Conn
 from tally.events import Topics, UsageRecorded
+
 from tally_wallet import storage
 from tally_wallet.domain import (
     SYSTEM_PLATFORM_REVENUE,
@@ -48,7 +48,7 @@ def company_leg_key(event_id: str) -> str:
     return f"usage:{event_id}:company"
 
 
-async def apply_usage(conn: asyncpg.Connection, batch: Sequence[UsageRecorded]) -> Outcome:
+async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded]) -> Outcome:
     """Post a batch of recorded usage in the caller's transaction."""
     keys = [company_leg_key(u.event_id) for u in batch]
     seen = await storage.existing_keys(conn, keys)

@@ -1,0 +1,92 @@
+"""The live terminal view of ``make run``: throughput, wallet balances, recent ledger lines."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from tally.auth import issue_token
+
+from tally_devstack.demo import SimStats
+from tally_devstack.stack import SERVICES, Stack
+
+
+def _counter(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+class LiveView:
+    def __init__(self, stack: Stack, companies: list[str], stats: SimStats | None) -> None:
+        self.stack = stack
+        self.companies = companies
+        self.stats = stats
+        token = issue_token("platform_admin", sub="make-run", ttl_seconds=7 * 24 * 3600)
+        self.client = httpx.AsyncClient(timeout=5, headers={"Authorization": f"Bearer {token}"})
+        self.samples: deque[tuple[float, float, float]] = deque(maxlen=6)
+        self.started = time.monotonic()
+
+    async def render(self) -> Group:
+        accepted = applied = 0.0
+        health: dict[str, str] = {}
+        for name in SERVICES:
+            try:
+                r = await self.client.get(self.stack.url(name) + "/metrics")
+                health[name] = "up" if r.status_code == 200 else f"HTTP {r.status_code}"
+                if name == "usage-meter":
+                    accepted = _counter(r.text, "tally_usage_events_total", outcome="accepted")
+                if name == "wallet":
+                    applied = _counter(r.text, "tally_wallet_usage_applied_total")
+            except httpx.HTTPError:
+                health[name] = "down"
+        now = time.monotonic()
+        self.samples.append((now, accepted, applied))
+        t0, a0, p0 = self.samples[0]
+        dt = max(now - t0, 1e-9)
+        rates = Table.grid(padding=(0, 3))
+        rates.add_row(f"[bold]accepted[/] {accepted:,.0f} ({(accepted - a0) / dt:,.0f}/s)",
+                      f"[bold]debited[/] {applied:,.0f} ({(applied - p0) / dt:,.0f}/s)",
+                      *(f"{n}: [{'green' if s == 'up' else 'red'}]{s}[/]"
+                        for n, s in health.items()))
+        if self.stats:
+            rates.add_row(f"simulator sent {self.stats.sent:,}", f"rejected {self.stats.rejected:,}",
+                          self.stats.last_error or "")
+
+        wallets = Table(title="company wallets", expand=True)
+        for col in ("company", "balance", "status", "threshold"):
+            wallets.add_column(col, justify="right" if col != "company" else "left")
+        lines: list[tuple[str, dict[str, Any]]] = []
+        for cid in self.companies:
+            try:
+                w = (await self.client.get(
+                    self.stack.url("wallet") + f"/v1/companies/{cid}/wallet")).json()
+                wallets.add_row(cid, f"{w['balance']} {w['currency']}", w["status"],
+                                w["threshold"])
+                txs = (await self.client.get(
+                    self.stack.url("wallet") + f"/v1/companies/{cid}/wallet/transactions?limit=5"
+                )).json()["items"]
+                lines.extend((cid, t) for t in txs)
+            except (httpx.HTTPError, KeyError, ValueError):
+                wallets.add_row(cid, "?", "?", "?")
+        ledger = Table(title="recent ledger lines", expand=True)
+        for col in ("#", "wallet", "kind", "service", "amount", "balance after", "at"):
+            ledger.add_column(col)
+        for cid, t in sorted(lines, key=lambda x: int(x[1]["id"]), reverse=True)[:10]:
+            ledger.add_row(t["id"], cid, t["kind"], t["service"] or "", t["amount"],
+                           t["balance_after"], t["created_at"][11:23])
+        uptime = int(now - self.started)
+        return Group(Panel(rates, title=f"Tally — running {uptime}s (Ctrl-C to stop)"),
+                     wallets, ledger)
+
+    async def close(self) -> None:
+        await self.client.aclose()
