@@ -84,8 +84,19 @@ async def infra_only() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="tally_devstack")
-    parser.add_argument("command", choices=["run", "stack"], nargs="?", default="run")
+    parser.add_argument("command", choices=["run", "stack", "token"], nargs="?", default="run")
+    parser.add_argument("role", nargs="?", default="platform_admin",
+                        help="token: platform_admin, company_admin, account_user or product")
+    parser.add_argument("--company-id")
+    parser.add_argument("--account-id")
+    parser.add_argument("--email")
     args = parser.parse_args()
+    if args.command == "token":
+        from tally.auth import issue_token
+
+        print(issue_token(args.role, sub=f"cli-{args.role}", company_id=args.company_id,
+                          account_id=args.account_id, email=args.email, ttl_seconds=86_400))
+        return
     logging.basicConfig(level=logging.WARNING)
     with_demo = os.environ.get("TALLY_DEMO", "1") != "0"
     asyncio.run(run(with_demo) if args.command == "run" else infra_only())

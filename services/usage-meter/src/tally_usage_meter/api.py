@@ -93,6 +93,11 @@ class PriceOut(BaseModel):
     currency: str
 
 
+class PriceList(BaseModel):
+    items: list[PriceOut]
+    next_cursor: str | None = None  # the catalog is one page
+
+
 class PriceIn(BaseModel):
     unit: str = Field(min_length=1, max_length=64)
     unit_price: str = Field(description="decimal string, up to 6 decimals, >= 0")
@@ -105,10 +110,10 @@ def _out(p: Price) -> PriceOut:
 
 
 @router.get("/prices", summary="The platform price catalog")
-async def get_prices(request: Request, principal: CurrentPrincipal) -> dict[str, list[PriceOut]]:
+async def get_prices(request: Request, principal: CurrentPrincipal) -> PriceList:
     async with runtime(request).pool.acquire() as conn:
         prices = await storage.load_prices(conn)
-    return {"items": [_out(p) for p in sorted(prices.values(), key=lambda p: p.service)]}
+    return PriceList(items=[_out(p) for p in sorted(prices.values(), key=lambda p: p.service)])
 
 
 @router.put("/prices/{service}", summary="Set a service's platform price (applies to new events)")
