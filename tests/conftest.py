@@ -17,6 +17,7 @@ import httpx
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
 from tally.auth import issue_token
 from tally_devstack.stack import Ports, Stack
 

@@ -1,6 +1,7 @@
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from tally_wallet.domain import LedgerError, Posting, Transfer, Wallet
 
 

@@ -1,6 +1,7 @@
 from datetime import UTC, datetime
 
 import pytest
+
 from tally.errors import ApiError
 from tally.events import UsageEvent, UsageRecorded
 from tally_usage_meter.api import parse_usage_body

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import httpx
 import orjson
 from aiokafka import AIOKafkaProducer
-from tally.auth import issue_token
 
+from tally.auth import issue_token
 from tally_devstack.stack import Stack
 
 COMPANIES = {

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+
 from tally.kafka import ensure_topics
 from tally.settings import SERVICE_PORTS
-
 from tally_devstack.mailsink import MailSink
 
 log = logging.getLogger("tally.stack")

@@ -11,8 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
-from tally.auth import issue_token
 
+from tally.auth import issue_token
 from tally_devstack.demo import SimStats
 from tally_devstack.stack import SERVICES, Stack
 

@@ -185,6 +185,18 @@ class RebillingSettings(Payload):
     version: int = 0
 
 
+class CompanyUpdated(Payload):
+    """Full current state of a company that other services care about (rebilling.events)."""
+
+    company_id: str
+    name: str
+    plan: Literal["starter", "unlimited", "saas_pro"]
+    currency: str = "USD"
+    owner_email: str | None = None
+    stripe_connected: bool = False
+    timezone: str = "UTC"
+
+
 class AccountCreated(Payload):
     account_id: str
     company_id: str
@@ -229,6 +241,7 @@ PAYLOADS: dict[str, type[Payload]] = {
     "payment_method.attached": PaymentMethodChanged,
     "payment_method.detached": PaymentMethodChanged,
     "rebilling.settings": RebillingSettings,
+    "company.updated": CompanyUpdated,
     "account.created": AccountCreated,
     "subscription.charged": SubscriptionCharged,
     "license.changed": LicenseChanged,

@@ -1,5 +1,4 @@
 from tally.service import serve
-
 from tally_usage_meter.app import SPEC
 
 

@@ -9,12 +9,12 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import ORJSONResponse
 from pydantic import BaseModel, Field, ValidationError
+
 from tally.auth import CurrentPrincipal, require_role
 from tally.errors import ApiError
 from tally.events import UsageEvent
 from tally.money import MoneyError, format_micros, to_micros
 from tally.service import runtime
-
 from tally_usage_meter import storage
 from tally_usage_meter.domain import Price
 from tally_usage_meter.ingestion import ingest

@@ -1,7 +1,6 @@
 """usage-meter: validates, prices and dedupes usage; publishes ``usage.recorded``."""
 
 from tally.service import ServiceSpec
-
 from tally_usage_meter import api, handlers
 
 SPEC = ServiceSpec(

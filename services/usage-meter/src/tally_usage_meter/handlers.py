@@ -11,7 +11,6 @@ from tally.consumer import dlq_row, subscribe_batch
 from tally.events import Topics
 from tally.outbox import enqueue
 from tally.service import Runtime
-
 from tally_usage_meter import storage
 from tally_usage_meter.ingestion import ingest, parse_ingest_record
 

@@ -10,10 +10,10 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from prometheus_client import Counter
+
 from tally import events, outbox
 from tally.db import Conn
 from tally.events import Topics, UsageEvent
-
 from tally_usage_meter import storage
 from tally_usage_meter.domain import Priced, Rejected, price_event, recorded_payload, suspension_of
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tally.db import Conn
-
 from tally_usage_meter.domain import Price
 
 

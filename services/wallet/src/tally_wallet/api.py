@@ -1,18 +1,22 @@
-"""wallet HTTP API: wallets and their ledger lines (this slice: read side)."""
+"""wallet HTTP API: wallets, settings, ledger lines, credits, credit requests, service status."""
 
 from __future__ import annotations
 
 import base64
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
+import asyncpg
 from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, Field
+
+from tally import events, outbox
 from tally.auth import CurrentPrincipal, Principal, require_company, require_role
+from tally.db import Conn
 from tally.errors import ApiError, not_found
+from tally.events import Topics
 from tally.money import MoneyError, format_micros, to_micros
 from tally.service import runtime
-
 from tally_wallet import storage
 from tally_wallet.credits import credit
 from tally_wallet.domain import (
@@ -20,9 +24,14 @@ from tally_wallet.domain import (
     Wallet,
     account_wallet_id,
     company_wallet_id,
+    service_status,
 )
+from tally_wallet.usage import SOURCE
 
 router = APIRouter(prefix="/v1", tags=["wallet"])
+
+Limit = Annotated[int, Query(ge=1, le=500)]
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
 
 
 class WalletOut(BaseModel):
@@ -36,8 +45,18 @@ class WalletOut(BaseModel):
     reload_amount: str
     auto_recharge: bool
     smart_adjustment: bool
-    status: str
-    funding: str
+    status: Literal["active", "suspended"]
+    funding: Literal["top_up", "request_credits"]
+    rebilling: Literal["off", "rebill", "rebill_markup"] | None = Field(
+        None, description="account wallets: the rebilling mode the wallet applies (from "
+                          "rebilling.settings); null for company wallets")
+
+
+class WalletPatch(BaseModel):
+    threshold: str | None = Field(None, description="decimal string >= 0")
+    reload_amount: str | None = Field(None, description="decimal string > 0")
+    auto_recharge: bool | None = None
+    smart_adjustment: bool | None = None
 
 
 class TransactionOut(BaseModel):
@@ -56,91 +75,6 @@ class TransactionPage(BaseModel):
     next_cursor: str | None
 
 
-def _out(w: Wallet) -> WalletOut:
-    return WalletOut(
-        wallet_id=w.id, owner=w.kind, company_id=w.company_id, account_id=w.account_id,
-        balance=format_micros(w.balance), currency=w.currency,
-        threshold=format_micros(w.threshold), reload_amount=format_micros(w.reload_amount),
-        auto_recharge=w.auto_recharge, smart_adjustment=w.smart_adjustment, status=w.status,
-        funding="request_credits")
-
-
-async def _company_wallet(request: Request, principal: Principal, cid: str) -> Wallet:
-    require_company(principal, cid, "wallet")
-    async with runtime(request).pool.acquire() as conn:
-        w = await storage.get_wallet(conn, company_wallet_id(cid))
-    return w or Wallet(company_wallet_id(cid), "company", "USD", company_id=cid)
-
-
-async def _account_wallet(request: Request, principal: Principal, aid: str) -> Wallet:
-    async with runtime(request).pool.acquire() as conn:
-        w = await storage.get_wallet(conn, account_wallet_id(aid))
-    company = w.company_id if w else None
-    if not principal.can_see_account(company, aid):
-        raise not_found("wallet")
-    return w or Wallet(account_wallet_id(aid), "account", "USD", company_id=company,
-                       account_id=aid)
-
-
-def _encode_cursor(last_id: int) -> str:
-    return base64.urlsafe_b64encode(str(last_id).encode()).decode()
-
-
-def _decode_cursor(cursor: str | None) -> int | None:
-    if not cursor:
-        return None
-    try:
-        return int(base64.urlsafe_b64decode(cursor.encode()).decode())
-    except ValueError as exc:
-        raise ApiError(422, "validation_error", "cursor is not valid") from exc
-
-
-async def _transactions(request: Request, wallet_id: str, limit: int,
-                        cursor: str | None) -> TransactionPage:
-    before = _decode_cursor(cursor)
-    async with runtime(request).pool.acquire() as conn:
-        rows = await storage.list_transfers(conn, wallet_id, limit=limit + 1, before_id=before)
-    page, more = rows[:limit], len(rows) > limit
-    return TransactionPage(
-        items=[_tx(r) for r in page],
-        next_cursor=_encode_cursor(page[-1]["id"]) if more and page else None)
-
-
-def _tx(r: dict[str, Any]) -> TransactionOut:
-    return TransactionOut(
-        id=str(r["id"]), kind=r["kind"], amount=format_micros(r["amount"]),
-        balance_after=format_micros(r["balance_after"]), service=r["service"],
-        usage_event_id=r["usage_event_id"], reference=r["reference"],
-        created_at=r["created_at"].isoformat())
-
-
-Limit = Annotated[int, Query(ge=1, le=500)]
-
-
-@router.get("/companies/{cid}/wallet", response_model=WalletOut)
-async def company_wallet(cid: str, request: Request, principal: CurrentPrincipal) -> WalletOut:
-    return _out(await _company_wallet(request, principal, cid))
-
-
-@router.get("/companies/{cid}/wallet/transactions", response_model=TransactionPage)
-async def company_transactions(cid: str, request: Request, principal: CurrentPrincipal,
-                               limit: Limit = 50, cursor: str | None = None) -> TransactionPage:
-    w = await _company_wallet(request, principal, cid)
-    return await _transactions(request, w.id, limit, cursor)
-
-
-@router.get("/accounts/{aid}/wallet", response_model=WalletOut)
-async def account_wallet(aid: str, request: Request, principal: CurrentPrincipal) -> WalletOut:
-    return _out(await _account_wallet(request, principal, aid))
-
-
-@router.get("/accounts/{aid}/wallet/transactions", response_model=TransactionPage)
-async def account_transactions(aid: str, request: Request, principal: CurrentPrincipal,
-                               limit: Limit = 50, cursor: str | None = None) -> TransactionPage:
-    w = await _account_wallet(request, principal, aid)
-    return await _transactions(request, w.id, limit, cursor)
-
-
 class CreditIn(BaseModel):
     amount: str = Field(description="decimal string > 0, at most 6 decimals")
     reference: str | None = Field(None, max_length=200)
@@ -153,54 +87,328 @@ class CreditOut(BaseModel):
     wallet: WalletOut
 
 
-def _amount(text: str) -> int:
+class CreditRequestOut(BaseModel):
+    id: str
+    account_id: str
+    company_id: str
+    amount: str
+    currency: str
+    reference: str | None
+    status: Literal["pending", "approved", "rejected"]
+    requested_by: str | None
+    resolved_by: str | None
+    created_at: str
+    resolved_at: str | None
+
+
+class CreditRequestPage(BaseModel):
+    items: list[CreditRequestOut]
+    next_cursor: str | None
+
+
+class ServiceStatusOut(BaseModel):
+    allowed: bool
+    reason: Literal["ok", "account_wallet_empty", "agency_wallet_empty", "no_license"]
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+def _invalid(field: str, message: str) -> ApiError:
+    return ApiError(422, "validation_error", f"{field}: {message}",
+                    [{"field": field, "message": message}])
+
+
+def _money(text: str, field: str, *, allow_zero: bool = False) -> int:
     try:
-        micros = to_micros(text)
+        micros = to_micros(text, field=field)
     except MoneyError as exc:
-        raise ApiError(422, "validation_error", str(exc),
-                       [{"field": "amount", "message": str(exc)}]) from exc
-    if micros <= 0:
-        raise ApiError(422, "validation_error", "amount must be greater than 0",
-                       [{"field": "amount", "message": "must be greater than 0"}])
+        raise _invalid(field, str(exc)) from exc
+    if micros < 0 or (micros == 0 and not allow_zero):
+        raise _invalid(field, "must be " + (">= 0" if allow_zero else "greater than 0"))
     return micros
 
 
-async def _credit(request: Request, wallet: Wallet, body: CreditIn,
+async def _out(conn: Conn, w: Wallet) -> WalletOut:
+    connected = False
+    if w.company_id:
+        _, connected = await storage.company_funding(conn, w.company_id)
+    mode = None
+    if w.kind == "account" and w.account_id:
+        settings = (await storage.load_rebilling(conn, [w.account_id])).get(w.account_id)
+        mode = settings.mode if settings and settings.active else "off"
+    return WalletOut(
+        wallet_id=w.id, owner=w.kind, company_id=w.company_id, account_id=w.account_id,
+        balance=format_micros(w.balance), currency=w.currency,
+        threshold=format_micros(w.threshold), reload_amount=format_micros(w.reload_amount),
+        auto_recharge=w.auto_recharge, smart_adjustment=w.smart_adjustment,
+        status="suspended" if w.status == "suspended" else "active",
+        funding="top_up" if connected else "request_credits", rebilling=mode)
+
+
+async def _company_wallet(conn: Conn, principal: Principal, cid: str) -> Wallet:
+    require_company(principal, cid, "wallet")
+    w = await storage.get_wallet(conn, company_wallet_id(cid))
+    if w:
+        return w
+    currency, _ = await storage.company_funding(conn, cid)
+    return Wallet(company_wallet_id(cid), "company", currency, company_id=cid)
+
+
+async def _account_wallet(conn: Conn, principal: Principal, aid: str) -> Wallet:
+    """The account's wallet (a default one if it never moved); 404 for other tenants."""
+    info = await storage.account_info(conn, aid)
+    company = info.company_id
+    if company is None and principal.role == "account_user" and principal.account_id == aid:
+        company = principal.company_id  # the token vouches for its own account
+    if not principal.can_see_account(company, aid):
+        raise not_found("wallet")
+    w = await storage.get_wallet(conn, account_wallet_id(aid))
+    if w:
+        return w
+    currency = (await storage.company_funding(conn, company))[0] if company else "USD"
+    return Wallet(account_wallet_id(aid), "account", currency, company_id=company, account_id=aid)
+
+
+def _encode_cursor(value: int) -> str:
+    return base64.urlsafe_b64encode(str(value).encode()).decode()
+
+
+def _decode_cursor(cursor: str | None) -> int | None:
+    if not cursor:
+        return None
+    try:
+        return int(base64.urlsafe_b64decode(cursor.encode()).decode())
+    except ValueError as exc:
+        raise _invalid("cursor", "is not valid") from exc
+
+
+def _tx(r: dict[str, Any]) -> TransactionOut:
+    return TransactionOut(
+        id=str(r["id"]), kind=r["kind"], amount=format_micros(r["amount"]),
+        balance_after=format_micros(r["balance_after"]), service=r["service"],
+        usage_event_id=r["usage_event_id"], reference=r["reference"],
+        created_at=r["created_at"].isoformat())
+
+
+async def _transactions(conn: Conn, wallet_id: str, limit: int,
+                        cursor: str | None) -> TransactionPage:
+    rows = await storage.list_transfers(conn, wallet_id, limit=limit + 1,
+                                        before_id=_decode_cursor(cursor))
+    page, more = rows[:limit], len(rows) > limit
+    return TransactionPage(items=[_tx(r) for r in page],
+                           next_cursor=_encode_cursor(page[-1]["id"]) if more and page else None)
+
+
+async def _patch(conn: Conn, w: Wallet, body: WalletPatch) -> Wallet:
+    changes: dict[str, Any] = {}
+    if body.threshold is not None:
+        changes["threshold"] = _money(body.threshold, "threshold", allow_zero=True)
+    if body.reload_amount is not None:
+        changes["reload_amount"] = _money(body.reload_amount, "reload_amount")
+    if body.auto_recharge is not None:
+        changes["auto_recharge"] = body.auto_recharge
+    if body.smart_adjustment is not None:
+        changes["smart_adjustment"] = body.smart_adjustment
+    await storage.lock_wallets(conn, [w])  # creates it with defaults if it never moved
+    await storage.update_wallet_settings(conn, w.id, changes)
+    fresh = await storage.get_wallet(conn, w.id)
+    assert fresh is not None
+    return fresh
+
+
+# --- wallets -------------------------------------------------------------------------------
+
+@router.get("/companies/{cid}/wallet", response_model=WalletOut)
+async def company_wallet(cid: str, request: Request, principal: CurrentPrincipal) -> WalletOut:
+    async with runtime(request).pool.acquire() as conn:
+        return await _out(conn, await _company_wallet(conn, principal, cid))
+
+
+@router.patch("/companies/{cid}/wallet", response_model=WalletOut)
+async def patch_company_wallet(cid: str, body: WalletPatch, request: Request,
+                               principal: CurrentPrincipal) -> WalletOut:
+    require_role(principal, "company_admin", "platform_admin")
+    async with runtime(request).pool.acquire() as conn, conn.transaction():
+        w = await _company_wallet(conn, principal, cid)
+        return await _out(conn, await _patch(conn, w, body))
+
+
+@router.get("/companies/{cid}/wallet/transactions", response_model=TransactionPage)
+async def company_transactions(cid: str, request: Request, principal: CurrentPrincipal,
+                               limit: Limit = 50, cursor: str | None = None) -> TransactionPage:
+    async with runtime(request).pool.acquire() as conn:
+        w = await _company_wallet(conn, principal, cid)
+        return await _transactions(conn, w.id, limit, cursor)
+
+
+@router.get("/accounts/{aid}/wallet", response_model=WalletOut)
+async def account_wallet(aid: str, request: Request, principal: CurrentPrincipal) -> WalletOut:
+    async with runtime(request).pool.acquire() as conn:
+        return await _out(conn, await _account_wallet(conn, principal, aid))
+
+
+@router.patch("/accounts/{aid}/wallet", response_model=WalletOut)
+async def patch_account_wallet(aid: str, body: WalletPatch, request: Request,
+                               principal: CurrentPrincipal) -> WalletOut:
+    """Company admins, and (as the spec lets account owners) the account's own users."""
+    require_role(principal, "company_admin", "account_user", "platform_admin")
+    async with runtime(request).pool.acquire() as conn, conn.transaction():
+        w = await _account_wallet(conn, principal, aid)
+        if w.company_id is None:
+            raise not_found("wallet")
+        return await _out(conn, await _patch(conn, w, body))
+
+
+@router.get("/accounts/{aid}/wallet/transactions", response_model=TransactionPage)
+async def account_transactions(aid: str, request: Request, principal: CurrentPrincipal,
+                               limit: Limit = 50, cursor: str | None = None) -> TransactionPage:
+    async with runtime(request).pool.acquire() as conn:
+        w = await _account_wallet(conn, principal, aid)
+        return await _transactions(conn, w.id, limit, cursor)
+
+
+@router.get("/accounts/{aid}/service-status", response_model=ServiceStatusOut)
+async def account_service_status(aid: str, request: Request,
+                                 principal: CurrentPrincipal) -> ServiceStatusOut:
+    async with runtime(request).pool.acquire() as conn:
+        info = await storage.account_info(conn, aid)
+        if principal.role != "product":
+            await _account_wallet(conn, principal, aid)  # 404 for other tenants
+        account = await storage.get_wallet(conn, account_wallet_id(aid))
+        company = (await storage.get_wallet(conn, company_wallet_id(info.company_id))
+                   if info.company_id else None)
+    reason = service_status(account, company, info.licenses)
+    return ServiceStatusOut(allowed=reason == "ok", reason=reason)
+
+
+# --- credits -------------------------------------------------------------------------------
+
+async def _credit(request: Request, conn: Conn, wallet: Wallet, body: CreditIn,
                   idempotency_key: str | None) -> CreditOut:
-    amount = _amount(body.amount)
+    amount = _money(body.amount, "amount")
     key = f"manual:{wallet.id}:{idempotency_key or uuid.uuid4()}"
-    rt = runtime(request)
-    async with rt.pool.acquire() as conn, conn.transaction():
-        posted, current = await credit(conn, wallet, amount=amount, kind="manual_credit",
-                                       key=key, system=SYSTEM_MANUAL_CREDITS,
-                                       reference=body.reference)
-    rt.relay.wake()
+    posted, current = await credit(conn, wallet, amount=amount, kind="manual_credit", key=key,
+                                   system=SYSTEM_MANUAL_CREDITS, reference=body.reference)
     return CreditOut(transfer_id=key, amount=format_micros(amount), created=posted is not None,
-                     wallet=_out(current))
-
-
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
+                     wallet=await _out(conn, current))
 
 
 @router.post("/accounts/{aid}/wallet/credits", status_code=201, response_model=CreditOut,
              summary="Add credits to an account wallet now (the company's AI credits button)")
-async def credit_account(aid: str, body: CreditIn, request: Request,
-                         principal: CurrentPrincipal,
+async def credit_account(aid: str, body: CreditIn, request: Request, principal: CurrentPrincipal,
                          idempotency_key: IdempotencyKey = None) -> CreditOut:
     require_role(principal, "company_admin", "platform_admin")
-    wallet = await _account_wallet(request, principal, aid)
-    if wallet.company_id is None:
-        if principal.company_id is None:
-            raise not_found("wallet")
-        wallet.company_id = principal.company_id
-    return await _credit(request, wallet, body, idempotency_key)
+    rt = runtime(request)
+    async with rt.pool.acquire() as conn, conn.transaction():
+        wallet = await _account_wallet(conn, principal, aid)
+        if wallet.company_id is None:
+            raise not_found("account")  # never heard of it: its company is not known yet
+        out = await _credit(request, conn, wallet, body, idempotency_key)
+    rt.relay.wake()
+    return out
 
 
 @router.post("/companies/{cid}/wallet/credits", status_code=201, response_model=CreditOut,
              summary="Grant credits to a company (agency) wallet (platform admins)")
-async def credit_company(cid: str, body: CreditIn, request: Request,
-                         principal: CurrentPrincipal,
+async def credit_company(cid: str, body: CreditIn, request: Request, principal: CurrentPrincipal,
                          idempotency_key: IdempotencyKey = None) -> CreditOut:
     require_role(principal, "platform_admin")
-    wallet = await _company_wallet(request, principal, cid)
-    return await _credit(request, wallet, body, idempotency_key)
+    rt = runtime(request)
+    async with rt.pool.acquire() as conn, conn.transaction():
+        wallet = await _company_wallet(conn, principal, cid)
+        out = await _credit(request, conn, wallet, body, idempotency_key)
+    rt.relay.wake()
+    return out
+
+
+# --- credit requests -----------------------------------------------------------------------
+
+def _cr(r: asyncpg.Record) -> CreditRequestOut:
+    return CreditRequestOut(
+        id=r["id"], account_id=r["account_id"], company_id=r["company_id"],
+        amount=format_micros(r["amount"]), currency=r["currency"], reference=r["reference"],
+        status=r["status"], requested_by=r["requested_by"], resolved_by=r["resolved_by"],
+        created_at=r["created_at"].isoformat(),
+        resolved_at=r["resolved_at"].isoformat() if r["resolved_at"] else None)
+
+
+@router.post("/accounts/{aid}/credit-requests", status_code=201, response_model=CreditRequestOut,
+             summary="Request credits from the company (when it has not connected Stripe)")
+async def request_credits(aid: str, body: CreditIn, request: Request,
+                          principal: CurrentPrincipal) -> CreditRequestOut:
+    require_role(principal, "account_user")
+    amount = _money(body.amount, "amount")
+    rt = runtime(request)
+    async with rt.pool.acquire() as conn, conn.transaction():
+        wallet = await _account_wallet(conn, principal, aid)
+        company_id = wallet.company_id
+        assert company_id is not None  # an account user's token names its company
+        _, connected = await storage.company_funding(conn, company_id)
+        if connected:
+            raise ApiError(409, "top_up_available", "the company has connected Stripe: "
+                           "top up the wallet with a card instead of requesting credits")
+        row = await storage.insert_credit_request(
+            conn, id_=f"cr_{uuid.uuid4().hex}", account_id=aid, company_id=company_id,
+            amount=amount, currency=wallet.currency, reference=body.reference,
+            requested_by=principal.email or principal.sub)
+        if row is None:
+            raise ApiError(409, "pending_request_exists",
+                           "this account already has a pending credit request")
+        created = events.CreditRequestCreated(
+            request_id=row["id"], company_id=company_id, account_id=aid, amount_micros=amount,
+            currency=wallet.currency, reference=body.reference, requested_by=row["requested_by"])
+        await outbox.publish(conn, Topics.WALLET_EVENTS, company_id, events.envelope(
+            "credit_request.created", created, source=SOURCE, id_=f"credit_request:{row['id']}"))
+    rt.relay.wake()
+    return _cr(row)
+
+
+@router.get("/companies/{cid}/credit-requests", response_model=CreditRequestPage)
+async def list_credit_requests(cid: str, request: Request, principal: CurrentPrincipal,
+                               status: Literal["pending", "approved", "rejected"] | None = None,
+                               limit: Limit = 50, cursor: str | None = None) -> CreditRequestPage:
+    require_role(principal, "company_admin", "platform_admin")
+    require_company(principal, cid)
+    async with runtime(request).pool.acquire() as conn:
+        rows = await storage.list_credit_requests(conn, cid, status, limit=limit + 1,
+                                                  before_seq=_decode_cursor(cursor))
+    page, more = rows[:limit], len(rows) > limit
+    return CreditRequestPage(items=[_cr(r) for r in page],
+                             next_cursor=_encode_cursor(page[-1]["seq"]) if more and page else None)
+
+
+async def _resolve(request: Request, principal: Principal, rid: str,
+                   status: Literal["approved", "rejected"]) -> CreditRequestOut:
+    require_role(principal, "company_admin", "platform_admin")
+    rt = runtime(request)
+    async with rt.pool.acquire() as conn, conn.transaction():
+        row = await storage.get_credit_request(conn, rid, lock=True)
+        if row is None or not principal.can_see_company(row["company_id"]):
+            raise not_found("credit request")
+        if row["status"] != "pending":
+            raise ApiError(409, "request_not_pending", f"this request is already {row['status']}")
+        by = principal.email or principal.sub
+        row = await storage.resolve_credit_request(conn, rid, status, by)
+        if status == "approved":
+            wallet = Wallet(account_wallet_id(row["account_id"]), "account", row["currency"],
+                            company_id=row["company_id"], account_id=row["account_id"])
+            await credit(conn, wallet, amount=row["amount"], kind="credit_request",
+                         key=f"credit_request:{rid}", system=SYSTEM_MANUAL_CREDITS,
+                         reference=row["reference"])
+        resolved = events.CreditRequestResolved(
+            request_id=rid, company_id=row["company_id"], account_id=row["account_id"],
+            status=status, amount_micros=row["amount"], currency=row["currency"], resolved_by=by)
+        await outbox.publish(conn, Topics.WALLET_EVENTS, row["company_id"], events.envelope(
+            "credit_request.resolved", resolved, source=SOURCE, id_=f"credit_request:{rid}:{status}"))
+    rt.relay.wake()
+    return _cr(row)
+
+
+@router.post("/credit-requests/{rid}/approve", response_model=CreditRequestOut)
+async def approve(rid: str, request: Request, principal: CurrentPrincipal) -> CreditRequestOut:
+    return await _resolve(request, principal, rid, "approved")
+
+
+@router.post("/credit-requests/{rid}/reject", response_model=CreditRequestOut)
+async def reject(rid: str, request: Request, principal: CurrentPrincipal) -> CreditRequestOut:
+    return await _resolve(request, principal, rid, "rejected")

@@ -1,7 +1,6 @@
 """wallet: the double-entry ledger; debits usage, emits wallet events."""
 
 from tally.service import ServiceSpec
-
 from tally_wallet import api, handlers
 
 SPEC = ServiceSpec(

@@ -7,7 +7,6 @@ from __future__ import annotations
 from tally import events, outbox
 from tally.db import Conn
 from tally.events import Topics
-
 from tally_wallet import storage
 from tally_wallet.domain import Posted, Posting, Transfer, TransferKind, Wallet, system_wallet_id
 from tally_wallet.usage import SOURCE, edge_event_rows

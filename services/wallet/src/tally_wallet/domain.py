@@ -13,13 +13,17 @@ balances in order and notes the edges it crosses:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Literal
+
+from tally.money import MoneyError, apply_markup, parse_decimal
 
 Kind = Literal["company", "account", "system"]
 TransferKind = Literal["usage", "recharge", "top_up", "manual_credit", "credit_request",
                        "refund", "adjustment"]
 
 SYSTEM_PLATFORM_REVENUE = "platform_revenue"
+SYSTEM_COMPANY_REVENUE = "company_revenue"
 SYSTEM_STRIPE_CLEARING = "stripe_clearing"
 SYSTEM_MANUAL_CREDITS = "manual_credits"
 
@@ -138,3 +142,56 @@ class Posting:
             w.status = "active"
             self.events.append(WalletEvent("wallet.reactivated", w.id,
                                            {**w.ref(), "balance_micros": w.balance}, t.key))
+
+
+MIN_MARKUP, MAX_MARKUP = Decimal(1), Decimal(10)
+
+
+@dataclass(frozen=True)
+class Rebilling:
+    """An account's rebilling settings as the wallet applies them."""
+
+    mode: Literal["off", "rebill", "rebill_markup"]
+    markups: dict[str, Decimal]
+    active: bool = True  # False until the account has a valid card
+
+    def account_amount(self, service: str, platform_amount: int) -> int | None:
+        """What the account pays for usage that cost the company ``platform_amount``; None when
+        the account is not rebilled (only the company wallet is debited)."""
+        if self.mode == "off" or not self.active:
+            return None
+        if self.mode == "rebill":
+            return platform_amount
+        markup = self.markups.get(service) or self.markups.get("default") or Decimal(1)
+        return apply_markup(platform_amount, markup)
+
+
+def parse_markups(raw: dict[str, str]) -> dict[str, Decimal]:
+    """Markups are decimal strings from "1" to "10" (LedgerError otherwise)."""
+    out: dict[str, Decimal] = {}
+    for service, text in raw.items():
+        try:
+            value = parse_decimal(str(text), max_places=6, field=f"markup {service}")
+        except MoneyError as exc:
+            raise LedgerError(str(exc)) from exc
+        if not MIN_MARKUP <= value <= MAX_MARKUP:
+            raise LedgerError(f"markup {service} must be between 1 and 10, got {text}")
+        out[service] = value
+    return out
+
+
+ServiceReason = Literal["ok", "account_wallet_empty", "agency_wallet_empty", "no_license"]
+
+
+def service_status(account: Wallet | None, company: Wallet | None,
+                   licenses: int | None) -> ServiceReason:
+    """Why an account may or may not use platform services. A negative account wallet is the
+    client's own empty wallet; an empty agency wallet while the client still has balance is
+    the agency-assistance case; a workspace with no assigned license cannot use the product."""
+    if licenses is not None and licenses <= 0:
+        return "no_license"
+    if account is not None and account.status == "suspended":
+        return "account_wallet_empty"
+    if company is not None and company.status == "suspended":
+        return "agency_wallet_empty"
+    return "ok"

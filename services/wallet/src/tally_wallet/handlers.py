@@ -1,17 +1,25 @@
-"""wallet's Kafka consumers: ``usage.recorded`` in batches, one transaction per batch."""
+"""wallet's Kafka consumers, each batch in one transaction, poison to the topic's DLQ:
+
+- ``usage.recorded``: debit the company and, where rebilled, the account wallet;
+- ``rebilling.settings`` (compacted): the wallet's own copy of each account's rebilling;
+- ``rebilling.events``: companies (Stripe connected?), accounts and their licenses;
+- ``recharge.events``: credit successful recharges; follow tier raises and cancellations.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from tally import events
+from tally import events, inbox
 from tally.consumer import dlq_row, subscribe_batch
+from tally.db import Conn
 from tally.events import Topics, UsageRecorded
-from tally.outbox import enqueue
+from tally.outbox import Row, enqueue
 from tally.service import Runtime
-
-from tally_wallet.domain import LedgerError
+from tally_wallet import storage
+from tally_wallet.credits import credit
+from tally_wallet.domain import SYSTEM_STRIPE_CLEARING, LedgerError, Wallet, parse_markups
 from tally_wallet.usage import apply_usage
 
 SERVICE = "wallet"
@@ -24,6 +32,35 @@ def parse_recorded(value: bytes | None) -> UsageRecorded:
     payload = events.typed(env)
     assert isinstance(payload, UsageRecorded)
     return payload
+
+
+def _transactional(rt: Runtime, apply: Callable[[Conn, Any, list[Row]], Awaitable[None]],
+                   parse: Callable[[Any], Any]) -> Callable[[Sequence[Any]], Awaitable[None]]:
+    """A batch handler: parse every record (poison -> DLQ), then apply each parsed record in
+    one transaction; a record whose apply raises LedgerError is dead-lettered alone (savepoint)."""
+
+    async def handle(records: Sequence[Any]) -> None:
+        parsed, dead = [], []
+        for r in records:
+            try:
+                item = parse(r)
+            except (events.BadMessage, LedgerError) as exc:
+                dead.append(dlq_row(r, str(exc), service=SERVICE))
+                continue
+            if item is not None:
+                parsed.append((r, item))
+        async with rt.pool.acquire() as conn, conn.transaction():
+            rows: list[Row] = []
+            for record, item in parsed:
+                try:
+                    async with conn.transaction():
+                        await apply(conn, item, rows)
+                except LedgerError as exc:
+                    dead.append(dlq_row(record, str(exc), service=SERVICE))
+            await enqueue(conn, rows + dead)
+        rt.relay.wake()
+
+    return handle
 
 
 def subscribe(rt: Runtime) -> None:
@@ -50,5 +87,80 @@ def subscribe(rt: Runtime) -> None:
             await enqueue(conn, dead)
         rt.relay.wake()
 
+    # --- rebilling.settings: key account_id, full state; a null value deletes -------------
+    def parse_settings(r: Any) -> tuple[str, events.RebillingSettings | None]:
+        key = r.key.decode() if r.key else None
+        if r.value is None:
+            if not key:
+                raise events.BadMessage("tombstone without a key")
+            return key, None
+        env = events.parse_envelope(r.value)
+        payload = events.typed(env)
+        if not isinstance(payload, events.RebillingSettings):
+            raise events.BadMessage(f"unexpected event type {env.type!r} on rebilling.settings")
+        parse_markups(payload.markups)  # LedgerError -> DLQ
+        return payload.account_id, payload
+
+    async def apply_settings(conn: Conn, item: tuple[str, events.RebillingSettings | None],
+                             rows: list[Row]) -> None:
+        account_id, settings = item
+        if settings is None:
+            await storage.delete_rebilling(conn, account_id)
+        else:
+            await storage.upsert_rebilling(conn, settings)
+
+    # --- rebilling.events ------------------------------------------------------------------
+    def parse_rebilling_event(r: Any) -> events.Payload | None:
+        env = events.parse_envelope(r.value)
+        if env.type not in ("company.updated", "account.created", "license.changed"):
+            return None  # not the wallet's business
+        return events.typed(env)
+
+    async def apply_rebilling_event(conn: Conn, p: events.Payload, rows: list[Row]) -> None:
+        if isinstance(p, events.CompanyUpdated):
+            await storage.upsert_company(conn, p)
+        elif isinstance(p, events.AccountCreated):
+            await storage.upsert_account(conn, p.account_id, p.company_id)
+        elif isinstance(p, events.LicenseChanged) and p.account_id is not None:
+            await storage.upsert_account(conn, p.account_id, p.company_id,
+                                         licenses=p.account_assigned or 0)
+
+    # --- recharge.events -------------------------------------------------------------------
+    def parse_recharge_event(r: Any) -> tuple[str, events.Payload] | None:
+        env = events.parse_envelope(r.value)
+        if env.type not in ("recharge.succeeded", "recharge.failed", "recharge.tier_raised"):
+            return None
+        return env.id, events.typed(env)
+
+    async def apply_recharge_event(conn: Conn, item: tuple[str, events.Payload],
+                                   rows: list[Row]) -> None:
+        msg_id, p = item
+        if isinstance(p, events.RechargeSucceeded):
+            wallet = Wallet(p.wallet_id, p.owner, p.currency, company_id=p.company_id,
+                            account_id=p.account_id)
+            await credit(conn, wallet, amount=p.amount_micros,
+                         kind="recharge" if p.trigger == "auto" else "top_up",
+                         key=f"recharge:{p.recharge_id}", system=SYSTEM_STRIPE_CLEARING,
+                         reference=p.payment_intent)
+            return
+        if not await inbox.claim(conn, "wallet-recharge-settings", [msg_id]):
+            return
+        if isinstance(p, events.RechargeTierRaised):
+            await storage.update_wallet_settings(
+                conn, p.wallet_id, {"reload_amount": p.reload_amount_micros})
+        elif isinstance(p, events.RechargeFailed) and p.auto_recharge_disabled:
+            await storage.update_wallet_settings(conn, p.wallet_id, {"auto_recharge": False})
+
+    max_batch = rt.settings.kafka_max_batch
     subscribe_batch(rt.broker, Topics.USAGE_RECORDED, service=SERVICE, group_id="wallet",
-                    handler=on_usage, max_records=rt.settings.kafka_max_batch)
+                    handler=on_usage, max_records=max_batch)
+    subscribe_batch(rt.broker, Topics.REBILLING_SETTINGS, service=SERVICE,
+                    group_id="wallet-rebilling-settings",
+                    handler=_transactional(rt, apply_settings, parse_settings))
+    subscribe_batch(rt.broker, Topics.REBILLING_EVENTS, service=SERVICE,
+                    group_id="wallet-rebilling-events",
+                    handler=_transactional(rt, apply_rebilling_event,
+                                           lambda r: parse_rebilling_event(r)))
+    subscribe_batch(rt.broker, Topics.RECHARGE_EVENTS, service=SERVICE,
+                    group_id="wallet-recharge-events",
+                    handler=_transactional(rt, apply_recharge_event, parse_recharge_event))

@@ -4,12 +4,15 @@ ledger lines and one UPDATE for every touched wallet, whatever the batch size.""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from tally.db import Conn
+import orjson
 
-from tally_wallet.domain import Posting, Wallet
+from tally.db import Conn
+from tally.events import CompanyUpdated, RebillingSettings
+from tally_wallet.domain import Posting, Rebilling, Wallet, account_wallet_id, parse_markups
 
 _WALLET_COLS = ("id, kind, company_id, account_id, currency, balance, threshold, reload_amount, "
                 "auto_recharge, smart_adjustment, status")
@@ -98,3 +101,123 @@ async def ledger_totals(conn: Conn) -> list[asyncpg.Record]:
         "  COALESCE((SELECT sum(amount) FROM transfers WHERE credit_wallet = w.id), 0) - "
         "  COALESCE((SELECT sum(amount) FROM transfers WHERE debit_wallet = w.id), 0) AS derived "
         "FROM wallets w ORDER BY w.id")
+
+
+# --- what other services decide, as the wallet knows it ----------------------------------
+
+async def load_rebilling(conn: Conn, account_ids: Sequence[str]) -> dict[str, Rebilling]:
+    if not account_ids:
+        return {}
+    rows = await conn.fetch(
+        "SELECT account_id, mode, markups::text AS markups, active FROM rebilling_settings "
+        "WHERE account_id = ANY($1::text[])", list(set(account_ids)))
+    return {r["account_id"]: Rebilling(r["mode"], parse_markups(orjson.loads(r["markups"])),
+                                       r["active"]) for r in rows}
+
+
+async def upsert_rebilling(conn: Conn, s: RebillingSettings) -> None:
+    await conn.execute(
+        "INSERT INTO rebilling_settings (account_id, company_id, mode, markups, active, version) "
+        "VALUES ($1, $2, $3, $4::jsonb, $5, $6) ON CONFLICT (account_id) DO UPDATE SET "
+        "company_id = EXCLUDED.company_id, mode = EXCLUDED.mode, markups = EXCLUDED.markups, "
+        "active = EXCLUDED.active, version = EXCLUDED.version, updated_at = now() "
+        "WHERE rebilling_settings.version <= EXCLUDED.version",
+        s.account_id, s.company_id, s.mode, orjson.dumps(s.markups).decode(), s.active, s.version)
+    await upsert_account(conn, s.account_id, s.company_id)
+    await conn.execute(
+        "INSERT INTO companies (company_id, stripe_connected) VALUES ($1, $2) "
+        "ON CONFLICT (company_id) DO NOTHING", s.company_id, s.company_stripe_connected)
+
+
+async def delete_rebilling(conn: Conn, account_id: str) -> None:
+    await conn.execute("DELETE FROM rebilling_settings WHERE account_id = $1", account_id)
+
+
+async def upsert_company(conn: Conn, c: CompanyUpdated) -> None:
+    await conn.execute(
+        "INSERT INTO companies (company_id, currency, stripe_connected) VALUES ($1, $2, $3) "
+        "ON CONFLICT (company_id) DO UPDATE SET currency = EXCLUDED.currency, "
+        "stripe_connected = EXCLUDED.stripe_connected, updated_at = now()",
+        c.company_id, c.currency, c.stripe_connected)
+
+
+async def upsert_account(conn: Conn, account_id: str, company_id: str,
+                         licenses: int | None = None) -> None:
+    await conn.execute(
+        "INSERT INTO accounts (account_id, company_id, licenses) VALUES ($1, $2, $3) "
+        "ON CONFLICT (account_id) DO UPDATE SET company_id = EXCLUDED.company_id, "
+        "licenses = COALESCE(EXCLUDED.licenses, accounts.licenses), updated_at = now()",
+        account_id, company_id, licenses)
+
+
+@dataclass(frozen=True)
+class AccountInfo:
+    account_id: str
+    company_id: str | None
+    licenses: int | None
+
+
+async def account_info(conn: Conn, account_id: str) -> AccountInfo:
+    """Which company an account belongs to, from whatever the wallet has heard of it."""
+    r = await conn.fetchrow(
+        "SELECT company_id, licenses FROM accounts WHERE account_id = $1", account_id)
+    if r:
+        return AccountInfo(account_id, r["company_id"], r["licenses"])
+    company = await conn.fetchval(
+        "SELECT company_id FROM wallets WHERE id = $1", account_wallet_id(account_id))
+    return AccountInfo(account_id, company, None)
+
+
+async def company_funding(conn: Conn, company_id: str) -> tuple[str, bool]:
+    """(currency, stripe_connected) of a company; USD and not connected when unknown."""
+    r = await conn.fetchrow(
+        "SELECT currency, stripe_connected FROM companies WHERE company_id = $1", company_id)
+    return (r["currency"], r["stripe_connected"]) if r else ("USD", False)
+
+
+async def update_wallet_settings(conn: Conn, wallet_id: str, changes: dict[str, Any]) -> None:
+    allowed = {"threshold", "reload_amount", "auto_recharge", "smart_adjustment"}
+    assert set(changes) <= allowed
+    if not changes:
+        return
+    sets = ", ".join(f"{col} = ${i}" for i, col in enumerate(changes, start=2))
+    await conn.execute(f"UPDATE wallets SET {sets}, updated_at = now() WHERE id = $1",
+                       wallet_id, *changes.values())
+
+
+# --- credit requests -----------------------------------------------------------------------
+
+_CR_COLS = ("id, account_id, company_id, amount, currency, reference, status, requested_by, "
+            "resolved_by, created_at, resolved_at, seq")
+
+
+async def insert_credit_request(conn: Conn, *, id_: str, account_id: str, company_id: str,
+                                amount: int, currency: str, reference: str | None,
+                                requested_by: str) -> asyncpg.Record | None:
+    """None when the account already has a pending request (one at a time)."""
+    return await conn.fetchrow(
+        f"INSERT INTO credit_requests (id, account_id, company_id, amount, currency, reference, "
+        f"status, requested_by) VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7) "
+        f"ON CONFLICT (account_id) WHERE status = 'pending' DO NOTHING RETURNING {_CR_COLS}",
+        id_, account_id, company_id, amount, currency, reference, requested_by)
+
+
+async def get_credit_request(conn: Conn, rid: str, *, lock: bool = False) -> asyncpg.Record | None:
+    suffix = " FOR UPDATE" if lock else ""
+    return await conn.fetchrow(f"SELECT {_CR_COLS} FROM credit_requests WHERE id = $1{suffix}", rid)
+
+
+async def resolve_credit_request(conn: Conn, rid: str, status: str, by: str) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        f"UPDATE credit_requests SET status = $2, resolved_by = $3, resolved_at = now() "
+        f"WHERE id = $1 RETURNING {_CR_COLS}", rid, status, by)
+    assert row is not None
+    return row
+
+
+async def list_credit_requests(conn: Conn, company_id: str, status: str | None, *, limit: int,
+                               before_seq: int | None) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        f"SELECT {_CR_COLS} FROM credit_requests WHERE company_id = $1 "
+        f"AND ($2::text IS NULL OR status = $2) AND seq < $3 ORDER BY seq DESC LIMIT $4",
+        company_id, status, before_seq if before_seq is not None else 2**62, limit)

@@ -1,6 +1,8 @@
-"""Applying ``usage.recorded`` batches: each event debits the company wallet at the platform
-price (credit: platform revenue). One transaction per batch; idempotent by transfer key, so a
-redelivered event changes nothing."""
+"""Applying ``usage.recorded`` batches. Each event debits the company wallet at the platform
+price (credit: platform revenue); then, where the account is rebilled, the account wallet at
+the company price (credit: the company's revenue). Both legs go in the same transaction as the
+rest of the batch; both are keyed by the event id, so a redelivered event changes nothing.
+Usage that already happened is always recorded, even when it takes a balance below zero."""
 
 from __future__ import annotations
 
@@ -8,16 +10,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from prometheus_client import Counter
+
 from tally import events, outbox
 from tally.db import Conn
 from tally.events import Topics, UsageRecorded
-
 from tally_wallet import storage
 from tally_wallet.domain import (
+    SYSTEM_COMPANY_REVENUE,
     SYSTEM_PLATFORM_REVENUE,
+    Posted,
     Posting,
     Transfer,
     Wallet,
+    account_wallet_id,
     company_wallet_id,
     system_wallet_id,
 )
@@ -48,46 +53,74 @@ def company_leg_key(event_id: str) -> str:
     return f"usage:{event_id}:company"
 
 
-async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded]) -> Outcome:
-    """Post a batch of recorded usage in the caller's transaction."""
-    keys = [company_leg_key(u.event_id) for u in batch]
-    seen = await storage.existing_keys(conn, keys)
-    fresh: list[UsageRecorded] = []
-    for u, key in zip(batch, keys, strict=True):
+def account_leg_key(event_id: str) -> str:
+    return f"usage:{event_id}:account"
+
+
+def _fresh(batch: Sequence[UsageRecorded], seen: set[str]) -> list[UsageRecorded]:
+    fresh = []
+    for u in batch:
+        key = company_leg_key(u.event_id)
         if key not in seen:
             seen.add(key)  # also dedupes repeats inside this batch
             fresh.append(u)
+    return fresh
+
+
+async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded]) -> Outcome:
+    """Post a batch of recorded usage in the caller's transaction."""
+    seen = await storage.existing_keys(conn, [company_leg_key(u.event_id) for u in batch])
+    fresh = [u for u in _fresh(batch, seen) if u.platform_amount_micros > 0]
     SKIPPED.inc(len(batch) - len(fresh))
     if not fresh:
         return Outcome(0, len(batch))
 
+    rebilling = await storage.load_rebilling(conn, [u.account_id for u in fresh if u.account_id])
+    plan: list[tuple[UsageRecorded, int | None]] = []
     wanted: list[Wallet] = []
     for u in fresh:
+        settings = rebilling.get(u.account_id) if u.account_id else None
+        account_amount = settings.account_amount(u.service, u.platform_amount_micros) \
+            if settings else None
+        plan.append((u, account_amount if account_amount else None))
         wanted.append(Wallet(company_wallet_id(u.company_id), "company", u.currency,
                              company_id=u.company_id))
         wanted.append(Wallet(system_wallet_id(SYSTEM_PLATFORM_REVENUE, u.currency), "system",
                              u.currency))
+        if account_amount and u.account_id:
+            wanted.append(Wallet(account_wallet_id(u.account_id), "account", u.currency,
+                                 company_id=u.company_id, account_id=u.account_id))
+            wanted.append(Wallet(system_wallet_id(SYSTEM_COMPANY_REVENUE, u.currency,
+                                                  u.company_id), "system", u.currency))
     posting = Posting(await storage.lock_wallets(conn, wanted))
 
     rows: list[outbox.Row] = []
-    for u in fresh:
-        if u.platform_amount_micros <= 0:
-            continue  # a free service leaves no ledger line
-        company = company_wallet_id(u.company_id)
-        p = posting.apply(Transfer(
-            company_leg_key(u.event_id), company,
+    for u, account_amount in plan:
+        company = posting.apply(Transfer(
+            company_leg_key(u.event_id), company_wallet_id(u.company_id),
             system_wallet_id(SYSTEM_PLATFORM_REVENUE, u.currency),
             u.platform_amount_micros, "usage", service=u.service, usage_event_id=u.event_id))
-        w = posting.wallets[company]
-        debited = events.WalletDebited(
-            **{**w.ref(), "account_id": u.account_id}, transfer_id=p.transfer.key,
-            usage_event_id=u.event_id, service=u.service, amount_micros=p.transfer.amount,
-            balance_micros=p.debit_after)
-        rows.append(outbox.row(Topics.WALLET_EVENTS, u.company_id, events.envelope(
-            "wallet.debited", debited, source=SOURCE, id_=p.transfer.key)))
-    APPLIED.labels("company").inc(len(posting.posted))
+        rows.append(_debited_row(posting, company, u, rebilled=account_amount is not None))
+        if account_amount is not None and u.account_id:
+            account = posting.apply(Transfer(
+                account_leg_key(u.event_id), account_wallet_id(u.account_id),
+                system_wallet_id(SYSTEM_COMPANY_REVENUE, u.currency, u.company_id),
+                account_amount, "usage", service=u.service, usage_event_id=u.event_id))
+            rows.append(_debited_row(posting, account, u, rebilled=True))
+            APPLIED.labels("account").inc()
+    APPLIED.labels("company").inc(len(plan))
 
     rows.extend(edge_event_rows(posting))
     await storage.write_posting(conn, posting)
     await outbox.enqueue(conn, rows)
     return Outcome(len(posting.posted), len(batch) - len(fresh))
+
+
+def _debited_row(posting: Posting, p: Posted, u: UsageRecorded, *, rebilled: bool) -> outbox.Row:
+    w = posting.wallets[p.transfer.debit]
+    debited = events.WalletDebited(
+        **{**w.ref(), "account_id": u.account_id}, transfer_id=p.transfer.key,
+        usage_event_id=u.event_id, service=u.service, amount_micros=p.transfer.amount,
+        balance_micros=p.debit_after, rebilled=rebilled)
+    return outbox.row(Topics.WALLET_EVENTS, u.company_id, events.envelope(
+        "wallet.debited", debited, source=SOURCE, id_=p.transfer.key))
