@@ -16,7 +16,7 @@ import asyncpg
 import httpx
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tally.auth import issue_token
 from tally_devstack.stack import Ports, Stack
@@ -112,6 +112,53 @@ class Tally:
                         if predicate(doc):
                             return doc  # type: ignore[no-any-return]
             raise AssertionError(f"no matching message on {topic}")
+        finally:
+            await consumer.stop()
+
+    async def envelope(self, topic: str, type_: str, data: dict[str, Any], key: str,
+                       id_: str | None = None) -> None:
+        """Publish an event as another service would (until that service exists)."""
+        await self.produce(topic, {"id": id_ or uid(type_), "type": type_,
+                                   "time": "2026-01-01T00:00:00+00:00", "source": "test",
+                                   "data": data}, key=key)
+
+    async def topic_messages(self, topic: str, predicate: Callable[[dict[str, Any]], bool],
+                             *, until: Callable[[dict[str, Any]], bool],
+                             timeout: float = 30) -> list[dict[str, Any]]:
+        """Every JSON message on ``topic`` matching ``predicate``, read from the start until a
+        message matching ``until`` has been seen (a later event on the same key, so everything
+        before it has been relayed) and then to the end of every partition."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.stack.bootstrap,
+                                    enable_auto_commit=False, group_id=None)
+        await consumer.start()
+        found: list[dict[str, Any]] = []
+        try:
+            await consumer.topics()  # loads metadata
+            parts = [TopicPartition(topic, p) for p in
+                     sorted(consumer.partitions_for_topic(topic) or [])]
+            consumer.assign(parts)
+            await consumer.seek_to_beginning(*parts)
+            deadline = time.monotonic() + timeout
+            seen_until = False
+            end: dict[TopicPartition, int] = {}
+            while True:
+                batch = await consumer.getmany(timeout_ms=100)
+                for records in batch.values():
+                    for r in records:
+                        try:
+                            doc = orjson.loads(r.value)
+                        except orjson.JSONDecodeError:
+                            continue
+                        if predicate(doc):
+                            found.append(doc)
+                        if not seen_until and until(doc):
+                            seen_until = True
+                            end = await consumer.end_offsets(parts)
+                if seen_until and all([await consumer.position(tp) >= off
+                                       for tp, off in end.items()]):
+                    return found
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the closing message never appeared on {topic}")
         finally:
             await consumer.stop()
 

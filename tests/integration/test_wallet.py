@@ -1,0 +1,303 @@
+"""The wallet as the spec describes it, over the real broker, Postgres and HTTP.
+
+Until the rebilling and recharge services exist, the tests publish their events
+(``account.created``, ``company.updated``, ``rebilling.settings``, ``recharge.succeeded``)
+directly on their topics, exactly as those services will."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.conftest import Tally, eventually, uid
+
+pytestmark = pytest.mark.integration
+
+
+def debited(event_id: str) -> Any:
+    return lambda m: m["type"] == "wallet.debited" and m["data"]["usage_event_id"] == event_id
+
+
+class Agency:
+    """A company with accounts, set up through the topics the wallet consumes."""
+
+    def __init__(self, tally: Tally) -> None:
+        self.t = tally
+        self.cid = uid("co")
+        self.admin = tally.auth("company_admin", company_id=self.cid, email="owner@agency.test")
+
+    async def add_account(self, mode: str = "off", markups: dict[str, str] | None = None,
+                          active: bool = True) -> str:
+        aid = uid("acct")
+        await self.t.envelope("rebilling.events", "account.created",
+                              {"account_id": aid, "company_id": self.cid, "name": aid,
+                               "owner_email": f"{aid}@client.test"}, key=self.cid)
+        if mode != "off":
+            await self.t.envelope("rebilling.settings", "rebilling.settings",
+                                  {"account_id": aid, "company_id": self.cid, "mode": mode,
+                                   "markups": markups or {}, "active": active, "version": 1},
+                                  key=aid)
+
+        async def ready() -> bool:
+            r = await self.t.http.get(self.t.url("wallet", f"/v1/accounts/{aid}/wallet"),
+                                      headers=self.admin)
+            return r.status_code == 200 and r.json()["rebilling"] == (mode if active else "off")
+        await eventually(ready, what=f"the wallet to learn about {aid}")
+        return aid
+
+    def user(self, aid: str) -> dict[str, str]:
+        return self.t.auth("account_user", company_id=self.cid, account_id=aid,
+                           email=f"{aid}@client.test")
+
+    async def use(self, service: str, quantity: str, account: str | None = None) -> str:
+        e: dict[str, Any] = {"event_id": uid("ev"), "company_id": self.cid, "service": service,
+                             "quantity": quantity}
+        if account:
+            e["account_id"] = account
+        r = await self.t.post_usage(e)
+        assert r.json()["results"][0]["status"] == "accepted", r.text
+        await self.t.wait_applied(self.cid, e["event_id"])
+        return str(e["event_id"])
+
+    async def wallet(self, aid: str | None = None) -> dict[str, Any]:
+        path = f"/v1/accounts/{aid}/wallet" if aid else f"/v1/companies/{self.cid}/wallet"
+        r = await self.t.http.get(self.t.url("wallet", path), headers=self.admin)
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    async def lines(self, aid: str) -> list[dict[str, Any]]:
+        r = await self.t.http.get(self.t.url("wallet", f"/v1/accounts/{aid}/wallet/transactions"),
+                                  headers=self.admin)
+        assert r.status_code == 200, r.text
+        return r.json()["items"]  # type: ignore[no-any-return]
+
+    async def fund(self, amount: str, aid: str | None = None) -> dict[str, Any]:
+        if aid:
+            url, headers = f"/v1/accounts/{aid}/wallet/credits", self.admin
+        else:
+            url, headers = f"/v1/companies/{self.cid}/wallet/credits", self.t.auth("platform_admin")
+        r = await self.t.http.post(self.t.url("wallet", url), json={"amount": amount},
+                                   headers=headers)
+        assert r.status_code == 201, r.text
+        return r.json()["wallet"]  # type: ignore[no-any-return]
+
+    async def status(self, aid: str) -> dict[str, Any]:
+        r = await self.t.http.get(self.t.url("wallet", f"/v1/accounts/{aid}/service-status"),
+                                  headers=self.t.auth("product"))
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+
+async def test_scenario_1_no_rebilling_charges_the_company_only(tally: Tally) -> None:
+    agency = Agency(tally)
+    aid = await agency.add_account(mode="off")
+    await agency.use("sms", "10", account=aid)  # 10 x 0.0079
+    assert (await agency.wallet())["balance"] == "-0.079000"
+    assert await agency.lines(aid) == []
+    assert (await agency.wallet(aid))["balance"] == "0.000000"
+
+
+async def test_scenario_2_rebilling_without_markup_charges_both_the_same(tally: Tally) -> None:
+    agency = Agency(tally)
+    aid = await agency.add_account(mode="rebill", markups={"default": "3"})  # markups ignored
+    await agency.fund("5.00")
+    await agency.fund("5.00", aid)
+    eid = await agency.use("phone", "2.5", account=aid)  # 2.5 x 0.014 = 0.035
+    assert (await agency.wallet())["balance"] == "4.965000"
+    account = await agency.wallet(aid)
+    assert account["balance"] == "4.965000"
+    usage = [x for x in await agency.lines(aid) if x["kind"] == "usage"]
+    assert [(x["amount"], x["usage_event_id"]) for x in usage] == [("-0.035000", eid)]
+
+
+async def test_scenario_3_rebilling_with_markup_charges_the_company_price(tally: Tally) -> None:
+    agency = Agency(tally)
+    aid = await agency.add_account(mode="rebill_markup", markups={"sms": "2", "default": "1.5"})
+    await agency.fund("1.00")
+    await agency.fund("1.00", aid)
+    await agency.use("sms", "10", account=aid)      # platform 0.079; account x2 = 0.158
+    await agency.use("email", "1", account=aid)     # platform 0.000675; x1.5 = 0.0010125 -> 0.001013
+    assert (await agency.wallet())["balance"] == "0.920325"
+    usage = sorted(x["amount"] for x in await agency.lines(aid) if x["kind"] == "usage")
+    assert usage == ["-0.001013", "-0.158000"]
+    assert (await agency.wallet(aid))["balance"] == "0.840987"
+
+
+async def test_pending_card_means_no_account_leg_yet(tally: Tally) -> None:
+    agency = Agency(tally)
+    aid = await agency.add_account(mode="rebill", active=False)
+    await agency.use("sms", "1", account=aid)
+    assert await agency.lines(aid) == []
+
+
+async def test_threshold_crossing_is_emitted_once_per_crossing(tally: Tally) -> None:
+    agency = Agency(tally)
+    r = await tally.http.patch(tally.url("wallet", f"/v1/companies/{agency.cid}/wallet"),
+                               json={"threshold": "0.10", "reload_amount": "25"},
+                               headers=agency.admin)
+    assert r.status_code == 200 and r.json()["threshold"] == "0.100000", r.text
+    await agency.fund("0.20")
+    for _ in range(4):
+        last = await agency.use("whatsapp", "1")  # 0.058 each: 0.142, 0.084 (crossing), 0.026, ...
+    wallet_id = f"company:{agency.cid}"
+    crossings = await tally.topic_messages(
+        "wallet.events", lambda m: m["type"] == "wallet.threshold_crossed"
+        and m["data"]["wallet_id"] == wallet_id, until=debited(last))
+    assert len(crossings) == 1
+    data = crossings[0]["data"]
+    assert data["balance_micros"] == 84_000 and data["threshold_micros"] == 100_000
+    assert data["reload_amount_micros"] == 25_000_000
+
+    await agency.fund("1.00")  # back above the threshold: the next fall is a new crossing
+    last = await agency.use("whatsapp", "20")
+    crossings = await tally.topic_messages(
+        "wallet.events", lambda m: m["type"] == "wallet.threshold_crossed"
+        and m["data"]["wallet_id"] == wallet_id, until=debited(last))
+    assert len(crossings) == 2
+
+
+async def test_account_suspension_and_reactivation(tally: Tally) -> None:
+    agency = Agency(tally)
+    aid = await agency.add_account(mode="rebill")
+    await agency.fund("10.00")
+    await agency.fund("0.05", aid)
+    await agency.use("whatsapp", "1", account=aid)  # account 0.05 - 0.058 < 0
+    assert (await agency.wallet(aid))["status"] == "suspended"
+    assert await agency.status(aid) == {"allowed": False, "reason": "account_wallet_empty"}
+
+    async def refused() -> bool:
+        r = await tally.post_usage({"event_id": uid("ev"), "company_id": agency.cid,
+                                    "account_id": aid, "service": "email", "quantity": "1"})
+        res = r.json()["results"][0]
+        return res.get("error", {}).get("code") == "account_suspended"
+    await eventually(refused, what="usage-meter to refuse the suspended account")
+
+    wallet = await agency.fund("1.00", aid)
+    assert wallet["status"] == "active" and wallet["balance"] == "0.992000"
+    assert await agency.status(aid) == {"allowed": True, "reason": "ok"}
+    last = await agency.use("email", "1")  # a later event on the same key closes the read
+    types = [m["type"] for m in await tally.topic_messages(
+        "wallet.events", lambda m: m["data"].get("wallet_id") == f"account:{aid}"
+        and m["type"] in ("wallet.suspended", "wallet.reactivated"), until=debited(last))]
+    assert types == ["wallet.suspended", "wallet.reactivated"]
+
+
+async def test_agency_assistance_when_only_the_agency_wallet_is_empty(tally: Tally) -> None:
+    agency = Agency(tally)
+    aid = await agency.add_account(mode="rebill")
+    await agency.fund("5.00", aid)
+    await agency.use("whatsapp", "1", account=aid)  # the company wallet goes negative
+    assert (await agency.wallet())["status"] == "suspended"
+    assert (await agency.wallet(aid))["balance"] == "4.942000"
+    assert await agency.status(aid) == {"allowed": False, "reason": "agency_wallet_empty"}
+
+
+async def test_credit_request_flow_with_one_pending_per_account(tally: Tally) -> None:
+    agency = Agency(tally)
+    aid = await agency.add_account(mode="rebill")
+    user = agency.user(aid)
+    url = tally.url("wallet", f"/v1/accounts/{aid}/credit-requests")
+    assert (await agency.wallet(aid))["funding"] == "request_credits"
+
+    r = await tally.http.post(url, json={"amount": "20.00", "reference": "PO-17"}, headers=user)
+    assert r.status_code == 201, r.text
+    first = r.json()
+    assert first["status"] == "pending" and first["amount"] == "20.000000"
+    r = await tally.http.post(url, json={"amount": "5"}, headers=user)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "pending_request_exists"
+
+    notified = await tally.find_on_topic(
+        "wallet.events", lambda m: m["type"] == "credit_request.created"
+        and m["data"]["request_id"] == first["id"])
+    assert notified["data"]["company_id"] == agency.cid
+
+    listing = await tally.http.get(
+        tally.url("wallet", f"/v1/companies/{agency.cid}/credit-requests?status=pending"),
+        headers=agency.admin)
+    assert [x["id"] for x in listing.json()["items"]] == [first["id"]]
+
+    other = tally.auth("company_admin", company_id=uid("co"))
+    approve = tally.url("wallet", f"/v1/credit-requests/{first['id']}/approve")
+    assert (await tally.http.post(approve, headers=other)).status_code == 404
+    r = await tally.http.post(approve, headers=agency.admin)
+    assert r.status_code == 200 and r.json()["status"] == "approved"
+    assert (await agency.wallet(aid))["balance"] == "20.000000"
+    assert [x["kind"] for x in await agency.lines(aid)] == ["credit_request"]
+    r = await tally.http.post(approve, headers=agency.admin)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "request_not_pending"
+
+    r = await tally.http.post(url, json={"amount": "7"}, headers=user)
+    assert r.status_code == 201
+    second = r.json()["id"]
+    r = await tally.http.post(tally.url("wallet", f"/v1/credit-requests/{second}/reject"),
+                              headers=agency.admin)
+    assert r.json()["status"] == "rejected"
+    assert (await agency.wallet(aid))["balance"] == "20.000000"
+
+    for bad in ("0", "-3", "1.1234567", "ten"):
+        r = await tally.http.post(url, json={"amount": bad}, headers=user)
+        assert r.status_code == 422, bad
+
+
+async def test_connected_stripe_means_top_up_not_requests(tally: Tally) -> None:
+    agency = Agency(tally)
+    aid = await agency.add_account()
+    await tally.envelope("rebilling.events", "company.updated",
+                         {"company_id": agency.cid, "name": "A", "plan": "saas_pro",
+                          "stripe_connected": True}, key=agency.cid)
+
+    async def connected() -> bool:
+        return (await agency.wallet(aid))["funding"] == "top_up"
+    await eventually(connected, what="funding to become top_up")
+    r = await tally.http.post(tally.url("wallet", f"/v1/accounts/{aid}/credit-requests"),
+                              json={"amount": "5"}, headers=agency.user(aid))
+    assert r.status_code == 409 and r.json()["error"]["code"] == "top_up_available"
+
+
+async def test_recharge_success_credits_once(tally: Tally) -> None:
+    agency = Agency(tally)
+    rid = uid("rc")
+    data = {"wallet_id": f"company:{agency.cid}", "owner": "company", "company_id": agency.cid,
+            "currency": "USD", "recharge_id": rid, "trigger": "auto", "amount_micros": 25_000_000,
+            "payment_intent": "pi_test"}
+    await tally.envelope("recharge.events", "recharge.succeeded", data, key=agency.cid, id_=rid)
+    await tally.envelope("recharge.events", "recharge.succeeded", data, key=agency.cid, id_=rid)
+    # A later recharge on the same key and topic is applied after both deliveries.
+    sentinel = {**data, "recharge_id": uid("rc"), "trigger": "manual", "amount_micros": 1_000_000}
+    await tally.envelope("recharge.events", "recharge.succeeded", sentinel, key=agency.cid)
+
+    async def sentinel_applied() -> list[dict[str, Any]] | None:
+        txs = await tally.company_transactions(agency.cid)
+        return txs if any(t["kind"] == "top_up" for t in txs) else None
+    txs = await eventually(sentinel_applied, what="the sentinel recharge")
+    assert sorted(t["kind"] for t in txs) == ["recharge", "top_up"]
+    assert (await agency.wallet())["balance"] == "26.000000"
+
+
+async def test_wallet_settings_are_validated(tally: Tally) -> None:
+    agency = Agency(tally)
+    url = tally.url("wallet", f"/v1/companies/{agency.cid}/wallet")
+    for body in ({"threshold": "-1"}, {"reload_amount": "0"}, {"threshold": "1.1234567"},
+                 {"auto_recharge": "sometimes"}):
+        r = await tally.http.patch(url, json=body, headers=agency.admin)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error", body
+    r = await tally.http.patch(url, json={"auto_recharge": False, "smart_adjustment": False},
+                               headers=agency.admin)
+    assert r.status_code == 200
+    assert (r.json()["auto_recharge"], r.json()["smart_adjustment"]) == (False, False)
+    r = await tally.http.patch(url, json={"threshold": "1"},
+                               headers=tally.auth("company_admin", company_id=uid("co")))
+    assert r.status_code == 404
+    r = await tally.http.patch(url, json={"threshold": "1"}, headers=tally.auth("product"))
+    assert r.status_code == 403
+
+
+async def test_markup_out_of_range_goes_to_the_dlq(tally: Tally) -> None:
+    aid = uid("acct")
+    await tally.envelope("rebilling.settings", "rebilling.settings",
+                         {"account_id": aid, "company_id": "c", "mode": "rebill_markup",
+                          "markups": {"default": "11"}}, key=aid)
+    dead = await tally.find_on_topic("rebilling.settings.dlq",
+                                     lambda d: aid in d.get("message", ""))
+    assert "between 1 and 10" in dead["error"]
