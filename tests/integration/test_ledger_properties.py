@@ -1,0 +1,180 @@
+"""Property: for any sequence of usage, credits, rebilling changes and duplicate deliveries,
+the wallet's ledger (real Postgres, the service's own storage and posting code) ends with
+balances equal to the sum of their transfers, to a simple reference model, and summing to 0."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tally import db
+from tally.events import RebillingSettings, UsageRecorded
+from tally.money import apply_markup
+from tally_wallet import storage
+from tally_wallet.credits import credit
+from tally_wallet.domain import Wallet
+from tally_wallet.usage import apply_usage
+from tests.conftest import Tally, uid
+
+pytestmark = pytest.mark.integration
+
+ACCOUNT_COMPANY = {"a1": "A", "a2": "B"}
+MARKUPS = ["1", "1.5", "2", "3.333333"]
+
+
+@dataclass(frozen=True)
+class Usage:
+    event: int
+    company: str
+    account: str | None
+    amount: int
+
+
+@dataclass(frozen=True)
+class Credit:
+    target: str  # "company:A" or "account:a1"
+    key: int
+    amount: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    account: str
+    mode: str
+    markup: str
+    active: bool
+
+
+usage = st.builds(
+    lambda e, acct, amount: Usage(e, ACCOUNT_COMPANY[acct] if acct else ("A" if e % 2 else "B"),
+                                  acct, amount),
+    st.integers(0, 12), st.sampled_from([None, "a1", "a2"]), st.integers(1, 2_000_000))
+credit_op = st.builds(Credit, st.sampled_from(["company:A", "company:B", "account:a1", "account:a2"]),
+                      st.integers(0, 4), st.integers(1, 5_000_000))
+settings_op = st.builds(Settings, st.sampled_from(["a1", "a2"]),
+                        st.sampled_from(["off", "rebill", "rebill_markup"]),
+                        st.sampled_from(MARKUPS), st.booleans())
+operations = st.lists(st.one_of(usage, usage, credit_op, settings_op), min_size=1, max_size=40)
+
+
+def model(ops: list[Any]) -> dict[str, int]:
+    balances: dict[str, int] = {}
+    seen_events: set[int] = set()
+    seen_credits: set[tuple[str, int]] = set()
+    rebill: dict[str, Settings] = {}
+    for op in ops:
+        if isinstance(op, Usage):
+            if op.event in seen_events:
+                continue
+            seen_events.add(op.event)
+            balances[f"company:{op.company}"] = balances.get(f"company:{op.company}", 0) - op.amount
+            s = rebill.get(op.account) if op.account else None
+            if s and s.active and s.mode != "off":
+                charge = op.amount if s.mode == "rebill" else apply_markup(op.amount, Decimal(s.markup))
+                key = f"account:{op.account}"
+                balances[key] = balances.get(key, 0) - charge
+        elif isinstance(op, Credit):
+            if (op.target, op.key) in seen_credits:
+                continue
+            seen_credits.add((op.target, op.key))
+            balances[op.target] = balances.get(op.target, 0) + op.amount
+        else:
+            rebill[op.account] = op
+    return balances
+
+
+def run_in_fresh_loop(coro: Any) -> Any:
+    """Hypothesis drives sync tests; run each example's coroutine on its own loop."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = asyncio.run(coro)
+        except BaseException as exc:  # re-raised in the test thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+async def apply_ops(dsn: str, schema: str, run: str, ops: list[Any]) -> dict[str, int]:
+    pool = await db.create_pool(dsn, schema, size=2)
+    try:
+        await db.migrate(pool, schema, "tally")
+        await db.migrate(pool, schema, "tally_wallet")
+        now = datetime.now(UTC)
+        version = itertools.count(1)
+
+        def ids(name: str) -> str:
+            return f"{run}-{name}"
+
+        async with pool.acquire() as conn:
+            for op in ops:
+                async with conn.transaction():
+                    if isinstance(op, Usage):
+                        await apply_usage(conn, [UsageRecorded(
+                            event_id=ids(f"e{op.event}"), company_id=ids(op.company),
+                            account_id=ids(op.account) if op.account else None, service="ai",
+                            quantity="1", occurred_at=now, recorded_at=now,
+                            unit_price_micros=op.amount, platform_amount_micros=op.amount,
+                            currency="USD")])
+                    elif isinstance(op, Credit):
+                        kind, owner = op.target.split(":")
+                        company = ACCOUNT_COMPANY[owner] if kind == "account" else owner
+                        wallet = Wallet(f"{kind}:{ids(owner)}", kind, "USD",  # type: ignore[arg-type]
+                                        company_id=ids(company),
+                                        account_id=ids(owner) if kind == "account" else None)
+                        await credit(conn, wallet, amount=op.amount, kind="manual_credit",
+                                     key=f"{run}-{op.target}-{op.key}", system="manual_credits")
+                    else:
+                        await storage.upsert_rebilling(conn, RebillingSettings(
+                            account_id=ids(op.account), company_id=ids(ACCOUNT_COMPANY[op.account]),
+                            mode=op.mode, markups={"default": op.markup}, active=op.active,
+                            version=next(version)))
+            rows = await conn.fetch(
+                "SELECT w.id, w.balance, "
+                " COALESCE((SELECT sum(amount) FROM transfers WHERE credit_wallet = w.id), 0) -"
+                " COALESCE((SELECT sum(amount) FROM transfers WHERE debit_wallet = w.id), 0) AS d "
+                "FROM wallets w")
+            assert all(r["balance"] == r["d"] for r in rows), "materialised != derived"
+            assert sum(r["balance"] for r in rows) == 0, "double entry broken"
+            prefix = {"company": f"company:{run}-", "account": f"account:{run}-"}
+            out = {}
+            for r in rows:
+                for kind, p in prefix.items():
+                    if r["id"].startswith(p) and r["balance"] != 0:
+                        out[f"{kind}:{r['id'][len(p):]}"] = r["balance"]
+            return out
+    finally:
+        await pool.close()
+
+
+def test_ledger_matches_the_reference_model(tally: Tally) -> None:
+    dsn = tally.stack.database_url
+    schema = "wallet_props"
+    counter = itertools.count()
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(operations)
+    def check(ops: list[Any]) -> None:
+        # Every example runs its operations, then delivers them all a second time (duplicates).
+        run = f"{uid('p')}-{next(counter)}"
+        replayed = ops + [op for op in ops if not isinstance(op, Settings)]
+        got = run_in_fresh_loop(apply_ops(dsn, schema, run, replayed))
+        want = {k: v for k, v in model(replayed).items() if v != 0}
+        assert got == want
+
+    check()
