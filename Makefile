@@ -10,7 +10,7 @@ UV         := $(TOOLS)/bin/uv
 PYTHON     ?= python3
 export UV_PYTHON_PREFERENCE ?= system
 
-.PHONY: help install run test test-fast lint format bench clean stack
+.PHONY: help install run test test-fast lint format bench-wallet clean stack
 
 help: ## show the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ lint: install ## ruff and mypy
 format: install
 	@$(UV) run --frozen --no-sync ruff format .
 	@$(UV) run --frozen --no-sync ruff check --fix .
+
+bench-wallet: install ## wallet alone: events/s from a pre-filled topic, vs one transaction per event
+	@$(UV) run --frozen --no-sync python bench/wallet_bench.py
 
 clean: ## remove local state (.tally: data, logs, mail) and the virtualenv
 	rm -rf .tally .venv

@@ -19,7 +19,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tally.auth import issue_token
-from tally_devstack.stack import Ports, Stack
+from tally_devstack.stack import Ports, Stack, stop_on_sigterm
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -27,6 +27,7 @@ T = TypeVar("T")
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "integration: needs the real embedded stack")
+    stop_on_sigterm()  # a terminated test run still stops the stack it started
 
 
 def uid(prefix: str) -> str:

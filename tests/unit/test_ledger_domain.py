@@ -61,3 +61,25 @@ def test_double_entry_sums_to_zero_and_balance_after_is_running(moves: list[tupl
         last = p.posted[-1]
         side = last.debit_after if last.transfer.debit == "company:c" else last.credit_after
         assert side == expected
+
+
+def test_debited_message_fits_the_event_contract() -> None:
+    from datetime import UTC, datetime
+
+    from tally import events
+    from tally.events import UsageRecorded
+    from tally_wallet.domain import Posted
+    from tally_wallet.usage import debited_message
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    u = UsageRecorded(event_id="e", company_id="c", account_id="a", service="sms", quantity="1",
+                      occurred_at=now, recorded_at=now, unit_price_micros=5,
+                      platform_amount_micros=5, currency="USD")
+    company = Posted(Transfer("k1", "company:c", "system:rev", 5, "usage"), -5, 5)
+    account = Posted(Transfer("k2", "account:a", "system:crev", 8, "usage"), 92, 8)
+    env, payload = events.parse(events.dumps(debited_message(u, company, account, now.isoformat())))
+    assert env.type == "wallet.debited"
+    assert isinstance(payload, events.WalletDebited) and payload.rebilled
+    assert (payload.company_amount_micros, payload.account_amount_micros) == (5, 8)
+    _, alone = events.parse(events.dumps(debited_message(u, company, None, now.isoformat())))
+    assert isinstance(alone, events.WalletDebited) and not alone.rebilled

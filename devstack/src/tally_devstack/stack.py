@@ -42,6 +42,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so ``finally: await stack.stop()`` runs. Needed for the
+    embedded Postgres, which ``pg_ctl`` daemonises: no parent-death signal reaches it."""
+
+    def _raise(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
 def _die_with_parent() -> None:  # runs in the child before exec
     os.setsid()
     with contextlib.suppress(Exception):

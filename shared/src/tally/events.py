@@ -77,13 +77,28 @@ class WalletRef(Payload):
     currency: str
 
 
-class WalletDebited(WalletRef):
-    transfer_id: str
+class WalletDebited(Payload):
+    """One usage event posted to the ledger: the company leg always, the account leg when the
+    account is rebilled. ``account_id`` is the account that used the service (attribution),
+    whether or not it was rebilled. The notifier's usage is the account leg's amount when
+    present, else the company leg's (the company's cost of that account's usage)."""
+
     usage_event_id: str
+    company_id: str
+    account_id: str | None = None
     service: str
-    amount_micros: int
-    balance_micros: int
-    rebilled: bool = False
+    currency: str
+    occurred_at: datetime
+    company_wallet_id: str
+    company_amount_micros: int
+    company_balance_micros: int
+    account_wallet_id: str | None = None
+    account_amount_micros: int | None = None
+    account_balance_micros: int | None = None
+
+    @property
+    def rebilled(self) -> bool:
+        return self.account_amount_micros is not None
 
 
 class WalletCredited(WalletRef):
@@ -248,6 +263,18 @@ PAYLOADS: dict[str, type[Payload]] = {
 }
 
 
+class UsageRecordedMessage(BaseModel):
+    """``usage.recorded`` envelope validated in one pass (the wallet's hot path)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(min_length=1, max_length=200)
+    type: Literal["usage.recorded"]
+    time: datetime
+    source: str
+    data: UsageRecorded
+
+
 class Envelope(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -297,7 +324,7 @@ def parse_envelope(raw: bytes | None) -> Envelope:
     try:
         return Envelope.model_validate_json(raw or b"")
     except ValidationError as exc:
-        raise BadMessage(_summarise(exc)) from exc
+        raise BadMessage(summarise(exc)) from exc
 
 
 def typed(env: Envelope) -> Payload:
@@ -305,7 +332,7 @@ def typed(env: Envelope) -> Payload:
     try:
         return env.payload()
     except ValidationError as exc:
-        raise BadMessage(f"{env.type}: {_summarise(exc)}") from exc
+        raise BadMessage(f"{env.type}: {summarise(exc)}") from exc
     except UnknownEventType as exc:
         raise BadMessage(f"unknown event type {exc.args[0]!r}") from exc
 
@@ -318,7 +345,7 @@ def parse(raw: bytes) -> tuple[Envelope, Payload]:
         env = Envelope.model_validate_json(raw)
         return env, env.payload()
     except ValidationError as exc:
-        raise BadMessage(_summarise(exc)) from exc
+        raise BadMessage(summarise(exc)) from exc
     except UnknownEventType as exc:
         raise BadMessage(f"unknown event type {exc.args[0]!r}") from exc
 
@@ -327,7 +354,7 @@ class BadMessage(ValueError):
     """A message that can never be applied: it goes to the topic's DLQ with this reason."""
 
 
-def _summarise(exc: ValidationError) -> str:
+def summarise(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
         loc = ".".join(str(p) for p in err["loc"]) or "message"

@@ -20,14 +20,19 @@ log = logging.getLogger(__name__)
 
 
 def make_broker(settings: Settings, *, client_id: str, middlewares: Sequence[Any] = ()) -> KafkaBroker:
-    """The service's FastStream broker (subscribers and ad-hoc publishing)."""
+    """The service's FastStream broker (subscribers and ad-hoc publishing). Its per-message
+    INFO lines are dropped unless ``TALLY_LOG_LEVEL=DEBUG``: at thousands of events per second
+    they would be most of the log."""
+    logger = logging.getLogger(f"tally.{client_id}.kafka")
+    if not logger.isEnabledFor(logging.DEBUG):
+        logger.setLevel(logging.WARNING)
     return KafkaBroker(
         settings.kafka_bootstrap_servers,
         client_id=client_id,
         enable_idempotence=settings.kafka_enable_idempotence,
         acks="all",
         middlewares=tuple(middlewares),
-        logger=logging.getLogger(f"tally.{client_id}.kafka"),
+        logger=logger,
         graceful_timeout=15.0,
     )
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from pydantic import ValidationError
+
 from tally import events, inbox
 from tally.consumer import dlq_row, subscribe_batch
 from tally.db import Conn
@@ -26,12 +28,11 @@ SERVICE = "wallet"
 
 
 def parse_recorded(value: bytes | None) -> UsageRecorded:
-    env = events.parse_envelope(value)
-    if env.type != "usage.recorded":
-        raise events.BadMessage(f"unexpected event type {env.type!r} on usage.recorded")
-    payload = events.typed(env)
-    assert isinstance(payload, UsageRecorded)
-    return payload
+    """One validation pass from bytes to the typed event (BadMessage with the reason)."""
+    try:
+        return events.UsageRecordedMessage.model_validate_json(value or b"").data
+    except ValidationError as exc:
+        raise events.BadMessage(events.summarise(exc)) from exc
 
 
 def _transactional(rt: Runtime, apply: Callable[[Conn, Any, list[Row]], Awaitable[None]],

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 from prometheus_client import Counter
 
 from tally import events, outbox
 from tally.db import Conn
 from tally.events import Topics, UsageRecorded
+from tally.telemetry import current_traceparent
 from tally_wallet import storage
 from tally_wallet.domain import (
     SYSTEM_COMPANY_REVENUE,
@@ -95,20 +98,23 @@ async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded]) -> Outcome:
     posting = Posting(await storage.lock_wallets(conn, wanted))
 
     rows: list[outbox.Row] = []
+    time = datetime.now(UTC).isoformat()
+    traceparent = current_traceparent()
     for u, account_amount in plan:
         company = posting.apply(Transfer(
             company_leg_key(u.event_id), company_wallet_id(u.company_id),
             system_wallet_id(SYSTEM_PLATFORM_REVENUE, u.currency),
             u.platform_amount_micros, "usage", service=u.service, usage_event_id=u.event_id))
-        rows.append(_debited_row(posting, company, u, rebilled=account_amount is not None))
+        account = None
         if account_amount is not None and u.account_id:
             account = posting.apply(Transfer(
                 account_leg_key(u.event_id), account_wallet_id(u.account_id),
                 system_wallet_id(SYSTEM_COMPANY_REVENUE, u.currency, u.company_id),
                 account_amount, "usage", service=u.service, usage_event_id=u.event_id))
-            rows.append(_debited_row(posting, account, u, rebilled=True))
-            APPLIED.labels("account").inc()
+        rows.append(outbox.row(Topics.WALLET_EVENTS, u.company_id,
+                               debited_message(u, company, account, time), traceparent))
     APPLIED.labels("company").inc(len(plan))
+    APPLIED.labels("account").inc(len(posting.posted) - len(plan))
 
     rows.extend(edge_event_rows(posting))
     await storage.write_posting(conn, posting)
@@ -116,11 +122,20 @@ async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded]) -> Outcome:
     return Outcome(len(posting.posted), len(batch) - len(fresh))
 
 
-def _debited_row(posting: Posting, p: Posted, u: UsageRecorded, *, rebilled: bool) -> outbox.Row:
-    w = posting.wallets[p.transfer.debit]
-    debited = events.WalletDebited(
-        **{**w.ref(), "account_id": u.account_id}, transfer_id=p.transfer.key,
-        usage_event_id=u.event_id, service=u.service, amount_micros=p.transfer.amount,
-        balance_micros=p.debit_after, rebilled=rebilled)
-    return outbox.row(Topics.WALLET_EVENTS, u.company_id, events.envelope(
-        "wallet.debited", debited, source=SOURCE, id_=p.transfer.key))
+def debited_message(u: UsageRecorded, company: Posted, account: Posted | None,
+                    time: str) -> dict[str, Any]:
+    """The ``wallet.debited`` envelope (fields of ``tally.events.WalletDebited``), built as a
+    plain dict: this runs once per usage event on the hot path."""
+    data: dict[str, Any] = {
+        "usage_event_id": u.event_id, "company_id": u.company_id, "account_id": u.account_id,
+        "service": u.service, "currency": u.currency, "occurred_at": u.occurred_at.isoformat(),
+        "company_wallet_id": company.transfer.debit,
+        "company_amount_micros": company.transfer.amount,
+        "company_balance_micros": company.debit_after,
+    }
+    if account is not None:
+        data["account_wallet_id"] = account.transfer.debit
+        data["account_amount_micros"] = account.transfer.amount
+        data["account_balance_micros"] = account.debit_after
+    return {"id": f"debited:{u.event_id}", "type": "wallet.debited", "time": time,
+            "source": SOURCE, "data": data}
