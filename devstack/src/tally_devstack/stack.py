@@ -149,8 +149,9 @@ class Stack:
         return str(server.get_uri())
 
     async def _start_stripe(self) -> None:
-        exe = Path(sys.executable).with_name("localstripe")
-        self._spawn("stripe", [str(exe), "--port", str(self.ports.stripe)])
+        env = {**os.environ, "STRIPE_STATE": str(self.root / "stripe.pickle")}
+        self._spawn("stripe", [sys.executable, "-m", "tally_devstack.fakestripe",
+                               "--port", str(self.ports.stripe)], env=env)
         deadline = time.monotonic() + 30
         async with httpx.AsyncClient() as client:
             while True:
