@@ -22,7 +22,7 @@ def main() -> None:
     def load(self: resources.Store) -> None:
         if state.exists():
             with state.open("rb") as f:
-                old = pickle.load(f)  # noqa: S301 - our own file
+                old = pickle.load(f)
             self.clear()
             self.update(old)
 
@@ -32,8 +32,8 @@ def main() -> None:
             pickle.dump(dict(self), f, protocol=pickle.HIGHEST_PROTOCOL)
         tmp.replace(state)
 
-    resources.Store.try_load_from_disk = load  # type: ignore[method-assign]
-    resources.Store.dump_to_disk = dump  # type: ignore[method-assign]
+    resources.Store.try_load_from_disk = load
+    resources.Store.dump_to_disk = dump
     server.start()
 
 

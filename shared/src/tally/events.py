@@ -158,6 +158,8 @@ class RechargeSucceeded(WalletRef):
     trigger: Literal["auto", "manual"]
     amount_micros: int
     payment_intent: str | None = None
+    payment_method: str | None = None
+    fee_micros: int | None = None
 
 
 class RechargeFailed(WalletRef):
@@ -165,6 +167,8 @@ class RechargeFailed(WalletRef):
     trigger: Literal["auto", "manual"]
     amount_micros: int
     tries: list[RechargeTry] = []
+    consecutive_failures: int = 1
+    retry_at: datetime | None = None
     auto_recharge_disabled: bool = False
 
 
@@ -209,6 +213,7 @@ class CompanyUpdated(Payload):
     currency: str = "USD"
     owner_email: str | None = None
     stripe_connected: bool = False
+    stripe_account_id: str | None = None
     timezone: str = "UTC"
 
 

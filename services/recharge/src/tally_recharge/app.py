@@ -1,9 +1,38 @@
-"""recharge: Stripe recharges of wallets: cards, auto-recharge, fallback, smart adjustment."""
+"""recharge: Stripe customers and cards; automatic recharges with card fallback, retries,
+cancellation and smart adjustment; manual top-ups; Stripe webhooks."""
 
-from tally.service import ServiceSpec
+import os
+
+from tally.service import Runtime, ServiceSpec
+from tally_recharge import api, handlers
+from tally_recharge.charging import Recharger
+from tally_recharge.domain import RetryPolicy
+from tally_recharge.gateway import StripeGateway
+
+
+async def start(rt: Runtime) -> None:
+    gateway = StripeGateway(rt.settings.stripe_api_key, rt.settings.stripe_api_base)
+    recharger = Recharger(
+        rt.pool, gateway, rt.relay,
+        retry=RetryPolicy.from_env(os.environ.get("TALLY_RECHARGE_RETRY_SECONDS")),
+        lease_seconds=int(os.environ.get("TALLY_RECHARGE_LEASE_SECONDS", "60")),
+        unavailable_retry_seconds=int(os.environ.get("TALLY_RECHARGE_UNAVAILABLE_RETRY_SECONDS",
+                                                     "30")))
+    rt.state["gateway"] = gateway
+    rt.state["recharger"] = recharger
+    recharger.start()
+
+
+async def stop(rt: Runtime) -> None:
+    await rt.state["recharger"].stop()
+
 
 SPEC = ServiceSpec(
     name="recharge",
     package="tally_recharge",
-    description="Stripe recharges of wallets: cards, auto-recharge, fallback, smart adjustment.",
+    routers=[api.router],
+    subscribe=handlers.subscribe,
+    on_start=[start],
+    on_stop=[stop],
+    description="Reloads wallets through Stripe: cards, auto-recharge with fallback, top-ups.",
 )

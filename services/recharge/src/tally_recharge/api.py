@@ -1,0 +1,381 @@
+"""recharge HTTP API: payment methods, top-ups, recharge history, Stripe webhooks."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Literal
+
+import asyncpg
+import stripe
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, Field
+
+from tally import events, inbox, outbox
+from tally.auth import CurrentPrincipal, Principal, require_company, require_role
+from tally.db import Conn
+from tally.errors import ApiError, not_found
+from tally.events import Topics
+from tally.money import MoneyError, format_micros, to_micros
+from tally.service import Runtime, runtime
+from tally_recharge import storage
+from tally_recharge.charging import SOURCE, Recharger, WalletTarget
+from tally_recharge.gateway import PaymentMethodRejected, StripeGateway, StripeUnavailable
+
+router = APIRouter(prefix="/v1", tags=["recharge"])
+Limit = Annotated[int, Query(ge=1, le=500)]
+
+
+class AttachIn(BaseModel):
+    payment_method: str = Field(pattern=r"^pm_[A-Za-z0-9_]{1,200}$")
+
+
+class PaymentMethodOut(BaseModel):
+    id: str
+    brand: str | None
+    last4: str | None
+    is_default: bool
+
+
+class PaymentMethodList(BaseModel):
+    items: list[PaymentMethodOut]
+    next_cursor: str | None = None
+
+
+class TopUpIn(BaseModel):
+    amount: str = Field(description="decimal string > 0, at most 6 decimals")
+
+
+class TryOut(BaseModel):
+    payment_method: str
+    outcome: Literal["calling", "succeeded", "failed"]
+    decline_code: str | None = None
+
+
+class AttemptOut(BaseModel):
+    id: str
+    wallet_id: str
+    trigger: Literal["auto", "manual"]
+    amount: str
+    currency: str
+    status: Literal["pending", "succeeded", "failed"]
+    tries: list[TryOut]
+    payment_intent: str | None
+    fee: str | None
+    error: str | None
+    created_at: str
+
+
+class AttemptPage(BaseModel):
+    items: list[AttemptOut]
+    next_cursor: str | None
+
+
+def _rt(request: Request) -> tuple[Runtime, StripeGateway, Recharger]:
+    rt = runtime(request)
+    return rt, rt.state["gateway"], rt.state["recharger"]
+
+
+def _attempt_out(a: storage.Attempt) -> AttemptOut:
+    return AttemptOut(
+        id=a.id, wallet_id=a.wallet_id, trigger=a.trigger,
+        amount=format_micros(a.amount_micros), currency=a.currency,
+        status=a.status,
+        tries=[TryOut(payment_method=t["payment_method"], outcome=t["outcome"],
+                      decline_code=t.get("decline_code")) for t in a.tries],
+        payment_intent=a.payment_intent,
+        fee=format_micros(a.fee_micros) if a.fee_micros is not None else None,
+        error=a.error, created_at=a.created_at.isoformat())
+
+
+def _pm_out(row: asyncpg.Record) -> PaymentMethodOut:
+    return PaymentMethodOut(id=row["id"], brand=row["brand"], last4=row["last4"],
+                            is_default=row["is_default"])
+
+
+async def _company_target(conn: Conn, principal: Principal, cid: str) -> WalletTarget:
+    require_company(principal, cid)
+    currency, _ = await storage.company(conn, cid)
+    return WalletTarget(f"company:{cid}", "company", cid, None, currency)
+
+
+async def _account_target(conn: Conn, principal: Principal, aid: str) -> WalletTarget:
+    company = await storage.account_company(conn, aid)
+    if company is None and principal.role == "account_user" and principal.account_id == aid:
+        company = principal.company_id
+    if company is None or not principal.can_see_account(company, aid):
+        raise not_found("account")
+    currency, _ = await storage.company(conn, company)
+    return WalletTarget(f"account:{aid}", "account", company, aid, currency)
+
+
+async def _stripe_account(conn: Conn, target: WalletTarget) -> str | None:
+    """None for company wallets (platform Stripe); the company's connected account for
+    account wallets, or 409 when the company has not connected Stripe."""
+    if target.owner == "company":
+        return None
+    _, acct = await storage.company(conn, target.company_id)
+    if not acct:
+        raise ApiError(409, "company_stripe_not_connected",
+                       "the company has not connected Stripe: this account uses credit requests")
+    return acct
+
+
+async def _ensure_customer(conn: Conn, gateway: StripeGateway, target: WalletTarget,
+                           stripe_account: str | None, email: str | None) -> str:
+    existing = await storage.customer(conn, target.owner, target.owner_id)
+    if existing:
+        return existing
+    created = await gateway.create_customer(
+        email=email, name=f"{target.owner}:{target.owner_id}", stripe_account=stripe_account,
+        idempotency_key=f"customer:{target.owner}:{target.owner_id}")
+    return await storage.save_customer(conn, target.owner, target.owner_id, target.company_id,
+                                       stripe_account, created)
+
+
+def _unavailable(exc: StripeUnavailable) -> ApiError:
+    return ApiError(503, "stripe_unavailable", "Stripe could not be reached; try again",
+                    headers={"Retry-After": "5"})
+
+
+async def _attach(request: Request, principal: Principal, target: WalletTarget,
+                  body: AttachIn) -> PaymentMethodOut:
+    rt, gateway, _ = _rt(request)
+    async with rt.pool.acquire() as conn:
+        stripe_account = await _stripe_account(conn, target)
+        try:
+            customer = await _ensure_customer(conn, gateway, target, stripe_account,
+                                              principal.email)
+            card = await gateway.attach(body.payment_method, customer, stripe_account)
+        except PaymentMethodRejected as exc:
+            status = 402 if exc.code == "card_declined" else 422
+            raise ApiError(status, exc.code, exc.message) from exc
+        except StripeUnavailable as exc:
+            raise _unavailable(exc) from exc
+        async with conn.transaction():
+            row = await storage.add_payment_method(
+                conn, pm=card.id, owner=target.owner, owner_id=target.owner_id,
+                company_id=target.company_id, stripe_account=stripe_account,
+                customer_id=customer, brand=card.brand, last4=card.last4)
+            await _card_event(conn, target, card.id, "payment_method.attached")
+    rt.relay.wake()
+    return _pm_out(row)
+
+
+async def _card_event(conn: Conn, target: WalletTarget, pm: str, type_: str) -> None:
+    remaining = await storage.payment_methods(conn, target.owner, target.owner_id)
+    await outbox.publish(conn, Topics.RECHARGE_EVENTS, target.company_id, events.envelope(
+        type_, events.PaymentMethodChanged(
+            company_id=target.company_id, account_id=target.account_id, payment_method=pm,
+            has_valid_card=bool(remaining)), source=SOURCE))
+
+
+async def _list(request: Request, target: WalletTarget) -> PaymentMethodList:
+    async with runtime(request).pool.acquire() as conn:
+        rows = await storage.payment_methods(conn, target.owner, target.owner_id)
+    return PaymentMethodList(items=[_pm_out(r) for r in rows])
+
+
+async def _owned(conn: Conn, target: WalletTarget, pm: str) -> None:
+    rows = await storage.payment_methods(conn, target.owner, target.owner_id)
+    if not any(r["id"] == pm for r in rows):
+        raise not_found("payment method")
+
+
+async def _detach(request: Request, target: WalletTarget, pm: str) -> Response:
+    rt, gateway, _ = _rt(request)
+    async with rt.pool.acquire() as conn:
+        await _owned(conn, target, pm)
+        rows = await storage.payment_methods(conn, target.owner, target.owner_id)
+        stripe_account = next(r["stripe_account"] for r in rows if r["id"] == pm)
+        try:
+            await gateway.detach(pm, stripe_account)
+        except StripeUnavailable as exc:
+            raise _unavailable(exc) from exc
+        async with conn.transaction():
+            await storage.remove_payment_method(conn, pm)
+            await _card_event(conn, target, pm, "payment_method.detached")
+    rt.relay.wake()
+    return Response(status_code=204)
+
+
+async def _default(request: Request, target: WalletTarget, pm: str) -> PaymentMethodOut:
+    async with runtime(request).pool.acquire() as conn, conn.transaction():
+        await _owned(conn, target, pm)
+        await storage.make_default(conn, pm, target.owner, target.owner_id)
+        rows = await storage.payment_methods(conn, target.owner, target.owner_id)
+    return _pm_out(next(r for r in rows if r["id"] == pm))
+
+
+def _amount(text: str) -> int:
+    try:
+        micros = to_micros(text)
+    except MoneyError as exc:
+        raise ApiError(422, "validation_error", str(exc),
+                       [{"field": "amount", "message": str(exc)}]) from exc
+    if micros <= 0:
+        raise ApiError(422, "validation_error", "amount must be greater than 0",
+                       [{"field": "amount", "message": "must be greater than 0"}])
+    return micros
+
+
+async def _top_up(request: Request, target: WalletTarget, body: TopUpIn) -> AttemptOut:
+    amount = _amount(body.amount)
+    rt, _, recharger = _rt(request)
+    async with rt.pool.acquire() as conn:
+        stripe_account = await _stripe_account(conn, target)
+        if not await storage.payment_methods(conn, target.owner, target.owner_id):
+            raise ApiError(409, "no_payment_method", "add a card before topping up")
+    return _attempt_out(await recharger.top_up(target, amount, stripe_account))
+
+
+async def _history(request: Request, target: WalletTarget, limit: int,
+                   cursor: str | None) -> AttemptPage:
+    before = None
+    if cursor:
+        try:
+            before = int(base64.urlsafe_b64decode(cursor.encode()).decode())
+        except ValueError as exc:
+            raise ApiError(422, "validation_error", "cursor is not valid") from exc
+    async with runtime(request).pool.acquire() as conn:
+        rows = await storage.list_attempts(conn, target.wallet_id, limit=limit + 1,
+                                           before_seq=before)
+    page, more = rows[:limit], len(rows) > limit
+    nxt = base64.urlsafe_b64encode(str(page[-1].seq).encode()).decode() if more and page else None
+    return AttemptPage(items=[_attempt_out(a) for a in page], next_cursor=nxt)
+
+
+# --- routes: companies ---------------------------------------------------------------------
+
+@router.post("/companies/{cid}/payment-methods", status_code=201, response_model=PaymentMethodOut)
+async def attach_company_card(cid: str, body: AttachIn, request: Request,
+                              principal: CurrentPrincipal) -> PaymentMethodOut:
+    require_role(principal, "company_admin", "platform_admin")
+    async with runtime(request).pool.acquire() as conn:
+        target = await _company_target(conn, principal, cid)
+    return await _attach(request, principal, target, body)
+
+
+@router.get("/companies/{cid}/payment-methods", response_model=PaymentMethodList)
+async def list_company_cards(cid: str, request: Request,
+                             principal: CurrentPrincipal) -> PaymentMethodList:
+    async with runtime(request).pool.acquire() as conn:
+        target = await _company_target(conn, principal, cid)
+    return await _list(request, target)
+
+
+@router.delete("/companies/{cid}/payment-methods/{pm}", status_code=204)
+async def detach_company_card(cid: str, pm: str, request: Request,
+                              principal: CurrentPrincipal) -> Response:
+    require_role(principal, "company_admin", "platform_admin")
+    async with runtime(request).pool.acquire() as conn:
+        target = await _company_target(conn, principal, cid)
+    return await _detach(request, target, pm)
+
+
+@router.post("/companies/{cid}/payment-methods/{pm}/default", response_model=PaymentMethodOut)
+async def default_company_card(cid: str, pm: str, request: Request,
+                               principal: CurrentPrincipal) -> PaymentMethodOut:
+    require_role(principal, "company_admin", "platform_admin")
+    async with runtime(request).pool.acquire() as conn:
+        target = await _company_target(conn, principal, cid)
+    return await _default(request, target, pm)
+
+
+@router.post("/companies/{cid}/wallet/top-ups", status_code=201, response_model=AttemptOut)
+async def top_up_company(cid: str, body: TopUpIn, request: Request,
+                         principal: CurrentPrincipal) -> AttemptOut:
+    require_role(principal, "company_admin", "platform_admin")
+    async with runtime(request).pool.acquire() as conn:
+        target = await _company_target(conn, principal, cid)
+    return await _top_up(request, target, body)
+
+
+@router.get("/companies/{cid}/wallet/recharges", response_model=AttemptPage)
+async def company_recharges(cid: str, request: Request, principal: CurrentPrincipal,
+                            limit: Limit = 50, cursor: str | None = None) -> AttemptPage:
+    async with runtime(request).pool.acquire() as conn:
+        target = await _company_target(conn, principal, cid)
+    return await _history(request, target, limit, cursor)
+
+
+# --- routes: accounts ----------------------------------------------------------------------
+
+@router.post("/accounts/{aid}/payment-methods", status_code=201, response_model=PaymentMethodOut)
+async def attach_account_card(aid: str, body: AttachIn, request: Request,
+                              principal: CurrentPrincipal) -> PaymentMethodOut:
+    require_role(principal, "account_user", "company_admin", "platform_admin")
+    async with runtime(request).pool.acquire() as conn:
+        target = await _account_target(conn, principal, aid)
+    return await _attach(request, principal, target, body)
+
+
+@router.get("/accounts/{aid}/payment-methods", response_model=PaymentMethodList)
+async def list_account_cards(aid: str, request: Request,
+                             principal: CurrentPrincipal) -> PaymentMethodList:
+    async with runtime(request).pool.acquire() as conn:
+        target = await _account_target(conn, principal, aid)
+    return await _list(request, target)
+
+
+@router.delete("/accounts/{aid}/payment-methods/{pm}", status_code=204)
+async def detach_account_card(aid: str, pm: str, request: Request,
+                              principal: CurrentPrincipal) -> Response:
+    require_role(principal, "account_user", "company_admin", "platform_admin")
+    async with runtime(request).pool.acquire() as conn:
+        target = await _account_target(conn, principal, aid)
+    return await _detach(request, target, pm)
+
+
+@router.post("/accounts/{aid}/payment-methods/{pm}/default", response_model=PaymentMethodOut)
+async def default_account_card(aid: str, pm: str, request: Request,
+                               principal: CurrentPrincipal) -> PaymentMethodOut:
+    require_role(principal, "account_user", "company_admin", "platform_admin")
+    async with runtime(request).pool.acquire() as conn:
+        target = await _account_target(conn, principal, aid)
+    return await _default(request, target, pm)
+
+
+@router.post("/accounts/{aid}/wallet/top-ups", status_code=201, response_model=AttemptOut)
+async def top_up_account(aid: str, body: TopUpIn, request: Request,
+                         principal: CurrentPrincipal) -> AttemptOut:
+    require_role(principal, "account_user", "company_admin", "platform_admin")
+    async with runtime(request).pool.acquire() as conn:
+        target = await _account_target(conn, principal, aid)
+    return await _top_up(request, target, body)
+
+
+@router.get("/accounts/{aid}/wallet/recharges", response_model=AttemptPage)
+async def account_recharges(aid: str, request: Request, principal: CurrentPrincipal,
+                            limit: Limit = 50, cursor: str | None = None) -> AttemptPage:
+    async with runtime(request).pool.acquire() as conn:
+        target = await _account_target(conn, principal, aid)
+    return await _history(request, target, limit, cursor)
+
+
+# --- Stripe webhooks -----------------------------------------------------------------------
+
+@router.post("/stripe/webhooks", summary="Stripe events (signature checked)")
+async def stripe_webhook(request: Request) -> dict[str, str]:
+    rt, _, recharger = _rt(request)
+    payload = await request.body()
+    signature = request.headers.get("stripe-signature", "")
+    try:
+        event = stripe.Webhook.construct_event(payload, signature,
+                                               rt.settings.stripe_webhook_secret)
+    except (ValueError, stripe.SignatureVerificationError) as exc:
+        raise ApiError(400, "invalid_signature", "the webhook signature does not verify") from exc
+    if event.type not in ("payment_intent.succeeded", "payment_intent.payment_failed"):
+        return {"status": "ignored"}
+    intent = event.data.object.to_dict()
+    attempt_id = (intent.get("metadata") or {}).get("tally_attempt")
+    async with rt.pool.acquire() as conn, conn.transaction():
+        if not await inbox.claim(conn, "stripe-webhooks", [event.id]):
+            return {"status": "duplicate"}
+    if attempt_id:
+        async with rt.pool.acquire() as conn:
+            leased = await storage.lease_attempt(conn, attempt_id, recharger.lease_seconds)
+        if leased is not None:  # still pending here: settle it from what Stripe says
+            await recharger.run(leased)
+    return {"status": "processed"}
+
+

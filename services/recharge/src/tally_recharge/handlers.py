@@ -1,0 +1,73 @@
+"""recharge's Kafka consumers: ``wallet.events`` (threshold crossings queue automatic recharges,
+at most one in flight per wallet, each crossing event once) and ``rebilling.events`` (which
+company has connected which Stripe account; which company an account belongs to)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tally import events, inbox
+from tally.consumer import dlq_row, subscribe_batch
+from tally.events import Topics
+from tally.outbox import enqueue
+from tally.service import Runtime
+from tally_recharge import storage
+from tally_recharge.charging import Recharger
+
+SERVICE = "recharge"
+
+
+def subscribe(rt: Runtime) -> None:
+    def recharger() -> Recharger:
+        r: Recharger = rt.state["recharger"]
+        return r
+
+    async def on_wallet_events(records: Sequence[Any]) -> None:
+        crossings: list[tuple[str, events.WalletThresholdCrossed]] = []
+        dead = []
+        for r in records:
+            try:
+                env = events.parse_envelope(r.value)
+                if env.type == "wallet.threshold_crossed":
+                    payload = events.typed(env)
+                    assert isinstance(payload, events.WalletThresholdCrossed)
+                    crossings.append((env.id, payload))
+            except events.BadMessage as exc:
+                dead.append(dlq_row(r, str(exc), service=SERVICE))
+        if not crossings and not dead:
+            return
+        queued = False
+        async with rt.pool.acquire() as conn, conn.transaction():
+            fresh = await inbox.claim(conn, "recharge-thresholds", [c[0] for c in crossings])
+            for msg_id, crossed in crossings:
+                if msg_id in fresh:
+                    queued = await recharger().request_auto(conn, crossed) or queued
+            await enqueue(conn, dead)
+        if queued:
+            recharger().wake()
+
+    async def on_rebilling_events(records: Sequence[Any]) -> None:
+        dead = []
+        updates: list[events.Payload] = []
+        for r in records:
+            try:
+                env = events.parse_envelope(r.value)
+                if env.type in ("company.updated", "account.created"):
+                    updates.append(events.typed(env))
+            except events.BadMessage as exc:
+                dead.append(dlq_row(r, str(exc), service=SERVICE))
+        async with rt.pool.acquire() as conn, conn.transaction():
+            for p in updates:
+                if isinstance(p, events.CompanyUpdated):
+                    await storage.upsert_company(
+                        conn, p.company_id, p.currency,
+                        p.stripe_account_id if p.stripe_connected else None)
+                elif isinstance(p, events.AccountCreated):
+                    await storage.upsert_account(conn, p.account_id, p.company_id)
+            await enqueue(conn, dead)
+
+    subscribe_batch(rt.broker, Topics.WALLET_EVENTS, service=SERVICE, group_id="recharge-wallet",
+                    handler=on_wallet_events)
+    subscribe_batch(rt.broker, Topics.REBILLING_EVENTS, service=SERVICE,
+                    group_id="recharge-rebilling", handler=on_rebilling_events)

@@ -1,0 +1,254 @@
+"""recharge's tables: customers, payment methods, attempts (with their tries), the companies and
+accounts it has heard of, and per-wallet policy state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from tally.db import Conn
+from tally_recharge.domain import Card
+
+_ATTEMPT_COLS = ("id, wallet_id, owner, company_id, account_id, trigger, amount_micros, currency, "
+                 "status, tries::text AS tries, stripe_account, charged_minor, payment_intent, "
+                 "payment_method, fee_micros, reload_micros, smart_adjustment, round, not_before, "
+                 "error, created_at, updated_at, seq")
+
+
+@dataclass
+class Attempt:
+    id: str
+    wallet_id: str
+    owner: str
+    company_id: str
+    account_id: str | None
+    trigger: str
+    amount_micros: int
+    currency: str
+    status: str
+    tries: list[dict[str, Any]]
+    stripe_account: str | None
+    payment_intent: str | None
+    payment_method: str | None
+    fee_micros: int | None
+    reload_micros: int | None
+    smart_adjustment: bool
+    round: int
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    seq: int
+
+
+def _attempt(r: asyncpg.Record) -> Attempt:
+    return Attempt(
+        id=r["id"], wallet_id=r["wallet_id"], owner=r["owner"], company_id=r["company_id"],
+        account_id=r["account_id"], trigger=r["trigger"], amount_micros=r["amount_micros"],
+        currency=r["currency"], status=r["status"], tries=orjson.loads(r["tries"]),
+        stripe_account=r["stripe_account"], payment_intent=r["payment_intent"],
+        payment_method=r["payment_method"], fee_micros=r["fee_micros"],
+        reload_micros=r["reload_micros"], smart_adjustment=r["smart_adjustment"],
+        round=r["round"], error=r["error"], created_at=r["created_at"],
+        updated_at=r["updated_at"], seq=r["seq"])
+
+
+async def insert_attempt(conn: Conn, a: dict[str, Any]) -> Attempt | None:
+    """None when the wallet already has a recharge in flight (one at a time)."""
+    r = await conn.fetchrow(
+        f"INSERT INTO recharge_attempts (id, wallet_id, owner, company_id, account_id, trigger, "
+        f"amount_micros, currency, status, stripe_account, reload_micros, smart_adjustment, "
+        f"round, not_before) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', $9, $10, $11, "
+        f"$12, COALESCE($13, now())) ON CONFLICT (wallet_id) WHERE status = 'pending' AND trigger = 'auto' "
+        f"DO NOTHING "
+        f"RETURNING {_ATTEMPT_COLS}",
+        a["id"], a["wallet_id"], a["owner"], a["company_id"], a.get("account_id"), a["trigger"],
+        a["amount_micros"], a["currency"], a.get("stripe_account"), a.get("reload_micros"),
+        a.get("smart_adjustment", False), a.get("round", 1), a.get("not_before"))
+    return _attempt(r) if r else None
+
+
+async def lease_due_attempt(conn: Conn, lease_seconds: int) -> Attempt | None:
+    """Take the next due pending attempt for ``lease_seconds`` (other replicas skip it)."""
+    r = await conn.fetchrow(
+        f"UPDATE recharge_attempts SET leased_until = now() + make_interval(secs => $1) "
+        f"WHERE id = (SELECT id FROM recharge_attempts WHERE status = 'pending' "
+        f"  AND not_before <= now() AND (leased_until IS NULL OR leased_until < now()) "
+        f"  ORDER BY not_before LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {_ATTEMPT_COLS}",
+        lease_seconds)
+    return _attempt(r) if r else None
+
+
+async def lease_attempt(conn: Conn, attempt_id: str, lease_seconds: int) -> Attempt | None:
+    r = await conn.fetchrow(
+        f"UPDATE recharge_attempts SET leased_until = now() + make_interval(secs => $2) "
+        f"WHERE id = $1 AND status = 'pending' AND (leased_until IS NULL OR leased_until < now()) "
+        f"RETURNING {_ATTEMPT_COLS}", attempt_id, lease_seconds)
+    return _attempt(r) if r else None
+
+
+async def get_attempt(conn: Conn, attempt_id: str) -> Attempt | None:
+    r = await conn.fetchrow(f"SELECT {_ATTEMPT_COLS} FROM recharge_attempts WHERE id = $1",
+                            attempt_id)
+    return _attempt(r) if r else None
+
+
+async def save_tries(conn: Conn, attempt_id: str, tries: list[dict[str, Any]]) -> None:
+    await conn.execute(
+        "UPDATE recharge_attempts SET tries = $2::jsonb, updated_at = now() WHERE id = $1",
+        attempt_id, orjson.dumps(tries).decode())
+
+
+async def finish_attempt(conn: Conn, attempt_id: str, *, status: str, tries: list[dict[str, Any]],
+                         payment_intent: str | None = None, payment_method: str | None = None,
+                         charged_minor: int | None = None, fee_micros: int | None = None,
+                         error: str | None = None) -> None:
+    await conn.execute(
+        "UPDATE recharge_attempts SET status = $2, tries = $3::jsonb, payment_intent = $4, "
+        "payment_method = $5, charged_minor = $6, fee_micros = $7, error = $8, "
+        "leased_until = NULL, updated_at = now() WHERE id = $1",
+        attempt_id, status, orjson.dumps(tries).decode(), payment_intent, payment_method,
+        charged_minor, fee_micros, error)
+
+
+async def postpone_attempt(conn: Conn, attempt_id: str, seconds: int, error: str) -> None:
+    await conn.execute(
+        "UPDATE recharge_attempts SET not_before = now() + make_interval(secs => $2), "
+        "leased_until = NULL, error = $3, updated_at = now() WHERE id = $1",
+        attempt_id, seconds, error)
+
+
+async def list_attempts(conn: Conn, wallet_id: str, *, limit: int,
+                        before_seq: int | None) -> list[Attempt]:
+    rows = await conn.fetch(
+        f"SELECT {_ATTEMPT_COLS} FROM recharge_attempts WHERE wallet_id = $1 AND seq < $2 "
+        f"ORDER BY seq DESC LIMIT $3", wallet_id, before_seq if before_seq is not None else 2**62,
+        limit)
+    return [_attempt(r) for r in rows]
+
+
+async def recent_auto_successes(conn: Conn, wallet_id: str, since: datetime) -> int:
+    return int(await conn.fetchval(
+        "SELECT count(*) FROM recharge_attempts r, wallet_policy p WHERE r.wallet_id = $1 "
+        "AND p.wallet_id = r.wallet_id AND r.trigger = 'auto' AND r.status = 'succeeded' "
+        "AND r.updated_at > $2 AND r.updated_at > p.tier_since", wallet_id, since))
+
+
+async def policy(conn: Conn, wallet_id: str) -> tuple[int, datetime]:
+    await conn.execute("INSERT INTO wallet_policy (wallet_id) VALUES ($1) ON CONFLICT DO NOTHING",
+                       wallet_id)
+    r = await conn.fetchrow("SELECT consecutive_failures, tier_since FROM wallet_policy "
+                            "WHERE wallet_id = $1 FOR UPDATE", wallet_id)
+    assert r is not None
+    return r["consecutive_failures"], r["tier_since"]
+
+
+async def set_policy(conn: Conn, wallet_id: str, *, failures: int | None = None,
+                     tier_raised: bool = False) -> None:
+    if failures is not None:
+        await conn.execute("UPDATE wallet_policy SET consecutive_failures = $2 WHERE wallet_id = $1",
+                           wallet_id, failures)
+    if tier_raised:
+        await conn.execute("UPDATE wallet_policy SET tier_since = now() WHERE wallet_id = $1",
+                           wallet_id)
+
+
+# --- customers and cards -------------------------------------------------------------------
+
+async def customer(conn: Conn, owner: str, owner_id: str) -> str | None:
+    value = await conn.fetchval(
+        "SELECT stripe_customer_id FROM customers WHERE owner = $1 AND owner_id = $2",
+        owner, owner_id)
+    return str(value) if value else None
+
+
+async def save_customer(conn: Conn, owner: str, owner_id: str, company_id: str,
+                        stripe_account: str | None, customer_id: str) -> str:
+    """Keeps the first customer recorded for an owner (concurrent creations: one wins)."""
+    value = await conn.fetchval(
+        "INSERT INTO customers (owner, owner_id, company_id, stripe_account, stripe_customer_id) "
+        "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (owner, owner_id) DO UPDATE "
+        "SET owner = EXCLUDED.owner RETURNING stripe_customer_id",
+        owner, owner_id, company_id, stripe_account, customer_id)
+    return str(value)
+
+
+_PM_COLS = ("id, owner, owner_id, company_id, stripe_account, customer_id, brand, last4, "
+            "is_default, attached_at, last_succeeded_at, seq")
+
+
+async def add_payment_method(conn: Conn, *, pm: str, owner: str, owner_id: str, company_id: str,
+                             stripe_account: str | None, customer_id: str, brand: str | None,
+                             last4: str | None) -> asyncpg.Record:
+    has_default = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM payment_methods WHERE owner = $1 AND owner_id = $2 "
+        "AND is_default)", owner, owner_id)
+    r = await conn.fetchrow(
+        f"INSERT INTO payment_methods (id, owner, owner_id, company_id, stripe_account, "
+        f"customer_id, brand, last4, is_default) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+        f"ON CONFLICT (id) DO UPDATE SET brand = EXCLUDED.brand RETURNING {_PM_COLS}",
+        pm, owner, owner_id, company_id, stripe_account, customer_id, brand, last4, not has_default)
+    assert r is not None
+    return r
+
+
+async def payment_methods(conn: Conn, owner: str, owner_id: str) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        f"SELECT {_PM_COLS} FROM payment_methods WHERE owner = $1 AND owner_id = $2 "
+        f"ORDER BY is_default DESC, seq DESC", owner, owner_id)
+
+
+def cards(rows: list[asyncpg.Record]) -> list[Card]:
+    return [Card(r["id"], r["is_default"], r["last_succeeded_at"], r["seq"]) for r in rows]
+
+
+async def remove_payment_method(conn: Conn, pm: str) -> None:
+    r = await conn.fetchrow("DELETE FROM payment_methods WHERE id = $1 RETURNING owner, owner_id, "
+                            "is_default", pm)
+    if r and r["is_default"]:
+        await conn.execute(
+            "UPDATE payment_methods SET is_default = true WHERE id = (SELECT id FROM "
+            "payment_methods WHERE owner = $1 AND owner_id = $2 ORDER BY seq DESC LIMIT 1)",
+            r["owner"], r["owner_id"])
+
+
+async def make_default(conn: Conn, pm: str, owner: str, owner_id: str) -> None:
+    await conn.execute("UPDATE payment_methods SET is_default = false WHERE owner = $1 "
+                       "AND owner_id = $2 AND is_default", owner, owner_id)
+    await conn.execute("UPDATE payment_methods SET is_default = true WHERE id = $1", pm)
+
+
+async def card_succeeded(conn: Conn, pm: str) -> None:
+    await conn.execute("UPDATE payment_methods SET last_succeeded_at = now() WHERE id = $1", pm)
+
+
+# --- what rebilling tells us ---------------------------------------------------------------
+
+async def upsert_company(conn: Conn, company_id: str, currency: str,
+                         stripe_account_id: str | None) -> None:
+    await conn.execute(
+        "INSERT INTO companies (company_id, currency, stripe_account_id) VALUES ($1, $2, $3) "
+        "ON CONFLICT (company_id) DO UPDATE SET currency = EXCLUDED.currency, "
+        "stripe_account_id = EXCLUDED.stripe_account_id, updated_at = now()",
+        company_id, currency, stripe_account_id)
+
+
+async def company(conn: Conn, company_id: str) -> tuple[str, str | None]:
+    """(currency, connected Stripe account) of a company; USD and None when unknown."""
+    r = await conn.fetchrow(
+        "SELECT currency, stripe_account_id FROM companies WHERE company_id = $1", company_id)
+    return (r["currency"], r["stripe_account_id"]) if r else ("USD", None)
+
+
+async def upsert_account(conn: Conn, account_id: str, company_id: str) -> None:
+    await conn.execute(
+        "INSERT INTO accounts (account_id, company_id) VALUES ($1, $2) ON CONFLICT (account_id) "
+        "DO UPDATE SET company_id = EXCLUDED.company_id", account_id, company_id)
+
+
+async def account_company(conn: Conn, account_id: str) -> str | None:
+    value = await conn.fetchval("SELECT company_id FROM accounts WHERE account_id = $1", account_id)
+    return str(value) if value else None
