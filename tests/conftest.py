@@ -181,7 +181,12 @@ class Tally:
 async def tally(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Tally]:
     root = tmp_path_factory.mktemp("stack")
     stack = Stack(root, ports=Ports.free(), database_url=os.environ.get("DATABASE_URL"),
-                  isolated_database=True, partitions=4)
+                  isolated_database=True, partitions=4, extra_env={
+                      # retries and leases on a test's time scale
+                      "TALLY_RECHARGE_RETRY_SECONDS": "1,1",
+                      "TALLY_RECHARGE_LEASE_SECONDS": "3",
+                      "TALLY_RECHARGE_UNAVAILABLE_RETRY_SECONDS": "2",
+                  })
     try:
         await stack.start()
         await stack.start_services()

@@ -200,9 +200,14 @@ class Stack:
             self.spawn_service(name)
         await asyncio.gather(*(self.wait_ready(n) for n in names))
 
-    def spawn_service(self, name: str) -> None:
-        env = {**os.environ, **self.env}
-        self._spawn(name, [sys.executable, "-m", PACKAGES[name]], env=env)
+    def spawn_service(self, name: str, env: dict[str, str] | None = None) -> None:
+        """Start one service process; ``env`` adds to (or overrides) the stack's environment."""
+        full = {**os.environ, **self.env, **(env or {})}
+        self._spawn(name, [sys.executable, "-m", PACKAGES[name]], env=full)
+
+    def exited(self, name: str) -> int | None:
+        """The exit code of a stack process, or None while it runs."""
+        return self._procs[name].poll()
 
     async def wait_ready(self, name: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
