@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import httpx
 import orjson
+import stripe
 from aiokafka import AIOKafkaProducer
 
 from tally.auth import issue_token
@@ -22,7 +23,8 @@ COMPANIES = {
     "corner-digital": ["corner-florist", "corner-garage", "corner-salon", "corner-vet"],
 }
 SERVICES = [("email", "20"), ("sms", "2"), ("phone", "3.5"), ("ai", "4"), ("whatsapp", "1")]
-OPENING_CREDIT = "250.00"
+OPENING_CREDIT = "20.00"  # small on purpose: the demo shows auto-recharges within a minute
+THRESHOLD, RELOAD = "10.00", "25.00"
 
 
 @dataclass
@@ -34,13 +36,29 @@ class SimStats:
 
 
 async def seed(stack: Stack) -> None:
-    """Fund every demo agency wallet once (idempotent across runs)."""
+    """Each demo agency: a card in the fake Stripe attached through the recharge API, wallet
+    settings (threshold, reload amount), and an opening credit. Idempotent across runs."""
     headers = {"Authorization": "Bearer " + issue_token("platform_admin", sub="demo")}
+    stripe_client = stripe.StripeClient("sk_test_tally", http_client=stripe.HTTPXClient(),
+                                        base_addresses={"api": stack.stripe_api_base})
     async with httpx.AsyncClient(headers=headers, timeout=30) as client:
         for cid in COMPANIES:
+            cards = await client.get(stack.url("recharge") + f"/v1/companies/{cid}/payment-methods")
+            cards.raise_for_status()
+            if not cards.json()["items"]:
+                pm = await stripe_client.v1.payment_methods.create_async(params={
+                    "type": "card", "card": {"number": "4242424242424242", "exp_month": 12,
+                                             "exp_year": 2034, "cvc": "123"}})
+                r = await client.post(stack.url("recharge") + f"/v1/companies/{cid}/payment-methods",
+                                      json={"payment_method": pm.id})
+                r.raise_for_status()
             r = await client.post(stack.url("wallet") + f"/v1/companies/{cid}/wallet/credits",
                                   json={"amount": OPENING_CREDIT, "reference": "demo opening credit"},
                                   headers={"Idempotency-Key": "demo-opening-credit"})
+            r.raise_for_status()
+            r = await client.patch(stack.url("wallet") + f"/v1/companies/{cid}/wallet",
+                                   json={"threshold": THRESHOLD, "reload_amount": RELOAD,
+                                         "auto_recharge": True})
             r.raise_for_status()
 
 

@@ -63,21 +63,27 @@ class LiveView:
                           self.stats.last_error or "")
 
         wallets = Table(title="company wallets", expand=True)
-        for col in ("company", "balance", "status", "threshold"):
+        for col in ("company", "balance", "status", "threshold", "reload", "auto-recharge",
+                    "recharges"):
             wallets.add_column(col, justify="right" if col != "company" else "left")
         lines: list[tuple[str, dict[str, Any]]] = []
         for cid in self.companies:
             try:
                 w = (await self.client.get(
                     self.stack.url("wallet") + f"/v1/companies/{cid}/wallet")).json()
+                recharges = (await self.client.get(
+                    self.stack.url("recharge") + f"/v1/companies/{cid}/wallet/recharges?limit=100"
+                )).json()["items"]
+                done = sum(1 for x in recharges if x["status"] == "succeeded")
                 wallets.add_row(cid, f"{w['balance']} {w['currency']}", w["status"],
-                                w["threshold"])
+                                w["threshold"], w["reload_amount"],
+                                "on" if w["auto_recharge"] else "off", str(done))
                 txs = (await self.client.get(
                     self.stack.url("wallet") + f"/v1/companies/{cid}/wallet/transactions?limit=5"
                 )).json()["items"]
                 lines.extend((cid, t) for t in txs)
             except (httpx.HTTPError, KeyError, ValueError):
-                wallets.add_row(cid, "?", "?", "?")
+                wallets.add_row(cid, "?", "?", "?", "?", "?", "?")
         ledger = Table(title="recent ledger lines", expand=True)
         for col in ("#", "wallet", "kind", "service", "amount", "balance after", "at"):
             ledger.add_column(col)
