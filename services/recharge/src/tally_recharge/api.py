@@ -352,6 +352,40 @@ async def account_recharges(aid: str, request: Request, principal: CurrentPrinci
     return await _history(request, target, limit, cursor)
 
 
+# --- service-to-service card charges ------------------------------------------------------
+
+class ChargeIn(BaseModel):
+    key: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,120}$", description="idempotency key")
+    owner: Literal["company", "account"]
+    company_id: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    account_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    amount: str
+    description: str = Field("", max_length=200)
+
+
+@router.post("/charges", status_code=201, response_model=AttemptOut,
+             summary="Charge a company's or account's cards for another service (at most once "
+                     "per key; platform services only)")
+async def charge(body: ChargeIn, request: Request, principal: CurrentPrincipal) -> AttemptOut:
+    require_role(principal, "platform_admin")
+    amount = _amount(body.amount)
+    rt, _, recharger = _rt(request)
+    async with rt.pool.acquire() as conn:
+        currency, _ = await storage.company(conn, body.company_id)
+        if body.owner == "account":
+            if not body.account_id:
+                raise ApiError(422, "validation_error", "account_id is required for an account")
+            target = WalletTarget(f"account:{body.account_id}", "account", body.company_id,
+                                  body.account_id, currency)
+        else:
+            target = WalletTarget(f"company:{body.company_id}", "company", body.company_id,
+                                  None, currency)
+        stripe_account = await _stripe_account(conn, target)
+    attempt = await recharger.charge_once(body.key, target, amount, stripe_account,
+                                          body.description)
+    return _attempt_out(attempt)
+
+
 # --- Stripe webhooks -----------------------------------------------------------------------
 
 @router.post("/stripe/webhooks", summary="Stripe events (signature checked)")

@@ -115,6 +115,26 @@ class Recharger:
         assert final is not None
         return final
 
+    async def charge_once(self, key: str, target: WalletTarget, amount_micros: int,
+                          stripe_account: str | None, description: str) -> storage.Attempt:
+        """Charge a card for another service (``purpose = 'charge'``), at most once per ``key``:
+        a repeated call returns the first call's attempt. Nothing is credited to a wallet."""
+        async with self.pool.acquire() as conn:
+            existing = await storage.get_attempt(conn, key)
+            if existing is None:
+                await storage.insert_attempt(conn, {
+                    "id": key, **target.ref(), "wallet_id": f"charge:{target.owner}:{target.owner_id}",
+                    "trigger": "manual", "amount_micros": amount_micros,
+                    "stripe_account": stripe_account, "purpose": "charge",
+                    "description": description})
+            leased = await storage.lease_attempt(conn, key, self.lease_seconds)
+        if leased is not None:
+            await self.run(leased)
+        async with self.pool.acquire() as conn:
+            final = await storage.get_attempt(conn, key)
+        assert final is not None
+        return final
+
     # --- running attempts ----------------------------------------------------------------
 
     async def run(self, a: storage.Attempt) -> None:
@@ -183,6 +203,9 @@ class Recharger:
                                          payment_intent=payment_intent, payment_method=pm,
                                          charged_minor=charged_minor, fee_micros=fee)
             await storage.card_succeeded(conn, pm)
+            if a.purpose == "charge":
+                OUTCOMES.labels("charge", "succeeded").inc()
+                return
             await storage.policy(conn, a.wallet_id)
             await storage.set_policy(conn, a.wallet_id, failures=0)
             rows = [outbox.row(Topics.RECHARGE_EVENTS, a.company_id, events.envelope(
@@ -219,6 +242,9 @@ class Recharger:
         failures = 1
         async with self.pool.acquire() as conn, conn.transaction():
             await storage.finish_attempt(conn, a.id, status="failed", tries=tries, error=reason)
+            if a.purpose == "charge":
+                OUTCOMES.labels("charge", "failed").inc()
+                return
             if a.trigger == "auto":
                 failures = (await storage.policy(conn, a.wallet_id))[0] + 1
                 delay = self.retry.after_failure(failures)
