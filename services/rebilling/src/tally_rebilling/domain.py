@@ -1,0 +1,117 @@
+"""Reseller rules, pure: what each plan unlocks, how rebilling settings are validated and
+gated, the reselling catalog, and the seat rules of license pools and the provisional handoff."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Literal
+
+from tally.money import MICROS_PER_UNIT, MoneyError, parse_decimal
+
+Plan = Literal["starter", "unlimited", "saas_pro"]
+Mode = Literal["off", "rebill", "rebill_markup"]
+
+PLAN_PRICES = {"starter": 97, "unlimited": 297, "saas_pro": 497}  # per month, currency units
+MIN_MARKUP, MAX_MARKUP = Decimal(1), Decimal(10)
+MARKUP_PLACES = 6
+PERIOD_RE = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+
+
+def known_services() -> set[str]:
+    """Usage services a markup may name (the platform catalog's services; configurable)."""
+    return set(os.environ.get("TALLY_SERVICES", "email,sms,phone,ai,whatsapp").split(","))
+
+
+def plan_allows(plan: str, mode: Mode) -> bool:
+    """Rebilling needs the $297 or $497 plan; rebilling with markup needs the $497 plan."""
+    if mode == "off":
+        return True
+    if mode == "rebill":
+        return plan in ("unlimited", "saas_pro")
+    return plan == "saas_pro"
+
+
+def best_allowed(plan: str, mode: Mode) -> Mode:
+    """What a mode becomes after a downgrade: markup -> plain rebilling -> off."""
+    if plan_allows(plan, mode):
+        return mode
+    if mode == "rebill_markup" and plan_allows(plan, "rebill"):
+        return "rebill"
+    return "off"
+
+
+class InvalidMarkup(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+def validate_markups(markups: dict[str, str]) -> dict[str, str]:
+    """Markups per service (or "default"): decimal strings from 1 to 10, up to 6 decimals.
+    Returns them normalised (``"1.50"`` -> ``"1.5"``)."""
+    services = known_services() | {"default"}
+    out: dict[str, str] = {}
+    for service, text in markups.items():
+        field = f"markups.{service}"
+        if service not in services:
+            raise InvalidMarkup(field, f"unknown service {service!r}; one of {sorted(services)}")
+        if not isinstance(text, str):
+            raise InvalidMarkup(field, "a markup is a decimal string like \"1.5\"")
+        try:
+            value = parse_decimal(text, max_places=MARKUP_PLACES, field="markup")
+        except MoneyError as exc:
+            raise InvalidMarkup(field, str(exc)) from exc
+        if not MIN_MARKUP <= value <= MAX_MARKUP:
+            raise InvalidMarkup(field, "a markup must be between 1 and 10")
+        out[service] = format(value.normalize(), "f")
+    return out
+
+
+# --- reselling -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Product:
+    id: str
+    name: str
+    platform_price_micros: int  # per month
+
+
+CATALOG = {p.id: p for p in (
+    Product("whatsapp", "WhatsApp subscription", 10 * MICROS_PER_UNIT),
+    Product("yext", "Yext listings", 30 * MICROS_PER_UNIT),
+    Product("wordpress", "WordPress hosting", 25 * MICROS_PER_UNIT),
+    Product("conversation_ai", "Conversation AI", 97 * MICROS_PER_UNIT),
+)}
+
+
+def parse_period(text: str) -> str:
+    if not PERIOD_RE.match(text):
+        raise ValueError("period must be YYYY-MM")
+    return text
+
+
+# --- seats ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Seats:
+    """One workspace's seat picture."""
+
+    assigned: int  # licenses assigned from the pool to this workspace
+    members: int  # billable members (the agency admin counts while it holds the seat)
+    pending_invites: int
+    agency_admin_only: bool  # the only member is the agency admin holding the seat as owner
+
+
+def invite_needs_license(s: Seats) -> bool:
+    """Whether inviting one more user needs a license beyond what the workspace holds.
+
+    The provisional handoff: while the agency admin is the only member (and nobody is invited
+    yet), the client may be invited without a spare license — on acceptance the admin's seat
+    goes to the client, so the workspace stays at one billable user."""
+    if s.agency_admin_only and s.pending_invites == 0:
+        return False
+    return s.members + s.pending_invites + 1 > s.assigned

@@ -1,0 +1,66 @@
+"""What rebilling tells the others, always through the outbox in the deciding transaction:
+``company.updated`` / ``account.created`` / ``license.changed`` / ``subscription.charged`` on
+``rebilling.events`` and each account's full settings on the compacted ``rebilling.settings``."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from tally import events, outbox
+from tally.db import Conn
+from tally.events import Topics
+from tally_rebilling import storage
+
+SOURCE = "rebilling"
+
+
+async def company_updated(conn: Conn, c: asyncpg.Record) -> None:
+    await outbox.publish(conn, Topics.REBILLING_EVENTS, c["id"], events.envelope(
+        "company.updated", events.CompanyUpdated(
+            company_id=c["id"], name=c["name"], plan=c["plan"], currency=c["currency"],
+            owner_email=c["owner_email"], stripe_connected=c["stripe_account_id"] is not None,
+            stripe_account_id=c["stripe_account_id"]), source=SOURCE))
+
+
+async def account_created(conn: Conn, a: asyncpg.Record) -> None:
+    await outbox.publish(conn, Topics.REBILLING_EVENTS, a["company_id"], events.envelope(
+        "account.created", events.AccountCreated(
+            account_id=a["id"], company_id=a["company_id"], name=a["name"],
+            owner_email=a["owner_email"], billing_model=a["billing_model"]),
+        source=SOURCE, id_=f"account.created:{a['id']}"))
+
+
+async def settings(conn: Conn, aid: str) -> None:
+    """Publish the account's full current settings (the compacted topic keeps the last)."""
+    a = await storage.account(conn, aid)
+    assert a is not None
+    c = await storage.company(conn, a["company_id"])
+    assert c is not None
+    mode, markups, version = await storage.rebilling(conn, aid)
+    payload = events.RebillingSettings(
+        account_id=aid, company_id=a["company_id"], mode=mode,
+        markups=markups, active=bool(a["has_valid_card"]),
+        company_stripe_connected=c["stripe_account_id"] is not None, version=version)
+    await outbox.publish(conn, Topics.REBILLING_SETTINGS, aid, events.envelope(
+        "rebilling.settings", payload, source=SOURCE, id_=f"rebilling.settings:{aid}:{version}"))
+
+
+async def license_changed(conn: Conn, cid: str, aid: str | None) -> None:
+    total, assigned = await storage.pool(conn, cid)
+    account_assigned = await storage.account_assigned(conn, aid) if aid else None
+    await outbox.publish(conn, Topics.REBILLING_EVENTS, cid, events.envelope(
+        "license.changed", events.LicenseChanged(
+            company_id=cid, account_id=aid, total=total, assigned=assigned,
+            account_assigned=account_assigned), source=SOURCE))
+
+
+async def subscription_charged(conn: Conn, sub: asyncpg.Record, period: str, currency: str) -> None:
+    await outbox.publish(conn, Topics.REBILLING_EVENTS, sub["company_id"], events.envelope(
+        "subscription.charged", events.SubscriptionCharged(
+            subscription_id=sub["id"], company_id=sub["company_id"], account_id=sub["account_id"],
+            product=sub["product"], deployment=sub["deployment"], period=period,
+            platform_amount_micros=sub["platform_price"],
+            company_amount_micros=sub["company_price"] if sub["deployment"] == "resell" else 0,
+            currency=currency), source=SOURCE, id_=f"subscription.charged:{sub['id']}:{period}"))
+
+

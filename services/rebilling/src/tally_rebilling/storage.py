@@ -1,0 +1,231 @@
+"""rebilling's tables: companies, accounts, rebilling settings, SaaS plans, reselling, licenses,
+members and invitations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import orjson
+
+from tally.db import Conn
+
+_COMPANY = "id, name, plan, owner_email, currency, stripe_account_id, created_at"
+_ACCOUNT = ("id, company_id, name, owner_email, billing_model, saas_plan_id, has_valid_card, "
+            "created_at")
+
+
+async def insert_company(conn: Conn, c: dict[str, Any]) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"INSERT INTO companies (id, name, plan, owner_email, currency) VALUES ($1, $2, $3, $4, $5) "
+        f"ON CONFLICT (id) DO NOTHING RETURNING {_COMPANY}",
+        c["id"], c["name"], c["plan"], c["owner_email"], c["currency"])
+
+
+async def company(conn: Conn, cid: str, *, lock: bool = False) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"SELECT {_COMPANY} FROM companies WHERE id = $1" + (" FOR UPDATE" if lock else ""), cid)
+
+
+async def update_company(conn: Conn, cid: str, **fields: Any) -> asyncpg.Record:
+    sets = ", ".join(f"{k} = ${i}" for i, k in enumerate(fields, start=2))
+    r = await conn.fetchrow(f"UPDATE companies SET {sets}, updated_at = now() WHERE id = $1 "
+                            f"RETURNING {_COMPANY}", cid, *fields.values())
+    assert r is not None
+    return r
+
+
+async def insert_account(conn: Conn, a: dict[str, Any]) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"INSERT INTO accounts (id, company_id, name, owner_email, billing_model, saas_plan_id) "
+        f"VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING RETURNING {_ACCOUNT}",
+        a["id"], a["company_id"], a["name"], a["owner_email"], a["billing_model"],
+        a.get("saas_plan_id"))
+
+
+async def account(conn: Conn, aid: str, *, lock: bool = False) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"SELECT {_ACCOUNT} FROM accounts WHERE id = $1" + (" FOR UPDATE" if lock else ""), aid)
+
+
+async def company_accounts(conn: Conn, cid: str) -> list[asyncpg.Record]:
+    return await conn.fetch(f"SELECT {_ACCOUNT} FROM accounts WHERE company_id = $1 ORDER BY id",
+                            cid)
+
+
+async def set_card(conn: Conn, aid: str, has_valid_card: bool) -> bool:
+    """Returns whether the account exists."""
+    status = await conn.execute("UPDATE accounts SET has_valid_card = $2 WHERE id = $1",
+                                aid, has_valid_card)
+    return status.endswith(" 1")
+
+
+# --- rebilling settings --------------------------------------------------------------------
+
+async def rebilling(conn: Conn, aid: str) -> tuple[str, dict[str, str], int]:
+    r = await conn.fetchrow(
+        "SELECT mode, markups::text AS markups, version FROM rebilling WHERE account_id = $1", aid)
+    if r is None:
+        return "off", {}, 0
+    return r["mode"], orjson.loads(r["markups"]), r["version"]
+
+
+async def save_rebilling(conn: Conn, aid: str, mode: str, markups: dict[str, str]) -> int:
+    """Store the settings; returns the new version."""
+    version = await conn.fetchval(
+        "INSERT INTO rebilling (account_id, mode, markups) VALUES ($1, $2, $3::jsonb) "
+        "ON CONFLICT (account_id) DO UPDATE SET mode = EXCLUDED.mode, markups = EXCLUDED.markups, "
+        "version = rebilling.version + 1, updated_at = now() RETURNING version",
+        aid, mode, orjson.dumps(markups).decode())
+    return int(version)
+
+
+async def bump_rebilling(conn: Conn, aid: str) -> int:
+    """A new version with the same settings (e.g. the card arrived: ``active`` changes)."""
+    version = await conn.fetchval(
+        "UPDATE rebilling SET version = version + 1, updated_at = now() WHERE account_id = $1 "
+        "RETURNING version", aid)
+    return int(version or 0)
+
+
+async def insert_saas_plan(conn: Conn, cid: str, pid: str, name: str, mode: str,
+                           markups: dict[str, str]) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "INSERT INTO saas_plans (company_id, id, name, mode, markups) VALUES ($1, $2, $3, $4, "
+        "$5::jsonb) ON CONFLICT DO NOTHING RETURNING id, name, mode, markups::text AS markups",
+        cid, pid, name, mode, orjson.dumps(markups).decode())
+
+
+async def saas_plan(conn: Conn, cid: str, pid: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "SELECT id, name, mode, markups::text AS markups FROM saas_plans "
+        "WHERE company_id = $1 AND id = $2", cid, pid)
+
+
+# --- reselling -----------------------------------------------------------------------------
+
+async def company_prices(conn: Conn, cid: str) -> dict[str, int]:
+    rows = await conn.fetch("SELECT product, price FROM company_prices WHERE company_id = $1", cid)
+    return {r["product"]: r["price"] for r in rows}
+
+
+async def set_company_price(conn: Conn, cid: str, product: str, price: int) -> None:
+    await conn.execute(
+        "INSERT INTO company_prices (company_id, product, price) VALUES ($1, $2, $3) "
+        "ON CONFLICT (company_id, product) DO UPDATE SET price = EXCLUDED.price",
+        cid, product, price)
+
+
+async def insert_subscription(conn: Conn, s: dict[str, Any]) -> asyncpg.Record:
+    r = await conn.fetchrow(
+        "INSERT INTO subscriptions (id, account_id, company_id, product, deployment, "
+        "platform_price, company_price) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
+        s["id"], s["account_id"], s["company_id"], s["product"], s["deployment"],
+        s["platform_price"], s["company_price"])
+    assert r is not None
+    return r
+
+
+async def active_subscriptions(conn: Conn) -> list[asyncpg.Record]:
+    return await conn.fetch("SELECT * FROM subscriptions WHERE status = 'active' ORDER BY id")
+
+
+async def claim_period(conn: Conn, sub: asyncpg.Record, period: str) -> bool:
+    """Reserve (subscription, period) for charging; False when already charged or reserved."""
+    status = await conn.execute(
+        "INSERT INTO subscription_charges (subscription_id, period, company_id, platform_amount, "
+        "company_amount, status) VALUES ($1, $2, $3, $4, $5, 'pending') ON CONFLICT DO NOTHING",
+        sub["id"], period, sub["company_id"], sub["platform_price"],
+        sub["company_price"] if sub["deployment"] == "resell" else 0)
+    if status.endswith(" 1"):
+        return True
+    # A reservation whose charge never settled (a crash) is retried: the charge keys make the
+    # card charges themselves idempotent.
+    return bool(await conn.fetchval(
+        "SELECT status = 'pending' FROM subscription_charges WHERE subscription_id = $1 "
+        "AND period = $2", sub["id"], period))
+
+
+async def settle_period(conn: Conn, sub_id: str, period: str, status: str,
+                        error: str | None) -> None:
+    await conn.execute(
+        "UPDATE subscription_charges SET status = $3, error = $4, charged_at = now() "
+        "WHERE subscription_id = $1 AND period = $2", sub_id, period, status, error)
+
+
+async def period_charges(conn: Conn, cid: str, period: str) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT c.*, s.account_id, s.product, s.deployment FROM subscription_charges c "
+        "JOIN subscriptions s ON s.id = c.subscription_id WHERE c.company_id = $1 "
+        "AND c.period = $2 AND c.status = 'charged' ORDER BY s.account_id, s.product", cid, period)
+
+
+# --- licenses, members, invitations --------------------------------------------------------
+
+async def pool(conn: Conn, cid: str, *, lock: bool = False) -> tuple[int, int]:
+    """(total, assigned) of the company's license pool."""
+    await conn.execute("INSERT INTO license_pools (company_id) VALUES ($1) ON CONFLICT DO NOTHING",
+                       cid)
+    total = await conn.fetchval("SELECT total FROM license_pools WHERE company_id = $1"
+                                + (" FOR UPDATE" if lock else ""), cid)
+    assigned = await conn.fetchval(
+        "SELECT COALESCE(sum(assigned), 0) FROM account_licenses WHERE company_id = $1", cid)
+    return int(total), int(assigned)
+
+
+async def add_to_pool(conn: Conn, cid: str, quantity: int) -> None:
+    await conn.execute("UPDATE license_pools SET total = total + $2 WHERE company_id = $1",
+                       cid, quantity)
+
+
+async def account_assigned(conn: Conn, aid: str) -> int:
+    return int(await conn.fetchval(
+        "SELECT COALESCE((SELECT assigned FROM account_licenses WHERE account_id = $1), 0)", aid))
+
+
+async def change_assigned(conn: Conn, aid: str, cid: str, delta: int) -> int:
+    value = await conn.fetchval(
+        "INSERT INTO account_licenses (account_id, company_id, assigned) VALUES ($1, $2, $3) "
+        "ON CONFLICT (account_id) DO UPDATE SET assigned = account_licenses.assigned + $3 "
+        "RETURNING assigned", aid, cid, delta)
+    return int(value)
+
+
+async def members(conn: Conn, aid: str) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT email, role, is_agency, joined_at FROM members WHERE account_id = $1 "
+        "ORDER BY joined_at, email", aid)
+
+
+async def add_member(conn: Conn, aid: str, email: str, role: str, is_agency: bool) -> None:
+    await conn.execute(
+        "INSERT INTO members (account_id, email, role, is_agency) VALUES ($1, $2, $3, $4) "
+        "ON CONFLICT (account_id, email) DO UPDATE SET role = EXCLUDED.role",
+        aid, email, role, is_agency)
+
+
+async def remove_agency_members(conn: Conn, aid: str) -> None:
+    await conn.execute("DELETE FROM members WHERE account_id = $1 AND is_agency", aid)
+
+
+async def pending_invitations(conn: Conn, aid: str) -> int:
+    return int(await conn.fetchval(
+        "SELECT count(*) FROM invitations WHERE account_id = $1 AND status = 'pending'", aid))
+
+
+async def insert_invitation(conn: Conn, iid: str, aid: str, email: str, role: str,
+                            handoff: bool) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        "INSERT INTO invitations (id, account_id, email, role, status, handoff) VALUES "
+        "($1, $2, $3, $4, 'pending', $5) ON CONFLICT DO NOTHING RETURNING *",
+        iid, aid, email, role, handoff)
+
+
+async def invitation(conn: Conn, iid: str, *, lock: bool = False) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM invitations WHERE id = $1"
+                               + (" FOR UPDATE" if lock else ""), iid)
+
+
+async def accept_invitation(conn: Conn, iid: str) -> None:
+    await conn.execute("UPDATE invitations SET status = 'accepted', accepted_at = now() "
+                       "WHERE id = $1", iid)
