@@ -149,8 +149,8 @@ async def test_threshold_crossing_is_emitted_once_per_crossing(tally: Tally) -> 
     assert data["balance_micros"] == 84_000 and data["threshold_micros"] == 100_000
     assert data["reload_amount_micros"] == 25_000_000
 
-    await agency.fund("1.00")  # back above the threshold: the next fall is a new crossing
-    await agency.use("whatsapp", "20")
+    await agency.fund("1.00")  # 0.968: back above the threshold, the next fall is a new crossing
+    await agency.use("whatsapp", "16")  # 0.04: below the threshold, not below zero
     # The crossing is relayed right after its own debit: close the read on a later event.
     last = await agency.use("email", "1")
     crossings = await tally.topic_messages(

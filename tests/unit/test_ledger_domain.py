@@ -83,3 +83,16 @@ def test_debited_message_fits_the_event_contract() -> None:
     assert (payload.company_amount_micros, payload.account_amount_micros) == (5, 8)
     _, alone = events.parse(events.dumps(debited_message(u, company, None, now.isoformat())))
     assert isinstance(alone, events.WalletDebited) and not alone.rebilled
+
+
+def test_a_wallet_starting_below_its_threshold_crosses_at_its_first_debit() -> None:
+    p = Posting(wallets(balance=0, threshold=10))  # new wallet: 0 < 10, armed
+    p.apply(debit("a", 1))
+    p.apply(debit("b", 1))
+    assert types(p) == ["wallet.threshold_crossed", "wallet.suspended"]
+    p.apply(Transfer("c", "system:rev", "company:c", 5, "recharge"))  # still below: not re-armed
+    p.apply(debit("d", 1))
+    assert types(p).count("wallet.threshold_crossed") == 1
+    p.apply(Transfer("e", "system:rev", "company:c", 20, "recharge"))  # lifted: re-armed
+    p.apply(debit("f", 20))
+    assert types(p).count("wallet.threshold_crossed") == 2

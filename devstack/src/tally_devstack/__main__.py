@@ -53,7 +53,8 @@ async def run(with_demo: bool) -> None:
                 await demo.seed(stack)
             stats = demo.SimStats()
             tasks.append(asyncio.create_task(demo.simulate(stack, stats)))
-        view = LiveView(stack, list(demo.COMPANIES) if with_demo else [], stats)
+        view = LiveView(stack, list(demo.COMPANIES) if with_demo else [], stats,
+                        demo.REBILLED if with_demo else [])
         waiter = asyncio.create_task(_until_interrupted())
         with Live(await view.render(), console=console, refresh_per_second=2) as live:
             while not waiter.done():

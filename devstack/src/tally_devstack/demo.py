@@ -35,31 +35,84 @@ class SimStats:
     last_error: str = ""
 
 
+async def _card(stripe_client: stripe.StripeClient) -> str:
+    pm = await stripe_client.v1.payment_methods.create_async(params={
+        "type": "card", "card": {"number": "4242424242424242", "exp_month": 12,
+                                 "exp_year": 2034, "cvc": "123"}})
+    return str(pm.id)
+
+
+def _ok(r: httpx.Response) -> None:
+    if r.status_code not in (200, 201, 204, 409):  # 409: already there from an earlier run
+        r.raise_for_status()
+
+
 async def seed(stack: Stack) -> None:
-    """Each demo agency: a card in the fake Stripe attached through the recharge API, wallet
-    settings (threshold, reload amount), and an opening credit. Idempotent across runs."""
-    headers = {"Authorization": "Bearer " + issue_token("platform_admin", sub="demo")}
+    """Agencies on the $497 plan with Stripe connected, funded wallets and a card each; client
+    accounts with a license pool; the first account of each agency rebilled at x1.5 with its own
+    card; a daily usage alert. Idempotent across runs."""
+    admin = {"Authorization": "Bearer " + issue_token("platform_admin", sub="demo")}
     stripe_client = stripe.StripeClient("sk_test_tally", http_client=stripe.HTTPXClient(),
                                         base_addresses={"api": stack.stripe_api_base})
-    async with httpx.AsyncClient(headers=headers, timeout=30) as client:
-        for cid in COMPANIES:
-            cards = await client.get(stack.url("recharge") + f"/v1/companies/{cid}/payment-methods")
-            cards.raise_for_status()
+    rebilling, wallet, recharge = (stack.url(s) for s in ("rebilling", "wallet", "recharge"))
+    async with httpx.AsyncClient(headers=admin, timeout=30) as client:
+        for cid, accounts in COMPANIES.items():
+            _ok(await client.post(f"{rebilling}/v1/companies", json={
+                "id": cid, "name": cid.replace("-", " ").title(), "plan": "saas_pro",
+                "owner_email": f"owner@{cid}.example.com", "currency": "USD"}))
+            _ok(await client.put(f"{rebilling}/v1/companies/{cid}/stripe-connect",
+                                 json={"stripe_account_id": f"acct_demo_{cid.replace('-', '_')}"}))
+            pool = (await client.get(f"{rebilling}/v1/companies/{cid}/licenses")).json()
+            if pool["total"] < len(accounts):
+                _ok(await client.post(f"{rebilling}/v1/companies/{cid}/licenses",
+                                      json={"quantity": len(accounts) - pool["total"]}))
+            cards = await client.get(f"{recharge}/v1/companies/{cid}/payment-methods")
             if not cards.json()["items"]:
-                pm = await stripe_client.v1.payment_methods.create_async(params={
-                    "type": "card", "card": {"number": "4242424242424242", "exp_month": 12,
-                                             "exp_year": 2034, "cvc": "123"}})
-                r = await client.post(stack.url("recharge") + f"/v1/companies/{cid}/payment-methods",
-                                      json={"payment_method": pm.id})
-                r.raise_for_status()
-            r = await client.post(stack.url("wallet") + f"/v1/companies/{cid}/wallet/credits",
+                _ok(await client.post(f"{recharge}/v1/companies/{cid}/payment-methods",
+                                      json={"payment_method": await _card(stripe_client)}))
+            _ok(await client.post(f"{wallet}/v1/companies/{cid}/wallet/credits",
                                   json={"amount": OPENING_CREDIT, "reference": "demo opening credit"},
-                                  headers={"Idempotency-Key": "demo-opening-credit"})
-            r.raise_for_status()
-            r = await client.patch(stack.url("wallet") + f"/v1/companies/{cid}/wallet",
-                                   json={"threshold": THRESHOLD, "reload_amount": RELOAD,
-                                         "auto_recharge": True})
-            r.raise_for_status()
+                                  headers={"Idempotency-Key": "demo-opening-credit"}))
+            _ok(await client.patch(f"{wallet}/v1/companies/{cid}/wallet", json={
+                "threshold": THRESHOLD, "reload_amount": RELOAD, "auto_recharge": True}))
+            for aid in accounts:
+                _ok(await client.post(f"{rebilling}/v1/companies/{cid}/accounts", json={
+                    "id": aid, "name": aid.replace("-", " ").title(),
+                    "owner_email": f"owner@{aid}.example.com"}))
+        for cid, accounts in COMPANIES.items():
+            await _rebill(client, stripe_client, stack, cid, accounts[0])
+
+
+async def _rebill(client: httpx.AsyncClient, stripe_client: stripe.StripeClient, stack: Stack,
+                  cid: str, aid: str) -> None:
+    """The account's own card (on the company's Stripe), then rebilling with markup."""
+    rebilling, recharge, notifier = (stack.url(s) for s in ("rebilling", "recharge", "notifier"))
+    for _ in range(100):  # the recharge service learns of new accounts from events
+        cards = await client.get(f"{recharge}/v1/accounts/{aid}/payment-methods")
+        if cards.status_code == 200:
+            break
+        await asyncio.sleep(0.1)
+    if not cards.json()["items"]:
+        _ok(await client.post(f"{recharge}/v1/accounts/{aid}/payment-methods",
+                              json={"payment_method": await _card(stripe_client)}))
+    for _ in range(100):
+        r = await client.put(f"{rebilling}/v1/accounts/{aid}/rebilling",
+                             json={"mode": "rebill_markup", "markups": {"default": "1.5"}})
+        if r.status_code == 200:
+            break
+        await asyncio.sleep(0.1)  # 409 account_card_required until the card event lands
+    _ok(await client.patch(f"{stack.url('wallet')}/v1/accounts/{aid}/wallet", json={
+        "threshold": "5", "reload_amount": "10", "auto_recharge": True}))
+    for _ in range(100):
+        r = await client.put(f"{notifier}/v1/accounts/{aid}/usage-alerts", json={
+            "enabled": True, "conditions": [{"threshold": "2.00", "period": "daily"}],
+            "recipients": [f"finance@{cid}.example.com"]})
+        if r.status_code == 200:
+            break
+        await asyncio.sleep(0.1)
+
+
+REBILLED = [accounts[0] for accounts in COMPANIES.values()]
 
 
 async def simulate(stack: Stack, stats: SimStats, rate: float = 60.0) -> None:

@@ -27,9 +27,11 @@ def _counter(text: str, name: str, **labels: str) -> float:
 
 
 class LiveView:
-    def __init__(self, stack: Stack, companies: list[str], stats: SimStats | None) -> None:
+    def __init__(self, stack: Stack, companies: list[str], stats: SimStats | None,
+                 accounts: list[str] | None = None) -> None:
         self.stack = stack
         self.companies = companies
+        self.accounts = accounts or []
         self.stats = stats
         token = issue_token("platform_admin", sub="make-run", ttl_seconds=7 * 24 * 3600)
         self.client = httpx.AsyncClient(timeout=5, headers={"Authorization": f"Bearer {token}"})
@@ -59,7 +61,9 @@ class LiveView:
                       *(f"{n}: [{'green' if s == 'up' else 'red'}]{s}[/]"
                         for n, s in health.items()))
         if self.stats:
+            mails = len(self.stack.mail.mails())
             rates.add_row(f"simulator sent {self.stats.sent:,}", f"rejected {self.stats.rejected:,}",
+                          f"emails {mails} (in {self.stack.mail.folder})",
                           self.stats.last_error or "")
 
         wallets = Table(title="company wallets", expand=True)
@@ -84,6 +88,19 @@ class LiveView:
                 lines.extend((cid, t) for t in txs)
             except (httpx.HTTPError, KeyError, ValueError):
                 wallets.add_row(cid, "?", "?", "?", "?", "?", "?")
+        for aid in self.accounts:
+            try:
+                w = (await self.client.get(
+                    self.stack.url("wallet") + f"/v1/accounts/{aid}/wallet")).json()
+                recharges = (await self.client.get(
+                    self.stack.url("recharge") + f"/v1/accounts/{aid}/wallet/recharges?limit=100"
+                )).json()["items"]
+                done = sum(1 for x in recharges if x["status"] == "succeeded")
+                wallets.add_row(f"  └ {aid} ({w['rebilling']})", f"{w['balance']} {w['currency']}",
+                                w["status"], w["threshold"], w["reload_amount"],
+                                "on" if w["auto_recharge"] else "off", str(done))
+            except (httpx.HTTPError, KeyError, ValueError):
+                wallets.add_row(aid, "?", "?", "?", "?", "?", "?")
         ledger = Table(title="recent ledger lines", expand=True)
         for col in ("#", "wallet", "kind", "service", "amount", "balance after", "at"):
             ledger.add_column(col)

@@ -5,7 +5,10 @@ a unique idempotency key. A wallet's balance is credits minus debits. Posting a 
 balances in order and notes the edges it crosses:
 
 - ``wallet.threshold_crossed`` when a debit takes a user wallet from at-or-above its threshold
-  to below it (once per crossing, not once per debit);
+  to below it (once per crossing, not once per debit). Precisely: a wallet is *armed* until a
+  crossing fires and re-armed when a credit lifts it back to its threshold, so a wallet that
+  starts below its threshold (a new wallet at 0) also fires at its first debit — that is the
+  pre-load of the spec;
 - ``wallet.suspended`` when a user wallet's balance goes below zero;
 - ``wallet.reactivated`` when a credit brings a suspended wallet back to zero or above.
 """
@@ -54,6 +57,7 @@ class Wallet:
     auto_recharge: bool = True
     smart_adjustment: bool = True
     status: str = "active"
+    armed: bool = True  # the next debit below the threshold is a crossing
 
     @property
     def is_user(self) -> bool:
@@ -127,7 +131,8 @@ class Posting:
         return p
 
     def _after_debit(self, w: Wallet, before: int, t: Transfer) -> None:
-        if before >= w.threshold > w.balance:
+        if w.armed and w.balance < w.threshold:
+            w.armed = False
             self.events.append(WalletEvent("wallet.threshold_crossed", w.id, {
                 **w.ref(), "balance_micros": w.balance, "threshold_micros": w.threshold,
                 "reload_amount_micros": w.reload_amount, "auto_recharge": w.auto_recharge,
@@ -138,6 +143,8 @@ class Posting:
                                            {**w.ref(), "balance_micros": w.balance}, t.key))
 
     def _after_credit(self, w: Wallet, t: Transfer) -> None:
+        if w.balance >= w.threshold:
+            w.armed = True
         if w.balance >= 0 and w.status == "suspended":
             w.status = "active"
             self.events.append(WalletEvent("wallet.reactivated", w.id,

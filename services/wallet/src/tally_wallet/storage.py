@@ -15,7 +15,7 @@ from tally.events import CompanyUpdated, RebillingSettings
 from tally_wallet.domain import Posting, Rebilling, Wallet, account_wallet_id, parse_markups
 
 _WALLET_COLS = ("id, kind, company_id, account_id, currency, balance, threshold, reload_amount, "
-                "auto_recharge, smart_adjustment, status")
+                "auto_recharge, smart_adjustment, status, threshold_armed")
 _TRANSFER_COLS = ("key", "debit_wallet", "credit_wallet", "amount", "kind", "service",
                   "usage_event_id", "reference", "debit_balance_after", "credit_balance_after")
 
@@ -24,7 +24,8 @@ def _wallet(r: asyncpg.Record) -> Wallet:
     return Wallet(id=r["id"], kind=r["kind"], currency=r["currency"], company_id=r["company_id"],
                   account_id=r["account_id"], balance=r["balance"], threshold=r["threshold"],
                   reload_amount=r["reload_amount"], auto_recharge=r["auto_recharge"],
-                  smart_adjustment=r["smart_adjustment"], status=r["status"])
+                  smart_adjustment=r["smart_adjustment"], status=r["status"],
+                  armed=r["threshold_armed"])
 
 
 async def existing_keys(conn: Conn, keys: Sequence[str]) -> set[str]:
@@ -64,10 +65,11 @@ async def write_posting(conn: Conn, posting: Posting) -> None:
          p.credit_after) for p in posting.posted])
     touched = [posting.wallets[i] for i in sorted(posting.touched)]
     await conn.execute(
-        "UPDATE wallets SET balance = v.balance, status = v.status, updated_at = now() "
-        "FROM unnest($1::text[], $2::bigint[], $3::text[]) AS v(id, balance, status) "
-        "WHERE wallets.id = v.id",
+        "UPDATE wallets SET balance = v.balance, status = v.status, threshold_armed = v.armed, "
+        "updated_at = now() FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bool[]) "
+        "AS v(id, balance, status, armed) WHERE wallets.id = v.id",
         [w.id for w in touched], [w.balance for w in touched], [w.status for w in touched],
+        [w.armed for w in touched],
     )
 
 
