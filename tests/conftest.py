@@ -186,6 +186,8 @@ async def tally(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Tally
                       "TALLY_RECHARGE_RETRY_SECONDS": "1,1",
                       "TALLY_RECHARGE_LEASE_SECONDS": "3",
                       "TALLY_RECHARGE_UNAVAILABLE_RETRY_SECONDS": "2",
+                      # spans as JSON lines, one file per service (tests/integration/test_observability)
+                      "TALLY_TRACES_DIR": str(root / "traces"),
                   })
     try:
         await stack.start()

@@ -15,11 +15,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import ConsumerRecord
+from aiokafka import ConsumerRecord, TopicPartition
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from faststream.middlewares import AckPolicy
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from tally import events, outbox
 from tally.settings import get_settings
@@ -30,6 +30,8 @@ BATCH_SIZE = Histogram("tally_consumer_batch_size", "Records per consumed batch"
                        ["service", "topic"], buckets=(1, 10, 50, 100, 500, 1000, 2000, 5000))
 RECORDS = Counter("tally_consumer_records_total", "Records consumed", ["service", "topic"])
 DLQ = Counter("tally_dlq_total", "Records sent to a DLQ", ["service", "topic"])
+LAG = Gauge("tally_consumer_lag", "Records behind the partition end, as of the last batch",
+            ["service", "topic"])
 FAILURES = Counter("tally_consumer_batch_failures_total", "Batches that failed and were retried",
                    ["service", "topic"])
 
@@ -57,6 +59,7 @@ def subscribe_batch(broker: KafkaBroker, topic: str, *, service: str, group_id: 
         raw = msg.raw_message
         records = raw if isinstance(raw, tuple) else (raw,)
         BATCH_SIZE.labels(service, topic).observe(len(records))
+        _record_lag(msg, records, service, topic)
         try:
             await handler(records)
         except Exception:
@@ -66,6 +69,21 @@ def subscribe_batch(broker: KafkaBroker, topic: str, *, service: str, group_id: 
             await asyncio.sleep(retry_backoff)
             raise
         RECORDS.labels(service, topic).inc(len(records))
+
+
+def _record_lag(msg: Any, records: Sequence[Any], service: str, topic: str) -> None:
+    consumer = getattr(msg, "consumer", None)
+    if consumer is None or not hasattr(consumer, "highwater"):
+        return
+    last: dict[int, int] = {}
+    for r in records:
+        last[r.partition] = max(last.get(r.partition, -1), r.offset)
+    lag = 0
+    for partition, offset in last.items():
+        high = consumer.highwater(TopicPartition(topic, partition))
+        if high is not None:
+            lag += max(high - offset - 1, 0)
+    LAG.labels(service, topic).set(lag)
 
 
 def dlq_row(record: Any, reason: str, *, service: str) -> outbox.Row:

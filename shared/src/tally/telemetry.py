@@ -7,17 +7,20 @@ Kafka headers, but nothing is exported.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -57,11 +60,14 @@ def setup_logging(service: str, level: str = "INFO") -> None:
 
 
 _provider: TracerProvider | None = None
+_exporting = False
 
 
 def setup_tracing(service: str) -> TracerProvider:
-    """One tracer provider per process; exports over OTLP/HTTP when configured."""
-    global _provider
+    """One tracer provider per process. Spans are exported over OTLP/HTTP when the standard
+    ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` is set, and as JSON lines to
+    ``$TALLY_TRACES_DIR/<service>.jsonl`` when that is set (tests, debugging)."""
+    global _provider, _exporting
     if _provider is not None:
         return _provider
     provider = TracerProvider(resource=Resource.create({"service.name": f"tally-{service}"}))
@@ -71,9 +77,55 @@ def setup_tracing(service: str) -> TracerProvider:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        _exporting = True
+    folder = os.environ.get("TALLY_TRACES_DIR")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        out = open(Path(folder) / f"{service}.jsonl", "a", buffering=1)
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(
+            out=out, formatter=lambda span: span.to_json(indent=None) + "\n")))
+        _exporting = True
     trace.set_tracer_provider(provider)
     _provider = provider
     return provider
+
+
+def tracing_enabled() -> bool:
+    """Whether spans go anywhere. When they do not, per-event spans are skipped entirely and
+    trace context is only passed through (tracing off costs nothing)."""
+    return _exporting
+
+
+@contextlib.contextmanager
+def continue_trace(traceparent: str | None, name: str,
+                   attributes: dict[str, Any] | None = None) -> Iterator[str | None]:
+    """Continue the trace of an incoming message: with tracing on, a child span of
+    ``traceparent``; yields the traceparent to give to what this work produces (outbox rows)."""
+    if not _exporting:
+        yield traceparent
+        return
+    parent = propagate.extract({"traceparent": traceparent}) if traceparent else None
+    tracer = trace.get_tracer("tally")
+    with tracer.start_as_current_span(name, context=parent, attributes=attributes or {}):
+        yield current_traceparent()
+
+
+def child_traceparent(traceparent: str | None, name: str,
+                      attributes: dict[str, Any] | None = None) -> str | None:
+    """For per-event work inside a batch: with tracing on, record a span of ``name`` under
+    ``traceparent`` and return its own traceparent; off, return ``traceparent`` unchanged."""
+    if not _exporting:
+        return traceparent
+    with continue_trace(traceparent, name, attributes) as child:
+        return child
+
+
+def header(record: Any, name: str = "traceparent") -> str | None:
+    """A header of a Kafka record, decoded (None when absent)."""
+    for key, value in record.headers or ():
+        if key == name and value:
+            return bytes(value).decode("ascii", errors="replace")
+    return None
 
 
 def current_traceparent() -> str | None:

@@ -27,6 +27,7 @@ from tally.events import Topics
 from tally.faults import crash_point
 from tally.money import micros_to_minor_units_ceil, minor_units_to_micros
 from tally.outbox import OutboxRelay
+from tally.telemetry import continue_trace
 from tally_recharge import storage
 from tally_recharge.domain import (
     RAISE_WINDOW,
@@ -81,7 +82,8 @@ class Recharger:
 
     # --- creating attempts ---------------------------------------------------------------
 
-    async def request_auto(self, conn: Conn, crossed: events.WalletThresholdCrossed) -> bool:
+    async def request_auto(self, conn: Conn, crossed: events.WalletThresholdCrossed,
+                           traceparent: str | None = None) -> bool:
         """In the consumer's transaction: queue an automatic recharge, unless one is in flight
         or the wallet's auto-recharge is off. Returns whether one was queued."""
         if not crossed.auto_recharge:
@@ -96,7 +98,7 @@ class Recharger:
             "company_id": crossed.company_id, "account_id": crossed.account_id, "trigger": "auto",
             "amount_micros": amount, "currency": crossed.currency, "stripe_account": stripe_account,
             "reload_micros": crossed.reload_amount_micros,
-            "smart_adjustment": crossed.smart_adjustment})
+            "smart_adjustment": crossed.smart_adjustment, "traceparent": traceparent})
         return created is not None
 
     async def top_up(self, target: WalletTarget, amount_micros: int,
@@ -139,6 +141,10 @@ class Recharger:
 
     async def run(self, a: storage.Attempt) -> None:
         """Try the wallet's cards in order until one pays; settle the attempt."""
+        with continue_trace(a.traceparent, "recharge.charge", {"tally.recharge_id": a.id}):
+            await self._run(a)
+
+    async def _run(self, a: storage.Attempt) -> None:
         target = target_of(a)
         try:
             async with self.pool.acquire() as conn:
@@ -258,7 +264,8 @@ class Recharger:
                         "id": f"rc_{uuid.uuid4().hex}", **target.ref(), "trigger": "auto",
                         "amount_micros": a.amount_micros, "stripe_account": a.stripe_account,
                         "reload_micros": a.reload_micros, "smart_adjustment": a.smart_adjustment,
-                        "round": a.round + 1, "not_before": retry_at})
+                        "round": a.round + 1, "not_before": retry_at,
+                        "traceparent": a.traceparent})
             event_tries = [events.RechargeTry(
                 payment_method=t["payment_method"],
                 outcome="succeeded" if t["outcome"] == "succeeded" else "failed",

@@ -12,6 +12,7 @@ from tally.consumer import dlq_row, subscribe_batch
 from tally.events import Topics
 from tally.outbox import enqueue
 from tally.service import Runtime
+from tally.telemetry import child_traceparent, header
 from tally_recharge import storage
 from tally_recharge.charging import Recharger
 
@@ -24,7 +25,7 @@ def subscribe(rt: Runtime) -> None:
         return r
 
     async def on_wallet_events(records: Sequence[Any]) -> None:
-        crossings: list[tuple[str, events.WalletThresholdCrossed]] = []
+        crossings: list[tuple[str, events.WalletThresholdCrossed, str | None]] = []
         dead = []
         for r in records:
             try:
@@ -32,7 +33,7 @@ def subscribe(rt: Runtime) -> None:
                 if env.type == "wallet.threshold_crossed":
                     payload = events.typed(env)
                     assert isinstance(payload, events.WalletThresholdCrossed)
-                    crossings.append((env.id, payload))
+                    crossings.append((env.id, payload, header(r)))
             except events.BadMessage as exc:
                 dead.append(dlq_row(r, str(exc), service=SERVICE))
         if not crossings and not dead:
@@ -40,9 +41,11 @@ def subscribe(rt: Runtime) -> None:
         queued = False
         async with rt.pool.acquire() as conn, conn.transaction():
             fresh = await inbox.claim(conn, "recharge-thresholds", [c[0] for c in crossings])
-            for msg_id, crossed in crossings:
+            for msg_id, crossed, traceparent in crossings:
                 if msg_id in fresh:
-                    queued = await recharger().request_auto(conn, crossed) or queued
+                    tp = child_traceparent(traceparent, "recharge.request",
+                                           {"tally.wallet_id": crossed.wallet_id})
+                    queued = await recharger().request_auto(conn, crossed, tp) or queued
             await enqueue(conn, dead)
         if queued:
             recharger().wake()

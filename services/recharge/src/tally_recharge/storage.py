@@ -16,7 +16,7 @@ from tally_recharge.domain import Card
 _ATTEMPT_COLS = ("id, wallet_id, owner, company_id, account_id, trigger, amount_micros, currency, "
                  "status, tries::text AS tries, stripe_account, charged_minor, payment_intent, "
                  "payment_method, fee_micros, reload_micros, smart_adjustment, round, not_before, "
-                 "error, created_at, updated_at, seq, purpose, description")
+                 "error, created_at, updated_at, seq, purpose, description, traceparent")
 
 
 @dataclass
@@ -44,6 +44,7 @@ class Attempt:
     seq: int
     purpose: str = "wallet"
     description: str | None = None
+    traceparent: str | None = None
 
 
 def _attempt(r: asyncpg.Record) -> Attempt:
@@ -56,7 +57,7 @@ def _attempt(r: asyncpg.Record) -> Attempt:
         reload_micros=r["reload_micros"], smart_adjustment=r["smart_adjustment"],
         round=r["round"], error=r["error"], created_at=r["created_at"],
         updated_at=r["updated_at"], seq=r["seq"], purpose=r["purpose"],
-        description=r["description"])
+        description=r["description"], traceparent=r["traceparent"])
 
 
 async def insert_attempt(conn: Conn, a: dict[str, Any]) -> Attempt | None:
@@ -64,15 +65,15 @@ async def insert_attempt(conn: Conn, a: dict[str, Any]) -> Attempt | None:
     r = await conn.fetchrow(
         f"INSERT INTO recharge_attempts (id, wallet_id, owner, company_id, account_id, trigger, "
         f"amount_micros, currency, status, stripe_account, reload_micros, smart_adjustment, "
-        f"round, not_before, purpose, description) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, "
-        f"'pending', $9, $10, $11, $12, COALESCE($13, now()), $14, $15) "
+        f"round, not_before, purpose, description, traceparent) VALUES ($1, $2, $3, $4, $5, "
+        f"$6, $7, $8, 'pending', $9, $10, $11, $12, COALESCE($13, now()), $14, $15, $16) "
         f"ON CONFLICT (wallet_id) WHERE status = 'pending' AND trigger = 'auto' "
         f"DO NOTHING "
         f"RETURNING {_ATTEMPT_COLS}",
         a["id"], a["wallet_id"], a["owner"], a["company_id"], a.get("account_id"), a["trigger"],
         a["amount_micros"], a["currency"], a.get("stripe_account"), a.get("reload_micros"),
         a.get("smart_adjustment", False), a.get("round", 1), a.get("not_before"),
-        a.get("purpose", "wallet"), a.get("description"))
+        a.get("purpose", "wallet"), a.get("description"), a.get("traceparent"))
     return _attempt(r) if r else None
 
 

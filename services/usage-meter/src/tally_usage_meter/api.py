@@ -15,6 +15,7 @@ from tally.errors import ApiError
 from tally.events import UsageEvent
 from tally.money import MoneyError, format_micros, to_micros
 from tally.service import runtime
+from tally.telemetry import continue_trace
 from tally_usage_meter import storage
 from tally_usage_meter.domain import Price
 from tally_usage_meter.ingestion import ingest
@@ -80,8 +81,10 @@ async def post_usage(request: Request, principal: CurrentPrincipal) -> ORJSONRes
     require_role(principal, "product", "platform_admin")
     batch = parse_usage_body(await request.body())
     rt = runtime(request)
-    async with rt.pool.acquire() as conn, conn.transaction():
-        results = await ingest(conn, batch)
+    with continue_trace(request.headers.get("traceparent"), "usage.ingest",
+                        {"tally.events": len(batch)}):
+        async with rt.pool.acquire() as conn, conn.transaction():
+            results = await ingest(conn, batch)
     rt.relay.wake()
     return ORJSONResponse({"results": [r.as_json() for r in results]}, status_code=202)
 

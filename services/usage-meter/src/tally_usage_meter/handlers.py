@@ -11,6 +11,7 @@ from tally.consumer import dlq_row, subscribe_batch
 from tally.events import Topics
 from tally.outbox import enqueue
 from tally.service import Runtime
+from tally.telemetry import continue_trace, header
 from tally_usage_meter import storage
 from tally_usage_meter.ingestion import ingest, parse_ingest_record
 
@@ -25,13 +26,15 @@ def subscribe(rt: Runtime) -> None:
                 good.append((r, parse_ingest_record(r.value)))
             except events.BadMessage as exc:
                 dead.append(dlq_row(r, str(exc), service=SERVICE))
-        async with rt.pool.acquire() as conn, conn.transaction():
-            results = await ingest(conn, [e for _, e in good])
-            for (record, _), result in zip(good, results, strict=True):
-                if result.status == "rejected":
-                    dead.append(dlq_row(record, f"{result.code}: {result.message}",
-                                        service=SERVICE))
-            await enqueue(conn, dead)
+        first = header(good[0][0]) if good else None
+        with continue_trace(first, "usage.ingest", {"tally.events": len(good)}):
+            async with rt.pool.acquire() as conn, conn.transaction():
+                results = await ingest(conn, [e for _, e in good])
+                for (record, _), result in zip(good, results, strict=True):
+                    if result.status == "rejected":
+                        dead.append(dlq_row(record, f"{result.code}: {result.message}",
+                                            service=SERVICE))
+                await enqueue(conn, dead)
         rt.relay.wake()
 
     async def on_wallet_events(records: Sequence[Any]) -> None:

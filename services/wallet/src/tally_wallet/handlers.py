@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
+from prometheus_client import Histogram
 from pydantic import ValidationError
 
 from tally import events, inbox
@@ -19,12 +21,16 @@ from tally.db import Conn
 from tally.events import Topics, UsageRecorded
 from tally.outbox import Row, enqueue
 from tally.service import Runtime
+from tally.telemetry import header
 from tally_wallet import storage
 from tally_wallet.credits import credit
 from tally_wallet.domain import SYSTEM_STRIPE_CLEARING, LedgerError, Wallet, parse_markups
 from tally_wallet.usage import apply_usage
 
 SERVICE = "wallet"
+DEBIT_LATENCY = Histogram(
+    "tally_wallet_debit_latency_seconds", "From usage accepted to ledger commit",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 
 
 def parse_recorded(value: bytes | None) -> UsageRecorded:
@@ -73,20 +79,24 @@ def subscribe(rt: Runtime) -> None:
                 good.append((r, parse_recorded(r.value)))
             except events.BadMessage as exc:
                 dead.append(dlq_row(r, str(exc), service=SERVICE))
+        traces = {u.event_id: header(r) for r, u in good}
         async with rt.pool.acquire() as conn, conn.transaction():
             try:
                 async with conn.transaction():  # savepoint: the whole batch at once
-                    await apply_usage(conn, [u for _, u in good])
+                    await apply_usage(conn, [u for _, u in good], traces)
             except LedgerError:
                 # Some event cannot be posted: apply one by one, dead-letter the culprits.
                 for record, usage in good:
                     try:
                         async with conn.transaction():
-                            await apply_usage(conn, [usage])
+                            await apply_usage(conn, [usage], traces)
                     except LedgerError as exc:
                         dead.append(dlq_row(record, str(exc), service=SERVICE))
             await enqueue(conn, dead)
         rt.relay.wake()
+        committed = datetime.now(UTC)
+        for _, u in good:  # accepted by usage-meter -> committed to the ledger
+            DEBIT_LATENCY.observe(max((committed - u.recorded_at).total_seconds(), 0.0))
 
     # --- rebilling.settings: key account_id, full state; a null value deletes -------------
     def parse_settings(r: Any) -> tuple[str, events.RebillingSettings | None]:

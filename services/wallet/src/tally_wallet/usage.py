@@ -16,7 +16,7 @@ from prometheus_client import Counter
 from tally import events, outbox
 from tally.db import Conn
 from tally.events import Topics, UsageRecorded
-from tally.telemetry import current_traceparent
+from tally.telemetry import child_traceparent
 from tally_wallet import storage
 from tally_wallet.domain import (
     SYSTEM_COMPANY_REVENUE,
@@ -35,14 +35,17 @@ APPLIED = Counter("tally_wallet_usage_applied_total", "Usage legs posted to the 
 SKIPPED = Counter("tally_wallet_usage_duplicates_total", "Usage events already in the ledger")
 
 
-def edge_event_rows(posting: Posting) -> list[outbox.Row]:
-    """Outbox rows for the threshold/suspension/reactivation edges a posting crossed."""
+def edge_event_rows(posting: Posting,
+                    traceparents: dict[str, str | None] | None = None) -> list[outbox.Row]:
+    """Outbox rows for the threshold/suspension/reactivation edges a posting crossed, each in
+    the trace of the transfer that caused it."""
     rows = []
     for e in posting.events:
         w = posting.wallets[e.wallet_id]
         model = events.PAYLOADS[e.type].model_validate(e.data)
+        tp = (traceparents or {}).get(e.cause)
         rows.append(outbox.row(Topics.WALLET_EVENTS, w.company_id, events.envelope(
-            e.type, model, source=SOURCE, id_=f"{e.type}:{e.cause}")))
+            e.type, model, source=SOURCE, id_=f"{e.type}:{e.cause}"), tp))
     return rows
 
 
@@ -70,8 +73,10 @@ def _fresh(batch: Sequence[UsageRecorded], seen: set[str]) -> list[UsageRecorded
     return fresh
 
 
-async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded]) -> Outcome:
-    """Post a batch of recorded usage in the caller's transaction."""
+async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
+                      traceparents: dict[str, str | None] | None = None) -> Outcome:
+    """Post a batch of recorded usage in the caller's transaction. ``traceparents`` maps an
+    event id to the trace it arrived in; what the event causes continues that trace."""
     seen = await storage.existing_keys(conn, [company_leg_key(u.event_id) for u in batch])
     fresh = [u for u in _fresh(batch, seen) if u.platform_amount_micros > 0]
     SKIPPED.inc(len(batch) - len(fresh))
@@ -99,8 +104,11 @@ async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded]) -> Outcome:
 
     rows: list[outbox.Row] = []
     time = datetime.now(UTC).isoformat()
-    traceparent = current_traceparent()
+    incoming = traceparents or {}
+    caused: dict[str, str | None] = {}
     for u, account_amount in plan:
+        traceparent = child_traceparent(incoming.get(u.event_id), "wallet.debit",
+                                        {"tally.usage_event_id": u.event_id})
         company = posting.apply(Transfer(
             company_leg_key(u.event_id), company_wallet_id(u.company_id),
             system_wallet_id(SYSTEM_PLATFORM_REVENUE, u.currency),
@@ -113,10 +121,13 @@ async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded]) -> Outcome:
                 account_amount, "usage", service=u.service, usage_event_id=u.event_id))
         rows.append(outbox.row(Topics.WALLET_EVENTS, u.company_id,
                                debited_message(u, company, account, time), traceparent))
+        caused[company.transfer.key] = traceparent
+        if account is not None:
+            caused[account.transfer.key] = traceparent
     APPLIED.labels("company").inc(len(plan))
     APPLIED.labels("account").inc(len(posting.posted) - len(plan))
 
-    rows.extend(edge_event_rows(posting))
+    rows.extend(edge_event_rows(posting, caused))
     await storage.write_posting(conn, posting)
     await outbox.enqueue(conn, rows)
     return Outcome(len(posting.posted), len(batch) - len(fresh))
