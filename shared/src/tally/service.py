@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -211,9 +212,25 @@ class _TooLarge(Exception):
     pass
 
 
+async def migrate_only(spec: ServiceSpec, settings: Settings) -> list[str]:
+    """Apply the service's migrations and return (``python -m tally_<svc> --migrate``)."""
+    setup_logging(spec.name, settings.log_level)
+    pool = await db.create_pool(settings.require_database_url(), spec.schema, size=1)
+    try:
+        return (await db.migrate(pool, spec.schema, "tally")
+                + await db.migrate(pool, spec.schema, spec.package))
+    finally:
+        await pool.close()
+
+
 def serve(spec: ServiceSpec) -> None:
-    """Run one service until SIGTERM/SIGINT (graceful: in-flight work finishes)."""
+    """Run one service until SIGTERM/SIGINT (graceful: in-flight work finishes);
+    with ``--migrate``, apply its migrations and exit (a Kubernetes Job)."""
     settings = get_settings()
+    if "--migrate" in sys.argv[1:]:
+        applied = asyncio.run(migrate_only(spec, settings))
+        log.info("migrations done", extra={"applied": applied})
+        return
     app = create_app(spec, settings)
     uvicorn.run(app, host=settings.host, port=settings.port_of(spec.name), log_config=None,
                 access_log=False, timeout_graceful_shutdown=10, lifespan="on")
