@@ -168,15 +168,25 @@ async def test_account_suspension_and_reactivation(tally: Tally) -> None:
     assert (await agency.wallet(aid))["status"] == "suspended"
     assert await agency.status(aid) == {"allowed": False, "reason": "account_wallet_empty"}
 
+    accepted_meanwhile = 0
+
     async def refused() -> bool:
+        nonlocal accepted_meanwhile
         r = await tally.post_usage({"event_id": uid("ev"), "company_id": agency.cid,
                                     "account_id": aid, "service": "email", "quantity": "1"})
         res = r.json()["results"][0]
+        accepted_meanwhile += res["status"] == "accepted"  # before usage-meter heard of it
         return res.get("error", {}).get("code") == "account_suspended"
     await eventually(refused, what="usage-meter to refuse the suspended account")
 
+    async def all_applied() -> bool:
+        lines = [x for x in await agency.lines(aid) if x["kind"] == "usage"]
+        return len(lines) == 1 + accepted_meanwhile
+    await eventually(all_applied, what="usage accepted before the refusal")
     wallet = await agency.fund("1.00", aid)
-    assert wallet["status"] == "active" and wallet["balance"] == "0.992000"
+    expected = 992_000 - accepted_meanwhile * 675
+    assert wallet["status"] == "active"
+    assert wallet["balance"] == f"0.{expected:06d}"
     assert await agency.status(aid) == {"allowed": True, "reason": "ok"}
     last = await agency.use("email", "1")  # a later event on the same key closes the read
     types = [m["type"] for m in await tally.topic_messages(
