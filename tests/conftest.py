@@ -188,6 +188,9 @@ async def tally(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Tally
                       "TALLY_RECHARGE_UNAVAILABLE_RETRY_SECONDS": "2",
                       # spans as JSON lines, one file per service (tests/integration/test_observability)
                       "TALLY_TRACES_DIR": str(root / "traces"),
+                      # ingestion rate limit per product token (test_security proves the 429)
+                      "TALLY_INGEST_RATE": "2000",
+                      "TALLY_INGEST_BURST": "5000",
                   })
     try:
         await stack.start()

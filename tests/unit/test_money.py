@@ -54,3 +54,14 @@ def test_stripe_amount_rounds_up_to_the_minor_unit() -> None:
     assert micros_to_minor_units_ceil(10_000_001, "USD") == 1001
     assert micros_to_minor_units_ceil(10_000_000, "USD") == 1000
     assert micros_to_minor_units_ceil(1_500_000, "JPY") == 2
+
+
+def test_token_buckets_limit_per_key_and_refill() -> None:
+    from tally.ratelimit import TokenBuckets
+
+    buckets = TokenBuckets(rate=10, burst=5)
+    assert [buckets.take("a") for _ in range(5)] == [0.0] * 5
+    wait = buckets.take("a")
+    assert 0 < wait <= 0.1 + 1e-9
+    assert buckets.take("b") == 0.0  # another token has its own bucket
+    assert TokenBuckets(rate=0, burst=1).take("x", 1000) == 0.0  # 0 = unlimited

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     mail_from: str = Field("Tally <billing@tally.local>", alias="TALLY_MAIL_FROM")
     log_level: str = Field("INFO", alias="TALLY_LOG_LEVEL")
     outbox_poll_ms: int = Field(20, alias="TALLY_OUTBOX_POLL_MS", ge=1, le=10_000)
+    # Usage events per second per product token (0: unlimited), and the burst allowed.
+    ingest_rate: int = Field(50_000, alias="TALLY_INGEST_RATE", ge=0)
+    ingest_burst: int = Field(100_000, alias="TALLY_INGEST_BURST", ge=1)
     max_body_bytes: int = Field(2_000_000, alias="TALLY_MAX_BODY_BYTES", ge=1024)
 
     port_usage_meter: int = Field(SERVICE_PORTS["usage-meter"], alias="TALLY_PORT_USAGE_METER")

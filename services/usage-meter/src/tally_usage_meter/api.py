@@ -14,6 +14,7 @@ from tally.auth import CurrentPrincipal, require_role
 from tally.errors import ApiError
 from tally.events import UsageEvent
 from tally.money import MoneyError, format_micros, to_micros
+from tally.ratelimit import TokenBuckets, retry_after
 from tally.service import runtime
 from tally.telemetry import continue_trace
 from tally_usage_meter import storage
@@ -81,6 +82,12 @@ async def post_usage(request: Request, principal: CurrentPrincipal) -> ORJSONRes
     require_role(principal, "product", "platform_admin")
     batch = parse_usage_body(await request.body())
     rt = runtime(request)
+    limiter: TokenBuckets = rt.state.setdefault(
+        "ingest_limiter", TokenBuckets(rt.settings.ingest_rate, rt.settings.ingest_burst))
+    wait = limiter.take(f"{principal.role}:{principal.sub}", len(batch))
+    if wait:
+        raise ApiError(429, "rate_limited", "too many usage events for this token; retry later",
+                       headers={"Retry-After": retry_after(wait)})
     with continue_trace(request.headers.get("traceparent"), "usage.ingest",
                         {"tally.events": len(batch)}):
         async with rt.pool.acquire() as conn, conn.transaction():
