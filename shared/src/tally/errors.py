@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import asyncpg
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,13 @@ _STATUS_CODES = {
     429: "rate_limited",
     503: "unavailable",
 }
+
+
+class JsonResponse(JSONResponse):
+    """JSON rendered with orjson (exact ints, fast); the services' default response class."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
 
 
 class ApiError(Exception):
@@ -45,8 +54,8 @@ def not_found(what: str = "resource") -> ApiError:
 
 
 def error_response(status: int, code: str, message: str, details: list[Any] | None = None,
-                   headers: dict[str, str] | None = None) -> ORJSONResponse:
-    return ORJSONResponse(
+                   headers: dict[str, str] | None = None) -> JsonResponse:
+    return JsonResponse(
         {"error": {"code": code, "message": message, "details": details or []}},
         status_code=status, headers=headers,
     )
@@ -62,23 +71,30 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> ORJSONResponse:
+    async def _api_error(_: Request, exc: ApiError) -> JsonResponse:
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> ORJSONResponse:
+    async def _validation(_: Request, exc: RequestValidationError) -> JsonResponse:
         details = _validation_details(exc)
         first = details[0] if details else {"field": "body", "message": "invalid request"}
         message = f"{first['field']}: {first['message']}" if first["field"] else first["message"]
         return error_response(422, "validation_error", message, details)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> ORJSONResponse:
+    async def _http(_: Request, exc: StarletteHTTPException) -> JsonResponse:
         code = _STATUS_CODES.get(exc.status_code, "error")
         return error_response(exc.status_code, code, str(exc.detail),
                               headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(asyncpg.CharacterNotInRepertoireError)
+    @app.exception_handler(asyncpg.UntranslatableCharacterError)
+    async def _unstorable_text(_: Request, exc: Exception) -> JsonResponse:
+        # e.g. a NUL character in a name: bad input, and its transaction rolled back.
+        return error_response(422, "validation_error",
+                              "text contains characters that cannot be stored (such as NUL)")
+
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> ORJSONResponse:
+    async def _unexpected(_: Request, exc: Exception) -> JsonResponse:
         log.exception("unhandled error", exc_info=exc)
         return error_response(500, "internal_error", "internal error")

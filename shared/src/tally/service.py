@@ -21,7 +21,6 @@ import asyncpg
 import uvicorn
 from aiokafka import AIOKafkaProducer
 from fastapi import APIRouter, FastAPI, Request, Response
-from fastapi.responses import ORJSONResponse
 from faststream.kafka import KafkaBroker
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
@@ -29,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram,
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tally import db
-from tally.errors import error_response, install_error_handlers
+from tally.errors import JsonResponse, error_response, install_error_handlers
 from tally.kafka import make_broker, make_producer
 from tally.outbox import OutboxRelay
 from tally.settings import Settings, get_settings
@@ -114,7 +113,7 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title=f"Tally {spec.name}", version="1.0.0", description=spec.description,
-        lifespan=lifespan, default_response_class=ORJSONResponse,
+        lifespan=lifespan, default_response_class=JsonResponse,
     )
     install_error_handlers(app)
     for router in spec.routers:
@@ -152,7 +151,7 @@ def _add_probes(app: FastAPI, name: str) -> None:
         ok = all(v == "ok" for v in checks.values())
         if not ok:
             return error_response(503, "not_ready", "dependencies unavailable", [checks])
-        return ORJSONResponse({"status": "ready", "checks": checks})
+        return JsonResponse({"status": "ready", "checks": checks})
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, EmailStr, Field
 from tally.auth import CurrentPrincipal, Principal, require_company, require_role
 from tally.db import Conn
 from tally.errors import ApiError, not_found
+from tally.ids import PathId, PathKey
 from tally.money import MoneyError, format_micros, to_micros
 from tally.service import runtime
 from tally_notifier import storage
@@ -64,7 +65,7 @@ class NotificationPage(BaseModel):
     next_cursor: str | None
 
 
-async def _account(conn: Conn, principal: Principal, aid: str) -> Any:
+async def _account(conn: Conn, principal: Principal, aid: PathId) -> Any:
     a = await storage.account(conn, aid)
     if a is None or not principal.can_see_account(a["company_id"], aid):
         raise not_found("account")
@@ -85,7 +86,7 @@ def _threshold(text: str, i: int) -> int:
 
 
 @router.put("/accounts/{aid}/usage-alerts", response_model=AlertsOut)
-async def put_alerts(aid: str, body: AlertsIn, request: Request,
+async def put_alerts(aid: PathId, body: AlertsIn, request: Request,
                      principal: CurrentPrincipal) -> AlertsOut:
     require_role(principal, "company_admin", "platform_admin")
     stored: list[dict[str, Any]] = [
@@ -101,7 +102,7 @@ async def put_alerts(aid: str, body: AlertsIn, request: Request,
 
 
 @router.get("/accounts/{aid}/usage-alerts", response_model=AlertsOut)
-async def get_alerts(aid: str, request: Request, principal: CurrentPrincipal) -> AlertsOut:
+async def get_alerts(aid: PathId, request: Request, principal: CurrentPrincipal) -> AlertsOut:
     require_role(principal, "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
         await _account(conn, principal, aid)
@@ -115,7 +116,7 @@ async def get_alerts(aid: str, request: Request, principal: CurrentPrincipal) ->
 
 
 @router.get("/accounts/{aid}/usage", response_model=UsageOut)
-async def usage(aid: str, request: Request, principal: CurrentPrincipal,
+async def usage(aid: PathId, request: Request, principal: CurrentPrincipal,
                 period: PeriodName = "monthly") -> UsageOut:
     async with runtime(request).pool.acquire() as conn:
         a = await _account(conn, principal, aid)
@@ -132,7 +133,7 @@ def _note(r: Any) -> NotificationOut:
 
 
 @router.get("/companies/{cid}/notifications", response_model=NotificationPage)
-async def list_notifications(cid: str, request: Request, principal: CurrentPrincipal,
+async def list_notifications(cid: PathId, request: Request, principal: CurrentPrincipal,
                              unread: bool = False, limit: Annotated[int, Query(ge=1, le=200)] = 50,
                              cursor: str | None = None) -> NotificationPage:
     require_role(principal, "company_admin", "platform_admin")
@@ -152,7 +153,7 @@ async def list_notifications(cid: str, request: Request, principal: CurrentPrinc
 
 
 @router.post("/notifications/{nid}/read", response_model=NotificationOut)
-async def read(nid: str, request: Request, principal: CurrentPrincipal) -> NotificationOut:
+async def read(nid: PathKey, request: Request, principal: CurrentPrincipal) -> NotificationOut:
     require_role(principal, "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
         cid = await storage.notification_company(conn, nid)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, EmailStr, Field
 from tally.auth import CurrentPrincipal, Principal, require_company, require_role
 from tally.db import Conn
 from tally.errors import ApiError, not_found
-from tally.ids import Id
+from tally.ids import Id, PathId
 from tally.service import runtime
 from tally_rebilling import publish, storage
 from tally_rebilling.domain import InvalidMarkup, Mode, best_allowed, plan_allows, validate_markups
@@ -112,7 +112,7 @@ def account_out(a: asyncpg.Record) -> AccountOut:
                       created_at=a["created_at"].isoformat())
 
 
-async def company_for(conn: Conn, principal: Principal, cid: str, *,
+async def company_for(conn: Conn, principal: Principal, cid: PathId, *,
                       lock: bool = False) -> asyncpg.Record:
     require_company(principal, cid, "company")
     c = await storage.company(conn, cid, lock=lock)
@@ -121,7 +121,7 @@ async def company_for(conn: Conn, principal: Principal, cid: str, *,
     return c
 
 
-async def account_for(conn: Conn, principal: Principal, aid: str, *,
+async def account_for(conn: Conn, principal: Principal, aid: PathId, *,
                       lock: bool = False) -> asyncpg.Record:
     a = await storage.account(conn, aid, lock=lock)
     if a is None or not principal.can_see_account(a["company_id"], aid):
@@ -161,12 +161,12 @@ async def create_company(body: CompanyIn, request: Request,
 
 
 @router.get("/companies/{cid}", response_model=CompanyOut)
-async def get_company(cid: str, request: Request, principal: CurrentPrincipal) -> CompanyOut:
+async def get_company(cid: PathId, request: Request, principal: CurrentPrincipal) -> CompanyOut:
     async with runtime(request).pool.acquire() as conn:
         return company_out(await company_for(conn, principal, cid))
 
 
-async def _apply_allowed(conn: Conn, cid: str, plan: str, connected: bool) -> list[dict[str, str]]:
+async def _apply_allowed(conn: Conn, cid: PathId, plan: str, connected: bool) -> list[dict[str, str]]:
     """Turn off (or down) what the company's plan or Stripe connection no longer allows."""
     changed = []
     for a in await storage.company_accounts(conn, cid):
@@ -180,7 +180,7 @@ async def _apply_allowed(conn: Conn, cid: str, plan: str, connected: bool) -> li
 
 
 @router.put("/companies/{cid}/plan", response_model=PlanChangeOut)
-async def change_plan(cid: str, body: PlanIn, request: Request,
+async def change_plan(cid: PathId, body: PlanIn, request: Request,
                       principal: CurrentPrincipal) -> PlanChangeOut:
     require_role(principal, "platform_admin")
     rt = runtime(request)
@@ -194,7 +194,7 @@ async def change_plan(cid: str, body: PlanIn, request: Request,
 
 
 @router.put("/companies/{cid}/stripe-connect", response_model=CompanyOut)
-async def connect_stripe(cid: str, body: ConnectIn, request: Request,
+async def connect_stripe(cid: PathId, body: ConnectIn, request: Request,
                          principal: CurrentPrincipal) -> CompanyOut:
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
@@ -211,7 +211,7 @@ async def connect_stripe(cid: str, body: ConnectIn, request: Request,
 
 
 @router.delete("/companies/{cid}/stripe-connect", response_model=PlanChangeOut)
-async def disconnect_stripe(cid: str, request: Request,
+async def disconnect_stripe(cid: PathId, request: Request,
                             principal: CurrentPrincipal) -> PlanChangeOut:
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
@@ -227,7 +227,7 @@ async def disconnect_stripe(cid: str, request: Request,
 # --- accounts ------------------------------------------------------------------------------
 
 @router.post("/companies/{cid}/accounts", status_code=201, response_model=AccountOut)
-async def create_account(cid: str, body: AccountIn, request: Request,
+async def create_account(cid: PathId, body: AccountIn, request: Request,
                          principal: CurrentPrincipal) -> AccountOut:
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
@@ -259,7 +259,7 @@ async def create_account(cid: str, body: AccountIn, request: Request,
 
 
 @router.get("/accounts/{aid}", response_model=AccountOut)
-async def get_account(aid: str, request: Request, principal: CurrentPrincipal) -> AccountOut:
+async def get_account(aid: PathId, request: Request, principal: CurrentPrincipal) -> AccountOut:
     async with runtime(request).pool.acquire() as conn:
         return account_out(await account_for(conn, principal, aid))
 
@@ -273,13 +273,13 @@ async def _rebilling_out(conn: Conn, a: asyncpg.Record) -> RebillingOut:
 
 
 @router.get("/accounts/{aid}/rebilling", response_model=RebillingOut)
-async def get_rebilling(aid: str, request: Request, principal: CurrentPrincipal) -> RebillingOut:
+async def get_rebilling(aid: PathId, request: Request, principal: CurrentPrincipal) -> RebillingOut:
     async with runtime(request).pool.acquire() as conn:
         return await _rebilling_out(conn, await account_for(conn, principal, aid))
 
 
 @router.put("/accounts/{aid}/rebilling", response_model=RebillingOut)
-async def put_rebilling(aid: str, body: RebillingIn, request: Request,
+async def put_rebilling(aid: PathId, body: RebillingIn, request: Request,
                         principal: CurrentPrincipal) -> RebillingOut:
     require_role(principal, "company_admin", "platform_admin")
     markups = _markups(body.markups) if body.mode == "rebill_markup" else {}
@@ -307,7 +307,7 @@ async def put_rebilling(aid: str, body: RebillingIn, request: Request,
 
 
 @router.post("/companies/{cid}/saas-plans", status_code=201, response_model=SaasPlanOut)
-async def create_saas_plan(cid: str, body: SaasPlanIn, request: Request,
+async def create_saas_plan(cid: PathId, body: SaasPlanIn, request: Request,
                            principal: CurrentPrincipal) -> SaasPlanOut:
     require_role(principal, "company_admin", "platform_admin")
     markups = _markups(body.rebilling.markups) if body.rebilling.mode == "rebill_markup" else {}

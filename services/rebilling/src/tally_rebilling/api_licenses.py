@@ -11,6 +11,7 @@ from pydantic import BaseModel, EmailStr, Field
 
 from tally.auth import CurrentPrincipal, require_role
 from tally.errors import ApiError, not_found
+from tally.ids import PathId, PathKey
 from tally.service import runtime
 from tally_rebilling import publish, storage
 from tally_rebilling.api_companies import account_for, company_for
@@ -65,7 +66,7 @@ def _pool(total: int, assigned: int) -> PoolOut:
 
 
 @router.post("/companies/{cid}/licenses", status_code=201, response_model=PoolOut)
-async def buy(cid: str, body: QuantityIn, request: Request, principal: CurrentPrincipal) -> PoolOut:
+async def buy(cid: PathId, body: QuantityIn, request: Request, principal: CurrentPrincipal) -> PoolOut:
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
@@ -79,14 +80,14 @@ async def buy(cid: str, body: QuantityIn, request: Request, principal: CurrentPr
 
 
 @router.get("/companies/{cid}/licenses", response_model=PoolOut)
-async def get_pool(cid: str, request: Request, principal: CurrentPrincipal) -> PoolOut:
+async def get_pool(cid: PathId, request: Request, principal: CurrentPrincipal) -> PoolOut:
     async with runtime(request).pool.acquire() as conn:
         await company_for(conn, principal, cid)
         return _pool(*await storage.pool(conn, cid))
 
 
 @router.post("/accounts/{aid}/licenses", status_code=201, response_model=AccountLicensesOut)
-async def assign(aid: str, body: QuantityIn, request: Request,
+async def assign(aid: PathId, body: QuantityIn, request: Request,
                  principal: CurrentPrincipal) -> AccountLicensesOut:
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
@@ -105,7 +106,7 @@ async def assign(aid: str, body: QuantityIn, request: Request,
 
 
 @router.delete("/accounts/{aid}/licenses", response_model=AccountLicensesOut)
-async def free(aid: str, request: Request, principal: CurrentPrincipal,
+async def free(aid: PathId, request: Request, principal: CurrentPrincipal,
                quantity: int = Query(1, ge=1, le=100_000)) -> AccountLicensesOut:
     """Give licenses back to the pool (never below the workspace's billable members)."""
     require_role(principal, "company_admin", "platform_admin")
@@ -125,7 +126,7 @@ async def free(aid: str, request: Request, principal: CurrentPrincipal,
 
 
 @router.post("/accounts/{aid}/invitations", status_code=201, response_model=InvitationOut)
-async def invite(aid: str, body: InvitationIn, request: Request,
+async def invite(aid: PathId, body: InvitationIn, request: Request,
                  principal: CurrentPrincipal) -> InvitationOut:
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
@@ -156,7 +157,7 @@ async def invite(aid: str, body: InvitationIn, request: Request,
 
 
 @router.post("/invitations/{iid}/accept", response_model=InvitationOut)
-async def accept(iid: str, request: Request, principal: CurrentPrincipal) -> InvitationOut:
+async def accept(iid: PathKey, request: Request, principal: CurrentPrincipal) -> InvitationOut:
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
         inv = await storage.invitation(conn, iid, lock=True)
@@ -184,7 +185,7 @@ async def accept(iid: str, request: Request, principal: CurrentPrincipal) -> Inv
 
 
 @router.get("/accounts/{aid}/members", response_model=MemberList)
-async def list_members(aid: str, request: Request, principal: CurrentPrincipal) -> MemberList:
+async def list_members(aid: PathId, request: Request, principal: CurrentPrincipal) -> MemberList:
     async with runtime(request).pool.acquire() as conn:
         await account_for(conn, principal, aid)
         rows = await storage.members(conn, aid)

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from tally.auth import CurrentPrincipal, require_role
 from tally.errors import ApiError
+from tally.ids import PathId, PathKey
 from tally.money import MoneyError, format_micros, to_micros
 from tally.service import runtime
 from tally_rebilling import storage
@@ -93,7 +94,7 @@ def _period(text: str) -> str:
 
 
 @router.get("/companies/{cid}/reselling", response_model=CatalogOut)
-async def catalog(cid: str, request: Request, principal: CurrentPrincipal) -> CatalogOut:
+async def catalog(cid: PathId, request: Request, principal: CurrentPrincipal) -> CatalogOut:
     async with runtime(request).pool.acquire() as conn:
         await company_for(conn, principal, cid)
         prices = await storage.company_prices(conn, cid)
@@ -108,7 +109,7 @@ async def catalog(cid: str, request: Request, principal: CurrentPrincipal) -> Ca
 
 
 @router.put("/companies/{cid}/reselling/{product}", response_model=CatalogRow)
-async def set_price(cid: str, product: str, body: PriceIn, request: Request,
+async def set_price(cid: PathId, product: PathKey, body: PriceIn, request: Request,
                     principal: CurrentPrincipal) -> CatalogRow:
     require_role(principal, "company_admin", "platform_admin")
     p = CATALOG.get(product)
@@ -129,7 +130,7 @@ async def set_price(cid: str, product: str, body: PriceIn, request: Request,
 
 
 @router.post("/accounts/{aid}/subscriptions", status_code=201, response_model=SubscriptionOut)
-async def subscribe(aid: str, body: SubscriptionIn, request: Request,
+async def subscribe(aid: PathId, body: SubscriptionIn, request: Request,
                     principal: CurrentPrincipal) -> SubscriptionOut:
     require_role(principal, "company_admin", "account_user", "platform_admin")
     p = CATALOG.get(body.product)
@@ -163,7 +164,7 @@ async def subscribe(aid: str, body: SubscriptionIn, request: Request,
 @router.post("/reselling/periods/{period}/run", response_model=RunOut,
              summary="Charge every active subscription for a period (idempotent; platform admins "
                      "and the scheduler)")
-async def run_period(period: str, request: Request, principal: CurrentPrincipal) -> RunOut:
+async def run_period(period: PathKey, request: Request, principal: CurrentPrincipal) -> RunOut:
     require_role(principal, "platform_admin")
     period = _period(period)
     outcomes = await _biller(request).run_period(period)
@@ -172,7 +173,7 @@ async def run_period(period: str, request: Request, principal: CurrentPrincipal)
 
 
 @router.get("/companies/{cid}/reselling/report", response_model=ReportOut)
-async def report(cid: str, request: Request, principal: CurrentPrincipal,
+async def report(cid: PathId, request: Request, principal: CurrentPrincipal,
                  period: str = Query(..., description="YYYY-MM")) -> ReportOut:
     require_role(principal, "company_admin", "platform_admin")
     period = _period(period)

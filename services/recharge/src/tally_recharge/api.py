@@ -15,6 +15,7 @@ from tally.auth import CurrentPrincipal, Principal, require_company, require_rol
 from tally.db import Conn
 from tally.errors import ApiError, not_found
 from tally.events import Topics
+from tally.ids import PathId, PathKey
 from tally.money import MoneyError, format_micros, to_micros
 from tally.service import Runtime, runtime
 from tally_recharge import storage
@@ -92,13 +93,13 @@ def _pm_out(row: asyncpg.Record) -> PaymentMethodOut:
                             is_default=row["is_default"])
 
 
-async def _company_target(conn: Conn, principal: Principal, cid: str) -> WalletTarget:
+async def _company_target(conn: Conn, principal: Principal, cid: PathId) -> WalletTarget:
     require_company(principal, cid)
     currency, _ = await storage.company(conn, cid)
     return WalletTarget(f"company:{cid}", "company", cid, None, currency)
 
 
-async def _account_target(conn: Conn, principal: Principal, aid: str) -> WalletTarget:
+async def _account_target(conn: Conn, principal: Principal, aid: PathId) -> WalletTarget:
     company = await storage.account_company(conn, aid)
     if company is None and principal.role == "account_user" and principal.account_id == aid:
         company = principal.company_id
@@ -161,7 +162,7 @@ async def _attach(request: Request, principal: Principal, target: WalletTarget,
     return _pm_out(row)
 
 
-async def _card_event(conn: Conn, target: WalletTarget, pm: str, type_: str) -> None:
+async def _card_event(conn: Conn, target: WalletTarget, pm: PathKey, type_: str) -> None:
     remaining = await storage.payment_methods(conn, target.owner, target.owner_id)
     await outbox.publish(conn, Topics.RECHARGE_EVENTS, target.company_id, events.envelope(
         type_, events.PaymentMethodChanged(
@@ -175,13 +176,13 @@ async def _list(request: Request, target: WalletTarget) -> PaymentMethodList:
     return PaymentMethodList(items=[_pm_out(r) for r in rows])
 
 
-async def _owned(conn: Conn, target: WalletTarget, pm: str) -> None:
+async def _owned(conn: Conn, target: WalletTarget, pm: PathKey) -> None:
     rows = await storage.payment_methods(conn, target.owner, target.owner_id)
     if not any(r["id"] == pm for r in rows):
         raise not_found("payment method")
 
 
-async def _detach(request: Request, target: WalletTarget, pm: str) -> Response:
+async def _detach(request: Request, target: WalletTarget, pm: PathKey) -> Response:
     rt, gateway, _ = _rt(request)
     async with rt.pool.acquire() as conn:
         await _owned(conn, target, pm)
@@ -198,7 +199,7 @@ async def _detach(request: Request, target: WalletTarget, pm: str) -> Response:
     return Response(status_code=204)
 
 
-async def _default(request: Request, target: WalletTarget, pm: str) -> PaymentMethodOut:
+async def _default(request: Request, target: WalletTarget, pm: PathKey) -> PaymentMethodOut:
     async with runtime(request).pool.acquire() as conn, conn.transaction():
         await _owned(conn, target, pm)
         await storage.make_default(conn, pm, target.owner, target.owner_id)
@@ -247,7 +248,7 @@ async def _history(request: Request, target: WalletTarget, limit: int,
 # --- routes: companies ---------------------------------------------------------------------
 
 @router.post("/companies/{cid}/payment-methods", status_code=201, response_model=PaymentMethodOut)
-async def attach_company_card(cid: str, body: AttachIn, request: Request,
+async def attach_company_card(cid: PathId, body: AttachIn, request: Request,
                               principal: CurrentPrincipal) -> PaymentMethodOut:
     require_role(principal, "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
@@ -256,7 +257,7 @@ async def attach_company_card(cid: str, body: AttachIn, request: Request,
 
 
 @router.get("/companies/{cid}/payment-methods", response_model=PaymentMethodList)
-async def list_company_cards(cid: str, request: Request,
+async def list_company_cards(cid: PathId, request: Request,
                              principal: CurrentPrincipal) -> PaymentMethodList:
     async with runtime(request).pool.acquire() as conn:
         target = await _company_target(conn, principal, cid)
@@ -264,7 +265,7 @@ async def list_company_cards(cid: str, request: Request,
 
 
 @router.delete("/companies/{cid}/payment-methods/{pm}", status_code=204)
-async def detach_company_card(cid: str, pm: str, request: Request,
+async def detach_company_card(cid: PathId, pm: PathKey, request: Request,
                               principal: CurrentPrincipal) -> Response:
     require_role(principal, "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
@@ -273,7 +274,7 @@ async def detach_company_card(cid: str, pm: str, request: Request,
 
 
 @router.post("/companies/{cid}/payment-methods/{pm}/default", response_model=PaymentMethodOut)
-async def default_company_card(cid: str, pm: str, request: Request,
+async def default_company_card(cid: PathId, pm: PathKey, request: Request,
                                principal: CurrentPrincipal) -> PaymentMethodOut:
     require_role(principal, "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
@@ -282,7 +283,7 @@ async def default_company_card(cid: str, pm: str, request: Request,
 
 
 @router.post("/companies/{cid}/wallet/top-ups", status_code=201, response_model=AttemptOut)
-async def top_up_company(cid: str, body: TopUpIn, request: Request,
+async def top_up_company(cid: PathId, body: TopUpIn, request: Request,
                          principal: CurrentPrincipal) -> AttemptOut:
     require_role(principal, "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
@@ -291,7 +292,7 @@ async def top_up_company(cid: str, body: TopUpIn, request: Request,
 
 
 @router.get("/companies/{cid}/wallet/recharges", response_model=AttemptPage)
-async def company_recharges(cid: str, request: Request, principal: CurrentPrincipal,
+async def company_recharges(cid: PathId, request: Request, principal: CurrentPrincipal,
                             limit: Limit = 50, cursor: str | None = None) -> AttemptPage:
     async with runtime(request).pool.acquire() as conn:
         target = await _company_target(conn, principal, cid)
@@ -301,7 +302,7 @@ async def company_recharges(cid: str, request: Request, principal: CurrentPrinci
 # --- routes: accounts ----------------------------------------------------------------------
 
 @router.post("/accounts/{aid}/payment-methods", status_code=201, response_model=PaymentMethodOut)
-async def attach_account_card(aid: str, body: AttachIn, request: Request,
+async def attach_account_card(aid: PathId, body: AttachIn, request: Request,
                               principal: CurrentPrincipal) -> PaymentMethodOut:
     require_role(principal, "account_user", "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
@@ -310,7 +311,7 @@ async def attach_account_card(aid: str, body: AttachIn, request: Request,
 
 
 @router.get("/accounts/{aid}/payment-methods", response_model=PaymentMethodList)
-async def list_account_cards(aid: str, request: Request,
+async def list_account_cards(aid: PathId, request: Request,
                              principal: CurrentPrincipal) -> PaymentMethodList:
     async with runtime(request).pool.acquire() as conn:
         target = await _account_target(conn, principal, aid)
@@ -318,7 +319,7 @@ async def list_account_cards(aid: str, request: Request,
 
 
 @router.delete("/accounts/{aid}/payment-methods/{pm}", status_code=204)
-async def detach_account_card(aid: str, pm: str, request: Request,
+async def detach_account_card(aid: PathId, pm: PathKey, request: Request,
                               principal: CurrentPrincipal) -> Response:
     require_role(principal, "account_user", "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
@@ -327,7 +328,7 @@ async def detach_account_card(aid: str, pm: str, request: Request,
 
 
 @router.post("/accounts/{aid}/payment-methods/{pm}/default", response_model=PaymentMethodOut)
-async def default_account_card(aid: str, pm: str, request: Request,
+async def default_account_card(aid: PathId, pm: PathKey, request: Request,
                                principal: CurrentPrincipal) -> PaymentMethodOut:
     require_role(principal, "account_user", "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
@@ -336,7 +337,7 @@ async def default_account_card(aid: str, pm: str, request: Request,
 
 
 @router.post("/accounts/{aid}/wallet/top-ups", status_code=201, response_model=AttemptOut)
-async def top_up_account(aid: str, body: TopUpIn, request: Request,
+async def top_up_account(aid: PathId, body: TopUpIn, request: Request,
                          principal: CurrentPrincipal) -> AttemptOut:
     require_role(principal, "account_user", "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
@@ -345,7 +346,7 @@ async def top_up_account(aid: str, body: TopUpIn, request: Request,
 
 
 @router.get("/accounts/{aid}/wallet/recharges", response_model=AttemptPage)
-async def account_recharges(aid: str, request: Request, principal: CurrentPrincipal,
+async def account_recharges(aid: PathId, request: Request, principal: CurrentPrincipal,
                             limit: Limit = 50, cursor: str | None = None) -> AttemptPage:
     async with runtime(request).pool.acquire() as conn:
         target = await _account_target(conn, principal, aid)

@@ -7,12 +7,12 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import ORJSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from tally.auth import CurrentPrincipal, require_role
-from tally.errors import ApiError
+from tally.errors import ApiError, JsonResponse
 from tally.events import UsageEvent
+from tally.ids import PathKey
 from tally.money import MoneyError, format_micros, to_micros
 from tally.ratelimit import TokenBuckets, retry_after
 from tally.service import runtime
@@ -78,7 +78,7 @@ def parse_usage_body(raw: bytes) -> list[UsageEvent]:
 
 @router.post("/usage", status_code=202, openapi_extra=_USAGE_SCHEMA,
              summary="Record usage (one event or a batch of up to 1000)")
-async def post_usage(request: Request, principal: CurrentPrincipal) -> ORJSONResponse:
+async def post_usage(request: Request, principal: CurrentPrincipal) -> JsonResponse:
     require_role(principal, "product", "platform_admin")
     batch = parse_usage_body(await request.body())
     rt = runtime(request)
@@ -93,7 +93,7 @@ async def post_usage(request: Request, principal: CurrentPrincipal) -> ORJSONRes
         async with rt.pool.acquire() as conn, conn.transaction():
             results = await ingest(conn, batch)
     rt.relay.wake()
-    return ORJSONResponse({"results": [r.as_json() for r in results]}, status_code=202)
+    return JsonResponse({"results": [r.as_json() for r in results]}, status_code=202)
 
 
 class PriceOut(BaseModel):
@@ -127,7 +127,7 @@ async def get_prices(request: Request, principal: CurrentPrincipal) -> PriceList
 
 
 @router.put("/prices/{service}", summary="Set a service's platform price (applies to new events)")
-async def put_price(service: str, body: PriceIn, request: Request,
+async def put_price(service: PathKey, body: PriceIn, request: Request,
                     principal: CurrentPrincipal) -> PriceOut:
     require_role(principal, "platform_admin")
     if not SERVICE_RE.match(service):

@@ -43,9 +43,15 @@ async def ingest(conn: Conn, batch: Sequence[UsageEvent]) -> list[Result]:
     suspended = await storage.suspended_among(
         conn, [e.company_id for e in batch], [e.account_id for e in batch if e.account_id])
 
+    # An event accepted before is a duplicate whatever else is true now (a product retrying
+    # must learn that its event was taken, even if the wallet has since been suspended).
+    earlier = await storage.seen(conn, [e.event_id for e in batch])
     outcome: list[Priced | Rejected | None] = []
     first_seen: dict[str, int] = {}
     for i, event in enumerate(batch):
+        if event.event_id in earlier:
+            outcome.append(None)
+            continue
         verdict: Priced | Rejected | None = (
             suspension_of(event, suspended) or price_event(event, prices, now))
         if isinstance(verdict, Priced):

@@ -37,6 +37,15 @@ async def claim_event_ids(conn: Conn, event_ids: Sequence[str],
     return {r["event_id"] for r in rows}
 
 
+async def seen(conn: Conn, event_ids: Sequence[str]) -> set[str]:
+    """Event ids accepted before (in any earlier batch)."""
+    if not event_ids:
+        return set()
+    rows = await conn.fetch("SELECT event_id FROM ingested WHERE event_id = ANY($1::text[])",
+                            list(set(event_ids)))
+    return {r["event_id"] for r in rows}
+
+
 async def suspended_among(conn: Conn, company_ids: Sequence[str],
                           account_ids: Sequence[str]) -> set[tuple[str, str]]:
     rows = await conn.fetch(

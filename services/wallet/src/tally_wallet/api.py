@@ -15,6 +15,7 @@ from tally.auth import CurrentPrincipal, Principal, require_company, require_rol
 from tally.db import Conn
 from tally.errors import ApiError, not_found
 from tally.events import Topics
+from tally.ids import PathId, PathKey
 from tally.money import MoneyError, format_micros, to_micros
 from tally.service import runtime
 from tally_wallet import storage
@@ -145,7 +146,7 @@ async def _out(conn: Conn, w: Wallet) -> WalletOut:
         funding="top_up" if connected else "request_credits", rebilling=mode)
 
 
-async def _company_wallet(conn: Conn, principal: Principal, cid: str) -> Wallet:
+async def _company_wallet(conn: Conn, principal: Principal, cid: PathId) -> Wallet:
     require_company(principal, cid, "wallet")
     w = await storage.get_wallet(conn, company_wallet_id(cid))
     if w:
@@ -154,7 +155,7 @@ async def _company_wallet(conn: Conn, principal: Principal, cid: str) -> Wallet:
     return Wallet(company_wallet_id(cid), "company", currency, company_id=cid)
 
 
-async def _account_wallet(conn: Conn, principal: Principal, aid: str) -> Wallet:
+async def _account_wallet(conn: Conn, principal: Principal, aid: PathId) -> Wallet:
     """The account's wallet (a default one if it never moved); 404 for other tenants."""
     info = await storage.account_info(conn, aid)
     company = info.company_id
@@ -219,13 +220,13 @@ async def _patch(conn: Conn, w: Wallet, body: WalletPatch) -> Wallet:
 # --- wallets -------------------------------------------------------------------------------
 
 @router.get("/companies/{cid}/wallet", response_model=WalletOut)
-async def company_wallet(cid: str, request: Request, principal: CurrentPrincipal) -> WalletOut:
+async def company_wallet(cid: PathId, request: Request, principal: CurrentPrincipal) -> WalletOut:
     async with runtime(request).pool.acquire() as conn:
         return await _out(conn, await _company_wallet(conn, principal, cid))
 
 
 @router.patch("/companies/{cid}/wallet", response_model=WalletOut)
-async def patch_company_wallet(cid: str, body: WalletPatch, request: Request,
+async def patch_company_wallet(cid: PathId, body: WalletPatch, request: Request,
                                principal: CurrentPrincipal) -> WalletOut:
     require_role(principal, "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn, conn.transaction():
@@ -234,7 +235,7 @@ async def patch_company_wallet(cid: str, body: WalletPatch, request: Request,
 
 
 @router.get("/companies/{cid}/wallet/transactions", response_model=TransactionPage)
-async def company_transactions(cid: str, request: Request, principal: CurrentPrincipal,
+async def company_transactions(cid: PathId, request: Request, principal: CurrentPrincipal,
                                limit: Limit = 50, cursor: str | None = None) -> TransactionPage:
     async with runtime(request).pool.acquire() as conn:
         w = await _company_wallet(conn, principal, cid)
@@ -242,13 +243,13 @@ async def company_transactions(cid: str, request: Request, principal: CurrentPri
 
 
 @router.get("/accounts/{aid}/wallet", response_model=WalletOut)
-async def account_wallet(aid: str, request: Request, principal: CurrentPrincipal) -> WalletOut:
+async def account_wallet(aid: PathId, request: Request, principal: CurrentPrincipal) -> WalletOut:
     async with runtime(request).pool.acquire() as conn:
         return await _out(conn, await _account_wallet(conn, principal, aid))
 
 
 @router.patch("/accounts/{aid}/wallet", response_model=WalletOut)
-async def patch_account_wallet(aid: str, body: WalletPatch, request: Request,
+async def patch_account_wallet(aid: PathId, body: WalletPatch, request: Request,
                                principal: CurrentPrincipal) -> WalletOut:
     """Company admins, and (as the spec lets account owners) the account's own users."""
     require_role(principal, "company_admin", "account_user", "platform_admin")
@@ -260,7 +261,7 @@ async def patch_account_wallet(aid: str, body: WalletPatch, request: Request,
 
 
 @router.get("/accounts/{aid}/wallet/transactions", response_model=TransactionPage)
-async def account_transactions(aid: str, request: Request, principal: CurrentPrincipal,
+async def account_transactions(aid: PathId, request: Request, principal: CurrentPrincipal,
                                limit: Limit = 50, cursor: str | None = None) -> TransactionPage:
     async with runtime(request).pool.acquire() as conn:
         w = await _account_wallet(conn, principal, aid)
@@ -268,7 +269,7 @@ async def account_transactions(aid: str, request: Request, principal: CurrentPri
 
 
 @router.get("/accounts/{aid}/service-status", response_model=ServiceStatusOut)
-async def account_service_status(aid: str, request: Request,
+async def account_service_status(aid: PathId, request: Request,
                                  principal: CurrentPrincipal) -> ServiceStatusOut:
     async with runtime(request).pool.acquire() as conn:
         info = await storage.account_info(conn, aid)
@@ -295,7 +296,7 @@ async def _credit(request: Request, conn: Conn, wallet: Wallet, body: CreditIn,
 
 @router.post("/accounts/{aid}/wallet/credits", status_code=201, response_model=CreditOut,
              summary="Add credits to an account wallet now (the company's AI credits button)")
-async def credit_account(aid: str, body: CreditIn, request: Request, principal: CurrentPrincipal,
+async def credit_account(aid: PathId, body: CreditIn, request: Request, principal: CurrentPrincipal,
                          idempotency_key: IdempotencyKey = None) -> CreditOut:
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
@@ -310,7 +311,7 @@ async def credit_account(aid: str, body: CreditIn, request: Request, principal: 
 
 @router.post("/companies/{cid}/wallet/credits", status_code=201, response_model=CreditOut,
              summary="Grant credits to a company (agency) wallet (platform admins)")
-async def credit_company(cid: str, body: CreditIn, request: Request, principal: CurrentPrincipal,
+async def credit_company(cid: PathId, body: CreditIn, request: Request, principal: CurrentPrincipal,
                          idempotency_key: IdempotencyKey = None) -> CreditOut:
     require_role(principal, "platform_admin")
     rt = runtime(request)
@@ -334,7 +335,7 @@ def _cr(r: asyncpg.Record) -> CreditRequestOut:
 
 @router.post("/accounts/{aid}/credit-requests", status_code=201, response_model=CreditRequestOut,
              summary="Request credits from the company (when it has not connected Stripe)")
-async def request_credits(aid: str, body: CreditIn, request: Request,
+async def request_credits(aid: PathId, body: CreditIn, request: Request,
                           principal: CurrentPrincipal) -> CreditRequestOut:
     require_role(principal, "account_user")
     amount = _money(body.amount, "amount")
@@ -364,7 +365,7 @@ async def request_credits(aid: str, body: CreditIn, request: Request,
 
 
 @router.get("/companies/{cid}/credit-requests", response_model=CreditRequestPage)
-async def list_credit_requests(cid: str, request: Request, principal: CurrentPrincipal,
+async def list_credit_requests(cid: PathId, request: Request, principal: CurrentPrincipal,
                                status: Literal["pending", "approved", "rejected"] | None = None,
                                limit: Limit = 50, cursor: str | None = None) -> CreditRequestPage:
     require_role(principal, "company_admin", "platform_admin")
@@ -377,7 +378,7 @@ async def list_credit_requests(cid: str, request: Request, principal: CurrentPri
                              next_cursor=_encode_cursor(page[-1]["seq"]) if more and page else None)
 
 
-async def _resolve(request: Request, principal: Principal, rid: str,
+async def _resolve(request: Request, principal: Principal, rid: PathKey,
                    status: Literal["approved", "rejected"]) -> CreditRequestOut:
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
@@ -405,10 +406,10 @@ async def _resolve(request: Request, principal: Principal, rid: str,
 
 
 @router.post("/credit-requests/{rid}/approve", response_model=CreditRequestOut)
-async def approve(rid: str, request: Request, principal: CurrentPrincipal) -> CreditRequestOut:
+async def approve(rid: PathKey, request: Request, principal: CurrentPrincipal) -> CreditRequestOut:
     return await _resolve(request, principal, rid, "approved")
 
 
 @router.post("/credit-requests/{rid}/reject", response_model=CreditRequestOut)
-async def reject(rid: str, request: Request, principal: CurrentPrincipal) -> CreditRequestOut:
+async def reject(rid: PathKey, request: Request, principal: CurrentPrincipal) -> CreditRequestOut:
     return await _resolve(request, principal, rid, "rejected")
