@@ -103,12 +103,12 @@ class Chaos:
             self.report.batches_sent += 1
             return
 
-    async def traffic(self, until: float) -> None:
+    async def traffic(self, stop: asyncio.Event) -> None:
         pairs = [(c, a) for c, accounts in demo.COMPANIES.items() for a in accounts]
         n = 0
         async with httpx.AsyncClient(timeout=10,
                                      headers={"Authorization": f"Bearer {self.token}"}) as client:
-            while time.monotonic() < until:
+            while not stop.is_set():
                 batch = []
                 for _ in range(max(1, int(self.rate / 5))):
                     cid, aid = self.rng.choice(pairs)
@@ -142,25 +142,35 @@ class Chaos:
         finally:
             await consumer.stop()
 
+    def plan(self) -> list[str]:
+        """The faults to inject, in a random order: every service killed at least once, two
+        Postgres restarts (embedded Postgres), the rest kills and redeliveries."""
+        plan = [f"kill:{name}" for name in KILLABLE]
+        if self.stack.can_restart_postgres:
+            plan += ["postgres", "postgres"]
+        while len(plan) < self.faults_wanted:
+            plan.append(self.rng.choice([*(f"kill:{n}" for n in KILLABLE), "redeliver",
+                                         "redeliver"]))
+        self.rng.shuffle(plan)
+        return plan
+
     async def faults(self, until: float) -> None:
+        """Inject the planned faults spread over the run (the run lasts until all are in)."""
         producer = AIOKafkaProducer(bootstrap_servers=self.stack.bootstrap)
         await producer.start()
         try:
-            gap = max((until - time.monotonic()) / (self.faults_wanted + 1), 0.5)
-            while time.monotonic() < until:
-                await asyncio.sleep(gap * self.rng.uniform(0.6, 1.2))
-                kinds = ["kill"] * 6 + ["redeliver"] * 3
-                if self.stack.can_restart_postgres:
-                    kinds.append("postgres")
-                kind = self.rng.choice(kinds)
-                if kind == "kill":
-                    name = self.rng.choice(KILLABLE)
+            plan = self.plan()
+            gap = max((until - time.monotonic()) / (len(plan) + 1), 0.3)
+            for fault in plan:
+                await asyncio.sleep(gap * self.rng.uniform(0.5, 1.0))
+                if fault.startswith("kill:"):
+                    name = fault.split(":", 1)[1]
                     self.stack.kill(name)
                     self.report.faults[f"sigkill {name}"] += 1
                     await asyncio.sleep(self.rng.uniform(0, 1.0))
                     self.stack.spawn_service(name)
                     await self.stack.wait_ready(name, timeout=120)
-                elif kind == "postgres":
+                elif fault == "postgres":
                     await self.stack.restart_postgres()
                     self.report.faults["postgres restart"] += 1
                 else:
@@ -291,10 +301,14 @@ class Chaos:
             prices = (await c.get(self.stack.url("usage-meter") + "/v1/prices")).json()["items"]
             self.prices = {p["service"]: to_micros(p["unit_price"]) for p in prices}
         until = time.monotonic() + self.seconds
-        traffic = asyncio.create_task(self.traffic(until))
+        stop_traffic = asyncio.Event()
+        traffic = asyncio.create_task(self.traffic(stop_traffic))
         try:
             await self.faults(until)
+            while time.monotonic() < until:
+                await asyncio.sleep(0.2)
         finally:
+            stop_traffic.set()
             await traffic
         for name in KILLABLE:  # everything back up before judging
             if not self.stack.alive(name):
