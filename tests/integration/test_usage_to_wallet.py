@@ -247,3 +247,26 @@ async def test_oversized_bodies_get_413(tally: Tally) -> None:
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
 
+
+
+async def test_transactions_page_with_cursors_newest_first(tally: Tally) -> None:
+    cid = uid("co")
+    events = [event(cid, quantity=str(q)) for q in range(1, 6)]
+    await tally.post_usage({"events": events})
+    everything = await tally.wait_applied(cid, events[-1]["event_id"])
+    assert len(everything) == 5
+    url = tally.url("wallet", f"/v1/companies/{cid}/wallet/transactions")
+    headers = tally.auth("company_admin", company_id=cid)
+    seen, cursor, pages = [], None, 0
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        body = (await tally.http.get(url, params=params, headers=headers)).json()
+        seen += body["items"]
+        pages += 1
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 3 and seen == everything
+    assert [int(t["id"]) for t in seen] == sorted((int(t["id"]) for t in seen), reverse=True)
+    r = await tally.http.get(url, params={"cursor": "not-a-cursor!"}, headers=headers)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"

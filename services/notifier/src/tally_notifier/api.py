@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, EmailStr, Field
 
+from tally import pagination
 from tally.auth import CurrentPrincipal, Principal, require_company, require_role
 from tally.db import Conn
 from tally.errors import ApiError, not_found
@@ -138,18 +138,11 @@ async def list_notifications(cid: PathId, request: Request, principal: CurrentPr
                              cursor: str | None = None) -> NotificationPage:
     require_role(principal, "company_admin", "platform_admin")
     require_company(principal, cid)
-    before = None
-    if cursor:
-        try:
-            before = int(base64.urlsafe_b64decode(cursor.encode()).decode())
-        except ValueError as exc:
-            raise ApiError(422, "validation_error", "cursor is not valid") from exc
     async with runtime(request).pool.acquire() as conn:
         rows = await storage.notifications(conn, cid, unread=unread, limit=limit + 1,
-                                           before_seq=before)
-    page, more = rows[:limit], len(rows) > limit
-    nxt = base64.urlsafe_b64encode(str(page[-1]["seq"]).encode()).decode() if more and page else None
-    return NotificationPage(items=[_note(r) for r in page], next_cursor=nxt)
+                                           before_seq=pagination.decode(cursor))
+    items, nxt = pagination.page(rows, limit, rows[limit - 1]["seq"] if len(rows) > limit else None)
+    return NotificationPage(items=[_note(r) for r in items], next_cursor=nxt)
 
 
 @router.post("/notifications/{nid}/read", response_model=NotificationOut)

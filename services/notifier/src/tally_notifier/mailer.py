@@ -4,8 +4,6 @@ commit can send one email twice (SMTP has no idempotency); nothing is ever lost.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
@@ -16,6 +14,7 @@ import asyncpg
 import orjson
 from prometheus_client import Counter
 
+from tally.worker import Worker
 from tally_notifier import storage
 
 log = logging.getLogger(__name__)
@@ -23,7 +22,9 @@ SENT = Counter("tally_emails_total", "Emails by outcome", ["outcome"])
 MAX_ATTEMPTS = 10
 
 
-class Mailer:
+class Mailer(Worker):
+    name = "mailer"
+
     def __init__(self, pool: asyncpg.Pool, smtp_url: str, sender: str,
                  retry_base: float = 2.0) -> None:
         parts = urlsplit(smtp_url)
@@ -35,22 +36,11 @@ class Mailer:
         self.sender = sender
         self.pool = pool
         self.retry_base = retry_base
-        self._wake = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        super().__init__()
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="mailer")
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._task:
-            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-                await asyncio.wait_for(self._task, timeout=15)
+    async def step(self) -> bool:
+        await self.send_due()
+        return False
 
     async def send_due(self) -> int:
         sent = 0
@@ -79,13 +69,3 @@ class Mailer:
                 SENT.labels("sent").inc()
                 sent += 1
         return sent
-
-    async def _loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                await self.send_due()
-            except Exception:
-                log.exception("mailer error")
-            self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=0.5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from typing import Annotated, Literal
 
 import asyncpg
@@ -10,7 +9,7 @@ import stripe
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from tally import events, inbox, outbox
+from tally import events, inbox, outbox, pagination
 from tally.auth import CurrentPrincipal, Principal, require_company, require_role
 from tally.db import Conn
 from tally.errors import ApiError, not_found
@@ -231,18 +230,11 @@ async def _top_up(request: Request, target: WalletTarget, body: TopUpIn) -> Atte
 
 async def _history(request: Request, target: WalletTarget, limit: int,
                    cursor: str | None) -> AttemptPage:
-    before = None
-    if cursor:
-        try:
-            before = int(base64.urlsafe_b64decode(cursor.encode()).decode())
-        except ValueError as exc:
-            raise ApiError(422, "validation_error", "cursor is not valid") from exc
     async with runtime(request).pool.acquire() as conn:
         rows = await storage.list_attempts(conn, target.wallet_id, limit=limit + 1,
-                                           before_seq=before)
-    page, more = rows[:limit], len(rows) > limit
-    nxt = base64.urlsafe_b64encode(str(page[-1].seq).encode()).decode() if more and page else None
-    return AttemptPage(items=[_attempt_out(a) for a in page], next_cursor=nxt)
+                                           before_seq=pagination.decode(cursor))
+    items, nxt = pagination.page(rows, limit, rows[limit - 1].seq if len(rows) > limit else None)
+    return AttemptPage(items=[_attempt_out(a) for a in items], next_cursor=nxt)
 
 
 # --- routes: companies ---------------------------------------------------------------------

@@ -10,8 +10,6 @@ transaction that settles the attempt.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from tally.faults import crash_point
 from tally.money import micros_to_minor_units_ceil, minor_units_to_micros
 from tally.outbox import OutboxRelay
 from tally.telemetry import continue_trace
+from tally.worker import Worker
 from tally_recharge import storage
 from tally_recharge.domain import (
     RAISE_WINDOW,
@@ -67,7 +66,12 @@ def target_of(a: storage.Attempt) -> WalletTarget:
     return WalletTarget(a.wallet_id, a.owner, a.company_id, a.account_id, a.currency)
 
 
-class Recharger:
+class Recharger(Worker):
+    """Also the background charger: leases due attempts (new, retries, interrupted) and runs
+    them."""
+
+    name = "recharger"
+
     def __init__(self, pool: asyncpg.Pool, gateway: StripeGateway, relay: OutboxRelay, *,
                  retry: RetryPolicy, lease_seconds: int = 60, unavailable_retry_seconds: int = 30):
         self.pool = pool
@@ -76,9 +80,7 @@ class Recharger:
         self.retry = retry
         self.lease_seconds = lease_seconds
         self.unavailable_retry_seconds = unavailable_retry_seconds
-        self._wake = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        super().__init__()
 
     # --- creating attempts ---------------------------------------------------------------
 
@@ -282,33 +284,14 @@ class Recharger:
                 source=SOURCE, id_=f"recharge.failed:{a.id}"))
         OUTCOMES.labels(a.trigger, "failed").inc()
         self.relay.wake()
-        self._wake.set()
+        self.wake()
 
     # --- the background charger ----------------------------------------------------------
 
-    def wake(self) -> None:
-        self._wake.set()
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="recharger")
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._task:
-            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-                await asyncio.wait_for(self._task, timeout=15)
-
-    async def _loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                async with self.pool.acquire() as conn:
-                    attempt = await storage.lease_due_attempt(conn, self.lease_seconds)
-                if attempt is not None:
-                    await self.run(attempt)
-                    continue
-            except Exception:
-                log.exception("recharge loop error")
-            self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+    async def step(self) -> bool:
+        async with self.pool.acquire() as conn:
+            attempt = await storage.lease_due_attempt(conn, self.lease_seconds)
+        if attempt is None:
+            return False
+        await self.run(attempt)
+        return True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -10,7 +9,7 @@ import asyncpg
 from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, Field
 
-from tally import events, outbox
+from tally import events, outbox, pagination
 from tally.auth import CurrentPrincipal, Principal, require_company, require_role
 from tally.db import Conn
 from tally.errors import ApiError, not_found
@@ -170,19 +169,6 @@ async def _account_wallet(conn: Conn, principal: Principal, aid: PathId) -> Wall
     return Wallet(account_wallet_id(aid), "account", currency, company_id=company, account_id=aid)
 
 
-def _encode_cursor(value: int) -> str:
-    return base64.urlsafe_b64encode(str(value).encode()).decode()
-
-
-def _decode_cursor(cursor: str | None) -> int | None:
-    if not cursor:
-        return None
-    try:
-        return int(base64.urlsafe_b64decode(cursor.encode()).decode())
-    except ValueError as exc:
-        raise _invalid("cursor", "is not valid") from exc
-
-
 def _tx(r: dict[str, Any]) -> TransactionOut:
     return TransactionOut(
         id=str(r["id"]), kind=r["kind"], amount=format_micros(r["amount"]),
@@ -194,10 +180,9 @@ def _tx(r: dict[str, Any]) -> TransactionOut:
 async def _transactions(conn: Conn, wallet_id: str, limit: int,
                         cursor: str | None) -> TransactionPage:
     rows = await storage.list_transfers(conn, wallet_id, limit=limit + 1,
-                                        before_id=_decode_cursor(cursor))
-    page, more = rows[:limit], len(rows) > limit
-    return TransactionPage(items=[_tx(r) for r in page],
-                           next_cursor=_encode_cursor(page[-1]["id"]) if more and page else None)
+                                        before_id=pagination.decode(cursor))
+    items, nxt = pagination.page(rows, limit, rows[limit - 1]["id"] if len(rows) > limit else None)
+    return TransactionPage(items=[_tx(r) for r in items], next_cursor=nxt)
 
 
 async def _patch(conn: Conn, w: Wallet, body: WalletPatch) -> Wallet:
@@ -372,10 +357,9 @@ async def list_credit_requests(cid: PathId, request: Request, principal: Current
     require_company(principal, cid)
     async with runtime(request).pool.acquire() as conn:
         rows = await storage.list_credit_requests(conn, cid, status, limit=limit + 1,
-                                                  before_seq=_decode_cursor(cursor))
-    page, more = rows[:limit], len(rows) > limit
-    return CreditRequestPage(items=[_cr(r) for r in page],
-                             next_cursor=_encode_cursor(page[-1]["seq"]) if more and page else None)
+                                                  before_seq=pagination.decode(cursor))
+    items, nxt = pagination.page(rows, limit, rows[limit - 1]["seq"] if len(rows) > limit else None)
+    return CreditRequestPage(items=[_cr(r) for r in items], next_cursor=nxt)
 
 
 async def _resolve(request: Request, principal: Principal, rid: PathKey,
