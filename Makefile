@@ -10,7 +10,7 @@ UV         := $(TOOLS)/bin/uv
 PYTHON     ?= python3
 export UV_PYTHON_PREFERENCE ?= system
 
-.PHONY: help install run test test-fast lint format bench-wallet chaos clean stack
+.PHONY: help install run test test-fast lint format bench bench-wallet chaos clean stack
 
 help: ## show the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ lint: install ## ruff and mypy
 format: install
 	@$(UV) run --frozen --no-sync ruff format .
 	@$(UV) run --frozen --no-sync ruff check --fix .
+
+bench: install ## end to end through the public paths: events/s, latency, CPU and memory per service
+	@$(UV) run --frozen --no-sync python bench/e2e_bench.py
 
 bench-wallet: install ## wallet alone: events/s from a pre-filled topic, vs one transaction per event
 	@$(UV) run --frozen --no-sync python bench/wallet_bench.py
