@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka import TopicPartition
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from faststream.middlewares import AckPolicy
@@ -35,7 +35,6 @@ LAG = Gauge("tally_consumer_lag", "Records behind the partition end, as of the l
 FAILURES = Counter("tally_consumer_batch_failures_total", "Batches that failed and were retried",
                    ["service", "topic"])
 
-Record = ConsumerRecord
 BatchHandler = Callable[[Sequence[Any]], Awaitable[None]]
 
 

@@ -96,15 +96,6 @@ async def list_transfers(conn: Conn, wallet_id: str, *, limit: int,
     return [dict(r) for r in rows]
 
 
-async def ledger_totals(conn: Conn) -> list[asyncpg.Record]:
-    """Per wallet: materialised balance next to what the transfers say (for audits/tests)."""
-    return await conn.fetch(
-        "SELECT w.id, w.balance, "
-        "  COALESCE((SELECT sum(amount) FROM transfers WHERE credit_wallet = w.id), 0) - "
-        "  COALESCE((SELECT sum(amount) FROM transfers WHERE debit_wallet = w.id), 0) AS derived "
-        "FROM wallets w ORDER BY w.id")
-
-
 # --- what other services decide, as the wallet knows it ----------------------------------
 
 async def load_rebilling(conn: Conn, account_ids: Sequence[str]) -> dict[str, Rebilling]:
