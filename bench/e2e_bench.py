@@ -28,6 +28,7 @@ import psutil
 from aiokafka import AIOKafkaProducer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from wallet_bench import measure_naive  # the same naive reference as `make bench-wallet`
 
 from tally.auth import issue_token
 from tally_devstack.stack import SERVICES, Ports, Stack, stop_on_sigterm
@@ -171,28 +172,6 @@ async def measure_limit(stack: Stack, run: str, events: int = 100_000) -> dict[s
     return {"events": events, "seconds": seconds, "events_per_s": events / seconds}
 
 
-async def measure_naive(stack: Stack, run: str, events: int = 2000) -> dict[str, float]:
-    """The same posting code as the wallet, one transaction per event."""
-    from tally import db
-    from tally.events import UsageRecorded
-    from tally_wallet.usage import apply_usage
-
-    pool = await db.create_pool(stack.database_url, "wallet_naive", size=1)
-    await db.migrate(pool, "wallet_naive", "tally")
-    await db.migrate(pool, "wallet_naive", "tally_wallet")
-    now = datetime.now(UTC)
-    parsed = [UsageRecorded(event_id=f"{run}-n{i}", company_id=f"{run}-co{i % COMPANIES}",
-                            account_id=None, service="email", quantity="1", occurred_at=now,
-                            recorded_at=now, unit_price_micros=675, platform_amount_micros=675,
-                            currency="USD") for i in range(events)]
-    start = time.perf_counter()
-    async with pool.acquire() as conn:
-        for u in parsed:
-            async with conn.transaction():
-                await apply_usage(conn, [u])
-    seconds = time.perf_counter() - start
-    await pool.close()
-    return {"events": events, "seconds": seconds, "events_per_s": events / seconds}
 
 
 async def main() -> None:

@@ -226,7 +226,8 @@ async def test_every_service_is_healthy_ready_and_measured(tally: Tally, service
         r = await tally.http.get(tally.url(service, path))
         assert r.status_code == 200, r.text
     metrics = await tally.http.get(tally.url(service, "/metrics"))
-    assert "tally_http_requests_total" in metrics.text
+    sample = f'tally_http_requests_total{{route="/healthz",service="{service}",status="200"}}'
+    assert sample in metrics.text  # the requests above were counted, not just declared
     openapi = await tally.http.get(tally.url(service, "/openapi.json"))
     assert openapi.json()["info"]["title"] == f"Tally {service}"
 

@@ -12,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tally.money import MoneyError, to_micros
+
 log = logging.getLogger(__name__)
 
 _STATUS_CODES = {
@@ -47,6 +49,24 @@ class ApiError(Exception):
         self.message = message
         self.details = details or []
         self.headers = headers
+
+
+def invalid(field: str, message: str) -> ApiError:
+    """A 422 about one field of the request."""
+    return ApiError(422, "validation_error", f"{field}: {message}",
+                    [{"field": field, "message": message}])
+
+
+def money_field(text: str, field: str, *, allow_zero: bool = False) -> int:
+    """A money field of a request (decimal string, at most 6 places) as micros: > 0, or >= 0
+    with ``allow_zero``; a 422 naming the field otherwise."""
+    try:
+        micros = to_micros(text, field=field.rsplit(".", 1)[-1])
+    except MoneyError as exc:
+        raise invalid(field, str(exc)) from exc
+    if micros < 0 or (micros == 0 and not allow_zero):
+        raise invalid(field, "must be " + (">= 0" if allow_zero else "greater than 0"))
+    return micros
 
 
 def not_found(what: str = "resource") -> ApiError:

@@ -11,9 +11,9 @@ from pydantic import BaseModel, EmailStr, Field
 from tally import pagination
 from tally.auth import CurrentPrincipal, Principal, require_company, require_role
 from tally.db import Conn
-from tally.errors import ApiError, not_found
+from tally.errors import money_field, not_found
 from tally.ids import PathId, PathKey
-from tally.money import MoneyError, format_micros, to_micros
+from tally.money import format_micros
 from tally.service import runtime
 from tally_notifier import storage
 from tally_notifier.alerts import period_usage
@@ -72,17 +72,6 @@ async def _account(conn: Conn, principal: Principal, aid: PathId) -> Any:
     return a
 
 
-def _threshold(text: str, i: int) -> int:
-    field = f"conditions[{i}].threshold"
-    try:
-        micros = to_micros(text, field="threshold")
-    except MoneyError as exc:
-        raise ApiError(422, "validation_error", f"{field}: {exc}",
-                       [{"field": field, "message": str(exc)}]) from exc
-    if micros <= 0:
-        raise ApiError(422, "validation_error", f"{field}: must be greater than 0",
-                       [{"field": field, "message": "must be greater than 0"}])
-    return micros
 
 
 @router.put("/accounts/{aid}/usage-alerts", response_model=AlertsOut)
@@ -90,7 +79,7 @@ async def put_alerts(aid: PathId, body: AlertsIn, request: Request,
                      principal: CurrentPrincipal) -> AlertsOut:
     require_role(principal, "company_admin", "platform_admin")
     stored: list[dict[str, Any]] = [
-        {"threshold_micros": _threshold(c.threshold, i), "period": c.period}
+        {"threshold_micros": money_field(c.threshold, f"conditions[{i}].threshold"), "period": c.period}
         for i, c in enumerate(body.conditions)]
     recipients = sorted({str(r).lower() for r in body.recipients})
     async with runtime(request).pool.acquire() as conn:

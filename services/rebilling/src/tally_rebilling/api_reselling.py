@@ -10,9 +10,9 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
 from tally.auth import CurrentPrincipal, require_role
-from tally.errors import ApiError
+from tally.errors import ApiError, money_field
 from tally.ids import PathId, PathKey
-from tally.money import MoneyError, format_micros, to_micros
+from tally.money import format_micros
 from tally.service import runtime
 from tally_rebilling import storage
 from tally_rebilling.api_companies import account_for, company_for
@@ -115,12 +115,7 @@ async def set_price(cid: PathId, product: PathKey, body: PriceIn, request: Reque
     p = CATALOG.get(product)
     if p is None:
         raise ApiError(404, "unknown_product", f"no product {product!r} in the reselling catalog")
-    try:
-        price = to_micros(body.company_price, field="company_price")
-    except MoneyError as exc:
-        raise ApiError(422, "validation_error", str(exc)) from exc
-    if price < 0:
-        raise ApiError(422, "validation_error", "company_price must be >= 0")
+    price = money_field(body.company_price, "company_price", allow_zero=True)
     async with runtime(request).pool.acquire() as conn:
         await company_for(conn, principal, cid)
         await storage.set_company_price(conn, cid, product, price)

@@ -20,6 +20,10 @@ from tally_rebilling import publish, storage
 log = logging.getLogger(__name__)
 
 
+class ChargeInFlight(Exception):
+    """The card charge for this key is being run by another request right now."""
+
+
 def current_period(now: datetime | None = None) -> str:
     now = now or datetime.now(UTC)
     return f"{now.year:04d}-{now.month:02d}"
@@ -43,6 +47,8 @@ class Biller:
         if r.status_code != 201:
             return f"{owner} charge refused: {r.json().get('error', {}).get('code', r.status_code)}"
         attempt = r.json()
+        if attempt["status"] == "pending":
+            raise ChargeInFlight  # another run holds this charge: let it settle the period
         if attempt["status"] != "succeeded":
             codes = [t.get("decline_code") for t in attempt["tries"]] or [attempt.get("error")]
             return f"{owner} card charge {attempt['status']}: {codes}"
@@ -71,6 +77,8 @@ class Biller:
                 log.warning("recharge unreachable; the period stays pending",
                             extra={"subscription": sub["id"], "error": str(exc)})
                 return "pending"
+            except ChargeInFlight:
+                return "pending"  # the card charge is idempotent per key; a later run settles
         async with self.pool.acquire() as conn, conn.transaction():
             await storage.settle_period(conn, sub["id"], period,
                                         "failed" if error else "charged", error)

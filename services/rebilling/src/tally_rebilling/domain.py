@@ -14,7 +14,6 @@ from tally.money import MICROS_PER_UNIT, MoneyError, parse_decimal
 Plan = Literal["starter", "unlimited", "saas_pro"]
 Mode = Literal["off", "rebill", "rebill_markup"]
 
-PLAN_PRICES = {"starter": 97, "unlimited": 297, "saas_pro": 497}  # per month, currency units
 MIN_MARKUP, MAX_MARKUP = Decimal(1), Decimal(10)
 MARKUP_PLACES = 6
 PERIOD_RE = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")

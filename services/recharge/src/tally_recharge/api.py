@@ -12,10 +12,10 @@ from pydantic import BaseModel, Field
 from tally import events, inbox, outbox, pagination
 from tally.auth import CurrentPrincipal, Principal, require_company, require_role
 from tally.db import Conn
-from tally.errors import ApiError, not_found
+from tally.errors import ApiError, money_field, not_found
 from tally.events import Topics
 from tally.ids import PathId, PathKey
-from tally.money import MoneyError, format_micros, to_micros
+from tally.money import format_micros
 from tally.service import Runtime, runtime
 from tally_recharge import storage
 from tally_recharge.charging import SOURCE, Recharger, WalletTarget
@@ -206,20 +206,10 @@ async def _default(request: Request, target: WalletTarget, pm: PathKey) -> Payme
     return _pm_out(next(r for r in rows if r["id"] == pm))
 
 
-def _amount(text: str) -> int:
-    try:
-        micros = to_micros(text)
-    except MoneyError as exc:
-        raise ApiError(422, "validation_error", str(exc),
-                       [{"field": "amount", "message": str(exc)}]) from exc
-    if micros <= 0:
-        raise ApiError(422, "validation_error", "amount must be greater than 0",
-                       [{"field": "amount", "message": "must be greater than 0"}])
-    return micros
 
 
 async def _top_up(request: Request, target: WalletTarget, body: TopUpIn) -> AttemptOut:
-    amount = _amount(body.amount)
+    amount = money_field(body.amount, "amount")
     rt, _, recharger = _rt(request)
     async with rt.pool.acquire() as conn:
         stripe_account = await _stripe_account(conn, target)
@@ -361,7 +351,7 @@ class ChargeIn(BaseModel):
                      "per key; platform services only)")
 async def charge(body: ChargeIn, request: Request, principal: CurrentPrincipal) -> AttemptOut:
     require_role(principal, "platform_admin")
-    amount = _amount(body.amount)
+    amount = money_field(body.amount, "amount")
     rt, _, recharger = _rt(request)
     async with rt.pool.acquire() as conn:
         currency, _ = await storage.company(conn, body.company_id)

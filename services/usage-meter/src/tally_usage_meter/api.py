@@ -10,10 +10,10 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, ValidationError
 
 from tally.auth import CurrentPrincipal, require_role
-from tally.errors import ApiError, JsonResponse
+from tally.errors import ApiError, JsonResponse, money_field
 from tally.events import UsageEvent
 from tally.ids import PathKey
-from tally.money import MoneyError, format_micros, to_micros
+from tally.money import format_micros
 from tally.ratelimit import TokenBuckets, retry_after
 from tally.service import runtime
 from tally.telemetry import continue_trace
@@ -132,12 +132,7 @@ async def put_price(service: PathKey, body: PriceIn, request: Request,
     require_role(principal, "platform_admin")
     if not SERVICE_RE.match(service):
         raise _invalid("service must match ^[a-z0-9_.-]{1,64}$")
-    try:
-        micros = to_micros(body.unit_price, field="unit_price")
-    except MoneyError as exc:
-        raise _invalid(str(exc), [{"field": "unit_price", "message": str(exc)}]) from exc
-    if micros < 0:
-        raise _invalid("unit_price must be >= 0", [{"field": "unit_price", "message": ">= 0"}])
+    micros = money_field(body.unit_price, "unit_price", allow_zero=True)
     price = Price(service, body.unit, micros, body.currency)
     async with runtime(request).pool.acquire() as conn:
         await storage.upsert_price(conn, price)

@@ -14,6 +14,7 @@ from prometheus_client import Counter
 from tally import events, outbox
 from tally.db import Conn
 from tally.events import Topics, UsageEvent
+from tally.telemetry import current_traceparent
 from tally_usage_meter import storage
 from tally_usage_meter.domain import Priced, Rejected, price_event, recorded_payload, suspension_of
 
@@ -67,6 +68,7 @@ async def ingest(conn: Conn, batch: Sequence[UsageEvent]) -> list[Result]:
 
     rows = []
     results = []
+    traceparent = current_traceparent()  # once per batch: every row continues this trace
     for event, checked in zip(batch, outcome, strict=True):
         if isinstance(checked, Rejected):
             results.append(Result(event.event_id, "rejected", checked.code, checked.message))
@@ -76,7 +78,7 @@ async def ingest(conn: Conn, batch: Sequence[UsageEvent]) -> list[Result]:
             data = recorded_payload(checked, now)
             message = {"id": f"usage:{event.event_id}", "type": "usage.recorded",
                        "time": now.isoformat(), "source": SOURCE, "data": data}
-            rows.append(outbox.row(Topics.USAGE_RECORDED, event.company_id, message))
+            rows.append(outbox.row(Topics.USAGE_RECORDED, event.company_id, message, traceparent))
             results.append(Result(event.event_id, "accepted"))
     await outbox.enqueue(conn, rows)
     for r in results:

@@ -12,10 +12,10 @@ from pydantic import BaseModel, Field
 from tally import events, outbox, pagination
 from tally.auth import CurrentPrincipal, Principal, require_company, require_role
 from tally.db import Conn
-from tally.errors import ApiError, not_found
+from tally.errors import ApiError, money_field, not_found
 from tally.events import Topics
 from tally.ids import PathId, PathKey
-from tally.money import MoneyError, format_micros, to_micros
+from tally.money import format_micros
 from tally.service import runtime
 from tally_wallet import storage
 from tally_wallet.credits import credit
@@ -113,19 +113,6 @@ class ServiceStatusOut(BaseModel):
 
 # --- helpers -------------------------------------------------------------------------------
 
-def _invalid(field: str, message: str) -> ApiError:
-    return ApiError(422, "validation_error", f"{field}: {message}",
-                    [{"field": field, "message": message}])
-
-
-def _money(text: str, field: str, *, allow_zero: bool = False) -> int:
-    try:
-        micros = to_micros(text, field=field)
-    except MoneyError as exc:
-        raise _invalid(field, str(exc)) from exc
-    if micros < 0 or (micros == 0 and not allow_zero):
-        raise _invalid(field, "must be " + (">= 0" if allow_zero else "greater than 0"))
-    return micros
 
 
 async def _out(conn: Conn, w: Wallet) -> WalletOut:
@@ -188,9 +175,9 @@ async def _transactions(conn: Conn, wallet_id: str, limit: int,
 async def _patch(conn: Conn, w: Wallet, body: WalletPatch) -> Wallet:
     changes: dict[str, Any] = {}
     if body.threshold is not None:
-        changes["threshold"] = _money(body.threshold, "threshold", allow_zero=True)
+        changes["threshold"] = money_field(body.threshold, "threshold", allow_zero=True)
     if body.reload_amount is not None:
-        changes["reload_amount"] = _money(body.reload_amount, "reload_amount")
+        changes["reload_amount"] = money_field(body.reload_amount, "reload_amount")
     if body.auto_recharge is not None:
         changes["auto_recharge"] = body.auto_recharge
     if body.smart_adjustment is not None:
@@ -271,7 +258,7 @@ async def account_service_status(aid: PathId, request: Request,
 
 async def _credit(request: Request, conn: Conn, wallet: Wallet, body: CreditIn,
                   idempotency_key: str | None) -> CreditOut:
-    amount = _money(body.amount, "amount")
+    amount = money_field(body.amount, "amount")
     key = f"manual:{wallet.id}:{idempotency_key or uuid.uuid4()}"
     posted, current = await credit(conn, wallet, amount=amount, kind="manual_credit", key=key,
                                    system=SYSTEM_MANUAL_CREDITS, reference=body.reference)
@@ -323,7 +310,7 @@ def _cr(r: asyncpg.Record) -> CreditRequestOut:
 async def request_credits(aid: PathId, body: CreditIn, request: Request,
                           principal: CurrentPrincipal) -> CreditRequestOut:
     require_role(principal, "account_user")
-    amount = _money(body.amount, "amount")
+    amount = money_field(body.amount, "amount")
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
         wallet = await _account_wallet(conn, principal, aid)
