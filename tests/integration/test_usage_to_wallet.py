@@ -12,6 +12,20 @@ from tests.conftest import Tally, eventually, uid
 pytestmark = pytest.mark.integration
 
 
+async def funded(tally: Tally, amount: str = "1.00") -> str:
+    """A company with money in its wallet: its usage is never refused as agency_wallet_empty."""
+    cid = uid("co")
+    r = await tally.http.post(tally.url("wallet", f"/v1/companies/{cid}/wallet/credits"),
+                              json={"amount": amount}, headers=tally.auth("platform_admin"))
+    assert r.status_code == 201, r.text
+    return cid
+
+
+async def accepted(tally: Tally, e: dict[str, str]) -> None:
+    r = await tally.post_usage(e)
+    assert r.json()["results"][0]["status"] == "accepted", r.text
+
+
 def event(cid: str, service: str = "email", quantity: str = "3", **kw: str) -> dict[str, str]:
     return {"event_id": uid("ev"), "company_id": cid, "service": service, "quantity": quantity,
             **kw}
@@ -37,9 +51,9 @@ async def test_posted_event_debits_company_wallet_by_the_catalog_price(tally: Ta
 
 
 async def test_same_event_posted_twice_debits_once(tally: Tally) -> None:
-    cid = uid("co")
+    cid = await funded(tally)
     e = event(cid, service="sms", quantity="2")
-    assert (await tally.post_usage(e)).json()["results"][0]["status"] == "accepted"
+    await accepted(tally, e)
     await tally.wait_applied(cid, e["event_id"])
     again = await tally.post_usage({"events": [e, e]})
     assert [x["status"] for x in again.json()["results"]] == ["duplicate", "duplicate"]
@@ -47,14 +61,14 @@ async def test_same_event_posted_twice_debits_once(tally: Tally) -> None:
     # Everything for one company is ordered on one partition: once a later event is in the
     # ledger, any debit the duplicate could have caused would be there too.
     sentinel = event(cid)
-    await tally.post_usage(sentinel)
+    await accepted(tally, sentinel)
     txs = await tally.wait_applied(cid, sentinel["event_id"])
     assert [t["usage_event_id"] for t in txs].count(e["event_id"]) == 1
-    assert (await tally.company_wallet(cid))["balance"] == "-0.017825"  # 2*0.0079 + 0.002025
+    assert (await tally.company_wallet(cid))["balance"] == "0.982175"  # 1 - 2*0.0079 - 0.002025
 
 
 async def test_same_message_delivered_twice_on_kafka_debits_once(tally: Tally) -> None:
-    cid = uid("co")
+    cid = await funded(tally)
     now = datetime.now(UTC).isoformat()
     eid = uid("ev")
     message = {"id": f"usage:{eid}", "type": "usage.recorded", "time": now, "source": "test",
@@ -65,10 +79,10 @@ async def test_same_message_delivered_twice_on_kafka_debits_once(tally: Tally) -
     await tally.produce("usage.recorded", message, key=cid)
     await tally.produce("usage.recorded", message, key=cid)
     sentinel = event(cid)
-    await tally.post_usage(sentinel)
+    await accepted(tally, sentinel)
     txs = await tally.wait_applied(cid, sentinel["event_id"])
     assert [t["usage_event_id"] for t in txs].count(eid) == 1
-    assert (await tally.company_wallet(cid))["balance"] == "-0.016025"
+    assert (await tally.company_wallet(cid))["balance"] == "0.983975"  # 1 - 0.014 - 0.002025
 
 
 async def test_malformed_requests_change_nothing(tally: Tally) -> None:
@@ -203,11 +217,11 @@ async def test_dedupe_survives_a_usage_meter_crash(tally: Tally) -> None:
 
 
 async def test_ledger_balances_equal_the_transfers(tally: Tally) -> None:
-    cid = uid("co")
+    cid = await funded(tally)
     for q in ("1", "2", "3"):
-        await tally.post_usage(event(cid, quantity=q))
+        await accepted(tally, event(cid, quantity=q))
     last = event(cid)
-    await tally.post_usage(last)
+    await accepted(tally, last)
     await tally.wait_applied(cid, last["event_id"])
     rows = await tally.sql(
         "wallet",
