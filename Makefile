@@ -10,7 +10,7 @@ UV         := $(TOOLS)/bin/uv
 PYTHON     ?= python3
 export UV_PYTHON_PREFERENCE ?= system
 
-.PHONY: help install run test test-fast lint format bench bench-wallet chaos clean stack
+.PHONY: help install run test test-fast lint format bench bench-scaling bench-wallet chaos clean stack
 
 help: ## show the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ format: install
 
 bench: install ## end to end through the public paths: events/s, latency, CPU and memory per service
 	@$(UV) run --frozen --no-sync python bench/e2e_bench.py
+
+bench-scaling: install ## the same at 1k/100k/1M wallets and 100k/1M events: cost per event
+	@$(UV) run --frozen --no-sync python bench/e2e_bench.py --scaling
 
 bench-wallet: install ## wallet alone: events/s from a pre-filled topic, vs one transaction per event
 	@$(UV) run --frozen --no-sync python bench/wallet_bench.py

@@ -1,22 +1,46 @@
-"""End-to-end benchmark (``make bench``): usage through the public paths (HTTP batches to
-usage-meter, 1 in 4 batches produced to ``usage.ingest``) for many companies, half of them
-rebilling their accounts, until every debit is committed. Prints, and writes under
-``bench/results/``: events/s end to end, send-to-commit latency percentiles, CPU seconds and
-peak memory per service, and this run's references: the raw database doing the same ledger
-writes in large batches (the limit) and one transaction per event (naive).
+"""End-to-end benchmark (``make bench``, ``make bench-scaling``).
 
-    make bench                 # EVENTS=50000 COMPANIES=500
+Usage goes in through the public paths — HTTP batches to usage-meter (3 batches in 4) and
+records produced to ``usage.ingest`` (1 in 4) — for many companies, half of them rebilling
+their two accounts at x1.5, five services, until every company debit is committed. One run:
+
+1. **throughput**: everything offered at once; events/s end to end;
+2. **latency**: a fixed offered load (``RATE``, 5,000 events/s) paced in 10 ms ticks;
+   send -> ledger-commit percentiles (a commit is seen by polling the ledger every 10 ms, so
+   the figures are upper bounds by up to one poll);
+3. the same run's references on the same database: the **limit** (the raw database doing the
+   same ledger writes in 5,000-event batches: COPY of the ledger lines, one UPDATE per wallet
+   per batch) and the **naive** way (the wallet's posting code, one transaction per event).
+
+CPU seconds (user+sys) and peak RSS per service, Postgres and the broker are taken around each
+phase. Results print and go to ``bench/results/``.
+
+Wallets are seeded straight into the wallet's tables (funded, threshold 0 so no recharge runs,
+with the matching credit transfers so the ledger adds up): 1M wallets through HTTP would
+benchmark the seeding. ``make bench-scaling`` repeats the throughput phase at 1k, 100k and 1M
+wallets (100k events) and at 100k and 1M events, each on a fresh stack, and reports cost per
+event.
+
+    make bench                              # EVENTS=100000 WALLETS=10000 RATE=5000
+    PROFILE=1 make bench                    # + py-spy profiles of the hot services
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import random
+import signal
+import subprocess
+import sys
 import tempfile
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,156 +50,390 @@ import httpx
 import orjson
 import psutil
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 from wallet_bench import measure_naive  # the same naive reference as `make bench-wallet`
 
 from tally.auth import issue_token
 from tally_devstack.stack import SERVICES, Ports, Stack, stop_on_sigterm
 
-sys_path = Path(__file__).parent
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
 console = Console()
-EVENTS = int(os.environ.get("EVENTS", "50000"))
-COMPANIES = int(os.environ.get("COMPANIES", "500"))
-BATCH = 1000
-MIX = [("email", "20"), ("sms", "2"), ("phone", "3.5"), ("ai", "4"), ("whatsapp", "1")]
+MIX = [("email", "20", 675), ("sms", "2", 15_000), ("phone", "3.5", 13_000),
+       ("ai", "4", 2_000), ("whatsapp", "1", 5_000)]  # service, quantity, ~platform micros
+HTTP_BATCH = 1000
+SEED = 50_000_000_000  # every seeded wallet starts with 50,000.00
 
 
-async def setup(stack: Stack, client: httpx.AsyncClient, run: str) -> None:
-    """Fund every company (no suspension during the run) and rebill the even companies'
-    accounts at x1.5 (published on the compacted topic, as rebilling does)."""
-    sem = asyncio.Semaphore(16)
+@dataclass
+class Workload:
+    """``wallets`` user wallets: C companies and, for the even (rebilling) companies, their two
+    accounts' wallets — 2C in all. Every event names a company and one of its two accounts."""
+    run: str
+    wallets: int
+    events: int
 
-    async def fund(c: int) -> None:
-        async with sem:
-            cid = f"{run}-co{c}"
-            await client.patch(stack.url("wallet") + f"/v1/companies/{cid}/wallet",
-                               json={"threshold": "0"})
-            await client.post(stack.url("wallet") + f"/v1/companies/{cid}/wallet/credits",
-                              json={"amount": "1000000"})
-    await asyncio.gather(*(fund(c) for c in range(COMPANIES)))
-    producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, linger_ms=5)
-    await producer.start()
-    now = datetime.now(UTC).isoformat()
-    for c in range(0, COMPANIES, 2):
+    @property
+    def companies(self) -> int:
+        return max(self.wallets // 2, 2)
+
+    def event(self, rng: random.Random, i: int) -> dict[str, Any]:
+        c = rng.randrange(self.companies)
+        service, quantity, _ = rng.choice(MIX)
+        return {"event_id": f"{self.run}-{i}", "company_id": f"{self.run}-co{c}",
+                "account_id": f"{self.run}-acct{c}-{rng.randrange(2)}", "service": service,
+                "quantity": quantity}
+
+
+# --- seeding ------------------------------------------------------------------------------
+
+async def seed(conn: asyncpg.Connection, w: Workload) -> None:
+    """Funded wallets (with their credit transfers), rebilling settings and accounts, by COPY."""
+    run, total = w.run, 0
+    wallets, transfers, settings, accounts = [], [], [], []
+    markups = orjson.dumps({"default": "1.5"}).decode()
+    for c in range(w.companies):
+        cid = f"{run}-co{c}"
+        owners = [(f"company:{cid}", "company", cid, None)]
         for k in range(2):
-            aid, cid = f"{run}-acct{c}-{k}", f"{run}-co{c}"
-            for type_, data, topic, key in (
-                    ("account.created", {"account_id": aid, "company_id": cid, "name": aid},
-                     "rebilling.events", cid),
-                    ("rebilling.settings", {"account_id": aid, "company_id": cid,
-                                            "mode": "rebill_markup", "markups": {"default": "1.5"},
-                                            "version": 1}, "rebilling.settings", aid)):
-                await producer.send(topic, orjson.dumps({
-                    "id": f"{type_}:{aid}", "type": type_, "time": now, "source": "bench",
-                    "data": data}), key=key.encode())
-    await producer.flush()
-    await producer.stop()
-    conn = await asyncpg.connect(stack.database_url, server_settings={"search_path": "wallet"})
-    try:
-        while await conn.fetchval("SELECT count(*) FROM rebilling_settings") < COMPANIES:
-            await asyncio.sleep(0.2)
-        # Pre-create the account wallets with threshold 0 (no recharges in this benchmark).
-        for c in range(0, COMPANIES, 2):
-            for k in range(2):
-                await client.patch(stack.url("wallet") + f"/v1/accounts/{run}-acct{c}-{k}/wallet",
-                                   json={"threshold": "0"})
-                await client.post(
-                    stack.url("wallet") + f"/v1/accounts/{run}-acct{c}-{k}/wallet/credits",
-                    json={"amount": "1000000"})
-    finally:
-        await conn.close()
+            aid = f"{run}-acct{c}-{k}"
+            accounts.append((aid, cid))
+            if c % 2 == 0:
+                owners.append((f"account:{aid}", "account", cid, aid))
+                settings.append((aid, cid, "rebill_markup", markups, True, 1))
+        for wid, kind, company, account in owners:
+            total += SEED
+            wallets.append((wid, kind, company, account, "USD", SEED, 0, False))
+            transfers.append((f"seed:{wid}", f"system:manual_credits:{run}", wid, SEED,
+                              "manual_credit", -total, SEED))
+    wallets.append((f"system:manual_credits:{run}", "system", None, None, "USD", -total, 0, False))
+    async with conn.transaction():
+        await conn.copy_records_to_table(
+            "wallets", records=wallets, columns=(
+                "id", "kind", "company_id", "account_id", "currency", "balance", "threshold",
+                "threshold_armed"))
+        await conn.copy_records_to_table(
+            "transfers", records=transfers, columns=(
+                "key", "debit_wallet", "credit_wallet", "amount", "kind", "debit_balance_after",
+                "credit_balance_after"))
+        await conn.copy_records_to_table(
+            "rebilling_settings", records=settings,
+            columns=("account_id", "company_id", "mode", "markups", "active", "version"))
+        await conn.copy_records_to_table("accounts", records=accounts,
+                                         columns=("account_id", "company_id"))
+    await conn.execute("ANALYZE wallets; ANALYZE transfers; ANALYZE rebilling_settings")
 
 
-def make_batches(run: str) -> list[list[dict[str, Any]]]:
-    rng = random.Random(5)
-    events = []
-    for i in range(EVENTS):
-        c = rng.randrange(COMPANIES)
-        service, quantity = rng.choice(MIX)
-        events.append({"event_id": f"{run}-{i}", "company_id": f"{run}-co{c}",
-                       "account_id": f"{run}-acct{c}-{rng.randrange(2)}", "service": service,
-                       "quantity": quantity})
-    return [events[i:i + BATCH] for i in range(0, len(events), BATCH)]
+# --- driving usage ------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    http: bool
+    body: bytes = b""                                   # HTTP: {"events": [...]}
+    records: list[tuple[bytes, bytes]] = field(default_factory=list)  # Kafka: (key, value)
+    sample: list[str] = field(default_factory=list)     # event ids whose latency we follow
 
 
-async def drive(stack: Stack, batches: list[list[dict[str, Any]]],
-                product: str) -> dict[str, float]:
-    """Send everything; returns event id -> send time (epoch seconds) for a sample."""
-    sent: dict[str, float] = {}
-    producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, linger_ms=5)
-    await producer.start()
-    queue: asyncio.Queue[tuple[int, list[dict[str, Any]]]] = asyncio.Queue()
-    for item in enumerate(batches):
-        queue.put_nowait(item)
-
-    async def worker(client: httpx.AsyncClient) -> None:
-        while not queue.empty():
-            n, batch = queue.get_nowait()
-            t = time.time()
-            if n % 4 == 3:
-                for e in batch:
-                    await producer.send("usage.ingest", orjson.dumps(e),
-                                        key=e["company_id"].encode())
-                await producer.flush()
-            else:
-                r = await client.post(stack.url("usage-meter") + "/v1/usage",
-                                      json={"events": batch})
-                r.raise_for_status()
-            for e in batch[::50]:
-                sent[e["event_id"]] = t
-    async with httpx.AsyncClient(timeout=60, headers={"Authorization": f"Bearer {product}"}) as c:
-        await asyncio.gather(*(worker(c) for _ in range(4)))
-    await producer.stop()
-    return sent
+def make_batches(w: Workload, first: int, count: int, size: int, every: int,
+                 seed_: int) -> list[Batch]:
+    """Pre-encoded batches (so the driver spends its CPU sending, not building JSON); one batch
+    in four goes to ``usage.ingest``."""
+    rng = random.Random(seed_)
+    out = []
+    for n, start in enumerate(range(first, first + count, size)):
+        events = [w.event(rng, i) for i in range(start, min(start + size, first + count))]
+        sample = [e["event_id"] for e in events[::every]]
+        if n % 4 == 3:
+            out.append(Batch(False, records=[(e["company_id"].encode(), orjson.dumps(e))
+                                             for e in events], sample=sample))
+        else:
+            out.append(Batch(True, body=orjson.dumps({"events": events}), sample=sample))
+    return out
 
 
-async def measure_limit(stack: Stack, run: str, events: int = 100_000) -> dict[str, float]:
-    """The raw database doing the same ledger writes as the wallet, in large batches: COPY of
-    the ledger lines (two legs for half the events) and one UPDATE per wallet per batch."""
-    from tally import db
+class Driver:
+    """Sends batches: HTTP posts and Kafka record batches (one per partition, as a product
+    batching its produce calls would), noting each sampled event's send time."""
 
-    pool = await db.create_pool(stack.database_url, "wallet_limit", size=1)
-    await db.migrate(pool, "wallet_limit", "tally")
-    await db.migrate(pool, "wallet_limit", "tally_wallet")
+    def __init__(self, stack: Stack, token: str) -> None:
+        self.stack = stack
+        self.sent: dict[str, float] = {}
+        self.client = httpx.AsyncClient(
+            timeout=120, headers={"Authorization": f"Bearer {token}",
+                                  "Content-Type": "application/json"},
+            limits=httpx.Limits(max_connections=16))
+        self.producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, linger_ms=0,
+                                         max_batch_size=1 << 20)
+        self._partitioner = DefaultPartitioner()
+        self._partitions: list[int] = []
+
+    async def start(self) -> None:
+        await self.producer.start()
+        self._partitions = sorted(await self.producer.partitions_for("usage.ingest"))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        await self.producer.stop()
+
+    async def send(self, b: Batch) -> None:
+        t = time.time()
+        for eid in b.sample:
+            self.sent[eid] = t
+        if b.http:
+            r = await self.client.post(self.stack.url("usage-meter") + "/v1/usage", content=b.body)
+            r.raise_for_status()
+            return
+        by_partition: dict[int, Any] = {}
+        for key, value in b.records:
+            p = self._partitioner(key, self._partitions, self._partitions)
+            batch = by_partition.get(p)
+            if batch is None:
+                batch = by_partition[p] = self.producer.create_batch()
+            batch.append(key=key, value=value, timestamp=None)
+        futures = [await self.producer.send_batch(batch, "usage.ingest", partition=p)
+                   for p, batch in by_partition.items()]
+        await asyncio.gather(*futures)
+
+    async def flood(self, batches: list[Batch], concurrency: int = 4) -> None:
+        queue = list(reversed(batches))
+
+        async def worker() -> None:
+            while queue:
+                await self.send(queue.pop())
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+    async def paced(self, batches: list[Batch], tick: float) -> None:
+        """One batch per tick, on schedule (late ticks are sent at once, never skipped)."""
+        inflight: set[asyncio.Task[None]] = set()
+        start = time.perf_counter()
+        for n, b in enumerate(batches):
+            delay = start + n * tick - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(self.send(b))
+            inflight.add(task)
+            task.add_done_callback(inflight.discard)
+        await asyncio.gather(*inflight)
+
+
+# --- watching the ledger ------------------------------------------------------------------
+
+class Watcher:
+    """Progress from the wallet's applied-legs counter (cheap), commits of sampled events by
+    polling the ledger for their keys; CPU and RSS of every process of the stack."""
+
+    def __init__(self, stack: Stack, conn: asyncpg.Connection) -> None:
+        self.stack = stack
+        self.conn = conn
+        self.seen: dict[str, float] = {}
+        self.procs = processes(stack)
+        self.peak = dict.fromkeys(self.procs, 0)
+        self._cpu0: dict[str, float] = {}
+
+    def cpu_start(self) -> None:
+        self._cpu0 = cpu_seconds(self.procs)
+        self.peak = dict.fromkeys(self.procs, 0)
+
+    def cpu_since(self) -> dict[str, float]:
+        now = cpu_seconds(self.procs)
+        return {n: round(now[n] - self._cpu0.get(n, 0.0), 2) for n in now}
+
+    async def applied(self, client: httpx.AsyncClient) -> int:
+        text = (await client.get(self.stack.url("wallet") + "/metrics")).text
+        for line in text.splitlines():
+            if line.startswith('tally_wallet_usage_applied_total{leg="company"}'):
+                return int(float(line.split()[-1]))
+        return 0
+
+    async def until(self, label: str, target: int, driver: Driver, sending: asyncio.Task[None],
+                    poll: float = 0.01) -> float:
+        """Wait until ``target`` company legs are applied; returns seconds from now."""
+        start = time.perf_counter()
+        async with httpx.AsyncClient(timeout=30) as client:
+            base = await self.applied(client)
+            with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), console=console) as bar:
+                task = bar.add_task("", total=target)
+                last_progress = 0.0
+                while True:
+                    await self._poll_samples(driver)
+                    now = time.perf_counter()
+                    if now - last_progress >= 0.25:
+                        last_progress = now
+                        done = await self.applied(client) - base
+                        for n, p in self.procs.items():
+                            self.peak[n] = max(self.peak[n], rss(p))
+                        bar.update(task, completed=done)
+                        if done >= target and sending.done():
+                            break
+                        if sending.done() and sending.exception():
+                            raise sending.exception()  # type: ignore[misc]
+                    await asyncio.sleep(poll)
+        elapsed = time.perf_counter() - start
+        while await self._poll_samples(driver):  # the last few samples
+            await asyncio.sleep(poll)
+        return elapsed
+
+    async def _poll_samples(self, driver: Driver) -> int:
+        waiting = [e for e in driver.sent if e not in self.seen]
+        if not waiting:
+            return 0
+        t = time.time()  # visible to this statement => committed before it started
+        rows = await self.conn.fetch("SELECT usage_event_id FROM transfers WHERE key = ANY($1)",
+                                     [f"usage:{e}:company" for e in waiting])
+        for r in rows:
+            self.seen[r["usage_event_id"]] = t
+        return len(waiting) - len(rows)
+
+    def latencies(self, sent: dict[str, float]) -> dict[str, float]:
+        values = sorted(max(self.seen[e] - t, 0.0) for e, t in sent.items() if e in self.seen)
+
+        def pct(q: float) -> float:
+            return round(values[min(len(values) - 1, int(q * len(values)))], 4) if values else 0.0
+        return {"samples": len(values), "p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99),
+                "max": round(values[-1], 4) if values else 0.0}
+
+
+def processes(stack: Stack) -> dict[str, psutil.Process]:
+    procs = {n: psutil.Process(stack._procs[n].pid) for n in SERVICES}
+    procs["broker"] = psutil.Process(stack._procs["broker"].pid)
+    pgdata = str(stack.root / "pgdata")  # the embedded Postgres (not measured when external)
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if len(cmd) > 2 and cmd[0].endswith("/postgres") and pgdata in cmd:
+            procs["postgres"] = p
+    procs["bench driver"] = psutil.Process()
+    return procs
+
+
+def cpu_seconds(procs: dict[str, psutil.Process]) -> dict[str, float]:
+    out = {}
+    for name, p in procs.items():
+        try:
+            family = [p] + (p.children(recursive=True) if name == "postgres" else [])
+            out[name] = sum(sum(q.cpu_times()[:2]) for q in family if q.is_running())
+        except psutil.Error:
+            out[name] = 0.0
+    return out
+
+
+def rss(p: psutil.Process) -> int:
+    with contextlib.suppress(psutil.Error):
+        return int(p.memory_info().rss)
+    return 0
+
+
+# --- profiling ------------------------------------------------------------------------------
+
+class Profiler:
+    """py-spy on each hot service for one phase; prints where the CPU went (own time)."""
+
+    def __init__(self, stack: Stack, out: Path, names: tuple[str, ...]) -> None:
+        self.stack, self.out, self.names = stack, out, names
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def __enter__(self) -> Profiler:
+        self.out.mkdir(parents=True, exist_ok=True)
+        spy = Path(sys.executable).parent / "py-spy"
+        for n in self.names:
+            self.procs[n] = subprocess.Popen(
+                [str(spy), "record", "--rate", "250", "--format", "raw", "--nonblocking",
+                 "--pid", str(self.stack._procs[n].pid), "-o", str(self.out / f"{n}.txt")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs.values():
+            p.send_signal(signal.SIGINT)
+        for p in self.procs.values():
+            p.wait(30)
+        for n in self.names:
+            self.report(n, self.out / f"{n}.txt")
+
+    @staticmethod
+    def report(name: str, path: Path, top: int = 14) -> None:
+        own: Counter[str] = Counter()
+        total = 0
+        if not path.exists():
+            return
+        for line in path.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            frames = stack.split(";")
+            n = int(count)
+            total += n
+            own[frames[-1].split(" (")[0] + " (" + _short(frames[-1])] += n
+        console.print(f"[bold]{name}[/]: {total} samples, own time")
+        for frame, n in own.most_common(top):
+            console.print(f"  {n / max(total, 1):5.1%}  {frame}")
+
+
+def _short(frame: str) -> str:
+    where = frame.partition(" (")[2].rstrip(")")
+    parts = where.split("/")
+    return "/".join(parts[-2:]) + ")"
+
+
+# --- references -----------------------------------------------------------------------------
+
+async def measure_limit(conn: asyncpg.Connection, w: Workload, events: int,
+                        batch: int = 5000) -> dict[str, float]:
+    """The raw database doing the wallet's ledger writes for the same kind of events on the
+    same tables: per 5,000-event batch, create the missing system wallets, lock the touched
+    wallets, COPY the ledger lines (two legs for rebilled events), one UPDATE per touched
+    wallet (user and system)."""
     rng = random.Random(3)
     cols = ("key", "debit_wallet", "credit_wallet", "amount", "kind", "service",
-            "usage_event_id", "reference", "debit_balance_after", "credit_balance_after")
+            "usage_event_id", "debit_balance_after", "credit_balance_after")
+    prepared = []
+    for first in range(0, events, batch):
+        rows, delta = [], {}
+        for i in range(first, min(first + batch, events)):
+            e = w.event(rng, i)
+            amount = next(m[2] for m in MIX if m[0] == e["service"])
+            company, revenue = f"company:{e['company_id']}", "system:platform_revenue:USD"
+            delta[company] = delta.get(company, 0) - amount
+            delta[revenue] = delta.get(revenue, 0) + amount
+            rows.append((f"limit:{i}:c", company, revenue, amount, "usage",
+                         e["service"], f"limit-{i}", SEED + delta[company], delta[revenue]))
+            if int(e["company_id"].rsplit("co", 1)[1]) % 2 == 0:
+                account = f"account:{e['account_id']}"
+                crev = f"system:company_revenue:{e['company_id']}:USD"
+                delta[account] = delta.get(account, 0) - amount * 3 // 2
+                delta[crev] = delta.get(crev, 0) + amount * 3 // 2
+                rows.append((f"limit:{i}:a", account, crev, amount * 3 // 2, "usage",
+                             e["service"], f"limit-{i}", SEED + delta[account], delta[crev]))
+        prepared.append((rows, delta))
     start = time.perf_counter()
-    async with pool.acquire() as conn:
-        for first in range(0, events, 5000):
-            rows, balances = [], {}
-            for i in range(first, min(first + 5000, events)):
-                c = rng.randrange(COMPANIES)
-                company = f"company:{run}-{c}"
-                balances[company] = balances.get(company, 0) - 675
-                rows.append((f"{run}:{i}:c", company, "system:rev", 675, "usage", "email",
-                             f"{run}:{i}", None, balances[company], 0))
-                if c % 2 == 0:
-                    account = f"account:{run}-{c}"
-                    balances[account] = balances.get(account, 0) - 1013
-                    rows.append((f"{run}:{i}:a", account, "system:crev", 1013, "usage", "email",
-                                 f"{run}:{i}", None, balances[account], 0))
-            async with conn.transaction():
-                await conn.execute(
-                    "INSERT INTO wallets (id, kind, currency) SELECT unnest($1::text[]), "
-                    "'company', 'USD' ON CONFLICT DO NOTHING", list(balances))
-                await conn.fetch("SELECT id FROM wallets WHERE id = ANY($1::text[]) "
-                                 "ORDER BY id FOR UPDATE", list(balances))
-                await conn.copy_records_to_table("transfers", records=rows, columns=cols)
-                await conn.execute(
-                    "UPDATE wallets SET balance = wallets.balance + v.delta FROM "
-                    "unnest($1::text[], $2::bigint[]) AS v(id, delta) WHERE wallets.id = v.id",
-                    list(balances), list(balances.values()))
+    for rows, delta in prepared:
+        ids = sorted(delta)
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO wallets (id, kind, currency) SELECT unnest($1::text[]), 'system', "
+                "'USD' ON CONFLICT DO NOTHING", [i for i in ids if i.startswith("system:")])
+            await conn.fetch("SELECT id FROM wallets WHERE id = ANY($1::text[]) "
+                             "ORDER BY id FOR UPDATE", ids)
+            await conn.copy_records_to_table("transfers", records=rows, columns=cols)
+            await conn.execute(
+                "UPDATE wallets SET balance = wallets.balance + v.delta FROM "
+                "unnest($1::text[], $2::bigint[]) AS v(id, delta) WHERE wallets.id = v.id",
+                ids, [delta[i] for i in ids])
     seconds = time.perf_counter() - start
-    await pool.close()
-    return {"events": events, "seconds": seconds, "events_per_s": events / seconds}
+    return {"events": events, "seconds": round(seconds, 3), "events_per_s": round(events / seconds)}
 
 
+# --- one run --------------------------------------------------------------------------------
 
-
-async def main() -> None:
-    run = f"e{int(time.time())}"
+async def run_once(wallets: int, events: int, *, rate: int, latency_events: int,
+                   references: bool, profile: bool) -> dict[str, Any]:
+    run = f"r{int(time.time())}"
+    w = Workload(run, wallets, events + latency_events)
+    result: dict[str, Any] = {"wallets": wallets, "events": events}
     with tempfile.TemporaryDirectory(prefix="tally-bench-") as tmp:
         stack = Stack(Path(tmp), ports=Ports.free(), database_url=os.environ.get("DATABASE_URL"),
                       isolated_database=True, partitions=8,
@@ -184,78 +442,154 @@ async def main() -> None:
             with console.status("starting the stack and all services…"):
                 await stack.start()
                 await stack.start_services()
-            admin = issue_token("platform_admin", sub="bench")
-            async with httpx.AsyncClient(timeout=60,
-                                         headers={"Authorization": f"Bearer {admin}"}) as client:
-                with console.status(f"funding {COMPANIES} companies, rebilling half…"):
-                    await setup(stack, client, run)
-            batches = make_batches(run)
-            procs = {n: psutil.Process(stack._procs[n].pid) for n in SERVICES}
-            cpu0 = {n: sum(p.cpu_times()[:2]) for n, p in procs.items()}
-            peak = dict.fromkeys(procs, 0)
             conn = await asyncpg.connect(stack.database_url,
                                          server_settings={"search_path": "wallet"})
-            start = time.time()
-            driver = asyncio.create_task(drive(stack, batches, issue_token("product", sub="bench")))
-            with Progress(TextColumn("usage committed"), BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn(), console=console) as bar:
-                task = bar.add_task("", total=EVENTS)
-                while True:
-                    done = await conn.fetchval(
-                        "SELECT count(*) FROM transfers WHERE kind = 'usage' "
-                        "AND debit_wallet LIKE 'company:' || $1 || '-%'", run)
-                    for n, p in procs.items():
-                        peak[n] = max(peak[n], p.memory_info().rss)
-                    bar.update(task, completed=done)
-                    if done >= EVENTS:
-                        break
-                    await asyncio.sleep(0.25)
-            elapsed = time.time() - start
-            sent = await driver
-            rows = await conn.fetch(
-                "SELECT usage_event_id, extract(epoch FROM created_at) AS t FROM transfers "
-                "WHERE key = ANY($1::text[])", [f"usage:{e}:company" for e in sent])
+            with console.status(f"seeding {wallets:,} funded wallets…"):
+                t = time.perf_counter()
+                await seed(conn, w)
+                result["seed_seconds"] = round(time.perf_counter() - t, 1)
+            with console.status(f"encoding {events + latency_events:,} events…"):
+                flood = make_batches(w, 0, events, HTTP_BATCH, every=50, seed_=11)
+                tick = 0.01
+                per_tick = max(int(rate * tick), 1)
+                paced = make_batches(w, events, latency_events, per_tick, every=5, seed_=12)
+            driver = Driver(stack, issue_token("product", sub="bench"))
+            await driver.start()
+            watcher = Watcher(stack, conn)
+
+            # 1. throughput
+            watcher.cpu_start()
+            ctx = Profiler(stack, RESULTS / "profiles" / run,
+                           ("usage-meter", "wallet", "notifier", "recharge")) \
+                if profile else contextlib.nullcontext()
+            with ctx:
+                sending = asyncio.create_task(driver.flood(flood))
+                elapsed = await watcher.until(f"throughput: {events:,} events", events, driver,
+                                              sending)
+            cpu = watcher.cpu_since()
+            result["throughput"] = {
+                "seconds": round(elapsed, 2), "events_per_s": round(events / elapsed),
+                "latency_s_saturated": watcher.latencies(driver.sent),
+                "cpu_seconds": cpu,
+                "cpu_us_per_event": {n: round(v / events * 1e6, 1) for n, v in cpu.items()},
+                "peak_rss_mb": {n: round(v / 2**20) for n, v in watcher.peak.items()},
+            }
+            # 2. latency at a fixed offered load
+            if latency_events:
+                driver.sent.clear()
+                watcher.cpu_start()
+                sending = asyncio.create_task(driver.paced(paced, tick))
+                elapsed = await watcher.until(f"latency: {rate:,}/s offered", latency_events,
+                                              driver, sending)
+                result["latency"] = {
+                    "offered_per_s": round(per_tick / tick), "events": latency_events,
+                    "seconds": round(elapsed, 2), "latency_s": watcher.latencies(driver.sent),
+                    "cpu_seconds": watcher.cpu_since()}
+            await driver.close()
+            done = await conn.fetchval(
+                "SELECT count(*) FROM transfers WHERE kind = 'usage' AND key LIKE $1",
+                f"usage:{run}-%:company")
+            result["ledger_company_legs"] = done
+            if done != events + latency_events:
+                raise SystemExit(f"ledger has {done} company legs, expected "
+                                 f"{events + latency_events}")
+            # 3. references, services stopped, same database and tables
+            if references:
+                for n in SERVICES:
+                    stack.kill(n)
+                with console.status("the limit: raw batched ledger writes…"):
+                    result["limit_raw_database"] = await measure_limit(conn, w,
+                                                                       min(events, 100_000))
+                with console.status("naive: one transaction per event…"):
+                    naive = await measure_naive(stack, run)
+                    result["naive_one_tx_per_event"] = {k: round(v, 2) for k, v in naive.items()}
+                e2e = result["throughput"]["events_per_s"]
+                result["share_of_limit"] = round(e2e / result["limit_raw_database"]["events_per_s"], 3)
+                result["times_naive"] = round(e2e / naive["events_per_s"], 1)
             await conn.close()
-            latencies = sorted(max(float(r["t"]) - sent[r["usage_event_id"]], 0.0) for r in rows)
-            cpu = {n: sum(p.cpu_times()[:2]) - cpu0[n] for n, p in procs.items()}
-            for n in SERVICES:  # the references run on the same database, services stopped
-                stack.kill(n)
-            with console.status("the limit: raw batched ledger writes…"):
-                limit = await measure_limit(stack, run)
-            with console.status("naive: one transaction per event…"):
-                naive = await measure_naive(stack, run)
         finally:
             await stack.stop()
+    return result
 
-    def pct(q: float) -> float:
-        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else 0.0
 
-    result = {
-        "benchmark": "e2e", "time": datetime.now(UTC).isoformat(),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "events": EVENTS, "companies": COMPANIES, "seconds": elapsed,
-        "events_per_s": EVENTS / elapsed,
-        "latency_s": {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99)},
-        "cpu_seconds": cpu, "peak_rss_mb": {n: v / 2**20 for n, v in peak.items()},
-        "limit_raw_database": limit, "naive_one_tx_per_event": naive,
-        "share_of_limit": (EVENTS / elapsed) / limit["events_per_s"],
-        "times_naive": (EVENTS / elapsed) / naive["events_per_s"],
-    }
-    console.print(f"[bold]end to end[/]: {result['events_per_s']:,.0f} usage events/s "
-                  f"({EVENTS:,} events, {COMPANIES} companies, half rebilled, {elapsed:.1f}s)")
-    console.print("send → ledger commit: p50 {p50:.3f}s  p95 {p95:.3f}s  p99 {p99:.3f}s".format(
-        **result["latency_s"]))
-    for n in SERVICES:
-        console.print(f"  {n:<12} cpu {cpu[n]:6.1f}s   peak rss {peak[n] / 2**20:6.0f} MB")
-    console.print(f"limit (raw batched ledger writes): {limit['events_per_s']:,.0f} events/s -> "
-                  f"end to end is {result['share_of_limit']:.0%} of it")
-    console.print(f"naive (one transaction per event): {naive['events_per_s']:,.0f} events/s -> "
-                  f"end to end is {result['times_naive']:.1f}x it")
-    out = sys_path / "results" / f"e2e-{run}.json"
-    out.write_text(json.dumps(result, indent=2))
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30),
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def show(r: dict[str, Any]) -> None:
+    t = r["throughput"]
+    console.print(f"[bold]end to end[/]: {t['events_per_s']:,} usage events/s "
+                  f"({r['events']:,} events, {r['wallets']:,} wallets, half rebilled, "
+                  f"{t['seconds']}s)")
+    s = t["latency_s_saturated"]
+    console.print(f"  send → commit while saturated: p50 {s['p50']:.3f}s  p99 {s['p99']:.3f}s")
+    if "latency" in r:
+        lat = r["latency"]["latency_s"]
+        console.print(f"[bold]at {r['latency']['offered_per_s']:,} events/s offered[/]: "
+                      f"send → commit p50 {lat['p50'] * 1000:.0f} ms  p95 {lat['p95'] * 1000:.0f} "
+                      f"ms  p99 {lat['p99'] * 1000:.0f} ms  max {lat['max'] * 1000:.0f} ms "
+                      f"({lat['samples']} samples)")
+    table = Table("process", "cpu s", "µs/event", "peak MB")
+    for n, v in t["cpu_seconds"].items():
+        table.add_row(n, f"{v:.1f}", f"{t['cpu_us_per_event'][n]:.0f}",
+                      f"{t['peak_rss_mb'].get(n, 0)}")
+    console.print(table)
+    if "limit_raw_database" in r:
+        console.print(f"limit (raw batched ledger writes): "
+                      f"{r['limit_raw_database']['events_per_s']:,} events/s -> end to end is "
+                      f"{r['share_of_limit']:.0%} of it")
+        console.print(f"naive (one transaction per event): "
+                      f"{r['naive_one_tx_per_event']['events_per_s']:,.0f} events/s -> end to "
+                      f"end is {r['times_naive']}x it")
+
+
+def write(name: str, data: dict[str, Any]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{name}-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
+    out.write_text(json.dumps(data, indent=2))
     console.print(f"written to {out}")
 
 
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scaling", action="store_true", help="the scaling curves")
+    args = ap.parse_args()
+    profile = os.environ.get("PROFILE") == "1"
+    if not args.scaling:
+        r = await run_once(int(os.environ.get("WALLETS", "10000")),
+                           int(os.environ.get("EVENTS", "100000")),
+                           rate=int(os.environ.get("RATE", "5000")),
+                           latency_events=int(os.environ.get("LATENCY_EVENTS", "50000")),
+                           references=True, profile=profile)
+        show(r)
+        write("e2e", {"benchmark": "e2e", "time": datetime.now(UTC).isoformat(),
+                      "machine": machine(), **r})
+        return
+    points = [(1_000, 100_000), (100_000, 100_000), (1_000_000, 100_000), (100_000, 1_000_000)]
+    rows = []
+    for wallets, events in points:
+        console.rule(f"{wallets:,} wallets, {events:,} events")
+        r = await run_once(wallets, events, rate=0, latency_events=0, references=True,
+                           profile=False)
+        show(r)
+        rows.append(r)
+    table = Table("wallets", "events", "events/s", "CPU µs/event (all)", "services µs/event",
+                  "Postgres µs/event", "limit events/s", "share of limit")
+    for r in rows:
+        per = r["throughput"]["cpu_us_per_event"]
+        services = sum(per[n] for n in SERVICES)
+        table.add_row(f"{r['wallets']:,}", f"{r['events']:,}",
+                      f"{r['throughput']['events_per_s']:,}",
+                      f"{sum(v for n, v in per.items() if n != 'bench driver'):.0f}",
+                      f"{services:.0f}", f"{per.get('postgres', 0):.0f}",
+                      f"{r['limit_raw_database']['events_per_s']:,}", f"{r['share_of_limit']:.0%}")
+    console.print(table)
+    write("scaling", {"benchmark": "scaling", "time": datetime.now(UTC).isoformat(),
+                      "machine": machine(), "points": rows})
+
+
 if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
     stop_on_sigterm()
     asyncio.run(main())
