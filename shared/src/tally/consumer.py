@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Container, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -83,6 +83,20 @@ def _record_lag(msg: Any, records: Sequence[Any], service: str, topic: str) -> N
         if high is not None:
             lag += max(high - offset - 1, 0)
     LAG.labels(service, topic).set(lag)
+
+
+def wanted(record: Any, types: Container[str]) -> events.Message | None:
+    """The record parsed, when it is one of ``types``; None when it is another type (told by
+    its ``type`` header without reading the value, else by the envelope). ``BadMessage`` when
+    it claims to be a wanted type, or has no readable envelope: dead-letter it."""
+    for key, value in record.headers or ():
+        if key == "type" and bytes(value).decode(errors="replace") not in types:
+            return None
+    try:
+        message = events.parse_message(record.value)
+    except events.UnknownType:
+        return None
+    return message if message.type in types else None
 
 
 def dlq_row(record: Any, reason: str, *, service: str) -> outbox.Row:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tally import events, inbox
-from tally.consumer import dlq_row, subscribe_batch
+from tally.consumer import dlq_row, subscribe_batch, wanted
 from tally.db import Conn
 from tally.events import Topics
 from tally.money import format_micros
@@ -36,7 +36,7 @@ async def _owner_emails(conn: Conn, company_id: str, account_id: str | None,
     return [c["owner_email"]] if c and c["owner_email"] else []
 
 
-async def _wallet_event(conn: Conn, env: events.Envelope, p: events.Payload) -> None:
+async def _wallet_event(conn: Conn, env: events.Message, p: events.Payload) -> None:
     if isinstance(p, events.WalletSuspended):
         to = await _owner_emails(conn, p.company_id, p.account_id, p.owner)
         mail = simple(f"Service paused: wallet {p.wallet_id} is below zero", [
@@ -53,7 +53,7 @@ async def _wallet_event(conn: Conn, env: events.Envelope, p: events.Payload) -> 
             {"request_id": p.request_id, "account_id": p.account_id})
 
 
-async def _recharge_event(conn: Conn, env: events.Envelope, p: events.Payload) -> None:
+async def _recharge_event(conn: Conn, env: events.Message, p: events.Payload) -> None:
     if isinstance(p, events.RechargeFailed):
         to = await _owner_emails(conn, p.company_id, p.account_id, p.owner)
         declines = ", ".join(t.decline_code or t.outcome for t in p.tries) or "no card"
@@ -96,20 +96,21 @@ def subscribe(rt: Runtime) -> None:
 
     def handler(types: tuple[str, ...], group: str) -> Any:
         async def handle(records: Sequence[Any]) -> None:
-            wanted: list[tuple[events.Envelope, events.Payload]] = []
+            taken: list[tuple[events.Message, events.Payload]] = []
             dead = []
             for r in records:
                 try:
-                    env = events.parse_envelope(r.value)
-                    if env.type in types:
-                        wanted.append((env, events.typed(env)))
+                    message = wanted(r, types)
                 except events.BadMessage as exc:
                     dead.append(dlq_row(r, str(exc), service=SERVICE))
-            if not wanted and not dead:
+                    continue
+                if message is not None:
+                    taken.append((message, message.data))
+            if not taken and not dead:
                 return
             async with rt.pool.acquire() as conn, conn.transaction():
-                fresh = await inbox.claim(conn, group, [e.id for e, _ in wanted])
-                todo = [(e, p) for e, p in wanted if e.id in fresh]
+                fresh = await inbox.claim(conn, group, [e.id for e, _ in taken])
+                todo = [(e, p) for e, p in taken if e.id in fresh]
                 debits = [p for _, p in todo if isinstance(p, events.WalletDebited)]
                 if debits:
                     touched = await alerts.add_debits(conn, debits)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tally import events, inbox
-from tally.consumer import dlq_row, subscribe_batch
+from tally.consumer import dlq_row, subscribe_batch, wanted
 from tally.events import Topics
 from tally.outbox import enqueue
 from tally.service import Runtime
@@ -29,13 +29,13 @@ def subscribe(rt: Runtime) -> None:
         dead = []
         for r in records:
             try:
-                env = events.parse_envelope(r.value)
-                if env.type == "wallet.threshold_crossed":
-                    payload = events.typed(env)
-                    assert isinstance(payload, events.WalletThresholdCrossed)
-                    crossings.append((env.id, payload, header(r)))
+                message = wanted(r, ("wallet.threshold_crossed",))
             except events.BadMessage as exc:
                 dead.append(dlq_row(r, str(exc), service=SERVICE))
+                continue
+            if message is not None:
+                assert isinstance(message.data, events.WalletThresholdCrossed)
+                crossings.append((message.id, message.data, header(r)))
         if not crossings and not dead:
             return
         queued = False
@@ -55,11 +55,12 @@ def subscribe(rt: Runtime) -> None:
         updates: list[events.Payload] = []
         for r in records:
             try:
-                env = events.parse_envelope(r.value)
-                if env.type in ("company.updated", "account.created"):
-                    updates.append(events.typed(env))
+                message = wanted(r, ("company.updated", "account.created"))
             except events.BadMessage as exc:
                 dead.append(dlq_row(r, str(exc), service=SERVICE))
+                continue
+            if message is not None:
+                updates.append(message.data)
         async with rt.pool.acquire() as conn, conn.transaction():
             for p in updates:
                 if isinstance(p, events.CompanyUpdated):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tally import events, inbox
-from tally.consumer import dlq_row, subscribe_batch
+from tally.consumer import dlq_row, subscribe_batch, wanted
 from tally.events import Topics
 from tally.outbox import enqueue
 from tally.service import Runtime
@@ -16,6 +16,7 @@ from tally_usage_meter import storage
 from tally_usage_meter.ingestion import ingest, parse_ingest_record
 
 SERVICE = "usage-meter"
+STATUS_TYPES = ("wallet.suspended", "wallet.reactivated")
 
 
 def subscribe(rt: Runtime) -> None:
@@ -38,28 +39,30 @@ def subscribe(rt: Runtime) -> None:
         rt.relay.wake()
 
     async def on_wallet_events(records: Sequence[Any]) -> None:
-        changes: list[tuple[str, events.Envelope, events.Payload]] = []
+        changes: list[events.Message] = []
         dead = []
         for r in records:
             try:
-                env = events.parse_envelope(r.value)
-                if env.type in ("wallet.suspended", "wallet.reactivated"):
-                    changes.append((env.id, env, events.typed(env)))
+                message = wanted(r, STATUS_TYPES)
             except events.BadMessage as exc:
                 dead.append(dlq_row(r, str(exc), service=SERVICE))
+                continue
+            if message is not None:
+                changes.append(message)
         if not changes and not dead:
             return
         async with rt.pool.acquire() as conn, conn.transaction():
             await enqueue(conn, dead)
-            fresh = await inbox.claim(conn, "wallet-status", [c[0] for c in changes])
-            for msg_id, env, payload in changes:
-                if msg_id not in fresh:
+            fresh = await inbox.claim(conn, "wallet-status", [m.id for m in changes])
+            for m in changes:
+                if m.id not in fresh:
                     continue
+                payload = m.data
                 assert isinstance(payload, events.WalletSuspended | events.WalletReactivated)
                 owner_id = payload.company_id if payload.owner == "company" else payload.account_id
                 assert owner_id is not None
                 await storage.set_suspended(conn, payload.owner, owner_id,
-                                            env.type == "wallet.suspended")
+                                            m.type == "wallet.suspended")
 
     subscribe_batch(rt.broker, Topics.USAGE_INGEST, service=SERVICE, group_id="usage-meter",
                     handler=on_ingest, max_records=rt.settings.kafka_max_batch)

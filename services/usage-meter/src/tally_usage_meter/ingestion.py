@@ -4,12 +4,13 @@ to the outbox (topic ``usage.recorded``, key ``company_id``) in the caller's tra
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-from prometheus_client import Counter
+import prometheus_client
 
 from tally import events, outbox
 from tally.db import Conn
@@ -20,7 +21,7 @@ from tally_usage_meter.domain import Priced, Rejected, price_event, recorded_pay
 
 SOURCE = "usage-meter"
 
-USAGE = Counter("tally_usage_events_total", "Usage events by outcome", ["outcome"])
+USAGE = prometheus_client.Counter("tally_usage_events_total", "Usage events by outcome", ["outcome"])
 
 
 @dataclass(frozen=True)
@@ -44,33 +45,34 @@ async def ingest(conn: Conn, batch: Sequence[UsageEvent]) -> list[Result]:
     suspended = await storage.suspended_among(
         conn, [e.company_id for e in batch], [e.account_id for e in batch if e.account_id])
 
-    # An event accepted before is a duplicate whatever else is true now (a product retrying
-    # must learn that its event was taken, even if the wallet has since been suspended).
-    earlier = await storage.seen(conn, [e.event_id for e in batch])
     outcome: list[Priced | Rejected | None] = []
-    first_seen: dict[str, int] = {}
-    for i, event in enumerate(batch):
-        if event.event_id in earlier:
-            outcome.append(None)
-            continue
+    first_seen: set[str] = set()
+    for event in batch:
         verdict: Priced | Rejected | None = (
             suspension_of(event, suspended) or price_event(event, prices, now))
         if isinstance(verdict, Priced):
             if event.event_id in first_seen:
                 verdict = None  # same id twice in one batch: the later one is a duplicate
             else:
-                first_seen[event.event_id] = i
+                first_seen.add(event.event_id)
         outcome.append(verdict)
 
     priced = [p for p in outcome if isinstance(p, Priced)]
     new_ids = await storage.claim_event_ids(
         conn, [p.event.event_id for p in priced], [p.event.company_id for p in priced])
+    # An event accepted before is a duplicate whatever else is true now (a product retrying
+    # must learn that its event was taken, even if the wallet has since been suspended). Only
+    # the refused ones need looking up: the claim above told which priced ones were known.
+    refused = [e.event_id for e, v in zip(batch, outcome, strict=True) if isinstance(v, Rejected)]
+    earlier = await storage.seen(conn, refused)
 
     rows = []
     results = []
     traceparent = current_traceparent()  # once per batch: every row continues this trace
     for event, checked in zip(batch, outcome, strict=True):
-        if isinstance(checked, Rejected):
+        if isinstance(checked, Rejected) and event.event_id in earlier:
+            results.append(Result(event.event_id, "duplicate"))
+        elif isinstance(checked, Rejected):
             results.append(Result(event.event_id, "rejected", checked.code, checked.message))
         elif checked is None or event.event_id not in new_ids:
             results.append(Result(event.event_id, "duplicate"))
@@ -81,8 +83,8 @@ async def ingest(conn: Conn, batch: Sequence[UsageEvent]) -> list[Result]:
             rows.append(outbox.row(Topics.USAGE_RECORDED, event.company_id, message, traceparent))
             results.append(Result(event.event_id, "accepted"))
     await outbox.enqueue(conn, rows)
-    for r in results:
-        USAGE.labels(r.status).inc()
+    for status, n in Counter(r.status for r in results).items():
+        USAGE.labels(status).inc(n)
     return results
 
 

@@ -16,7 +16,7 @@ from prometheus_client import Histogram
 from pydantic import ValidationError
 
 from tally import events, inbox
-from tally.consumer import dlq_row, subscribe_batch
+from tally.consumer import dlq_row, subscribe_batch, wanted
 from tally.db import Conn
 from tally.events import Topics, UsageRecorded
 from tally.outbox import Row, enqueue
@@ -122,10 +122,8 @@ def subscribe(rt: Runtime) -> None:
 
     # --- rebilling.events ------------------------------------------------------------------
     def parse_rebilling_event(r: Any) -> events.Payload | None:
-        env = events.parse_envelope(r.value)
-        if env.type not in ("company.updated", "account.created", "license.changed"):
-            return None  # not the wallet's business
-        return events.typed(env)
+        message = wanted(r, ("company.updated", "account.created", "license.changed"))
+        return message.data if message else None  # None: not the wallet's business
 
     async def apply_rebilling_event(conn: Conn, p: events.Payload, rows: list[Row]) -> None:
         if isinstance(p, events.CompanyUpdated):
@@ -138,10 +136,8 @@ def subscribe(rt: Runtime) -> None:
 
     # --- recharge.events -------------------------------------------------------------------
     def parse_recharge_event(r: Any) -> tuple[str, events.Payload] | None:
-        env = events.parse_envelope(r.value)
-        if env.type not in ("recharge.succeeded", "recharge.failed", "recharge.tier_raised"):
-            return None
-        return env.id, events.typed(env)
+        message = wanted(r, ("recharge.succeeded", "recharge.failed", "recharge.tier_raised"))
+        return (message.id, message.data) if message else None
 
     async def apply_recharge_event(conn: Conn, item: tuple[str, events.Payload],
                                    rows: list[Row]) -> None:
