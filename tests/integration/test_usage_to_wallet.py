@@ -85,6 +85,22 @@ async def test_same_message_delivered_twice_on_kafka_debits_once(tally: Tally) -
     assert (await tally.company_wallet(cid))["balance"] == "0.983975"  # 1 - 0.014 - 0.002025
 
 
+async def test_redelivery_in_a_later_batch_debits_once(tally: Tally) -> None:
+    """The wallet inserts a batch's transfers without looking up their keys first; an event
+    already in the ledger makes that insert fail and the batch is posted again, skipping it."""
+    cid = await funded(tally)
+    first, again = event(cid), event(cid)
+    await accepted(tally, first)
+    await tally.wait_applied(cid, first["event_id"])
+    recorded = await tally.find_on_topic(
+        "usage.recorded", lambda m: m.get("id") == f"usage:{first['event_id']}")
+    await tally.produce("usage.recorded", recorded, key=cid)  # a redelivery, batch of its own
+    await accepted(tally, again)  # a new event after it, in the same or the next batch
+    txs = await tally.wait_applied(cid, again["event_id"])
+    assert [t["usage_event_id"] for t in txs].count(first["event_id"]) == 1
+    assert [t["usage_event_id"] for t in txs].count(again["event_id"]) == 1
+
+
 async def test_malformed_requests_change_nothing(tally: Tally) -> None:
     cid = uid("co")
     good = event(cid)

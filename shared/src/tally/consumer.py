@@ -42,6 +42,14 @@ async def _raw(msg: Any, original: Any = None) -> Any:
     return msg.body
 
 
+async def _records(records: tuple[Any, ...], original: Any) -> Any:
+    """FastStream's batch parser decodes every record's headers into a dict; the handlers read
+    only the raw records, so parse the first alone (for the commit plumbing) and hand on all."""
+    message = await original(records[:1])
+    message.raw_message = records
+    return message
+
+
 def subscribe_batch(broker: KafkaBroker, topic: str, *, service: str, group_id: str,
                     handler: BatchHandler, max_records: int = 2000,
                     retry_backoff: float = 1.0) -> None:
@@ -51,7 +59,7 @@ def subscribe_batch(broker: KafkaBroker, topic: str, *, service: str, group_id: 
 
     @broker.subscriber(topic, group_id=group_id, batch=True, max_records=max_records,
                        batch_timeout_ms=50, auto_offset_reset="earliest",
-                       ack_policy=AckPolicy.NACK_ON_ERROR, decoder=_raw,
+                       ack_policy=AckPolicy.NACK_ON_ERROR, decoder=_raw, parser=_records,
                        session_timeout_ms=settings.kafka_session_timeout_ms,
                        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms)
     async def _consume(body: Any, msg: KafkaMessage) -> None:

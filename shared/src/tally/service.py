@@ -233,4 +233,5 @@ def serve(spec: ServiceSpec) -> None:
         return
     app = create_app(spec, settings)
     uvicorn.run(app, host=settings.host, port=settings.port_of(spec.name), log_config=None,
-                access_log=False, timeout_graceful_shutdown=10, lifespan="on")
+                access_log=False, timeout_graceful_shutdown=10, lifespan="on",
+                loop="uvloop", http="httptools")  # the C event loop and HTTP parser

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 from prometheus_client import Histogram
 from pydantic import ValidationError
 
@@ -80,16 +81,23 @@ def subscribe(rt: Runtime) -> None:
             except events.BadMessage as exc:
                 dead.append(dlq_row(r, str(exc), service=SERVICE))
         traces = {u.event_id: header(r) for r, u in good}
+
+        async def post(usage: list[UsageRecorded]) -> None:
+            try:
+                async with conn.transaction():  # savepoint
+                    await apply_usage(conn, usage, traces, optimistic=True)
+            except asyncpg.UniqueViolationError:  # a redelivery: skip what the ledger has
+                async with conn.transaction():
+                    await apply_usage(conn, usage, traces)
+
         async with rt.pool.acquire() as conn, conn.transaction():
             try:
-                async with conn.transaction():  # savepoint: the whole batch at once
-                    await apply_usage(conn, [u for _, u in good], traces)
+                await post([u for _, u in good])  # the whole batch at once
             except LedgerError:
                 # Some event cannot be posted: apply one by one, dead-letter the culprits.
                 for record, usage in good:
                     try:
-                        async with conn.transaction():
-                            await apply_usage(conn, [usage], traces)
+                        await post([usage])
                     except LedgerError as exc:
                         dead.append(dlq_row(record, str(exc), service=SERVICE))
             await enqueue(conn, dead)

@@ -3,8 +3,10 @@ ledger lines and one UPDATE for every touched wallet, whatever the batch size.""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -104,8 +106,15 @@ async def load_rebilling(conn: Conn, account_ids: Sequence[str]) -> dict[str, Re
     rows = await conn.fetch(
         "SELECT account_id, mode, markups::text AS markups, active FROM rebilling_settings "
         "WHERE account_id = ANY($1::text[])", list(set(account_ids)))
-    return {r["account_id"]: Rebilling(r["mode"], parse_markups(orjson.loads(r["markups"])),
-                                       r["active"]) for r in rows}
+    return {r["account_id"]: Rebilling(r["mode"], _markups(r["markups"]), r["active"])
+            for r in rows}
+
+
+@functools.lru_cache(maxsize=4096)
+def _markups(text: str) -> dict[str, Decimal]:
+    """Parsed markups by their JSON text (most accounts share a few): not re-parsed per batch.
+    Callers never mutate the dict."""
+    return parse_markups(orjson.loads(text))
 
 
 async def upsert_rebilling(conn: Conn, s: RebillingSettings) -> None:

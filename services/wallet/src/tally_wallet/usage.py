@@ -74,10 +74,17 @@ def _fresh(batch: Sequence[UsageRecorded], seen: set[str]) -> list[UsageRecorded
 
 
 async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
-                      traceparents: dict[str, str | None] | None = None) -> Outcome:
+                      traceparents: dict[str, str | None] | None = None, *,
+                      optimistic: bool = False) -> Outcome:
     """Post a batch of recorded usage in the caller's transaction. ``traceparents`` maps an
-    event id to the trace it arrived in; what the event causes continues that trace."""
-    seen = await storage.existing_keys(conn, [company_leg_key(u.event_id) for u in batch])
+    event id to the trace it arrived in; what the event causes continues that trace.
+
+    ``optimistic``: skip looking up which events the ledger already has; if one was posted
+    before, the unique transfer key makes the insert fail (``asyncpg.UniqueViolationError``)
+    and the caller, in a savepoint, posts again without ``optimistic``. Redeliveries are rare,
+    so the common batch saves a lookup per event."""
+    seen = set() if optimistic else await storage.existing_keys(
+        conn, [company_leg_key(u.event_id) for u in batch])
     fresh = [u for u in _fresh(batch, seen) if u.platform_amount_micros > 0]
     SKIPPED.inc(len(batch) - len(fresh))
     if not fresh:
