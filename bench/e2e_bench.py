@@ -161,6 +161,7 @@ class Driver:
     def __init__(self, stack: Stack, token: str) -> None:
         self.stack = stack
         self.sent: dict[str, float] = {}
+        self.accept: list[float] = []  # HTTP request -> 202 response, seconds
         self.client = httpx.AsyncClient(
             timeout=120, headers={"Authorization": f"Bearer {token}",
                                   "Content-Type": "application/json"},
@@ -185,6 +186,7 @@ class Driver:
         if b.http:
             r = await self.client.post(self.stack.url("usage-meter") + "/v1/usage", content=b.body)
             r.raise_for_status()
+            self.accept.append(time.time() - t)
             return
         by_partition: dict[int, Any] = {}
         for key, value in b.records:
@@ -289,12 +291,16 @@ class Watcher:
         return len(waiting) - len(rows)
 
     def latencies(self, sent: dict[str, float]) -> dict[str, float]:
-        values = sorted(max(self.seen[e] - t, 0.0) for e, t in sent.items() if e in self.seen)
+        return percentiles([max(self.seen[e] - t, 0.0) for e, t in sent.items() if e in self.seen])
 
-        def pct(q: float) -> float:
-            return round(values[min(len(values) - 1, int(q * len(values)))], 4) if values else 0.0
-        return {"samples": len(values), "p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99),
-                "max": round(values[-1], 4) if values else 0.0}
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    values = sorted(samples)
+
+    def pct(q: float) -> float:
+        return round(values[min(len(values) - 1, int(q * len(values)))], 4) if values else 0.0
+    return {"samples": len(values), "p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99),
+            "max": round(values[-1], 4) if values else 0.0}
 
 
 def processes(stack: Stack) -> dict[str, psutil.Process]:
@@ -324,6 +330,44 @@ def rss(p: psutil.Process) -> int:
     with contextlib.suppress(psutil.Error):
         return int(p.memory_info().rss)
     return 0
+
+
+async def settle(stack: Stack, timeout: float = 120) -> float:
+    """Wait until every consumer has caught up and every outbox is empty (the notifier and
+    recharge may still be reading ``wallet.events`` after the last debit): a phase must not
+    pay for the previous one's backlog. Returns the seconds waited."""
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=10) as client:
+        while time.perf_counter() - start < timeout:
+            behind = 0.0
+            for n in SERVICES:
+                for line in (await client.get(stack.url(n) + "/metrics")).text.splitlines():
+                    if line.startswith(("tally_consumer_lag{", "tally_outbox_backlog{")):
+                        behind += float(line.rsplit(" ", 1)[1])
+            if behind == 0:
+                break
+            await asyncio.sleep(0.2)
+    await asyncio.sleep(1.0)
+    return round(time.perf_counter() - start, 1)
+
+
+async def mean_batches(stack: Stack) -> dict[str, float]:
+    """Records per consumed batch, per service and topic, from each service's /metrics."""
+    out: dict[str, float] = {}
+    async with httpx.AsyncClient(timeout=10) as client:
+        for n in SERVICES:
+            sums: dict[str, list[float]] = {}
+            for line in (await client.get(stack.url(n) + "/metrics")).text.splitlines():
+                if line.startswith("tally_consumer_batch_size_sum") or \
+                        line.startswith("tally_consumer_batch_size_count"):
+                    labels, value = line.rsplit(" ", 1)
+                    topic = labels.split('topic="')[1].split('"')[0]
+                    sums.setdefault(topic, [0.0, 0.0])[0 if "_sum" in labels else 1] += \
+                        float(value)
+            for topic, (total, count) in sums.items():
+                if count:
+                    out[f"{n} {topic}"] = round(total / count, 1)
+    return out
 
 
 # --- profiling ------------------------------------------------------------------------------
@@ -467,6 +511,7 @@ async def run_once(wallets: int, events: int, *, rate: int, latency_events: int,
                 elapsed = await watcher.until(f"throughput: {events:,} events", events, driver,
                                               sending)
             cpu = watcher.cpu_since()
+            result["mean_batch"] = await mean_batches(stack)
             result["throughput"] = {
                 "seconds": round(elapsed, 2), "events_per_s": round(events / elapsed),
                 "latency_s_saturated": watcher.latencies(driver.sent),
@@ -476,7 +521,10 @@ async def run_once(wallets: int, events: int, *, rate: int, latency_events: int,
             }
             # 2. latency at a fixed offered load
             if latency_events:
+                with console.status("letting every consumer catch up…"):
+                    result["settle_seconds"] = await settle(stack)
                 driver.sent.clear()
+                driver.accept.clear()
                 watcher.cpu_start()
                 sending = asyncio.create_task(driver.paced(paced, tick))
                 elapsed = await watcher.until(f"latency: {rate:,}/s offered", latency_events,
@@ -484,6 +532,7 @@ async def run_once(wallets: int, events: int, *, rate: int, latency_events: int,
                 result["latency"] = {
                     "offered_per_s": round(per_tick / tick), "events": latency_events,
                     "seconds": round(elapsed, 2), "latency_s": watcher.latencies(driver.sent),
+                    "http_accept_s": percentiles(driver.accept),
                     "cpu_seconds": watcher.cpu_since()}
             await driver.close()
             done = await conn.fetchval(
@@ -530,6 +579,11 @@ def show(r: dict[str, Any]) -> None:
                       f"send → commit p50 {lat['p50'] * 1000:.0f} ms  p95 {lat['p95'] * 1000:.0f} "
                       f"ms  p99 {lat['p99'] * 1000:.0f} ms  max {lat['max'] * 1000:.0f} ms "
                       f"({lat['samples']} samples)")
+        acc = r["latency"]["http_accept_s"]
+        console.print(f"  HTTP accept (202) p50 {acc['p50'] * 1000:.0f} ms  p99 "
+                      f"{acc['p99'] * 1000:.0f} ms; caught up before it in {r['settle_seconds']}s")
+    console.print("records per batch: " + ", ".join(
+        f"{k} {v:g}" for k, v in r.get("mean_batch", {}).items() if "usage" in k or "wallet" in k))
     table = Table("process", "cpu s", "µs/event", "peak MB")
     for n, v in t["cpu_seconds"].items():
         table.add_row(n, f"{v:.1f}", f"{t['cpu_us_per_event'][n]:.0f}",

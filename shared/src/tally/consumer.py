@@ -61,6 +61,7 @@ def subscribe_batch(broker: KafkaBroker, topic: str, *, service: str, group_id: 
                        batch_timeout_ms=50, auto_offset_reset="earliest",
                        ack_policy=AckPolicy.NACK_ON_ERROR, decoder=_raw, parser=_records,
                        session_timeout_ms=settings.kafka_session_timeout_ms,
+                       fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
                        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms)
     async def _consume(body: Any, msg: KafkaMessage) -> None:
         raw = msg.raw_message

@@ -93,17 +93,20 @@ def suspension_of(event: UsageEvent, suspended: set[tuple[str, str]]) -> Rejecte
     return None
 
 
-def recorded_payload(p: Priced, recorded_at: datetime) -> dict[str, Any]:
-    """The ``usage.recorded`` payload (fields of ``tally.events.UsageRecorded``)."""
+def recorded_payload(p: Priced, recorded_at: datetime,
+                     recorded_text: str | None = None) -> dict[str, Any]:
+    """The ``usage.recorded`` payload (fields of ``tally.events.UsageRecorded``);
+    ``recorded_text`` is ``recorded_at.isoformat()`` when the caller has it already."""
     e = p.event
+    recorded = recorded_text or recorded_at.isoformat()
     return {
         "event_id": e.event_id,
         "company_id": e.company_id,
         "account_id": e.account_id,
         "service": e.service,
         "quantity": format(p.quantity, "f"),
-        "occurred_at": p.occurred_at.isoformat(),
-        "recorded_at": recorded_at.isoformat(),
+        "occurred_at": recorded if p.occurred_at is recorded_at else p.occurred_at.isoformat(),
+        "recorded_at": recorded,
         "unit_price_micros": p.price.unit_price_micros,
         "platform_amount_micros": p.amount_micros,
         "currency": p.price.currency,

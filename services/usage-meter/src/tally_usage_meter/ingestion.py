@@ -69,6 +69,7 @@ async def ingest(conn: Conn, batch: Sequence[UsageEvent]) -> list[Result]:
     rows = []
     results = []
     traceparent = current_traceparent()  # once per batch: every row continues this trace
+    now_text = now.isoformat()
     for event, checked in zip(batch, outcome, strict=True):
         if isinstance(checked, Rejected) and event.event_id in earlier:
             results.append(Result(event.event_id, "duplicate"))
@@ -77,9 +78,9 @@ async def ingest(conn: Conn, batch: Sequence[UsageEvent]) -> list[Result]:
         elif checked is None or event.event_id not in new_ids:
             results.append(Result(event.event_id, "duplicate"))
         else:
-            data = recorded_payload(checked, now)
+            data = recorded_payload(checked, now, now_text)
             message = {"id": f"usage:{event.event_id}", "type": "usage.recorded",
-                       "time": now.isoformat(), "source": SOURCE, "data": data}
+                       "time": now_text, "source": SOURCE, "data": data}
             rows.append(outbox.row(Topics.USAGE_RECORDED, event.company_id, message, traceparent))
             results.append(Result(event.event_id, "accepted"))
     await outbox.enqueue(conn, rows)

@@ -92,22 +92,25 @@ async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
 
     rebilling = await storage.load_rebilling(conn, [u.account_id for u in fresh if u.account_id])
     plan: list[tuple[UsageRecorded, int | None]] = []
-    wanted: list[Wallet] = []
+    wanted: dict[str, Wallet] = {}  # one per distinct wallet, not four per event
     for u in fresh:
         settings = rebilling.get(u.account_id) if u.account_id else None
         account_amount = settings.account_amount(u.service, u.platform_amount_micros) \
             if settings else None
         plan.append((u, account_amount if account_amount else None))
-        wanted.append(Wallet(company_wallet_id(u.company_id), "company", u.currency,
-                             company_id=u.company_id))
-        wanted.append(Wallet(system_wallet_id(SYSTEM_PLATFORM_REVENUE, u.currency), "system",
-                             u.currency))
+        company_wallet = company_wallet_id(u.company_id)
+        if company_wallet not in wanted:
+            wanted[company_wallet] = Wallet(company_wallet, "company", u.currency, company_id=u.company_id)
+            revenue = system_wallet_id(SYSTEM_PLATFORM_REVENUE, u.currency)
+            wanted.setdefault(revenue, Wallet(revenue, "system", u.currency))
         if account_amount and u.account_id:
-            wanted.append(Wallet(account_wallet_id(u.account_id), "account", u.currency,
-                                 company_id=u.company_id, account_id=u.account_id))
-            wanted.append(Wallet(system_wallet_id(SYSTEM_COMPANY_REVENUE, u.currency,
-                                                  u.company_id), "system", u.currency))
-    posting = Posting(await storage.lock_wallets(conn, wanted))
+            account_wallet = account_wallet_id(u.account_id)
+            if account_wallet not in wanted:
+                wanted[account_wallet] = Wallet(account_wallet, "account", u.currency,
+                                         company_id=u.company_id, account_id=u.account_id)
+                revenue = system_wallet_id(SYSTEM_COMPANY_REVENUE, u.currency, u.company_id)
+                wanted.setdefault(revenue, Wallet(revenue, "system", u.currency))
+    posting = Posting(await storage.lock_wallets(conn, wanted.values()))
 
     rows: list[outbox.Row] = []
     time = datetime.now(UTC).isoformat()
