@@ -5,9 +5,9 @@ records produced to ``usage.ingest`` (1 in 4) — for many companies, half of th
 their two accounts at x1.5, five services, until every company debit is committed. One run:
 
 1. **throughput**: everything offered at once; events/s end to end;
-2. **latency**: a fixed offered load (``RATE``, 5,000 events/s) paced in 10 ms ticks;
-   send -> ledger-commit percentiles (a commit is seen by polling the ledger every 10 ms, so
-   the figures are upper bounds by up to one poll);
+2. **latency**: fixed offered loads (``RATES``, up to 5,000 events/s) paced in 10 ms ticks,
+   each after every consumer has caught up; send -> ledger-commit percentiles (a commit is
+   seen by polling the ledger every 10 ms, so the figures are upper bounds by up to one poll);
 3. the same run's references on the same database: the **limit** (the raw database doing the
    same ledger writes in 5,000-event batches: COPY of the ledger lines, one UPDATE per wallet
    per batch) and the **naive** way (the wallet's posting code, one transaction per event).
@@ -21,7 +21,7 @@ benchmark the seeding. ``make bench-scaling`` repeats the throughput phase at 1k
 wallets (100k events) and at 100k and 1M events, each on a fresh stack, and reports cost per
 event.
 
-    make bench                              # EVENTS=100000 WALLETS=10000 RATE=5000
+    make bench              # EVENTS=100000 WALLETS=10000 RATES=1000,2500,5000 LATENCY_SECONDS=10
     PROFILE=1 make bench                    # + py-spy profiles of the hot services
 """
 
@@ -473,9 +473,12 @@ async def measure_limit(conn: asyncpg.Connection, w: Workload, events: int,
 
 # --- one run --------------------------------------------------------------------------------
 
-async def run_once(wallets: int, events: int, *, rate: int, latency_events: int,
+async def run_once(wallets: int, events: int, *, rates: list[int], seconds_per_rate: float,
                    references: bool, profile: bool) -> dict[str, Any]:
     run = f"r{int(time.time())}"
+    tick = 0.01
+    loads = [(max(int(rate * tick), 1), int(rate * seconds_per_rate)) for rate in rates]
+    latency_events = sum(n for _, n in loads)
     w = Workload(run, wallets, events + latency_events)
     result: dict[str, Any] = {"wallets": wallets, "events": events}
     with tempfile.TemporaryDirectory(prefix="tally-bench-") as tmp:
@@ -494,9 +497,10 @@ async def run_once(wallets: int, events: int, *, rate: int, latency_events: int,
                 result["seed_seconds"] = round(time.perf_counter() - t, 1)
             with console.status(f"encoding {events + latency_events:,} events…"):
                 flood = make_batches(w, 0, events, HTTP_BATCH, every=50, seed_=11)
-                tick = 0.01
-                per_tick = max(int(rate * tick), 1)
-                paced = make_batches(w, events, latency_events, per_tick, every=5, seed_=12)
+                paced, first = [], events
+                for per_tick, n in loads:
+                    paced.append(make_batches(w, first, n, per_tick, every=5, seed_=first))
+                    first += n
             driver = Driver(stack, issue_token("product", sub="bench"))
             await driver.start()
             watcher = Watcher(stack, conn)
@@ -519,21 +523,22 @@ async def run_once(wallets: int, events: int, *, rate: int, latency_events: int,
                 "cpu_us_per_event": {n: round(v / events * 1e6, 1) for n, v in cpu.items()},
                 "peak_rss_mb": {n: round(v / 2**20) for n, v in watcher.peak.items()},
             }
-            # 2. latency at a fixed offered load
-            if latency_events:
+            # 2. latency at fixed offered loads, lightest first
+            result["latency"] = []
+            for (per_tick, n), batches in zip(loads, paced, strict=True):
                 with console.status("letting every consumer catch up…"):
-                    result["settle_seconds"] = await settle(stack)
+                    settled = await settle(stack)
                 driver.sent.clear()
                 driver.accept.clear()
                 watcher.cpu_start()
-                sending = asyncio.create_task(driver.paced(paced, tick))
-                elapsed = await watcher.until(f"latency: {rate:,}/s offered", latency_events,
-                                              driver, sending)
-                result["latency"] = {
-                    "offered_per_s": round(per_tick / tick), "events": latency_events,
+                sending = asyncio.create_task(driver.paced(batches, tick))
+                elapsed = await watcher.until(f"latency: {round(per_tick / tick):,}/s offered",
+                                              n, driver, sending)
+                result["latency"].append({
+                    "offered_per_s": round(per_tick / tick), "events": n,
                     "seconds": round(elapsed, 2), "latency_s": watcher.latencies(driver.sent),
-                    "http_accept_s": percentiles(driver.accept),
-                    "cpu_seconds": watcher.cpu_since()}
+                    "http_accept_s": percentiles(driver.accept), "settle_seconds": settled,
+                    "cpu_seconds": watcher.cpu_since()})
             await driver.close()
             done = await conn.fetchval(
                 "SELECT count(*) FROM transfers WHERE kind = 'usage' AND key LIKE $1",
@@ -573,15 +578,15 @@ def show(r: dict[str, Any]) -> None:
                   f"{t['seconds']}s)")
     s = t["latency_s_saturated"]
     console.print(f"  send → commit while saturated: p50 {s['p50']:.3f}s  p99 {s['p99']:.3f}s")
-    if "latency" in r:
-        lat = r["latency"]["latency_s"]
-        console.print(f"[bold]at {r['latency']['offered_per_s']:,} events/s offered[/]: "
-                      f"send → commit p50 {lat['p50'] * 1000:.0f} ms  p95 {lat['p95'] * 1000:.0f} "
-                      f"ms  p99 {lat['p99'] * 1000:.0f} ms  max {lat['max'] * 1000:.0f} ms "
-                      f"({lat['samples']} samples)")
-        acc = r["latency"]["http_accept_s"]
-        console.print(f"  HTTP accept (202) p50 {acc['p50'] * 1000:.0f} ms  p99 "
-                      f"{acc['p99'] * 1000:.0f} ms; caught up before it in {r['settle_seconds']}s")
+    if r.get("latency"):
+        table = Table("offered events/s", "send → commit p50", "p95", "p99", "max",
+                      "HTTP 202 p50", "p99", "samples", title="latency at a fixed load")
+        for run in r["latency"]:
+            lat, acc = run["latency_s"], run["http_accept_s"]
+            table.add_row(f"{run['offered_per_s']:,}", *(f"{lat[k] * 1000:.0f} ms" for k in (
+                "p50", "p95", "p99", "max")), f"{acc['p50'] * 1000:.0f} ms",
+                f"{acc['p99'] * 1000:.0f} ms", str(lat["samples"]))
+        console.print(table)
     console.print("records per batch: " + ", ".join(
         f"{k} {v:g}" for k, v in r.get("mean_batch", {}).items() if "usage" in k or "wallet" in k))
     table = Table("process", "cpu s", "µs/event", "peak MB")
@@ -613,8 +618,9 @@ async def main() -> None:
     if not args.scaling:
         r = await run_once(int(os.environ.get("WALLETS", "10000")),
                            int(os.environ.get("EVENTS", "100000")),
-                           rate=int(os.environ.get("RATE", "5000")),
-                           latency_events=int(os.environ.get("LATENCY_EVENTS", "50000")),
+                           rates=[int(x) for x in os.environ.get(
+                               "RATES", "1000,2500,5000").split(",") if x],
+                           seconds_per_rate=float(os.environ.get("LATENCY_SECONDS", "10")),
                            references=True, profile=profile)
         show(r)
         write("e2e", {"benchmark": "e2e", "time": datetime.now(UTC).isoformat(),
@@ -624,7 +630,7 @@ async def main() -> None:
     rows = []
     for wallets, events in points:
         console.rule(f"{wallets:,} wallets, {events:,} events")
-        r = await run_once(wallets, events, rate=0, latency_events=0, references=True,
+        r = await run_once(wallets, events, rates=[], seconds_per_rate=0, references=True,
                            profile=False)
         show(r)
         rows.append(r)
