@@ -1,0 +1,71 @@
+"""The packed outbox format and the consumers' type filter, without I/O."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tally import events, outbox
+from tally.consumer import wanted
+
+rows = st.lists(st.tuples(
+    st.text(min_size=1, max_size=40), st.none() | st.binary(max_size=60),
+    st.binary(max_size=2000), st.none() | st.text(min_size=1, max_size=60),
+    st.none() | st.text(min_size=1, max_size=40)), max_size=30)
+
+
+@given(rows)
+def test_pack_then_unpack_gives_back_every_message_in_order(messages: list[outbox.Row]) -> None:
+    assert outbox.unpack(outbox.pack(messages)) == messages
+
+
+def test_row_takes_the_type_from_the_envelope() -> None:
+    message = {"id": "x", "type": "wallet.suspended", "time": "2026-01-01T00:00:00Z",
+               "source": "t", "data": {}}
+    topic, key, value, traceparent, type_ = outbox.row("wallet.events", "c1", message, "tp")
+    assert (topic, key, traceparent, type_) == ("wallet.events", b"c1", "tp", "wallet.suspended")
+    assert orjson.loads(value) == message
+    assert outbox.row("t", None, b"raw", "tp")[4] is None
+
+
+SUSPENDED = {"id": "wallet.suspended:k", "type": "wallet.suspended",
+             "time": "2026-01-01T00:00:00Z", "source": "wallet",
+             "data": {"wallet_id": "company:c1", "owner": "company", "company_id": "c1",
+                      "currency": "USD", "balance_micros": -1}}
+
+
+def record(value: bytes, type_: str | None = None) -> SimpleNamespace:
+    headers = [("traceparent", b"00-x")] + ([("type", type_.encode())] if type_ else [])
+    return SimpleNamespace(value=value, headers=headers)
+
+
+def test_a_wanted_record_is_parsed_into_its_typed_payload() -> None:
+    for r in (record(orjson.dumps(SUSPENDED), "wallet.suspended"), record(orjson.dumps(SUSPENDED))):
+        message = wanted(r, ("wallet.suspended",))
+        assert message is not None and isinstance(message.data, events.WalletSuspended)
+        assert message.data.balance_micros == -1
+
+
+def test_other_types_are_skipped_by_header_without_reading_the_value() -> None:
+    assert wanted(record(b"\xff not json", "wallet.debited"), ("wallet.suspended",)) is None
+
+
+def test_other_and_unknown_types_without_header_are_skipped() -> None:
+    other = {**SUSPENDED, "type": "wallet.reactivated"}
+    assert wanted(record(orjson.dumps(other)), ("wallet.suspended",)) is None
+    unknown = {**SUSPENDED, "type": "wallet.renamed"}
+    assert wanted(record(orjson.dumps(unknown)), ("wallet.suspended",)) is None
+
+
+def test_a_broken_wanted_record_or_envelope_is_a_bad_message() -> None:
+    bad = {**SUSPENDED, "data": {"wallet_id": "company:c1"}}
+    with pytest.raises(events.BadMessage, match="company_id"):
+        wanted(record(orjson.dumps(bad), "wallet.suspended"), ("wallet.suspended",))
+    with pytest.raises(events.BadMessage):
+        wanted(record(b"{not json"), ("wallet.suspended",))
+    with pytest.raises(events.BadMessage):
+        wanted(record(orjson.dumps({"type": "nope"})), ("wallet.suspended",))
