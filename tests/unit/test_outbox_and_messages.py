@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tally import events, outbox
-from tally.consumer import wanted
+from tally.consumer import take, wanted
 
 rows = st.lists(st.tuples(
     st.text(min_size=1, max_size=40), st.none() | st.binary(max_size=60),
@@ -40,7 +40,8 @@ SUSPENDED = {"id": "wallet.suspended:k", "type": "wallet.suspended",
 
 def record(value: bytes, type_: str | None = None) -> SimpleNamespace:
     headers = [("traceparent", b"00-x")] + ([("type", type_.encode())] if type_ else [])
-    return SimpleNamespace(value=value, headers=headers)
+    return SimpleNamespace(value=value, headers=headers, topic="wallet.events", partition=0,
+                           offset=7, key=b"c1")
 
 
 def test_a_wanted_record_is_parsed_into_its_typed_payload() -> None:
@@ -69,3 +70,13 @@ def test_a_broken_wanted_record_or_envelope_is_a_bad_message() -> None:
         wanted(record(b"{not json"), ("wallet.suspended",))
     with pytest.raises(events.BadMessage):
         wanted(record(orjson.dumps({"type": "nope"})), ("wallet.suspended",))
+
+
+def test_take_sorts_a_batch_into_wanted_messages_and_dead_letters() -> None:
+    good = record(orjson.dumps(SUSPENDED), "wallet.suspended")
+    other = record(b"ignored", "wallet.debited")
+    broken = record(b"{not json")
+    taken, dead = take([good, other, broken], ("wallet.suspended",), service="test")
+    assert [(r, m.id) for r, m in taken] == [(good, "wallet.suspended:k")]
+    assert [row[0] for row in dead] == ["wallet.events.dlq"]
+    assert orjson.loads(dead[0][2])["message"] == "{not json"

@@ -108,6 +108,22 @@ def wanted(record: Any, types: Container[str]) -> events.Message | None:
     return message if message.type in types else None
 
 
+def take(records: Sequence[Any], types: Container[str], *,
+         service: str) -> tuple[list[tuple[Any, events.Message]], list[outbox.Row]]:
+    """Sort a batch: (record, message) for each record of ``types``, and a DLQ row for each
+    record that cannot be read (see ``wanted``); other types are left out."""
+    taken, dead = [], []
+    for r in records:
+        try:
+            message = wanted(r, types)
+        except events.BadMessage as exc:
+            dead.append(dlq_row(r, str(exc), service=service))
+            continue
+        if message is not None:
+            taken.append((r, message))
+    return taken, dead
+
+
 def dlq_row(record: Any, reason: str, *, service: str) -> outbox.Row:
     """An outbox row that dead-letters ``record`` to ``<topic>.dlq`` with the reason."""
     DLQ.labels(service, record.topic).inc()

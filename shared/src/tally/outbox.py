@@ -27,6 +27,7 @@ from prometheus_client import Counter, Gauge
 from tally import events
 from tally.db import Conn
 from tally.telemetry import current_traceparent
+from tally.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -95,40 +96,26 @@ async def publish(conn: Conn, topic: str, key: str | None,
     await enqueue(conn, [row(topic, key, message)])
 
 
-class OutboxRelay:
+class OutboxRelay(Worker):
     """Moves outbox rows to Kafka. Run one per service process; only the advisory-lock holder
-    relays, so per-key order is kept across replicas."""
+    relays, so per-key order is kept across replicas. A ``Worker`` (start, wake, stop) whose
+    loop holds one connection for as long as it holds the lock."""
 
     def __init__(self, pool: asyncpg.Pool, producer: AIOKafkaProducer, *, service: str,
                  batch_size: int = 5000, poll_interval: float = 0.02) -> None:
+        super().__init__()
+        self.name = f"outbox-relay-{service}"
         self._pool = pool
         self._producer = producer
         self._service = service
         self._batch_size = batch_size
         self._poll = poll_interval
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
         # Kafka's default partitioner (murmur2 of the key, as every Kafka client computes it):
         # the relay builds each partition's record batch itself.
         self._partition = DefaultPartitioner()
         self._topic_partitions: dict[str, tuple[float, list[int]]] = {}
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"outbox-relay-{self._service}")
-
-    def wake(self) -> None:
-        """Hint that rows were just committed (same process): relay without waiting a poll."""
-        self._wake.set()
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._task:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(self._task, timeout=10)
-
-    async def _run(self) -> None:
+    async def _loop(self) -> None:
         lock_key = f"tally-outbox:{self._service}"
         while not self._stopping.is_set():
             try:

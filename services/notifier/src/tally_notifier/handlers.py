@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tally import events, inbox
-from tally.consumer import dlq_row, subscribe_batch, wanted
+from tally.consumer import subscribe_batch, take
 from tally.db import Conn
 from tally.events import Topics
 from tally.money import format_micros
@@ -96,16 +96,8 @@ def subscribe(rt: Runtime) -> None:
 
     def handler(types: tuple[str, ...], group: str) -> Any:
         async def handle(records: Sequence[Any]) -> None:
-            taken: list[tuple[events.Message, events.Payload]] = []
-            dead = []
-            for r in records:
-                try:
-                    message = wanted(r, types)
-                except events.BadMessage as exc:
-                    dead.append(dlq_row(r, str(exc), service=SERVICE))
-                    continue
-                if message is not None:
-                    taken.append((message, message.data))
+            records_taken, dead = take(records, types, service=SERVICE)
+            taken = [(m, m.data) for _, m in records_taken]
             if not taken and not dead:
                 return
             async with rt.pool.acquire() as conn, conn.transaction():

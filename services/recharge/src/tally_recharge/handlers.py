@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tally import events, inbox
-from tally.consumer import dlq_row, subscribe_batch, wanted
+from tally.consumer import subscribe_batch, take
 from tally.events import Topics
 from tally.outbox import enqueue
 from tally.service import Runtime
@@ -25,17 +25,11 @@ def subscribe(rt: Runtime) -> None:
         return r
 
     async def on_wallet_events(records: Sequence[Any]) -> None:
+        taken, dead = take(records, ("wallet.threshold_crossed",), service=SERVICE)
         crossings: list[tuple[str, events.WalletThresholdCrossed, str | None]] = []
-        dead = []
-        for r in records:
-            try:
-                message = wanted(r, ("wallet.threshold_crossed",))
-            except events.BadMessage as exc:
-                dead.append(dlq_row(r, str(exc), service=SERVICE))
-                continue
-            if message is not None:
-                assert isinstance(message.data, events.WalletThresholdCrossed)
-                crossings.append((message.id, message.data, header(r)))
+        for r, message in taken:
+            assert isinstance(message.data, events.WalletThresholdCrossed)
+            crossings.append((message.id, message.data, header(r)))
         if not crossings and not dead:
             return
         queued = False
@@ -51,16 +45,8 @@ def subscribe(rt: Runtime) -> None:
             recharger().wake()
 
     async def on_rebilling_events(records: Sequence[Any]) -> None:
-        dead = []
-        updates: list[events.Payload] = []
-        for r in records:
-            try:
-                message = wanted(r, ("company.updated", "account.created"))
-            except events.BadMessage as exc:
-                dead.append(dlq_row(r, str(exc), service=SERVICE))
-                continue
-            if message is not None:
-                updates.append(message.data)
+        taken, dead = take(records, ("company.updated", "account.created"), service=SERVICE)
+        updates = [m.data for _, m in taken]
         async with rt.pool.acquire() as conn, conn.transaction():
             for p in updates:
                 if isinstance(p, events.CompanyUpdated):

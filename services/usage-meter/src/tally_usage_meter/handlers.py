@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tally import events, inbox
-from tally.consumer import dlq_row, subscribe_batch, wanted
+from tally.consumer import dlq_row, subscribe_batch, take
 from tally.events import Topics
 from tally.outbox import enqueue
 from tally.service import Runtime
@@ -39,16 +39,8 @@ def subscribe(rt: Runtime) -> None:
         rt.relay.wake()
 
     async def on_wallet_events(records: Sequence[Any]) -> None:
-        changes: list[events.Message] = []
-        dead = []
-        for r in records:
-            try:
-                message = wanted(r, STATUS_TYPES)
-            except events.BadMessage as exc:
-                dead.append(dlq_row(r, str(exc), service=SERVICE))
-                continue
-            if message is not None:
-                changes.append(message)
+        taken, dead = take(records, STATUS_TYPES, service=SERVICE)
+        changes = [m for _, m in taken]
         if not changes and not dead:
             return
         async with rt.pool.acquire() as conn, conn.transaction():
