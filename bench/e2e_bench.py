@@ -334,7 +334,7 @@ def rss(p: psutil.Process) -> int:
 
 async def settle(stack: Stack, timeout: float = 120) -> float:
     """Wait until every consumer has caught up and every outbox is empty (the notifier and
-    recharge may still be reading ``wallet.events`` after the last debit): a phase must not
+    recharge may still be reading ``wallet.digest`` after the last debit): a phase must not
     pay for the previous one's backlog. Returns the seconds waited."""
     start = time.perf_counter()
     async with httpx.AsyncClient(timeout=10) as client:

@@ -26,7 +26,7 @@ json_values = st.recursive(
 KNOWN_TYPES = {
     Topics.USAGE_INGEST: None,
     Topics.USAGE_RECORDED: "usage.recorded",
-    Topics.WALLET_EVENTS: "wallet.threshold_crossed",
+    Topics.WALLET_DIGEST: "wallet.threshold_crossed",
     Topics.RECHARGE_EVENTS: "recharge.succeeded",
     Topics.REBILLING_SETTINGS: "rebilling.settings",
     Topics.REBILLING_EVENTS: "account.created",
@@ -134,7 +134,7 @@ async def test_services_kept_consuming_after_the_garbage(tally: Tally) -> None:
     await tally.envelope("recharge.events", "recharge.succeeded", {
         "wallet_id": f"company:{cid}", "owner": "company", "company_id": cid, "currency": "USD",
         "recharge_id": uid("rc"), "trigger": "manual", "amount_micros": 1_000_000}, key=cid)
-    await tally.envelope("wallet.events", "wallet.threshold_crossed", {
+    await tally.envelope("wallet.digest", "wallet.threshold_crossed", {
         "wallet_id": f"company:{cid}", "owner": "company", "company_id": cid, "currency": "USD",
         "balance_micros": 0, "threshold_micros": 1, "reload_amount_micros": 1_000_000,
         "auto_recharge": True, "smart_adjustment": False}, key=cid)

@@ -125,12 +125,12 @@ async def test_a_restart_and_redelivery_send_nothing_twice(tally: Tally) -> None
     async def mailed() -> list[Any] | None:
         return mails_about(tally, aid) or None
     await eventually(mailed, what="the first alert")
-    debited = await tally.find_on_topic(
-        "wallet.events", lambda m: m["type"] == "wallet.debited"
-        and m["data"].get("account_id") == aid)
+    usage = await tally.find_on_topic(
+        "wallet.digest", lambda m: m["type"] == "wallet.usage"
+        and any(t["account_id"] == aid for t in m["data"]["totals"]))
 
     await tally.stack.restart("notifier")  # SIGKILL and start again
-    await tally.produce("wallet.events", debited, key=agency.cid)  # redelivered as is
+    await tally.produce("wallet.digest", usage, key=agency.cid)  # redelivered as is
     await post(tally, agency, aid, "sms", "2")
     await wait_total(tally, agency, aid, "daily", "0.031600")  # the redelivery counted once
     await asyncio.sleep(1.5)

@@ -102,6 +102,6 @@ async def test_metrics_appear_and_move_under_load(tally: Tally) -> None:
     await eventually(all_moved, what="every metric to move")
     after = await scrape(tally)
     for service, topic in (("wallet", "usage.recorded"), ("usage-meter", "usage.ingest"),
-                           ("recharge", "wallet.events"), ("notifier", "wallet.events")):
+                           ("recharge", "wallet.digest"), ("notifier", "wallet.digest")):
         assert f'tally_consumer_lag{{service="{service}",topic="{topic}"}}' in after[service]
         assert f'tally_outbox_backlog{{service="{service}"}}' in after[service]

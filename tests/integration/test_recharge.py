@@ -138,9 +138,9 @@ async def test_duplicate_and_concurrent_crossings_charge_once(tally: Tally) -> N
             "currency": "USD", "balance_micros": 1_000_000, "threshold_micros": 5_000_000,
             "reload_amount_micros": 20_000_000, "auto_recharge": True, "smart_adjustment": False}
     first = uid("crossing")
-    await tally.envelope("wallet.events", "wallet.threshold_crossed", data, key=agency.cid, id_=first)
-    await tally.envelope("wallet.events", "wallet.threshold_crossed", data, key=agency.cid, id_=first)
-    await tally.envelope("wallet.events", "wallet.threshold_crossed", data, key=agency.cid)
+    await tally.envelope("wallet.digest", "wallet.threshold_crossed", data, key=agency.cid, id_=first)
+    await tally.envelope("wallet.digest", "wallet.threshold_crossed", data, key=agency.cid, id_=first)
+    await tally.envelope("wallet.digest", "wallet.threshold_crossed", data, key=agency.cid)
     tally.stack.spawn_service("recharge")
     await tally.stack.wait_ready("recharge")
     await wait_balance(agency, "20.000000")

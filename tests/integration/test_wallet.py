@@ -195,6 +195,44 @@ async def test_account_suspension_and_reactivation(tally: Tally) -> None:
     assert types == ["wallet.suspended", "wallet.reactivated"]
 
 
+async def test_the_digest_carries_state_changes_and_usage_by_account(tally: Tally) -> None:
+    """``wallet.digest``, what the other services read instead of every debit: the same
+    state-change envelopes as ``wallet.events``, and each debit summed once into a
+    ``wallet.usage`` total of its account (the account leg when rebilled, else the company's)."""
+    agency = Agency(tally)
+    rebilled = await agency.add_account(mode="rebill")
+    plain = await agency.add_account()
+    await agency.fund("10.00")
+    await agency.fund("0.01", rebilled)
+    await agency.use("sms", "1", account=rebilled)  # account wallet 0.01 - 0.0079
+    await agency.use("whatsapp", "1", account=rebilled)  # - 0.058: below zero, suspended
+    await agency.use("sms", "2", account=plain)
+    await agency.use("email", "1")  # not attributed to an account: in no total
+    last = await agency.use("email", "1", account=plain)
+
+    def ours(m: dict[str, Any]) -> bool:
+        return m["data"].get("company_id") == agency.cid or any(
+            t["company_id"] == agency.cid for t in m["data"].get("totals", []))
+    digest = await tally.topic_messages("wallet.digest", ours, until=lambda m: any(
+        t["account_id"] == plain and t["service"] == "email" for t in m["data"].get("totals", [])))
+    assert {m["type"] for m in digest} == {"wallet.usage", "wallet.suspended"}
+    usage: dict[tuple[str, str], list[int]] = {}
+    for m in digest:
+        for t in m["data"].get("totals", []):
+            got = usage.setdefault((t["account_id"], t["service"]), [0, 0])
+            got[0] += t["amount_micros"]
+            got[1] += t["events"]
+    assert usage == {(rebilled, "sms"): [7_900, 1], (rebilled, "whatsapp"): [58_000, 1],
+                     (plain, "sms"): [15_800, 1], (plain, "email"): [675, 1]}
+
+    suspended = [m for m in digest if m["type"] == "wallet.suspended"]
+    public = await tally.topic_messages(
+        "wallet.events", lambda m: m["type"] == "wallet.suspended"
+        and m["data"]["company_id"] == agency.cid, until=debited(last))
+    assert len(suspended) == 1 and suspended == public
+    assert suspended[0]["data"]["wallet_id"] == f"account:{rebilled}"
+
+
 async def test_agency_assistance_when_only_the_agency_wallet_is_empty(tally: Tally) -> None:
     agency = Agency(tally)
     aid = await agency.add_account(mode="rebill")

@@ -69,7 +69,7 @@ def test_debited_message_fits_the_event_contract() -> None:
     from tally import events
     from tally.events import UsageRecorded
     from tally_wallet.domain import Posted
-    from tally_wallet.usage import debited_message
+    from tally_wallet.messages import debited_message
 
     now = datetime(2026, 1, 1, tzinfo=UTC)
     u = UsageRecorded(event_id="e", company_id="c", account_id="a", service="sms", quantity="1",

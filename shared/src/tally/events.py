@@ -20,11 +20,15 @@ class Topics:
     USAGE_INGEST = "usage.ingest"
     USAGE_RECORDED = "usage.recorded"
     WALLET_EVENTS = "wallet.events"
+    # What the other services act on, at a fraction of wallet.events' volume: copies of its
+    # state changes (DIGEST_TYPES) and ``wallet.usage``, the usage of each posted batch summed
+    # by account. Internal consumers read this instead of every ``wallet.debited``.
+    WALLET_DIGEST = "wallet.digest"
     RECHARGE_EVENTS = "recharge.events"
     REBILLING_SETTINGS = "rebilling.settings"
     REBILLING_EVENTS = "rebilling.events"
 
-    ALL = (USAGE_INGEST, USAGE_RECORDED, WALLET_EVENTS, RECHARGE_EVENTS,
+    ALL = (USAGE_INGEST, USAGE_RECORDED, WALLET_EVENTS, WALLET_DIGEST, RECHARGE_EVENTS,
            REBILLING_SETTINGS, REBILLING_EVENTS)
     COMPACTED = (REBILLING_SETTINGS,)
 
@@ -123,6 +127,28 @@ class WalletSuspended(WalletRef):
 
 class WalletReactivated(WalletRef):
     balance_micros: int
+
+
+class UsageTotal(Payload):
+    """Usage of one account's service in one minute (of ``occurred_at``), as posted: the
+    account leg's amounts when rebilled, else the company leg's (what that account's usage cost
+    the company). A minute never straddles a local day in any time zone."""
+
+    account_id: str
+    company_id: str
+    service: str
+    currency: str
+    minute: datetime
+    amount_micros: int
+    events: int
+
+
+class WalletUsage(Payload):
+    """The usage one ledger batch posted, summed by account, service and minute (topic
+    ``wallet.digest``); each debit is in exactly one ``wallet.usage``, as in one
+    ``wallet.debited``. Usage not attributed to an account is not in it."""
+
+    totals: list[UsageTotal]
 
 
 class CreditRequestCreated(Payload):
@@ -253,6 +279,7 @@ PAYLOADS: dict[str, type[Payload]] = {
     "wallet.threshold_crossed": WalletThresholdCrossed,
     "wallet.suspended": WalletSuspended,
     "wallet.reactivated": WalletReactivated,
+    "wallet.usage": WalletUsage,
     "credit_request.created": CreditRequestCreated,
     "credit_request.resolved": CreditRequestResolved,
     "recharge.succeeded": RechargeSucceeded,
@@ -266,6 +293,11 @@ PAYLOADS: dict[str, type[Payload]] = {
     "subscription.charged": SubscriptionCharged,
     "license.changed": LicenseChanged,
 }
+
+
+# wallet.events types also published to wallet.digest, with the same envelope.
+DIGEST_TYPES = frozenset({"wallet.threshold_crossed", "wallet.suspended", "wallet.reactivated",
+                          "credit_request.created", "credit_request.resolved"})
 
 
 class UsageRecordedMessage(BaseModel):

@@ -1,6 +1,6 @@
 """Usage aggregation and alert decisions, in the consumer's transaction.
 
-Each ``wallet.debited`` adds the account's usage (the account leg when rebilled, else the
+Each ``wallet.usage`` total adds an account's usage (the account leg when rebilled, else the
 company's cost of that account's usage) to its day in the company's time zone. Then every
 touched account with enabled rules is checked; when a condition is exceeded and no usage alert
 went out for that account today, one email is queued (owner, company owner, extra recipients)
@@ -15,24 +15,21 @@ from datetime import UTC, date, datetime
 import orjson
 
 from tally.db import Conn
-from tally.events import WalletDebited
+from tally.events import UsageTotal
 from tally_notifier import storage
 from tally_notifier.domain import PERIODS, Condition, Period, exceeded, local_day, period_start, usage_alert
 
 
-async def add_debits(conn: Conn, debits: list[WalletDebited]) -> set[str]:
-    """Sum debits into usage_daily; returns the accounts touched."""
-    attributed = [d for d in debits if d.account_id]
-    zones = await storage.timezones(conn, list({d.company_id for d in attributed}))
+async def add_usage(conn: Conn, totals: list[UsageTotal]) -> set[str]:
+    """Sum usage totals into usage_daily; returns the accounts touched."""
+    zones = await storage.timezones(conn, list({t.company_id for t in totals}))
     sums: dict[tuple[str, str, date, str, str], int] = defaultdict(int)
-    for d in attributed:
-        assert d.account_id is not None
-        amount = d.account_amount_micros if d.account_amount_micros is not None \
-            else d.company_amount_micros
-        day = local_day(d.occurred_at, zones.get(d.company_id, "UTC"))
-        sums[(d.account_id, d.company_id, day, d.service, d.currency)] += amount
-    await storage.add_usage(conn, [(*k, v) for k, v in sums.items()])
-    return {d.account_id for d in attributed if d.account_id}
+    for t in totals:
+        day = local_day(t.minute, zones.get(t.company_id, "UTC"))
+        sums[(t.account_id, t.company_id, day, t.service, t.currency)] += t.amount_micros
+    # In key order: concurrent replicas then lock shared rows in the same order (no deadlock).
+    await storage.add_usage(conn, [(*k, v) for k, v in sorted(sums.items())])
+    return {t.account_id for t in totals}
 
 
 async def period_usage(conn: Conn, aid: str, period: Period, timezone: str,

@@ -1,4 +1,4 @@
-"""notifier's consumers: ``wallet.events`` (usage, suspensions, credit requests),
+"""notifier's consumers: ``wallet.digest`` (usage totals, suspensions, credit requests),
 ``recharge.events`` (failures, cancellations, tier raises) and ``rebilling.events`` (who owns
 which account, company time zones). Each message is claimed once (inbox) in the transaction
 that records its effects, so redelivery or a restart never notifies twice."""
@@ -20,7 +20,7 @@ from tally_notifier.domain import simple
 from tally_notifier.mailer import Mailer
 
 SERVICE = "notifier"
-WALLET_TYPES = ("wallet.debited", "wallet.suspended", "credit_request.created")
+WALLET_TYPES = ("wallet.usage", "wallet.suspended", "credit_request.created")
 RECHARGE_TYPES = ("recharge.failed", "recharge.tier_raised")
 REBILLING_TYPES = ("company.updated", "account.created")
 
@@ -103,9 +103,9 @@ def subscribe(rt: Runtime) -> None:
             async with rt.pool.acquire() as conn, conn.transaction():
                 fresh = await inbox.claim(conn, group, [e.id for e, _ in taken])
                 todo = [(e, p) for e, p in taken if e.id in fresh]
-                debits = [p for _, p in todo if isinstance(p, events.WalletDebited)]
-                if debits:
-                    touched = await alerts.add_debits(conn, debits)
+                usage = [t for _, p in todo if isinstance(p, events.WalletUsage) for t in p.totals]
+                if usage:
+                    touched = await alerts.add_usage(conn, usage)
                     await alerts.check_alerts(conn, touched)
                 for env, p in todo:
                     if isinstance(p, events.CompanyUpdated):
@@ -116,13 +116,13 @@ def subscribe(rt: Runtime) -> None:
                                                      p.owner_email)
                     elif env.type in RECHARGE_TYPES:
                         await _recharge_event(conn, env, p)
-                    elif not isinstance(p, events.WalletDebited):
+                    elif not isinstance(p, events.WalletUsage):
                         await _wallet_event(conn, env, p)
                 await enqueue(conn, dead)
             mailer().wake()
         return handle
 
-    subscribe_batch(rt.broker, Topics.WALLET_EVENTS, service=SERVICE, group_id="notifier-wallet",
+    subscribe_batch(rt.broker, Topics.WALLET_DIGEST, service=SERVICE, group_id="notifier-wallet",
                     handler=handler(WALLET_TYPES, "notifier-wallet"),
                     max_records=rt.settings.kafka_max_batch)
     subscribe_batch(rt.broker, Topics.RECHARGE_EVENTS, service=SERVICE,

@@ -1,4 +1,4 @@
-"""recharge's Kafka consumers: ``wallet.events`` (threshold crossings queue automatic recharges,
+"""recharge's Kafka consumers: ``wallet.digest`` (threshold crossings queue automatic recharges,
 at most one in flight per wallet, each crossing event once) and ``rebilling.events`` (which
 company has connected which Stripe account; which company an account belongs to)."""
 
@@ -24,7 +24,7 @@ def subscribe(rt: Runtime) -> None:
         r: Recharger = rt.state["recharger"]
         return r
 
-    async def on_wallet_events(records: Sequence[Any]) -> None:
+    async def on_wallet_digest(records: Sequence[Any]) -> None:
         taken, dead = take(records, ("wallet.threshold_crossed",), service=SERVICE)
         crossings: list[tuple[str, events.WalletThresholdCrossed, str | None]] = []
         for r, message in taken:
@@ -57,7 +57,7 @@ def subscribe(rt: Runtime) -> None:
                     await storage.upsert_account(conn, p.account_id, p.company_id)
             await enqueue(conn, dead)
 
-    subscribe_batch(rt.broker, Topics.WALLET_EVENTS, service=SERVICE, group_id="recharge-wallet",
-                    handler=on_wallet_events)
+    subscribe_batch(rt.broker, Topics.WALLET_DIGEST, service=SERVICE, group_id="recharge-wallet",
+                    handler=on_wallet_digest)
     subscribe_batch(rt.broker, Topics.REBILLING_EVENTS, service=SERVICE,
                     group_id="recharge-rebilling", handler=on_rebilling_events)

@@ -1,5 +1,5 @@
 """usage-meter's Kafka consumers: ``usage.ingest`` (products producing usage directly) and
-``wallet.events`` (to know which wallets are suspended)."""
+``wallet.digest`` (to know which wallets are suspended)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def subscribe(rt: Runtime) -> None:
                 await enqueue(conn, dead)
         rt.relay.wake()
 
-    async def on_wallet_events(records: Sequence[Any]) -> None:
+    async def on_wallet_digest(records: Sequence[Any]) -> None:
         taken, dead = take(records, STATUS_TYPES, service=SERVICE)
         changes = [m for _, m in taken]
         if not changes and not dead:
@@ -58,5 +58,5 @@ def subscribe(rt: Runtime) -> None:
 
     subscribe_batch(rt.broker, Topics.USAGE_INGEST, service=SERVICE, group_id="usage-meter",
                     handler=on_ingest, max_records=rt.settings.kafka_max_batch)
-    subscribe_batch(rt.broker, Topics.WALLET_EVENTS, service=SERVICE,
-                    group_id="usage-meter-wallet-status", handler=on_wallet_events)
+    subscribe_batch(rt.broker, Topics.WALLET_DIGEST, service=SERVICE,
+                    group_id="usage-meter-wallet-status", handler=on_wallet_digest)

@@ -13,7 +13,6 @@ from tally import events, outbox, pagination
 from tally.auth import CurrentPrincipal, Principal, require_company, require_role
 from tally.db import Conn
 from tally.errors import ApiError, money_field, not_found
-from tally.events import Topics
 from tally.ids import PathId, PathKey
 from tally.money import format_micros
 from tally.service import runtime
@@ -26,7 +25,7 @@ from tally_wallet.domain import (
     company_wallet_id,
     service_status,
 )
-from tally_wallet.usage import SOURCE
+from tally_wallet.messages import SOURCE, wallet_rows
 
 router = APIRouter(prefix="/v1", tags=["wallet"])
 
@@ -330,8 +329,8 @@ async def request_credits(aid: PathId, body: CreditIn, request: Request,
         created = events.CreditRequestCreated(
             request_id=row["id"], company_id=company_id, account_id=aid, amount_micros=amount,
             currency=wallet.currency, reference=body.reference, requested_by=row["requested_by"])
-        await outbox.publish(conn, Topics.WALLET_EVENTS, company_id, events.envelope(
-            "credit_request.created", created, source=SOURCE, id_=f"credit_request:{row['id']}"))
+        await outbox.enqueue(conn, wallet_rows(company_id, events.envelope(
+            "credit_request.created", created, source=SOURCE, id_=f"credit_request:{row['id']}")))
     rt.relay.wake()
     return _cr(row)
 
@@ -370,8 +369,9 @@ async def _resolve(request: Request, principal: Principal, rid: PathKey,
         resolved = events.CreditRequestResolved(
             request_id=rid, company_id=row["company_id"], account_id=row["account_id"],
             status=status, amount_micros=row["amount"], currency=row["currency"], resolved_by=by)
-        await outbox.publish(conn, Topics.WALLET_EVENTS, row["company_id"], events.envelope(
-            "credit_request.resolved", resolved, source=SOURCE, id_=f"credit_request:{rid}:{status}"))
+        await outbox.enqueue(conn, wallet_rows(row["company_id"], events.envelope(
+            "credit_request.resolved", resolved, source=SOURCE,
+            id_=f"credit_request:{rid}:{status}")))
     rt.relay.wake()
     return _cr(row)
 

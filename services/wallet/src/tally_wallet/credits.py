@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from tally import events, outbox
 from tally.db import Conn
-from tally.events import Topics
 from tally_wallet import storage
 from tally_wallet.domain import Posted, Posting, Transfer, TransferKind, Wallet, system_wallet_id
-from tally_wallet.usage import SOURCE, edge_event_rows
+from tally_wallet.messages import SOURCE, edge_event_rows, wallet_rows
 
 
 async def credit(conn: Conn, wallet: Wallet, *, amount: int, kind: TransferKind,
@@ -27,8 +26,8 @@ async def credit(conn: Conn, wallet: Wallet, *, amount: int, kind: TransferKind,
     credited = events.WalletCredited(**locked.ref(), transfer_id=key, kind=kind,
                                      amount_micros=amount, balance_micros=posted.credit_after,
                                      reference=reference)
-    rows = [outbox.row(Topics.WALLET_EVENTS, locked.company_id,
-                       events.envelope("wallet.credited", credited, source=SOURCE, id_=key))]
+    rows = wallet_rows(locked.company_id,
+                       events.envelope("wallet.credited", credited, source=SOURCE, id_=key))
     rows.extend(edge_event_rows(posting))
     await storage.write_posting(conn, posting)
     await outbox.enqueue(conn, rows)

@@ -9,11 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from prometheus_client import Counter
 
-from tally import events, outbox
+from tally import outbox
 from tally.db import Conn
 from tally.events import Topics, UsageRecorded
 from tally.telemetry import child_traceparent
@@ -21,7 +20,6 @@ from tally_wallet import storage
 from tally_wallet.domain import (
     SYSTEM_COMPANY_REVENUE,
     SYSTEM_PLATFORM_REVENUE,
-    Posted,
     Posting,
     Transfer,
     Wallet,
@@ -29,24 +27,10 @@ from tally_wallet.domain import (
     company_wallet_id,
     system_wallet_id,
 )
+from tally_wallet.messages import UsageTotals, debited_message, edge_event_rows
 
-SOURCE = "wallet"
 APPLIED = Counter("tally_wallet_usage_applied_total", "Usage legs posted to the ledger", ["leg"])
 SKIPPED = Counter("tally_wallet_usage_duplicates_total", "Usage events already in the ledger")
-
-
-def edge_event_rows(posting: Posting,
-                    traceparents: dict[str, str | None] | None = None) -> list[outbox.Row]:
-    """Outbox rows for the threshold/suspension/reactivation edges a posting crossed, each in
-    the trace of the transfer that caused it."""
-    rows = []
-    for e in posting.events:
-        w = posting.wallets[e.wallet_id]
-        model = events.PAYLOADS[e.type].model_validate(e.data)
-        tp = (traceparents or {}).get(e.cause)
-        rows.append(outbox.row(Topics.WALLET_EVENTS, w.company_id, events.envelope(
-            e.type, model, source=SOURCE, id_=f"{e.type}:{e.cause}"), tp))
-    return rows
 
 
 @dataclass(frozen=True)
@@ -116,6 +100,7 @@ async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
     time = datetime.now(UTC).isoformat()
     incoming = traceparents or {}
     caused: dict[str, str | None] = {}
+    totals = UsageTotals()
     for u, account_amount in plan:
         traceparent = child_traceparent(incoming.get(u.event_id), "wallet.debit",
                                         {"tally.usage_event_id": u.event_id})
@@ -131,6 +116,7 @@ async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
                 account_amount, "usage", service=u.service, usage_event_id=u.event_id))
         rows.append(outbox.row(Topics.WALLET_EVENTS, u.company_id,
                                debited_message(u, company, account, time), traceparent))
+        totals.add(u, account.transfer.amount if account is not None else company.transfer.amount)
         caused[company.transfer.key] = traceparent
         if account is not None:
             caused[account.transfer.key] = traceparent
@@ -138,25 +124,7 @@ async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
     APPLIED.labels("account").inc(len(posting.posted) - len(plan))
 
     rows.extend(edge_event_rows(posting, caused))
+    rows.extend(totals.rows(time))
     await storage.write_posting(conn, posting)
     await outbox.enqueue(conn, rows)
     return Outcome(len(posting.posted), len(batch) - len(fresh))
-
-
-def debited_message(u: UsageRecorded, company: Posted, account: Posted | None,
-                    time: str) -> dict[str, Any]:
-    """The ``wallet.debited`` envelope (fields of ``tally.events.WalletDebited``), built as a
-    plain dict: this runs once per usage event on the hot path."""
-    data: dict[str, Any] = {
-        "usage_event_id": u.event_id, "company_id": u.company_id, "account_id": u.account_id,
-        "service": u.service, "currency": u.currency, "occurred_at": u.occurred_at.isoformat(),
-        "company_wallet_id": company.transfer.debit,
-        "company_amount_micros": company.transfer.amount,
-        "company_balance_micros": company.debit_after,
-    }
-    if account is not None:
-        data["account_wallet_id"] = account.transfer.debit
-        data["account_amount_micros"] = account.transfer.amount
-        data["account_balance_micros"] = account.debit_after
-    return {"id": f"debited:{u.event_id}", "type": "wallet.debited", "time": time,
-            "source": SOURCE, "data": data}
