@@ -23,6 +23,7 @@ event.
 
     make bench              # EVENTS=100000 WALLETS=10000 RATES=1000,2500,5000 LATENCY_SECONDS=10
     PROFILE=1 make bench                    # + py-spy profiles of the hot services
+    REFERENCES=0 RATES= make bench          # throughput only (no limit, naive or latency runs)
 """
 
 from __future__ import annotations
@@ -621,7 +622,7 @@ async def main() -> None:
                            rates=[int(x) for x in os.environ.get(
                                "RATES", "1000,2500,5000").split(",") if x],
                            seconds_per_rate=float(os.environ.get("LATENCY_SECONDS", "10")),
-                           references=True, profile=profile)
+                           references=os.environ.get("REFERENCES") != "0", profile=profile)
         show(r)
         write("e2e", {"benchmark": "e2e", "time": datetime.now(UTC).isoformat(),
                       "machine": machine(), **r})

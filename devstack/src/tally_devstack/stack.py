@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -84,6 +85,33 @@ class Ports:
              for s, p in SERVICE_PORTS.items()})
 
 
+# The embedded Postgres' defaults are sized for a small laptop (128 MB of shared buffers, a
+# checkpoint every 1 GB of WAL); the ledger touches every wallet row of a batch, so give it the
+# buffers deploy/k8s/base/postgres.yaml gives production and checkpoint less often (each
+# checkpoint makes the next change of every page write the whole page to the WAL).
+POSTGRES_SETTINGS = {"shared_buffers": "1GB", "max_wal_size": "8GB", "checkpoint_timeout": "15min"}
+
+
+async def _tune(uri: str) -> bool:
+    """Apply POSTGRES_SETTINGS (ALTER SYSTEM, then reload); True when one of them only takes
+    effect after a restart."""
+    conn = await asyncpg.connect(uri)
+    try:
+        restart = False
+        for name, value in POSTGRES_SETTINGS.items():
+            row = await conn.fetchrow(
+                "SELECT current_setting($1), context FROM pg_settings WHERE name = $1", name)
+            assert row is not None, name
+            current, context = row
+            if current != value:
+                await conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+                restart = restart or context == "postmaster"
+        await conn.execute("SELECT pg_reload_conf()")
+        return restart
+    finally:
+        await conn.close()
+
+
 class Stack:
     """Start with ``await stack.start()``; ``stack.env`` is what a Tally process needs."""
 
@@ -128,6 +156,8 @@ class Stack:
             base = self._database_url
         else:
             base = await asyncio.to_thread(self._embedded_postgres)
+            if await _tune(base):  # a new data directory: restart once to apply them
+                await asyncio.to_thread(self._restart_embedded_postgres)
         self._base_url = base
         if self._isolated:
             self._own_db = f"tally_{uuid.uuid4().hex[:12]}"
@@ -147,6 +177,13 @@ class Stack:
         server = embedded_postgres.get_server(data, cleanup_mode="stop")  # type: ignore[attr-defined]
         self._pg = server
         return str(server.get_uri())
+
+    def _restart_embedded_postgres(self) -> None:
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
+
+        server: Any = self._pg
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
+        server.ensure_postgres_running()
 
     async def _start_stripe(self) -> None:
         env = {**os.environ, "STRIPE_STATE": str(self.root / "stripe.pickle")}
