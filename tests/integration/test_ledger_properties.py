@@ -144,12 +144,8 @@ async def apply_ops(dsn: str, schema: str, run: str, ops: list[Any]) -> dict[str
                             account_id=ids(op.account), company_id=ids(ACCOUNT_COMPANY[op.account]),
                             mode=op.mode, markups={"default": op.markup}, active=op.active,
                             version=next(version)))
-            rows = await conn.fetch(
-                "SELECT w.id, w.balance, "
-                " COALESCE((SELECT sum(amount) FROM transfers WHERE credit_wallet = w.id), 0) -"
-                " COALESCE((SELECT sum(amount) FROM transfers WHERE debit_wallet = w.id), 0) AS d "
-                "FROM wallets w")
-            assert all(r["balance"] == r["d"] for r in rows), "materialised != derived"
+            rows = await conn.fetch(storage.LEDGER_BALANCES)
+            assert all(r["balance"] == r["derived"] for r in rows), "materialised != derived"
             assert sum(r["balance"] for r in rows) == 0, "double entry broken"
             prefix = {"company": f"company:{run}-", "account": f"account:{run}-"}
             out = {}

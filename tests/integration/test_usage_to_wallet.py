@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from tally_wallet.storage import LEDGER_BALANCES
 from tests.conftest import Tally, eventually, uid
 
 pytestmark = pytest.mark.integration
@@ -239,12 +240,7 @@ async def test_ledger_balances_equal_the_transfers(tally: Tally) -> None:
     last = event(cid)
     await accepted(tally, last)
     await tally.wait_applied(cid, last["event_id"])
-    rows = await tally.sql(
-        "wallet",
-        "SELECT w.id, w.balance, "
-        " COALESCE((SELECT sum(amount) FROM transfers WHERE credit_wallet = w.id), 0) -"
-        " COALESCE((SELECT sum(amount) FROM transfers WHERE debit_wallet = w.id), 0) AS derived "
-        "FROM wallets w")
+    rows = await tally.sql("wallet", LEDGER_BALANCES)
     assert rows, "the ledger has wallets"
     assert all(r["balance"] == r["derived"] for r in rows)
     assert sum(r["balance"] for r in rows) == 0

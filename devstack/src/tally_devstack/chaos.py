@@ -35,6 +35,7 @@ from tally.auth import issue_token
 from tally.money import apply_markup, minor_units_to_micros, price_usage, to_micros
 from tally_devstack import demo
 from tally_devstack.stack import Stack
+from tally_wallet.storage import LEDGER_BALANCES
 
 MARKUP = Decimal("1.5")  # what demo.seed gives the rebilled accounts
 SERVICES = [("email", "20"), ("sms", "2"), ("phone", "3.5"), ("ai", "4"), ("whatsapp", "1")]
@@ -269,10 +270,7 @@ class Chaos:
                 f"{self.report.recharges_credited}")
 
     async def _check_ledger(self, wallet: asyncpg.Connection) -> None:
-        bad = await wallet.fetchval(
-            "SELECT count(*) FROM wallets w WHERE w.balance <> "
-            "COALESCE((SELECT sum(amount) FROM transfers WHERE credit_wallet = w.id), 0) - "
-            "COALESCE((SELECT sum(amount) FROM transfers WHERE debit_wallet = w.id), 0)")
+        bad = sum(r["balance"] != r["derived"] for r in await wallet.fetch(LEDGER_BALANCES))
         total = await wallet.fetchval("SELECT COALESCE(sum(balance), 0) FROM wallets")
         if bad:
             self.report.discrepancies.append(f"{bad} wallets differ from their transfers")

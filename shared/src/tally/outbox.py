@@ -82,12 +82,19 @@ def unpack(data: bytes) -> list[Row]:
     return out
 
 
+# NOTIFY channel (payload: the writer's schema) that wakes the schema's relay when a
+# transaction that wrote to its outbox commits, in whichever replica it ran.
+CHANNEL = "tally_outbox"
+
+
 async def enqueue(conn: Conn, rows: Iterable[Row]) -> int:
-    """Write messages inside the caller's transaction: one row, one round trip, any count."""
+    """Write messages inside the caller's transaction: one row, one round trip, any count.
+    At commit, Postgres notifies the relay (``CHANNEL``)."""
     records = list(rows)
     if records:
-        await conn.execute("INSERT INTO outbox (messages, count) VALUES ($1, $2)",
-                           pack(records), len(records))
+        await conn.execute(
+            "WITH added AS (INSERT INTO outbox (messages, count) VALUES ($1, $2)) "
+            f"SELECT pg_notify('{CHANNEL}', current_schema())", pack(records), len(records))
     return len(records)
 
 
@@ -99,10 +106,12 @@ async def publish(conn: Conn, topic: str, key: str | None,
 class OutboxRelay(Worker):
     """Moves outbox rows to Kafka. Run one per service process; only the advisory-lock holder
     relays, so per-key order is kept across replicas. A ``Worker`` (start, wake, stop) whose
-    loop holds one connection for as long as it holds the lock."""
+    loop holds one connection for as long as it holds the lock, and listens on it: a commit
+    that wrote to the outbox wakes it at once (``CHANNEL``), in any replica. ``poll_interval``
+    is only the safety net for a missed notification."""
 
     def __init__(self, pool: asyncpg.Pool, producer: AIOKafkaProducer, *, service: str,
-                 batch_size: int = 5000, poll_interval: float = 0.02) -> None:
+                 batch_size: int = 5000, poll_interval: float = 1.0) -> None:
         super().__init__()
         self.name = f"outbox-relay-{service}"
         self._pool = pool
@@ -136,10 +145,20 @@ class OutboxRelay(Worker):
                 await self._sleep(1.0)
 
     async def _relay_loop(self, conn: Conn) -> None:
-        while not self._stopping.is_set():
-            _, full = await self.relay_once(conn)
-            if not full:
-                await self._sleep(self._poll)
+        schema = await conn.fetchval("SELECT current_schema()")
+
+        def committed(_conn: Conn, _pid: int, _channel: str, payload: object) -> None:
+            if payload == schema:
+                self.wake()
+        await conn.add_listener(CHANNEL, committed)
+        try:
+            while not self._stopping.is_set():
+                _, full = await self.relay_once(conn)
+                if not full:
+                    await self._sleep(self._poll)
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.remove_listener(CHANNEL, committed)
 
     async def relay_once(self, conn: Conn) -> tuple[int, bool]:
         """Relay the oldest rows, up to about ``batch_size`` messages. Returns the number of

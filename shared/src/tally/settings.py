@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     smtp_url: str = Field("smtp://127.0.0.1:1025", alias="SMTP_URL")
     mail_from: str = Field("Tally <billing@tally.local>", alias="TALLY_MAIL_FROM")
     log_level: str = Field("INFO", alias="TALLY_LOG_LEVEL")
-    outbox_poll_ms: int = Field(20, alias="TALLY_OUTBOX_POLL_MS", ge=1, le=10_000)
+    outbox_poll_ms: int = Field(1000, alias="TALLY_OUTBOX_POLL_MS", ge=1, le=10_000)
     # Usage events per second per product token (0: unlimited), and the burst allowed.
     ingest_rate: int = Field(50_000, alias="TALLY_INGEST_RATE", ge=0)
     ingest_burst: int = Field(100_000, alias="TALLY_INGEST_BURST", ge=1)

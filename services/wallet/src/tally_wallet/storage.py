@@ -18,6 +18,16 @@ from tally_wallet.domain import Posting, Rebilling, Wallet, account_wallet_id, p
 
 _WALLET_COLS = ("id, kind, company_id, account_id, currency, balance, threshold, reload_amount, "
                 "auto_recharge, smart_adjustment, status, threshold_armed")
+# Every wallet's materialised balance beside the one its ledger lines derive (credits - debits):
+# the audit that chaos runs and the tests use (a wallet is right when balance = derived).
+LEDGER_BALANCES = (
+    "SELECT w.id, w.balance, COALESCE(c.total, 0) - COALESCE(d.total, 0) AS derived "
+    "FROM wallets w "
+    "LEFT JOIN (SELECT credit_wallet AS id, sum(amount) AS total FROM transfers GROUP BY 1) c "
+    "USING (id) "
+    "LEFT JOIN (SELECT debit_wallet AS id, sum(amount) AS total FROM transfers GROUP BY 1) d "
+    "USING (id)")
+
 _TRANSFER_COLS = ("key", "debit_wallet", "credit_wallet", "amount", "kind", "service",
                   "usage_event_id", "reference", "debit_balance_after", "credit_balance_after")
 
@@ -82,16 +92,19 @@ async def get_wallet(conn: Conn, wallet_id: str) -> Wallet | None:
 
 async def list_transfers(conn: Conn, wallet_id: str, *, limit: int,
                          before_id: int | None) -> list[dict[str, Any]]:
-    """Ledger lines of one wallet, newest first, signed from the wallet's side."""
+    """Ledger lines of one user wallet, newest first, signed from the wallet's side (system
+    wallets' sides are not indexed: migration 0005)."""
     before = before_id if before_id is not None else 2**62
     rows = await conn.fetch(
         "(SELECT id, kind, -amount AS amount, debit_balance_after AS balance_after, service, "
         "        usage_event_id, reference, created_at FROM transfers "
-        "  WHERE debit_wallet = $1 AND id < $2 ORDER BY id DESC LIMIT $3) "
+        "  WHERE debit_wallet = $1 AND debit_wallet NOT LIKE 'system:%' AND id < $2 "
+        "  ORDER BY id DESC LIMIT $3) "
         "UNION ALL "
         "(SELECT id, kind, amount, credit_balance_after, service, usage_event_id, reference, "
         "        created_at FROM transfers "
-        "  WHERE credit_wallet = $1 AND id < $2 ORDER BY id DESC LIMIT $3) "
+        "  WHERE credit_wallet = $1 AND credit_wallet NOT LIKE 'system:%' AND id < $2 "
+        "  ORDER BY id DESC LIMIT $3) "
         "ORDER BY id DESC LIMIT $3",
         wallet_id, before, limit,
     )
