@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import DefaultPartitioner, murmur2
 from prometheus_client import Counter, Gauge
 
 from tally import events
@@ -126,8 +126,10 @@ class OutboxRelay(Worker):
         self._batch_size = batch_size
         self._poll = poll_interval
         # Kafka's default partitioner (murmur2 of the key, as every Kafka client computes it):
-        # the relay builds each partition's record batch itself.
+        # the relay builds each partition's record batch itself. aiokafka's murmur2 is pure
+        # Python (6% of usage-meter's CPU), and keys (company ids) repeat: hashes are cached.
         self._partition = DefaultPartitioner()
+        self._hashes: dict[bytes, int] = {}
         self._topic_partitions: dict[str, tuple[float, list[int]]] = {}
 
     async def _loop(self) -> None:
@@ -199,7 +201,15 @@ class OutboxRelay(Worker):
         futures = []
         for topic, key, value, traceparent, type_ in messages:
             partitions = await self._partitions(topic)
-            partition = self._partition(key, partitions, partitions)
+            if key is None:
+                partition = self._partition(key, partitions, partitions)
+            else:
+                hashed = self._hashes.get(key)
+                if hashed is None:
+                    if len(self._hashes) >= 200_000:
+                        self._hashes.clear()
+                    hashed = self._hashes[key] = murmur2(key) & 0x7FFFFFFF
+                partition = partitions[hashed % len(partitions)]
             headers = []
             if traceparent:
                 headers.append(("traceparent", traceparent.encode()))

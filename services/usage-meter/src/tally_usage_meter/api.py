@@ -12,14 +12,15 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from tally.auth import CurrentPrincipal, require_role
 from tally.errors import ApiError, JsonResponse, money_field
 from tally.events import UsageEvent
+from tally.groupcommit import GroupCommit
 from tally.ids import PathKey
 from tally.money import format_micros
 from tally.ratelimit import TokenBuckets, retry_after
-from tally.service import runtime
-from tally.telemetry import continue_trace
+from tally.service import Runtime, runtime
+from tally.telemetry import continue_trace, current_traceparent
 from tally_usage_meter import storage
 from tally_usage_meter.domain import Price
-from tally_usage_meter.ingestion import ingest
+from tally_usage_meter.ingestion import Result, ingest
 
 router = APIRouter(prefix="/v1", tags=["usage"])
 
@@ -101,10 +102,24 @@ async def post_usage(request: Request, principal: CurrentPrincipal) -> JsonRespo
                        headers={"Retry-After": retry_after(wait)})
     with continue_trace(request.headers.get("traceparent"), "usage.ingest",
                         {"tally.events": len(batch)}):
-        async with rt.pool.acquire() as conn, conn.transaction():
-            results = await ingest(conn, batch)
-    rt.relay.wake()
+        traceparent = current_traceparent()
+        results = await _ingest_group(rt).submit([(e, traceparent) for e in batch])
     return JsonResponse({"results": [r.as_json() for r in results]}, status_code=202)
+
+
+def _ingest_group(rt: Runtime) -> GroupCommit[tuple[UsageEvent, str | None], Result]:
+    """Concurrent requests' batches go in one transaction (tally.groupcommit): under load the
+    per-transaction cost (queries, commit, outbox row, relay round) is shared between them."""
+    group: GroupCommit[tuple[UsageEvent, str | None], Result] | None = rt.state.get(
+        "ingest_group")
+    if group is None:
+        async def apply(items: list[tuple[UsageEvent, str | None]]) -> list[Result]:
+            async with rt.pool.acquire() as conn, conn.transaction():
+                results = await ingest(conn, [e for e, _ in items], [tp for _, tp in items])
+            rt.relay.wake()
+            return results
+        group = rt.state["ingest_group"] = GroupCommit("usage-http", apply)
+    return group
 
 
 class PriceOut(BaseModel):

@@ -38,8 +38,10 @@ class Result:
         return out
 
 
-async def ingest(conn: Conn, batch: Sequence[UsageEvent]) -> list[Result]:
-    """Must run inside a transaction; returns one result per input event, in order."""
+async def ingest(conn: Conn, batch: Sequence[UsageEvent],
+                 traceparents: Sequence[str | None] | None = None) -> list[Result]:
+    """Must run inside a transaction; returns one result per input event, in order.
+    ``traceparents``: the trace each event arrived in (default: the current one for all)."""
     now = datetime.now(UTC)
     prices = await storage.load_prices(conn)
     suspended = await storage.suspended_among(
@@ -68,9 +70,10 @@ async def ingest(conn: Conn, batch: Sequence[UsageEvent]) -> list[Result]:
 
     rows = []
     results = []
-    traceparent = current_traceparent()  # once per batch: every row continues this trace
+    if traceparents is None:  # once per batch: every row continues this trace
+        traceparents = [current_traceparent()] * len(batch)
     now_text = now.isoformat()
-    for event, checked in zip(batch, outcome, strict=True):
+    for event, checked, traceparent in zip(batch, outcome, traceparents, strict=True):
         if isinstance(checked, Rejected) and event.event_id in earlier:
             results.append(Result(event.event_id, "duplicate"))
         elif isinstance(checked, Rejected):

@@ -6,7 +6,6 @@ of every ``wallet.debited``."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
@@ -66,19 +65,23 @@ class UsageTotals:
     ``wallet.usage`` (fields of ``tally.events.UsageTotal``)."""
 
     def __init__(self) -> None:
-        self._sums: dict[tuple[str, str, str, str, datetime], list[int]] = defaultdict(
-            lambda: [0, 0])
+        self._sums: dict[tuple[str, str, str, str, datetime], list[int]] = {}
         self._first: str | None = None
 
     def add(self, u: UsageRecorded, amount: int) -> None:
-        if u.account_id is None:
+        account = u.account_id
+        if account is None:
             return
-        if self._first is None:
-            self._first = u.event_id
-        minute = u.occurred_at.replace(second=0, microsecond=0)
-        acc = self._sums[(u.account_id, u.company_id, u.service, u.currency, minute)]
-        acc[0] += amount
-        acc[1] += 1
+        key = (account, u.company_id, u.service, u.currency,
+               u.occurred_at.replace(second=0, microsecond=0))
+        acc = self._sums.get(key)
+        if acc is None:
+            self._sums[key] = [amount, 1]
+            if self._first is None:
+                self._first = u.event_id
+        else:
+            acc[0] += amount
+            acc[1] += 1
 
     def rows(self, time: str, traceparent: str | None = None) -> list[outbox.Row]:
         """``wallet.usage`` messages of at most USAGE_TOTALS_PER_MESSAGE totals each; ids are
