@@ -267,13 +267,18 @@ class Watcher:
             with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
                           TimeElapsedColumn(), console=console) as bar:
                 task = bar.add_task("", total=target)
-                last_progress = 0.0
+                last_progress, last_done, moved = 0.0, -1, time.perf_counter()
                 while True:
                     await self._poll_samples(driver)
                     now = time.perf_counter()
                     if now - last_progress >= 0.25:
                         last_progress = now
                         done = await self.applied(client) - base
+                        if done != last_done:
+                            last_done, moved = done, now
+                        elif now - moved > STALL_SECONDS:
+                            raise SystemExit(f"{label}: no debit applied for {STALL_SECONDS}s "
+                                             f"({done:,} of {target:,}); see the services' logs")
                         for n, p in self.procs.items():
                             self.peak[n] = max(self.peak[n], rss(p))
                         bar.update(task, completed=done)
@@ -300,6 +305,9 @@ class Watcher:
 
     def latencies(self, sent: dict[str, float]) -> dict[str, float]:
         return percentiles([max(self.seen[e] - t, 0.0) for e, t in sent.items() if e in self.seen])
+
+
+STALL_SECONDS = 120  # a phase with no progress for this long aborts the run (never hangs)
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
