@@ -174,3 +174,24 @@ def test_ledger_matches_the_reference_model(tally: Tally) -> None:
         assert got == want
 
     check()
+
+
+async def test_a_wallet_created_by_a_rolled_back_batch_is_created_again(tally: Tally) -> None:
+    """The wallet remembers which wallets exist (no insert for those); a wallet whose creating
+    transaction rolled back must not be taken for existing."""
+    pool = await db.create_pool(tally.stack.database_url, "wallet_props", size=1)
+    try:
+        await db.migrate(pool, "wallet_props", "tally")
+        await db.migrate(pool, "wallet_props", "tally_wallet")
+        wallet = Wallet(f"company:{uid('co')}", "company", "USD", company_id="c")
+        async with pool.acquire() as conn:
+            tx = conn.transaction()
+            await tx.start()
+            assert wallet.id in await storage.lock_wallets(conn, [wallet])
+            await tx.rollback()  # as a batch's savepoint does when its insert fails
+            async with conn.transaction():
+                locked = await storage.lock_wallets(conn, [wallet])
+            assert locked[wallet.id].balance == 0
+            assert await storage.get_wallet(conn, wallet.id) is not None
+    finally:
+        await pool.close()

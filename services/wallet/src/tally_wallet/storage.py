@@ -47,25 +47,44 @@ async def existing_keys(conn: Conn, keys: Sequence[str]) -> set[str]:
     return {r["key"] for r in rows}
 
 
+# Ids of wallets seen in the table by this process. Wallets are never deleted, so a known id
+# needs no insert; one believed to exist but missing (its creating transaction rolled back) is
+# found by the lock below and created then.
+_KNOWN_WALLETS: set[str] = set()
+_KNOWN_WALLETS_MAX = 2_000_000
+
+
 async def lock_wallets(conn: Conn, wanted: Iterable[Wallet]) -> dict[str, Wallet]:
     """Create the wallets that do not exist yet (with defaults), then lock all of them in id
     order (no deadlocks between concurrent batches) and return their current state."""
     by_id = {w.id: w for w in wanted}
     if not by_id:
         return {}
-    ws = list(by_id.values())
-    await conn.execute(
-        "INSERT INTO wallets (id, kind, company_id, account_id, currency) "
-        "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) "
-        "ON CONFLICT (id) DO NOTHING",
-        [w.id for w in ws], [w.kind for w in ws], [w.company_id for w in ws],
-        [w.account_id for w in ws], [w.currency for w in ws],
-    )
+    await _create(conn, [w for i, w in by_id.items() if i not in _KNOWN_WALLETS])
     rows = await conn.fetch(
         f"SELECT {_WALLET_COLS} FROM wallets WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
         sorted(by_id),
     )
+    if len(rows) < len(by_id):  # believed known, but its creation was rolled back
+        missing = sorted(by_id.keys() - {r["id"] for r in rows})
+        await _create(conn, [by_id[i] for i in missing])
+        rows += await conn.fetch(
+            f"SELECT {_WALLET_COLS} FROM wallets WHERE id = ANY($1::text[]) ORDER BY id "
+            "FOR UPDATE", missing)
+    if len(_KNOWN_WALLETS) > _KNOWN_WALLETS_MAX:
+        _KNOWN_WALLETS.clear()
+    _KNOWN_WALLETS.update(by_id)
     return {r["id"]: _wallet(r) for r in rows}
+
+
+async def _create(conn: Conn, ws: list[Wallet]) -> None:
+    if ws:
+        await conn.execute(
+            "INSERT INTO wallets (id, kind, company_id, account_id, currency) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) "
+            "ON CONFLICT (id) DO NOTHING",
+            [w.id for w in ws], [w.kind for w in ws], [w.company_id for w in ws],
+            [w.account_id for w in ws], [w.currency for w in ws])
 
 
 async def write_posting(conn: Conn, posting: Posting) -> None:
