@@ -41,7 +41,7 @@ test-fast: install ## unit tests only
 
 lint: install ## ruff and mypy
 	@$(UV) run --frozen --no-sync ruff check .
-	@$(UV) run --frozen --no-sync mypy shared/src services/*/src devstack/src
+	@$(UV) run --frozen --no-sync mypy shared/src services/*/src devstack/src tests
 
 format: install
 	@$(UV) run --frozen --no-sync ruff format .

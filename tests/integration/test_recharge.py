@@ -67,13 +67,14 @@ async def wait_balance(agency: Agency, balance: str, aid: str | None = None) -> 
 async def stripe_charges_for(tally: Tally, attempt_id: str) -> list[dict[str, Any]]:
     client = stripe.StripeClient("sk_test_tally", http_client=stripe.HTTPXClient(),
                                  base_addresses={"api": tally.stack.stripe_api_base})
-    found, params = [], {"limit": 100}
+    found: list[dict[str, Any]] = []
+    params: dict[str, Any] = {"limit": 100}
     while True:
         page = await client.v1.payment_intents.list_async(params=params)  # type: ignore[arg-type]
         found.extend(i.to_dict() for i in page.data)
         if not page.has_more or not page.data:
             break
-        params = {"limit": 100, "starting_after": page.data[-1].id}  # type: ignore[dict-item]
+        params = {"limit": 100, "starting_after": page.data[-1].id}
     return [i for i in found if (i.get("metadata") or {}).get("tally_attempt") == attempt_id
             and i.get("status") == "succeeded"]
 

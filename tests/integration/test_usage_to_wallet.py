@@ -197,7 +197,7 @@ async def test_negative_agency_wallet_refuses_usage_until_credited(tally: Tally)
         r = await tally.post_usage(event(cid))
         res = r.json()["results"][0]
         accepted_meanwhile += res["status"] == "accepted"  # before usage-meter heard of it
-        return res["status"] == "rejected" and res["error"]["code"] == "agency_wallet_empty"
+        return bool(res["status"] == "rejected" and res["error"]["code"] == "agency_wallet_empty")
     await eventually(refused, what="usage-meter to learn of the suspension")
     expected = 1_000_000 - 58_000 - accepted_meanwhile * 2025
     if accepted_meanwhile:
@@ -220,7 +220,7 @@ async def test_negative_agency_wallet_refuses_usage_until_credited(tally: Tally)
 
     async def accepted() -> bool:
         r = await tally.post_usage(event(cid))
-        return r.json()["results"][0]["status"] == "accepted"
+        return bool(r.json()["results"][0]["status"] == "accepted")
     await eventually(accepted, what="usage-meter to learn of the reactivation")
 
 

@@ -176,7 +176,7 @@ async def test_account_suspension_and_reactivation(tally: Tally) -> None:
                                     "account_id": aid, "service": "email", "quantity": "1"})
         res = r.json()["results"][0]
         accepted_meanwhile += res["status"] == "accepted"  # before usage-meter heard of it
-        return res.get("error", {}).get("code") == "account_suspended"
+        return bool(res.get("error", {}).get("code") == "account_suspended")
     await eventually(refused, what="usage-meter to refuse the suspended account")
 
     async def all_applied() -> bool:
@@ -298,7 +298,7 @@ async def test_connected_stripe_means_top_up_not_requests(tally: Tally) -> None:
                           "stripe_connected": True}, key=agency.cid)
 
     async def connected() -> bool:
-        return (await agency.wallet(aid))["funding"] == "top_up"
+        return bool((await agency.wallet(aid))["funding"] == "top_up")
     await eventually(connected, what="funding to become top_up")
     r = await tally.http.post(tally.url("wallet", f"/v1/accounts/{aid}/credit-requests"),
                               json={"amount": "5"}, headers=agency.user(aid))

@@ -41,14 +41,14 @@ async def test_wallet_killed_mid_stream_loses_nothing_and_doubles_nothing(tally:
     for i in range(total):
         cid = rng.choice(companies)
         amount = rng.randint(1, 100_000)
-        aid = rebilled.get(cid)
+        account = rebilled.get(cid)
         expected_company[cid] -= amount
-        if aid:
-            expected_account[aid] -= apply_markup(amount, Decimal("1.5"))
+        if account:
+            expected_account[account] -= apply_markup(amount, Decimal("1.5"))
         eid = f"{cid}-{i}"
         messages.append((cid, {"id": f"usage:{eid}", "type": "usage.recorded", "time": now,
                                "source": "test", "data": {
-                                   "event_id": eid, "company_id": cid, "account_id": aid,
+                                   "event_id": eid, "company_id": cid, "account_id": account,
                                    "service": "ai", "quantity": "1", "occurred_at": now,
                                    "recorded_at": now, "unit_price_micros": amount,
                                    "platform_amount_micros": amount, "currency": "USD"}}))
