@@ -21,7 +21,7 @@ from tally.events import RebillingSettings, UsageRecorded
 from tally.money import apply_markup
 from tally_wallet import storage
 from tally_wallet.credits import credit
-from tally_wallet.domain import Wallet
+from tally_wallet.domain import LedgerError, Wallet
 from tally_wallet.usage import apply_usage
 from tests.conftest import Tally, uid
 
@@ -193,5 +193,36 @@ async def test_a_wallet_created_by_a_rolled_back_batch_is_created_again(tally: T
                 locked = await storage.lock_wallets(conn, [wallet])
             assert locked[wallet.id].balance == 0
             assert await storage.get_wallet(conn, wallet.id) is not None
+    finally:
+        await pool.close()
+
+
+async def test_a_company_paying_in_two_currencies_is_a_ledger_error_not_a_crash(
+        tally: Tally) -> None:
+    """A batch where one company's usage comes in two currencies (a price set in EUR while its
+    wallet is in USD): the mismatched event must be a LedgerError (dead-lettered alone by the
+    handler), never an exception that fails the whole batch forever."""
+    pool = await db.create_pool(tally.stack.database_url, "wallet_props", size=1)
+    try:
+        await db.migrate(pool, "wallet_props", "tally")
+        await db.migrate(pool, "wallet_props", "tally_wallet")
+        cid, now = uid("co"), datetime.now(UTC)
+
+        def used(currency: str) -> UsageRecorded:
+            return UsageRecorded(event_id=uid("ev"), company_id=cid, service="ai", quantity="1",
+                                 occurred_at=now, recorded_at=now, unit_price_micros=5,
+                                 platform_amount_micros=5, currency=currency)
+        usd, eur = used("USD"), used("EUR")
+        async with pool.acquire() as conn:
+            with pytest.raises(LedgerError, match="cannot pay"):
+                async with conn.transaction():
+                    await apply_usage(conn, [usd, eur])
+            async with conn.transaction():  # the handler's fallback: one by one
+                assert (await apply_usage(conn, [usd])).posted == 1
+            with pytest.raises(LedgerError, match="cannot pay"):
+                async with conn.transaction():
+                    await apply_usage(conn, [eur])
+            wallet = await storage.get_wallet(conn, f"company:{cid}")
+            assert wallet is not None and wallet.balance == -5
     finally:
         await pool.close()

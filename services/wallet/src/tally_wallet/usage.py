@@ -20,6 +20,7 @@ from tally_wallet import storage
 from tally_wallet.domain import (
     SYSTEM_COMPANY_REVENUE,
     SYSTEM_PLATFORM_REVENUE,
+    Kind,
     Posting,
     Transfer,
     Wallet,
@@ -57,6 +58,15 @@ def _fresh(batch: Sequence[UsageRecorded], seen: set[str]) -> list[UsageRecorded
     return fresh
 
 
+def _want(wanted: dict[str, Wallet], wallet_id: str, kind: Kind, u: UsageRecorded, *,
+          account_id: str | None = None) -> None:
+    """Add the wallet a leg of ``u`` needs (created with defaults if new), once per batch."""
+    if wallet_id not in wanted:
+        wanted[wallet_id] = Wallet(wallet_id, kind, u.currency,
+                                   company_id=None if kind == "system" else u.company_id,
+                                   account_id=account_id)
+
+
 async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
                       traceparents: dict[str, str | None] | None = None, *,
                       optimistic: bool = False) -> Outcome:
@@ -82,18 +92,15 @@ async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
         account_amount = settings.account_amount(u.service, u.platform_amount_micros) \
             if settings else None
         plan.append((u, account_amount if account_amount else None))
-        company_wallet = company_wallet_id(u.company_id)
-        if company_wallet not in wanted:
-            wanted[company_wallet] = Wallet(company_wallet, "company", u.currency, company_id=u.company_id)
-            revenue = system_wallet_id(SYSTEM_PLATFORM_REVENUE, u.currency)
-            wanted.setdefault(revenue, Wallet(revenue, "system", u.currency))
+        # Each leg's two wallets, checked separately: a company (or account) may see usage in
+        # another currency than its wallet's, which posting refuses (LedgerError), never a
+        # missing wallet.
+        _want(wanted, company_wallet_id(u.company_id), "company", u)
+        _want(wanted, system_wallet_id(SYSTEM_PLATFORM_REVENUE, u.currency), "system", u)
         if account_amount and u.account_id:
-            account_wallet = account_wallet_id(u.account_id)
-            if account_wallet not in wanted:
-                wanted[account_wallet] = Wallet(account_wallet, "account", u.currency,
-                                         company_id=u.company_id, account_id=u.account_id)
-                revenue = system_wallet_id(SYSTEM_COMPANY_REVENUE, u.currency, u.company_id)
-                wanted.setdefault(revenue, Wallet(revenue, "system", u.currency))
+            _want(wanted, account_wallet_id(u.account_id), "account", u, account_id=u.account_id)
+            _want(wanted, system_wallet_id(SYSTEM_COMPANY_REVENUE, u.currency, u.company_id),
+                  "system", u)
     posting = Posting(await storage.lock_wallets(conn, wanted.values()))
 
     rows: list[outbox.Row] = []
