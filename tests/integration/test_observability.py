@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from typing import Any
 
+import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Tally, eventually, uid
@@ -105,3 +108,37 @@ async def test_metrics_appear_and_move_under_load(tally: Tally) -> None:
                            ("recharge", "wallet.digest"), ("notifier", "wallet.digest")):
         assert f'tally_consumer_lag{{service="{service}",topic="{topic}"}}' in after[service]
         assert f'tally_outbox_backlog{{service="{service}"}}' in after[service]
+
+
+async def test_each_event_on_usage_ingest_keeps_its_own_trace(tally: Tally) -> None:
+    """Two events of one record batch, each in its own trace: each ``usage.recorded`` continues
+    the trace of the record it came in (not the batch's first)."""
+    cid = uid("trace-co")
+    traces = {uid("ev"): secrets.token_hex(16) for _ in range(2)}
+    producer = AIOKafkaProducer(bootstrap_servers=tally.stack.bootstrap)
+    await producer.start()
+    try:
+        batch = producer.create_batch()
+        for eid, trace_id in traces.items():
+            batch.append(key=cid.encode(), timestamp=None, value=orjson.dumps(
+                {"event_id": eid, "company_id": cid, "service": "email", "quantity": "1"}),
+                headers=[("traceparent", f"00-{trace_id}-{secrets.token_hex(8)}-01".encode())])
+        await (await producer.send_batch(batch, "usage.ingest", partition=0))
+    finally:
+        await producer.stop()
+
+    seen: dict[str, str] = {}
+    consumer = AIOKafkaConsumer("usage.recorded", bootstrap_servers=tally.stack.bootstrap,
+                                auto_offset_reset="earliest", group_id=None)
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(seen) < len(traces) and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                for r in records:
+                    eid = orjson.loads(r.value)["data"]["event_id"]
+                    if eid in traces:
+                        seen[eid] = dict(r.headers)["traceparent"].decode().split("-")[1]
+    finally:
+        await consumer.stop()
+    assert seen == traces

@@ -17,7 +17,7 @@ from tally.ids import PathKey
 from tally.money import format_micros
 from tally.ratelimit import TokenBuckets, retry_after
 from tally.service import Runtime, runtime
-from tally.telemetry import continue_trace, current_traceparent
+from tally.telemetry import continue_trace
 from tally_usage_meter import storage
 from tally_usage_meter.domain import Price
 from tally_usage_meter.ingestion import Result, ingest
@@ -101,8 +101,7 @@ async def post_usage(request: Request, principal: CurrentPrincipal) -> JsonRespo
         raise ApiError(429, "rate_limited", "too many usage events for this token; retry later",
                        headers={"Retry-After": retry_after(wait)})
     with continue_trace(request.headers.get("traceparent"), "usage.ingest",
-                        {"tally.events": len(batch)}):
-        traceparent = current_traceparent()
+                        {"tally.events": len(batch)}) as traceparent:
         results = await _ingest_group(rt).submit([(e, traceparent) for e in batch])
     return JsonResponse({"results": [r.as_json() for r in results]}, status_code=202)
 

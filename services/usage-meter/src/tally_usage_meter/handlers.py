@@ -30,7 +30,8 @@ def subscribe(rt: Runtime) -> None:
         first = header(good[0][0]) if good else None
         with continue_trace(first, "usage.ingest", {"tally.events": len(good)}):
             async with rt.pool.acquire() as conn, conn.transaction():
-                results = await ingest(conn, [e for _, e in good])
+                # Each event continues the trace of the record it came in.
+                results = await ingest(conn, [e for _, e in good], [header(r) for r, _ in good])
                 for (record, _), result in zip(good, results, strict=True):
                     if result.status == "rejected":
                         dead.append(dlq_row(record, f"{result.code}: {result.message}",

@@ -15,7 +15,6 @@ import prometheus_client
 from tally import events, outbox
 from tally.db import Conn
 from tally.events import Topics, UsageEvent
-from tally.telemetry import current_traceparent
 from tally_usage_meter import storage
 from tally_usage_meter.domain import Priced, Rejected, price_event, recorded_payload, suspension_of
 
@@ -39,9 +38,9 @@ class Result:
 
 
 async def ingest(conn: Conn, batch: Sequence[UsageEvent],
-                 traceparents: Sequence[str | None] | None = None) -> list[Result]:
+                 traceparents: Sequence[str | None]) -> list[Result]:
     """Must run inside a transaction; returns one result per input event, in order.
-    ``traceparents``: the trace each event arrived in (default: the current one for all)."""
+    ``traceparents``: the trace each event continues (its ``usage.recorded`` carries it)."""
     now = datetime.now(UTC)
     prices = await storage.load_prices(conn)
     suspended = await storage.suspended_among(
@@ -70,8 +69,6 @@ async def ingest(conn: Conn, batch: Sequence[UsageEvent],
 
     rows = []
     results = []
-    if traceparents is None:  # once per batch: every row continues this trace
-        traceparents = [current_traceparent()] * len(batch)
     now_text = now.isoformat()
     for event, checked, traceparent in zip(batch, outcome, traceparents, strict=True):
         if isinstance(checked, Rejected) and event.event_id in earlier:
