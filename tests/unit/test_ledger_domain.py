@@ -96,3 +96,32 @@ def test_a_wallet_starting_below_its_threshold_crosses_at_its_first_debit() -> N
     p.apply(Transfer("e", "system:rev", "company:c", 20, "recharge"))  # lifted: re-armed
     p.apply(debit("f", 20))
     assert types(p).count("wallet.threshold_crossed") == 2
+
+
+def test_usage_totals_sum_by_account_and_minute_and_split_into_messages() -> None:
+    from datetime import UTC, datetime
+
+    from tally import events
+    from tally.events import UsageRecorded
+    from tally_wallet.messages import USAGE_TOTALS_PER_MESSAGE, UsageTotals
+
+    def used(eid: str, account: str | None, second: int) -> UsageRecorded:
+        at = datetime(2026, 1, 1, 10, 7, second, tzinfo=UTC)
+        return UsageRecorded(event_id=eid, company_id="c", account_id=account, service="sms",
+                             quantity="1", occurred_at=at, recorded_at=at, unit_price_micros=5,
+                             platform_amount_micros=5, currency="USD")
+    totals = UsageTotals()
+    totals.add(used("no-account", None, 0), 99)  # unattributed: in no total
+    for i in range(USAGE_TOTALS_PER_MESSAGE + 1):
+        totals.add(used(f"e{i}", f"a{i}", 1), 5)
+    totals.add(used("again", "a0", 59), 7)  # same account, same minute: summed
+    rows = totals.rows("2026-01-01T10:08:00+00:00")
+    assert [r[0] for r in rows] == ["wallet.digest", "wallet.digest"]
+    messages = [events.parse_message(r[2]) for r in rows]
+    assert [m.id for m in messages] == ["usage:e0:0", "usage:e0:1"]
+    got = [t for m in messages for t in m.data.totals]  # type: ignore[attr-defined]
+    assert len(got) == USAGE_TOTALS_PER_MESSAGE + 1
+    first = next(t for t in got if t.account_id == "a0")
+    assert (first.amount_micros, first.events) == (12, 2)
+    assert first.minute == datetime(2026, 1, 1, 10, 7, tzinfo=UTC)
+    assert sum(t.amount_micros for t in got) == 5 * (USAGE_TOTALS_PER_MESSAGE + 1) + 7

@@ -72,8 +72,6 @@ async def _account(conn: Conn, principal: Principal, aid: PathId) -> Any:
     return a
 
 
-
-
 @router.put("/accounts/{aid}/usage-alerts", response_model=AlertsOut)
 async def put_alerts(aid: PathId, body: AlertsIn, request: Request,
                      principal: CurrentPrincipal) -> AlertsOut:

@@ -206,8 +206,6 @@ async def _default(request: Request, target: WalletTarget, pm: PathKey) -> Payme
     return _pm_out(next(r for r in rows if r["id"] == pm))
 
 
-
-
 async def _top_up(request: Request, target: WalletTarget, body: TopUpIn) -> AttemptOut:
     amount = money_field(body.amount, "amount")
     rt, _, recharger = _rt(request)

@@ -113,7 +113,6 @@ class ServiceStatusOut(BaseModel):
 # --- helpers -------------------------------------------------------------------------------
 
 
-
 async def _out(conn: Conn, w: Wallet) -> WalletOut:
     connected = False
     if w.company_id:

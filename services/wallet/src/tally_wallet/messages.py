@@ -86,15 +86,15 @@ class UsageTotals:
     def rows(self, time: str, traceparent: str | None = None) -> list[outbox.Row]:
         """``wallet.usage`` messages of at most USAGE_TOTALS_PER_MESSAGE totals each; ids are
         derived from the batch's first debit (posted once), so a relay re-send is recognised."""
-        keys = list(self._sums)
+        items = list(self._sums.items())
         out = []
-        for n, at in enumerate(range(0, len(keys), USAGE_TOTALS_PER_MESSAGE)):
-            chunk = keys[at:at + USAGE_TOTALS_PER_MESSAGE]
+        for n, at in enumerate(range(0, len(items), USAGE_TOTALS_PER_MESSAGE)):
+            chunk = items[at:at + USAGE_TOTALS_PER_MESSAGE]
             totals = [{"account_id": a, "company_id": c, "service": s, "currency": cur,
-                       "minute": m.isoformat(), "amount_micros": self._sums[k][0],
-                       "events": self._sums[k][1]}
-                      for k in chunk for a, c, s, cur, m in (k,)]
+                       "minute": m.isoformat(), "amount_micros": amount, "events": count}
+                      for (a, c, s, cur, m), (amount, count) in chunk]
             message = {"id": f"usage:{self._first}:{n}", "type": "wallet.usage", "time": time,
                        "source": SOURCE, "data": {"totals": totals}}
-            out.append(outbox.row(Topics.WALLET_DIGEST, chunk[0][1], message, traceparent))
+            company = chunk[0][0][1]
+            out.append(outbox.row(Topics.WALLET_DIGEST, company, message, traceparent))
         return out
