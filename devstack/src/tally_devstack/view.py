@@ -73,15 +73,7 @@ class LiveView:
         lines: list[tuple[str, dict[str, Any]]] = []
         for cid in self.companies:
             try:
-                w = (await self.client.get(
-                    self.stack.url("wallet") + f"/v1/companies/{cid}/wallet")).json()
-                recharges = (await self.client.get(
-                    self.stack.url("recharge") + f"/v1/companies/{cid}/wallet/recharges?limit=100"
-                )).json()["items"]
-                done = sum(1 for x in recharges if x["status"] == "succeeded")
-                wallets.add_row(cid, f"{w['balance']} {w['currency']}", w["status"],
-                                w["threshold"], w["reload_amount"],
-                                "on" if w["auto_recharge"] else "off", str(done))
+                await self._wallet_row(wallets, cid, f"companies/{cid}")
                 txs = (await self.client.get(
                     self.stack.url("wallet") + f"/v1/companies/{cid}/wallet/transactions?limit=5"
                 )).json()["items"]
@@ -90,15 +82,7 @@ class LiveView:
                 wallets.add_row(cid, "?", "?", "?", "?", "?", "?")
         for aid in self.accounts:
             try:
-                w = (await self.client.get(
-                    self.stack.url("wallet") + f"/v1/accounts/{aid}/wallet")).json()
-                recharges = (await self.client.get(
-                    self.stack.url("recharge") + f"/v1/accounts/{aid}/wallet/recharges?limit=100"
-                )).json()["items"]
-                done = sum(1 for x in recharges if x["status"] == "succeeded")
-                wallets.add_row(f"  └ {aid} ({w['rebilling']})", f"{w['balance']} {w['currency']}",
-                                w["status"], w["threshold"], w["reload_amount"],
-                                "on" if w["auto_recharge"] else "off", str(done))
+                await self._wallet_row(wallets, f"  └ {aid}", f"accounts/{aid}", rebilling=True)
             except (httpx.HTTPError, KeyError, ValueError):
                 wallets.add_row(aid, "?", "?", "?", "?", "?", "?")
         ledger = Table(title="recent ledger lines", expand=True)
@@ -110,6 +94,18 @@ class LiveView:
         uptime = int(now - self.started)
         return Group(Panel(rates, title=f"Tally — running {uptime}s (Ctrl-C to stop)"),
                      wallets, ledger)
+
+    async def _wallet_row(self, table: Table, label: str, owner: str, *,
+                          rebilling: bool = False) -> None:
+        """Add one wallet's row (``owner``: ``companies/<id>`` or ``accounts/<id>``)."""
+        w: dict[str, Any] = (await self.client.get(
+            self.stack.url("wallet") + f"/v1/{owner}/wallet")).json()
+        recharges = (await self.client.get(
+            self.stack.url("recharge") + f"/v1/{owner}/wallet/recharges?limit=100")).json()["items"]
+        done = sum(1 for x in recharges if x["status"] == "succeeded")
+        table.add_row(f"{label} ({w['rebilling']})" if rebilling else label,
+                      f"{w['balance']} {w['currency']}", w["status"], w["threshold"],
+                      w["reload_amount"], "on" if w["auto_recharge"] else "off", str(done))
 
     async def close(self) -> None:
         await self.client.aclose()
