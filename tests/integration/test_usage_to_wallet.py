@@ -3,6 +3,7 @@ wallet -> ledger, and the same through the usage.ingest topic."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 import pytest
@@ -66,6 +67,38 @@ async def test_same_event_posted_twice_debits_once(tally: Tally) -> None:
     txs = await tally.wait_applied(cid, sentinel["event_id"])
     assert [t["usage_event_id"] for t in txs].count(e["event_id"]) == 1
     assert (await tally.company_wallet(cid))["balance"] == "0.982175"  # 1 - 2*0.0079 - 0.002025
+
+
+async def test_concurrent_requests_each_get_their_own_results(tally: Tally) -> None:
+    """Requests that arrive together share a transaction (group commit); each still gets the
+    results of its own events, in order, and an event id sent in all of them is accepted once."""
+    async def group_commit() -> tuple[float, float]:  # (batches submitted, calls made)
+        text = (await tally.http.get(tally.url("usage-meter", "/metrics"))).text
+        found = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line.startswith("tally_group_commit_batches_")}
+        return (found.get("tally_group_commit_batches_sum", 0.0),
+                found.get("tally_group_commit_batches_count", 0.0))
+
+    cid = await funded(tally)
+    shared = event(cid)
+    bodies = [{"events": [event(cid), shared, event(cid)]} for _ in range(12)]
+    submitted, calls = await group_commit()
+    responses = await asyncio.gather(*(tally.post_usage(b) for b in bodies))
+    submitted_after, calls_after = await group_commit()
+    assert submitted_after - submitted == 12
+    assert calls_after - calls < 12  # some requests shared a transaction
+    for body, r in zip(bodies, responses, strict=True):
+        assert r.status_code == 202, r.text
+        results = r.json()["results"]
+        assert [x["event_id"] for x in results] == [e["event_id"] for e in body["events"]]
+        assert results[0]["status"] == results[2]["status"] == "accepted"
+    assert sorted(r.json()["results"][1]["status"] for r in responses) == \
+        ["accepted"] + ["duplicate"] * 11
+    sentinel = event(cid)
+    await accepted(tally, sentinel)
+    txs = await tally.wait_applied(cid, sentinel["event_id"])
+    usage = [t["usage_event_id"] for t in txs if t["kind"] == "usage"]
+    assert len(usage) == 12 * 2 + 1 + 1 and usage.count(shared["event_id"]) == 1
 
 
 async def test_same_message_delivered_twice_on_kafka_debits_once(tally: Tally) -> None:
