@@ -386,6 +386,36 @@ async def mean_batches(stack: Stack) -> dict[str, float]:
     return out
 
 
+async def stage_sums(stack: Stack) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each consumer's record age and handle time, per service and topic."""
+    out: dict[str, tuple[float, float]] = {}
+    async with httpx.AsyncClient(timeout=10) as client:
+        for n in SERVICES:
+            for line in (await client.get(stack.url(n) + "/metrics")).text.splitlines():
+                for metric, label in (("tally_consumer_record_age_seconds", "age"),
+                                      ("tally_consumer_handle_seconds", "handle")):
+                    for part in ("_sum", "_count"):
+                        if line.startswith(metric + part + "{"):
+                            labels, value = line.rsplit(" ", 1)
+                            topic = labels.split('topic="')[1].split('"')[0]
+                            k = f"{n} {topic} {label}"
+                            total, count = out.get(k, (0.0, 0.0))
+                            out[k] = (total + float(value), count) if part == "_sum" \
+                                else (total, count + float(value))
+    return out
+
+
+def stage_means(before: dict[str, tuple[float, float]],
+                after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Mean milliseconds per batch of each stage between two ``stage_sums`` snapshots."""
+    out = {}
+    for k, (total, count) in after.items():
+        t0, c0 = before.get(k, (0.0, 0.0))
+        if count > c0:
+            out[k] = round((total - t0) / (count - c0) * 1000, 1)
+    return out
+
+
 # --- profiling ------------------------------------------------------------------------------
 
 class Profiler:
@@ -546,6 +576,7 @@ async def run_once(wallets: int, events: int, *, rates: list[int], seconds_per_r
                     settled = await settle(stack)
                 driver.sent.clear()
                 driver.accept.clear()
+                stages = await stage_sums(stack)
                 watcher.cpu_start()
                 sending = asyncio.create_task(driver.paced(batches, tick))
                 elapsed = await watcher.until(f"latency: {round(per_tick / tick):,}/s offered",
@@ -554,7 +585,8 @@ async def run_once(wallets: int, events: int, *, rates: list[int], seconds_per_r
                     "offered_per_s": round(per_tick / tick), "events": n,
                     "seconds": round(elapsed, 2), "latency_s": watcher.latencies(driver.sent),
                     "http_accept_s": percentiles(driver.accept), "settle_seconds": settled,
-                    "cpu_seconds": watcher.cpu_since()})
+                    "cpu_seconds": watcher.cpu_since(),
+                    "stage_ms": stage_means(stages, await stage_sums(stack))})
             await driver.close()
             done = await conn.fetchval(
                 "SELECT count(*) FROM transfers WHERE kind = 'usage' AND key LIKE $1",
@@ -603,6 +635,10 @@ def show(r: dict[str, Any]) -> None:
                 "p50", "p95", "p99", "max")), f"{acc['p50'] * 1000:.0f} ms",
                 f"{acc['p99'] * 1000:.0f} ms", str(lat["samples"]))
         console.print(table)
+        for run in r["latency"]:  # where the time goes, hop by hop (mean per batch)
+            stages = run.get("stage_ms", {})
+            console.print(f"  {run['offered_per_s']:,}/s, mean ms per batch: " + ", ".join(
+                f"{k} {v:g}" for k, v in stages.items() if "usage" in k))
     console.print("records per batch: " + ", ".join(
         f"{k} {v:g}" for k, v in r.get("mean_batch", {}).items() if "usage" in k or "wallet" in k))
     table = Table("process", "cpu s", "µs/event", "peak MB")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Container, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -32,6 +33,13 @@ RECORDS = Counter("tally_consumer_records_total", "Records consumed", ["service"
 DLQ = Counter("tally_dlq_total", "Records sent to a DLQ", ["service", "topic"])
 LAG = Gauge("tally_consumer_lag", "Records behind the partition end, as of the last batch",
             ["service", "topic"])
+RECORD_AGE = Histogram(
+    "tally_consumer_record_age_seconds",
+    "Age of a batch's oldest record when its handler starts (producer append to consume)",
+    ["service", "topic"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+HANDLE_SECONDS = Histogram(
+    "tally_consumer_handle_seconds", "Time to apply one consumed batch (handler to commit)",
+    ["service", "topic"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 FAILURES = Counter("tally_consumer_batch_failures_total", "Batches that failed and were retried",
                    ["service", "topic"])
 
@@ -68,6 +76,10 @@ def subscribe_batch(broker: KafkaBroker, topic: str, *, service: str, group_id: 
         records = raw if isinstance(raw, tuple) else (raw,)
         BATCH_SIZE.labels(service, topic).observe(len(records))
         _record_lag(msg, records, service, topic)
+        started = time.time()
+        oldest = min(r.timestamp for r in records)
+        if oldest > 0:
+            RECORD_AGE.labels(service, topic).observe(max(started - oldest / 1000, 0.0))
         try:
             await handler(records)
         except Exception:
@@ -76,6 +88,7 @@ def subscribe_batch(broker: KafkaBroker, topic: str, *, service: str, group_id: 
                           extra={"topic": topic, "records": len(records)})
             await asyncio.sleep(retry_backoff)
             raise
+        HANDLE_SECONDS.labels(service, topic).observe(time.time() - started)
         RECORDS.labels(service, topic).inc(len(records))
 
 
