@@ -21,7 +21,7 @@ from tally.events import RebillingSettings, UsageRecorded
 from tally.money import apply_markup
 from tally_wallet import storage
 from tally_wallet.credits import credit
-from tally_wallet.domain import LedgerError, Wallet
+from tally_wallet.domain import LedgerError, Transfer, Wallet
 from tally_wallet.usage import apply_usage
 from tests.conftest import Tally, uid
 
@@ -193,6 +193,21 @@ async def test_a_wallet_created_by_a_rolled_back_batch_is_created_again(tally: T
                 locked = await storage.lock_wallets(conn, [wallet])
             assert locked[wallet.id].balance == 0
             assert await storage.get_wallet(conn, wallet.id) is not None
+
+            # The same through posting (one UPDATE … RETURNING): a wallet believed known whose
+            # creation rolled back is created, and moved, when its update finds no row.
+            other = Wallet(f"company:{uid('co')}", "company", "USD", company_id="c")
+            revenue = Wallet("system:platform_revenue:USD", "system", "USD")
+            tx = conn.transaction()
+            await tx.start()
+            await storage.lock_wallets(conn, [other])
+            await tx.rollback()
+            async with conn.transaction():
+                posting = await storage.post(conn, [other, revenue], [
+                    Transfer(uid("t"), other.id, revenue.id, 7, "usage")])
+            assert posting.posted[0].debit_after == -7
+            moved = await storage.get_wallet(conn, other.id)
+            assert moved is not None and moved.balance == -7 and moved.status == "suspended"
     finally:
         await pool.close()
 

@@ -42,14 +42,18 @@ _HEAD = struct.Struct(">HiIHH")  # lengths: topic, key (-1: none), value, tracep
 
 
 def row(topic: str, key: str | None, message: dict[str, Any] | bytes,
-        traceparent: str | None = None) -> Row:
-    """One outbox message; ``message`` is an envelope dict (or already-encoded bytes)."""
+        traceparent: str | None = None, *, inherit: bool = True) -> Row:
+    """One outbox message; ``message`` is an envelope dict (or already-encoded bytes). With no
+    ``traceparent`` it carries the current span's, unless ``inherit`` is False: per-event rows
+    whose caller already knows each event's trace (None: the event has none) skip the lookup,
+    which costs as much as encoding the message."""
     if isinstance(message, bytes):
         value, type_ = message, None
     else:
         value, type_ = events.dumps(message), message.get("type")
-    return (topic, key.encode() if key is not None else None, value,
-            traceparent if traceparent is not None else current_traceparent(), type_)
+    if traceparent is None and inherit:
+        traceparent = current_traceparent()
+    return (topic, key.encode() if key is not None else None, value, traceparent, type_)
 
 
 def pack(rows: Sequence[Row]) -> bytes:

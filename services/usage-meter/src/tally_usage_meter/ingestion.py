@@ -81,7 +81,8 @@ async def ingest(conn: Conn, batch: Sequence[UsageEvent],
             data = recorded_payload(checked, now, now_text)
             message = {"id": f"usage:{event.event_id}", "type": "usage.recorded",
                        "time": now_text, "source": SOURCE, "data": data}
-            rows.append(outbox.row(Topics.USAGE_RECORDED, event.company_id, message, traceparent))
+            rows.append(outbox.row(Topics.USAGE_RECORDED, event.company_id, message, traceparent,
+                                   inherit=False))
             results.append(Result(event.event_id, "accepted"))
     await outbox.enqueue(conn, rows)
     for status, n in Counter(r.status for r in results).items():

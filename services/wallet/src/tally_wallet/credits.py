@@ -7,7 +7,7 @@ from __future__ import annotations
 from tally import events, outbox
 from tally.db import Conn
 from tally_wallet import storage
-from tally_wallet.domain import Posted, Posting, Transfer, TransferKind, Wallet, system_wallet_id
+from tally_wallet.domain import Posted, Transfer, TransferKind, Wallet, system_wallet_id
 from tally_wallet.messages import SOURCE, edge_event_rows, wallet_rows
 
 
@@ -20,15 +20,15 @@ async def credit(conn: Conn, wallet: Wallet, *, amount: int, kind: TransferKind,
         assert current is not None
         return None, current
     source = Wallet(system_wallet_id(system, wallet.currency), "system", wallet.currency)
-    posting = Posting(await storage.lock_wallets(conn, [wallet, source]))
-    locked = posting.wallets[wallet.id]
-    posted = posting.apply(Transfer(key, source.id, wallet.id, amount, kind, reference=reference))
+    posting = await storage.post(
+        conn, [wallet, source], [Transfer(key, source.id, wallet.id, amount, kind,
+                                          reference=reference)])
+    locked, posted = posting.wallets[wallet.id], posting.posted[0]
     credited = events.WalletCredited(**locked.ref(), transfer_id=key, kind=kind,
                                      amount_micros=amount, balance_micros=posted.credit_after,
                                      reference=reference)
     rows = wallet_rows(locked.company_id,
                        events.envelope("wallet.credited", credited, source=SOURCE, id_=key))
     rows.extend(edge_event_rows(posting))
-    await storage.write_posting(conn, posting)
     await outbox.enqueue(conn, rows)
     return posted, locked

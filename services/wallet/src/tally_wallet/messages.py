@@ -42,12 +42,14 @@ def edge_event_rows(posting: Posting,
 
 
 def debited_message(u: UsageRecorded, company: Posted, account: Posted | None,
-                    time: str) -> dict[str, Any]:
+                    time: str, occurred_at: str | None = None) -> dict[str, Any]:
     """The ``wallet.debited`` envelope (fields of ``tally.events.WalletDebited``), built as a
-    plain dict: this runs once per usage event on the hot path."""
+    plain dict: this runs once per usage event on the hot path. ``occurred_at``: the event's
+    time as text when the caller has it (``UsageTotals.text``)."""
     data: dict[str, Any] = {
         "usage_event_id": u.event_id, "company_id": u.company_id, "account_id": u.account_id,
-        "service": u.service, "currency": u.currency, "occurred_at": u.occurred_at.isoformat(),
+        "service": u.service, "currency": u.currency,
+        "occurred_at": occurred_at or u.occurred_at.isoformat(),
         "company_wallet_id": company.transfer.debit,
         "company_amount_micros": company.transfer.amount,
         "company_balance_micros": company.debit_after,
@@ -65,15 +67,29 @@ class UsageTotals:
     ``wallet.usage`` (fields of ``tally.events.UsageTotal``)."""
 
     def __init__(self) -> None:
-        self._sums: dict[tuple[str, str, str, str, datetime], list[int]] = {}
+        self._sums: dict[tuple[str, str, str, str, str], list[int]] = {}
         self._first: str | None = None
+        # A batch's events share few timestamps (often one per usage-meter batch): format each
+        # once. isoformat and replace cost ~0.7 µs each; a lookup, ~0.03.
+        self._text: dict[datetime, str] = {}
+        self._minute: dict[datetime, str] = {}
+
+    def text(self, at: datetime) -> str:
+        """``at.isoformat()``, formatted once per distinct time in the batch."""
+        out = self._text.get(at)
+        if out is None:
+            out = self._text[at] = at.isoformat()
+        return out
 
     def add(self, u: UsageRecorded, amount: int) -> None:
         account = u.account_id
         if account is None:
             return
-        key = (account, u.company_id, u.service, u.currency,
-               u.occurred_at.replace(second=0, microsecond=0))
+        minute = self._minute.get(u.occurred_at)
+        if minute is None:
+            minute = self._minute[u.occurred_at] = \
+                u.occurred_at.replace(second=0, microsecond=0).isoformat()
+        key = (account, u.company_id, u.service, u.currency, minute)
         acc = self._sums.get(key)
         if acc is None:
             self._sums[key] = [amount, 1]
@@ -91,7 +107,7 @@ class UsageTotals:
         for n, at in enumerate(range(0, len(items), USAGE_TOTALS_PER_MESSAGE)):
             chunk = items[at:at + USAGE_TOTALS_PER_MESSAGE]
             totals = [{"account_id": a, "company_id": c, "service": s, "currency": cur,
-                       "minute": m.isoformat(), "amount_micros": amount, "events": count}
+                       "minute": m, "amount_micros": amount, "events": count}
                       for (a, c, s, cur, m), (amount, count) in chunk]
             message = {"id": f"usage:{self._first}:{n}", "type": "wallet.usage", "time": time,
                        "source": SOURCE, "data": {"totals": totals}}

@@ -1,5 +1,5 @@
-"""The wallet's tables: wallets and the transfers ledger. Writes are batched: one COPY for the
-ledger lines and one UPDATE for every touched wallet, whatever the batch size."""
+"""The wallet's tables: wallets and the transfers ledger. Writes are batched: one UPDATE for
+every touched wallet and one COPY for the ledger lines, whatever the batch size (``post``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,14 @@ import orjson
 
 from tally.db import Conn
 from tally.events import CompanyUpdated, RebillingSettings
-from tally_wallet.domain import Posting, Rebilling, Wallet, account_wallet_id, parse_markups
+from tally_wallet.domain import (
+    Posting,
+    Rebilling,
+    Transfer,
+    Wallet,
+    account_wallet_id,
+    parse_markups,
+)
 
 _WALLET_COLS = ("id, kind, company_id, account_id, currency, balance, threshold, reload_amount, "
                 "auto_recharge, smart_adjustment, status, threshold_armed")
@@ -71,10 +78,19 @@ async def lock_wallets(conn: Conn, wanted: Iterable[Wallet]) -> dict[str, Wallet
         rows += await conn.fetch(
             f"SELECT {_WALLET_COLS} FROM wallets WHERE id = ANY($1::text[]) ORDER BY id "
             "FOR UPDATE", missing)
+    _remember(by_id)
+    return {r["id"]: _wallet(r) for r in rows}
+
+
+def _remember(ids: Iterable[str]) -> None:
     if len(_KNOWN_WALLETS) > _KNOWN_WALLETS_MAX:
         _KNOWN_WALLETS.clear()
-    _KNOWN_WALLETS.update(by_id)
-    return {r["id"]: _wallet(r) for r in rows}
+    _KNOWN_WALLETS.update(ids)
+
+
+_MOVE = (f"UPDATE wallets SET balance = wallets.balance + v.delta, updated_at = now() "
+         f"FROM unnest($1::text[], $2::bigint[]) AS v(id, delta) WHERE wallets.id = v.id "
+         f"RETURNING {', '.join('wallets.' + c for c in _WALLET_COLS.split(', '))}")
 
 
 async def _create(conn: Conn, ws: list[Wallet]) -> None:
@@ -87,21 +103,58 @@ async def _create(conn: Conn, ws: list[Wallet]) -> None:
             [w.account_id for w in ws], [w.currency for w in ws])
 
 
-async def write_posting(conn: Conn, posting: Posting) -> None:
-    if not posting.posted:
-        return
+async def post(conn: Conn, wanted: Iterable[Wallet], transfers: Sequence[Transfer]) -> Posting:
+    """Post ``transfers`` in order, in the caller's transaction; ``wanted`` are the wallets they
+    move (created with defaults if new). Three statements whatever the batch size:
+
+    1. one ``UPDATE … RETURNING`` moves every wallet by its net delta and returns its state,
+       which locks the rows (in id order: ids are sorted, so concurrent postings do not
+       deadlock in the plans Postgres picks for it; if one ever did, Postgres aborts one
+       transaction and its batch is redelivered, unchanged);
+    2. the posting replays the transfers from the balances before, giving each ledger line its
+       balances after and noting the edges crossed (``domain.Posting``), and must end on the
+       balances the database returned; COPY writes the lines;
+    3. a second UPDATE writes status and threshold arming, only for wallets whose edges moved.
+
+    This replaced locking every wallet (``SELECT … FOR UPDATE``) and then updating it."""
+    if not transfers:
+        return Posting({})
+    by_id = {w.id: w for w in wanted}
+    delta = dict.fromkeys(by_id, 0)
+    for t in transfers:
+        delta[t.debit] -= t.amount
+        delta[t.credit] += t.amount
+    await _create(conn, [w for i, w in by_id.items() if i not in _KNOWN_WALLETS])
+    ids = sorted(delta)
+    rows = await conn.fetch(_MOVE, ids, [delta[i] for i in ids])
+    if len(rows) < len(ids):  # believed known, but its creation was rolled back
+        missing = sorted(by_id.keys() - {r["id"] for r in rows})
+        await _create(conn, [by_id[i] for i in missing])
+        rows += await conn.fetch(_MOVE, missing, [delta[i] for i in missing])
+    _remember(by_id)
+    wallets = {}
+    for r in rows:
+        w = wallets[r["id"]] = _wallet(r)
+        w.balance -= delta[w.id]
+    before = {i: (w.status, w.armed) for i, w in wallets.items()}
+    posting = Posting(wallets)
+    for t in transfers:
+        posting.apply(t)
+    for r in rows:
+        if wallets[r["id"]].balance != r["balance"]:
+            raise RuntimeError(f"posting diverged from the ledger on {r['id']}")
     await conn.copy_records_to_table("transfers", columns=_TRANSFER_COLS, records=[
         (p.transfer.key, p.transfer.debit, p.transfer.credit, p.transfer.amount, p.transfer.kind,
          p.transfer.service, p.transfer.usage_event_id, p.transfer.reference, p.debit_after,
          p.credit_after) for p in posting.posted])
-    touched = [posting.wallets[i] for i in sorted(posting.touched)]
-    await conn.execute(
-        "UPDATE wallets SET balance = v.balance, status = v.status, threshold_armed = v.armed, "
-        "updated_at = now() FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bool[]) "
-        "AS v(id, balance, status, armed) WHERE wallets.id = v.id",
-        [w.id for w in touched], [w.balance for w in touched], [w.status for w in touched],
-        [w.armed for w in touched],
-    )
+    edged = [w for i, w in wallets.items() if (w.status, w.armed) != before[i]]
+    if edged:
+        await conn.execute(
+            "UPDATE wallets SET status = v.status, threshold_armed = v.armed "
+            "FROM unnest($1::text[], $2::text[], $3::bool[]) AS v(id, status, armed) "
+            "WHERE wallets.id = v.id",
+            [w.id for w in edged], [w.status for w in edged], [w.armed for w in edged])
+    return posting
 
 
 async def get_wallet(conn: Conn, wallet_id: str) -> Wallet | None:

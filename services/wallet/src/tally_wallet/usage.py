@@ -21,7 +21,6 @@ from tally_wallet.domain import (
     SYSTEM_COMPANY_REVENUE,
     SYSTEM_PLATFORM_REVENUE,
     Kind,
-    Posting,
     Transfer,
     Wallet,
     account_wallet_id,
@@ -85,44 +84,51 @@ async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
         return Outcome(0, len(batch))
 
     rebilling = await storage.load_rebilling(conn, [u.account_id for u in fresh if u.account_id])
-    plan: list[tuple[UsageRecorded, int | None]] = []
+    plan: list[tuple[UsageRecorded, bool]] = []  # (event, has an account leg)
+    transfers: list[Transfer] = []
     wanted: dict[str, Wallet] = {}  # one per distinct wallet, not four per event
     for u in fresh:
         settings = rebilling.get(u.account_id) if u.account_id else None
         account_amount = settings.account_amount(u.service, u.platform_amount_micros) \
             if settings else None
-        plan.append((u, account_amount if account_amount else None))
         # Each leg's two wallets, checked separately: a company (or account) may see usage in
         # another currency than its wallet's, which posting refuses (LedgerError), never a
         # missing wallet.
-        _want(wanted, company_wallet_id(u.company_id), "company", u)
-        _want(wanted, system_wallet_id(SYSTEM_PLATFORM_REVENUE, u.currency), "system", u)
+        company_wallet = company_wallet_id(u.company_id)
+        platform = system_wallet_id(SYSTEM_PLATFORM_REVENUE, u.currency)
+        _want(wanted, company_wallet, "company", u)
+        _want(wanted, platform, "system", u)
+        transfers.append(Transfer(company_leg_key(u.event_id), company_wallet, platform,
+                                  u.platform_amount_micros, "usage", service=u.service,
+                                  usage_event_id=u.event_id))
+        rebilled = False
         if account_amount and u.account_id:
-            _want(wanted, account_wallet_id(u.account_id), "account", u, account_id=u.account_id)
-            _want(wanted, system_wallet_id(SYSTEM_COMPANY_REVENUE, u.currency, u.company_id),
-                  "system", u)
-    posting = Posting(await storage.lock_wallets(conn, wanted.values()))
+            rebilled = True
+            account_wallet = account_wallet_id(u.account_id)
+            revenue = system_wallet_id(SYSTEM_COMPANY_REVENUE, u.currency, u.company_id)
+            _want(wanted, account_wallet, "account", u, account_id=u.account_id)
+            _want(wanted, revenue, "system", u)
+            transfers.append(Transfer(account_leg_key(u.event_id), account_wallet, revenue,
+                                      account_amount, "usage", service=u.service,
+                                      usage_event_id=u.event_id))
+        plan.append((u, rebilled))
+    posting = await storage.post(conn, wanted.values(), transfers)
 
     rows: list[outbox.Row] = []
     time = datetime.now(UTC).isoformat()
     incoming = traceparents or {}
     caused: dict[str, str | None] = {}
     totals = UsageTotals()
-    for u, account_amount in plan:
+    legs = iter(posting.posted)
+    for u, rebilled in plan:
         traceparent = child_traceparent(incoming.get(u.event_id), "wallet.debit",
                                         {"tally.usage_event_id": u.event_id})
-        company = posting.apply(Transfer(
-            company_leg_key(u.event_id), company_wallet_id(u.company_id),
-            system_wallet_id(SYSTEM_PLATFORM_REVENUE, u.currency),
-            u.platform_amount_micros, "usage", service=u.service, usage_event_id=u.event_id))
-        account = None
-        if account_amount is not None and u.account_id:
-            account = posting.apply(Transfer(
-                account_leg_key(u.event_id), account_wallet_id(u.account_id),
-                system_wallet_id(SYSTEM_COMPANY_REVENUE, u.currency, u.company_id),
-                account_amount, "usage", service=u.service, usage_event_id=u.event_id))
+        company = next(legs)
+        account = next(legs) if rebilled else None
         rows.append(outbox.row(Topics.WALLET_EVENTS, u.company_id,
-                               debited_message(u, company, account, time), traceparent))
+                               debited_message(u, company, account, time,
+                                               totals.text(u.occurred_at)), traceparent,
+                               inherit=False))
         totals.add(u, account.transfer.amount if account is not None else company.transfer.amount)
         caused[company.transfer.key] = traceparent
         if account is not None:
@@ -132,6 +138,5 @@ async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
 
     rows.extend(edge_event_rows(posting, caused))
     rows.extend(totals.rows(time))
-    await storage.write_posting(conn, posting)
     await outbox.enqueue(conn, rows)
     return Outcome(len(posting.posted), len(batch) - len(fresh))
