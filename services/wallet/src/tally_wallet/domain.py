@@ -107,7 +107,6 @@ class Posting:
     wallets: dict[str, Wallet]
     posted: list[Posted] = field(default_factory=list)
     events: list[WalletEvent] = field(default_factory=list)
-    touched: set[str] = field(default_factory=set)
 
     def apply(self, t: Transfer) -> Posted:
         if t.amount <= 0:
@@ -121,7 +120,6 @@ class Posting:
         before = debit.balance
         debit.balance -= t.amount
         credit.balance += t.amount
-        self.touched.update((debit.id, credit.id))
         if debit.is_user:
             self._after_debit(debit, before, t)
         if credit.is_user:
