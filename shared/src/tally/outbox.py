@@ -238,8 +238,3 @@ class OutboxRelay(Worker):
             found = sorted(await self._producer.partitions_for(topic))
             known = self._topic_partitions[topic] = (time.monotonic(), found)
         return known[1]
-
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
-        self._wake.clear()

@@ -43,6 +43,11 @@ class Worker:
                     continue
             except Exception:
                 log.exception("%s error", self.name)
-            self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.idle)
+            await self._sleep(self.idle)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` or until ``wake()``. The flag is cleared after the wait, so a wake
+        that came while the last round ran is not lost (the next round starts at once)."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+        self._wake.clear()

@@ -126,8 +126,7 @@ async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
         company = next(legs)
         account = next(legs) if rebilled else None
         rows.append(outbox.row(Topics.WALLET_EVENTS, u.company_id,
-                               debited_message(u, company, account, time,
-                                               totals.text(u.occurred_at)), traceparent,
+                               debited_message(u, company, account, time), traceparent,
                                inherit=False))
         totals.add(u, account.transfer.amount if account is not None else company.transfer.amount)
         caused[company.transfer.key] = traceparent
