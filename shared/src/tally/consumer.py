@@ -60,16 +60,20 @@ async def _records(records: tuple[Any, ...], original: Any) -> Any:
 
 def subscribe_batch(broker: KafkaBroker, topic: str, *, service: str, group_id: str,
                     handler: BatchHandler, max_records: int = 2000,
-                    retry_backoff: float = 1.0) -> None:
+                    retry_backoff: float = 1.0, money_path: bool = False) -> None:
     """Register ``handler`` for batches of raw records of ``topic`` in consumer group
-    ``group_id``. A failing batch is retried (after a pause) from its first record."""
+    ``group_id``. A failing batch is retried (after a pause) from its first record.
+    ``money_path``: the topic carries every usage event, so its fetches wait the shorter
+    ``KAFKA_FETCH_MAX_WAIT_MS``; others wait ``KAFKA_SIDE_FETCH_MAX_WAIT_MS``."""
     settings = get_settings()
+    max_wait = settings.kafka_fetch_max_wait_ms if money_path \
+        else settings.kafka_side_fetch_max_wait_ms
 
     @broker.subscriber(topic, group_id=group_id, batch=True, max_records=max_records,
                        batch_timeout_ms=50, auto_offset_reset="earliest",
                        ack_policy=AckPolicy.NACK_ON_ERROR, decoder=_raw, parser=_records,
                        session_timeout_ms=settings.kafka_session_timeout_ms,
-                       fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+                       fetch_max_wait_ms=max_wait,
                        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms)
     async def _consume(body: Any, msg: KafkaMessage) -> None:
         raw = msg.raw_message

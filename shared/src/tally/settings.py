@@ -29,8 +29,13 @@ class Settings(BaseSettings):
     kafka_heartbeat_interval_ms: int = Field(3_000, alias="KAFKA_HEARTBEAT_INTERVAL_MS", ge=100)
     # How long a fetch may wait for records. Kafka answers as soon as there is one record; the
     # embedded broker holds every fetch for about half of this, so Kafka's 500 ms default
-    # would add ~250 ms to each hop of the money path. Idle cost: a few fetches a second.
+    # would add ~250 ms to each hop of the money path. The money path's consumers (every usage
+    # event) use the first; the others (state changes, settings, recharges) the second: each
+    # idle fetch costs the embedded broker CPU, and twelve consumers polling every 50 ms took
+    # half of it (docs/performance.md, round 4).
     kafka_fetch_max_wait_ms: int = Field(50, alias="KAFKA_FETCH_MAX_WAIT_MS", ge=1, le=10_000)
+    kafka_side_fetch_max_wait_ms: int = Field(250, alias="KAFKA_SIDE_FETCH_MAX_WAIT_MS", ge=1,
+                                              le=10_000)
     database_url: str | None = Field(None, alias="DATABASE_URL")
     db_pool_size: int = Field(8, alias="DB_POOL_SIZE", ge=1, le=200)
     jwt_secret: str = Field("tally-dev-secret-change-me-in-production", alias="TALLY_JWT_SECRET")

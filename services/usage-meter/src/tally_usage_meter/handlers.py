@@ -58,6 +58,7 @@ def subscribe(rt: Runtime) -> None:
                                             m.type == "wallet.suspended")
 
     subscribe_batch(rt.broker, Topics.USAGE_INGEST, service=SERVICE, group_id="usage-meter",
-                    handler=on_ingest, max_records=rt.settings.kafka_max_batch)
+                    handler=on_ingest, max_records=rt.settings.kafka_max_batch,
+                    money_path=True)
     subscribe_batch(rt.broker, Topics.WALLET_DIGEST, service=SERVICE,
                     group_id="usage-meter-wallet-status", handler=on_wallet_digest)

@@ -168,7 +168,7 @@ def subscribe(rt: Runtime) -> None:
 
     max_batch = rt.settings.kafka_max_batch
     subscribe_batch(rt.broker, Topics.USAGE_RECORDED, service=SERVICE, group_id="wallet",
-                    handler=on_usage, max_records=max_batch)
+                    handler=on_usage, max_records=max_batch, money_path=True)
     subscribe_batch(rt.broker, Topics.REBILLING_SETTINGS, service=SERVICE,
                     group_id="wallet-rebilling-settings",
                     handler=_transactional(rt, apply_settings, parse_settings))
