@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     kafka_fetch_max_wait_ms: int = Field(50, alias="KAFKA_FETCH_MAX_WAIT_MS", ge=1, le=10_000)
     kafka_side_fetch_max_wait_ms: int = Field(250, alias="KAFKA_SIDE_FETCH_MAX_WAIT_MS", ge=1,
                                               le=10_000)
+    # Allocations between young-generation garbage collections (Python's default: 700).
+    gc_gen0_threshold: int = Field(50_000, alias="TALLY_GC_GEN0_THRESHOLD", ge=100)
     database_url: str | None = Field(None, alias="DATABASE_URL")
     db_pool_size: int = Field(8, alias="DB_POOL_SIZE", ge=1, le=200)
     jwt_secret: str = Field("tally-dev-secret-change-me-in-production", alias="TALLY_JWT_SECRET")
