@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -214,6 +215,39 @@ async def test_poison_on_usage_recorded_goes_to_its_dlq(tally: Tally) -> None:
     await tally.wait_applied(cid, good["event_id"])
     dead = await tally.find_on_topic("usage.recorded.dlq", lambda d: marker in d.get("message", ""))
     assert dead["failed_by"] == "wallet" and "company_id" in dead["error"]
+
+
+async def test_an_unpostable_event_is_dead_lettered_alone_beside_a_redelivery(
+        tally: Tally) -> None:
+    """One batch holding a redelivered event, an event priced in another currency than its
+    company's wallet (a LedgerError) and a good one: the wallet posts the good one once,
+    skips the redelivery and dead-letters only the unpostable event."""
+    cid = await funded(tally)
+    first = event(cid)
+    await accepted(tally, first)
+    await tally.wait_applied(cid, first["event_id"])
+    redelivered = await tally.find_on_topic(
+        "usage.recorded", lambda m: m.get("id") == f"usage:{first['event_id']}")
+    now = datetime.now(UTC).isoformat()
+
+    def recorded(currency: str) -> tuple[str, dict[str, Any]]:
+        eid = uid("ev")
+        return eid, {"id": f"usage:{eid}", "type": "usage.recorded", "time": now,
+                     "source": "test",
+                     "data": {"event_id": eid, "company_id": cid, "account_id": None,
+                              "service": "phone", "quantity": "1", "occurred_at": now,
+                              "recorded_at": now, "unit_price_micros": 1000,
+                              "platform_amount_micros": 1000, "currency": currency}}
+    (eur_id, eur), (usd_id, usd) = recorded("EUR"), recorded("USD")
+    await asyncio.gather(*(tally.produce("usage.recorded", m, key=cid)
+                           for m in (redelivered, eur, usd)))
+    txs = await tally.wait_applied(cid, usd_id)
+    dead = await tally.find_on_topic("usage.recorded.dlq",
+                                     lambda d: f"usage:{eur_id}" in d.get("message", ""))
+    assert dead["failed_by"] == "wallet" and "cannot pay" in dead["error"]
+    usage = [t["usage_event_id"] for t in txs if t["kind"] == "usage"]
+    assert usage.count(first["event_id"]) == 1 and usage.count(usd_id) == 1
+    assert eur_id not in usage
 
 
 async def test_negative_agency_wallet_refuses_usage_until_credited(tally: Tally) -> None:

@@ -82,25 +82,32 @@ def subscribe(rt: Runtime) -> None:
                 dead.append(dlq_row(r, str(exc), service=SERVICE))
         traces = {u.event_id: header(r) for r, u in good}
 
-        async def post(usage: list[UsageRecorded]) -> None:
+        async def carefully(conn: Conn) -> None:
+            """Skip what the ledger already has; if some event cannot be posted, post one by
+            one (a savepoint each) and dead-letter the culprits."""
             try:
-                async with conn.transaction():  # savepoint
-                    await apply_usage(conn, usage, traces, optimistic=True)
-            except asyncpg.UniqueViolationError:  # a redelivery: skip what the ledger has
                 async with conn.transaction():
-                    await apply_usage(conn, usage, traces)
-
-        async with rt.pool.acquire() as conn, conn.transaction():
-            try:
-                await post([u for _, u in good])  # the whole batch at once
+                    await apply_usage(conn, [u for _, u in good], traces)
             except LedgerError:
-                # Some event cannot be posted: apply one by one, dead-letter the culprits.
                 for record, usage in good:
                     try:
-                        await post([usage])
+                        async with conn.transaction():
+                            await apply_usage(conn, [usage], traces)
                     except LedgerError as exc:
                         dead.append(dlq_row(record, str(exc), service=SERVICE))
-            await enqueue(conn, dead)
+
+        async with rt.pool.acquire() as conn:
+            try:
+                # The common batch: all new, all postable. No lookup of what the ledger has and
+                # no savepoint (two round trips fewer); a redelivered event fails the unique
+                # transfer key and the batch goes again, carefully.
+                async with conn.transaction():
+                    await apply_usage(conn, [u for _, u in good], traces, optimistic=True)
+                    await enqueue(conn, dead)
+            except (asyncpg.UniqueViolationError, LedgerError):
+                async with conn.transaction():
+                    await carefully(conn)
+                    await enqueue(conn, dead)
         rt.relay.wake()
         committed = datetime.now(UTC)
         for _, u in good:  # accepted by usage-meter -> committed to the ledger

@@ -74,7 +74,7 @@ async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
 
     ``optimistic``: skip looking up which events the ledger already has; if one was posted
     before, the unique transfer key makes the insert fail (``asyncpg.UniqueViolationError``)
-    and the caller, in a savepoint, posts again without ``optimistic``. Redeliveries are rare,
+    and the caller rolls back and posts again without ``optimistic``. Redeliveries are rare,
     so the common batch saves a lookup per event."""
     seen = set() if optimistic else await storage.existing_keys(
         conn, [company_leg_key(u.event_id) for u in batch])
