@@ -4,10 +4,10 @@ deleted once Kafka has acknowledged them. A crash never loses or invents an even
 event is sent twice, and every consumer dedupes on the envelope id.
 
 One ``enqueue`` call writes **one** row however many messages it carries (packed in
-``messages``): a batch of 1,000 usage events costs Postgres one tuple to insert, read and
-delete instead of 1,000. The relay sends them as one Kafka record batch per partition, each
-record with ``traceparent`` and ``type`` headers (consumers skip types they do not handle
-without parsing the value)."""
+``messages``, or lz4-compressed in ``messages_lz4`` when large): a batch of 1,000 usage events
+costs Postgres one tuple to insert, read and delete instead of 1,000. The relay sends them as
+one Kafka record batch per partition, each record with ``traceparent`` and ``type`` headers
+(consumers skip types they do not handle without parsing the value)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import asyncpg
+import lz4.frame
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 from prometheus_client import Counter, Gauge
@@ -92,7 +93,11 @@ def unpack(data: bytes) -> list[Row]:
 # HTTP batch at 1,000 events/s).
 CHANNEL = "tally_outbox"
 _LEADER_HERE = asyncio.Event()
-_INSERT = "INSERT INTO outbox (messages, count) VALUES ($1, $2)"
+_INSERT = "INSERT INTO outbox (messages, messages_lz4, count) VALUES ($1, $2, $3)"
+# Packed batches from this size on are stored compressed: below it Postgres keeps the value
+# in the row itself, where compressing saves nothing. lz4 takes ~0.7 ms for 1.2 MB of
+# envelopes (a fifth of that is left) and saves Postgres ~6 ms writing it (docs/0004).
+COMPRESS_FROM = 2048
 _INSERT_AND_NOTIFY = (f"WITH added AS ({_INSERT}) "
                       f"SELECT pg_notify('{CHANNEL}', current_schema())")
 
@@ -103,8 +108,11 @@ async def enqueue(conn: Conn, rows: Iterable[Row]) -> int:
     caller wakes its own process's relay (``OutboxRelay.wake``) after committing."""
     records = list(rows)
     if records:
+        packed = pack(records)
+        plain, compressed = (None, lz4.frame.compress(packed)) if len(packed) >= COMPRESS_FROM \
+            else (packed, None)
         await conn.execute(_INSERT if _LEADER_HERE.is_set() else _INSERT_AND_NOTIFY,
-                           pack(records), len(records))
+                           plain, compressed, len(records))
     return len(records)
 
 
@@ -178,7 +186,7 @@ class OutboxRelay(Worker):
         """Relay the oldest rows, up to about ``batch_size`` messages. Returns the number of
         messages sent and whether more were probably waiting."""
         rows = await conn.fetch(
-            "SELECT id, topic, key, value, traceparent, messages, upto FROM ("
+            "SELECT id, topic, key, value, traceparent, messages, messages_lz4, upto FROM ("
             "  SELECT *, sum(count) OVER (ORDER BY id) AS upto FROM ("
             "    SELECT * FROM outbox ORDER BY id LIMIT 500) newest) o "
             "WHERE upto - count < $1 ORDER BY id", self._batch_size)
@@ -187,7 +195,9 @@ class OutboxRelay(Worker):
             return 0, False
         messages: list[Row] = []
         for r in rows:
-            if r["messages"] is not None:
+            if r["messages_lz4"] is not None:
+                messages += unpack(lz4.frame.decompress(r["messages_lz4"]))
+            elif r["messages"] is not None:
                 messages += unpack(r["messages"])
             else:  # a row written before messages were packed
                 messages.append((r["topic"], r["key"], r["value"], r["traceparent"], None))
