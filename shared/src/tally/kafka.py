@@ -38,13 +38,17 @@ def make_broker(settings: Settings, *, client_id: str, middlewares: Sequence[Any
 
 
 def make_producer(settings: Settings, *, client_id: str) -> AIOKafkaProducer:
-    """A raw producer for bulk relaying of outbox rows: ordered per partition, batched."""
+    """A raw producer for bulk relaying of outbox rows: ordered per partition, batched, and
+    compressed (``KAFKA_COMPRESSION``: record batches of JSON envelopes shrink several times,
+    and the embedded broker's CPU per event halved; docs/0004)."""
     return AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         client_id=f"{client_id}-relay",
         acks="all",
         enable_idempotence=settings.kafka_enable_idempotence,
         linger_ms=2,
+        compression_type=None if settings.kafka_compression == "none"
+        else settings.kafka_compression,
         max_batch_size=512 * 1024,
         max_request_size=4 * 1024 * 1024,
         request_timeout_ms=30_000,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,6 +24,10 @@ class Settings(BaseSettings):
     # The embedded broker rejects idempotent producers; real Kafka clusters should turn it on.
     kafka_enable_idempotence: bool = Field(False, alias="KAFKA_ENABLE_IDEMPOTENCE")
     kafka_max_batch: int = Field(2000, alias="KAFKA_MAX_BATCH", ge=1, le=100_000)
+    # Compression of the record batches the outbox relays produce (consumers need a client
+    # that reads it: every maintained Kafka client reads zstd, Kafka 2.1+).
+    kafka_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "zstd", alias="KAFKA_COMPRESSION")
     # Consumer group liveness. Joins take about half the session timeout on the embedded broker,
     # so make run and the tests shorten it; keep Kafka's defaults in production.
     kafka_session_timeout_ms: int = Field(10_000, alias="KAFKA_SESSION_TIMEOUT_MS", ge=1000)
