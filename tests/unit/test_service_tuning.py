@@ -24,4 +24,3 @@ def test_the_collector_runs_less_often_and_skips_what_start_up_built(restored_gc
     tune_gc(Settings(TALLY_GC_GEN0_THRESHOLD=12_345).gc_gen0_threshold)
     assert gc.get_threshold() == (12_345, before[1], before[2])
     assert gc.get_freeze_count() > 0
-
