@@ -177,36 +177,27 @@ def test_ledger_matches_the_reference_model(tally: Tally) -> None:
 
 
 async def test_a_wallet_created_by_a_rolled_back_batch_is_created_again(tally: Tally) -> None:
-    """The wallet remembers which wallets exist (no insert for those); a wallet whose creating
-    transaction rolled back must not be taken for existing."""
+    """Posting remembers which wallets exist (no insert for those); a wallet whose creating
+    batch rolled back (a redelivery's unique-key failure does that) must not be taken for
+    existing: its update finds no row, and it is created and moved then."""
     pool = await db.create_pool(tally.stack.database_url, "wallet_props", size=1)
     try:
         await db.migrate(pool, "wallet_props", "tally")
         await db.migrate(pool, "wallet_props", "tally_wallet")
         wallet = Wallet(f"company:{uid('co')}", "company", "USD", company_id="c")
+        revenue = Wallet("system:platform_revenue:USD", "system", "USD")
         async with pool.acquire() as conn:
             tx = conn.transaction()
             await tx.start()
-            assert wallet.id in await storage.lock_wallets(conn, [wallet])
-            await tx.rollback()  # as a batch's savepoint does when its insert fails
-            async with conn.transaction():
-                locked = await storage.lock_wallets(conn, [wallet])
-            assert locked[wallet.id].balance == 0
-            assert await storage.get_wallet(conn, wallet.id) is not None
-
-            # The same through posting (one UPDATE … RETURNING): a wallet believed known whose
-            # creation rolled back is created, and moved, when its update finds no row.
-            other = Wallet(f"company:{uid('co')}", "company", "USD", company_id="c")
-            revenue = Wallet("system:platform_revenue:USD", "system", "USD")
-            tx = conn.transaction()
-            await tx.start()
-            await storage.lock_wallets(conn, [other])
+            await storage.post(conn, [wallet, revenue], [
+                Transfer(uid("t"), wallet.id, revenue.id, 3, "usage")])
             await tx.rollback()
+            assert await storage.get_wallet(conn, wallet.id) is None
             async with conn.transaction():
-                posting = await storage.post(conn, [other, revenue], [
-                    Transfer(uid("t"), other.id, revenue.id, 7, "usage")])
+                posting = await storage.post(conn, [wallet, revenue], [
+                    Transfer(uid("t"), wallet.id, revenue.id, 7, "usage")])
             assert posting.posted[0].debit_after == -7
-            moved = await storage.get_wallet(conn, other.id)
+            moved = await storage.get_wallet(conn, wallet.id)
             assert moved is not None and moved.balance == -7 and moved.status == "suspended"
     finally:
         await pool.close()

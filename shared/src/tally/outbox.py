@@ -94,12 +94,12 @@ def unpack(data: bytes) -> list[Row]:
 CHANNEL = "tally_outbox"
 _LEADER_HERE = asyncio.Event()
 _INSERT = "INSERT INTO outbox (messages, messages_lz4, count) VALUES ($1, $2, $3)"
+_INSERT_AND_NOTIFY = (f"WITH added AS ({_INSERT}) "
+                      f"SELECT pg_notify('{CHANNEL}', current_schema())")
 # Packed batches from this size on are stored compressed: below it Postgres keeps the value
 # in the row itself, where compressing saves nothing. lz4 takes ~0.7 ms for 1.2 MB of
 # envelopes (a fifth of that is left) and saves Postgres ~6 ms writing it (docs/0004).
 COMPRESS_FROM = 2048
-_INSERT_AND_NOTIFY = (f"WITH added AS ({_INSERT}) "
-                      f"SELECT pg_notify('{CHANNEL}', current_schema())")
 
 
 async def enqueue(conn: Conn, rows: Iterable[Row]) -> int:

@@ -54,32 +54,26 @@ async def existing_keys(conn: Conn, keys: Sequence[str]) -> set[str]:
     return {r["key"] for r in rows}
 
 
-# Ids of wallets seen in the table by this process. Wallets are never deleted, so a known id
-# needs no insert; one believed to exist but missing (its creating transaction rolled back) is
-# found by the lock below and created then.
-_KNOWN_WALLETS: set[str] = set()
-_KNOWN_WALLETS_MAX = 2_000_000
-
-
 async def lock_wallets(conn: Conn, wanted: Iterable[Wallet]) -> dict[str, Wallet]:
     """Create the wallets that do not exist yet (with defaults), then lock all of them in id
-    order (no deadlocks between concurrent batches) and return their current state."""
+    order and return their current state. Off the money path (settings changes); postings
+    use ``post``."""
     by_id = {w.id: w for w in wanted}
     if not by_id:
         return {}
-    await _create(conn, [w for i, w in by_id.items() if i not in _KNOWN_WALLETS])
+    await _create(conn, list(by_id.values()))
     rows = await conn.fetch(
         f"SELECT {_WALLET_COLS} FROM wallets WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
         sorted(by_id),
     )
-    if len(rows) < len(by_id):  # believed known, but its creation was rolled back
-        missing = sorted(by_id.keys() - {r["id"] for r in rows})
-        await _create(conn, [by_id[i] for i in missing])
-        rows += await conn.fetch(
-            f"SELECT {_WALLET_COLS} FROM wallets WHERE id = ANY($1::text[]) ORDER BY id "
-            "FOR UPDATE", missing)
-    _remember(by_id)
     return {r["id"]: _wallet(r) for r in rows}
+
+
+# Ids of wallets seen in the table by this process. Wallets are never deleted, so a known id
+# needs no insert; one believed to exist but missing (its creating transaction rolled back) is
+# found by ``post``'s update and created then.
+_KNOWN_WALLETS: set[str] = set()
+_KNOWN_WALLETS_MAX = 2_000_000
 
 
 def _remember(ids: Iterable[str]) -> None:
