@@ -177,9 +177,8 @@ def test_ledger_matches_the_reference_model(tally: Tally) -> None:
 
 
 async def test_a_wallet_created_by_a_rolled_back_batch_is_created_again(tally: Tally) -> None:
-    """Posting remembers which wallets exist (no insert for those); a wallet whose creating
-    batch rolled back (a redelivery's unique-key failure does that) must not be taken for
-    existing: its update finds no row, and it is created and moved then."""
+    """A wallet whose creating batch rolled back (a redelivery's unique-key failure does that)
+    does not exist: the next posting's update finds no row, and it is created and moved then."""
     pool = await db.create_pool(tally.stack.database_url, "wallet_props", size=1)
     try:
         await db.migrate(pool, "wallet_props", "tally")

@@ -69,19 +69,6 @@ async def lock_wallets(conn: Conn, wanted: Iterable[Wallet]) -> dict[str, Wallet
     return {r["id"]: _wallet(r) for r in rows}
 
 
-# Ids of wallets seen in the table by this process. Wallets are never deleted, so a known id
-# needs no insert; one believed to exist but missing (its creating transaction rolled back) is
-# found by ``post``'s update and created then.
-_KNOWN_WALLETS: set[str] = set()
-_KNOWN_WALLETS_MAX = 2_000_000
-
-
-def _remember(ids: Iterable[str]) -> None:
-    if len(_KNOWN_WALLETS) > _KNOWN_WALLETS_MAX:
-        _KNOWN_WALLETS.clear()
-    _KNOWN_WALLETS.update(ids)
-
-
 _MOVE = (f"UPDATE wallets SET balance = wallets.balance + v.delta, updated_at = now() "
          f"FROM unnest($1::text[], $2::bigint[]) AS v(id, delta) WHERE wallets.id = v.id "
          f"RETURNING {', '.join('wallets.' + c for c in _WALLET_COLS.split(', '))}")
@@ -104,7 +91,10 @@ async def post(conn: Conn, wanted: Iterable[Wallet], transfers: Sequence[Transfe
     1. one ``UPDATE … RETURNING`` moves every wallet by its net delta and returns its state,
        which locks the rows (in id order: ids are sorted, so concurrent postings do not
        deadlock in the plans Postgres picks for it; if one ever did, Postgres aborts one
-       transaction and its batch is redelivered, unchanged);
+       transaction and its batch is redelivered, unchanged). Wallets it does not find have
+       never moved: they are created with defaults and moved by a second UPDATE (two more
+       statements, once in each wallet's life; nothing to remember between batches, so a
+       restarted wallet pays nothing for the wallets it has not seen yet);
     2. the posting replays the transfers from the balances before, giving each ledger line its
        balances after and noting the edges crossed (``domain.Posting``), and must end on the
        balances the database returned; COPY writes the lines;
@@ -118,14 +108,12 @@ async def post(conn: Conn, wanted: Iterable[Wallet], transfers: Sequence[Transfe
     for t in transfers:
         delta[t.debit] -= t.amount
         delta[t.credit] += t.amount
-    await _create(conn, [w for i, w in by_id.items() if i not in _KNOWN_WALLETS])
     ids = sorted(delta)
     rows = await conn.fetch(_MOVE, ids, [delta[i] for i in ids])
-    if len(rows) < len(ids):  # believed known, but its creation was rolled back
+    if len(rows) < len(ids):  # wallets that never moved before: create them, then move them
         missing = sorted(by_id.keys() - {r["id"] for r in rows})
         await _create(conn, [by_id[i] for i in missing])
         rows += await conn.fetch(_MOVE, missing, [delta[i] for i in missing])
-    _remember(by_id)
     wallets = {}
     for r in rows:
         w = wallets[r["id"]] = _wallet(r)
