@@ -1,7 +1,10 @@
+import dataclasses
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tally_wallet import storage
 from tally_wallet.domain import LedgerError, Posting, Transfer, Wallet
 
 
@@ -125,3 +128,12 @@ def test_usage_totals_sum_by_account_and_minute_and_split_into_messages() -> Non
     assert (first.amount_micros, first.events) == (12, 2)
     assert first.minute == datetime(2026, 1, 1, 10, 7, tzinfo=UTC)
     assert sum(t.amount_micros for t in got) == 5 * (USAGE_TOTALS_PER_MESSAGE + 1) + 7
+
+
+def test_wallet_rows_are_read_in_the_order_of_the_wallet_fields() -> None:
+    """``storage`` builds a Wallet from a row by position: its columns must be the fields, in
+    order (the last is stored as ``threshold_armed``)."""
+    columns = [c.strip() for c in storage._WALLET_COLS.split(",")]
+    fields = [f.name for f in dataclasses.fields(Wallet)]
+    assert columns[:-1] == fields[:-1]
+    assert (columns[-1], fields[-1]) == ("threshold_armed", "armed")

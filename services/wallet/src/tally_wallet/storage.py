@@ -23,7 +23,10 @@ from tally_wallet.domain import (
     parse_markups,
 )
 
-_WALLET_COLS = ("id, kind, company_id, account_id, currency, balance, threshold, reload_amount, "
+# In the order of ``Wallet``'s fields (``threshold_armed`` is ``armed``): a row is
+# ``Wallet(*row)``, a third of the cost of reading each column by name (~1 µs per wallet;
+# a batch over many accounts returns ~2 wallets per event).
+_WALLET_COLS = ("id, kind, currency, company_id, account_id, balance, threshold, reload_amount, "
                 "auto_recharge, smart_adjustment, status, threshold_armed")
 # Every wallet's materialised balance beside the one its ledger lines derive (credits - debits):
 # the audit that chaos runs and the tests use (a wallet is right when balance = derived).
@@ -40,11 +43,7 @@ _TRANSFER_COLS = ("key", "debit_wallet", "credit_wallet", "amount", "kind", "ser
 
 
 def _wallet(r: asyncpg.Record) -> Wallet:
-    return Wallet(id=r["id"], kind=r["kind"], currency=r["currency"], company_id=r["company_id"],
-                  account_id=r["account_id"], balance=r["balance"], threshold=r["threshold"],
-                  reload_amount=r["reload_amount"], auto_recharge=r["auto_recharge"],
-                  smart_adjustment=r["smart_adjustment"], status=r["status"],
-                  armed=r["threshold_armed"])
+    return Wallet(*r)
 
 
 async def existing_keys(conn: Conn, keys: Sequence[str]) -> set[str]:
