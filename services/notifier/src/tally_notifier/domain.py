@@ -3,6 +3,7 @@ an alert fires, and what the emails say."""
 
 from __future__ import annotations
 
+import functools
 import html
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -17,7 +18,10 @@ BIWEEKLY_EPOCH = date(2024, 1, 1)  # a Monday: bi-weekly periods are two-week bl
 MAX_RECIPIENTS = 10
 
 
+@functools.lru_cache(maxsize=4096)
 def local_day(moment: datetime, timezone: str) -> date:
+    """The day ``moment`` falls on in ``timezone`` (cached: usage totals are per minute, so a
+    batch asks for few distinct moments)."""
     return moment.astimezone(ZoneInfo(timezone)).date()
 
 

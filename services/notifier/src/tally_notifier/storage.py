@@ -48,17 +48,25 @@ async def timezones(conn: Conn, company_ids: list[str]) -> dict[str, str]:
     return {r["company_id"]: r["timezone"] for r in rows}
 
 
+# Rows go in as one JSON array, not six arrays: asyncpg checks every array element against
+# collections.abc (two Python-level isinstance calls per string), which was a quarter of the
+# notifier's CPU with many accounts; orjson encodes the same rows in a third of the time, and
+# Postgres reads the text exactly (declared types: amounts are bigint, never floats).
+_ADD_USAGE = (
+    "INSERT INTO usage_daily (account_id, company_id, day, service, currency, amount) "
+    "SELECT * FROM json_to_recordset($1::json) AS r(account_id text, company_id text, day date, "
+    "service text, currency text, amount bigint) "
+    "ON CONFLICT (account_id, day, service) DO UPDATE "
+    "SET amount = usage_daily.amount + EXCLUDED.amount")
+
+
 async def add_usage(conn: Conn, rows: list[tuple[str, str, date, str, str, int]]) -> None:
     """(account, company, day, service, currency, amount) rows, summed into usage_daily."""
     if not rows:
         return
-    cols = list(zip(*rows, strict=True))
-    await conn.execute(
-        "INSERT INTO usage_daily (account_id, company_id, day, service, currency, amount) "
-        "SELECT * FROM unnest($1::text[], $2::text[], $3::date[], $4::text[], $5::text[], "
-        "$6::bigint[]) ON CONFLICT (account_id, day, service) DO UPDATE "
-        "SET amount = usage_daily.amount + EXCLUDED.amount",
-        list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3]), list(cols[4]), list(cols[5]))
+    await conn.execute(_ADD_USAGE, orjson.dumps([
+        {"account_id": a, "company_id": c, "day": d, "service": s, "currency": cur, "amount": n}
+        for a, c, d, s, cur, n in rows]).decode())
 
 
 async def usage_since(conn: Conn, aid: str, since: date, until: date) -> tuple[dict[str, int], str]:
