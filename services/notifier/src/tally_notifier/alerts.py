@@ -17,7 +17,16 @@ import orjson
 from tally.db import Conn
 from tally.events import UsageTotal
 from tally_notifier import storage
-from tally_notifier.domain import PERIODS, Condition, Period, exceeded, local_day, period_start, usage_alert
+from tally_notifier.domain import (
+    PERIODS,
+    Condition,
+    Period,
+    exceeded,
+    local_day,
+    minute_day,
+    period_start,
+    usage_alert,
+)
 
 
 async def add_usage(conn: Conn, totals: list[UsageTotal]) -> set[str]:
@@ -25,7 +34,7 @@ async def add_usage(conn: Conn, totals: list[UsageTotal]) -> set[str]:
     zones = await storage.timezones(conn, list({t.company_id for t in totals}))
     sums: dict[tuple[str, str, date, str, str], int] = defaultdict(int)
     for t in totals:
-        day = local_day(t.minute, zones.get(t.company_id, "UTC"))
+        day = minute_day(t.minute, zones.get(t.company_id, "UTC"))
         sums[(t.account_id, t.company_id, day, t.service, t.currency)] += t.amount_micros
     # In key order: concurrent replicas then lock shared rows in the same order (no deadlock).
     await storage.add_usage(conn, [(*k, v) for k, v in sorted(sums.items())])
