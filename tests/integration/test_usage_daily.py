@@ -1,0 +1,38 @@
+"""The notifier's daily usage sums against the real Postgres: rows go in as one JSON parameter
+(``storage.add_usage``), so amounts beyond a double's 53 bits and ids with characters JSON
+escapes must come out exactly as they went in."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import pytest
+
+from tally import db
+from tally_notifier import storage
+from tests.conftest import Tally, uid
+
+pytestmark = pytest.mark.integration
+
+
+async def test_daily_sums_are_exact_and_ids_arrive_verbatim(tally: Tally) -> None:
+    pool = await db.create_pool(tally.stack.database_url, "notifier_usagetest", size=1)
+    try:
+        await db.migrate(pool, "notifier_usagetest", "tally")
+        await db.migrate(pool, "notifier_usagetest", "tally_notifier")
+        aid = uid('acc"\\é')  # a quote, a backslash and a non-ASCII letter
+        day = date(2026, 11, 21)
+        big = 2**53 + 1  # a float would round this to 2**53
+        async with pool.acquire() as conn:
+            await storage.add_usage(conn, [(aid, "co", day, "sms", "USD", big),
+                                           (aid, "co", day, "ai", "USD", 7)])
+            await storage.add_usage(conn, [(aid, "co", day, "sms", "USD", big)])
+            by_service, currency = await storage.usage_since(conn, aid, day, day)
+            stored = await conn.fetchval(
+                "SELECT array_agg(DISTINCT account_id) FROM usage_daily WHERE account_id = $1",
+                aid)
+        assert by_service == {"sms": 2 * big, "ai": 7}
+        assert currency == "USD"
+        assert stored == [aid]
+    finally:
+        await pool.close()
