@@ -44,6 +44,14 @@ def system_wallet_id(name: str, currency: str, company_id: str | None = None) ->
     return f"system:{name}:{currency}" if company_id is None else f"system:{name}:{company_id}:{currency}"
 
 
+def platform_revenue_wallet_id(currency: str, partition: int) -> str:
+    """The platform's revenue from usage, one wallet per ``usage.recorded`` partition: every
+    batch credits it, so one shared wallet would make the wallet replicas' transactions wait
+    for each other on its row; a partition has one consumer at a time (docs/0006). The
+    platform's revenue in a currency is the sum of these wallets (``system:platform_revenue:%``)."""
+    return f"system:{SYSTEM_PLATFORM_REVENUE}:p{partition}:{currency}"
+
+
 @dataclass
 class Wallet:
     id: str

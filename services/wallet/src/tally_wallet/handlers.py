@@ -81,18 +81,19 @@ def subscribe(rt: Runtime) -> None:
             except events.BadMessage as exc:
                 dead.append(dlq_row(r, str(exc), service=SERVICE))
         traces = {u.event_id: header(r) for r, u in good}
+        partitions = {u.event_id: r.partition for r, u in good}
 
         async def carefully(conn: Conn) -> None:
             """Skip what the ledger already has; if some event cannot be posted, post one by
             one (a savepoint each) and dead-letter the culprits."""
             try:
                 async with conn.transaction():
-                    await apply_usage(conn, [u for _, u in good], traces)
+                    await apply_usage(conn, [u for _, u in good], traces, partitions=partitions)
             except LedgerError:
                 for record, usage in good:
                     try:
                         async with conn.transaction():
-                            await apply_usage(conn, [usage], traces)
+                            await apply_usage(conn, [usage], traces, partitions=partitions)
                     except LedgerError as exc:
                         dead.append(dlq_row(record, str(exc), service=SERVICE))
 
@@ -102,7 +103,8 @@ def subscribe(rt: Runtime) -> None:
                 # no savepoint (two round trips fewer); a redelivered event fails the unique
                 # transfer key and the batch goes again, carefully.
                 async with conn.transaction():
-                    await apply_usage(conn, [u for _, u in good], traces, optimistic=True)
+                    await apply_usage(conn, [u for _, u in good], traces, partitions=partitions,
+                                      optimistic=True)
                     await enqueue(conn, dead)
             except (asyncpg.UniqueViolationError, LedgerError):
                 async with conn.transaction():

@@ -6,7 +6,7 @@ Usage that already happened is always recorded, even when it takes a balance bel
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -19,12 +19,12 @@ from tally.telemetry import child_traceparent
 from tally_wallet import storage
 from tally_wallet.domain import (
     SYSTEM_COMPANY_REVENUE,
-    SYSTEM_PLATFORM_REVENUE,
     Kind,
     Transfer,
     Wallet,
     account_wallet_id,
     company_wallet_id,
+    platform_revenue_wallet_id,
     system_wallet_id,
 )
 from tally_wallet.messages import UsageTotals, debited_message, edge_event_rows
@@ -68,9 +68,13 @@ def _want(wanted: dict[str, Wallet], wallet_id: str, kind: Kind, u: UsageRecorde
 
 async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
                       traceparents: dict[str, str | None] | None = None, *,
+                      partitions: Mapping[str, int] | None = None,
                       optimistic: bool = False) -> Outcome:
     """Post a batch of recorded usage in the caller's transaction. ``traceparents`` maps an
     event id to the trace it arrived in; what the event causes continues that trace.
+    ``partitions`` maps an event id to the ``usage.recorded`` partition it came from (0 when
+    absent): the platform's revenue goes to that partition's revenue wallet, so batches of
+    different partitions share no wallet and commit side by side.
 
     ``optimistic``: skip looking up which events the ledger already has; if one was posted
     before, the unique transfer key makes the insert fail (``asyncpg.UniqueViolationError``)
@@ -84,6 +88,7 @@ async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
         return Outcome(0, len(batch))
 
     rebilling = await storage.load_rebilling(conn, [u.account_id for u in fresh if u.account_id])
+    shard = partitions or {}
     plan: list[tuple[UsageRecorded, bool]] = []  # (event, has an account leg)
     transfers: list[Transfer] = []
     wanted: dict[str, Wallet] = {}  # one per distinct wallet, not four per event
@@ -95,7 +100,7 @@ async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
         # another currency than its wallet's, which posting refuses (LedgerError), never a
         # missing wallet.
         company_wallet = company_wallet_id(u.company_id)
-        platform = system_wallet_id(SYSTEM_PLATFORM_REVENUE, u.currency)
+        platform = platform_revenue_wallet_id(u.currency, shard.get(u.event_id, 0))
         _want(wanted, company_wallet, "company", u)
         _want(wanted, platform, "system", u)
         transfers.append(Transfer(company_leg_key(u.event_id), company_wallet, platform,
