@@ -52,10 +52,11 @@ async def test_batches_of_different_partitions_share_no_wallet(tally: Tally) -> 
                     await apply_usage(two, again, partitions={u.event_id: 3 for u in again})
             await held.commit()
 
-        credited = dict(await pool.fetch(
-            "SELECT credit_wallet, sum(amount)::bigint FROM transfers "
+        rows = await pool.fetch(
+            "SELECT credit_wallet, sum(amount)::bigint AS amount FROM transfers "
             "WHERE usage_event_id = ANY($1::text[]) GROUP BY 1",
-            [u.event_id for u in first + second]))
+            [u.event_id for u in first + second])
+        credited = {r["credit_wallet"]: r["amount"] for r in rows}
         assert credited == {platform_revenue_wallet_id("USD", 3): 1000,
                             platform_revenue_wallet_id("USD", 4): 5}
     finally:
