@@ -4,11 +4,15 @@ wallet -> ledger, and the same through the usage.ingest topic."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import pytest
 
+from tally.settings import get_settings
+from tally_usage_meter import storage
 from tally_wallet.storage import LEDGER_BALANCES
 from tests.conftest import Tally, eventually, uid
 
@@ -364,3 +368,39 @@ async def test_transactions_page_with_cursors_newest_first(tally: Tally) -> None
     assert [int(t["id"]) for t in seen] == sorted((int(t["id"]) for t in seen), reverse=True)
     r = await tally.http.get(url, params={"cursor": "not-a-cursor!"}, headers=headers)
     assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
+
+
+async def test_an_event_resent_after_the_dedupe_window_is_still_charged_once(tally: Tally) -> None:
+    """usage-meter forgets event ids older than the dedupe window (TALLY_DEDUPE_WINDOW_DAYS);
+    an event re-sent after that is answered "accepted", and the ledger, which keeps its keys,
+    still charges it once. Ids inside the window are kept."""
+    cid = await funded(tally)
+    old, recent = event(cid), event(cid)
+    await accepted(tally, old)
+    await accepted(tally, recent)
+    await tally.wait_applied(cid, recent["event_id"])
+    balance = (await tally.company_wallet(cid))["balance"]
+    await tally.sql("usage_meter", "UPDATE ingested SET received_at = now() - interval '40 days' "
+                    "WHERE event_id = $1", old["event_id"])
+
+    conn = await asyncpg.connect(tally.stack.database_url,
+                                 server_settings={"search_path": "usage_meter"})
+    try:  # what the service's DedupeExpiry runs each round, with the default window
+        forgotten = await storage.forget_ingested(
+            conn, timedelta(days=get_settings().dedupe_window_days), 50_000)
+    finally:
+        await conn.close()
+    assert forgotten >= 1
+    kept = await tally.sql("usage_meter", "SELECT event_id FROM ingested WHERE event_id = ANY($1)",
+                           [old["event_id"], recent["event_id"]])
+    assert [r["event_id"] for r in kept] == [recent["event_id"]]
+
+    statuses = [x["status"] for x in (await tally.post_usage(
+        {"events": [old, recent]})).json()["results"]]
+    assert statuses == ["accepted", "duplicate"]
+    sentinel = event(cid)  # one partition per company: once it is applied, so is the re-send
+    await accepted(tally, sentinel)
+    txs = await tally.wait_applied(cid, sentinel["event_id"])
+    assert [t["usage_event_id"] for t in txs].count(old["event_id"]) == 1
+    after = (await tally.company_wallet(cid))["balance"]
+    assert Decimal(balance) - Decimal(after) == Decimal("0.002025")  # the sentinel alone

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     kafka_fetch_max_wait_ms: int = Field(50, alias="KAFKA_FETCH_MAX_WAIT_MS", ge=1, le=10_000)
     kafka_side_fetch_max_wait_ms: int = Field(250, alias="KAFKA_SIDE_FETCH_MAX_WAIT_MS", ge=1,
                                               le=10_000)
+    # usage-meter answers "duplicate" for an event id sent again within this many days; older
+    # ids are forgotten (0: never). The ledger's own keys still charge a usage event once,
+    # whenever it is re-sent (docs/0007).
+    dedupe_window_days: int = Field(35, alias="TALLY_DEDUPE_WINDOW_DAYS", ge=0, le=36_500)
     # Allocations between young-generation garbage collections (Python's default: 700).
     gc_gen0_threshold: int = Field(50_000, alias="TALLY_GC_GEN0_THRESHOLD", ge=100)
     database_url: str | None = Field(None, alias="DATABASE_URL")

@@ -1,12 +1,26 @@
 """usage-meter: validates, prices and dedupes usage; publishes ``usage.recorded``."""
 
-from tally.service import ServiceSpec
+from tally.service import Runtime, ServiceSpec
 from tally_usage_meter import api, handlers
+from tally_usage_meter.retention import DedupeExpiry
+
+
+async def start(rt: Runtime) -> None:
+    expiry = DedupeExpiry(rt.pool, rt.settings.dedupe_window_days)
+    rt.state["dedupe_expiry"] = expiry
+    expiry.start()
+
+
+async def stop(rt: Runtime) -> None:
+    await rt.state["dedupe_expiry"].stop()
+
 
 SPEC = ServiceSpec(
     name="usage-meter",
     package="tally_usage_meter",
     routers=[api.router],
     subscribe=handlers.subscribe,
+    on_start=[start],
+    on_stop=[stop],
     description="Prices usage at the platform price and publishes it, exactly once per event id.",
 )

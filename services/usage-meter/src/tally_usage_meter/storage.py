@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 
 from tally.db import Conn
 from tally_usage_meter.domain import Price
@@ -35,6 +36,16 @@ async def claim_event_ids(conn: Conn, event_ids: Sequence[str],
         list(event_ids), list(company_ids),
     )
     return {r["event_id"] for r in rows}
+
+
+async def forget_ingested(conn: Conn, older_than: timedelta, limit: int) -> int:
+    """Forget up to ``limit`` event ids received more than ``older_than`` ago; returns how many
+    (BRIN on received_at finds them: migration 0002)."""
+    status = await conn.execute(
+        "DELETE FROM ingested WHERE ctid = ANY(ARRAY("
+        "  SELECT ctid FROM ingested WHERE received_at < now() - $1::interval LIMIT $2))",
+        older_than, limit)
+    return int(status.split()[-1])
 
 
 async def seen(conn: Conn, event_ids: Sequence[str]) -> set[str]:
