@@ -650,9 +650,24 @@ async def run_once(wallets: int, events: int, *, rates: list[int], seconds_per_r
     return result
 
 
+def python_loop_ms() -> float:
+    """A fixed piece of pure-Python work, best of three, in ms: this machine's speed drifts by
+    tens of per cent between runs and days (docs/performance.md), and the services are Python,
+    so a run's figures are compared through it (lower is faster)."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        total = 0
+        for i in range(2_000_000):
+            total += i & 7
+        best = min(best, time.perf_counter() - start)
+    return round(best * 1000, 1)
+
+
 def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30),
-            "platform": platform.platform(), "python": platform.python_version()}
+            "platform": platform.platform(), "python": platform.python_version(),
+            "python_loop_ms": python_loop_ms()}
 
 
 def show(r: dict[str, Any]) -> None:
@@ -711,8 +726,11 @@ async def main() -> None:
                            seconds_per_rate=float(os.environ.get("LATENCY_SECONDS", "10")),
                            references=os.environ.get("REFERENCES") != "0", profile=profile)
         show(r)
+        box = machine()
+        console.print(f"machine: python loop {box['python_loop_ms']} ms after the run (fixed "
+                      f"work, lower is faster: compare runs through it)")
         write("e2e", {"benchmark": "e2e", "time": datetime.now(UTC).isoformat(),
-                      "machine": machine(), **r})
+                      "machine": box, **r})
         return
     points = [(1_000, 100_000), (100_000, 100_000), (1_000_000, 100_000), (100_000, 1_000_000)]
     rows = []
@@ -720,7 +738,9 @@ async def main() -> None:
         console.rule(f"{wallets:,} wallets, {events:,} events")
         r = await run_once(wallets, events, rates=[], seconds_per_rate=0, references=True,
                            profile=False)
+        r["python_loop_ms"] = python_loop_ms()  # the machine's speed drifts between points
         show(r)
+        console.print(f"machine: python loop {r['python_loop_ms']} ms")
         rows.append(r)
     table = Table("wallets", "events", "events/s", "CPU µs/event (all)", "services µs/event",
                   "Postgres µs/event", "limit events/s", "share of limit")
