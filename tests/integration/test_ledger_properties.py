@@ -21,7 +21,7 @@ from tally.events import RebillingSettings, UsageRecorded
 from tally.money import apply_markup
 from tally_wallet import storage
 from tally_wallet.credits import credit
-from tally_wallet.domain import LedgerError, Transfer, Wallet
+from tally_wallet.domain import LedgerError, Transfer, Wallet, platform_revenue_wallet_id
 from tally_wallet.usage import apply_usage
 from tests.conftest import Tally, uid
 
@@ -184,7 +184,7 @@ async def test_a_wallet_created_by_a_rolled_back_batch_is_created_again(tally: T
         await db.migrate(pool, "wallet_props", "tally")
         await db.migrate(pool, "wallet_props", "tally_wallet")
         wallet = Wallet(f"company:{uid('co')}", "company", "USD", company_id="c")
-        revenue = Wallet("system:platform_revenue:USD", "system", "USD")
+        revenue = Wallet(platform_revenue_wallet_id("USD", 0), "system", "USD")
         async with pool.acquire() as conn:
             tx = conn.transaction()
             await tx.start()

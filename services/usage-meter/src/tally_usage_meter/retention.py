@@ -29,11 +29,10 @@ class DedupeExpiry(Worker):
     def __init__(self, pool: asyncpg.Pool, window_days: int) -> None:
         super().__init__()
         self._pool = pool
-        self._window = timedelta(days=window_days)
-        self._on = window_days > 0
+        self._window = timedelta(days=window_days)  # zero: keep every id
 
     async def step(self) -> bool:
-        if not self._on:
+        if not self._window:
             return False
         async with self._pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))",
