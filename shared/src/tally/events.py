@@ -121,6 +121,17 @@ class WalletThresholdCrossed(WalletRef):
     smart_adjustment: bool
 
 
+class WalletSettingsChanged(WalletRef):
+    """A wallet's auto-recharge settings after a change (PATCH, a tier raise, a cancellation),
+    with its balance then: the recharge service re-evaluates the auto-recharge rule on it."""
+
+    balance_micros: int
+    threshold_micros: int
+    reload_amount_micros: int
+    auto_recharge: bool
+    smart_adjustment: bool
+
+
 class WalletSuspended(WalletRef):
     balance_micros: int
 
@@ -277,6 +288,7 @@ PAYLOADS: dict[str, type[Payload]] = {
     "wallet.debited": WalletDebited,
     "wallet.credited": WalletCredited,
     "wallet.threshold_crossed": WalletThresholdCrossed,
+    "wallet.settings_changed": WalletSettingsChanged,
     "wallet.suspended": WalletSuspended,
     "wallet.reactivated": WalletReactivated,
     "wallet.usage": WalletUsage,
@@ -296,7 +308,10 @@ PAYLOADS: dict[str, type[Payload]] = {
 
 
 # wallet.events types also published to wallet.digest, with the same envelope.
+# Credits and settings changes are there because the recharge service re-evaluates the
+# auto-recharge rule on them (docs/0008).
 DIGEST_TYPES = frozenset({"wallet.threshold_crossed", "wallet.suspended", "wallet.reactivated",
+                          "wallet.credited", "wallet.settings_changed",
                           "credit_request.created", "credit_request.resolved"})
 
 

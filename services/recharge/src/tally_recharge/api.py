@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Literal
 
 import asyncpg
@@ -9,11 +10,12 @@ import stripe
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from tally import events, inbox, outbox, pagination
+from tally import events, idempotency, inbox, outbox, pagination
 from tally.auth import CurrentPrincipal, Principal, require_company, require_role
 from tally.db import Conn
-from tally.errors import ApiError, money_field, not_found
+from tally.errors import ApiError, JsonResponse, money_field, not_found
 from tally.events import Topics
+from tally.idempotency import IdempotencyKey
 from tally.ids import PathId, PathKey
 from tally.money import format_micros
 from tally.service import Runtime, runtime
@@ -47,7 +49,7 @@ class TopUpIn(BaseModel):
 
 class TryOut(BaseModel):
     payment_method: str
-    outcome: Literal["calling", "succeeded", "failed"]
+    outcome: Literal["calling", "processing", "succeeded", "failed"]
     decline_code: str | None = None
 
 
@@ -57,7 +59,9 @@ class AttemptOut(BaseModel):
     trigger: Literal["auto", "manual"]
     amount: str
     currency: str
-    status: Literal["pending", "succeeded", "failed"]
+    status: Literal["pending", "succeeded", "failed", "cancelled"] = Field(
+        description="cancelled: an automatic recharge the auto-recharge rule dropped before "
+                    "any card was charged (auto-recharge turned off, balance restored, no card)")
     tries: list[TryOut]
     payment_intent: str | None
     fee: str | None
@@ -158,15 +162,26 @@ async def _attach(request: Request, principal: Principal, target: WalletTarget,
                 customer_id=customer, brand=card.brand, last4=card.last4)
             await _card_event(conn, target, card.id, "payment_method.attached")
     rt.relay.wake()
+    _rt(request)[2].wake()
     return _pm_out(row)
 
 
 async def _card_event(conn: Conn, target: WalletTarget, pm: PathKey, type_: str) -> None:
+    """Publish the card change and re-evaluate the auto-recharge rule for the owner's wallet:
+    a new card may make it hold (a wallet below its threshold is recharged now), a removed one
+    may stop it."""
+    await _cards_changed(conn, target, bring_forward=type_ == "payment_method.attached")
     remaining = await storage.payment_methods(conn, target.owner, target.owner_id)
     await outbox.publish(conn, Topics.RECHARGE_EVENTS, target.company_id, events.envelope(
         type_, events.PaymentMethodChanged(
             company_id=target.company_id, account_id=target.account_id, payment_method=pm,
             has_valid_card=bool(remaining)), source=SOURCE))
+
+
+async def _cards_changed(conn: Conn, target: WalletTarget, *, bring_forward: bool) -> None:
+    if bring_forward:  # a retry waiting for its time tries the new card now
+        await storage.bring_forward(conn, target.wallet_id)
+    await storage.queue_check(conn, target.owner, target.company_id, target.account_id)
 
 
 async def _list(request: Request, target: WalletTarget) -> PaymentMethodList:
@@ -195,25 +210,56 @@ async def _detach(request: Request, target: WalletTarget, pm: PathKey) -> Respon
             await storage.remove_payment_method(conn, pm)
             await _card_event(conn, target, pm, "payment_method.detached")
     rt.relay.wake()
+    _rt(request)[2].wake()
     return Response(status_code=204)
 
 
 async def _default(request: Request, target: WalletTarget, pm: PathKey) -> PaymentMethodOut:
-    async with runtime(request).pool.acquire() as conn, conn.transaction():
+    rt, _, recharger = _rt(request)
+    async with rt.pool.acquire() as conn, conn.transaction():
         await _owned(conn, target, pm)
         await storage.make_default(conn, pm, target.owner, target.owner_id)
+        await _cards_changed(conn, target, bring_forward=True)
         rows = await storage.payment_methods(conn, target.owner, target.owner_id)
+    recharger.wake()
     return _pm_out(next(r for r in rows if r["id"] == pm))
 
 
-async def _top_up(request: Request, target: WalletTarget, body: TopUpIn) -> AttemptOut:
+async def _top_up(request: Request, principal: Principal, target: WalletTarget, body: TopUpIn,
+                  idempotency_key: str | None) -> AttemptOut | JsonResponse:
+    """A manual top-up. With an Idempotency-Key the attempt's id comes from the key: a second
+    request finds the same attempt (and never charges again); once the first has answered,
+    its response is answered again."""
     amount = money_field(body.amount, "amount")
     rt, _, recharger = _rt(request)
+    who = idempotency.principal_key(principal)
+    attempt_id = None
     async with rt.pool.acquire() as conn:
         stripe_account = await _stripe_account(conn, target)
         if not await storage.payment_methods(conn, target.owner, target.owner_id):
             raise ApiError(409, "no_payment_method", "add a card before topping up")
-    return _attempt_out(await recharger.top_up(target, amount, stripe_account))
+        if idempotency_key is not None:
+            async with conn.transaction():
+                fresh_id = f"rc_{uuid.uuid4().hex}"
+                stored = await idempotency.begin(
+                    conn, who, idempotency_key,
+                    idempotency.request_hash(request.url.path, body.model_dump()),
+                    resource=fresh_id)
+                if stored is not None and stored.response is not None:
+                    return JsonResponse(stored.response, status_code=stored.status_code or 201)
+                attempt_id = (stored.resource if stored is not None else None) or fresh_id
+                if await storage.get_attempt(conn, attempt_id) is None:
+                    # the attempt is created with the key, so a crash between the two cannot
+                    # leave a key whose request never charged, nor a charge without its key
+                    await storage.insert_attempt(conn, {
+                        "id": attempt_id, **target.ref(), "trigger": "manual",
+                        "amount_micros": amount, "stripe_account": stripe_account})
+    attempt = await recharger.top_up(target, amount, stripe_account, attempt_id)
+    out = _attempt_out(attempt)
+    if idempotency_key is not None and attempt.status != "pending":
+        async with rt.pool.acquire() as conn, conn.transaction():
+            await idempotency.finish(conn, who, idempotency_key, 201, out.model_dump(mode="json"))
+    return out
 
 
 async def _history(request: Request, target: WalletTarget, limit: int,
@@ -264,11 +310,12 @@ async def default_company_card(cid: PathId, pm: PathKey, request: Request,
 
 @router.post("/companies/{cid}/wallet/top-ups", status_code=201, response_model=AttemptOut)
 async def top_up_company(cid: PathId, body: TopUpIn, request: Request,
-                         principal: CurrentPrincipal) -> AttemptOut:
+                         principal: CurrentPrincipal,
+                         idempotency_key: IdempotencyKey = None) -> AttemptOut | JsonResponse:
     require_role(principal, "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
         target = await _company_target(conn, principal, cid)
-    return await _top_up(request, target, body)
+    return await _top_up(request, principal, target, body, idempotency_key)
 
 
 @router.get("/companies/{cid}/wallet/recharges", response_model=AttemptPage)
@@ -318,11 +365,12 @@ async def default_account_card(aid: PathId, pm: PathKey, request: Request,
 
 @router.post("/accounts/{aid}/wallet/top-ups", status_code=201, response_model=AttemptOut)
 async def top_up_account(aid: PathId, body: TopUpIn, request: Request,
-                         principal: CurrentPrincipal) -> AttemptOut:
+                         principal: CurrentPrincipal,
+                         idempotency_key: IdempotencyKey = None) -> AttemptOut | JsonResponse:
     require_role(principal, "account_user", "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
         target = await _account_target(conn, principal, aid)
-    return await _top_up(request, target, body)
+    return await _top_up(request, principal, target, body, idempotency_key)
 
 
 @router.get("/accounts/{aid}/wallet/recharges", response_model=AttemptPage)
@@ -388,9 +436,10 @@ async def stripe_webhook(request: Request) -> dict[str, str]:
             return {"status": "duplicate"}
     if attempt_id:
         async with rt.pool.acquire() as conn:
-            leased = await storage.lease_attempt(conn, attempt_id, recharger.lease_seconds)
+            token = recharger.token()
+            leased = await storage.lease_attempt(conn, attempt_id, recharger.lease_seconds, token)
         if leased is not None:  # still pending here: settle it from what Stripe says
-            await recharger.run(leased)
+            await recharger.run(leased, token)
     return {"status": "processed"}
 
 

@@ -8,14 +8,19 @@ from tally_recharge import api, handlers
 from tally_recharge.charging import Recharger
 from tally_recharge.domain import RetryPolicy
 from tally_recharge.gateway import StripeGateway
+from tally_recharge.wallets import WalletReader
 
 
 async def start(rt: Runtime) -> None:
     gateway = StripeGateway(rt.settings.stripe_api_key, rt.settings.stripe_api_base)
+    wallets = WalletReader(
+        os.environ.get("TALLY_WALLET_URL",
+                       f"http://{rt.settings.host}:{rt.settings.port_wallet}"),
+        rt.settings.jwt_secret)
     recharger = Recharger(
-        rt.pool, gateway, rt.relay,
+        rt.pool, gateway, rt.relay, wallets,
         retry=RetryPolicy.from_env(os.environ.get("TALLY_RECHARGE_RETRY_SECONDS")),
-        lease_seconds=int(os.environ.get("TALLY_RECHARGE_LEASE_SECONDS", "60")),
+        lease_seconds=int(os.environ.get("TALLY_RECHARGE_LEASE_SECONDS", "120")),
         unavailable_retry_seconds=int(os.environ.get("TALLY_RECHARGE_UNAVAILABLE_RETRY_SECONDS",
                                                      "30")))
     rt.state["gateway"] = gateway
@@ -25,6 +30,7 @@ async def start(rt: Runtime) -> None:
 
 async def stop(rt: Runtime) -> None:
     await rt.state["recharger"].stop()
+    await rt.state["recharger"].wallets.close()
 
 
 SPEC = ServiceSpec(

@@ -1,4 +1,12 @@
-"""Charging wallets' cards: automatic recharges on threshold crossings and manual top-ups.
+"""Charging wallets' cards: automatic recharges under the auto-recharge rule, and manual top-ups.
+
+The rule (``tally.autorecharge.needs_recharge``) is evaluated against the wallet's live state
+whenever one of its inputs may have changed: a threshold crossing, a credit, a settings change
+(``wallet.digest``), a card attached, detached or made default, a recharge settled. Each such
+trigger queues a check of the wallet (``recharge_checks``); the charger evaluates it and, when
+the rule holds, queues an automatic recharge. An automatic recharge is priced from the balance
+when it is charged, and dropped (``cancelled``) if the rule no longer holds by then: a retry
+after the owner turned auto-recharge off or after a top-up restored the balance charges nothing.
 
 An attempt is written (pending) before Stripe is called, and every try on a card is recorded
 as ``calling`` before the call and settled after it. A run that dies in between is resumed by
@@ -20,6 +28,7 @@ import asyncpg
 from prometheus_client import Counter
 
 from tally import events, outbox
+from tally.autorecharge import WalletState, needs_recharge, next_tier, recharge_amount
 from tally.db import Conn
 from tally.events import Topics
 from tally.faults import crash_point
@@ -28,15 +37,10 @@ from tally.outbox import OutboxRelay
 from tally.telemetry import continue_trace
 from tally.worker import Worker
 from tally_recharge import storage
-from tally_recharge.domain import (
-    RAISE_WINDOW,
-    RetryPolicy,
-    auto_amount,
-    card_order,
-    next_tier,
-    should_raise_tier,
-)
-from tally_recharge.gateway import StripeGateway, StripeUnavailable
+from tally_recharge.domain import RAISE_WINDOW, RetryPolicy, card_order, should_raise_tier
+from tally_recharge.gateway import ChargeResult, StripeGateway, StripeUnavailable
+from tally_recharge.storage import LeaseLost
+from tally_recharge.wallets import WalletReader, WalletUnavailable
 
 log = logging.getLogger(__name__)
 SOURCE = "recharge"
@@ -67,55 +71,108 @@ def target_of(a: storage.Attempt) -> WalletTarget:
 
 
 class Recharger(Worker):
-    """Also the background charger: leases due attempts (new, retries, interrupted) and runs
-    them."""
+    """Also the background charger: evaluates queued checks of the auto-recharge rule, leases
+    due attempts (new, retries, interrupted) and runs them. A lease outlasts a Stripe call with
+    its retries and is renewed before each card; an attempt is settled only by the holder of its
+    lease (fencing: ``storage.LeaseLost``)."""
 
     name = "recharger"
 
-    def __init__(self, pool: asyncpg.Pool, gateway: StripeGateway, relay: OutboxRelay, *,
-                 retry: RetryPolicy, lease_seconds: int = 60, unavailable_retry_seconds: int = 30):
+    def __init__(self, pool: asyncpg.Pool, gateway: StripeGateway, relay: OutboxRelay,
+                 wallets: WalletReader, *, retry: RetryPolicy, lease_seconds: int = 120,
+                 unavailable_retry_seconds: int = 30, pending_recheck_seconds: int = 60):
         self.pool = pool
         self.gateway = gateway
         self.relay = relay
+        self.wallets = wallets
         self.retry = retry
         self.lease_seconds = lease_seconds
         self.unavailable_retry_seconds = unavailable_retry_seconds
+        self.pending_recheck_seconds = pending_recheck_seconds
         super().__init__()
+
+    @staticmethod
+    def token() -> str:
+        return uuid.uuid4().hex
+
+    # --- the auto-recharge rule ------------------------------------------------------------
+
+    async def evaluate(self, conn: Conn, check: storage.Check) -> bool:
+        """In the transaction that holds ``check``: apply the rule to the wallet's live state.
+        Queues an automatic recharge when it holds and none is in flight; drops a retry waiting
+        for its time when it no longer holds. Returns whether a recharge was queued."""
+        _, _, cancelling = await storage.policy(conn, check.wallet_id)  # one check at a time
+        flying = await storage.in_flight(conn, check.wallet_id)
+        waiting = [a for a in flying if a.status == "pending" and a.trigger == "auto"
+                   and a.round > 1 and not a.tries]
+        if len(waiting) < len(flying):
+            return False  # a recharge is running or not credited yet: its outcome re-checks
+        owner_id = check.account_id if check.owner == "account" else check.company_id
+        assert owner_id is not None
+        cards = await storage.payment_methods(conn, check.owner, owner_id)
+        currency, stripe_account = await storage.company(conn, check.company_id)
+        usable = bool(cards) and (check.owner == "company" or stripe_account is not None)
+        state = await self.wallets.read(check.owner, check.company_id, check.account_id)
+        wanted = needs_recharge(auto_recharge=state.auto_recharge and not cancelling,
+                                has_card=usable, balance=state.balance,
+                                threshold=state.threshold, in_flight=False)
+        if waiting:
+            if not wanted:
+                for a in waiting:
+                    await storage.cancel_attempt(conn, a.id, _why_not(state, usable, cancelling))
+            return False
+        if not wanted:
+            return False
+        created = await storage.insert_attempt(conn, {
+            "id": f"rc_{uuid.uuid4().hex}", "wallet_id": check.wallet_id, "owner": check.owner,
+            "company_id": check.company_id, "account_id": check.account_id, "trigger": "auto",
+            "amount_micros": recharge_amount(state.balance, state.threshold, state.reload_amount),
+            "currency": currency,
+            "stripe_account": stripe_account if check.owner == "account" else None,
+            "reload_micros": state.reload_amount, "smart_adjustment": state.smart_adjustment})
+        return created is not None
+
+    async def _still_wanted(self, a: storage.Attempt, token: str) -> bool:
+        """Before an automatic recharge charges any card: is it still wanted, and for how much?
+        Reprices it from the balance now, or cancels it."""
+        target = target_of(a)
+        async with self.pool.acquire() as conn, conn.transaction():
+            _, _, cancelling = await storage.policy(conn, a.wallet_id)
+            others = [f for f in await storage.in_flight(conn, a.wallet_id) if f.id != a.id]
+            cards = await storage.payment_methods(conn, target.owner, target.owner_id)
+            usable = bool(cards) and (target.owner == "company" or a.stripe_account is not None)
+            state = await self.wallets.read(target.owner, target.company_id, target.account_id)
+            if others or not needs_recharge(
+                    auto_recharge=state.auto_recharge and not cancelling, has_card=usable,
+                    balance=state.balance, threshold=state.threshold, in_flight=False):
+                reason = "recharge_in_flight" if others else _why_not(state, usable, cancelling)
+                await storage.cancel_attempt(conn, a.id, reason)
+                OUTCOMES.labels(a.trigger, "cancelled").inc()
+                return False
+            await storage.reprice_attempt(
+                conn, a.id, token,
+                amount_micros=recharge_amount(state.balance, state.threshold, state.reload_amount),
+                reload_micros=state.reload_amount, smart_adjustment=state.smart_adjustment)
+        return True
 
     # --- creating attempts ---------------------------------------------------------------
 
-    async def request_auto(self, conn: Conn, crossed: events.WalletThresholdCrossed,
-                           traceparent: str | None = None) -> bool:
-        """In the consumer's transaction: queue an automatic recharge, unless one is in flight
-        or the wallet's auto-recharge is off. Returns whether one was queued."""
-        if not crossed.auto_recharge:
-            return False
-        stripe_account = None
-        if crossed.owner == "account":
-            _, stripe_account = await storage.company(conn, crossed.company_id)
-        amount = auto_amount(crossed.balance_micros, crossed.threshold_micros,
-                             crossed.reload_amount_micros)
-        created = await storage.insert_attempt(conn, {
-            "id": f"rc_{uuid.uuid4().hex}", "wallet_id": crossed.wallet_id, "owner": crossed.owner,
-            "company_id": crossed.company_id, "account_id": crossed.account_id, "trigger": "auto",
-            "amount_micros": amount, "currency": crossed.currency, "stripe_account": stripe_account,
-            "reload_micros": crossed.reload_amount_micros,
-            "smart_adjustment": crossed.smart_adjustment, "traceparent": traceparent})
-        return created is not None
-
-    async def top_up(self, target: WalletTarget, amount_micros: int,
-                     stripe_account: str | None) -> storage.Attempt:
-        """A manual top-up, charged now; returns the settled (or still pending) attempt."""
+    async def top_up(self, target: WalletTarget, amount_micros: int, stripe_account: str | None,
+                     attempt_id: str | None = None) -> storage.Attempt:
+        """A manual top-up, charged now; returns the settled (or still pending) attempt. With
+        ``attempt_id`` (an Idempotency-Key's), a second call runs or returns the same one."""
+        attempt_id = attempt_id or f"rc_{uuid.uuid4().hex}"
+        token = self.token()
         async with self.pool.acquire() as conn:
-            attempt = await storage.insert_attempt(conn, {
-                "id": f"rc_{uuid.uuid4().hex}", **target.ref(), "trigger": "manual",
-                "amount_micros": amount_micros, "stripe_account": stripe_account})
-            assert attempt is not None
-            leased = await storage.lease_attempt(conn, attempt.id, self.lease_seconds)
+            if await storage.get_attempt(conn, attempt_id) is None:
+                await storage.insert_attempt(conn, {
+                    "id": attempt_id, **target.ref(), "trigger": "manual",
+                    "amount_micros": amount_micros, "stripe_account": stripe_account})
+            leased = await storage.lease_attempt(conn, attempt_id, self.lease_seconds, token)
         if leased:
-            await self.run(leased)
+            await self.run(leased, token)
         async with self.pool.acquire() as conn:
-            final = await storage.get_attempt(conn, attempt.id)
+            final = await storage.get_attempt(conn, attempt_id)
         assert final is not None
         return final
 
@@ -123,6 +180,7 @@ class Recharger(Worker):
                           stripe_account: str | None, description: str) -> storage.Attempt:
         """Charge a card for another service (``purpose = 'charge'``), at most once per ``key``:
         a repeated call returns the first call's attempt. Nothing is credited to a wallet."""
+        token = self.token()
         async with self.pool.acquire() as conn:
             existing = await storage.get_attempt(conn, key)
             if existing is None:
@@ -131,9 +189,9 @@ class Recharger(Worker):
                     "trigger": "manual", "amount_micros": amount_micros,
                     "stripe_account": stripe_account, "purpose": "charge",
                     "description": description})
-            leased = await storage.lease_attempt(conn, key, self.lease_seconds)
+            leased = await storage.lease_attempt(conn, key, self.lease_seconds, token)
         if leased is not None:
-            await self.run(leased)
+            await self.run(leased, token)
         async with self.pool.acquire() as conn:
             final = await storage.get_attempt(conn, key)
         assert final is not None
@@ -141,59 +199,80 @@ class Recharger(Worker):
 
     # --- running attempts ----------------------------------------------------------------
 
-    async def run(self, a: storage.Attempt) -> None:
-        """Try the wallet's cards in order until one pays; settle the attempt."""
+    async def run(self, a: storage.Attempt, token: str) -> None:
+        """Try the wallet's cards in order until one pays; settle the attempt. ``token`` is the
+        lease this run holds."""
         with continue_trace(a.traceparent, "recharge.charge", {"tally.recharge_id": a.id}):
-            await self._run(a)
+            try:
+                await self._run(a, token)
+            except LeaseLost:
+                log.warning("lease lost; another run settles this attempt",
+                            extra={"attempt": a.id})
+            except WalletUnavailable as exc:
+                log.warning("wallet unavailable; attempt stays pending",
+                            extra={"attempt": a.id, "error": str(exc)[:200]})
+                async with self.pool.acquire() as conn:
+                    await storage.postpone_attempt(conn, a.id, self.unavailable_retry_seconds,
+                                                   f"wallet unavailable: {exc}"[:500])
 
-    async def _run(self, a: storage.Attempt) -> None:
+    async def _run(self, a: storage.Attempt, token: str) -> None:
         target = target_of(a)
         try:
+            if a.trigger == "auto" and a.purpose == "wallet" and not a.tries:
+                if not await self._still_wanted(a, token):
+                    self.wake()
+                    return
+                async with self.pool.acquire() as conn:
+                    fresh = await storage.get_attempt(conn, a.id)
+                assert fresh is not None
+                a = fresh
             async with self.pool.acquire() as conn:
                 customer = await storage.customer(conn, target.owner, target.owner_id)
                 cards = card_order(storage.cards(
                     await storage.payment_methods(conn, target.owner, target.owner_id)))
             if target.owner == "account" and not a.stripe_account:
-                await self._fail(a, a.tries, "company_stripe_not_connected")
-                return
-            if customer is None or not cards:
-                await self._fail(a, a.tries, "no_payment_method")
+                await self._fail(a, token, a.tries, "company_stripe_not_connected")
                 return
             tries = list(a.tries)
+            # A try whose outcome is not known yet (the run died mid-call, or Stripe said
+            # processing / requires_action) is asked for again before any other card.
+            open_try = next((t for t in tries if t["outcome"] in ("calling", "processing")), None)
+            if open_try is None and (customer is None or not cards):
+                await self._fail(a, token, tries, "no_payment_method")
+                return
+            if open_try is not None:
+                result = await self.gateway.find_charge(
+                    attempt_id=a.id, try_no=open_try["try"], stripe_account=a.stripe_account,
+                    currency=a.currency)
+                if result is not None or open_try["outcome"] == "processing":
+                    if await self._settled(a, token, tries, open_try, result):
+                        return
+                else:  # never reached Stripe: charge that card now
+                    cards = [c for c in cards if c.id == open_try["payment_method"]] + [
+                        c for c in cards if c.id != open_try["payment_method"]]
             for card in cards:
                 done = [t for t in tries if t["payment_method"] == card.id]
                 if done and done[-1]["outcome"] == "failed":
                     continue
-                if done and done[-1]["outcome"] == "calling":  # a previous run died here
+                if done and done[-1]["outcome"] == "calling":
                     current = done[-1]
-                    result = await self.gateway.find_charge(
-                        attempt_id=a.id, try_no=current["try"], stripe_account=a.stripe_account,
-                        currency=a.currency)
                 else:
-                    result = None
                     current = {"payment_method": card.id, "outcome": "calling",
                                "try": len(tries) + 1, "decline_code": None}
                     tries.append(current)
-                    async with self.pool.acquire() as conn:
-                        await storage.save_tries(conn, a.id, tries)
-                if result is None:
-                    crash_point("recharge.before_charge")
-                    result = await self.gateway.charge(
-                        amount_micros=a.amount_micros, currency=a.currency, customer=customer,
-                        payment_method=card.id, stripe_account=a.stripe_account,
-                        attempt_id=a.id, try_no=current["try"])
-                crash_point("recharge.after_charge")
-                current["outcome"] = result.outcome
-                current["decline_code"] = result.decline_code
-                current["payment_intent"] = result.payment_intent
-                if result.outcome == "succeeded":
-                    await self._succeed(a, tries, card.id, result.payment_intent,
-                                        result.fee_micros)
-                    return
-                DECLINES.labels(result.decline_code or "unknown").inc()
                 async with self.pool.acquire() as conn:
-                    await storage.save_tries(conn, a.id, tries)
-            await self._fail(a, tries, None)
+                    if not await storage.renew_lease(conn, a.id, self.lease_seconds, token):
+                        raise LeaseLost(a.id)
+                    await storage.save_tries(conn, a.id, tries, token)
+                crash_point("recharge.before_charge")
+                result = await self.gateway.charge(
+                    amount_micros=a.amount_micros, currency=a.currency, customer=customer or "",
+                    payment_method=card.id, stripe_account=a.stripe_account,
+                    attempt_id=a.id, try_no=current["try"])
+                crash_point("recharge.after_charge")
+                if await self._settled(a, token, tries, current, result):
+                    return
+            await self._fail(a, token, tries, None)
         except StripeUnavailable as exc:
             log.warning("stripe unavailable; attempt stays pending",
                         extra={"attempt": a.id, "error": str(exc)[:200]})
@@ -201,13 +280,38 @@ class Recharger(Worker):
                 await storage.postpone_attempt(conn, a.id, self.unavailable_retry_seconds,
                                                f"stripe unavailable: {exc}"[:500])
 
-    async def _succeed(self, a: storage.Attempt, tries: list[dict[str, Any]], pm: str,
+    async def _settled(self, a: storage.Attempt, token: str, tries: list[dict[str, Any]],
+                       current: dict[str, Any], result: ChargeResult | None) -> bool:
+        """Record a try's outcome; True when the attempt is settled or must wait (a payment
+        still processing never moves on to the next card), False to try the next card."""
+        if result is None or result.outcome == "pending":
+            current["outcome"] = "processing"
+            if result is not None:
+                current["payment_intent"] = result.payment_intent
+            async with self.pool.acquire() as conn:
+                await storage.save_tries(conn, a.id, tries, token)
+                await storage.postpone_attempt(conn, a.id, self.pending_recheck_seconds,
+                                               "payment processing", tries)
+            return True
+        current["outcome"] = result.outcome
+        current["decline_code"] = result.decline_code
+        current["payment_intent"] = result.payment_intent
+        if result.outcome == "succeeded":
+            await self._succeed(a, token, tries, current["payment_method"],
+                                result.payment_intent, result.fee_micros)
+            return True
+        DECLINES.labels(result.decline_code or "unknown").inc()
+        async with self.pool.acquire() as conn:
+            await storage.save_tries(conn, a.id, tries, token)
+        return False
+
+    async def _succeed(self, a: storage.Attempt, token: str, tries: list[dict[str, Any]], pm: str,
                        payment_intent: str | None, fee: int | None) -> None:
         target = target_of(a)
         charged_minor = micros_to_minor_units_ceil(a.amount_micros, a.currency)
         credited = minor_units_to_micros(charged_minor, a.currency)
         async with self.pool.acquire() as conn, conn.transaction():
-            await storage.finish_attempt(conn, a.id, status="succeeded", tries=tries,
+            await storage.finish_attempt(conn, a.id, token, status="succeeded", tries=tries,
                                          payment_intent=payment_intent, payment_method=pm,
                                          charged_minor=charged_minor, fee_micros=fee)
             await storage.card_succeeded(conn, pm)
@@ -229,6 +333,8 @@ class Recharger(Worker):
 
     async def _maybe_raise_tier(self, conn: Conn, a: storage.Attempt,
                                 target: WalletTarget) -> list[outbox.Row]:
+        """Smart adjustment earned: the wallet raises its reload amount one tier above the one
+        current when it applies the event, and only if smart adjustment is still on."""
         since = datetime.now(UTC) - RAISE_WINDOW
         recent = await storage.recent_auto_successes(conn, a.wallet_id, since)
         if not should_raise_tier(recent, a.smart_adjustment) or a.reload_micros is None:
@@ -242,14 +348,15 @@ class Recharger(Worker):
                 **target.ref(), previous_reload_amount_micros=a.reload_micros,
                 reload_amount_micros=new), source=SOURCE, id_=f"recharge.tier_raised:{a.id}"))]
 
-    async def _fail(self, a: storage.Attempt, tries: list[dict[str, Any]],
+    async def _fail(self, a: storage.Attempt, token: str, tries: list[dict[str, Any]],
                     reason: str | None) -> None:
         target = target_of(a)
         retry_at = None
         disabled = False
         failures = 1
         async with self.pool.acquire() as conn, conn.transaction():
-            await storage.finish_attempt(conn, a.id, status="failed", tries=tries, error=reason)
+            await storage.finish_attempt(conn, a.id, token, status="failed", tries=tries,
+                                         error=reason)
             if a.purpose == "charge":
                 OUTCOMES.labels("charge", "failed").inc()
                 return
@@ -257,8 +364,10 @@ class Recharger(Worker):
                 failures = (await storage.policy(conn, a.wallet_id))[0] + 1
                 delay = self.retry.after_failure(failures)
                 if delay is None:
-                    disabled = True  # cancellation: the wallet turns auto-recharge off
-                    await storage.set_policy(conn, a.wallet_id, failures=0)
+                    # Cancellation: the wallet turns auto-recharge off; until it confirms, no
+                    # check starts another round.
+                    disabled = True
+                    await storage.set_policy(conn, a.wallet_id, failures=0, cancelling=True)
                 else:
                     await storage.set_policy(conn, a.wallet_id, failures=failures)
                     retry_at = datetime.now(UTC) + delay
@@ -289,9 +398,40 @@ class Recharger(Worker):
     # --- the background charger ----------------------------------------------------------
 
     async def step(self) -> bool:
+        if await self._check_one():
+            return True
+        token = self.token()
         async with self.pool.acquire() as conn:
-            attempt = await storage.lease_due_attempt(conn, self.lease_seconds)
+            attempt = await storage.lease_due_attempt(conn, self.lease_seconds, token)
         if attempt is None:
             return False
-        await self.run(attempt)
+        await self.run(attempt, token)
         return True
+
+    async def _check_one(self) -> bool:
+        """Evaluate one due check; True when there was one."""
+        check: storage.Check | None = None
+        async with self.pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    check = await storage.take_due_check(conn)
+                    if check is None:
+                        return False
+                    await self.evaluate(conn, check)
+                    await storage.done_check(conn, check.wallet_id)
+            except WalletUnavailable as exc:
+                log.warning("wallet unavailable; check postponed",
+                            extra={"wallet": check.wallet_id if check else None,
+                                   "error": str(exc)[:200]})
+                if check is not None:
+                    await storage.postpone_check(conn, check.wallet_id,
+                                                 self.unavailable_retry_seconds // 6 or 1)
+        return True
+
+
+def _why_not(state: WalletState, usable_card: bool, cancelling: bool) -> str:
+    if not state.auto_recharge or cancelling:
+        return "auto_recharge_off"
+    if not usable_card:
+        return "no_payment_method"
+    return "balance_at_threshold"

@@ -1,33 +1,13 @@
-"""Recharge rules, pure: how much to charge, which card first, when to retry or give up, and
-when smart adjustment raises a wallet's reload tier."""
+"""Recharge rules, pure: which card first, when to retry or give up, and when smart adjustment
+raises a wallet's reload tier (the auto-recharge rule itself and the tiers: ``tally.autorecharge``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from tally.money import MICROS_PER_UNIT
-
-# Reload tiers (currency units): smart adjustment moves a wallet up one rung at a time.
-TIERS = tuple(t * MICROS_PER_UNIT for t in (10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
 RAISE_AFTER = 3  # auto-recharges ...
 RAISE_WINDOW = timedelta(hours=24)  # ... within this window raise the tier
-
-
-def auto_amount(balance: int, threshold: int, reload_amount: int) -> int:
-    """The reload amount; when that would still leave the wallet below its threshold, enough to
-    lift it to the threshold plus the reload amount."""
-    if balance + reload_amount >= threshold:
-        return reload_amount
-    return threshold - balance + reload_amount
-
-
-def next_tier(reload_amount: int) -> int | None:
-    """The first tier above the current reload amount (None at the top of the ladder)."""
-    for tier in TIERS:
-        if tier > reload_amount:
-            return tier
-    return None
 
 
 def should_raise_tier(recent_auto_successes: int, smart_adjustment: bool) -> bool:

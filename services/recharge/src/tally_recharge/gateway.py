@@ -36,9 +36,14 @@ class CardInfo:
     last4: str | None
 
 
+# A PaymentIntent in one of these has not failed: the payment may still complete (a bank's
+# delay, a customer's authentication). It stays pending until a webhook or a later look says.
+UNSETTLED = frozenset({"processing", "requires_action", "requires_confirmation", "requires_capture"})
+
+
 @dataclass(frozen=True)
 class ChargeResult:
-    outcome: Literal["succeeded", "failed"]
+    outcome: Literal["succeeded", "failed", "pending"]
     payment_intent: str | None = None
     decline_code: str | None = None
     fee_micros: int | None = None
@@ -54,10 +59,16 @@ def _options(stripe_account: str | None, idempotency_key: str | None = None) -> 
 
 
 class StripeGateway:
+    # A call's worst case is (retries + 1) x timeout, well under the recharge lease (120 s by
+    # default), so a leased attempt is never run by two replicas at once.
+    TIMEOUT_SECONDS = 20
+    RETRIES = 1
+
     def __init__(self, api_key: str, api_base: str) -> None:
         self.client = stripe.StripeClient(
-            api_key, base_addresses={"api": api_base}, http_client=stripe.HTTPXClient(),
-            max_network_retries=1)
+            api_key, base_addresses={"api": api_base},
+            http_client=stripe.HTTPXClient(timeout=self.TIMEOUT_SECONDS),
+            max_network_retries=self.RETRIES)
 
     async def create_customer(self, *, email: str | None, name: str,
                               stripe_account: str | None, idempotency_key: str) -> str:
@@ -156,6 +167,8 @@ class StripeGateway:
                 fee = minor_units_to_micros(txn["fee"], currency)
         if intent.get("status") == "succeeded":
             return ChargeResult("succeeded", str(intent["id"]), None, fee)
+        if intent.get("status") in UNSETTLED:
+            return ChargeResult("pending", str(intent["id"]), None, None)
         error = intent.get("last_payment_error") or {}
         return ChargeResult("failed", str(intent["id"]),
                             error.get("decline_code") or error.get("code") or intent.get("status"))

@@ -1,6 +1,7 @@
-"""recharge's Kafka consumers: ``wallet.digest`` (threshold crossings queue automatic recharges,
-at most one in flight per wallet, each crossing event once) and ``rebilling.events`` (which
-company has connected which Stripe account; which company an account belongs to)."""
+"""recharge's Kafka consumers: ``wallet.digest`` (threshold crossings, credits and settings
+changes queue a check of the auto-recharge rule for their wallet, each event once) and
+``rebilling.events`` (which company has connected which Stripe account; which company an
+account belongs to)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from tally.consumer import subscribe_batch, take
 from tally.events import Topics
 from tally.outbox import enqueue
 from tally.service import Runtime
-from tally.telemetry import child_traceparent, header
 from tally_recharge import storage
 from tally_recharge.charging import Recharger
 
 SERVICE = "recharge"
+TRIGGERS = ("wallet.threshold_crossed", "wallet.credited", "wallet.settings_changed")
 
 
 def subscribe(rt: Runtime) -> None:
@@ -25,23 +26,25 @@ def subscribe(rt: Runtime) -> None:
         return r
 
     async def on_wallet_digest(records: Sequence[Any]) -> None:
-        taken, dead = take(records, ("wallet.threshold_crossed",), service=SERVICE)
-        crossings: list[tuple[str, events.WalletThresholdCrossed, str | None]] = []
-        for r, message in taken:
-            assert isinstance(message.data, events.WalletThresholdCrossed)
-            crossings.append((message.id, message.data, header(r)))
-        if not crossings and not dead:
+        """Every wallet change that may make the auto-recharge rule hold (or stop holding)
+        queues a check of that wallet; a credit of a recharge also ends its flight."""
+        taken, dead = take(records, TRIGGERS, service=SERVICE)
+        if not taken and not dead:
             return
-        queued = False
         async with rt.pool.acquire() as conn, conn.transaction():
-            fresh = await inbox.claim(conn, "recharge-thresholds", [c[0] for c in crossings])
-            for msg_id, crossed, traceparent in crossings:
-                if msg_id in fresh:
-                    tp = child_traceparent(traceparent, "recharge.request",
-                                           {"tally.wallet_id": crossed.wallet_id})
-                    queued = await recharger().request_auto(conn, crossed, tp) or queued
+            fresh = await inbox.claim(conn, "recharge-wallet", [m.id for _, m in taken])
+            for _, message in taken:
+                if message.id not in fresh:
+                    continue
+                p = message.data
+                assert isinstance(p, events.WalletRef)
+                if isinstance(p, events.WalletCredited) and p.transfer_id.startswith("recharge:"):
+                    await storage.mark_credited(conn, p.transfer_id.removeprefix("recharge:"))
+                if isinstance(p, events.WalletSettingsChanged) and not p.auto_recharge:
+                    await storage.set_policy(conn, p.wallet_id, cancelling=False)
+                await storage.queue_check(conn, p.owner, p.company_id, p.account_id)
             await enqueue(conn, dead)
-        if queued:
+        if taken:
             recharger().wake()
 
     async def on_rebilling_events(records: Sequence[Any]) -> None:

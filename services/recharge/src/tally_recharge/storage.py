@@ -77,23 +77,36 @@ async def insert_attempt(conn: Conn, a: dict[str, Any]) -> Attempt | None:
     return _attempt(r) if r else None
 
 
-async def lease_due_attempt(conn: Conn, lease_seconds: int) -> Attempt | None:
-    """Take the next due pending attempt for ``lease_seconds`` (other replicas skip it)."""
+async def lease_due_attempt(conn: Conn, lease_seconds: int, token: str) -> Attempt | None:
+    """Take the next due pending attempt for ``lease_seconds`` (other replicas skip it); only
+    the holder of ``token`` may settle it (``finish_attempt``)."""
     r = await conn.fetchrow(
-        f"UPDATE recharge_attempts SET leased_until = now() + make_interval(secs => $1) "
+        f"UPDATE recharge_attempts SET leased_until = now() + make_interval(secs => $1), "
+        f"lease_token = $2 "
         f"WHERE id = (SELECT id FROM recharge_attempts WHERE status = 'pending' "
         f"  AND not_before <= now() AND (leased_until IS NULL OR leased_until < now()) "
         f"  ORDER BY not_before LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {_ATTEMPT_COLS}",
-        lease_seconds)
+        lease_seconds, token)
     return _attempt(r) if r else None
 
 
-async def lease_attempt(conn: Conn, attempt_id: str, lease_seconds: int) -> Attempt | None:
+async def lease_attempt(conn: Conn, attempt_id: str, lease_seconds: int,
+                        token: str) -> Attempt | None:
     r = await conn.fetchrow(
-        f"UPDATE recharge_attempts SET leased_until = now() + make_interval(secs => $2) "
+        f"UPDATE recharge_attempts SET leased_until = now() + make_interval(secs => $2), "
+        f"lease_token = $3 "
         f"WHERE id = $1 AND status = 'pending' AND (leased_until IS NULL OR leased_until < now()) "
-        f"RETURNING {_ATTEMPT_COLS}", attempt_id, lease_seconds)
+        f"RETURNING {_ATTEMPT_COLS}", attempt_id, lease_seconds, token)
     return _attempt(r) if r else None
+
+
+async def renew_lease(conn: Conn, attempt_id: str, lease_seconds: int, token: str) -> bool:
+    """Extend a lease still held; False when it was lost (another replica may run it now)."""
+    status = await conn.execute(
+        "UPDATE recharge_attempts SET leased_until = now() + make_interval(secs => $2) "
+        "WHERE id = $1 AND status = 'pending' AND lease_token = $3", attempt_id, lease_seconds,
+        token)
+    return status.endswith(" 1")
 
 
 async def get_attempt(conn: Conn, attempt_id: str) -> Attempt | None:
@@ -102,29 +115,126 @@ async def get_attempt(conn: Conn, attempt_id: str) -> Attempt | None:
     return _attempt(r) if r else None
 
 
-async def save_tries(conn: Conn, attempt_id: str, tries: list[dict[str, Any]]) -> None:
-    await conn.execute(
-        "UPDATE recharge_attempts SET tries = $2::jsonb, updated_at = now() WHERE id = $1",
-        attempt_id, orjson.dumps(tries).decode())
+class LeaseLost(Exception):
+    """The attempt is no longer pending under this lease: another run settled or took it."""
 
 
-async def finish_attempt(conn: Conn, attempt_id: str, *, status: str, tries: list[dict[str, Any]],
-                         payment_intent: str | None = None, payment_method: str | None = None,
-                         charged_minor: int | None = None, fee_micros: int | None = None,
-                         error: str | None = None) -> None:
-    await conn.execute(
+async def save_tries(conn: Conn, attempt_id: str, tries: list[dict[str, Any]],
+                     token: str) -> None:
+    status = await conn.execute(
+        "UPDATE recharge_attempts SET tries = $2::jsonb, updated_at = now() "
+        "WHERE id = $1 AND status = 'pending' AND lease_token = $3",
+        attempt_id, orjson.dumps(tries).decode(), token)
+    if not status.endswith(" 1"):
+        raise LeaseLost(attempt_id)
+
+
+async def finish_attempt(conn: Conn, attempt_id: str, token: str, *, status: str,
+                         tries: list[dict[str, Any]], payment_intent: str | None = None,
+                         payment_method: str | None = None, charged_minor: int | None = None,
+                         fee_micros: int | None = None, error: str | None = None) -> None:
+    """Settle an attempt, only while it is pending and leased with ``token`` (LeaseLost
+    otherwise: the caller's transaction rolls back and publishes nothing)."""
+    done = await conn.execute(
         "UPDATE recharge_attempts SET status = $2, tries = $3::jsonb, payment_intent = $4, "
         "payment_method = $5, charged_minor = $6, fee_micros = $7, error = $8, "
-        "leased_until = NULL, updated_at = now() WHERE id = $1",
+        "leased_until = NULL, updated_at = now() "
+        "WHERE id = $1 AND status = 'pending' AND lease_token = $9",
         attempt_id, status, orjson.dumps(tries).decode(), payment_intent, payment_method,
-        charged_minor, fee_micros, error)
+        charged_minor, fee_micros, error, token)
+    if not done.endswith(" 1"):
+        raise LeaseLost(attempt_id)
 
 
-async def postpone_attempt(conn: Conn, attempt_id: str, seconds: int, error: str) -> None:
+async def postpone_attempt(conn: Conn, attempt_id: str, seconds: int, error: str,
+                           tries: list[dict[str, Any]] | None = None) -> None:
     await conn.execute(
         "UPDATE recharge_attempts SET not_before = now() + make_interval(secs => $2), "
-        "leased_until = NULL, error = $3, updated_at = now() WHERE id = $1",
-        attempt_id, seconds, error)
+        "leased_until = NULL, error = $3, tries = COALESCE($4::jsonb, tries), updated_at = now() "
+        "WHERE id = $1 AND status = 'pending'",
+        attempt_id, seconds, error, orjson.dumps(tries).decode() if tries is not None else None)
+
+
+async def reprice_attempt(conn: Conn, attempt_id: str, token: str, *, amount_micros: int,
+                          reload_micros: int, smart_adjustment: bool) -> None:
+    """The amount of an automatic recharge, computed when it is charged."""
+    done = await conn.execute(
+        "UPDATE recharge_attempts SET amount_micros = $2, reload_micros = $3, "
+        "smart_adjustment = $4, updated_at = now() "
+        "WHERE id = $1 AND status = 'pending' AND lease_token = $5 AND tries = '[]'::jsonb",
+        attempt_id, amount_micros, reload_micros, smart_adjustment, token)
+    if not done.endswith(" 1"):
+        raise LeaseLost(attempt_id)
+
+
+async def cancel_attempt(conn: Conn, attempt_id: str, reason: str) -> bool:
+    """Drop a pending recharge no card was charged for yet."""
+    status = await conn.execute(
+        "UPDATE recharge_attempts SET status = 'cancelled', error = $2, leased_until = NULL, "
+        "updated_at = now() WHERE id = $1 AND status = 'pending' AND tries = '[]'::jsonb",
+        attempt_id, reason)
+    return status.endswith(" 1")
+
+
+async def mark_credited(conn: Conn, attempt_id: str) -> None:
+    await conn.execute(
+        "UPDATE recharge_attempts SET credited_at = now() WHERE id = $1 AND credited_at IS NULL",
+        attempt_id)
+
+
+async def in_flight(conn: Conn, wallet_id: str) -> list[Attempt]:
+    """The wallet's recharges in flight: pending (waiting, running or a retry to come), or
+    succeeded and not yet credited by the wallet."""
+    rows = await conn.fetch(
+        f"SELECT {_ATTEMPT_COLS} FROM recharge_attempts WHERE wallet_id = $1 "
+        f"AND purpose = 'wallet' AND (status = 'pending' OR "
+        f"(status = 'succeeded' AND credited_at IS NULL))", wallet_id)
+    return [_attempt(r) for r in rows]
+
+
+async def bring_forward(conn: Conn, wallet_id: str) -> None:
+    """A new or newly default card: a retry waiting for its time runs now."""
+    await conn.execute(
+        "UPDATE recharge_attempts SET not_before = now() WHERE wallet_id = $1 "
+        "AND status = 'pending' AND trigger = 'auto' AND not_before > now()", wallet_id)
+
+
+# --- checks of the auto-recharge rule --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Check:
+    wallet_id: str
+    owner: str
+    company_id: str
+    account_id: str | None
+
+
+async def queue_check(conn: Conn, owner: str, company_id: str, account_id: str | None) -> None:
+    """Evaluate the rule for this wallet soon (one queued check per wallet)."""
+    wallet_id = f"account:{account_id}" if owner == "account" else f"company:{company_id}"
+    await conn.execute(
+        "INSERT INTO recharge_checks (wallet_id, owner, company_id, account_id) "
+        "VALUES ($1, $2, $3, $4) ON CONFLICT (wallet_id) DO UPDATE SET not_before = now()",
+        wallet_id, owner, company_id, account_id)
+
+
+async def take_due_check(conn: Conn) -> Check | None:
+    """In the caller's transaction: lock the next due check (others skip it); delete it with
+    ``done_check`` in the same transaction once evaluated."""
+    r = await conn.fetchrow(
+        "SELECT wallet_id, owner, company_id, account_id FROM recharge_checks "
+        "WHERE not_before <= now() ORDER BY not_before LIMIT 1 FOR UPDATE SKIP LOCKED")
+    return Check(r["wallet_id"], r["owner"], r["company_id"], r["account_id"]) if r else None
+
+
+async def done_check(conn: Conn, wallet_id: str) -> None:
+    await conn.execute("DELETE FROM recharge_checks WHERE wallet_id = $1", wallet_id)
+
+
+async def postpone_check(conn: Conn, wallet_id: str, seconds: int) -> None:
+    await conn.execute(
+        "UPDATE recharge_checks SET not_before = now() + make_interval(secs => $2) "
+        "WHERE wallet_id = $1", wallet_id, seconds)
 
 
 async def list_attempts(conn: Conn, wallet_id: str, *, limit: int,
@@ -143,23 +253,28 @@ async def recent_auto_successes(conn: Conn, wallet_id: str, since: datetime) -> 
         "AND r.updated_at > $2 AND r.updated_at > p.tier_since", wallet_id, since))
 
 
-async def policy(conn: Conn, wallet_id: str) -> tuple[int, datetime]:
+async def policy(conn: Conn, wallet_id: str) -> tuple[int, datetime, bool]:
+    """(consecutive failures, tier raised at, cancelling) of a wallet, its row locked: checks
+    and settlements of one wallet go one at a time."""
     await conn.execute("INSERT INTO wallet_policy (wallet_id) VALUES ($1) ON CONFLICT DO NOTHING",
                        wallet_id)
-    r = await conn.fetchrow("SELECT consecutive_failures, tier_since FROM wallet_policy "
-                            "WHERE wallet_id = $1 FOR UPDATE", wallet_id)
+    r = await conn.fetchrow("SELECT consecutive_failures, tier_since, cancelling FROM "
+                            "wallet_policy WHERE wallet_id = $1 FOR UPDATE", wallet_id)
     assert r is not None
-    return r["consecutive_failures"], r["tier_since"]
+    return r["consecutive_failures"], r["tier_since"], r["cancelling"]
 
 
 async def set_policy(conn: Conn, wallet_id: str, *, failures: int | None = None,
-                     tier_raised: bool = False) -> None:
+                     tier_raised: bool = False, cancelling: bool | None = None) -> None:
     if failures is not None:
         await conn.execute("UPDATE wallet_policy SET consecutive_failures = $2 WHERE wallet_id = $1",
                            wallet_id, failures)
     if tier_raised:
         await conn.execute("UPDATE wallet_policy SET tier_since = now() WHERE wallet_id = $1",
                            wallet_id)
+    if cancelling is not None:
+        await conn.execute("UPDATE wallet_policy SET cancelling = $2 WHERE wallet_id = $1",
+                           wallet_id, cancelling)
 
 
 # --- customers and cards -------------------------------------------------------------------

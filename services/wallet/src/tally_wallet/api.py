@@ -6,13 +6,14 @@ import uuid
 from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
-from tally import events, outbox, pagination
+from tally import events, idempotency, outbox, pagination
 from tally.auth import CurrentPrincipal, Principal, require_company, require_role
 from tally.db import Conn
-from tally.errors import ApiError, money_field, not_found
+from tally.errors import ApiError, JsonResponse, money_field, not_found
+from tally.idempotency import IdempotencyKey
 from tally.ids import PathId, PathKey
 from tally.money import format_micros
 from tally.service import runtime
@@ -26,11 +27,11 @@ from tally_wallet.domain import (
     service_status,
 )
 from tally_wallet.messages import SOURCE, wallet_rows
+from tally_wallet.wallet_settings import change_settings
 
 router = APIRouter(prefix="/v1", tags=["wallet"])
 
 Limit = Annotated[int, Query(ge=1, le=500)]
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
 
 
 class WalletOut(BaseModel):
@@ -180,11 +181,7 @@ async def _patch(conn: Conn, w: Wallet, body: WalletPatch) -> Wallet:
         changes["auto_recharge"] = body.auto_recharge
     if body.smart_adjustment is not None:
         changes["smart_adjustment"] = body.smart_adjustment
-    await storage.lock_wallets(conn, [w])  # creates it with defaults if it never moved
-    await storage.update_wallet_settings(conn, w.id, changes)
-    fresh = await storage.get_wallet(conn, w.id)
-    assert fresh is not None
-    return fresh
+    return await change_settings(conn, w, changes, cause=f"patch:{uuid.uuid4()}")
 
 
 # --- wallets -------------------------------------------------------------------------------
@@ -199,9 +196,12 @@ async def company_wallet(cid: PathId, request: Request, principal: CurrentPrinci
 async def patch_company_wallet(cid: PathId, body: WalletPatch, request: Request,
                                principal: CurrentPrincipal) -> WalletOut:
     require_role(principal, "company_admin", "platform_admin")
-    async with runtime(request).pool.acquire() as conn, conn.transaction():
+    rt = runtime(request)
+    async with rt.pool.acquire() as conn, conn.transaction():
         w = await _company_wallet(conn, principal, cid)
-        return await _out(conn, await _patch(conn, w, body))
+        out = await _out(conn, await _patch(conn, w, body))
+    rt.relay.wake()
+    return out
 
 
 @router.get("/companies/{cid}/wallet/transactions", response_model=TransactionPage)
@@ -223,11 +223,14 @@ async def patch_account_wallet(aid: PathId, body: WalletPatch, request: Request,
                                principal: CurrentPrincipal) -> WalletOut:
     """Company admins, and (as the spec lets account owners) the account's own users."""
     require_role(principal, "company_admin", "account_user", "platform_admin")
-    async with runtime(request).pool.acquire() as conn, conn.transaction():
+    rt = runtime(request)
+    async with rt.pool.acquire() as conn, conn.transaction():
         w = await _account_wallet(conn, principal, aid)
         if w.company_id is None:
             raise not_found("wallet")
-        return await _out(conn, await _patch(conn, w, body))
+        out = await _out(conn, await _patch(conn, w, body))
+    rt.relay.wake()
+    return out
 
 
 @router.get("/accounts/{aid}/wallet/transactions", response_model=TransactionPage)
@@ -254,27 +257,38 @@ async def account_service_status(aid: PathId, request: Request,
 
 # --- credits -------------------------------------------------------------------------------
 
-async def _credit(request: Request, conn: Conn, wallet: Wallet, body: CreditIn,
-                  idempotency_key: str | None) -> CreditOut:
+async def _credit(conn: Conn, principal: Principal, wallet: Wallet, body: CreditIn,
+                  idempotency_key: str | None, route: str) -> CreditOut | JsonResponse:
+    """A manual credit. With an Idempotency-Key the transfer is keyed by it (one credit per key
+    and wallet whoever sends it) and the first response is answered again."""
     amount = money_field(body.amount, "amount")
+    who = idempotency.principal_key(principal)
+    if idempotency_key is not None:
+        stored = await idempotency.begin(conn, who, idempotency_key,
+                                         idempotency.request_hash(route, body.model_dump()))
+        if stored is not None and stored.response is not None:
+            return JsonResponse(stored.response, status_code=stored.status_code or 201)
     key = f"manual:{wallet.id}:{idempotency_key or uuid.uuid4()}"
     posted, current = await credit(conn, wallet, amount=amount, kind="manual_credit", key=key,
                                    system=SYSTEM_MANUAL_CREDITS, reference=body.reference)
-    return CreditOut(transfer_id=key, amount=format_micros(amount), created=posted is not None,
-                     wallet=await _out(conn, current))
+    out = CreditOut(transfer_id=key, amount=format_micros(amount), created=posted is not None,
+                    wallet=await _out(conn, current))
+    if idempotency_key is not None:
+        await idempotency.finish(conn, who, idempotency_key, 201, out.model_dump(mode="json"))
+    return out
 
 
 @router.post("/accounts/{aid}/wallet/credits", status_code=201, response_model=CreditOut,
              summary="Add credits to an account wallet now (the company's AI credits button)")
 async def credit_account(aid: PathId, body: CreditIn, request: Request, principal: CurrentPrincipal,
-                         idempotency_key: IdempotencyKey = None) -> CreditOut:
+                         idempotency_key: IdempotencyKey = None) -> CreditOut | JsonResponse:
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
         wallet = await _account_wallet(conn, principal, aid)
         if wallet.company_id is None:
             raise not_found("account")  # never heard of it: its company is not known yet
-        out = await _credit(request, conn, wallet, body, idempotency_key)
+        out = await _credit(conn, principal, wallet, body, idempotency_key, request.url.path)
     rt.relay.wake()
     return out
 
@@ -282,12 +296,12 @@ async def credit_account(aid: PathId, body: CreditIn, request: Request, principa
 @router.post("/companies/{cid}/wallet/credits", status_code=201, response_model=CreditOut,
              summary="Grant credits to a company (agency) wallet (platform admins)")
 async def credit_company(cid: PathId, body: CreditIn, request: Request, principal: CurrentPrincipal,
-                         idempotency_key: IdempotencyKey = None) -> CreditOut:
+                         idempotency_key: IdempotencyKey = None) -> CreditOut | JsonResponse:
     require_role(principal, "platform_admin")
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
         wallet = await _company_wallet(conn, principal, cid)
-        out = await _credit(request, conn, wallet, body, idempotency_key)
+        out = await _credit(conn, principal, wallet, body, idempotency_key, request.url.path)
     rt.relay.wake()
     return out
 
@@ -306,11 +320,19 @@ def _cr(r: asyncpg.Record) -> CreditRequestOut:
 @router.post("/accounts/{aid}/credit-requests", status_code=201, response_model=CreditRequestOut,
              summary="Request credits from the company (when it has not connected Stripe)")
 async def request_credits(aid: PathId, body: CreditIn, request: Request,
-                          principal: CurrentPrincipal) -> CreditRequestOut:
+                          principal: CurrentPrincipal,
+                          idempotency_key: IdempotencyKey = None) -> CreditRequestOut | JsonResponse:
     require_role(principal, "account_user")
     amount = money_field(body.amount, "amount")
     rt = runtime(request)
+    who = idempotency.principal_key(principal)
     async with rt.pool.acquire() as conn, conn.transaction():
+        if idempotency_key is not None:
+            stored = await idempotency.begin(
+                conn, who, idempotency_key,
+                idempotency.request_hash(request.url.path, body.model_dump()))
+            if stored is not None and stored.response is not None:
+                return JsonResponse(stored.response, status_code=stored.status_code or 201)
         wallet = await _account_wallet(conn, principal, aid)
         company_id = wallet.company_id
         assert company_id is not None  # an account user's token names its company
@@ -330,8 +352,11 @@ async def request_credits(aid: PathId, body: CreditIn, request: Request,
             currency=wallet.currency, reference=body.reference, requested_by=row["requested_by"])
         await outbox.enqueue(conn, wallet_rows(company_id, events.envelope(
             "credit_request.created", created, source=SOURCE, id_=f"credit_request:{row['id']}")))
+        out = _cr(row)
+        if idempotency_key is not None:
+            await idempotency.finish(conn, who, idempotency_key, 201, out.model_dump(mode="json"))
     rt.relay.wake()
-    return _cr(row)
+    return out
 
 
 @router.get("/companies/{cid}/credit-requests", response_model=CreditRequestPage)

@@ -27,6 +27,7 @@ from tally_wallet import storage
 from tally_wallet.credits import credit
 from tally_wallet.domain import SYSTEM_STRIPE_CLEARING, LedgerError, Wallet, parse_markups
 from tally_wallet.usage import apply_usage
+from tally_wallet.wallet_settings import change_settings, raise_tier
 
 SERVICE = "wallet"
 DEBIT_LATENCY = Histogram(
@@ -169,11 +170,13 @@ def subscribe(rt: Runtime) -> None:
             return
         if not await inbox.claim(conn, "wallet-recharge-settings", [msg_id]):
             return
-        if isinstance(p, events.RechargeTierRaised):
-            await storage.update_wallet_settings(
-                conn, p.wallet_id, {"reload_amount": p.reload_amount_micros})
-        elif isinstance(p, events.RechargeFailed) and p.auto_recharge_disabled:
-            await storage.update_wallet_settings(conn, p.wallet_id, {"auto_recharge": False})
+        if isinstance(p, events.RechargeTierRaised | events.RechargeFailed):
+            wallet = Wallet(p.wallet_id, p.owner, p.currency, company_id=p.company_id,
+                            account_id=p.account_id)
+            if isinstance(p, events.RechargeTierRaised):
+                await raise_tier(conn, wallet, cause=msg_id)
+            elif p.auto_recharge_disabled:
+                await change_settings(conn, wallet, {"auto_recharge": False}, cause=msg_id)
 
     max_batch = rt.settings.kafka_max_batch
     subscribe_batch(rt.broker, Topics.USAGE_RECORDED, service=SERVICE, group_id="wallet",
