@@ -29,9 +29,9 @@ def spans(tally: Tally, service: str) -> list[dict[str, Any]]:
 
 async def test_one_trace_from_the_request_to_the_recharge(tally: Tally) -> None:
     agency = Agency(tally)
-    await attach(tally, agency, GOOD)
     await configure(tally, agency, threshold="5", reload="10")
     await agency.fund("5.01")
+    await attach(tally, agency, GOOD)
     trace_id = secrets.token_hex(16)
     event = {"event_id": uid("ev"), "company_id": agency.cid, "service": "whatsapp",
              "quantity": "1"}
@@ -72,10 +72,10 @@ async def scrape(tally: Tally) -> dict[str, str]:
 async def test_metrics_appear_and_move_under_load(tally: Tally) -> None:
     before = await scrape(tally)
     agency = Agency(tally)
-    await attach(tally, agency, DECLINES)
-    await attach(tally, agency, GOOD)
     await configure(tally, agency, threshold="5", reload="10")
     await agency.fund("5.01")
+    await attach(tally, agency, DECLINES)
+    await attach(tally, agency, GOOD)
     for _ in range(3):
         await agency.use("sms", "5")
     await tally.post_usage({"event_id": uid("ev"), "company_id": agency.cid, "service": "fax",

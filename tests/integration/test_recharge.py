@@ -81,9 +81,9 @@ async def stripe_charges_for(tally: Tally, attempt_id: str) -> list[dict[str, An
 
 async def test_crossing_charges_the_default_card_once_and_credits_once(tally: Tally) -> None:
     agency = Agency(tally)
-    pm = await attach(tally, agency, GOOD)
     await configure(tally, agency, threshold="5", reload="25")
     await agency.fund("5.10")
+    pm = await attach(tally, agency, GOOD)  # at its threshold: nothing to pre-load
     await agency.use("whatsapp", "10")  # 5.10 - 0.58 = 4.52 < 5: crossing
     await wait_balance(agency, "29.520000")
     [attempt] = await recharges(tally, agency)
@@ -97,10 +97,10 @@ async def test_crossing_charges_the_default_card_once_and_credits_once(tally: Ta
 
 async def test_a_declining_card_falls_back_to_the_next(tally: Tally) -> None:
     agency = Agency(tally)
-    bad = await attach(tally, agency, DECLINES)  # first card: the default
-    good = await attach(tally, agency, GOOD)
     await configure(tally, agency, threshold="5", reload="10")
     await agency.fund("5.01")
+    bad = await attach(tally, agency, DECLINES)  # first card: the default
+    good = await attach(tally, agency, GOOD)
     await agency.use("sms", "10")  # 5.01 - 0.079 < 5
     await wait_balance(agency, "14.931000")
     [attempt] = await recharges(tally, agency)
@@ -110,10 +110,10 @@ async def test_a_declining_card_falls_back_to_the_next(tally: Tally) -> None:
 
 async def test_all_cards_declining_retries_then_turns_auto_recharge_off(tally: Tally) -> None:
     agency = Agency(tally)
-    await attach(tally, agency, DECLINES)
-    await attach(tally, agency, DECLINES)
     await configure(tally, agency, threshold="5", reload="10")
     await agency.fund("5.01")
+    await attach(tally, agency, DECLINES)
+    await attach(tally, agency, DECLINES)
     await agency.use("sms", "10")
 
     async def cancelled() -> dict[str, Any] | None:
@@ -133,8 +133,11 @@ async def test_all_cards_declining_retries_then_turns_auto_recharge_off(tally: T
 
 async def test_duplicate_and_concurrent_crossings_charge_once(tally: Tally) -> None:
     agency = Agency(tally)
+    await configure(tally, agency, threshold="5", reload="20")
+    await agency.fund("5.05")
     await attach(tally, agency, GOOD)
     tally.stack.kill("recharge")  # queue the crossings while it is down: one batch on restart
+    await agency.use("whatsapp", "1")  # 5.05 - 0.058 < 5: a real crossing, then copies of one
     data = {"wallet_id": f"company:{agency.cid}", "owner": "company", "company_id": agency.cid,
             "currency": "USD", "balance_micros": 1_000_000, "threshold_micros": 5_000_000,
             "reload_amount_micros": 20_000_000, "auto_recharge": True, "smart_adjustment": False}
@@ -144,23 +147,23 @@ async def test_duplicate_and_concurrent_crossings_charge_once(tally: Tally) -> N
     await tally.envelope("wallet.digest", "wallet.threshold_crossed", data, key=agency.cid)
     tally.stack.spawn_service("recharge")
     await tally.stack.wait_ready("recharge")
-    await wait_balance(agency, "20.000000")
+    await wait_balance(agency, "24.992000")
     await asyncio.sleep(1.0)  # give a second charge every chance to happen
     attempts = await recharges(tally, agency)
     assert [a["status"] for a in attempts] == ["succeeded"]
-    assert (await agency.wallet())["balance"] == "20.000000"
+    assert (await agency.wallet())["balance"] == "24.992000"
 
 
 async def test_crash_after_stripe_confirmed_credits_exactly_once(tally: Tally, tmp_path: Any) -> None:
     agency = Agency(tally)
-    await attach(tally, agency, GOOD)
     await configure(tally, agency, threshold="5", reload="30")
+    await agency.fund("5.05")
+    await attach(tally, agency, GOOD)
     tally.stack.kill("recharge")
     marker = tmp_path / "crashed"
     tally.stack.spawn_service("recharge", env={"TALLY_CRASH_AT": "recharge.after_charge",
                                                "TALLY_CRASH_MARKER": str(marker)})
     await tally.stack.wait_ready("recharge")
-    await agency.fund("5.05")
     await agency.use("whatsapp", "1")  # 5.05 - 0.058 < 5
 
     async def died() -> bool:
@@ -185,9 +188,9 @@ async def test_crash_after_stripe_confirmed_credits_exactly_once(tally: Tally, t
 
 async def test_three_recharges_in_a_day_raise_the_tier(tally: Tally) -> None:
     agency = Agency(tally)
-    await attach(tally, agency, GOOD)
     await configure(tally, agency, threshold="5", reload="10")
     await agency.fund("5.50")
+    await attach(tally, agency, GOOD)
     balance = 5_500_000
     for _ in range(3):
         # Spend just enough to cross: balance - 5 + 0.058 in whatsapp conversations.
@@ -219,6 +222,9 @@ async def test_account_recharges_go_to_the_companys_connected_stripe(tally: Tall
                               json={"amount": "10"}, headers=agency.user(aid))
     assert r.status_code == 409 and r.json()["error"]["code"] == "company_stripe_not_connected"
 
+    await configure(tally, agency, threshold="5", reload="20", aid=aid)
+    await agency.fund("50")
+    await agency.fund("5.02", aid)  # at its threshold: the card pre-loads nothing
     acct = uid("acct_conn").replace("-", "")
     await tally.envelope("rebilling.events", "company.updated",
                          {"company_id": agency.cid, "name": "A", "plan": "saas_pro",
@@ -231,9 +237,6 @@ async def test_account_recharges_go_to_the_companys_connected_stripe(tally: Tall
         return r.status_code == 201
     await eventually(card_attached, what="the recharge service to learn of the connection")
 
-    await configure(tally, agency, threshold="5", reload="20", aid=aid)
-    await agency.fund("50")
-    await agency.fund("5.02", aid)
     await agency.use("sms", "10", account=aid)  # account: 5.02 - 0.079 < 5
     await wait_balance(agency, "24.941000", aid)
     rows = await tally.sql("recharge", "SELECT stripe_account, status FROM recharge_attempts "
@@ -251,6 +254,9 @@ async def test_manual_top_up_and_its_bad_input(tally: Tally) -> None:
     url = tally.url("recharge", f"/v1/companies/{agency.cid}/wallet/top-ups")
     r = await tally.http.post(url, json={"amount": "10"}, headers=agency.admin)
     assert r.status_code == 409 and r.json()["error"]["code"] == "no_payment_method"
+    r = await tally.http.patch(tally.url("wallet", f"/v1/companies/{agency.cid}/wallet"),
+                               json={"auto_recharge": False}, headers=agency.admin)
+    assert r.status_code == 200  # only the top-up moves this wallet
     await attach(tally, agency, GOOD)
     for bad in ("0", "-5", "1.0000001", "x"):
         r = await tally.http.post(url, json={"amount": bad}, headers=agency.admin)

@@ -129,7 +129,8 @@ class Recharger(Worker):
             "amount_micros": recharge_amount(state.balance, state.threshold, state.reload_amount),
             "currency": currency,
             "stripe_account": stripe_account if check.owner == "account" else None,
-            "reload_micros": state.reload_amount, "smart_adjustment": state.smart_adjustment})
+            "reload_micros": state.reload_amount, "smart_adjustment": state.smart_adjustment,
+            "traceparent": check.traceparent})
         return created is not None
 
     async def _still_wanted(self, a: storage.Attempt, token: str) -> bool:

@@ -13,6 +13,7 @@ from tally.consumer import subscribe_batch, take
 from tally.events import Topics
 from tally.outbox import enqueue
 from tally.service import Runtime
+from tally.telemetry import child_traceparent, header
 from tally_recharge import storage
 from tally_recharge.charging import Recharger
 
@@ -33,7 +34,7 @@ def subscribe(rt: Runtime) -> None:
             return
         async with rt.pool.acquire() as conn, conn.transaction():
             fresh = await inbox.claim(conn, "recharge-wallet", [m.id for _, m in taken])
-            for _, message in taken:
+            for record, message in taken:
                 if message.id not in fresh:
                     continue
                 p = message.data
@@ -42,7 +43,9 @@ def subscribe(rt: Runtime) -> None:
                     await storage.mark_credited(conn, p.transfer_id.removeprefix("recharge:"))
                 if isinstance(p, events.WalletSettingsChanged) and not p.auto_recharge:
                     await storage.set_policy(conn, p.wallet_id, cancelling=False)
-                await storage.queue_check(conn, p.owner, p.company_id, p.account_id)
+                traceparent = child_traceparent(header(record), "recharge.request",
+                                                {"tally.wallet_id": p.wallet_id})
+                await storage.queue_check(conn, p.owner, p.company_id, p.account_id, traceparent)
             await enqueue(conn, dead)
         if taken:
             recharger().wake()

@@ -207,24 +207,29 @@ class Check:
     owner: str
     company_id: str
     account_id: str | None
+    traceparent: str | None = None
 
 
-async def queue_check(conn: Conn, owner: str, company_id: str, account_id: str | None) -> None:
-    """Evaluate the rule for this wallet soon (one queued check per wallet)."""
+async def queue_check(conn: Conn, owner: str, company_id: str, account_id: str | None,
+                      traceparent: str | None = None) -> None:
+    """Evaluate the rule for this wallet soon (one queued check per wallet; the trace of the
+    first trigger is kept)."""
     wallet_id = f"account:{account_id}" if owner == "account" else f"company:{company_id}"
     await conn.execute(
-        "INSERT INTO recharge_checks (wallet_id, owner, company_id, account_id) "
-        "VALUES ($1, $2, $3, $4) ON CONFLICT (wallet_id) DO UPDATE SET not_before = now()",
-        wallet_id, owner, company_id, account_id)
+        "INSERT INTO recharge_checks (wallet_id, owner, company_id, account_id, traceparent) "
+        "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (wallet_id) DO UPDATE SET not_before = now(), "
+        "traceparent = COALESCE(recharge_checks.traceparent, EXCLUDED.traceparent)",
+        wallet_id, owner, company_id, account_id, traceparent)
 
 
 async def take_due_check(conn: Conn) -> Check | None:
     """In the caller's transaction: lock the next due check (others skip it); delete it with
     ``done_check`` in the same transaction once evaluated."""
     r = await conn.fetchrow(
-        "SELECT wallet_id, owner, company_id, account_id FROM recharge_checks "
+        "SELECT wallet_id, owner, company_id, account_id, traceparent FROM recharge_checks "
         "WHERE not_before <= now() ORDER BY not_before LIMIT 1 FOR UPDATE SKIP LOCKED")
-    return Check(r["wallet_id"], r["owner"], r["company_id"], r["account_id"]) if r else None
+    return Check(r["wallet_id"], r["owner"], r["company_id"], r["account_id"],
+                 r["traceparent"]) if r else None
 
 
 async def done_check(conn: Conn, wallet_id: str) -> None:

@@ -7,6 +7,7 @@ CREATE TABLE recharge_checks (
     company_id  text NOT NULL,
     account_id  text,
     not_before  timestamptz NOT NULL DEFAULT now(),
+    traceparent text,  -- the trace of what triggered it (a usage event's crossing)
     queued_at   timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX recharge_checks_due ON recharge_checks (not_before);
