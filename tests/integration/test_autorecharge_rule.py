@@ -1,0 +1,216 @@
+"""The auto-recharge rule (API.md, wallet) across the lifecycle, from outside: whatever brings a
+wallet with auto-recharge on and a usable card below its threshold (a card added, auto-recharge
+switched back on, a credit that fell short) recharges it; a retry whose reason went away
+(auto-recharge off, balance restored) charges nothing; a top-up with an Idempotency-Key charges
+once. Real stack: broker, Postgres, the stripe SDK against localstripe."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import Tally, eventually, uid
+from tests.integration.test_recharge import (
+    DECLINES,
+    GOOD,
+    attach,
+    configure,
+    recharges,
+    stripe_charges_for,
+    wait_balance,
+)
+from tests.integration.test_wallet import Agency
+
+pytestmark = pytest.mark.integration
+
+
+async def patch(tally: Tally, agency: Agency, **changes: Any) -> dict[str, Any]:
+    r = await tally.http.patch(tally.url("wallet", f"/v1/companies/{agency.cid}/wallet"),
+                               json=changes, headers=agency.admin)
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+async def attempts_where(tally: Tally, agency: Agency, what: str,
+                         check: Any) -> list[dict[str, Any]]:
+    async def ok() -> list[dict[str, Any]] | None:
+        found = await recharges(tally, agency)
+        return found if check(found) else None
+    return await eventually(ok, timeout=40, what=what)
+
+
+async def succeeded_charges(tally: Tally, attempts: list[dict[str, Any]]) -> int:
+    return sum([len(await stripe_charges_for(tally, a["id"])) for a in attempts])
+
+
+@pytest.fixture
+async def slow_retries(tally: Tally) -> AsyncIterator[None]:
+    """recharge with retries 4 s apart, so a test can act while one waits; then as before."""
+    tally.stack.kill("recharge")
+    tally.stack.spawn_service("recharge", env={"TALLY_RECHARGE_RETRY_SECONDS": "4,4"})
+    await tally.stack.wait_ready("recharge")
+    yield
+    tally.stack.kill("recharge")
+    tally.stack.spawn_service("recharge")
+    await tally.stack.wait_ready("recharge")
+
+
+async def test_a_new_wallet_with_a_card_is_preloaded_before_any_usage(tally: Tally) -> None:
+    agency = Agency(tally)
+    await configure(tally, agency, threshold="10", reload="25")
+    await attach(tally, agency, GOOD)
+    wallet = await wait_balance(agency, "25.000000")  # 0 + 25 reaches the threshold of 10
+    assert wallet["status"] == "active"
+    [attempt] = await recharges(tally, agency)
+    assert attempt["trigger"] == "auto" and attempt["amount"] == "25.000000"
+    assert [t["kind"] for t in await tally.company_transactions(agency.cid)] == ["recharge"]
+    # the first usage is paid from the pre-loaded balance: nothing suspended, nothing mailed
+    await agency.use("sms", "10")
+    assert (await agency.wallet())["status"] == "active"
+
+
+async def test_a_preload_below_the_threshold_reaches_threshold_plus_reload(tally: Tally) -> None:
+    agency = Agency(tally)
+    await configure(tally, agency, threshold="40", reload="25")
+    await attach(tally, agency, GOOD)
+    await wait_balance(agency, "65.000000")  # 0 + 25 < 40: enough for 40 + 25
+
+
+async def test_turning_auto_recharge_back_on_after_cancellation_reloads(tally: Tally) -> None:
+    agency = Agency(tally)
+    await configure(tally, agency, threshold="5", reload="10")
+    await agency.fund("0.05")
+    await attach(tally, agency, DECLINES)
+    await agency.use("sms", "10")  # 0.05 - 0.079 < 0: suspended, and below the threshold
+
+    async def cancelled() -> dict[str, Any] | None:
+        w = await agency.wallet()
+        return w if not w["auto_recharge"] else None
+    wallet = await eventually(cancelled, timeout=60, what="auto-recharge to be cancelled")
+    assert wallet["status"] == "suspended" and wallet["balance"] == "-0.029000"
+    failed = await recharges(tally, agency)
+    assert [a["status"] for a in failed] == ["failed"] * 3
+
+    good = await attach(tally, agency, GOOD)  # auto-recharge is off: the card alone does nothing
+    r = await tally.http.post(
+        tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods/{good}/default"),
+        headers=agency.admin)
+    assert r.status_code == 200 and r.json()["is_default"] is True
+    await asyncio.sleep(1.0)
+    assert len(await recharges(tally, agency)) == 3
+    await patch(tally, agency, auto_recharge=True)
+    # the reload amount, priced now: -0.029 + 10 reaches the threshold of 5
+    wallet = await wait_balance(agency, "9.971000")
+    assert wallet["status"] == "active"
+    attempts = await recharges(tally, agency)
+    assert [a["status"] for a in attempts] == ["succeeded", "failed", "failed", "failed"]
+    assert attempts[0]["amount"] == "10.000000"
+    assert attempts[0]["tries"][0]["payment_method"] == good
+    assert await succeeded_charges(tally, attempts) == 1
+
+
+async def test_raising_the_threshold_above_the_balance_recharges(tally: Tally) -> None:
+    agency = Agency(tally)
+    await configure(tally, agency, threshold="5", reload="10")
+    await agency.fund("8")
+    await attach(tally, agency, GOOD)
+    await asyncio.sleep(0.5)
+    assert await recharges(tally, agency) == []
+    await configure(tally, agency, threshold="20", reload="10")
+    await wait_balance(agency, "30.000000")  # 8 + 10 < 20: 20 - 8 + 10 = 22
+
+
+@pytest.mark.usefixtures("slow_retries")
+async def test_a_retry_after_the_owner_opted_out_charges_nothing(tally: Tally) -> None:
+    agency = Agency(tally)
+    await configure(tally, agency, threshold="5", reload="10")
+    await agency.fund("5.01")
+    await attach(tally, agency, DECLINES)
+    await agency.use("sms", "10")
+    await attempts_where(tally, agency, "a failed round and a retry waiting",
+                         lambda a: [x["status"] for x in a] == ["pending", "failed"])
+    await patch(tally, agency, auto_recharge=False)
+    await attach(tally, agency, GOOD)  # a good card now: the retry must still not charge
+    attempts = await attempts_where(
+        tally, agency, "the retry dropped",
+        lambda a: [x["status"] for x in a] == ["cancelled", "failed"])
+    assert attempts[0]["tries"] == [] and attempts[0]["error"] == "auto_recharge_off"
+    await asyncio.sleep(5)  # past the retry's time
+    assert [a["status"] for a in await recharges(tally, agency)] == ["cancelled", "failed"]
+    assert (await agency.wallet())["balance"] == "4.931000"
+    assert await succeeded_charges(tally, await recharges(tally, agency)) == 0
+
+
+@pytest.mark.usefixtures("slow_retries")
+async def test_a_credit_that_restores_the_balance_drops_the_pending_retry(tally: Tally) -> None:
+    agency = Agency(tally)
+    await configure(tally, agency, threshold="5", reload="10")
+    await agency.fund("5.01")
+    await attach(tally, agency, DECLINES)
+    await agency.use("sms", "10")
+    await attempts_where(tally, agency, "a retry waiting",
+                         lambda a: [x["status"] for x in a] == ["pending", "failed"])
+    await agency.fund("20")  # back above the threshold
+    attempts = await attempts_where(
+        tally, agency, "the retry dropped",
+        lambda a: [x["status"] for x in a] == ["cancelled", "failed"])
+    assert attempts[0]["error"] == "balance_at_threshold"
+    assert (await agency.wallet())["balance"] == "24.931000"
+    assert (await agency.wallet())["auto_recharge"] is True
+
+
+async def test_a_top_up_with_an_idempotency_key_charges_once(tally: Tally) -> None:
+    agency = Agency(tally)
+    await patch(tally, agency, auto_recharge=False)
+    await attach(tally, agency, GOOD)
+    url = tally.url("recharge", f"/v1/companies/{agency.cid}/wallet/top-ups")
+    key = {"Idempotency-Key": uid("key")}
+    first = await tally.http.post(url, json={"amount": "12"}, headers={**agency.admin, **key})
+    assert first.status_code == 201 and first.json()["status"] == "succeeded", first.text
+    again = await tally.http.post(url, json={"amount": "12"}, headers={**agency.admin, **key})
+    assert (again.status_code, again.json()) == (201, first.json())
+    other = await tally.http.post(url, json={"amount": "13"}, headers={**agency.admin, **key})
+    assert other.status_code == 422
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    # concurrent requests with one new key: one attempt, one charge
+    key2 = {"Idempotency-Key": uid("key")}
+    both = await asyncio.gather(*[
+        tally.http.post(url, json={"amount": "5"}, headers={**agency.admin, **key2})
+        for _ in range(3)])
+    assert {r.status_code for r in both} == {201}
+    assert len({r.json()["id"] for r in both}) == 1
+    await wait_balance(agency, "17.000000")
+    attempts = await recharges(tally, agency)
+    assert len(attempts) == 2 and await succeeded_charges(tally, attempts) == 2
+    # without a key, each request is its own top-up
+    await tally.http.post(url, json={"amount": "1"}, headers=agency.admin)
+    await tally.http.post(url, json={"amount": "1"}, headers=agency.admin)
+    await wait_balance(agency, "19.000000")
+
+
+async def test_credits_and_credit_requests_honour_the_idempotency_key(tally: Tally) -> None:
+    agency = Agency(tally)
+    aid = await agency.add_account()
+    url = tally.url("wallet", f"/v1/accounts/{aid}/wallet/credits")
+    key = {"Idempotency-Key": uid("key")}
+    first = await tally.http.post(url, json={"amount": "3"}, headers={**agency.admin, **key})
+    assert first.status_code == 201, first.text
+    again = await tally.http.post(url, json={"amount": "3"}, headers={**agency.admin, **key})
+    assert (again.status_code, again.json()) == (201, first.json())
+    other = await tally.http.post(url, json={"amount": "4"}, headers={**agency.admin, **key})
+    assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
+    assert (await agency.wallet(aid))["balance"] == "3.000000"
+
+    requests_url = tally.url("wallet", f"/v1/accounts/{aid}/credit-requests")
+    key = {"Idempotency-Key": uid("key")}
+    first = await tally.http.post(requests_url, json={"amount": "9"},
+                                  headers={**agency.user(aid), **key})
+    assert first.status_code == 201, first.text
+    again = await tally.http.post(requests_url, json={"amount": "9"},
+                                  headers={**agency.user(aid), **key})
+    assert (again.status_code, again.json()) == (201, first.json())
+    without = await tally.http.post(requests_url, json={"amount": "9"}, headers=agency.user(aid))
+    assert without.status_code == 409  # one pending request at a time, and the key made one
