@@ -12,9 +12,12 @@ from tally_usage_meter.domain import (
     price_event,
     recorded_payload,
     suspension_of,
+    tenancy_of,
 )
 
-PRICES = {"email": Price("email", "email", 675, "USD")}
+PRICES = {("email", "USD"): Price("email", "email", 675, "USD"),
+          ("email", "EUR"): Price("email", "email", 600, "EUR"),
+          ("sms", "USD"): Price("sms", "segment", 7900, "USD")}
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
@@ -25,7 +28,7 @@ def ev(**kw: object) -> UsageEvent:
 
 
 def test_prices_at_the_catalog_price() -> None:
-    p = price_event(ev(), PRICES, NOW)
+    p = price_event(ev(), PRICES, "USD", NOW)
     assert isinstance(p, Priced) and p.amount_micros == 2025
     payload = UsageRecorded.model_validate(recorded_payload(p, NOW))
     assert payload.platform_amount_micros == 2025 and payload.unit_price_micros == 675
@@ -33,13 +36,39 @@ def test_prices_at_the_catalog_price() -> None:
 
 @pytest.mark.parametrize("quantity", ["0", "-1", "abc", 1.5, None, True, "1.1234567", "1e9"])
 def test_bad_quantities_are_rejected(quantity: object) -> None:
-    r = price_event(ev(quantity=quantity), PRICES, NOW)
+    r = price_event(ev(quantity=quantity), PRICES, "USD", NOW)
     assert isinstance(r, Rejected) and r.code == "invalid_quantity"
 
 
 def test_unknown_service_is_rejected() -> None:
-    r = price_event(ev(service="fax"), PRICES, NOW)
+    r = price_event(ev(service="fax"), PRICES, "USD", NOW)
     assert isinstance(r, Rejected) and r.code == "unknown_service"
+
+
+def test_a_company_is_priced_in_its_currency_or_refused() -> None:
+    p = price_event(ev(), PRICES, "EUR", NOW)
+    assert isinstance(p, Priced) and p.amount_micros == 1800 and p.price.currency == "EUR"
+    r = price_event(ev(service="sms"), PRICES, "EUR", NOW)
+    assert isinstance(r, Rejected) and r.code == "price_unavailable"
+
+
+def test_an_amount_beyond_what_a_wallet_holds_is_an_invalid_quantity() -> None:
+    dear = {("email", "USD"): Price("email", "email", 10**12, "USD")}  # 1,000,000 a unit
+    assert isinstance(price_event(ev(quantity="100000"), dear, "USD", NOW), Priced)
+    r = price_event(ev(quantity="100000000"), dear, "USD", NOW)
+    assert isinstance(r, Rejected) and r.code == "invalid_quantity"
+
+
+def test_an_account_must_be_the_companys() -> None:
+    owners = {"a1": "c1", "b1": "c2"}
+    assert tenancy_of(ev(account_id="a1"), owners, {"c1"}) is None
+    assert tenancy_of(ev(), owners, {"c1"}) is None  # no account: the company's own usage
+    foreign = tenancy_of(ev(account_id="b1"), owners, set())
+    assert foreign is not None and foreign.code == "unknown_account"
+    unknown = tenancy_of(ev(account_id="zz"), owners, {"c1"})
+    assert unknown is not None and unknown.code == "unknown_account"
+    # a company rebilling never announced (usage without rebilling): its accounts are its own
+    assert tenancy_of(ev(company_id="c9", account_id="zz"), owners, {"c1"}) is None
 
 
 def test_suspension_reasons() -> None:

@@ -148,7 +148,7 @@ def _out(p: Price) -> PriceOut:
 async def get_prices(request: Request, principal: CurrentPrincipal) -> PriceList:
     async with runtime(request).pool.acquire() as conn:
         prices = await storage.load_prices(conn)
-    return PriceList(items=[_out(p) for p in sorted(prices.values(), key=lambda p: p.service)])
+    return PriceList(items=[_out(prices[k]) for k in sorted(prices)])
 
 
 @router.put("/prices/{service}", summary="Set a service's platform price (applies to new events)")

@@ -5,18 +5,23 @@ An event is priced at the platform price of its service; the amount is exact
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
 from tally.events import UsageEvent
-from tally.money import MoneyError, parse_decimal, price_usage
+from tally.money import MAX_MICROS, MoneyError, parse_decimal, price_usage
 
 MAX_QUANTITY = Decimal(1_000_000_000)
+# The most one event may cost: with the highest markup (x10) its account leg stays within what
+# a wallet's balance can hold (tally.money.MAX_MICROS), whatever the price.
+MAX_EVENT_MICROS = MAX_MICROS // 10
+DEFAULT_CURRENCY = "USD"  # of a company rebilling never announced
 
-Rejection = Literal["unknown_service", "invalid_quantity", "account_suspended",
-                    "agency_wallet_empty"]
+Rejection = Literal["unknown_service", "price_unavailable", "invalid_quantity",
+                    "unknown_account", "account_suspended", "agency_wallet_empty"]
 
 
 @dataclass(frozen=True)
@@ -67,19 +72,43 @@ def parse_quantity(value: Any) -> Decimal:
     return quantity
 
 
-def price_event(event: UsageEvent, prices: dict[str, Price], now: datetime) -> Priced | Rejected:
-    price = prices.get(event.service)
+def price_event(event: UsageEvent, prices: dict[tuple[str, str], Price], currency: str,
+                now: datetime) -> Priced | Rejected:
+    """Price ``event`` in its company's ``currency``."""
+    price = prices.get((event.service, currency))
     if price is None:
+        if any(service == event.service for service, _ in prices):
+            return Rejected(event.event_id, "price_unavailable",
+                            f"{event.service!r} has no price in {currency}, the company's currency")
         return Rejected(event.event_id, "unknown_service",
                         f"unknown service {event.service!r}; see GET /v1/prices")
     try:
         quantity = parse_quantity(event.quantity)
     except InvalidQuantity as exc:
         return Rejected(event.event_id, "invalid_quantity", str(exc))
+    amount = price_usage(quantity, price.unit_price_micros)
+    if amount > MAX_EVENT_MICROS:
+        return Rejected(event.event_id, "invalid_quantity",
+                        "quantity x price is more than a wallet can hold")
     occurred = event.occurred_at or now
     if occurred.tzinfo is None:
         occurred = occurred.replace(tzinfo=UTC)
-    return Priced(event, quantity, price, price_usage(quantity, price.unit_price_micros), occurred)
+    return Priced(event, quantity, price, amount, occurred)
+
+
+def tenancy_of(event: UsageEvent, owners: dict[str, str],
+               announced: AbstractSet[str]) -> Rejected | None:
+    """An event's account must be one of its company's: an account rebilling placed in another
+    company, or one the company (announced by rebilling) never had, is refused."""
+    if not event.account_id:
+        return None
+    owner = owners.get(event.account_id)
+    if owner == event.company_id:
+        return None
+    if owner is not None or event.company_id in announced:
+        return Rejected(event.event_id, "unknown_account",
+                        f"account {event.account_id!r} is not one of {event.company_id!r}'s")
+    return None
 
 
 def suspension_of(event: UsageEvent, suspended: set[tuple[str, str]]) -> Rejected | None:

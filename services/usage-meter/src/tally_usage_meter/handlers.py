@@ -1,5 +1,6 @@
-"""usage-meter's Kafka consumers: ``usage.ingest`` (products producing usage directly) and
-``wallet.digest`` (to know which wallets are suspended)."""
+"""usage-meter's Kafka consumers: ``usage.ingest`` (products producing usage directly),
+``wallet.digest`` (to know which wallets are suspended) and ``rebilling.events`` (companies'
+currencies, accounts' companies)."""
 
 from __future__ import annotations
 
@@ -57,8 +58,27 @@ def subscribe(rt: Runtime) -> None:
                 await storage.set_suspended(conn, payload.owner, owner_id,
                                             m.type == "wallet.suspended")
 
+    async def on_rebilling_events(records: Sequence[Any]) -> None:
+        """Each company's currency and each account's company: usage is priced in the
+        company's currency and refused for an account that is not the company's."""
+        taken, dead = take(records, ("company.updated", "account.created"), service=SERVICE)
+        if not taken and not dead:
+            return
+        async with rt.pool.acquire() as conn, conn.transaction():
+            for _, m in taken:
+                p = m.data
+                if isinstance(p, events.CompanyUpdated):
+                    await storage.upsert_company(conn, p.company_id, p.currency)
+                elif isinstance(p, events.AccountCreated):
+                    await storage.upsert_account(conn, p.account_id, p.company_id)
+            await enqueue(conn, dead)
+        if dead:
+            rt.relay.wake()
+
     subscribe_batch(rt.broker, Topics.USAGE_INGEST, service=SERVICE, group_id="usage-meter",
                     handler=on_ingest, max_records=rt.settings.kafka_max_batch,
                     money_path=True)
     subscribe_batch(rt.broker, Topics.WALLET_DIGEST, service=SERVICE,
                     group_id="usage-meter-wallet-status", handler=on_wallet_digest)
+    subscribe_batch(rt.broker, Topics.REBILLING_EVENTS, service=SERVICE,
+                    group_id="usage-meter-rebilling", handler=on_rebilling_events)

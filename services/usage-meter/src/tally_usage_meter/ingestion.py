@@ -16,7 +16,15 @@ from tally import events, outbox
 from tally.db import Conn
 from tally.events import Topics, UsageEvent
 from tally_usage_meter import storage
-from tally_usage_meter.domain import Priced, Rejected, price_event, recorded_payload, suspension_of
+from tally_usage_meter.domain import (
+    DEFAULT_CURRENCY,
+    Priced,
+    Rejected,
+    price_event,
+    recorded_payload,
+    suspension_of,
+    tenancy_of,
+)
 
 SOURCE = "usage-meter"
 
@@ -43,14 +51,18 @@ async def ingest(conn: Conn, batch: Sequence[UsageEvent],
     ``traceparents``: the trace each event continues (its ``usage.recorded`` carries it)."""
     now = datetime.now(UTC)
     prices = await storage.load_prices(conn)
-    suspended = await storage.suspended_among(
-        conn, [e.company_id for e in batch], [e.account_id for e in batch if e.account_id])
+    accounts = [e.account_id for e in batch if e.account_id]
+    suspended = await storage.suspended_among(conn, [e.company_id for e in batch], accounts)
+    currencies = await storage.company_currencies(conn, [e.company_id for e in batch])
+    owners = await storage.account_companies(conn, accounts)
 
     outcome: list[Priced | Rejected | None] = []
     first_seen: set[str] = set()
     for event in batch:
+        currency = currencies.get(event.company_id, DEFAULT_CURRENCY)
         verdict: Priced | Rejected | None = (
-            suspension_of(event, suspended) or price_event(event, prices, now))
+            tenancy_of(event, owners, currencies.keys())
+            or suspension_of(event, suspended) or price_event(event, prices, currency, now))
         if isinstance(verdict, Priced):
             if event.event_id in first_seen:
                 verdict = None  # same id twice in one batch: the later one is a duplicate

@@ -9,18 +9,18 @@ from tally.db import Conn
 from tally_usage_meter.domain import Price
 
 
-async def load_prices(conn: Conn) -> dict[str, Price]:
+async def load_prices(conn: Conn) -> dict[tuple[str, str], Price]:
+    """The catalog by (service, currency)."""
     rows = await conn.fetch("SELECT service, unit, unit_price_micros, currency FROM prices")
-    return {r["service"]: Price(r["service"], r["unit"], r["unit_price_micros"], r["currency"])
-            for r in rows}
+    return {(r["service"], r["currency"]): Price(r["service"], r["unit"], r["unit_price_micros"],
+                                                 r["currency"]) for r in rows}
 
 
 async def upsert_price(conn: Conn, price: Price) -> None:
     await conn.execute(
         "INSERT INTO prices (service, unit, unit_price_micros, currency) VALUES ($1, $2, $3, $4) "
-        "ON CONFLICT (service) DO UPDATE SET unit = EXCLUDED.unit, "
-        "unit_price_micros = EXCLUDED.unit_price_micros, currency = EXCLUDED.currency, "
-        "updated_at = now()",
+        "ON CONFLICT (service, currency) DO UPDATE SET unit = EXCLUDED.unit, "
+        "unit_price_micros = EXCLUDED.unit_price_micros, updated_at = now()",
         price.service, price.unit, price.unit_price_micros, price.currency,
     )
 
@@ -77,3 +77,33 @@ async def set_suspended(conn: Conn, owner: str, owner_id: str,
     else:
         await conn.execute(
             "DELETE FROM suspended_wallets WHERE owner = $1 AND owner_id = $2", owner, owner_id)
+
+
+# --- what rebilling tells us ---------------------------------------------------------------
+
+async def company_currencies(conn: Conn, company_ids: Sequence[str]) -> dict[str, str]:
+    """The currency of each company rebilling has announced (others are absent)."""
+    rows = await conn.fetch("SELECT company_id, currency FROM companies "
+                            "WHERE company_id = ANY($1::text[])", list(set(company_ids)))
+    return {r["company_id"]: r["currency"] for r in rows}
+
+
+async def account_companies(conn: Conn, account_ids: Sequence[str]) -> dict[str, str]:
+    """The company of each account rebilling has announced (others are absent)."""
+    if not account_ids:
+        return {}
+    rows = await conn.fetch("SELECT account_id, company_id FROM accounts "
+                            "WHERE account_id = ANY($1::text[])", list(set(account_ids)))
+    return {r["account_id"]: r["company_id"] for r in rows}
+
+
+async def upsert_company(conn: Conn, company_id: str, currency: str) -> None:
+    await conn.execute(
+        "INSERT INTO companies (company_id, currency) VALUES ($1, $2) ON CONFLICT (company_id) "
+        "DO UPDATE SET currency = EXCLUDED.currency, updated_at = now()", company_id, currency)
+
+
+async def upsert_account(conn: Conn, account_id: str, company_id: str) -> None:
+    await conn.execute(
+        "INSERT INTO accounts (account_id, company_id) VALUES ($1, $2) ON CONFLICT (account_id) "
+        "DO UPDATE SET company_id = EXCLUDED.company_id", account_id, company_id)

@@ -30,6 +30,13 @@ from tally_wallet.usage import apply_usage
 from tally_wallet.wallet_settings import change_settings, raise_tier
 
 SERVICE = "wallet"
+# What one usage record can never post, whatever the retries: a ledger rule it breaks, or a
+# value the database refuses (a balance out of range). That record goes to the DLQ with the
+# reason and the partition goes on; anything else (a lost connection) retries the batch.
+UNPOSTABLE: tuple[type[Exception], ...] = (LedgerError, asyncpg.DataError,
+                                           asyncpg.CheckViolationError)
+# The optimistic batch also falls back on a transfer key the ledger already has (a redelivery).
+CAREFULLY: tuple[type[Exception], ...] = (asyncpg.UniqueViolationError, *UNPOSTABLE)
 DEBIT_LATENCY = Histogram(
     "tally_wallet_debit_latency_seconds", "From usage accepted to ledger commit",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
@@ -90,13 +97,14 @@ def subscribe(rt: Runtime) -> None:
             try:
                 async with conn.transaction():
                     await apply_usage(conn, [u for _, u in good], traces, partitions=partitions)
-            except LedgerError:
+            except UNPOSTABLE:
                 for record, usage in good:
                     try:
                         async with conn.transaction():
                             await apply_usage(conn, [usage], traces, partitions=partitions)
-                    except LedgerError as exc:
-                        dead.append(dlq_row(record, str(exc), service=SERVICE))
+                    except UNPOSTABLE as exc:
+                        dead.append(dlq_row(record, f"{type(exc).__name__}: {exc}",
+                                            service=SERVICE))
 
         async with rt.pool.acquire() as conn:
             try:
@@ -107,7 +115,7 @@ def subscribe(rt: Runtime) -> None:
                     await apply_usage(conn, [u for _, u in good], traces, partitions=partitions,
                                       optimistic=True)
                     await enqueue(conn, dead)
-            except (asyncpg.UniqueViolationError, LedgerError):
+            except CAREFULLY:
                 async with conn.transaction():
                     await carefully(conn)
                     await enqueue(conn, dead)

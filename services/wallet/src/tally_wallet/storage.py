@@ -176,6 +176,20 @@ async def load_rebilling(conn: Conn, account_ids: Sequence[str]) -> dict[str, Re
             for r in rows}
 
 
+async def load_accounts(conn: Conn, account_ids: Sequence[str],
+                        ) -> dict[str, tuple[str, Rebilling | None]]:
+    """Each known account's company, and its rebilling settings (None: never rebilled)."""
+    if not account_ids:
+        return {}
+    rows = await conn.fetch(
+        "SELECT a.account_id, a.company_id, r.mode, r.markups::text AS markups, r.active "
+        "FROM accounts a LEFT JOIN rebilling_settings r USING (account_id) "
+        "WHERE a.account_id = ANY($1::text[])", list(set(account_ids)))
+    return {r["account_id"]: (r["company_id"], Rebilling(r["mode"], _markups(r["markups"]),
+                                                         r["active"]) if r["mode"] else None)
+            for r in rows}
+
+
 @functools.lru_cache(maxsize=4096)
 def _markups(text: str) -> dict[str, Decimal]:
     """Parsed markups by their JSON text (most accounts share a few): not re-parsed per batch.

@@ -20,6 +20,7 @@ from tally_wallet import storage
 from tally_wallet.domain import (
     SYSTEM_COMPANY_REVENUE,
     Kind,
+    LedgerError,
     Transfer,
     Wallet,
     account_wallet_id,
@@ -87,13 +88,18 @@ async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
     if not fresh:
         return Outcome(0, len(batch))
 
-    rebilling = await storage.load_rebilling(conn, [u.account_id for u in fresh if u.account_id])
+    accounts = await storage.load_accounts(conn, [u.account_id for u in fresh if u.account_id])
     shard = partitions or {}
     plan: list[tuple[UsageRecorded, bool]] = []  # (event, has an account leg)
     transfers: list[Transfer] = []
     wanted: dict[str, Wallet] = {}  # one per distinct wallet, not four per event
     for u in fresh:
-        settings = rebilling.get(u.account_id) if u.account_id else None
+        known = accounts.get(u.account_id) if u.account_id else None
+        if known is not None and known[0] != u.company_id:
+            # usage-meter refuses these; never debit one company's account for another's usage
+            raise LedgerError(f"usage {u.event_id}: account {u.account_id!r} belongs to another "
+                              f"company than {u.company_id!r}")
+        settings = known[1] if known is not None else None
         account_amount = settings.account_amount(u.service, u.platform_amount_micros) \
             if settings else None
         # Each leg's two wallets, checked separately: a company (or account) may see usage in
