@@ -126,6 +126,15 @@ async def seed(conn: asyncpg.Connection, w: Workload) -> None:
         await conn.copy_records_to_table("accounts", records=accounts,
                                          columns=("account_id", "company_id"))
     await conn.execute("ANALYZE wallets; ANALYZE transfers; ANALYZE rebilling_settings")
+    # usage-meter's view of the same companies and accounts (as rebilling.events would give
+    # it), so ingestion never asks rebilling about them
+    async with conn.transaction():
+        await conn.copy_records_to_table(
+            "companies", schema_name="usage_meter",
+            records=[(f"{run}-co{c}", "USD") for c in range(w.companies)],
+            columns=("company_id", "currency"))
+        await conn.copy_records_to_table("accounts", schema_name="usage_meter",
+                                         records=accounts, columns=("account_id", "company_id"))
 
 
 # --- driving usage ------------------------------------------------------------------------

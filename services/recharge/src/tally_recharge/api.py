@@ -96,19 +96,25 @@ def _pm_out(row: asyncpg.Record) -> PaymentMethodOut:
                             is_default=row["is_default"])
 
 
-async def _company_target(conn: Conn, principal: Principal, cid: PathId) -> WalletTarget:
+async def _currency(conn: Conn, request: Request, company_id: str) -> str:
+    return await storage.currency_of(conn, _rt(request)[2].directory, company_id)
+
+
+async def _company_target(conn: Conn, request: Request, principal: Principal,
+                          cid: PathId) -> WalletTarget:
     require_company(principal, cid)
-    currency, _ = await storage.company(conn, cid)
+    currency = await _currency(conn, request, cid)
     return WalletTarget(f"company:{cid}", "company", cid, None, currency)
 
 
-async def _account_target(conn: Conn, principal: Principal, aid: PathId) -> WalletTarget:
+async def _account_target(conn: Conn, request: Request, principal: Principal,
+                          aid: PathId) -> WalletTarget:
     company = await storage.account_company(conn, aid)
     if company is None and principal.role == "account_user" and principal.account_id == aid:
         company = principal.company_id
     if company is None or not principal.can_see_account(company, aid):
         raise not_found("account")
-    currency, _ = await storage.company(conn, company)
+    currency = await _currency(conn, request, company)
     return WalletTarget(f"account:{aid}", "account", company, aid, currency)
 
 
@@ -278,7 +284,7 @@ async def attach_company_card(cid: PathId, body: AttachIn, request: Request,
                               principal: CurrentPrincipal) -> PaymentMethodOut:
     require_role(principal, "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
-        target = await _company_target(conn, principal, cid)
+        target = await _company_target(conn, request, principal, cid)
     return await _attach(request, principal, target, body)
 
 
@@ -286,7 +292,7 @@ async def attach_company_card(cid: PathId, body: AttachIn, request: Request,
 async def list_company_cards(cid: PathId, request: Request,
                              principal: CurrentPrincipal) -> PaymentMethodList:
     async with runtime(request).pool.acquire() as conn:
-        target = await _company_target(conn, principal, cid)
+        target = await _company_target(conn, request, principal, cid)
     return await _list(request, target)
 
 
@@ -295,7 +301,7 @@ async def detach_company_card(cid: PathId, pm: PathKey, request: Request,
                               principal: CurrentPrincipal) -> Response:
     require_role(principal, "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
-        target = await _company_target(conn, principal, cid)
+        target = await _company_target(conn, request, principal, cid)
     return await _detach(request, target, pm)
 
 
@@ -304,7 +310,7 @@ async def default_company_card(cid: PathId, pm: PathKey, request: Request,
                                principal: CurrentPrincipal) -> PaymentMethodOut:
     require_role(principal, "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
-        target = await _company_target(conn, principal, cid)
+        target = await _company_target(conn, request, principal, cid)
     return await _default(request, target, pm)
 
 
@@ -314,7 +320,7 @@ async def top_up_company(cid: PathId, body: TopUpIn, request: Request,
                          idempotency_key: IdempotencyKey = None) -> AttemptOut | JsonResponse:
     require_role(principal, "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
-        target = await _company_target(conn, principal, cid)
+        target = await _company_target(conn, request, principal, cid)
     return await _top_up(request, principal, target, body, idempotency_key)
 
 
@@ -322,7 +328,7 @@ async def top_up_company(cid: PathId, body: TopUpIn, request: Request,
 async def company_recharges(cid: PathId, request: Request, principal: CurrentPrincipal,
                             limit: Limit = 50, cursor: str | None = None) -> AttemptPage:
     async with runtime(request).pool.acquire() as conn:
-        target = await _company_target(conn, principal, cid)
+        target = await _company_target(conn, request, principal, cid)
     return await _history(request, target, limit, cursor)
 
 
@@ -333,7 +339,7 @@ async def attach_account_card(aid: PathId, body: AttachIn, request: Request,
                               principal: CurrentPrincipal) -> PaymentMethodOut:
     require_role(principal, "account_user", "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
-        target = await _account_target(conn, principal, aid)
+        target = await _account_target(conn, request, principal, aid)
     return await _attach(request, principal, target, body)
 
 
@@ -341,7 +347,7 @@ async def attach_account_card(aid: PathId, body: AttachIn, request: Request,
 async def list_account_cards(aid: PathId, request: Request,
                              principal: CurrentPrincipal) -> PaymentMethodList:
     async with runtime(request).pool.acquire() as conn:
-        target = await _account_target(conn, principal, aid)
+        target = await _account_target(conn, request, principal, aid)
     return await _list(request, target)
 
 
@@ -350,7 +356,7 @@ async def detach_account_card(aid: PathId, pm: PathKey, request: Request,
                               principal: CurrentPrincipal) -> Response:
     require_role(principal, "account_user", "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
-        target = await _account_target(conn, principal, aid)
+        target = await _account_target(conn, request, principal, aid)
     return await _detach(request, target, pm)
 
 
@@ -359,7 +365,7 @@ async def default_account_card(aid: PathId, pm: PathKey, request: Request,
                                principal: CurrentPrincipal) -> PaymentMethodOut:
     require_role(principal, "account_user", "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
-        target = await _account_target(conn, principal, aid)
+        target = await _account_target(conn, request, principal, aid)
     return await _default(request, target, pm)
 
 
@@ -369,7 +375,7 @@ async def top_up_account(aid: PathId, body: TopUpIn, request: Request,
                          idempotency_key: IdempotencyKey = None) -> AttemptOut | JsonResponse:
     require_role(principal, "account_user", "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
-        target = await _account_target(conn, principal, aid)
+        target = await _account_target(conn, request, principal, aid)
     return await _top_up(request, principal, target, body, idempotency_key)
 
 
@@ -377,7 +383,7 @@ async def top_up_account(aid: PathId, body: TopUpIn, request: Request,
 async def account_recharges(aid: PathId, request: Request, principal: CurrentPrincipal,
                             limit: Limit = 50, cursor: str | None = None) -> AttemptPage:
     async with runtime(request).pool.acquire() as conn:
-        target = await _account_target(conn, principal, aid)
+        target = await _account_target(conn, request, principal, aid)
     return await _history(request, target, limit, cursor)
 
 
@@ -400,7 +406,7 @@ async def charge(body: ChargeIn, request: Request, principal: CurrentPrincipal) 
     amount = money_field(body.amount, "amount")
     rt, _, recharger = _rt(request)
     async with rt.pool.acquire() as conn:
-        currency, _ = await storage.company(conn, body.company_id)
+        currency = await _currency(conn, request, body.company_id)
         if body.owner == "account":
             if not body.account_id:
                 raise ApiError(422, "validation_error", "account_id is required for an account")

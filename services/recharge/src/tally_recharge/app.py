@@ -3,6 +3,7 @@ cancellation and smart adjustment; manual top-ups; Stripe webhooks."""
 
 import os
 
+from tally.directory import CompanyDirectory
 from tally.service import Runtime, ServiceSpec
 from tally_recharge import api, handlers
 from tally_recharge.charging import Recharger
@@ -19,6 +20,8 @@ async def start(rt: Runtime) -> None:
         rt.settings.jwt_secret)
     recharger = Recharger(
         rt.pool, gateway, rt.relay, wallets,
+        directory=CompanyDirectory.from_settings(rt.settings,
+                                                 os.environ.get("TALLY_REBILLING_URL")),
         retry=RetryPolicy.from_env(os.environ.get("TALLY_RECHARGE_RETRY_SECONDS")),
         lease_seconds=int(os.environ.get("TALLY_RECHARGE_LEASE_SECONDS", "120")),
         unavailable_retry_seconds=int(os.environ.get("TALLY_RECHARGE_UNAVAILABLE_RETRY_SECONDS",
@@ -31,6 +34,8 @@ async def start(rt: Runtime) -> None:
 async def stop(rt: Runtime) -> None:
     await rt.state["recharger"].stop()
     await rt.state["recharger"].wallets.close()
+    if rt.state["recharger"].directory is not None:
+        await rt.state["recharger"].directory.close()
 
 
 SPEC = ServiceSpec(

@@ -30,6 +30,7 @@ from prometheus_client import Counter
 from tally import events, outbox
 from tally.autorecharge import WalletState, needs_recharge, next_tier, recharge_amount
 from tally.db import Conn
+from tally.directory import CompanyDirectory
 from tally.events import Topics
 from tally.faults import crash_point
 from tally.money import micros_to_minor_units_ceil, minor_units_to_micros
@@ -79,12 +80,14 @@ class Recharger(Worker):
     name = "recharger"
 
     def __init__(self, pool: asyncpg.Pool, gateway: StripeGateway, relay: OutboxRelay,
-                 wallets: WalletReader, *, retry: RetryPolicy, lease_seconds: int = 120,
+                 wallets: WalletReader, *, retry: RetryPolicy,
+                 directory: CompanyDirectory | None = None, lease_seconds: int = 120,
                  unavailable_retry_seconds: int = 30, pending_recheck_seconds: int = 60):
         self.pool = pool
         self.gateway = gateway
         self.relay = relay
         self.wallets = wallets
+        self.directory = directory
         self.retry = retry
         self.lease_seconds = lease_seconds
         self.unavailable_retry_seconds = unavailable_retry_seconds
@@ -110,7 +113,8 @@ class Recharger(Worker):
         owner_id = check.account_id if check.owner == "account" else check.company_id
         assert owner_id is not None
         cards = await storage.payment_methods(conn, check.owner, owner_id)
-        currency, stripe_account = await storage.company(conn, check.company_id)
+        _, stripe_account = await storage.company(conn, check.company_id)
+        currency = await storage.currency_of(conn, self.directory, check.company_id)
         usable = bool(cards) and (check.owner == "company" or stripe_account is not None)
         state = await self.wallets.read(check.owner, check.company_id, check.account_id)
         wanted = needs_recharge(auto_recharge=state.auto_recharge and not cancelling,

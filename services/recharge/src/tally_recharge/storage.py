@@ -11,6 +11,7 @@ import asyncpg
 import orjson
 
 from tally.db import Conn
+from tally.directory import CompanyDirectory
 from tally_recharge.domain import Card
 
 _ATTEMPT_COLS = ("id, wallet_id, owner, company_id, account_id, trigger, amount_micros, currency, "
@@ -360,6 +361,17 @@ async def upsert_company(conn: Conn, company_id: str, currency: str,
         "ON CONFLICT (company_id) DO UPDATE SET currency = EXCLUDED.currency, "
         "stripe_account_id = EXCLUDED.stripe_account_id, updated_at = now()",
         company_id, currency, stripe_account_id)
+
+
+async def currency_of(conn: Conn, directory: CompanyDirectory | None, company_id: str) -> str:
+    """The company's currency: as rebilling.events told us, else as rebilling answers now (a
+    company created a moment ago), else USD (a company rebilling does not know)."""
+    r = await conn.fetchval("SELECT currency FROM companies WHERE company_id = $1", company_id)
+    if r is not None:
+        return str(r)
+    if directory is not None:
+        return (await directory.currencies([company_id])).get(company_id, "USD")
+    return "USD"
 
 
 async def company(conn: Conn, company_id: str) -> tuple[str, str | None]:

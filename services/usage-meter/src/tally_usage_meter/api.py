@@ -20,7 +20,7 @@ from tally.service import Runtime, runtime
 from tally.telemetry import continue_trace
 from tally_usage_meter import storage
 from tally_usage_meter.domain import Price
-from tally_usage_meter.ingestion import Result, ingest
+from tally_usage_meter.ingestion import DirectoryUnavailable, Result, ingest
 
 router = APIRouter(prefix="/v1", tags=["usage"])
 
@@ -102,7 +102,12 @@ async def post_usage(request: Request, principal: CurrentPrincipal) -> JsonRespo
                        headers={"Retry-After": retry_after(wait)})
     with continue_trace(request.headers.get("traceparent"), "usage.ingest",
                         {"tally.events": len(batch)}) as traceparent:
-        results = await _ingest_group(rt).submit([(e, traceparent) for e in batch])
+        try:
+            results = await _ingest_group(rt).submit([(e, traceparent) for e in batch])
+        except DirectoryUnavailable as exc:
+            raise ApiError(503, "rebilling_unavailable", "the company's currency cannot be "
+                           "looked up right now; nothing was recorded, try again",
+                           headers={"Retry-After": "2"}) from exc
     return JsonResponse({"results": [r.as_json() for r in results]}, status_code=202)
 
 
@@ -114,7 +119,8 @@ def _ingest_group(rt: Runtime) -> GroupCommit[tuple[UsageEvent, str | None], Res
     if group is None:
         async def apply(items: list[tuple[UsageEvent, str | None]]) -> list[Result]:
             async with rt.pool.acquire() as conn, conn.transaction():
-                results = await ingest(conn, [e for e, _ in items], [tp for _, tp in items])
+                results = await ingest(conn, [e for e, _ in items], [tp for _, tp in items],
+                                       rt.state["directory"])
             rt.relay.wake()
             return results
         group = rt.state["ingest_group"] = GroupCommit("usage-http", apply)

@@ -1,11 +1,16 @@
 """usage-meter: validates, prices and dedupes usage; publishes ``usage.recorded``."""
 
+import os
+
+from tally.directory import CompanyDirectory
 from tally.service import Runtime, ServiceSpec
 from tally_usage_meter import api, handlers
 from tally_usage_meter.retention import DedupeExpiry
 
 
 async def start(rt: Runtime) -> None:
+    rt.state["directory"] = CompanyDirectory.from_settings(
+        rt.settings, os.environ.get("TALLY_REBILLING_URL"))
     expiry = DedupeExpiry(rt.pool, rt.settings.dedupe_window_days)
     rt.state["dedupe_expiry"] = expiry
     expiry.start()
@@ -13,6 +18,7 @@ async def start(rt: Runtime) -> None:
 
 async def stop(rt: Runtime) -> None:
     await rt.state["dedupe_expiry"].stop()
+    await rt.state["directory"].close()
 
 
 SPEC = ServiceSpec(

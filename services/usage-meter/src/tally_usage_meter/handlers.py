@@ -32,7 +32,8 @@ def subscribe(rt: Runtime) -> None:
         with continue_trace(first, "usage.ingest", {"tally.events": len(good)}):
             async with rt.pool.acquire() as conn, conn.transaction():
                 # Each event continues the trace of the record it came in.
-                results = await ingest(conn, [e for _, e in good], [header(r) for r, _ in good])
+                results = await ingest(conn, [e for _, e in good], [header(r) for r, _ in good],
+                                       rt.state["directory"])
                 for (record, _), result in zip(good, results, strict=True):
                     if result.status == "rejected":
                         dead.append(dlq_row(record, f"{result.code}: {result.message}",

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
+import httpx
 import prometheus_client
 
 from tally import events, outbox
 from tally.db import Conn
+from tally.directory import CompanyDirectory
 from tally.events import Topics, UsageEvent
 from tally_usage_meter import storage
 from tally_usage_meter.domain import (
@@ -45,16 +47,42 @@ class Result:
         return out
 
 
-async def ingest(conn: Conn, batch: Sequence[UsageEvent],
-                 traceparents: Sequence[str | None]) -> list[Result]:
+class DirectoryUnavailable(Exception):
+    """Rebilling could not say which currency a new company has: try again shortly."""
+
+
+async def _tenancy(conn: Conn, batch: Sequence[UsageEvent], directory: CompanyDirectory | None,
+                   ) -> tuple[dict[str, str], dict[str, str]]:
+    """(company -> currency, account -> company) for the batch: what rebilling.events told
+    this service, completed from rebilling's API for companies and accounts created so
+    recently that their events have not arrived (and remembered)."""
+    companies = [e.company_id for e in batch]
+    accounts = [e.account_id for e in batch if e.account_id]
+    currencies = await storage.company_currencies(conn, companies)
+    owners = await storage.account_companies(conn, accounts)
+    if directory is None:
+        return currencies, owners
+    try:
+        found = await directory.currencies(c for c in companies if c not in currencies)
+        placed = await directory.account_companies(a for a in accounts if a not in owners)
+    except httpx.HTTPError as exc:
+        raise DirectoryUnavailable(str(exc)) from exc
+    for cid, currency in found.items():
+        await storage.upsert_company(conn, cid, currency)
+    for aid, cid in placed.items():
+        await storage.upsert_account(conn, aid, cid)
+    return currencies | found, owners | placed
+
+
+async def ingest(conn: Conn, batch: Sequence[UsageEvent], traceparents: Sequence[str | None],
+                 directory: CompanyDirectory | None = None) -> list[Result]:
     """Must run inside a transaction; returns one result per input event, in order.
     ``traceparents``: the trace each event continues (its ``usage.recorded`` carries it)."""
     now = datetime.now(UTC)
     prices = await storage.load_prices(conn)
     accounts = [e.account_id for e in batch if e.account_id]
     suspended = await storage.suspended_among(conn, [e.company_id for e in batch], accounts)
-    currencies = await storage.company_currencies(conn, [e.company_id for e in batch])
-    owners = await storage.account_companies(conn, accounts)
+    currencies, owners = await _tenancy(conn, batch, directory)
 
     outcome: list[Priced | Rejected | None] = []
     first_seen: set[str] = set()

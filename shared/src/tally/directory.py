@@ -1,0 +1,75 @@
+"""Which currency a company has, and which company an account belongs to, when this service
+has not heard it from ``rebilling.events`` yet: asked of the rebilling service's public API.
+A company is created in rebilling and then announced to the others; money that moves in the
+gap (usage posted, a card charged right after creation) must still be in the company's
+currency, or it is stranded by a currency mismatch (API.md, Currency). Answers are cached: a
+known one forever (a company's currency and an account's company never change), an unknown id
+for ``negative_ttl`` seconds (usage of companies no one created is priced in USD)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import httpx
+
+from tally.auth import issue_token
+from tally.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class CompanyDirectory:
+    def __init__(self, base_url: str, secret: str, *, timeout: float = 5,
+                 negative_ttl: float = 30) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.secret = secret
+        self.negative_ttl = negative_ttl
+        self._known: dict[str, str] = {}  # "company:<id>" -> currency, "account:<id>" -> company
+        self._unknown_until: dict[str, float] = {}
+        self._client = httpx.AsyncClient(timeout=timeout)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, url: str | None = None) -> CompanyDirectory:
+        return cls(url or f"http://{settings.host}:{settings.port_rebilling}",
+                   settings.jwt_secret)
+
+    async def currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
+        """The currency of each company rebilling knows (the others are left out). Raises
+        ``httpx.HTTPError`` when rebilling cannot answer: the caller retries later rather than
+        guess a currency."""
+        return await self._lookup("company", company_ids, "/v1/companies/{}", "currency")
+
+    async def account_companies(self, account_ids: Iterable[str]) -> dict[str, str]:
+        """The company of each account rebilling knows (the others are left out)."""
+        return await self._lookup("account", account_ids, "/v1/accounts/{}", "company_id")
+
+    async def _lookup(self, kind: str, ids: Iterable[str], path: str,
+                      field: str) -> dict[str, str]:
+        out: dict[str, str] = {}
+        now = time.monotonic()
+        for id_ in dict.fromkeys(ids):
+            key = f"{kind}:{id_}"
+            if key in self._known:
+                out[id_] = self._known[key]
+            elif self._unknown_until.get(key, 0) <= now:
+                value = await self._ask(path.format(id_), field)
+                if value is None:
+                    self._unknown_until[key] = now + self.negative_ttl
+                else:
+                    out[id_] = self._known[key] = value
+        return out
+
+    async def _ask(self, path: str, field: str) -> str | None:
+        token = issue_token("platform_admin", sub="directory", secret=self.secret,
+                            ttl_seconds=60)
+        r = await self._client.get(self.base_url + path,
+                                   headers={"Authorization": f"Bearer {token}"})
+        if r.status_code == 404:
+            return None
+        r.raise_for_status()
+        return str(r.json()[field])
+
+    async def close(self) -> None:
+        await self._client.aclose()
