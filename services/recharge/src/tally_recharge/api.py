@@ -185,9 +185,10 @@ async def _card_event(conn: Conn, target: WalletTarget, pm: PathKey, type_: str)
 
 
 async def _cards_changed(conn: Conn, target: WalletTarget, *, bring_forward: bool) -> None:
+    # Lock order, as the charger's: the wallet's check row first, then its attempts.
+    await storage.queue_check(conn, target.owner, target.company_id, target.account_id)
     if bring_forward:  # a retry waiting for its time tries the new card now
         await storage.bring_forward(conn, target.wallet_id)
-    await storage.queue_check(conn, target.owner, target.company_id, target.account_id)
 
 
 async def _list(request: Request, target: WalletTarget) -> PaymentMethodList:

@@ -21,6 +21,12 @@ SERVICE = "recharge"
 TRIGGERS = ("wallet.threshold_crossed", "wallet.credited", "wallet.settings_changed")
 
 
+def _wallet_of(message: events.Message) -> str:
+    data = message.data
+    assert isinstance(data, events.WalletRef)
+    return data.wallet_id
+
+
 def subscribe(rt: Runtime) -> None:
     def recharger() -> Recharger:
         r: Recharger = rt.state["recharger"]
@@ -34,18 +40,20 @@ def subscribe(rt: Runtime) -> None:
             return
         async with rt.pool.acquire() as conn, conn.transaction():
             fresh = await inbox.claim(conn, "recharge-wallet", [m.id for _, m in taken])
-            for record, message in taken:
+            # Lock order, as the charger's: wallets by id; per wallet its check row, then its
+            # policy and attempts (replicas and the charger never wait on each other in a ring).
+            for record, message in sorted(taken, key=lambda t: _wallet_of(t[1])):
                 if message.id not in fresh:
                     continue
                 p = message.data
                 assert isinstance(p, events.WalletRef)
+                traceparent = child_traceparent(header(record), "recharge.request",
+                                                {"tally.wallet_id": p.wallet_id})
+                await storage.queue_check(conn, p.owner, p.company_id, p.account_id, traceparent)
                 if isinstance(p, events.WalletCredited) and p.transfer_id.startswith("recharge:"):
                     await storage.mark_credited(conn, p.transfer_id.removeprefix("recharge:"))
                 if isinstance(p, events.WalletSettingsChanged) and not p.auto_recharge:
                     await storage.set_policy(conn, p.wallet_id, cancelling=False)
-                traceparent = child_traceparent(header(record), "recharge.request",
-                                                {"tally.wallet_id": p.wallet_id})
-                await storage.queue_check(conn, p.owner, p.company_id, p.account_id, traceparent)
             await enqueue(conn, dead)
         if taken:
             recharger().wake()
