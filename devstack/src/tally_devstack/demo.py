@@ -72,7 +72,7 @@ async def seed(stack: Stack) -> None:
                                       json={"payment_method": await _card(stripe_client)}))
             _ok(await client.post(f"{wallet}/v1/companies/{cid}/wallet/credits",
                                   json={"amount": OPENING_CREDIT, "reference": "demo opening credit"},
-                                  headers={"Idempotency-Key": "demo-opening-credit"}))
+                                  headers={"Idempotency-Key": f"demo-opening-credit-{cid}"}))
             _ok(await client.patch(f"{wallet}/v1/companies/{cid}/wallet", json={
                 "threshold": THRESHOLD, "reload_amount": RELOAD, "auto_recharge": True}))
             for aid in accounts:
