@@ -10,7 +10,7 @@ UV         := $(TOOLS)/bin/uv
 PYTHON     ?= python3
 export UV_PYTHON_PREFERENCE ?= system
 
-.PHONY: help install run test test-fast lint format bench bench-scaling bench-wallet chaos clean stack
+.PHONY: help install run test test-fast model lint format bench bench-scaling bench-wallet chaos clean stack
 
 help: ## show the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,10 @@ test: install ## the whole suite (unit + integration over real broker, Postgres,
 
 test-fast: install ## unit tests only
 	@$(UV) run --frozen --no-sync pytest -m "not integration"
+
+model: install ## the lifecycle model, a long walk (MODEL_STEPS, default 1000; MODEL_SEED replays one)
+	@MODEL_STEPS=$${MODEL_STEPS:-1000} $(UV) run --frozen --no-sync pytest -s \
+		tests/integration/test_lifecycle_model.py -o timeout=$${MODEL_TIMEOUT:-7200}
 
 lint: install ## ruff and mypy
 	@$(UV) run --frozen --no-sync ruff check .

@@ -145,16 +145,16 @@ class Walk:
             PRICES[(p["service"], p["currency"])] = micros(p["unit_price"])
         for currency in ("USD", "EUR"):
             cid = uid("model")
-            admin = self.t.auth("company_admin", company_id=cid, email=f"owner@{cid}.test")
+            admin = self.t.auth("company_admin", company_id=cid, email=f"owner@{cid}.example.com")
             r = await self.t.http.post(self.t.url("rebilling", "/v1/companies"), headers=platform,
                                        json={"id": cid, "name": cid, "plan": "starter",
                                              "currency": currency,
-                                             "owner_email": f"owner@{cid}.test"})
+                                             "owner_email": f"owner@{cid}.example.com"})
             assert r.status_code == 201, r.text
             aid = uid("acct")
             r = await self.t.http.post(self.t.url("rebilling", f"/v1/companies/{cid}/accounts"),
                                        headers=admin, json={"id": aid, "name": aid,
-                                                            "owner_email": f"{aid}@x.test"})
+                                                            "owner_email": f"{aid}@example.com"})
             assert r.status_code == 201, r.text
             company = Company(cid, aid, Wallet(currency), admin)
             # smart adjustment off: tier raises are another issue's model

@@ -228,7 +228,8 @@ class Chaos:
             if wallet_id.startswith("company:"):
                 expected[wallet_id] += to_micros(demo.OPENING_CREDIT)
         for wallet_id, charged in (await self._stripe_charged(conn["recharge"])).items():
-            expected[wallet_id] += charged
+            if wallet_id in self.wallets:
+                expected[wallet_id] += charged
         rows = await conn["wallet"].fetch("SELECT id, balance FROM wallets WHERE id = ANY($1)",
                                           list(expected))
         actual = {r["id"]: r["balance"] for r in rows}
@@ -256,14 +257,16 @@ class Chaos:
         charged: dict[str, int] = defaultdict(int)
         for intent in intents:
             attempt = (intent.get("metadata") or {}).get("tally_attempt")
-            if intent.get("status") == "succeeded" and attempt in attempts:
+            if intent.get("status") == "succeeded" and attempt in attempts \
+                    and attempts[attempt] in self.wallets:  # not other tests' wallets
                 charged[attempts[attempt]] += minor_units_to_micros(intent["amount"], "USD")
                 self.report.recharges_charged += 1
         return charged
 
     async def _check_charges(self, conn: dict[str, asyncpg.Connection]) -> None:
         self.report.recharges_credited = int(await conn["wallet"].fetchval(
-            "SELECT count(*) FROM transfers WHERE key LIKE 'recharge:%'"))
+            "SELECT count(*) FROM transfers WHERE key LIKE 'recharge:%' "
+            "AND credit_wallet = ANY($1::text[])", sorted(self.wallets)))
         if self.report.recharges_charged != self.report.recharges_credited:
             self.report.discrepancies.append(
                 f"Stripe charged {self.report.recharges_charged} recharges, the ledger credited "
@@ -288,6 +291,12 @@ class Chaos:
         for (account, day), n in per_day.items():
             if n > 1:
                 self.report.discrepancies.append(f"{n} usage alerts to {account} on {day}")
+
+    @property
+    def wallets(self) -> set[str]:
+        """The wallets this run funds and uses: the demo's companies and accounts."""
+        return ({f"company:{cid}" for cid in demo.COMPANIES}
+                | {f"account:{aid}" for accounts in demo.COMPANIES.values() for aid in accounts})
 
     # --- the run ---------------------------------------------------------------------------
 

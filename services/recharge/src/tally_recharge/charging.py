@@ -431,6 +431,13 @@ class Recharger(Worker):
                 if check is not None:
                     await storage.postpone_check(conn, check.wallet_id,
                                                  self.unavailable_retry_seconds // 6 or 1)
+            except Exception:
+                # Never let one wallet's check block the others: it goes to the back of the
+                # queue and is tried again later (the error is logged with the wallet).
+                if check is None:
+                    raise
+                log.exception("check failed; postponed", extra={"wallet": check.wallet_id})
+                await storage.postpone_check(conn, check.wallet_id, self.unavailable_retry_seconds)
         return True
 
 

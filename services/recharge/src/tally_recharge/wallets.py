@@ -8,7 +8,7 @@ import httpx
 
 from tally.auth import issue_token
 from tally.autorecharge import WalletState
-from tally.money import to_micros
+from tally.money import MICROS_PER_UNIT, parse_decimal
 
 
 class WalletUnavailable(Exception):
@@ -33,10 +33,16 @@ class WalletReader:
         if r.status_code != 200:
             raise WalletUnavailable(f"GET {path}: {r.status_code} {r.text[:200]}")
         w = r.json()
-        return WalletState(balance=to_micros(w["balance"]), threshold=to_micros(w["threshold"]),
-                           reload_amount=to_micros(w["reload_amount"]),
+        return WalletState(balance=_micros(w["balance"]), threshold=_micros(w["threshold"]),
+                           reload_amount=_micros(w["reload_amount"]),
                            auto_recharge=bool(w["auto_recharge"]),
                            smart_adjustment=bool(w["smart_adjustment"]))
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _micros(text: str) -> int:
+    """The wallet's decimal string as micros, whatever its size (a balance is not an amount to
+    charge: ``to_micros``' bound does not apply)."""
+    return int(parse_decimal(text) * MICROS_PER_UNIT)
