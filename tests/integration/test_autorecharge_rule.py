@@ -214,3 +214,41 @@ async def test_credits_and_credit_requests_honour_the_idempotency_key(tally: Tal
     assert (again.status_code, again.json()) == (201, first.json())
     without = await tally.http.post(requests_url, json={"amount": "9"}, headers=agency.user(aid))
     assert without.status_code == 409  # one pending request at a time, and the key made one
+
+
+async def test_a_tier_raise_applies_to_the_reload_amount_current_then(tally: Tally) -> None:
+    """recharge.tier_raised is applied by the wallet one tier above the reload amount it has
+    when it applies it, and not at all once smart adjustment is off."""
+    agency = Agency(tally)
+    wallet_id = f"company:{agency.cid}"
+
+    async def raised_from(previous: int, new: int) -> None:
+        await tally.envelope("recharge.events", "recharge.tier_raised", {
+            "wallet_id": wallet_id, "owner": "company", "company_id": agency.cid,
+            "account_id": None, "currency": "USD", "previous_reload_amount_micros": previous,
+            "reload_amount_micros": new}, key=agency.cid)
+
+    await patch(tally, agency, reload_amount="25", smart_adjustment=True, auto_recharge=False)
+    await raised_from(10_000_000, 25_000_000)  # earned while the reload amount was 10
+
+    async def reload_is(amount: str) -> dict[str, Any] | None:
+        w = await agency.wallet()
+        return w if w["reload_amount"] == amount else None
+    await eventually(lambda: reload_is("50.000000"), what="25 raised one tier, to 50")
+
+    await patch(tally, agency, smart_adjustment=False)
+    await raised_from(50_000_000, 100_000_000)
+    # a later event on the same partition (key), for another company: once it is applied, the
+    # raise before it was consumed too
+    marker = uid("co")
+    await tally.envelope("recharge.events", "recharge.tier_raised", {
+        "wallet_id": f"company:{marker}", "owner": "company", "company_id": marker,
+        "account_id": None, "currency": "USD", "previous_reload_amount_micros": 50_000_000,
+        "reload_amount_micros": 100_000_000}, key=agency.cid)
+
+    async def marker_raised() -> bool:
+        r = await tally.http.get(tally.url("wallet", f"/v1/companies/{marker}/wallet"),
+                                 headers=tally.auth("platform_admin"))
+        return bool(r.json()["reload_amount"] == "100.000000")
+    await eventually(marker_raised, what="the later event applied")
+    assert (await agency.wallet())["reload_amount"] == "50.000000"

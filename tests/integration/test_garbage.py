@@ -134,10 +134,11 @@ async def test_services_kept_consuming_after_the_garbage(tally: Tally) -> None:
     await tally.envelope("recharge.events", "recharge.succeeded", {
         "wallet_id": f"company:{cid}", "owner": "company", "company_id": cid, "currency": "USD",
         "recharge_id": uid("rc"), "trigger": "manual", "amount_micros": 1_000_000}, key=cid)
+    crossing = uid("crossing")
     await tally.envelope("wallet.digest", "wallet.threshold_crossed", {
         "wallet_id": f"company:{cid}", "owner": "company", "company_id": cid, "currency": "USD",
         "balance_micros": 0, "threshold_micros": 1, "reload_amount_micros": 1_000_000,
-        "auto_recharge": True, "smart_adjustment": False}, key=cid)
+        "auto_recharge": True, "smart_adjustment": False}, key=cid, id_=crossing)
     del now
 
     async def applied() -> bool:
@@ -146,8 +147,10 @@ async def test_services_kept_consuming_after_the_garbage(tally: Tally) -> None:
                             "(SELECT count(*) FROM accounts WHERE account_id = $2) AS accounts, "
                             "(SELECT count(*) FROM rebilling_settings WHERE account_id = $2) AS s",
                             f"company:{cid}", aid)
-        r = await tally.sql("recharge", "SELECT count(*) AS n FROM recharge_attempts "
-                                        "WHERE company_id = $1", cid)
+        # the crossing was taken (the wallet has no card: the rule starts no recharge)
+        r = await tally.sql("recharge", "SELECT count(*) AS n FROM inbox "
+                                        "WHERE consumer = 'recharge-wallet' AND message_id = $1",
+                            crossing)
         row = w[0]
         return bool(row["lines"] >= 2 and row["accounts"] == 1 and row["s"] == 1
                     and r[0]["n"] >= 1)

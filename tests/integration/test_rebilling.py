@@ -69,6 +69,16 @@ class Reseller:
             return bool(r.json()["has_valid_card"])
         await eventually(card_known, what="rebilling to learn of the card")
 
+    async def patch_wallet(self, changes: dict[str, Any], aid: str | None = None) -> None:
+        """PATCH a wallet, once the wallet service has learnt of the account."""
+        path = f"/v1/accounts/{aid}/wallet" if aid else f"/v1/companies/{self.cid}/wallet"
+
+        async def patched() -> bool:
+            r = await self.t.http.patch(self.t.url("wallet", path), json=changes,
+                                        headers=self.admin)
+            return r.status_code == 200
+        await eventually(patched, what=f"PATCH {path}")
+
     async def set_rebilling(self, aid: str, mode: str, markups: dict[str, str] | None = None,
                             ) -> Any:
         return await self.t.http.put(self.t.url("rebilling", f"/v1/accounts/{aid}/rebilling"),
@@ -108,11 +118,9 @@ class Reseller:
 async def test_rebilling_scenarios_end_to_end_with_a_settings_change(tally: Tally) -> None:
     agency = await Reseller(tally).create()
     aid = await agency.account()
+    for owner in (None, aid):  # no auto-recharge in this story (a card would pre-load)
+        await agency.patch_wallet({"threshold": "0", "auto_recharge": False}, owner)
     await agency.add_card(aid)
-    for path in (f"/v1/companies/{agency.cid}/wallet", f"/v1/accounts/{aid}/wallet"):
-        r = await tally.http.patch(tally.url("wallet", path), json={"threshold": "0"},
-                                   headers=agency.admin)  # no auto-recharge in this story
-        assert r.status_code == 200, r.text
     await agency.fund("10")
     await agency.fund("10", aid)
 
@@ -229,6 +237,7 @@ async def test_resold_subscription_is_charged_once_per_period_with_profit(tally:
                               headers=agency.admin)
     assert r.status_code == 201, r.text
     aid = await agency.account()
+    await agency.patch_wallet({"auto_recharge": False}, aid)  # only the subscription charges
     await agency.add_card(aid)
     r = await tally.http.put(tally.url("rebilling", f"/v1/companies/{agency.cid}/reselling/whatsapp"),
                              json={"company_price": "15.00"}, headers=agency.admin)

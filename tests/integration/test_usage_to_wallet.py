@@ -42,7 +42,7 @@ async def test_posted_event_debits_company_wallet_by_the_catalog_price(tally: Ta
     cid = uid("co")
     prices = (await tally.http.get(tally.url("usage-meter", "/v1/prices"),
                                    headers=tally.auth("product"))).json()["items"]
-    email = next(p for p in prices if p["service"] == "email")
+    email = next(p for p in prices if p["service"] == "email" and p["currency"] == "USD")
     assert email["unit_price"] == "0.000675"
 
     e = event(cid, quantity="3")
@@ -278,16 +278,22 @@ async def test_negative_agency_wallet_refuses_usage_until_credited(tally: Tally)
         await eventually(all_applied, what="the usage accepted before the refusal")
     want = f"{expected // 1_000_000}.{expected % 1_000_000:06d}"
 
+    key = {"Idempotency-Key": uid("k")}
     r = await tally.http.post(tally.url("wallet", f"/v1/companies/{cid}/wallet/credits"),
                               json={"amount": "1.00", "reference": "test"},
-                              headers={**tally.auth("platform_admin"), "Idempotency-Key": "k1"})
+                              headers={**tally.auth("platform_admin"), **key})
     assert r.status_code == 201, r.text
     assert r.json()["wallet"]["status"] == "active"
     assert r.json()["wallet"]["balance"] == want
     again = await tally.http.post(tally.url("wallet", f"/v1/companies/{cid}/wallet/credits"),
+                                  json={"amount": "1.00", "reference": "test"},
+                                  headers={**tally.auth("platform_admin"), **key})
+    assert (again.status_code, again.json()) == (201, r.json())  # the first answer, again
+    other = await tally.http.post(tally.url("wallet", f"/v1/companies/{cid}/wallet/credits"),
                                   json={"amount": "1.00"},
-                                  headers={**tally.auth("platform_admin"), "Idempotency-Key": "k1"})
-    assert again.json()["created"] is False and again.json()["wallet"]["balance"] == want
+                                  headers={**tally.auth("platform_admin"), **key})
+    assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
+    assert (await tally.company_wallet(cid))["balance"] == want
 
     async def accepted() -> bool:
         r = await tally.post_usage(event(cid))

@@ -226,11 +226,13 @@ async def test_the_digest_carries_state_changes_and_usage_by_account(tally: Tall
 
     changes = [m for m in digest if m["type"] != "wallet.usage"]
     public = await tally.topic_messages(
-        "wallet.events", lambda m: m["type"] not in ("wallet.debited", "wallet.credited")
+        "wallet.events", lambda m: m["type"] != "wallet.debited"
         and m["data"]["company_id"] == agency.cid, until=debited(last))
     assert changes == public  # the same envelopes, in the same order
     assert ("wallet.suspended", f"account:{rebilled}") in {
         (m["type"], m["data"]["wallet_id"]) for m in changes}
+    # credits are there too: the recharge service re-evaluates the auto-recharge rule on them
+    assert [m["type"] for m in changes].count("wallet.credited") == 2
 
 
 async def test_agency_assistance_when_only_the_agency_wallet_is_empty(tally: Tally) -> None:

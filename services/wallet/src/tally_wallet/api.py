@@ -6,12 +6,14 @@ import uuid
 from typing import Annotated, Any, Literal
 
 import asyncpg
+import httpx
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
 from tally import events, idempotency, outbox, pagination
 from tally.auth import CurrentPrincipal, Principal, require_company, require_role
 from tally.db import Conn
+from tally.directory import CompanyDirectory
 from tally.errors import ApiError, JsonResponse, money_field, not_found
 from tally.idempotency import IdempotencyKey
 from tally.ids import PathId, PathKey
@@ -131,16 +133,32 @@ async def _out(conn: Conn, w: Wallet) -> WalletOut:
         funding="top_up" if connected else "request_credits", rebilling=mode)
 
 
-async def _company_wallet(conn: Conn, principal: Principal, cid: PathId) -> Wallet:
+async def _currency(conn: Conn, directory: CompanyDirectory, company_id: str) -> str:
+    """The company's currency, for a wallet about to be created: as rebilling.events told us,
+    else as rebilling answers now (a company created a moment ago: a PATCH or a credit right
+    after creation must not create its wallet in another currency), else USD."""
+    r = await storage.company_currency(conn, company_id)
+    if r is not None:
+        return r
+    try:
+        return (await directory.currencies([company_id])).get(company_id, "USD")
+    except httpx.HTTPError as exc:
+        raise ApiError(503, "rebilling_unavailable", "the company's currency cannot be looked "
+                       "up right now; try again", headers={"Retry-After": "2"}) from exc
+
+
+async def _company_wallet(conn: Conn, request: Request, principal: Principal,
+                          cid: PathId) -> Wallet:
     require_company(principal, cid, "wallet")
     w = await storage.get_wallet(conn, company_wallet_id(cid))
     if w:
         return w
-    currency, _ = await storage.company_funding(conn, cid)
+    currency = await _currency(conn, runtime(request).state["directory"], cid)
     return Wallet(company_wallet_id(cid), "company", currency, company_id=cid)
 
 
-async def _account_wallet(conn: Conn, principal: Principal, aid: PathId) -> Wallet:
+async def _account_wallet(conn: Conn, request: Request, principal: Principal,
+                          aid: PathId) -> Wallet:
     """The account's wallet (a default one if it never moved); 404 for other tenants."""
     info = await storage.account_info(conn, aid)
     company = info.company_id
@@ -151,7 +169,8 @@ async def _account_wallet(conn: Conn, principal: Principal, aid: PathId) -> Wall
     w = await storage.get_wallet(conn, account_wallet_id(aid))
     if w:
         return w
-    currency = (await storage.company_funding(conn, company))[0] if company else "USD"
+    currency = (await _currency(conn, runtime(request).state["directory"], company)
+                if company else "USD")
     return Wallet(account_wallet_id(aid), "account", currency, company_id=company, account_id=aid)
 
 
@@ -189,7 +208,7 @@ async def _patch(conn: Conn, w: Wallet, body: WalletPatch) -> Wallet:
 @router.get("/companies/{cid}/wallet", response_model=WalletOut)
 async def company_wallet(cid: PathId, request: Request, principal: CurrentPrincipal) -> WalletOut:
     async with runtime(request).pool.acquire() as conn:
-        return await _out(conn, await _company_wallet(conn, principal, cid))
+        return await _out(conn, await _company_wallet(conn, request, principal, cid))
 
 
 @router.patch("/companies/{cid}/wallet", response_model=WalletOut)
@@ -198,7 +217,7 @@ async def patch_company_wallet(cid: PathId, body: WalletPatch, request: Request,
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
-        w = await _company_wallet(conn, principal, cid)
+        w = await _company_wallet(conn, request, principal, cid)
         out = await _out(conn, await _patch(conn, w, body))
     rt.relay.wake()
     return out
@@ -208,14 +227,14 @@ async def patch_company_wallet(cid: PathId, body: WalletPatch, request: Request,
 async def company_transactions(cid: PathId, request: Request, principal: CurrentPrincipal,
                                limit: Limit = 50, cursor: str | None = None) -> TransactionPage:
     async with runtime(request).pool.acquire() as conn:
-        w = await _company_wallet(conn, principal, cid)
+        w = await _company_wallet(conn, request, principal, cid)
         return await _transactions(conn, w.id, limit, cursor)
 
 
 @router.get("/accounts/{aid}/wallet", response_model=WalletOut)
 async def account_wallet(aid: PathId, request: Request, principal: CurrentPrincipal) -> WalletOut:
     async with runtime(request).pool.acquire() as conn:
-        return await _out(conn, await _account_wallet(conn, principal, aid))
+        return await _out(conn, await _account_wallet(conn, request, principal, aid))
 
 
 @router.patch("/accounts/{aid}/wallet", response_model=WalletOut)
@@ -225,7 +244,7 @@ async def patch_account_wallet(aid: PathId, body: WalletPatch, request: Request,
     require_role(principal, "company_admin", "account_user", "platform_admin")
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
-        w = await _account_wallet(conn, principal, aid)
+        w = await _account_wallet(conn, request, principal, aid)
         if w.company_id is None:
             raise not_found("wallet")
         out = await _out(conn, await _patch(conn, w, body))
@@ -237,7 +256,7 @@ async def patch_account_wallet(aid: PathId, body: WalletPatch, request: Request,
 async def account_transactions(aid: PathId, request: Request, principal: CurrentPrincipal,
                                limit: Limit = 50, cursor: str | None = None) -> TransactionPage:
     async with runtime(request).pool.acquire() as conn:
-        w = await _account_wallet(conn, principal, aid)
+        w = await _account_wallet(conn, request, principal, aid)
         return await _transactions(conn, w.id, limit, cursor)
 
 
@@ -247,7 +266,7 @@ async def account_service_status(aid: PathId, request: Request,
     async with runtime(request).pool.acquire() as conn:
         info = await storage.account_info(conn, aid)
         if principal.role != "product":
-            await _account_wallet(conn, principal, aid)  # 404 for other tenants
+            await _account_wallet(conn, request, principal, aid)  # 404 for other tenants
         account = await storage.get_wallet(conn, account_wallet_id(aid))
         company = (await storage.get_wallet(conn, company_wallet_id(info.company_id))
                    if info.company_id else None)
@@ -285,7 +304,7 @@ async def credit_account(aid: PathId, body: CreditIn, request: Request, principa
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
-        wallet = await _account_wallet(conn, principal, aid)
+        wallet = await _account_wallet(conn, request, principal, aid)
         if wallet.company_id is None:
             raise not_found("account")  # never heard of it: its company is not known yet
         out = await _credit(conn, principal, wallet, body, idempotency_key, request.url.path)
@@ -300,7 +319,7 @@ async def credit_company(cid: PathId, body: CreditIn, request: Request, principa
     require_role(principal, "platform_admin")
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
-        wallet = await _company_wallet(conn, principal, cid)
+        wallet = await _company_wallet(conn, request, principal, cid)
         out = await _credit(conn, principal, wallet, body, idempotency_key, request.url.path)
     rt.relay.wake()
     return out
@@ -333,7 +352,7 @@ async def request_credits(aid: PathId, body: CreditIn, request: Request,
                 idempotency.request_hash(request.url.path, body.model_dump()))
             if stored is not None and stored.response is not None:
                 return JsonResponse(stored.response, status_code=stored.status_code or 201)
-        wallet = await _account_wallet(conn, principal, aid)
+        wallet = await _account_wallet(conn, request, principal, aid)
         company_id = wallet.company_id
         assert company_id is not None  # an account user's token names its company
         _, connected = await storage.company_funding(conn, company_id)

@@ -250,6 +250,13 @@ async def account_info(conn: Conn, account_id: str) -> AccountInfo:
     return AccountInfo(account_id, company, None)
 
 
+async def company_currency(conn: Conn, company_id: str) -> str | None:
+    """The company's currency as rebilling.events told it (None: not heard of yet)."""
+    value = await conn.fetchval("SELECT currency FROM companies WHERE company_id = $1",
+                                company_id)
+    return str(value) if value is not None else None
+
+
 async def company_funding(conn: Conn, company_id: str) -> tuple[str, bool]:
     """(currency, stripe_connected) of a company; USD and not connected when unknown."""
     r = await conn.fetchrow(
