@@ -240,7 +240,7 @@ async def _top_up(request: Request, principal: Principal, target: WalletTarget, 
     amount = money_field(body.amount, "amount")
     rt, _, recharger = _rt(request)
     who = idempotency.principal_key(principal)
-    attempt_id = None
+    attempt_id = token = None
     async with rt.pool.acquire() as conn:
         stripe_account = await _stripe_account(conn, target)
         if not await storage.payment_methods(conn, target.owner, target.owner_id):
@@ -256,12 +256,15 @@ async def _top_up(request: Request, principal: Principal, target: WalletTarget, 
                     return JsonResponse(stored.response, status_code=stored.status_code or 201)
                 attempt_id = (stored.resource if stored is not None else None) or fresh_id
                 if await storage.get_attempt(conn, attempt_id) is None:
-                    # the attempt is created with the key, so a crash between the two cannot
-                    # leave a key whose request never charged, nor a charge without its key
+                    # the attempt is created with the key (so a crash between the two cannot
+                    # leave a key whose request never charged, nor a charge without its key),
+                    # leased to this request, which runs it now
+                    token = recharger.token()
                     await storage.insert_attempt(conn, {
                         "id": attempt_id, **target.ref(), "trigger": "manual",
-                        "amount_micros": amount, "stripe_account": stripe_account})
-    attempt = await recharger.top_up(target, amount, stripe_account, attempt_id)
+                        "amount_micros": amount, "stripe_account": stripe_account,
+                        "lease_token": token, "lease_seconds": recharger.lease_seconds})
+    attempt = await recharger.top_up(target, amount, stripe_account, attempt_id, token)
     out = _attempt_out(attempt)
     if idempotency_key is not None and attempt.status != "pending":
         async with rt.pool.acquire() as conn, conn.transaction():

@@ -163,18 +163,25 @@ class Recharger(Worker):
     # --- creating attempts ---------------------------------------------------------------
 
     async def top_up(self, target: WalletTarget, amount_micros: int, stripe_account: str | None,
-                     attempt_id: str | None = None) -> storage.Attempt:
-        """A manual top-up, charged now; returns the settled (or still pending) attempt. With
-        ``attempt_id`` (an Idempotency-Key's), a second call runs or returns the same one."""
-        attempt_id = attempt_id or f"rc_{uuid.uuid4().hex}"
-        token = self.token()
-        async with self.pool.acquire() as conn:
-            if await storage.get_attempt(conn, attempt_id) is None:
+                     attempt_id: str | None = None, token: str | None = None) -> storage.Attempt:
+        """A manual top-up, charged now; returns the settled (or still pending) attempt.
+        ``attempt_id`` and ``token``: an attempt the caller created leased to itself (an
+        Idempotency-Key's); a second request for the same key passes no token, takes the lease
+        only if the first run died, and otherwise returns the attempt as it stands."""
+        if attempt_id is None:
+            attempt_id, token = f"rc_{uuid.uuid4().hex}", self.token()
+            async with self.pool.acquire() as conn:
                 await storage.insert_attempt(conn, {
                     "id": attempt_id, **target.ref(), "trigger": "manual",
-                    "amount_micros": amount_micros, "stripe_account": stripe_account})
-            leased = await storage.lease_attempt(conn, attempt_id, self.lease_seconds, token)
-        if leased:
+                    "amount_micros": amount_micros, "stripe_account": stripe_account,
+                    "lease_token": token, "lease_seconds": self.lease_seconds})
+        async with self.pool.acquire() as conn:
+            if token is not None:
+                leased = await storage.get_attempt(conn, attempt_id)
+            else:
+                token = self.token()
+                leased = await storage.lease_attempt(conn, attempt_id, self.lease_seconds, token)
+        if leased is not None and leased.status == "pending":
             await self.run(leased, token)
         async with self.pool.acquire() as conn:
             final = await storage.get_attempt(conn, attempt_id)
@@ -188,13 +195,15 @@ class Recharger(Worker):
         token = self.token()
         async with self.pool.acquire() as conn:
             existing = await storage.get_attempt(conn, key)
-            if existing is None:
-                await storage.insert_attempt(conn, {
+            if existing is None:  # created leased to this call (the charger cannot take it)
+                leased = await storage.insert_attempt(conn, {
                     "id": key, **target.ref(), "wallet_id": f"charge:{target.owner}:{target.owner_id}",
                     "trigger": "manual", "amount_micros": amount_micros,
                     "stripe_account": stripe_account, "purpose": "charge",
-                    "description": description})
-            leased = await storage.lease_attempt(conn, key, self.lease_seconds, token)
+                    "description": description, "lease_token": token,
+                    "lease_seconds": self.lease_seconds})
+            else:
+                leased = await storage.lease_attempt(conn, key, self.lease_seconds, token)
         if leased is not None:
             await self.run(leased, token)
         async with self.pool.acquire() as conn:

@@ -62,19 +62,25 @@ def _attempt(r: asyncpg.Record) -> Attempt:
 
 
 async def insert_attempt(conn: Conn, a: dict[str, Any]) -> Attempt | None:
-    """None when the wallet already has a recharge in flight (one at a time)."""
+    """None when the wallet already has a recharge in flight (one at a time). With
+    ``lease_token`` (and ``lease_seconds``) the attempt is created leased to its creator, who
+    runs it at once: the background charger never takes it from under them."""
     r = await conn.fetchrow(
         f"INSERT INTO recharge_attempts (id, wallet_id, owner, company_id, account_id, trigger, "
         f"amount_micros, currency, status, stripe_account, reload_micros, smart_adjustment, "
-        f"round, not_before, purpose, description, traceparent) VALUES ($1, $2, $3, $4, $5, "
-        f"$6, $7, $8, 'pending', $9, $10, $11, $12, COALESCE($13, now()), $14, $15, $16) "
+        f"round, not_before, purpose, description, traceparent, lease_token, leased_until) "
+        f"VALUES ($1, $2, $3, $4, $5, "
+        f"$6, $7, $8, 'pending', $9, $10, $11, $12, COALESCE($13, now()), $14, $15, $16, $17, "
+        f"CASE WHEN $17::text IS NULL THEN NULL "
+        f"ELSE now() + make_interval(secs => $18::int) END) "
         f"ON CONFLICT (wallet_id) WHERE status = 'pending' AND trigger = 'auto' "
         f"DO NOTHING "
         f"RETURNING {_ATTEMPT_COLS}",
         a["id"], a["wallet_id"], a["owner"], a["company_id"], a.get("account_id"), a["trigger"],
         a["amount_micros"], a["currency"], a.get("stripe_account"), a.get("reload_micros"),
         a.get("smart_adjustment", False), a.get("round", 1), a.get("not_before"),
-        a.get("purpose", "wallet"), a.get("description"), a.get("traceparent"))
+        a.get("purpose", "wallet"), a.get("description"), a.get("traceparent"),
+        a.get("lease_token"), a.get("lease_seconds", 0))
     return _attempt(r) if r else None
 
 
