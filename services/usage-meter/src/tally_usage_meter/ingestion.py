@@ -88,9 +88,14 @@ async def ingest(conn: Conn, batch: Sequence[UsageEvent], traceparents: Sequence
     first_seen: set[str] = set()
     for event in batch:
         currency = currencies.get(event.company_id, DEFAULT_CURRENCY)
-        verdict: Priced | Rejected | None = (
-            tenancy_of(event, owners, currencies.keys())
-            or suspension_of(event, suspended) or price_event(event, prices, currency, now))
+        # What is wrong with the event itself (not the company's account, no price, a bad
+        # quantity) is said before what may pass (a suspended wallet): a retry after a top-up
+        # would fail all the same.
+        verdict: Priced | Rejected | None = tenancy_of(event, owners, currencies.keys())
+        if verdict is None:
+            verdict = price_event(event, prices, currency, now)
+            if isinstance(verdict, Priced):
+                verdict = suspension_of(event, suspended) or verdict
         if isinstance(verdict, Priced):
             if event.event_id in first_seen:
                 verdict = None  # same id twice in one batch: the later one is a duplicate
