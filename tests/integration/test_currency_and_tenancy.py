@@ -139,3 +139,20 @@ async def test_a_record_the_database_refuses_goes_to_the_dlq_and_the_partition_g
     assert "out of range" in dead["error"]
     lines = {t["usage_event_id"] for t in await tally.company_transactions(cid)}
     assert lines == {ids[0], ids[2]}
+
+
+async def test_an_amount_beyond_what_a_wallet_holds_is_refused_and_changes_nothing(
+        tally: Tally) -> None:
+    platform = tally.auth("platform_admin")
+    service = f"bulk{uid('x')[-6:]}"
+    r = await tally.http.put(tally.url("usage-meter", f"/v1/prices/{service}"), headers=platform,
+                             json={"unit": "lot", "unit_price": "1000000000"})  # 10^15 micros
+    assert r.status_code == 200, r.text
+    cid = uid("co")
+    too_much = await usage(tally, cid, service, "1000")  # 10^18 micros: beyond a wallet
+    assert too_much["status"] == "rejected"
+    assert too_much["error"]["code"] == "invalid_quantity"
+    fine = await usage(tally, cid, service, "1")
+    assert fine["status"] == "accepted"
+    lines = await tally.wait_applied(cid, fine["event"]["event_id"])
+    assert [t["usage_event_id"] for t in lines] == [fine["event"]["event_id"]]
