@@ -51,27 +51,26 @@ class DirectoryUnavailable(Exception):
     """Rebilling could not say which currency a new company has: try again shortly."""
 
 
-async def _tenancy(conn: Conn, batch: Sequence[UsageEvent], directory: CompanyDirectory | None,
-                   ) -> tuple[dict[str, str], dict[str, str]]:
-    """(company -> currency, account -> company) for the batch: what rebilling.events told
-    this service, completed from rebilling's API for companies and accounts created so
-    recently that their events have not arrived (and remembered)."""
-    companies = [e.company_id for e in batch]
-    accounts = [e.account_id for e in batch if e.account_id]
-    currencies = await storage.company_currencies(conn, companies)
-    owners = await storage.account_companies(conn, accounts)
+async def _complete(conn: Conn, batch: Sequence[UsageEvent], directory: CompanyDirectory | None,
+                    known: storage.Known) -> None:
+    """Complete what rebilling.events told this service with rebilling's own answers, for
+    companies and accounts created so recently that their events have not arrived (and
+    remember them)."""
     if directory is None:
-        return currencies, owners
+        return
     try:
-        found = await directory.currencies(c for c in companies if c not in currencies)
-        placed = await directory.account_companies(a for a in accounts if a not in owners)
+        found = await directory.currencies(
+            e.company_id for e in batch if e.company_id not in known.currencies)
+        placed = await directory.account_companies(
+            e.account_id for e in batch if e.account_id and e.account_id not in known.owners)
     except httpx.HTTPError as exc:
         raise DirectoryUnavailable(str(exc)) from exc
     for cid, currency in found.items():
         await storage.upsert_company(conn, cid, currency)
     for aid, cid in placed.items():
         await storage.upsert_account(conn, aid, cid)
-    return currencies | found, owners | placed
+    known.currencies.update(found)
+    known.owners.update(placed)
 
 
 async def ingest(conn: Conn, batch: Sequence[UsageEvent], traceparents: Sequence[str | None],
@@ -80,22 +79,23 @@ async def ingest(conn: Conn, batch: Sequence[UsageEvent], traceparents: Sequence
     ``traceparents``: the trace each event continues (its ``usage.recorded`` carries it)."""
     now = datetime.now(UTC)
     prices = await storage.load_prices(conn)
-    accounts = [e.account_id for e in batch if e.account_id]
-    suspended = await storage.suspended_among(conn, [e.company_id for e in batch], accounts)
-    currencies, owners = await _tenancy(conn, batch, directory)
+    known = await storage.known(conn, [e.company_id for e in batch],
+                                [e.account_id for e in batch if e.account_id])
+    await _complete(conn, batch, directory, known)
 
     outcome: list[Priced | Rejected | None] = []
     first_seen: set[str] = set()
     for event in batch:
-        currency = currencies.get(event.company_id, DEFAULT_CURRENCY)
+        currency = known.currencies.get(event.company_id, DEFAULT_CURRENCY)
         # What is wrong with the event itself (not the company's account, no price, a bad
         # quantity) is said before what may pass (a suspended wallet): a retry after a top-up
         # would fail all the same.
-        verdict: Priced | Rejected | None = tenancy_of(event, owners, currencies.keys())
+        verdict: Priced | Rejected | None = tenancy_of(event, known.owners,
+                                                       known.currencies.keys())
         if verdict is None:
             verdict = price_event(event, prices, currency, now)
             if isinstance(verdict, Priced):
-                verdict = suspension_of(event, suspended) or verdict
+                verdict = suspension_of(event, known.suspended) or verdict
         if isinstance(verdict, Priced):
             if event.event_id in first_seen:
                 verdict = None  # same id twice in one batch: the later one is a duplicate

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 
 from tally.db import Conn
@@ -57,15 +58,35 @@ async def seen(conn: Conn, event_ids: Sequence[str]) -> set[str]:
     return {r["event_id"] for r in rows}
 
 
-async def suspended_among(conn: Conn, company_ids: Sequence[str],
-                          account_ids: Sequence[str]) -> set[tuple[str, str]]:
+@dataclass(frozen=True)
+class Known:
+    """What this service knows of a batch's companies and accounts."""
+
+    suspended: set[tuple[str, str]]  # (owner, owner_id) of suspended wallets
+    currencies: dict[str, str]  # company -> currency, for companies rebilling announced
+    owners: dict[str, str]  # account -> company, for accounts rebilling announced
+
+
+async def known(conn: Conn, company_ids: Sequence[str], account_ids: Sequence[str]) -> Known:
+    """Suspensions, currencies and accounts' companies for a batch, in one round trip."""
+    companies, accounts = list(set(company_ids)), list(set(account_ids))
     rows = await conn.fetch(
-        "SELECT owner, owner_id FROM suspended_wallets "
+        "SELECT 's' AS k, owner AS a, owner_id AS b FROM suspended_wallets "
         "WHERE (owner = 'company' AND owner_id = ANY($1::text[])) "
-        "   OR (owner = 'account' AND owner_id = ANY($2::text[]))",
-        list(set(company_ids)), list(set(account_ids)),
-    )
-    return {(r["owner"], r["owner_id"]) for r in rows}
+        "   OR (owner = 'account' AND owner_id = ANY($2::text[])) "
+        "UNION ALL SELECT 'c', company_id, currency FROM companies "
+        "WHERE company_id = ANY($1::text[]) "
+        "UNION ALL SELECT 'a', account_id, company_id FROM accounts "
+        "WHERE account_id = ANY($2::text[])", companies, accounts)
+    out = Known(set(), {}, {})
+    for r in rows:
+        if r["k"] == "s":
+            out.suspended.add((r["a"], r["b"]))
+        elif r["k"] == "c":
+            out.currencies[r["a"]] = r["b"]
+        else:
+            out.owners[r["a"]] = r["b"]
+    return out
 
 
 async def set_suspended(conn: Conn, owner: str, owner_id: str,
@@ -80,22 +101,6 @@ async def set_suspended(conn: Conn, owner: str, owner_id: str,
 
 
 # --- what rebilling tells us ---------------------------------------------------------------
-
-async def company_currencies(conn: Conn, company_ids: Sequence[str]) -> dict[str, str]:
-    """The currency of each company rebilling has announced (others are absent)."""
-    rows = await conn.fetch("SELECT company_id, currency FROM companies "
-                            "WHERE company_id = ANY($1::text[])", list(set(company_ids)))
-    return {r["company_id"]: r["currency"] for r in rows}
-
-
-async def account_companies(conn: Conn, account_ids: Sequence[str]) -> dict[str, str]:
-    """The company of each account rebilling has announced (others are absent)."""
-    if not account_ids:
-        return {}
-    rows = await conn.fetch("SELECT account_id, company_id FROM accounts "
-                            "WHERE account_id = ANY($1::text[])", list(set(account_ids)))
-    return {r["account_id"]: r["company_id"] for r in rows}
-
 
 async def upsert_company(conn: Conn, company_id: str, currency: str) -> None:
     await conn.execute(
