@@ -8,9 +8,11 @@ for ``negative_ttl`` seconds (usage of companies no one created is priced in USD
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable
+from urllib.parse import quote
 
 import httpx
 
@@ -29,6 +31,7 @@ class CompanyDirectory:
         self._known: dict[str, str] = {}  # "company:<id>" -> currency, "account:<id>" -> company
         self._unknown_until: dict[str, float] = {}
         self._client = httpx.AsyncClient(timeout=timeout)
+        self._limit = asyncio.Semaphore(8)
 
     @classmethod
     def from_settings(cls, settings: Settings, url: str | None = None) -> CompanyDirectory:
@@ -47,29 +50,43 @@ class CompanyDirectory:
 
     async def _lookup(self, kind: str, ids: Iterable[str], path: str,
                       field: str) -> dict[str, str]:
-        out: dict[str, str] = {}
         now = time.monotonic()
+        out: dict[str, str] = {}
+        ask: list[str] = []
         for id_ in dict.fromkeys(ids):
             key = f"{kind}:{id_}"
             if key in self._known:
                 out[id_] = self._known[key]
             elif self._unknown_until.get(key, 0) <= now:
-                value = await self._ask(path.format(id_), field)
-                if value is None:
-                    self._unknown_until[key] = now + self.negative_ttl
-                else:
-                    out[id_] = self._known[key] = value
+                ask.append(id_)
+        # a batch naming many new ids asks for them side by side, a few at a time
+        answers = await asyncio.gather(*[self._ask(path.format(_segment(i)), field)
+                                         for i in ask])
+        for id_, value in zip(ask, answers, strict=True):
+            if value is None:
+                self._unknown_until[f"{kind}:{id_}"] = now + self.negative_ttl
+            else:
+                out[id_] = self._known[f"{kind}:{id_}"] = value
         return out
 
     async def _ask(self, path: str, field: str) -> str | None:
+        """The field, or None when rebilling does not know the id. Only rebilling being
+        unreachable or failing (5xx) raises: an id it refuses (4xx) is simply unknown."""
         token = issue_token("platform_admin", sub="directory", secret=self.secret,
                             ttl_seconds=60)
-        r = await self._client.get(self.base_url + path,
-                                   headers={"Authorization": f"Bearer {token}"})
-        if r.status_code == 404:
+        async with self._limit:
+            r = await self._client.get(self.base_url + path,
+                                       headers={"Authorization": f"Bearer {token}"})
+        if r.status_code >= 500:
+            r.raise_for_status()
+        if r.status_code != 200:
             return None
-        r.raise_for_status()
         return str(r.json()[field])
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _segment(id_: str) -> str:
+    """An id as one path segment, dots included (``.`` and ``..`` are not path steps)."""
+    return quote(id_, safe="").replace(".", "%2E")

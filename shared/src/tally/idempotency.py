@@ -35,6 +35,11 @@ def principal_key(p: Principal) -> str:
     return f"{p.role}:{p.sub}:{p.company_id or ''}:{p.account_id or ''}"
 
 
+def principal_digest(principal: str) -> str:
+    """A short stable name for a principal, to put in keys derived from theirs."""
+    return hashlib.sha256(principal.encode()).hexdigest()[:16]
+
+
 def request_hash(route: str, body: Any) -> str:
     """The request's fingerprint: the route (path with its ids) and the parsed body."""
     raw = orjson.dumps({"route": route, "body": body}, option=orjson.OPT_SORT_KEYS)

@@ -265,6 +265,9 @@ async def _top_up(request: Request, principal: Principal, target: WalletTarget, 
                         "amount_micros": amount, "stripe_account": stripe_account,
                         "lease_token": token, "lease_seconds": recharger.lease_seconds})
     attempt = await recharger.top_up(target, amount, stripe_account, attempt_id, token)
+    if idempotency_key is not None and token is None:
+        # the same key's first request is charging it now: answer what it answers
+        attempt = await recharger.settled(attempt.id, timeout=30)
     out = _attempt_out(attempt)
     if idempotency_key is not None and attempt.status != "pending":
         async with rt.pool.acquire() as conn, conn.transaction():

@@ -18,6 +18,7 @@ transaction that settles the attempt.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
@@ -114,8 +115,9 @@ class Recharger(Worker):
         assert owner_id is not None
         cards = await storage.payment_methods(conn, check.owner, owner_id)
         _, stripe_account = await storage.company(conn, check.company_id)
-        currency = await storage.currency_of(conn, self.directory, check.company_id)
         usable = bool(cards) and (check.owner == "company" or stripe_account is not None)
+        if not usable and not waiting:
+            return False  # no card, nothing waiting: the rule cannot hold, no need to ask
         state = await self.wallets.read(check.owner, check.company_id, check.account_id)
         wanted = needs_recharge(auto_recharge=state.auto_recharge and not cancelling,
                                 has_card=usable, balance=state.balance,
@@ -127,6 +129,7 @@ class Recharger(Worker):
             return False
         if not wanted:
             return False
+        currency = await storage.currency_of(conn, self.directory, check.company_id)
         created = await storage.insert_attempt(conn, {
             "id": f"rc_{uuid.uuid4().hex}", "wallet_id": check.wallet_id, "owner": check.owner,
             "company_id": check.company_id, "account_id": check.account_id, "trigger": "auto",
@@ -187,6 +190,17 @@ class Recharger(Worker):
             final = await storage.get_attempt(conn, attempt_id)
         assert final is not None
         return final
+
+    async def settled(self, attempt_id: str, *, timeout: float) -> storage.Attempt:
+        """The attempt once it is no longer pending (or as it stands after ``timeout``)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            async with self.pool.acquire() as conn:
+                attempt = await storage.get_attempt(conn, attempt_id)
+            assert attempt is not None
+            if attempt.status != "pending" or asyncio.get_running_loop().time() > deadline:
+                return attempt
+            await asyncio.sleep(0.05)
 
     async def charge_once(self, key: str, target: WalletTarget, amount_micros: int,
                           stripe_account: str | None, description: str) -> storage.Attempt:
@@ -325,6 +339,8 @@ class Recharger(Worker):
         charged_minor = micros_to_minor_units_ceil(a.amount_micros, a.currency)
         credited = minor_units_to_micros(charged_minor, a.currency)
         async with self.pool.acquire() as conn, conn.transaction():
+            if a.purpose == "wallet":  # lock order, as a check's: policy row, then attempts
+                await storage.policy(conn, a.wallet_id)
             await storage.finish_attempt(conn, a.id, token, status="succeeded", tries=tries,
                                          payment_intent=payment_intent, payment_method=pm,
                                          charged_minor=charged_minor, fee_micros=fee)
@@ -332,7 +348,6 @@ class Recharger(Worker):
             if a.purpose == "charge":
                 OUTCOMES.labels("charge", "succeeded").inc()
                 return
-            await storage.policy(conn, a.wallet_id)
             await storage.set_policy(conn, a.wallet_id, failures=0)
             rows = [outbox.row(Topics.RECHARGE_EVENTS, a.company_id, events.envelope(
                 "recharge.succeeded", events.RechargeSucceeded(
@@ -369,13 +384,16 @@ class Recharger(Worker):
         disabled = False
         failures = 1
         async with self.pool.acquire() as conn, conn.transaction():
+            # Lock order, as a check's: the wallet's policy row, then its attempts.
+            policy = await storage.policy(conn, a.wallet_id) if a.purpose == "wallet" else None
             await storage.finish_attempt(conn, a.id, token, status="failed", tries=tries,
                                          error=reason)
             if a.purpose == "charge":
                 OUTCOMES.labels("charge", "failed").inc()
                 return
             if a.trigger == "auto":
-                failures = (await storage.policy(conn, a.wallet_id))[0] + 1
+                assert policy is not None
+                failures = policy[0] + 1
                 delay = self.retry.after_failure(failures)
                 if delay is None:
                     # Cancellation: the wallet turns auto-recharge off; until it confirms, no
@@ -412,15 +430,15 @@ class Recharger(Worker):
     # --- the background charger ----------------------------------------------------------
 
     async def step(self) -> bool:
-        if await self._check_one():
-            return True
+        """One due attempt (charges first: a queue of checks never delays a recharge), then
+        one due check."""
         token = self.token()
         async with self.pool.acquire() as conn:
             attempt = await storage.lease_due_attempt(conn, self.lease_seconds, token)
-        if attempt is None:
-            return False
-        await self.run(attempt, token)
-        return True
+        if attempt is not None:
+            await self.run(attempt, token)
+        checked = await self._check_one()
+        return attempt is not None or checked
 
     async def _check_one(self) -> bool:
         """Evaluate one due check; True when there was one."""

@@ -36,9 +36,10 @@ class CardInfo:
     last4: str | None
 
 
-# A PaymentIntent in one of these has not failed: the payment may still complete (a bank's
-# delay, a customer's authentication). It stays pending until a webhook or a later look says.
-UNSETTLED = frozenset({"processing", "requires_action", "requires_confirmation", "requires_capture"})
+# A PaymentIntent still processing has not failed: the payment may still complete (a bank's
+# delay). It stays pending until a webhook or a later look says. One that requires action (3-D
+# Secure) cannot complete off-session without the customer: that card failed, try the next.
+UNSETTLED = frozenset({"processing"})
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,8 @@ class StripeGateway:
             return ChargeResult("succeeded", str(intent["id"]), None, fee)
         if intent.get("status") in UNSETTLED:
             return ChargeResult("pending", str(intent["id"]), None, None)
+        if intent.get("status") == "requires_action":
+            return ChargeResult("failed", str(intent["id"]), "authentication_required")
         error = intent.get("last_payment_error") or {}
         return ChargeResult("failed", str(intent["id"]),
                             error.get("decline_code") or error.get("code") or intent.get("status"))

@@ -65,9 +65,9 @@ async def _complete(conn: Conn, batch: Sequence[UsageEvent], directory: CompanyD
             e.account_id for e in batch if e.account_id and e.account_id not in known.owners)
     except httpx.HTTPError as exc:
         raise DirectoryUnavailable(str(exc)) from exc
-    for cid, currency in found.items():
-        await storage.upsert_company(conn, cid, currency)
-    for aid, cid in placed.items():
+    for cid, currency in sorted(found.items()):  # in key order: concurrent batches never
+        await storage.upsert_company(conn, cid, currency)  # wait for each other in a ring
+    for aid, cid in sorted(placed.items()):
         await storage.upsert_account(conn, aid, cid)
     known.currencies.update(found)
     known.owners.update(placed)

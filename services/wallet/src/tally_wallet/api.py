@@ -282,12 +282,16 @@ async def _credit(conn: Conn, principal: Principal, wallet: Wallet, body: Credit
     and wallet whoever sends it) and the first response is answered again."""
     amount = money_field(body.amount, "amount")
     who = idempotency.principal_key(principal)
+    # The transfer is keyed by the principal and its key: another principal's key never
+    # swallows this credit, and the same principal's key never credits twice, even after the
+    # 24 hours in which the first response is answered again.
+    key = f"manual:{wallet.id}:{uuid.uuid4()}"
     if idempotency_key is not None:
         stored = await idempotency.begin(conn, who, idempotency_key,
                                          idempotency.request_hash(route, body.model_dump()))
         if stored is not None and stored.response is not None:
             return JsonResponse(stored.response, status_code=stored.status_code or 201)
-    key = f"manual:{wallet.id}:{idempotency_key or uuid.uuid4()}"
+        key = f"manual:{wallet.id}:{idempotency.principal_digest(who)}:{idempotency_key}"
     posted, current = await credit(conn, wallet, amount=amount, kind="manual_credit", key=key,
                                    system=SYSTEM_MANUAL_CREDITS, reference=body.reference)
     out = CreditOut(transfer_id=key, amount=format_micros(amount), created=posted is not None,

@@ -53,7 +53,8 @@ def parse_recorded(value: bytes | None) -> UsageRecorded:
 def _transactional(rt: Runtime, apply: Callable[[Conn, Any, list[Row]], Awaitable[None]],
                    parse: Callable[[Any], Any]) -> Callable[[Sequence[Any]], Awaitable[None]]:
     """A batch handler: parse every record (poison -> DLQ), then apply each parsed record in
-    one transaction; a record whose apply raises LedgerError is dead-lettered alone (savepoint)."""
+    one transaction; a record whose apply breaks a ledger rule or a database bound (a balance
+    out of range) is dead-lettered alone (savepoint)."""
 
     async def handle(records: Sequence[Any]) -> None:
         parsed, dead = [], []
@@ -71,8 +72,9 @@ def _transactional(rt: Runtime, apply: Callable[[Conn, Any, list[Row]], Awaitabl
                 try:
                     async with conn.transaction():
                         await apply(conn, item, rows)
-                except LedgerError as exc:
-                    dead.append(dlq_row(record, str(exc), service=SERVICE))
+                except UNPOSTABLE as exc:  # this record alone; the partition goes on
+                    dead.append(dlq_row(record, f"{type(exc).__name__}: {exc}",
+                                        service=SERVICE))
             await enqueue(conn, rows + dead)
         rt.relay.wake()
 
