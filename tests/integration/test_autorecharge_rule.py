@@ -252,3 +252,24 @@ async def test_a_tier_raise_applies_to_the_reload_amount_current_then(tally: Tal
         return bool(r.json()["reload_amount"] == "100.000000")
     await eventually(marker_raised, what="the later event applied")
     assert (await agency.wallet())["reload_amount"] == "50.000000"
+
+
+THREE_DS = "4000002500003155"  # every charge requires 3-D Secure authentication
+
+
+@pytest.mark.usefixtures("slow_retries")
+async def test_a_card_that_requires_authentication_fails_and_never_blocks_the_wallet(
+        tally: Tally) -> None:
+    """An off-session charge that ends in requires_action cannot complete without the customer:
+    that try fails (authentication_required) and the next card is tried; it never leaves the
+    recharge pending forever."""
+    agency = Agency(tally)
+    await configure(tally, agency, threshold="10", reload="25")
+    await attach(tally, agency, THREE_DS)  # the pre-load tries it
+    failed = await attempts_where(tally, agency, "the 3-D Secure try to fail", lambda a: any(
+        t["decline_code"] == "authentication_required" for x in a for t in x["tries"]))
+    assert all(x["status"] != "succeeded" for x in failed)
+    await attach(tally, agency, GOOD)  # a waiting retry is brought forward, or a new round
+    wallet = await wait_balance(agency, "25.000000")
+    assert wallet["status"] == "active"
+    assert await succeeded_charges(tally, await recharges(tally, agency)) == 1
