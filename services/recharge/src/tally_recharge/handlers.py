@@ -18,6 +18,9 @@ from tally_recharge import storage
 from tally_recharge.charging import Recharger
 
 SERVICE = "recharge"
+# The id of the wallet's settings event for an applied cancellation (wallet_settings: its cause
+# is the recharge.failed event that disabled auto-recharge).
+CANCELLATION_APPLIED = "wallet.settings_changed:recharge.failed:"
 TRIGGERS = ("wallet.threshold_crossed", "wallet.credited", "wallet.settings_changed")
 
 
@@ -52,7 +55,10 @@ def subscribe(rt: Runtime) -> None:
                 await storage.queue_check(conn, p.owner, p.company_id, p.account_id, traceparent)
                 if isinstance(p, events.WalletCredited) and p.transfer_id.startswith("recharge:"):
                     await storage.mark_credited(conn, p.transfer_id.removeprefix("recharge:"))
-                if isinstance(p, events.WalletSettingsChanged) and not p.auto_recharge:
+                if isinstance(p, events.WalletSettingsChanged) and message.id.startswith(
+                        CANCELLATION_APPLIED):
+                    # the wallet applied the cancellation itself (not an older "off" that
+                    # arrived late): from now on its live settings are the truth
                     await storage.set_policy(conn, p.wallet_id, cancelling=False)
             await enqueue(conn, dead)
         if taken:
