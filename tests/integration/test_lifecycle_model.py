@@ -23,11 +23,10 @@ from typing import Any
 
 import orjson
 import pytest
-import stripe
 from aiokafka import AIOKafkaConsumer
 
 from tests.conftest import Tally, uid
-from tests.integration.test_recharge import DECLINES, GOOD, new_card
+from tests.integration.test_recharge import DECLINES, GOOD, new_card, payment_intents
 
 pytestmark = pytest.mark.integration
 
@@ -408,16 +407,7 @@ async def test_the_lifecycle_model(tally: Tally) -> None:
     await walk.run(STEPS)
 
     # every successful charge at Stripe is one credited recharge or top-up, and no more
-    client = stripe.StripeClient("sk_test_tally", http_client=stripe.HTTPXClient(),
-                                 base_addresses={"api": tally.stack.stripe_api_base})
-    intents: list[dict[str, Any]] = []
-    params: dict[str, Any] = {"limit": 100}
-    while True:
-        page = await client.v1.payment_intents.list_async(params=params)  # type: ignore[arg-type]
-        intents.extend(i.to_dict() for i in page.data)
-        if not page.has_more or not page.data:
-            break
-        params = {"limit": 100, "starting_after": page.data[-1].id}
+    intents = await payment_intents(tally)
     for c in walk.companies:
         r = await tally.http.get(
             tally.url("recharge", f"/v1/companies/{c.cid}/wallet/recharges?limit=500"),

@@ -65,6 +65,13 @@ async def wait_balance(agency: Agency, balance: str, aid: str | None = None) -> 
 
 
 async def stripe_charges_for(tally: Tally, attempt_id: str) -> list[dict[str, Any]]:
+    return [i for i in await payment_intents(tally)
+            if (i.get("metadata") or {}).get("tally_attempt") == attempt_id
+            and i.get("status") == "succeeded"]
+
+
+async def payment_intents(tally: Tally) -> list[dict[str, Any]]:
+    """Every PaymentIntent localstripe holds."""
     client = stripe.StripeClient("sk_test_tally", http_client=stripe.HTTPXClient(),
                                  base_addresses={"api": tally.stack.stripe_api_base})
     found: list[dict[str, Any]] = []
@@ -75,8 +82,7 @@ async def stripe_charges_for(tally: Tally, attempt_id: str) -> list[dict[str, An
         if not page.has_more or not page.data:
             break
         params = {"limit": 100, "starting_after": page.data[-1].id}
-    return [i for i in found if (i.get("metadata") or {}).get("tally_attempt") == attempt_id
-            and i.get("status") == "succeeded"]
+    return found
 
 
 async def test_crossing_charges_the_default_card_once_and_credits_once(tally: Tally) -> None:
