@@ -2,10 +2,11 @@
 services through their public APIs (HTTP and the ``usage.ingest`` topic): companies in two
 currencies with an account each, good and declining cards attached, removed and made default,
 wallet PATCHes, usage (own, foreign and unknown accounts, resent ids, a service without a price
-in the company's currency), credits and top-ups with and without Idempotency-Keys, and time for
-retries. After each step it waits for the system to settle on what an independent reference
-model — plain Python written from API.md, not from Tally's code — says: every balance, status
-and auto-recharge flag, and the number of successful card charges. At the end: Stripe's
+in the company's currency), credits and top-ups with and without Idempotency-Keys, credit
+requests approved and rejected, and time for retries. After each step it waits for the system
+to settle on what an independent reference model — plain Python written from API.md, not from
+Tally's code — says: every balance (company and account wallets), status and auto-recharge
+flag, and the number of successful card charges. At the end: Stripe's
 succeeded charges match the recharge lines credited, and no accepted event is in a DLQ.
 
 ``MODEL_STEPS`` (default 120 in ``make test``; ``make model`` runs a long walk) and
@@ -116,6 +117,8 @@ class Company:
     aid: str
     wallet: Wallet
     admin: dict[str, str]
+    account_balance: int = 0  # its account's wallet: credit requests approved (no rebilling)
+    pending_request: str | None = None  # the account's pending credit request, if any
     accepted: list[str] = field(default_factory=list)  # usage event ids accepted
     keys: dict[str, tuple[str, Any]] = field(default_factory=dict)  # key -> (kind, response)
 
@@ -320,6 +323,36 @@ class Walk:
             c.wallet.credit(charged(micros(amount)), self.step)
             c.wallet.charges += 1
 
+    async def request_credits(self, c: Company) -> None:
+        """The account (its company has not connected Stripe) asks for credits: one pending
+        request at a time."""
+        amount = self.rng.choice(["2", "5.5"])
+        self.log.append(f"{self.step}: {c.aid} requests {amount}")
+        user = self.t.auth("account_user", company_id=c.cid, account_id=c.aid,
+                           email=f"{c.aid}@example.com")
+        r = await self.t.http.post(self.t.url("wallet", f"/v1/accounts/{c.aid}/credit-requests"),
+                                   json={"amount": amount}, headers=user)
+        if c.pending_request is not None:
+            assert r.status_code == 409, r.text
+            assert r.json()["error"]["code"] == "pending_request_exists"
+            return
+        assert r.status_code == 201, r.text
+        c.pending_request = r.json()["id"]
+
+    async def resolve_request(self, c: Company) -> None:
+        if c.pending_request is None:
+            return await self.request_credits(c)
+        verdict = self.rng.choice(["approve", "reject"])
+        self.log.append(f"{self.step}: {verdict} {c.pending_request}")
+        r = await self.t.http.post(
+            self.t.url("wallet", f"/v1/credit-requests/{c.pending_request}/{verdict}"),
+            headers=c.admin)
+        assert r.status_code == 200, r.text
+        if verdict == "approve":
+            c.account_balance += micros(r.json()["amount"])
+        c.pending_request = None
+        return None
+
     async def wait(self, c: Company) -> None:
         self.log.append(f"{self.step}: time passes")
         await asyncio.sleep(1.2)
@@ -334,14 +367,20 @@ class Walk:
             self.t.url("recharge", f"/v1/companies/{c.cid}/wallet/recharges?limit=500"),
             headers=c.admin)
         attempts = r.json()["items"]
-        return {"balance": w["balance"], "status": w["status"], "auto_recharge": w["auto_recharge"],
+        r = await self.t.http.get(self.t.url("wallet", f"/v1/accounts/{c.aid}/wallet"),
+                                  headers=c.admin)
+        # 404 until the wallet has heard of the account: not settled yet
+        account = r.json() if r.status_code == 200 else {"balance": None, "currency": None}
+        return {"account_balance": account["balance"], "account_currency": account["currency"],
+                "balance": w["balance"], "status": w["status"], "auto_recharge": w["auto_recharge"],
                 "currency": w["currency"],
                 "charges": sum(a["status"] == "succeeded" for a in attempts),
                 "in_flight": sum(a["status"] == "pending" for a in attempts)}
 
     def expected(self, c: Company) -> dict[str, Any]:
         w = c.wallet
-        return {"balance": text(w.balance), "status": w.status, "auto_recharge": w.auto,
+        return {"account_balance": text(c.account_balance), "account_currency": w.currency,
+                "balance": text(w.balance), "status": w.status, "auto_recharge": w.auto,
                 "currency": w.currency, "charges": w.charges, "in_flight": 0}
 
     async def settle(self) -> None:
@@ -361,7 +400,8 @@ class Walk:
 
     async def run(self, steps: int) -> None:
         actions = [(self.use, 8), (self.attach, 2), (self.detach, 1), (self.make_default, 1),
-                   (self.patch, 3), (self.credit, 2), (self.top_up, 2), (self.wait, 1)]
+                   (self.patch, 3), (self.credit, 2), (self.top_up, 2), (self.wait, 1),
+                   (self.request_credits, 1), (self.resolve_request, 1)]
         weights = [w for _, w in actions]
         for self.step in range(steps):
             action = self.rng.choices([a for a, _ in actions], weights)[0]
