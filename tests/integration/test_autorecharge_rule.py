@@ -18,6 +18,7 @@ from tests.integration.test_recharge import (
     GOOD,
     attach,
     configure,
+    new_card,
     recharges,
     stripe_charges_for,
     wait_balance,
@@ -273,3 +274,19 @@ async def test_a_card_that_requires_authentication_fails_and_never_blocks_the_wa
     wallet = await wait_balance(agency, "25.000000")
     assert wallet["status"] == "active"
     assert await succeeded_charges(tally, await recharges(tally, agency)) == 1
+
+
+async def test_cards_attached_at_once_all_answer_and_preload_once(tally: Tally) -> None:
+    agency = Agency(tally)
+    await configure(tally, agency, threshold="10", reload="25")
+    pms = [await new_card(tally, GOOD) for _ in range(3)]
+    url = tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods")
+    answers = await asyncio.gather(*[
+        tally.http.post(url, json={"payment_method": pm}, headers=agency.admin) for pm in pms])
+    assert [r.status_code for r in answers] == [201, 201, 201], [r.text for r in answers]
+    assert sum(r.json()["is_default"] for r in answers) == 1
+    await wait_balance(agency, "25.000000")
+    await asyncio.sleep(1.0)  # every chance for a second pre-load
+    attempts = await recharges(tally, agency)
+    assert [a["status"] for a in attempts] == ["succeeded"]
+    assert await succeeded_charges(tally, attempts) == 1

@@ -316,6 +316,10 @@ _PM_COLS = ("id, owner, owner_id, company_id, stripe_account, customer_id, brand
 async def add_payment_method(conn: Conn, *, pm: str, owner: str, owner_id: str, company_id: str,
                              stripe_account: str | None, customer_id: str, brand: str | None,
                              last4: str | None) -> asyncpg.Record:
+    """In the caller's transaction. Cards of one owner are added one at a time (a lock per
+    owner), so of cards attached at once exactly one becomes the default."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                       f"payment-methods:{owner}:{owner_id}")
     has_default = await conn.fetchval(
         "SELECT EXISTS (SELECT 1 FROM payment_methods WHERE owner = $1 AND owner_id = $2 "
         "AND is_default)", owner, owner_id)
