@@ -236,77 +236,72 @@ class Recharger(Worker):
             except LeaseLost:
                 log.warning("lease lost; another run settles this attempt",
                             extra={"attempt": a.id})
-            except WalletUnavailable as exc:
-                log.warning("wallet unavailable; attempt stays pending",
+            except (WalletUnavailable, StripeUnavailable) as exc:
+                what = "wallet" if isinstance(exc, WalletUnavailable) else "stripe"
+                log.warning(f"{what} unavailable; attempt stays pending",
                             extra={"attempt": a.id, "error": str(exc)[:200]})
                 async with self.pool.acquire() as conn:
-                    await storage.postpone_attempt(conn, a.id, self.unavailable_retry_seconds,
-                                                   f"wallet unavailable: {exc}"[:500])
+                    await storage.postpone_attempt(conn, a.id, token,
+                                                   self.unavailable_retry_seconds,
+                                                   f"{what} unavailable: {exc}"[:500])
 
     async def _run(self, a: storage.Attempt, token: str) -> None:
         target = target_of(a)
-        try:
-            if a.trigger == "auto" and a.purpose == "wallet" and not a.tries:
-                if not await self._still_wanted(a, token):
-                    self.wake()
-                    return
-                async with self.pool.acquire() as conn:
-                    fresh = await storage.get_attempt(conn, a.id)
-                assert fresh is not None
-                a = fresh
-            async with self.pool.acquire() as conn:
-                customer = await storage.customer(conn, target.owner, target.owner_id)
-                cards = card_order(storage.cards(
-                    await storage.payment_methods(conn, target.owner, target.owner_id)))
-            if target.owner == "account" and not a.stripe_account:
-                await self._fail(a, token, a.tries, "company_stripe_not_connected")
+        if a.trigger == "auto" and a.purpose == "wallet" and not a.tries:
+            if not await self._still_wanted(a, token):
+                self.wake()
                 return
-            tries = list(a.tries)
-            # A try whose outcome is not known yet (the run died mid-call, or Stripe said
-            # processing / requires_action) is asked for again before any other card.
-            open_try = next((t for t in tries if t["outcome"] in ("calling", "processing")), None)
-            if open_try is None and (customer is None or not cards):
-                await self._fail(a, token, tries, "no_payment_method")
-                return
-            if open_try is not None:
-                result = await self.gateway.find_charge(
-                    attempt_id=a.id, try_no=open_try["try"], stripe_account=a.stripe_account,
-                    currency=a.currency)
-                if result is not None or open_try["outcome"] == "processing":
-                    if await self._settled(a, token, tries, open_try, result):
-                        return
-                else:  # never reached Stripe: charge that card now
-                    cards = [c for c in cards if c.id == open_try["payment_method"]] + [
-                        c for c in cards if c.id != open_try["payment_method"]]
-            for card in cards:
-                done = [t for t in tries if t["payment_method"] == card.id]
-                if done and done[-1]["outcome"] == "failed":
-                    continue
-                if done and done[-1]["outcome"] == "calling":
-                    current = done[-1]
-                else:
-                    current = {"payment_method": card.id, "outcome": "calling",
-                               "try": len(tries) + 1, "decline_code": None}
-                    tries.append(current)
-                async with self.pool.acquire() as conn:
-                    if not await storage.renew_lease(conn, a.id, self.lease_seconds, token):
-                        raise LeaseLost(a.id)
-                    await storage.save_tries(conn, a.id, tries, token)
-                crash_point("recharge.before_charge")
-                result = await self.gateway.charge(
-                    amount_micros=a.amount_micros, currency=a.currency, customer=customer or "",
-                    payment_method=card.id, stripe_account=a.stripe_account,
-                    attempt_id=a.id, try_no=current["try"])
-                crash_point("recharge.after_charge")
-                if await self._settled(a, token, tries, current, result):
-                    return
-            await self._fail(a, token, tries, None)
-        except StripeUnavailable as exc:
-            log.warning("stripe unavailable; attempt stays pending",
-                        extra={"attempt": a.id, "error": str(exc)[:200]})
             async with self.pool.acquire() as conn:
-                await storage.postpone_attempt(conn, a.id, self.unavailable_retry_seconds,
-                                               f"stripe unavailable: {exc}"[:500])
+                fresh = await storage.get_attempt(conn, a.id)
+            assert fresh is not None
+            a = fresh
+        async with self.pool.acquire() as conn:
+            customer = await storage.customer(conn, target.owner, target.owner_id)
+            cards = card_order(storage.cards(
+                await storage.payment_methods(conn, target.owner, target.owner_id)))
+        if target.owner == "account" and not a.stripe_account:
+            await self._fail(a, token, a.tries, "company_stripe_not_connected")
+            return
+        tries = list(a.tries)
+        # A try whose outcome is not known yet (the run died mid-call, or Stripe said
+        # processing) is asked for again before any other card.
+        open_try = next((t for t in tries if t["outcome"] in ("calling", "processing")), None)
+        if open_try is None and (customer is None or not cards):
+            await self._fail(a, token, tries, "no_payment_method")
+            return
+        if open_try is not None:
+            result = await self.gateway.find_charge(
+                attempt_id=a.id, try_no=open_try["try"], stripe_account=a.stripe_account,
+                currency=a.currency)
+            if result is not None or open_try["outcome"] == "processing":
+                if await self._settled(a, token, tries, open_try, result):
+                    return
+            else:  # never reached Stripe: charge that card now
+                cards = [c for c in cards if c.id == open_try["payment_method"]] + [
+                    c for c in cards if c.id != open_try["payment_method"]]
+        for card in cards:
+            done = [t for t in tries if t["payment_method"] == card.id]
+            if done and done[-1]["outcome"] == "failed":
+                continue
+            if done and done[-1]["outcome"] == "calling":
+                current = done[-1]
+            else:
+                current = {"payment_method": card.id, "outcome": "calling",
+                           "try": len(tries) + 1, "decline_code": None}
+                tries.append(current)
+            async with self.pool.acquire() as conn:
+                if not await storage.renew_lease(conn, a.id, self.lease_seconds, token):
+                    raise LeaseLost(a.id)
+                await storage.save_tries(conn, a.id, tries, token)
+            crash_point("recharge.before_charge")
+            result = await self.gateway.charge(
+                amount_micros=a.amount_micros, currency=a.currency, customer=customer or "",
+                payment_method=card.id, stripe_account=a.stripe_account,
+                attempt_id=a.id, try_no=current["try"])
+            crash_point("recharge.after_charge")
+            if await self._settled(a, token, tries, current, result):
+                return
+        await self._fail(a, token, tries, None)
 
     async def _settled(self, a: storage.Attempt, token: str, tries: list[dict[str, Any]],
                        current: dict[str, Any], result: ChargeResult | None) -> bool:
@@ -317,8 +312,7 @@ class Recharger(Worker):
             if result is not None:
                 current["payment_intent"] = result.payment_intent
             async with self.pool.acquire() as conn:
-                await storage.save_tries(conn, a.id, tries, token)
-                await storage.postpone_attempt(conn, a.id, self.pending_recheck_seconds,
+                await storage.postpone_attempt(conn, a.id, token, self.pending_recheck_seconds,
                                                "payment processing", tries)
             return True
         current["outcome"] = result.outcome

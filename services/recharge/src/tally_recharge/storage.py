@@ -153,13 +153,16 @@ async def finish_attempt(conn: Conn, attempt_id: str, token: str, *, status: str
         raise LeaseLost(attempt_id)
 
 
-async def postpone_attempt(conn: Conn, attempt_id: str, seconds: int, error: str,
+async def postpone_attempt(conn: Conn, attempt_id: str, token: str, seconds: int, error: str,
                            tries: list[dict[str, Any]] | None = None) -> None:
+    """Give the lease back and run the attempt again in ``seconds`` (only its holder may: a
+    run that lost its lease must not free one another replica holds)."""
     await conn.execute(
         "UPDATE recharge_attempts SET not_before = now() + make_interval(secs => $2), "
         "leased_until = NULL, error = $3, tries = COALESCE($4::jsonb, tries), updated_at = now() "
-        "WHERE id = $1 AND status = 'pending'",
-        attempt_id, seconds, error, orjson.dumps(tries).decode() if tries is not None else None)
+        "WHERE id = $1 AND status = 'pending' AND lease_token = $5",
+        attempt_id, seconds, error, orjson.dumps(tries).decode() if tries is not None else None,
+        token)
 
 
 async def reprice_attempt(conn: Conn, attempt_id: str, token: str, *, amount_micros: int,
