@@ -222,13 +222,13 @@ class Check:
 
 async def queue_check(conn: Conn, owner: str, company_id: str, account_id: str | None,
                       traceparent: str | None = None) -> None:
-    """Evaluate the rule for this wallet soon (one queued check per wallet; the trace of the
-    first trigger is kept)."""
+    """Evaluate the rule for this wallet soon (one queued check per wallet; it continues the
+    trace of the latest trigger that has one: the one that makes the rule hold)."""
     wallet_id = f"account:{account_id}" if owner == "account" else f"company:{company_id}"
     await conn.execute(
         "INSERT INTO recharge_checks (wallet_id, owner, company_id, account_id, traceparent) "
         "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (wallet_id) DO UPDATE SET not_before = now(), "
-        "traceparent = COALESCE(recharge_checks.traceparent, EXCLUDED.traceparent)",
+        "traceparent = COALESCE(EXCLUDED.traceparent, recharge_checks.traceparent)",
         wallet_id, owner, company_id, account_id, traceparent)
 
 
