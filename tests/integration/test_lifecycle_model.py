@@ -1,13 +1,16 @@
 """A model of the wallet and recharge lifecycle, as a test. A seeded random walk drives the real
 services through their public APIs (HTTP and the ``usage.ingest`` topic): companies in two
-currencies with an account each, good and declining cards attached, removed and made default,
-wallet PATCHes, usage (own, foreign and unknown accounts, resent ids, a service without a price
-in the company's currency), credits and top-ups with and without Idempotency-Keys, credit
-requests approved and rejected, and time for retries. After each step it waits for the system
-to settle on what an independent reference model — plain Python written from API.md, not from
-Tally's code — says: every balance (company and account wallets), status and auto-recharge
-flag, and the number of successful card charges. At the end: Stripe's
-succeeded charges match the recharge lines credited, and no accepted event is in a DLQ.
+currencies on changing plans, each with a client account; Stripe connected, disconnected and
+connected to another account; good and declining cards attached to the company and to the
+account, removed and made default; wallet PATCHes; rebilling turned on, off and marked up;
+usage (own, foreign and unknown accounts, resent ids, a service without a price in the
+company's currency); credits and top-ups with and without Idempotency-Keys; credit requests
+approved and rejected; and time for retries. After each step it waits for the system to settle
+on what an independent reference model — plain Python written from API.md, not from Tally's
+code — says: every balance and status of both wallets, their auto-recharge flag, funding,
+rebilling mode and markups as the wallet applies them, the account's cards and service status,
+and the number of successful card charges. At the end: Stripe's succeeded charges match the
+recharge lines credited, and nothing accepted or charged is in a DLQ.
 
 ``MODEL_STEPS`` (default 120 in ``make test``; ``make model`` runs a long walk) and
 ``MODEL_SEED`` (printed; set it to replay a failing walk step for step)."""
@@ -26,7 +29,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from tests.conftest import Tally, uid
+from tests.conftest import Tally, eventually, uid
 from tests.integration.test_recharge import DECLINES, GOOD, new_card, payment_intents
 
 pytestmark = pytest.mark.integration
@@ -54,6 +57,22 @@ def charged(amount: int) -> int:
     return int(cents) * 10_000
 
 
+def half_up(value: Decimal) -> int:
+    return int(value.to_integral_value(rounding=ROUND_HALF_UP))
+
+
+# What each plan allows (API.md: rebill needs unlimited or saas_pro, markup needs saas_pro).
+ALLOWED = {"starter": {"off"}, "unlimited": {"off", "rebill"},
+           "saas_pro": {"off", "rebill", "rebill_markup"}}
+
+
+def downgraded(plan: str, mode: str) -> str:
+    """What a mode becomes when the plan no longer allows it: markup -> rebill -> off."""
+    if mode in ALLOWED[plan]:
+        return mode
+    return "rebill" if mode == "rebill_markup" and "rebill" in ALLOWED[plan] else "off"
+
+
 @dataclass
 class Card:
     pm: str
@@ -62,7 +81,7 @@ class Card:
 
 @dataclass
 class Wallet:
-    """A company wallet as API.md describes it."""
+    """A company or account wallet as API.md describes it."""
 
     currency: str
     balance: int = 0
@@ -79,9 +98,6 @@ class Wallet:
         # suspended by a debit below zero, reactivated by a credit back to zero or above
         return "suspended" if self.balance < 0 else "active"
 
-    def ordered(self) -> list[Card]:
-        return sorted(self.cards, key=lambda c: c.pm != self.default)
-
     def credit(self, amount: int, step: int) -> None:
         before = self.status
         self.balance += amount
@@ -94,12 +110,22 @@ class Wallet:
         if self.status != before:
             self.changed_status_at = step
 
-    def settle(self, step: int) -> None:
-        """The auto-recharge rule: auto-recharge on, a card, balance below the threshold and
-        nothing in flight -> recharged by the reload amount (or up to threshold + reload),
-        trying every card; when every card declines, the retries fail too and auto-recharge
-        is cancelled."""
-        while self.auto and self.cards and self.balance < self.threshold:
+    def attach(self, card: Card) -> None:
+        self.cards.append(card)
+        if self.default is None:
+            self.default = card.pm
+
+    def detach(self, card: Card) -> None:
+        self.cards.remove(card)
+        if self.default == card.pm:  # the newest card left becomes the default
+            self.default = self.cards[-1].pm if self.cards else None
+
+    def settle(self, step: int, usable: bool) -> None:
+        """The auto-recharge rule: auto-recharge on, a usable card, balance below the threshold
+        and nothing in flight -> recharged by the reload amount (or up to threshold + reload),
+        trying every card; when every card declines, the retries fail too and auto-recharge is
+        cancelled."""
+        while self.auto and usable and self.cards and self.balance < self.threshold:
             if not any(c.good for c in self.cards):
                 self.auto = False
                 return
@@ -112,15 +138,49 @@ class Wallet:
 
 
 @dataclass
-class Company:
-    cid: str
+class Account:
+    """A client account: its wallet (cards on the company's connected Stripe), its rebilling
+    settings and its credit request."""
+
     aid: str
     wallet: Wallet
+    user: dict[str, str]
+    mode: str = "off"
+    markups: dict[str, str] = field(default_factory=dict)
+    pending_request: str | None = None
+
+    @property
+    def effective(self) -> str:
+        """Rebilling applies only while the account has a card (API.md: account_card_required;
+        settings wait for a card)."""
+        return self.mode if self.wallet.cards else "off"
+
+    def amount(self, service: str, platform: int) -> int | None:
+        """What the account pays for usage that cost its company ``platform``."""
+        if self.effective == "off":
+            return None
+        if self.effective == "rebill":
+            return platform
+        markup = self.markups.get(service) or self.markups.get("default") or "1"
+        return half_up(Decimal(platform) * Decimal(markup))
+
+
+@dataclass
+class Company:
+    cid: str
+    wallet: Wallet
     admin: dict[str, str]
-    account_balance: int = 0  # its account's wallet: credit requests approved (no rebilling)
-    pending_request: str | None = None  # the account's pending credit request, if any
+    account: Account
+    plan: str
+    connected: bool = False
+    stripe_account: str = ""
     accepted: list[str] = field(default_factory=list)  # usage event ids accepted
-    keys: dict[str, tuple[str, Any]] = field(default_factory=dict)  # key -> (kind, response)
+    # (principal, Idempotency-Key) -> (what was asked, the first response)
+    keys: dict[tuple[str, str], tuple[str, Any]] = field(default_factory=dict)
+
+    def wallets(self) -> list[tuple[Wallet, bool]]:
+        """Each wallet with whether its cards can be charged."""
+        return [(self.wallet, True), (self.account.wallet, self.connected)]
 
 
 PRICES: dict[tuple[str, str], int] = {}
@@ -145,11 +205,11 @@ class Walk:
         for p in (await self.t.http.get(self.t.url("usage-meter", "/v1/prices"),
                                         headers=platform)).json()["items"]:
             PRICES[(p["service"], p["currency"])] = micros(p["unit_price"])
-        for currency in ("USD", "EUR"):
+        for currency, plan in (("USD", "saas_pro"), ("EUR", "unlimited")):
             cid = uid("model")
             admin = self.t.auth("company_admin", company_id=cid, email=f"owner@{cid}.example.com")
             r = await self.t.http.post(self.t.url("rebilling", "/v1/companies"), headers=platform,
-                                       json={"id": cid, "name": cid, "plan": "starter",
+                                       json={"id": cid, "name": cid, "plan": plan,
                                              "currency": currency,
                                              "owner_email": f"owner@{cid}.example.com"})
             assert r.status_code == 201, r.text
@@ -158,21 +218,31 @@ class Walk:
                                        headers=admin, json={"id": aid, "name": aid,
                                                             "owner_email": f"{aid}@example.com"})
             assert r.status_code == 201, r.text
-            company = Company(cid, aid, Wallet(currency), admin)
-            # smart adjustment off: tier raises are another issue's model
-            r = await self.t.http.patch(self.t.url("wallet", f"/v1/companies/{cid}/wallet"),
-                                        json={"smart_adjustment": False}, headers=admin)
-            assert r.status_code == 200, r.text
+            user = self.t.auth("account_user", company_id=cid, account_id=aid,
+                               email=f"{aid}@example.com")
+            company = Company(cid, Wallet(currency), admin, Account(aid, Wallet(currency), user),
+                              plan, stripe_account="acct_" + uid("m").replace("-", ""))
+            # smart adjustment off: tier raises are another test's
+            for path in (f"/v1/companies/{cid}/wallet", f"/v1/accounts/{aid}/wallet"):
+                async def patched(path: str = path, admin: dict[str, str] = admin) -> bool:
+                    r = await self.t.http.patch(self.t.url("wallet", path), headers=admin,
+                                                json={"smart_adjustment": False})
+                    return r.status_code == 200
+                await eventually(patched, what=f"PATCH {path}")
             self.companies.append(company)
 
     # --- actions: each changes the system and the model the same way ---------------------
 
+    def _recent(self, w: Wallet) -> bool:
+        return self.step - w.changed_status_at <= 2
+
     async def use(self, c: Company) -> None:
         service = self.rng.choice(["email", "email", "sms"])
         quantity = str(self.rng.choice([1, 10, 100, 1000, 20000]))
-        account: str | None = self.rng.choice([None, c.aid, c.aid, "foreign", "unknown"])
+        account: str | None = self.rng.choice([None, c.account.aid, c.account.aid, "foreign",
+                                               "unknown"])
         if account == "foreign":
-            account = next(o.aid for o in self.companies if o is not c)
+            account = next(o.account.aid for o in self.companies if o is not c)
         elif account == "unknown":
             account = uid("nobody")
         resend = bool(c.accepted) and self.rng.random() < 0.1
@@ -181,24 +251,24 @@ class Walk:
                                  "quantity": quantity}
         if account:
             event["account_id"] = account
-        w = c.wallet
+        w, a = c.wallet, c.account.wallet
         price = PRICES.get((service, w.currency))
         expect: set[str]
         if resend:
             expect = {"duplicate"}
-        elif account not in (None, c.aid):
+        elif account not in (None, c.account.aid):
             expect = {"rejected:unknown_account"}
         elif price is None:
             expect = {"rejected:price_unavailable"}
-        elif w.status == "suspended":
-            expect = {"rejected:agency_wallet_empty"}
         else:
-            expect = {"accepted"}
-        if self.step - w.changed_status_at <= 2 and not resend and expect <= {
-                "accepted", "rejected:agency_wallet_empty"}:
-            # usage-meter learns of suspensions from events: just after a flip either answer
-            # is right; the model follows what was answered
-            expect = {"accepted", "rejected:agency_wallet_empty"}
+            # usage-meter learns of suspensions from events: just after a flip either state
+            # may be the one it answers from; the model follows what was answered
+            mine = account == c.account.aid
+            accounts = {a.status == "suspended"} | ({True, False} if self._recent(a) else set())
+            agencies = {w.status == "suspended"} | ({True, False} if self._recent(w) else set())
+            expect = {"rejected:account_suspended" if mine and acct else
+                      "rejected:agency_wallet_empty" if agency else "accepted"
+                      for acct in accounts for agency in agencies}
         via_topic = expect == {"accepted"} and self.rng.random() < 0.3
         self.log.append(f"{self.step}: use {c.cid} {service} x{quantity} account={account} "
                         f"resend={resend} topic={via_topic} -> {sorted(expect)}")
@@ -213,50 +283,62 @@ class Walk:
         assert got in expect, f"step {self.step}: usage answered {got}, the model says {expect}"
         if got == "accepted":
             assert price is not None
-            amount = int((Decimal(quantity) * price).to_integral_value(rounding=ROUND_HALF_UP))
+            amount = half_up(Decimal(quantity) * price)
             if amount > 0:
                 w.debit(amount, self.step)
+                owed = c.account.amount(service, amount) if account else None
+                if owed:
+                    a.debit(owed, self.step)
             c.accepted.append(event_id)
 
+    def _side(self, c: Company) -> tuple[str, Wallet, str, dict[str, str]]:
+        """A company or its account, at random: (name, wallet, recharge path, headers)."""
+        if self.rng.random() < 0.5:
+            return "company", c.wallet, f"/v1/companies/{c.cid}", c.admin
+        return "account", c.account.wallet, f"/v1/accounts/{c.account.aid}", c.account.user
+
     async def attach(self, c: Company) -> None:
+        side, w, path, headers = self._side(c)
         good = self.rng.random() < 0.6
         pm = await new_card(self.t, GOOD if good else DECLINES)
-        self.log.append(f"{self.step}: attach {'good' if good else 'declining'} {pm} to {c.cid}")
-        r = await self.t.http.post(self.t.url("recharge", f"/v1/companies/{c.cid}/payment-methods"),
-                                   json={"payment_method": pm}, headers=c.admin)
+        self.log.append(f"{self.step}: attach {'good' if good else 'declining'} {pm} to "
+                        f"{side} of {c.cid}")
+        r = await self.t.http.post(self.t.url("recharge", f"{path}/payment-methods"),
+                                   json={"payment_method": pm}, headers=headers)
+        if side == "account" and not c.connected:
+            assert r.status_code == 409, r.text
+            assert r.json()["error"]["code"] == "company_stripe_not_connected"
+            return
         assert r.status_code == 201, r.text
-        c.wallet.cards.append(Card(pm, good))
-        if c.wallet.default is None:
-            c.wallet.default = pm
-        assert r.json()["is_default"] == (c.wallet.default == pm)
+        w.attach(Card(pm, good))
+        assert r.json()["is_default"] == (w.default == pm)
 
     async def detach(self, c: Company) -> None:
-        if not c.wallet.cards:
+        side, w, path, headers = self._side(c)
+        if not w.cards:
             return await self.attach(c)
-        card = self.rng.choice(c.wallet.cards)
-        self.log.append(f"{self.step}: detach {card.pm} from {c.cid}")
-        r = await self.t.http.delete(
-            self.t.url("recharge", f"/v1/companies/{c.cid}/payment-methods/{card.pm}"),
-            headers=c.admin)
+        card = self.rng.choice(w.cards)
+        self.log.append(f"{self.step}: detach {card.pm} from {side} of {c.cid}")
+        r = await self.t.http.delete(self.t.url("recharge", f"{path}/payment-methods/{card.pm}"),
+                                     headers=headers)
         assert r.status_code == 204, r.text
-        c.wallet.cards.remove(card)
-        if c.wallet.default == card.pm:  # the newest card left becomes the default
-            c.wallet.default = c.wallet.cards[-1].pm if c.wallet.cards else None
+        w.detach(card)
         return None
 
     async def make_default(self, c: Company) -> None:
-        if not c.wallet.cards:
+        side, w, path, headers = self._side(c)
+        if not w.cards:
             return await self.attach(c)
-        card = self.rng.choice(c.wallet.cards)
-        self.log.append(f"{self.step}: default {card.pm} of {c.cid}")
+        card = self.rng.choice(w.cards)
+        self.log.append(f"{self.step}: default {card.pm} of {side} of {c.cid}")
         r = await self.t.http.post(
-            self.t.url("recharge", f"/v1/companies/{c.cid}/payment-methods/{card.pm}/default"),
-            headers=c.admin)
+            self.t.url("recharge", f"{path}/payment-methods/{card.pm}/default"), headers=headers)
         assert r.status_code == 200, r.text
-        c.wallet.default = card.pm
+        w.default = card.pm
         return None
 
     async def patch(self, c: Company) -> None:
+        side, w, path, _ = self._side(c)
         changes: dict[str, Any] = {}
         if self.rng.random() < 0.5:
             changes["auto_recharge"] = self.rng.random() < 0.6
@@ -264,47 +346,56 @@ class Walk:
             changes["threshold"] = self.rng.choice(["0", "5", "10", "20"])
         if self.rng.random() < 0.3:
             changes["reload_amount"] = self.rng.choice(["10", "25"])
-        self.log.append(f"{self.step}: patch {c.cid} {changes}")
-        r = await self.t.http.patch(self.t.url("wallet", f"/v1/companies/{c.cid}/wallet"),
-                                    json=changes, headers=c.admin)
+        self.log.append(f"{self.step}: patch {side} of {c.cid} {changes}")
+        r = await self.t.http.patch(self.t.url("wallet", f"{path}/wallet"), json=changes,
+                                    headers=c.admin)
         assert r.status_code == 200, r.text
-        w = c.wallet
         w.auto = changes.get("auto_recharge", w.auto)
         w.threshold = micros(changes.get("threshold", text(w.threshold)))
         w.reload = micros(changes.get("reload_amount", text(w.reload)))
 
     async def credit(self, c: Company) -> None:
+        side, w, path, _ = self._side(c)
         amount = self.rng.choice(["0.5", "3", "15"])
-        key = self._key(c, "credit")
-        self.log.append(f"{self.step}: credit {c.cid} {amount} key={key}")
-        headers = {**self.t.auth("platform_admin"), **({"Idempotency-Key": key} if key else {})}
-        r = await self.t.http.post(self.t.url("wallet", f"/v1/companies/{c.cid}/wallet/credits"),
+        # the platform credits a company wallet; a company admin its accounts' wallets
+        who, auth = ("platform", self.t.auth("platform_admin")) if side == "company" \
+            else ("admin", c.admin)
+        key = self._key(c, who)
+        self.log.append(f"{self.step}: credit {side} of {c.cid} {amount} key={key}")
+        headers = {**auth, **({"Idempotency-Key": key} if key else {})}
+        r = await self.t.http.post(self.t.url("wallet", f"{path}/wallet/credits"),
                                    json={"amount": amount}, headers=headers)
-        self._replayed_or_new(c, "credit", key, r, amount)
+        self._replayed_or_new(c, w, f"credit:{side}", who, key, r, amount)
 
     async def top_up(self, c: Company) -> None:
+        side, w, path, headers = self._side(c)
         amount = self.rng.choice(["1.005", "7", "30"])
-        key = self._key(c, "top_up")
-        self.log.append(f"{self.step}: top-up {c.cid} {amount} key={key}")
-        headers = {**c.admin, **({"Idempotency-Key": key} if key else {})}
-        r = await self.t.http.post(self.t.url("recharge", f"/v1/companies/{c.cid}/wallet/top-ups"),
+        who = "admin" if side == "company" else "user"
+        key = self._key(c, who)
+        self.log.append(f"{self.step}: top-up {side} of {c.cid} {amount} key={key}")
+        headers = {**headers, **({"Idempotency-Key": key} if key else {})}
+        r = await self.t.http.post(self.t.url("recharge", f"{path}/wallet/top-ups"),
                                    json={"amount": amount}, headers=headers)
-        if not c.wallet.cards:
-            assert r.status_code == 409 and r.json()["error"]["code"] == "no_payment_method"
+        if (who, key) in c.keys or ((side == "company" or c.connected) and w.cards):
+            # a key already used answers as it did (or 422), whatever changed since
+            self._replayed_or_new(c, w, f"top_up:{side}", who, key, r, amount)
             return
-        self._replayed_or_new(c, "top_up", key, r, amount)
+        code = "company_stripe_not_connected" if side == "account" and not c.connected \
+            else "no_payment_method"
+        assert r.status_code == 409 and r.json()["error"]["code"] == code, r.text
 
-    def _key(self, c: Company, kind: str) -> str | None:
-        mine = [k for k, (k_kind, _) in c.keys.items() if k_kind.startswith(kind)]
+    def _key(self, c: Company, who: str) -> str | None:
+        """No key, a new one, or (a retry, or a mistake) one this principal used before."""
+        mine = [k for (k_who, k) in c.keys if k_who == who]
         roll = self.rng.random()
         if mine and roll < 0.25:
             return self.rng.choice(mine)  # a retry with the same key
         return uid("key") if roll < 0.6 else None
 
-    def _replayed_or_new(self, c: Company, kind: str, key: str | None, r: Any,
-                         amount: str) -> None:
-        if key is not None and key in c.keys:
-            first_kind, first = c.keys[key]
+    def _replayed_or_new(self, c: Company, w: Wallet, kind: str, who: str, key: str | None,
+                         r: Any, amount: str) -> None:
+        if key is not None and (who, key) in c.keys:
+            first_kind, first = c.keys[(who, key)]
             if first_kind == f"{kind}:{amount}":
                 assert (r.status_code, r.json()) == (201, first), "a replay answers the first"
             else:
@@ -313,45 +404,109 @@ class Walk:
             return
         assert r.status_code == 201, r.text
         if key is not None:
-            c.keys[key] = (f"{kind}:{amount}", r.json())
-        if kind == "credit":
-            c.wallet.credit(micros(amount), self.step)
+            c.keys[(who, key)] = (f"{kind}:{amount}", r.json())
+        if kind.startswith("credit"):
+            w.credit(micros(amount), self.step)
             return
-        good = any(card.good for card in c.wallet.cards)
+        good = any(card.good for card in w.cards)
         assert r.json()["status"] == ("succeeded" if good else "failed"), r.text
         if good:
-            c.wallet.credit(charged(micros(amount)), self.step)
-            c.wallet.charges += 1
+            w.credit(charged(micros(amount)), self.step)
+            w.charges += 1
 
     async def request_credits(self, c: Company) -> None:
-        """The account (its company has not connected Stripe) asks for credits: one pending
-        request at a time."""
+        """The account asks its company for credits (only while the company has not connected
+        Stripe): one pending request at a time."""
+        a = c.account
         amount = self.rng.choice(["2", "5.5"])
-        self.log.append(f"{self.step}: {c.aid} requests {amount}")
-        user = self.t.auth("account_user", company_id=c.cid, account_id=c.aid,
-                           email=f"{c.aid}@example.com")
-        r = await self.t.http.post(self.t.url("wallet", f"/v1/accounts/{c.aid}/credit-requests"),
-                                   json={"amount": amount}, headers=user)
-        if c.pending_request is not None:
+        self.log.append(f"{self.step}: {a.aid} requests {amount}")
+        r = await self.t.http.post(self.t.url("wallet", f"/v1/accounts/{a.aid}/credit-requests"),
+                                   json={"amount": amount}, headers=a.user)
+        if c.connected:
+            assert r.status_code == 409 and r.json()["error"]["code"] == "top_up_available"
+            return
+        if a.pending_request is not None:
             assert r.status_code == 409, r.text
             assert r.json()["error"]["code"] == "pending_request_exists"
             return
         assert r.status_code == 201, r.text
-        c.pending_request = r.json()["id"]
+        a.pending_request = r.json()["id"]
 
     async def resolve_request(self, c: Company) -> None:
-        if c.pending_request is None:
+        a = c.account
+        if a.pending_request is None:
             return await self.request_credits(c)
         verdict = self.rng.choice(["approve", "reject"])
-        self.log.append(f"{self.step}: {verdict} {c.pending_request}")
+        self.log.append(f"{self.step}: {verdict} {a.pending_request}")
         r = await self.t.http.post(
-            self.t.url("wallet", f"/v1/credit-requests/{c.pending_request}/{verdict}"),
+            self.t.url("wallet", f"/v1/credit-requests/{a.pending_request}/{verdict}"),
             headers=c.admin)
         assert r.status_code == 200, r.text
         if verdict == "approve":
-            c.account_balance += micros(r.json()["amount"])
-        c.pending_request = None
+            a.wallet.credit(micros(r.json()["amount"]), self.step)
+        a.pending_request = None
         return None
+
+    async def set_rebilling(self, c: Company) -> None:
+        a = c.account
+        mode = self.rng.choice(["off", "rebill", "rebill_markup", "rebill_markup"])
+        markups = self.rng.choice([{"default": "1.5"}, {"sms": "2", "default": "1.25"},
+                                   {"email": "3"}]) if mode == "rebill_markup" else {}
+        self.log.append(f"{self.step}: rebilling of {a.aid} -> {mode} {markups}")
+        r = await self.t.http.put(self.t.url("rebilling", f"/v1/accounts/{a.aid}/rebilling"),
+                                  json={"mode": mode, "markups": markups}, headers=c.admin)
+        refusal = None
+        if mode != "off":
+            if mode not in ALLOWED[c.plan]:
+                refusal = (403, "plan_upgrade_required")
+            elif not c.connected:
+                refusal = (409, "company_stripe_not_connected")
+            elif not a.wallet.cards:
+                refusal = (409, "account_card_required")
+        if refusal:
+            assert (r.status_code, r.json()["error"]["code"]) == refusal, r.text
+            return
+        assert r.status_code == 200, r.text
+        a.mode, a.markups = mode, markups
+
+    async def change_plan(self, c: Company) -> None:
+        plan = self.rng.choice(sorted(ALLOWED))
+        self.log.append(f"{self.step}: plan of {c.cid} -> {plan}")
+        r = await self.t.http.put(self.t.url("rebilling", f"/v1/companies/{c.cid}/plan"),
+                                  json={"plan": plan}, headers=self.t.auth("platform_admin"))
+        assert r.status_code == 200, r.text
+        c.plan = plan
+        a = c.account
+        mode = downgraded(plan, a.mode)
+        changed = [{"account_id": a.aid, "from": a.mode, "to": mode}] if mode != a.mode else []
+        assert r.json()["changed_accounts"] == changed
+        a.mode = mode
+        if mode != "rebill_markup":
+            a.markups = {}
+
+    async def connection(self, c: Company) -> None:
+        """Connect the company's Stripe (now and then another account: the cards saved on the
+        previous one are forgotten), or disconnect it (rebilling stops)."""
+        a = c.account
+        if c.connected and self.rng.random() < 0.6:
+            self.log.append(f"{self.step}: {c.cid} disconnects Stripe")
+            r = await self.t.http.delete(
+                self.t.url("rebilling", f"/v1/companies/{c.cid}/stripe-connect"), headers=c.admin)
+            assert r.status_code == 200, r.text
+            changed = [{"account_id": a.aid, "from": a.mode, "to": "off"}] \
+                if a.mode != "off" else []
+            assert r.json()["changed_accounts"] == changed
+            c.connected, a.mode, a.markups = False, "off", {}
+            return
+        if self.rng.random() < 0.3:
+            c.stripe_account = "acct_" + uid("m").replace("-", "")
+            a.wallet.cards.clear()
+            a.wallet.default = None
+        self.log.append(f"{self.step}: {c.cid} connects Stripe {c.stripe_account}")
+        r = await self.t.http.put(self.t.url("rebilling", f"/v1/companies/{c.cid}/stripe-connect"),
+                                  json={"stripe_account_id": c.stripe_account}, headers=c.admin)
+        assert r.status_code == 200, r.text
+        c.connected = True
 
     async def wait(self, c: Company) -> None:
         self.log.append(f"{self.step}: time passes")
@@ -359,33 +514,52 @@ class Walk:
 
     # --- comparing ---------------------------------------------------------------------
 
+    async def _get(self, service: str, path: str, headers: dict[str, str]) -> Any:
+        r = await self.t.http.get(self.t.url(service, path), headers=headers)
+        return r.json() if r.status_code == 200 else None  # 404: not heard of yet
+
     async def observed(self, c: Company) -> dict[str, Any]:
-        r = await self.t.http.get(self.t.url("wallet", f"/v1/companies/{c.cid}/wallet"),
-                                  headers=c.admin)
-        w = r.json()
-        r = await self.t.http.get(
-            self.t.url("recharge", f"/v1/companies/{c.cid}/wallet/recharges?limit=500"),
-            headers=c.admin)
-        attempts = r.json()["items"]
-        r = await self.t.http.get(self.t.url("wallet", f"/v1/accounts/{c.aid}/wallet"),
-                                  headers=c.admin)
-        # 404 until the wallet has heard of the account: not settled yet
-        account = r.json() if r.status_code == 200 else {"balance": None, "currency": None}
-        return {"account_balance": account["balance"], "account_currency": account["currency"],
-                "balance": w["balance"], "status": w["status"], "auto_recharge": w["auto_recharge"],
-                "currency": w["currency"],
-                "charges": sum(a["status"] == "succeeded" for a in attempts),
-                "in_flight": sum(a["status"] == "pending" for a in attempts)}
+        a = c.account
+        out: dict[str, Any] = {}
+        for side, path in (("company", f"/v1/companies/{c.cid}"),
+                           ("account", f"/v1/accounts/{a.aid}")):
+            w = await self._get("wallet", f"{path}/wallet", c.admin) or {}
+            attempts = (await self._get("recharge", f"{path}/wallet/recharges?limit=500",
+                                        c.admin) or {"items": []})["items"]
+            out[side] = {k: w.get(k) for k in ("balance", "status", "auto_recharge", "currency",
+                                               "funding", "rebilling", "markups")}
+            out[side]["charges"] = sum(x["status"] == "succeeded" for x in attempts)
+            out[side]["in_flight"] = sum(x["status"] == "pending" for x in attempts)
+        cards = await self._get("recharge", f"/v1/accounts/{a.aid}/payment-methods", a.user)
+        account = await self._get("rebilling", f"/v1/accounts/{a.aid}", c.admin) or {}
+        status = await self._get("wallet", f"/v1/accounts/{a.aid}/service-status", c.admin) or {}
+        out["account"].update(
+            cards=sorted(x["id"] for x in cards["items"]) if cards else None,
+            recharge_connected=cards["stripe_connected"] if cards else None,
+            has_valid_card=account.get("has_valid_card"), service=status.get("reason"))
+        return out
 
     def expected(self, c: Company) -> dict[str, Any]:
-        w = c.wallet
-        return {"account_balance": text(c.account_balance), "account_currency": w.currency,
-                "balance": text(w.balance), "status": w.status, "auto_recharge": w.auto,
-                "currency": w.currency, "charges": w.charges, "in_flight": 0}
+        a = c.account
+        funding = "top_up" if c.connected else "request_credits"
+        out: dict[str, Any] = {}
+        for side, w in (("company", c.wallet), ("account", a.wallet)):
+            out[side] = {"balance": text(w.balance), "status": w.status, "auto_recharge": w.auto,
+                         "currency": w.currency, "funding": funding, "rebilling": None,
+                         "markups": None, "charges": w.charges, "in_flight": 0}
+        out["account"].update(
+            rebilling=a.effective,
+            markups=a.markups if a.effective == "rebill_markup" else None,
+            cards=sorted(x.pm for x in a.wallet.cards), recharge_connected=c.connected,
+            has_valid_card=bool(a.wallet.cards),
+            service="account_wallet_empty" if a.wallet.status == "suspended" else
+                    "agency_wallet_empty" if c.wallet.status == "suspended" else "ok")
+        return out
 
     async def settle(self) -> None:
         for c in self.companies:
-            c.wallet.settle(self.step)
+            for w, usable in c.wallets():
+                w.settle(self.step, usable)
         deadline = time.monotonic() + SETTLE_SECONDS
         while True:
             seen = [await self.observed(c) for c in self.companies]
@@ -399,9 +573,10 @@ class Walk:
             await asyncio.sleep(0.1)
 
     async def run(self, steps: int) -> None:
-        actions = [(self.use, 8), (self.attach, 2), (self.detach, 1), (self.make_default, 1),
+        actions = [(self.use, 8), (self.attach, 3), (self.detach, 1), (self.make_default, 1),
                    (self.patch, 3), (self.credit, 2), (self.top_up, 2), (self.wait, 1),
-                   (self.request_credits, 1), (self.resolve_request, 1)]
+                   (self.request_credits, 1), (self.resolve_request, 1),
+                   (self.set_rebilling, 2), (self.change_plan, 1), (self.connection, 1)]
         weights = [w for _, w in actions]
         for self.step in range(steps):
             action = self.rng.choices([a for a, _ in actions], weights)[0]
@@ -449,20 +624,22 @@ async def test_the_lifecycle_model(tally: Tally) -> None:
     # every successful charge at Stripe is one credited recharge or top-up, and no more
     intents = await payment_intents(tally)
     for c in walk.companies:
-        r = await tally.http.get(
-            tally.url("recharge", f"/v1/companies/{c.cid}/wallet/recharges?limit=500"),
-            headers=c.admin)
-        ids = {a["id"] for a in r.json()["items"]}
-        paid = [i for i in intents if (i.get("metadata") or {}).get("tally_attempt") in ids
-                and i["status"] == "succeeded"]
-        lines = [t for t in await tally.company_transactions(c.cid)
-                 if t["kind"] in ("recharge", "top_up")]
-        assert len(paid) == len(lines) == c.wallet.charges, (c.cid, len(paid), len(lines))
-        assert {i["currency"] for i in paid} <= {c.wallet.currency.lower()}
+        for w, path in ((c.wallet, f"/v1/companies/{c.cid}"),
+                        (c.account.wallet, f"/v1/accounts/{c.account.aid}")):
+            r = await tally.http.get(tally.url("recharge", f"{path}/wallet/recharges?limit=500"),
+                                     headers=c.admin)
+            ids = {a["id"] for a in r.json()["items"]}
+            paid = [i for i in intents if (i.get("metadata") or {}).get("tally_attempt") in ids
+                    and i["status"] == "succeeded"]
+            r = await tally.http.get(tally.url("wallet", f"{path}/wallet/transactions?limit=500"),
+                                     headers=c.admin)
+            lines = [t for t in r.json()["items"] if t["kind"] in ("recharge", "top_up")]
+            assert len(paid) == len(lines) == w.charges, (path, len(paid), len(lines))
+            assert {i["currency"] for i in paid} <= {w.currency.lower()}
 
     # nothing accepted or charged was dead-lettered
     accepted = {e for c in walk.companies for e in c.accepted}
-    ours = {c.cid for c in walk.companies}
+    ours = {c.cid for c in walk.companies} | {c.account.aid for c in walk.companies}
     for name in ("usage.recorded.dlq", "recharge.events.dlq", "wallet.digest.dlq"):
         for m in await topic(tally, name):
             message = str(m.get("message", ""))

@@ -41,6 +41,9 @@ class PaymentMethodOut(BaseModel):
 class PaymentMethodList(BaseModel):
     items: list[PaymentMethodOut]
     next_cursor: str | None = None
+    stripe_connected: bool | None = Field(
+        None, description="account cards: whether the company's Stripe is connected as recharge "
+                          "knows it (its cards are charged only then); null for company cards")
 
 
 class TopUpIn(BaseModel):
@@ -194,7 +197,10 @@ async def _cards_changed(conn: Conn, target: WalletTarget, *, bring_forward: boo
 async def _list(request: Request, target: WalletTarget) -> PaymentMethodList:
     async with runtime(request).pool.acquire() as conn:
         rows = await storage.payment_methods(conn, target.owner, target.owner_id)
-    return PaymentMethodList(items=[_pm_out(r) for r in rows])
+        connected = None
+        if target.owner == "account":
+            connected = (await storage.company(conn, target.company_id))[1] is not None
+    return PaymentMethodList(items=[_pm_out(r) for r in rows], stripe_connected=connected)
 
 
 async def _owned(conn: Conn, target: WalletTarget, pm: PathKey) -> None:
@@ -232,6 +238,14 @@ async def _default(request: Request, target: WalletTarget, pm: PathKey) -> Payme
     return _pm_out(next(r for r in rows if r["id"] == pm))
 
 
+async def _chargeable(conn: Conn, target: WalletTarget) -> str | None:
+    """The Stripe account a top-up of ``target`` charges through; 409 when it cannot be."""
+    stripe_account = await _stripe_account(conn, target)
+    if not await storage.payment_methods(conn, target.owner, target.owner_id):
+        raise ApiError(409, "no_payment_method", "add a card before topping up")
+    return stripe_account
+
+
 async def _top_up(request: Request, principal: Principal, target: WalletTarget, body: TopUpIn,
                   idempotency_key: str | None) -> AttemptOut | JsonResponse:
     """A manual top-up. With an Idempotency-Key the attempt's id comes from the key: a second
@@ -242,11 +256,12 @@ async def _top_up(request: Request, principal: Principal, target: WalletTarget, 
     who = idempotency.principal_key(principal)
     attempt_id = token = None
     async with rt.pool.acquire() as conn:
-        stripe_account = await _stripe_account(conn, target)
-        if not await storage.payment_methods(conn, target.owner, target.owner_id):
-            raise ApiError(409, "no_payment_method", "add a card before topping up")
-        if idempotency_key is not None:
+        if idempotency_key is None:
+            stripe_account = await _chargeable(conn, target)
+        else:
             async with conn.transaction():
+                # a key already used answers as it did (or 422), whatever changed since; a
+                # refusal below rolls the key back with the rest
                 fresh_id = f"rc_{uuid.uuid4().hex}"
                 stored = await idempotency.begin(
                     conn, who, idempotency_key,
@@ -254,6 +269,7 @@ async def _top_up(request: Request, principal: Principal, target: WalletTarget, 
                     resource=fresh_id)
                 if stored is not None and stored.response is not None:
                     return JsonResponse(stored.response, status_code=stored.status_code or 201)
+                stripe_account = await _chargeable(conn, target)
                 attempt_id = (stored.resource if stored is not None else None) or fresh_id
                 if await storage.get_attempt(conn, attempt_id) is None:
                     # the attempt is created with the key (so a crash between the two cannot

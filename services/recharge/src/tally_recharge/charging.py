@@ -140,6 +140,15 @@ class Recharger(Worker):
             "traceparent": check.traceparent})
         return created is not None
 
+    @staticmethod
+    async def _connected(conn: Conn, a: storage.Attempt) -> bool:
+        """An account's attempt charges through its company's connected Stripe: only while the
+        company is still connected to the account the attempt was made for."""
+        if a.owner != "account":
+            return True
+        _, stripe_account = await storage.company(conn, a.company_id)
+        return a.stripe_account is not None and stripe_account == a.stripe_account
+
     async def _still_wanted(self, a: storage.Attempt, token: str) -> bool:
         """Before an automatic recharge charges any card: is it still wanted, and for how much?
         Reprices it from the balance now, or cancels it."""
@@ -148,7 +157,7 @@ class Recharger(Worker):
             _, _, cancelling = await storage.policy(conn, a.wallet_id)
             others = [f for f in await storage.in_flight(conn, a.wallet_id) if f.id != a.id]
             cards = await storage.payment_methods(conn, target.owner, target.owner_id)
-            usable = bool(cards) and (target.owner == "company" or a.stripe_account is not None)
+            usable = bool(cards) and await self._connected(conn, a)
             state = await self.wallets.read(target.owner, target.company_id, target.account_id)
             if others or not needs_recharge(
                     auto_recharge=state.auto_recharge and not cancelling, has_card=usable,
@@ -259,9 +268,7 @@ class Recharger(Worker):
             customer = await storage.customer(conn, target.owner, target.owner_id)
             cards = card_order(storage.cards(
                 await storage.payment_methods(conn, target.owner, target.owner_id)))
-        if target.owner == "account" and not a.stripe_account:
-            await self._fail(a, token, a.tries, "company_stripe_not_connected")
-            return
+            connected = await self._connected(conn, a)
         tries = list(a.tries)
         # A try whose outcome is not known yet (the run died mid-call, or Stripe said
         # processing) is asked for again before any other card.
@@ -279,6 +286,9 @@ class Recharger(Worker):
             else:  # never reached Stripe: charge that card now
                 cards = [c for c in cards if c.id == open_try["payment_method"]] + [
                     c for c in cards if c.id != open_try["payment_method"]]
+        if not connected:  # a try already made is settled above; no new one through Stripe
+            await self._fail(a, token, tries, "company_stripe_not_connected")
+            return
         for card in cards:
             done = [t for t in tries if t["payment_method"] == card.id]
             if done and done[-1]["outcome"] == "failed":

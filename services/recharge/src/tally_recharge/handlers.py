@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tally import events, inbox
+from tally import events, inbox, outbox
 from tally.consumer import subscribe_batch, take
+from tally.db import Conn
 from tally.events import Topics
 from tally.outbox import enqueue
 from tally.service import Runtime
@@ -28,6 +29,31 @@ def _wallet_of(message: events.Message) -> str:
     data = message.data
     assert isinstance(data, events.WalletRef)
     return data.wallet_id
+
+
+async def connection_changed(conn: Conn, p: events.CompanyUpdated) -> bool:
+    """A company's Stripe connection as rebilling tells it. Its accounts' cards are usable only
+    while it is connected; a change (connected, disconnected, another account) re-evaluates the
+    auto-recharge rule of every account wallet it may flip: reconnecting reloads a wallet that
+    fell below its threshold meanwhile; disconnecting drops a retry waiting for its time. Cards
+    saved on a previous account are forgotten (they cannot be charged through the new one).
+    Returns whether checks were queued."""
+    stripe_account = p.stripe_account_id if p.stripe_connected else None
+    if not await storage.upsert_company(conn, p.company_id, p.currency, stripe_account):
+        return False
+    if stripe_account is not None:
+        for card in await storage.forget_other_accounts_cards(conn, p.company_id,
+                                                              stripe_account):
+            await outbox.publish(conn, Topics.RECHARGE_EVENTS, p.company_id, events.envelope(
+                "payment_method.detached", events.PaymentMethodChanged(
+                    company_id=p.company_id, account_id=card["owner_id"],
+                    payment_method=card["id"], has_valid_card=bool(
+                        await storage.payment_methods(conn, "account", card["owner_id"]))),
+                source=SERVICE))
+    accounts = await storage.accounts_to_check(conn, p.company_id)
+    for account_id in accounts:  # sorted: the lock order of checks
+        await storage.queue_check(conn, "account", p.company_id, account_id)
+    return bool(accounts)
 
 
 def subscribe(rt: Runtime) -> None:
@@ -67,15 +93,18 @@ def subscribe(rt: Runtime) -> None:
     async def on_rebilling_events(records: Sequence[Any]) -> None:
         taken, dead = take(records, ("company.updated", "account.created"), service=SERVICE)
         updates = [m.data for _, m in taken]
+        checks = False
         async with rt.pool.acquire() as conn, conn.transaction():
             for p in updates:
                 if isinstance(p, events.CompanyUpdated):
-                    await storage.upsert_company(
-                        conn, p.company_id, p.currency,
-                        p.stripe_account_id if p.stripe_connected else None)
+                    checks |= await connection_changed(conn, p)
                 elif isinstance(p, events.AccountCreated):
                     await storage.upsert_account(conn, p.account_id, p.company_id)
             await enqueue(conn, dead)
+        if taken:
+            rt.relay.wake()
+        if checks:
+            recharger().wake()
 
     subscribe_batch(rt.broker, Topics.WALLET_DIGEST, service=SERVICE, group_id="recharge-wallet",
                     handler=on_wallet_digest)

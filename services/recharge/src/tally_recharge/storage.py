@@ -368,12 +368,42 @@ async def card_succeeded(conn: Conn, pm: str) -> None:
 # --- what rebilling tells us ---------------------------------------------------------------
 
 async def upsert_company(conn: Conn, company_id: str, currency: str,
-                         stripe_account_id: str | None) -> None:
+                         stripe_account_id: str | None) -> bool:
+    """In the caller's transaction; returns whether the company's connected Stripe account
+    changed (connected, disconnected or another account)."""
+    before = await conn.fetchrow(
+        "SELECT stripe_account_id FROM companies WHERE company_id = $1 FOR UPDATE", company_id)
     await conn.execute(
         "INSERT INTO companies (company_id, currency, stripe_account_id) VALUES ($1, $2, $3) "
         "ON CONFLICT (company_id) DO UPDATE SET currency = EXCLUDED.currency, "
         "stripe_account_id = EXCLUDED.stripe_account_id, updated_at = now()",
         company_id, currency, stripe_account_id)
+    previous = before["stripe_account_id"] if before else None
+    return bool(previous != stripe_account_id)
+
+
+async def forget_other_accounts_cards(conn: Conn, company_id: str,
+                                      stripe_account: str) -> list[asyncpg.Record]:
+    """A company that connected another Stripe account: its accounts' customers and cards on
+    the previous one cannot be charged through the new one, so they are forgotten (the owners
+    save cards again). Returns the removed cards (``id``, ``owner_id``)."""
+    await conn.execute("DELETE FROM customers WHERE company_id = $1 AND owner = 'account' "
+                       "AND stripe_account IS DISTINCT FROM $2", company_id, stripe_account)
+    return await conn.fetch(
+        "DELETE FROM payment_methods WHERE company_id = $1 AND owner = 'account' "
+        "AND stripe_account IS DISTINCT FROM $2 RETURNING id, owner_id", company_id,
+        stripe_account)
+
+
+async def accounts_to_check(conn: Conn, company_id: str) -> list[str]:
+    """The company's accounts whose auto-recharge rule a change of connection may flip: those
+    with a card or a recharge in flight."""
+    rows = await conn.fetch(
+        "SELECT owner_id AS account_id FROM payment_methods WHERE company_id = $1 "
+        "AND owner = 'account' UNION SELECT account_id FROM recharge_attempts "
+        "WHERE company_id = $1 AND owner = 'account' AND status = 'pending' "
+        "ORDER BY account_id", company_id)
+    return [r["account_id"] for r in rows]
 
 
 async def currency_of(conn: Conn, directory: CompanyDirectory | None, company_id: str) -> str:

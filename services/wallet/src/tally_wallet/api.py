@@ -52,6 +52,9 @@ class WalletOut(BaseModel):
     rebilling: Literal["off", "rebill", "rebill_markup"] | None = Field(
         None, description="account wallets: the rebilling mode the wallet applies (from "
                           "rebilling.settings); null for company wallets")
+    markups: dict[str, str] | None = Field(
+        None, description="account wallets under rebill_markup: the markups the wallet applies, "
+                          "per service or \"default\"; null otherwise")
 
 
 class WalletPatch(BaseModel):
@@ -121,16 +124,19 @@ async def _out(conn: Conn, w: Wallet) -> WalletOut:
     if w.company_id:
         _, connected = await storage.company_funding(conn, w.company_id)
     mode = None
+    markups = None
     if w.kind == "account" and w.account_id:
         settings = (await storage.load_rebilling(conn, [w.account_id])).get(w.account_id)
         mode = settings.mode if settings and settings.active else "off"
+        if settings and mode == "rebill_markup":
+            markups = {k: format(v.normalize(), "f") for k, v in settings.markups.items()}
     return WalletOut(
         wallet_id=w.id, owner=w.kind, company_id=w.company_id, account_id=w.account_id,
         balance=format_micros(w.balance), currency=w.currency,
         threshold=format_micros(w.threshold), reload_amount=format_micros(w.reload_amount),
         auto_recharge=w.auto_recharge, smart_adjustment=w.smart_adjustment,
         status="suspended" if w.status == "suspended" else "active",
-        funding="top_up" if connected else "request_credits", rebilling=mode)
+        funding="top_up" if connected else "request_credits", rebilling=mode, markups=markups)
 
 
 async def _currency(conn: Conn, directory: CompanyDirectory, company_id: str) -> str:
