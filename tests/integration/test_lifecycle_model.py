@@ -175,7 +175,8 @@ class Company:
     connected: bool = False
     stripe_account: str = ""
     accepted: list[str] = field(default_factory=list)  # usage event ids accepted
-    # (principal, Idempotency-Key) -> (what was asked, the first response)
+    # (service:principal, Idempotency-Key) -> (what was asked, the first response); each
+    # service keeps the keys of the requests it serves (docs/0008)
     keys: dict[tuple[str, str], tuple[str, Any]] = field(default_factory=dict)
 
     def wallets(self) -> list[tuple[Wallet, bool]]:
@@ -358,8 +359,8 @@ class Walk:
         side, w, path, _ = self._side(c)
         amount = self.rng.choice(["0.5", "3", "15"])
         # the platform credits a company wallet; a company admin its accounts' wallets
-        who, auth = ("platform", self.t.auth("platform_admin")) if side == "company" \
-            else ("admin", c.admin)
+        who, auth = ("wallet:platform", self.t.auth("platform_admin")) if side == "company" \
+            else ("wallet:admin", c.admin)
         key = self._key(c, who)
         self.log.append(f"{self.step}: credit {side} of {c.cid} {amount} key={key}")
         headers = {**auth, **({"Idempotency-Key": key} if key else {})}
@@ -370,7 +371,7 @@ class Walk:
     async def top_up(self, c: Company) -> None:
         side, w, path, headers = self._side(c)
         amount = self.rng.choice(["1.005", "7", "30"])
-        who = "admin" if side == "company" else "user"
+        who = "recharge:admin" if side == "company" else "recharge:user"
         key = self._key(c, who)
         self.log.append(f"{self.step}: top-up {side} of {c.cid} {amount} key={key}")
         headers = {**headers, **({"Idempotency-Key": key} if key else {})}
@@ -552,8 +553,9 @@ class Walk:
             markups=a.markups if a.effective == "rebill_markup" else None,
             cards=sorted(x.pm for x in a.wallet.cards), recharge_connected=c.connected,
             has_valid_card=bool(a.wallet.cards),
-            service="account_wallet_empty" if a.wallet.status == "suspended" else
-                    "agency_wallet_empty" if c.wallet.status == "suspended" else "ok")
+            # a self-billing workspace with no license assigned (licenses are the next
+            # model's): the license decides first
+            service="no_license")
         return out
 
     async def settle(self) -> None:
