@@ -290,3 +290,23 @@ async def test_cards_attached_at_once_all_answer_and_preload_once(tally: Tally) 
     attempts = await recharges(tally, agency)
     assert [a["status"] for a in attempts] == ["succeeded"]
     assert await succeeded_charges(tally, attempts) == 1
+
+
+async def test_a_lowered_threshold_still_fires_the_next_crossing(tally: Tally) -> None:
+    """Found by the lifecycle model: a wallet that crossed its threshold while auto-recharge
+    was off, then had its threshold lowered below its balance and auto-recharge turned on, was
+    never recharged again (the crossing stayed disarmed until a credit reached the old
+    threshold)."""
+    agency = Agency(tally)
+    await patch(tally, agency, auto_recharge=False, threshold="10", reload_amount="25")
+    await attach(tally, agency, GOOD)
+    await agency.fund("12")
+    await agency.use("sms", "300")  # 12 - 2.37 = 9.63: crossed, auto-recharge off
+    await wait_balance(agency, "9.630000")
+    await patch(tally, agency, auto_recharge=True, threshold="5")  # 9.63 >= 5: nothing to do
+    await asyncio.sleep(1)
+    assert await recharges(tally, agency) == []
+    await agency.use("sms", "700")  # 9.63 - 5.53 = 4.10 < 5: a crossing, so a recharge
+    await wait_balance(agency, "29.100000")
+    [attempt] = await recharges(tally, agency)
+    assert (attempt["trigger"], attempt["status"]) == ("auto", "succeeded")

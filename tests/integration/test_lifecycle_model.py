@@ -623,6 +623,10 @@ async def test_the_lifecycle_model(tally: Tally) -> None:
     await walk.settle()
     await walk.run(STEPS)
 
+    done = [line.split(": ", 1)[1].split(" ")[0] for line in walk.log]
+    print("model walk:", {w: done.count(w) for w in sorted(set(done))}, "charges:",
+          [(c.wallet.charges, c.account.wallet.charges) for c in walk.companies], flush=True)
+
     # every successful charge at Stripe is one credited recharge or top-up, and no more
     intents = await payment_intents(tally)
     for c in walk.companies:

@@ -6,7 +6,8 @@ balances in order and notes the edges it crosses:
 
 - ``wallet.threshold_crossed`` when a debit takes a user wallet from at-or-above its threshold
   to below it (once per crossing, not once per debit). Precisely: a wallet is *armed* until a
-  crossing fires and re-armed when a credit lifts it back to its threshold, so a wallet that
+  crossing fires and re-armed when a credit lifts it back to its threshold (or a settings
+  change puts the threshold at or below its balance), so a wallet that
   starts below its threshold (a new wallet at 0) also fires at its first debit — that is the
   pre-load of the spec;
 - ``wallet.suspended`` when a user wallet's balance goes below zero;

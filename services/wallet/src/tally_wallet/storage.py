@@ -269,9 +269,16 @@ async def update_wallet_settings(conn: Conn, wallet_id: str, changes: dict[str, 
     assert set(changes) <= allowed
     if not changes:
         return
-    sets = ", ".join(f"{col} = ${i}" for i, col in enumerate(changes, start=2))
-    await conn.execute(f"UPDATE wallets SET {sets}, updated_at = now() WHERE id = $1",
-                       wallet_id, *changes.values())
+    cols = list(changes)
+    sets = ", ".join(f"{col} = ${i}" for i, col in enumerate(cols, start=2))
+    threshold = f"${cols.index('threshold') + 2}" if "threshold" in changes else "threshold"
+    # Armed means "the next debit below the threshold is a crossing": true exactly when the
+    # balance is at or above the threshold now. A wallet disarmed by a crossing while
+    # auto-recharge was off, then credited to between the new and the old threshold, would
+    # otherwise never cross again (found by the lifecycle model); one below its new threshold
+    # is re-evaluated by the settings event itself.
+    await conn.execute(f"UPDATE wallets SET {sets}, threshold_armed = balance >= {threshold}, "
+                       f"updated_at = now() WHERE id = $1", wallet_id, *changes.values())
 
 
 # --- credit requests -----------------------------------------------------------------------
