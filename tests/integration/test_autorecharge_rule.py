@@ -310,3 +310,59 @@ async def test_a_lowered_threshold_still_fires_the_next_crossing(tally: Tally) -
     await wait_balance(agency, "29.100000")
     [attempt] = await recharges(tally, agency)
     assert (attempt["trigger"], attempt["status"]) == ("auto", "succeeded")
+
+
+async def test_reconnecting_stripe_reloads_and_another_account_forgets_cards(tally: Tally) -> None:
+    """An account's cards live on its company's connected Stripe. While the company is
+    disconnected they are not charged; connecting again makes the rule hold again (a wallet
+    that fell below its threshold meanwhile is reloaded); connecting another Stripe account
+    forgets the cards saved on the previous one (they cannot be charged through it)."""
+    from tests.integration.test_rebilling import Reseller
+
+    agency = await Reseller(tally).create(connect=False)
+    acct = "acct_" + uid("r").replace("-", "")
+    connect = tally.url("rebilling", f"/v1/companies/{agency.cid}/stripe-connect")
+    r = await tally.http.put(connect, json={"stripe_account_id": acct}, headers=agency.admin)
+    assert r.status_code == 200, r.text
+    aid = await agency.account()
+
+    async def account_balance(balance: str) -> None:
+        async def reached() -> bool:
+            return bool((await agency.wallet(aid))["balance"] == balance)
+        await eventually(reached, what=f"the account's balance {balance}")
+
+    async def account_recharges() -> list[dict[str, Any]]:
+        r = await tally.http.get(tally.url("recharge", f"/v1/accounts/{aid}/wallet/recharges"),
+                                 headers=agency.admin)
+        return r.json()["items"]  # type: ignore[no-any-return]
+    await agency.add_card(aid)  # the account's wallet is pre-loaded: 0 + 50 >= 10
+    await account_balance("50.000000")
+    path = f"/v1/accounts/{aid}"
+
+    r = await tally.http.delete(connect, headers=agency.admin)
+    assert r.status_code == 200, r.text
+
+    async def recharge_knows(connected: bool) -> bool:
+        r = await tally.http.get(tally.url("recharge", f"{path}/payment-methods"),
+                                 headers=agency.admin)
+        return bool(r.json()["stripe_connected"] == connected)
+    await eventually(lambda: recharge_knows(False), what="recharge to learn of the disconnection")
+    await agency.patch_wallet({"threshold": "100"}, aid)  # below it, but no usable card
+    await asyncio.sleep(1.5)
+    assert [a["status"] for a in await account_recharges()] == ["succeeded"]
+
+    r = await tally.http.put(connect, json={"stripe_account_id": acct}, headers=agency.admin)
+    assert r.status_code == 200, r.text
+    await account_balance("100.000000")
+    assert [a["status"] for a in await account_recharges()] == ["succeeded", "succeeded"]
+
+    other = "acct_" + uid("r").replace("-", "")
+    r = await tally.http.put(connect, json={"stripe_account_id": other}, headers=agency.admin)
+    assert r.status_code == 200, r.text
+
+    async def forgotten() -> bool:
+        cards = await tally.http.get(tally.url("recharge", f"{path}/payment-methods"),
+                                     headers=agency.admin)
+        account = await tally.http.get(tally.url("rebilling", path), headers=agency.admin)
+        return cards.json()["items"] == [] and account.json()["has_valid_card"] is False
+    await eventually(forgotten, what="the cards on the previous Stripe account forgotten")

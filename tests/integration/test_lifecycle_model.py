@@ -196,6 +196,7 @@ class Walk:
         self.companies: list[Company] = []
         self.log: list[str] = []
         self.step = 0
+        self.rebilling_steps = 0  # how thoroughly the walk covered rebilled accounts
 
     async def setup(self) -> None:
         platform = self.t.auth("platform_admin")
@@ -231,6 +232,13 @@ class Walk:
                     return r.status_code == 200
                 await eventually(patched, what=f"PATCH {path}")
             self.companies.append(company)
+            # connected at first (a walk disconnects and reconnects it): rebilling, account
+            # cards and account recharges are reachable from the first steps
+            r = await self.t.http.put(
+                self.t.url("rebilling", f"/v1/companies/{cid}/stripe-connect"),
+                json={"stripe_account_id": company.stripe_account}, headers=admin)
+            assert r.status_code == 200, r.text
+            company.connected = True
 
     # --- actions: each changes the system and the model the same way ---------------------
 
@@ -240,8 +248,8 @@ class Walk:
     async def use(self, c: Company) -> None:
         service = self.rng.choice(["email", "email", "sms"])
         quantity = str(self.rng.choice([1, 10, 100, 1000, 20000]))
-        account: str | None = self.rng.choice([None, c.account.aid, c.account.aid, "foreign",
-                                               "unknown"])
+        account: str | None = self.rng.choice([None, c.account.aid, c.account.aid,
+                                               c.account.aid, "foreign", "unknown"])
         if account == "foreign":
             account = next(o.account.aid for o in self.companies if o is not c)
         elif account == "unknown":
@@ -290,6 +298,7 @@ class Walk:
                 owed = c.account.amount(service, amount) if account else None
                 if owed:
                     a.debit(owed, self.step)
+                    self.log.append(f"{self.step}: rebilled {c.account.effective} {owed}")
             c.accepted.append(event_id)
 
     def _side(self, c: Company) -> tuple[str, Wallet, str, dict[str, str]]:
@@ -450,7 +459,7 @@ class Walk:
 
     async def set_rebilling(self, c: Company) -> None:
         a = c.account
-        mode = self.rng.choice(["off", "rebill", "rebill_markup", "rebill_markup"])
+        mode = self.rng.choice(["off", "rebill", "rebill", "rebill_markup", "rebill_markup"])
         markups = self.rng.choice([{"default": "1.5"}, {"sms": "2", "default": "1.25"},
                                    {"email": "3"}]) if mode == "rebill_markup" else {}
         self.log.append(f"{self.step}: rebilling of {a.aid} -> {mode} {markups}")
@@ -489,7 +498,7 @@ class Walk:
         """Connect the company's Stripe (now and then another account: the cards saved on the
         previous one are forgotten), or disconnect it (rebilling stops)."""
         a = c.account
-        if c.connected and self.rng.random() < 0.6:
+        if c.connected and self.rng.random() < 0.7:
             self.log.append(f"{self.step}: {c.cid} disconnects Stripe")
             r = await self.t.http.delete(
                 self.t.url("rebilling", f"/v1/companies/{c.cid}/stripe-connect"), headers=c.admin)
@@ -578,7 +587,7 @@ class Walk:
         actions = [(self.use, 8), (self.attach, 3), (self.detach, 1), (self.make_default, 1),
                    (self.patch, 3), (self.credit, 2), (self.top_up, 2), (self.wait, 1),
                    (self.request_credits, 1), (self.resolve_request, 1),
-                   (self.set_rebilling, 2), (self.change_plan, 1), (self.connection, 1)]
+                   (self.set_rebilling, 3), (self.change_plan, 1), (self.connection, 1)]
         weights = [w for _, w in actions]
         for self.step in range(steps):
             action = self.rng.choices([a for a, _ in actions], weights)[0]
@@ -589,6 +598,7 @@ class Walk:
                 raise AssertionError(f"MODEL_SEED={SEED}: {exc}\nwalk:\n"
                                      + "\n".join(self.log)) from exc
             await self.settle()
+            self.rebilling_steps += sum(c.account.effective != "off" for c in self.companies)
             if self.step % 20 == 0:
                 print(f"model step {self.step}/{steps}", flush=True)
 
@@ -624,7 +634,8 @@ async def test_the_lifecycle_model(tally: Tally) -> None:
     await walk.run(STEPS)
 
     done = [line.split(": ", 1)[1].split(" ")[0] for line in walk.log]
-    print("model walk:", {w: done.count(w) for w in sorted(set(done))}, "charges:",
+    print("model walk:", {w: done.count(w) for w in sorted(set(done))}, "rebilling on:",
+          walk.rebilling_steps, "charges:",
           [(c.wallet.charges, c.account.wallet.charges) for c in walk.companies], flush=True)
 
     # every successful charge at Stripe is one credited recharge or top-up, and no more
