@@ -135,12 +135,12 @@ async def _stripe_account(conn: Conn, target: WalletTarget) -> str | None:
 
 async def _ensure_customer(conn: Conn, gateway: StripeGateway, target: WalletTarget,
                            stripe_account: str | None, email: str | None) -> str:
-    existing = await storage.customer(conn, target.owner, target.owner_id)
+    existing = await storage.customer(conn, target.owner, target.owner_id, stripe_account)
     if existing:
         return existing
     created = await gateway.create_customer(
         email=email, name=f"{target.owner}:{target.owner_id}", stripe_account=stripe_account,
-        idempotency_key=f"customer:{target.owner}:{target.owner_id}")
+        idempotency_key=f"customer:{target.owner}:{target.owner_id}:{stripe_account or ''}")
     return await storage.save_customer(conn, target.owner, target.owner_id, target.company_id,
                                        stripe_account, created)
 
@@ -165,6 +165,12 @@ async def _attach(request: Request, principal: Principal, target: WalletTarget,
         except StripeUnavailable as exc:
             raise _unavailable(exc) from exc
         async with conn.transaction():
+            if target.owner == "account" and \
+                    await storage.connected_account(conn, target.company_id) != stripe_account:
+                # the company connected another Stripe account (or none) meanwhile: a card on
+                # the one it left cannot be charged; the caller saves it again
+                raise ApiError(409, "company_stripe_changed",
+                               "the company's Stripe connection changed; save the card again")
             row = await storage.add_payment_method(
                 conn, pm=card.id, owner=target.owner, owner_id=target.owner_id,
                 company_id=target.company_id, stripe_account=stripe_account,
@@ -269,9 +275,13 @@ async def _top_up(request: Request, principal: Principal, target: WalletTarget, 
                     resource=fresh_id)
                 if stored is not None and stored.response is not None:
                     return JsonResponse(stored.response, status_code=stored.status_code or 201)
-                stripe_account = await _chargeable(conn, target)
                 attempt_id = (stored.resource if stored is not None else None) or fresh_id
-                if await storage.get_attempt(conn, attempt_id) is None:
+                existing = await storage.get_attempt(conn, attempt_id)
+                # the key's attempt, still pending, is answered as it stands whatever changed
+                # since (its card removed, Stripe disconnected): no new check refuses it
+                stripe_account = existing.stripe_account if existing is not None \
+                    else await _chargeable(conn, target)
+                if existing is None:
                     # the attempt is created with the key (so a crash between the two cannot
                     # leave a key whose request never charged, nor a charge without its key),
                     # leased to this request, which runs it now

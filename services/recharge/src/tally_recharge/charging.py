@@ -116,6 +116,12 @@ class Recharger(Worker):
         cards = await storage.payment_methods(conn, check.owner, owner_id)
         _, stripe_account = await storage.company(conn, check.company_id)
         usable = bool(cards) and (check.owner == "company" or stripe_account is not None)
+        if check.owner == "account":
+            # a retry made for a Stripe account the company has left cannot charge: dropped
+            # (a fresh one is made below when the rule holds)
+            for a in [a for a in waiting if a.stripe_account != stripe_account]:
+                await storage.cancel_attempt(conn, a.id, "company_stripe_not_connected")
+                waiting.remove(a)
         if not usable and not waiting:
             return False  # no card, nothing waiting: the rule cannot hold, no need to ask
         state = await self.wallets.read(check.owner, check.company_id, check.account_id)
@@ -149,9 +155,9 @@ class Recharger(Worker):
         _, stripe_account = await storage.company(conn, a.company_id)
         return a.stripe_account is not None and stripe_account == a.stripe_account
 
-    async def _still_wanted(self, a: storage.Attempt, token: str) -> bool:
+    async def _dropped(self, a: storage.Attempt, token: str) -> str | None:
         """Before an automatic recharge charges any card: is it still wanted, and for how much?
-        Reprices it from the balance now, or cancels it."""
+        Reprices it from the balance now (None), or cancels it (returns why)."""
         target = target_of(a)
         async with self.pool.acquire() as conn, conn.transaction():
             _, _, cancelling = await storage.policy(conn, a.wallet_id)
@@ -165,12 +171,12 @@ class Recharger(Worker):
                 reason = "recharge_in_flight" if others else _why_not(state, usable, cancelling)
                 await storage.cancel_attempt(conn, a.id, reason)
                 OUTCOMES.labels(a.trigger, "cancelled").inc()
-                return False
+                return reason
             await storage.reprice_attempt(
                 conn, a.id, token,
                 amount_micros=recharge_amount(state.balance, state.threshold, state.reload_amount),
                 reload_micros=state.reload_amount, smart_adjustment=state.smart_adjustment)
-        return True
+        return None
 
     # --- creating attempts ---------------------------------------------------------------
 
@@ -257,7 +263,15 @@ class Recharger(Worker):
     async def _run(self, a: storage.Attempt, token: str) -> None:
         target = target_of(a)
         if a.trigger == "auto" and a.purpose == "wallet" and not a.tries:
-            if not await self._still_wanted(a, token):
+            dropped = await self._dropped(a, token)
+            if dropped is not None:
+                if dropped != "recharge_in_flight":
+                    # dropped: the wallet is checked again (after the policy lock is released:
+                    # the check row comes first in the lock order), so a rule that holds again
+                    # on the live state (another card, a new connection) makes a fresh one
+                    async with self.pool.acquire() as conn:
+                        await storage.queue_check(conn, target.owner, target.company_id,
+                                                  target.account_id)
                 self.wake()
                 return
             async with self.pool.acquire() as conn:
@@ -287,7 +301,10 @@ class Recharger(Worker):
                 cards = [c for c in cards if c.id == open_try["payment_method"]] + [
                     c for c in cards if c.id != open_try["payment_method"]]
         if not connected:  # a try already made is settled above; no new one through Stripe
-            await self._fail(a, token, tries, "company_stripe_not_connected")
+            if a.trigger == "auto" and a.purpose == "wallet":
+                await self._abandon(a, token, tries, "company_stripe_not_connected")
+            else:
+                await self._fail(a, token, tries, "company_stripe_not_connected")
             return
         for card in cards:
             done = [t for t in tries if t["payment_method"] == card.id]
@@ -380,6 +397,19 @@ class Recharger(Worker):
             "recharge.tier_raised", events.RechargeTierRaised(
                 **target.ref(), previous_reload_amount_micros=a.reload_micros,
                 reload_amount_micros=new), source=SOURCE, id_=f"recharge.tier_raised:{a.id}"))]
+
+    async def _abandon(self, a: storage.Attempt, token: str, tries: list[dict[str, Any]],
+                       reason: str) -> None:
+        """An automatic recharge the company's Stripe connection no longer allows: ended
+        without a retry or a failure counted against the wallet (its cards did not decline),
+        and the wallet checked again (on the new connection the rule may hold)."""
+        target = target_of(a)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await storage.queue_check(conn, target.owner, target.company_id, target.account_id)
+            await storage.finish_attempt(conn, a.id, token, status="failed", tries=tries,
+                                         error=reason)
+        OUTCOMES.labels(a.trigger, "failed").inc()
+        self.wake()
 
     async def _fail(self, a: storage.Attempt, token: str, tries: list[dict[str, Any]],
                     reason: str | None) -> None:

@@ -92,9 +92,12 @@ def subscribe(rt: Runtime) -> None:
 
     async def on_rebilling_events(records: Sequence[Any]) -> None:
         taken, dead = take(records, ("company.updated", "account.created"), service=SERVICE)
-        updates = [m.data for _, m in taken]
         checks = False
         async with rt.pool.acquire() as conn, conn.transaction():
+            # each message once: a redelivered old company.updated (a crash between the commit
+            # and the offset commit) must not take the company back to the account it left
+            fresh = await inbox.claim(conn, "recharge-rebilling", [m.id for _, m in taken])
+            updates = [m.data for _, m in taken if m.id in fresh]
             for p in updates:
                 if isinstance(p, events.CompanyUpdated):
                     checks |= await connection_changed(conn, p)

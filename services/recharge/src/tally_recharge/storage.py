@@ -294,22 +294,41 @@ async def set_policy(conn: Conn, wallet_id: str, *, failures: int | None = None,
 
 # --- customers and cards -------------------------------------------------------------------
 
-async def customer(conn: Conn, owner: str, owner_id: str) -> str | None:
-    value = await conn.fetchval(
-        "SELECT stripe_customer_id FROM customers WHERE owner = $1 AND owner_id = $2",
-        owner, owner_id)
-    return str(value) if value else None
+async def customer(conn: Conn, owner: str, owner_id: str,
+                   stripe_account: str | bool | None = False) -> str | None:
+    """The owner's Stripe customer; with ``stripe_account`` given (None: the platform's), only
+    one on that account (an account's customer on a Stripe account its company left is none)."""
+    r = await conn.fetchrow(
+        "SELECT stripe_customer_id, stripe_account FROM customers WHERE owner = $1 "
+        "AND owner_id = $2", owner, owner_id)
+    if r is None or (stripe_account is not False and r["stripe_account"] != stripe_account):
+        return None
+    return str(r["stripe_customer_id"])
 
 
 async def save_customer(conn: Conn, owner: str, owner_id: str, company_id: str,
                         stripe_account: str | None, customer_id: str) -> str:
-    """Keeps the first customer recorded for an owner (concurrent creations: one wins)."""
+    """Keeps the first customer recorded for an owner on one Stripe account (concurrent
+    creations: one wins); one on another account is replaced."""
     value = await conn.fetchval(
         "INSERT INTO customers (owner, owner_id, company_id, stripe_account, stripe_customer_id) "
         "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (owner, owner_id) DO UPDATE "
-        "SET owner = EXCLUDED.owner RETURNING stripe_customer_id",
-        owner, owner_id, company_id, stripe_account, customer_id)
+        "SET stripe_account = EXCLUDED.stripe_account, "
+        "stripe_customer_id = EXCLUDED.stripe_customer_id "
+        "WHERE customers.stripe_account IS DISTINCT FROM EXCLUDED.stripe_account "
+        "RETURNING stripe_customer_id", owner, owner_id, company_id, stripe_account, customer_id)
+    if value is None:  # the same account's customer was there first: keep it
+        value = await conn.fetchval("SELECT stripe_customer_id FROM customers WHERE owner = $1 "
+                                    "AND owner_id = $2", owner, owner_id)
     return str(value)
+
+
+async def connected_account(conn: Conn, company_id: str) -> str | None:
+    """In the caller's transaction: the company's connected Stripe account, share-locked so a
+    change of connection (``upsert_company`` locks the row for update) waits for the caller."""
+    value = await conn.fetchval(
+        "SELECT stripe_account_id FROM companies WHERE company_id = $1 FOR SHARE", company_id)
+    return str(value) if value else None
 
 
 _PM_COLS = ("id, owner, owner_id, company_id, stripe_account, customer_id, brand, last4, "

@@ -139,6 +139,14 @@ async def _out(conn: Conn, w: Wallet) -> WalletOut:
         funding="top_up" if connected else "request_credits", rebilling=mode, markups=markups)
 
 
+def _for(principal: Principal, out: WalletOut) -> WalletOut:
+    """Markups are the company's business (rebilling settings are company_admin only): its
+    account's own users see the mode, not the markups."""
+    if principal.role == "account_user":
+        out.markups = None
+    return out
+
+
 async def _currency(conn: Conn, directory: CompanyDirectory, company_id: str) -> str:
     """The company's currency, for a wallet about to be created: as rebilling.events told us,
     else as rebilling answers now (a company created a moment ago: a PATCH or a credit right
@@ -240,7 +248,8 @@ async def company_transactions(cid: PathId, request: Request, principal: Current
 @router.get("/accounts/{aid}/wallet", response_model=WalletOut)
 async def account_wallet(aid: PathId, request: Request, principal: CurrentPrincipal) -> WalletOut:
     async with runtime(request).pool.acquire() as conn:
-        return await _out(conn, await _account_wallet(conn, request, principal, aid))
+        return _for(principal, await _out(conn, await _account_wallet(conn, request, principal,
+                                                                        aid)))
 
 
 @router.patch("/accounts/{aid}/wallet", response_model=WalletOut)
@@ -255,7 +264,7 @@ async def patch_account_wallet(aid: PathId, body: WalletPatch, request: Request,
             raise not_found("wallet")
         out = await _out(conn, await _patch(conn, w, body))
     rt.relay.wake()
-    return out
+    return _for(principal, out)
 
 
 @router.get("/accounts/{aid}/wallet/transactions", response_model=TransactionPage)
