@@ -207,13 +207,15 @@ class Recharger(Worker):
         return final
 
     async def settled(self, attempt_id: str, *, timeout: float) -> storage.Attempt:
-        """The attempt once it is no longer pending (or as it stands after ``timeout``)."""
+        """The attempt once it is no longer pending, or as it stands once a payment is
+        processing (it settles later, by webhook or recheck) or after ``timeout``."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             async with self.pool.acquire() as conn:
                 attempt = await storage.get_attempt(conn, attempt_id)
             assert attempt is not None
-            if attempt.status != "pending" or asyncio.get_running_loop().time() > deadline:
+            if attempt.status != "pending" or asyncio.get_running_loop().time() > deadline \
+                    or any(t["outcome"] == "processing" for t in attempt.tries):
                 return attempt
             await asyncio.sleep(0.05)
 
