@@ -480,7 +480,7 @@ class Walk:
         a.mode, a.markups = mode, markups
 
     async def change_plan(self, c: Company) -> None:
-        plan = self.rng.choice(sorted(ALLOWED))
+        plan = self.rng.choice(["starter", "unlimited", "saas_pro", "saas_pro"])
         self.log.append(f"{self.step}: plan of {c.cid} -> {plan}")
         r = await self.t.http.put(self.t.url("rebilling", f"/v1/companies/{c.cid}/plan"),
                                   json={"plan": plan}, headers=self.t.auth("platform_admin"))
@@ -498,7 +498,7 @@ class Walk:
         """Connect the company's Stripe (now and then another account: the cards saved on the
         previous one are forgotten), or disconnect it (rebilling stops)."""
         a = c.account
-        if c.connected and self.rng.random() < 0.7:
+        if c.connected and self.rng.random() < 0.5:
             self.log.append(f"{self.step}: {c.cid} disconnects Stripe")
             r = await self.t.http.delete(
                 self.t.url("rebilling", f"/v1/companies/{c.cid}/stripe-connect"), headers=c.admin)
@@ -508,7 +508,7 @@ class Walk:
             assert r.json()["changed_accounts"] == changed
             c.connected, a.mode, a.markups = False, "off", {}
             return
-        if self.rng.random() < 0.3:
+        if self.rng.random() < 0.2:
             c.stripe_account = "acct_" + uid("m").replace("-", "")
             a.wallet.cards.clear()
             a.wallet.default = None
