@@ -180,6 +180,8 @@ async def cancel_subscription(sid: PathKey, request: Request,
 
 class RunIn(BaseModel):
     at: datetime | None = Field(None, description="the instant to run as (default: now)")
+    company_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+                                   description="only this company's subscriptions")
 
 
 @router.post("/reselling/run", response_model=RunOut,
@@ -190,7 +192,7 @@ async def run_now(body: RunIn, request: Request, principal: CurrentPrincipal) ->
     at = body.at or datetime.now(UTC)
     if at.tzinfo is None:
         at = at.replace(tzinfo=UTC)
-    outcomes = await _biller(request).run(at)
+    outcomes = await _biller(request).run(at, company_id=body.company_id)
     runtime(request).relay.wake()
     return RunOut(period=current_period(at), outcomes=outcomes)
 

@@ -137,12 +137,13 @@ class Biller:
             await publish.subscription_cancelled(conn, ended, reason,
                                                  await storage.outstanding(conn, sub_id))
 
-    async def open_period(self, period: str, at: datetime) -> int:
+    async def open_period(self, period: str, at: datetime,
+                          company_id: str | None = None) -> int:
         """Legs for every subscription that runs in ``period``; one cancelled at period end
         ends instead. Returns how many subscriptions were opened."""
         opened = 0
         async with self.pool.acquire() as conn:
-            subs = await storage.subscriptions_to_open(conn, period)
+            subs = await storage.subscriptions_to_open(conn, period, company_id)
             for sub in subs:
                 async with conn.transaction():
                     if sub["cancel_at_period_end"]:  # its paid period is over
@@ -153,13 +154,13 @@ class Biller:
         return opened
 
     async def charge_due(self, at: datetime, subscription_id: str | None = None, *,
-                         wait: bool = False) -> dict[str, int]:
+                         company_id: str | None = None, wait: bool = False) -> dict[str, int]:
         counts: dict[str, int] = {}
         tried: set[tuple[str, str, str]] = set()
         while True:
             async with self.pool.acquire() as conn:
                 legs = [tuple(r) for r in await storage.due_legs(
-                    conn, at, subscription_id=subscription_id)]
+                    conn, at, subscription_id=subscription_id, company_id=company_id)]
             todo = [leg for leg in legs if leg not in tried]
             if not todo:
                 return counts
@@ -168,11 +169,13 @@ class Biller:
                 outcome = await self.charge_leg(sid, period, name, at, wait=wait)
                 counts[outcome] = counts.get(outcome, 0) + 1
 
-    async def run(self, at: datetime, period: str | None = None) -> dict[str, int]:
+    async def run(self, at: datetime, period: str | None = None,
+                  company_id: str | None = None) -> dict[str, int]:
         """Open ``period`` (the one ``at`` falls in by default) and charge what is due at
-        ``at``. Safe to run any number of times, from any replica, at once."""
-        await self.open_period(period or current_period(at), at)
-        return await self.charge_due(at)
+        ``at`` (of one company, or all). Safe to run any number of times, from any replica,
+        at once."""
+        await self.open_period(period or current_period(at), at, company_id)
+        return await self.charge_due(at, company_id=company_id)
 
     async def runner(self, every: float) -> None:
         """The scheduler: one runner at a time across replicas (an advisory lock held while it

@@ -163,12 +163,13 @@ async def open_legs(conn: Conn, sub: asyncpg.Record, period: str, at: Any) -> No
             sub["company_price"], at)
 
 
-async def subscriptions_to_open(conn: Conn, period: str) -> list[asyncpg.Record]:
+async def subscriptions_to_open(conn: Conn, period: str,
+                                company_id: str | None = None) -> list[asyncpg.Record]:
     """Subscriptions that run in ``period`` and have no legs for it yet."""
     return await conn.fetch(
         "SELECT * FROM subscriptions s WHERE s.status <> 'cancelled' AND s.first_period <= $1 "
-        "AND NOT EXISTS (SELECT 1 FROM period_legs l WHERE l.subscription_id = s.id "
-        "AND l.period = $1) ORDER BY s.id", period)
+        "AND ($2::text IS NULL OR s.company_id = $2) AND NOT EXISTS (SELECT 1 FROM period_legs "
+        "l WHERE l.subscription_id = s.id AND l.period = $1) ORDER BY s.id", period, company_id)
 
 
 async def end_subscription(conn: Conn, sid: str, reason: str) -> asyncpg.Record | None:
@@ -179,7 +180,7 @@ async def end_subscription(conn: Conn, sid: str, reason: str) -> asyncpg.Record 
 
 
 async def due_legs(conn: Conn, at: Any, *, subscription_id: str | None = None,
-                   limit: int = 100) -> list[asyncpg.Record]:
+                   company_id: str | None = None, limit: int = 100) -> list[asyncpg.Record]:
     """Legs to try at ``at``: due or failed, their time come, unless dunning gave up on their
     subscription (one cancelled by its customer still owes what it used)."""
     return await conn.fetch(
@@ -187,8 +188,9 @@ async def due_legs(conn: Conn, at: Any, *, subscription_id: str | None = None,
         "ON s.id = l.subscription_id WHERE l.status <> 'charged' AND l.next_try_at <= $1 "
         "AND s.cancel_reason IS DISTINCT FROM 'payment_failed' "
         "AND ($2::text IS NULL OR l.subscription_id = $2) "
+        "AND ($4::text IS NULL OR l.company_id = $4) "
         "ORDER BY l.next_try_at, l.subscription_id, l.period, l.leg LIMIT $3",
-        at, subscription_id, limit)
+        at, subscription_id, limit, company_id)
 
 
 async def lock_leg(conn: Conn, sid: str, period: str, leg: str, *,
