@@ -182,6 +182,8 @@ class RunIn(BaseModel):
     at: datetime | None = Field(None, description="the instant to run as (default: now)")
     company_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
                                    description="only this company's subscriptions")
+    period: str | None = Field(None, description="the period to open (YYYY-MM; default: the "
+                                                 "one `at` falls in)")
 
 
 @router.post("/reselling/run", response_model=RunOut,
@@ -192,9 +194,10 @@ async def run_now(body: RunIn, request: Request, principal: CurrentPrincipal) ->
     at = body.at or datetime.now(UTC)
     if at.tzinfo is None:
         at = at.replace(tzinfo=UTC)
-    outcomes = await _biller(request).run(at, company_id=body.company_id)
+    period = _period(body.period) if body.period else current_period(at)
+    outcomes = await _biller(request).run(at, period, company_id=body.company_id)
     runtime(request).relay.wake()
-    return RunOut(period=current_period(at), outcomes=outcomes)
+    return RunOut(period=period, outcomes=outcomes)
 
 
 @router.post("/reselling/periods/{period}/run", response_model=RunOut,
