@@ -108,8 +108,8 @@ class Biller:
         after they are done)."""
         async with self.pool.acquire() as conn, conn.transaction():
             leg = await storage.lock_leg(conn, sub_id, period, leg_name, wait=wait)
-            if leg is None or leg["cancel_reason"] == "payment_failed":
-                return "skipped"  # charged, being charged, or dunning gave up
+            if leg is None or leg["cancel_reason"] == "payment_failed" or leg["next_try_at"] > at:
+                return "skipped"  # charged, being charged, tried meanwhile or given up on
             # the row stays locked while recharge charges the card: one try at a time per leg
             outcome, why = await self._charge(leg, leg["failures"] + 1)
             if outcome == "charged":
