@@ -263,6 +263,9 @@ class AccountCreated(Payload):
 
 
 class SubscriptionCharged(Payload):
+    """One leg of one period charged: ``platform`` (the company's card, the platform price) or
+    ``account`` (the account's card, the company's price)."""
+
     subscription_id: str
     company_id: str
     account_id: str
@@ -272,6 +275,21 @@ class SubscriptionCharged(Payload):
     platform_amount_micros: int
     company_amount_micros: int
     currency: str
+    leg: Literal["platform", "account"] | None = None
+
+
+class SubscriptionCancelled(Payload):
+    """A subscription ended: ``payment_failed`` (dunning gave up) or ``cancelled`` (at the end
+    of its paid period, as asked)."""
+
+    subscription_id: str
+    company_id: str
+    account_id: str
+    product: str
+    deployment: Literal["direct", "resell"]
+    reason: Literal["payment_failed", "cancelled"]
+    outstanding_micros: int = 0
+    currency: str = "USD"
 
 
 class LicenseChanged(Payload):
@@ -299,10 +317,12 @@ PAYLOADS: dict[str, type[Payload]] = {
     "recharge.tier_raised": RechargeTierRaised,
     "payment_method.attached": PaymentMethodChanged,
     "payment_method.detached": PaymentMethodChanged,
+    "payment_method.defaulted": PaymentMethodChanged,
     "rebilling.settings": RebillingSettings,
     "company.updated": CompanyUpdated,
     "account.created": AccountCreated,
     "subscription.charged": SubscriptionCharged,
+    "subscription.cancelled": SubscriptionCancelled,
     "license.changed": LicenseChanged,
 }
 

@@ -1,7 +1,8 @@
 """notifier's consumers: ``wallet.digest`` (usage totals, suspensions, credit requests),
 ``recharge.events`` (failures, cancellations, tier raises) and ``rebilling.events`` (who owns
-which account, company time zones). Each message is claimed once (inbox) in the transaction
-that records its effects, so redelivery or a restart never notifies twice."""
+which account, company time zones, subscriptions dunning gave up on). Each message is claimed
+once (inbox) in the transaction that records its effects, so redelivery or a restart never
+notifies twice."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from tally_notifier.mailer import Mailer
 SERVICE = "notifier"
 WALLET_TYPES = ("wallet.usage", "wallet.suspended", "credit_request.created")
 RECHARGE_TYPES = ("recharge.failed", "recharge.tier_raised")
-REBILLING_TYPES = ("company.updated", "account.created")
+REBILLING_TYPES = ("company.updated", "account.created", "subscription.cancelled")
 
 
 async def _owner_emails(conn: Conn, company_id: str, account_id: str | None,
@@ -89,6 +90,25 @@ async def _recharge_event(conn: Conn, env: events.Message, p: events.Payload) ->
                              {"wallet_id": p.wallet_id})
 
 
+async def _subscription_cancelled(conn: Conn, env: events.Message,
+                                  p: events.SubscriptionCancelled) -> None:
+    """Dunning gave up: the company hears it in-app and by email (a cancellation the customer
+    asked for is not news)."""
+    if p.reason != "payment_failed":
+        return
+    subject = f"Subscription {p.product} of {p.account_id} cancelled: payment failed"
+    lines = [f"After repeated failed charges, the {p.product} subscription of {p.account_id} "
+             f"({p.deployment}) is cancelled.",
+             f"Still outstanding: {format_micros(p.outstanding_micros)} {p.currency}.",
+             "Update the card on file and subscribe again to restore the service."]
+    to = await _owner_emails(conn, p.company_id, None, "company")
+    mail = simple(subject, lines)
+    if to:
+        await storage.queue_email(conn, env.id, to, mail.subject, mail.text, mail.html)
+    await storage.notify(conn, env.id, p.company_id, "subscription_cancelled", subject, lines[0],
+                         {"subscription_id": p.subscription_id, "account_id": p.account_id})
+
+
 def subscribe(rt: Runtime) -> None:
     def mailer() -> Mailer:
         m: Mailer = rt.state["mailer"]
@@ -114,6 +134,8 @@ def subscribe(rt: Runtime) -> None:
                     elif isinstance(p, events.AccountCreated):
                         await storage.upsert_account(conn, p.account_id, p.company_id, p.name,
                                                      p.owner_email)
+                    elif isinstance(p, events.SubscriptionCancelled):
+                        await _subscription_cancelled(conn, env, p)
                     elif env.type in RECHARGE_TYPES:
                         await _recharge_event(conn, env, p)
                     elif not isinstance(p, events.WalletUsage):

@@ -251,8 +251,11 @@ async def create_account(cid: PathId, body: AccountIn, request: Request,
             await storage.change_assigned(conn, a["id"], cid, 1 if total - assigned >= 1 else 0)
             await publish.license_changed(conn, cid, a["id"])
         if plan is not None:
-            mode = plan["mode"] if plan_allows(c["plan"], plan["mode"]) else "off"
-            await storage.save_rebilling(conn, a["id"], mode, orjson.loads(plan["markups"]))
+            # what the company's plan and connection allow now (a plan made on saas_pro
+            # before a downgrade, or while Stripe is disconnected, does not bypass gating)
+            mode = best_allowed(c["plan"], plan["mode"]) if c["stripe_account_id"] else "off"
+            markups = orjson.loads(plan["markups"]) if mode == "rebill_markup" else {}
+            await storage.save_rebilling(conn, a["id"], mode, markups)
             await publish.settings(conn, a["id"])  # active only once a card is saved
     rt.relay.wake()
     return account_out(a)
@@ -288,9 +291,13 @@ async def put_rebilling(aid: PathId, body: RebillingIn, request: Request,
                        "(a service or \"default\")")
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
-        a = await account_for(conn, principal, aid, lock=True)
-        c = await storage.company(conn, a["company_id"])
+        # The company's lock first, as plan changes and Stripe (dis)connection take it: what
+        # is checked below (plan, connection) cannot change until this write commits, so two
+        # admins at once never leave markup on a starter plan or rebilling without Stripe.
+        owner = await account_for(conn, principal, aid)
+        c = await storage.company(conn, owner["company_id"], lock=True)
         assert c is not None
+        a = await account_for(conn, principal, aid, lock=True)
         if body.mode != "off":
             check_mode(c["plan"], body.mode)
             if c["stripe_account_id"] is None:
@@ -312,7 +319,7 @@ async def create_saas_plan(cid: PathId, body: SaasPlanIn, request: Request,
     require_role(principal, "company_admin", "platform_admin")
     markups = _markups(body.rebilling.markups) if body.rebilling.mode == "rebill_markup" else {}
     async with runtime(request).pool.acquire() as conn, conn.transaction():
-        c = await company_for(conn, principal, cid)
+        c = await company_for(conn, principal, cid, lock=True)  # as a plan change does
         if c["plan"] != "saas_pro":
             raise ApiError(403, "plan_upgrade_required",
                            "the SaaS configurator needs the $497 (saas_pro) plan")

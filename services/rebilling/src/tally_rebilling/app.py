@@ -8,27 +8,17 @@ import os
 
 from tally.service import Runtime, ServiceSpec
 from tally_rebilling import api_companies, api_licenses, api_reselling, handlers
-from tally_rebilling.billing import Biller, current_period
+from tally_rebilling.billing import Biller
 
 log = logging.getLogger(__name__)
-
-
-async def _period_runner(biller: Biller, every: float) -> None:
-    """Charges what is due for the current period, at start and then regularly (idempotent)."""
-    while True:
-        try:
-            await biller.run_period(current_period())
-        except Exception:
-            log.exception("period run failed; next run will retry")
-        await asyncio.sleep(every)
 
 
 async def start(rt: Runtime) -> None:
     biller = Biller(rt.pool, rt.settings)
     rt.state["biller"] = biller
     every = float(os.environ.get("TALLY_PERIOD_RUN_SECONDS", "3600"))
-    if every > 0:
-        rt.state["runner"] = asyncio.create_task(_period_runner(biller, every))
+    if every > 0:  # one runner at a time across replicas (billing.Biller.runner)
+        rt.state["runner"] = asyncio.create_task(biller.runner(every))
 
 
 async def stop(rt: Runtime) -> None:

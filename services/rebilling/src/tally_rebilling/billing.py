@@ -1,32 +1,65 @@
-"""Charging resold subscriptions: every period, exactly once per subscription, to cards (never
-wallets), through the recharge service's idempotent charge endpoint — the company's card the
-platform price; for ``resell``, also the account's card the company price on the company's
-connected Stripe."""
+"""Period billing with dunning (docs/0009): every recurring charge, to cards (never wallets),
+through the recharge service's idempotent charge endpoint.
+
+Each (subscription, period) has one *leg* per payer: ``platform`` (the company's card, the
+platform price) and, for a resold subscription, ``account`` (the account's card on the
+company's connected Stripe, the company's price). Legs are charged independently — the
+company's platform leg never waits for the account's — and each at most once: a leg is charged
+while its row is locked (another runner or request skips it), and every try has its own
+idempotency key at recharge (a crash mid-call finds the same charge again, never a second).
+A failed leg makes the subscription ``past_due`` and is tried again on the backoff schedule,
+or at once when its payer saves or defaults a card; after the last try the subscription is
+cancelled and the company told. Time is a parameter (``at``): the runner passes the clock,
+tests and operators any instant."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import httpx
 
 from tally.auth import issue_token
+from tally.db import Conn
 from tally.money import format_micros
 from tally.settings import Settings
 from tally_rebilling import publish, storage
 
 log = logging.getLogger(__name__)
 
-
-class ChargeInFlight(Exception):
-    """The card charge for this key is being run by another request right now."""
+# How long after each failed try the next one comes; after the last, the subscription ends.
+DEFAULT_RETRY_HOURS = (24, 72, 120)
+# A try whose outcome recharge does not know yet (processing, unreachable) is asked again after.
+RECHECK = timedelta(seconds=60)
+RUNNER_LOCK = 0x7461_6C6C_7950  # pg advisory lock: one period runner across replicas
 
 
 def current_period(now: datetime | None = None) -> str:
     now = now or datetime.now(UTC)
     return f"{now.year:04d}-{now.month:02d}"
+
+
+def retry_delays() -> tuple[timedelta, ...]:
+    raw = os.environ.get("TALLY_DUNNING_RETRY_HOURS")
+    hours = [float(h) for h in raw.split(",") if h.strip()] if raw else DEFAULT_RETRY_HOURS
+    return tuple(timedelta(hours=h) for h in hours)
+
+
+def after_failure(failures: int, delays: Sequence[timedelta]) -> timedelta | None:
+    """The wait before the next try after ``failures`` failed tries; None: give up."""
+    return delays[failures - 1] if failures <= len(delays) else None
+
+
+def leg_key(sub_id: str, period: str, leg: str, try_no: int) -> str:
+    """The charge's idempotency key at recharge for one try of one leg. The first try keeps the
+    key the runner used before dunning (a period charged then is found, not charged again)."""
+    base = f"sub-{sub_id}-{period}-{'platform' if leg == 'platform' else 'company'}"
+    return base if try_no == 1 else f"{base}-t{try_no}"
 
 
 class Biller:
@@ -35,63 +68,141 @@ class Biller:
         self.recharge_url = os.environ.get(
             "TALLY_RECHARGE_URL", f"http://{settings.host}:{settings.port_recharge}")
         self.secret = settings.jwt_secret
+        self.delays = retry_delays()
+        self.woken = asyncio.Event()
 
-    async def _charge(self, client: httpx.AsyncClient, *, key: str, owner: str, company_id: str,
-                      account_id: str | None, amount: int, description: str) -> str | None:
-        """None when charged; else why not."""
+    def wake(self) -> None:
+        self.woken.set()
+
+    async def _charge(self, leg: asyncpg.Record, try_no: int) -> tuple[str, str | None]:
+        """One try of ``leg`` at recharge: (``charged`` | ``failed`` | ``pending``, why)."""
         token = issue_token("platform_admin", sub="rebilling", secret=self.secret, ttl_seconds=300)
-        r = await client.post(f"{self.recharge_url}/v1/charges", headers={
-            "Authorization": f"Bearer {token}"}, json={
-            "key": key, "owner": owner, "company_id": company_id, "account_id": account_id,
-            "amount": format_micros(amount), "description": description})
-        if r.status_code != 201:
-            return f"{owner} charge refused: {r.json().get('error', {}).get('code', r.status_code)}"
+        owner = "company" if leg["leg"] == "platform" else "account"
+        what = "platform price" if owner == "company" else "company price"
+        try:
+            async with httpx.AsyncClient(timeout=60) as client:
+                r = await client.post(f"{self.recharge_url}/v1/charges", headers={
+                    "Authorization": f"Bearer {token}"}, json={
+                    "key": leg_key(leg["subscription_id"], leg["period"], leg["leg"], try_no),
+                    "owner": owner, "company_id": leg["company_id"],
+                    "account_id": leg["account_id"] if owner == "account" else None,
+                    "amount": format_micros(leg["amount"]),
+                    "description": f"{leg['product']} {leg['period']} ({what})"})
+        except httpx.HTTPError as exc:
+            return "pending", f"recharge unreachable: {exc}"[:300]
+        if r.status_code >= 500:
+            return "pending", f"recharge answered {r.status_code}"
+        if r.status_code != 201:  # e.g. 409 company_stripe_not_connected: a failed try
+            return "failed", str(r.json().get("error", {}).get("code", r.status_code))
         attempt = r.json()
         if attempt["status"] == "pending":
-            raise ChargeInFlight  # another run holds this charge: let it settle the period
+            return "pending", "payment processing"
         if attempt["status"] != "succeeded":
             codes = [t.get("decline_code") for t in attempt["tries"]] or [attempt.get("error")]
-            return f"{owner} card charge {attempt['status']}: {codes}"
-        return None
+            return "failed", ", ".join(str(c) for c in codes)
+        return "charged", None
 
-    async def charge_period(self, sub: asyncpg.Record, period: str) -> str:
-        """Charge one subscription for one period (no-op when already charged)."""
-        async with self.pool.acquire() as conn:
-            if not await storage.claim_period(conn, sub, period):
-                return "already_charged"
-            company = await storage.company(conn, sub["company_id"])
-        assert company is not None
-        error = None
-        async with httpx.AsyncClient(timeout=60) as client:
-            try:
-                error = await self._charge(
-                    client, key=f"sub-{sub['id']}-{period}-platform", owner="company",
-                    company_id=sub["company_id"], account_id=None, amount=sub["platform_price"],
-                    description=f"{sub['product']} {period} (platform price)")
-                if error is None and sub["deployment"] == "resell" and sub["company_price"] > 0:
-                    error = await self._charge(
-                        client, key=f"sub-{sub['id']}-{period}-company", owner="account",
-                        company_id=sub["company_id"], account_id=sub["account_id"],
-                        amount=sub["company_price"], description=f"{sub['product']} {period}")
-            except httpx.HTTPError as exc:
-                log.warning("recharge unreachable; the period stays pending",
-                            extra={"subscription": sub["id"], "error": str(exc)})
-                return "pending"
-            except ChargeInFlight:
-                return "pending"  # the card charge is idempotent per key; a later run settles
+    async def charge_leg(self, sub_id: str, period: str, leg_name: str, at: datetime, *,
+                         wait: bool = False) -> str:
+        """Try one leg now: skipped when charged, or being charged by someone else (``wait``:
+        after they are done)."""
         async with self.pool.acquire() as conn, conn.transaction():
-            await storage.settle_period(conn, sub["id"], period,
-                                        "failed" if error else "charged", error)
-            if error is None:
-                await publish.subscription_charged(conn, sub, period, company["currency"])
-        return "failed" if error else "charged"
+            leg = await storage.lock_leg(conn, sub_id, period, leg_name, wait=wait)
+            if leg is None or leg["cancel_reason"] == "payment_failed" or leg["next_try_at"] > at:
+                return "skipped"  # charged, being charged, tried meanwhile or given up on
+            # the row stays locked while recharge charges the card: one try at a time per leg
+            outcome, why = await self._charge(leg, leg["failures"] + 1)
+            if outcome == "charged":
+                await storage.settle_leg(conn, leg, status="charged", failures=leg["failures"],
+                                         next_try_at=at, error=None)
+                await publish.leg_charged(conn, leg)
+            elif outcome == "pending":
+                await storage.settle_leg(conn, leg, status=leg["status"],
+                                         failures=leg["failures"], next_try_at=at + RECHECK,
+                                         error=why)
+            else:
+                failures = leg["failures"] + 1
+                delay = after_failure(failures, self.delays)
+                await storage.settle_leg(conn, leg, status="failed", failures=failures,
+                                         next_try_at=at + (delay or timedelta(0)), error=why)
+                if delay is None:
+                    await self._end(conn, sub_id, "payment_failed")
+                    return "cancelled"
+            await storage.set_subscription_status(conn, sub_id)
+        return outcome
 
-    async def run_period(self, period: str) -> dict[str, int]:
-        """Charge every active subscription for ``period``; safe to run any number of times."""
+    async def _end(self, conn: Conn, sub_id: str, reason: str) -> None:
+        ended = await storage.end_subscription(conn, sub_id, reason)
+        if ended is not None:
+            await publish.subscription_cancelled(conn, ended, reason,
+                                                 await storage.outstanding(conn, sub_id))
+
+    async def open_period(self, period: str, at: datetime,
+                          company_id: str | None = None) -> int:
+        """Legs for every subscription that runs in ``period``; one cancelled at period end
+        ends instead. Returns how many subscriptions were opened."""
+        opened = 0
         async with self.pool.acquire() as conn:
-            subs = await storage.active_subscriptions(conn)
+            subs = await storage.subscriptions_to_open(conn, period, company_id)
+            for sub in subs:
+                async with conn.transaction():
+                    if sub["cancel_at_period_end"]:  # its paid period is over
+                        await self._end(conn, sub["id"], "cancelled")
+                        continue
+                    await storage.open_legs(conn, sub, period, at)
+                    opened += 1
+        return opened
+
+    async def charge_due(self, at: datetime, subscription_id: str | None = None, *,
+                         company_id: str | None = None, wait: bool = False) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for sub in subs:
-            outcome = await self.charge_period(sub, period)
-            counts[outcome] = counts.get(outcome, 0) + 1
-        return counts
+        tried: set[tuple[str, str, str]] = set()
+        while True:
+            async with self.pool.acquire() as conn:
+                legs = [tuple(r) for r in await storage.due_legs(
+                    conn, at, subscription_id=subscription_id, company_id=company_id)]
+            todo = [leg for leg in legs if leg not in tried]
+            if not todo:
+                return counts
+            for sid, period, name in todo:
+                tried.add((sid, period, name))
+                outcome = await self.charge_leg(sid, period, name, at, wait=wait)
+                counts[outcome] = counts.get(outcome, 0) + 1
+
+    async def run(self, at: datetime, period: str | None = None,
+                  company_id: str | None = None) -> dict[str, int]:
+        """Open ``period`` (the one ``at`` falls in by default) and charge what is due at
+        ``at`` (of one company, or all). Safe to run any number of times, from any replica,
+        at once."""
+        await self.open_period(period or current_period(at), at, company_id)
+        return await self.charge_due(at, company_id=company_id)
+
+    async def runner(self, every: float) -> None:
+        """The scheduler: one runner at a time across replicas (an advisory lock held while it
+        runs); woken early when a payer saves or defaults a card."""
+        while True:
+            try:
+                async with self.pool.acquire() as conn:
+                    if await conn.fetchval("SELECT pg_try_advisory_lock($1)", RUNNER_LOCK):
+                        try:
+                            await self.run(datetime.now(UTC))
+                        finally:
+                            await conn.execute("SELECT pg_advisory_unlock($1)", RUNNER_LOCK)
+            except Exception:
+                log.exception("period run failed; the next run retries")
+            self.woken.clear()
+            try:
+                await asyncio.wait_for(self.woken.wait(), timeout=every)
+            except TimeoutError:
+                pass
+
+
+def subscription_view(sub: Any, outstanding: int) -> dict[str, Any]:
+    """What the API shows of a subscription."""
+    return {"id": sub["id"], "account_id": sub["account_id"], "product": sub["product"],
+            "deployment": sub["deployment"], "status": sub["status"],
+            "platform_price": format_micros(sub["platform_price"]),
+            "company_price": format_micros(sub["company_price"]),
+            "outstanding": format_micros(outstanding),
+            "cancel_at_period_end": sub["cancel_at_period_end"],
+            "created_period": sub["first_period"]}

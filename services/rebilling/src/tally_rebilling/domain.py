@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Literal
 
@@ -91,6 +92,12 @@ def parse_period(text: str) -> str:
     if not PERIOD_RE.match(text):
         raise ValueError("period must be YYYY-MM")
     return text
+
+
+def period_start(period: str) -> datetime:
+    """The first instant of a ``YYYY-MM`` period (UTC)."""
+    year, month = period.split("-")
+    return datetime(int(year), int(month), 1, tzinfo=UTC)
 
 
 # --- seats ---------------------------------------------------------------------------------

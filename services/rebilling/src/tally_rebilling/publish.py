@@ -1,5 +1,6 @@
 """What rebilling tells the others, always through the outbox in the deciding transaction:
-``company.updated`` / ``account.created`` / ``license.changed`` / ``subscription.charged`` on
+``company.updated`` / ``account.created`` / ``license.changed`` / ``subscription.charged`` /
+``subscription.cancelled`` on
 ``rebilling.events`` and each account's full settings on the compacted ``rebilling.settings``."""
 
 from __future__ import annotations
@@ -54,13 +55,25 @@ async def license_changed(conn: Conn, cid: str, aid: str | None) -> None:
             account_assigned=account_assigned), source=SOURCE))
 
 
-async def subscription_charged(conn: Conn, sub: asyncpg.Record, period: str, currency: str) -> None:
-    await outbox.publish(conn, Topics.REBILLING_EVENTS, sub["company_id"], events.envelope(
+async def leg_charged(conn: Conn, leg: asyncpg.Record) -> None:
+    c = await storage.company(conn, leg["company_id"])
+    platform = leg["leg"] == "platform"
+    await outbox.publish(conn, Topics.REBILLING_EVENTS, leg["company_id"], events.envelope(
         "subscription.charged", events.SubscriptionCharged(
+            subscription_id=leg["subscription_id"], company_id=leg["company_id"],
+            account_id=leg["account_id"], product=leg["product"], deployment=leg["deployment"],
+            period=leg["period"], platform_amount_micros=leg["amount"] if platform else 0,
+            company_amount_micros=0 if platform else leg["amount"],
+            currency=c["currency"] if c else "USD", leg=leg["leg"]), source=SOURCE,
+        id_=f"subscription.charged:{leg['subscription_id']}:{leg['period']}:{leg['leg']}"))
+
+
+async def subscription_cancelled(conn: Conn, sub: asyncpg.Record, reason: str,
+                                 outstanding: int) -> None:
+    c = await storage.company(conn, sub["company_id"])
+    await outbox.publish(conn, Topics.REBILLING_EVENTS, sub["company_id"], events.envelope(
+        "subscription.cancelled", events.SubscriptionCancelled(
             subscription_id=sub["id"], company_id=sub["company_id"], account_id=sub["account_id"],
-            product=sub["product"], deployment=sub["deployment"], period=period,
-            platform_amount_micros=sub["platform_price"],
-            company_amount_micros=sub["company_price"] if sub["deployment"] == "resell" else 0,
-            currency=currency), source=SOURCE, id_=f"subscription.charged:{sub['id']}:{period}"))
-
-
+            product=sub["product"], deployment=sub["deployment"], reason=reason,
+            outstanding_micros=outstanding, currency=c["currency"] if c else "USD"),
+        source=SOURCE, id_=f"subscription.cancelled:{sub['id']}"))

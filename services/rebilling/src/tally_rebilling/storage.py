@@ -119,45 +119,129 @@ async def set_company_price(conn: Conn, cid: str, product: str, price: int) -> N
 async def insert_subscription(conn: Conn, s: dict[str, Any]) -> asyncpg.Record:
     r = await conn.fetchrow(
         "INSERT INTO subscriptions (id, account_id, company_id, product, deployment, "
-        "platform_price, company_price) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
-        s["id"], s["account_id"], s["company_id"], s["product"], s["deployment"],
-        s["platform_price"], s["company_price"])
+        "platform_price, company_price, first_period) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+        "RETURNING *", s["id"], s["account_id"], s["company_id"], s["product"], s["deployment"],
+        s["platform_price"], s["company_price"], s["first_period"])
     assert r is not None
     return r
 
 
-async def active_subscriptions(conn: Conn) -> list[asyncpg.Record]:
-    return await conn.fetch("SELECT * FROM subscriptions WHERE status = 'active' ORDER BY id")
+async def subscription(conn: Conn, sid: str, *, lock: bool = False) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM subscriptions WHERE id = $1"
+                               + (" FOR UPDATE" if lock else ""), sid)
 
 
-async def claim_period(conn: Conn, sub: asyncpg.Record, period: str) -> bool:
-    """Reserve (subscription, period) for charging; False when already charged or reserved."""
-    status = await conn.execute(
-        "INSERT INTO subscription_charges (subscription_id, period, company_id, platform_amount, "
-        "company_amount, status) VALUES ($1, $2, $3, $4, $5, 'pending') ON CONFLICT DO NOTHING",
-        sub["id"], period, sub["company_id"], sub["platform_price"],
-        sub["company_price"] if sub["deployment"] == "resell" else 0)
-    if status.endswith(" 1"):
-        return True
-    # A reservation whose charge never settled (a crash) is retried: the charge keys make the
-    # card charges themselves idempotent.
-    return bool(await conn.fetchval(
-        "SELECT status = 'pending' FROM subscription_charges WHERE subscription_id = $1 "
-        "AND period = $2", sub["id"], period))
-
-
-async def settle_period(conn: Conn, sub_id: str, period: str, status: str,
-                        error: str | None) -> None:
-    await conn.execute(
-        "UPDATE subscription_charges SET status = $3, error = $4, charged_at = now() "
-        "WHERE subscription_id = $1 AND period = $2", sub_id, period, status, error)
-
-
-async def period_charges(conn: Conn, cid: str, period: str) -> list[asyncpg.Record]:
+async def account_subscriptions(conn: Conn, aid: str, *, limit: int,
+                                after: str | None) -> list[asyncpg.Record]:
+    """An account's subscriptions with what is still owed on them (``outstanding``)."""
     return await conn.fetch(
-        "SELECT c.*, s.account_id, s.product, s.deployment FROM subscription_charges c "
-        "JOIN subscriptions s ON s.id = c.subscription_id WHERE c.company_id = $1 "
-        "AND c.period = $2 AND c.status = 'charged' ORDER BY s.account_id, s.product", cid, period)
+        "SELECT s.*, COALESCE((SELECT sum(amount) FROM period_legs l WHERE l.subscription_id = "
+        "s.id AND l.status <> 'charged'), 0) AS outstanding FROM subscriptions s "
+        "WHERE s.account_id = $1 AND ($2::text IS NULL OR s.id > $2) ORDER BY s.id LIMIT $3",
+        aid, after, limit)
+
+
+async def outstanding(conn: Conn, sid: str) -> int:
+    return int(await conn.fetchval(
+        "SELECT COALESCE(sum(amount), 0) FROM period_legs WHERE subscription_id = $1 "
+        "AND status <> 'charged'", sid))
+
+
+async def open_legs(conn: Conn, sub: asyncpg.Record, period: str, at: Any) -> None:
+    """The period's legs of ``sub`` (idempotent): the platform leg, and the account's leg of a
+    resold subscription with a price."""
+    await conn.execute(
+        "INSERT INTO period_legs (subscription_id, period, leg, company_id, account_id, amount, "
+        "status, next_try_at) VALUES ($1, $2, 'platform', $3, $4, $5, 'due', $6) "
+        "ON CONFLICT DO NOTHING", sub["id"], period, sub["company_id"], sub["account_id"],
+        sub["platform_price"], at)
+    if sub["deployment"] == "resell" and sub["company_price"] > 0:
+        await conn.execute(
+            "INSERT INTO period_legs (subscription_id, period, leg, company_id, account_id, "
+            "amount, status, next_try_at) VALUES ($1, $2, 'account', $3, $4, $5, 'due', $6) "
+            "ON CONFLICT DO NOTHING", sub["id"], period, sub["company_id"], sub["account_id"],
+            sub["company_price"], at)
+
+
+async def subscriptions_to_open(conn: Conn, period: str,
+                                company_id: str | None = None) -> list[asyncpg.Record]:
+    """Subscriptions that run in ``period`` and have no legs for it yet."""
+    return await conn.fetch(
+        "SELECT * FROM subscriptions s WHERE s.status <> 'cancelled' AND s.first_period <= $1 "
+        "AND ($2::text IS NULL OR s.company_id = $2) AND NOT EXISTS (SELECT 1 FROM period_legs "
+        "l WHERE l.subscription_id = s.id AND l.period = $1) ORDER BY s.id", period, company_id)
+
+
+async def end_subscription(conn: Conn, sid: str, reason: str) -> asyncpg.Record | None:
+    """Cancel (once); None when it was already cancelled."""
+    return await conn.fetchrow(
+        "UPDATE subscriptions SET status = 'cancelled', cancelled_at = now(), cancel_reason = $2 "
+        "WHERE id = $1 AND status <> 'cancelled' RETURNING *", sid, reason)
+
+
+async def due_legs(conn: Conn, at: Any, *, subscription_id: str | None = None,
+                   company_id: str | None = None, limit: int = 100) -> list[asyncpg.Record]:
+    """Legs to try at ``at``: due or failed, their time come, unless dunning gave up on their
+    subscription (one cancelled by its customer still owes what it used)."""
+    return await conn.fetch(
+        "SELECT l.subscription_id, l.period, l.leg FROM period_legs l JOIN subscriptions s "
+        "ON s.id = l.subscription_id WHERE l.status <> 'charged' AND l.next_try_at <= $1 "
+        "AND s.cancel_reason IS DISTINCT FROM 'payment_failed' "
+        "AND ($2::text IS NULL OR l.subscription_id = $2) "
+        "AND ($4::text IS NULL OR l.company_id = $4) "
+        "ORDER BY l.next_try_at, l.subscription_id, l.period, l.leg LIMIT $3",
+        at, subscription_id, limit, company_id)
+
+
+async def lock_leg(conn: Conn, sid: str, period: str, leg: str, *,
+                   wait: bool = False) -> asyncpg.Record | None:
+    """In the caller's transaction: the leg, locked, when it still needs charging; one being
+    charged by someone else is skipped (``wait``: waited for, then seen as it ends)."""
+    return await conn.fetchrow(
+        "SELECT l.*, s.product, s.deployment, s.cancel_reason FROM period_legs l "
+        "JOIN subscriptions s ON s.id = l.subscription_id WHERE l.subscription_id = $1 "
+        "AND l.period = $2 AND l.leg = $3 AND l.status <> 'charged' "
+        "FOR UPDATE OF l" + ("" if wait else " SKIP LOCKED"), sid, period, leg)
+
+
+async def settle_leg(conn: Conn, leg: asyncpg.Record, *, status: str, failures: int,
+                     next_try_at: Any, error: str | None) -> None:
+    await conn.execute(
+        "UPDATE period_legs SET status = $4, failures = $5, next_try_at = $6, last_error = $7, "
+        "charged_at = CASE WHEN $4 = 'charged' THEN now() END WHERE subscription_id = $1 "
+        "AND period = $2 AND leg = $3", leg["subscription_id"], leg["period"], leg["leg"], status,
+        failures, next_try_at, error)
+
+
+async def set_subscription_status(conn: Conn, sid: str) -> str:
+    """``past_due`` while one of its legs has failed and is not charged yet, else ``active``
+    (a cancelled subscription stays cancelled)."""
+    return str(await conn.fetchval(
+        "UPDATE subscriptions SET status = CASE WHEN EXISTS (SELECT 1 FROM period_legs WHERE "
+        "subscription_id = $1 AND status = 'failed') THEN 'past_due' ELSE 'active' END "
+        "WHERE id = $1 AND status <> 'cancelled' RETURNING status", sid) or "cancelled")
+
+
+async def retry_now(conn: Conn, company_id: str, account_id: str | None, at: Any) -> int:
+    """A payer saved or defaulted a card: its failed legs are tried at once. Returns how many."""
+    status = await conn.execute(
+        "UPDATE period_legs SET next_try_at = $3 WHERE status = 'failed' AND company_id = $1 "
+        "AND (CASE WHEN $2::text IS NULL THEN leg = 'platform' ELSE leg = 'account' "
+        "AND account_id = $2 END)", company_id, account_id, at)
+    return int(status.split()[-1])
+
+
+async def subscription_legs(conn: Conn, sid: str, period: str) -> list[asyncpg.Record]:
+    return await conn.fetch("SELECT * FROM period_legs WHERE subscription_id = $1 "
+                            "AND period = $2 ORDER BY leg DESC", sid, period)
+
+
+async def period_legs(conn: Conn, cid: str, period: str) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT l.*, s.account_id, s.product, s.deployment FROM period_legs l "
+        "JOIN subscriptions s ON s.id = l.subscription_id WHERE l.company_id = $1 "
+        "AND l.period = $2 ORDER BY s.account_id, s.product, l.subscription_id, l.leg",
+        cid, period)
 
 
 # --- licenses, members, invitations --------------------------------------------------------

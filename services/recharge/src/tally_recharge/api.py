@@ -240,6 +240,12 @@ async def _default(request: Request, target: WalletTarget, pm: PathKey) -> Payme
         await storage.make_default(conn, pm, target.owner, target.owner_id)
         await _cards_changed(conn, target, bring_forward=True)
         rows = await storage.payment_methods(conn, target.owner, target.owner_id)
+        # rebilling tries the owner's failed period charges again on the new default card
+        await outbox.publish(conn, Topics.RECHARGE_EVENTS, target.company_id, events.envelope(
+            "payment_method.defaulted", events.PaymentMethodChanged(
+                company_id=target.company_id, account_id=target.account_id, payment_method=pm,
+                has_valid_card=True), source=SOURCE))
+    rt.relay.wake()
     recharger.wake()
     return _pm_out(next(r for r in rows if r["id"] == pm))
 

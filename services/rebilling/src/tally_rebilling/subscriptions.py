@@ -1,0 +1,102 @@
+"""Subscribing an account to a catalog product and cancelling it: the use cases behind
+``POST /v1/accounts/{aid}/subscriptions`` and ``DELETE /v1/subscriptions/{sid}``. The period
+billing itself (legs, dunning) is ``billing``."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from tally import idempotency
+from tally.auth import Principal
+from tally.errors import ApiError, not_found
+from tally_rebilling import storage
+from tally_rebilling.billing import Biller, current_period, subscription_view
+from tally_rebilling.domain import CATALOG
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """The first response to this Idempotency-Key, to answer again."""
+
+    status_code: int
+    response: Any
+
+
+def _charge_of(legs: list[asyncpg.Record]) -> str:
+    statuses = {leg["status"] for leg in legs}
+    if statuses == {"charged"}:
+        return "charged"
+    return "failed" if "failed" in statuses else "pending"
+
+
+async def subscribe(pool: asyncpg.Pool, biller: Biller, principal: Principal, aid: str,
+                    product: str, deployment: str, *, idempotency_key: str | None,
+                    fingerprint: str, at: datetime | None = None) -> dict[str, Any] | Replayed:
+    """Subscribe ``aid`` to ``product`` and charge the current period at once (each leg; a
+    failed leg leaves the subscription past_due, dunned). With an Idempotency-Key the same
+    request subscribes once and answers the first response again."""
+    at = at or datetime.now(UTC)
+    p = CATALOG.get(product)
+    if p is None:
+        raise ApiError(422, "unknown_product", f"no product {product!r} in the catalog",
+                       [{"field": "product", "message": f"one of {sorted(CATALOG)}"}])
+    who = idempotency.principal_key(principal)
+    period = current_period(at)
+    async with pool.acquire() as conn, conn.transaction():
+        sub_id = f"sub_{uuid.uuid4().hex[:20]}"
+        if idempotency_key is not None:
+            stored = await idempotency.begin(conn, who, idempotency_key, fingerprint,
+                                             resource=sub_id)
+            if stored is not None and stored.response is not None:
+                return Replayed(stored.status_code or 201, stored.response)
+            if stored is not None and stored.resource:
+                sub_id = stored.resource  # the first request is charging it now
+                existing = await storage.subscription(conn, sub_id)
+                if existing is not None:
+                    return {**subscription_view(existing, await storage.outstanding(
+                        conn, sub_id)), "period": period, "charge": "pending"}
+        a = await storage.account(conn, aid)
+        if a is None or not principal.can_see_account(a["company_id"], aid):
+            raise not_found("account")
+        c = await storage.company(conn, a["company_id"], lock=True)
+        assert c is not None
+        if deployment == "resell" and c["stripe_account_id"] is None:
+            raise ApiError(409, "company_stripe_not_connected",
+                           "reselling charges the account through the company's Stripe")
+        price = (await storage.company_prices(conn, c["id"])).get(p.id, p.platform_price_micros)
+        sub = await storage.insert_subscription(conn, {
+            "id": sub_id, "account_id": aid, "company_id": c["id"], "product": p.id,
+            "deployment": deployment, "platform_price": p.platform_price_micros,
+            "company_price": price, "first_period": period})
+        await storage.open_legs(conn, sub, period, at)
+    await biller.charge_due(at, subscription_id=sub_id, wait=True)
+    async with pool.acquire() as conn, conn.transaction():
+        settled = await storage.subscription(conn, sub_id)
+        assert settled is not None
+        out = {**subscription_view(settled, await storage.outstanding(conn, sub_id)),
+               "period": period,
+               "charge": _charge_of(await storage.subscription_legs(conn, sub_id, period))}
+        if idempotency_key is not None:
+            await idempotency.finish(conn, who, idempotency_key, 201, out)
+    return out
+
+
+async def cancel(pool: asyncpg.Pool, principal: Principal, sid: str) -> dict[str, Any]:
+    """Cancel at the end of the paid period: nothing more is charged, the service runs until
+    the period ends (the runner ends it when the next period opens). Cancelling twice is the
+    same as once."""
+    async with pool.acquire() as conn, conn.transaction():
+        sub = await storage.subscription(conn, sid, lock=True)
+        if sub is None or not principal.can_see_account(sub["company_id"], sub["account_id"]):
+            raise not_found("subscription")
+        if sub["status"] != "cancelled" and not sub["cancel_at_period_end"]:
+            await conn.execute("UPDATE subscriptions SET cancel_at_period_end = true "
+                               "WHERE id = $1", sid)
+            sub = await storage.subscription(conn, sid)
+            assert sub is not None
+        return subscription_view(sub, await storage.outstanding(conn, sid))

@@ -1,0 +1,275 @@
+"""Period billing with dunning, from outside (API.md, rebilling): each leg of a period is
+charged at most once; a failed leg leaves the subscription past_due with what is outstanding,
+is retried on the runner's schedule and at once when the payer saves or defaults a card; the
+company's platform leg never waits for the account's; after the last try the subscription is
+cancelled and the company told. Subscriptions are listed and cancelled at period end; an
+Idempotency-Key subscribes once; two admins at once cannot break gating. Real stack: cards in
+localstripe through the recharge service, mail to the SMTP sink. Time is the runner's
+parameter (``POST /v1/reselling/run {"at", "company_id"}``), not the wall clock."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from tests.conftest import Tally, eventually, uid
+from tests.integration.test_notifier import mails_about
+from tests.integration.test_rebilling import Reseller
+from tests.integration.test_recharge import DECLINES, GOOD, new_card
+
+pytestmark = pytest.mark.integration
+
+
+class Resold:
+    """A connected saas_pro agency with a good company card, reselling WhatsApp at 15 (the
+    platform's price is 10) to one account with its own card."""
+
+    def __init__(self, tally: Tally) -> None:
+        self.t = tally
+        self.agency = Reseller(tally)
+        self.aid = ""
+
+    async def create(self, *, company_card: str = GOOD, account_card: str = DECLINES) -> Resold:
+        t, agency = self.t, self.agency
+        await agency.create()
+        await agency.patch_wallet({"auto_recharge": False})  # only subscriptions charge cards
+        await self.card(company_card)
+        self.aid = await agency.account()
+        await agency.patch_wallet({"auto_recharge": False}, self.aid)  # only subscriptions charge
+        await self.card(account_card, account=True)
+        r = await t.http.put(t.url("rebilling", f"/v1/companies/{agency.cid}/reselling/whatsapp"),
+                             json={"company_price": "15"}, headers=agency.admin)
+        assert r.status_code == 200, r.text
+        return self
+
+    async def card(self, number: str, *, account: bool = False) -> str:
+        path = (f"/v1/accounts/{self.aid}/payment-methods" if account
+                else f"/v1/companies/{self.agency.cid}/payment-methods")
+        headers = self.agency.user(self.aid) if account else self.agency.admin
+        pm = await new_card(self.t, number)
+
+        async def attached() -> bool:
+            r = await self.t.http.post(self.t.url("recharge", path), json={"payment_method": pm},
+                                       headers=headers)
+            return r.status_code == 201
+        await eventually(attached, what="the card attached")
+        return pm
+
+    async def subscribe(self, deployment: str = "resell", key: str | None = None) -> Any:
+        headers = {**self.agency.admin, **({"Idempotency-Key": key} if key else {})}
+        return await self.t.http.post(
+            self.t.url("rebilling", f"/v1/accounts/{self.aid}/subscriptions"),
+            json={"product": "whatsapp", "deployment": deployment}, headers=headers)
+
+    async def subscriptions(self) -> list[dict[str, Any]]:
+        r = await self.t.http.get(
+            self.t.url("rebilling", f"/v1/accounts/{self.aid}/subscriptions"),
+            headers=self.agency.admin)
+        assert r.status_code == 200, r.text
+        return r.json()["items"]  # type: ignore[no-any-return]
+
+    async def run(self, at: datetime, period: str | None = None) -> dict[str, int]:
+        """Run the period runner for this agency as at ``at`` (opening ``period``: by default
+        the one ``at`` falls in)."""
+        r = await self.t.http.post(self.t.url("rebilling", "/v1/reselling/run"),
+                                   json={"at": at.isoformat(), "company_id": self.agency.cid,
+                                         "period": period},
+                                   headers=self.t.auth("platform_admin"))
+        assert r.status_code == 200, r.text
+        return r.json()["outcomes"]  # type: ignore[no-any-return]
+
+    async def report(self, period: str) -> dict[str, Any]:
+        r = await self.t.http.get(self.t.url(
+            "rebilling", f"/v1/companies/{self.agency.cid}/reselling/report?period={period}"),
+            headers=self.agency.admin)
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    async def charges(self) -> list[tuple[str, str, str]]:
+        """Every card charge made for the agency's subscriptions, as the recharge service
+        lists them: (payer, amount, status)."""
+        out = []
+        for path in (f"/v1/companies/{self.agency.cid}", f"/v1/accounts/{self.aid}"):
+            r = await self.t.http.get(self.t.url("recharge", f"{path}/wallet/recharges?limit=100"),
+                                      headers=self.agency.admin)
+            out += [(path.split("/")[2], a["amount"], a["status"]) for a in r.json()["items"]]
+        return sorted(out)
+
+
+def month_after(now: datetime) -> datetime:
+    return datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, 1, tzinfo=UTC)
+
+
+async def test_a_declined_resold_period_is_charged_once_the_card_works(tally: Tally) -> None:
+    resold = await Resold(tally).create(account_card=DECLINES)
+    r = await resold.subscribe()
+    assert r.status_code == 201, r.text
+    sub = r.json()
+    assert (sub["charge"], sub["status"], sub["outstanding"]) == ("failed", "past_due", "15.000000")
+    period = sub["period"]
+    # the company's platform leg did not wait for the account's: charged once, now
+    assert await resold.charges() == [("accounts", "15.000000", "failed"),
+                                      ("companies", "10.000000", "succeeded")]
+    report = await resold.report(period)
+    assert (report["revenue"], report["platform_cost"], report["outstanding"],
+            report["platform_outstanding"]) == ("0.000000", "10.000000", "15.000000", "0.000000")
+
+    # the account saves a working card and makes it its default: the period is charged at once
+    pm = await resold.card(GOOD, account=True)
+    r = await tally.http.post(tally.url(
+        "recharge", f"/v1/accounts/{resold.aid}/payment-methods/{pm}/default"),
+        headers=resold.agency.user(resold.aid))
+    assert r.status_code == 200, r.text
+
+    async def collected() -> bool:
+        [s] = await resold.subscriptions()
+        return (s["status"], s["outstanding"]) == ("active", "0.000000")
+    await eventually(collected, what="the failed period charged on the new card")
+    assert await resold.charges() == [("accounts", "15.000000", "failed"),
+                                      ("accounts", "15.000000", "succeeded"),
+                                      ("companies", "10.000000", "succeeded")]
+    report = await resold.report(period)
+    assert (report["revenue"], report["platform_cost"], report["profit"],
+            report["outstanding"]) == ("15.000000", "10.000000", "5.000000", "0.000000")
+
+    # running the period again, now or later in it, charges nobody again
+    now = datetime.now(UTC)
+    await resold.run(now)
+    await resold.run(now + timedelta(hours=1))
+    assert len(await resold.charges()) == 3
+
+
+async def test_dunning_retries_on_its_schedule_then_cancels_and_tells_the_company(
+        tally: Tally) -> None:
+    resold = await Resold(tally).create(account_card=DECLINES)
+    r = await resold.subscribe()
+    assert r.json()["charge"] == "failed", r.text
+    start, period = datetime.now(UTC), r.json()["period"]
+
+    async def run(hours: float) -> dict[str, int]:  # the dunning of this period only
+        return await resold.run(start + timedelta(hours=hours), period)
+    # not before its time: the first retry is 24 h after the failure
+    assert await run(23) == {}
+    assert await run(25) == {"failed": 1}
+    assert await run(26) == {}  # the next one is 72 h after that
+    assert await run(25 + 73) == {"failed": 1}
+    [s] = await resold.subscriptions()
+    assert (s["status"], s["outstanding"]) == ("past_due", "15.000000")
+    assert await run(25 + 73 + 121) == {"cancelled": 1}
+    [s] = await resold.subscriptions()
+    assert (s["status"], s["outstanding"]) == ("cancelled", "15.000000")
+    assert await run(24 * 40) == {}  # nothing after the end
+    failed = [c for c in await resold.charges() if c[0] == "accounts"]
+    assert failed == [("accounts", "15.000000", "failed")] * 4
+    assert [c for c in await resold.charges() if c[0] == "companies"] == [
+        ("companies", "10.000000", "succeeded")]  # the company once, for the one period
+
+    async def told() -> bool:
+        r = await tally.http.get(
+            tally.url("notifier", f"/v1/companies/{resold.agency.cid}/notifications"),
+            headers=resold.agency.admin)
+        return any(n["kind"] == "subscription_cancelled" for n in r.json()["items"])
+    await eventually(told, what="the in-app notification")
+
+    async def mailed() -> bool:
+        return bool(mails_about(tally, f"whatsapp of {resold.aid} cancelled"))
+    await eventually(mailed, what="the cancellation mail")
+
+
+async def test_the_platform_leg_is_dunned_on_its_own_and_retried_when_the_company_adds_a_card(
+        tally: Tally) -> None:
+    resold = await Resold(tally).create(company_card=DECLINES, account_card=GOOD)
+    r = await resold.subscribe()
+    assert (r.json()["charge"], r.json()["status"]) == ("failed", "past_due"), r.text
+    report = await resold.report(r.json()["period"])
+    # the account paid the company; the company still owes the platform
+    assert (report["revenue"], report["platform_cost"], report["platform_outstanding"]) == (
+        "15.000000", "0.000000", "10.000000")
+    await resold.card(GOOD)  # the company saves a working card: charged at once
+
+    async def collected() -> bool:
+        [s] = await resold.subscriptions()
+        return s["status"] == "active"
+    await eventually(collected, what="the platform leg charged on the new card")
+    report = await resold.report(r.json()["period"])
+    assert (report["platform_cost"], report["platform_outstanding"]) == (
+        "10.000000", "0.000000")
+    assert sorted(c for c in await resold.charges() if c[2] == "succeeded") == [
+        ("accounts", "15.000000", "succeeded"), ("companies", "10.000000", "succeeded")]
+
+
+async def test_subscriptions_are_listed_cancelled_at_period_end_and_subscribed_once_per_key(
+        tally: Tally) -> None:
+    resold = await Resold(tally).create(account_card=GOOD)
+    key = uid("key")
+    first = await resold.subscribe(key=key)
+    again = await resold.subscribe(key=key)
+    assert first.status_code == again.status_code == 201, first.text
+    assert again.json() == first.json()  # one subscription, the first response again
+    other = await resold.subscribe(deployment="direct", key=key)
+    assert other.status_code == 422
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    [s] = await resold.subscriptions()
+    assert (s["id"], s["status"], s["outstanding"]) == (first.json()["id"], "active", "0.000000")
+    assert len(await resold.charges()) == 2
+
+    # another company cannot see or cancel it
+    stranger = tally.auth("company_admin", company_id=uid("other"))
+    r = await tally.http.delete(tally.url("rebilling", f"/v1/subscriptions/{s['id']}"),
+                                headers=stranger)
+    assert r.status_code == 404
+    r = await tally.http.delete(tally.url("rebilling", f"/v1/subscriptions/{s['id']}"),
+                                headers=resold.agency.user(resold.aid))
+    assert r.status_code == 200 and r.json()["cancel_at_period_end"] is True, r.text
+    assert r.json()["status"] == "active"  # paid until the period ends
+    nxt = month_after(datetime.now(UTC))
+    assert await resold.run(nxt) == {}
+    [s] = await resold.subscriptions()
+    assert s["status"] == "cancelled"
+    assert len(await resold.charges()) == 2  # nothing charged for the next period
+    r = await tally.http.post(tally.url("rebilling", "/v1/reselling/run"),
+                              json={"at": "not a time"}, headers=tally.auth("platform_admin"))
+    assert r.status_code == 422
+
+
+async def test_a_subscription_runs_every_period_until_cancelled(tally: Tally) -> None:
+    resold = await Resold(tally).create(account_card=GOOD)
+    r = await resold.subscribe()
+    assert r.json()["charge"] == "charged", r.text
+    nxt = month_after(datetime.now(UTC))
+    assert await resold.run(nxt) == {"charged": 2}
+    assert await resold.run(nxt) == {}  # the same instant again: nothing
+    assert await resold.run(nxt + timedelta(days=3)) == {}  # later in the period: nothing
+    assert len(await resold.charges()) == 4
+    report = await resold.report(f"{nxt.year:04d}-{nxt.month:02d}")
+    assert (report["revenue"], report["platform_cost"]) == ("15.000000", "10.000000")
+
+
+async def test_gating_holds_when_two_admins_write_at_once(tally: Tally) -> None:
+    """PUT rebilling with markup racing a downgrade to starter, and rebilling racing a Stripe
+    disconnection: whatever the order, no account keeps what its company no longer allows."""
+    agency = await Reseller(tally).create()
+    aid = await agency.account()
+    await agency.add_card(aid)
+    platform = tally.auth("platform_admin")
+    plan = tally.url("rebilling", f"/v1/companies/{agency.cid}/plan")
+    connect = tally.url("rebilling", f"/v1/companies/{agency.cid}/stripe-connect")
+    settings = tally.url("rebilling", f"/v1/accounts/{aid}/rebilling")
+    for _ in range(12):
+        await tally.http.put(plan, json={"plan": "saas_pro"}, headers=platform)
+        await asyncio.gather(
+            agency.set_rebilling(aid, "rebill_markup", {"default": "2"}),
+            tally.http.put(plan, json={"plan": "starter"}, headers=platform))
+        r = await tally.http.get(settings, headers=agency.admin)
+        assert r.json()["mode"] == "off", r.text  # starter allows no rebilling
+    await tally.http.put(plan, json={"plan": "saas_pro"}, headers=platform)
+    acct = "acct_" + uid("g").replace("-", "")
+    for _ in range(12):
+        await tally.http.put(connect, json={"stripe_account_id": acct}, headers=agency.admin)
+        await asyncio.gather(agency.set_rebilling(aid, "rebill"),
+                             tally.http.delete(connect, headers=agency.admin))
+        r = await tally.http.get(settings, headers=agency.admin)
+        assert r.json()["mode"] == "off", r.text  # no rebilling without Stripe
