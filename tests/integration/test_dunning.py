@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import Tally, eventually, uid
 from tests.integration.test_notifier import mails_about
 from tests.integration.test_rebilling import Reseller
-from tests.integration.test_recharge import DECLINES, GOOD, new_card
+from tests.integration.test_recharge import DECLINES, GOOD, new_card, payment_intents
 
 pytestmark = pytest.mark.integration
 
@@ -89,13 +89,18 @@ class Resold:
         return r.json()  # type: ignore[no-any-return]
 
     async def charges(self) -> list[tuple[str, str, str]]:
-        """Every card charge made for the agency's subscriptions, as the recharge service
-        lists them: (payer, amount, status)."""
+        """Every card charge made for this account's subscriptions, as Stripe holds them:
+        (payer, amount, succeeded | failed), from the charge keys in the intents' metadata."""
+        subs = {x["id"] for x in await self.subscriptions()}
         out = []
-        for path in (f"/v1/companies/{self.agency.cid}", f"/v1/accounts/{self.aid}"):
-            r = await self.t.http.get(self.t.url("recharge", f"{path}/wallet/recharges?limit=100"),
-                                      headers=self.agency.admin)
-            out += [(path.split("/")[2], a["amount"], a["status"]) for a in r.json()["items"]]
+        for intent in await payment_intents(self.t):
+            key = (intent.get("metadata") or {}).get("tally_attempt") or ""
+            if not key.startswith("sub-") or key.split("-")[1] not in subs:
+                continue
+            payer = "companies" if "-platform" in key else "accounts"
+            amount = f"{intent['amount'] // 100}.{intent['amount'] % 100:02d}0000"
+            out.append((payer, amount,
+                        "succeeded" if intent["status"] == "succeeded" else "failed"))
         return sorted(out)
 
 
@@ -192,7 +197,7 @@ async def test_the_platform_leg_is_dunned_on_its_own_and_retried_when_the_compan
 
     async def collected() -> bool:
         [s] = await resold.subscriptions()
-        return s["status"] == "active"
+        return bool(s["status"] == "active")
     await eventually(collected, what="the platform leg charged on the new card")
     report = await resold.report(r.json()["period"])
     assert (report["platform_cost"], report["platform_outstanding"]) == (

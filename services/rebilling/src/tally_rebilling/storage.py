@@ -136,14 +136,14 @@ async def account_subscriptions(conn: Conn, aid: str, *, limit: int,
     """An account's subscriptions with what is still owed on them (``outstanding``)."""
     return await conn.fetch(
         "SELECT s.*, COALESCE((SELECT sum(amount) FROM period_legs l WHERE l.subscription_id = "
-        "s.id AND l.status <> 'charged'), 0) AS outstanding FROM subscriptions s "
+        "s.id AND l.status <> 'charged'), 0)::bigint AS outstanding FROM subscriptions s "
         "WHERE s.account_id = $1 AND ($2::text IS NULL OR s.id > $2) ORDER BY s.id LIMIT $3",
         aid, after, limit)
 
 
 async def outstanding(conn: Conn, sid: str) -> int:
     return int(await conn.fetchval(
-        "SELECT COALESCE(sum(amount), 0) FROM period_legs WHERE subscription_id = $1 "
+        "SELECT COALESCE(sum(amount), 0)::bigint FROM period_legs WHERE subscription_id = $1 "
         "AND status <> 'charged'", sid))
 
 
@@ -189,7 +189,7 @@ async def due_legs(conn: Conn, at: Any, *, subscription_id: str | None = None,
         "AND s.cancel_reason IS DISTINCT FROM 'payment_failed' "
         "AND ($2::text IS NULL OR l.subscription_id = $2) "
         "AND ($4::text IS NULL OR l.company_id = $4) "
-        "ORDER BY l.next_try_at, l.subscription_id, l.period, l.leg LIMIT $3",
+        "ORDER BY l.next_try_at, l.subscription_id, l.period, l.leg DESC LIMIT $3",
         at, subscription_id, limit, company_id)
 
 
@@ -208,7 +208,8 @@ async def settle_leg(conn: Conn, leg: asyncpg.Record, *, status: str, failures: 
                      next_try_at: Any, error: str | None) -> None:
     await conn.execute(
         "UPDATE period_legs SET status = $4, failures = $5, next_try_at = $6, last_error = $7, "
-        "charged_at = CASE WHEN $4 = 'charged' THEN now() END WHERE subscription_id = $1 "
+        "last_try_at = now(), charged_at = CASE WHEN $4 = 'charged' THEN now() END "
+        "WHERE subscription_id = $1 "
         "AND period = $2 AND leg = $3", leg["subscription_id"], leg["period"], leg["leg"], status,
         failures, next_try_at, error)
 
@@ -222,12 +223,14 @@ async def set_subscription_status(conn: Conn, sid: str) -> str:
         "WHERE id = $1 AND status <> 'cancelled' RETURNING status", sid) or "cancelled")
 
 
-async def retry_now(conn: Conn, company_id: str, account_id: str | None, at: Any) -> int:
-    """A payer saved or defaulted a card: its failed legs are tried at once. Returns how many."""
+async def retry_now(conn: Conn, company_id: str, account_id: str | None, at: Any,
+                    card_at: Any) -> int:
+    """A payer saved or defaulted a card at ``card_at``: its legs that failed before that are
+    tried at once (one that failed after already tried that card). Returns how many."""
     status = await conn.execute(
         "UPDATE period_legs SET next_try_at = $3 WHERE status = 'failed' AND company_id = $1 "
         "AND (CASE WHEN $2::text IS NULL THEN leg = 'platform' ELSE leg = 'account' "
-        "AND account_id = $2 END)", company_id, account_id, at)
+        "AND account_id = $2 END) AND last_try_at < $4", company_id, account_id, at, card_at)
     return int(status.split()[-1])
 
 

@@ -23,6 +23,7 @@ CREATE TABLE period_legs (
     failures        integer NOT NULL DEFAULT 0,  -- tries that failed; the next try is failures + 1
     next_try_at     timestamptz NOT NULL,
     last_error      text,
+    last_try_at     timestamptz,  -- wall clock: a card saved after it brings the leg forward
     charged_at      timestamptz,
     PRIMARY KEY (subscription_id, period, leg)
 );
