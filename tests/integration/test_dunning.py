@@ -278,3 +278,57 @@ async def test_gating_holds_when_two_admins_write_at_once(tally: Tally) -> None:
                              tally.http.delete(connect, headers=agency.admin))
         r = await tally.http.get(settings, headers=agency.admin)
         assert r.json()["mode"] == "off", r.text  # no rebilling without Stripe
+
+
+async def license_charges(tally: Tally, cid: str, purchases: set[str]) -> list[str]:
+    """Amounts of the successful card charges for a company's licenses: its purchases and its
+    pool's periods."""
+    out = []
+    for intent in await payment_intents(tally):
+        key = (intent.get("metadata") or {}).get("tally_attempt") or ""
+        if intent["status"] == "succeeded" and (key.removeprefix("licenses-") in purchases
+                                                or key.startswith(f"sub-lic_{cid}-")):
+            out.append(f"{intent['amount'] // 100}.{intent['amount'] % 100:02d}0000")
+    return sorted(out)
+
+
+async def test_licenses_are_bought_and_billed_every_period(tally: Tally) -> None:
+    resold = Resold(tally)
+    agency = resold.agency
+    await agency.create()
+    await agency.patch_wallet({"auto_recharge": False})
+    lic = tally.url("rebilling", f"/v1/companies/{agency.cid}/licenses")
+
+    # no card: nothing charged, the pool unchanged
+    r = await tally.http.post(lic, json={"quantity": 3}, headers=agency.admin)
+    assert r.status_code == 402 and r.json()["error"]["code"] == "payment_failed", r.text
+    declining = await resold.card(DECLINES)
+    r = await tally.http.post(lic, json={"quantity": 3}, headers=agency.admin)
+    assert r.status_code == 402 and r.json()["error"]["code"] == "payment_failed", r.text
+    pool = (await tally.http.get(lic, headers=agency.admin)).json()
+    assert (pool["total"], pool["unit_price"]) == (0, "10.000000")
+
+    await tally.http.delete(tally.url(
+        "recharge", f"/v1/companies/{agency.cid}/payment-methods/{declining}"),
+        headers=agency.admin)
+    await resold.card(GOOD)
+    key = {"Idempotency-Key": uid("key")}
+    r = await tally.http.post(lic, json={"quantity": 3}, headers={**agency.admin, **key})
+    assert r.status_code == 201, r.text
+    assert (r.json()["total"], r.json()["purchase"]["amount"]) == (3, "30.000000")
+    again = await tally.http.post(lic, json={"quantity": 3}, headers={**agency.admin, **key})
+    assert (again.status_code, again.json()) == (201, r.json())  # bought once
+    purchases = {r.json()["purchase"]["id"]}
+    r = await tally.http.post(lic, json={"quantity": 2}, headers=agency.admin)
+    assert r.status_code == 201 and r.json()["total"] == 5, r.text
+    purchases.add(r.json()["purchase"]["id"])
+    assert await license_charges(tally, agency.cid, purchases) == ["20.000000", "30.000000"]
+
+    # every period after, the pool's total, once
+    nxt = month_after(datetime.now(UTC))
+    assert await resold.run(nxt) == {"charged": 1}
+    assert await resold.run(nxt + timedelta(days=1)) == {}
+    assert await license_charges(tally, agency.cid, purchases) == [
+        "20.000000", "30.000000", "50.000000"]
+    r = await tally.http.post(lic, json={"quantity": 0}, headers=agency.admin)
+    assert r.status_code == 422

@@ -297,11 +297,23 @@ async def test_direct_deployment_charges_only_the_company(tally: Tally) -> None:
     assert await charges(tally, agency.cid) == [("company", "30000000", "succeeded")]
 
 
+async def company_card(agency: Reseller) -> None:
+    """A good card for the company (licenses are bought with it); no wallet pre-load."""
+    await agency.patch_wallet({"auto_recharge": False})
+    r = await agency.t.http.post(
+        agency.t.url("recharge", f"/v1/companies/{agency.cid}/payment-methods"),
+        json={"payment_method": await new_card(agency.t, GOOD)}, headers=agency.admin)
+    assert r.status_code == 201, r.text
+
+
 async def test_the_whole_seat_handoff_story(tally: Tally) -> None:
     agency = await Reseller(tally).create()
+    await company_card(agency)
     lic = tally.url("rebilling", f"/v1/companies/{agency.cid}/licenses")
     r = await tally.http.post(lic, json={"quantity": 1}, headers=agency.admin)
-    assert r.json() == {"total": 1, "assigned": 0, "available": 1}
+    assert r.status_code == 201, r.text
+    assert {k: r.json()[k] for k in ("total", "assigned", "available", "unit_price")} == {
+        "total": 1, "assigned": 0, "available": 1, "unit_price": "10.000000"}
     aid = await agency.account()  # the agency admin holds the single license as owner
     assert (await tally.http.get(lic, headers=agency.admin)).json()["available"] == 0
     members = tally.url("rebilling", f"/v1/accounts/{aid}/members")
@@ -334,11 +346,12 @@ async def test_the_whole_seat_handoff_story(tally: Tally) -> None:
     roles = (await tally.http.get(members, headers=agency.admin)).json()["items"]
     assert sorted(m["role"] for m in roles) == ["owner", "user"]
     assert (await tally.http.get(lic, headers=agency.admin)).json() == {
-        "total": 2, "assigned": 2, "available": 0}
+        "total": 2, "assigned": 2, "available": 0, "unit_price": "10.000000"}
 
 
 async def test_a_workspace_without_a_license_cannot_use_the_product(tally: Tally) -> None:
     agency = await Reseller(tally).create()
+    await company_card(agency)
     aid = await agency.account()  # the pool is empty: no license assigned
 
     async def status() -> dict[str, Any] | None:

@@ -62,14 +62,15 @@ async def seed(stack: Stack) -> None:
                 "owner_email": f"owner@{cid}.example.com", "currency": "USD"}))
             _ok(await client.put(f"{rebilling}/v1/companies/{cid}/stripe-connect",
                                  json={"stripe_account_id": f"acct_demo_{cid.replace('-', '_')}"}))
-            pool = (await client.get(f"{rebilling}/v1/companies/{cid}/licenses")).json()
-            if pool["total"] < len(accounts):
-                _ok(await client.post(f"{rebilling}/v1/companies/{cid}/licenses",
-                                      json={"quantity": len(accounts) - pool["total"]}))
             cards = await client.get(f"{recharge}/v1/companies/{cid}/payment-methods")
             if not cards.json()["items"]:
                 _ok(await client.post(f"{recharge}/v1/companies/{cid}/payment-methods",
                                       json={"payment_method": await _card(stripe_client)}))
+            pool = (await client.get(f"{rebilling}/v1/companies/{cid}/licenses")).json()
+            if pool["total"] < len(accounts):  # bought: charged to the card just saved
+                _ok(await client.post(f"{rebilling}/v1/companies/{cid}/licenses",
+                                      json={"quantity": len(accounts) - pool["total"]},
+                                      headers={"Idempotency-Key": f"demo-licenses-{cid}"}))
             _ok(await client.post(f"{wallet}/v1/companies/{cid}/wallet/credits",
                                   json={"amount": OPENING_CREDIT, "reference": "demo opening credit"},
                                   headers={"Idempotency-Key": f"demo-opening-credit-{cid}"}))

@@ -268,7 +268,7 @@ class SubscriptionCharged(Payload):
 
     subscription_id: str
     company_id: str
-    account_id: str
+    account_id: str | None = None  # None for a company's license pool
     product: str
     deployment: Literal["direct", "resell"]
     period: str
@@ -284,7 +284,7 @@ class SubscriptionCancelled(Payload):
 
     subscription_id: str
     company_id: str
-    account_id: str
+    account_id: str | None = None
     product: str
     deployment: Literal["direct", "resell"]
     reason: Literal["payment_failed", "cancelled"]

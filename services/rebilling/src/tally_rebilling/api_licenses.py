@@ -9,13 +9,17 @@ from typing import Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, EmailStr, Field
 
+from tally import idempotency
 from tally.auth import CurrentPrincipal, require_role
-from tally.errors import ApiError, not_found
+from tally.errors import ApiError, JsonResponse, not_found
+from tally.idempotency import IdempotencyKey
 from tally.ids import PathId, PathKey
 from tally.service import runtime
-from tally_rebilling import publish, storage
+from tally_rebilling import licenses, publish, storage
 from tally_rebilling.api_companies import account_for, company_for
+from tally_rebilling.billing import Biller
 from tally_rebilling.domain import Seats, invite_needs_license
+from tally_rebilling.licenses import pool_view
 
 router = APIRouter(prefix="/v1", tags=["licenses and seats"])
 
@@ -28,6 +32,18 @@ class PoolOut(BaseModel):
     total: int
     assigned: int
     available: int
+    unit_price: str = Field(description="the platform's monthly price per license")
+
+
+class PurchaseOut(BaseModel):
+    id: str
+    quantity: int
+    amount: str
+    status: Literal["pending", "charged", "failed"]
+
+
+class BoughtOut(PoolOut):
+    purchase: PurchaseOut
 
 
 class AccountLicensesOut(BaseModel):
@@ -62,28 +78,30 @@ class MemberList(BaseModel):
 
 
 def _pool(total: int, assigned: int) -> PoolOut:
-    return PoolOut(total=total, assigned=assigned, available=total - assigned)
+    return PoolOut(**pool_view(total, assigned))
 
 
-@router.post("/companies/{cid}/licenses", status_code=201, response_model=PoolOut)
-async def buy(cid: PathId, body: QuantityIn, request: Request, principal: CurrentPrincipal) -> PoolOut:
+@router.post("/companies/{cid}/licenses", status_code=201, response_model=BoughtOut,
+             responses={202: {"model": BoughtOut, "description": "the payment is processing: "
+                              "the pool grows once it succeeds"},
+                        402: {"description": "payment_failed: the pool is unchanged"}})
+async def buy(cid: PathId, body: QuantityIn, request: Request, principal: CurrentPrincipal,
+              idempotency_key: IdempotencyKey = None) -> JsonResponse:
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
-    async with rt.pool.acquire() as conn, conn.transaction():
-        await company_for(conn, principal, cid, lock=True)
-        await storage.pool(conn, cid, lock=True)
-        await storage.add_to_pool(conn, cid, body.quantity)
-        total, assigned = await storage.pool(conn, cid)
-        await publish.license_changed(conn, cid, None)
+    biller: Biller = rt.state["biller"]
+    bought = await licenses.buy(
+        rt.pool, biller, principal, cid, body.quantity, idempotency_key=idempotency_key,
+        fingerprint=idempotency.request_hash(request.url.path, body.model_dump()))
     rt.relay.wake()
-    return _pool(total, assigned)
+    return JsonResponse(bought.body, status_code=bought.status_code)
 
 
 @router.get("/companies/{cid}/licenses", response_model=PoolOut)
 async def get_pool(cid: PathId, request: Request, principal: CurrentPrincipal) -> PoolOut:
     async with runtime(request).pool.acquire() as conn:
         await company_for(conn, principal, cid)
-        return _pool(*await storage.pool(conn, cid))
+        return PoolOut(**pool_view(*await storage.pool(conn, cid)))
 
 
 @router.post("/accounts/{aid}/licenses", status_code=201, response_model=AccountLicensesOut)

@@ -28,7 +28,7 @@ from tally.auth import issue_token
 from tally.db import Conn
 from tally.money import format_micros
 from tally.settings import Settings
-from tally_rebilling import publish, storage
+from tally_rebilling import licenses, publish, storage
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +74,19 @@ class Biller:
     def wake(self) -> None:
         self.woken.set()
 
-    async def _charge(self, leg: asyncpg.Record, try_no: int) -> tuple[str, str | None]:
-        """One try of ``leg`` at recharge: (``charged`` | ``failed`` | ``pending``, why)."""
+    async def charge_card(self, *, key: str, owner: str, company_id: str,
+                          account_id: str | None, amount: int,
+                          description: str) -> tuple[str, str | None]:
+        """One card charge at recharge, at most once per ``key``: (``charged`` | ``failed`` |
+        ``pending``, why). Asking again with the same key tells how it ended."""
         token = issue_token("platform_admin", sub="rebilling", secret=self.secret, ttl_seconds=300)
-        owner = "company" if leg["leg"] == "platform" else "account"
-        what = "platform price" if owner == "company" else "company price"
         try:
             async with httpx.AsyncClient(timeout=60) as client:
                 r = await client.post(f"{self.recharge_url}/v1/charges", headers={
                     "Authorization": f"Bearer {token}"}, json={
-                    "key": leg_key(leg["subscription_id"], leg["period"], leg["leg"], try_no),
-                    "owner": owner, "company_id": leg["company_id"],
-                    "account_id": leg["account_id"] if owner == "account" else None,
-                    "amount": format_micros(leg["amount"]),
-                    "description": f"{leg['product']} {leg['period']} ({what})"})
+                    "key": key, "owner": owner, "company_id": company_id,
+                    "account_id": account_id if owner == "account" else None,
+                    "amount": format_micros(amount), "description": description})
         except httpx.HTTPError as exc:
             return "pending", f"recharge unreachable: {exc}"[:300]
         if r.status_code >= 500:
@@ -101,6 +100,15 @@ class Biller:
             codes = [t.get("decline_code") for t in attempt["tries"]] or [attempt.get("error")]
             return "failed", ", ".join(str(c) for c in codes)
         return "charged", None
+
+    async def _charge(self, leg: asyncpg.Record, try_no: int) -> tuple[str, str | None]:
+        """One try of ``leg``."""
+        owner = "company" if leg["leg"] == "platform" else "account"
+        what = "platform price" if owner == "company" else "company price"
+        return await self.charge_card(
+            key=leg_key(leg["subscription_id"], leg["period"], leg["leg"], try_no), owner=owner,
+            company_id=leg["company_id"], account_id=leg["account_id"], amount=leg["amount"],
+            description=f"{leg['product']} {leg['period']} ({what})")
 
     async def charge_leg(self, sub_id: str, period: str, leg_name: str, at: datetime, *,
                          wait: bool = False) -> str:
@@ -125,7 +133,12 @@ class Biller:
                 delay = after_failure(failures, self.delays)
                 await storage.settle_leg(conn, leg, status="failed", failures=failures,
                                          next_try_at=at + (delay or timedelta(0)), error=why)
-                if delay is None:
+                if delay is None and leg["kind"] == "licenses":
+                    # a license pool is not cancelled: it stays past_due (no new licenses are
+                    # sold meanwhile) and is tried again at the slowest pace
+                    await storage.settle_leg(conn, leg, status="failed", failures=failures,
+                                             next_try_at=at + self.delays[-1], error=why)
+                elif delay is None:
                     await self._end(conn, sub_id, "payment_failed")
                     return "cancelled"
             await storage.set_subscription_status(conn, sub_id)
@@ -174,6 +187,7 @@ class Biller:
         """Open ``period`` (the one ``at`` falls in by default) and charge what is due at
         ``at`` (of one company, or all). Safe to run any number of times, from any replica,
         at once."""
+        await licenses.settle_pending(self, company_id)
         await self.open_period(period or current_period(at), at, company_id)
         return await self.charge_due(at, company_id=company_id)
 

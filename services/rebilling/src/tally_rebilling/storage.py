@@ -154,13 +154,65 @@ async def open_legs(conn: Conn, sub: asyncpg.Record, period: str, at: Any) -> No
         "INSERT INTO period_legs (subscription_id, period, leg, company_id, account_id, amount, "
         "status, next_try_at) VALUES ($1, $2, 'platform', $3, $4, $5, 'due', $6) "
         "ON CONFLICT DO NOTHING", sub["id"], period, sub["company_id"], sub["account_id"],
-        sub["platform_price"], at)
+        sub["platform_price"] * sub["quantity"], at)
     if sub["deployment"] == "resell" and sub["company_price"] > 0:
         await conn.execute(
             "INSERT INTO period_legs (subscription_id, period, leg, company_id, account_id, "
             "amount, status, next_try_at) VALUES ($1, $2, 'account', $3, $4, $5, 'due', $6) "
             "ON CONFLICT DO NOTHING", sub["id"], period, sub["company_id"], sub["account_id"],
             sub["company_price"], at)
+
+
+async def license_subscription(conn: Conn, cid: str, *,
+                               lock: bool = False) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM subscriptions WHERE company_id = $1 "
+                               "AND kind = 'licenses'" + (" FOR UPDATE" if lock else ""), cid)
+
+
+async def grow_license_subscription(conn: Conn, cid: str, quantity: int, unit_price: int,
+                                    next_period: str) -> None:
+    """The pool's monthly charge covers ``quantity`` more licenses from the next period (the
+    current one was charged by the purchase)."""
+    await conn.execute(
+        "INSERT INTO subscriptions (id, account_id, company_id, product, deployment, "
+        "platform_price, company_price, first_period, kind, quantity) VALUES ($1, NULL, $2, "
+        "'licenses', 'direct', $3, 0, $4, 'licenses', $5) ON CONFLICT (company_id) "
+        "WHERE kind = 'licenses' DO UPDATE SET quantity = subscriptions.quantity + $5, "
+        "platform_price = EXCLUDED.platform_price, status = CASE WHEN subscriptions.status = "
+        "'cancelled' THEN 'active' ELSE subscriptions.status END",
+        f"lic_{cid}", cid, unit_price, next_period, quantity)
+
+
+async def insert_purchase(conn: Conn, p: dict[str, Any]) -> asyncpg.Record:
+    r = await conn.fetchrow(
+        "INSERT INTO license_purchases (id, company_id, quantity, amount, period, status) "
+        "VALUES ($1, $2, $3, $4, $5, 'pending') ON CONFLICT (id) DO UPDATE SET id = "
+        "EXCLUDED.id RETURNING *", p["id"], p["company_id"], p["quantity"], p["amount"],
+        p["period"])
+    assert r is not None
+    return r
+
+
+async def lock_purchase(conn: Conn, pid: str, *, wait: bool = True) -> asyncpg.Record | None:
+    """The purchase, locked, while it is pending (None once settled or taken by another)."""
+    return await conn.fetchrow(
+        "SELECT * FROM license_purchases WHERE id = $1 AND status = 'pending' FOR UPDATE"
+        + ("" if wait else " SKIP LOCKED"), pid)
+
+
+async def purchase(conn: Conn, pid: str) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM license_purchases WHERE id = $1", pid)
+
+
+async def settle_purchase(conn: Conn, pid: str, status: str, error: str | None) -> None:
+    await conn.execute("UPDATE license_purchases SET status = $2, error = $3, settled_at = now() "
+                       "WHERE id = $1", pid, status, error)
+
+
+async def pending_purchases(conn: Conn) -> list[str]:
+    rows = await conn.fetch("SELECT id FROM license_purchases WHERE status = 'pending' "
+                            "ORDER BY created_at LIMIT 100")
+    return [r["id"] for r in rows]
 
 
 async def subscriptions_to_open(conn: Conn, period: str,
@@ -198,7 +250,7 @@ async def lock_leg(conn: Conn, sid: str, period: str, leg: str, *,
     """In the caller's transaction: the leg, locked, when it still needs charging; one being
     charged by someone else is skipped (``wait``: waited for, then seen as it ends)."""
     return await conn.fetchrow(
-        "SELECT l.*, s.product, s.deployment, s.cancel_reason FROM period_legs l "
+        "SELECT l.*, s.product, s.deployment, s.cancel_reason, s.kind FROM period_legs l "
         "JOIN subscriptions s ON s.id = l.subscription_id WHERE l.subscription_id = $1 "
         "AND l.period = $2 AND l.leg = $3 AND l.status <> 'charged' "
         "FOR UPDATE OF l" + ("" if wait else " SKIP LOCKED"), sid, period, leg)
@@ -243,7 +295,8 @@ async def period_legs(conn: Conn, cid: str, period: str) -> list[asyncpg.Record]
     return await conn.fetch(
         "SELECT l.*, s.account_id, s.product, s.deployment FROM period_legs l "
         "JOIN subscriptions s ON s.id = l.subscription_id WHERE l.company_id = $1 "
-        "AND l.period = $2 ORDER BY s.account_id, s.product, l.subscription_id, l.leg",
+        "AND l.period = $2 AND s.kind = 'product' "
+        "ORDER BY s.account_id, s.product, l.subscription_id, l.leg",
         cid, period)
 
 
