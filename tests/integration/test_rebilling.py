@@ -373,3 +373,34 @@ async def test_a_workspace_without_a_license_cannot_use_the_product(tally: Tally
                                  headers=tally.auth("product"))
         return bool(r.json()["allowed"])
     await eventually(allowed, what="the license to reach the wallet")
+
+
+async def test_companies_and_their_accounts_are_listed_page_by_page(tally: Tally) -> None:
+    agency = await Reseller(tally).create(connect=False)
+    aids = sorted([await agency.account() for _ in range(3)])
+    url = tally.url("rebilling", f"/v1/companies/{agency.cid}/accounts")
+    seen: list[str] = []
+    cursor = None
+    while True:
+        r = await tally.http.get(url, params={"limit": 2, **({"cursor": cursor} if cursor else {})},
+                                 headers=agency.admin)
+        assert r.status_code == 200, r.text
+        seen += [a["id"] for a in r.json()["items"]]
+        cursor = r.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == aids
+    other = tally.auth("company_admin", company_id=uid("other"))
+    assert (await tally.http.get(url, headers=other)).status_code == 404
+
+    companies = tally.url("rebilling", "/v1/companies")
+    assert (await tally.http.get(companies, headers=agency.admin)).status_code == 403
+    found, cursor = [], None
+    while True:
+        r = await tally.http.get(companies, params={"limit": 50, **(
+            {"cursor": cursor} if cursor else {})}, headers=tally.auth("platform_admin"))
+        found += [c["id"] for c in r.json()["items"]]
+        cursor = r.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert agency.cid in found and found == sorted(found)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import asyncpg
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, EmailStr, Field
 
 from tally.auth import CurrentPrincipal, Principal, require_company, require_role
@@ -158,6 +158,40 @@ async def create_company(body: CompanyIn, request: Request,
         await publish.company_updated(conn, c)
     rt.relay.wake()
     return company_out(c)
+
+
+class CompanyPage(BaseModel):
+    items: list[CompanyOut]
+    next_cursor: str | None
+
+
+class AccountPage(BaseModel):
+    items: list[AccountOut]
+    next_cursor: str | None
+
+
+Limit = Annotated[int, Query(ge=1, le=500)]
+
+
+@router.get("/companies", response_model=CompanyPage)
+async def list_companies(request: Request, principal: CurrentPrincipal, limit: Limit = 50,
+                         cursor: str | None = None) -> CompanyPage:
+    require_role(principal, "platform_admin")
+    async with runtime(request).pool.acquire() as conn:
+        rows = await storage.companies(conn, after=cursor, limit=limit + 1)
+    return CompanyPage(items=[company_out(c) for c in rows[:limit]],
+                       next_cursor=rows[limit - 1]["id"] if len(rows) > limit else None)
+
+
+@router.get("/companies/{cid}/accounts", response_model=AccountPage)
+async def list_accounts(cid: PathId, request: Request, principal: CurrentPrincipal,
+                        limit: Limit = 50, cursor: str | None = None) -> AccountPage:
+    require_role(principal, "company_admin", "platform_admin")
+    async with runtime(request).pool.acquire() as conn:
+        await company_for(conn, principal, cid)
+        rows = await storage.company_accounts(conn, cid, after=cursor, limit=limit + 1)
+    return AccountPage(items=[account_out(a) for a in rows[:limit]],
+                       next_cursor=rows[limit - 1]["id"] if len(rows) > limit else None)
 
 
 @router.get("/companies/{cid}", response_model=CompanyOut)

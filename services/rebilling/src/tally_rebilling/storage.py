@@ -48,9 +48,16 @@ async def account(conn: Conn, aid: str, *, lock: bool = False) -> asyncpg.Record
         f"SELECT {_ACCOUNT} FROM accounts WHERE id = $1" + (" FOR UPDATE" if lock else ""), aid)
 
 
-async def company_accounts(conn: Conn, cid: str) -> list[asyncpg.Record]:
-    return await conn.fetch(f"SELECT {_ACCOUNT} FROM accounts WHERE company_id = $1 ORDER BY id",
-                            cid)
+async def company_accounts(conn: Conn, cid: str, *, after: str | None = None,
+                           limit: int | None = None) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        f"SELECT {_ACCOUNT} FROM accounts WHERE company_id = $1 AND ($2::text IS NULL OR "
+        f"id > $2) ORDER BY id LIMIT $3", cid, after, limit)
+
+
+async def companies(conn: Conn, *, after: str | None, limit: int) -> list[asyncpg.Record]:
+    return await conn.fetch(f"SELECT {_COMPANY} FROM companies WHERE $1::text IS NULL OR id > $1 "
+                            f"ORDER BY id LIMIT $2", after, limit)
 
 
 async def set_card(conn: Conn, aid: str, has_valid_card: bool) -> bool:
