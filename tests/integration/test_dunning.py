@@ -332,3 +332,43 @@ async def test_licenses_are_bought_and_billed_every_period(tally: Tally) -> None
         "20.000000", "30.000000", "50.000000"]
     r = await tally.http.post(lic, json={"quantity": 0}, headers=agency.admin)
     assert r.status_code == 422
+
+
+async def test_seats_of_an_automated_workspace_are_charged_at_the_company_seat_price(
+        tally: Tally) -> None:
+    resold = Resold(tally)
+    agency = resold.agency
+    await agency.create()
+    price = tally.url("rebilling", f"/v1/companies/{agency.cid}/seat-price")
+    r = await tally.http.put(price, json={"amount": "12.3456789"}, headers=agency.admin)
+    assert r.status_code == 422, r.text  # seven decimals
+    r = await tally.http.put(price, json={"amount": "12.50"}, headers=agency.admin)
+    assert r.status_code == 200 and r.json() == {"amount": "12.500000", "currency": "USD"}
+    other = tally.auth("company_admin", company_id=uid("other"))
+    assert (await tally.http.put(price, json={"amount": "1"}, headers=other)).status_code == 404
+
+    resold.aid = await agency.account(billing_model="stripe_connect_automated")
+    await agency.patch_wallet({"auto_recharge": False}, resold.aid)
+    await resold.card(GOOD, account=True)
+    pool = (await tally.http.get(tally.url("rebilling", f"/v1/companies/{agency.cid}/licenses"),
+                                 headers=agency.admin)).json()
+    for email in ("one@example.com", "two@example.com"):
+        r = await tally.http.post(tally.url("rebilling", f"/v1/accounts/{resold.aid}/invitations"),
+                                  json={"email": email}, headers=agency.admin)
+        assert r.status_code == 201, r.text  # no license needed: seats are a subscription
+        r = await tally.http.post(tally.url("rebilling", f"/v1/invitations/{r.json()['id']}/accept"),
+                                  headers=agency.admin)
+        assert r.status_code == 200, r.text
+    assert (await tally.http.get(tally.url("rebilling", f"/v1/companies/{agency.cid}/licenses"),
+                                 headers=agency.admin)).json() == pool  # the pool untouched
+
+    def seat_charges(intents: list[dict[str, Any]], sid: str) -> list[int]:
+        return sorted(i["amount"] for i in intents if i["status"] == "succeeded" and (
+            (i.get("metadata") or {}).get("tally_attempt") or "").startswith(f"sub-{sid}-"))
+    [seats] = [s for s in await resold.subscriptions() if s["product"] == "seats"]
+    assert (seats["status"], seats["outstanding"]) == ("active", "0.000000")
+    # each seat added was charged for this period at once, on the account's card
+    assert seat_charges(await payment_intents(tally), seats["id"]) == [1250, 1250]
+    nxt = month_after(datetime.now(UTC))
+    assert await resold.run(nxt) == {"charged": 1}  # next period: two seats in one charge
+    assert seat_charges(await payment_intents(tally), seats["id"]) == [1250, 1250, 2500]

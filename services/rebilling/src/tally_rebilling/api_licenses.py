@@ -4,6 +4,7 @@ provisional handoff, members."""
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request
@@ -11,11 +12,12 @@ from pydantic import BaseModel, EmailStr, Field
 
 from tally import idempotency
 from tally.auth import CurrentPrincipal, require_role
-from tally.errors import ApiError, JsonResponse, not_found
+from tally.errors import ApiError, JsonResponse, money_field, not_found
 from tally.idempotency import IdempotencyKey
 from tally.ids import PathId, PathKey
+from tally.money import format_micros
 from tally.service import runtime
-from tally_rebilling import licenses, publish, storage
+from tally_rebilling import licenses, publish, seats, storage
 from tally_rebilling.api_companies import account_for, company_for
 from tally_rebilling.billing import Biller
 from tally_rebilling.domain import Seats, invite_needs_license
@@ -190,16 +192,53 @@ async def accept(iid: PathKey, request: Request, principal: CurrentPrincipal) ->
         if inv["status"] != "pending":
             raise ApiError(409, "invitation_not_pending", "this invitation was already accepted")
         await storage.accept_invitation(conn, iid)
+        charge = None
+        if a["billing_model"] == "stripe_connect_automated":
+            charge = await seats.add_seat(conn, a, iid)
         if inv["handoff"]:
             # Ownership moves to the client; the agency admin's seat is removed.
             await storage.remove_agency_members(conn, a["id"])
             await storage.add_member(conn, a["id"], inv["email"], "owner", is_agency=False)
         else:
             await storage.add_member(conn, a["id"], inv["email"], inv["role"], is_agency=False)
+    if charge is not None:  # the new seat, for the current period, now (dunned if it fails)
+        biller: Biller = rt.state["biller"]
+        await biller.charge_due(datetime.now(UTC), subscription_id=charge, wait=True)
     rt.relay.wake()
     return InvitationOut(id=iid, account_id=inv["account_id"], email=inv["email"],
                          role="owner" if inv["handoff"] else inv["role"], status="accepted",
                          handoff=inv["handoff"])
+
+
+class SeatPriceIn(BaseModel):
+    amount: str = Field(description="decimal string >= 0: the monthly price per seat")
+
+
+class SeatPriceOut(BaseModel):
+    amount: str
+    currency: str
+
+
+@router.put("/companies/{cid}/seat-price", response_model=SeatPriceOut)
+async def put_seat_price(cid: PathId, body: SeatPriceIn, request: Request,
+                         principal: CurrentPrincipal) -> SeatPriceOut:
+    """What the company charges its stripe_connect_automated workspaces per seat and month:
+    from the next period for seats held, at once for seats added."""
+    require_role(principal, "company_admin", "platform_admin")
+    amount = money_field(body.amount, "amount", allow_zero=True)
+    async with runtime(request).pool.acquire() as conn, conn.transaction():
+        c = await company_for(conn, principal, cid, lock=True)
+        await storage.set_seat_price(conn, cid, amount)
+    return SeatPriceOut(amount=format_micros(amount), currency=c["currency"])
+
+
+@router.get("/companies/{cid}/seat-price", response_model=SeatPriceOut)
+async def get_seat_price(cid: PathId, request: Request,
+                         principal: CurrentPrincipal) -> SeatPriceOut:
+    async with runtime(request).pool.acquire() as conn:
+        c = await company_for(conn, principal, cid)
+        return SeatPriceOut(amount=format_micros(await storage.seat_price(conn, cid)),
+                            currency=c["currency"])
 
 
 @router.get("/accounts/{aid}/members", response_model=MemberList)

@@ -58,7 +58,8 @@ def after_failure(failures: int, delays: Sequence[timedelta]) -> timedelta | Non
 def leg_key(sub_id: str, period: str, leg: str, try_no: int) -> str:
     """The charge's idempotency key at recharge for one try of one leg. The first try keeps the
     key the runner used before dunning (a period charged then is found, not charged again)."""
-    base = f"sub-{sub_id}-{period}-{'platform' if leg == 'platform' else 'company'}"
+    name = {"platform": "platform", "account": "company"}.get(leg, leg)
+    base = f"sub-{sub_id}-{period}-{name}"
     return base if try_no == 1 else f"{base}-t{try_no}"
 
 
@@ -103,7 +104,7 @@ class Biller:
 
     async def _charge(self, leg: asyncpg.Record, try_no: int) -> tuple[str, str | None]:
         """One try of ``leg``."""
-        owner = "company" if leg["leg"] == "platform" else "account"
+        owner = "company" if leg["leg"].startswith("platform") else "account"
         what = "platform price" if owner == "company" else "company price"
         return await self.charge_card(
             key=leg_key(leg["subscription_id"], leg["period"], leg["leg"], try_no), owner=owner,

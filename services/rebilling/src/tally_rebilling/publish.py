@@ -57,14 +57,15 @@ async def license_changed(conn: Conn, cid: str, aid: str | None) -> None:
 
 async def leg_charged(conn: Conn, leg: asyncpg.Record) -> None:
     c = await storage.company(conn, leg["company_id"])
-    platform = leg["leg"] == "platform"
+    platform = leg["leg"].startswith("platform")
     await outbox.publish(conn, Topics.REBILLING_EVENTS, leg["company_id"], events.envelope(
         "subscription.charged", events.SubscriptionCharged(
             subscription_id=leg["subscription_id"], company_id=leg["company_id"],
             account_id=leg["account_id"], product=leg["product"], deployment=leg["deployment"],
             period=leg["period"], platform_amount_micros=leg["amount"] if platform else 0,
             company_amount_micros=0 if platform else leg["amount"],
-            currency=c["currency"] if c else "USD", leg=leg["leg"]), source=SOURCE,
+            currency=c["currency"] if c else "USD",
+            leg="platform" if platform else "account"), source=SOURCE,
         id_=f"subscription.charged:{leg['subscription_id']}:{leg['period']}:{leg['leg']}"))
 
 

@@ -155,8 +155,17 @@ async def outstanding(conn: Conn, sid: str) -> int:
 
 
 async def open_legs(conn: Conn, sub: asyncpg.Record, period: str, at: Any) -> None:
-    """The period's legs of ``sub`` (idempotent): the platform leg, and the account's leg of a
-    resold subscription with a price."""
+    """The period's legs of ``sub`` (idempotent): the platform leg (a license pool: the pool's
+    total), and the account's leg of a resold subscription with a price; a workspace's seats
+    are the account's leg alone (the company's seat price x seats)."""
+    if sub["kind"] == "seats":
+        if sub["company_price"] * sub["quantity"] > 0:
+            await conn.execute(
+                "INSERT INTO period_legs (subscription_id, period, leg, company_id, account_id, "
+                "amount, status, next_try_at) VALUES ($1, $2, 'account', $3, $4, $5, 'due', $6) "
+                "ON CONFLICT DO NOTHING", sub["id"], period, sub["company_id"],
+                sub["account_id"], sub["company_price"] * sub["quantity"], at)
+        return
     await conn.execute(
         "INSERT INTO period_legs (subscription_id, period, leg, company_id, account_id, amount, "
         "status, next_try_at) VALUES ($1, $2, 'platform', $3, $4, $5, 'due', $6) "
@@ -188,6 +197,45 @@ async def grow_license_subscription(conn: Conn, cid: str, quantity: int, unit_pr
         "platform_price = EXCLUDED.platform_price, status = CASE WHEN subscriptions.status = "
         "'cancelled' THEN 'active' ELSE subscriptions.status END",
         f"lic_{cid}", cid, unit_price, next_period, quantity)
+
+
+async def seat_subscription(conn: Conn, aid: str, *, lock: bool = False) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM subscriptions WHERE account_id = $1 "
+                               "AND kind = 'seats'" + (" FOR UPDATE" if lock else ""), aid)
+
+
+async def add_seat_to_plan(conn: Conn, aid: str, cid: str, seat_price: int,
+                           next_period: str) -> asyncpg.Record:
+    """One more seat in the workspace's monthly charge, from ``next_period`` (a workspace's
+    first seat starts its seat subscription)."""
+    r = await conn.fetchrow(
+        "INSERT INTO subscriptions (id, account_id, company_id, product, deployment, "
+        "platform_price, company_price, first_period, kind, quantity) VALUES ($1, $2, $3, "
+        "'seats', 'resell', 0, $4, $5, 'seats', 1) ON CONFLICT (account_id) WHERE kind = 'seats' "
+        "DO UPDATE SET quantity = subscriptions.quantity + 1 RETURNING *",
+        f"seats_{aid}", aid, cid, seat_price, next_period)
+    assert r is not None
+    return r
+
+
+async def add_leg(conn: Conn, sub: asyncpg.Record, period: str, leg: str, amount: int,
+                  at: Any) -> None:
+    await conn.execute(
+        "INSERT INTO period_legs (subscription_id, period, leg, company_id, account_id, amount, "
+        "status, next_try_at) VALUES ($1, $2, $3, $4, $5, $6, 'due', $7) ON CONFLICT DO NOTHING",
+        sub["id"], period, leg, sub["company_id"], sub["account_id"], amount, at)
+
+
+async def set_seat_price(conn: Conn, cid: str, amount: int) -> None:
+    """The company's seat price, for every workspace's seats from the next period opened."""
+    await conn.execute("UPDATE companies SET seat_price = $2, updated_at = now() WHERE id = $1",
+                       cid, amount)
+    await conn.execute("UPDATE subscriptions SET company_price = $2 WHERE company_id = $1 "
+                       "AND kind = 'seats'", cid, amount)
+
+
+async def seat_price(conn: Conn, cid: str) -> int:
+    return int(await conn.fetchval("SELECT seat_price FROM companies WHERE id = $1", cid) or 0)
 
 
 async def insert_purchase(conn: Conn, p: dict[str, Any]) -> asyncpg.Record:
@@ -288,7 +336,7 @@ async def retry_now(conn: Conn, company_id: str, account_id: str | None, at: Any
     tried at once (one that failed after already tried that card). Returns how many."""
     status = await conn.execute(
         "UPDATE period_legs SET next_try_at = $3 WHERE status = 'failed' AND company_id = $1 "
-        "AND (CASE WHEN $2::text IS NULL THEN leg = 'platform' ELSE leg = 'account' "
+        "AND (CASE WHEN $2::text IS NULL THEN leg LIKE 'platform%' ELSE leg LIKE 'account%' "
         "AND account_id = $2 END) AND last_try_at < $4", company_id, account_id, at, card_at)
     return int(status.split()[-1])
 
