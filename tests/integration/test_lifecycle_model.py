@@ -22,6 +22,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from typing import Any
 
@@ -165,6 +166,65 @@ class Account:
         return half_up(Decimal(platform) * Decimal(markup))
 
 
+# Dunning (API.md, docs/0009): a failed leg of a period is tried again after these waits, then
+# the subscription is cancelled.
+DUNNING = (timedelta(hours=24), timedelta(hours=72), timedelta(hours=120))
+PLATFORM_PRICE, COMPANY_PRICE = 10_000_000, 15_000_000  # WhatsApp, resold at 15
+
+
+def period_of(at: datetime) -> str:
+    return f"{at.year:04d}-{at.month:02d}"
+
+
+@dataclass
+class Leg:
+    payer: str  # "company" (its card, the platform price) or "account" (its card, the company's)
+    amount: int
+    next_try: datetime
+    status: str = "due"  # due, charged, failed
+    failures: int = 0
+    tried_at: datetime | None = None  # wall clock: a card saved after it brings the leg forward
+
+
+@dataclass
+class Sub:
+    """A subscription to WhatsApp and its period legs, as API.md describes them."""
+
+    sid: str
+    deployment: str
+    first_period: str
+    legs: dict[tuple[str, str], Leg] = field(default_factory=dict)  # (period, "platform"|...)
+    ending: bool = False  # cancel at period end
+    cancelled: str | None = None  # why: "cancelled" (asked) or "payment_failed" (dunning)
+
+    def open(self, period: str, at: datetime) -> None:
+        if (period, "platform") in self.legs or self.cancelled or period < self.first_period:
+            return
+        if self.ending:
+            self.cancelled = "cancelled"
+            return
+        self.legs[(period, "platform")] = Leg("company", PLATFORM_PRICE, at)
+        if self.deployment == "resell":
+            self.legs[(period, "account")] = Leg("account", COMPANY_PRICE, at)
+
+    @property
+    def status(self) -> str:
+        if self.cancelled:
+            return "cancelled"
+        return "past_due" if any(leg.status == "failed" for leg in self.legs.values()) \
+            else "active"
+
+    @property
+    def outstanding(self) -> int:
+        return sum(leg.amount for leg in self.legs.values() if leg.status != "charged")
+
+    @property
+    def next_retry(self) -> datetime | None:
+        waiting = [leg.next_try for leg in self.legs.values()
+                   if leg.status == "failed" and leg.failures <= len(DUNNING)]
+        return min(waiting) if waiting else None
+
+
 @dataclass
 class Company:
     cid: str
@@ -175,9 +235,55 @@ class Company:
     connected: bool = False
     stripe_account: str = ""
     accepted: list[str] = field(default_factory=list)  # usage event ids accepted
+    subs: list[Sub] = field(default_factory=list)
+    sub_charges: int = 0  # legs charged at Stripe
     # (service:principal, Idempotency-Key) -> (what was asked, the first response); each
     # service keeps the keys of the requests it serves (docs/0008)
     keys: dict[tuple[str, str], tuple[str, Any]] = field(default_factory=dict)
+
+    def pays(self, payer: str) -> bool:
+        """Whether a charge to this payer's cards succeeds now (every card is tried)."""
+        if payer == "company":
+            return any(card.good for card in self.wallet.cards)
+        return self.connected and any(card.good for card in self.account.wallet.cards)
+
+    def charge(self, sub: Sub, leg: Leg, at: datetime) -> None:
+        """One try of a leg at ``at`` (the runner's instant)."""
+        leg.tried_at = datetime.now(UTC)
+        if self.pays(leg.payer):
+            leg.status = "charged"
+            self.sub_charges += 1
+            return
+        leg.status, leg.failures = "failed", leg.failures + 1
+        if leg.failures <= len(DUNNING):
+            leg.next_try = at + DUNNING[leg.failures - 1]
+        elif not sub.cancelled:
+            sub.cancelled = "payment_failed"
+
+    def run(self, at: datetime) -> None:
+        """The period runner at ``at``: opens the period, then tries every leg due, in the
+        runner's order, each once."""
+        for sub in self.subs:
+            sub.open(period_of(at), at)
+        due = sorted(((leg.next_try, sub.sid, period, name), sub, leg)
+                     for sub in self.subs for (period, name), leg in sub.legs.items()
+                     if leg.status != "charged" and leg.next_try <= at
+                     and sub.cancelled != "payment_failed" and leg.failures <= len(DUNNING))
+        # the runner's order: by time, subscription, period, and the platform leg first
+        due.sort(key=lambda d: (d[0][0], d[0][1], d[0][2], d[0][3] != "platform"))
+        for _, sub, leg in due:
+            if sub.cancelled != "payment_failed":
+                self.charge(sub, leg, at)
+
+    def card_saved(self, payer: str) -> None:
+        """A card saved or made default: that payer's failed legs are tried at once."""
+        now = datetime.now(UTC)
+        for sub in self.subs:
+            for leg in sub.legs.values():
+                if leg.payer == payer and leg.status == "failed" and leg.tried_at is not None \
+                        and leg.failures <= len(DUNNING):
+                    leg.next_try = now
+        self.run(now)
 
     def wallets(self) -> list[tuple[Wallet, bool]]:
         """Each wallet with whether its cards can be charged."""
@@ -185,6 +291,30 @@ class Company:
 
 
 PRICES: dict[tuple[str, str], int] = {}
+
+
+class When:
+    """A retry time, equal to another within a few seconds: one the model predicts from the
+    wall clock is milliseconds off the runner's."""
+
+    def __init__(self, iso: str) -> None:
+        self.at = datetime.fromisoformat(iso).astimezone(UTC)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, When) and abs(self.at - other.at) <= timedelta(seconds=5)
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __lt__(self, other: When) -> bool:
+        return self.at < other.at
+
+    def __repr__(self) -> str:
+        return self.at.isoformat()
+
+
+def _minute(when: str | None) -> When | None:
+    return When(when) if when else None
 
 
 # --- the walk -----------------------------------------------------------------------------
@@ -197,6 +327,7 @@ class Walk:
         self.log: list[str] = []
         self.step = 0
         self.rebilling_steps = 0  # how thoroughly the walk covered rebilled accounts
+        self.clock = datetime.now(UTC)  # the period runner's instant (only ever forward)
 
     async def setup(self) -> None:
         platform = self.t.auth("platform_admin")
@@ -239,6 +370,10 @@ class Walk:
                 json={"stripe_account_id": company.stripe_account}, headers=admin)
             assert r.status_code == 200, r.text
             company.connected = True
+            r = await self.t.http.put(
+                self.t.url("rebilling", f"/v1/companies/{cid}/reselling/whatsapp"),
+                json={"company_price": text(COMPANY_PRICE)}, headers=admin)
+            assert r.status_code == 200, r.text
 
     # --- actions: each changes the system and the model the same way ---------------------
 
@@ -322,6 +457,7 @@ class Walk:
         assert r.status_code == 201, r.text
         w.attach(Card(pm, good))
         assert r.json()["is_default"] == (w.default == pm)
+        c.card_saved(side)  # failed period charges of this payer are tried at once
 
     async def detach(self, c: Company) -> None:
         side, w, path, headers = self._side(c)
@@ -345,6 +481,7 @@ class Walk:
             self.t.url("recharge", f"{path}/payment-methods/{card.pm}/default"), headers=headers)
         assert r.status_code == 200, r.text
         w.default = card.pm
+        c.card_saved(side)
         return None
 
     async def patch(self, c: Company) -> None:
@@ -518,6 +655,53 @@ class Walk:
         assert r.status_code == 200, r.text
         c.connected = True
 
+    async def subscribe(self, c: Company) -> None:
+        """The company subscribes its account to WhatsApp: the current period is charged at
+        once, each leg on its own."""
+        deployment = self.rng.choice(["resell", "resell", "direct"])
+        self.log.append(f"{self.step}: {c.account.aid} subscribes ({deployment})")
+        r = await self.t.http.post(
+            self.t.url("rebilling", f"/v1/accounts/{c.account.aid}/subscriptions"),
+            json={"product": "whatsapp", "deployment": deployment}, headers=c.admin)
+        if deployment == "resell" and not c.connected:
+            assert r.status_code == 409, r.text
+            assert r.json()["error"]["code"] == "company_stripe_not_connected"
+            return
+        assert r.status_code == 201, r.text
+        now = datetime.now(UTC)
+        sub = Sub(r.json()["id"], deployment, period_of(now))
+        c.subs.append(sub)
+        sub.open(period_of(now), now)
+        for name in ("platform", "account"):
+            if (period_of(now), name) in sub.legs:
+                c.charge(sub, sub.legs[(period_of(now), name)], now)
+        assert r.json()["charge"] == ("failed" if sub.status == "past_due" else "charged")
+
+    async def advance(self, c: Company) -> None:
+        """Time passes for the period runner: hours (retries) or a month (the next period)."""
+        self.clock += self.rng.choice([timedelta(hours=1), timedelta(hours=25),
+                                       timedelta(hours=73), timedelta(days=6),
+                                       timedelta(days=32)])
+        self.clock = max(self.clock, datetime.now(UTC))
+        self.log.append(f"{self.step}: the runner runs {c.cid} at {self.clock.isoformat()}")
+        r = await self.t.http.post(self.t.url("rebilling", "/v1/reselling/run"),
+                                   json={"at": self.clock.isoformat(), "company_id": c.cid},
+                                   headers=self.t.auth("platform_admin"))
+        assert r.status_code == 200, r.text
+        c.run(self.clock)
+
+    async def unsubscribe(self, c: Company) -> None:
+        live = [sub for sub in c.subs if not sub.cancelled]
+        if not live:
+            return await self.subscribe(c)
+        sub = self.rng.choice(live)
+        self.log.append(f"{self.step}: cancel {sub.sid} at period end")
+        r = await self.t.http.delete(self.t.url("rebilling", f"/v1/subscriptions/{sub.sid}"),
+                                     headers=c.account.user)
+        assert r.status_code == 200 and r.json()["cancel_at_period_end"], r.text
+        sub.ending = True
+        return None
+
     async def wait(self, c: Company) -> None:
         self.log.append(f"{self.step}: time passes")
         await asyncio.sleep(1.2)
@@ -543,6 +727,11 @@ class Walk:
         cards = await self._get("recharge", f"/v1/accounts/{a.aid}/payment-methods", a.user)
         account = await self._get("rebilling", f"/v1/accounts/{a.aid}", c.admin) or {}
         status = await self._get("wallet", f"/v1/accounts/{a.aid}/service-status", c.admin) or {}
+        subs = await self._get("rebilling", f"/v1/accounts/{a.aid}/subscriptions?limit=500",
+                               c.admin) or {"items": []}
+        out["subscriptions"] = [
+            (x["id"], x["status"], x["outstanding"], _minute(x["next_retry_at"]))
+            for x in subs["items"]]
         out["account"].update(
             cards=sorted(x["id"] for x in cards["items"]) if cards else None,
             recharge_connected=cards["stripe_connected"] if cards else None,
@@ -565,6 +754,10 @@ class Walk:
             # a self-billing workspace with no license assigned (licenses are the next
             # model's): the license decides first
             service="no_license")
+        out["subscriptions"] = sorted(
+            (sub.sid, sub.status, text(sub.outstanding),
+             _minute(sub.next_retry.isoformat() if sub.next_retry else None))
+            for sub in c.subs)
         return out
 
     async def settle(self) -> None:
@@ -587,7 +780,8 @@ class Walk:
         actions = [(self.use, 8), (self.attach, 3), (self.detach, 1), (self.make_default, 1),
                    (self.patch, 3), (self.credit, 2), (self.top_up, 2), (self.wait, 1),
                    (self.request_credits, 1), (self.resolve_request, 1),
-                   (self.set_rebilling, 3), (self.change_plan, 1), (self.connection, 1)]
+                   (self.set_rebilling, 3), (self.change_plan, 1), (self.connection, 1),
+                   (self.subscribe, 1), (self.advance, 2), (self.unsubscribe, 1)]
         weights = [w for _, w in actions]
         for self.step in range(steps):
             action = self.rng.choices([a for a, _ in actions], weights)[0]
@@ -653,6 +847,13 @@ async def test_the_lifecycle_model(tally: Tally) -> None:
             lines = [t for t in r.json()["items"] if t["kind"] in ("recharge", "top_up")]
             assert len(paid) == len(lines) == w.charges, (path, len(paid), len(lines))
             assert {i["currency"] for i in paid} <= {w.currency.lower()}
+
+    # every leg the model charged is one succeeded charge at Stripe, and no more
+    for c in walk.companies:
+        for sub in c.subs:
+            paid = [i for i in intents if i["status"] == "succeeded" and (
+                (i.get("metadata") or {}).get("tally_attempt") or "").startswith(f"sub-{sub.sid}-")]
+            assert len(paid) == sum(leg.status == "charged" for leg in sub.legs.values()), sub
 
     # nothing accepted or charged was dead-lettered
     accepted = {e for c in walk.companies for e in c.accepted}

@@ -56,7 +56,9 @@ class SubscriptionOut(BaseModel):
     status: Literal["active", "past_due", "cancelled"]
     platform_price: str
     company_price: str
+    quantity: int = Field(1, description="seats, or licenses in the pool")
     outstanding: str = Field(description="charged for but not yet collected (failed legs)")
+    next_retry_at: str | None = Field(None, description="when a failed charge is tried again")
     cancel_at_period_end: bool
     created_period: str
     period: str | None = Field(None, description="on subscribe: the period charged at once")
@@ -164,8 +166,10 @@ async def list_subscriptions(aid: PathId, request: Request, principal: CurrentPr
                              limit: Limit = 50, cursor: str | None = None) -> SubscriptionPage:
     async with runtime(request).pool.acquire() as conn:
         await account_for(conn, principal, aid)
-        rows = await storage.account_subscriptions(conn, aid, limit=limit + 1, after=cursor)
-    items = [SubscriptionOut(**subscription_view(r, r["outstanding"])) for r in rows[:limit]]
+        rows = await storage.account_subscriptions(conn, aid, limit=limit + 1, after=cursor,
+                                                   tries=len(_biller(request).delays))
+    items = [SubscriptionOut(**subscription_view(r, storage.Dunning(
+        r["outstanding"], r["next_retry_at"]))) for r in rows[:limit]]
     return SubscriptionPage(items=items,
                             next_cursor=rows[limit - 1]["id"] if len(rows) > limit else None)
 
@@ -175,7 +179,8 @@ async def list_subscriptions(aid: PathId, request: Request, principal: CurrentPr
 async def cancel_subscription(sid: PathKey, request: Request,
                               principal: CurrentPrincipal) -> SubscriptionOut:
     require_role(principal, "company_admin", "account_user", "platform_admin")
-    return SubscriptionOut(**await subscriptions.cancel(runtime(request).pool, principal, sid))
+    return SubscriptionOut(**await subscriptions.cancel(runtime(request).pool, principal, sid,
+                                                        len(_biller(request).delays)))
 
 
 class RunIn(BaseModel):

@@ -140,6 +140,11 @@ class Biller:
                     await storage.settle_leg(conn, leg, status="failed", failures=failures,
                                              next_try_at=at + self.delays[-1], error=why)
                 elif delay is None:
+                    # the last try: no more (a subscription its customer cancelled meanwhile
+                    # is not cancelled again, its leg is not tried again either)
+                    await storage.settle_leg(conn, leg, status="failed", failures=failures,
+                                             next_try_at=datetime.max.replace(tzinfo=UTC),
+                                             error=why)
                     await self._end(conn, sub_id, "payment_failed")
                     return "cancelled"
             await storage.set_subscription_status(conn, sub_id)
@@ -149,7 +154,8 @@ class Biller:
         ended = await storage.end_subscription(conn, sub_id, reason)
         if ended is not None:
             await publish.subscription_cancelled(conn, ended, reason,
-                                                 await storage.outstanding(conn, sub_id))
+                                                 (await storage.outstanding(conn, sub_id)
+                                                  ).outstanding)
 
     async def open_period(self, period: str, at: datetime,
                           company_id: str | None = None) -> int:
@@ -212,12 +218,15 @@ class Biller:
                 pass
 
 
-def subscription_view(sub: Any, outstanding: int) -> dict[str, Any]:
+def subscription_view(sub: Any, dunning: storage.Dunning) -> dict[str, Any]:
     """What the API shows of a subscription."""
     return {"id": sub["id"], "account_id": sub["account_id"], "product": sub["product"],
             "deployment": sub["deployment"], "status": sub["status"],
             "platform_price": format_micros(sub["platform_price"]),
             "company_price": format_micros(sub["company_price"]),
-            "outstanding": format_micros(outstanding),
+            "quantity": sub["quantity"],
+            "outstanding": format_micros(dunning.outstanding),
+            "next_retry_at": dunning.next_retry_at.isoformat() if dunning.next_retry_at
+            else None,
             "cancel_at_period_end": sub["cancel_at_period_end"],
             "created_period": sub["first_period"]}

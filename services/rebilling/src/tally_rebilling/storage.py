@@ -3,6 +3,8 @@ members and invitations."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -138,20 +140,33 @@ async def subscription(conn: Conn, sid: str, *, lock: bool = False) -> asyncpg.R
                                + (" FOR UPDATE" if lock else ""), sid)
 
 
-async def account_subscriptions(conn: Conn, aid: str, *, limit: int,
-                                after: str | None) -> list[asyncpg.Record]:
+async def account_subscriptions(conn: Conn, aid: str, *, limit: int, after: str | None,
+                                tries: int) -> list[asyncpg.Record]:
     """An account's subscriptions with what is still owed on them (``outstanding``)."""
     return await conn.fetch(
         "SELECT s.*, COALESCE((SELECT sum(amount) FROM period_legs l WHERE l.subscription_id = "
-        "s.id AND l.status <> 'charged'), 0)::bigint AS outstanding FROM subscriptions s "
+        "s.id AND l.status <> 'charged'), 0)::bigint AS outstanding, (SELECT min(next_try_at) "
+        "FROM period_legs l WHERE l.subscription_id = s.id AND l.status = 'failed' "
+        "AND l.failures <= $4) AS next_retry_at FROM subscriptions s "
         "WHERE s.account_id = $1 AND ($2::text IS NULL OR s.id > $2) ORDER BY s.id LIMIT $3",
-        aid, after, limit)
+        aid, after, limit, tries)
 
 
-async def outstanding(conn: Conn, sid: str) -> int:
-    return int(await conn.fetchval(
-        "SELECT COALESCE(sum(amount), 0)::bigint FROM period_legs WHERE subscription_id = $1 "
-        "AND status <> 'charged'", sid))
+async def outstanding(conn: Conn, sid: str, tries: int = 1 << 30) -> Dunning:
+    """What is still owed on a subscription, and when its next failed leg is tried again
+    (legs past their last try, ``tries``, are not)."""
+    r = await conn.fetchrow(
+        "SELECT COALESCE(sum(amount) FILTER (WHERE status <> 'charged'), 0)::bigint AS owed, "
+        "min(next_try_at) FILTER (WHERE status = 'failed' AND failures <= $2) AS retry "
+        "FROM period_legs WHERE subscription_id = $1", sid, tries)
+    assert r is not None
+    return Dunning(int(r["owed"]), r["retry"])
+
+
+@dataclass(frozen=True)
+class Dunning:
+    outstanding: int
+    next_retry_at: datetime | None
 
 
 async def open_legs(conn: Conn, sub: asyncpg.Record, period: str, at: Any) -> None:

@@ -59,7 +59,8 @@ async def subscribe(pool: asyncpg.Pool, biller: Biller, principal: Principal, ai
                 existing = await storage.subscription(conn, sub_id)
                 if existing is not None:
                     return {**subscription_view(existing, await storage.outstanding(
-                        conn, sub_id)), "period": period, "charge": "pending"}
+                        conn, sub_id, len(biller.delays))), "period": period,
+                            "charge": "pending"}
         a = await storage.account(conn, aid)
         if a is None or not principal.can_see_account(a["company_id"], aid):
             raise not_found("account")
@@ -78,7 +79,8 @@ async def subscribe(pool: asyncpg.Pool, biller: Biller, principal: Principal, ai
     async with pool.acquire() as conn, conn.transaction():
         settled = await storage.subscription(conn, sub_id)
         assert settled is not None
-        out = {**subscription_view(settled, await storage.outstanding(conn, sub_id)),
+        out = {**subscription_view(settled, await storage.outstanding(conn, sub_id,
+                                                                      len(biller.delays))),
                "period": period,
                "charge": _charge_of(await storage.subscription_legs(conn, sub_id, period))}
         if idempotency_key is not None:
@@ -86,7 +88,8 @@ async def subscribe(pool: asyncpg.Pool, biller: Biller, principal: Principal, ai
     return out
 
 
-async def cancel(pool: asyncpg.Pool, principal: Principal, sid: str) -> dict[str, Any]:
+async def cancel(pool: asyncpg.Pool, principal: Principal, sid: str,
+                 tries: int) -> dict[str, Any]:
     """Cancel at the end of the paid period: nothing more is charged, the service runs until
     the period ends (the runner ends it when the next period opens). Cancelling twice is the
     same as once."""
@@ -99,4 +102,4 @@ async def cancel(pool: asyncpg.Pool, principal: Principal, sid: str) -> dict[str
                                "WHERE id = $1", sid)
             sub = await storage.subscription(conn, sid)
             assert sub is not None
-        return subscription_view(sub, await storage.outstanding(conn, sid))
+        return subscription_view(sub, await storage.outstanding(conn, sid, tries))
