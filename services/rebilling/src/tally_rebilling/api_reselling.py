@@ -50,7 +50,7 @@ class SubscriptionIn(BaseModel):
 
 class SubscriptionOut(BaseModel):
     id: str
-    account_id: str
+    account_id: str | None = Field(description="null for a company's license pool")
     product: str
     deployment: str
     status: Literal["active", "past_due", "cancelled"]

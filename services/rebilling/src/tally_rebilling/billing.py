@@ -119,32 +119,37 @@ class Biller:
             leg = await storage.lock_leg(conn, sub_id, period, leg_name, wait=wait)
             if leg is None or leg["cancel_reason"] == "payment_failed" or leg["next_try_at"] > at:
                 return "skipped"  # charged, being charged, tried meanwhile or given up on
-            # the row stays locked while recharge charges the card: one try at a time per leg
+            # the row stays locked while recharge charges the card: one try at a time per leg;
+            # a card saved after the try began may not have been tried: it brings the leg
+            # forward (storage.retry_now)
+            started = datetime.now(UTC)
             outcome, why = await self._charge(leg, leg["failures"] + 1)
             if outcome == "charged":
                 await storage.settle_leg(conn, leg, status="charged", failures=leg["failures"],
-                                         next_try_at=at, error=None)
+                                         next_try_at=at, error=None, tried_at=started)
                 await publish.leg_charged(conn, leg)
             elif outcome == "pending":
                 await storage.settle_leg(conn, leg, status=leg["status"],
                                          failures=leg["failures"], next_try_at=at + RECHECK,
-                                         error=why)
+                                         error=why, tried_at=started)
             else:
                 failures = leg["failures"] + 1
                 delay = after_failure(failures, self.delays)
                 await storage.settle_leg(conn, leg, status="failed", failures=failures,
-                                         next_try_at=at + (delay or timedelta(0)), error=why)
+                                         next_try_at=at + (delay or timedelta(0)), error=why,
+                                         tried_at=started)
                 if delay is None and leg["kind"] == "licenses":
                     # a license pool is not cancelled: it stays past_due (no new licenses are
                     # sold meanwhile) and is tried again at the slowest pace
                     await storage.settle_leg(conn, leg, status="failed", failures=failures,
-                                             next_try_at=at + self.delays[-1], error=why)
+                                             next_try_at=at + self.delays[-1], error=why,
+                                             tried_at=started)
                 elif delay is None:
                     # the last try: no more (a subscription its customer cancelled meanwhile
                     # is not cancelled again, its leg is not tried again either)
                     await storage.settle_leg(conn, leg, status="failed", failures=failures,
                                              next_try_at=datetime.max.replace(tzinfo=UTC),
-                                             error=why)
+                                             error=why, tried_at=started)
                     await self._end(conn, sub_id, "payment_failed")
                     return "cancelled"
             await storage.set_subscription_status(conn, sub_id)
@@ -202,6 +207,7 @@ class Biller:
         """The scheduler: one runner at a time across replicas (an advisory lock held while it
         runs); woken early when a payer saves or defaults a card."""
         while True:
+            self.woken.clear()  # a card saved during this run wakes the next one
             try:
                 async with self.pool.acquire() as conn:
                     if await conn.fetchval("SELECT pg_try_advisory_lock($1)", RUNNER_LOCK):
@@ -211,7 +217,6 @@ class Biller:
                             await conn.execute("SELECT pg_advisory_unlock($1)", RUNNER_LOCK)
             except Exception:
                 log.exception("period run failed; the next run retries")
-            self.woken.clear()
             try:
                 await asyncio.wait_for(self.woken.wait(), timeout=every)
             except TimeoutError:

@@ -209,8 +209,7 @@ async def grow_license_subscription(conn: Conn, cid: str, quantity: int, unit_pr
         "platform_price, company_price, first_period, kind, quantity) VALUES ($1, NULL, $2, "
         "'licenses', 'direct', $3, 0, $4, 'licenses', $5) ON CONFLICT (company_id) "
         "WHERE kind = 'licenses' DO UPDATE SET quantity = subscriptions.quantity + $5, "
-        "platform_price = EXCLUDED.platform_price, status = CASE WHEN subscriptions.status = "
-        "'cancelled' THEN 'active' ELSE subscriptions.status END",
+        "platform_price = EXCLUDED.platform_price, cancel_at_period_end = false",
         f"lic_{cid}", cid, unit_price, next_period, quantity)
 
 
@@ -220,15 +219,21 @@ async def seat_subscription(conn: Conn, aid: str, *, lock: bool = False) -> asyn
 
 
 async def add_seat_to_plan(conn: Conn, aid: str, cid: str, seat_price: int,
-                           next_period: str) -> asyncpg.Record:
-    """One more seat in the workspace's monthly charge, from ``next_period`` (a workspace's
-    first seat starts its seat subscription)."""
+                           next_period: str, seats: int) -> asyncpg.Record:
+    """One more seat in the workspace's monthly charge, from ``next_period``. A workspace's
+    first seat starts its seat subscription; one dunning gave up on starts again with the
+    ``seats`` held now (its unpaid periods stay outstanding)."""
     r = await conn.fetchrow(
         "INSERT INTO subscriptions (id, account_id, company_id, product, deployment, "
         "platform_price, company_price, first_period, kind, quantity) VALUES ($1, $2, $3, "
-        "'seats', 'resell', 0, $4, $5, 'seats', 1) ON CONFLICT (account_id) WHERE kind = 'seats' "
-        "DO UPDATE SET quantity = subscriptions.quantity + 1 RETURNING *",
-        f"seats_{aid}", aid, cid, seat_price, next_period)
+        "'seats', 'resell', 0, $4, $5, 'seats', $6) ON CONFLICT (account_id) "
+        "WHERE kind = 'seats' DO UPDATE SET quantity = CASE WHEN subscriptions.status = "
+        "'cancelled' THEN $6 ELSE subscriptions.quantity + 1 END, status = CASE WHEN "
+        "subscriptions.status = 'cancelled' THEN 'active' ELSE subscriptions.status END, "
+        "cancel_reason = NULL, cancelled_at = NULL, cancel_at_period_end = false, "
+        "first_period = CASE WHEN subscriptions.status = 'cancelled' THEN $5 "
+        "ELSE subscriptions.first_period END RETURNING *",
+        f"seats_{aid}", aid, cid, seat_price, next_period, seats)
     assert r is not None
     return r
 
@@ -327,13 +332,13 @@ async def lock_leg(conn: Conn, sid: str, period: str, leg: str, *,
 
 
 async def settle_leg(conn: Conn, leg: asyncpg.Record, *, status: str, failures: int,
-                     next_try_at: Any, error: str | None) -> None:
+                     next_try_at: Any, error: str | None, tried_at: Any) -> None:
     await conn.execute(
         "UPDATE period_legs SET status = $4, failures = $5, next_try_at = $6, last_error = $7, "
-        "last_try_at = now(), charged_at = CASE WHEN $4 = 'charged' THEN now() END "
+        "last_try_at = $8, charged_at = CASE WHEN $4 = 'charged' THEN now() END "
         "WHERE subscription_id = $1 "
         "AND period = $2 AND leg = $3", leg["subscription_id"], leg["period"], leg["leg"], status,
-        failures, next_try_at, error)
+        failures, next_try_at, error, tried_at)
 
 
 async def set_subscription_status(conn: Conn, sid: str) -> str:
@@ -347,12 +352,17 @@ async def set_subscription_status(conn: Conn, sid: str) -> str:
 
 async def retry_now(conn: Conn, company_id: str, account_id: str | None, at: Any,
                     card_at: Any) -> int:
-    """A payer saved or defaulted a card at ``card_at``: its legs that failed before that are
-    tried at once (one that failed after already tried that card). Returns how many."""
+    """A payer saved or defaulted a card at ``card_at``: its legs whose last try began before
+    that and failed are tried at once (one tried since has tried that card). Returns how many.
+    A leg being tried right now is matched too (its row lock makes this wait for the try, then
+    the condition is checked again on its outcome): a card saved during a try that failed is
+    not lost."""
     status = await conn.execute(
-        "UPDATE period_legs SET next_try_at = $3 WHERE status = 'failed' AND company_id = $1 "
+        "UPDATE period_legs SET next_try_at = $3 WHERE company_id = $1 AND status <> 'charged' "
+        "AND (status = 'failed' OR next_try_at <= $3) "
+        "AND COALESCE(last_try_at, '-infinity') < $4 "
         "AND (CASE WHEN $2::text IS NULL THEN leg LIKE 'platform%' ELSE leg LIKE 'account%' "
-        "AND account_id = $2 END) AND last_try_at < $4", company_id, account_id, at, card_at)
+        "AND account_id = $2 END)", company_id, account_id, at, card_at)
     return int(status.split()[-1])
 
 

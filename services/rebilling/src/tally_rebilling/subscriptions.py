@@ -4,6 +4,7 @@ billing itself (legs, dunning) is ``billing``."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -13,10 +14,11 @@ import asyncpg
 
 from tally import idempotency
 from tally.auth import Principal
+from tally.db import Conn
 from tally.errors import ApiError, not_found
 from tally_rebilling import storage
 from tally_rebilling.billing import Biller, current_period, subscription_view
-from tally_rebilling.domain import CATALOG
+from tally_rebilling.domain import CATALOG, Product
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ async def subscribe(pool: asyncpg.Pool, biller: Biller, principal: Principal, ai
                        [{"field": "product", "message": f"one of {sorted(CATALOG)}"}])
     who = idempotency.principal_key(principal)
     period = current_period(at)
+    in_flight = False
     async with pool.acquire() as conn, conn.transaction():
         sub_id = f"sub_{uuid.uuid4().hex[:20]}"
         if idempotency_key is not None:
@@ -56,25 +59,19 @@ async def subscribe(pool: asyncpg.Pool, biller: Biller, principal: Principal, ai
                 return Replayed(stored.status_code or 201, stored.response)
             if stored is not None and stored.resource:
                 sub_id = stored.resource  # the first request is charging it now
-                existing = await storage.subscription(conn, sub_id)
-                if existing is not None:
-                    return {**subscription_view(existing, await storage.outstanding(
-                        conn, sub_id, len(biller.delays))), "period": period,
-                            "charge": "pending"}
-        a = await storage.account(conn, aid)
-        if a is None or not principal.can_see_account(a["company_id"], aid):
-            raise not_found("account")
-        c = await storage.company(conn, a["company_id"], lock=True)
-        assert c is not None
-        if deployment == "resell" and c["stripe_account_id"] is None:
-            raise ApiError(409, "company_stripe_not_connected",
-                           "reselling charges the account through the company's Stripe")
-        price = (await storage.company_prices(conn, c["id"])).get(p.id, p.platform_price_micros)
-        sub = await storage.insert_subscription(conn, {
-            "id": sub_id, "account_id": aid, "company_id": c["id"], "product": p.id,
-            "deployment": deployment, "platform_price": p.platform_price_micros,
-            "company_price": price, "first_period": period})
-        await storage.open_legs(conn, sub, period, at)
+                in_flight = await storage.subscription(conn, sub_id) is not None
+        if not in_flight:
+            await _create(conn, principal, aid, p, deployment, sub_id, period, at)
+    if in_flight:  # outside the transaction: it holds the key's lock the first one needs
+        assert idempotency_key is not None
+        first = await _first_response(pool, who, idempotency_key, fingerprint)
+        if first is not None:
+            return first
+        async with pool.acquire() as conn:
+            sub = await storage.subscription(conn, sub_id)
+            assert sub is not None
+            return {**subscription_view(sub, await storage.outstanding(
+                conn, sub_id, len(biller.delays))), "period": period, "charge": "pending"}
     await biller.charge_due(at, subscription_id=sub_id, wait=True)
     async with pool.acquire() as conn, conn.transaction():
         settled = await storage.subscription(conn, sub_id)
@@ -88,6 +85,39 @@ async def subscribe(pool: asyncpg.Pool, biller: Biller, principal: Principal, ai
     return out
 
 
+async def _create(conn: Conn, principal: Principal, aid: str, p: Product, deployment: str,
+                  sub_id: str, period: str, at: datetime) -> None:
+    """In the caller's transaction: the subscription and its first period's legs."""
+    a = await storage.account(conn, aid)
+    if a is None or not principal.can_see_account(a["company_id"], aid):
+        raise not_found("account")
+    c = await storage.company(conn, a["company_id"], lock=True)
+    assert c is not None
+    if deployment == "resell" and c["stripe_account_id"] is None:
+        raise ApiError(409, "company_stripe_not_connected",
+                       "reselling charges the account through the company's Stripe")
+    price = (await storage.company_prices(conn, c["id"])).get(p.id, p.platform_price_micros)
+    sub = await storage.insert_subscription(conn, {
+        "id": sub_id, "account_id": aid, "company_id": c["id"], "product": p.id,
+        "deployment": deployment, "platform_price": p.platform_price_micros,
+        "company_price": price, "first_period": period})
+    await storage.open_legs(conn, sub, period, at)
+
+
+async def _first_response(pool: asyncpg.Pool, who: str, key: str, fingerprint: str,
+                          timeout: float = 60) -> Replayed | None:
+    """The same key's first request is still charging: its response once it has one (the
+    same status and body), or None after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+        async with pool.acquire() as conn, conn.transaction():
+            stored = await idempotency.begin(conn, who, key, fingerprint)
+        if stored is not None and stored.response is not None:
+            return Replayed(stored.status_code or 201, stored.response)
+    return None
+
+
 async def cancel(pool: asyncpg.Pool, principal: Principal, sid: str,
                  tries: int) -> dict[str, Any]:
     """Cancel at the end of the paid period: nothing more is charged, the service runs until
@@ -95,8 +125,15 @@ async def cancel(pool: asyncpg.Pool, principal: Principal, sid: str,
     same as once."""
     async with pool.acquire() as conn, conn.transaction():
         sub = await storage.subscription(conn, sid, lock=True)
-        if sub is None or not principal.can_see_account(sub["company_id"], sub["account_id"]):
+        if sub is None or not (principal.can_see_account(sub["company_id"], sub["account_id"])
+                               if sub["account_id"] else principal.can_see_company(
+                                   sub["company_id"])):
             raise not_found("subscription")
+        if sub["kind"] != "product":
+            # a pool's licenses are freed from the pool, seats go with their members: their
+            # billing follows what is held, it is not cancelled on its own
+            raise ApiError(409, "not_cancellable", f"{sub['kind']} are billed for what the "
+                           "company holds; free licenses or remove members instead")
         if sub["status"] != "cancelled" and not sub["cancel_at_period_end"]:
             await conn.execute("UPDATE subscriptions SET cancel_at_period_end = true "
                                "WHERE id = $1", sid)
