@@ -5,11 +5,13 @@ connected to another account; good and declining cards attached to the company a
 account, removed and made default; wallet PATCHes; rebilling turned on, off and marked up;
 usage (own, foreign and unknown accounts, resent ids, a service without a price in the
 company's currency); credits and top-ups with and without Idempotency-Keys; credit requests
-approved and rejected; and time for retries. After each step it waits for the system to settle
+approved and rejected; time for retries; subscriptions resold and direct, cancelled at period
+end, and the period runner at instants from an hour to a month apart (dunning). After each step it waits for the system to settle
 on what an independent reference model — plain Python written from API.md, not from Tally's
 code — says: every balance and status of both wallets, their auto-recharge flag, funding,
 rebilling mode and markups as the wallet applies them, the account's cards and service status,
-and the number of successful card charges. At the end: Stripe's succeeded charges match the
+the number of successful card charges, and every subscription's status, outstanding amount and
+next retry. At the end: Stripe's succeeded charges match the
 recharge lines credited, and nothing accepted or charged is in a DLQ.
 
 ``MODEL_STEPS`` (default 120 in ``make test``; ``make model`` runs a long walk) and
@@ -257,7 +259,9 @@ class Company:
         leg.status, leg.failures = "failed", leg.failures + 1
         if leg.failures <= len(DUNNING):
             leg.next_try = at + DUNNING[leg.failures - 1]
-        elif not sub.cancelled:
+            return
+        leg.next_try = datetime.max.replace(tzinfo=UTC)  # no more tries on its schedule
+        if not sub.cancelled:
             sub.cancelled = "payment_failed"
 
     def run(self, at: datetime) -> None:
@@ -268,7 +272,7 @@ class Company:
         due = sorted(((leg.next_try, sub.sid, period, name), sub, leg)
                      for sub in self.subs for (period, name), leg in sub.legs.items()
                      if leg.status != "charged" and leg.next_try <= at
-                     and sub.cancelled != "payment_failed" and leg.failures <= len(DUNNING))
+                     and sub.cancelled != "payment_failed")
         # the runner's order: by time, subscription, period, and the platform leg first
         due.sort(key=lambda d: (d[0][0], d[0][1], d[0][2], d[0][3] != "platform"))
         for _, sub, leg in due:
@@ -276,12 +280,12 @@ class Company:
                 self.charge(sub, leg, at)
 
     def card_saved(self, payer: str) -> None:
-        """A card saved or made default: that payer's failed legs are tried at once."""
+        """A card saved or made default: that payer's failed legs are tried at once (even one
+        past its schedule: what a subscription its customer cancelled still owes)."""
         now = datetime.now(UTC)
         for sub in self.subs:
             for leg in sub.legs.values():
-                if leg.payer == payer and leg.status == "failed" and leg.tried_at is not None \
-                        and leg.failures <= len(DUNNING):
+                if leg.payer == payer and leg.status == "failed" and leg.tried_at is not None:
                     leg.next_try = now
         self.run(now)
 
@@ -829,7 +833,10 @@ async def test_the_lifecycle_model(tally: Tally) -> None:
 
     done = [line.split(": ", 1)[1].split(" ")[0] for line in walk.log]
     print("model walk:", {w: done.count(w) for w in sorted(set(done))}, "rebilling on:",
-          walk.rebilling_steps, "charges:",
+          walk.rebilling_steps, "subscriptions (count, legs charged, legs failed):",
+          [(len(c.subs), c.sub_charges, sum(leg.failures for sub in c.subs
+                                            for leg in sub.legs.values()))
+           for c in walk.companies], "charges:",
           [(c.wallet.charges, c.account.wallet.charges) for c in walk.companies], flush=True)
 
     # every successful charge at Stripe is one credited recharge or top-up, and no more
