@@ -1,18 +1,19 @@
-"""A model of the wallet and recharge lifecycle, as a test. A seeded random walk drives the real
-services through their public APIs (HTTP and the ``usage.ingest`` topic): companies in two
-currencies on changing plans, each with a client account; Stripe connected, disconnected and
-connected to another account; good and declining cards attached to the company and to the
-account, removed and made default; wallet PATCHes; rebilling turned on, off and marked up;
-usage (own, foreign and unknown accounts, resent ids, a service without a price in the
-company's currency); credits and top-ups with and without Idempotency-Keys; credit requests
-approved and rejected; time for retries; subscriptions resold and direct, cancelled at period
-end, and the period runner at instants from an hour to a month apart (dunning). After each step it waits for the system to settle
-on what an independent reference model — plain Python written from API.md, not from Tally's
-code — says: every balance and status of both wallets, their auto-recharge flag, funding,
-rebilling mode and markups as the wallet applies them, the account's cards and service status,
-the number of successful card charges, and every subscription's status, outstanding amount and
-next retry. At the end: Stripe's succeeded charges match the
-recharge lines credited, and nothing accepted or charged is in a DLQ.
+"""A model of the wallet, recharge and period-billing lifecycle, as a test. A seeded random
+walk drives the real services through their public APIs (HTTP and the ``usage.ingest`` topic):
+companies in two currencies on changing plans, each with a client account; Stripe connected,
+disconnected and connected to another account; good and declining cards attached to the
+company and to the account, removed and made default; wallet PATCHes; rebilling turned on, off
+and marked up; usage (own, foreign and unknown accounts, resent ids, a service without a price
+in the company's currency); credits and top-ups with and without Idempotency-Keys; credit
+requests approved and rejected; time for retries; subscriptions resold and direct, cancelled at
+period end, and the period runner at instants from an hour to a month apart (dunning). After
+each step it waits for the system to settle on what an independent reference model — plain
+Python written from API.md, not from Tally's code — says: every balance and status of both
+wallets, their auto-recharge flag, funding, rebilling mode and markups as the wallet applies
+them, the account's cards and service status, the number of successful card charges, and every
+subscription's status, outstanding amount and next retry. At the end: Stripe's succeeded
+charges match the recharge lines credited and the period legs charged, and nothing accepted or
+charged is in a DLQ.
 
 ``MODEL_STEPS`` (default 120 in ``make test``; ``make model`` runs a long walk) and
 ``MODEL_SEED`` (printed; set it to replay a failing walk step for step)."""
