@@ -120,8 +120,11 @@ async def settle(biller: Biller, pid: str, *, wait: bool = True) -> str:
             # purchase paid the new ones for it): opened now, if the runner has not yet
             await storage.open_legs(conn, sub, current_period(now), now)
         await storage.add_to_pool(conn, cid, p["quantity"])
+        # the purchase pays for the period in which the licenses join the pool (a payment
+        # that processed into the next month pays that month); the pool's charge covers them
+        # from the period after
         await storage.grow_license_subscription(conn, cid, p["quantity"], unit_price(),
-                                                next_period(p["period"]))
+                                                next_period(current_period(now)))
         await storage.settle_purchase(conn, pid, "charged", None)
         await publish.license_changed(conn, cid, None)
     return "charged"
@@ -130,9 +133,6 @@ async def settle(biller: Biller, pid: str, *, wait: bool = True) -> str:
 async def settle_pending(biller: Biller, company_id: str | None = None) -> None:
     """The runner: purchases whose payment was processing are settled once it ends."""
     async with biller.pool.acquire() as conn:
-        pending = await storage.pending_purchases(conn)
-        if company_id is not None:
-            rows = [await storage.purchase(conn, p) for p in pending]
-            pending = [r["id"] for r in rows if r is not None and r["company_id"] == company_id]
+        pending = await storage.pending_purchases(conn, company_id)
     for pid in pending:
         await settle(biller, pid, wait=False)

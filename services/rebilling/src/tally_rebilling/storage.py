@@ -284,9 +284,10 @@ async def settle_purchase(conn: Conn, pid: str, status: str, error: str | None) 
                        "WHERE id = $1", pid, status, error)
 
 
-async def pending_purchases(conn: Conn) -> list[str]:
+async def pending_purchases(conn: Conn, company_id: str | None = None) -> list[str]:
     rows = await conn.fetch("SELECT id FROM license_purchases WHERE status = 'pending' "
-                            "ORDER BY created_at LIMIT 100")
+                            "AND ($1::text IS NULL OR company_id = $1) "
+                            "ORDER BY created_at LIMIT 1000", company_id)
     return [r["id"] for r in rows]
 
 
