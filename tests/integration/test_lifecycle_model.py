@@ -6,7 +6,7 @@ company and to the account, removed and made default; wallet PATCHes; rebilling 
 and marked up; usage (own, foreign and unknown accounts, resent ids, a service without a price
 in the company's currency); credits and top-ups with and without Idempotency-Keys; credit
 requests approved and rejected; time for retries; subscriptions resold and direct, cancelled at
-period end, and the period runner at instants from an hour to a month apart (dunning). After
+period end, licenses bought, and the period runner at instants from an hour to a month apart (dunning). After
 each step it waits for the system to settle on what an independent reference model — plain
 Python written from API.md, not from Tally's code — says: every balance and status of both
 wallets, their auto-recharge flag, funding, rebilling mode and markups as the wallet applies
@@ -173,10 +173,15 @@ class Account:
 # the subscription is cancelled.
 DUNNING = (timedelta(hours=24), timedelta(hours=72), timedelta(hours=120))
 PLATFORM_PRICE, COMPANY_PRICE = 10_000_000, 15_000_000  # WhatsApp, resold at 15
+LICENSE_PRICE = 10_000_000  # per license and month
 
 
 def period_of(at: datetime) -> str:
     return f"{at.year:04d}-{at.month:02d}"
+
+
+def month_after(at: datetime) -> datetime:
+    return datetime(at.year + (at.month == 12), at.month % 12 + 1, 1, tzinfo=UTC)
 
 
 @dataclass
@@ -199,12 +204,16 @@ class Sub:
     legs: dict[tuple[str, str], Leg] = field(default_factory=dict)  # (period, "platform"|...)
     ending: bool = False  # cancel at period end
     cancelled: str | None = None  # why: "cancelled" (asked) or "payment_failed" (dunning)
+    licenses: int = 0  # a company's license pool: its total, charged every period
 
     def open(self, period: str, at: datetime) -> None:
         if (period, "platform") in self.legs or self.cancelled or period < self.first_period:
             return
         if self.ending:
             self.cancelled = "cancelled"
+            return
+        if self.licenses:
+            self.legs[(period, "platform")] = Leg("company", LICENSE_PRICE * self.licenses, at)
             return
         self.legs[(period, "platform")] = Leg("company", PLATFORM_PRICE, at)
         if self.deployment == "resell":
@@ -240,6 +249,8 @@ class Company:
     accepted: list[str] = field(default_factory=list)  # usage event ids accepted
     subs: list[Sub] = field(default_factory=list)
     sub_charges: int = 0  # legs charged at Stripe
+    pool: Sub | None = None  # the license pool's monthly charge, from the first purchase
+    purchases: list[str] = field(default_factory=list)  # license purchases charged
     # (service:principal, Idempotency-Key) -> (what was asked, the first response); each
     # service keeps the keys of the requests it serves (docs/0008)
     keys: dict[tuple[str, str], tuple[str, Any]] = field(default_factory=dict)
@@ -261,6 +272,9 @@ class Company:
         if leg.failures <= len(DUNNING):
             leg.next_try = at + DUNNING[leg.failures - 1]
             return
+        if sub.licenses:  # a pool is never cancelled: tried at the slowest pace
+            leg.next_try = at + DUNNING[-1]
+            return
         leg.next_try = datetime.max.replace(tzinfo=UTC)  # no more tries on its schedule
         if not sub.cancelled:
             sub.cancelled = "payment_failed"
@@ -268,10 +282,10 @@ class Company:
     def run(self, at: datetime) -> None:
         """The period runner at ``at``: opens the period, then tries every leg due, in the
         runner's order, each once."""
-        for sub in self.subs:
+        for sub in self.all_subs():
             sub.open(period_of(at), at)
         due = sorted(((leg.next_try, sub.sid, period, name), sub, leg)
-                     for sub in self.subs for (period, name), leg in sub.legs.items()
+                     for sub in self.all_subs() for (period, name), leg in sub.legs.items()
                      if leg.status != "charged" and leg.next_try <= at
                      and sub.cancelled != "payment_failed")
         # the runner's order: by time, subscription, period, and the platform leg first
@@ -280,15 +294,24 @@ class Company:
             if sub.cancelled != "payment_failed":
                 self.charge(sub, leg, at)
 
-    def card_saved(self, payer: str) -> None:
+    def card_saved(self, payer: str) -> bool:
         """A card saved or made default: that payer's failed legs are tried at once (even one
-        past its schedule: what a subscription its customer cancelled still owes)."""
+        past its schedule: what a subscription its customer cancelled still owes). Returns
+        whether the runner is woken (it then runs for every company)."""
         now = datetime.now(UTC)
-        for sub in self.subs:
+        woken = False
+        for sub in self.all_subs():
             for leg in sub.legs.values():
-                if leg.payer == payer and leg.status == "failed" and leg.tried_at is not None:
-                    leg.next_try = now
-        self.run(now)
+                if leg.payer != payer or leg.status == "charged":
+                    continue
+                if leg.status == "failed" and leg.tried_at is not None:
+                    leg.next_try, woken = now, True
+                elif leg.status == "due" and leg.next_try <= now:
+                    woken = True
+        return woken
+
+    def all_subs(self) -> list[Sub]:
+        return self.subs + ([self.pool] if self.pool else [])
 
     def wallets(self) -> list[tuple[Wallet, bool]]:
         """Each wallet with whether its cards can be charged."""
@@ -462,7 +485,7 @@ class Walk:
         assert r.status_code == 201, r.text
         w.attach(Card(pm, good))
         assert r.json()["is_default"] == (w.default == pm)
-        c.card_saved(side)  # failed period charges of this payer are tried at once
+        self.card_saved(c, side)  # failed period charges of this payer are tried at once
 
     async def detach(self, c: Company) -> None:
         side, w, path, headers = self._side(c)
@@ -486,7 +509,7 @@ class Walk:
             self.t.url("recharge", f"{path}/payment-methods/{card.pm}/default"), headers=headers)
         assert r.status_code == 200, r.text
         w.default = card.pm
-        c.card_saved(side)
+        self.card_saved(c, side)
         return None
 
     async def patch(self, c: Company) -> None:
@@ -660,6 +683,12 @@ class Walk:
         assert r.status_code == 200, r.text
         c.connected = True
 
+    def card_saved(self, c: Company, payer: str) -> None:
+        if c.card_saved(payer):  # the runner, woken, charges what is due of every company
+            now = datetime.now(UTC)
+            for o in self.companies:
+                o.run(now)
+
     async def subscribe(self, c: Company) -> None:
         """The company subscribes its account to WhatsApp: the current period is charged at
         once, each leg on its own."""
@@ -694,6 +723,28 @@ class Walk:
                                    headers=self.t.auth("platform_admin"))
         assert r.status_code == 200, r.text
         c.run(self.clock)
+
+    async def buy_licenses(self, c: Company) -> None:
+        """The company buys licenses: charged at once (quantity x price), the pool grows only
+        then; a pool whose charge failed sells none until it is paid."""
+        quantity = self.rng.choice([1, 2, 3])
+        self.log.append(f"{self.step}: {c.cid} buys {quantity} licenses")
+        r = await self.t.http.post(self.t.url("rebilling", f"/v1/companies/{c.cid}/licenses"),
+                                   json={"quantity": quantity}, headers=c.admin)
+        if (c.pool and c.pool.status == "past_due") or not c.pays("company"):
+            assert r.status_code == 402, r.text
+            assert r.json()["error"]["code"] == "payment_failed"
+            return
+        assert r.status_code == 201, r.text
+        c.purchases.append(r.json()["purchase"]["id"])
+        now = datetime.now(UTC)
+        if c.pool is None:
+            nxt = month_after(now)
+            c.pool = Sub(f"lic_{c.cid}", "direct", period_of(nxt), licenses=quantity)
+        else:
+            c.pool.open(period_of(now), now)  # this period at the licenses held before
+            c.pool.licenses += quantity
+        assert r.json()["total"] == c.pool.licenses
 
     async def unsubscribe(self, c: Company) -> None:
         live = [sub for sub in c.subs if not sub.cancelled]
@@ -737,6 +788,8 @@ class Walk:
         out["subscriptions"] = [
             (x["id"], x["status"], x["outstanding"], _minute(x["next_retry_at"]))
             for x in subs["items"]]
+        pool = await self._get("rebilling", f"/v1/companies/{c.cid}/licenses", c.admin) or {}
+        out["licenses"] = pool.get("total")
         out["account"].update(
             cards=sorted(x["id"] for x in cards["items"]) if cards else None,
             recharge_connected=cards["stripe_connected"] if cards else None,
@@ -763,6 +816,7 @@ class Walk:
             (sub.sid, sub.status, text(sub.outstanding),
              _minute(sub.next_retry.isoformat() if sub.next_retry else None))
             for sub in c.subs)
+        out["licenses"] = c.pool.licenses if c.pool else 0
         return out
 
     async def settle(self) -> None:
@@ -786,7 +840,8 @@ class Walk:
                    (self.patch, 3), (self.credit, 2), (self.top_up, 2), (self.wait, 1),
                    (self.request_credits, 1), (self.resolve_request, 1),
                    (self.set_rebilling, 3), (self.change_plan, 1), (self.connection, 1),
-                   (self.subscribe, 1), (self.advance, 2), (self.unsubscribe, 1)]
+                   (self.subscribe, 1), (self.advance, 2), (self.unsubscribe, 1),
+                   (self.buy_licenses, 1)]
         weights = [w for _, w in actions]
         for self.step in range(steps):
             action = self.rng.choices([a for a, _ in actions], weights)[0]
@@ -837,7 +892,9 @@ async def test_the_lifecycle_model(tally: Tally) -> None:
           walk.rebilling_steps, "subscriptions (count, legs charged, legs failed):",
           [(len(c.subs), c.sub_charges, sum(leg.failures for sub in c.subs
                                             for leg in sub.legs.values()))
-           for c in walk.companies], "charges:",
+           for c in walk.companies], "licenses (purchases, pool):",
+          [(len(c.purchases), c.pool.licenses if c.pool else 0) for c in walk.companies],
+          "charges:",
           [(c.wallet.charges, c.account.wallet.charges) for c in walk.companies], flush=True)
 
     # every successful charge at Stripe is one credited recharge or top-up, and no more
@@ -862,6 +919,17 @@ async def test_the_lifecycle_model(tally: Tally) -> None:
             paid = [i for i in intents if i["status"] == "succeeded" and (
                 (i.get("metadata") or {}).get("tally_attempt") or "").startswith(f"sub-{sub.sid}-")]
             assert len(paid) == sum(leg.status == "charged" for leg in sub.legs.values()), sub
+
+    # every license purchase and every period of a pool the model charged, and no more
+    for c in walk.companies:
+        paid = [i for i in intents if i["status"] == "succeeded" and (
+            (i.get("metadata") or {}).get("tally_attempt") or "").removeprefix("licenses-")
+            in c.purchases]
+        assert len(paid) == len(c.purchases), (c.cid, len(paid), c.purchases)
+        pool = [i for i in intents if i["status"] == "succeeded" and (
+            (i.get("metadata") or {}).get("tally_attempt") or "").startswith(f"sub-lic_{c.cid}-")]
+        assert len(pool) == sum(leg.status == "charged"
+                                for leg in (c.pool.legs.values() if c.pool else [])), c.cid
 
     # nothing accepted or charged was dead-lettered
     accepted = {e for c in walk.companies for e in c.accepted}
