@@ -366,3 +366,34 @@ async def test_reconnecting_stripe_reloads_and_another_account_forgets_cards(tal
         account = await tally.http.get(tally.url("rebilling", path), headers=agency.admin)
         return cards.json()["items"] == [] and account.json()["has_valid_card"] is False
     await eventually(forgotten, what="the cards on the previous Stripe account forgotten")
+
+
+async def test_idempotency_keys_are_forgotten_after_a_day(tally: Tally) -> None:
+    """Keys are kept 24 h (API.md), then swept in batches (every service sweeps its own, hourly;
+    here the sweep is called on the wallet's schema)."""
+    import asyncpg
+
+    from tally import idempotency
+
+    agency = Agency(tally)
+    key = {"Idempotency-Key": uid("key")}
+    url = tally.url("wallet", f"/v1/companies/{agency.cid}/wallet/credits")
+    r = await tally.http.post(url, json={"amount": "1"},
+                              headers={**tally.auth("platform_admin"), **key})
+    assert r.status_code == 201, r.text
+    await tally.sql("wallet", "INSERT INTO idempotency_keys (principal, key, request_hash, "
+                              "created_at) VALUES ('old', $1, 'h', now() - interval '25 hours')",
+                    uid("old"))
+    conn = await asyncpg.connect(tally.stack.database_url,
+                                 server_settings={"search_path": "wallet"})
+    try:
+        assert await idempotency.sweep(conn) >= 1
+    finally:
+        await conn.close()
+    rows = await tally.sql("wallet", "SELECT principal FROM idempotency_keys "
+                                     "WHERE created_at < now() - interval '24 hours'")
+    assert rows == []
+    # a key within its day is kept: the same request still answers its first response
+    again = await tally.http.post(url, json={"amount": "1"},
+                                  headers={**tally.auth("platform_admin"), **key})
+    assert (again.status_code, again.json()) == (201, r.json())

@@ -79,3 +79,11 @@ async def finish(conn: Conn, principal: str, key: str, status_code: int, respons
         "UPDATE idempotency_keys SET status_code = $3, response = $4::jsonb "
         "WHERE principal = $1 AND key = $2",
         principal, key, status_code, orjson.dumps(response).decode())
+
+
+async def sweep(conn: Conn, *, batch: int = 5000) -> int:
+    """Forget keys older than their 24 h (a batch at a time, oldest first); returns how many."""
+    status = await conn.execute(
+        "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(SELECT ctid FROM idempotency_keys "
+        f"WHERE created_at < now() - interval '{TTL}' ORDER BY created_at LIMIT $1))", batch)
+    return int(status.split()[-1])

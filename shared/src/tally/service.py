@@ -27,7 +27,7 @@ from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tally import db
+from tally import db, idempotency
 from tally.errors import JsonResponse, error_response, install_error_handlers
 from tally.kafka import make_broker, make_producer
 from tally.outbox import OutboxRelay
@@ -98,6 +98,7 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
         await producer.start()
         await broker.start()
         relay.start()
+        housekeeping = asyncio.create_task(_housekeeping(pool, spec.name))
         for hook in spec.on_start:
             await hook(rt)
         log.info("service started", extra={"port": settings.port_of(spec.name)})
@@ -108,6 +109,9 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
             for hook in spec.on_stop:
                 with contextlib.suppress(Exception):
                     await hook(rt)
+            housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await housekeeping
             await broker.stop()
             await relay.stop()
             await producer.stop()
@@ -124,6 +128,25 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     _add_http_metrics(app, spec.name)
     return app
+
+
+async def _housekeeping(pool: asyncpg.Pool, service: str, every: float = 3600) -> None:
+    """Idempotency-Keys are kept 24 h (API.md), then forgotten: swept every hour, a batch at a
+    time so a sweep never holds many rows locked."""
+    while True:
+        try:
+            swept = 0
+            while True:
+                async with pool.acquire() as conn:
+                    n = await idempotency.sweep(conn)
+                swept += n
+                if n < 5000:
+                    break
+            if swept:
+                log.info("idempotency keys swept", extra={"swept": swept, "service": service})
+        except Exception:
+            log.exception("housekeeping failed; next hour retries")
+        await asyncio.sleep(every)
 
 
 def runtime(request: Request) -> Runtime:
