@@ -217,11 +217,7 @@ async def test_a_processing_leg_paid_is_not_shown_outstanding(tally: Tally) -> N
     async def settled() -> bool:
         [s] = await resold.subscriptions()
         return bool(s["outstanding"] == "0.000000")
-    try:
-        await eventually(settled, timeout=20, what="outstanding cleared")
-    except AssertionError:
-        [s] = await resold.subscriptions()
-        raise AssertionError(f"account paid (SEPA succeeded) but still shown {s}") from None
+    await eventually(settled, timeout=20, what="the SEPA debit paid shown as not outstanding")
 
 
 # --- 6. Idempotency-Key: concurrent same-key requests ---------------------------------------
@@ -340,10 +336,4 @@ async def test_a_card_saved_while_a_charge_is_in_flight_is_used(tally: Tally) ->
     async def collected() -> bool:
         [s] = await resold.subscriptions()
         return bool(s["status"] == "active")
-    try:
-        await eventually(collected, timeout=20, what="the leg retried on the card saved")
-    except AssertionError:
-        [s] = await resold.subscriptions()
-        legs = await tally.sql("rebilling", "SELECT leg, status, failures, next_try_at, "
-                               "last_try_at FROM period_legs WHERE subscription_id = $1", s["id"])
-        raise AssertionError(f"card saved during the try, still {s} legs={legs}") from None
+    await eventually(collected, timeout=20, what="the leg retried on the card saved")

@@ -73,6 +73,27 @@ async def begin(conn: Conn, principal: str, key: str, fingerprint: str,
     return Stored(row["resource"], row["status_code"], response)
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A request's claim on its key: the first response to answer again (``replayed``), or
+    the resource the key names — ``fresh`` for the key's first request (``first``), or the one
+    the first request is still making."""
+
+    replayed: Stored | None
+    resource: str
+    first: bool
+
+
+async def claim(conn: Conn, principal: str, key: str, fingerprint: str, fresh: str) -> Claim:
+    """``begin`` for a request that creates a resource named up front (``fresh``)."""
+    stored = await begin(conn, principal, key, fingerprint, resource=fresh)
+    if stored is None:
+        return Claim(None, fresh, True)
+    if stored.response is not None:
+        return Claim(stored, stored.resource or fresh, False)
+    return Claim(None, stored.resource or fresh, False)
+
+
 async def finish(conn: Conn, principal: str, key: str, status_code: int, response: Any) -> None:
     """Record the response to send again for this key."""
     await conn.execute(

@@ -18,8 +18,8 @@ from tally.money import format_micros
 from tally.service import runtime
 from tally_rebilling import storage, subscriptions
 from tally_rebilling.api_companies import account_for, company_for
-from tally_rebilling.billing import Biller, current_period, subscription_view
-from tally_rebilling.domain import CATALOG, parse_period, period_start
+from tally_rebilling.billing import Biller, subscription_view
+from tally_rebilling.domain import CATALOG, current_period, parse_period, period_start
 
 router = APIRouter(prefix="/v1", tags=["reselling"])
 Limit = Annotated[int, Query(ge=1, le=500)]

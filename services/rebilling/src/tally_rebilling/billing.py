@@ -29,6 +29,7 @@ from tally.db import Conn
 from tally.money import format_micros
 from tally.settings import Settings
 from tally_rebilling import licenses, publish, storage
+from tally_rebilling.domain import current_period
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,6 @@ DEFAULT_RETRY_HOURS = (24, 72, 120)
 # A try whose outcome recharge does not know yet (processing, unreachable) is asked again after.
 RECHECK = timedelta(seconds=60)
 RUNNER_LOCK = 0x7461_6C6C_7950  # pg advisory lock: one period runner across replicas
-
-
-def current_period(now: datetime | None = None) -> str:
-    now = now or datetime.now(UTC)
-    return f"{now.year:04d}-{now.month:02d}"
 
 
 def retry_delays() -> tuple[timedelta, ...]:

@@ -94,6 +94,17 @@ def parse_period(text: str) -> str:
     return text
 
 
+def current_period(now: datetime | None = None) -> str:
+    """The ``YYYY-MM`` period ``now`` (default: the clock) falls in (UTC)."""
+    now = now or datetime.now(UTC)
+    return f"{now.year:04d}-{now.month:02d}"
+
+
+def next_period(period: str) -> str:
+    year, month = (int(x) for x in period.split("-"))
+    return f"{year + (month == 12):04d}-{month % 12 + 1:02d}"
+
+
 def period_start(period: str) -> datetime:
     """The first instant of a ``YYYY-MM`` period (UTC)."""
     year, month = period.split("-")

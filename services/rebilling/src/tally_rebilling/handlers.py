@@ -25,7 +25,7 @@ CARD_TYPES = ("payment_method.attached", "payment_method.detached", "payment_met
 def subscribe(rt: Runtime) -> None:
     async def on_recharge_events(records: Sequence[Any]) -> None:
         changes: list[tuple[str, events.PaymentMethodChanged]] = []
-        cards: list[tuple[datetime, events.PaymentMethodChanged]] = []  # saved or defaulted
+        cards: list[tuple[str, datetime, events.PaymentMethodChanged]] = []  # saved, defaulted
         dead = []
         for r in records:
             try:
@@ -35,7 +35,7 @@ def subscribe(rt: Runtime) -> None:
                     assert isinstance(p, events.PaymentMethodChanged)
                     changes.append((env.id, p))
                     if env.type != "payment_method.detached":
-                        cards.append((env.time, p))
+                        cards.append((env.id, env.time, p))
             except events.BadMessage as exc:
                 dead.append(dlq_row(r, str(exc), service=SERVICE))
         if not changes and not dead:
@@ -43,9 +43,10 @@ def subscribe(rt: Runtime) -> None:
         async with rt.pool.acquire() as conn, conn.transaction():
             fresh = await inbox.claim(conn, "rebilling-cards", [c[0] for c in changes])
             retried = 0
-            for when, p in cards:
-                retried += await storage.retry_now(conn, p.company_id, p.account_id,
-                                                   datetime.now(UTC), when)
+            for msg_id, when, p in cards:
+                if msg_id in fresh:  # each card event once
+                    retried += await storage.retry_now(conn, p.company_id, p.account_id,
+                                                       datetime.now(UTC), when)
             for msg_id, p in changes:
                 if msg_id not in fresh or p.account_id is None:
                     continue

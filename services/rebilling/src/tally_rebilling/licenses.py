@@ -21,6 +21,7 @@ from tally.auth import Principal
 from tally.errors import ApiError, not_found
 from tally.money import format_micros, to_micros
 from tally_rebilling import publish, storage
+from tally_rebilling.domain import current_period, next_period
 
 if TYPE_CHECKING:
     from tally_rebilling.billing import Biller
@@ -32,11 +33,6 @@ def unit_price() -> int:
     """The platform's monthly price per license (``TALLY_LICENSE_PRICE``, a decimal string)."""
     return to_micros(os.environ.get("TALLY_LICENSE_PRICE", DEFAULT_UNIT_PRICE),
                      field="TALLY_LICENSE_PRICE")
-
-
-def next_period(period: str) -> str:
-    year, month = (int(x) for x in period.split("-"))
-    return f"{year + (month == 12):04d}-{month % 12 + 1:02d}"
 
 
 def pool_view(total: int, assigned: int) -> dict[str, Any]:
@@ -52,19 +48,16 @@ class Bought:
 
 async def buy(pool: asyncpg.Pool, biller: Biller, principal: Principal, cid: str,
               quantity: int, *, idempotency_key: str | None, fingerprint: str) -> Bought:
-    from tally_rebilling.billing import current_period
-
     who = idempotency.principal_key(principal)
     price = unit_price()
     period = current_period()
     async with pool.acquire() as conn, conn.transaction():
         pid = f"lp_{uuid.uuid4().hex[:20]}"
         if idempotency_key is not None:
-            stored = await idempotency.begin(conn, who, idempotency_key, fingerprint,
-                                             resource=pid)
-            if stored is not None and stored.response is not None:
-                return Bought(stored.status_code or 201, stored.response)
-            pid = (stored.resource if stored is not None else None) or pid
+            key = await idempotency.claim(conn, who, idempotency_key, fingerprint, pid)
+            if key.replayed is not None:
+                return Bought(key.replayed.status_code or 201, key.replayed.response)
+            pid = key.resource  # a second request for the key settles the same purchase
         c = await storage.company(conn, cid)
         if c is None or not principal.can_see_company(cid):
             raise not_found("company")
@@ -97,8 +90,6 @@ async def buy(pool: asyncpg.Pool, biller: Biller, principal: Principal, cid: str
 async def settle(biller: Biller, pid: str, *, wait: bool = True) -> str:
     """Charge (or ask again how the charge ended) one pending purchase and apply it: the pool
     grows, and so does its monthly charge, only when the card was charged."""
-    from tally_rebilling.billing import current_period
-
     async with biller.pool.acquire() as conn, conn.transaction():
         p = await storage.lock_purchase(conn, pid, wait=wait)
         if p is None:

@@ -12,8 +12,7 @@ import asyncpg
 
 from tally.db import Conn
 from tally_rebilling import storage
-from tally_rebilling.billing import current_period
-from tally_rebilling.licenses import next_period
+from tally_rebilling.domain import current_period, next_period
 
 
 async def add_seat(conn: Conn, account: asyncpg.Record, invitation_id: str) -> str | None:

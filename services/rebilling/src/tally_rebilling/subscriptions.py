@@ -17,8 +17,8 @@ from tally.auth import Principal
 from tally.db import Conn
 from tally.errors import ApiError, not_found
 from tally_rebilling import storage
-from tally_rebilling.billing import Biller, current_period, subscription_view
-from tally_rebilling.domain import CATALOG, Product
+from tally_rebilling.billing import Biller, subscription_view
+from tally_rebilling.domain import CATALOG, Product, current_period
 
 
 @dataclass(frozen=True)
@@ -53,13 +53,12 @@ async def subscribe(pool: asyncpg.Pool, biller: Biller, principal: Principal, ai
     async with pool.acquire() as conn, conn.transaction():
         sub_id = f"sub_{uuid.uuid4().hex[:20]}"
         if idempotency_key is not None:
-            stored = await idempotency.begin(conn, who, idempotency_key, fingerprint,
-                                             resource=sub_id)
-            if stored is not None and stored.response is not None:
-                return Replayed(stored.status_code or 201, stored.response)
-            if stored is not None and stored.resource:
-                sub_id = stored.resource  # the first request is charging it now
-                in_flight = await storage.subscription(conn, sub_id) is not None
+            key = await idempotency.claim(conn, who, idempotency_key, fingerprint, sub_id)
+            if key.replayed is not None:
+                return Replayed(key.replayed.status_code or 201, key.replayed.response)
+            sub_id = key.resource
+            # not the key's first request: the first is charging that subscription now
+            in_flight = not key.first and await storage.subscription(conn, sub_id) is not None
         if not in_flight:
             await _create(conn, principal, aid, p, deployment, sub_id, period, at)
     if in_flight:  # outside the transaction: it holds the key's lock the first one needs

@@ -274,15 +274,15 @@ async def _top_up(request: Request, principal: Principal, target: WalletTarget, 
             async with conn.transaction():
                 # a key already used answers as it did (or 422), whatever changed since; a
                 # refusal below rolls the key back with the rest
-                fresh_id = f"rc_{uuid.uuid4().hex}"
-                stored = await idempotency.begin(
+                key = await idempotency.claim(
                     conn, who, idempotency_key,
                     idempotency.request_hash(request.url.path, body.model_dump()),
-                    resource=fresh_id)
-                if stored is not None and stored.response is not None:
-                    return JsonResponse(stored.response, status_code=stored.status_code or 201)
-                attempt_id = (stored.resource if stored is not None else None) or fresh_id
-                existing = await storage.get_attempt(conn, attempt_id)
+                    f"rc_{uuid.uuid4().hex}")
+                if key.replayed is not None:
+                    return JsonResponse(key.replayed.response,
+                                        status_code=key.replayed.status_code or 201)
+                attempt_id = key.resource
+                existing = None if key.first else await storage.get_attempt(conn, attempt_id)
                 # the key's attempt, still pending, is answered as it stands whatever changed
                 # since (its card removed, Stripe disconnected): no new check refuses it
                 stripe_account = existing.stripe_account if existing is not None \

@@ -281,7 +281,8 @@ class Recharger(Worker):
             assert fresh is not None
             a = fresh
         async with self.pool.acquire() as conn:
-            customer = await storage.customer(conn, target.owner, target.owner_id)
+            customer = await storage.customer(conn, target.owner, target.owner_id,
+                                              a.stripe_account)
             cards = card_order(storage.cards(
                 await storage.payment_methods(conn, target.owner, target.owner_id)))
             connected = await self._connected(conn, a)
