@@ -235,3 +235,43 @@ async def test_disconnect_and_reconnect_with_a_retry_waiting_charges_once(tally:
 
 async def _bal(agency: Reseller, aid: str, balance: str) -> bool:
     return bool((await agency.wallet(aid))["balance"] == balance)
+
+
+async def test_a_card_saved_on_the_new_account_while_a_period_charge_processes_is_used(
+        tally: Tally) -> None:
+    """Found by the last review: the account's period charge is processing on Stripe account A
+    (it will fail); the company switches to B and the account saves a good card there. The
+    failed try is followed at once by one on the new card, not after the 24 h dunning wait."""
+    from datetime import UTC, datetime, timedelta
+
+    from tests.integration.test_dunning import Resold
+
+    resold = Resold(tally)
+    agency = resold.agency
+    await agency.create()
+    await agency.patch_wallet({"auto_recharge": False})
+    await resold.card(GOOD)
+    resold.aid = await agency.account()
+    await agency.patch_wallet({"auto_recharge": False}, resold.aid)
+    await known_account(tally, agency, resold.aid)
+    r = await attach_pm(tally, agency, resold.aid, await new_sepa(tally, SEPA_FAILS))
+    assert r.status_code == 201, r.text
+    r = await tally.http.put(tally.url("rebilling", f"/v1/companies/{agency.cid}/reselling/whatsapp"),
+                             json={"company_price": "15"}, headers=agency.admin)
+    assert r.status_code == 200, r.text
+    r = await resold.subscribe()
+    assert r.status_code == 201 and r.json()["charge"] in ("pending", "failed"), r.text
+    await asyncio.sleep(2)  # localstripe fails the debit 0.5 s after
+    b = acct()
+    await connect(tally, agency, b)
+    await connected_to(tally, agency.cid, b)
+    r = await attach_pm(tally, agency, resold.aid, await new_card(tally, GOOD))
+    assert r.status_code == 201, r.text
+
+    async def collected() -> bool:
+        await resold.run(datetime.now(UTC) + timedelta(seconds=61))  # the processing recheck
+        [s] = await resold.subscriptions()
+        return bool(s["status"] == "active" and s["outstanding"] == "0.000000")
+    await eventually(collected, what="the period charged on the card saved on B")
+    assert [c for c in await resold.charges() if c[2] == "succeeded"] == [
+        ("accounts", "15.000000", "succeeded"), ("companies", "10.000000", "succeeded")]

@@ -115,10 +115,10 @@ class Biller:
             leg = await storage.lock_leg(conn, sub_id, period, leg_name, wait=wait)
             if leg is None or leg["cancel_reason"] == "payment_failed" or leg["next_try_at"] > at:
                 return "skipped"  # charged, being charged, tried meanwhile or given up on
-            # the row stays locked while recharge charges the card: one try at a time per leg;
-            # a card saved after the try began may not have been tried: it brings the leg
-            # forward (storage.retry_now)
-            started = datetime.now(UTC)
+            # the row stays locked while recharge charges the card: one try at a time per leg.
+            # A try asked again (its payment was processing) keeps the time it began.
+            asked_again = leg["status"] == "due" and leg["last_try_at"] is not None
+            started = leg["last_try_at"] if asked_again else datetime.now(UTC)
             outcome, why = await self._charge(leg, leg["failures"] + 1)
             if outcome == "charged":
                 await storage.settle_leg(conn, leg, status="charged", failures=leg["failures"],
@@ -131,21 +131,19 @@ class Biller:
             else:
                 failures = leg["failures"] + 1
                 delay = after_failure(failures, self.delays)
-                await storage.settle_leg(conn, leg, status="failed", failures=failures,
-                                         next_try_at=at + (delay or timedelta(0)), error=why,
-                                         tried_at=started)
                 if delay is None and leg["kind"] == "licenses":
-                    # a license pool is not cancelled: it stays past_due (no new licenses are
-                    # sold meanwhile) and is tried again at the slowest pace
-                    await storage.settle_leg(conn, leg, status="failed", failures=failures,
-                                             next_try_at=at + self.delays[-1], error=why,
-                                             tried_at=started)
-                elif delay is None:
+                    delay = self.delays[-1]  # a pool is never cancelled: slowest pace
+                card_since = leg["card_saved_at"] is not None and leg["card_saved_at"] > started
+                if delay is not None and card_since:
+                    delay = timedelta(0)  # a card saved during the try: the next try now
+                    self.wake()
+                await storage.settle_leg(
+                    conn, leg, status="failed", failures=failures, error=why, tried_at=started,
+                    next_try_at=at + delay if delay is not None
+                    else datetime.max.replace(tzinfo=UTC))
+                if delay is None:
                     # the last try: no more (a subscription its customer cancelled meanwhile
                     # is not cancelled again, its leg is not tried again either)
-                    await storage.settle_leg(conn, leg, status="failed", failures=failures,
-                                             next_try_at=datetime.max.replace(tzinfo=UTC),
-                                             error=why, tried_at=started)
                     await self._end(conn, sub_id, "payment_failed")
                     return "cancelled"
             await storage.set_subscription_status(conn, sub_id)

@@ -353,18 +353,20 @@ async def set_subscription_status(conn: Conn, sid: str) -> str:
 
 async def retry_now(conn: Conn, company_id: str, account_id: str | None, at: Any,
                     card_at: Any) -> int:
-    """A payer saved or defaulted a card at ``card_at``: its legs whose last try began before
-    that and failed are tried at once (one tried since has tried that card). Returns how many.
-    A leg being tried right now is matched too (its row lock makes this wait for the try, then
-    the condition is checked again on its outcome): a card saved during a try that failed is
-    not lost."""
-    status = await conn.execute(
-        "UPDATE period_legs SET next_try_at = $3 WHERE company_id = $1 AND status <> 'charged' "
-        "AND (status = 'failed' OR next_try_at <= $3) "
-        "AND COALESCE(last_try_at, '-infinity') < $4 "
+    """A payer saved or defaulted a card at ``card_at``. Its legs whose last try began before
+    that and failed are tried at once (one tried since has tried that card); one being tried
+    or processing now remembers the card, so that if that try fails the next follows at once.
+    A leg being tried right now is matched too: its row lock makes this wait for the try, then
+    the condition is checked again on its outcome. Returns how many legs are due now."""
+    rows = await conn.fetch(
+        "UPDATE period_legs SET card_saved_at = GREATEST(card_saved_at, $4), "
+        "next_try_at = CASE WHEN (status = 'failed' OR next_try_at <= $3) "
+        "AND COALESCE(last_try_at, '-infinity') < $4 THEN $3 ELSE next_try_at END "
+        "WHERE company_id = $1 AND status <> 'charged' "
         "AND (CASE WHEN $2::text IS NULL THEN leg LIKE 'platform%' ELSE leg LIKE 'account%' "
-        "AND account_id = $2 END)", company_id, account_id, at, card_at)
-    return int(status.split()[-1])
+        "AND account_id = $2 END) RETURNING next_try_at <= $3 AS due",
+        company_id, account_id, at, card_at)
+    return sum(1 for r in rows if r["due"])
 
 
 async def subscription_legs(conn: Conn, sid: str, period: str) -> list[asyncpg.Record]:
