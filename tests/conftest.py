@@ -34,8 +34,9 @@ def uid(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-async def eventually(check: Callable[[], Awaitable[T | None]], *, timeout: float = 30,
-                     what: str = "condition") -> T:
+async def eventually(
+    check: Callable[[], Awaitable[T | None]], *, timeout: float = 30, what: str = "condition"
+) -> T:
     """Poll until ``check`` returns something truthy (eventual consistency, not speed)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -73,27 +74,31 @@ class Tally:
         return {"Authorization": "Bearer " + issue_token(role, **claims)}  # type: ignore[arg-type]
 
     async def post_usage(self, body: Any, role: str = "product") -> httpx.Response:
-        return await self.http.post(self.url("usage-meter", "/v1/usage"), json=body,
-                                    headers=self.auth(role))
+        return await self.http.post(self.url("usage-meter", "/v1/usage"), json=body, headers=self.auth(role))
 
     async def company_wallet(self, cid: str) -> dict[str, Any]:
-        r = await self.http.get(self.url("wallet", f"/v1/companies/{cid}/wallet"),
-                                headers=self.auth("company_admin", company_id=cid))
+        r = await self.http.get(
+            self.url("wallet", f"/v1/companies/{cid}/wallet"),
+            headers=self.auth("company_admin", company_id=cid),
+        )
         assert r.status_code == 200, r.text
         return r.json()  # type: ignore[no-any-return]
 
     async def company_transactions(self, cid: str) -> list[dict[str, Any]]:
         r = await self.http.get(
             self.url("wallet", f"/v1/companies/{cid}/wallet/transactions?limit=500"),
-            headers=self.auth("company_admin", company_id=cid))
+            headers=self.auth("company_admin", company_id=cid),
+        )
         assert r.status_code == 200, r.text
         return r.json()["items"]  # type: ignore[no-any-return]
 
     async def wait_applied(self, cid: str, event_id: str, timeout: float = 30) -> list[dict[str, Any]]:
         """Wait until the wallet ledger shows ``event_id`` for company ``cid``."""
+
         async def check() -> list[dict[str, Any]] | None:
             txs = await self.company_transactions(cid)
             return txs if any(t["usage_event_id"] == event_id for t in txs) else None
+
         return await eventually(check, timeout=timeout, what=f"{event_id} in {cid}'s ledger")
 
     async def produce(self, topic: str, value: bytes | dict[str, Any], key: str | None = None) -> None:
@@ -103,12 +108,17 @@ class Tally:
         raw = value if isinstance(value, bytes) else orjson.dumps(value)
         await self._producer.send_and_wait(topic, raw, key=key.encode() if key else None)
 
-    async def find_on_topic(self, topic: str, predicate: Callable[[dict[str, Any]], bool],
-                            timeout: float = 30) -> dict[str, Any]:
+    async def find_on_topic(
+        self, topic: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 30
+    ) -> dict[str, Any]:
         """Read ``topic`` from the start until a JSON message matches."""
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=self.stack.bootstrap,
-                                    auto_offset_reset="earliest", enable_auto_commit=False,
-                                    group_id=None)
+        consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=self.stack.bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            group_id=None,
+        )
         await consumer.start()
         try:
             deadline = time.monotonic() + timeout
@@ -122,27 +132,41 @@ class Tally:
         finally:
             await consumer.stop()
 
-    async def envelope(self, topic: str, type_: str, data: dict[str, Any], key: str,
-                       id_: str | None = None) -> None:
+    async def envelope(
+        self, topic: str, type_: str, data: dict[str, Any], key: str, id_: str | None = None
+    ) -> None:
         """Publish an event as another service would (until that service exists)."""
-        await self.produce(topic, {"id": id_ or uid(type_), "type": type_,
-                                   "time": "2026-01-01T00:00:00+00:00", "source": "test",
-                                   "data": data}, key=key)
+        await self.produce(
+            topic,
+            {
+                "id": id_ or uid(type_),
+                "type": type_,
+                "time": "2026-01-01T00:00:00+00:00",
+                "source": "test",
+                "data": data,
+            },
+            key=key,
+        )
 
-    async def topic_messages(self, topic: str, predicate: Callable[[dict[str, Any]], bool],
-                             *, until: Callable[[dict[str, Any]], bool],
-                             timeout: float = 30) -> list[dict[str, Any]]:
+    async def topic_messages(
+        self,
+        topic: str,
+        predicate: Callable[[dict[str, Any]], bool],
+        *,
+        until: Callable[[dict[str, Any]], bool],
+        timeout: float = 30,
+    ) -> list[dict[str, Any]]:
         """Every JSON message on ``topic`` matching ``predicate``, read from the start until a
         message matching ``until`` has been seen (a later event on the same key, so everything
         before it has been relayed) and then to the end of every partition."""
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.stack.bootstrap,
-                                    enable_auto_commit=False, group_id=None)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.stack.bootstrap, enable_auto_commit=False, group_id=None
+        )
         await consumer.start()
         found: list[dict[str, Any]] = []
         try:
             await consumer.topics()  # loads metadata
-            parts = [TopicPartition(topic, p) for p in
-                     sorted(consumer.partitions_for_topic(topic) or [])]
+            parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
             consumer.assign(parts)
             await consumer.seek_to_beginning(*parts)
             deadline = time.monotonic() + timeout
@@ -160,8 +184,7 @@ class Tally:
                         if not seen_until and matches(until, r.value):
                             seen_until = True
                             end = await consumer.end_offsets(parts)
-                if seen_until and all([await consumer.position(tp) >= off
-                                       for tp, off in end.items()]):
+                if seen_until and all([await consumer.position(tp) >= off for tp, off in end.items()]):
                     return found
                 if time.monotonic() > deadline:
                     raise AssertionError(f"the closing message never appeared on {topic}")
@@ -169,8 +192,7 @@ class Tally:
             await consumer.stop()
 
     async def sql(self, schema: str, query: str, *args: Any) -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(self.stack.database_url,
-                                     server_settings={"search_path": schema})
+        conn = await asyncpg.connect(self.stack.database_url, server_settings={"search_path": schema})
         try:
             return await conn.fetch(query, *args)
         finally:
@@ -185,18 +207,24 @@ class Tally:
 @pytest.fixture(scope="session")
 async def tally(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Tally]:
     root = tmp_path_factory.mktemp("stack")
-    stack = Stack(root, ports=Ports.free(), database_url=os.environ.get("DATABASE_URL"),
-                  isolated_database=True, partitions=4, extra_env={
-                      # retries and leases on a test's time scale
-                      "TALLY_RECHARGE_RETRY_SECONDS": "1,1",
-                      "TALLY_RECHARGE_LEASE_SECONDS": "3",
-                      "TALLY_RECHARGE_UNAVAILABLE_RETRY_SECONDS": "2",
-                      # spans as JSON lines, one file per service (tests/integration/test_observability)
-                      "TALLY_TRACES_DIR": str(root / "traces"),
-                      # ingestion rate limit per product token (test_security proves the 429)
-                      "TALLY_INGEST_RATE": "2000",
-                      "TALLY_INGEST_BURST": "5000",
-                  })
+    stack = Stack(
+        root,
+        ports=Ports.free(),
+        database_url=os.environ.get("DATABASE_URL"),
+        isolated_database=True,
+        partitions=4,
+        extra_env={
+            # retries and leases on a test's time scale
+            "TALLY_RECHARGE_RETRY_SECONDS": "1,1",
+            "TALLY_RECHARGE_LEASE_SECONDS": "3",
+            "TALLY_RECHARGE_UNAVAILABLE_RETRY_SECONDS": "2",
+            # spans as JSON lines, one file per service (tests/integration/test_observability)
+            "TALLY_TRACES_DIR": str(root / "traces"),
+            # ingestion rate limit per product token (test_security proves the 429)
+            "TALLY_INGEST_RATE": "2000",
+            "TALLY_INGEST_BURST": "5000",
+        },
+    )
     try:
         await stack.start()
         await stack.start_services()

@@ -29,17 +29,18 @@ pytestmark = pytest.mark.integration
 
 
 async def patch(tally: Tally, agency: Agency, **changes: Any) -> dict[str, Any]:
-    r = await tally.http.patch(tally.url("wallet", f"/v1/companies/{agency.cid}/wallet"),
-                               json=changes, headers=agency.admin)
+    r = await tally.http.patch(
+        tally.url("wallet", f"/v1/companies/{agency.cid}/wallet"), json=changes, headers=agency.admin
+    )
     assert r.status_code == 200, r.text
     return r.json()  # type: ignore[no-any-return]
 
 
-async def attempts_where(tally: Tally, agency: Agency, what: str,
-                         check: Any) -> list[dict[str, Any]]:
+async def attempts_where(tally: Tally, agency: Agency, what: str, check: Any) -> list[dict[str, Any]]:
     async def ok() -> list[dict[str, Any]] | None:
         found = await recharges(tally, agency)
         return found if check(found) else None
+
     return await eventually(ok, timeout=40, what=what)
 
 
@@ -90,6 +91,7 @@ async def test_turning_auto_recharge_back_on_after_cancellation_reloads(tally: T
     async def cancelled() -> dict[str, Any] | None:
         w = await agency.wallet()
         return w if not w["auto_recharge"] else None
+
     wallet = await eventually(cancelled, timeout=60, what="auto-recharge to be cancelled")
     assert wallet["status"] == "suspended" and wallet["balance"] == "-0.029000"
     failed = await recharges(tally, agency)
@@ -98,7 +100,8 @@ async def test_turning_auto_recharge_back_on_after_cancellation_reloads(tally: T
     good = await attach(tally, agency, GOOD)  # auto-recharge is off: the card alone does nothing
     r = await tally.http.post(
         tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods/{good}/default"),
-        headers=agency.admin)
+        headers=agency.admin,
+    )
     assert r.status_code == 200 and r.json()["is_default"] is True
     await asyncio.sleep(1.0)
     assert len(await recharges(tally, agency)) == 3
@@ -131,13 +134,17 @@ async def test_a_retry_after_the_owner_opted_out_charges_nothing(tally: Tally) -
     await agency.fund("5.01")
     await attach(tally, agency, DECLINES)
     await agency.use("sms", "10")
-    await attempts_where(tally, agency, "a failed round and a retry waiting",
-                         lambda a: [x["status"] for x in a] == ["pending", "failed"])
+    await attempts_where(
+        tally,
+        agency,
+        "a failed round and a retry waiting",
+        lambda a: [x["status"] for x in a] == ["pending", "failed"],
+    )
     await patch(tally, agency, auto_recharge=False)
     await attach(tally, agency, GOOD)  # a good card now: the retry must still not charge
     attempts = await attempts_where(
-        tally, agency, "the retry dropped",
-        lambda a: [x["status"] for x in a] == ["cancelled", "failed"])
+        tally, agency, "the retry dropped", lambda a: [x["status"] for x in a] == ["cancelled", "failed"]
+    )
     assert attempts[0]["tries"] == [] and attempts[0]["error"] == "auto_recharge_off"
     await asyncio.sleep(5)  # past the retry's time
     assert [a["status"] for a in await recharges(tally, agency)] == ["cancelled", "failed"]
@@ -152,12 +159,13 @@ async def test_a_credit_that_restores_the_balance_drops_the_pending_retry(tally:
     await agency.fund("5.01")
     await attach(tally, agency, DECLINES)
     await agency.use("sms", "10")
-    await attempts_where(tally, agency, "a retry waiting",
-                         lambda a: [x["status"] for x in a] == ["pending", "failed"])
+    await attempts_where(
+        tally, agency, "a retry waiting", lambda a: [x["status"] for x in a] == ["pending", "failed"]
+    )
     await agency.fund("20")  # back above the threshold
     attempts = await attempts_where(
-        tally, agency, "the retry dropped",
-        lambda a: [x["status"] for x in a] == ["cancelled", "failed"])
+        tally, agency, "the retry dropped", lambda a: [x["status"] for x in a] == ["cancelled", "failed"]
+    )
     assert attempts[0]["error"] == "balance_at_threshold"
     assert (await agency.wallet())["balance"] == "24.931000"
     assert (await agency.wallet())["auto_recharge"] is True
@@ -178,9 +186,9 @@ async def test_a_top_up_with_an_idempotency_key_charges_once(tally: Tally) -> No
     assert other.json()["error"]["code"] == "idempotency_key_reused"
     # concurrent requests with one new key: one attempt, one charge
     key2 = {"Idempotency-Key": uid("key")}
-    both = await asyncio.gather(*[
-        tally.http.post(url, json={"amount": "5"}, headers={**agency.admin, **key2})
-        for _ in range(3)])
+    both = await asyncio.gather(
+        *[tally.http.post(url, json={"amount": "5"}, headers={**agency.admin, **key2}) for _ in range(3)]
+    )
     assert {r.status_code for r in both} == {201}
     assert len({r.json()["id"] for r in both}) == 1
     await wait_balance(agency, "17.000000")
@@ -207,11 +215,9 @@ async def test_credits_and_credit_requests_honour_the_idempotency_key(tally: Tal
 
     requests_url = tally.url("wallet", f"/v1/accounts/{aid}/credit-requests")
     key = {"Idempotency-Key": uid("key")}
-    first = await tally.http.post(requests_url, json={"amount": "9"},
-                                  headers={**agency.user(aid), **key})
+    first = await tally.http.post(requests_url, json={"amount": "9"}, headers={**agency.user(aid), **key})
     assert first.status_code == 201, first.text
-    again = await tally.http.post(requests_url, json={"amount": "9"},
-                                  headers={**agency.user(aid), **key})
+    again = await tally.http.post(requests_url, json={"amount": "9"}, headers={**agency.user(aid), **key})
     assert (again.status_code, again.json()) == (201, first.json())
     without = await tally.http.post(requests_url, json={"amount": "9"}, headers=agency.user(aid))
     assert without.status_code == 409  # one pending request at a time, and the key made one
@@ -224,10 +230,20 @@ async def test_a_tier_raise_applies_to_the_reload_amount_current_then(tally: Tal
     wallet_id = f"company:{agency.cid}"
 
     async def raised_from(previous: int, new: int) -> None:
-        await tally.envelope("recharge.events", "recharge.tier_raised", {
-            "wallet_id": wallet_id, "owner": "company", "company_id": agency.cid,
-            "account_id": None, "currency": "USD", "previous_reload_amount_micros": previous,
-            "reload_amount_micros": new}, key=agency.cid)
+        await tally.envelope(
+            "recharge.events",
+            "recharge.tier_raised",
+            {
+                "wallet_id": wallet_id,
+                "owner": "company",
+                "company_id": agency.cid,
+                "account_id": None,
+                "currency": "USD",
+                "previous_reload_amount_micros": previous,
+                "reload_amount_micros": new,
+            },
+            key=agency.cid,
+        )
 
     await patch(tally, agency, reload_amount="25", smart_adjustment=True, auto_recharge=False)
     await raised_from(10_000_000, 25_000_000)  # earned while the reload amount was 10
@@ -235,6 +251,7 @@ async def test_a_tier_raise_applies_to_the_reload_amount_current_then(tally: Tal
     async def reload_is(amount: str) -> dict[str, Any] | None:
         w = await agency.wallet()
         return w if w["reload_amount"] == amount else None
+
     await eventually(lambda: reload_is("50.000000"), what="25 raised one tier, to 50")
 
     await patch(tally, agency, smart_adjustment=False)
@@ -242,15 +259,27 @@ async def test_a_tier_raise_applies_to_the_reload_amount_current_then(tally: Tal
     # a later event on the same partition (key), for another company: once it is applied, the
     # raise before it was consumed too
     marker = uid("co")
-    await tally.envelope("recharge.events", "recharge.tier_raised", {
-        "wallet_id": f"company:{marker}", "owner": "company", "company_id": marker,
-        "account_id": None, "currency": "USD", "previous_reload_amount_micros": 50_000_000,
-        "reload_amount_micros": 100_000_000}, key=agency.cid)
+    await tally.envelope(
+        "recharge.events",
+        "recharge.tier_raised",
+        {
+            "wallet_id": f"company:{marker}",
+            "owner": "company",
+            "company_id": marker,
+            "account_id": None,
+            "currency": "USD",
+            "previous_reload_amount_micros": 50_000_000,
+            "reload_amount_micros": 100_000_000,
+        },
+        key=agency.cid,
+    )
 
     async def marker_raised() -> bool:
-        r = await tally.http.get(tally.url("wallet", f"/v1/companies/{marker}/wallet"),
-                                 headers=tally.auth("platform_admin"))
+        r = await tally.http.get(
+            tally.url("wallet", f"/v1/companies/{marker}/wallet"), headers=tally.auth("platform_admin")
+        )
         return bool(r.json()["reload_amount"] == "100.000000")
+
     await eventually(marker_raised, what="the later event applied")
     assert (await agency.wallet())["reload_amount"] == "50.000000"
 
@@ -259,16 +288,19 @@ THREE_DS = "4000002500003155"  # every charge requires 3-D Secure authentication
 
 
 @pytest.mark.usefixtures("slow_retries")
-async def test_a_card_that_requires_authentication_fails_and_never_blocks_the_wallet(
-        tally: Tally) -> None:
+async def test_a_card_that_requires_authentication_fails_and_never_blocks_the_wallet(tally: Tally) -> None:
     """An off-session charge that ends in requires_action cannot complete without the customer:
     that try fails (authentication_required) and the next card is tried; it never leaves the
     recharge pending forever."""
     agency = Agency(tally)
     await configure(tally, agency, threshold="10", reload="25")
     await attach(tally, agency, THREE_DS)  # the pre-load tries it
-    failed = await attempts_where(tally, agency, "the 3-D Secure try to fail", lambda a: any(
-        t["decline_code"] == "authentication_required" for x in a for t in x["tries"]))
+    failed = await attempts_where(
+        tally,
+        agency,
+        "the 3-D Secure try to fail",
+        lambda a: any(t["decline_code"] == "authentication_required" for x in a for t in x["tries"]),
+    )
     assert all(x["status"] != "succeeded" for x in failed)
     await attach(tally, agency, GOOD)  # a waiting retry is brought forward, or a new round
     wallet = await wait_balance(agency, "25.000000")
@@ -281,8 +313,9 @@ async def test_cards_attached_at_once_all_answer_and_preload_once(tally: Tally) 
     await configure(tally, agency, threshold="10", reload="25")
     pms = [await new_card(tally, GOOD) for _ in range(3)]
     url = tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods")
-    answers = await asyncio.gather(*[
-        tally.http.post(url, json={"payment_method": pm}, headers=agency.admin) for pm in pms])
+    answers = await asyncio.gather(
+        *[tally.http.post(url, json={"payment_method": pm}, headers=agency.admin) for pm in pms]
+    )
     assert [r.status_code for r in answers] == [201, 201, 201], [r.text for r in answers]
     assert sum(r.json()["is_default"] for r in answers) == 1
     await wait_balance(agency, "25.000000")
@@ -329,12 +362,15 @@ async def test_reconnecting_stripe_reloads_and_another_account_forgets_cards(tal
     async def account_balance(balance: str) -> None:
         async def reached() -> bool:
             return bool((await agency.wallet(aid))["balance"] == balance)
+
         await eventually(reached, what=f"the account's balance {balance}")
 
     async def account_recharges() -> list[dict[str, Any]]:
-        r = await tally.http.get(tally.url("recharge", f"/v1/accounts/{aid}/wallet/recharges"),
-                                 headers=agency.admin)
+        r = await tally.http.get(
+            tally.url("recharge", f"/v1/accounts/{aid}/wallet/recharges"), headers=agency.admin
+        )
         return r.json()["items"]  # type: ignore[no-any-return]
+
     await agency.add_card(aid)  # the account's wallet is pre-loaded: 0 + 50 >= 10
     await account_balance("50.000000")
     path = f"/v1/accounts/{aid}"
@@ -343,9 +379,9 @@ async def test_reconnecting_stripe_reloads_and_another_account_forgets_cards(tal
     assert r.status_code == 200, r.text
 
     async def recharge_knows(connected: bool) -> bool:
-        r = await tally.http.get(tally.url("recharge", f"{path}/payment-methods"),
-                                 headers=agency.admin)
+        r = await tally.http.get(tally.url("recharge", f"{path}/payment-methods"), headers=agency.admin)
         return bool(r.json()["stripe_connected"] == connected)
+
     await eventually(lambda: recharge_knows(False), what="recharge to learn of the disconnection")
     await agency.patch_wallet({"threshold": "100"}, aid)  # below it, but no usable card
     await asyncio.sleep(1.5)
@@ -361,10 +397,10 @@ async def test_reconnecting_stripe_reloads_and_another_account_forgets_cards(tal
     assert r.status_code == 200, r.text
 
     async def forgotten() -> bool:
-        cards = await tally.http.get(tally.url("recharge", f"{path}/payment-methods"),
-                                     headers=agency.admin)
+        cards = await tally.http.get(tally.url("recharge", f"{path}/payment-methods"), headers=agency.admin)
         account = await tally.http.get(tally.url("rebilling", path), headers=agency.admin)
         return cards.json()["items"] == [] and account.json()["has_valid_card"] is False
+
     await eventually(forgotten, what="the cards on the previous Stripe account forgotten")
 
 
@@ -378,22 +414,23 @@ async def test_idempotency_keys_are_forgotten_after_a_day(tally: Tally) -> None:
     agency = Agency(tally)
     key = {"Idempotency-Key": uid("key")}
     url = tally.url("wallet", f"/v1/companies/{agency.cid}/wallet/credits")
-    r = await tally.http.post(url, json={"amount": "1"},
-                              headers={**tally.auth("platform_admin"), **key})
+    r = await tally.http.post(url, json={"amount": "1"}, headers={**tally.auth("platform_admin"), **key})
     assert r.status_code == 201, r.text
-    await tally.sql("wallet", "INSERT INTO idempotency_keys (principal, key, request_hash, "
-                              "created_at) VALUES ('old', $1, 'h', now() - interval '25 hours')",
-                    uid("old"))
-    conn = await asyncpg.connect(tally.stack.database_url,
-                                 server_settings={"search_path": "wallet"})
+    await tally.sql(
+        "wallet",
+        "INSERT INTO idempotency_keys (principal, key, request_hash, "
+        "created_at) VALUES ('old', $1, 'h', now() - interval '25 hours')",
+        uid("old"),
+    )
+    conn = await asyncpg.connect(tally.stack.database_url, server_settings={"search_path": "wallet"})
     try:
         assert await idempotency.sweep(conn) >= 1
     finally:
         await conn.close()
-    rows = await tally.sql("wallet", "SELECT principal FROM idempotency_keys "
-                                     "WHERE created_at < now() - interval '24 hours'")
+    rows = await tally.sql(
+        "wallet", "SELECT principal FROM idempotency_keys WHERE created_at < now() - interval '24 hours'"
+    )
     assert rows == []
     # a key within its day is kept: the same request still answers its first response
-    again = await tally.http.post(url, json={"amount": "1"},
-                                  headers={**tally.auth("platform_admin"), **key})
+    again = await tally.http.post(url, json={"amount": "1"}, headers={**tally.auth("platform_admin"), **key})
     assert (again.status_code, again.json()) == (201, r.json())

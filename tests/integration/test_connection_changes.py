@@ -22,11 +22,16 @@ SEPA_OK = "DE89370400440532013000"  # localstripe: processing, then succeeds 0.5
 
 
 async def new_sepa(tally: Tally, iban: str) -> str:
-    client = stripe.StripeClient("sk_test_tally", http_client=stripe.HTTPXClient(),
-                                 base_addresses={"api": tally.stack.stripe_api_base})
-    pm = await client.v1.payment_methods.create_async(params={
-        "type": "sepa_debit", "sepa_debit": {"iban": iban},
-        "billing_details": {"name": "Client", "email": "client@example.com"}})
+    client = stripe.StripeClient(
+        "sk_test_tally", http_client=stripe.HTTPXClient(), base_addresses={"api": tally.stack.stripe_api_base}
+    )
+    pm = await client.v1.payment_methods.create_async(
+        params={
+            "type": "sepa_debit",
+            "sepa_debit": {"iban": iban},
+            "billing_details": {"name": "Client", "email": "client@example.com"},
+        }
+    )
     return str(pm.id)
 
 
@@ -35,43 +40,54 @@ def acct() -> str:
 
 
 async def connect(tally: Tally, agency: Reseller, stripe_account: str) -> None:
-    r = await tally.http.put(tally.url("rebilling", f"/v1/companies/{agency.cid}/stripe-connect"),
-                             json={"stripe_account_id": stripe_account}, headers=agency.admin)
+    r = await tally.http.put(
+        tally.url("rebilling", f"/v1/companies/{agency.cid}/stripe-connect"),
+        json={"stripe_account_id": stripe_account},
+        headers=agency.admin,
+    )
     assert r.status_code == 200, r.text
 
 
 async def known_account(tally: Tally, agency: Reseller, aid: str) -> None:
     async def ok() -> bool:
-        r = await tally.http.get(tally.url("recharge", f"/v1/accounts/{aid}/payment-methods"),
-                                 headers=agency.admin)
+        r = await tally.http.get(
+            tally.url("recharge", f"/v1/accounts/{aid}/payment-methods"), headers=agency.admin
+        )
         return r.status_code == 200
+
     await eventually(ok, what="recharge to know the account")
 
 
 async def connected_to(tally: Tally, cid: str, stripe_account: str | None) -> None:
     async def ok() -> bool:
-        rows = await tally.sql("recharge", "SELECT stripe_account_id FROM companies "
-                                           "WHERE company_id = $1", cid)
+        rows = await tally.sql(
+            "recharge", "SELECT stripe_account_id FROM companies WHERE company_id = $1", cid
+        )
         return bool(rows) and rows[0]["stripe_account_id"] == stripe_account
+
     await eventually(ok, what=f"recharge to learn {cid} -> {stripe_account}")
 
 
 async def account_attempts(tally: Tally, agency: Reseller, aid: str) -> list[dict[str, Any]]:
-    r = await tally.http.get(tally.url("recharge", f"/v1/accounts/{aid}/wallet/recharges"),
-                             headers=agency.admin)
+    r = await tally.http.get(
+        tally.url("recharge", f"/v1/accounts/{aid}/wallet/recharges"), headers=agency.admin
+    )
     assert r.status_code == 200, r.text
     return r.json()["items"]  # type: ignore[no-any-return]
 
 
 async def attach_pm(tally: Tally, agency: Reseller, aid: str, pm: str) -> Any:
-    return await tally.http.post(tally.url("recharge", f"/v1/accounts/{aid}/payment-methods"),
-                                 json={"payment_method": pm}, headers=agency.user(aid))
+    return await tally.http.post(
+        tally.url("recharge", f"/v1/accounts/{aid}/payment-methods"),
+        json={"payment_method": pm},
+        headers=agency.user(aid),
+    )
 
 
 # --- 1. stuck: a retry bound to the previous Stripe account swallows the rule -------------
 
-async def test_a_switch_while_a_charge_processes_still_reloads_on_the_new_account(
-        tally: Tally) -> None:
+
+async def test_a_switch_while_a_charge_processes_still_reloads_on_the_new_account(tally: Tally) -> None:
     """Company on A; the account's pre-load is processing on A (SEPA, settles failed). The
     company switches to B and the account saves a good card on B. The rule holds (auto on,
     balance 0 < 10, a usable card on B, nothing charging any more): it must be recharged."""
@@ -86,8 +102,8 @@ async def test_a_switch_while_a_charge_processes_still_reloads_on_the_new_accoun
 
     async def processing() -> list[dict[str, Any]] | None:
         at = await account_attempts(tally, agency, aid)
-        return at if at and at[0]["tries"] and at[0]["tries"][0]["outcome"] == "processing" \
-            else None
+        return at if at and at[0]["tries"] and at[0]["tries"][0]["outcome"] == "processing" else None
+
     await eventually(processing, what="the pre-load processing on A")
     await asyncio.sleep(1.5)  # localstripe settles it (failed) 0.5 s after; we re-ask in 60 s
 
@@ -98,6 +114,7 @@ async def test_a_switch_while_a_charge_processes_still_reloads_on_the_new_accoun
 
     async def reloaded() -> bool:
         return bool((await agency.wallet(aid))["balance"] == "50.000000")
+
     await eventually(reloaded, timeout=25, what="the account wallet pre-loaded through B")
     statuses = [(x["status"], x["error"]) for x in await account_attempts(tally, agency, aid)]
     # the attempt on A ended without a retry or a failure counted; one fresh charge through B
@@ -107,8 +124,8 @@ async def test_a_switch_while_a_charge_processes_still_reloads_on_the_new_accoun
 
 # --- 2. race: cards saved while the company switches ---------------------------------------
 
-async def test_cards_saved_during_a_switch_never_stay_on_the_account_it_left(
-        tally: Tally) -> None:
+
+async def test_cards_saved_during_a_switch_never_stay_on_the_account_it_left(tally: Tally) -> None:
     agency = await Reseller(tally).create(connect=False)
     a, b = acct(), acct()
     await connect(tally, agency, a)
@@ -129,11 +146,16 @@ async def test_cards_saved_during_a_switch_never_stay_on_the_account_it_left(
     await asyncio.sleep(3)
     codes = [x.status_code for x in answers]
     stale = await tally.sql(
-        "recharge", "SELECT id, owner_id, stripe_account FROM payment_methods WHERE "
-                    "company_id = $1 AND owner = 'account' AND stripe_account IS DISTINCT FROM $2",
-        agency.cid, b)
-    assert not stale, (f"attach codes {codes}; cards still on the previous account {a} while "
-                       f"on {b}: {[dict(x) for x in stale]}")
+        "recharge",
+        "SELECT id, owner_id, stripe_account FROM payment_methods WHERE "
+        "company_id = $1 AND owner = 'account' AND stripe_account IS DISTINCT FROM $2",
+        agency.cid,
+        b,
+    )
+    assert not stale, (
+        f"attach codes {codes}; cards still on the previous account {a} while "
+        f"on {b}: {[dict(x) for x in stale]}"
+    )
     assert set(codes) <= {201, 409}, codes
     # an account whose card was refused (409 company_stripe_changed) or forgotten (saved on A
     # just before the switch) saves one again: on B, whatever customer it had on A; every
@@ -141,55 +163,66 @@ async def test_cards_saved_during_a_switch_never_stay_on_the_account_it_left(
     for aid, answer in zip(aids, answers, strict=True):
         if answer.status_code == 409:
             assert answer.json()["error"]["code"] == "company_stripe_changed"
-        r = await tally.http.get(tally.url("recharge", f"/v1/accounts/{aid}/payment-methods"),
-                                 headers=agency.admin)
+        r = await tally.http.get(
+            tally.url("recharge", f"/v1/accounts/{aid}/payment-methods"), headers=agency.admin
+        )
         if not r.json()["items"]:
             r = await attach_pm(tally, agency, aid, await new_card(tally, GOOD))
             assert r.status_code == 201, r.text
     for aid in aids:
+
         async def preloaded(aid: str = aid) -> bool:
             return bool((await agency.wallet(aid))["balance"] == "50.000000")
+
         await eventually(preloaded, what=f"{aid} pre-loaded through {b}")
 
 
 # --- 3. a keyed top-up whose first answer was 'pending' -----------------------------------
 
-async def test_a_keyed_top_up_still_processing_answers_again_after_its_card_is_removed(
-        tally: Tally) -> None:
+
+async def test_a_keyed_top_up_still_processing_answers_again_after_its_card_is_removed(tally: Tally) -> None:
     agency = Agency(tally)
-    r = await tally.http.patch(tally.url("wallet", f"/v1/companies/{agency.cid}/wallet"),
-                               json={"auto_recharge": False}, headers=agency.admin)
+    r = await tally.http.patch(
+        tally.url("wallet", f"/v1/companies/{agency.cid}/wallet"),
+        json={"auto_recharge": False},
+        headers=agency.admin,
+    )
     assert r.status_code == 200
     pm = await new_sepa(tally, SEPA_FAILS)  # the first answer is 'pending' (processing)
-    r = await tally.http.post(tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods"),
-                              json={"payment_method": pm}, headers=agency.admin)
+    r = await tally.http.post(
+        tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods"),
+        json={"payment_method": pm},
+        headers=agency.admin,
+    )
     assert r.status_code == 201, r.text
     url = tally.url("recharge", f"/v1/companies/{agency.cid}/wallet/top-ups")
     key = {"Idempotency-Key": uid("key")}
     first = await tally.http.post(url, json={"amount": "12"}, headers={**agency.admin, **key})
     assert first.status_code == 201, first.text
     r = await tally.http.delete(
-        tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods/{pm}"),
-        headers=agency.admin)
+        tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods/{pm}"), headers=agency.admin
+    )
     assert r.status_code == 204
     again = await tally.http.post(url, json={"amount": "12"}, headers={**agency.admin, **key})
     assert again.status_code == 201, (
         f"first answer {first.status_code} {first.json()['status']}; the same key again "
-        f"answers {again.status_code} {again.text}")
+        f"answers {again.status_code} {again.text}"
+    )
 
 
 # --- 4. markups shown to the account's own user -----------------------------------------
 
+
 async def test_an_account_user_does_not_see_the_company_markups(tally: Tally) -> None:
     agency = Agency(tally)
     aid = await agency.add_account(mode="rebill_markup", markups={"sms": "3.5"})
-    r = await tally.http.get(tally.url("wallet", f"/v1/accounts/{aid}/wallet"),
-                             headers=agency.user(aid))
+    r = await tally.http.get(tally.url("wallet", f"/v1/accounts/{aid}/wallet"), headers=agency.user(aid))
     assert r.status_code == 200
     assert r.json().get("markups") is None, f"account_user sees {r.json().get('markups')}"
 
 
 # --- 5. tenant: two companies on one Stripe account; one switching away ------------------
+
 
 async def test_a_company_switching_away_keeps_another_company_s_cards(tally: Tally) -> None:
     shared = acct()
@@ -202,15 +235,14 @@ async def test_a_company_switching_away_keeps_another_company_s_cards(tally: Tal
     await y.add_card(ay)
     await connect(tally, y, acct())
     await asyncio.sleep(2)
-    r = await tally.http.get(tally.url("recharge", f"/v1/accounts/{ax}/payment-methods"),
-                             headers=x.admin)
+    r = await tally.http.get(tally.url("recharge", f"/v1/accounts/{ax}/payment-methods"), headers=x.admin)
     assert len(r.json()["items"]) == 1 and r.json()["stripe_connected"] is True
-    r = await tally.http.get(tally.url("recharge", f"/v1/accounts/{ay}/payment-methods"),
-                             headers=y.admin)
+    r = await tally.http.get(tally.url("recharge", f"/v1/accounts/{ay}/payment-methods"), headers=y.admin)
     assert r.json()["items"] == []
 
 
 # --- 6. a disconnect while a retry waits, then a reconnect: reloads once ------------------
+
 
 async def test_disconnect_and_reconnect_with_a_retry_waiting_charges_once(tally: Tally) -> None:
     agency = await Reseller(tally).create(connect=False)
@@ -219,8 +251,9 @@ async def test_disconnect_and_reconnect_with_a_retry_waiting_charges_once(tally:
     aid = await agency.account()
     await agency.add_card(aid)
     await eventually(lambda: _bal(agency, aid, "50.000000"), what="pre-load")
-    r = await tally.http.delete(tally.url("rebilling", f"/v1/companies/{agency.cid}/stripe-connect"),
-                                headers=agency.admin)
+    r = await tally.http.delete(
+        tally.url("rebilling", f"/v1/companies/{agency.cid}/stripe-connect"), headers=agency.admin
+    )
     assert r.status_code == 200
     await connected_to(tally, agency.cid, None)
     await agency.patch_wallet({"threshold": "80"}, aid)
@@ -237,8 +270,7 @@ async def _bal(agency: Reseller, aid: str, balance: str) -> bool:
     return bool((await agency.wallet(aid))["balance"] == balance)
 
 
-async def test_a_card_saved_on_the_new_account_while_a_period_charge_processes_is_used(
-        tally: Tally) -> None:
+async def test_a_card_saved_on_the_new_account_while_a_period_charge_processes_is_used(tally: Tally) -> None:
     """Found by the last review: the account's period charge is processing on Stripe account A
     (it will fail); the company switches to B and the account saves a good card there. The
     failed try is followed at once by one on the new card, not after the 24 h dunning wait."""
@@ -256,8 +288,11 @@ async def test_a_card_saved_on_the_new_account_while_a_period_charge_processes_i
     await known_account(tally, agency, resold.aid)
     r = await attach_pm(tally, agency, resold.aid, await new_sepa(tally, SEPA_FAILS))
     assert r.status_code == 201, r.text
-    r = await tally.http.put(tally.url("rebilling", f"/v1/companies/{agency.cid}/reselling/whatsapp"),
-                             json={"company_price": "15"}, headers=agency.admin)
+    r = await tally.http.put(
+        tally.url("rebilling", f"/v1/companies/{agency.cid}/reselling/whatsapp"),
+        json={"company_price": "15"},
+        headers=agency.admin,
+    )
     assert r.status_code == 200, r.text
     r = await resold.subscribe()
     assert r.status_code == 201 and r.json()["charge"] in ("pending", "failed"), r.text
@@ -272,6 +307,9 @@ async def test_a_card_saved_on_the_new_account_while_a_period_charge_processes_i
         await resold.run(datetime.now(UTC) + timedelta(seconds=61))  # the processing recheck
         [s] = await resold.subscriptions()
         return bool(s["status"] == "active" and s["outstanding"] == "0.000000")
+
     await eventually(collected, what="the period charged on the card saved on B")
     assert [c for c in await resold.charges() if c[2] == "succeeded"] == [
-        ("accounts", "15.000000", "succeeded"), ("companies", "10.000000", "succeeded")]
+        ("accounts", "15.000000", "succeeded"),
+        ("companies", "10.000000", "succeeded"),
+    ]

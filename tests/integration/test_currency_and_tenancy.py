@@ -16,10 +16,10 @@ from tests.integration.test_recharge import GOOD, new_card
 pytestmark = pytest.mark.integration
 
 
-async def usage(tally: Tally, cid: str, service: str, quantity: str,
-                account: str | None = None) -> dict[str, Any]:
-    e: dict[str, Any] = {"event_id": uid("ev"), "company_id": cid, "service": service,
-                         "quantity": quantity}
+async def usage(
+    tally: Tally, cid: str, service: str, quantity: str, account: str | None = None
+) -> dict[str, Any]:
+    e: dict[str, Any] = {"event_id": uid("ev"), "company_id": cid, "service": service, "quantity": quantity}
     if account:
         e["account_id"] = account
     r = await tally.post_usage(e)
@@ -29,17 +29,31 @@ async def usage(tally: Tally, cid: str, service: str, quantity: str,
 
 async def test_a_eur_company_uses_pays_and_reloads_in_eur(tally: Tally) -> None:
     platform = tally.auth("platform_admin")
-    r = await tally.http.put(tally.url("usage-meter", "/v1/prices/email"), headers=platform,
-                             json={"unit": "email", "unit_price": "0.0006", "currency": "EUR"})
+    r = await tally.http.put(
+        tally.url("usage-meter", "/v1/prices/email"),
+        headers=platform,
+        json={"unit": "email", "unit_price": "0.0006", "currency": "EUR"},
+    )
     assert r.status_code == 200 and r.json()["currency"] == "EUR", r.text
     prices = (await tally.http.get(tally.url("usage-meter", "/v1/prices"), headers=platform)).json()
     assert {(p["service"], p["currency"]) for p in prices["items"]} >= {
-        ("email", "USD"), ("email", "EUR"), ("sms", "USD")}
+        ("email", "USD"),
+        ("email", "EUR"),
+        ("sms", "USD"),
+    }
 
     agency = Reseller(tally)
-    r = await tally.http.post(tally.url("rebilling", "/v1/companies"), headers=platform, json={
-        "id": agency.cid, "name": "Agence", "plan": "saas_pro", "currency": "EUR",
-        "owner_email": f"owner-{agency.cid}@example.com"})
+    r = await tally.http.post(
+        tally.url("rebilling", "/v1/companies"),
+        headers=platform,
+        json={
+            "id": agency.cid,
+            "name": "Agence",
+            "plan": "saas_pro",
+            "currency": "EUR",
+            "owner_email": f"owner-{agency.cid}@example.com",
+        },
+    )
     assert r.status_code == 201, r.text
     # at once (rebilling.events may not have reached usage-meter yet): sms has no EUR price,
     # so it is refused, not priced in dollars
@@ -48,40 +62,58 @@ async def test_a_eur_company_uses_pays_and_reloads_in_eur(tally: Tally) -> None:
 
     # a card pre-loads the EUR wallet through Stripe, in EUR
     async def attached() -> bool:
-        r = await tally.http.post(tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods"),
-                                  json={"payment_method": await new_card(tally, GOOD)},
-                                  headers=agency.admin)
+        r = await tally.http.post(
+            tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods"),
+            json={"payment_method": await new_card(tally, GOOD)},
+            headers=agency.admin,
+        )
         return r.status_code == 201
+
     await eventually(attached, what="recharge to learn of the company")
 
     async def preloaded() -> dict[str, Any] | None:
         w = await agency.wallet()
         return w if w["balance"] == "50.000000" else None
+
     wallet = await eventually(preloaded, timeout=40, what="the EUR pre-load")
     assert wallet["currency"] == "EUR"
 
     accepted = await usage(tally, agency.cid, "email", "1000")  # 1000 x 0.0006 EUR
     assert accepted["status"] == "accepted"
     await tally.wait_applied(agency.cid, accepted["event"]["event_id"])
-    r = await tally.http.post(tally.url("recharge", f"/v1/companies/{agency.cid}/wallet/top-ups"),
-                              json={"amount": "5"}, headers=agency.admin)
+    r = await tally.http.post(
+        tally.url("recharge", f"/v1/companies/{agency.cid}/wallet/top-ups"),
+        json={"amount": "5"},
+        headers=agency.admin,
+    )
     assert r.status_code == 201 and r.json()["currency"] == "EUR", r.text
     assert r.json()["status"] == "succeeded"
 
     async def settled() -> dict[str, Any] | None:
         w = await agency.wallet()
         return w if w["balance"] == "54.400000" else None  # 50 - 0.60 + 5
+
     wallet = await eventually(settled, what="the EUR top-up credited")
     assert wallet["currency"] == "EUR" and wallet["status"] == "active"
 
-    client = stripe.StripeClient("sk_test_tally", http_client=stripe.HTTPXClient(),
-                                 base_addresses={"api": tally.stack.stripe_api_base})
-    intents = [i.to_dict() for i in (await client.v1.payment_intents.list_async(
-        params={"limit": 100})).data]
-    ours = [i for i in intents if (i.get("metadata") or {}).get("tally_attempt") in {
-        a["id"] for a in (await tally.http.get(
-            tally.url("recharge", f"/v1/companies/{agency.cid}/wallet/recharges"),
-            headers=agency.admin)).json()["items"]}]
+    client = stripe.StripeClient(
+        "sk_test_tally", http_client=stripe.HTTPXClient(), base_addresses={"api": tally.stack.stripe_api_base}
+    )
+    intents = [i.to_dict() for i in (await client.v1.payment_intents.list_async(params={"limit": 100})).data]
+    ours = [
+        i
+        for i in intents
+        if (i.get("metadata") or {}).get("tally_attempt")
+        in {
+            a["id"]
+            for a in (
+                await tally.http.get(
+                    tally.url("recharge", f"/v1/companies/{agency.cid}/wallet/recharges"),
+                    headers=agency.admin,
+                )
+            ).json()["items"]
+        }
+    ]
     assert len(ours) == 2 and {i["currency"] for i in ours} == {"eur"}
 
 
@@ -101,20 +133,37 @@ async def test_usage_naming_another_tenants_account_changes_nothing(tally: Tally
     assert unknown["status"] == "rejected" and unknown["error"]["code"] == "unknown_account"
 
     # on the topic: dead-lettered with the reason
-    bad = {"event_id": uid("ev"), "company_id": a.cid, "account_id": theirs, "service": "email",
-           "quantity": "1000"}
+    bad = {
+        "event_id": uid("ev"),
+        "company_id": a.cid,
+        "account_id": theirs,
+        "service": "email",
+        "quantity": "1000",
+    }
     await tally.produce("usage.ingest", bad, key=a.cid)
-    dead = await tally.find_on_topic(
-        "usage.ingest.dlq", lambda m: bad["event_id"] in m.get("message", ""))
+    dead = await tally.find_on_topic("usage.ingest.dlq", lambda m: bad["event_id"] in m.get("message", ""))
     assert dead["error"].startswith("unknown_account")
 
     # straight onto usage.recorded (past usage-meter): the wallet refuses the pair too
     eid = uid("ev")
-    await tally.envelope("usage.recorded", "usage.recorded", {
-        "event_id": eid, "company_id": a.cid, "account_id": theirs, "service": "email",
-        "quantity": "1000", "occurred_at": "2026-01-01T00:00:00+00:00",
-        "recorded_at": "2026-01-01T00:00:00+00:00", "unit_price_micros": 675,
-        "platform_amount_micros": 675_000, "currency": "USD"}, key=a.cid, id_=f"usage:{eid}")
+    await tally.envelope(
+        "usage.recorded",
+        "usage.recorded",
+        {
+            "event_id": eid,
+            "company_id": a.cid,
+            "account_id": theirs,
+            "service": "email",
+            "quantity": "1000",
+            "occurred_at": "2026-01-01T00:00:00+00:00",
+            "recorded_at": "2026-01-01T00:00:00+00:00",
+            "unit_price_micros": 675,
+            "platform_amount_micros": 675_000,
+            "currency": "USD",
+        },
+        key=a.cid,
+        id_=f"usage:{eid}",
+    )
     dead = await tally.find_on_topic("usage.recorded.dlq", lambda m: eid in m.get("message", ""))
     assert "belongs to another company" in dead["error"]
     assert (await b.wallet(theirs))["balance"] == "0.000000"
@@ -123,17 +172,29 @@ async def test_usage_naming_another_tenants_account_changes_nothing(tally: Tally
     assert len(lines) == 1  # the one event of its own account
 
 
-async def test_a_record_the_database_refuses_goes_to_the_dlq_and_the_partition_goes_on(
-        tally: Tally) -> None:
+async def test_a_record_the_database_refuses_goes_to_the_dlq_and_the_partition_goes_on(tally: Tally) -> None:
     cid = uid("co")
     huge = 9_000_000_000_000_000_000  # two of these overflow a balance (BIGINT)
     ids = [uid("ev") for _ in range(3)]
     for eid, amount in zip(ids, (huge, huge, 675), strict=True):
-        await tally.envelope("usage.recorded", "usage.recorded", {
-            "event_id": eid, "company_id": cid, "account_id": None, "service": "email",
-            "quantity": "1", "occurred_at": "2026-01-01T00:00:00+00:00",
-            "recorded_at": "2026-01-01T00:00:00+00:00", "unit_price_micros": amount,
-            "platform_amount_micros": amount, "currency": "USD"}, key=cid, id_=f"usage:{eid}")
+        await tally.envelope(
+            "usage.recorded",
+            "usage.recorded",
+            {
+                "event_id": eid,
+                "company_id": cid,
+                "account_id": None,
+                "service": "email",
+                "quantity": "1",
+                "occurred_at": "2026-01-01T00:00:00+00:00",
+                "recorded_at": "2026-01-01T00:00:00+00:00",
+                "unit_price_micros": amount,
+                "platform_amount_micros": amount,
+                "currency": "USD",
+            },
+            key=cid,
+            id_=f"usage:{eid}",
+        )
     await tally.wait_applied(cid, ids[2])  # the event after the poison one is applied
     dead = await tally.find_on_topic("usage.recorded.dlq", lambda m: ids[1] in m.get("message", ""))
     assert "out of range" in dead["error"]
@@ -141,12 +202,14 @@ async def test_a_record_the_database_refuses_goes_to_the_dlq_and_the_partition_g
     assert lines == {ids[0], ids[2]}
 
 
-async def test_an_amount_beyond_what_a_wallet_holds_is_refused_and_changes_nothing(
-        tally: Tally) -> None:
+async def test_an_amount_beyond_what_a_wallet_holds_is_refused_and_changes_nothing(tally: Tally) -> None:
     platform = tally.auth("platform_admin")
     service = f"bulk{uid('x')[-6:]}"
-    r = await tally.http.put(tally.url("usage-meter", f"/v1/prices/{service}"), headers=platform,
-                             json={"unit": "lot", "unit_price": "1000000000"})  # 10^15 micros
+    r = await tally.http.put(
+        tally.url("usage-meter", f"/v1/prices/{service}"),
+        headers=platform,
+        json={"unit": "lot", "unit_price": "1000000000"},
+    )  # 10^15 micros
     assert r.status_code == 200, r.text
     cid = uid("co")
     too_much = await usage(tally, cid, service, "1000")  # 10^18 micros: beyond a wallet

@@ -40,21 +40,29 @@ class Resold:
         self.aid = await agency.account()
         await agency.patch_wallet({"auto_recharge": False}, self.aid)  # only subscriptions charge
         await self.card(account_card, account=True)
-        r = await t.http.put(t.url("rebilling", f"/v1/companies/{agency.cid}/reselling/whatsapp"),
-                             json={"company_price": "15"}, headers=agency.admin)
+        r = await t.http.put(
+            t.url("rebilling", f"/v1/companies/{agency.cid}/reselling/whatsapp"),
+            json={"company_price": "15"},
+            headers=agency.admin,
+        )
         assert r.status_code == 200, r.text
         return self
 
     async def card(self, number: str, *, account: bool = False) -> str:
-        path = (f"/v1/accounts/{self.aid}/payment-methods" if account
-                else f"/v1/companies/{self.agency.cid}/payment-methods")
+        path = (
+            f"/v1/accounts/{self.aid}/payment-methods"
+            if account
+            else f"/v1/companies/{self.agency.cid}/payment-methods"
+        )
         headers = self.agency.user(self.aid) if account else self.agency.admin
         pm = await new_card(self.t, number)
 
         async def attached() -> bool:
-            r = await self.t.http.post(self.t.url("recharge", path), json={"payment_method": pm},
-                                       headers=headers)
+            r = await self.t.http.post(
+                self.t.url("recharge", path), json={"payment_method": pm}, headers=headers
+            )
             return r.status_code == 201
+
         await eventually(attached, what="the card attached")
         return pm
 
@@ -62,29 +70,33 @@ class Resold:
         headers = {**self.agency.admin, **({"Idempotency-Key": key} if key else {})}
         return await self.t.http.post(
             self.t.url("rebilling", f"/v1/accounts/{self.aid}/subscriptions"),
-            json={"product": "whatsapp", "deployment": deployment}, headers=headers)
+            json={"product": "whatsapp", "deployment": deployment},
+            headers=headers,
+        )
 
     async def subscriptions(self) -> list[dict[str, Any]]:
         r = await self.t.http.get(
-            self.t.url("rebilling", f"/v1/accounts/{self.aid}/subscriptions"),
-            headers=self.agency.admin)
+            self.t.url("rebilling", f"/v1/accounts/{self.aid}/subscriptions"), headers=self.agency.admin
+        )
         assert r.status_code == 200, r.text
         return r.json()["items"]  # type: ignore[no-any-return]
 
     async def run(self, at: datetime, period: str | None = None) -> dict[str, int]:
         """Run the period runner for this agency as at ``at`` (opening ``period``: by default
         the one ``at`` falls in)."""
-        r = await self.t.http.post(self.t.url("rebilling", "/v1/reselling/run"),
-                                   json={"at": at.isoformat(), "company_id": self.agency.cid,
-                                         "period": period},
-                                   headers=self.t.auth("platform_admin"))
+        r = await self.t.http.post(
+            self.t.url("rebilling", "/v1/reselling/run"),
+            json={"at": at.isoformat(), "company_id": self.agency.cid, "period": period},
+            headers=self.t.auth("platform_admin"),
+        )
         assert r.status_code == 200, r.text
         return r.json()["outcomes"]  # type: ignore[no-any-return]
 
     async def report(self, period: str) -> dict[str, Any]:
-        r = await self.t.http.get(self.t.url(
-            "rebilling", f"/v1/companies/{self.agency.cid}/reselling/report?period={period}"),
-            headers=self.agency.admin)
+        r = await self.t.http.get(
+            self.t.url("rebilling", f"/v1/companies/{self.agency.cid}/reselling/report?period={period}"),
+            headers=self.agency.admin,
+        )
         assert r.status_code == 200, r.text
         return r.json()  # type: ignore[no-any-return]
 
@@ -99,8 +111,7 @@ class Resold:
                 continue
             payer = "companies" if "-platform" in key else "accounts"
             amount = f"{intent['amount'] // 100}.{intent['amount'] % 100:02d}0000"
-            out.append((payer, amount,
-                        "succeeded" if intent["status"] == "succeeded" else "failed"))
+            out.append((payer, amount, "succeeded" if intent["status"] == "succeeded" else "failed"))
         return sorted(out)
 
 
@@ -116,29 +127,43 @@ async def test_a_declined_resold_period_is_charged_once_the_card_works(tally: Ta
     assert (sub["charge"], sub["status"], sub["outstanding"]) == ("failed", "past_due", "15.000000")
     period = sub["period"]
     # the company's platform leg did not wait for the account's: charged once, now
-    assert await resold.charges() == [("accounts", "15.000000", "failed"),
-                                      ("companies", "10.000000", "succeeded")]
+    assert await resold.charges() == [
+        ("accounts", "15.000000", "failed"),
+        ("companies", "10.000000", "succeeded"),
+    ]
     report = await resold.report(period)
-    assert (report["revenue"], report["platform_cost"], report["outstanding"],
-            report["platform_outstanding"]) == ("0.000000", "10.000000", "15.000000", "0.000000")
+    assert (
+        report["revenue"],
+        report["platform_cost"],
+        report["outstanding"],
+        report["platform_outstanding"],
+    ) == ("0.000000", "10.000000", "15.000000", "0.000000")
 
     # the account saves a working card and makes it its default: the period is charged at once
     pm = await resold.card(GOOD, account=True)
-    r = await tally.http.post(tally.url(
-        "recharge", f"/v1/accounts/{resold.aid}/payment-methods/{pm}/default"),
-        headers=resold.agency.user(resold.aid))
+    r = await tally.http.post(
+        tally.url("recharge", f"/v1/accounts/{resold.aid}/payment-methods/{pm}/default"),
+        headers=resold.agency.user(resold.aid),
+    )
     assert r.status_code == 200, r.text
 
     async def collected() -> bool:
         [s] = await resold.subscriptions()
         return (s["status"], s["outstanding"]) == ("active", "0.000000")
+
     await eventually(collected, what="the failed period charged on the new card")
-    assert await resold.charges() == [("accounts", "15.000000", "failed"),
-                                      ("accounts", "15.000000", "succeeded"),
-                                      ("companies", "10.000000", "succeeded")]
+    assert await resold.charges() == [
+        ("accounts", "15.000000", "failed"),
+        ("accounts", "15.000000", "succeeded"),
+        ("companies", "10.000000", "succeeded"),
+    ]
     report = await resold.report(period)
-    assert (report["revenue"], report["platform_cost"], report["profit"],
-            report["outstanding"]) == ("15.000000", "10.000000", "5.000000", "0.000000")
+    assert (report["revenue"], report["platform_cost"], report["profit"], report["outstanding"]) == (
+        "15.000000",
+        "10.000000",
+        "5.000000",
+        "0.000000",
+    )
 
     # running the period again, now or later in it, charges nobody again
     now = datetime.now(UTC)
@@ -147,8 +172,7 @@ async def test_a_declined_resold_period_is_charged_once_the_card_works(tally: Ta
     assert len(await resold.charges()) == 3
 
 
-async def test_dunning_retries_on_its_schedule_then_cancels_and_tells_the_company(
-        tally: Tally) -> None:
+async def test_dunning_retries_on_its_schedule_then_cancels_and_tells_the_company(tally: Tally) -> None:
     resold = await Resold(tally).create(account_card=DECLINES)
     r = await resold.subscribe()
     assert r.json()["charge"] == "failed", r.text
@@ -156,6 +180,7 @@ async def test_dunning_retries_on_its_schedule_then_cancels_and_tells_the_compan
 
     async def run(hours: float) -> dict[str, int]:  # the dunning of this period only
         return await resold.run(start + timedelta(hours=hours), period)
+
     # not before its time: the first retry is 24 h after the failure
     assert await run(23) == {}
     assert await run(25) == {"failed": 1}
@@ -170,44 +195,55 @@ async def test_dunning_retries_on_its_schedule_then_cancels_and_tells_the_compan
     failed = [c for c in await resold.charges() if c[0] == "accounts"]
     assert failed == [("accounts", "15.000000", "failed")] * 4
     assert [c for c in await resold.charges() if c[0] == "companies"] == [
-        ("companies", "10.000000", "succeeded")]  # the company once, for the one period
+        ("companies", "10.000000", "succeeded")
+    ]  # the company once, for the one period
 
     async def told() -> bool:
         r = await tally.http.get(
             tally.url("notifier", f"/v1/companies/{resold.agency.cid}/notifications"),
-            headers=resold.agency.admin)
+            headers=resold.agency.admin,
+        )
         return any(n["kind"] == "subscription_cancelled" for n in r.json()["items"])
+
     await eventually(told, what="the in-app notification")
 
     async def mailed() -> bool:
         return bool(mails_about(tally, f"whatsapp of {resold.aid} cancelled"))
+
     await eventually(mailed, what="the cancellation mail")
 
 
 async def test_the_platform_leg_is_dunned_on_its_own_and_retried_when_the_company_adds_a_card(
-        tally: Tally) -> None:
+    tally: Tally,
+) -> None:
     resold = await Resold(tally).create(company_card=DECLINES, account_card=GOOD)
     r = await resold.subscribe()
     assert (r.json()["charge"], r.json()["status"]) == ("failed", "past_due"), r.text
     report = await resold.report(r.json()["period"])
     # the account paid the company; the company still owes the platform
     assert (report["revenue"], report["platform_cost"], report["platform_outstanding"]) == (
-        "15.000000", "0.000000", "10.000000")
+        "15.000000",
+        "0.000000",
+        "10.000000",
+    )
     await resold.card(GOOD)  # the company saves a working card: charged at once
 
     async def collected() -> bool:
         [s] = await resold.subscriptions()
         return bool(s["status"] == "active")
+
     await eventually(collected, what="the platform leg charged on the new card")
     report = await resold.report(r.json()["period"])
-    assert (report["platform_cost"], report["platform_outstanding"]) == (
-        "10.000000", "0.000000")
+    assert (report["platform_cost"], report["platform_outstanding"]) == ("10.000000", "0.000000")
     assert sorted(c for c in await resold.charges() if c[2] == "succeeded") == [
-        ("accounts", "15.000000", "succeeded"), ("companies", "10.000000", "succeeded")]
+        ("accounts", "15.000000", "succeeded"),
+        ("companies", "10.000000", "succeeded"),
+    ]
 
 
 async def test_subscriptions_are_listed_cancelled_at_period_end_and_subscribed_once_per_key(
-        tally: Tally) -> None:
+    tally: Tally,
+) -> None:
     resold = await Resold(tally).create(account_card=GOOD)
     key = uid("key")
     first = await resold.subscribe(key=key)
@@ -223,11 +259,11 @@ async def test_subscriptions_are_listed_cancelled_at_period_end_and_subscribed_o
 
     # another company cannot see or cancel it
     stranger = tally.auth("company_admin", company_id=uid("other"))
-    r = await tally.http.delete(tally.url("rebilling", f"/v1/subscriptions/{s['id']}"),
-                                headers=stranger)
+    r = await tally.http.delete(tally.url("rebilling", f"/v1/subscriptions/{s['id']}"), headers=stranger)
     assert r.status_code == 404
-    r = await tally.http.delete(tally.url("rebilling", f"/v1/subscriptions/{s['id']}"),
-                                headers=resold.agency.user(resold.aid))
+    r = await tally.http.delete(
+        tally.url("rebilling", f"/v1/subscriptions/{s['id']}"), headers=resold.agency.user(resold.aid)
+    )
     assert r.status_code == 200 and r.json()["cancel_at_period_end"] is True, r.text
     assert r.json()["status"] == "active"  # paid until the period ends
     nxt = month_after(datetime.now(UTC))
@@ -235,8 +271,11 @@ async def test_subscriptions_are_listed_cancelled_at_period_end_and_subscribed_o
     [s] = await resold.subscriptions()
     assert s["status"] == "cancelled"
     assert len(await resold.charges()) == 2  # nothing charged for the next period
-    r = await tally.http.post(tally.url("rebilling", "/v1/reselling/run"),
-                              json={"at": "not a time"}, headers=tally.auth("platform_admin"))
+    r = await tally.http.post(
+        tally.url("rebilling", "/v1/reselling/run"),
+        json={"at": "not a time"},
+        headers=tally.auth("platform_admin"),
+    )
     assert r.status_code == 422
 
 
@@ -267,15 +306,17 @@ async def test_gating_holds_when_two_admins_write_at_once(tally: Tally) -> None:
         await tally.http.put(plan, json={"plan": "saas_pro"}, headers=platform)
         await asyncio.gather(
             agency.set_rebilling(aid, "rebill_markup", {"default": "2"}),
-            tally.http.put(plan, json={"plan": "starter"}, headers=platform))
+            tally.http.put(plan, json={"plan": "starter"}, headers=platform),
+        )
         r = await tally.http.get(settings, headers=agency.admin)
         assert r.json()["mode"] == "off", r.text  # starter allows no rebilling
     await tally.http.put(plan, json={"plan": "saas_pro"}, headers=platform)
     acct = "acct_" + uid("g").replace("-", "")
     for _ in range(12):
         await tally.http.put(connect, json={"stripe_account_id": acct}, headers=agency.admin)
-        await asyncio.gather(agency.set_rebilling(aid, "rebill"),
-                             tally.http.delete(connect, headers=agency.admin))
+        await asyncio.gather(
+            agency.set_rebilling(aid, "rebill"), tally.http.delete(connect, headers=agency.admin)
+        )
         r = await tally.http.get(settings, headers=agency.admin)
         assert r.json()["mode"] == "off", r.text  # no rebilling without Stripe
 
@@ -286,8 +327,9 @@ async def license_charges(tally: Tally, cid: str, purchases: set[str]) -> list[s
     out = []
     for intent in await payment_intents(tally):
         key = (intent.get("metadata") or {}).get("tally_attempt") or ""
-        if intent["status"] == "succeeded" and (key.removeprefix("licenses-") in purchases
-                                                or key.startswith(f"sub-lic_{cid}-")):
+        if intent["status"] == "succeeded" and (
+            key.removeprefix("licenses-") in purchases or key.startswith(f"sub-lic_{cid}-")
+        ):
             out.append(f"{intent['amount'] // 100}.{intent['amount'] % 100:02d}0000")
     return sorted(out)
 
@@ -308,9 +350,9 @@ async def test_licenses_are_bought_and_billed_every_period(tally: Tally) -> None
     pool = (await tally.http.get(lic, headers=agency.admin)).json()
     assert (pool["total"], pool["unit_price"]) == (0, "10.000000")
 
-    await tally.http.delete(tally.url(
-        "recharge", f"/v1/companies/{agency.cid}/payment-methods/{declining}"),
-        headers=agency.admin)
+    await tally.http.delete(
+        tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods/{declining}"), headers=agency.admin
+    )
     await resold.card(GOOD)
     key = {"Idempotency-Key": uid("key")}
     r = await tally.http.post(lic, json={"quantity": 3}, headers={**agency.admin, **key})
@@ -328,14 +370,12 @@ async def test_licenses_are_bought_and_billed_every_period(tally: Tally) -> None
     nxt = month_after(datetime.now(UTC))
     assert await resold.run(nxt) == {"charged": 1}
     assert await resold.run(nxt + timedelta(days=1)) == {}
-    assert await license_charges(tally, agency.cid, purchases) == [
-        "20.000000", "30.000000", "50.000000"]
+    assert await license_charges(tally, agency.cid, purchases) == ["20.000000", "30.000000", "50.000000"]
     r = await tally.http.post(lic, json={"quantity": 0}, headers=agency.admin)
     assert r.status_code == 422
 
 
-async def test_seats_of_an_automated_workspace_are_charged_at_the_company_seat_price(
-        tally: Tally) -> None:
+async def test_seats_of_an_automated_workspace_are_charged_at_the_company_seat_price(tally: Tally) -> None:
     resold = Resold(tally)
     agency = resold.agency
     await agency.create()
@@ -350,21 +390,36 @@ async def test_seats_of_an_automated_workspace_are_charged_at_the_company_seat_p
     resold.aid = await agency.account(billing_model="stripe_connect_automated")
     await agency.patch_wallet({"auto_recharge": False}, resold.aid)
     await resold.card(GOOD, account=True)
-    pool = (await tally.http.get(tally.url("rebilling", f"/v1/companies/{agency.cid}/licenses"),
-                                 headers=agency.admin)).json()
+    pool = (
+        await tally.http.get(
+            tally.url("rebilling", f"/v1/companies/{agency.cid}/licenses"), headers=agency.admin
+        )
+    ).json()
     for email in ("one@example.com", "two@example.com"):
-        r = await tally.http.post(tally.url("rebilling", f"/v1/accounts/{resold.aid}/invitations"),
-                                  json={"email": email}, headers=agency.admin)
+        r = await tally.http.post(
+            tally.url("rebilling", f"/v1/accounts/{resold.aid}/invitations"),
+            json={"email": email},
+            headers=agency.admin,
+        )
         assert r.status_code == 201, r.text  # no license needed: seats are a subscription
-        r = await tally.http.post(tally.url("rebilling", f"/v1/invitations/{r.json()['id']}/accept"),
-                                  headers=agency.admin)
+        r = await tally.http.post(
+            tally.url("rebilling", f"/v1/invitations/{r.json()['id']}/accept"), headers=agency.admin
+        )
         assert r.status_code == 200, r.text
-    assert (await tally.http.get(tally.url("rebilling", f"/v1/companies/{agency.cid}/licenses"),
-                                 headers=agency.admin)).json() == pool  # the pool untouched
+    assert (
+        await tally.http.get(
+            tally.url("rebilling", f"/v1/companies/{agency.cid}/licenses"), headers=agency.admin
+        )
+    ).json() == pool  # the pool untouched
 
     def seat_charges(intents: list[dict[str, Any]], sid: str) -> list[int]:
-        return sorted(i["amount"] for i in intents if i["status"] == "succeeded" and (
-            (i.get("metadata") or {}).get("tally_attempt") or "").startswith(f"sub-{sid}-"))
+        return sorted(
+            i["amount"]
+            for i in intents
+            if i["status"] == "succeeded"
+            and ((i.get("metadata") or {}).get("tally_attempt") or "").startswith(f"sub-{sid}-")
+        )
+
     [seats] = [s for s in await resold.subscriptions() if s["product"] == "seats"]
     assert (seats["status"], seats["outstanding"]) == ("active", "0.000000")
     # each seat added was charged for this period at once, on the account's card

@@ -18,11 +18,14 @@ from tests.integration.test_ledger_properties import run_in_fresh_loop
 pytestmark = pytest.mark.integration
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False)
     | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                 max_size=4),
-    max_leaves=12)
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 KNOWN_TYPES = {
     Topics.USAGE_INGEST: None,
     Topics.USAGE_RECORDED: "usage.recorded",
@@ -47,9 +50,15 @@ def garbage(draw: st.DrawFn) -> tuple[str, bytes]:
     if kind == "huge":
         return marker, orjson.dumps({"marker": marker, "pad": "x" * 400_000})
     data = draw(st.dictionaries(st.text(max_size=8), json_values, max_size=4))
-    return marker, orjson.dumps({"id": marker, "type": "{TYPE}", "time": "2026-01-01T00:00:00Z",
-                                 "source": "fuzz", "data": {**data, "marker": marker,
-                                                            "company_id": [marker]}})
+    return marker, orjson.dumps(
+        {
+            "id": marker,
+            "type": "{TYPE}",
+            "time": "2026-01-01T00:00:00Z",
+            "source": "fuzz",
+            "data": {**data, "marker": marker, "company_id": [marker]},
+        }
+    )
 
 
 async def produce_all(bootstrap: str, items: list[tuple[str, str, bytes]]) -> None:
@@ -64,9 +73,13 @@ async def produce_all(bootstrap: str, items: list[tuple[str, str, bytes]]) -> No
 
 async def dlq_texts(bootstrap: str, topic: str) -> list[str]:
     """The original text of every dead letter on ``topic`` (checking each has a reason)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                group_id=None, fetch_max_bytes=50_000_000,
-                                max_partition_fetch_bytes=10_000_000)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        group_id=None,
+        fetch_max_bytes=50_000_000,
+        max_partition_fetch_bytes=10_000_000,
+    )
     await consumer.start()
     try:
         await consumer.topics()
@@ -125,33 +138,71 @@ async def test_services_kept_consuming_after_the_garbage(tally: Tally) -> None:
     """Runs after the garbage test: a valid message on each topic is still applied."""
     cid, aid = uid("after-garbage-co"), uid("after-garbage-acct")
     now = "2026-01-01T00:00:00+00:00"
-    await tally.produce("usage.ingest", {"event_id": uid("ev"), "company_id": cid,
-                                         "service": "email", "quantity": "1"}, key=cid)
-    await tally.envelope("rebilling.events", "account.created",
-                         {"account_id": aid, "company_id": cid, "name": "x"}, key=cid)
-    await tally.envelope("rebilling.settings", "rebilling.settings",
-                         {"account_id": aid, "company_id": cid, "mode": "rebill"}, key=aid)
-    await tally.envelope("recharge.events", "recharge.succeeded", {
-        "wallet_id": f"company:{cid}", "owner": "company", "company_id": cid, "currency": "USD",
-        "recharge_id": uid("rc"), "trigger": "manual", "amount_micros": 1_000_000}, key=cid)
+    await tally.produce(
+        "usage.ingest",
+        {"event_id": uid("ev"), "company_id": cid, "service": "email", "quantity": "1"},
+        key=cid,
+    )
+    await tally.envelope(
+        "rebilling.events", "account.created", {"account_id": aid, "company_id": cid, "name": "x"}, key=cid
+    )
+    await tally.envelope(
+        "rebilling.settings",
+        "rebilling.settings",
+        {"account_id": aid, "company_id": cid, "mode": "rebill"},
+        key=aid,
+    )
+    await tally.envelope(
+        "recharge.events",
+        "recharge.succeeded",
+        {
+            "wallet_id": f"company:{cid}",
+            "owner": "company",
+            "company_id": cid,
+            "currency": "USD",
+            "recharge_id": uid("rc"),
+            "trigger": "manual",
+            "amount_micros": 1_000_000,
+        },
+        key=cid,
+    )
     crossing = uid("crossing")
-    await tally.envelope("wallet.digest", "wallet.threshold_crossed", {
-        "wallet_id": f"company:{cid}", "owner": "company", "company_id": cid, "currency": "USD",
-        "balance_micros": 0, "threshold_micros": 1, "reload_amount_micros": 1_000_000,
-        "auto_recharge": True, "smart_adjustment": False}, key=cid, id_=crossing)
+    await tally.envelope(
+        "wallet.digest",
+        "wallet.threshold_crossed",
+        {
+            "wallet_id": f"company:{cid}",
+            "owner": "company",
+            "company_id": cid,
+            "currency": "USD",
+            "balance_micros": 0,
+            "threshold_micros": 1,
+            "reload_amount_micros": 1_000_000,
+            "auto_recharge": True,
+            "smart_adjustment": False,
+        },
+        key=cid,
+        id_=crossing,
+    )
     del now
 
     async def applied() -> bool:
-        w = await tally.sql("wallet", "SELECT (SELECT count(*) FROM transfers WHERE "
-                            "debit_wallet = $1 OR credit_wallet = $1) AS lines, "
-                            "(SELECT count(*) FROM accounts WHERE account_id = $2) AS accounts, "
-                            "(SELECT count(*) FROM rebilling_settings WHERE account_id = $2) AS s",
-                            f"company:{cid}", aid)
+        w = await tally.sql(
+            "wallet",
+            "SELECT (SELECT count(*) FROM transfers WHERE "
+            "debit_wallet = $1 OR credit_wallet = $1) AS lines, "
+            "(SELECT count(*) FROM accounts WHERE account_id = $2) AS accounts, "
+            "(SELECT count(*) FROM rebilling_settings WHERE account_id = $2) AS s",
+            f"company:{cid}",
+            aid,
+        )
         # the crossing was taken (the wallet has no card: the rule starts no recharge)
-        r = await tally.sql("recharge", "SELECT count(*) AS n FROM inbox "
-                                        "WHERE consumer = 'recharge-wallet' AND message_id = $1",
-                            crossing)
+        r = await tally.sql(
+            "recharge",
+            "SELECT count(*) AS n FROM inbox WHERE consumer = 'recharge-wallet' AND message_id = $1",
+            crossing,
+        )
         row = w[0]
-        return bool(row["lines"] >= 2 and row["accounts"] == 1 and row["s"] == 1
-                    and r[0]["n"] >= 1)
+        return bool(row["lines"] >= 2 and row["accounts"] == 1 and row["s"] == 1 and r[0]["n"] >= 1)
+
     await eventually(applied, timeout=60, what="valid messages after the garbage")

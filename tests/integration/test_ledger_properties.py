@@ -55,14 +55,26 @@ class Settings:
 
 
 usage = st.builds(
-    lambda e, acct, amount: Usage(e, ACCOUNT_COMPANY[acct] if acct else ("A" if e % 2 else "B"),
-                                  acct, amount),
-    st.integers(0, 12), st.sampled_from([None, "a1", "a2"]), st.integers(1, 2_000_000))
-credit_op = st.builds(Credit, st.sampled_from(["company:A", "company:B", "account:a1", "account:a2"]),
-                      st.integers(0, 4), st.integers(1, 5_000_000))
-settings_op = st.builds(Settings, st.sampled_from(["a1", "a2"]),
-                        st.sampled_from(["off", "rebill", "rebill_markup"]),
-                        st.sampled_from(MARKUPS), st.booleans())
+    lambda e, acct, amount: Usage(
+        e, ACCOUNT_COMPANY[acct] if acct else ("A" if e % 2 else "B"), acct, amount
+    ),
+    st.integers(0, 12),
+    st.sampled_from([None, "a1", "a2"]),
+    st.integers(1, 2_000_000),
+)
+credit_op = st.builds(
+    Credit,
+    st.sampled_from(["company:A", "company:B", "account:a1", "account:a2"]),
+    st.integers(0, 4),
+    st.integers(1, 5_000_000),
+)
+settings_op = st.builds(
+    Settings,
+    st.sampled_from(["a1", "a2"]),
+    st.sampled_from(["off", "rebill", "rebill_markup"]),
+    st.sampled_from(MARKUPS),
+    st.booleans(),
+)
 operations = st.lists(st.one_of(usage, usage, credit_op, settings_op), min_size=1, max_size=40)
 
 
@@ -125,25 +137,53 @@ async def apply_ops(dsn: str, schema: str, run: str, ops: list[Any]) -> dict[str
             for op in ops:
                 async with conn.transaction():
                     if isinstance(op, Usage):
-                        await apply_usage(conn, [UsageRecorded(
-                            event_id=ids(f"e{op.event}"), company_id=ids(op.company),
-                            account_id=ids(op.account) if op.account else None, service="ai",
-                            quantity="1", occurred_at=now, recorded_at=now,
-                            unit_price_micros=op.amount, platform_amount_micros=op.amount,
-                            currency="USD")])
+                        await apply_usage(
+                            conn,
+                            [
+                                UsageRecorded(
+                                    event_id=ids(f"e{op.event}"),
+                                    company_id=ids(op.company),
+                                    account_id=ids(op.account) if op.account else None,
+                                    service="ai",
+                                    quantity="1",
+                                    occurred_at=now,
+                                    recorded_at=now,
+                                    unit_price_micros=op.amount,
+                                    platform_amount_micros=op.amount,
+                                    currency="USD",
+                                )
+                            ],
+                        )
                     elif isinstance(op, Credit):
                         kind, owner = op.target.split(":")
                         company = ACCOUNT_COMPANY[owner] if kind == "account" else owner
-                        wallet = Wallet(f"{kind}:{ids(owner)}", kind, "USD",  # type: ignore[arg-type]
-                                        company_id=ids(company),
-                                        account_id=ids(owner) if kind == "account" else None)
-                        await credit(conn, wallet, amount=op.amount, kind="manual_credit",
-                                     key=f"{run}-{op.target}-{op.key}", system="manual_credits")
+                        wallet = Wallet(
+                            f"{kind}:{ids(owner)}",
+                            kind,
+                            "USD",  # type: ignore[arg-type]
+                            company_id=ids(company),
+                            account_id=ids(owner) if kind == "account" else None,
+                        )
+                        await credit(
+                            conn,
+                            wallet,
+                            amount=op.amount,
+                            kind="manual_credit",
+                            key=f"{run}-{op.target}-{op.key}",
+                            system="manual_credits",
+                        )
                     else:
-                        await storage.upsert_rebilling(conn, RebillingSettings(
-                            account_id=ids(op.account), company_id=ids(ACCOUNT_COMPANY[op.account]),
-                            mode=op.mode, markups={"default": op.markup}, active=op.active,
-                            version=next(version)))
+                        await storage.upsert_rebilling(
+                            conn,
+                            RebillingSettings(
+                                account_id=ids(op.account),
+                                company_id=ids(ACCOUNT_COMPANY[op.account]),
+                                mode=op.mode,
+                                markups={"default": op.markup},
+                                active=op.active,
+                                version=next(version),
+                            ),
+                        )
             rows = await conn.fetch(storage.LEDGER_BALANCES)
             assert all(r["balance"] == r["derived"] for r in rows), "materialised != derived"
             assert sum(r["balance"] for r in rows) == 0, "double entry broken"
@@ -152,7 +192,7 @@ async def apply_ops(dsn: str, schema: str, run: str, ops: list[Any]) -> dict[str
             for r in rows:
                 for kind, p in prefix.items():
                     if r["id"].startswith(p) and r["balance"] != 0:
-                        out[f"{kind}:{r['id'][len(p):]}"] = r["balance"]
+                        out[f"{kind}:{r['id'][len(p) :]}"] = r["balance"]
             return out
     finally:
         await pool.close()
@@ -188,13 +228,15 @@ async def test_a_wallet_created_by_a_rolled_back_batch_is_created_again(tally: T
         async with pool.acquire() as conn:
             tx = conn.transaction()
             await tx.start()
-            await storage.post(conn, [wallet, revenue], [
-                Transfer(uid("t"), wallet.id, revenue.id, 3, "usage")])
+            await storage.post(
+                conn, [wallet, revenue], [Transfer(uid("t"), wallet.id, revenue.id, 3, "usage")]
+            )
             await tx.rollback()
             assert await storage.get_wallet(conn, wallet.id) is None
             async with conn.transaction():
-                posting = await storage.post(conn, [wallet, revenue], [
-                    Transfer(uid("t"), wallet.id, revenue.id, 7, "usage")])
+                posting = await storage.post(
+                    conn, [wallet, revenue], [Transfer(uid("t"), wallet.id, revenue.id, 7, "usage")]
+                )
             assert posting.posted[0].debit_after == -7
             moved = await storage.get_wallet(conn, wallet.id)
             assert moved is not None and moved.balance == -7 and moved.status == "suspended"
@@ -202,8 +244,7 @@ async def test_a_wallet_created_by_a_rolled_back_batch_is_created_again(tally: T
         await pool.close()
 
 
-async def test_a_company_paying_in_two_currencies_is_a_ledger_error_not_a_crash(
-        tally: Tally) -> None:
+async def test_a_company_paying_in_two_currencies_is_a_ledger_error_not_a_crash(tally: Tally) -> None:
     """A batch where one company's usage comes in two currencies (a price set in EUR while its
     wallet is in USD): the mismatched event must be a LedgerError (dead-lettered alone by the
     handler), never an exception that fails the whole batch forever."""
@@ -214,9 +255,18 @@ async def test_a_company_paying_in_two_currencies_is_a_ledger_error_not_a_crash(
         cid, now = uid("co"), datetime.now(UTC)
 
         def used(currency: str) -> UsageRecorded:
-            return UsageRecorded(event_id=uid("ev"), company_id=cid, service="ai", quantity="1",
-                                 occurred_at=now, recorded_at=now, unit_price_micros=5,
-                                 platform_amount_micros=5, currency=currency)
+            return UsageRecorded(
+                event_id=uid("ev"),
+                company_id=cid,
+                service="ai",
+                quantity="1",
+                occurred_at=now,
+                recorded_at=now,
+                unit_price_micros=5,
+                platform_amount_micros=5,
+                currency=currency,
+            )
+
         usd, eur = used("USD"), used("EUR")
         async with pool.acquire() as conn:
             with pytest.raises(LedgerError, match="cannot pay"):

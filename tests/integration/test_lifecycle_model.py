@@ -46,6 +46,7 @@ EUR_EMAIL_PRICE = "0.0006"
 
 # --- the reference model ------------------------------------------------------------------
 
+
 def micros(text: str) -> int:
     return int(Decimal(text) * 1_000_000)
 
@@ -66,8 +67,7 @@ def half_up(value: Decimal) -> int:
 
 
 # What each plan allows (API.md: rebill needs unlimited or saas_pro, markup needs saas_pro).
-ALLOWED = {"starter": {"off"}, "unlimited": {"off", "rebill"},
-           "saas_pro": {"off", "rebill", "rebill_markup"}}
+ALLOWED = {"starter": {"off"}, "unlimited": {"off", "rebill"}, "saas_pro": {"off", "rebill", "rebill_markup"}}
 
 
 def downgraded(plan: str, mode: str) -> str:
@@ -223,8 +223,7 @@ class Sub:
     def status(self) -> str:
         if self.cancelled:
             return "cancelled"
-        return "past_due" if any(leg.status == "failed" for leg in self.legs.values()) \
-            else "active"
+        return "past_due" if any(leg.status == "failed" for leg in self.legs.values()) else "active"
 
     @property
     def outstanding(self) -> int:
@@ -232,8 +231,11 @@ class Sub:
 
     @property
     def next_retry(self) -> datetime | None:
-        waiting = [leg.next_try for leg in self.legs.values()
-                   if leg.status == "failed" and leg.failures <= len(DUNNING)]
+        waiting = [
+            leg.next_try
+            for leg in self.legs.values()
+            if leg.status == "failed" and leg.failures <= len(DUNNING)
+        ]
         return min(waiting) if waiting else None
 
 
@@ -284,10 +286,12 @@ class Company:
         runner's order, each once."""
         for sub in self.all_subs():
             sub.open(period_of(at), at)
-        due = sorted(((leg.next_try, sub.sid, period, name), sub, leg)
-                     for sub in self.all_subs() for (period, name), leg in sub.legs.items()
-                     if leg.status != "charged" and leg.next_try <= at
-                     and sub.cancelled != "payment_failed")
+        due = sorted(
+            ((leg.next_try, sub.sid, period, name), sub, leg)
+            for sub in self.all_subs()
+            for (period, name), leg in sub.legs.items()
+            if leg.status != "charged" and leg.next_try <= at and sub.cancelled != "payment_failed"
+        )
         # the runner's order: by time, subscription, period, and the platform leg first
         due.sort(key=lambda d: (d[0][0], d[0][1], d[0][2], d[0][3] != "platform"))
         for _, sub, leg in due:
@@ -347,6 +351,7 @@ def _minute(when: str | None) -> When | None:
 
 # --- the walk -----------------------------------------------------------------------------
 
+
 class Walk:
     def __init__(self, tally: Tally, rng: random.Random) -> None:
         self.t = tally
@@ -359,48 +364,72 @@ class Walk:
 
     async def setup(self) -> None:
         platform = self.t.auth("platform_admin")
-        r = await self.t.http.put(self.t.url("usage-meter", "/v1/prices/email"), headers=platform,
-                                  json={"unit": "email", "unit_price": EUR_EMAIL_PRICE,
-                                        "currency": "EUR"})
+        r = await self.t.http.put(
+            self.t.url("usage-meter", "/v1/prices/email"),
+            headers=platform,
+            json={"unit": "email", "unit_price": EUR_EMAIL_PRICE, "currency": "EUR"},
+        )
         assert r.status_code == 200, r.text
-        for p in (await self.t.http.get(self.t.url("usage-meter", "/v1/prices"),
-                                        headers=platform)).json()["items"]:
+        for p in (await self.t.http.get(self.t.url("usage-meter", "/v1/prices"), headers=platform)).json()[
+            "items"
+        ]:
             PRICES[(p["service"], p["currency"])] = micros(p["unit_price"])
         for currency, plan in (("USD", "saas_pro"), ("EUR", "unlimited")):
             cid = uid("model")
             admin = self.t.auth("company_admin", company_id=cid, email=f"owner@{cid}.example.com")
-            r = await self.t.http.post(self.t.url("rebilling", "/v1/companies"), headers=platform,
-                                       json={"id": cid, "name": cid, "plan": plan,
-                                             "currency": currency,
-                                             "owner_email": f"owner@{cid}.example.com"})
+            r = await self.t.http.post(
+                self.t.url("rebilling", "/v1/companies"),
+                headers=platform,
+                json={
+                    "id": cid,
+                    "name": cid,
+                    "plan": plan,
+                    "currency": currency,
+                    "owner_email": f"owner@{cid}.example.com",
+                },
+            )
             assert r.status_code == 201, r.text
             aid = uid("acct")
-            r = await self.t.http.post(self.t.url("rebilling", f"/v1/companies/{cid}/accounts"),
-                                       headers=admin, json={"id": aid, "name": aid,
-                                                            "owner_email": f"{aid}@example.com"})
+            r = await self.t.http.post(
+                self.t.url("rebilling", f"/v1/companies/{cid}/accounts"),
+                headers=admin,
+                json={"id": aid, "name": aid, "owner_email": f"{aid}@example.com"},
+            )
             assert r.status_code == 201, r.text
-            user = self.t.auth("account_user", company_id=cid, account_id=aid,
-                               email=f"{aid}@example.com")
-            company = Company(cid, Wallet(currency), admin, Account(aid, Wallet(currency), user),
-                              plan, stripe_account="acct_" + uid("m").replace("-", ""))
+            user = self.t.auth("account_user", company_id=cid, account_id=aid, email=f"{aid}@example.com")
+            company = Company(
+                cid,
+                Wallet(currency),
+                admin,
+                Account(aid, Wallet(currency), user),
+                plan,
+                stripe_account="acct_" + uid("m").replace("-", ""),
+            )
             # smart adjustment off: tier raises are another test's
             for path in (f"/v1/companies/{cid}/wallet", f"/v1/accounts/{aid}/wallet"):
+
                 async def patched(path: str = path, admin: dict[str, str] = admin) -> bool:
-                    r = await self.t.http.patch(self.t.url("wallet", path), headers=admin,
-                                                json={"smart_adjustment": False})
+                    r = await self.t.http.patch(
+                        self.t.url("wallet", path), headers=admin, json={"smart_adjustment": False}
+                    )
                     return r.status_code == 200
+
                 await eventually(patched, what=f"PATCH {path}")
             self.companies.append(company)
             # connected at first (a walk disconnects and reconnects it): rebilling, account
             # cards and account recharges are reachable from the first steps
             r = await self.t.http.put(
                 self.t.url("rebilling", f"/v1/companies/{cid}/stripe-connect"),
-                json={"stripe_account_id": company.stripe_account}, headers=admin)
+                json={"stripe_account_id": company.stripe_account},
+                headers=admin,
+            )
             assert r.status_code == 200, r.text
             company.connected = True
             r = await self.t.http.put(
                 self.t.url("rebilling", f"/v1/companies/{cid}/reselling/whatsapp"),
-                json={"company_price": text(COMPANY_PRICE)}, headers=admin)
+                json={"company_price": text(COMPANY_PRICE)},
+                headers=admin,
+            )
             assert r.status_code == 200, r.text
 
     # --- actions: each changes the system and the model the same way ---------------------
@@ -411,16 +440,21 @@ class Walk:
     async def use(self, c: Company) -> None:
         service = self.rng.choice(["email", "email", "sms"])
         quantity = str(self.rng.choice([1, 10, 100, 1000, 20000]))
-        account: str | None = self.rng.choice([None, c.account.aid, c.account.aid,
-                                               c.account.aid, "foreign", "unknown"])
+        account: str | None = self.rng.choice(
+            [None, c.account.aid, c.account.aid, c.account.aid, "foreign", "unknown"]
+        )
         if account == "foreign":
             account = next(o.account.aid for o in self.companies if o is not c)
         elif account == "unknown":
             account = uid("nobody")
         resend = bool(c.accepted) and self.rng.random() < 0.1
         event_id = self.rng.choice(c.accepted) if resend else uid("ev")
-        event: dict[str, Any] = {"event_id": event_id, "company_id": c.cid, "service": service,
-                                 "quantity": quantity}
+        event: dict[str, Any] = {
+            "event_id": event_id,
+            "company_id": c.cid,
+            "service": service,
+            "quantity": quantity,
+        }
         if account:
             event["account_id"] = account
         w, a = c.wallet, c.account.wallet
@@ -438,12 +472,20 @@ class Walk:
             mine = account == c.account.aid
             accounts = {a.status == "suspended"} | ({True, False} if self._recent(a) else set())
             agencies = {w.status == "suspended"} | ({True, False} if self._recent(w) else set())
-            expect = {"rejected:account_suspended" if mine and acct else
-                      "rejected:agency_wallet_empty" if agency else "accepted"
-                      for acct in accounts for agency in agencies}
+            expect = {
+                "rejected:account_suspended"
+                if mine and acct
+                else "rejected:agency_wallet_empty"
+                if agency
+                else "accepted"
+                for acct in accounts
+                for agency in agencies
+            }
         via_topic = expect == {"accepted"} and self.rng.random() < 0.3
-        self.log.append(f"{self.step}: use {c.cid} {service} x{quantity} account={account} "
-                        f"resend={resend} topic={via_topic} -> {sorted(expect)}")
+        self.log.append(
+            f"{self.step}: use {c.cid} {service} x{quantity} account={account} "
+            f"resend={resend} topic={via_topic} -> {sorted(expect)}"
+        )
         if via_topic:
             await self.t.produce("usage.ingest", event, key=c.cid)
             got = "accepted"
@@ -474,10 +516,10 @@ class Walk:
         side, w, path, headers = self._side(c)
         good = self.rng.random() < 0.6
         pm = await new_card(self.t, GOOD if good else DECLINES)
-        self.log.append(f"{self.step}: attach {'good' if good else 'declining'} {pm} to "
-                        f"{side} of {c.cid}")
-        r = await self.t.http.post(self.t.url("recharge", f"{path}/payment-methods"),
-                                   json={"payment_method": pm}, headers=headers)
+        self.log.append(f"{self.step}: attach {'good' if good else 'declining'} {pm} to {side} of {c.cid}")
+        r = await self.t.http.post(
+            self.t.url("recharge", f"{path}/payment-methods"), json={"payment_method": pm}, headers=headers
+        )
         if side == "account" and not c.connected:
             assert r.status_code == 409, r.text
             assert r.json()["error"]["code"] == "company_stripe_not_connected"
@@ -493,8 +535,9 @@ class Walk:
             return await self.attach(c)
         card = self.rng.choice(w.cards)
         self.log.append(f"{self.step}: detach {card.pm} from {side} of {c.cid}")
-        r = await self.t.http.delete(self.t.url("recharge", f"{path}/payment-methods/{card.pm}"),
-                                     headers=headers)
+        r = await self.t.http.delete(
+            self.t.url("recharge", f"{path}/payment-methods/{card.pm}"), headers=headers
+        )
         assert r.status_code == 204, r.text
         w.detach(card)
         return None
@@ -506,7 +549,8 @@ class Walk:
         card = self.rng.choice(w.cards)
         self.log.append(f"{self.step}: default {card.pm} of {side} of {c.cid}")
         r = await self.t.http.post(
-            self.t.url("recharge", f"{path}/payment-methods/{card.pm}/default"), headers=headers)
+            self.t.url("recharge", f"{path}/payment-methods/{card.pm}/default"), headers=headers
+        )
         assert r.status_code == 200, r.text
         w.default = card.pm
         self.card_saved(c, side)
@@ -522,8 +566,7 @@ class Walk:
         if self.rng.random() < 0.3:
             changes["reload_amount"] = self.rng.choice(["10", "25"])
         self.log.append(f"{self.step}: patch {side} of {c.cid} {changes}")
-        r = await self.t.http.patch(self.t.url("wallet", f"{path}/wallet"), json=changes,
-                                    headers=c.admin)
+        r = await self.t.http.patch(self.t.url("wallet", f"{path}/wallet"), json=changes, headers=c.admin)
         assert r.status_code == 200, r.text
         w.auto = changes.get("auto_recharge", w.auto)
         w.threshold = micros(changes.get("threshold", text(w.threshold)))
@@ -533,13 +576,17 @@ class Walk:
         side, w, path, _ = self._side(c)
         amount = self.rng.choice(["0.5", "3", "15"])
         # the platform credits a company wallet; a company admin its accounts' wallets
-        who, auth = ("wallet:platform", self.t.auth("platform_admin")) if side == "company" \
+        who, auth = (
+            ("wallet:platform", self.t.auth("platform_admin"))
+            if side == "company"
             else ("wallet:admin", c.admin)
+        )
         key = self._key(c, who)
         self.log.append(f"{self.step}: credit {side} of {c.cid} {amount} key={key}")
         headers = {**auth, **({"Idempotency-Key": key} if key else {})}
-        r = await self.t.http.post(self.t.url("wallet", f"{path}/wallet/credits"),
-                                   json={"amount": amount}, headers=headers)
+        r = await self.t.http.post(
+            self.t.url("wallet", f"{path}/wallet/credits"), json={"amount": amount}, headers=headers
+        )
         self._replayed_or_new(c, w, f"credit:{side}", who, key, r, amount)
 
     async def top_up(self, c: Company) -> None:
@@ -549,14 +596,16 @@ class Walk:
         key = self._key(c, who)
         self.log.append(f"{self.step}: top-up {side} of {c.cid} {amount} key={key}")
         headers = {**headers, **({"Idempotency-Key": key} if key else {})}
-        r = await self.t.http.post(self.t.url("recharge", f"{path}/wallet/top-ups"),
-                                   json={"amount": amount}, headers=headers)
+        r = await self.t.http.post(
+            self.t.url("recharge", f"{path}/wallet/top-ups"), json={"amount": amount}, headers=headers
+        )
         if (who, key) in c.keys or ((side == "company" or c.connected) and w.cards):
             # a key already used answers as it did (or 422), whatever changed since
             self._replayed_or_new(c, w, f"top_up:{side}", who, key, r, amount)
             return
-        code = "company_stripe_not_connected" if side == "account" and not c.connected \
-            else "no_payment_method"
+        code = (
+            "company_stripe_not_connected" if side == "account" and not c.connected else "no_payment_method"
+        )
         assert r.status_code == 409 and r.json()["error"]["code"] == code, r.text
 
     def _key(self, c: Company, who: str) -> str | None:
@@ -567,8 +616,9 @@ class Walk:
             return self.rng.choice(mine)  # a retry with the same key
         return uid("key") if roll < 0.6 else None
 
-    def _replayed_or_new(self, c: Company, w: Wallet, kind: str, who: str, key: str | None,
-                         r: Any, amount: str) -> None:
+    def _replayed_or_new(
+        self, c: Company, w: Wallet, kind: str, who: str, key: str | None, r: Any, amount: str
+    ) -> None:
         if key is not None and (who, key) in c.keys:
             first_kind, first = c.keys[(who, key)]
             if first_kind == f"{kind}:{amount}":
@@ -595,8 +645,11 @@ class Walk:
         a = c.account
         amount = self.rng.choice(["2", "5.5"])
         self.log.append(f"{self.step}: {a.aid} requests {amount}")
-        r = await self.t.http.post(self.t.url("wallet", f"/v1/accounts/{a.aid}/credit-requests"),
-                                   json={"amount": amount}, headers=a.user)
+        r = await self.t.http.post(
+            self.t.url("wallet", f"/v1/accounts/{a.aid}/credit-requests"),
+            json={"amount": amount},
+            headers=a.user,
+        )
         if c.connected:
             assert r.status_code == 409 and r.json()["error"]["code"] == "top_up_available"
             return
@@ -614,8 +667,8 @@ class Walk:
         verdict = self.rng.choice(["approve", "reject"])
         self.log.append(f"{self.step}: {verdict} {a.pending_request}")
         r = await self.t.http.post(
-            self.t.url("wallet", f"/v1/credit-requests/{a.pending_request}/{verdict}"),
-            headers=c.admin)
+            self.t.url("wallet", f"/v1/credit-requests/{a.pending_request}/{verdict}"), headers=c.admin
+        )
         assert r.status_code == 200, r.text
         if verdict == "approve":
             a.wallet.credit(micros(r.json()["amount"]), self.step)
@@ -625,11 +678,17 @@ class Walk:
     async def set_rebilling(self, c: Company) -> None:
         a = c.account
         mode = self.rng.choice(["off", "rebill", "rebill", "rebill_markup", "rebill_markup"])
-        markups = self.rng.choice([{"default": "1.5"}, {"sms": "2", "default": "1.25"},
-                                   {"email": "3"}]) if mode == "rebill_markup" else {}
+        markups = (
+            self.rng.choice([{"default": "1.5"}, {"sms": "2", "default": "1.25"}, {"email": "3"}])
+            if mode == "rebill_markup"
+            else {}
+        )
         self.log.append(f"{self.step}: rebilling of {a.aid} -> {mode} {markups}")
-        r = await self.t.http.put(self.t.url("rebilling", f"/v1/accounts/{a.aid}/rebilling"),
-                                  json={"mode": mode, "markups": markups}, headers=c.admin)
+        r = await self.t.http.put(
+            self.t.url("rebilling", f"/v1/accounts/{a.aid}/rebilling"),
+            json={"mode": mode, "markups": markups},
+            headers=c.admin,
+        )
         refusal = None
         if mode != "off":
             if mode not in ALLOWED[c.plan]:
@@ -647,8 +706,11 @@ class Walk:
     async def change_plan(self, c: Company) -> None:
         plan = self.rng.choice(["starter", "unlimited", "saas_pro", "saas_pro"])
         self.log.append(f"{self.step}: plan of {c.cid} -> {plan}")
-        r = await self.t.http.put(self.t.url("rebilling", f"/v1/companies/{c.cid}/plan"),
-                                  json={"plan": plan}, headers=self.t.auth("platform_admin"))
+        r = await self.t.http.put(
+            self.t.url("rebilling", f"/v1/companies/{c.cid}/plan"),
+            json={"plan": plan},
+            headers=self.t.auth("platform_admin"),
+        )
         assert r.status_code == 200, r.text
         c.plan = plan
         a = c.account
@@ -666,10 +728,10 @@ class Walk:
         if c.connected and self.rng.random() < 0.5:
             self.log.append(f"{self.step}: {c.cid} disconnects Stripe")
             r = await self.t.http.delete(
-                self.t.url("rebilling", f"/v1/companies/{c.cid}/stripe-connect"), headers=c.admin)
+                self.t.url("rebilling", f"/v1/companies/{c.cid}/stripe-connect"), headers=c.admin
+            )
             assert r.status_code == 200, r.text
-            changed = [{"account_id": a.aid, "from": a.mode, "to": "off"}] \
-                if a.mode != "off" else []
+            changed = [{"account_id": a.aid, "from": a.mode, "to": "off"}] if a.mode != "off" else []
             assert r.json()["changed_accounts"] == changed
             c.connected, a.mode, a.markups = False, "off", {}
             return
@@ -678,8 +740,11 @@ class Walk:
             a.wallet.cards.clear()
             a.wallet.default = None
         self.log.append(f"{self.step}: {c.cid} connects Stripe {c.stripe_account}")
-        r = await self.t.http.put(self.t.url("rebilling", f"/v1/companies/{c.cid}/stripe-connect"),
-                                  json={"stripe_account_id": c.stripe_account}, headers=c.admin)
+        r = await self.t.http.put(
+            self.t.url("rebilling", f"/v1/companies/{c.cid}/stripe-connect"),
+            json={"stripe_account_id": c.stripe_account},
+            headers=c.admin,
+        )
         assert r.status_code == 200, r.text
         c.connected = True
 
@@ -696,7 +761,9 @@ class Walk:
         self.log.append(f"{self.step}: {c.account.aid} subscribes ({deployment})")
         r = await self.t.http.post(
             self.t.url("rebilling", f"/v1/accounts/{c.account.aid}/subscriptions"),
-            json={"product": "whatsapp", "deployment": deployment}, headers=c.admin)
+            json={"product": "whatsapp", "deployment": deployment},
+            headers=c.admin,
+        )
         if deployment == "resell" and not c.connected:
             assert r.status_code == 409, r.text
             assert r.json()["error"]["code"] == "company_stripe_not_connected"
@@ -713,14 +780,22 @@ class Walk:
 
     async def advance(self, c: Company) -> None:
         """Time passes for the period runner: hours (retries) or a month (the next period)."""
-        self.clock += self.rng.choice([timedelta(hours=1), timedelta(hours=25),
-                                       timedelta(hours=73), timedelta(days=6),
-                                       timedelta(days=32)])
+        self.clock += self.rng.choice(
+            [
+                timedelta(hours=1),
+                timedelta(hours=25),
+                timedelta(hours=73),
+                timedelta(days=6),
+                timedelta(days=32),
+            ]
+        )
         self.clock = max(self.clock, datetime.now(UTC))
         self.log.append(f"{self.step}: the runner runs {c.cid} at {self.clock.isoformat()}")
-        r = await self.t.http.post(self.t.url("rebilling", "/v1/reselling/run"),
-                                   json={"at": self.clock.isoformat(), "company_id": c.cid},
-                                   headers=self.t.auth("platform_admin"))
+        r = await self.t.http.post(
+            self.t.url("rebilling", "/v1/reselling/run"),
+            json={"at": self.clock.isoformat(), "company_id": c.cid},
+            headers=self.t.auth("platform_admin"),
+        )
         assert r.status_code == 200, r.text
         c.run(self.clock)
 
@@ -729,8 +804,11 @@ class Walk:
         then; a pool whose charge failed sells none until it is paid."""
         quantity = self.rng.choice([1, 2, 3])
         self.log.append(f"{self.step}: {c.cid} buys {quantity} licenses")
-        r = await self.t.http.post(self.t.url("rebilling", f"/v1/companies/{c.cid}/licenses"),
-                                   json={"quantity": quantity}, headers=c.admin)
+        r = await self.t.http.post(
+            self.t.url("rebilling", f"/v1/companies/{c.cid}/licenses"),
+            json={"quantity": quantity},
+            headers=c.admin,
+        )
         if (c.pool and c.pool.status == "past_due") or not c.pays("company"):
             assert r.status_code == 402, r.text
             assert r.json()["error"]["code"] == "payment_failed"
@@ -752,8 +830,9 @@ class Walk:
             return await self.subscribe(c)
         sub = self.rng.choice(live)
         self.log.append(f"{self.step}: cancel {sub.sid} at period end")
-        r = await self.t.http.delete(self.t.url("rebilling", f"/v1/subscriptions/{sub.sid}"),
-                                     headers=c.account.user)
+        r = await self.t.http.delete(
+            self.t.url("rebilling", f"/v1/subscriptions/{sub.sid}"), headers=c.account.user
+        )
         assert r.status_code == 200 and r.json()["cancel_at_period_end"], r.text
         sub.ending = True
         return None
@@ -771,29 +850,34 @@ class Walk:
     async def observed(self, c: Company) -> dict[str, Any]:
         a = c.account
         out: dict[str, Any] = {}
-        for side, path in (("company", f"/v1/companies/{c.cid}"),
-                           ("account", f"/v1/accounts/{a.aid}")):
+        for side, path in (("company", f"/v1/companies/{c.cid}"), ("account", f"/v1/accounts/{a.aid}")):
             w = await self._get("wallet", f"{path}/wallet", c.admin) or {}
-            attempts = (await self._get("recharge", f"{path}/wallet/recharges?limit=500",
-                                        c.admin) or {"items": []})["items"]
-            out[side] = {k: w.get(k) for k in ("balance", "status", "auto_recharge", "currency",
-                                               "funding", "rebilling", "markups")}
+            attempts = (
+                await self._get("recharge", f"{path}/wallet/recharges?limit=500", c.admin) or {"items": []}
+            )["items"]
+            out[side] = {
+                k: w.get(k)
+                for k in ("balance", "status", "auto_recharge", "currency", "funding", "rebilling", "markups")
+            }
             out[side]["charges"] = sum(x["status"] == "succeeded" for x in attempts)
             out[side]["in_flight"] = sum(x["status"] == "pending" for x in attempts)
         cards = await self._get("recharge", f"/v1/accounts/{a.aid}/payment-methods", a.user)
         account = await self._get("rebilling", f"/v1/accounts/{a.aid}", c.admin) or {}
         status = await self._get("wallet", f"/v1/accounts/{a.aid}/service-status", c.admin) or {}
-        subs = await self._get("rebilling", f"/v1/accounts/{a.aid}/subscriptions?limit=500",
-                               c.admin) or {"items": []}
+        subs = await self._get("rebilling", f"/v1/accounts/{a.aid}/subscriptions?limit=500", c.admin) or {
+            "items": []
+        }
         out["subscriptions"] = [
-            (x["id"], x["status"], x["outstanding"], _minute(x["next_retry_at"]))
-            for x in subs["items"]]
+            (x["id"], x["status"], x["outstanding"], _minute(x["next_retry_at"])) for x in subs["items"]
+        ]
         pool = await self._get("rebilling", f"/v1/companies/{c.cid}/licenses", c.admin) or {}
         out["licenses"] = pool.get("total")
         out["account"].update(
             cards=sorted(x["id"] for x in cards["items"]) if cards else None,
             recharge_connected=cards["stripe_connected"] if cards else None,
-            has_valid_card=account.get("has_valid_card"), service=status.get("reason"))
+            has_valid_card=account.get("has_valid_card"),
+            service=status.get("reason"),
+        )
         return out
 
     def expected(self, c: Company) -> dict[str, Any]:
@@ -801,21 +885,36 @@ class Walk:
         funding = "top_up" if c.connected else "request_credits"
         out: dict[str, Any] = {}
         for side, w in (("company", c.wallet), ("account", a.wallet)):
-            out[side] = {"balance": text(w.balance), "status": w.status, "auto_recharge": w.auto,
-                         "currency": w.currency, "funding": funding, "rebilling": None,
-                         "markups": None, "charges": w.charges, "in_flight": 0}
+            out[side] = {
+                "balance": text(w.balance),
+                "status": w.status,
+                "auto_recharge": w.auto,
+                "currency": w.currency,
+                "funding": funding,
+                "rebilling": None,
+                "markups": None,
+                "charges": w.charges,
+                "in_flight": 0,
+            }
         out["account"].update(
             rebilling=a.effective,
             markups=a.markups if a.effective == "rebill_markup" else None,
-            cards=sorted(x.pm for x in a.wallet.cards), recharge_connected=c.connected,
+            cards=sorted(x.pm for x in a.wallet.cards),
+            recharge_connected=c.connected,
             has_valid_card=bool(a.wallet.cards),
             # a self-billing workspace with no license assigned (licenses are the next
             # model's): the license decides first
-            service="no_license")
+            service="no_license",
+        )
         out["subscriptions"] = sorted(
-            (sub.sid, sub.status, text(sub.outstanding),
-             _minute(sub.next_retry.isoformat() if sub.next_retry else None))
-            for sub in c.subs)
+            (
+                sub.sid,
+                sub.status,
+                text(sub.outstanding),
+                _minute(sub.next_retry.isoformat() if sub.next_retry else None),
+            )
+            for sub in c.subs
+        )
         out["licenses"] = c.pool.licenses if c.pool else 0
         return out
 
@@ -832,16 +931,30 @@ class Walk:
             if time.monotonic() > deadline:
                 raise AssertionError(
                     f"MODEL_SEED={SEED}: after step {self.step} the system did not settle on "
-                    f"the model\nseen: {seen}\nmodel: {want}\nwalk:\n" + "\n".join(self.log))
+                    f"the model\nseen: {seen}\nmodel: {want}\nwalk:\n" + "\n".join(self.log)
+                )
             await asyncio.sleep(0.1)
 
     async def run(self, steps: int) -> None:
-        actions = [(self.use, 8), (self.attach, 3), (self.detach, 1), (self.make_default, 1),
-                   (self.patch, 3), (self.credit, 2), (self.top_up, 2), (self.wait, 1),
-                   (self.request_credits, 1), (self.resolve_request, 1),
-                   (self.set_rebilling, 3), (self.change_plan, 1), (self.connection, 1),
-                   (self.subscribe, 1), (self.advance, 2), (self.unsubscribe, 1),
-                   (self.buy_licenses, 1)]
+        actions = [
+            (self.use, 8),
+            (self.attach, 3),
+            (self.detach, 1),
+            (self.make_default, 1),
+            (self.patch, 3),
+            (self.credit, 2),
+            (self.top_up, 2),
+            (self.wait, 1),
+            (self.request_credits, 1),
+            (self.resolve_request, 1),
+            (self.set_rebilling, 3),
+            (self.change_plan, 1),
+            (self.connection, 1),
+            (self.subscribe, 1),
+            (self.advance, 2),
+            (self.unsubscribe, 1),
+            (self.buy_licenses, 1),
+        ]
         weights = [w for _, w in actions]
         for self.step in range(steps):
             action = self.rng.choices([a for a, _ in actions], weights)[0]
@@ -849,8 +962,7 @@ class Walk:
             try:
                 await action(company)
             except AssertionError as exc:
-                raise AssertionError(f"MODEL_SEED={SEED}: {exc}\nwalk:\n"
-                                     + "\n".join(self.log)) from exc
+                raise AssertionError(f"MODEL_SEED={SEED}: {exc}\nwalk:\n" + "\n".join(self.log)) from exc
             await self.settle()
             self.rebilling_steps += sum(c.account.effective != "off" for c in self.companies)
             if self.step % 20 == 0:
@@ -859,9 +971,13 @@ class Walk:
 
 async def topic(tally: Tally, name: str) -> list[dict[str, Any]]:
     """Every message on ``name`` so far."""
-    consumer = AIOKafkaConsumer(name, bootstrap_servers=tally.stack.bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False,
-                                group_id=None)
+    consumer = AIOKafkaConsumer(
+        name,
+        bootstrap_servers=tally.stack.bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
     await consumer.start()
     out: list[dict[str, Any]] = []
     try:
@@ -888,27 +1004,42 @@ async def test_the_lifecycle_model(tally: Tally) -> None:
     await walk.run(STEPS)
 
     done = [line.split(": ", 1)[1].split(" ")[0] for line in walk.log]
-    print("model walk:", {w: done.count(w) for w in sorted(set(done))}, "rebilling on:",
-          walk.rebilling_steps, "subscriptions (count, legs charged, legs failed):",
-          [(len(c.subs), c.sub_charges, sum(leg.failures for sub in c.subs
-                                            for leg in sub.legs.values()))
-           for c in walk.companies], "licenses (purchases, pool):",
-          [(len(c.purchases), c.pool.licenses if c.pool else 0) for c in walk.companies],
-          "charges:",
-          [(c.wallet.charges, c.account.wallet.charges) for c in walk.companies], flush=True)
+    print(
+        "model walk:",
+        {w: done.count(w) for w in sorted(set(done))},
+        "rebilling on:",
+        walk.rebilling_steps,
+        "subscriptions (count, legs charged, legs failed):",
+        [
+            (len(c.subs), c.sub_charges, sum(leg.failures for sub in c.subs for leg in sub.legs.values()))
+            for c in walk.companies
+        ],
+        "licenses (purchases, pool):",
+        [(len(c.purchases), c.pool.licenses if c.pool else 0) for c in walk.companies],
+        "charges:",
+        [(c.wallet.charges, c.account.wallet.charges) for c in walk.companies],
+        flush=True,
+    )
 
     # every successful charge at Stripe is one credited recharge or top-up, and no more
     intents = await payment_intents(tally)
     for c in walk.companies:
-        for w, path in ((c.wallet, f"/v1/companies/{c.cid}"),
-                        (c.account.wallet, f"/v1/accounts/{c.account.aid}")):
-            r = await tally.http.get(tally.url("recharge", f"{path}/wallet/recharges?limit=500"),
-                                     headers=c.admin)
+        for w, path in (
+            (c.wallet, f"/v1/companies/{c.cid}"),
+            (c.account.wallet, f"/v1/accounts/{c.account.aid}"),
+        ):
+            r = await tally.http.get(
+                tally.url("recharge", f"{path}/wallet/recharges?limit=500"), headers=c.admin
+            )
             ids = {a["id"] for a in r.json()["items"]}
-            paid = [i for i in intents if (i.get("metadata") or {}).get("tally_attempt") in ids
-                    and i["status"] == "succeeded"]
-            r = await tally.http.get(tally.url("wallet", f"{path}/wallet/transactions?limit=500"),
-                                     headers=c.admin)
+            paid = [
+                i
+                for i in intents
+                if (i.get("metadata") or {}).get("tally_attempt") in ids and i["status"] == "succeeded"
+            ]
+            r = await tally.http.get(
+                tally.url("wallet", f"{path}/wallet/transactions?limit=500"), headers=c.admin
+            )
             lines = [t for t in r.json()["items"] if t["kind"] in ("recharge", "top_up")]
             assert len(paid) == len(lines) == w.charges, (path, len(paid), len(lines))
             assert {i["currency"] for i in paid} <= {w.currency.lower()}
@@ -916,20 +1047,33 @@ async def test_the_lifecycle_model(tally: Tally) -> None:
     # every leg the model charged is one succeeded charge at Stripe, and no more
     for c in walk.companies:
         for sub in c.subs:
-            paid = [i for i in intents if i["status"] == "succeeded" and (
-                (i.get("metadata") or {}).get("tally_attempt") or "").startswith(f"sub-{sub.sid}-")]
+            paid = [
+                i
+                for i in intents
+                if i["status"] == "succeeded"
+                and ((i.get("metadata") or {}).get("tally_attempt") or "").startswith(f"sub-{sub.sid}-")
+            ]
             assert len(paid) == sum(leg.status == "charged" for leg in sub.legs.values()), sub
 
     # every license purchase and every period of a pool the model charged, and no more
     for c in walk.companies:
-        paid = [i for i in intents if i["status"] == "succeeded" and (
-            (i.get("metadata") or {}).get("tally_attempt") or "").removeprefix("licenses-")
-            in c.purchases]
+        paid = [
+            i
+            for i in intents
+            if i["status"] == "succeeded"
+            and ((i.get("metadata") or {}).get("tally_attempt") or "").removeprefix("licenses-")
+            in c.purchases
+        ]
         assert len(paid) == len(c.purchases), (c.cid, len(paid), c.purchases)
-        pool = [i for i in intents if i["status"] == "succeeded" and (
-            (i.get("metadata") or {}).get("tally_attempt") or "").startswith(f"sub-lic_{c.cid}-")]
-        assert len(pool) == sum(leg.status == "charged"
-                                for leg in (c.pool.legs.values() if c.pool else [])), c.cid
+        pool = [
+            i
+            for i in intents
+            if i["status"] == "succeeded"
+            and ((i.get("metadata") or {}).get("tally_attempt") or "").startswith(f"sub-lic_{c.cid}-")
+        ]
+        assert len(pool) == sum(
+            leg.status == "charged" for leg in (c.pool.legs.values() if c.pool else [])
+        ), c.cid
 
     # nothing accepted or charged was dead-lettered
     accepted = {e for c in walk.companies for e in c.accepted}

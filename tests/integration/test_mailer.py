@@ -42,11 +42,11 @@ async def test_a_refused_email_is_retried_and_delivered_once(tally: Tally) -> No
         await db.migrate(pool, "notifier_mailtest", "tally_notifier")
         key = uid("mail")
         async with pool.acquire() as conn:
-            assert await storage.queue_email(conn, key, ["a@example.com"], f"Hello {key}",
-                                             "text", "<p>html</p>")
+            assert await storage.queue_email(
+                conn, key, ["a@example.com"], f"Hello {key}", "text", "<p>html</p>"
+            )
             assert not await storage.queue_email(conn, key, ["a@example.com"], "again", "t", "h")
-        mailer = Mailer(pool, f"smtp://127.0.0.1:{port}", "Tally <billing@example.com>",
-                        retry_base=1.0)
+        mailer = Mailer(pool, f"smtp://127.0.0.1:{port}", "Tally <billing@example.com>", retry_base=1.0)
         assert await mailer.send_due() == 0  # refused: scheduled again
         assert handler.delivered == []
         await asyncio.sleep(1.2)

@@ -32,23 +32,33 @@ async def setup(tally: Tally) -> tuple[Reseller, str]:
     await agency.fund("100")  # well above the default threshold: no recharge noise
 
     async def known() -> bool:
-        r = await tally.http.get(tally.url("notifier", f"/v1/accounts/{aid}/usage-alerts"),
-                                 headers=agency.admin)
+        r = await tally.http.get(
+            tally.url("notifier", f"/v1/accounts/{aid}/usage-alerts"), headers=agency.admin
+        )
         return r.status_code == 200
+
     await eventually(known, what="the notifier to learn of the account")
     return agency, aid
 
 
-async def set_alerts(tally: Tally, agency: Reseller, aid: str, conditions: list[dict[str, str]],
-                     recipients: list[str] | None = None) -> Any:
-    return await tally.http.put(tally.url("notifier", f"/v1/accounts/{aid}/usage-alerts"),
-                                json={"enabled": True, "conditions": conditions,
-                                      "recipients": recipients or []}, headers=agency.admin)
+async def set_alerts(
+    tally: Tally,
+    agency: Reseller,
+    aid: str,
+    conditions: list[dict[str, str]],
+    recipients: list[str] | None = None,
+) -> Any:
+    return await tally.http.put(
+        tally.url("notifier", f"/v1/accounts/{aid}/usage-alerts"),
+        json={"enabled": True, "conditions": conditions, "recipients": recipients or []},
+        headers=agency.admin,
+    )
 
 
 async def usage_total(tally: Tally, agency: Reseller, aid: str, period: str) -> str:
-    r = await tally.http.get(tally.url("notifier", f"/v1/accounts/{aid}/usage?period={period}"),
-                             headers=agency.admin)
+    r = await tally.http.get(
+        tally.url("notifier", f"/v1/accounts/{aid}/usage?period={period}"), headers=agency.admin
+    )
     assert r.status_code == 200, r.text
     return str(r.json()["total"])
 
@@ -56,13 +66,20 @@ async def usage_total(tally: Tally, agency: Reseller, aid: str, period: str) -> 
 async def wait_total(tally: Tally, agency: Reseller, aid: str, period: str, total: str) -> None:
     async def check() -> bool:
         return await usage_total(tally, agency, aid, period) == total
+
     await eventually(check, what=f"{period} usage {total}")
 
 
-async def post(tally: Tally, agency: Reseller, aid: str, service: str, quantity: str,
-               occurred_at: datetime | None = None) -> None:
-    e: dict[str, Any] = {"event_id": uid("ev"), "company_id": agency.cid, "account_id": aid,
-                         "service": service, "quantity": quantity}
+async def post(
+    tally: Tally, agency: Reseller, aid: str, service: str, quantity: str, occurred_at: datetime | None = None
+) -> None:
+    e: dict[str, Any] = {
+        "event_id": uid("ev"),
+        "company_id": agency.cid,
+        "account_id": aid,
+        "service": service,
+        "quantity": quantity,
+    }
     if occurred_at:
         e["occurred_at"] = occurred_at.isoformat()
     r = await tally.post_usage(e)
@@ -72,8 +89,13 @@ async def post(tally: Tally, agency: Reseller, aid: str, service: str, quantity:
 async def test_daily_threshold_sends_exactly_one_email_per_day(tally: Tally) -> None:
     agency, aid = await setup(tally)
     extra = f"finance-{aid}@example.com"
-    r = await set_alerts(tally, agency, aid, [{"threshold": "0.05", "period": "daily"},
-                                              {"threshold": "0.06", "period": "monthly"}], [extra])
+    r = await set_alerts(
+        tally,
+        agency,
+        aid,
+        [{"threshold": "0.05", "period": "daily"}, {"threshold": "0.06", "period": "monthly"}],
+        [extra],
+    )
     assert r.status_code == 200, r.text
     await post(tally, agency, aid, "sms", "10")  # 0.079 > 0.05 (and > 0.06): one email
     await wait_total(tally, agency, aid, "daily", "0.079000")
@@ -81,6 +103,7 @@ async def test_daily_threshold_sends_exactly_one_email_per_day(tally: Tally) -> 
     async def mailed() -> list[Any] | None:
         found = mails_about(tally, aid)
         return found or None
+
     [mail] = await eventually(mailed, what="the usage alert email")
     to = {a.strip() for a in str(mail["To"]).split(",")}
     assert to == {f"{aid}@example.com", f"owner-{agency.cid}@example.com", extra}
@@ -92,8 +115,9 @@ async def test_daily_threshold_sends_exactly_one_email_per_day(tally: Tally) -> 
     await wait_total(tally, agency, aid, "daily", "0.158000")
     await asyncio.sleep(1.5)  # the mailer polls every 0.5 s: a second mail would be out
     assert len(mails_about(tally, aid)) == 1
-    notes = await tally.http.get(tally.url("notifier", f"/v1/companies/{agency.cid}/notifications"),
-                                 headers=agency.admin)
+    notes = await tally.http.get(
+        tally.url("notifier", f"/v1/companies/{agency.cid}/notifications"), headers=agency.admin
+    )
     assert [n["kind"] for n in notes.json()["items"]] == ["usage_alert"]
 
 
@@ -101,8 +125,7 @@ async def test_weekly_rule_counts_from_the_start_of_the_week(tally: Tally) -> No
     agency, aid = await setup(tally)
     await set_alerts(tally, agency, aid, [{"threshold": "0.10", "period": "weekly"}])
     now = datetime.now(UTC)
-    monday = (now - timedelta(days=now.weekday())).replace(hour=0, minute=0, second=0,
-                                                           microsecond=0)
+    monday = (now - timedelta(days=now.weekday())).replace(hour=0, minute=0, second=0, microsecond=0)
     await post(tally, agency, aid, "whatsapp", "10", occurred_at=monday - timedelta(days=2))
     await post(tally, agency, aid, "sms", "1", occurred_at=monday + timedelta(seconds=1))
     await wait_total(tally, agency, aid, "weekly", "0.007900")  # last week's 0.58 is not in it
@@ -113,6 +136,7 @@ async def test_weekly_rule_counts_from_the_start_of_the_week(tally: Tally) -> No
 
     async def mailed() -> list[Any] | None:
         return mails_about(tally, aid) or None
+
     assert len(await eventually(mailed, what="the weekly alert")) == 1
 
 
@@ -124,10 +148,12 @@ async def test_a_restart_and_redelivery_send_nothing_twice(tally: Tally) -> None
 
     async def mailed() -> list[Any] | None:
         return mails_about(tally, aid) or None
+
     await eventually(mailed, what="the first alert")
     usage = await tally.find_on_topic(
-        "wallet.digest", lambda m: m["type"] == "wallet.usage"
-        and any(t["account_id"] == aid for t in m["data"]["totals"]))
+        "wallet.digest",
+        lambda m: m["type"] == "wallet.usage" and any(t["account_id"] == aid for t in m["data"]["totals"]),
+    )
 
     await tally.stack.restart("notifier")  # SIGKILL and start again
     await tally.produce("wallet.digest", usage, key=agency.cid)  # redelivered as is
@@ -140,14 +166,27 @@ async def test_a_restart_and_redelivery_send_nothing_twice(tally: Tally) -> None
 async def test_failed_recharge_emails_the_owner_and_notifies_the_company(tally: Tally) -> None:
     agency, _ = await setup(tally)
     rid = uid("rc")
-    await tally.envelope("recharge.events", "recharge.failed", {
-        "wallet_id": f"company:{agency.cid}", "owner": "company", "company_id": agency.cid,
-        "currency": "USD", "recharge_id": rid, "trigger": "auto", "amount_micros": 25_000_000,
-        "tries": [{"payment_method": "pm_1", "outcome": "failed", "decline_code": "card_declined"}],
-        "consecutive_failures": 1}, key=agency.cid, id_=f"recharge.failed:{rid}")
+    await tally.envelope(
+        "recharge.events",
+        "recharge.failed",
+        {
+            "wallet_id": f"company:{agency.cid}",
+            "owner": "company",
+            "company_id": agency.cid,
+            "currency": "USD",
+            "recharge_id": rid,
+            "trigger": "auto",
+            "amount_micros": 25_000_000,
+            "tries": [{"payment_method": "pm_1", "outcome": "failed", "decline_code": "card_declined"}],
+            "consecutive_failures": 1,
+        },
+        key=agency.cid,
+        id_=f"recharge.failed:{rid}",
+    )
 
     async def mailed() -> list[Any] | None:
         return mails_about(tally, f"company:{agency.cid}") or None
+
     [mail] = await eventually(mailed, what="the failure email")
     assert str(mail["To"]) == f"owner-{agency.cid}@example.com"
     assert "card_declined" in mail.get_body(preferencelist=("plain",)).get_content()
@@ -155,14 +194,14 @@ async def test_failed_recharge_emails_the_owner_and_notifies_the_company(tally: 
     url = tally.url("notifier", f"/v1/companies/{agency.cid}/notifications")
     [note] = (await tally.http.get(url, headers=agency.admin)).json()["items"]
     assert note["kind"] == "recharge_failed" and note["read"] is False
-    r = await tally.http.post(tally.url("notifier", f"/v1/notifications/{note['id']}/read"),
-                              headers=agency.admin)
+    r = await tally.http.post(
+        tally.url("notifier", f"/v1/notifications/{note['id']}/read"), headers=agency.admin
+    )
     assert r.status_code == 200 and r.json()["read"] is True
     assert (await tally.http.get(url + "?unread=true", headers=agency.admin)).json()["items"] == []
     other = tally.auth("company_admin", company_id=uid("co"))
     assert (await tally.http.get(url, headers=other)).status_code == 404
-    r = await tally.http.post(tally.url("notifier", f"/v1/notifications/{note['id']}/read"),
-                              headers=other)
+    r = await tally.http.post(tally.url("notifier", f"/v1/notifications/{note['id']}/read"), headers=other)
     assert r.status_code == 404
 
 
@@ -179,7 +218,8 @@ async def test_alert_rules_are_validated(tally: Tally) -> None:
     for conditions, recipients in bad:
         r = await set_alerts(tally, agency, aid, conditions, recipients)
         assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error", (
-            conditions, recipients)
-    r = await tally.http.get(tally.url("notifier", f"/v1/accounts/{aid}/usage-alerts"),
-                             headers=agency.admin)
+            conditions,
+            recipients,
+        )
+    r = await tally.http.get(tally.url("notifier", f"/v1/accounts/{aid}/usage-alerts"), headers=agency.admin)
     assert r.json()["conditions"] == []  # nothing was stored

@@ -33,22 +33,23 @@ async def test_one_trace_from_the_request_to_the_recharge(tally: Tally) -> None:
     await agency.fund("5.01")
     await attach(tally, agency, GOOD)
     trace_id = secrets.token_hex(16)
-    event = {"event_id": uid("ev"), "company_id": agency.cid, "service": "whatsapp",
-             "quantity": "1"}
-    r = await tally.http.post(tally.url("usage-meter", "/v1/usage"), json=event, headers={
-        **tally.auth("product"), "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
+    event = {"event_id": uid("ev"), "company_id": agency.cid, "service": "whatsapp", "quantity": "1"}
+    r = await tally.http.post(
+        tally.url("usage-meter", "/v1/usage"),
+        json=event,
+        headers={**tally.auth("product"), "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"},
+    )
     assert r.json()["results"][0]["status"] == "accepted"
     await wait_balance(agency, "14.952000")  # 5.01 - 0.058 + 10: the recharge happened
 
     def names(service: str) -> set[str]:
-        return {s["name"] for s in spans(tally, service)
-                if s["context"]["trace_id"] == f"0x{trace_id}"}
+        return {s["name"] for s in spans(tally, service) if s["context"]["trace_id"] == f"0x{trace_id}"}
 
     async def traced() -> dict[str, set[str]] | None:
         # spans are written when they end: the charge's ends after the credit is visible
         found = {s: names(s) for s in ("usage-meter", "wallet", "recharge")}
-        return found if all(found.values()) and "recharge.charge" in found["recharge"] \
-            else None
+        return found if all(found.values()) and "recharge.charge" in found["recharge"] else None
+
     try:
         found = await eventually(traced, what="spans of one trace in three services")
     except AssertionError:
@@ -83,8 +84,9 @@ async def test_metrics_appear_and_move_under_load(tally: Tally) -> None:
     await attach(tally, agency, GOOD)
     for _ in range(3):
         await agency.use("sms", "5")
-    await tally.post_usage({"event_id": uid("ev"), "company_id": agency.cid, "service": "fax",
-                            "quantity": "1"})
+    await tally.post_usage(
+        {"event_id": uid("ev"), "company_id": agency.cid, "service": "fax", "quantity": "1"}
+    )
     await tally.produce("usage.ingest", b"{garbage", key=agency.cid)
     await wait_balance(agency, "14.891500")
 
@@ -104,13 +106,17 @@ async def test_metrics_appear_and_move_under_load(tally: Tally) -> None:
 
     async def all_moved() -> set[tuple[str, str]] | None:
         after = await scrape(tally)
-        stuck = {(svc, m) for svc, m in moved
-                 if samples(after[svc], m) <= samples(before[svc], m)}
+        stuck = {(svc, m) for svc, m in moved if samples(after[svc], m) <= samples(before[svc], m)}
         return None if stuck else moved
+
     await eventually(all_moved, what="every metric to move")
     after = await scrape(tally)
-    for service, topic in (("wallet", "usage.recorded"), ("usage-meter", "usage.ingest"),
-                           ("recharge", "wallet.digest"), ("notifier", "wallet.digest")):
+    for service, topic in (
+        ("wallet", "usage.recorded"),
+        ("usage-meter", "usage.ingest"),
+        ("recharge", "wallet.digest"),
+        ("notifier", "wallet.digest"),
+    ):
         assert f'tally_consumer_lag{{service="{service}",topic="{topic}"}}' in after[service]
         assert f'tally_outbox_backlog{{service="{service}"}}' in after[service]
 
@@ -125,16 +131,20 @@ async def test_each_event_on_usage_ingest_keeps_its_own_trace(tally: Tally) -> N
     try:
         batch = producer.create_batch()
         for eid, trace_id in traces.items():
-            batch.append(key=cid.encode(), timestamp=None, value=orjson.dumps(
-                {"event_id": eid, "company_id": cid, "service": "email", "quantity": "1"}),
-                headers=[("traceparent", f"00-{trace_id}-{secrets.token_hex(8)}-01".encode())])
+            batch.append(
+                key=cid.encode(),
+                timestamp=None,
+                value=orjson.dumps({"event_id": eid, "company_id": cid, "service": "email", "quantity": "1"}),
+                headers=[("traceparent", f"00-{trace_id}-{secrets.token_hex(8)}-01".encode())],
+            )
         await (await producer.send_batch(batch, "usage.ingest", partition=0))
     finally:
         await producer.stop()
 
     seen: dict[str, str] = {}
-    consumer = AIOKafkaConsumer("usage.recorded", bootstrap_servers=tally.stack.bootstrap,
-                                auto_offset_reset="earliest", group_id=None)
+    consumer = AIOKafkaConsumer(
+        "usage.recorded", bootstrap_servers=tally.stack.bootstrap, auto_offset_reset="earliest", group_id=None
+    )
     await consumer.start()
     try:
         deadline = time.monotonic() + 30

@@ -41,12 +41,15 @@ async def test_a_commit_in_another_replica_wakes_the_leading_relay(tally: Tally)
     relay = outbox.OutboxRelay(pool, producer, service=schema, poll_interval=3600)
     relay.start()
     try:
+
         async def leading() -> bool:
             return outbox._LEADER_HERE.is_set()
+
         await eventually(leading, what="the relay to take the lead")
         message_id = uid("ping")
         child = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", OTHER_REPLICA, tally.stack.database_url, schema, message_id)
+            sys.executable, "-c", OTHER_REPLICA, tally.stack.database_url, schema, message_id
+        )
         assert await child.wait() == 0
         relayed = await tally.find_on_topic("wallet.events", lambda m: m["id"] == message_id)
         assert relayed["type"] == "test.ping"
@@ -58,23 +61,35 @@ async def test_a_commit_in_another_replica_wakes_the_leading_relay(tally: Tally)
         await pool.close()
 
 
-async def test_a_large_batch_is_stored_compressed_and_relayed_whole_and_in_order(
-        tally: Tally) -> None:
+async def test_a_large_batch_is_stored_compressed_and_relayed_whole_and_in_order(tally: Tally) -> None:
     schema = f"relay_{uid('t').replace('-', '_')}"
     pool = await db.create_pool(tally.stack.database_url, schema, size=2)
     await db.migrate(pool, schema, "tally")
     batch = uid("batch")
 
     def ping(n: int) -> outbox.Row:
-        return outbox.row("wallet.events", batch, {
-            "id": f"{batch}-{n}", "type": "test.ping", "time": "2026-01-01T00:00:00+00:00",
-            "source": "test", "data": {"batch": batch, "n": n}}, inherit=False)
+        return outbox.row(
+            "wallet.events",
+            batch,
+            {
+                "id": f"{batch}-{n}",
+                "type": "test.ping",
+                "time": "2026-01-01T00:00:00+00:00",
+                "source": "test",
+                "data": {"batch": batch, "n": n},
+            },
+            inherit=False,
+        )
+
     async with pool.acquire() as conn, conn.transaction():
         await outbox.enqueue(conn, [ping(n) for n in range(300)])  # ~40 KB packed
         await outbox.enqueue(conn, [ping(300)])  # small: kept as it is
-    stored = await tally.sql(schema, "SELECT messages IS NOT NULL AS plain, "
-                                     "messages_lz4 IS NOT NULL AS compressed, count "
-                                     "FROM outbox ORDER BY id")
+    stored = await tally.sql(
+        schema,
+        "SELECT messages IS NOT NULL AS plain, "
+        "messages_lz4 IS NOT NULL AS compressed, count "
+        "FROM outbox ORDER BY id",
+    )
     assert [tuple(r) for r in stored] == [(False, True, 300), (True, False, 1)]
     producer = AIOKafkaProducer(bootstrap_servers=tally.stack.bootstrap)
     await producer.start()
@@ -82,13 +97,16 @@ async def test_a_large_batch_is_stored_compressed_and_relayed_whole_and_in_order
     relay.start()
     try:
         relayed = await tally.topic_messages(
-            "wallet.events", lambda m: m.get("data", {}).get("batch") == batch,
-            until=lambda m: m["id"] == f"{batch}-300")
+            "wallet.events",
+            lambda m: m.get("data", {}).get("batch") == batch,
+            until=lambda m: m["id"] == f"{batch}-300",
+        )
         assert [m["data"]["n"] for m in relayed] == list(range(301))  # one key: one partition
 
         async def emptied() -> bool:  # deleted once Kafka has acknowledged them
             left = await tally.sql(schema, "SELECT count(*) AS n FROM outbox")
             return bool(left[0]["n"] == 0)
+
         await eventually(emptied, what="the relayed rows to be deleted")
     finally:
         await relay.stop()

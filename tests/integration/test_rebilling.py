@@ -23,10 +23,17 @@ class Reseller:
         self.admin = tally.auth("company_admin", company_id=self.cid, email=self.email)
 
     async def create(self, connect: bool = True) -> Reseller:
-        r = await self.t.http.post(self.t.url("rebilling", "/v1/companies"), json={
-            "id": self.cid, "name": "Agency", "plan": self.plan,
-            "owner_email": f"owner-{self.cid}@example.com", "currency": "USD"},
-            headers=self.t.auth("platform_admin"))
+        r = await self.t.http.post(
+            self.t.url("rebilling", "/v1/companies"),
+            json={
+                "id": self.cid,
+                "name": "Agency",
+                "plan": self.plan,
+                "owner_email": f"owner-{self.cid}@example.com",
+                "currency": "USD",
+            },
+            headers=self.t.auth("platform_admin"),
+        )
         assert r.status_code == 201, r.text
         if connect:
             await self.connect()
@@ -34,39 +41,49 @@ class Reseller:
 
     async def connect(self) -> None:
         acct = "acct_" + uid("c").replace("-", "")
-        r = await self.t.http.put(self.t.url("rebilling", f"/v1/companies/{self.cid}/stripe-connect"),
-                                  json={"stripe_account_id": acct}, headers=self.admin)
+        r = await self.t.http.put(
+            self.t.url("rebilling", f"/v1/companies/{self.cid}/stripe-connect"),
+            json={"stripe_account_id": acct},
+            headers=self.admin,
+        )
         assert r.status_code == 200 and r.json()["stripe_connected"], r.text
 
-    async def account(self, billing_model: str = "self_billing",
-                      saas_plan_id: str | None = None) -> str:
+    async def account(self, billing_model: str = "self_billing", saas_plan_id: str | None = None) -> str:
         aid = uid("ws")
-        body: dict[str, Any] = {"id": aid, "name": "Client", "owner_email": f"{aid}@example.com",
-                                "billing_model": billing_model}
+        body: dict[str, Any] = {
+            "id": aid,
+            "name": "Client",
+            "owner_email": f"{aid}@example.com",
+            "billing_model": billing_model,
+        }
         if saas_plan_id:
             body["saas_plan_id"] = saas_plan_id
-        r = await self.t.http.post(self.t.url("rebilling", f"/v1/companies/{self.cid}/accounts"),
-                                   json=body, headers=self.admin)
+        r = await self.t.http.post(
+            self.t.url("rebilling", f"/v1/companies/{self.cid}/accounts"), json=body, headers=self.admin
+        )
         assert r.status_code == 201, r.text
         return aid
 
     def user(self, aid: str) -> dict[str, str]:
-        return self.t.auth("account_user", company_id=self.cid, account_id=aid,
-                           email=f"{aid}@example.com")
+        return self.t.auth("account_user", company_id=self.cid, account_id=aid, email=f"{aid}@example.com")
 
     async def add_card(self, aid: str) -> None:
         """The account user saves a card (through recharge, on the company's Stripe)."""
+
         async def attached() -> bool:
             r = await self.t.http.post(
                 self.t.url("recharge", f"/v1/accounts/{aid}/payment-methods"),
-                json={"payment_method": await new_card(self.t, GOOD)}, headers=self.user(aid))
+                json={"payment_method": await new_card(self.t, GOOD)},
+                headers=self.user(aid),
+            )
             return r.status_code == 201
+
         await eventually(attached, what="the recharge service to know the account")
 
         async def card_known() -> bool:
-            r = await self.t.http.get(self.t.url("rebilling", f"/v1/accounts/{aid}"),
-                                      headers=self.admin)
+            r = await self.t.http.get(self.t.url("rebilling", f"/v1/accounts/{aid}"), headers=self.admin)
             return bool(r.json()["has_valid_card"])
+
         await eventually(card_known, what="rebilling to learn of the card")
 
     async def patch_wallet(self, changes: dict[str, Any], aid: str | None = None) -> None:
@@ -74,16 +91,22 @@ class Reseller:
         path = f"/v1/accounts/{aid}/wallet" if aid else f"/v1/companies/{self.cid}/wallet"
 
         async def patched() -> bool:
-            r = await self.t.http.patch(self.t.url("wallet", path), json=changes,
-                                        headers=self.admin)
+            r = await self.t.http.patch(self.t.url("wallet", path), json=changes, headers=self.admin)
             return r.status_code == 200
+
         await eventually(patched, what=f"PATCH {path}")
 
-    async def set_rebilling(self, aid: str, mode: str, markups: dict[str, str] | None = None,
-                            ) -> Any:
-        return await self.t.http.put(self.t.url("rebilling", f"/v1/accounts/{aid}/rebilling"),
-                                     json={"mode": mode, "markups": markups or {}},
-                                     headers=self.admin)
+    async def set_rebilling(
+        self,
+        aid: str,
+        mode: str,
+        markups: dict[str, str] | None = None,
+    ) -> Any:
+        return await self.t.http.put(
+            self.t.url("rebilling", f"/v1/accounts/{aid}/rebilling"),
+            json={"mode": mode, "markups": markups or {}},
+            headers=self.admin,
+        )
 
     async def wallet(self, aid: str | None = None) -> dict[str, Any]:
         path = f"/v1/accounts/{aid}/wallet" if aid else f"/v1/companies/{self.cid}/wallet"
@@ -93,14 +116,19 @@ class Reseller:
 
     async def wallet_mode(self, aid: str, mode: str) -> None:
         async def applied() -> bool:
-            r = await self.t.http.get(self.t.url("wallet", f"/v1/accounts/{aid}/wallet"),
-                                      headers=self.admin)
+            r = await self.t.http.get(self.t.url("wallet", f"/v1/accounts/{aid}/wallet"), headers=self.admin)
             return r.status_code == 200 and r.json()["rebilling"] == mode
+
         await eventually(applied, what=f"the wallet to apply {mode}")
 
     async def use(self, aid: str, service: str, quantity: str) -> None:
-        e = {"event_id": uid("ev"), "company_id": self.cid, "account_id": aid, "service": service,
-             "quantity": quantity}
+        e = {
+            "event_id": uid("ev"),
+            "company_id": self.cid,
+            "account_id": aid,
+            "service": service,
+            "quantity": quantity,
+        }
         r = await self.t.post_usage(e)
         assert r.json()["results"][0]["status"] == "accepted", r.text
         await self.t.wait_applied(self.cid, e["event_id"])
@@ -110,8 +138,7 @@ class Reseller:
             url, headers = f"/v1/accounts/{aid}/wallet/credits", self.admin
         else:
             url, headers = f"/v1/companies/{self.cid}/wallet/credits", self.t.auth("platform_admin")
-        r = await self.t.http.post(self.t.url("wallet", url), json={"amount": amount},
-                                   headers=headers)
+        r = await self.t.http.post(self.t.url("wallet", url), json={"amount": amount}, headers=headers)
         assert r.status_code == 201, r.text
 
 
@@ -141,16 +168,18 @@ async def test_rebilling_scenarios_end_to_end_with_a_settings_change(tally: Tall
     r = await agency.set_rebilling(aid, "rebill_markup", {"sms": "2", "default": "1.50"})
     assert r.status_code == 200 and r.json()["markups"] == {"sms": "2", "default": "1.5"}
     await agency.wallet_mode(aid, "rebill_markup")
-    await agency.use(aid, "sms", "10")   # account: 0.079 x 2
+    await agency.use(aid, "sms", "10")  # account: 0.079 x 2
     assert (await agency.wallet(aid))["balance"] == "9.763000"
     await agency.set_rebilling(aid, "rebill_markup", {"sms": "3"})
 
     async def three_x() -> bool:
-        rows = await tally.sql("wallet", "SELECT markups::text AS m FROM rebilling_settings "
-                                         "WHERE account_id = $1", aid)
+        rows = await tally.sql(
+            "wallet", "SELECT markups::text AS m FROM rebilling_settings WHERE account_id = $1", aid
+        )
         return bool(rows) and '"3"' in rows[0]["m"]
+
     await eventually(three_x, what="the new markup in the wallet")
-    await agency.use(aid, "sms", "10")   # account: 0.079 x 3
+    await agency.use(aid, "sms", "10")  # account: 0.079 x 3
     assert (await agency.wallet(aid))["balance"] == "9.526000"
     assert (await agency.wallet())["balance"] == "9.684000"  # always the platform price
 
@@ -173,36 +202,52 @@ async def test_every_gating_error(tally: Tally) -> None:
 
     pro = await Reseller(tally).create()
     aid = await pro.account()
-    for markups in ({"default": "11"}, {"default": "0.5"}, {"default": "1.1234567"},
-                    {"fax": "2"}, {"default": "abc"}, {}):
+    for markups in (
+        {"default": "11"},
+        {"default": "0.5"},
+        {"default": "1.1234567"},
+        {"fax": "2"},
+        {"default": "abc"},
+        {},
+    ):
         r = await pro.set_rebilling(aid, "rebill_markup", markups)
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_markup", markups
-    r = await tally.http.put(tally.url("rebilling", f"/v1/accounts/{aid}/rebilling"),
-                             json={"mode": "rebill"},
-                             headers=tally.auth("company_admin", company_id=uid("other")))
+    r = await tally.http.put(
+        tally.url("rebilling", f"/v1/accounts/{aid}/rebilling"),
+        json={"mode": "rebill"},
+        headers=tally.auth("company_admin", company_id=uid("other")),
+    )
     assert r.status_code == 404
 
 
 async def test_saas_plan_defaults_wait_for_a_card(tally: Tally) -> None:
     agency = await Reseller(tally).create()
     plan = uid("plan")
-    r = await tally.http.post(tally.url("rebilling", f"/v1/companies/{agency.cid}/saas-plans"),
-                              json={"id": plan, "name": "Pro clients", "rebilling": {
-                                  "mode": "rebill_markup", "markups": {"default": "1.5"}}},
-                              headers=agency.admin)
+    r = await tally.http.post(
+        tally.url("rebilling", f"/v1/companies/{agency.cid}/saas-plans"),
+        json={
+            "id": plan,
+            "name": "Pro clients",
+            "rebilling": {"mode": "rebill_markup", "markups": {"default": "1.5"}},
+        },
+        headers=agency.admin,
+    )
     assert r.status_code == 201, r.text
     aid = await agency.account(saas_plan_id=plan)
-    settings = (await tally.http.get(tally.url("rebilling", f"/v1/accounts/{aid}/rebilling"),
-                                     headers=agency.admin)).json()
+    settings = (
+        await tally.http.get(tally.url("rebilling", f"/v1/accounts/{aid}/rebilling"), headers=agency.admin)
+    ).json()
     assert (settings["mode"], settings["active"]) == ("rebill_markup", False)
     await agency.wallet_mode(aid, "off")  # pending a card: not applied yet
     await agency.add_card(aid)
     await agency.wallet_mode(aid, "rebill_markup")
 
     small = await Reseller(tally, plan="unlimited").create()
-    r = await tally.http.post(tally.url("rebilling", f"/v1/companies/{small.cid}/saas-plans"),
-                              json={"id": "p", "name": "x", "rebilling": {"mode": "rebill"}},
-                              headers=small.admin)
+    r = await tally.http.post(
+        tally.url("rebilling", f"/v1/companies/{small.cid}/saas-plans"),
+        json={"id": "p", "name": "x", "rebilling": {"mode": "rebill"}},
+        headers=small.admin,
+    )
     assert r.status_code == 403 and r.json()["error"]["code"] == "plan_upgrade_required"
 
 
@@ -211,45 +256,60 @@ async def test_downgrade_and_disconnection_turn_off_what_is_no_longer_allowed(ta
     aid = await agency.account()
     await agency.add_card(aid)
     assert (await agency.set_rebilling(aid, "rebill_markup", {"default": "2"})).status_code == 200
-    r = await tally.http.put(tally.url("rebilling", f"/v1/companies/{agency.cid}/plan"),
-                             json={"plan": "unlimited"}, headers=tally.auth("platform_admin"))
+    r = await tally.http.put(
+        tally.url("rebilling", f"/v1/companies/{agency.cid}/plan"),
+        json={"plan": "unlimited"},
+        headers=tally.auth("platform_admin"),
+    )
     assert r.status_code == 200
-    assert r.json()["changed_accounts"] == [{"account_id": aid, "from": "rebill_markup",
-                                             "to": "rebill"}]
+    assert r.json()["changed_accounts"] == [{"account_id": aid, "from": "rebill_markup", "to": "rebill"}]
     await agency.wallet_mode(aid, "rebill")
-    r = await tally.http.delete(tally.url("rebilling", f"/v1/companies/{agency.cid}/stripe-connect"),
-                                headers=agency.admin)
+    r = await tally.http.delete(
+        tally.url("rebilling", f"/v1/companies/{agency.cid}/stripe-connect"), headers=agency.admin
+    )
     assert r.json()["changed_accounts"] == [{"account_id": aid, "from": "rebill", "to": "off"}]
     await agency.wallet_mode(aid, "off")
 
 
 async def charges(tally: Tally, cid: str) -> list[tuple[str, str, str]]:
-    rows = await tally.sql("recharge", "SELECT owner, amount_micros, status FROM recharge_attempts "
-                                       "WHERE company_id = $1 AND purpose = 'charge' ORDER BY seq",
-                           cid)
+    rows = await tally.sql(
+        "recharge",
+        "SELECT owner, amount_micros, status FROM recharge_attempts "
+        "WHERE company_id = $1 AND purpose = 'charge' ORDER BY seq",
+        cid,
+    )
     return [(r["owner"], str(r["amount_micros"]), r["status"]) for r in rows]
 
 
 async def test_resold_subscription_is_charged_once_per_period_with_profit(tally: Tally) -> None:
     agency = await Reseller(tally).create()
-    r = await tally.http.post(tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods"),
-                              json={"payment_method": await new_card(tally, GOOD)},
-                              headers=agency.admin)
+    r = await tally.http.post(
+        tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods"),
+        json={"payment_method": await new_card(tally, GOOD)},
+        headers=agency.admin,
+    )
     assert r.status_code == 201, r.text
     aid = await agency.account()
     await agency.patch_wallet({"auto_recharge": False}, aid)  # only the subscription charges
     await agency.add_card(aid)
-    r = await tally.http.put(tally.url("rebilling", f"/v1/companies/{agency.cid}/reselling/whatsapp"),
-                             json={"company_price": "15.00"}, headers=agency.admin)
+    r = await tally.http.put(
+        tally.url("rebilling", f"/v1/companies/{agency.cid}/reselling/whatsapp"),
+        json={"company_price": "15.00"},
+        headers=agency.admin,
+    )
     assert r.status_code == 200 and r.json()["profit"] == "5.000000"
 
-    r = await tally.http.post(tally.url("rebilling", f"/v1/accounts/{aid}/subscriptions"),
-                              json={"product": "whatsapp", "deployment": "resell"},
-                              headers=agency.user(aid))
+    r = await tally.http.post(
+        tally.url("rebilling", f"/v1/accounts/{aid}/subscriptions"),
+        json={"product": "whatsapp", "deployment": "resell"},
+        headers=agency.user(aid),
+    )
     assert r.status_code == 201 and r.json()["charge"] == "charged", r.text
     period = r.json()["period"]
-    assert await charges(tally, agency.cid) == [("company", "10000000", "succeeded"),
-                                                ("account", "15000000", "succeeded")]
+    assert await charges(tally, agency.cid) == [
+        ("company", "10000000", "succeeded"),
+        ("account", "15000000", "succeeded"),
+    ]
 
     run = tally.url("rebilling", f"/v1/reselling/periods/{period}/run")
     r = await tally.http.post(run, headers=tally.auth("platform_admin"))
@@ -258,17 +318,25 @@ async def test_resold_subscription_is_charged_once_per_period_with_profit(tally:
 
     now = datetime.now(UTC)
     nxt = f"{now.year + (now.month == 12):04d}-{now.month % 12 + 1:02d}"
-    await tally.http.post(tally.url("rebilling", f"/v1/reselling/periods/{nxt}/run"),
-                          headers=tally.auth("platform_admin"))
-    await tally.http.post(tally.url("rebilling", f"/v1/reselling/periods/{nxt}/run"),
-                          headers=tally.auth("platform_admin"))
+    await tally.http.post(
+        tally.url("rebilling", f"/v1/reselling/periods/{nxt}/run"), headers=tally.auth("platform_admin")
+    )
+    await tally.http.post(
+        tally.url("rebilling", f"/v1/reselling/periods/{nxt}/run"), headers=tally.auth("platform_admin")
+    )
     assert len(await charges(tally, agency.cid)) == 4  # once for the next period, not twice
 
-    report = (await tally.http.get(
-        tally.url("rebilling", f"/v1/companies/{agency.cid}/reselling/report?period={period}"),
-        headers=agency.admin)).json()
+    report = (
+        await tally.http.get(
+            tally.url("rebilling", f"/v1/companies/{agency.cid}/reselling/report?period={period}"),
+            headers=agency.admin,
+        )
+    ).json()
     assert (report["revenue"], report["platform_cost"], report["profit"]) == (
-        "15.000000", "10.000000", "5.000000")
+        "15.000000",
+        "10.000000",
+        "5.000000",
+    )
     assert [(x["product"], x["profit"]) for x in report["lines"]] == [("whatsapp", "5.000000")]
     # Charged to cards, never to wallets.
     assert (await agency.wallet(aid))["balance"] == "0.000000"
@@ -276,23 +344,31 @@ async def test_resold_subscription_is_charged_once_per_period_with_profit(tally:
     for bad in ("2026-13", "26-01", "2026-1"):
         r = await tally.http.get(
             tally.url("rebilling", f"/v1/companies/{agency.cid}/reselling/report?period={bad}"),
-            headers=agency.admin)
+            headers=agency.admin,
+        )
         assert r.status_code == 422, bad
-    r = await tally.http.post(tally.url("rebilling", f"/v1/accounts/{aid}/subscriptions"),
-                              json={"product": "fax", "deployment": "resell"}, headers=agency.admin)
+    r = await tally.http.post(
+        tally.url("rebilling", f"/v1/accounts/{aid}/subscriptions"),
+        json={"product": "fax", "deployment": "resell"},
+        headers=agency.admin,
+    )
     assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_product"
 
 
 async def test_direct_deployment_charges_only_the_company(tally: Tally) -> None:
     agency = await Reseller(tally).create()
-    r = await tally.http.post(tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods"),
-                              json={"payment_method": await new_card(tally, GOOD)},
-                              headers=agency.admin)
+    r = await tally.http.post(
+        tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods"),
+        json={"payment_method": await new_card(tally, GOOD)},
+        headers=agency.admin,
+    )
     assert r.status_code == 201
     aid = await agency.account()
-    r = await tally.http.post(tally.url("rebilling", f"/v1/accounts/{aid}/subscriptions"),
-                              json={"product": "yext", "deployment": "direct"},
-                              headers=agency.admin)
+    r = await tally.http.post(
+        tally.url("rebilling", f"/v1/accounts/{aid}/subscriptions"),
+        json={"product": "yext", "deployment": "direct"},
+        headers=agency.admin,
+    )
     assert r.status_code == 201 and r.json()["charge"] == "charged", r.text
     assert await charges(tally, agency.cid) == [("company", "30000000", "succeeded")]
 
@@ -302,7 +378,9 @@ async def company_card(agency: Reseller) -> None:
     await agency.patch_wallet({"auto_recharge": False})
     r = await agency.t.http.post(
         agency.t.url("recharge", f"/v1/companies/{agency.cid}/payment-methods"),
-        json={"payment_method": await new_card(agency.t, GOOD)}, headers=agency.admin)
+        json={"payment_method": await new_card(agency.t, GOOD)},
+        headers=agency.admin,
+    )
     assert r.status_code == 201, r.text
 
 
@@ -313,25 +391,33 @@ async def test_the_whole_seat_handoff_story(tally: Tally) -> None:
     r = await tally.http.post(lic, json={"quantity": 1}, headers=agency.admin)
     assert r.status_code == 201, r.text
     assert {k: r.json()[k] for k in ("total", "assigned", "available", "unit_price")} == {
-        "total": 1, "assigned": 0, "available": 1, "unit_price": "10.000000"}
+        "total": 1,
+        "assigned": 0,
+        "available": 1,
+        "unit_price": "10.000000",
+    }
     aid = await agency.account()  # the agency admin holds the single license as owner
     assert (await tally.http.get(lic, headers=agency.admin)).json()["available"] == 0
     members = tally.url("rebilling", f"/v1/accounts/{aid}/members")
     assert (await tally.http.get(members, headers=agency.admin)).json()["items"] == [
-        {"email": agency.email, "role": "owner"}]
+        {"email": agency.email, "role": "owner"}
+    ]
 
     invites = tally.url("rebilling", f"/v1/accounts/{aid}/invitations")
     client = f"{aid}@example.com"
     r = await tally.http.post(invites, json={"email": client, "role": "user"}, headers=agency.admin)
     assert r.status_code == 201 and r.json()["handoff"] is True, r.text  # no spare license needed
     iid = r.json()["id"]
-    r = await tally.http.post(tally.url("rebilling", f"/v1/invitations/{iid}/accept"),
-                              headers=agency.user(aid))
+    r = await tally.http.post(
+        tally.url("rebilling", f"/v1/invitations/{iid}/accept"), headers=agency.user(aid)
+    )
     assert r.status_code == 200 and r.json()["role"] == "owner"
     assert (await tally.http.get(members, headers=agency.admin)).json()["items"] == [
-        {"email": client, "role": "owner"}]  # ownership moved, the admin's seat is gone
-    r = await tally.http.post(tally.url("rebilling", f"/v1/invitations/{iid}/accept"),
-                              headers=agency.user(aid))
+        {"email": client, "role": "owner"}
+    ]  # ownership moved, the admin's seat is gone
+    r = await tally.http.post(
+        tally.url("rebilling", f"/v1/invitations/{iid}/accept"), headers=agency.user(aid)
+    )
     assert r.status_code == 409 and r.json()["error"]["code"] == "invitation_not_pending"
 
     second = f"second-{aid}@example.com"
@@ -340,13 +426,18 @@ async def test_the_whole_seat_handoff_story(tally: Tally) -> None:
     await tally.http.post(lic, json={"quantity": 1}, headers=agency.admin)
     r = await tally.http.post(invites, json={"email": second}, headers=agency.admin)
     assert r.status_code == 201 and r.json()["handoff"] is False
-    r = await tally.http.post(tally.url("rebilling", f"/v1/invitations/{r.json()['id']}/accept"),
-                              headers=agency.admin)
+    r = await tally.http.post(
+        tally.url("rebilling", f"/v1/invitations/{r.json()['id']}/accept"), headers=agency.admin
+    )
     assert r.status_code == 200
     roles = (await tally.http.get(members, headers=agency.admin)).json()["items"]
     assert sorted(m["role"] for m in roles) == ["owner", "user"]
     assert (await tally.http.get(lic, headers=agency.admin)).json() == {
-        "total": 2, "assigned": 2, "available": 0, "unit_price": "10.000000"}
+        "total": 2,
+        "assigned": 2,
+        "available": 0,
+        "unit_price": "10.000000",
+    }
 
 
 async def test_a_workspace_without_a_license_cannot_use_the_product(tally: Tally) -> None:
@@ -355,23 +446,32 @@ async def test_a_workspace_without_a_license_cannot_use_the_product(tally: Tally
     aid = await agency.account()  # the pool is empty: no license assigned
 
     async def status() -> dict[str, Any] | None:
-        r = await tally.http.get(tally.url("wallet", f"/v1/accounts/{aid}/service-status"),
-                                 headers=tally.auth("product"))
+        r = await tally.http.get(
+            tally.url("wallet", f"/v1/accounts/{aid}/service-status"), headers=tally.auth("product")
+        )
         return r.json() if r.status_code == 200 and r.json()["reason"] == "no_license" else None
+
     assert await eventually(status, what="no_license") == {"allowed": False, "reason": "no_license"}
-    r = await tally.http.post(tally.url("rebilling", f"/v1/accounts/{aid}/licenses"),
-                              json={"quantity": 1}, headers=agency.admin)
+    r = await tally.http.post(
+        tally.url("rebilling", f"/v1/accounts/{aid}/licenses"), json={"quantity": 1}, headers=agency.admin
+    )
     assert r.status_code == 409 and r.json()["error"]["code"] == "no_license_available"
-    await tally.http.post(tally.url("rebilling", f"/v1/companies/{agency.cid}/licenses"),
-                          json={"quantity": 2}, headers=agency.admin)
-    r = await tally.http.post(tally.url("rebilling", f"/v1/accounts/{aid}/licenses"),
-                              json={"quantity": 1}, headers=agency.admin)
+    await tally.http.post(
+        tally.url("rebilling", f"/v1/companies/{agency.cid}/licenses"),
+        json={"quantity": 2},
+        headers=agency.admin,
+    )
+    r = await tally.http.post(
+        tally.url("rebilling", f"/v1/accounts/{aid}/licenses"), json={"quantity": 1}, headers=agency.admin
+    )
     assert r.status_code == 201 and r.json()["assigned"] == 1
 
     async def allowed() -> bool:
-        r = await tally.http.get(tally.url("wallet", f"/v1/accounts/{aid}/service-status"),
-                                 headers=tally.auth("product"))
+        r = await tally.http.get(
+            tally.url("wallet", f"/v1/accounts/{aid}/service-status"), headers=tally.auth("product")
+        )
         return bool(r.json()["allowed"])
+
     await eventually(allowed, what="the license to reach the wallet")
 
 
@@ -382,8 +482,9 @@ async def test_companies_and_their_accounts_are_listed_page_by_page(tally: Tally
     seen: list[str] = []
     cursor = None
     while True:
-        r = await tally.http.get(url, params={"limit": 2, **({"cursor": cursor} if cursor else {})},
-                                 headers=agency.admin)
+        r = await tally.http.get(
+            url, params={"limit": 2, **({"cursor": cursor} if cursor else {})}, headers=agency.admin
+        )
         assert r.status_code == 200, r.text
         seen += [a["id"] for a in r.json()["items"]]
         cursor = r.json()["next_cursor"]
@@ -397,8 +498,11 @@ async def test_companies_and_their_accounts_are_listed_page_by_page(tally: Tally
     assert (await tally.http.get(companies, headers=agency.admin)).status_code == 403
     found, cursor = [], None
     while True:
-        r = await tally.http.get(companies, params={"limit": 50, **(
-            {"cursor": cursor} if cursor else {})}, headers=tally.auth("platform_admin"))
+        r = await tally.http.get(
+            companies,
+            params={"limit": 50, **({"cursor": cursor} if cursor else {})},
+            headers=tally.auth("platform_admin"),
+        )
         found += [c["id"] for c in r.json()["items"]]
         cursor = r.json()["next_cursor"]
         if cursor is None:

@@ -23,11 +23,12 @@ DECLINES = "4000000000000341"  # attaches, then declines every charge
 
 
 async def new_card(tally: Tally, number: str) -> str:
-    client = stripe.StripeClient("sk_test_tally", http_client=stripe.HTTPXClient(),
-                                 base_addresses={"api": tally.stack.stripe_api_base})
-    pm = await client.v1.payment_methods.create_async(params={
-        "type": "card", "card": {"number": number, "exp_month": 12, "exp_year": 2034,
-                                 "cvc": "123"}})
+    client = stripe.StripeClient(
+        "sk_test_tally", http_client=stripe.HTTPXClient(), base_addresses={"api": tally.stack.stripe_api_base}
+    )
+    pm = await client.v1.payment_methods.create_async(
+        params={"type": "card", "card": {"number": number, "exp_month": 12, "exp_year": 2034, "cvc": "123"}}
+    )
     return str(pm.id)
 
 
@@ -35,18 +36,20 @@ async def attach(tally: Tally, agency: Agency, number: str, aid: str | None = No
     pm = await new_card(tally, number)
     path = f"/v1/accounts/{aid}/payment-methods" if aid else f"/v1/companies/{agency.cid}/payment-methods"
     headers = agency.user(aid) if aid else agency.admin
-    r = await tally.http.post(tally.url("recharge", path), json={"payment_method": pm},
-                              headers=headers)
+    r = await tally.http.post(tally.url("recharge", path), json={"payment_method": pm}, headers=headers)
     assert r.status_code == 201, r.text
     return pm
 
 
-async def configure(tally: Tally, agency: Agency, threshold: str, reload: str,
-                    aid: str | None = None) -> None:
+async def configure(
+    tally: Tally, agency: Agency, threshold: str, reload: str, aid: str | None = None
+) -> None:
     path = f"/v1/accounts/{aid}/wallet" if aid else f"/v1/companies/{agency.cid}/wallet"
-    r = await tally.http.patch(tally.url("wallet", path),
-                               json={"threshold": threshold, "reload_amount": reload},
-                               headers=agency.admin)
+    r = await tally.http.patch(
+        tally.url("wallet", path),
+        json={"threshold": threshold, "reload_amount": reload},
+        headers=agency.admin,
+    )
     assert r.status_code == 200, r.text
 
 
@@ -61,19 +64,23 @@ async def wait_balance(agency: Agency, balance: str, aid: str | None = None) -> 
     async def check() -> dict[str, Any] | None:
         w = await agency.wallet(aid)
         return w if w["balance"] == balance else None
+
     return await eventually(check, timeout=40, what=f"balance {balance}")
 
 
 async def stripe_charges_for(tally: Tally, attempt_id: str) -> list[dict[str, Any]]:
-    return [i for i in await payment_intents(tally)
-            if (i.get("metadata") or {}).get("tally_attempt") == attempt_id
-            and i.get("status") == "succeeded"]
+    return [
+        i
+        for i in await payment_intents(tally)
+        if (i.get("metadata") or {}).get("tally_attempt") == attempt_id and i.get("status") == "succeeded"
+    ]
 
 
 async def payment_intents(tally: Tally) -> list[dict[str, Any]]:
     """Every PaymentIntent localstripe holds."""
-    client = stripe.StripeClient("sk_test_tally", http_client=stripe.HTTPXClient(),
-                                 base_addresses={"api": tally.stack.stripe_api_base})
+    client = stripe.StripeClient(
+        "sk_test_tally", http_client=stripe.HTTPXClient(), base_addresses={"api": tally.stack.stripe_api_base}
+    )
     found: list[dict[str, Any]] = []
     params: dict[str, Any] = {"limit": 100}
     while True:
@@ -111,7 +118,9 @@ async def test_a_declining_card_falls_back_to_the_next(tally: Tally) -> None:
     await wait_balance(agency, "14.931000")
     [attempt] = await recharges(tally, agency)
     assert [(t["payment_method"], t["outcome"], t["decline_code"]) for t in attempt["tries"]] == [
-        (bad, "failed", "card_declined"), (good, "succeeded", None)]
+        (bad, "failed", "card_declined"),
+        (good, "succeeded", None),
+    ]
 
 
 async def test_all_cards_declining_retries_then_turns_auto_recharge_off(tally: Tally) -> None:
@@ -125,13 +134,15 @@ async def test_all_cards_declining_retries_then_turns_auto_recharge_off(tally: T
     async def cancelled() -> dict[str, Any] | None:
         w = await agency.wallet()
         return w if not w["auto_recharge"] else None
+
     await eventually(cancelled, timeout=60, what="auto-recharge to be turned off")
     attempts = await recharges(tally, agency)
     assert [a["status"] for a in attempts] == ["failed", "failed", "failed"]
     assert all(len(a["tries"]) == 2 for a in attempts)
     failed = await tally.find_on_topic(
-        "recharge.events", lambda m: m["type"] == "recharge.failed"
-        and m["data"]["recharge_id"] == attempts[0]["id"])
+        "recharge.events",
+        lambda m: m["type"] == "recharge.failed" and m["data"]["recharge_id"] == attempts[0]["id"],
+    )
     assert failed["data"]["auto_recharge_disabled"] is True
     assert failed["data"]["consecutive_failures"] == 3
     assert (await agency.wallet())["balance"] == "4.931000"  # nothing credited
@@ -144,9 +155,17 @@ async def test_duplicate_and_concurrent_crossings_charge_once(tally: Tally) -> N
     await attach(tally, agency, GOOD)
     tally.stack.kill("recharge")  # queue the crossings while it is down: one batch on restart
     await agency.use("whatsapp", "1")  # 5.05 - 0.058 < 5: a real crossing, then copies of one
-    data = {"wallet_id": f"company:{agency.cid}", "owner": "company", "company_id": agency.cid,
-            "currency": "USD", "balance_micros": 1_000_000, "threshold_micros": 5_000_000,
-            "reload_amount_micros": 20_000_000, "auto_recharge": True, "smart_adjustment": False}
+    data = {
+        "wallet_id": f"company:{agency.cid}",
+        "owner": "company",
+        "company_id": agency.cid,
+        "currency": "USD",
+        "balance_micros": 1_000_000,
+        "threshold_micros": 5_000_000,
+        "reload_amount_micros": 20_000_000,
+        "auto_recharge": True,
+        "smart_adjustment": False,
+    }
     first = uid("crossing")
     await tally.envelope("wallet.digest", "wallet.threshold_crossed", data, key=agency.cid, id_=first)
     await tally.envelope("wallet.digest", "wallet.threshold_crossed", data, key=agency.cid, id_=first)
@@ -167,17 +186,22 @@ async def test_crash_after_stripe_confirmed_credits_exactly_once(tally: Tally, t
     await attach(tally, agency, GOOD)
     tally.stack.kill("recharge")
     marker = tmp_path / "crashed"
-    tally.stack.spawn_service("recharge", env={"TALLY_CRASH_AT": "recharge.after_charge",
-                                               "TALLY_CRASH_MARKER": str(marker)})
+    tally.stack.spawn_service(
+        "recharge", env={"TALLY_CRASH_AT": "recharge.after_charge", "TALLY_CRASH_MARKER": str(marker)}
+    )
     await tally.stack.wait_ready("recharge")
     await agency.use("whatsapp", "1")  # 5.05 - 0.058 < 5
 
     async def died() -> bool:
         return tally.stack.exited("recharge") is not None
+
     await eventually(died, timeout=40, what="the recharge process to crash after charging")
     assert marker.exists()
-    [pending] = await tally.sql("recharge", "SELECT id, status, tries::text AS tries FROM "
-                                            "recharge_attempts WHERE company_id = $1", agency.cid)
+    [pending] = await tally.sql(
+        "recharge",
+        "SELECT id, status, tries::text AS tries FROM recharge_attempts WHERE company_id = $1",
+        agency.cid,
+    )
     assert pending["status"] == "pending"
     assert orjson.loads(pending["tries"])[0]["outcome"] == "calling"
     assert len(await stripe_charges_for(tally, pending["id"])) == 1  # Stripe did charge
@@ -209,10 +233,12 @@ async def test_three_recharges_in_a_day_raise_the_tier(tally: Tally) -> None:
     async def raised() -> dict[str, Any] | None:
         w = await agency.wallet()
         return w if w["reload_amount"] == "25.000000" else None
+
     await eventually(raised, what="the reload tier to move from 10 to 25")
     event = await tally.find_on_topic(
-        "recharge.events", lambda m: m["type"] == "recharge.tier_raised"
-        and m["data"]["company_id"] == agency.cid)
+        "recharge.events",
+        lambda m: m["type"] == "recharge.tier_raised" and m["data"]["company_id"] == agency.cid,
+    )
     assert event["data"]["previous_reload_amount_micros"] == 10_000_000
     assert event["data"]["reload_amount_micros"] == 25_000_000
 
@@ -220,36 +246,56 @@ async def test_three_recharges_in_a_day_raise_the_tier(tally: Tally) -> None:
 async def test_account_recharges_go_to_the_companys_connected_stripe(tally: Tally) -> None:
     agency = Agency(tally)
     aid = await agency.add_account(mode="rebill")
-    r = await tally.http.post(tally.url("recharge", f"/v1/accounts/{aid}/payment-methods"),
-                              json={"payment_method": await new_card(tally, GOOD)},
-                              headers=agency.user(aid))
+    r = await tally.http.post(
+        tally.url("recharge", f"/v1/accounts/{aid}/payment-methods"),
+        json={"payment_method": await new_card(tally, GOOD)},
+        headers=agency.user(aid),
+    )
     assert r.status_code == 409 and r.json()["error"]["code"] == "company_stripe_not_connected"
-    r = await tally.http.post(tally.url("recharge", f"/v1/accounts/{aid}/wallet/top-ups"),
-                              json={"amount": "10"}, headers=agency.user(aid))
+    r = await tally.http.post(
+        tally.url("recharge", f"/v1/accounts/{aid}/wallet/top-ups"),
+        json={"amount": "10"},
+        headers=agency.user(aid),
+    )
     assert r.status_code == 409 and r.json()["error"]["code"] == "company_stripe_not_connected"
 
     await configure(tally, agency, threshold="5", reload="20", aid=aid)
     await agency.fund("50")
     await agency.fund("5.02", aid)  # at its threshold: the card pre-loads nothing
     acct = uid("acct_conn").replace("-", "")
-    await tally.envelope("rebilling.events", "company.updated",
-                         {"company_id": agency.cid, "name": "A", "plan": "saas_pro",
-                          "stripe_connected": True, "stripe_account_id": acct}, key=agency.cid)
+    await tally.envelope(
+        "rebilling.events",
+        "company.updated",
+        {
+            "company_id": agency.cid,
+            "name": "A",
+            "plan": "saas_pro",
+            "stripe_connected": True,
+            "stripe_account_id": acct,
+        },
+        key=agency.cid,
+    )
 
     async def card_attached() -> bool:
         pm = await new_card(tally, GOOD)
-        r = await tally.http.post(tally.url("recharge", f"/v1/accounts/{aid}/payment-methods"),
-                                  json={"payment_method": pm}, headers=agency.user(aid))
+        r = await tally.http.post(
+            tally.url("recharge", f"/v1/accounts/{aid}/payment-methods"),
+            json={"payment_method": pm},
+            headers=agency.user(aid),
+        )
         return r.status_code == 201
+
     await eventually(card_attached, what="the recharge service to learn of the connection")
 
     await agency.use("sms", "10", account=aid)  # account: 5.02 - 0.079 < 5
     await wait_balance(agency, "24.941000", aid)
-    rows = await tally.sql("recharge", "SELECT stripe_account, status FROM recharge_attempts "
-                                       "WHERE account_id = $1", aid)
+    rows = await tally.sql(
+        "recharge", "SELECT stripe_account, status FROM recharge_attempts WHERE account_id = $1", aid
+    )
     assert [(r["stripe_account"], r["status"]) for r in rows] == [(acct, "succeeded")]
-    customers = await tally.sql("recharge", "SELECT stripe_account FROM customers "
-                                            "WHERE owner = 'account' AND owner_id = $1", aid)
+    customers = await tally.sql(
+        "recharge", "SELECT stripe_account FROM customers WHERE owner = 'account' AND owner_id = $1", aid
+    )
     assert [c["stripe_account"] for c in customers] == [acct]
     # The company's own wallet is charged on the platform's Stripe, never the connected one.
     assert (await agency.wallet())["balance"] == "49.921000"
@@ -260,8 +306,11 @@ async def test_manual_top_up_and_its_bad_input(tally: Tally) -> None:
     url = tally.url("recharge", f"/v1/companies/{agency.cid}/wallet/top-ups")
     r = await tally.http.post(url, json={"amount": "10"}, headers=agency.admin)
     assert r.status_code == 409 and r.json()["error"]["code"] == "no_payment_method"
-    r = await tally.http.patch(tally.url("wallet", f"/v1/companies/{agency.cid}/wallet"),
-                               json={"auto_recharge": False}, headers=agency.admin)
+    r = await tally.http.patch(
+        tally.url("wallet", f"/v1/companies/{agency.cid}/wallet"),
+        json={"auto_recharge": False},
+        headers=agency.admin,
+    )
     assert r.status_code == 200  # only the top-up moves this wallet
     await attach(tally, agency, GOOD)
     for bad in ("0", "-5", "1.0000001", "x"):
@@ -270,16 +319,23 @@ async def test_manual_top_up_and_its_bad_input(tally: Tally) -> None:
     r = await tally.http.post(url, json={"amount": "12.345"}, headers=agency.admin)
     assert r.status_code == 201 and r.json()["status"] == "succeeded", r.text
     await wait_balance(agency, "12.350000")  # charged in whole cents, rounded up
-    r = await tally.http.post(url, json={"amount": "10"},
-                              headers=tally.auth("company_admin", company_id=uid("co")))
+    r = await tally.http.post(
+        url, json={"amount": "10"}, headers=tally.auth("company_admin", company_id=uid("co"))
+    )
     assert r.status_code == 404
 
-    bad_pm = await tally.http.post(tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods"),
-                                   json={"payment_method": "pm_doesnotexist"}, headers=agency.admin)
+    bad_pm = await tally.http.post(
+        tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods"),
+        json={"payment_method": "pm_doesnotexist"},
+        headers=agency.admin,
+    )
     assert bad_pm.status_code == 422 and bad_pm.json()["error"]["code"] == "invalid_payment_method"
     declined = await new_card(tally, "4000000000000002")
-    r = await tally.http.post(tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods"),
-                              json={"payment_method": declined}, headers=agency.admin)
+    r = await tally.http.post(
+        tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods"),
+        json={"payment_method": declined},
+        headers=agency.admin,
+    )
     assert r.status_code == 402 and r.json()["error"]["code"] == "card_declined"
 
 
@@ -290,22 +346,30 @@ def _sign(payload: bytes, secret: str, timestamp: int) -> str:
 
 async def test_webhook_signatures_are_checked(tally: Tally) -> None:
     url = tally.url("recharge", "/v1/stripe/webhooks")
-    payload = orjson.dumps({"id": uid("evt"), "object": "event", "type": "payment_intent.succeeded",
-                            "data": {"object": {"id": "pi_x", "object": "payment_intent",
-                                                "metadata": {}}}})
-    r = await tally.http.post(url, content=payload,
-                              headers={"stripe-signature": _sign(payload, "wrong", int(time.time()))})
+    payload = orjson.dumps(
+        {
+            "id": uid("evt"),
+            "object": "event",
+            "type": "payment_intent.succeeded",
+            "data": {"object": {"id": "pi_x", "object": "payment_intent", "metadata": {}}},
+        }
+    )
+    r = await tally.http.post(
+        url, content=payload, headers={"stripe-signature": _sign(payload, "wrong", int(time.time()))}
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_signature"
     stale = _sign(payload, "whsec_tally_dev", int(time.time()) - 3600)  # replayed an hour later
     r = await tally.http.post(url, content=payload, headers={"stripe-signature": stale})
     assert r.status_code == 400
-    r = await tally.http.post(url, content=payload,
-                              headers={"stripe-signature": _sign(payload, "whsec_tally_dev",
-                                                                 int(time.time()))})
+    r = await tally.http.post(
+        url,
+        content=payload,
+        headers={"stripe-signature": _sign(payload, "whsec_tally_dev", int(time.time()))},
+    )
     assert r.status_code == 200 and r.json()["status"] == "processed"
-    r = await tally.http.post(url, content=payload,
-                              headers={"stripe-signature": _sign(payload, "whsec_tally_dev",
-                                                                 int(time.time()))})
+    r = await tally.http.post(
+        url,
+        content=payload,
+        headers={"stripe-signature": _sign(payload, "whsec_tally_dev", int(time.time()))},
+    )
     assert r.json()["status"] == "duplicate"
-
-

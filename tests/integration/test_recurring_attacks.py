@@ -35,19 +35,26 @@ async def intents_with(tally: Tally, prefix: str) -> list[tuple[str, int, str]]:
 
 async def invite_accept(tally: Tally, resold: Resold, email: str) -> Any:
     agency = resold.agency
-    r = await tally.http.post(tally.url("rebilling", f"/v1/accounts/{resold.aid}/invitations"),
-                              json={"email": email}, headers=agency.admin)
+    r = await tally.http.post(
+        tally.url("rebilling", f"/v1/accounts/{resold.aid}/invitations"),
+        json={"email": email},
+        headers=agency.admin,
+    )
     assert r.status_code == 201, r.text
     return await tally.http.post(
-        tally.url("rebilling", f"/v1/invitations/{r.json()['id']}/accept"), headers=agency.admin)
+        tally.url("rebilling", f"/v1/invitations/{r.json()['id']}/accept"), headers=agency.admin
+    )
 
 
 async def automated(tally: Tally, price: str, card: str) -> Resold:
     resold = Resold(tally)
     agency = resold.agency
     await agency.create()
-    r = await tally.http.put(tally.url("rebilling", f"/v1/companies/{agency.cid}/seat-price"),
-                             json={"amount": price}, headers=agency.admin)
+    r = await tally.http.put(
+        tally.url("rebilling", f"/v1/companies/{agency.cid}/seat-price"),
+        json={"amount": price},
+        headers=agency.admin,
+    )
     assert r.status_code == 200, r.text
     resold.aid = await agency.account(billing_model="stripe_connect_automated")
     await agency.patch_wallet({"auto_recharge": False}, resold.aid)
@@ -57,14 +64,15 @@ async def automated(tally: Tally, price: str, card: str) -> Resold:
 
 # --- 1. a subscription cancelled by its customer while past_due: dunning never stops ------
 
-async def test_a_subscription_cancelled_while_past_due_is_dunned_on_schedule_only(
-        tally: Tally) -> None:
+
+async def test_a_subscription_cancelled_while_past_due_is_dunned_on_schedule_only(tally: Tally) -> None:
     resold = await Resold(tally).create(account_card=DECLINES)
     r = await resold.subscribe()
     assert r.json()["charge"] == "failed", r.text
     sid, period, t0 = r.json()["id"], r.json()["period"], datetime.now(UTC)
-    r = await tally.http.delete(tally.url("rebilling", f"/v1/subscriptions/{sid}"),
-                                headers=resold.agency.admin)
+    r = await tally.http.delete(
+        tally.url("rebilling", f"/v1/subscriptions/{sid}"), headers=resold.agency.admin
+    )
     assert r.status_code == 200, r.text
     # the next period opens: the subscription ends (cancelled as asked)
     await resold.run(month_after(t0))
@@ -80,6 +88,7 @@ async def test_a_subscription_cancelled_while_past_due_is_dunned_on_schedule_onl
 
 # --- 2. the license pool's subscription cancelled by the company: licenses free forever ----
 
+
 async def test_a_company_cannot_cancel_its_license_pool_billing(tally: Tally) -> None:
     resold = Resold(tally)
     agency = resold.agency
@@ -90,8 +99,9 @@ async def test_a_company_cannot_cancel_its_license_pool_billing(tally: Tally) ->
     r = await tally.http.post(lic, json={"quantity": 2}, headers=agency.admin)
     assert r.status_code == 201, r.text
     purchases = {r.json()["purchase"]["id"]}
-    d = await tally.http.delete(tally.url("rebilling", f"/v1/subscriptions/lic_{agency.cid}"),
-                                headers=agency.admin)
+    d = await tally.http.delete(
+        tally.url("rebilling", f"/v1/subscriptions/lic_{agency.cid}"), headers=agency.admin
+    )
     assert d.status_code == 409 and d.json()["error"]["code"] == "not_cancellable", d.text
     nxt = month_after(datetime.now(UTC))
     await resold.run(nxt)
@@ -105,18 +115,23 @@ async def test_a_company_cannot_cancel_its_license_pool_billing(tally: Tally) ->
 
 # --- 3. seats: the account user cancels the seat subscription, members stay ---------------
 
+
 async def test_seats_are_not_cancelled_apart_from_their_members(tally: Tally) -> None:
     resold = await automated(tally, "12.50", GOOD)
     r = await invite_accept(tally, resold, "one@example.com")
     assert r.status_code == 200, r.text
     sid = f"seats_{resold.aid}"
-    d = await tally.http.delete(tally.url("rebilling", f"/v1/subscriptions/{sid}"),
-                                headers=resold.agency.user(resold.aid))
+    d = await tally.http.delete(
+        tally.url("rebilling", f"/v1/subscriptions/{sid}"), headers=resold.agency.user(resold.aid)
+    )
     assert d.status_code == 409 and d.json()["error"]["code"] == "not_cancellable", d.text
     nxt = month_after(datetime.now(UTC))
     await resold.run(nxt)
-    members = (await tally.http.get(tally.url("rebilling", f"/v1/accounts/{resold.aid}/members"),
-                                    headers=resold.agency.admin)).json()["items"]
+    members = (
+        await tally.http.get(
+            tally.url("rebilling", f"/v1/accounts/{resold.aid}/members"), headers=resold.agency.admin
+        )
+    ).json()["items"]
     seat = [c for c in await intents_with(tally, f"sub-{sid}-") if c[2] == "succeeded"]
     assert len(members) == 1
     # the member's seat is charged next period as long as the member holds it
@@ -124,6 +139,7 @@ async def test_seats_are_not_cancelled_apart_from_their_members(tally: Tally) ->
 
 
 # --- 4. seats after dunning gave up: new seats added and never charged ---------------------
+
 
 async def test_a_seat_added_after_dunning_gave_up_is_charged(tally: Tally) -> None:
     resold = await automated(tally, "10", DECLINES)
@@ -139,9 +155,10 @@ async def test_a_seat_added_after_dunning_gave_up_is_charged(tally: Tally) -> No
     assert s["status"] == "cancelled", s
     # the workspace now adds a member: the seat must be charged (or the invite refused)
     pm = await resold.card(GOOD, account=True)
-    r = await tally.http.post(tally.url(
-        "recharge", f"/v1/accounts/{resold.aid}/payment-methods/{pm}/default"),
-        headers=resold.agency.user(resold.aid))
+    r = await tally.http.post(
+        tally.url("recharge", f"/v1/accounts/{resold.aid}/payment-methods/{pm}/default"),
+        headers=resold.agency.user(resold.aid),
+    )
     assert r.status_code == 200, r.text
     r = await invite_accept(tally, resold, "two@example.com")
     accepted = r.status_code
@@ -154,14 +171,18 @@ async def test_a_seat_added_after_dunning_gave_up_is_charged(tally: Tally) -> No
 
 # --- 5. a purchase paid by SEPA that succeeds: the pool grows only at the next runner ------
 
+
 async def test_a_processing_purchase_that_succeeds_grows_the_pool(tally: Tally) -> None:
     resold = Resold(tally)
     agency = resold.agency
     await agency.create()
     await agency.patch_wallet({"auto_recharge": False})
     pm = await new_sepa(tally, SEPA_OK)
-    r = await tally.http.post(tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods"),
-                              json={"payment_method": pm}, headers=agency.admin)
+    r = await tally.http.post(
+        tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods"),
+        json={"payment_method": pm},
+        headers=agency.admin,
+    )
     assert r.status_code == 201, r.text
     lic = tally.url("rebilling", f"/v1/companies/{agency.cid}/licenses")
     r = await tally.http.post(lic, json={"quantity": 1}, headers=agency.admin)
@@ -173,16 +194,20 @@ async def test_a_processing_purchase_that_succeeds_grows_the_pool(tally: Tally) 
 
     async def paid() -> bool:
         return any(c[2] == "succeeded" for c in await intents_with(tally, f"licenses-{pid}"))
+
     await eventually(paid, what="Stripe settled the SEPA debit")
 
     async def grown() -> bool:
         return bool((await tally.http.get(lic, headers=agency.admin)).json()["total"] == 1)
+
     try:
         await eventually(grown, timeout=20, what="the pool grown after the paid purchase")
     except AssertionError:
         pool = (await tally.http.get(lic, headers=agency.admin)).json()
-        raise AssertionError(f"card charged (SEPA succeeded) but pool still {pool} after 20 s; "
-                             "only the runner (hourly) settles it") from None
+        raise AssertionError(
+            f"card charged (SEPA succeeded) but pool still {pool} after 20 s; "
+            "only the runner (hourly) settles it"
+        ) from None
 
 
 async def test_a_processing_leg_paid_is_not_shown_outstanding(tally: Tally) -> None:
@@ -196,12 +221,19 @@ async def test_a_processing_leg_paid_is_not_shown_outstanding(tally: Tally) -> N
     pm = await new_sepa(tally, SEPA_OK)
 
     async def attached() -> bool:
-        r = await tally.http.post(tally.url("recharge", f"/v1/accounts/{resold.aid}/payment-methods"),
-                                  json={"payment_method": pm}, headers=agency.user(resold.aid))
+        r = await tally.http.post(
+            tally.url("recharge", f"/v1/accounts/{resold.aid}/payment-methods"),
+            json={"payment_method": pm},
+            headers=agency.user(resold.aid),
+        )
         return r.status_code == 201
+
     await eventually(attached, what="sepa attached")
-    r = await tally.http.put(tally.url("rebilling", f"/v1/companies/{agency.cid}/reselling/whatsapp"),
-                             json={"company_price": "15"}, headers=agency.admin)
+    r = await tally.http.put(
+        tally.url("rebilling", f"/v1/companies/{agency.cid}/reselling/whatsapp"),
+        json={"company_price": "15"},
+        headers=agency.admin,
+    )
     r = await resold.subscribe()
     assert r.status_code == 201, r.text
     sid = r.json()["id"]  # charged at once, or processing and settled by the recheck
@@ -211,12 +243,14 @@ async def test_a_processing_leg_paid_is_not_shown_outstanding(tally: Tally) -> N
         await resold.run(datetime.now(UTC) + timedelta(seconds=61))
         [s] = await resold.subscriptions()
         return bool(s["outstanding"] == "0.000000")
+
     await eventually(settled, timeout=60, what="the SEPA debit paid shown as not outstanding")
     paid = [c for c in await intents_with(tally, f"sub-{sid}-") if c[2] == "succeeded"]
     assert len(paid) == 2, paid  # the platform leg and the account's, once each
 
 
 # --- 6. Idempotency-Key: concurrent same-key requests ---------------------------------------
+
 
 async def test_one_key_at_once_subscribes_and_buys_once_with_one_answer(tally: Tally) -> None:
     resold = await Resold(tally).create(account_card=GOOD)
@@ -227,20 +261,23 @@ async def test_one_key_at_once_subscribes_and_buys_once_with_one_answer(tally: T
     assert len(await resold.charges()) == 2
     lic = tally.url("rebilling", f"/v1/companies/{resold.agency.cid}/licenses")
     lkey = {"Idempotency-Key": uid("key")}
-    ls = await asyncio.gather(*[tally.http.post(lic, json={"quantity": 2},
-                                                headers={**resold.agency.admin, **lkey})
-                                for _ in range(5)])
+    ls = await asyncio.gather(
+        *[
+            tally.http.post(lic, json={"quantity": 2}, headers={**resold.agency.admin, **lkey})
+            for _ in range(5)
+        ]
+    )
     assert {r.status_code for r in ls} == {201}, [r.text for r in ls]
     assert (await tally.http.get(lic, headers=resold.agency.admin)).json()["total"] == 2
     assert len({r.json()["purchase"]["id"] for r in ls}) == 1
-    other = await tally.http.post(lic, json={"quantity": 3},
-                                  headers={**resold.agency.admin, **lkey})
+    other = await tally.http.post(lic, json={"quantity": 3}, headers={**resold.agency.admin, **lkey})
     assert other.status_code == 422, other.text
     # platform admin: same key, another company's path
     pa = {**tally.auth("platform_admin"), "Idempotency-Key": uid("k")}
     a = await tally.http.post(lic, json={"quantity": 1}, headers=pa)
-    b = await tally.http.post(tally.url("rebilling", f"/v1/companies/{uid('nope')}/licenses"),
-                              json={"quantity": 1}, headers=pa)
+    b = await tally.http.post(
+        tally.url("rebilling", f"/v1/companies/{uid('nope')}/licenses"), json={"quantity": 1}, headers=pa
+    )
     assert a.status_code == 201 and b.status_code in (404, 422), (a.text, b.text)
     # bodies answered to the same key are the first response (status and body)
     bodies = [r.json() for r in rs]
@@ -249,35 +286,60 @@ async def test_one_key_at_once_subscribes_and_buys_once_with_one_answer(tally: T
 
 # --- 7. tenant crossings --------------------------------------------------------------------
 
+
 async def test_no_tenant_crossing_on_recurring_billing(tally: Tally) -> None:
     a = await Resold(tally).create(account_card=GOOD)
     r = await a.subscribe()
     sid = r.json()["id"]
     b = await Resold(tally).create(account_card=GOOD)
     lic_a = tally.url("rebilling", f"/v1/companies/{a.agency.cid}/licenses")
-    assert (await tally.http.post(lic_a, json={"quantity": 1}, headers=b.agency.admin)
-            ).status_code == 404
-    assert (await tally.http.delete(tally.url("rebilling", f"/v1/subscriptions/lic_{a.agency.cid}"),
-                                    headers=b.agency.admin)).status_code == 404
-    assert (await tally.http.get(tally.url("rebilling", f"/v1/companies/{a.agency.cid}/seat-price"),
-                                 headers=b.agency.admin)).status_code == 404
-    assert (await tally.http.post(tally.url("rebilling", f"/v1/accounts/{a.aid}/subscriptions"),
-                                  json={"product": "whatsapp", "deployment": "resell"},
-                                  headers=b.agency.admin)).status_code == 404
-    assert (await tally.http.delete(tally.url("rebilling", f"/v1/subscriptions/{sid}"),
-                                    headers=b.agency.user(b.aid))).status_code == 404
+    assert (await tally.http.post(lic_a, json={"quantity": 1}, headers=b.agency.admin)).status_code == 404
+    assert (
+        await tally.http.delete(
+            tally.url("rebilling", f"/v1/subscriptions/lic_{a.agency.cid}"), headers=b.agency.admin
+        )
+    ).status_code == 404
+    assert (
+        await tally.http.get(
+            tally.url("rebilling", f"/v1/companies/{a.agency.cid}/seat-price"), headers=b.agency.admin
+        )
+    ).status_code == 404
+    assert (
+        await tally.http.post(
+            tally.url("rebilling", f"/v1/accounts/{a.aid}/subscriptions"),
+            json={"product": "whatsapp", "deployment": "resell"},
+            headers=b.agency.admin,
+        )
+    ).status_code == 404
+    assert (
+        await tally.http.delete(
+            tally.url("rebilling", f"/v1/subscriptions/{sid}"), headers=b.agency.user(b.aid)
+        )
+    ).status_code == 404
     # another account of the same company
     other = await a.agency.account()
-    assert (await tally.http.delete(tally.url("rebilling", f"/v1/subscriptions/{sid}"),
-                                    headers=a.agency.user(other))).status_code == 404
-    assert (await tally.http.delete(tally.url("rebilling", f"/v1/subscriptions/lic_{a.agency.cid}"),
-                                    headers=a.agency.user(a.aid))).status_code == 404
-    r = await tally.http.post(tally.url("rebilling", f"/v1/accounts/{a.aid}/invitations"),
-                              json={"email": "x@example.com"}, headers=a.agency.admin)
+    assert (
+        await tally.http.delete(
+            tally.url("rebilling", f"/v1/subscriptions/{sid}"), headers=a.agency.user(other)
+        )
+    ).status_code == 404
+    assert (
+        await tally.http.delete(
+            tally.url("rebilling", f"/v1/subscriptions/lic_{a.agency.cid}"), headers=a.agency.user(a.aid)
+        )
+    ).status_code == 404
+    r = await tally.http.post(
+        tally.url("rebilling", f"/v1/accounts/{a.aid}/invitations"),
+        json={"email": "x@example.com"},
+        headers=a.agency.admin,
+    )
     iid = r.json().get("id")
     if iid:
-        assert (await tally.http.post(tally.url("rebilling", f"/v1/invitations/{iid}/accept"),
-                                      headers=b.agency.admin)).status_code == 404
+        assert (
+            await tally.http.post(
+                tally.url("rebilling", f"/v1/invitations/{iid}/accept"), headers=b.agency.admin
+            )
+        ).status_code == 404
     # the run scoped to B charges nothing of A
     before = len(await a.charges())
     await b.run(month_after(datetime.now(UTC)))
@@ -285,6 +347,7 @@ async def test_no_tenant_crossing_on_recurring_billing(tally: Tally) -> None:
 
 
 # --- 8. a past_due license pool refuses purchases, and is retried when a card is saved ----
+
 
 async def test_a_past_due_pool_sells_nothing_until_paid(tally: Tally) -> None:
     resold = Resold(tally)
@@ -295,23 +358,27 @@ async def test_a_past_due_pool_sells_nothing_until_paid(tally: Tally) -> None:
     lic = tally.url("rebilling", f"/v1/companies/{agency.cid}/licenses")
     r = await tally.http.post(lic, json={"quantity": 1}, headers=agency.admin)
     assert r.status_code == 201, r.text
-    await tally.http.delete(tally.url(
-        "recharge", f"/v1/companies/{agency.cid}/payment-methods/{good}"), headers=agency.admin)
+    await tally.http.delete(
+        tally.url("recharge", f"/v1/companies/{agency.cid}/payment-methods/{good}"), headers=agency.admin
+    )
     await resold.card(DECLINES)
     nxt = month_after(datetime.now(UTC))
     assert await resold.run(nxt) == {"failed": 1}
-    r = await tally.http.post(lic, json={"quantity": 1},
-                              headers={**agency.admin, "Idempotency-Key": uid("k")})
+    r = await tally.http.post(
+        lic, json={"quantity": 1}, headers={**agency.admin, "Idempotency-Key": uid("k")}
+    )
     assert r.status_code == 402, r.text
     await resold.card(GOOD)
 
     async def bought() -> bool:
         r = await tally.http.post(lic, json={"quantity": 1}, headers=agency.admin)
         return r.status_code == 201
+
     await eventually(bought, timeout=20, what="the pool charged on the new card, then a purchase")
 
 
 # --- 9. a card saved while a failing charge is in flight --------------------------------
+
 
 async def test_a_card_saved_while_a_charge_is_in_flight_is_used(tally: Tally) -> None:
     resold = await Resold(tally).create(account_card=DECLINES)
@@ -321,9 +388,13 @@ async def test_a_card_saved_while_a_charge_is_in_flight_is_used(tally: Tally) ->
 
     async def save_good() -> None:
         await asyncio.sleep(0.2)
-        r = await tally.http.post(tally.url("recharge", f"/v1/accounts/{resold.aid}/payment-methods"),
-                                  json={"payment_method": good}, headers=resold.agency.user(resold.aid))
+        r = await tally.http.post(
+            tally.url("recharge", f"/v1/accounts/{resold.aid}/payment-methods"),
+            json={"payment_method": good},
+            headers=resold.agency.user(resold.aid),
+        )
         assert r.status_code == 201, r.text
+
     r, _ = await asyncio.gather(resold.subscribe(), save_good())
     assert r.status_code == 201, r.text
     if r.json()["charge"] == "charged":
@@ -332,4 +403,5 @@ async def test_a_card_saved_while_a_charge_is_in_flight_is_used(tally: Tally) ->
     async def collected() -> bool:
         [s] = await resold.subscriptions()
         return bool(s["status"] == "active")
+
     await eventually(collected, timeout=20, what="the leg retried on the card saved")

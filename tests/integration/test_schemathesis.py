@@ -15,8 +15,12 @@ pytestmark = pytest.mark.integration
 
 # Operations that would move real money or change the shared price catalog under the other
 # tests; they have their own tests.
-SKIP = {("PUT", "/v1/prices/{service}"), ("POST", "/v1/charges"),
-        ("POST", "/v1/reselling/periods/{period}/run"), ("POST", "/v1/reselling/run")}
+SKIP = {
+    ("PUT", "/v1/prices/{service}"),
+    ("POST", "/v1/charges"),
+    ("POST", "/v1/reselling/periods/{period}/run"),
+    ("POST", "/v1/reselling/run"),
+}
 
 
 def check_response(response: Any, where: str) -> None:
@@ -31,8 +35,7 @@ def check_response(response: Any, where: str) -> None:
 def fuzz_operation(op: Any, base: str, headers: dict[str, str]) -> None:
     where = f"{op.method.upper()} {op.path}"
 
-    @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck),
-              database=None)
+    @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(op.as_strategy())
     def fuzz(case: Any) -> None:
         check_response(case.call(base_url=base, headers=headers, timeout=30), where)

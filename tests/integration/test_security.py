@@ -24,13 +24,13 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def forged(claims: dict[str, Any], secret: str = SECRET) -> str:
-    return jwt.encode({"sub": "x", "exp": int(time.time()) + 600, **claims}, secret,
-                      algorithm="HS256")
+    return jwt.encode({"sub": "x", "exp": int(time.time()) + 600, **claims}, secret, algorithm="HS256")
 
 
 def alg_none(claims: dict[str, Any]) -> str:
     def part(obj: dict[str, Any]) -> str:
         return base64.urlsafe_b64encode(orjson.dumps(obj)).rstrip(b"=").decode()
+
     return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
 
 
@@ -46,10 +46,13 @@ async def test_bad_tokens_are_401_everywhere(tally: Tally) -> None:
         "account user without account": forged({"role": "account_user", "company_id": "c"}),
         "not a jwt": "hello",
     }
-    endpoints = [("usage-meter", "GET", "/v1/prices"), ("wallet", "GET", "/v1/companies/c/wallet"),
-                 ("recharge", "GET", "/v1/companies/c/payment-methods"),
-                 ("rebilling", "GET", "/v1/companies/c"),
-                 ("notifier", "GET", "/v1/companies/c/notifications")]
+    endpoints = [
+        ("usage-meter", "GET", "/v1/prices"),
+        ("wallet", "GET", "/v1/companies/c/wallet"),
+        ("recharge", "GET", "/v1/companies/c/payment-methods"),
+        ("rebilling", "GET", "/v1/companies/c"),
+        ("notifier", "GET", "/v1/companies/c/notifications"),
+    ]
     for name, token in tokens.items():
         for service, method, path in endpoints:
             r = await tally.http.request(method, tally.url(service, path), headers=bearer(token))
@@ -97,28 +100,34 @@ async def test_tenant_isolation_matrix(tally: Tally) -> None:
         "a user of a sibling account": a.user(sibling),
         "a user of another company": b.user(await b.account()),
     }
+
     async def known() -> bool:  # every service has heard of the accounts
-        r = await tally.http.get(tally.url("notifier", f"/v1/accounts/{mine}/usage-alerts"),
-                                 headers=a.admin)
+        r = await tally.http.get(tally.url("notifier", f"/v1/accounts/{mine}/usage-alerts"), headers=a.admin)
         return r.status_code == 200
+
     await eventually(known, what="the accounts to reach every service")
     for who, headers in outsiders.items():
         for service, method, path, body in matrix:
-            r = await tally.http.request(method, tally.url(service, path), headers=headers,
-                                         json=body)
+            r = await tally.http.request(method, tally.url(service, path), headers=headers, json=body)
             assert r.status_code in (403, 404), (who, method, path, r.status_code, r.text)
-            assert set(r.json()) == {"error"} and r.json()["error"]["code"] in (
-                "not_found", "forbidden"), (who, path)
+            assert set(r.json()) == {"error"} and r.json()["error"]["code"] in ("not_found", "forbidden"), (
+                who,
+                path,
+            )
     # The owner itself is let in (the matrix is not vacuous).
     for service, method, path, body in matrix[:6]:
         r = await tally.http.request(method, tally.url(service, path), headers=a.admin, json=body)
         assert r.status_code < 300, (path, r.text)
     # Wrong roles: a product token cannot act as an admin; a user cannot set rebilling.
-    r = await tally.http.patch(tally.url("wallet", f"/v1/companies/{a.cid}/wallet"),
-                               json={"threshold": "1"}, headers=tally.auth("product"))
+    r = await tally.http.patch(
+        tally.url("wallet", f"/v1/companies/{a.cid}/wallet"),
+        json={"threshold": "1"},
+        headers=tally.auth("product"),
+    )
     assert r.status_code == 403
-    r = await tally.http.put(tally.url("rebilling", f"/v1/accounts/{mine}/rebilling"),
-                             json={"mode": "off"}, headers=a.user(mine))
+    r = await tally.http.put(
+        tally.url("rebilling", f"/v1/accounts/{mine}/rebilling"), json={"mode": "off"}, headers=a.user(mine)
+    )
     assert r.status_code == 403
 
 
@@ -126,25 +135,35 @@ async def test_sql_metacharacters_are_stored_or_rejected_never_executed(tally: T
     agency = await Reseller(tally).create(connect=False)  # credit requests need no Stripe
     aid = await agency.account()
     evil = "x'; DROP TABLE transfers; --"
-    r = await tally.post_usage({"event_id": evil, "company_id": agency.cid, "service": "email",
-                                "quantity": "1"})
+    r = await tally.post_usage(
+        {"event_id": evil, "company_id": agency.cid, "service": "email", "quantity": "1"}
+    )
     assert r.status_code == 422  # outside the id pattern: rejected
-    r = await tally.http.get(tally.url("wallet", f"/v1/companies/{evil}/wallet"),
-                             headers=agency.admin)
+    r = await tally.http.get(tally.url("wallet", f"/v1/companies/{evil}/wallet"), headers=agency.admin)
     assert r.status_code == 422  # path ids follow the id pattern too
+
     async def credited() -> bool:  # once the wallet has heard of the account
-        r = await tally.http.post(tally.url("wallet", f"/v1/accounts/{aid}/wallet/credits"),
-                                  json={"amount": "1", "reference": evil}, headers=agency.admin,
-                                  )
+        r = await tally.http.post(
+            tally.url("wallet", f"/v1/accounts/{aid}/wallet/credits"),
+            json={"amount": "1", "reference": evil},
+            headers=agency.admin,
+        )
         return r.status_code == 201
+
     await eventually(credited, what="the credit")
-    lines = (await tally.http.get(tally.url("wallet", f"/v1/accounts/{aid}/wallet/transactions"),
-                                  headers=agency.admin)).json()["items"]
+    lines = (
+        await tally.http.get(
+            tally.url("wallet", f"/v1/accounts/{aid}/wallet/transactions"), headers=agency.admin
+        )
+    ).json()["items"]
     assert lines[0]["reference"] == evil  # stored verbatim
     rows = await tally.sql("wallet", "SELECT count(*) AS n FROM transfers")
     assert rows[0]["n"] > 0  # and the table is still there
-    r = await tally.http.post(tally.url("wallet", f"/v1/accounts/{aid}/credit-requests"),
-                              json={"amount": "1", "reference": evil}, headers=agency.user(aid))
+    r = await tally.http.post(
+        tally.url("wallet", f"/v1/accounts/{aid}/credit-requests"),
+        json={"amount": "1", "reference": evil},
+        headers=agency.user(aid),
+    )
     assert r.status_code == 201 and r.json()["reference"] == evil
 
 
@@ -153,10 +172,13 @@ async def test_ingestion_is_rate_limited_per_product_token(tally: Tally) -> None
     cid = uid("co")
     statuses = []
     for n in range(7):  # 7 x 1000 events against a burst of 5000
-        batch = [{"event_id": uid(f"rl{n}"), "company_id": cid, "service": "email",
-                  "quantity": "1"} for _ in range(1000)]
-        r = await tally.http.post(tally.url("usage-meter", "/v1/usage"), json={"events": batch},
-                                  headers=token)
+        batch = [
+            {"event_id": uid(f"rl{n}"), "company_id": cid, "service": "email", "quantity": "1"}
+            for _ in range(1000)
+        ]
+        r = await tally.http.post(
+            tally.url("usage-meter", "/v1/usage"), json={"events": batch}, headers=token
+        )
         statuses.append(r.status_code)
         if r.status_code == 429:
             assert r.json()["error"]["code"] == "rate_limited"
@@ -164,14 +186,23 @@ async def test_ingestion_is_rate_limited_per_product_token(tally: Tally) -> None
             break
     assert statuses[-1] == 429 and statuses[0] == 202
     other = {"Authorization": "Bearer " + forged({"role": "product", "sub": uid("product")})}
-    r = await tally.http.post(tally.url("usage-meter", "/v1/usage"), headers=other, json={
-        "event_id": uid("ev"), "company_id": cid, "service": "email", "quantity": "1"})
+    r = await tally.http.post(
+        tally.url("usage-meter", "/v1/usage"),
+        headers=other,
+        json={"event_id": uid("ev"), "company_id": cid, "service": "email", "quantity": "1"},
+    )
     assert r.status_code == 202  # another token is not affected
 
 
 async def test_secrets_and_card_data_never_reach_the_logs(tally: Tally) -> None:
-    secrets = ["tally-dev-secret-change-me-in-production", "sk_test_tally", "whsec_tally_dev",
-               "4242424242424242", "4000000000000341", "Bearer ey"]
+    secrets = [
+        "tally-dev-secret-change-me-in-production",
+        "sk_test_tally",
+        "whsec_tally_dev",
+        "4242424242424242",
+        "4000000000000341",
+        "Bearer ey",
+    ]
     token = tally.auth("platform_admin")["Authorization"].split()[1]
     checked = 0
     for service in ("usage-meter", "wallet", "recharge", "rebilling", "notifier"):

@@ -24,13 +24,14 @@ async def test_daily_sums_are_exact_and_ids_arrive_verbatim(tally: Tally) -> Non
         day = date(2026, 11, 21)
         big = 2**53 + 1  # a float would round this to 2**53
         async with pool.acquire() as conn:
-            await storage.add_usage(conn, [(aid, "co", day, "sms", "USD", big),
-                                           (aid, "co", day, "ai", "USD", 7)])
+            await storage.add_usage(
+                conn, [(aid, "co", day, "sms", "USD", big), (aid, "co", day, "ai", "USD", 7)]
+            )
             await storage.add_usage(conn, [(aid, "co", day, "sms", "USD", big)])
             by_service, currency = await storage.usage_since(conn, aid, day, day)
             stored = await conn.fetchval(
-                "SELECT array_agg(DISTINCT account_id) FROM usage_daily WHERE account_id = $1",
-                aid)
+                "SELECT array_agg(DISTINCT account_id) FROM usage_daily WHERE account_id = $1", aid
+            )
         assert by_service == {"sms": 2 * big, "ai": 7}
         assert currency == "USD"
         assert stored == [aid]

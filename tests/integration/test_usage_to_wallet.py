@@ -22,8 +22,11 @@ pytestmark = pytest.mark.integration
 async def funded(tally: Tally, amount: str = "1.00") -> str:
     """A company with money in its wallet: its usage is never refused as agency_wallet_empty."""
     cid = uid("co")
-    r = await tally.http.post(tally.url("wallet", f"/v1/companies/{cid}/wallet/credits"),
-                              json={"amount": amount}, headers=tally.auth("platform_admin"))
+    r = await tally.http.post(
+        tally.url("wallet", f"/v1/companies/{cid}/wallet/credits"),
+        json={"amount": amount},
+        headers=tally.auth("platform_admin"),
+    )
     assert r.status_code == 201, r.text
     return cid
 
@@ -34,14 +37,14 @@ async def accepted(tally: Tally, e: dict[str, str]) -> None:
 
 
 def event(cid: str, service: str = "email", quantity: str = "3", **kw: str) -> dict[str, str]:
-    return {"event_id": uid("ev"), "company_id": cid, "service": service, "quantity": quantity,
-            **kw}
+    return {"event_id": uid("ev"), "company_id": cid, "service": service, "quantity": quantity, **kw}
 
 
 async def test_posted_event_debits_company_wallet_by_the_catalog_price(tally: Tally) -> None:
     cid = uid("co")
-    prices = (await tally.http.get(tally.url("usage-meter", "/v1/prices"),
-                                   headers=tally.auth("product"))).json()["items"]
+    prices = (
+        await tally.http.get(tally.url("usage-meter", "/v1/prices"), headers=tally.auth("product"))
+    ).json()["items"]
     email = next(p for p in prices if p["service"] == "email" and p["currency"] == "USD")
     assert email["unit_price"] == "0.000675"
 
@@ -77,12 +80,18 @@ async def test_same_event_posted_twice_debits_once(tally: Tally) -> None:
 async def test_concurrent_requests_each_get_their_own_results(tally: Tally) -> None:
     """Requests that arrive together share a transaction (group commit); each still gets the
     results of its own events, in order, and an event id sent in all of them is accepted once."""
+
     async def group_commit() -> tuple[float, float]:  # (batches submitted, calls made)
         text = (await tally.http.get(tally.url("usage-meter", "/metrics"))).text
-        found = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                 if line.startswith("tally_group_commit_batches_")}
-        return (found.get("tally_group_commit_batches_sum", 0.0),
-                found.get("tally_group_commit_batches_count", 0.0))
+        found = {
+            line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("tally_group_commit_batches_")
+        }
+        return (
+            found.get("tally_group_commit_batches_sum", 0.0),
+            found.get("tally_group_commit_batches_count", 0.0),
+        )
 
     cid = await funded(tally)
     shared = event(cid)
@@ -97,8 +106,7 @@ async def test_concurrent_requests_each_get_their_own_results(tally: Tally) -> N
         results = r.json()["results"]
         assert [x["event_id"] for x in results] == [e["event_id"] for e in body["events"]]
         assert results[0]["status"] == results[2]["status"] == "accepted"
-    assert sorted(r.json()["results"][1]["status"] for r in responses) == \
-        ["accepted"] + ["duplicate"] * 11
+    assert sorted(r.json()["results"][1]["status"] for r in responses) == ["accepted"] + ["duplicate"] * 11
     sentinel = event(cid)
     await accepted(tally, sentinel)
     txs = await tally.wait_applied(cid, sentinel["event_id"])
@@ -110,11 +118,24 @@ async def test_same_message_delivered_twice_on_kafka_debits_once(tally: Tally) -
     cid = await funded(tally)
     now = datetime.now(UTC).isoformat()
     eid = uid("ev")
-    message = {"id": f"usage:{eid}", "type": "usage.recorded", "time": now, "source": "test",
-               "data": {"event_id": eid, "company_id": cid, "account_id": None,
-                        "service": "phone", "quantity": "1", "occurred_at": now,
-                        "recorded_at": now, "unit_price_micros": 14000,
-                        "platform_amount_micros": 14000, "currency": "USD"}}
+    message = {
+        "id": f"usage:{eid}",
+        "type": "usage.recorded",
+        "time": now,
+        "source": "test",
+        "data": {
+            "event_id": eid,
+            "company_id": cid,
+            "account_id": None,
+            "service": "phone",
+            "quantity": "1",
+            "occurred_at": now,
+            "recorded_at": now,
+            "unit_price_micros": 14000,
+            "platform_amount_micros": 14000,
+            "currency": "USD",
+        },
+    }
     await tally.produce("usage.recorded", message, key=cid)
     await tally.produce("usage.recorded", message, key=cid)
     sentinel = event(cid)
@@ -132,7 +153,8 @@ async def test_redelivery_in_a_later_batch_debits_once(tally: Tally) -> None:
     await accepted(tally, first)
     await tally.wait_applied(cid, first["event_id"])
     recorded = await tally.find_on_topic(
-        "usage.recorded", lambda m: m.get("id") == f"usage:{first['event_id']}")
+        "usage.recorded", lambda m: m.get("id") == f"usage:{first['event_id']}"
+    )
     await tally.produce("usage.recorded", recorded, key=cid)  # a redelivery, batch of its own
     await accepted(tally, again)  # a new event after it, in the same or the next batch
     txs = await tally.wait_applied(cid, again["event_id"])
@@ -152,8 +174,7 @@ async def test_malformed_requests_change_nothing(tally: Tally) -> None:
     body = r.json()["error"]
     assert body["code"] == "validation_error" and "events[1].event_id" in body["message"]
 
-    r = await tally.http.post(url, content=b"{nope", headers={**product,
-                                                              "content-type": "application/json"})
+    r = await tally.http.post(url, content=b"{nope", headers={**product, "content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
 
     r = await tally.post_usage({"events": [event(cid) for _ in range(1001)]})
@@ -184,7 +205,10 @@ async def test_per_event_rejections_leave_the_rest_accepted(tally: Tally) -> Non
     results = r.json()["results"]
     assert [x["status"] for x in results] == ["accepted", "rejected", "rejected", "rejected"]
     assert [x.get("error", {}).get("code") for x in results[1:]] == [
-        "unknown_service", "invalid_quantity", "invalid_quantity"]
+        "unknown_service",
+        "invalid_quantity",
+        "invalid_quantity",
+    ]
     txs = await tally.wait_applied(cid, ok["event_id"])
     assert len(txs) == 1
 
@@ -193,8 +217,11 @@ async def test_usage_ingest_topic_prices_and_dead_letters_garbage(tally: Tally) 
     cid = uid("co")
     marker = uid("garbage")
     await tally.produce("usage.ingest", f"{{not json {marker}".encode(), key=cid)
-    await tally.produce("usage.ingest", {"event_id": uid("ev"), "company_id": cid,
-                                         "service": "nope", "quantity": "1"}, key=cid)
+    await tally.produce(
+        "usage.ingest",
+        {"event_id": uid("ev"), "company_id": cid, "service": "nope", "quantity": "1"},
+        key=cid,
+    )
     good = event(cid, service="whatsapp", quantity="1")
     await tally.produce("usage.ingest", good, key=cid)
 
@@ -204,16 +231,25 @@ async def test_usage_ingest_topic_prices_and_dead_letters_garbage(tally: Tally) 
     dead = await tally.find_on_topic("usage.ingest.dlq", lambda d: marker in d.get("message", ""))
     assert dead["source_topic"] == "usage.ingest" and dead["error"]
     dead = await tally.find_on_topic(
-        "usage.ingest.dlq", lambda d: cid in d.get("message", "") and "unknown_service" in d["error"])
+        "usage.ingest.dlq", lambda d: cid in d.get("message", "") and "unknown_service" in d["error"]
+    )
     assert dead["failed_by"] == "usage-meter"
 
 
 async def test_poison_on_usage_recorded_goes_to_its_dlq(tally: Tally) -> None:
     cid = uid("co")
     marker = uid("poison")
-    await tally.produce("usage.recorded", {"id": marker, "type": "usage.recorded",
-                                           "time": "2026-01-01T00:00:00Z", "source": "test",
-                                           "data": {"event_id": marker}}, key=cid)
+    await tally.produce(
+        "usage.recorded",
+        {
+            "id": marker,
+            "type": "usage.recorded",
+            "time": "2026-01-01T00:00:00Z",
+            "source": "test",
+            "data": {"event_id": marker},
+        },
+        key=cid,
+    )
     good = event(cid)
     await tally.post_usage(good)
     await tally.wait_applied(cid, good["event_id"])
@@ -221,8 +257,7 @@ async def test_poison_on_usage_recorded_goes_to_its_dlq(tally: Tally) -> None:
     assert dead["failed_by"] == "wallet" and "company_id" in dead["error"]
 
 
-async def test_an_unpostable_event_is_dead_lettered_alone_beside_a_redelivery(
-        tally: Tally) -> None:
+async def test_an_unpostable_event_is_dead_lettered_alone_beside_a_redelivery(tally: Tally) -> None:
     """One batch holding a redelivered event, an event priced in another currency than its
     company's wallet (a LedgerError) and a good one: the wallet posts the good one once,
     skips the redelivery and dead-letters only the unpostable event."""
@@ -231,23 +266,37 @@ async def test_an_unpostable_event_is_dead_lettered_alone_beside_a_redelivery(
     await accepted(tally, first)
     await tally.wait_applied(cid, first["event_id"])
     redelivered = await tally.find_on_topic(
-        "usage.recorded", lambda m: m.get("id") == f"usage:{first['event_id']}")
+        "usage.recorded", lambda m: m.get("id") == f"usage:{first['event_id']}"
+    )
     now = datetime.now(UTC).isoformat()
 
     def recorded(currency: str) -> tuple[str, dict[str, Any]]:
         eid = uid("ev")
-        return eid, {"id": f"usage:{eid}", "type": "usage.recorded", "time": now,
-                     "source": "test",
-                     "data": {"event_id": eid, "company_id": cid, "account_id": None,
-                              "service": "phone", "quantity": "1", "occurred_at": now,
-                              "recorded_at": now, "unit_price_micros": 1000,
-                              "platform_amount_micros": 1000, "currency": currency}}
+        return eid, {
+            "id": f"usage:{eid}",
+            "type": "usage.recorded",
+            "time": now,
+            "source": "test",
+            "data": {
+                "event_id": eid,
+                "company_id": cid,
+                "account_id": None,
+                "service": "phone",
+                "quantity": "1",
+                "occurred_at": now,
+                "recorded_at": now,
+                "unit_price_micros": 1000,
+                "platform_amount_micros": 1000,
+                "currency": currency,
+            },
+        }
+
     (eur_id, eur), (usd_id, usd) = recorded("EUR"), recorded("USD")
-    await asyncio.gather(*(tally.produce("usage.recorded", m, key=cid)
-                           for m in (redelivered, eur, usd)))
+    await asyncio.gather(*(tally.produce("usage.recorded", m, key=cid) for m in (redelivered, eur, usd)))
     txs = await tally.wait_applied(cid, usd_id)
-    dead = await tally.find_on_topic("usage.recorded.dlq",
-                                     lambda d: f"usage:{eur_id}" in d.get("message", ""))
+    dead = await tally.find_on_topic(
+        "usage.recorded.dlq", lambda d: f"usage:{eur_id}" in d.get("message", "")
+    )
     assert dead["failed_by"] == "wallet" and "cannot pay" in dead["error"]
     usage = [t["usage_event_id"] for t in txs if t["kind"] == "usage"]
     assert usage.count(first["event_id"]) == 1 and usage.count(usd_id) == 1
@@ -269,35 +318,45 @@ async def test_negative_agency_wallet_refuses_usage_until_credited(tally: Tally)
         res = r.json()["results"][0]
         accepted_meanwhile += res["status"] == "accepted"  # before usage-meter heard of it
         return bool(res["status"] == "rejected" and res["error"]["code"] == "agency_wallet_empty")
+
     await eventually(refused, what="usage-meter to learn of the suspension")
     expected = 1_000_000 - 58_000 - accepted_meanwhile * 2025
     if accepted_meanwhile:
+
         async def all_applied() -> bool:
             txs = await tally.company_transactions(cid)
             return len(txs) == 1 + accepted_meanwhile
+
         await eventually(all_applied, what="the usage accepted before the refusal")
     want = f"{expected // 1_000_000}.{expected % 1_000_000:06d}"
 
     key = {"Idempotency-Key": uid("k")}
-    r = await tally.http.post(tally.url("wallet", f"/v1/companies/{cid}/wallet/credits"),
-                              json={"amount": "1.00", "reference": "test"},
-                              headers={**tally.auth("platform_admin"), **key})
+    r = await tally.http.post(
+        tally.url("wallet", f"/v1/companies/{cid}/wallet/credits"),
+        json={"amount": "1.00", "reference": "test"},
+        headers={**tally.auth("platform_admin"), **key},
+    )
     assert r.status_code == 201, r.text
     assert r.json()["wallet"]["status"] == "active"
     assert r.json()["wallet"]["balance"] == want
-    again = await tally.http.post(tally.url("wallet", f"/v1/companies/{cid}/wallet/credits"),
-                                  json={"amount": "1.00", "reference": "test"},
-                                  headers={**tally.auth("platform_admin"), **key})
+    again = await tally.http.post(
+        tally.url("wallet", f"/v1/companies/{cid}/wallet/credits"),
+        json={"amount": "1.00", "reference": "test"},
+        headers={**tally.auth("platform_admin"), **key},
+    )
     assert (again.status_code, again.json()) == (201, r.json())  # the first answer, again
-    other = await tally.http.post(tally.url("wallet", f"/v1/companies/{cid}/wallet/credits"),
-                                  json={"amount": "1.00"},
-                                  headers={**tally.auth("platform_admin"), **key})
+    other = await tally.http.post(
+        tally.url("wallet", f"/v1/companies/{cid}/wallet/credits"),
+        json={"amount": "1.00"},
+        headers={**tally.auth("platform_admin"), **key},
+    )
     assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
     assert (await tally.company_wallet(cid))["balance"] == want
 
     async def accepted() -> bool:
         r = await tally.post_usage(event(cid))
         return bool(r.json()["results"][0]["status"] == "accepted")
+
     await eventually(accepted, what="usage-meter to learn of the reactivation")
 
 
@@ -337,20 +396,22 @@ async def test_every_service_is_healthy_ready_and_measured(tally: Tally, service
 
 async def test_other_tenants_wallets_are_not_found(tally: Tally) -> None:
     cid = uid("co")
-    r = await tally.http.get(tally.url("wallet", f"/v1/companies/{cid}/wallet"),
-                             headers=tally.auth("company_admin", company_id="someone-else"))
+    r = await tally.http.get(
+        tally.url("wallet", f"/v1/companies/{cid}/wallet"),
+        headers=tally.auth("company_admin", company_id="someone-else"),
+    )
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = await tally.http.get(tally.url("wallet", f"/v1/companies/{cid}/wallet"))
     assert r.status_code == 401
 
 
 async def test_oversized_bodies_get_413(tally: Tally) -> None:
-    r = await tally.http.post(tally.url("usage-meter", "/v1/usage"),
-                              content=b"{" + b" " * 3_000_000 + b"}",
-                              headers={**tally.auth("product"), "content-type": "application/json"})
+    r = await tally.http.post(
+        tally.url("usage-meter", "/v1/usage"),
+        content=b"{" + b" " * 3_000_000 + b"}",
+        headers={**tally.auth("product"), "content-type": "application/json"},
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
-
-
 
 
 async def test_transactions_page_with_cursors_newest_first(tally: Tally) -> None:
@@ -386,8 +447,11 @@ async def test_an_event_resent_after_the_dedupe_window_is_still_charged_once(tal
     await accepted(tally, recent)
     await tally.wait_applied(cid, recent["event_id"])
     balance = (await tally.company_wallet(cid))["balance"]
-    await tally.sql("usage_meter", "UPDATE ingested SET received_at = now() - interval '40 days' "
-                    "WHERE event_id = $1", old["event_id"])
+    await tally.sql(
+        "usage_meter",
+        "UPDATE ingested SET received_at = now() - interval '40 days' WHERE event_id = $1",
+        old["event_id"],
+    )
 
     pool = await db.create_pool(tally.stack.database_url, "usage_meter", size=1)
     try:  # one round of the service's own worker, with the default window
@@ -395,12 +459,14 @@ async def test_an_event_resent_after_the_dedupe_window_is_still_charged_once(tal
         assert await expiry.step() is False  # a partial round: nothing more waiting
     finally:
         await pool.close()
-    kept = await tally.sql("usage_meter", "SELECT event_id FROM ingested WHERE event_id = ANY($1)",
-                           [old["event_id"], recent["event_id"]])
+    kept = await tally.sql(
+        "usage_meter",
+        "SELECT event_id FROM ingested WHERE event_id = ANY($1)",
+        [old["event_id"], recent["event_id"]],
+    )
     assert [r["event_id"] for r in kept] == [recent["event_id"]]
 
-    statuses = [x["status"] for x in (await tally.post_usage(
-        {"events": [old, recent]})).json()["results"]]
+    statuses = [x["status"] for x in (await tally.post_usage({"events": [old, recent]})).json()["results"]]
     assert statuses == ["accepted", "duplicate"]
     sentinel = event(cid)  # one partition per company: once it is applied, so is the re-send
     await accepted(tally, sentinel)

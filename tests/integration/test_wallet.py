@@ -27,32 +27,48 @@ class Agency:
         self.cid = uid("co")
         self.admin = tally.auth("company_admin", company_id=self.cid, email="owner@agency.test")
 
-    async def add_account(self, mode: str = "off", markups: dict[str, str] | None = None,
-                          active: bool = True) -> str:
+    async def add_account(
+        self, mode: str = "off", markups: dict[str, str] | None = None, active: bool = True
+    ) -> str:
         aid = uid("acct")
-        await self.t.envelope("rebilling.events", "account.created",
-                              {"account_id": aid, "company_id": self.cid, "name": aid,
-                               "owner_email": f"{aid}@client.test"}, key=self.cid)
+        await self.t.envelope(
+            "rebilling.events",
+            "account.created",
+            {"account_id": aid, "company_id": self.cid, "name": aid, "owner_email": f"{aid}@client.test"},
+            key=self.cid,
+        )
         if mode != "off":
-            await self.t.envelope("rebilling.settings", "rebilling.settings",
-                                  {"account_id": aid, "company_id": self.cid, "mode": mode,
-                                   "markups": markups or {}, "active": active, "version": 1},
-                                  key=aid)
+            await self.t.envelope(
+                "rebilling.settings",
+                "rebilling.settings",
+                {
+                    "account_id": aid,
+                    "company_id": self.cid,
+                    "mode": mode,
+                    "markups": markups or {},
+                    "active": active,
+                    "version": 1,
+                },
+                key=aid,
+            )
 
         async def ready() -> bool:
-            r = await self.t.http.get(self.t.url("wallet", f"/v1/accounts/{aid}/wallet"),
-                                      headers=self.admin)
+            r = await self.t.http.get(self.t.url("wallet", f"/v1/accounts/{aid}/wallet"), headers=self.admin)
             return r.status_code == 200 and r.json()["rebilling"] == (mode if active else "off")
+
         await eventually(ready, what=f"the wallet to learn about {aid}")
         return aid
 
     def user(self, aid: str) -> dict[str, str]:
-        return self.t.auth("account_user", company_id=self.cid, account_id=aid,
-                           email=f"{aid}@client.test")
+        return self.t.auth("account_user", company_id=self.cid, account_id=aid, email=f"{aid}@client.test")
 
     async def use(self, service: str, quantity: str, account: str | None = None) -> str:
-        e: dict[str, Any] = {"event_id": uid("ev"), "company_id": self.cid, "service": service,
-                             "quantity": quantity}
+        e: dict[str, Any] = {
+            "event_id": uid("ev"),
+            "company_id": self.cid,
+            "service": service,
+            "quantity": quantity,
+        }
         if account:
             e["account_id"] = account
         r = await self.t.post_usage(e)
@@ -67,8 +83,9 @@ class Agency:
         return r.json()  # type: ignore[no-any-return]
 
     async def lines(self, aid: str) -> list[dict[str, Any]]:
-        r = await self.t.http.get(self.t.url("wallet", f"/v1/accounts/{aid}/wallet/transactions"),
-                                  headers=self.admin)
+        r = await self.t.http.get(
+            self.t.url("wallet", f"/v1/accounts/{aid}/wallet/transactions"), headers=self.admin
+        )
         assert r.status_code == 200, r.text
         return r.json()["items"]  # type: ignore[no-any-return]
 
@@ -77,14 +94,14 @@ class Agency:
             url, headers = f"/v1/accounts/{aid}/wallet/credits", self.admin
         else:
             url, headers = f"/v1/companies/{self.cid}/wallet/credits", self.t.auth("platform_admin")
-        r = await self.t.http.post(self.t.url("wallet", url), json={"amount": amount},
-                                   headers=headers)
+        r = await self.t.http.post(self.t.url("wallet", url), json={"amount": amount}, headers=headers)
         assert r.status_code == 201, r.text
         return r.json()["wallet"]  # type: ignore[no-any-return]
 
     async def status(self, aid: str) -> dict[str, Any]:
-        r = await self.t.http.get(self.t.url("wallet", f"/v1/accounts/{aid}/service-status"),
-                                  headers=self.t.auth("product"))
+        r = await self.t.http.get(
+            self.t.url("wallet", f"/v1/accounts/{aid}/service-status"), headers=self.t.auth("product")
+        )
         assert r.status_code == 200, r.text
         return r.json()  # type: ignore[no-any-return]
 
@@ -116,8 +133,8 @@ async def test_scenario_3_rebilling_with_markup_charges_the_company_price(tally:
     aid = await agency.add_account(mode="rebill_markup", markups={"sms": "2", "default": "1.5"})
     await agency.fund("1.00")
     await agency.fund("1.00", aid)
-    await agency.use("sms", "10", account=aid)      # platform 0.079; account x2 = 0.158
-    await agency.use("email", "1", account=aid)     # platform 0.000675; x1.5 = 0.0010125 -> 0.001013
+    await agency.use("sms", "10", account=aid)  # platform 0.079; account x2 = 0.158
+    await agency.use("email", "1", account=aid)  # platform 0.000675; x1.5 = 0.0010125 -> 0.001013
     assert (await agency.wallet())["balance"] == "0.920325"
     usage = sorted(x["amount"] for x in await agency.lines(aid) if x["kind"] == "usage")
     assert usage == ["-0.001013", "-0.158000"]
@@ -133,17 +150,21 @@ async def test_pending_card_means_no_account_leg_yet(tally: Tally) -> None:
 
 async def test_threshold_crossing_is_emitted_once_per_crossing(tally: Tally) -> None:
     agency = Agency(tally)
-    r = await tally.http.patch(tally.url("wallet", f"/v1/companies/{agency.cid}/wallet"),
-                               json={"threshold": "0.10", "reload_amount": "25"},
-                               headers=agency.admin)
+    r = await tally.http.patch(
+        tally.url("wallet", f"/v1/companies/{agency.cid}/wallet"),
+        json={"threshold": "0.10", "reload_amount": "25"},
+        headers=agency.admin,
+    )
     assert r.status_code == 200 and r.json()["threshold"] == "0.100000", r.text
     await agency.fund("0.20")
     for _ in range(3):
         last = await agency.use("whatsapp", "1")  # 0.058 each: 0.142, 0.084 (crossing), 0.026
     wallet_id = f"company:{agency.cid}"
     crossings = await tally.topic_messages(
-        "wallet.events", lambda m: m["type"] == "wallet.threshold_crossed"
-        and m["data"]["wallet_id"] == wallet_id, until=debited(last))
+        "wallet.events",
+        lambda m: m["type"] == "wallet.threshold_crossed" and m["data"]["wallet_id"] == wallet_id,
+        until=debited(last),
+    )
     assert len(crossings) == 1
     data = crossings[0]["data"]
     assert data["balance_micros"] == 84_000 and data["threshold_micros"] == 100_000
@@ -154,8 +175,10 @@ async def test_threshold_crossing_is_emitted_once_per_crossing(tally: Tally) -> 
     # The crossing is relayed right after its own debit: close the read on a later event.
     last = await agency.use("email", "1")
     crossings = await tally.topic_messages(
-        "wallet.events", lambda m: m["type"] == "wallet.threshold_crossed"
-        and m["data"]["wallet_id"] == wallet_id, until=debited(last))
+        "wallet.events",
+        lambda m: m["type"] == "wallet.threshold_crossed" and m["data"]["wallet_id"] == wallet_id,
+        until=debited(last),
+    )
     assert len(crossings) == 2
 
 
@@ -172,16 +195,25 @@ async def test_account_suspension_and_reactivation(tally: Tally) -> None:
 
     async def refused() -> bool:
         nonlocal accepted_meanwhile
-        r = await tally.post_usage({"event_id": uid("ev"), "company_id": agency.cid,
-                                    "account_id": aid, "service": "email", "quantity": "1"})
+        r = await tally.post_usage(
+            {
+                "event_id": uid("ev"),
+                "company_id": agency.cid,
+                "account_id": aid,
+                "service": "email",
+                "quantity": "1",
+            }
+        )
         res = r.json()["results"][0]
         accepted_meanwhile += res["status"] == "accepted"  # before usage-meter heard of it
         return bool(res.get("error", {}).get("code") == "account_suspended")
+
     await eventually(refused, what="usage-meter to refuse the suspended account")
 
     async def all_applied() -> bool:
         lines = [x for x in await agency.lines(aid) if x["kind"] == "usage"]
         return len(lines) == 1 + accepted_meanwhile
+
     await eventually(all_applied, what="usage accepted before the refusal")
     wallet = await agency.fund("1.00", aid)
     expected = 992_000 - accepted_meanwhile * 675
@@ -189,9 +221,17 @@ async def test_account_suspension_and_reactivation(tally: Tally) -> None:
     assert wallet["balance"] == f"0.{expected:06d}"
     assert await agency.status(aid) == {"allowed": True, "reason": "ok"}
     last = await agency.use("email", "1")  # a later event on the same key closes the read
-    types = [m["type"] for m in await tally.topic_messages(
-        "wallet.events", lambda m: m["data"].get("wallet_id") == f"account:{aid}"
-        and m["type"] in ("wallet.suspended", "wallet.reactivated"), until=debited(last))]
+    types = [
+        m["type"]
+        for m in await tally.topic_messages(
+            "wallet.events",
+            lambda m: (
+                m["data"].get("wallet_id") == f"account:{aid}"
+                and m["type"] in ("wallet.suspended", "wallet.reactivated")
+            ),
+            until=debited(last),
+        )
+    ]
     assert types == ["wallet.suspended", "wallet.reactivated"]
 
 
@@ -212,25 +252,39 @@ async def test_the_digest_carries_state_changes_and_usage_by_account(tally: Tall
 
     def ours(m: dict[str, Any]) -> bool:
         return m["data"].get("company_id") == agency.cid or any(
-            t["company_id"] == agency.cid for t in m["data"].get("totals", []))
-    digest = await tally.topic_messages("wallet.digest", ours, until=lambda m: any(
-        t["account_id"] == plain and t["service"] == "email" for t in m["data"].get("totals", [])))
+            t["company_id"] == agency.cid for t in m["data"].get("totals", [])
+        )
+
+    digest = await tally.topic_messages(
+        "wallet.digest",
+        ours,
+        until=lambda m: any(
+            t["account_id"] == plain and t["service"] == "email" for t in m["data"].get("totals", [])
+        ),
+    )
     usage: dict[tuple[str, str], list[int]] = {}
     for m in digest:
         for t in m["data"].get("totals", []):
             got = usage.setdefault((t["account_id"], t["service"]), [0, 0])
             got[0] += t["amount_micros"]
             got[1] += t["events"]
-    assert usage == {(rebilled, "sms"): [7_900, 1], (rebilled, "whatsapp"): [58_000, 1],
-                     (plain, "sms"): [15_800, 1], (plain, "email"): [675, 1]}
+    assert usage == {
+        (rebilled, "sms"): [7_900, 1],
+        (rebilled, "whatsapp"): [58_000, 1],
+        (plain, "sms"): [15_800, 1],
+        (plain, "email"): [675, 1],
+    }
 
     changes = [m for m in digest if m["type"] != "wallet.usage"]
     public = await tally.topic_messages(
-        "wallet.events", lambda m: m["type"] != "wallet.debited"
-        and m["data"]["company_id"] == agency.cid, until=debited(last))
+        "wallet.events",
+        lambda m: m["type"] != "wallet.debited" and m["data"]["company_id"] == agency.cid,
+        until=debited(last),
+    )
     assert changes == public  # the same envelopes, in the same order
     assert ("wallet.suspended", f"account:{rebilled}") in {
-        (m["type"], m["data"]["wallet_id"]) for m in changes}
+        (m["type"], m["data"]["wallet_id"]) for m in changes
+    }
     # credits are there too: the recharge service re-evaluates the auto-recharge rule on them
     assert [m["type"] for m in changes].count("wallet.credited") == 2
 
@@ -260,13 +314,15 @@ async def test_credit_request_flow_with_one_pending_per_account(tally: Tally) ->
     assert r.status_code == 409 and r.json()["error"]["code"] == "pending_request_exists"
 
     notified = await tally.find_on_topic(
-        "wallet.events", lambda m: m["type"] == "credit_request.created"
-        and m["data"]["request_id"] == first["id"])
+        "wallet.events",
+        lambda m: m["type"] == "credit_request.created" and m["data"]["request_id"] == first["id"],
+    )
     assert notified["data"]["company_id"] == agency.cid
 
     listing = await tally.http.get(
         tally.url("wallet", f"/v1/companies/{agency.cid}/credit-requests?status=pending"),
-        headers=agency.admin)
+        headers=agency.admin,
+    )
     assert [x["id"] for x in listing.json()["items"]] == [first["id"]]
 
     other = tally.auth("company_admin", company_id=uid("co"))
@@ -282,8 +338,9 @@ async def test_credit_request_flow_with_one_pending_per_account(tally: Tally) ->
     r = await tally.http.post(url, json={"amount": "7"}, headers=user)
     assert r.status_code == 201
     second = r.json()["id"]
-    r = await tally.http.post(tally.url("wallet", f"/v1/credit-requests/{second}/reject"),
-                              headers=agency.admin)
+    r = await tally.http.post(
+        tally.url("wallet", f"/v1/credit-requests/{second}/reject"), headers=agency.admin
+    )
     assert r.json()["status"] == "rejected"
     assert (await agency.wallet(aid))["balance"] == "20.000000"
 
@@ -295,24 +352,38 @@ async def test_credit_request_flow_with_one_pending_per_account(tally: Tally) ->
 async def test_connected_stripe_means_top_up_not_requests(tally: Tally) -> None:
     agency = Agency(tally)
     aid = await agency.add_account()
-    await tally.envelope("rebilling.events", "company.updated",
-                         {"company_id": agency.cid, "name": "A", "plan": "saas_pro",
-                          "stripe_connected": True}, key=agency.cid)
+    await tally.envelope(
+        "rebilling.events",
+        "company.updated",
+        {"company_id": agency.cid, "name": "A", "plan": "saas_pro", "stripe_connected": True},
+        key=agency.cid,
+    )
 
     async def connected() -> bool:
         return bool((await agency.wallet(aid))["funding"] == "top_up")
+
     await eventually(connected, what="funding to become top_up")
-    r = await tally.http.post(tally.url("wallet", f"/v1/accounts/{aid}/credit-requests"),
-                              json={"amount": "5"}, headers=agency.user(aid))
+    r = await tally.http.post(
+        tally.url("wallet", f"/v1/accounts/{aid}/credit-requests"),
+        json={"amount": "5"},
+        headers=agency.user(aid),
+    )
     assert r.status_code == 409 and r.json()["error"]["code"] == "top_up_available"
 
 
 async def test_recharge_success_credits_once(tally: Tally) -> None:
     agency = Agency(tally)
     rid = uid("rc")
-    data = {"wallet_id": f"company:{agency.cid}", "owner": "company", "company_id": agency.cid,
-            "currency": "USD", "recharge_id": rid, "trigger": "auto", "amount_micros": 25_000_000,
-            "payment_intent": "pi_test"}
+    data = {
+        "wallet_id": f"company:{agency.cid}",
+        "owner": "company",
+        "company_id": agency.cid,
+        "currency": "USD",
+        "recharge_id": rid,
+        "trigger": "auto",
+        "amount_micros": 25_000_000,
+        "payment_intent": "pi_test",
+    }
     await tally.envelope("recharge.events", "recharge.succeeded", data, key=agency.cid, id_=rid)
     await tally.envelope("recharge.events", "recharge.succeeded", data, key=agency.cid, id_=rid)
     # A later recharge on the same key and topic is applied after both deliveries.
@@ -322,6 +393,7 @@ async def test_recharge_success_credits_once(tally: Tally) -> None:
     async def sentinel_applied() -> list[dict[str, Any]] | None:
         txs = await tally.company_transactions(agency.cid)
         return txs if any(t["kind"] == "top_up" for t in txs) else None
+
     txs = await eventually(sentinel_applied, what="the sentinel recharge")
     assert sorted(t["kind"] for t in txs) == ["recharge", "top_up"]
     assert (await agency.wallet())["balance"] == "26.000000"
@@ -330,16 +402,22 @@ async def test_recharge_success_credits_once(tally: Tally) -> None:
 async def test_wallet_settings_are_validated(tally: Tally) -> None:
     agency = Agency(tally)
     url = tally.url("wallet", f"/v1/companies/{agency.cid}/wallet")
-    for body in ({"threshold": "-1"}, {"reload_amount": "0"}, {"threshold": "1.1234567"},
-                 {"auto_recharge": "sometimes"}):
+    for body in (
+        {"threshold": "-1"},
+        {"reload_amount": "0"},
+        {"threshold": "1.1234567"},
+        {"auto_recharge": "sometimes"},
+    ):
         r = await tally.http.patch(url, json=body, headers=agency.admin)
         assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error", body
-    r = await tally.http.patch(url, json={"auto_recharge": False, "smart_adjustment": False},
-                               headers=agency.admin)
+    r = await tally.http.patch(
+        url, json={"auto_recharge": False, "smart_adjustment": False}, headers=agency.admin
+    )
     assert r.status_code == 200
     assert (r.json()["auto_recharge"], r.json()["smart_adjustment"]) == (False, False)
-    r = await tally.http.patch(url, json={"threshold": "1"},
-                               headers=tally.auth("company_admin", company_id=uid("co")))
+    r = await tally.http.patch(
+        url, json={"threshold": "1"}, headers=tally.auth("company_admin", company_id=uid("co"))
+    )
     assert r.status_code == 404
     r = await tally.http.patch(url, json={"threshold": "1"}, headers=tally.auth("product"))
     assert r.status_code == 403
@@ -347,9 +425,11 @@ async def test_wallet_settings_are_validated(tally: Tally) -> None:
 
 async def test_markup_out_of_range_goes_to_the_dlq(tally: Tally) -> None:
     aid = uid("acct")
-    await tally.envelope("rebilling.settings", "rebilling.settings",
-                         {"account_id": aid, "company_id": "c", "mode": "rebill_markup",
-                          "markups": {"default": "11"}}, key=aid)
-    dead = await tally.find_on_topic("rebilling.settings.dlq",
-                                     lambda d: aid in d.get("message", ""))
+    await tally.envelope(
+        "rebilling.settings",
+        "rebilling.settings",
+        {"account_id": aid, "company_id": "c", "mode": "rebill_markup", "markups": {"default": "11"}},
+        key=aid,
+    )
+    dead = await tally.find_on_topic("rebilling.settings.dlq", lambda d: aid in d.get("message", ""))
     assert "between 1 and 10" in dead["error"]

@@ -21,16 +21,33 @@ async def test_wallet_killed_mid_stream_loses_nothing_and_doubles_nothing(tally:
     companies = [uid("crash-co") for _ in range(4)]
     rebilled = {c: uid("crash-acct") for c in companies[:2]}  # x1.5 markup on every service
     for cid, aid in rebilled.items():
-        await tally.envelope("rebilling.events", "account.created",
-                             {"account_id": aid, "company_id": cid, "name": aid}, key=cid)
-        await tally.envelope("rebilling.settings", "rebilling.settings",
-                             {"account_id": aid, "company_id": cid, "mode": "rebill_markup",
-                              "markups": {"default": "1.5"}, "version": 1}, key=aid)
+        await tally.envelope(
+            "rebilling.events",
+            "account.created",
+            {"account_id": aid, "company_id": cid, "name": aid},
+            key=cid,
+        )
+        await tally.envelope(
+            "rebilling.settings",
+            "rebilling.settings",
+            {
+                "account_id": aid,
+                "company_id": cid,
+                "mode": "rebill_markup",
+                "markups": {"default": "1.5"},
+                "version": 1,
+            },
+            key=aid,
+        )
 
     async def settings_known() -> bool:
-        rows = await tally.sql("wallet", "SELECT count(*) AS n FROM rebilling_settings "
-                                         "WHERE account_id = ANY($1::text[])", list(rebilled.values()))
+        rows = await tally.sql(
+            "wallet",
+            "SELECT count(*) AS n FROM rebilling_settings WHERE account_id = ANY($1::text[])",
+            list(rebilled.values()),
+        )
         return bool(rows[0]["n"] == len(rebilled))
+
     await eventually(settings_known, what="rebilling settings")
 
     total = 6000
@@ -46,22 +63,41 @@ async def test_wallet_killed_mid_stream_loses_nothing_and_doubles_nothing(tally:
         if account:
             expected_account[account] -= apply_markup(amount, Decimal("1.5"))
         eid = f"{cid}-{i}"
-        messages.append((cid, {"id": f"usage:{eid}", "type": "usage.recorded", "time": now,
-                               "source": "test", "data": {
-                                   "event_id": eid, "company_id": cid, "account_id": account,
-                                   "service": "ai", "quantity": "1", "occurred_at": now,
-                                   "recorded_at": now, "unit_price_micros": amount,
-                                   "platform_amount_micros": amount, "currency": "USD"}}))
+        messages.append(
+            (
+                cid,
+                {
+                    "id": f"usage:{eid}",
+                    "type": "usage.recorded",
+                    "time": now,
+                    "source": "test",
+                    "data": {
+                        "event_id": eid,
+                        "company_id": cid,
+                        "account_id": account,
+                        "service": "ai",
+                        "quantity": "1",
+                        "occurred_at": now,
+                        "recorded_at": now,
+                        "unit_price_micros": amount,
+                        "platform_amount_micros": amount,
+                        "currency": "USD",
+                    },
+                },
+            )
+        )
 
     async def ledger_lines() -> int:
-        rows = await tally.sql("wallet", "SELECT count(*) AS n FROM transfers "
-                                         "WHERE debit_wallet = ANY($1::text[])",
-                               [f"company:{c}" for c in companies])
+        rows = await tally.sql(
+            "wallet",
+            "SELECT count(*) AS n FROM transfers WHERE debit_wallet = ANY($1::text[])",
+            [f"company:{c}" for c in companies],
+        )
         return int(rows[0]["n"])
 
     async def produce_stream() -> None:
         for start in range(0, total, 200):
-            for cid, msg in messages[start:start + 200]:
+            for cid, msg in messages[start : start + 200]:
                 await tally.produce("usage.recorded", msg, key=cid)
             await asyncio.sleep(0.02)
 
@@ -78,19 +114,25 @@ async def test_wallet_killed_mid_stream_loses_nothing_and_doubles_nothing(tally:
 
     async def all_applied() -> bool:
         return await ledger_lines() == total
+
     await eventually(all_applied, timeout=120, what="every event in the ledger")
     assert killed_at < total, "the kill happened mid-stream"
 
-    rows = await tally.sql("wallet", "SELECT id, balance FROM wallets WHERE id = ANY($1::text[])",
-                           [f"company:{c}" for c in companies] +
-                           [f"account:{a}" for a in rebilled.values()])
+    rows = await tally.sql(
+        "wallet",
+        "SELECT id, balance FROM wallets WHERE id = ANY($1::text[])",
+        [f"company:{c}" for c in companies] + [f"account:{a}" for a in rebilled.values()],
+    )
     balances = {r["id"]: r["balance"] for r in rows}
     for cid, want in expected_company.items():
         assert balances[f"company:{cid}"] == want, cid
     for aid, want in expected_account.items():
         assert balances[f"account:{aid}"] == want, aid
-    legs = await tally.sql("wallet", "SELECT count(*) AS n FROM transfers WHERE debit_wallet = "
-                                     "ANY($1::text[])", [f"account:{a}" for a in rebilled.values()])
+    legs = await tally.sql(
+        "wallet",
+        "SELECT count(*) AS n FROM transfers WHERE debit_wallet = ANY($1::text[])",
+        [f"account:{a}" for a in rebilled.values()],
+    )
     assert legs[0]["n"] == sum(1 for cid, _ in messages if cid in rebilled)
     check = await tally.sql("wallet", LEDGER_BALANCES)
     assert check and all(r["balance"] == r["derived"] for r in check)

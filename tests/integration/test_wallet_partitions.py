@@ -23,9 +23,17 @@ SCHEMA = "wallet_partitions"
 
 def usage(company: str, amount: int) -> UsageRecorded:
     now = datetime.now(UTC)
-    return UsageRecorded(event_id=uid("ev"), company_id=company, service="sms", quantity="1",
-                         occurred_at=now, recorded_at=now, unit_price_micros=amount,
-                         platform_amount_micros=amount, currency="USD")
+    return UsageRecorded(
+        event_id=uid("ev"),
+        company_id=company,
+        service="sms",
+        quantity="1",
+        occurred_at=now,
+        recorded_at=now,
+        unit_price_micros=amount,
+        platform_amount_micros=amount,
+        currency="USD",
+    )
 
 
 async def test_batches_of_different_partitions_share_no_wallet(tally: Tally) -> None:
@@ -55,9 +63,12 @@ async def test_batches_of_different_partitions_share_no_wallet(tally: Tally) -> 
         rows = await pool.fetch(
             "SELECT credit_wallet, sum(amount)::bigint AS amount FROM transfers "
             "WHERE usage_event_id = ANY($1::text[]) GROUP BY 1",
-            [u.event_id for u in first + second])
+            [u.event_id for u in first + second],
+        )
         credited = {r["credit_wallet"]: r["amount"] for r in rows}
-        assert credited == {platform_revenue_wallet_id("USD", 3): 1000,
-                            platform_revenue_wallet_id("USD", 4): 5}
+        assert credited == {
+            platform_revenue_wallet_id("USD", 3): 1000,
+            platform_revenue_wallet_id("USD", 4): 5,
+        }
     finally:
         await pool.close()

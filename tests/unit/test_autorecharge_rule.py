@@ -6,22 +6,21 @@ from hypothesis import strategies as st
 from tally.autorecharge import TIERS, needs_recharge, next_tier, recharge_amount
 from tally.idempotency import request_hash
 
-money = st.integers(min_value=-10**12, max_value=10**12)
+money = st.integers(min_value=-(10**12), max_value=10**12)
 positive = st.integers(min_value=1, max_value=10**12)
 
 
-@given(auto=st.booleans(), card=st.booleans(), balance=money, threshold=money,
-       flying=st.booleans())
-def test_recharged_only_when_every_condition_holds(auto: bool, card: bool, balance: int,
-                                                   threshold: int, flying: bool) -> None:
-    assert needs_recharge(auto_recharge=auto, has_card=card, balance=balance,
-                          threshold=threshold, in_flight=flying) == (
-        auto and card and balance < threshold and not flying)
+@given(auto=st.booleans(), card=st.booleans(), balance=money, threshold=money, flying=st.booleans())
+def test_recharged_only_when_every_condition_holds(
+    auto: bool, card: bool, balance: int, threshold: int, flying: bool
+) -> None:
+    assert needs_recharge(
+        auto_recharge=auto, has_card=card, balance=balance, threshold=threshold, in_flight=flying
+    ) == (auto and card and balance < threshold and not flying)
 
 
 @given(balance=money, threshold=st.integers(min_value=0, max_value=10**12), reload=positive)
-def test_a_recharge_always_reaches_the_threshold(balance: int, threshold: int,
-                                                 reload: int) -> None:
+def test_a_recharge_always_reaches_the_threshold(balance: int, threshold: int, reload: int) -> None:
     amount = recharge_amount(balance, threshold, reload)
     assert amount >= reload
     assert balance + amount >= threshold

@@ -21,15 +21,24 @@ from tally.events import Topics
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 SERVICES = ["usage-meter", "wallet", "recharge", "rebilling", "notifier"]
-STANDARD = {"ConfigMap", "Deployment", "Service", "ServiceAccount", "PodDisruptionBudget",
-            "NetworkPolicy", "Job", "Namespace"}
+STANDARD = {
+    "ConfigMap",
+    "Deployment",
+    "Service",
+    "ServiceAccount",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
+    "Job",
+    "Namespace",
+}
 
 
 def render(overlay: str) -> list[dict[str, Any]]:
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl (with its built-in kustomize) is part of this machine image"
-    out = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [kubectl, "kustomize", str(K8S / "overlays" / overlay)], check=True, capture_output=True, text=True
+    ).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
@@ -45,8 +54,7 @@ def of(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 def exported_metrics() -> set[str]:
     names = set()
     for path in list((ROOT / "shared").rglob("*.py")) + list((ROOT / "services").rglob("*.py")):
-        names |= set(re.findall(r'(?:Counter|Gauge|Histogram)\(\s*"(tally_[a-z_]+)"',
-                                path.read_text()))
+        names |= set(re.findall(r'(?:Counter|Gauge|Histogram)\(\s*"(tally_[a-z_]+)"', path.read_text()))
     return names
 
 
@@ -55,7 +63,8 @@ def referenced_metrics(text: str) -> set[str]:
 
 
 def test_every_standard_object_validates_against_the_kubernetes_schemas(
-        objects: list[dict[str, Any]]) -> None:
+    objects: list[dict[str, Any]],
+) -> None:
     version = kubernetes_validate.latest_version()
     standard = [o for o in objects if o["kind"] in STANDARD]
     assert {o["kind"] for o in standard} == STANDARD
@@ -68,8 +77,10 @@ def test_deployments_are_production_shaped(objects: list[dict[str, Any]]) -> Non
     assert sorted(d["metadata"]["name"] for d in deployments) == sorted(f"tally-{s}" for s in SERVICES)
     accounts = {o["metadata"]["name"] for o in of(objects, "ServiceAccount")}
     configmaps = {o["metadata"]["name"] for o in of(objects, "ConfigMap")}
-    pdbs = {o["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
-            for o in of(objects, "PodDisruptionBudget")}
+    pdbs = {
+        o["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
+        for o in of(objects, "PodDisruptionBudget")
+    }
     services = {o["spec"]["selector"]["app.kubernetes.io/name"] for o in of(objects, "Service")}
     for d in deployments:
         pod = d["spec"]["template"]["spec"]
@@ -127,9 +138,13 @@ def test_alerts_and_dashboards_name_only_exported_metrics(objects: list[dict[str
     assert len(exported) >= 12
     [rules] = of(objects, "PrometheusRule")
     alerts = [r for g in rules["spec"]["groups"] for r in g["rules"]]
-    assert {a["alert"] for a in alerts} >= {"TallyDeadLetters", "TallyConsumerLagGrowing",
-                                            "TallyRechargeFailureRate", "TallyOutboxBacklog",
-                                            "TallyNoUsage"}
+    assert {a["alert"] for a in alerts} >= {
+        "TallyDeadLetters",
+        "TallyConsumerLagGrowing",
+        "TallyRechargeFailureRate",
+        "TallyOutboxBacklog",
+        "TallyNoUsage",
+    }
     ops = (ROOT / "docs" / "operations.md").read_text().lower()
     for a in alerts:
         assert referenced_metrics(a["expr"]) <= exported, a["alert"]

@@ -10,8 +10,9 @@ from tally_wallet.domain import LedgerError, Posting, Transfer, Wallet
 
 def wallets(balance: int = 0, threshold: int = 10) -> dict[str, Wallet]:
     return {
-        "company:c": Wallet("company:c", "company", "USD", company_id="c", balance=balance,
-                            threshold=threshold),
+        "company:c": Wallet(
+            "company:c", "company", "USD", company_id="c", balance=balance, threshold=threshold
+        ),
         "system:rev": Wallet("system:rev", "system", "USD"),
     }
 
@@ -26,9 +27,9 @@ def types(p: Posting) -> list[str]:
 
 def test_threshold_crossing_is_an_edge_not_a_level() -> None:
     p = Posting(wallets(balance=20, threshold=10))
-    p.apply(debit("a", 5))   # 15: above
-    p.apply(debit("b", 6))   # 9: crosses
-    p.apply(debit("c", 1))   # 8: still below, no second event
+    p.apply(debit("a", 5))  # 15: above
+    p.apply(debit("b", 6))  # 9: crosses
+    p.apply(debit("c", 1))  # 8: still below, no second event
     assert types(p) == ["wallet.threshold_crossed"]
 
 
@@ -54,8 +55,11 @@ def test_invalid_transfers_are_refused() -> None:
 def test_double_entry_sums_to_zero_and_balance_after_is_running(moves: list[tuple[bool, int]]) -> None:
     p = Posting(wallets())
     for i, (is_debit, amount) in enumerate(moves):
-        t = debit(str(i), amount) if is_debit else Transfer(str(i), "system:rev", "company:c",
-                                                            amount, "top_up")
+        t = (
+            debit(str(i), amount)
+            if is_debit
+            else Transfer(str(i), "system:rev", "company:c", amount, "top_up")
+        )
         p.apply(t)
     assert sum(w.balance for w in p.wallets.values()) == 0
     expected = sum(-a if d else a for d, a in moves)
@@ -75,9 +79,18 @@ def test_debited_message_fits_the_event_contract() -> None:
     from tally_wallet.messages import debited_message
 
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    u = UsageRecorded(event_id="e", company_id="c", account_id="a", service="sms", quantity="1",
-                      occurred_at=now, recorded_at=now, unit_price_micros=5,
-                      platform_amount_micros=5, currency="USD")
+    u = UsageRecorded(
+        event_id="e",
+        company_id="c",
+        account_id="a",
+        service="sms",
+        quantity="1",
+        occurred_at=now,
+        recorded_at=now,
+        unit_price_micros=5,
+        platform_amount_micros=5,
+        currency="USD",
+    )
     company = Posted(Transfer("k1", "company:c", "system:rev", 5, "usage"), -5, 5)
     account = Posted(Transfer("k2", "account:a", "system:crev", 8, "usage"), 92, 8)
     env, payload = events.parse(events.dumps(debited_message(u, company, account, now.isoformat())))
@@ -110,9 +123,19 @@ def test_usage_totals_sum_by_account_and_minute_and_split_into_messages() -> Non
 
     def used(eid: str, account: str | None, second: int) -> UsageRecorded:
         at = datetime(2026, 1, 1, 10, 7, second, tzinfo=UTC)
-        return UsageRecorded(event_id=eid, company_id="c", account_id=account, service="sms",
-                             quantity="1", occurred_at=at, recorded_at=at, unit_price_micros=5,
-                             platform_amount_micros=5, currency="USD")
+        return UsageRecorded(
+            event_id=eid,
+            company_id="c",
+            account_id=account,
+            service="sms",
+            quantity="1",
+            occurred_at=at,
+            recorded_at=at,
+            unit_price_micros=5,
+            platform_amount_micros=5,
+            currency="USD",
+        )
+
     totals = UsageTotals()
     totals.add(used("no-account", None, 0), 99)  # unattributed: in no total
     for i in range(USAGE_TOTALS_PER_MESSAGE + 1):

@@ -12,10 +12,16 @@ from hypothesis import strategies as st
 from tally import events, outbox
 from tally.consumer import take, wanted
 
-rows = st.lists(st.tuples(
-    st.text(min_size=1, max_size=40), st.none() | st.binary(max_size=60),
-    st.binary(max_size=2000), st.none() | st.text(min_size=1, max_size=60),
-    st.none() | st.text(min_size=1, max_size=40)), max_size=30)
+rows = st.lists(
+    st.tuples(
+        st.text(min_size=1, max_size=40),
+        st.none() | st.binary(max_size=60),
+        st.binary(max_size=2000),
+        st.none() | st.text(min_size=1, max_size=60),
+        st.none() | st.text(min_size=1, max_size=40),
+    ),
+    max_size=30,
+)
 
 
 @given(rows)
@@ -24,24 +30,39 @@ def test_pack_then_unpack_gives_back_every_message_in_order(messages: list[outbo
 
 
 def test_row_takes_the_type_from_the_envelope() -> None:
-    message = {"id": "x", "type": "wallet.suspended", "time": "2026-01-01T00:00:00Z",
-               "source": "t", "data": {}}
+    message = {
+        "id": "x",
+        "type": "wallet.suspended",
+        "time": "2026-01-01T00:00:00Z",
+        "source": "t",
+        "data": {},
+    }
     topic, key, value, traceparent, type_ = outbox.row("wallet.events", "c1", message, "tp")
     assert (topic, key, traceparent, type_) == ("wallet.events", b"c1", "tp", "wallet.suspended")
     assert orjson.loads(value) == message
     assert outbox.row("t", None, b"raw", "tp")[4] is None
 
 
-SUSPENDED = {"id": "wallet.suspended:k", "type": "wallet.suspended",
-             "time": "2026-01-01T00:00:00Z", "source": "wallet",
-             "data": {"wallet_id": "company:c1", "owner": "company", "company_id": "c1",
-                      "currency": "USD", "balance_micros": -1}}
+SUSPENDED = {
+    "id": "wallet.suspended:k",
+    "type": "wallet.suspended",
+    "time": "2026-01-01T00:00:00Z",
+    "source": "wallet",
+    "data": {
+        "wallet_id": "company:c1",
+        "owner": "company",
+        "company_id": "c1",
+        "currency": "USD",
+        "balance_micros": -1,
+    },
+}
 
 
 def record(value: bytes, type_: str | None = None) -> SimpleNamespace:
     headers = [("traceparent", b"00-x")] + ([("type", type_.encode())] if type_ else [])
-    return SimpleNamespace(value=value, headers=headers, topic="wallet.events", partition=0,
-                           offset=7, key=b"c1")
+    return SimpleNamespace(
+        value=value, headers=headers, topic="wallet.events", partition=0, offset=7, key=b"c1"
+    )
 
 
 def test_a_wanted_record_is_parsed_into_its_typed_payload() -> None:

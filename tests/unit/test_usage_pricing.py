@@ -15,15 +15,16 @@ from tally_usage_meter.domain import (
     tenancy_of,
 )
 
-PRICES = {("email", "USD"): Price("email", "email", 675, "USD"),
-          ("email", "EUR"): Price("email", "email", 600, "EUR"),
-          ("sms", "USD"): Price("sms", "segment", 7900, "USD")}
+PRICES = {
+    ("email", "USD"): Price("email", "email", 675, "USD"),
+    ("email", "EUR"): Price("email", "email", 600, "EUR"),
+    ("sms", "USD"): Price("sms", "segment", 7900, "USD"),
+}
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def ev(**kw: object) -> UsageEvent:
-    base: dict[str, object] = {"event_id": "e1", "company_id": "c1", "service": "email",
-                               "quantity": "3"}
+    base: dict[str, object] = {"event_id": "e1", "company_id": "c1", "service": "email", "quantity": "3"}
     return UsageEvent.model_validate({**base, **kw})
 
 
@@ -78,11 +79,18 @@ def test_suspension_reasons() -> None:
     assert suspension_of(e, set()) is None
 
 
-@pytest.mark.parametrize("body", [
-    b"{not json", b"[]", b'"x"', b'{"events": []}', b'{"events": {}}',
-    b'{"event_id": "bad id!", "company_id": "c", "service": "email", "quantity": "1"}',
-    b'{"company_id": "c", "service": "email", "quantity": "1"}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"[]",
+        b'"x"',
+        b'{"events": []}',
+        b'{"events": {}}',
+        b'{"event_id": "bad id!", "company_id": "c", "service": "email", "quantity": "1"}',
+        b'{"company_id": "c", "service": "email", "quantity": "1"}',
+    ],
+)
 def test_malformed_bodies_are_422(body: bytes) -> None:
     with pytest.raises(ApiError) as info:
         parse_usage_body(body)

@@ -22,8 +22,12 @@ console = Console()
 
 def _stack() -> Stack:
     root = Path(os.environ.get("TALLY_HOME", ".tally"))
-    return Stack(root, ports=Ports.from_env(), database_url=os.environ.get("DATABASE_URL"),
-                 partitions=int(os.environ.get("TALLY_PARTITIONS", "8")))
+    return Stack(
+        root,
+        ports=Ports.from_env(),
+        database_url=os.environ.get("DATABASE_URL"),
+        partitions=int(os.environ.get("TALLY_PARTITIONS", "8")),
+    )
 
 
 async def _until_interrupted() -> None:
@@ -40,8 +44,10 @@ async def run(with_demo: bool) -> None:
     try:
         with console.status("starting broker, Postgres, fake Stripe and SMTP sink…"):
             await stack.start()
-        console.print(f"[green]✓[/] infrastructure up (Kafka {stack.bootstrap}, "
-                      f"Stripe {stack.stripe_api_base}, mail in {stack.mail.folder})")
+        console.print(
+            f"[green]✓[/] infrastructure up (Kafka {stack.bootstrap}, "
+            f"Stripe {stack.stripe_api_base}, mail in {stack.mail.folder})"
+        )
         with console.status("starting usage-meter, wallet, recharge, rebilling, notifier…"):
             await stack.start_services()
         for name in stack.ports.services:
@@ -53,8 +59,9 @@ async def run(with_demo: bool) -> None:
                 await demo.seed(stack)
             stats = demo.SimStats()
             tasks.append(asyncio.create_task(demo.simulate(stack, stats)))
-        view = LiveView(stack, list(demo.COMPANIES) if with_demo else [], stats,
-                        demo.REBILLED if with_demo else [])
+        view = LiveView(
+            stack, list(demo.COMPANIES) if with_demo else [], stats, demo.REBILLED if with_demo else []
+        )
         waiter = asyncio.create_task(_until_interrupted())
         with Live(await view.render(), console=console, refresh_per_second=2) as live:
             while not waiter.done():
@@ -86,8 +93,12 @@ async def infra_only() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="tally_devstack")
     parser.add_argument("command", choices=["run", "stack", "token"], nargs="?", default="run")
-    parser.add_argument("role", nargs="?", default="platform_admin",
-                        help="token: platform_admin, company_admin, account_user or product")
+    parser.add_argument(
+        "role",
+        nargs="?",
+        default="platform_admin",
+        help="token: platform_admin, company_admin, account_user or product",
+    )
     parser.add_argument("--company-id")
     parser.add_argument("--account-id")
     parser.add_argument("--email")
@@ -95,8 +106,16 @@ def main() -> None:
     if args.command == "token":
         from tally.auth import issue_token
 
-        print(issue_token(args.role, sub=f"cli-{args.role}", company_id=args.company_id,
-                          account_id=args.account_id, email=args.email, ttl_seconds=86_400))
+        print(
+            issue_token(
+                args.role,
+                sub=f"cli-{args.role}",
+                company_id=args.company_id,
+                account_id=args.account_id,
+                email=args.email,
+                ttl_seconds=86_400,
+            )
+        )
         return
     logging.basicConfig(level=logging.WARNING)
     with_demo = os.environ.get("TALLY_DEMO", "1") != "0"

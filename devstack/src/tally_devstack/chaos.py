@@ -71,8 +71,9 @@ class Report:
 
 
 class Chaos:
-    def __init__(self, stack: Stack, *, seconds: float, faults: int, rate: float = 40.0,
-                 seed: int = 7) -> None:
+    def __init__(
+        self, stack: Stack, *, seconds: float, faults: int, rate: float = 40.0, seed: int = 7
+    ) -> None:
         self.stack = stack
         self.seconds = seconds
         self.faults_wanted = faults
@@ -90,8 +91,7 @@ class Chaos:
         """Post until the outcome is known: 'accepted' or 'duplicate' both mean taken."""
         while True:
             try:
-                r = await client.post(self.stack.url("usage-meter") + "/v1/usage",
-                                      json={"events": batch})
+                r = await client.post(self.stack.url("usage-meter") + "/v1/usage", json={"events": batch})
             except httpx.HTTPError:
                 await asyncio.sleep(0.2)  # usage-meter is down or restarting: same ids again
                 continue
@@ -107,16 +107,22 @@ class Chaos:
     async def traffic(self, stop: asyncio.Event) -> None:
         pairs = [(c, a) for c, accounts in demo.COMPANIES.items() for a in accounts]
         n = 0
-        async with httpx.AsyncClient(timeout=10,
-                                     headers={"Authorization": f"Bearer {self.token}"}) as client:
+        async with httpx.AsyncClient(timeout=10, headers={"Authorization": f"Bearer {self.token}"}) as client:
             while not stop.is_set():
                 batch = []
                 for _ in range(max(1, int(self.rate / 5))):
                     cid, aid = self.rng.choice(pairs)
                     service, quantity = self.rng.choice(SERVICES)
                     n += 1
-                    batch.append({"event_id": f"chaos-{self.run_id}-{n}", "company_id": cid,
-                                  "account_id": aid, "service": service, "quantity": quantity})
+                    batch.append(
+                        {
+                            "event_id": f"chaos-{self.run_id}-{n}",
+                            "company_id": cid,
+                            "account_id": aid,
+                            "service": service,
+                            "quantity": quantity,
+                        }
+                    )
                 await self._send(client, batch)
                 await asyncio.sleep(0.2)
 
@@ -124,21 +130,23 @@ class Chaos:
 
     async def _redeliver(self, producer: AIOKafkaProducer) -> None:
         """Re-produce a handful of old usage.recorded messages, byte for byte, out of order."""
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.stack.bootstrap, group_id=None,
-                                    enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.stack.bootstrap, group_id=None, enable_auto_commit=False
+        )
         await consumer.start()
         try:
             await consumer.topics()
-            parts = [TopicPartition("usage.recorded", p)
-                     for p in consumer.partitions_for_topic("usage.recorded") or []]
+            parts = [
+                TopicPartition("usage.recorded", p)
+                for p in consumer.partitions_for_topic("usage.recorded") or []
+            ]
             consumer.assign(parts)
             await consumer.seek_to_beginning(*parts)
             records = []
             for batch in (await consumer.getmany(timeout_ms=1000, max_records=500)).values():
                 records.extend(batch)
             for r in self.rng.sample(records, min(20, len(records)))[::-1]:
-                await producer.send("usage.recorded", r.value, key=r.key,
-                                    headers=list(r.headers or []))
+                await producer.send("usage.recorded", r.value, key=r.key, headers=list(r.headers or []))
             await producer.flush()
         finally:
             await consumer.stop()
@@ -150,8 +158,7 @@ class Chaos:
         if self.stack.can_restart_postgres:
             plan += ["postgres", "postgres"]
         while len(plan) < self.faults_wanted:
-            plan.append(self.rng.choice([*(f"kill:{n}" for n in KILLABLE), "redeliver",
-                                         "redeliver"]))
+            plan.append(self.rng.choice([*(f"kill:{n}" for n in KILLABLE), "redeliver", "redeliver"]))
         self.rng.shuffle(plan)
         return plan
 
@@ -186,10 +193,12 @@ class Chaos:
         accepted = list(self.accepted)
         applied = await conn["wallet"].fetchval(
             "SELECT count(*) FROM transfers WHERE key = ANY($1::text[])",
-            [f"usage:{e}:company" for e in accepted])
+            [f"usage:{e}:company" for e in accepted],
+        )
         pending = await conn["recharge"].fetchval(
             "SELECT count(*) FROM recharge_attempts WHERE status = 'pending' "
-            "AND not_before <= now() + interval '5 seconds'")
+            "AND not_before <= now() + interval '5 seconds'"
+        )
         backlog = 0
         for schema, c in conn.items():
             backlog += await c.fetchval("SELECT count(*) FROM outbox")
@@ -197,9 +206,10 @@ class Chaos:
         return bool(applied == len(accepted) and pending == 0 and backlog == 0)
 
     async def verify(self) -> None:
-        conns = {s: await asyncpg.connect(self.stack.database_url,
-                                          server_settings={"search_path": s})
-                 for s in ("wallet", "recharge", "usage_meter", "notifier")}
+        conns = {
+            s: await asyncpg.connect(self.stack.database_url, server_settings={"search_path": s})
+            for s in ("wallet", "recharge", "usage_meter", "notifier")
+        }
         try:
             deadline = time.monotonic() + 180
             stable = 0
@@ -230,20 +240,25 @@ class Chaos:
         for wallet_id, charged in (await self._stripe_charged(conn["recharge"])).items():
             if wallet_id in self.wallets:
                 expected[wallet_id] += charged
-        rows = await conn["wallet"].fetch("SELECT id, balance FROM wallets WHERE id = ANY($1)",
-                                          list(expected))
+        rows = await conn["wallet"].fetch(
+            "SELECT id, balance FROM wallets WHERE id = ANY($1)", list(expected)
+        )
         actual = {r["id"]: r["balance"] for r in rows}
         for wallet_id, want in sorted(expected.items()):
             self.report.wallets_checked += 1
             if actual.get(wallet_id) != want:
                 self.report.discrepancies.append(
-                    f"{wallet_id}: ledger {actual.get(wallet_id)} != expected {want}")
+                    f"{wallet_id}: ledger {actual.get(wallet_id)} != expected {want}"
+                )
 
     async def _stripe_charged(self, recharge: asyncpg.Connection) -> dict[str, int]:
         """What Stripe says it charged, per wallet (mapping intents to wallets through the
         attempt ids in their metadata)."""
-        client = stripe.StripeClient("sk_test_tally", http_client=stripe.HTTPXClient(),
-                                     base_addresses={"api": self.stack.stripe_api_base})
+        client = stripe.StripeClient(
+            "sk_test_tally",
+            http_client=stripe.HTTPXClient(),
+            base_addresses={"api": self.stack.stripe_api_base},
+        )
         intents: list[dict[str, Any]] = []
         params: Any = {"limit": 100}
         while True:
@@ -252,25 +267,37 @@ class Chaos:
             if not page.has_more or not page.data:
                 break
             params = {"limit": 100, "starting_after": page.data[-1].id}
-        attempts = {r["id"]: r["wallet_id"] for r in await recharge.fetch(
-            "SELECT id, wallet_id FROM recharge_attempts WHERE purpose = 'wallet'")}
+        attempts = {
+            r["id"]: r["wallet_id"]
+            for r in await recharge.fetch(
+                "SELECT id, wallet_id FROM recharge_attempts WHERE purpose = 'wallet'"
+            )
+        }
         charged: dict[str, int] = defaultdict(int)
         for intent in intents:
             attempt = (intent.get("metadata") or {}).get("tally_attempt")
-            if intent.get("status") == "succeeded" and attempt in attempts \
-                    and attempts[attempt] in self.wallets:  # not other tests' wallets
+            if (
+                intent.get("status") == "succeeded"
+                and attempt in attempts
+                and attempts[attempt] in self.wallets
+            ):  # not other tests' wallets
                 charged[attempts[attempt]] += minor_units_to_micros(intent["amount"], "USD")
                 self.report.recharges_charged += 1
         return charged
 
     async def _check_charges(self, conn: dict[str, asyncpg.Connection]) -> None:
-        self.report.recharges_credited = int(await conn["wallet"].fetchval(
-            "SELECT count(*) FROM transfers WHERE key LIKE 'recharge:%' "
-            "AND credit_wallet = ANY($1::text[])", sorted(self.wallets)))
+        self.report.recharges_credited = int(
+            await conn["wallet"].fetchval(
+                "SELECT count(*) FROM transfers WHERE key LIKE 'recharge:%' "
+                "AND credit_wallet = ANY($1::text[])",
+                sorted(self.wallets),
+            )
+        )
         if self.report.recharges_charged != self.report.recharges_credited:
             self.report.discrepancies.append(
                 f"Stripe charged {self.report.recharges_charged} recharges, the ledger credited "
-                f"{self.report.recharges_credited}")
+                f"{self.report.recharges_credited}"
+            )
 
     async def _check_ledger(self, wallet: asyncpg.Connection) -> None:
         bad = sum(r["balance"] != r["derived"] for r in await wallet.fetch(LEDGER_BALANCES))
@@ -295,8 +322,9 @@ class Chaos:
     @property
     def wallets(self) -> set[str]:
         """The wallets this run funds and uses: the demo's companies and accounts."""
-        return ({f"company:{cid}" for cid in demo.COMPANIES}
-                | {f"account:{aid}" for accounts in demo.COMPANIES.values() for aid in accounts})
+        return {f"company:{cid}" for cid in demo.COMPANIES} | {
+            f"account:{aid}" for accounts in demo.COMPANIES.values() for aid in accounts
+        }
 
     # --- the run ---------------------------------------------------------------------------
 
@@ -339,10 +367,14 @@ async def main(seconds: float, faults: int) -> int:
     stop_on_sigterm()
     console = Console()
     with tempfile.TemporaryDirectory(prefix="tally-chaos-") as tmp:
-        stack = Stack(Path(tmp), ports=Ports.free(), database_url=os.environ.get("DATABASE_URL"),
-                      isolated_database=True, partitions=4, extra_env={
-                          "TALLY_RECHARGE_LEASE_SECONDS": "3",
-                          "TALLY_RECHARGE_RETRY_SECONDS": "2,2"})
+        stack = Stack(
+            Path(tmp),
+            ports=Ports.free(),
+            database_url=os.environ.get("DATABASE_URL"),
+            isolated_database=True,
+            partitions=4,
+            extra_env={"TALLY_RECHARGE_LEASE_SECONDS": "3", "TALLY_RECHARGE_RETRY_SECONDS": "2,2"},
+        )
         try:
             with console.status("starting the stack…"):
                 await stack.start()
@@ -368,4 +400,3 @@ if __name__ == "__main__":
     parser.add_argument("--faults", type=int, default=24)
     args = parser.parse_args()
     sys.exit(asyncio.run(main(args.seconds, args.faults)))
-

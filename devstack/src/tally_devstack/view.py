@@ -27,8 +27,9 @@ def _counter(text: str, name: str, **labels: str) -> float:
 
 
 class LiveView:
-    def __init__(self, stack: Stack, companies: list[str], stats: SimStats | None,
-                 accounts: list[str] | None = None) -> None:
+    def __init__(
+        self, stack: Stack, companies: list[str], stats: SimStats | None, accounts: list[str] | None = None
+    ) -> None:
         self.stack = stack
         self.companies = companies
         self.accounts = accounts or []
@@ -56,27 +57,32 @@ class LiveView:
         t0, a0, p0 = self.samples[0]
         dt = max(now - t0, 1e-9)
         rates = Table.grid(padding=(0, 3))
-        rates.add_row(f"[bold]accepted[/] {accepted:,.0f} ({(accepted - a0) / dt:,.0f}/s)",
-                      f"[bold]debited[/] {applied:,.0f} ({(applied - p0) / dt:,.0f}/s)",
-                      *(f"{n}: [{'green' if s == 'up' else 'red'}]{s}[/]"
-                        for n, s in health.items()))
+        rates.add_row(
+            f"[bold]accepted[/] {accepted:,.0f} ({(accepted - a0) / dt:,.0f}/s)",
+            f"[bold]debited[/] {applied:,.0f} ({(applied - p0) / dt:,.0f}/s)",
+            *(f"{n}: [{'green' if s == 'up' else 'red'}]{s}[/]" for n, s in health.items()),
+        )
         if self.stats:
             mails = len(self.stack.mail.mails())
-            rates.add_row(f"simulator sent {self.stats.sent:,}", f"rejected {self.stats.rejected:,}",
-                          f"emails {mails} (in {self.stack.mail.folder})",
-                          self.stats.last_error or "")
+            rates.add_row(
+                f"simulator sent {self.stats.sent:,}",
+                f"rejected {self.stats.rejected:,}",
+                f"emails {mails} (in {self.stack.mail.folder})",
+                self.stats.last_error or "",
+            )
 
         wallets = Table(title="company wallets", expand=True)
-        for col in ("company", "balance", "status", "threshold", "reload", "auto-recharge",
-                    "recharges"):
+        for col in ("company", "balance", "status", "threshold", "reload", "auto-recharge", "recharges"):
             wallets.add_column(col, justify="right" if col != "company" else "left")
         lines: list[tuple[str, dict[str, Any]]] = []
         for cid in self.companies:
             try:
                 await self._wallet_row(wallets, cid, f"companies/{cid}")
-                txs = (await self.client.get(
-                    self.stack.url("wallet") + f"/v1/companies/{cid}/wallet/transactions?limit=5"
-                )).json()["items"]
+                txs = (
+                    await self.client.get(
+                        self.stack.url("wallet") + f"/v1/companies/{cid}/wallet/transactions?limit=5"
+                    )
+                ).json()["items"]
                 lines.extend((cid, t) for t in txs)
             except (httpx.HTTPError, KeyError, ValueError):
                 wallets.add_row(cid, "?", "?", "?", "?", "?", "?")
@@ -89,23 +95,34 @@ class LiveView:
         for col in ("#", "wallet", "kind", "service", "amount", "balance after", "at"):
             ledger.add_column(col)
         for cid, t in sorted(lines, key=lambda x: int(x[1]["id"]), reverse=True)[:10]:
-            ledger.add_row(t["id"], cid, t["kind"], t["service"] or "", t["amount"],
-                           t["balance_after"], t["created_at"][11:23])
+            ledger.add_row(
+                t["id"],
+                cid,
+                t["kind"],
+                t["service"] or "",
+                t["amount"],
+                t["balance_after"],
+                t["created_at"][11:23],
+            )
         uptime = int(now - self.started)
-        return Group(Panel(rates, title=f"Tally — running {uptime}s (Ctrl-C to stop)"),
-                     wallets, ledger)
+        return Group(Panel(rates, title=f"Tally — running {uptime}s (Ctrl-C to stop)"), wallets, ledger)
 
-    async def _wallet_row(self, table: Table, label: str, owner: str, *,
-                          rebilling: bool = False) -> None:
+    async def _wallet_row(self, table: Table, label: str, owner: str, *, rebilling: bool = False) -> None:
         """Add one wallet's row (``owner``: ``companies/<id>`` or ``accounts/<id>``)."""
-        w: dict[str, Any] = (await self.client.get(
-            self.stack.url("wallet") + f"/v1/{owner}/wallet")).json()
-        recharges = (await self.client.get(
-            self.stack.url("recharge") + f"/v1/{owner}/wallet/recharges?limit=100")).json()["items"]
+        w: dict[str, Any] = (await self.client.get(self.stack.url("wallet") + f"/v1/{owner}/wallet")).json()
+        recharges = (
+            await self.client.get(self.stack.url("recharge") + f"/v1/{owner}/wallet/recharges?limit=100")
+        ).json()["items"]
         done = sum(1 for x in recharges if x["status"] == "succeeded")
-        table.add_row(f"{label} ({w['rebilling']})" if rebilling else label,
-                      f"{w['balance']} {w['currency']}", w["status"], w["threshold"],
-                      w["reload_amount"], "on" if w["auto_recharge"] else "off", str(done))
+        table.add_row(
+            f"{label} ({w['rebilling']})" if rebilling else label,
+            f"{w['balance']} {w['currency']}",
+            w["status"],
+            w["threshold"],
+            w["reload_amount"],
+            "on" if w["auto_recharge"] else "off",
+            str(done),
+        )
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -39,8 +39,7 @@ class Principal:
         if self.role == "company_admin":
             return company_id is not None and self.company_id == company_id
         if self.role == "account_user":
-            return self.account_id == account_id and (
-                company_id is None or self.company_id == company_id)
+            return self.account_id == account_id and (company_id is None or self.company_id == company_id)
         return False
 
 
@@ -50,8 +49,7 @@ def _unauthorized(message: str) -> ApiError:
 
 def decode_token(token: str, secret: str) -> Principal:
     try:
-        claims = jwt.decode(token, secret, algorithms=["HS256"],
-                            options={"require": ["sub", "exp", "role"]})
+        claims = jwt.decode(token, secret, algorithms=["HS256"], options={"require": ["sub", "exp", "role"]})
     except jwt.ExpiredSignatureError as exc:
         raise _unauthorized("token expired") from exc
     except jwt.InvalidTokenError as exc:
@@ -65,13 +63,25 @@ def decode_token(token: str, secret: str) -> Principal:
     if role == "account_user" and not isinstance(account_id, str):
         raise _unauthorized("invalid token: account_id claim required for this role")
     email = claims.get("email")
-    return Principal(sub=str(claims["sub"]), role=role, company_id=company_id,
-                     account_id=account_id, email=email if isinstance(email, str) else None)
+    return Principal(
+        sub=str(claims["sub"]),
+        role=role,
+        company_id=company_id,
+        account_id=account_id,
+        email=email if isinstance(email, str) else None,
+    )
 
 
-def issue_token(role: Role, *, sub: str = "tally", company_id: str | None = None,
-                account_id: str | None = None, email: str | None = None,
-                ttl_seconds: int = 3600, secret: str | None = None) -> str:
+def issue_token(
+    role: Role,
+    *,
+    sub: str = "tally",
+    company_id: str | None = None,
+    account_id: str | None = None,
+    email: str | None = None,
+    ttl_seconds: int = 3600,
+    secret: str | None = None,
+) -> str:
     """Mint a token (demo, tests, CLI). Production tokens come from your identity provider."""
     claims: dict[str, object] = {"sub": sub, "role": role, "exp": int(time.time()) + ttl_seconds}
     for key, value in (("company_id", company_id), ("account_id", account_id), ("email", email)):

@@ -26,8 +26,9 @@ class WalletState:
     smart_adjustment: bool
 
 
-def needs_recharge(*, auto_recharge: bool, has_card: bool, balance: int, threshold: int,
-                   in_flight: bool) -> bool:
+def needs_recharge(
+    *, auto_recharge: bool, has_card: bool, balance: int, threshold: int, in_flight: bool
+) -> bool:
     """Whenever a wallet has auto-recharge on, a usable card, a balance below its threshold and
     no recharge in flight, it is recharged, whatever brought it there."""
     return auto_recharge and has_card and balance < threshold and not in_flight

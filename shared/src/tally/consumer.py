@@ -27,21 +27,32 @@ from tally.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-BATCH_SIZE = Histogram("tally_consumer_batch_size", "Records per consumed batch",
-                       ["service", "topic"], buckets=(1, 10, 50, 100, 500, 1000, 2000, 5000))
+BATCH_SIZE = Histogram(
+    "tally_consumer_batch_size",
+    "Records per consumed batch",
+    ["service", "topic"],
+    buckets=(1, 10, 50, 100, 500, 1000, 2000, 5000),
+)
 RECORDS = Counter("tally_consumer_records_total", "Records consumed", ["service", "topic"])
 DLQ = Counter("tally_dlq_total", "Records sent to a DLQ", ["service", "topic"])
-LAG = Gauge("tally_consumer_lag", "Records behind the partition end, as of the last batch",
-            ["service", "topic"])
+LAG = Gauge(
+    "tally_consumer_lag", "Records behind the partition end, as of the last batch", ["service", "topic"]
+)
 RECORD_AGE = Histogram(
     "tally_consumer_record_age_seconds",
     "Age of a batch's oldest record when its handler starts (producer append to consume)",
-    ["service", "topic"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+    ["service", "topic"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 HANDLE_SECONDS = Histogram(
-    "tally_consumer_handle_seconds", "Time to apply one consumed batch (handler to commit)",
-    ["service", "topic"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-FAILURES = Counter("tally_consumer_batch_failures_total", "Batches that failed and were retried",
-                   ["service", "topic"])
+    "tally_consumer_handle_seconds",
+    "Time to apply one consumed batch (handler to commit)",
+    ["service", "topic"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+FAILURES = Counter(
+    "tally_consumer_batch_failures_total", "Batches that failed and were retried", ["service", "topic"]
+)
 
 BatchHandler = Callable[[Sequence[Any]], Awaitable[None]]
 
@@ -58,23 +69,38 @@ async def _records(records: tuple[Any, ...], original: Any) -> Any:
     return message
 
 
-def subscribe_batch(broker: KafkaBroker, topic: str, *, service: str, group_id: str,
-                    handler: BatchHandler, max_records: int = 2000,
-                    retry_backoff: float = 1.0, money_path: bool = False) -> None:
+def subscribe_batch(
+    broker: KafkaBroker,
+    topic: str,
+    *,
+    service: str,
+    group_id: str,
+    handler: BatchHandler,
+    max_records: int = 2000,
+    retry_backoff: float = 1.0,
+    money_path: bool = False,
+) -> None:
     """Register ``handler`` for batches of raw records of ``topic`` in consumer group
     ``group_id``. A failing batch is retried (after a pause) from its first record.
     ``money_path``: the topic carries every usage event, so its fetches wait the shorter
     ``KAFKA_FETCH_MAX_WAIT_MS``; others wait ``KAFKA_SIDE_FETCH_MAX_WAIT_MS``."""
     settings = get_settings()
-    max_wait = settings.kafka_fetch_max_wait_ms if money_path \
-        else settings.kafka_side_fetch_max_wait_ms
+    max_wait = settings.kafka_fetch_max_wait_ms if money_path else settings.kafka_side_fetch_max_wait_ms
 
-    @broker.subscriber(topic, group_id=group_id, batch=True, max_records=max_records,
-                       batch_timeout_ms=50, auto_offset_reset="earliest",
-                       ack_policy=AckPolicy.NACK_ON_ERROR, decoder=_raw, parser=_records,
-                       session_timeout_ms=settings.kafka_session_timeout_ms,
-                       fetch_max_wait_ms=max_wait,
-                       heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms)
+    @broker.subscriber(
+        topic,
+        group_id=group_id,
+        batch=True,
+        max_records=max_records,
+        batch_timeout_ms=50,
+        auto_offset_reset="earliest",
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        decoder=_raw,
+        parser=_records,
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        fetch_max_wait_ms=max_wait,
+        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
+    )
     async def _consume(body: Any, msg: KafkaMessage) -> None:
         raw = msg.raw_message
         records = raw if isinstance(raw, tuple) else (raw,)
@@ -88,8 +114,9 @@ def subscribe_batch(broker: KafkaBroker, topic: str, *, service: str, group_id: 
             await handler(records)
         except Exception:
             FAILURES.labels(service, topic).inc()
-            log.exception("batch failed; it will be redelivered",
-                          extra={"topic": topic, "records": len(records)})
+            log.exception(
+                "batch failed; it will be redelivered", extra={"topic": topic, "records": len(records)}
+            )
             await asyncio.sleep(retry_backoff)
             raise
         HANDLE_SECONDS.labels(service, topic).observe(time.time() - started)
@@ -125,8 +152,9 @@ def wanted(record: Any, types: Container[str]) -> events.Message | None:
     return message if message.type in types else None
 
 
-def take(records: Sequence[Any], types: Container[str], *,
-         service: str) -> tuple[list[tuple[Any, events.Message]], list[outbox.Row]]:
+def take(
+    records: Sequence[Any], types: Container[str], *, service: str
+) -> tuple[list[tuple[Any, events.Message]], list[outbox.Row]]:
     """Sort a batch: (record, message) for each record of ``types``, and a DLQ row for each
     record that cannot be read (see ``wanted``); other types are left out."""
     taken, dead = [], []
@@ -155,6 +183,7 @@ def dlq_row(record: Any, reason: str, *, service: str) -> outbox.Row:
         "message": value.decode("utf-8", errors="replace")[:1_000_000],
     }
     key = record.key.decode("utf-8", errors="replace") if record.key else None
-    log.warning("dead-lettered", extra={"topic": record.topic, "offset": record.offset,
-                                        "reason": reason[:300]})
+    log.warning(
+        "dead-lettered", extra={"topic": record.topic, "offset": record.offset, "reason": reason[:300]}
+    )
     return outbox.row(events.Topics.dlq(record.topic), key, body)

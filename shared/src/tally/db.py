@@ -86,8 +86,10 @@ async def migrate(pool: asyncpg.Pool, schema: str, package: str) -> list[str]:
         lock_key = f"tally-migrate:{schema}"
         await conn.execute("SELECT pg_advisory_lock(hashtext($1))", lock_key)
         try:
-            done = {r["version"] for r in await conn.fetch(
-                "SELECT version FROM schema_migrations WHERE package = $1", package)}
+            done = {
+                r["version"]
+                for r in await conn.fetch("SELECT version FROM schema_migrations WHERE package = $1", package)
+            }
             for m in load_migrations(package):
                 if m.version in done:
                     continue
@@ -95,7 +97,9 @@ async def migrate(pool: asyncpg.Pool, schema: str, package: str) -> list[str]:
                     await conn.execute(m.sql)
                     await conn.execute(
                         "INSERT INTO schema_migrations (package, version, name) VALUES ($1, $2, $3)",
-                        package, m.version, m.name,
+                        package,
+                        m.version,
+                        m.name,
                     )
                 applied.append(m.name)
                 log.info("migration applied", extra={"schema": schema, "migration": m.name})

@@ -23,8 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class CompanyDirectory:
-    def __init__(self, base_url: str, secret: str, *, timeout: float = 5,
-                 negative_ttl: float = 30) -> None:
+    def __init__(self, base_url: str, secret: str, *, timeout: float = 5, negative_ttl: float = 30) -> None:
         self.base_url = base_url.rstrip("/")
         self.secret = secret
         self.negative_ttl = negative_ttl
@@ -35,8 +34,7 @@ class CompanyDirectory:
 
     @classmethod
     def from_settings(cls, settings: Settings, url: str | None = None) -> CompanyDirectory:
-        return cls(url or f"http://{settings.host}:{settings.port_rebilling}",
-                   settings.jwt_secret)
+        return cls(url or f"http://{settings.host}:{settings.port_rebilling}", settings.jwt_secret)
 
     async def currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
         """The currency of each company rebilling knows (the others are left out). Raises
@@ -48,8 +46,7 @@ class CompanyDirectory:
         """The company of each account rebilling knows (the others are left out)."""
         return await self._lookup("account", account_ids, "/v1/accounts/{}", "company_id")
 
-    async def _lookup(self, kind: str, ids: Iterable[str], path: str,
-                      field: str) -> dict[str, str]:
+    async def _lookup(self, kind: str, ids: Iterable[str], path: str, field: str) -> dict[str, str]:
         now = time.monotonic()
         out: dict[str, str] = {}
         ask: list[str] = []
@@ -60,8 +57,7 @@ class CompanyDirectory:
             elif self._unknown_until.get(key, 0) <= now:
                 ask.append(id_)
         # a batch naming many new ids asks for them side by side, a few at a time
-        answers = await asyncio.gather(*[self._ask(path.format(_segment(i)), field)
-                                         for i in ask])
+        answers = await asyncio.gather(*[self._ask(path.format(_segment(i)), field) for i in ask])
         for id_, value in zip(ask, answers, strict=True):
             if value is None:
                 self._unknown_until[f"{kind}:{id_}"] = now + self.negative_ttl
@@ -72,11 +68,9 @@ class CompanyDirectory:
     async def _ask(self, path: str, field: str) -> str | None:
         """The field, or None when rebilling does not know the id. Only rebilling being
         unreachable or failing (5xx) raises: an id it refuses (4xx) is simply unknown."""
-        token = issue_token("platform_admin", sub="directory", secret=self.secret,
-                            ttl_seconds=60)
+        token = issue_token("platform_admin", sub="directory", secret=self.secret, ttl_seconds=60)
         async with self._limit:
-            r = await self._client.get(self.base_url + path,
-                                       headers={"Authorization": f"Bearer {token}"})
+            r = await self._client.get(self.base_url + path, headers={"Authorization": f"Bearer {token}"})
         if r.status_code >= 500:
             r.raise_for_status()
         if r.status_code != 200:

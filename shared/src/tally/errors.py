@@ -41,8 +41,14 @@ class JsonResponse(JSONResponse):
 class ApiError(Exception):
     """Raise from any handler: becomes the API.md error body with this status and code."""
 
-    def __init__(self, status: int, code: str, message: str,
-                 details: list[Any] | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: list[Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -53,8 +59,7 @@ class ApiError(Exception):
 
 def invalid(field: str, message: str) -> ApiError:
     """A 422 about one field of the request."""
-    return ApiError(422, "validation_error", f"{field}: {message}",
-                    [{"field": field, "message": message}])
+    return ApiError(422, "validation_error", f"{field}: {message}", [{"field": field, "message": message}])
 
 
 def money_field(text: str, field: str, *, allow_zero: bool = False) -> int:
@@ -73,11 +78,17 @@ def not_found(what: str = "resource") -> ApiError:
     return ApiError(404, "not_found", f"{what} not found")
 
 
-def error_response(status: int, code: str, message: str, details: list[Any] | None = None,
-                   headers: dict[str, str] | None = None) -> JsonResponse:
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    details: list[Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JsonResponse:
     return JsonResponse(
         {"error": {"code": code, "message": message, "details": details or []}},
-        status_code=status, headers=headers,
+        status_code=status,
+        headers=headers,
     )
 
 
@@ -104,15 +115,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JsonResponse:
         code = _STATUS_CODES.get(exc.status_code, "error")
-        return error_response(exc.status_code, code, str(exc.detail),
-                              headers=getattr(exc, "headers", None))
+        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(asyncpg.CharacterNotInRepertoireError)
     @app.exception_handler(asyncpg.UntranslatableCharacterError)
     async def _unstorable_text(_: Request, exc: Exception) -> JsonResponse:
         # e.g. a NUL character in a name: bad input, and its transaction rolled back.
-        return error_response(422, "validation_error",
-                              "text contains characters that cannot be stored (such as NUL)")
+        return error_response(
+            422, "validation_error", "text contains characters that cannot be stored (such as NUL)"
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JsonResponse:

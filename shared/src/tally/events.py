@@ -28,8 +28,15 @@ class Topics:
     REBILLING_SETTINGS = "rebilling.settings"
     REBILLING_EVENTS = "rebilling.events"
 
-    ALL = (USAGE_INGEST, USAGE_RECORDED, WALLET_EVENTS, WALLET_DIGEST, RECHARGE_EVENTS,
-           REBILLING_SETTINGS, REBILLING_EVENTS)
+    ALL = (
+        USAGE_INGEST,
+        USAGE_RECORDED,
+        WALLET_EVENTS,
+        WALLET_DIGEST,
+        RECHARGE_EVENTS,
+        REBILLING_SETTINGS,
+        REBILLING_EVENTS,
+    )
     COMPACTED = (REBILLING_SETTINGS,)
 
     @staticmethod
@@ -42,6 +49,7 @@ class Payload(BaseModel):
 
 
 # --- usage -------------------------------------------------------------------------------
+
 
 class UsageEvent(Payload):
     """A raw usage event as products send it (POST /v1/usage, topic usage.ingest)."""
@@ -183,6 +191,7 @@ class CreditRequestResolved(Payload):
 
 
 # --- recharge ----------------------------------------------------------------------------
+
 
 class RechargeTry(Payload):
     payment_method: str
@@ -330,9 +339,17 @@ PAYLOADS: dict[str, type[Payload]] = {
 # wallet.events types also published to wallet.digest, with the same envelope.
 # Credits and settings changes are there because the recharge service re-evaluates the
 # auto-recharge rule on them (docs/0008).
-DIGEST_TYPES = frozenset({"wallet.threshold_crossed", "wallet.suspended", "wallet.reactivated",
-                          "wallet.credited", "wallet.settings_changed",
-                          "credit_request.created", "credit_request.resolved"})
+DIGEST_TYPES = frozenset(
+    {
+        "wallet.threshold_crossed",
+        "wallet.suspended",
+        "wallet.reactivated",
+        "wallet.credited",
+        "wallet.settings_changed",
+        "credit_request.created",
+        "credit_request.resolved",
+    }
+)
 
 
 class UsageRecordedMessage(BaseModel):
@@ -384,22 +401,25 @@ class Message(BaseModel):
 def _message_model(type_: str, payload: type[Payload]) -> type[Message]:
     name = "Message_" + type_.replace(".", "_")
     tag: Any = Literal[type_]
-    model: type[Message] = create_model(name, __base__=Message, type=(tag, ...),
-                                        data=(payload, ...))
+    model: type[Message] = create_model(name, __base__=Message, type=(tag, ...), data=(payload, ...))
     return model
 
 
-_MESSAGES: TypeAdapter[Message] = TypeAdapter(Annotated[  # type: ignore[arg-type]
-    Union[tuple(_message_model(t, m) for t, m in PAYLOADS.items())],  # noqa: UP007
-    Field(discriminator="type")])
+_MESSAGES: TypeAdapter[Message] = TypeAdapter(
+    Annotated[  # type: ignore[arg-type]
+        Union[tuple(_message_model(t, m) for t, m in PAYLOADS.items())],  # noqa: UP007
+        Field(discriminator="type"),
+    ]
+)
 
 
 def now() -> datetime:
     return datetime.now(UTC)
 
 
-def envelope(type_: str, data: Payload, *, source: str, id_: str | None = None,
-             time: datetime | None = None) -> dict[str, Any]:
+def envelope(
+    type_: str, data: Payload, *, source: str, id_: str | None = None, time: datetime | None = None
+) -> dict[str, Any]:
     """A ready-to-serialise envelope. Pass a deterministic ``id_`` whenever the event is the
     consequence of another (consumers dedupe on it)."""
     if PAYLOADS.get(type_) is not type(data) and not isinstance(data, PAYLOADS[type_]):

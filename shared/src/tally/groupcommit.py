@@ -19,13 +19,18 @@ from prometheus_client import Histogram
 T = TypeVar("T")
 R = TypeVar("R")
 
-GROUP_SIZE = Histogram("tally_group_commit_batches", "Submitted batches applied per call",
-                       ["name"], buckets=(1, 2, 4, 8, 16, 32, 64))
+GROUP_SIZE = Histogram(
+    "tally_group_commit_batches",
+    "Submitted batches applied per call",
+    ["name"],
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 
 
 class GroupCommit(Generic[T, R]):
-    def __init__(self, name: str, apply: Callable[[list[T]], Awaitable[Sequence[R]]], *,
-                 max_items: int = 5000) -> None:
+    def __init__(
+        self, name: str, apply: Callable[[list[T]], Awaitable[Sequence[R]]], *, max_items: int = 5000
+    ) -> None:
         self._name = name
         self._apply = apply
         self._max = max_items
@@ -69,5 +74,5 @@ class GroupCommit(Generic[T, R]):
         at = 0
         for items, future in group:
             if not future.done():  # a submitter cancelled (client gone) still had it applied
-                future.set_result(list(results[at:at + len(items)]))
+                future.set_result(list(results[at : at + len(items)]))
             at += len(items)

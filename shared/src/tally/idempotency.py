@@ -18,8 +18,7 @@ from tally.errors import ApiError
 
 TTL = "24 hours"
 
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
-                                              max_length=200)]
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)]
 
 
 @dataclass(frozen=True)
@@ -46,29 +45,37 @@ def request_hash(route: str, body: Any) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-async def begin(conn: Conn, principal: str, key: str, fingerprint: str,
-                resource: str | None = None) -> Stored | None:
+async def begin(
+    conn: Conn, principal: str, key: str, fingerprint: str, resource: str | None = None
+) -> Stored | None:
     """In the effect's transaction: claim ``key`` for this request, or find what it recorded.
     Returns None when the key is new (go on, then ``finish``); the stored record when the same
     request came before; raises 422 ``idempotency_key_reused`` for another body. Concurrent
     requests with one key wait for each other (row lock) and see one outcome."""
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                       f"idem:{principal}:{key}")
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"idem:{principal}:{key}")
     row = await conn.fetchrow(
         "SELECT request_hash, resource, status_code, response::text AS response "
         "FROM idempotency_keys WHERE principal = $1 AND key = $2 "
-        f"AND created_at > now() - interval '{TTL}'", principal, key)
+        f"AND created_at > now() - interval '{TTL}'",
+        principal,
+        key,
+    )
     if row is None:
         await conn.execute(
             "INSERT INTO idempotency_keys (principal, key, request_hash, resource) "
             "VALUES ($1, $2, $3, $4) ON CONFLICT (principal, key) DO UPDATE SET "
             "request_hash = EXCLUDED.request_hash, resource = EXCLUDED.resource, "
             "status_code = NULL, response = NULL, created_at = now()",
-            principal, key, fingerprint, resource)
+            principal,
+            key,
+            fingerprint,
+            resource,
+        )
         return None
     if row["request_hash"] != fingerprint:
-        raise ApiError(422, "idempotency_key_reused",
-                       "this Idempotency-Key was used with another request; use a new key")
+        raise ApiError(
+            422, "idempotency_key_reused", "this Idempotency-Key was used with another request; use a new key"
+        )
     response = orjson.loads(row["response"]) if row["response"] is not None else None
     return Stored(row["resource"], row["status_code"], response)
 
@@ -99,12 +106,18 @@ async def finish(conn: Conn, principal: str, key: str, status_code: int, respons
     await conn.execute(
         "UPDATE idempotency_keys SET status_code = $3, response = $4::jsonb "
         "WHERE principal = $1 AND key = $2",
-        principal, key, status_code, orjson.dumps(response).decode())
+        principal,
+        key,
+        status_code,
+        orjson.dumps(response).decode(),
+    )
 
 
 async def sweep(conn: Conn, *, batch: int = 5000) -> int:
     """Forget keys older than their 24 h (a batch at a time, oldest first); returns how many."""
     status = await conn.execute(
         "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(SELECT ctid FROM idempotency_keys "
-        f"WHERE created_at < now() - interval '{TTL}' ORDER BY created_at LIMIT $1))", batch)
+        f"WHERE created_at < now() - interval '{TTL}' ORDER BY created_at LIMIT $1))",
+        batch,
+    )
     return int(status.split()[-1])

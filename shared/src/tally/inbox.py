@@ -16,6 +16,7 @@ async def claim(conn: Conn, consumer: str, message_ids: Sequence[str]) -> set[st
     rows = await conn.fetch(
         "INSERT INTO inbox (consumer, message_id) SELECT $1, unnest($2::text[]) "
         "ON CONFLICT DO NOTHING RETURNING message_id",
-        consumer, list(dict.fromkeys(message_ids)),
+        consumer,
+        list(dict.fromkeys(message_ids)),
     )
     return {r["message_id"] for r in rows}

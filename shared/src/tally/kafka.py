@@ -47,8 +47,7 @@ def make_producer(settings: Settings, *, client_id: str) -> AIOKafkaProducer:
         acks="all",
         enable_idempotence=settings.kafka_enable_idempotence,
         linger_ms=2,
-        compression_type=None if settings.kafka_compression == "none"
-        else settings.kafka_compression,
+        compression_type=None if settings.kafka_compression == "none" else settings.kafka_compression,
         max_batch_size=512 * 1024,
         max_request_size=4 * 1024 * 1024,
         request_timeout_ms=30_000,

@@ -17,9 +17,27 @@ _DECIMAL_RE = re.compile(r"^[+-]?(\d+)(\.(\d+))?$")
 
 # ISO 4217 minor units for currencies whose exponent is not 2.
 _MINOR_UNIT_EXPONENT = {
-    "BIF": 0, "CLP": 0, "DJF": 0, "GNF": 0, "JPY": 0, "KMF": 0, "KRW": 0, "MGA": 0,
-    "PYG": 0, "RWF": 0, "UGX": 0, "VND": 0, "VUV": 0, "XAF": 0, "XOF": 0, "XPF": 0,
-    "BHD": 3, "JOD": 3, "KWD": 3, "OMR": 3, "TND": 3,
+    "BIF": 0,
+    "CLP": 0,
+    "DJF": 0,
+    "GNF": 0,
+    "JPY": 0,
+    "KMF": 0,
+    "KRW": 0,
+    "MGA": 0,
+    "PYG": 0,
+    "RWF": 0,
+    "UGX": 0,
+    "VND": 0,
+    "VUV": 0,
+    "XAF": 0,
+    "XOF": 0,
+    "XPF": 0,
+    "BHD": 3,
+    "JOD": 3,
+    "KWD": 3,
+    "OMR": 3,
+    "TND": 3,
 }
 
 
@@ -33,7 +51,7 @@ def parse_decimal(text: str, *, max_places: int = 6, field: str = "amount") -> D
         raise MoneyError(f"{field} must be a decimal string")
     match = _DECIMAL_RE.match(text.strip())
     if not match:
-        raise MoneyError(f"{field} must be a decimal string like \"12.50\"")
+        raise MoneyError(f'{field} must be a decimal string like "12.50"')
     places = len(match.group(3) or "")
     if places > max_places:
         raise MoneyError(f"{field} has more than {max_places} decimal places")

@@ -32,8 +32,7 @@ from tally.worker import Worker
 
 log = logging.getLogger(__name__)
 
-OUTBOX_RELAYED = Counter("tally_outbox_relayed_total", "Outbox messages relayed to Kafka",
-                         ["service"])
+OUTBOX_RELAYED = Counter("tally_outbox_relayed_total", "Outbox messages relayed to Kafka", ["service"])
 OUTBOX_BACKLOG = Gauge("tally_outbox_backlog", "Outbox messages last seen waiting", ["service"])
 
 # topic, key, value, traceparent, type
@@ -42,8 +41,14 @@ Row = tuple[str, bytes | None, bytes, str | None, str | None]
 _HEAD = struct.Struct(">HiIHH")  # lengths: topic, key (-1: none), value, traceparent, type
 
 
-def row(topic: str, key: str | None, message: dict[str, Any] | bytes,
-        traceparent: str | None = None, *, inherit: bool = True) -> Row:
+def row(
+    topic: str,
+    key: str | None,
+    message: dict[str, Any] | bytes,
+    traceparent: str | None = None,
+    *,
+    inherit: bool = True,
+) -> Row:
     """One outbox message; ``message`` is an envelope dict (or already-encoded bytes). With no
     ``traceparent`` it carries the current span's, unless ``inherit`` is False: per-event rows
     whose caller already knows each event's trace (None: the event has none) skip the lookup,
@@ -61,8 +66,7 @@ def pack(rows: Sequence[Row]) -> bytes:
     parts: list[bytes] = []
     for topic, key, value, traceparent, type_ in rows:
         t, p, y = topic.encode(), (traceparent or "").encode(), (type_ or "").encode()
-        parts.append(_HEAD.pack(len(t), -1 if key is None else len(key), len(value), len(p),
-                                len(y)))
+        parts.append(_HEAD.pack(len(t), -1 if key is None else len(key), len(value), len(p), len(y)))
         parts += (t, key or b"", value, p, y)
     return b"".join(parts)
 
@@ -73,15 +77,15 @@ def unpack(data: bytes) -> list[Row]:
     while at < end:
         lt, lk, lv, lp, ly = _HEAD.unpack_from(view, at)
         at += size
-        topic = bytes(view[at:at + lt]).decode()
+        topic = bytes(view[at : at + lt]).decode()
         at += lt
-        key = None if lk < 0 else bytes(view[at:at + lk])
+        key = None if lk < 0 else bytes(view[at : at + lk])
         at += max(lk, 0)
-        value = bytes(view[at:at + lv])
+        value = bytes(view[at : at + lv])
         at += lv
-        traceparent = bytes(view[at:at + lp]).decode() if lp else None
+        traceparent = bytes(view[at : at + lp]).decode() if lp else None
         at += lp
-        type_ = bytes(view[at:at + ly]).decode() if ly else None
+        type_ = bytes(view[at : at + ly]).decode() if ly else None
         at += ly
         out.append((topic, key, value, traceparent, type_))
     return out
@@ -94,8 +98,7 @@ def unpack(data: bytes) -> list[Row]:
 CHANNEL = "tally_outbox"
 _LEADER_HERE = asyncio.Event()
 _INSERT = "INSERT INTO outbox (messages, messages_lz4, count) VALUES ($1, $2, $3)"
-_INSERT_AND_NOTIFY = (f"WITH added AS ({_INSERT}) "
-                      f"SELECT pg_notify('{CHANNEL}', current_schema())")
+_INSERT_AND_NOTIFY = f"WITH added AS ({_INSERT}) SELECT pg_notify('{CHANNEL}', current_schema())"
 # Packed batches from this size on are stored compressed: below it Postgres keeps the value
 # in the row itself, where compressing saves nothing. lz4 takes ~0.7 ms for 1.2 MB of
 # envelopes (a fifth of that is left) and saves Postgres ~6 ms writing it (docs/0004).
@@ -109,15 +112,16 @@ async def enqueue(conn: Conn, rows: Iterable[Row]) -> int:
     records = list(rows)
     if records:
         packed = pack(records)
-        plain, compressed = (None, lz4.frame.compress(packed)) if len(packed) >= COMPRESS_FROM \
-            else (packed, None)
-        await conn.execute(_INSERT if _LEADER_HERE.is_set() else _INSERT_AND_NOTIFY,
-                           plain, compressed, len(records))
+        plain, compressed = (
+            (None, lz4.frame.compress(packed)) if len(packed) >= COMPRESS_FROM else (packed, None)
+        )
+        await conn.execute(
+            _INSERT if _LEADER_HERE.is_set() else _INSERT_AND_NOTIFY, plain, compressed, len(records)
+        )
     return len(records)
 
 
-async def publish(conn: Conn, topic: str, key: str | None,
-                  message: dict[str, Any]) -> None:
+async def publish(conn: Conn, topic: str, key: str | None, message: dict[str, Any]) -> None:
     await enqueue(conn, [row(topic, key, message)])
 
 
@@ -128,8 +132,15 @@ class OutboxRelay(Worker):
     that wrote to the outbox in another replica wakes it at once (``CHANNEL``); commits in
     its own process call ``wake()``. ``poll_interval`` is only the safety net."""
 
-    def __init__(self, pool: asyncpg.Pool, producer: AIOKafkaProducer, *, service: str,
-                 batch_size: int = 5000, poll_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        producer: AIOKafkaProducer,
+        *,
+        service: str,
+        batch_size: int = 5000,
+        poll_interval: float = 1.0,
+    ) -> None:
         super().__init__()
         self.name = f"outbox-relay-{service}"
         self._pool = pool
@@ -170,6 +181,7 @@ class OutboxRelay(Worker):
         def committed(_conn: Conn, _pid: int, _channel: str, payload: object) -> None:
             if payload == schema:
                 self.wake()
+
         await conn.add_listener(CHANNEL, committed)
         _LEADER_HERE.set()
         try:
@@ -189,7 +201,9 @@ class OutboxRelay(Worker):
             "SELECT id, topic, key, value, traceparent, messages, messages_lz4, upto FROM ("
             "  SELECT *, sum(count) OVER (ORDER BY id) AS upto FROM ("
             "    SELECT * FROM outbox ORDER BY id LIMIT 500) newest) o "
-            "WHERE upto - count < $1 ORDER BY id", self._batch_size)
+            "WHERE upto - count < $1 ORDER BY id",
+            self._batch_size,
+        )
         if not rows:
             OUTBOX_BACKLOG.labels(self._service).set(0)
             return 0, False
@@ -203,8 +217,7 @@ class OutboxRelay(Worker):
                 messages.append((r["topic"], r["key"], r["value"], r["traceparent"], None))
         OUTBOX_BACKLOG.labels(self._service).set(len(messages))
         await self._send(messages)
-        await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])",
-                           [r["id"] for r in rows])
+        await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
         OUTBOX_RELAYED.labels(self._service).inc(len(messages))
         return len(messages), len(rows) == 500 or rows[-1]["upto"] >= self._batch_size
 

@@ -22,8 +22,12 @@ def decode(cursor: str | None) -> int | None:
     try:
         return int(base64.urlsafe_b64decode(cursor.encode()).decode())
     except ValueError as exc:
-        raise ApiError(422, "validation_error", "cursor is not valid",
-                       [{"field": "cursor", "message": "not a cursor from this list"}]) from exc
+        raise ApiError(
+            422,
+            "validation_error",
+            "cursor is not valid",
+            [{"field": "cursor", "message": "not a cursor from this list"}],
+        ) from exc
 
 
 def page(rows: Sequence[T], limit: int, position: int | None) -> tuple[list[T], str | None]:

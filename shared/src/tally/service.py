@@ -85,12 +85,15 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
         # No FastStream telemetry middleware: it extracts baggage from every record of a batch
         # (7-19% of a consumer's CPU in the benchmark); the handlers continue each record's
         # trace themselves (tally.telemetry.continue_trace / child_traceparent).
-        broker = make_broker(settings, client_id=spec.name, middlewares=[
-            KafkaPrometheusMiddleware(registry=REGISTRY, app_name=f"tally-{spec.name}"),
-        ])
+        broker = make_broker(
+            settings,
+            client_id=spec.name,
+            middlewares=[
+                KafkaPrometheusMiddleware(registry=REGISTRY, app_name=f"tally-{spec.name}"),
+            ],
+        )
         producer = make_producer(settings, client_id=spec.name)
-        relay = OutboxRelay(pool, producer, service=spec.name,
-                            poll_interval=settings.outbox_poll_ms / 1000)
+        relay = OutboxRelay(pool, producer, service=spec.name, poll_interval=settings.outbox_poll_ms / 1000)
         rt = Runtime(spec.name, settings, pool, broker, producer, relay)
         app.state.runtime = rt
         if spec.subscribe:
@@ -118,8 +121,11 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
             await pool.close()
 
     app = FastAPI(
-        title=f"Tally {spec.name}", version="1.0.0", description=spec.description,
-        lifespan=lifespan, default_response_class=JsonResponse,
+        title=f"Tally {spec.name}",
+        version="1.0.0",
+        description=spec.description,
+        lifespan=lifespan,
+        default_response_class=JsonResponse,
     )
     install_error_handlers(app)
     for router in spec.routers:
@@ -227,8 +233,9 @@ class BodyLimitMiddleware:
             await self._too_large(scope, receive, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, "payload_too_large",
-                                  f"request body is larger than {self.max_bytes} bytes")
+        response = error_response(
+            413, "payload_too_large", f"request body is larger than {self.max_bytes} bytes"
+        )
         await response(scope, receive, send)
 
 
@@ -241,8 +248,9 @@ async def migrate_only(spec: ServiceSpec, settings: Settings) -> list[str]:
     setup_logging(spec.name, settings.log_level)
     pool = await db.create_pool(settings.require_database_url(), spec.schema, size=1)
     try:
-        return (await db.migrate(pool, spec.schema, "tally")
-                + await db.migrate(pool, spec.schema, spec.package))
+        return await db.migrate(pool, spec.schema, "tally") + await db.migrate(
+            pool, spec.schema, spec.package
+        )
     finally:
         await pool.close()
 
@@ -268,6 +276,14 @@ def serve(spec: ServiceSpec) -> None:
         return
     app = create_app(spec, settings)
     tune_gc(settings.gc_gen0_threshold)
-    uvicorn.run(app, host=settings.host, port=settings.port_of(spec.name), log_config=None,
-                access_log=False, timeout_graceful_shutdown=10, lifespan="on",
-                loop="uvloop", http="httptools")  # the C event loop and HTTP parser
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port_of(spec.name),
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        lifespan="on",
+        loop="uvloop",
+        http="httptools",
+    )  # the C event loop and HTTP parser

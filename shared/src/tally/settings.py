@@ -27,7 +27,8 @@ class Settings(BaseSettings):
     # Compression of the record batches the outbox relays produce (consumers need a client
     # that reads it: every maintained Kafka client reads zstd, Kafka 2.1+).
     kafka_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
-        "zstd", alias="KAFKA_COMPRESSION")
+        "zstd", alias="KAFKA_COMPRESSION"
+    )
     # Consumer group liveness. Joins take about half the session timeout on the embedded broker,
     # so make run and the tests shorten it; keep Kafka's defaults in production.
     kafka_session_timeout_ms: int = Field(10_000, alias="KAFKA_SESSION_TIMEOUT_MS", ge=1000)
@@ -39,8 +40,7 @@ class Settings(BaseSettings):
     # idle fetch costs the embedded broker CPU, and twelve consumers polling every 50 ms took
     # half of it (docs/performance.md, round 4).
     kafka_fetch_max_wait_ms: int = Field(50, alias="KAFKA_FETCH_MAX_WAIT_MS", ge=1, le=10_000)
-    kafka_side_fetch_max_wait_ms: int = Field(250, alias="KAFKA_SIDE_FETCH_MAX_WAIT_MS", ge=1,
-                                              le=10_000)
+    kafka_side_fetch_max_wait_ms: int = Field(250, alias="KAFKA_SIDE_FETCH_MAX_WAIT_MS", ge=1, le=10_000)
     # usage-meter answers "duplicate" for an event id sent again within this many days; older
     # ids are forgotten (0: never). The ledger's own keys still charge a usage event once,
     # whenever it is re-sent (docs/0007).

@@ -71,9 +71,7 @@ def setup_tracing(service: str) -> TracerProvider:
     if _provider is not None:
         return _provider
     provider = TracerProvider(resource=Resource.create({"service.name": f"tally-{service}"}))
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
-    ):
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
@@ -82,8 +80,11 @@ def setup_tracing(service: str) -> TracerProvider:
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
         out = open(Path(folder) / f"{service}.jsonl", "a", buffering=1)
-        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter(
-            out=out, formatter=lambda span: span.to_json(indent=None) + "\n")))
+        provider.add_span_processor(
+            SimpleSpanProcessor(
+                ConsoleSpanExporter(out=out, formatter=lambda span: span.to_json(indent=None) + "\n")
+            )
+        )
         _exporting = True
     trace.set_tracer_provider(provider)
     _provider = provider
@@ -97,8 +98,9 @@ def tracing_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def continue_trace(traceparent: str | None, name: str,
-                   attributes: dict[str, Any] | None = None) -> Iterator[str | None]:
+def continue_trace(
+    traceparent: str | None, name: str, attributes: dict[str, Any] | None = None
+) -> Iterator[str | None]:
     """Continue the trace of an incoming message: with tracing on, a child span of
     ``traceparent``; yields the traceparent to give to what this work produces (outbox rows)."""
     if not _exporting:
@@ -110,8 +112,9 @@ def continue_trace(traceparent: str | None, name: str,
         yield current_traceparent()
 
 
-def child_traceparent(traceparent: str | None, name: str,
-                      attributes: dict[str, Any] | None = None) -> str | None:
+def child_traceparent(
+    traceparent: str | None, name: str, attributes: dict[str, Any] | None = None
+) -> str | None:
     """For per-event work inside a batch: with tracing on, record a span of ``name`` under
     ``traceparent`` and return its own traceparent; off, return ``traceparent`` unchanged."""
     if not _exporting:

@@ -41,8 +41,9 @@ async def add_usage(conn: Conn, totals: list[UsageTotal]) -> set[str]:
     return {t.account_id for t in totals}
 
 
-async def period_usage(conn: Conn, aid: str, period: Period, timezone: str,
-                       now: datetime | None = None) -> tuple[date, dict[str, int], str]:
+async def period_usage(
+    conn: Conn, aid: str, period: Period, timezone: str, now: datetime | None = None
+) -> tuple[date, dict[str, int], str]:
     today = local_day(now or datetime.now(UTC), timezone)
     start = period_start(today, period)
     by_service, currency = await storage.usage_since(conn, aid, start, today)
@@ -56,8 +57,9 @@ async def check_alerts(conn: Conn, accounts: set[str]) -> int:
         aid = rule["account_id"]
         info = await storage.account(conn, aid)
         timezone = info["timezone"] if info else "UTC"
-        conditions = [Condition(int(c["threshold_micros"]), c["period"])
-                      for c in orjson.loads(rule["conditions"])]
+        conditions = [
+            Condition(int(c["threshold_micros"]), c["period"]) for c in orjson.loads(rule["conditions"])
+        ]
         if not conditions:
             continue
         totals: dict[Period, int] = {}
@@ -75,14 +77,24 @@ async def check_alerts(conn: Conn, accounts: set[str]) -> int:
             continue  # one per account per day
         hits.sort(key=lambda c: PERIODS.index(c.period))
         mail = usage_alert(aid, currency, hits, totals, services[hits[0].period])
-        recipients = [e for e in (info["owner_email"] if info else None,
-                                  info["company_owner_email"] if info else None) if e]
+        recipients = [
+            e
+            for e in (info["owner_email"] if info else None, info["company_owner_email"] if info else None)
+            if e
+        ]
         recipients += orjson.loads(rule["recipients"])
         if recipients:
-            await storage.queue_email(conn, f"usage_alert:{aid}:{today}", recipients,
-                                      mail.subject, mail.text, mail.html)
-        await storage.notify(conn, f"usage_alert:{aid}:{today}", rule["company_id"], "usage_alert",
-                             mail.subject, mail.text.split("\n")[0],
-                             {"account_id": aid, "day": today.isoformat()})
+            await storage.queue_email(
+                conn, f"usage_alert:{aid}:{today}", recipients, mail.subject, mail.text, mail.html
+            )
+        await storage.notify(
+            conn,
+            f"usage_alert:{aid}:{today}",
+            rule["company_id"],
+            "usage_alert",
+            mail.subject,
+            mail.text.split("\n")[0],
+            {"account_id": aid, "day": today.isoformat()},
+        )
         queued += 1
     return queued

@@ -73,19 +73,24 @@ async def _account(conn: Conn, principal: Principal, aid: PathId) -> Any:
 
 
 @router.put("/accounts/{aid}/usage-alerts", response_model=AlertsOut)
-async def put_alerts(aid: PathId, body: AlertsIn, request: Request,
-                     principal: CurrentPrincipal) -> AlertsOut:
+async def put_alerts(aid: PathId, body: AlertsIn, request: Request, principal: CurrentPrincipal) -> AlertsOut:
     require_role(principal, "company_admin", "platform_admin")
     stored: list[dict[str, Any]] = [
         {"threshold_micros": money_field(c.threshold, f"conditions[{i}].threshold"), "period": c.period}
-        for i, c in enumerate(body.conditions)]
+        for i, c in enumerate(body.conditions)
+    ]
     recipients = sorted({str(r).lower() for r in body.recipients})
     async with runtime(request).pool.acquire() as conn:
         a = await _account(conn, principal, aid)
         await storage.save_rules(conn, aid, a["company_id"], body.enabled, stored, recipients)
-    return AlertsOut(account_id=aid, enabled=body.enabled, recipients=recipients, conditions=[
-        ConditionIn(threshold=format_micros(c["threshold_micros"]), period=c["period"])
-        for c in stored])
+    return AlertsOut(
+        account_id=aid,
+        enabled=body.enabled,
+        recipients=recipients,
+        conditions=[
+            ConditionIn(threshold=format_micros(c["threshold_micros"]), period=c["period"]) for c in stored
+        ],
+    )
 
 
 @router.get("/accounts/{aid}/usage-alerts", response_model=AlertsOut)
@@ -96,38 +101,61 @@ async def get_alerts(aid: PathId, request: Request, principal: CurrentPrincipal)
         r = await storage.rules(conn, aid)
     if r is None:
         return AlertsOut(account_id=aid, enabled=False, conditions=[], recipients=[])
-    return AlertsOut(account_id=aid, enabled=r["enabled"], recipients=orjson.loads(r["recipients"]),
-                     conditions=[ConditionIn(threshold=format_micros(c["threshold_micros"]),
-                                             period=c["period"])
-                                 for c in orjson.loads(r["conditions"])])
+    return AlertsOut(
+        account_id=aid,
+        enabled=r["enabled"],
+        recipients=orjson.loads(r["recipients"]),
+        conditions=[
+            ConditionIn(threshold=format_micros(c["threshold_micros"]), period=c["period"])
+            for c in orjson.loads(r["conditions"])
+        ],
+    )
 
 
 @router.get("/accounts/{aid}/usage", response_model=UsageOut)
-async def usage(aid: PathId, request: Request, principal: CurrentPrincipal,
-                period: PeriodName = "monthly") -> UsageOut:
+async def usage(
+    aid: PathId, request: Request, principal: CurrentPrincipal, period: PeriodName = "monthly"
+) -> UsageOut:
     async with runtime(request).pool.acquire() as conn:
         a = await _account(conn, principal, aid)
         start, by_service, currency = await period_usage(conn, aid, period, a["timezone"])
-    return UsageOut(account_id=aid, period=period, start=start.isoformat(), currency=currency,
-                    services={k: format_micros(v) for k, v in sorted(by_service.items())},
-                    total=format_micros(sum(by_service.values())))
+    return UsageOut(
+        account_id=aid,
+        period=period,
+        start=start.isoformat(),
+        currency=currency,
+        services={k: format_micros(v) for k, v in sorted(by_service.items())},
+        total=format_micros(sum(by_service.values())),
+    )
 
 
 def _note(r: Any) -> NotificationOut:
-    return NotificationOut(id=r["id"], kind=r["kind"], title=r["title"], body=r["body"],
-                           data=orjson.loads(r["data"]), created_at=r["created_at"].isoformat(),
-                           read=r["read_at"] is not None)
+    return NotificationOut(
+        id=r["id"],
+        kind=r["kind"],
+        title=r["title"],
+        body=r["body"],
+        data=orjson.loads(r["data"]),
+        created_at=r["created_at"].isoformat(),
+        read=r["read_at"] is not None,
+    )
 
 
 @router.get("/companies/{cid}/notifications", response_model=NotificationPage)
-async def list_notifications(cid: PathId, request: Request, principal: CurrentPrincipal,
-                             unread: bool = False, limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                             cursor: str | None = None) -> NotificationPage:
+async def list_notifications(
+    cid: PathId,
+    request: Request,
+    principal: CurrentPrincipal,
+    unread: bool = False,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: str | None = None,
+) -> NotificationPage:
     require_role(principal, "company_admin", "platform_admin")
     require_company(principal, cid)
     async with runtime(request).pool.acquire() as conn:
-        rows = await storage.notifications(conn, cid, unread=unread, limit=limit + 1,
-                                           before_seq=pagination.decode(cursor))
+        rows = await storage.notifications(
+            conn, cid, unread=unread, limit=limit + 1, before_seq=pagination.decode(cursor)
+        )
     items, nxt = pagination.page(rows, limit, rows[limit - 1]["seq"] if len(rows) > limit else None)
     return NotificationPage(items=[_note(r) for r in items], next_cursor=nxt)
 

@@ -61,29 +61,43 @@ class Mail:
 
 
 def _html(title: str, lines: list[str], table: list[tuple[str, str]] | None = None) -> str:
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:right'>"
-                   f"{html.escape(v)}</td></tr>" for k, v in table or [])
+    rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td style='text-align:right'>{html.escape(v)}</td></tr>"
+        for k, v in table or []
+    )
     paras = "".join(f"<p>{html.escape(line)}</p>" for line in lines)
     tbl = f"<table cellpadding='4'>{rows}</table>" if rows else ""
-    return (f"<html><body style='font-family:sans-serif'><h2>{html.escape(title)}</h2>{paras}"
-            f"{tbl}<p style='color:#888'>Tally billing</p></body></html>")
+    return (
+        f"<html><body style='font-family:sans-serif'><h2>{html.escape(title)}</h2>{paras}"
+        f"{tbl}<p style='color:#888'>Tally billing</p></body></html>"
+    )
 
 
-def usage_alert(account: str, currency: str, hits: list[Condition],
-                totals: dict[Period, int], by_service: dict[str, int]) -> Mail:
+def usage_alert(
+    account: str, currency: str, hits: list[Condition], totals: dict[Period, int], by_service: dict[str, int]
+) -> Mail:
     first = hits[0]
-    subject = (f"Usage alert: {account} has used {format_micros(totals[first.period])} "
-               f"{currency} ({first.period} threshold {format_micros(first.threshold_micros)})")
+    subject = (
+        f"Usage alert: {account} has used {format_micros(totals[first.period])} "
+        f"{currency} ({first.period} threshold {format_micros(first.threshold_micros)})"
+    )
     lines = [f"Wallet usage of account {account} has exceeded your configured threshold."]
     for c in hits:
-        lines.append(f"{c.period}: {format_micros(totals[c.period])} {currency} used since the "
-                     f"start of the period (threshold {format_micros(c.threshold_micros)} "
-                     f"{currency}).")
+        lines.append(
+            f"{c.period}: {format_micros(totals[c.period])} {currency} used since the "
+            f"start of the period (threshold {format_micros(c.threshold_micros)} "
+            f"{currency})."
+        )
     lines.append("You receive at most one usage alert per account per day.")
     table = [(s, f"{format_micros(v)} {currency}") for s, v in sorted(by_service.items())]
     table.append(("total", f"{format_micros(sum(by_service.values()))} {currency}"))
-    text = "\n".join(lines) + "\n\nUsage by service (" + hits[0].period + "):\n" + "\n".join(
-        f"  {k}: {v}" for k, v in table)
+    text = (
+        "\n".join(lines)
+        + "\n\nUsage by service ("
+        + hits[0].period
+        + "):\n"
+        + "\n".join(f"  {k}: {v}" for k, v in table)
+    )
     return Mail(subject, text, _html(f"Usage alert for {account}", lines, table))
 
 

@@ -26,8 +26,7 @@ RECHARGE_TYPES = ("recharge.failed", "recharge.tier_raised")
 REBILLING_TYPES = ("company.updated", "account.created", "subscription.cancelled")
 
 
-async def _owner_emails(conn: Conn, company_id: str, account_id: str | None,
-                        owner: str) -> list[str]:
+async def _owner_emails(conn: Conn, company_id: str, account_id: str | None, owner: str) -> list[str]:
     """The wallet owner's address: the account owner for account wallets, the company owner
     for company wallets."""
     if owner == "account" and account_id:
@@ -40,18 +39,26 @@ async def _owner_emails(conn: Conn, company_id: str, account_id: str | None,
 async def _wallet_event(conn: Conn, env: events.Message, p: events.Payload) -> None:
     if isinstance(p, events.WalletSuspended):
         to = await _owner_emails(conn, p.company_id, p.account_id, p.owner)
-        mail = simple(f"Service paused: wallet {p.wallet_id} is below zero", [
-            f"The wallet {p.wallet_id} reached {format_micros(p.balance_micros)} {p.currency}.",
-            "Platform services are paused until a successful payment reloads it."])
+        mail = simple(
+            f"Service paused: wallet {p.wallet_id} is below zero",
+            [
+                f"The wallet {p.wallet_id} reached {format_micros(p.balance_micros)} {p.currency}.",
+                "Platform services are paused until a successful payment reloads it.",
+            ],
+        )
         if to:
             await storage.queue_email(conn, env.id, to, mail.subject, mail.text, mail.html)
     elif isinstance(p, events.CreditRequestCreated):
         await storage.notify(
-            conn, env.id, p.company_id, "credit_request",
+            conn,
+            env.id,
+            p.company_id,
+            "credit_request",
             f"Credit request from {p.account_id}",
             f"{p.account_id} asks for {format_micros(p.amount_micros)} {p.currency}"
             + (f" (reference {p.reference})" if p.reference else ""),
-            {"request_id": p.request_id, "account_id": p.account_id})
+            {"request_id": p.request_id, "account_id": p.account_id},
+        )
 
 
 async def _recharge_event(conn: Conn, env: events.Message, p: events.Payload) -> None:
@@ -60,53 +67,78 @@ async def _recharge_event(conn: Conn, env: events.Message, p: events.Payload) ->
         declines = ", ".join(t.decline_code or t.outcome for t in p.tries) or "no card"
         if p.auto_recharge_disabled:
             subject = f"Auto-recharge turned off for {p.wallet_id}"
-            lines = [f"After {p.consecutive_failures} failed attempts to reload "
-                     f"{format_micros(p.amount_micros)} {p.currency}, auto-recharge is off.",
-                     f"Card results: {declines}.",
-                     "Update the card on file, then turn auto-recharge back on."]
+            lines = [
+                f"After {p.consecutive_failures} failed attempts to reload "
+                f"{format_micros(p.amount_micros)} {p.currency}, auto-recharge is off.",
+                f"Card results: {declines}.",
+                "Update the card on file, then turn auto-recharge back on.",
+            ]
         else:
             subject = f"Wallet reload failed for {p.wallet_id}"
-            lines = [f"We could not charge {format_micros(p.amount_micros)} {p.currency} to any "
-                     f"saved card ({declines}).",
-                     "Check the card with your bank or add another one."]
+            lines = [
+                f"We could not charge {format_micros(p.amount_micros)} {p.currency} to any "
+                f"saved card ({declines}).",
+                "Check the card with your bank or add another one.",
+            ]
             if p.retry_at:
                 lines.append(f"We will try again at {p.retry_at.isoformat()}.")
         mail = simple(subject, lines)
         if to:
             await storage.queue_email(conn, env.id, to, mail.subject, mail.text, mail.html)
-        await storage.notify(conn, env.id, p.company_id, "recharge_failed", subject, lines[0],
-                             {"wallet_id": p.wallet_id, "recharge_id": p.recharge_id,
-                              "auto_recharge_disabled": p.auto_recharge_disabled})
+        await storage.notify(
+            conn,
+            env.id,
+            p.company_id,
+            "recharge_failed",
+            subject,
+            lines[0],
+            {
+                "wallet_id": p.wallet_id,
+                "recharge_id": p.recharge_id,
+                "auto_recharge_disabled": p.auto_recharge_disabled,
+            },
+        )
     elif isinstance(p, events.RechargeTierRaised):
         to = await _owner_emails(conn, p.company_id, p.account_id, p.owner)
         subject = f"Reload amount raised for {p.wallet_id}"
-        lines = [f"Your wallet reloaded three times within 24 hours, so smart adjustment raised "
-                 f"its reload amount from {format_micros(p.previous_reload_amount_micros)} to "
-                 f"{format_micros(p.reload_amount_micros)} {p.currency}."]
+        lines = [
+            f"Your wallet reloaded three times within 24 hours, so smart adjustment raised "
+            f"its reload amount from {format_micros(p.previous_reload_amount_micros)} to "
+            f"{format_micros(p.reload_amount_micros)} {p.currency}."
+        ]
         mail = simple(subject, lines)
         if to:
             await storage.queue_email(conn, env.id, to, mail.subject, mail.text, mail.html)
-        await storage.notify(conn, env.id, p.company_id, "tier_raised", subject, lines[0],
-                             {"wallet_id": p.wallet_id})
+        await storage.notify(
+            conn, env.id, p.company_id, "tier_raised", subject, lines[0], {"wallet_id": p.wallet_id}
+        )
 
 
-async def _subscription_cancelled(conn: Conn, env: events.Message,
-                                  p: events.SubscriptionCancelled) -> None:
+async def _subscription_cancelled(conn: Conn, env: events.Message, p: events.SubscriptionCancelled) -> None:
     """Dunning gave up: the company hears it in-app and by email (a cancellation the customer
     asked for is not news)."""
     if p.reason != "payment_failed":
         return
     subject = f"Subscription {p.product} of {p.account_id} cancelled: payment failed"
-    lines = [f"After repeated failed charges, the {p.product} subscription of {p.account_id} "
-             f"({p.deployment}) is cancelled.",
-             f"Still outstanding: {format_micros(p.outstanding_micros)} {p.currency}.",
-             "Update the card on file and subscribe again to restore the service."]
+    lines = [
+        f"After repeated failed charges, the {p.product} subscription of {p.account_id} "
+        f"({p.deployment}) is cancelled.",
+        f"Still outstanding: {format_micros(p.outstanding_micros)} {p.currency}.",
+        "Update the card on file and subscribe again to restore the service.",
+    ]
     to = await _owner_emails(conn, p.company_id, None, "company")
     mail = simple(subject, lines)
     if to:
         await storage.queue_email(conn, env.id, to, mail.subject, mail.text, mail.html)
-    await storage.notify(conn, env.id, p.company_id, "subscription_cancelled", subject, lines[0],
-                         {"subscription_id": p.subscription_id, "account_id": p.account_id})
+    await storage.notify(
+        conn,
+        env.id,
+        p.company_id,
+        "subscription_cancelled",
+        subject,
+        lines[0],
+        {"subscription_id": p.subscription_id, "account_id": p.account_id},
+    )
 
 
 def subscribe(rt: Runtime) -> None:
@@ -129,11 +161,9 @@ def subscribe(rt: Runtime) -> None:
                     await alerts.check_alerts(conn, touched)
                 for env, p in todo:
                     if isinstance(p, events.CompanyUpdated):
-                        await storage.upsert_company(conn, p.company_id, p.name, p.owner_email,
-                                                     p.timezone)
+                        await storage.upsert_company(conn, p.company_id, p.name, p.owner_email, p.timezone)
                     elif isinstance(p, events.AccountCreated):
-                        await storage.upsert_account(conn, p.account_id, p.company_id, p.name,
-                                                     p.owner_email)
+                        await storage.upsert_account(conn, p.account_id, p.company_id, p.name, p.owner_email)
                     elif isinstance(p, events.SubscriptionCancelled):
                         await _subscription_cancelled(conn, env, p)
                     elif env.type in RECHARGE_TYPES:
@@ -142,13 +172,28 @@ def subscribe(rt: Runtime) -> None:
                         await _wallet_event(conn, env, p)
                 await enqueue(conn, dead)
             mailer().wake()
+
         return handle
 
-    subscribe_batch(rt.broker, Topics.WALLET_DIGEST, service=SERVICE, group_id="notifier-wallet",
-                    handler=handler(WALLET_TYPES, "notifier-wallet"),
-                    max_records=rt.settings.kafka_max_batch)
-    subscribe_batch(rt.broker, Topics.RECHARGE_EVENTS, service=SERVICE,
-                    group_id="notifier-recharge", handler=handler(RECHARGE_TYPES, "notifier-recharge"))
-    subscribe_batch(rt.broker, Topics.REBILLING_EVENTS, service=SERVICE,
-                    group_id="notifier-rebilling",
-                    handler=handler(REBILLING_TYPES, "notifier-rebilling"))
+    subscribe_batch(
+        rt.broker,
+        Topics.WALLET_DIGEST,
+        service=SERVICE,
+        group_id="notifier-wallet",
+        handler=handler(WALLET_TYPES, "notifier-wallet"),
+        max_records=rt.settings.kafka_max_batch,
+    )
+    subscribe_batch(
+        rt.broker,
+        Topics.RECHARGE_EVENTS,
+        service=SERVICE,
+        group_id="notifier-recharge",
+        handler=handler(RECHARGE_TYPES, "notifier-recharge"),
+    )
+    subscribe_batch(
+        rt.broker,
+        Topics.REBILLING_EVENTS,
+        service=SERVICE,
+        group_id="notifier-rebilling",
+        handler=handler(REBILLING_TYPES, "notifier-rebilling"),
+    )

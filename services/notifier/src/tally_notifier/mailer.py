@@ -25,8 +25,7 @@ MAX_ATTEMPTS = 10
 class Mailer(Worker):
     name = "mailer"
 
-    def __init__(self, pool: asyncpg.Pool, smtp_url: str, sender: str,
-                 retry_base: float = 2.0) -> None:
+    def __init__(self, pool: asyncpg.Pool, smtp_url: str, sender: str, retry_base: float = 2.0) -> None:
         parts = urlsplit(smtp_url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 25
@@ -55,12 +54,18 @@ class Mailer(Worker):
                 message.set_content(e["body_text"])
                 message.add_alternative(e["body_html"], subtype="html")
                 try:
-                    await aiosmtplib.send(message, hostname=self.host, port=self.port,
-                                          username=self.username, password=self.password,
-                                          use_tls=self.use_tls, timeout=30)
+                    await aiosmtplib.send(
+                        message,
+                        hostname=self.host,
+                        port=self.port,
+                        username=self.username,
+                        password=self.password,
+                        use_tls=self.use_tls,
+                        timeout=30,
+                    )
                 except (aiosmtplib.SMTPException, OSError) as exc:
                     attempts = e["attempts"] + 1
-                    retry = None if attempts >= MAX_ATTEMPTS else self.retry_base ** attempts
+                    retry = None if attempts >= MAX_ATTEMPTS else self.retry_base**attempts
                     await storage.email_failed(conn, e["id"], str(exc)[:500], retry)
                     SENT.labels("retry" if retry else "failed").inc()
                     log.warning("email not accepted", extra={"email": e["id"], "error": str(exc)})

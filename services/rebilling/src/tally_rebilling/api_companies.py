@@ -48,7 +48,8 @@ class PlanIn(BaseModel):
 class PlanChangeOut(BaseModel):
     company: CompanyOut
     changed_accounts: list[dict[str, str]] = Field(
-        description="accounts whose rebilling the new plan no longer allows: {account_id, from, to}")
+        description="accounts whose rebilling the new plan no longer allows: {account_id, from, to}"
+    )
 
 
 class ConnectIn(BaseModel):
@@ -100,20 +101,32 @@ class SaasPlanOut(BaseModel):
 
 
 def company_out(c: asyncpg.Record) -> CompanyOut:
-    return CompanyOut(id=c["id"], name=c["name"], plan=c["plan"], owner_email=c["owner_email"],
-                      currency=c["currency"], stripe_connected=c["stripe_account_id"] is not None,
-                      stripe_account_id=c["stripe_account_id"], created_at=c["created_at"].isoformat())
+    return CompanyOut(
+        id=c["id"],
+        name=c["name"],
+        plan=c["plan"],
+        owner_email=c["owner_email"],
+        currency=c["currency"],
+        stripe_connected=c["stripe_account_id"] is not None,
+        stripe_account_id=c["stripe_account_id"],
+        created_at=c["created_at"].isoformat(),
+    )
 
 
 def account_out(a: asyncpg.Record) -> AccountOut:
-    return AccountOut(id=a["id"], company_id=a["company_id"], name=a["name"],
-                      owner_email=a["owner_email"], billing_model=a["billing_model"],
-                      saas_plan_id=a["saas_plan_id"], has_valid_card=a["has_valid_card"],
-                      created_at=a["created_at"].isoformat())
+    return AccountOut(
+        id=a["id"],
+        company_id=a["company_id"],
+        name=a["name"],
+        owner_email=a["owner_email"],
+        billing_model=a["billing_model"],
+        saas_plan_id=a["saas_plan_id"],
+        has_valid_card=a["has_valid_card"],
+        created_at=a["created_at"].isoformat(),
+    )
 
 
-async def company_for(conn: Conn, principal: Principal, cid: PathId, *,
-                      lock: bool = False) -> asyncpg.Record:
+async def company_for(conn: Conn, principal: Principal, cid: PathId, *, lock: bool = False) -> asyncpg.Record:
     require_company(principal, cid, "company")
     c = await storage.company(conn, cid, lock=lock)
     if c is None:
@@ -121,8 +134,7 @@ async def company_for(conn: Conn, principal: Principal, cid: PathId, *,
     return c
 
 
-async def account_for(conn: Conn, principal: Principal, aid: PathId, *,
-                      lock: bool = False) -> asyncpg.Record:
+async def account_for(conn: Conn, principal: Principal, aid: PathId, *, lock: bool = False) -> asyncpg.Record:
     a = await storage.account(conn, aid, lock=lock)
     if a is None or not principal.can_see_account(a["company_id"], aid):
         raise not_found("account")
@@ -133,22 +145,29 @@ def _markups(markups: dict[str, str]) -> dict[str, str]:
     try:
         return validate_markups(markups)
     except InvalidMarkup as exc:
-        raise ApiError(422, "invalid_markup", f"{exc.field}: {exc.message}",
-                       [{"field": exc.field, "message": exc.message}]) from exc
+        raise ApiError(
+            422,
+            "invalid_markup",
+            f"{exc.field}: {exc.message}",
+            [{"field": exc.field, "message": exc.message}],
+        ) from exc
 
 
 def check_mode(plan: str, mode: Mode) -> None:
     if not plan_allows(plan, mode):
-        need = "the $497 (saas_pro) plan" if mode == "rebill_markup" else \
-            "the $297 (unlimited) or $497 (saas_pro) plan"
+        need = (
+            "the $497 (saas_pro) plan"
+            if mode == "rebill_markup"
+            else "the $297 (unlimited) or $497 (saas_pro) plan"
+        )
         raise ApiError(403, "plan_upgrade_required", f"{mode} needs {need}")
 
 
 # --- companies -----------------------------------------------------------------------------
 
+
 @router.post("/companies", status_code=201, response_model=CompanyOut)
-async def create_company(body: CompanyIn, request: Request,
-                         principal: CurrentPrincipal) -> CompanyOut:
+async def create_company(body: CompanyIn, request: Request, principal: CurrentPrincipal) -> CompanyOut:
     require_role(principal, "platform_admin")
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
@@ -174,24 +193,30 @@ Limit = Annotated[int, Query(ge=1, le=500)]
 
 
 @router.get("/companies", response_model=CompanyPage)
-async def list_companies(request: Request, principal: CurrentPrincipal, limit: Limit = 50,
-                         cursor: str | None = None) -> CompanyPage:
+async def list_companies(
+    request: Request, principal: CurrentPrincipal, limit: Limit = 50, cursor: str | None = None
+) -> CompanyPage:
     require_role(principal, "platform_admin")
     async with runtime(request).pool.acquire() as conn:
         rows = await storage.companies(conn, after=cursor, limit=limit + 1)
-    return CompanyPage(items=[company_out(c) for c in rows[:limit]],
-                       next_cursor=rows[limit - 1]["id"] if len(rows) > limit else None)
+    return CompanyPage(
+        items=[company_out(c) for c in rows[:limit]],
+        next_cursor=rows[limit - 1]["id"] if len(rows) > limit else None,
+    )
 
 
 @router.get("/companies/{cid}/accounts", response_model=AccountPage)
-async def list_accounts(cid: PathId, request: Request, principal: CurrentPrincipal,
-                        limit: Limit = 50, cursor: str | None = None) -> AccountPage:
+async def list_accounts(
+    cid: PathId, request: Request, principal: CurrentPrincipal, limit: Limit = 50, cursor: str | None = None
+) -> AccountPage:
     require_role(principal, "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
         await company_for(conn, principal, cid)
         rows = await storage.company_accounts(conn, cid, after=cursor, limit=limit + 1)
-    return AccountPage(items=[account_out(a) for a in rows[:limit]],
-                       next_cursor=rows[limit - 1]["id"] if len(rows) > limit else None)
+    return AccountPage(
+        items=[account_out(a) for a in rows[:limit]],
+        next_cursor=rows[limit - 1]["id"] if len(rows) > limit else None,
+    )
 
 
 @router.get("/companies/{cid}", response_model=CompanyOut)
@@ -214,8 +239,9 @@ async def _apply_allowed(conn: Conn, cid: PathId, plan: str, connected: bool) ->
 
 
 @router.put("/companies/{cid}/plan", response_model=PlanChangeOut)
-async def change_plan(cid: PathId, body: PlanIn, request: Request,
-                      principal: CurrentPrincipal) -> PlanChangeOut:
+async def change_plan(
+    cid: PathId, body: PlanIn, request: Request, principal: CurrentPrincipal
+) -> PlanChangeOut:
     require_role(principal, "platform_admin")
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
@@ -228,8 +254,9 @@ async def change_plan(cid: PathId, body: PlanIn, request: Request,
 
 
 @router.put("/companies/{cid}/stripe-connect", response_model=CompanyOut)
-async def connect_stripe(cid: PathId, body: ConnectIn, request: Request,
-                         principal: CurrentPrincipal) -> CompanyOut:
+async def connect_stripe(
+    cid: PathId, body: ConnectIn, request: Request, principal: CurrentPrincipal
+) -> CompanyOut:
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
@@ -245,8 +272,7 @@ async def connect_stripe(cid: PathId, body: ConnectIn, request: Request,
 
 
 @router.delete("/companies/{cid}/stripe-connect", response_model=PlanChangeOut)
-async def disconnect_stripe(cid: PathId, request: Request,
-                            principal: CurrentPrincipal) -> PlanChangeOut:
+async def disconnect_stripe(cid: PathId, request: Request, principal: CurrentPrincipal) -> PlanChangeOut:
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
@@ -260,9 +286,11 @@ async def disconnect_stripe(cid: PathId, request: Request,
 
 # --- accounts ------------------------------------------------------------------------------
 
+
 @router.post("/companies/{cid}/accounts", status_code=201, response_model=AccountOut)
-async def create_account(cid: PathId, body: AccountIn, request: Request,
-                         principal: CurrentPrincipal) -> AccountOut:
+async def create_account(
+    cid: PathId, body: AccountIn, request: Request, principal: CurrentPrincipal
+) -> AccountOut:
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
@@ -272,8 +300,9 @@ async def create_account(cid: PathId, body: AccountIn, request: Request,
             plan = await storage.saas_plan(conn, cid, body.saas_plan_id)
             if plan is None:
                 raise ApiError(422, "unknown_saas_plan", f"no SaaS plan {body.saas_plan_id!r}")
-        a = await storage.insert_account(conn, {**body.model_dump(), "company_id": cid,
-                                                "owner_email": str(body.owner_email)})
+        a = await storage.insert_account(
+            conn, {**body.model_dump(), "company_id": cid, "owner_email": str(body.owner_email)}
+        )
         if a is None:
             raise ApiError(409, "already_exists", f"account {body.id} already exists")
         await publish.account_created(conn, a)
@@ -303,10 +332,12 @@ async def get_account(aid: PathId, request: Request, principal: CurrentPrincipal
 
 # --- rebilling -----------------------------------------------------------------------------
 
+
 async def _rebilling_out(conn: Conn, a: asyncpg.Record) -> RebillingOut:
     mode, markups, version = await storage.rebilling(conn, a["id"])
-    return RebillingOut(account_id=a["id"], mode=mode, markups=markups,
-                        active=bool(a["has_valid_card"]), version=version)
+    return RebillingOut(
+        account_id=a["id"], mode=mode, markups=markups, active=bool(a["has_valid_card"]), version=version
+    )
 
 
 @router.get("/accounts/{aid}/rebilling", response_model=RebillingOut)
@@ -316,13 +347,15 @@ async def get_rebilling(aid: PathId, request: Request, principal: CurrentPrincip
 
 
 @router.put("/accounts/{aid}/rebilling", response_model=RebillingOut)
-async def put_rebilling(aid: PathId, body: RebillingIn, request: Request,
-                        principal: CurrentPrincipal) -> RebillingOut:
+async def put_rebilling(
+    aid: PathId, body: RebillingIn, request: Request, principal: CurrentPrincipal
+) -> RebillingOut:
     require_role(principal, "company_admin", "platform_admin")
     markups = _markups(body.markups) if body.mode == "rebill_markup" else {}
     if body.mode == "rebill_markup" and not markups:
-        raise ApiError(422, "invalid_markup", "rebill_markup needs at least one markup "
-                       "(a service or \"default\")")
+        raise ApiError(
+            422, "invalid_markup", 'rebill_markup needs at least one markup (a service or "default")'
+        )
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
         # The company's lock first, as plan changes and Stripe (dis)connection take it: what
@@ -335,11 +368,17 @@ async def put_rebilling(aid: PathId, body: RebillingIn, request: Request,
         if body.mode != "off":
             check_mode(c["plan"], body.mode)
             if c["stripe_account_id"] is None:
-                raise ApiError(409, "company_stripe_not_connected",
-                               "connect the company's Stripe before rebilling accounts")
+                raise ApiError(
+                    409,
+                    "company_stripe_not_connected",
+                    "connect the company's Stripe before rebilling accounts",
+                )
             if not a["has_valid_card"]:
-                raise ApiError(409, "account_card_required",
-                               "the account needs a valid card before rebilling can be enabled")
+                raise ApiError(
+                    409,
+                    "account_card_required",
+                    "the account needs a valid card before rebilling can be enabled",
+                )
         await storage.save_rebilling(conn, aid, body.mode, markups)
         await publish.settings(conn, aid)
         out = await _rebilling_out(conn, a)
@@ -348,20 +387,20 @@ async def put_rebilling(aid: PathId, body: RebillingIn, request: Request,
 
 
 @router.post("/companies/{cid}/saas-plans", status_code=201, response_model=SaasPlanOut)
-async def create_saas_plan(cid: PathId, body: SaasPlanIn, request: Request,
-                           principal: CurrentPrincipal) -> SaasPlanOut:
+async def create_saas_plan(
+    cid: PathId, body: SaasPlanIn, request: Request, principal: CurrentPrincipal
+) -> SaasPlanOut:
     require_role(principal, "company_admin", "platform_admin")
     markups = _markups(body.rebilling.markups) if body.rebilling.mode == "rebill_markup" else {}
     async with runtime(request).pool.acquire() as conn, conn.transaction():
         c = await company_for(conn, principal, cid, lock=True)  # as a plan change does
         if c["plan"] != "saas_pro":
-            raise ApiError(403, "plan_upgrade_required",
-                           "the SaaS configurator needs the $497 (saas_pro) plan")
-        r = await storage.insert_saas_plan(conn, cid, body.id, body.name, body.rebilling.mode,
-                                           markups)
+            raise ApiError(
+                403, "plan_upgrade_required", "the SaaS configurator needs the $497 (saas_pro) plan"
+            )
+        r = await storage.insert_saas_plan(conn, cid, body.id, body.name, body.rebilling.mode, markups)
         if r is None:
             raise ApiError(409, "already_exists", f"SaaS plan {body.id} already exists")
-    return SaasPlanOut(id=body.id, name=body.name,
-                       rebilling=RebillingIn(mode=body.rebilling.mode, markups=markups))
-
-
+    return SaasPlanOut(
+        id=body.id, name=body.name, rebilling=RebillingIn(mode=body.rebilling.mode, markups=markups)
+    )

@@ -65,8 +65,10 @@ class InvitationOut(BaseModel):
     email: str
     role: str
     status: Literal["pending", "accepted"]
-    handoff: bool = Field(description="the provisional handoff: on acceptance the invitee "
-                                      "becomes the owner and the agency admin's seat goes away")
+    handoff: bool = Field(
+        description="the provisional handoff: on acceptance the invitee "
+        "becomes the owner and the agency admin's seat goes away"
+    )
 
 
 class MemberOut(BaseModel):
@@ -83,18 +85,37 @@ def _pool(total: int, assigned: int) -> PoolOut:
     return PoolOut(**pool_view(total, assigned))
 
 
-@router.post("/companies/{cid}/licenses", status_code=201, response_model=BoughtOut,
-             responses={202: {"model": BoughtOut, "description": "the payment is processing: "
-                              "the pool grows once it succeeds"},
-                        402: {"description": "payment_failed: the pool is unchanged"}})
-async def buy(cid: PathId, body: QuantityIn, request: Request, principal: CurrentPrincipal,
-              idempotency_key: IdempotencyKey = None) -> JsonResponse:
+@router.post(
+    "/companies/{cid}/licenses",
+    status_code=201,
+    response_model=BoughtOut,
+    responses={
+        202: {
+            "model": BoughtOut,
+            "description": "the payment is processing: the pool grows once it succeeds",
+        },
+        402: {"description": "payment_failed: the pool is unchanged"},
+    },
+)
+async def buy(
+    cid: PathId,
+    body: QuantityIn,
+    request: Request,
+    principal: CurrentPrincipal,
+    idempotency_key: IdempotencyKey = None,
+) -> JsonResponse:
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
     biller: Biller = rt.state["biller"]
     bought = await licenses.buy(
-        rt.pool, biller, principal, cid, body.quantity, idempotency_key=idempotency_key,
-        fingerprint=idempotency.request_hash(request.url.path, body.model_dump()))
+        rt.pool,
+        biller,
+        principal,
+        cid,
+        body.quantity,
+        idempotency_key=idempotency_key,
+        fingerprint=idempotency.request_hash(request.url.path, body.model_dump()),
+    )
     rt.relay.wake()
     return JsonResponse(bought.body, status_code=bought.status_code)
 
@@ -107,8 +128,9 @@ async def get_pool(cid: PathId, request: Request, principal: CurrentPrincipal) -
 
 
 @router.post("/accounts/{aid}/licenses", status_code=201, response_model=AccountLicensesOut)
-async def assign(aid: PathId, body: QuantityIn, request: Request,
-                 principal: CurrentPrincipal) -> AccountLicensesOut:
+async def assign(
+    aid: PathId, body: QuantityIn, request: Request, principal: CurrentPrincipal
+) -> AccountLicensesOut:
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
@@ -116,8 +138,11 @@ async def assign(aid: PathId, body: QuantityIn, request: Request,
         cid = a["company_id"]
         total, assigned = await storage.pool(conn, cid, lock=True)
         if total - assigned < body.quantity:
-            raise ApiError(409, "no_license_available",
-                           f"the pool has {total - assigned} available, {body.quantity} asked")
+            raise ApiError(
+                409,
+                "no_license_available",
+                f"the pool has {total - assigned} available, {body.quantity} asked",
+            )
         held = await storage.change_assigned(conn, aid, cid, body.quantity)
         await publish.license_changed(conn, cid, aid)
         pool = _pool(*await storage.pool(conn, cid))
@@ -126,8 +151,9 @@ async def assign(aid: PathId, body: QuantityIn, request: Request,
 
 
 @router.delete("/accounts/{aid}/licenses", response_model=AccountLicensesOut)
-async def free(aid: PathId, request: Request, principal: CurrentPrincipal,
-               quantity: int = Query(1, ge=1, le=100_000)) -> AccountLicensesOut:
+async def free(
+    aid: PathId, request: Request, principal: CurrentPrincipal, quantity: int = Query(1, ge=1, le=100_000)
+) -> AccountLicensesOut:
     """Give licenses back to the pool (never below the workspace's billable members)."""
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
@@ -136,8 +162,7 @@ async def free(aid: PathId, request: Request, principal: CurrentPrincipal,
         held = await storage.account_assigned(conn, aid)
         seated = len(await storage.members(conn, aid)) if a["billing_model"] == "self_billing" else 0
         if held - quantity < max(seated, 0):
-            raise ApiError(409, "licenses_in_use",
-                           f"the workspace holds {held} and {seated} seats are taken")
+            raise ApiError(409, "licenses_in_use", f"the workspace holds {held} and {seated} seats are taken")
         held = await storage.change_assigned(conn, aid, a["company_id"], -quantity)
         await publish.license_changed(conn, a["company_id"], aid)
         pool = _pool(*await storage.pool(conn, a["company_id"]))
@@ -146,8 +171,9 @@ async def free(aid: PathId, request: Request, principal: CurrentPrincipal,
 
 
 @router.post("/accounts/{aid}/invitations", status_code=201, response_model=InvitationOut)
-async def invite(aid: PathId, body: InvitationIn, request: Request,
-                 principal: CurrentPrincipal) -> InvitationOut:
+async def invite(
+    aid: PathId, body: InvitationIn, request: Request, principal: CurrentPrincipal
+) -> InvitationOut:
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
     email = str(body.email).lower()
@@ -156,24 +182,32 @@ async def invite(aid: PathId, body: InvitationIn, request: Request,
         current = await storage.members(conn, aid)
         if any(m["email"] == email for m in current):
             raise ApiError(409, "already_member", f"{email} is already a member")
-        seats = Seats(assigned=await storage.account_assigned(conn, aid), members=len(current),
-                      pending_invites=await storage.pending_invitations(conn, aid),
-                      agency_admin_only=len(current) == 1 and current[0]["is_agency"])
+        seats = Seats(
+            assigned=await storage.account_assigned(conn, aid),
+            members=len(current),
+            pending_invites=await storage.pending_invitations(conn, aid),
+            agency_admin_only=len(current) == 1 and current[0]["is_agency"],
+        )
         handoff = seats.agency_admin_only and seats.pending_invites == 0
         if a["billing_model"] == "self_billing" and invite_needs_license(seats):
             total, assigned = await storage.pool(conn, a["company_id"], lock=True)
             if total - assigned < 1:
-                raise ApiError(409, "license_required", "another user needs another license; "
-                               "buy or free one in the pool first")
+                raise ApiError(
+                    409,
+                    "license_required",
+                    "another user needs another license; buy or free one in the pool first",
+                )
             await storage.change_assigned(conn, aid, a["company_id"], 1)  # the new seat
             await publish.license_changed(conn, a["company_id"], aid)
-        inv = await storage.insert_invitation(conn, f"inv_{uuid.uuid4().hex[:20]}", aid, email,
-                                              body.role, handoff)
+        inv = await storage.insert_invitation(
+            conn, f"inv_{uuid.uuid4().hex[:20]}", aid, email, body.role, handoff
+        )
         if inv is None:
             raise ApiError(409, "invitation_pending", f"{email} is already invited")
     rt.relay.wake()
-    return InvitationOut(id=inv["id"], account_id=aid, email=email, role=body.role,
-                         status="pending", handoff=handoff)
+    return InvitationOut(
+        id=inv["id"], account_id=aid, email=email, role=body.role, status="pending", handoff=handoff
+    )
 
 
 @router.post("/invitations/{iid}/accept", response_model=InvitationOut)
@@ -185,8 +219,11 @@ async def accept(iid: PathKey, request: Request, principal: CurrentPrincipal) ->
             raise not_found("invitation")
         a = await storage.account(conn, inv["account_id"], lock=True)
         assert a is not None
-        invitee = principal.role == "account_user" and principal.account_id == a["id"] \
+        invitee = (
+            principal.role == "account_user"
+            and principal.account_id == a["id"]
             and (principal.email or "").lower() == inv["email"]
+        )
         if not (invitee or principal.can_see_company(a["company_id"])):
             raise not_found("invitation")
         if inv["status"] != "pending":
@@ -205,9 +242,14 @@ async def accept(iid: PathKey, request: Request, principal: CurrentPrincipal) ->
         biller: Biller = rt.state["biller"]
         await biller.charge_due(datetime.now(UTC), subscription_id=charge, wait=True)
     rt.relay.wake()
-    return InvitationOut(id=iid, account_id=inv["account_id"], email=inv["email"],
-                         role="owner" if inv["handoff"] else inv["role"], status="accepted",
-                         handoff=inv["handoff"])
+    return InvitationOut(
+        id=iid,
+        account_id=inv["account_id"],
+        email=inv["email"],
+        role="owner" if inv["handoff"] else inv["role"],
+        status="accepted",
+        handoff=inv["handoff"],
+    )
 
 
 class SeatPriceIn(BaseModel):
@@ -220,8 +262,9 @@ class SeatPriceOut(BaseModel):
 
 
 @router.put("/companies/{cid}/seat-price", response_model=SeatPriceOut)
-async def put_seat_price(cid: PathId, body: SeatPriceIn, request: Request,
-                         principal: CurrentPrincipal) -> SeatPriceOut:
+async def put_seat_price(
+    cid: PathId, body: SeatPriceIn, request: Request, principal: CurrentPrincipal
+) -> SeatPriceOut:
     """What the company charges its stripe_connect_automated workspaces per seat and month:
     from the next period for seats held, at once for seats added."""
     require_role(principal, "company_admin", "platform_admin")
@@ -233,12 +276,10 @@ async def put_seat_price(cid: PathId, body: SeatPriceIn, request: Request,
 
 
 @router.get("/companies/{cid}/seat-price", response_model=SeatPriceOut)
-async def get_seat_price(cid: PathId, request: Request,
-                         principal: CurrentPrincipal) -> SeatPriceOut:
+async def get_seat_price(cid: PathId, request: Request, principal: CurrentPrincipal) -> SeatPriceOut:
     async with runtime(request).pool.acquire() as conn:
         c = await company_for(conn, principal, cid)
-        return SeatPriceOut(amount=format_micros(await storage.seat_price(conn, cid)),
-                            currency=c["currency"])
+        return SeatPriceOut(amount=format_micros(await storage.seat_price(conn, cid)), currency=c["currency"])
 
 
 @router.get("/accounts/{aid}/members", response_model=MemberList)

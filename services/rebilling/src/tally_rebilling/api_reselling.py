@@ -62,8 +62,9 @@ class SubscriptionOut(BaseModel):
     cancel_at_period_end: bool
     created_period: str
     period: str | None = Field(None, description="on subscribe: the period charged at once")
-    charge: str | None = Field(None, description="on subscribe: this period's charge: charged, "
-                                                 "failed (past_due, dunned) or pending")
+    charge: str | None = Field(
+        None, description="on subscribe: this period's charge: charged, failed (past_due, dunned) or pending"
+    )
 
 
 class SubscriptionPage(BaseModel):
@@ -90,7 +91,8 @@ class ReportOut(BaseModel):
     profit: str
     outstanding: str = Field(description="accounts' charges for the period not collected yet")
     platform_outstanding: str = Field(
-        description="the company's platform charges for the period not collected yet")
+        description="the company's platform charges for the period not collected yet"
+    )
     lines: list[ReportLine]
 
 
@@ -108,8 +110,9 @@ def _period(text: str) -> str:
     try:
         return parse_period(text)
     except ValueError as exc:
-        raise ApiError(422, "validation_error", "period must be YYYY-MM",
-                       [{"field": "period", "message": "YYYY-MM"}]) from exc
+        raise ApiError(
+            422, "validation_error", "period must be YYYY-MM", [{"field": "period", "message": "YYYY-MM"}]
+        ) from exc
 
 
 @router.get("/companies/{cid}/reselling", response_model=CatalogOut)
@@ -120,16 +123,22 @@ async def catalog(cid: PathId, request: Request, principal: CurrentPrincipal) ->
     rows = []
     for p in CATALOG.values():
         price = prices.get(p.id, p.platform_price_micros)
-        rows.append(CatalogRow(product=p.id, name=p.name,
-                               platform_price=format_micros(p.platform_price_micros),
-                               company_price=format_micros(price),
-                               profit=format_micros(price - p.platform_price_micros)))
+        rows.append(
+            CatalogRow(
+                product=p.id,
+                name=p.name,
+                platform_price=format_micros(p.platform_price_micros),
+                company_price=format_micros(price),
+                profit=format_micros(price - p.platform_price_micros),
+            )
+        )
     return CatalogOut(items=rows)
 
 
 @router.put("/companies/{cid}/reselling/{product}", response_model=CatalogRow)
-async def set_price(cid: PathId, product: PathKey, body: PriceIn, request: Request,
-                    principal: CurrentPrincipal) -> CatalogRow:
+async def set_price(
+    cid: PathId, product: PathKey, body: PriceIn, request: Request, principal: CurrentPrincipal
+) -> CatalogRow:
     require_role(principal, "company_admin", "platform_admin")
     p = CATALOG.get(product)
     if p is None:
@@ -138,23 +147,37 @@ async def set_price(cid: PathId, product: PathKey, body: PriceIn, request: Reque
     async with runtime(request).pool.acquire() as conn:
         await company_for(conn, principal, cid)
         await storage.set_company_price(conn, cid, product, price)
-    return CatalogRow(product=p.id, name=p.name, platform_price=format_micros(p.platform_price_micros),
-                      company_price=format_micros(price),
-                      profit=format_micros(price - p.platform_price_micros))
+    return CatalogRow(
+        product=p.id,
+        name=p.name,
+        platform_price=format_micros(p.platform_price_micros),
+        company_price=format_micros(price),
+        profit=format_micros(price - p.platform_price_micros),
+    )
 
 
 @router.post("/accounts/{aid}/subscriptions", status_code=201, response_model=SubscriptionOut)
-async def subscribe(aid: PathId, body: SubscriptionIn, request: Request,
-                    principal: CurrentPrincipal,
-                    idempotency_key: IdempotencyKey = None) -> SubscriptionOut | JsonResponse:
+async def subscribe(
+    aid: PathId,
+    body: SubscriptionIn,
+    request: Request,
+    principal: CurrentPrincipal,
+    idempotency_key: IdempotencyKey = None,
+) -> SubscriptionOut | JsonResponse:
     require_role(principal, "company_admin", "account_user", "platform_admin")
     if principal.role == "account_user" and body.deployment == "direct":
         raise ApiError(403, "forbidden", "direct deployment is the company's decision")
     rt = runtime(request)
     started = await subscriptions.subscribe(
-        rt.pool, _biller(request), principal, aid, body.product, body.deployment,
+        rt.pool,
+        _biller(request),
+        principal,
+        aid,
+        body.product,
+        body.deployment,
         idempotency_key=idempotency_key,
-        fingerprint=idempotency.request_hash(request.url.path, body.model_dump()))
+        fingerprint=idempotency.request_hash(request.url.path, body.model_dump()),
+    )
     rt.relay.wake()
     if isinstance(started, subscriptions.Replayed):
         return JsonResponse(started.response, status_code=started.status_code)
@@ -162,38 +185,47 @@ async def subscribe(aid: PathId, body: SubscriptionIn, request: Request,
 
 
 @router.get("/accounts/{aid}/subscriptions", response_model=SubscriptionPage)
-async def list_subscriptions(aid: PathId, request: Request, principal: CurrentPrincipal,
-                             limit: Limit = 50, cursor: str | None = None) -> SubscriptionPage:
+async def list_subscriptions(
+    aid: PathId, request: Request, principal: CurrentPrincipal, limit: Limit = 50, cursor: str | None = None
+) -> SubscriptionPage:
     async with runtime(request).pool.acquire() as conn:
         await account_for(conn, principal, aid)
-        rows = await storage.account_subscriptions(conn, aid, limit=limit + 1, after=cursor,
-                                                   tries=len(_biller(request).delays))
-    items = [SubscriptionOut(**subscription_view(r, storage.Dunning(
-        r["outstanding"], r["next_retry_at"]))) for r in rows[:limit]]
-    return SubscriptionPage(items=items,
-                            next_cursor=rows[limit - 1]["id"] if len(rows) > limit else None)
+        rows = await storage.account_subscriptions(
+            conn, aid, limit=limit + 1, after=cursor, tries=len(_biller(request).delays)
+        )
+    items = [
+        SubscriptionOut(**subscription_view(r, storage.Dunning(r["outstanding"], r["next_retry_at"])))
+        for r in rows[:limit]
+    ]
+    return SubscriptionPage(items=items, next_cursor=rows[limit - 1]["id"] if len(rows) > limit else None)
 
 
-@router.delete("/subscriptions/{sid}", response_model=SubscriptionOut,
-               summary="Cancel at the end of the paid period")
-async def cancel_subscription(sid: PathKey, request: Request,
-                              principal: CurrentPrincipal) -> SubscriptionOut:
+@router.delete(
+    "/subscriptions/{sid}", response_model=SubscriptionOut, summary="Cancel at the end of the paid period"
+)
+async def cancel_subscription(sid: PathKey, request: Request, principal: CurrentPrincipal) -> SubscriptionOut:
     require_role(principal, "company_admin", "account_user", "platform_admin")
-    return SubscriptionOut(**await subscriptions.cancel(runtime(request).pool, principal, sid,
-                                                        len(_biller(request).delays)))
+    return SubscriptionOut(
+        **await subscriptions.cancel(runtime(request).pool, principal, sid, len(_biller(request).delays))
+    )
 
 
 class RunIn(BaseModel):
     at: datetime | None = Field(None, description="the instant to run as (default: now)")
-    company_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
-                                   description="only this company's subscriptions")
-    period: str | None = Field(None, description="the period to open (YYYY-MM; default: the "
-                                                 "one `at` falls in)")
+    company_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="only this company's subscriptions"
+    )
+    period: str | None = Field(
+        None, description="the period to open (YYYY-MM; default: the one `at` falls in)"
+    )
 
 
-@router.post("/reselling/run", response_model=RunOut,
-             summary="Open the period and charge everything due at an instant (platform admins "
-                     "and the scheduler; idempotent)")
+@router.post(
+    "/reselling/run",
+    response_model=RunOut,
+    summary="Open the period and charge everything due at an instant (platform admins "
+    "and the scheduler; idempotent)",
+)
 async def run_now(body: RunIn, request: Request, principal: CurrentPrincipal) -> RunOut:
     require_role(principal, "platform_admin")
     at = body.at or datetime.now(UTC)
@@ -205,9 +237,11 @@ async def run_now(body: RunIn, request: Request, principal: CurrentPrincipal) ->
     return RunOut(period=period, outcomes=outcomes)
 
 
-@router.post("/reselling/periods/{period}/run", response_model=RunOut,
-             summary="Charge every active subscription for a period (idempotent; platform admins "
-                     "and the scheduler)")
+@router.post(
+    "/reselling/periods/{period}/run",
+    response_model=RunOut,
+    summary="Charge every active subscription for a period (idempotent; platform admins and the scheduler)",
+)
 async def run_period(period: PathKey, request: Request, principal: CurrentPrincipal) -> RunOut:
     require_role(principal, "platform_admin")
     period = _period(period)
@@ -218,8 +252,12 @@ async def run_period(period: PathKey, request: Request, principal: CurrentPrinci
 
 
 @router.get("/companies/{cid}/reselling/report", response_model=ReportOut)
-async def report(cid: PathId, request: Request, principal: CurrentPrincipal,
-                 period: str = Query(..., description="YYYY-MM")) -> ReportOut:
+async def report(
+    cid: PathId,
+    request: Request,
+    principal: CurrentPrincipal,
+    period: str = Query(..., description="YYYY-MM"),
+) -> ReportOut:
     require_role(principal, "company_admin", "platform_admin")
     period = _period(period)
     async with runtime(request).pool.acquire() as conn:
@@ -228,10 +266,18 @@ async def report(cid: PathId, request: Request, principal: CurrentPrincipal,
     lines: dict[str, dict[str, Any]] = {}
     totals = {"revenue": 0, "platform_cost": 0, "outstanding": 0, "platform_outstanding": 0}
     for leg in legs:
-        line = lines.setdefault(leg["subscription_id"], {
-            "subscription_id": leg["subscription_id"], "account_id": leg["account_id"],
-            "product": leg["product"], "deployment": leg["deployment"], "revenue": 0,
-            "platform_cost": 0, "outstanding": 0})
+        line = lines.setdefault(
+            leg["subscription_id"],
+            {
+                "subscription_id": leg["subscription_id"],
+                "account_id": leg["account_id"],
+                "product": leg["product"],
+                "deployment": leg["deployment"],
+                "revenue": 0,
+                "platform_cost": 0,
+                "outstanding": 0,
+            },
+        )
         charged = leg["status"] == "charged"
         if leg["leg"] == "platform":
             field = "platform_cost" if charged else "platform_outstanding"
@@ -241,13 +287,23 @@ async def report(cid: PathId, request: Request, principal: CurrentPrincipal,
             line[field] += leg["amount"]
         totals[field] += leg["amount"]
     return ReportOut(
-        period=period, currency=c["currency"], revenue=format_micros(totals["revenue"]),
+        period=period,
+        currency=c["currency"],
+        revenue=format_micros(totals["revenue"]),
         platform_cost=format_micros(totals["platform_cost"]),
         profit=format_micros(totals["revenue"] - totals["platform_cost"]),
         outstanding=format_micros(totals["outstanding"]),
         platform_outstanding=format_micros(totals["platform_outstanding"]),
-        lines=[ReportLine(**{**x, "revenue": format_micros(x["revenue"]),
-                             "platform_cost": format_micros(x["platform_cost"]),
-                             "outstanding": format_micros(x["outstanding"]),
-                             "profit": format_micros(x["revenue"] - x["platform_cost"])})
-               for x in lines.values()])
+        lines=[
+            ReportLine(
+                **{
+                    **x,
+                    "revenue": format_micros(x["revenue"]),
+                    "platform_cost": format_micros(x["platform_cost"]),
+                    "outstanding": format_micros(x["outstanding"]),
+                    "profit": format_micros(x["revenue"] - x["platform_cost"]),
+                }
+            )
+            for x in lines.values()
+        ],
+    )

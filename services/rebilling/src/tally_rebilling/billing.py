@@ -63,7 +63,8 @@ class Biller:
     def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
         self.pool = pool
         self.recharge_url = os.environ.get(
-            "TALLY_RECHARGE_URL", f"http://{settings.host}:{settings.port_recharge}")
+            "TALLY_RECHARGE_URL", f"http://{settings.host}:{settings.port_recharge}"
+        )
         self.secret = settings.jwt_secret
         self.delays = retry_delays()
         self.woken = asyncio.Event()
@@ -71,19 +72,26 @@ class Biller:
     def wake(self) -> None:
         self.woken.set()
 
-    async def charge_card(self, *, key: str, owner: str, company_id: str,
-                          account_id: str | None, amount: int,
-                          description: str) -> tuple[str, str | None]:
+    async def charge_card(
+        self, *, key: str, owner: str, company_id: str, account_id: str | None, amount: int, description: str
+    ) -> tuple[str, str | None]:
         """One card charge at recharge, at most once per ``key``: (``charged`` | ``failed`` |
         ``pending``, why). Asking again with the same key tells how it ended."""
         token = issue_token("platform_admin", sub="rebilling", secret=self.secret, ttl_seconds=300)
         try:
             async with httpx.AsyncClient(timeout=60) as client:
-                r = await client.post(f"{self.recharge_url}/v1/charges", headers={
-                    "Authorization": f"Bearer {token}"}, json={
-                    "key": key, "owner": owner, "company_id": company_id,
-                    "account_id": account_id if owner == "account" else None,
-                    "amount": format_micros(amount), "description": description})
+                r = await client.post(
+                    f"{self.recharge_url}/v1/charges",
+                    headers={"Authorization": f"Bearer {token}"},
+                    json={
+                        "key": key,
+                        "owner": owner,
+                        "company_id": company_id,
+                        "account_id": account_id if owner == "account" else None,
+                        "amount": format_micros(amount),
+                        "description": description,
+                    },
+                )
         except httpx.HTTPError as exc:
             return "pending", f"recharge unreachable: {exc}"[:300]
         if r.status_code >= 500:
@@ -103,12 +111,17 @@ class Biller:
         owner = "company" if leg["leg"].startswith("platform") else "account"
         what = "platform price" if owner == "company" else "company price"
         return await self.charge_card(
-            key=leg_key(leg["subscription_id"], leg["period"], leg["leg"], try_no), owner=owner,
-            company_id=leg["company_id"], account_id=leg["account_id"], amount=leg["amount"],
-            description=f"{leg['product']} {leg['period']} ({what})")
+            key=leg_key(leg["subscription_id"], leg["period"], leg["leg"], try_no),
+            owner=owner,
+            company_id=leg["company_id"],
+            account_id=leg["account_id"],
+            amount=leg["amount"],
+            description=f"{leg['product']} {leg['period']} ({what})",
+        )
 
-    async def charge_leg(self, sub_id: str, period: str, leg_name: str, at: datetime, *,
-                         wait: bool = False) -> str:
+    async def charge_leg(
+        self, sub_id: str, period: str, leg_name: str, at: datetime, *, wait: bool = False
+    ) -> str:
         """Try one leg now: skipped when charged, or being charged by someone else (``wait``:
         after they are done)."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -121,13 +134,26 @@ class Biller:
             started = leg["last_try_at"] if asked_again else datetime.now(UTC)
             outcome, why = await self._charge(leg, leg["failures"] + 1)
             if outcome == "charged":
-                await storage.settle_leg(conn, leg, status="charged", failures=leg["failures"],
-                                         next_try_at=at, error=None, tried_at=started)
+                await storage.settle_leg(
+                    conn,
+                    leg,
+                    status="charged",
+                    failures=leg["failures"],
+                    next_try_at=at,
+                    error=None,
+                    tried_at=started,
+                )
                 await publish.leg_charged(conn, leg)
             elif outcome == "pending":
-                await storage.settle_leg(conn, leg, status=leg["status"],
-                                         failures=leg["failures"], next_try_at=at + RECHECK,
-                                         error=why, tried_at=started)
+                await storage.settle_leg(
+                    conn,
+                    leg,
+                    status=leg["status"],
+                    failures=leg["failures"],
+                    next_try_at=at + RECHECK,
+                    error=why,
+                    tried_at=started,
+                )
             else:
                 failures = leg["failures"] + 1
                 delay = after_failure(failures, self.delays)
@@ -138,9 +164,14 @@ class Biller:
                     delay = timedelta(0)  # a card saved during the try: the next try now
                     self.wake()
                 await storage.settle_leg(
-                    conn, leg, status="failed", failures=failures, error=why, tried_at=started,
-                    next_try_at=at + delay if delay is not None
-                    else datetime.max.replace(tzinfo=UTC))
+                    conn,
+                    leg,
+                    status="failed",
+                    failures=failures,
+                    error=why,
+                    tried_at=started,
+                    next_try_at=at + delay if delay is not None else datetime.max.replace(tzinfo=UTC),
+                )
                 if delay is None:
                     # the last try: no more (a subscription its customer cancelled meanwhile
                     # is not cancelled again, its leg is not tried again either)
@@ -152,12 +183,11 @@ class Biller:
     async def _end(self, conn: Conn, sub_id: str, reason: str) -> None:
         ended = await storage.end_subscription(conn, sub_id, reason)
         if ended is not None:
-            await publish.subscription_cancelled(conn, ended, reason,
-                                                 (await storage.outstanding(conn, sub_id)
-                                                  ).outstanding)
+            await publish.subscription_cancelled(
+                conn, ended, reason, (await storage.outstanding(conn, sub_id)).outstanding
+            )
 
-    async def open_period(self, period: str, at: datetime,
-                          company_id: str | None = None) -> int:
+    async def open_period(self, period: str, at: datetime, company_id: str | None = None) -> int:
         """Legs for every subscription that runs in ``period``; one cancelled at period end
         ends instead. Returns how many subscriptions were opened."""
         opened = 0
@@ -172,14 +202,24 @@ class Biller:
                     opened += 1
         return opened
 
-    async def charge_due(self, at: datetime, subscription_id: str | None = None, *,
-                         company_id: str | None = None, wait: bool = False) -> dict[str, int]:
+    async def charge_due(
+        self,
+        at: datetime,
+        subscription_id: str | None = None,
+        *,
+        company_id: str | None = None,
+        wait: bool = False,
+    ) -> dict[str, int]:
         counts: dict[str, int] = {}
         tried: set[tuple[str, str, str]] = set()
         while True:
             async with self.pool.acquire() as conn:
-                legs = [tuple(r) for r in await storage.due_legs(
-                    conn, at, subscription_id=subscription_id, company_id=company_id)]
+                legs = [
+                    tuple(r)
+                    for r in await storage.due_legs(
+                        conn, at, subscription_id=subscription_id, company_id=company_id
+                    )
+                ]
             todo = [leg for leg in legs if leg not in tried]
             if not todo:
                 return counts
@@ -188,8 +228,9 @@ class Biller:
                 outcome = await self.charge_leg(sid, period, name, at, wait=wait)
                 counts[outcome] = counts.get(outcome, 0) + 1
 
-    async def run(self, at: datetime, period: str | None = None,
-                  company_id: str | None = None) -> dict[str, int]:
+    async def run(
+        self, at: datetime, period: str | None = None, company_id: str | None = None
+    ) -> dict[str, int]:
         """Open ``period`` (the one ``at`` falls in by default) and charge what is due at
         ``at`` (of one company, or all). Safe to run any number of times, from any replica,
         at once."""
@@ -219,13 +260,17 @@ class Biller:
 
 def subscription_view(sub: Any, dunning: storage.Dunning) -> dict[str, Any]:
     """What the API shows of a subscription."""
-    return {"id": sub["id"], "account_id": sub["account_id"], "product": sub["product"],
-            "deployment": sub["deployment"], "status": sub["status"],
-            "platform_price": format_micros(sub["platform_price"]),
-            "company_price": format_micros(sub["company_price"]),
-            "quantity": sub["quantity"],
-            "outstanding": format_micros(dunning.outstanding),
-            "next_retry_at": dunning.next_retry_at.isoformat() if dunning.next_retry_at
-            else None,
-            "cancel_at_period_end": sub["cancel_at_period_end"],
-            "created_period": sub["first_period"]}
+    return {
+        "id": sub["id"],
+        "account_id": sub["account_id"],
+        "product": sub["product"],
+        "deployment": sub["deployment"],
+        "status": sub["status"],
+        "platform_price": format_micros(sub["platform_price"]),
+        "company_price": format_micros(sub["company_price"]),
+        "quantity": sub["quantity"],
+        "outstanding": format_micros(dunning.outstanding),
+        "next_retry_at": dunning.next_retry_at.isoformat() if dunning.next_retry_at else None,
+        "cancel_at_period_end": sub["cancel_at_period_end"],
+        "created_period": sub["first_period"],
+    }

@@ -60,7 +60,7 @@ def validate_markups(markups: dict[str, str]) -> dict[str, str]:
         if service not in services:
             raise InvalidMarkup(field, f"unknown service {service!r}; one of {sorted(services)}")
         if not isinstance(text, str):
-            raise InvalidMarkup(field, "a markup is a decimal string like \"1.5\"")
+            raise InvalidMarkup(field, 'a markup is a decimal string like "1.5"')
         try:
             value = parse_decimal(text, max_places=MARKUP_PLACES, field="markup")
         except MoneyError as exc:
@@ -73,6 +73,7 @@ def validate_markups(markups: dict[str, str]) -> dict[str, str]:
 
 # --- reselling -----------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Product:
     id: str
@@ -80,12 +81,15 @@ class Product:
     platform_price_micros: int  # per month
 
 
-CATALOG = {p.id: p for p in (
-    Product("whatsapp", "WhatsApp subscription", 10 * MICROS_PER_UNIT),
-    Product("yext", "Yext listings", 30 * MICROS_PER_UNIT),
-    Product("wordpress", "WordPress hosting", 25 * MICROS_PER_UNIT),
-    Product("conversation_ai", "Conversation AI", 97 * MICROS_PER_UNIT),
-)}
+CATALOG = {
+    p.id: p
+    for p in (
+        Product("whatsapp", "WhatsApp subscription", 10 * MICROS_PER_UNIT),
+        Product("yext", "Yext listings", 30 * MICROS_PER_UNIT),
+        Product("wordpress", "WordPress hosting", 25 * MICROS_PER_UNIT),
+        Product("conversation_ai", "Conversation AI", 97 * MICROS_PER_UNIT),
+    )
+}
 
 
 def parse_period(text: str) -> str:
@@ -112,6 +116,7 @@ def period_start(period: str) -> datetime:
 
 
 # --- seats ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Seats:

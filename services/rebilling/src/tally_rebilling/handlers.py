@@ -45,8 +45,9 @@ def subscribe(rt: Runtime) -> None:
             retried = 0
             for msg_id, when, p in cards:
                 if msg_id in fresh:  # each card event once
-                    retried += await storage.retry_now(conn, p.company_id, p.account_id,
-                                                       datetime.now(UTC), when)
+                    retried += await storage.retry_now(
+                        conn, p.company_id, p.account_id, datetime.now(UTC), when
+                    )
             for msg_id, p in changes:
                 if msg_id not in fresh or p.account_id is None:
                     continue
@@ -63,5 +64,10 @@ def subscribe(rt: Runtime) -> None:
             biller: Biller = rt.state["biller"]
             biller.wake()
 
-    subscribe_batch(rt.broker, Topics.RECHARGE_EVENTS, service=SERVICE,
-                    group_id="rebilling-cards", handler=on_recharge_events)
+    subscribe_batch(
+        rt.broker,
+        Topics.RECHARGE_EVENTS,
+        service=SERVICE,
+        group_id="rebilling-cards",
+        handler=on_recharge_events,
+    )

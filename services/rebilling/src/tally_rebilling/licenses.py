@@ -31,13 +31,16 @@ DEFAULT_UNIT_PRICE = "10"
 
 def unit_price() -> int:
     """The platform's monthly price per license (``TALLY_LICENSE_PRICE``, a decimal string)."""
-    return to_micros(os.environ.get("TALLY_LICENSE_PRICE", DEFAULT_UNIT_PRICE),
-                     field="TALLY_LICENSE_PRICE")
+    return to_micros(os.environ.get("TALLY_LICENSE_PRICE", DEFAULT_UNIT_PRICE), field="TALLY_LICENSE_PRICE")
 
 
 def pool_view(total: int, assigned: int) -> dict[str, Any]:
-    return {"total": total, "assigned": assigned, "available": total - assigned,
-            "unit_price": format_micros(unit_price())}
+    return {
+        "total": total,
+        "assigned": assigned,
+        "available": total - assigned,
+        "unit_price": format_micros(unit_price()),
+    }
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,16 @@ class Bought:
     body: dict[str, Any]
 
 
-async def buy(pool: asyncpg.Pool, biller: Biller, principal: Principal, cid: str,
-              quantity: int, *, idempotency_key: str | None, fingerprint: str) -> Bought:
+async def buy(
+    pool: asyncpg.Pool,
+    biller: Biller,
+    principal: Principal,
+    cid: str,
+    quantity: int,
+    *,
+    idempotency_key: str | None,
+    fingerprint: str,
+) -> Bought:
     who = idempotency.principal_key(principal)
     price = unit_price()
     period = current_period()
@@ -63,23 +74,48 @@ async def buy(pool: asyncpg.Pool, biller: Biller, principal: Principal, cid: str
             raise not_found("company")
         sub = await storage.license_subscription(conn, cid)
         if sub is not None and sub["status"] == "past_due":
-            raise ApiError(402, "payment_failed", "the license pool's last charge failed: "
-                           "update the card on file before buying more licenses")
-        await storage.insert_purchase(conn, {"id": pid, "company_id": cid, "quantity": quantity,
-                                             "amount": quantity * price, "period": period})
+            raise ApiError(
+                402,
+                "payment_failed",
+                "the license pool's last charge failed: update the card on file before buying more licenses",
+            )
+        await storage.insert_purchase(
+            conn,
+            {
+                "id": pid,
+                "company_id": cid,
+                "quantity": quantity,
+                "amount": quantity * price,
+                "period": period,
+            },
+        )
     status = await settle(biller, pid)
     async with pool.acquire() as conn, conn.transaction():
         bought = await storage.purchase(conn, pid)
         assert bought is not None
         total, assigned = await storage.pool(conn, cid)
-        body = {**pool_view(total, assigned),
-                "purchase": {"id": pid, "quantity": bought["quantity"],
-                             "amount": format_micros(bought["amount"]),
-                             "status": bought["status"]}}
+        body = {
+            **pool_view(total, assigned),
+            "purchase": {
+                "id": pid,
+                "quantity": bought["quantity"],
+                "amount": format_micros(bought["amount"]),
+                "status": bought["status"],
+            },
+        }
         if bought["status"] == "failed":
-            out = Bought(402, {"error": {"code": "payment_failed", "message": (
-                f"the company's card was not charged ({bought['error']}); the pool is "
-                "unchanged"), "details": [body["purchase"]]}})
+            out = Bought(
+                402,
+                {
+                    "error": {
+                        "code": "payment_failed",
+                        "message": (
+                            f"the company's card was not charged ({bought['error']}); the pool is unchanged"
+                        ),
+                        "details": [body["purchase"]],
+                    }
+                },
+            )
         else:
             out = Bought(201 if bought["status"] == "charged" else 202, body)
         if idempotency_key is not None and status != "pending":
@@ -95,8 +131,13 @@ async def settle(biller: Biller, pid: str, *, wait: bool = True) -> str:
         if p is None:
             return "settled"
         outcome, why = await biller.charge_card(
-            key=f"licenses-{pid}", owner="company", company_id=p["company_id"], account_id=None,
-            amount=p["amount"], description=f"{p['quantity']} licenses, {p['period']}")
+            key=f"licenses-{pid}",
+            owner="company",
+            company_id=p["company_id"],
+            account_id=None,
+            amount=p["amount"],
+            description=f"{p['quantity']} licenses, {p['period']}",
+        )
         if outcome == "pending":
             return "pending"
         if outcome == "failed":
@@ -114,8 +155,9 @@ async def settle(biller: Biller, pid: str, *, wait: bool = True) -> str:
         # the purchase pays for the period in which the licenses join the pool (a payment
         # that processed into the next month pays that month); the pool's charge covers them
         # from the period after
-        await storage.grow_license_subscription(conn, cid, p["quantity"], unit_price(),
-                                                next_period(current_period(now)))
+        await storage.grow_license_subscription(
+            conn, cid, p["quantity"], unit_price(), next_period(current_period(now))
+        )
         await storage.settle_purchase(conn, pid, "charged", None)
         await publish.license_changed(conn, cid, None)
     return "charged"

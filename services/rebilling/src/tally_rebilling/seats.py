@@ -28,8 +28,9 @@ async def add_seat(conn: Conn, account: asyncpg.Record, invitation_id: str) -> s
         # leg): opened now, if the runner has not yet
         await storage.open_legs(conn, before, period, now)
     members = [m for m in await storage.members(conn, account["id"]) if not m["is_agency"]]
-    sub = await storage.add_seat_to_plan(conn, account["id"], account["company_id"], price,
-                                         next_period(period), len(members) + 1)
+    sub = await storage.add_seat_to_plan(
+        conn, account["id"], account["company_id"], price, next_period(period), len(members) + 1
+    )
     if price == 0:
         return None
     await storage.add_leg(conn, sub, period, f"account:{invitation_id}", price, now)

@@ -36,17 +36,30 @@ def _charge_of(legs: list[asyncpg.Record]) -> str:
     return "failed" if "failed" in statuses else "pending"
 
 
-async def subscribe(pool: asyncpg.Pool, biller: Biller, principal: Principal, aid: str,
-                    product: str, deployment: str, *, idempotency_key: str | None,
-                    fingerprint: str, at: datetime | None = None) -> dict[str, Any] | Replayed:
+async def subscribe(
+    pool: asyncpg.Pool,
+    biller: Biller,
+    principal: Principal,
+    aid: str,
+    product: str,
+    deployment: str,
+    *,
+    idempotency_key: str | None,
+    fingerprint: str,
+    at: datetime | None = None,
+) -> dict[str, Any] | Replayed:
     """Subscribe ``aid`` to ``product`` and charge the current period at once (each leg; a
     failed leg leaves the subscription past_due, dunned). With an Idempotency-Key the same
     request subscribes once and answers the first response again."""
     at = at or datetime.now(UTC)
     p = CATALOG.get(product)
     if p is None:
-        raise ApiError(422, "unknown_product", f"no product {product!r} in the catalog",
-                       [{"field": "product", "message": f"one of {sorted(CATALOG)}"}])
+        raise ApiError(
+            422,
+            "unknown_product",
+            f"no product {product!r} in the catalog",
+            [{"field": "product", "message": f"one of {sorted(CATALOG)}"}],
+        )
     who = idempotency.principal_key(principal)
     period = current_period(at)
     in_flight = False
@@ -69,23 +82,35 @@ async def subscribe(pool: asyncpg.Pool, biller: Biller, principal: Principal, ai
         async with pool.acquire() as conn:
             sub = await storage.subscription(conn, sub_id)
             assert sub is not None
-            return {**subscription_view(sub, await storage.outstanding(
-                conn, sub_id, len(biller.delays))), "period": period, "charge": "pending"}
+            return {
+                **subscription_view(sub, await storage.outstanding(conn, sub_id, len(biller.delays))),
+                "period": period,
+                "charge": "pending",
+            }
     await biller.charge_due(at, subscription_id=sub_id, wait=True)
     async with pool.acquire() as conn, conn.transaction():
         settled = await storage.subscription(conn, sub_id)
         assert settled is not None
-        out = {**subscription_view(settled, await storage.outstanding(conn, sub_id,
-                                                                      len(biller.delays))),
-               "period": period,
-               "charge": _charge_of(await storage.subscription_legs(conn, sub_id, period))}
+        out = {
+            **subscription_view(settled, await storage.outstanding(conn, sub_id, len(biller.delays))),
+            "period": period,
+            "charge": _charge_of(await storage.subscription_legs(conn, sub_id, period)),
+        }
         if idempotency_key is not None:
             await idempotency.finish(conn, who, idempotency_key, 201, out)
     return out
 
 
-async def _create(conn: Conn, principal: Principal, aid: str, p: Product, deployment: str,
-                  sub_id: str, period: str, at: datetime) -> None:
+async def _create(
+    conn: Conn,
+    principal: Principal,
+    aid: str,
+    p: Product,
+    deployment: str,
+    sub_id: str,
+    period: str,
+    at: datetime,
+) -> None:
     """In the caller's transaction: the subscription and its first period's legs."""
     a = await storage.account(conn, aid)
     if a is None or not principal.can_see_account(a["company_id"], aid):
@@ -93,18 +118,29 @@ async def _create(conn: Conn, principal: Principal, aid: str, p: Product, deploy
     c = await storage.company(conn, a["company_id"], lock=True)
     assert c is not None
     if deployment == "resell" and c["stripe_account_id"] is None:
-        raise ApiError(409, "company_stripe_not_connected",
-                       "reselling charges the account through the company's Stripe")
+        raise ApiError(
+            409, "company_stripe_not_connected", "reselling charges the account through the company's Stripe"
+        )
     price = (await storage.company_prices(conn, c["id"])).get(p.id, p.platform_price_micros)
-    sub = await storage.insert_subscription(conn, {
-        "id": sub_id, "account_id": aid, "company_id": c["id"], "product": p.id,
-        "deployment": deployment, "platform_price": p.platform_price_micros,
-        "company_price": price, "first_period": period})
+    sub = await storage.insert_subscription(
+        conn,
+        {
+            "id": sub_id,
+            "account_id": aid,
+            "company_id": c["id"],
+            "product": p.id,
+            "deployment": deployment,
+            "platform_price": p.platform_price_micros,
+            "company_price": price,
+            "first_period": period,
+        },
+    )
     await storage.open_legs(conn, sub, period, at)
 
 
-async def _first_response(pool: asyncpg.Pool, who: str, key: str, fingerprint: str,
-                          timeout: float = 60) -> Replayed | None:
+async def _first_response(
+    pool: asyncpg.Pool, who: str, key: str, fingerprint: str, timeout: float = 60
+) -> Replayed | None:
     """The same key's first request is still charging: its response once it has one (the
     same status and body), or None after ``timeout``."""
     deadline = asyncio.get_running_loop().time() + timeout
@@ -117,25 +153,29 @@ async def _first_response(pool: asyncpg.Pool, who: str, key: str, fingerprint: s
     return None
 
 
-async def cancel(pool: asyncpg.Pool, principal: Principal, sid: str,
-                 tries: int) -> dict[str, Any]:
+async def cancel(pool: asyncpg.Pool, principal: Principal, sid: str, tries: int) -> dict[str, Any]:
     """Cancel at the end of the paid period: nothing more is charged, the service runs until
     the period ends (the runner ends it when the next period opens). Cancelling twice is the
     same as once."""
     async with pool.acquire() as conn, conn.transaction():
         sub = await storage.subscription(conn, sid, lock=True)
-        if sub is None or not (principal.can_see_account(sub["company_id"], sub["account_id"])
-                               if sub["account_id"] else principal.can_see_company(
-                                   sub["company_id"])):
+        if sub is None or not (
+            principal.can_see_account(sub["company_id"], sub["account_id"])
+            if sub["account_id"]
+            else principal.can_see_company(sub["company_id"])
+        ):
             raise not_found("subscription")
         if sub["kind"] != "product":
             # a pool's licenses are freed from the pool, seats go with their members: their
             # billing follows what is held, it is not cancelled on its own
-            raise ApiError(409, "not_cancellable", f"{sub['kind']} are billed for what the "
-                           "company holds; free licenses or remove members instead")
+            raise ApiError(
+                409,
+                "not_cancellable",
+                f"{sub['kind']} are billed for what the "
+                "company holds; free licenses or remove members instead",
+            )
         if sub["status"] != "cancelled" and not sub["cancel_at_period_end"]:
-            await conn.execute("UPDATE subscriptions SET cancel_at_period_end = true "
-                               "WHERE id = $1", sid)
+            await conn.execute("UPDATE subscriptions SET cancel_at_period_end = true WHERE id = $1", sid)
             sub = await storage.subscription(conn, sid)
             assert sub is not None
         return subscription_view(sub, await storage.outstanding(conn, sid, tries))

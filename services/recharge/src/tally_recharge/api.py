@@ -42,8 +42,10 @@ class PaymentMethodList(BaseModel):
     items: list[PaymentMethodOut]
     next_cursor: str | None = None
     stripe_connected: bool | None = Field(
-        None, description="account cards: whether the company's Stripe is connected as recharge "
-                          "knows it (its cards are charged only then); null for company cards")
+        None,
+        description="account cards: whether the company's Stripe is connected as recharge "
+        "knows it (its cards are charged only then); null for company cards",
+    )
 
 
 class TopUpIn(BaseModel):
@@ -64,7 +66,8 @@ class AttemptOut(BaseModel):
     currency: str
     status: Literal["pending", "succeeded", "failed", "cancelled"] = Field(
         description="cancelled: an automatic recharge the auto-recharge rule dropped before "
-                    "any card was charged (auto-recharge turned off, balance restored, no card)")
+        "any card was charged (auto-recharge turned off, balance restored, no card)"
+    )
     tries: list[TryOut]
     payment_intent: str | None
     fee: str | None
@@ -84,34 +87,42 @@ def _rt(request: Request) -> tuple[Runtime, StripeGateway, Recharger]:
 
 def _attempt_out(a: storage.Attempt) -> AttemptOut:
     return AttemptOut(
-        id=a.id, wallet_id=a.wallet_id, trigger=a.trigger,
-        amount=format_micros(a.amount_micros), currency=a.currency,
+        id=a.id,
+        wallet_id=a.wallet_id,
+        trigger=a.trigger,
+        amount=format_micros(a.amount_micros),
+        currency=a.currency,
         status=a.status,
-        tries=[TryOut(payment_method=t["payment_method"], outcome=t["outcome"],
-                      decline_code=t.get("decline_code")) for t in a.tries],
+        tries=[
+            TryOut(
+                payment_method=t["payment_method"], outcome=t["outcome"], decline_code=t.get("decline_code")
+            )
+            for t in a.tries
+        ],
         payment_intent=a.payment_intent,
         fee=format_micros(a.fee_micros) if a.fee_micros is not None else None,
-        error=a.error, created_at=a.created_at.isoformat())
+        error=a.error,
+        created_at=a.created_at.isoformat(),
+    )
 
 
 def _pm_out(row: asyncpg.Record) -> PaymentMethodOut:
-    return PaymentMethodOut(id=row["id"], brand=row["brand"], last4=row["last4"],
-                            is_default=row["is_default"])
+    return PaymentMethodOut(
+        id=row["id"], brand=row["brand"], last4=row["last4"], is_default=row["is_default"]
+    )
 
 
 async def _currency(conn: Conn, request: Request, company_id: str) -> str:
     return await storage.currency_of(conn, _rt(request)[2].directory, company_id)
 
 
-async def _company_target(conn: Conn, request: Request, principal: Principal,
-                          cid: PathId) -> WalletTarget:
+async def _company_target(conn: Conn, request: Request, principal: Principal, cid: PathId) -> WalletTarget:
     require_company(principal, cid)
     currency = await _currency(conn, request, cid)
     return WalletTarget(f"company:{cid}", "company", cid, None, currency)
 
 
-async def _account_target(conn: Conn, request: Request, principal: Principal,
-                          aid: PathId) -> WalletTarget:
+async def _account_target(conn: Conn, request: Request, principal: Principal, aid: PathId) -> WalletTarget:
     company = await storage.account_company(conn, aid)
     if company is None and principal.role == "account_user" and principal.account_id == aid:
         company = principal.company_id
@@ -128,36 +139,45 @@ async def _stripe_account(conn: Conn, target: WalletTarget) -> str | None:
         return None
     _, acct = await storage.company(conn, target.company_id)
     if not acct:
-        raise ApiError(409, "company_stripe_not_connected",
-                       "the company has not connected Stripe: this account uses credit requests")
+        raise ApiError(
+            409,
+            "company_stripe_not_connected",
+            "the company has not connected Stripe: this account uses credit requests",
+        )
     return acct
 
 
-async def _ensure_customer(conn: Conn, gateway: StripeGateway, target: WalletTarget,
-                           stripe_account: str | None, email: str | None) -> str:
+async def _ensure_customer(
+    conn: Conn, gateway: StripeGateway, target: WalletTarget, stripe_account: str | None, email: str | None
+) -> str:
     existing = await storage.customer(conn, target.owner, target.owner_id, stripe_account)
     if existing:
         return existing
     created = await gateway.create_customer(
-        email=email, name=f"{target.owner}:{target.owner_id}", stripe_account=stripe_account,
-        idempotency_key=f"customer:{target.owner}:{target.owner_id}:{stripe_account or ''}")
-    return await storage.save_customer(conn, target.owner, target.owner_id, target.company_id,
-                                       stripe_account, created)
+        email=email,
+        name=f"{target.owner}:{target.owner_id}",
+        stripe_account=stripe_account,
+        idempotency_key=f"customer:{target.owner}:{target.owner_id}:{stripe_account or ''}",
+    )
+    return await storage.save_customer(
+        conn, target.owner, target.owner_id, target.company_id, stripe_account, created
+    )
 
 
 def _unavailable(exc: StripeUnavailable) -> ApiError:
-    return ApiError(503, "stripe_unavailable", "Stripe could not be reached; try again",
-                    headers={"Retry-After": "5"})
+    return ApiError(
+        503, "stripe_unavailable", "Stripe could not be reached; try again", headers={"Retry-After": "5"}
+    )
 
 
-async def _attach(request: Request, principal: Principal, target: WalletTarget,
-                  body: AttachIn) -> PaymentMethodOut:
+async def _attach(
+    request: Request, principal: Principal, target: WalletTarget, body: AttachIn
+) -> PaymentMethodOut:
     rt, gateway, _ = _rt(request)
     async with rt.pool.acquire() as conn:
         stripe_account = await _stripe_account(conn, target)
         try:
-            customer = await _ensure_customer(conn, gateway, target, stripe_account,
-                                              principal.email)
+            customer = await _ensure_customer(conn, gateway, target, stripe_account, principal.email)
             card = await gateway.attach(body.payment_method, customer, stripe_account)
         except PaymentMethodRejected as exc:
             status = 402 if exc.code == "card_declined" else 422
@@ -165,16 +185,28 @@ async def _attach(request: Request, principal: Principal, target: WalletTarget,
         except StripeUnavailable as exc:
             raise _unavailable(exc) from exc
         async with conn.transaction():
-            if target.owner == "account" and \
-                    await storage.connected_account(conn, target.company_id) != stripe_account:
+            if (
+                target.owner == "account"
+                and await storage.connected_account(conn, target.company_id) != stripe_account
+            ):
                 # the company connected another Stripe account (or none) meanwhile: a card on
                 # the one it left cannot be charged; the caller saves it again
-                raise ApiError(409, "company_stripe_changed",
-                               "the company's Stripe connection changed; save the card again")
+                raise ApiError(
+                    409,
+                    "company_stripe_changed",
+                    "the company's Stripe connection changed; save the card again",
+                )
             row = await storage.add_payment_method(
-                conn, pm=card.id, owner=target.owner, owner_id=target.owner_id,
-                company_id=target.company_id, stripe_account=stripe_account,
-                customer_id=customer, brand=card.brand, last4=card.last4)
+                conn,
+                pm=card.id,
+                owner=target.owner,
+                owner_id=target.owner_id,
+                company_id=target.company_id,
+                stripe_account=stripe_account,
+                customer_id=customer,
+                brand=card.brand,
+                last4=card.last4,
+            )
             await _card_event(conn, target, card.id, "payment_method.attached")
     rt.relay.wake()
     _rt(request)[2].wake()
@@ -187,10 +219,21 @@ async def _card_event(conn: Conn, target: WalletTarget, pm: PathKey, type_: str)
     may stop it."""
     await _cards_changed(conn, target, bring_forward=type_ == "payment_method.attached")
     remaining = await storage.payment_methods(conn, target.owner, target.owner_id)
-    await outbox.publish(conn, Topics.RECHARGE_EVENTS, target.company_id, events.envelope(
-        type_, events.PaymentMethodChanged(
-            company_id=target.company_id, account_id=target.account_id, payment_method=pm,
-            has_valid_card=bool(remaining)), source=SOURCE))
+    await outbox.publish(
+        conn,
+        Topics.RECHARGE_EVENTS,
+        target.company_id,
+        events.envelope(
+            type_,
+            events.PaymentMethodChanged(
+                company_id=target.company_id,
+                account_id=target.account_id,
+                payment_method=pm,
+                has_valid_card=bool(remaining),
+            ),
+            source=SOURCE,
+        ),
+    )
 
 
 async def _cards_changed(conn: Conn, target: WalletTarget, *, bring_forward: bool) -> None:
@@ -241,10 +284,21 @@ async def _default(request: Request, target: WalletTarget, pm: PathKey) -> Payme
         await _cards_changed(conn, target, bring_forward=True)
         rows = await storage.payment_methods(conn, target.owner, target.owner_id)
         # rebilling tries the owner's failed period charges again on the new default card
-        await outbox.publish(conn, Topics.RECHARGE_EVENTS, target.company_id, events.envelope(
-            "payment_method.defaulted", events.PaymentMethodChanged(
-                company_id=target.company_id, account_id=target.account_id, payment_method=pm,
-                has_valid_card=True), source=SOURCE))
+        await outbox.publish(
+            conn,
+            Topics.RECHARGE_EVENTS,
+            target.company_id,
+            events.envelope(
+                "payment_method.defaulted",
+                events.PaymentMethodChanged(
+                    company_id=target.company_id,
+                    account_id=target.account_id,
+                    payment_method=pm,
+                    has_valid_card=True,
+                ),
+                source=SOURCE,
+            ),
+        )
     rt.relay.wake()
     recharger.wake()
     return _pm_out(next(r for r in rows if r["id"] == pm))
@@ -258,8 +312,9 @@ async def _chargeable(conn: Conn, target: WalletTarget) -> str | None:
     return stripe_account
 
 
-async def _top_up(request: Request, principal: Principal, target: WalletTarget, body: TopUpIn,
-                  idempotency_key: str | None) -> AttemptOut | JsonResponse:
+async def _top_up(
+    request: Request, principal: Principal, target: WalletTarget, body: TopUpIn, idempotency_key: str | None
+) -> AttemptOut | JsonResponse:
     """A manual top-up. With an Idempotency-Key the attempt's id comes from the key: a second
     request finds the same attempt (and never charges again); once the first has answered,
     its response is answered again."""
@@ -275,27 +330,38 @@ async def _top_up(request: Request, principal: Principal, target: WalletTarget, 
                 # a key already used answers as it did (or 422), whatever changed since; a
                 # refusal below rolls the key back with the rest
                 key = await idempotency.claim(
-                    conn, who, idempotency_key,
+                    conn,
+                    who,
+                    idempotency_key,
                     idempotency.request_hash(request.url.path, body.model_dump()),
-                    f"rc_{uuid.uuid4().hex}")
+                    f"rc_{uuid.uuid4().hex}",
+                )
                 if key.replayed is not None:
-                    return JsonResponse(key.replayed.response,
-                                        status_code=key.replayed.status_code or 201)
+                    return JsonResponse(key.replayed.response, status_code=key.replayed.status_code or 201)
                 attempt_id = key.resource
                 existing = None if key.first else await storage.get_attempt(conn, attempt_id)
                 # the key's attempt, still pending, is answered as it stands whatever changed
                 # since (its card removed, Stripe disconnected): no new check refuses it
-                stripe_account = existing.stripe_account if existing is not None \
-                    else await _chargeable(conn, target)
+                stripe_account = (
+                    existing.stripe_account if existing is not None else await _chargeable(conn, target)
+                )
                 if existing is None:
                     # the attempt is created with the key (so a crash between the two cannot
                     # leave a key whose request never charged, nor a charge without its key),
                     # leased to this request, which runs it now
                     token = recharger.token()
-                    await storage.insert_attempt(conn, {
-                        "id": attempt_id, **target.ref(), "trigger": "manual",
-                        "amount_micros": amount, "stripe_account": stripe_account,
-                        "lease_token": token, "lease_seconds": recharger.lease_seconds})
+                    await storage.insert_attempt(
+                        conn,
+                        {
+                            "id": attempt_id,
+                            **target.ref(),
+                            "trigger": "manual",
+                            "amount_micros": amount,
+                            "stripe_account": stripe_account,
+                            "lease_token": token,
+                            "lease_seconds": recharger.lease_seconds,
+                        },
+                    )
     attempt = await recharger.top_up(target, amount, stripe_account, attempt_id, token)
     if idempotency_key is not None and token is None:
         # the same key's first request is charging it now: answer what it answers
@@ -307,20 +373,22 @@ async def _top_up(request: Request, principal: Principal, target: WalletTarget, 
     return out
 
 
-async def _history(request: Request, target: WalletTarget, limit: int,
-                   cursor: str | None) -> AttemptPage:
+async def _history(request: Request, target: WalletTarget, limit: int, cursor: str | None) -> AttemptPage:
     async with runtime(request).pool.acquire() as conn:
-        rows = await storage.list_attempts(conn, target.wallet_id, limit=limit + 1,
-                                           before_seq=pagination.decode(cursor))
+        rows = await storage.list_attempts(
+            conn, target.wallet_id, limit=limit + 1, before_seq=pagination.decode(cursor)
+        )
     items, nxt = pagination.page(rows, limit, rows[limit - 1].seq if len(rows) > limit else None)
     return AttemptPage(items=[_attempt_out(a) for a in items], next_cursor=nxt)
 
 
 # --- routes: companies ---------------------------------------------------------------------
 
+
 @router.post("/companies/{cid}/payment-methods", status_code=201, response_model=PaymentMethodOut)
-async def attach_company_card(cid: PathId, body: AttachIn, request: Request,
-                              principal: CurrentPrincipal) -> PaymentMethodOut:
+async def attach_company_card(
+    cid: PathId, body: AttachIn, request: Request, principal: CurrentPrincipal
+) -> PaymentMethodOut:
     require_role(principal, "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
         target = await _company_target(conn, request, principal, cid)
@@ -328,16 +396,16 @@ async def attach_company_card(cid: PathId, body: AttachIn, request: Request,
 
 
 @router.get("/companies/{cid}/payment-methods", response_model=PaymentMethodList)
-async def list_company_cards(cid: PathId, request: Request,
-                             principal: CurrentPrincipal) -> PaymentMethodList:
+async def list_company_cards(cid: PathId, request: Request, principal: CurrentPrincipal) -> PaymentMethodList:
     async with runtime(request).pool.acquire() as conn:
         target = await _company_target(conn, request, principal, cid)
     return await _list(request, target)
 
 
 @router.delete("/companies/{cid}/payment-methods/{pm}", status_code=204)
-async def detach_company_card(cid: PathId, pm: PathKey, request: Request,
-                              principal: CurrentPrincipal) -> Response:
+async def detach_company_card(
+    cid: PathId, pm: PathKey, request: Request, principal: CurrentPrincipal
+) -> Response:
     require_role(principal, "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
         target = await _company_target(conn, request, principal, cid)
@@ -345,8 +413,9 @@ async def detach_company_card(cid: PathId, pm: PathKey, request: Request,
 
 
 @router.post("/companies/{cid}/payment-methods/{pm}/default", response_model=PaymentMethodOut)
-async def default_company_card(cid: PathId, pm: PathKey, request: Request,
-                               principal: CurrentPrincipal) -> PaymentMethodOut:
+async def default_company_card(
+    cid: PathId, pm: PathKey, request: Request, principal: CurrentPrincipal
+) -> PaymentMethodOut:
     require_role(principal, "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
         target = await _company_target(conn, request, principal, cid)
@@ -354,9 +423,13 @@ async def default_company_card(cid: PathId, pm: PathKey, request: Request,
 
 
 @router.post("/companies/{cid}/wallet/top-ups", status_code=201, response_model=AttemptOut)
-async def top_up_company(cid: PathId, body: TopUpIn, request: Request,
-                         principal: CurrentPrincipal,
-                         idempotency_key: IdempotencyKey = None) -> AttemptOut | JsonResponse:
+async def top_up_company(
+    cid: PathId,
+    body: TopUpIn,
+    request: Request,
+    principal: CurrentPrincipal,
+    idempotency_key: IdempotencyKey = None,
+) -> AttemptOut | JsonResponse:
     require_role(principal, "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
         target = await _company_target(conn, request, principal, cid)
@@ -364,8 +437,9 @@ async def top_up_company(cid: PathId, body: TopUpIn, request: Request,
 
 
 @router.get("/companies/{cid}/wallet/recharges", response_model=AttemptPage)
-async def company_recharges(cid: PathId, request: Request, principal: CurrentPrincipal,
-                            limit: Limit = 50, cursor: str | None = None) -> AttemptPage:
+async def company_recharges(
+    cid: PathId, request: Request, principal: CurrentPrincipal, limit: Limit = 50, cursor: str | None = None
+) -> AttemptPage:
     async with runtime(request).pool.acquire() as conn:
         target = await _company_target(conn, request, principal, cid)
     return await _history(request, target, limit, cursor)
@@ -373,9 +447,11 @@ async def company_recharges(cid: PathId, request: Request, principal: CurrentPri
 
 # --- routes: accounts ----------------------------------------------------------------------
 
+
 @router.post("/accounts/{aid}/payment-methods", status_code=201, response_model=PaymentMethodOut)
-async def attach_account_card(aid: PathId, body: AttachIn, request: Request,
-                              principal: CurrentPrincipal) -> PaymentMethodOut:
+async def attach_account_card(
+    aid: PathId, body: AttachIn, request: Request, principal: CurrentPrincipal
+) -> PaymentMethodOut:
     require_role(principal, "account_user", "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
         target = await _account_target(conn, request, principal, aid)
@@ -383,16 +459,16 @@ async def attach_account_card(aid: PathId, body: AttachIn, request: Request,
 
 
 @router.get("/accounts/{aid}/payment-methods", response_model=PaymentMethodList)
-async def list_account_cards(aid: PathId, request: Request,
-                             principal: CurrentPrincipal) -> PaymentMethodList:
+async def list_account_cards(aid: PathId, request: Request, principal: CurrentPrincipal) -> PaymentMethodList:
     async with runtime(request).pool.acquire() as conn:
         target = await _account_target(conn, request, principal, aid)
     return await _list(request, target)
 
 
 @router.delete("/accounts/{aid}/payment-methods/{pm}", status_code=204)
-async def detach_account_card(aid: PathId, pm: PathKey, request: Request,
-                              principal: CurrentPrincipal) -> Response:
+async def detach_account_card(
+    aid: PathId, pm: PathKey, request: Request, principal: CurrentPrincipal
+) -> Response:
     require_role(principal, "account_user", "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
         target = await _account_target(conn, request, principal, aid)
@@ -400,8 +476,9 @@ async def detach_account_card(aid: PathId, pm: PathKey, request: Request,
 
 
 @router.post("/accounts/{aid}/payment-methods/{pm}/default", response_model=PaymentMethodOut)
-async def default_account_card(aid: PathId, pm: PathKey, request: Request,
-                               principal: CurrentPrincipal) -> PaymentMethodOut:
+async def default_account_card(
+    aid: PathId, pm: PathKey, request: Request, principal: CurrentPrincipal
+) -> PaymentMethodOut:
     require_role(principal, "account_user", "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
         target = await _account_target(conn, request, principal, aid)
@@ -409,9 +486,13 @@ async def default_account_card(aid: PathId, pm: PathKey, request: Request,
 
 
 @router.post("/accounts/{aid}/wallet/top-ups", status_code=201, response_model=AttemptOut)
-async def top_up_account(aid: PathId, body: TopUpIn, request: Request,
-                         principal: CurrentPrincipal,
-                         idempotency_key: IdempotencyKey = None) -> AttemptOut | JsonResponse:
+async def top_up_account(
+    aid: PathId,
+    body: TopUpIn,
+    request: Request,
+    principal: CurrentPrincipal,
+    idempotency_key: IdempotencyKey = None,
+) -> AttemptOut | JsonResponse:
     require_role(principal, "account_user", "company_admin", "platform_admin")
     async with runtime(request).pool.acquire() as conn:
         target = await _account_target(conn, request, principal, aid)
@@ -419,14 +500,16 @@ async def top_up_account(aid: PathId, body: TopUpIn, request: Request,
 
 
 @router.get("/accounts/{aid}/wallet/recharges", response_model=AttemptPage)
-async def account_recharges(aid: PathId, request: Request, principal: CurrentPrincipal,
-                            limit: Limit = 50, cursor: str | None = None) -> AttemptPage:
+async def account_recharges(
+    aid: PathId, request: Request, principal: CurrentPrincipal, limit: Limit = 50, cursor: str | None = None
+) -> AttemptPage:
     async with runtime(request).pool.acquire() as conn:
         target = await _account_target(conn, request, principal, aid)
     return await _history(request, target, limit, cursor)
 
 
 # --- service-to-service card charges ------------------------------------------------------
+
 
 class ChargeIn(BaseModel):
     key: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,120}$", description="idempotency key")
@@ -437,9 +520,13 @@ class ChargeIn(BaseModel):
     description: str = Field("", max_length=200)
 
 
-@router.post("/charges", status_code=201, response_model=AttemptOut,
-             summary="Charge a company's or account's cards for another service (at most once "
-                     "per key; platform services only)")
+@router.post(
+    "/charges",
+    status_code=201,
+    response_model=AttemptOut,
+    summary="Charge a company's or account's cards for another service (at most once "
+    "per key; platform services only)",
+)
 async def charge(body: ChargeIn, request: Request, principal: CurrentPrincipal) -> AttemptOut:
     require_role(principal, "platform_admin")
     amount = money_field(body.amount, "amount")
@@ -449,18 +536,18 @@ async def charge(body: ChargeIn, request: Request, principal: CurrentPrincipal) 
         if body.owner == "account":
             if not body.account_id:
                 raise ApiError(422, "validation_error", "account_id is required for an account")
-            target = WalletTarget(f"account:{body.account_id}", "account", body.company_id,
-                                  body.account_id, currency)
+            target = WalletTarget(
+                f"account:{body.account_id}", "account", body.company_id, body.account_id, currency
+            )
         else:
-            target = WalletTarget(f"company:{body.company_id}", "company", body.company_id,
-                                  None, currency)
+            target = WalletTarget(f"company:{body.company_id}", "company", body.company_id, None, currency)
         stripe_account = await _stripe_account(conn, target)
-    attempt = await recharger.charge_once(body.key, target, amount, stripe_account,
-                                          body.description)
+    attempt = await recharger.charge_once(body.key, target, amount, stripe_account, body.description)
     return _attempt_out(attempt)
 
 
 # --- Stripe webhooks -----------------------------------------------------------------------
+
 
 @router.post("/stripe/webhooks", summary="Stripe events (signature checked)")
 async def stripe_webhook(request: Request) -> dict[str, str]:
@@ -468,8 +555,7 @@ async def stripe_webhook(request: Request) -> dict[str, str]:
     payload = await request.body()
     signature = request.headers.get("stripe-signature", "")
     try:
-        event = stripe.Webhook.construct_event(payload, signature,
-                                               rt.settings.stripe_webhook_secret)
+        event = stripe.Webhook.construct_event(payload, signature, rt.settings.stripe_webhook_secret)
     except (ValueError, stripe.SignatureVerificationError) as exc:
         raise ApiError(400, "invalid_signature", "the webhook signature does not verify") from exc
     if event.type not in ("payment_intent.succeeded", "payment_intent.payment_failed"):
@@ -486,5 +572,3 @@ async def stripe_webhook(request: Request) -> dict[str, str]:
         if leased is not None:  # still pending here: settle it from what Stripe says
             await recharger.run(leased, token)
     return {"status": "processed"}
-
-

@@ -15,17 +15,19 @@ from tally_recharge.wallets import WalletReader
 async def start(rt: Runtime) -> None:
     gateway = StripeGateway(rt.settings.stripe_api_key, rt.settings.stripe_api_base)
     wallets = WalletReader(
-        os.environ.get("TALLY_WALLET_URL",
-                       f"http://{rt.settings.host}:{rt.settings.port_wallet}"),
-        rt.settings.jwt_secret)
+        os.environ.get("TALLY_WALLET_URL", f"http://{rt.settings.host}:{rt.settings.port_wallet}"),
+        rt.settings.jwt_secret,
+    )
     recharger = Recharger(
-        rt.pool, gateway, rt.relay, wallets,
-        directory=CompanyDirectory.from_settings(rt.settings,
-                                                 os.environ.get("TALLY_REBILLING_URL")),
+        rt.pool,
+        gateway,
+        rt.relay,
+        wallets,
+        directory=CompanyDirectory.from_settings(rt.settings, os.environ.get("TALLY_REBILLING_URL")),
         retry=RetryPolicy.from_env(os.environ.get("TALLY_RECHARGE_RETRY_SECONDS")),
         lease_seconds=int(os.environ.get("TALLY_RECHARGE_LEASE_SECONDS", "120")),
-        unavailable_retry_seconds=int(os.environ.get("TALLY_RECHARGE_UNAVAILABLE_RETRY_SECONDS",
-                                                     "30")))
+        unavailable_retry_seconds=int(os.environ.get("TALLY_RECHARGE_UNAVAILABLE_RETRY_SECONDS", "30")),
+    )
     rt.state["gateway"] = gateway
     rt.state["recharger"] = recharger
     recharger.start()

@@ -64,8 +64,13 @@ class WalletTarget:
         return self.account_id if self.owner == "account" and self.account_id else self.company_id
 
     def ref(self) -> dict[str, Any]:
-        return {"wallet_id": self.wallet_id, "owner": self.owner, "company_id": self.company_id,
-                "account_id": self.account_id, "currency": self.currency}
+        return {
+            "wallet_id": self.wallet_id,
+            "owner": self.owner,
+            "company_id": self.company_id,
+            "account_id": self.account_id,
+            "currency": self.currency,
+        }
 
 
 def target_of(a: storage.Attempt) -> WalletTarget:
@@ -80,10 +85,19 @@ class Recharger(Worker):
 
     name = "recharger"
 
-    def __init__(self, pool: asyncpg.Pool, gateway: StripeGateway, relay: OutboxRelay,
-                 wallets: WalletReader, *, retry: RetryPolicy,
-                 directory: CompanyDirectory | None = None, lease_seconds: int = 120,
-                 unavailable_retry_seconds: int = 30, pending_recheck_seconds: int = 60):
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        gateway: StripeGateway,
+        relay: OutboxRelay,
+        wallets: WalletReader,
+        *,
+        retry: RetryPolicy,
+        directory: CompanyDirectory | None = None,
+        lease_seconds: int = 120,
+        unavailable_retry_seconds: int = 30,
+        pending_recheck_seconds: int = 60,
+    ):
         self.pool = pool
         self.gateway = gateway
         self.relay = relay
@@ -107,8 +121,9 @@ class Recharger(Worker):
         for its time when it no longer holds. Returns whether a recharge was queued."""
         _, _, cancelling = await storage.policy(conn, check.wallet_id)  # one check at a time
         flying = await storage.in_flight(conn, check.wallet_id)
-        waiting = [a for a in flying if a.status == "pending" and a.trigger == "auto"
-                   and a.round > 1 and not a.tries]
+        waiting = [
+            a for a in flying if a.status == "pending" and a.trigger == "auto" and a.round > 1 and not a.tries
+        ]
         if len(waiting) < len(flying):
             return False  # a recharge is running or not credited yet: its outcome re-checks
         owner_id = check.account_id if check.owner == "account" else check.company_id
@@ -125,9 +140,13 @@ class Recharger(Worker):
         if not usable and not waiting:
             return False  # no card, nothing waiting: the rule cannot hold, no need to ask
         state = await self.wallets.read(check.owner, check.company_id, check.account_id)
-        wanted = needs_recharge(auto_recharge=state.auto_recharge and not cancelling,
-                                has_card=usable, balance=state.balance,
-                                threshold=state.threshold, in_flight=False)
+        wanted = needs_recharge(
+            auto_recharge=state.auto_recharge and not cancelling,
+            has_card=usable,
+            balance=state.balance,
+            threshold=state.threshold,
+            in_flight=False,
+        )
         if waiting:
             if not wanted:
                 for a in waiting:
@@ -136,14 +155,23 @@ class Recharger(Worker):
         if not wanted:
             return False
         currency = await storage.currency_of(conn, self.directory, check.company_id)
-        created = await storage.insert_attempt(conn, {
-            "id": f"rc_{uuid.uuid4().hex}", "wallet_id": check.wallet_id, "owner": check.owner,
-            "company_id": check.company_id, "account_id": check.account_id, "trigger": "auto",
-            "amount_micros": recharge_amount(state.balance, state.threshold, state.reload_amount),
-            "currency": currency,
-            "stripe_account": stripe_account if check.owner == "account" else None,
-            "reload_micros": state.reload_amount, "smart_adjustment": state.smart_adjustment,
-            "traceparent": check.traceparent})
+        created = await storage.insert_attempt(
+            conn,
+            {
+                "id": f"rc_{uuid.uuid4().hex}",
+                "wallet_id": check.wallet_id,
+                "owner": check.owner,
+                "company_id": check.company_id,
+                "account_id": check.account_id,
+                "trigger": "auto",
+                "amount_micros": recharge_amount(state.balance, state.threshold, state.reload_amount),
+                "currency": currency,
+                "stripe_account": stripe_account if check.owner == "account" else None,
+                "reload_micros": state.reload_amount,
+                "smart_adjustment": state.smart_adjustment,
+                "traceparent": check.traceparent,
+            },
+        )
         return created is not None
 
     @staticmethod
@@ -166,22 +194,36 @@ class Recharger(Worker):
             usable = bool(cards) and await self._connected(conn, a)
             state = await self.wallets.read(target.owner, target.company_id, target.account_id)
             if others or not needs_recharge(
-                    auto_recharge=state.auto_recharge and not cancelling, has_card=usable,
-                    balance=state.balance, threshold=state.threshold, in_flight=False):
+                auto_recharge=state.auto_recharge and not cancelling,
+                has_card=usable,
+                balance=state.balance,
+                threshold=state.threshold,
+                in_flight=False,
+            ):
                 reason = "recharge_in_flight" if others else _why_not(state, usable, cancelling)
                 await storage.cancel_attempt(conn, a.id, reason)
                 OUTCOMES.labels(a.trigger, "cancelled").inc()
                 return reason
             await storage.reprice_attempt(
-                conn, a.id, token,
+                conn,
+                a.id,
+                token,
                 amount_micros=recharge_amount(state.balance, state.threshold, state.reload_amount),
-                reload_micros=state.reload_amount, smart_adjustment=state.smart_adjustment)
+                reload_micros=state.reload_amount,
+                smart_adjustment=state.smart_adjustment,
+            )
         return None
 
     # --- creating attempts ---------------------------------------------------------------
 
-    async def top_up(self, target: WalletTarget, amount_micros: int, stripe_account: str | None,
-                     attempt_id: str | None = None, token: str | None = None) -> storage.Attempt:
+    async def top_up(
+        self,
+        target: WalletTarget,
+        amount_micros: int,
+        stripe_account: str | None,
+        attempt_id: str | None = None,
+        token: str | None = None,
+    ) -> storage.Attempt:
         """A manual top-up, charged now; returns the settled (or still pending) attempt.
         ``attempt_id`` and ``token``: an attempt the caller created leased to itself (an
         Idempotency-Key's); a second request for the same key passes no token, takes the lease
@@ -189,10 +231,18 @@ class Recharger(Worker):
         if attempt_id is None:
             attempt_id, token = f"rc_{uuid.uuid4().hex}", self.token()
             async with self.pool.acquire() as conn:
-                await storage.insert_attempt(conn, {
-                    "id": attempt_id, **target.ref(), "trigger": "manual",
-                    "amount_micros": amount_micros, "stripe_account": stripe_account,
-                    "lease_token": token, "lease_seconds": self.lease_seconds})
+                await storage.insert_attempt(
+                    conn,
+                    {
+                        "id": attempt_id,
+                        **target.ref(),
+                        "trigger": "manual",
+                        "amount_micros": amount_micros,
+                        "stripe_account": stripe_account,
+                        "lease_token": token,
+                        "lease_seconds": self.lease_seconds,
+                    },
+                )
         async with self.pool.acquire() as conn:
             if token is not None:
                 leased = await storage.get_attempt(conn, attempt_id)
@@ -214,25 +264,38 @@ class Recharger(Worker):
             async with self.pool.acquire() as conn:
                 attempt = await storage.get_attempt(conn, attempt_id)
             assert attempt is not None
-            if attempt.status != "pending" or asyncio.get_running_loop().time() > deadline \
-                    or any(t["outcome"] == "processing" for t in attempt.tries):
+            if (
+                attempt.status != "pending"
+                or asyncio.get_running_loop().time() > deadline
+                or any(t["outcome"] == "processing" for t in attempt.tries)
+            ):
                 return attempt
             await asyncio.sleep(0.05)
 
-    async def charge_once(self, key: str, target: WalletTarget, amount_micros: int,
-                          stripe_account: str | None, description: str) -> storage.Attempt:
+    async def charge_once(
+        self, key: str, target: WalletTarget, amount_micros: int, stripe_account: str | None, description: str
+    ) -> storage.Attempt:
         """Charge a card for another service (``purpose = 'charge'``), at most once per ``key``:
         a repeated call returns the first call's attempt. Nothing is credited to a wallet."""
         token = self.token()
         async with self.pool.acquire() as conn:
             existing = await storage.get_attempt(conn, key)
             if existing is None:  # created leased to this call (the charger cannot take it)
-                leased = await storage.insert_attempt(conn, {
-                    "id": key, **target.ref(), "wallet_id": f"charge:{target.owner}:{target.owner_id}",
-                    "trigger": "manual", "amount_micros": amount_micros,
-                    "stripe_account": stripe_account, "purpose": "charge",
-                    "description": description, "lease_token": token,
-                    "lease_seconds": self.lease_seconds})
+                leased = await storage.insert_attempt(
+                    conn,
+                    {
+                        "id": key,
+                        **target.ref(),
+                        "wallet_id": f"charge:{target.owner}:{target.owner_id}",
+                        "trigger": "manual",
+                        "amount_micros": amount_micros,
+                        "stripe_account": stripe_account,
+                        "purpose": "charge",
+                        "description": description,
+                        "lease_token": token,
+                        "lease_seconds": self.lease_seconds,
+                    },
+                )
             else:
                 leased = await storage.lease_attempt(conn, key, self.lease_seconds, token)
         if leased is not None:
@@ -251,16 +314,17 @@ class Recharger(Worker):
             try:
                 await self._run(a, token)
             except LeaseLost:
-                log.warning("lease lost; another run settles this attempt",
-                            extra={"attempt": a.id})
+                log.warning("lease lost; another run settles this attempt", extra={"attempt": a.id})
             except (WalletUnavailable, StripeUnavailable) as exc:
                 what = "wallet" if isinstance(exc, WalletUnavailable) else "stripe"
-                log.warning(f"{what} unavailable; attempt stays pending",
-                            extra={"attempt": a.id, "error": str(exc)[:200]})
+                log.warning(
+                    f"{what} unavailable; attempt stays pending",
+                    extra={"attempt": a.id, "error": str(exc)[:200]},
+                )
                 async with self.pool.acquire() as conn:
-                    await storage.postpone_attempt(conn, a.id, token,
-                                                   self.unavailable_retry_seconds,
-                                                   f"{what} unavailable: {exc}"[:500])
+                    await storage.postpone_attempt(
+                        conn, a.id, token, self.unavailable_retry_seconds, f"{what} unavailable: {exc}"[:500]
+                    )
 
     async def _run(self, a: storage.Attempt, token: str) -> None:
         target = target_of(a)
@@ -272,8 +336,7 @@ class Recharger(Worker):
                     # the check row comes first in the lock order), so a rule that holds again
                     # on the live state (another card, a new connection) makes a fresh one
                     async with self.pool.acquire() as conn:
-                        await storage.queue_check(conn, target.owner, target.company_id,
-                                                  target.account_id)
+                        await storage.queue_check(conn, target.owner, target.company_id, target.account_id)
                 self.wake()
                 return
             async with self.pool.acquire() as conn:
@@ -281,10 +344,10 @@ class Recharger(Worker):
             assert fresh is not None
             a = fresh
         async with self.pool.acquire() as conn:
-            customer = await storage.customer(conn, target.owner, target.owner_id,
-                                              a.stripe_account)
-            cards = card_order(storage.cards(
-                await storage.payment_methods(conn, target.owner, target.owner_id)))
+            customer = await storage.customer(conn, target.owner, target.owner_id, a.stripe_account)
+            cards = card_order(
+                storage.cards(await storage.payment_methods(conn, target.owner, target.owner_id))
+            )
             connected = await self._connected(conn, a)
         tries = list(a.tries)
         # A try whose outcome is not known yet (the run died mid-call, or Stripe said
@@ -295,14 +358,15 @@ class Recharger(Worker):
             return
         if open_try is not None:
             result = await self.gateway.find_charge(
-                attempt_id=a.id, try_no=open_try["try"], stripe_account=a.stripe_account,
-                currency=a.currency)
+                attempt_id=a.id, try_no=open_try["try"], stripe_account=a.stripe_account, currency=a.currency
+            )
             if result is not None or open_try["outcome"] == "processing":
                 if await self._settled(a, token, tries, open_try, result):
                     return
             else:  # never reached Stripe: charge that card now
                 cards = [c for c in cards if c.id == open_try["payment_method"]] + [
-                    c for c in cards if c.id != open_try["payment_method"]]
+                    c for c in cards if c.id != open_try["payment_method"]
+                ]
         if not connected:  # a try already made is settled above; no new one through Stripe
             if a.trigger == "auto" and a.purpose == "wallet":
                 await self._abandon(a, token, tries, "company_stripe_not_connected")
@@ -316,8 +380,12 @@ class Recharger(Worker):
             if done and done[-1]["outcome"] == "calling":
                 current = done[-1]
             else:
-                current = {"payment_method": card.id, "outcome": "calling",
-                           "try": len(tries) + 1, "decline_code": None}
+                current = {
+                    "payment_method": card.id,
+                    "outcome": "calling",
+                    "try": len(tries) + 1,
+                    "decline_code": None,
+                }
                 tries.append(current)
             async with self.pool.acquire() as conn:
                 if not await storage.renew_lease(conn, a.id, self.lease_seconds, token):
@@ -325,16 +393,27 @@ class Recharger(Worker):
                 await storage.save_tries(conn, a.id, tries, token)
             crash_point("recharge.before_charge")
             result = await self.gateway.charge(
-                amount_micros=a.amount_micros, currency=a.currency, customer=customer or "",
-                payment_method=card.id, stripe_account=a.stripe_account,
-                attempt_id=a.id, try_no=current["try"])
+                amount_micros=a.amount_micros,
+                currency=a.currency,
+                customer=customer or "",
+                payment_method=card.id,
+                stripe_account=a.stripe_account,
+                attempt_id=a.id,
+                try_no=current["try"],
+            )
             crash_point("recharge.after_charge")
             if await self._settled(a, token, tries, current, result):
                 return
         await self._fail(a, token, tries, None)
 
-    async def _settled(self, a: storage.Attempt, token: str, tries: list[dict[str, Any]],
-                       current: dict[str, Any], result: ChargeResult | None) -> bool:
+    async def _settled(
+        self,
+        a: storage.Attempt,
+        token: str,
+        tries: list[dict[str, Any]],
+        current: dict[str, Any],
+        result: ChargeResult | None,
+    ) -> bool:
         """Record a try's outcome; True when the attempt is settled or must wait (a payment
         still processing never moves on to the next card), False to try the next card."""
         if result is None or result.outcome == "pending":
@@ -342,50 +421,83 @@ class Recharger(Worker):
             if result is not None:
                 current["payment_intent"] = result.payment_intent
             async with self.pool.acquire() as conn:
-                await storage.postpone_attempt(conn, a.id, token, self.pending_recheck_seconds,
-                                               "payment processing", tries)
+                await storage.postpone_attempt(
+                    conn, a.id, token, self.pending_recheck_seconds, "payment processing", tries
+                )
             return True
         current["outcome"] = result.outcome
         current["decline_code"] = result.decline_code
         current["payment_intent"] = result.payment_intent
         if result.outcome == "succeeded":
-            await self._succeed(a, token, tries, current["payment_method"],
-                                result.payment_intent, result.fee_micros)
+            await self._succeed(
+                a, token, tries, current["payment_method"], result.payment_intent, result.fee_micros
+            )
             return True
         DECLINES.labels(result.decline_code or "unknown").inc()
         async with self.pool.acquire() as conn:
             await storage.save_tries(conn, a.id, tries, token)
         return False
 
-    async def _succeed(self, a: storage.Attempt, token: str, tries: list[dict[str, Any]], pm: str,
-                       payment_intent: str | None, fee: int | None) -> None:
+    async def _succeed(
+        self,
+        a: storage.Attempt,
+        token: str,
+        tries: list[dict[str, Any]],
+        pm: str,
+        payment_intent: str | None,
+        fee: int | None,
+    ) -> None:
         target = target_of(a)
         charged_minor = micros_to_minor_units_ceil(a.amount_micros, a.currency)
         credited = minor_units_to_micros(charged_minor, a.currency)
         async with self.pool.acquire() as conn, conn.transaction():
             if a.purpose == "wallet":  # lock order, as a check's: policy row, then attempts
                 await storage.policy(conn, a.wallet_id)
-            await storage.finish_attempt(conn, a.id, token, status="succeeded", tries=tries,
-                                         payment_intent=payment_intent, payment_method=pm,
-                                         charged_minor=charged_minor, fee_micros=fee)
+            await storage.finish_attempt(
+                conn,
+                a.id,
+                token,
+                status="succeeded",
+                tries=tries,
+                payment_intent=payment_intent,
+                payment_method=pm,
+                charged_minor=charged_minor,
+                fee_micros=fee,
+            )
             await storage.card_succeeded(conn, pm)
             if a.purpose == "charge":
                 OUTCOMES.labels("charge", "succeeded").inc()
                 return
             await storage.set_policy(conn, a.wallet_id, failures=0)
-            rows = [outbox.row(Topics.RECHARGE_EVENTS, a.company_id, events.envelope(
-                "recharge.succeeded", events.RechargeSucceeded(
-                    **target.ref(), recharge_id=a.id, trigger=a.trigger,
-                    amount_micros=credited, payment_intent=payment_intent, payment_method=pm,
-                    fee_micros=fee), source=SOURCE, id_=f"recharge.succeeded:{a.id}"))]
+            rows = [
+                outbox.row(
+                    Topics.RECHARGE_EVENTS,
+                    a.company_id,
+                    events.envelope(
+                        "recharge.succeeded",
+                        events.RechargeSucceeded(
+                            **target.ref(),
+                            recharge_id=a.id,
+                            trigger=a.trigger,
+                            amount_micros=credited,
+                            payment_intent=payment_intent,
+                            payment_method=pm,
+                            fee_micros=fee,
+                        ),
+                        source=SOURCE,
+                        id_=f"recharge.succeeded:{a.id}",
+                    ),
+                )
+            ]
             if a.trigger == "auto":
                 rows.extend(await self._maybe_raise_tier(conn, a, target))
             await outbox.enqueue(conn, rows)
         OUTCOMES.labels(a.trigger, "succeeded").inc()
         self.relay.wake()
 
-    async def _maybe_raise_tier(self, conn: Conn, a: storage.Attempt,
-                                target: WalletTarget) -> list[outbox.Row]:
+    async def _maybe_raise_tier(
+        self, conn: Conn, a: storage.Attempt, target: WalletTarget
+    ) -> list[outbox.Row]:
         """Smart adjustment earned: the wallet raises its reload amount one tier above the one
         current when it applies the event, and only if smart adjustment is still on."""
         since = datetime.now(UTC) - RAISE_WINDOW
@@ -396,26 +508,39 @@ class Recharger(Worker):
         if new is None:
             return []
         await storage.set_policy(conn, a.wallet_id, tier_raised=True)
-        return [outbox.row(Topics.RECHARGE_EVENTS, a.company_id, events.envelope(
-            "recharge.tier_raised", events.RechargeTierRaised(
-                **target.ref(), previous_reload_amount_micros=a.reload_micros,
-                reload_amount_micros=new), source=SOURCE, id_=f"recharge.tier_raised:{a.id}"))]
+        return [
+            outbox.row(
+                Topics.RECHARGE_EVENTS,
+                a.company_id,
+                events.envelope(
+                    "recharge.tier_raised",
+                    events.RechargeTierRaised(
+                        **target.ref(),
+                        previous_reload_amount_micros=a.reload_micros,
+                        reload_amount_micros=new,
+                    ),
+                    source=SOURCE,
+                    id_=f"recharge.tier_raised:{a.id}",
+                ),
+            )
+        ]
 
-    async def _abandon(self, a: storage.Attempt, token: str, tries: list[dict[str, Any]],
-                       reason: str) -> None:
+    async def _abandon(
+        self, a: storage.Attempt, token: str, tries: list[dict[str, Any]], reason: str
+    ) -> None:
         """An automatic recharge the company's Stripe connection no longer allows: ended
         without a retry or a failure counted against the wallet (its cards did not decline),
         and the wallet checked again (on the new connection the rule may hold)."""
         target = target_of(a)
         async with self.pool.acquire() as conn, conn.transaction():
             await storage.queue_check(conn, target.owner, target.company_id, target.account_id)
-            await storage.finish_attempt(conn, a.id, token, status="failed", tries=tries,
-                                         error=reason)
+            await storage.finish_attempt(conn, a.id, token, status="failed", tries=tries, error=reason)
         OUTCOMES.labels(a.trigger, "failed").inc()
         self.wake()
 
-    async def _fail(self, a: storage.Attempt, token: str, tries: list[dict[str, Any]],
-                    reason: str | None) -> None:
+    async def _fail(
+        self, a: storage.Attempt, token: str, tries: list[dict[str, Any]], reason: str | None
+    ) -> None:
         target = target_of(a)
         retry_at = None
         disabled = False
@@ -423,8 +548,7 @@ class Recharger(Worker):
         async with self.pool.acquire() as conn, conn.transaction():
             # Lock order, as a check's: the wallet's policy row, then its attempts.
             policy = await storage.policy(conn, a.wallet_id) if a.purpose == "wallet" else None
-            await storage.finish_attempt(conn, a.id, token, status="failed", tries=tries,
-                                         error=reason)
+            await storage.finish_attempt(conn, a.id, token, status="failed", tries=tries, error=reason)
             if a.purpose == "charge":
                 OUTCOMES.labels("charge", "failed").inc()
                 return
@@ -440,26 +564,51 @@ class Recharger(Worker):
                 else:
                     await storage.set_policy(conn, a.wallet_id, failures=failures)
                     retry_at = datetime.now(UTC) + delay
-                    await storage.insert_attempt(conn, {
-                        "id": f"rc_{uuid.uuid4().hex}", **target.ref(), "trigger": "auto",
-                        "amount_micros": a.amount_micros, "stripe_account": a.stripe_account,
-                        "reload_micros": a.reload_micros, "smart_adjustment": a.smart_adjustment,
-                        "round": a.round + 1, "not_before": retry_at,
-                        "traceparent": a.traceparent})
-            event_tries = [events.RechargeTry(
-                payment_method=t["payment_method"],
-                outcome="succeeded" if t["outcome"] == "succeeded" else "failed",
-                decline_code=t.get("decline_code")) for t in tries]
+                    await storage.insert_attempt(
+                        conn,
+                        {
+                            "id": f"rc_{uuid.uuid4().hex}",
+                            **target.ref(),
+                            "trigger": "auto",
+                            "amount_micros": a.amount_micros,
+                            "stripe_account": a.stripe_account,
+                            "reload_micros": a.reload_micros,
+                            "smart_adjustment": a.smart_adjustment,
+                            "round": a.round + 1,
+                            "not_before": retry_at,
+                            "traceparent": a.traceparent,
+                        },
+                    )
+            event_tries = [
+                events.RechargeTry(
+                    payment_method=t["payment_method"],
+                    outcome="succeeded" if t["outcome"] == "succeeded" else "failed",
+                    decline_code=t.get("decline_code"),
+                )
+                for t in tries
+            ]
             if not tries and reason:
-                event_tries = [events.RechargeTry(payment_method="", outcome="failed",
-                                                  decline_code=reason)]
-            await outbox.publish(conn, Topics.RECHARGE_EVENTS, a.company_id, events.envelope(
-                "recharge.failed", events.RechargeFailed(
-                    **target.ref(), recharge_id=a.id, trigger=a.trigger,
-                    amount_micros=a.amount_micros, tries=event_tries,
-                    consecutive_failures=failures, retry_at=retry_at,
-                    auto_recharge_disabled=disabled),
-                source=SOURCE, id_=f"recharge.failed:{a.id}"))
+                event_tries = [events.RechargeTry(payment_method="", outcome="failed", decline_code=reason)]
+            await outbox.publish(
+                conn,
+                Topics.RECHARGE_EVENTS,
+                a.company_id,
+                events.envelope(
+                    "recharge.failed",
+                    events.RechargeFailed(
+                        **target.ref(),
+                        recharge_id=a.id,
+                        trigger=a.trigger,
+                        amount_micros=a.amount_micros,
+                        tries=event_tries,
+                        consecutive_failures=failures,
+                        retry_at=retry_at,
+                        auto_recharge_disabled=disabled,
+                    ),
+                    source=SOURCE,
+                    id_=f"recharge.failed:{a.id}",
+                ),
+            )
         OUTCOMES.labels(a.trigger, "failed").inc()
         self.relay.wake()
         self.wake()
@@ -489,12 +638,14 @@ class Recharger(Worker):
                     await self.evaluate(conn, check)
                     await storage.done_check(conn, check.wallet_id)
             except WalletUnavailable as exc:
-                log.warning("wallet unavailable; check postponed",
-                            extra={"wallet": check.wallet_id if check else None,
-                                   "error": str(exc)[:200]})
+                log.warning(
+                    "wallet unavailable; check postponed",
+                    extra={"wallet": check.wallet_id if check else None, "error": str(exc)[:200]},
+                )
                 if check is not None:
-                    await storage.postpone_check(conn, check.wallet_id,
-                                                 self.unavailable_retry_seconds // 6 or 1)
+                    await storage.postpone_check(
+                        conn, check.wallet_id, self.unavailable_retry_seconds // 6 or 1
+                    )
             except Exception:
                 # Never let one wallet's check block the others: it goes to the back of the
                 # queue and is tried again later (the error is logged with the wallet).

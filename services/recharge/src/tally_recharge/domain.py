@@ -24,9 +24,11 @@ class Card:
 
 def card_order(cards: list[Card]) -> list[Card]:
     """Default first, then the others: most recently successful first, then newest attached."""
+
     def key(c: Card) -> tuple[int, float, int]:
         succeeded = c.last_succeeded_at.timestamp() if c.last_succeeded_at else float("-inf")
         return (0 if c.is_default else 1, -succeeded, -c.attached_seq)
+
     return sorted(cards, key=key)
 
 

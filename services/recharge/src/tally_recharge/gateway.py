@@ -67,31 +67,35 @@ class StripeGateway:
 
     def __init__(self, api_key: str, api_base: str) -> None:
         self.client = stripe.StripeClient(
-            api_key, base_addresses={"api": api_base},
+            api_key,
+            base_addresses={"api": api_base},
             http_client=stripe.HTTPXClient(timeout=self.TIMEOUT_SECONDS),
-            max_network_retries=self.RETRIES)
+            max_network_retries=self.RETRIES,
+        )
 
-    async def create_customer(self, *, email: str | None, name: str,
-                              stripe_account: str | None, idempotency_key: str) -> str:
+    async def create_customer(
+        self, *, email: str | None, name: str, stripe_account: str | None, idempotency_key: str
+    ) -> str:
         try:
             customer = await self.client.v1.customers.create_async(
                 params={"email": email or "", "name": name, "metadata": {"tally_owner": name}},
-                options=_options(stripe_account, idempotency_key))
+                options=_options(stripe_account, idempotency_key),
+            )
         except (stripe.APIConnectionError, stripe.APIError) as exc:
             raise StripeUnavailable(str(exc)) from exc
         return str(customer.id)
 
-    async def attach(self, payment_method: str, customer: str,
-                     stripe_account: str | None) -> CardInfo:
+    async def attach(self, payment_method: str, customer: str, stripe_account: str | None) -> CardInfo:
         try:
             pm = await self.client.v1.payment_methods.attach_async(
-                payment_method, params={"customer": customer}, options=_options(stripe_account))
+                payment_method, params={"customer": customer}, options=_options(stripe_account)
+            )
         except stripe.CardError as exc:
-            raise PaymentMethodRejected("card_declined",
-                                        exc.user_message or "the card was declined") from exc
+            raise PaymentMethodRejected("card_declined", exc.user_message or "the card was declined") from exc
         except stripe.InvalidRequestError as exc:
-            raise PaymentMethodRejected("invalid_payment_method",
-                                        exc.user_message or "unknown payment method") from exc
+            raise PaymentMethodRejected(
+                "invalid_payment_method", exc.user_message or "unknown payment method"
+            ) from exc
         except (stripe.APIConnectionError, stripe.APIError) as exc:
             raise StripeUnavailable(str(exc)) from exc
         card = pm.to_dict().get("card") or {}
@@ -100,26 +104,39 @@ class StripeGateway:
     async def detach(self, payment_method: str, stripe_account: str | None) -> None:
         try:
             await self.client.v1.payment_methods.detach_async(
-                payment_method, options=_options(stripe_account))
+                payment_method, options=_options(stripe_account)
+            )
         except stripe.InvalidRequestError:
             log.info("payment method already gone at Stripe", extra={"pm": payment_method})
         except (stripe.APIConnectionError, stripe.APIError) as exc:
             raise StripeUnavailable(str(exc)) from exc
 
-    async def charge(self, *, amount_micros: int, currency: str, customer: str,
-                     payment_method: str, stripe_account: str | None, attempt_id: str,
-                     try_no: int) -> ChargeResult:
+    async def charge(
+        self,
+        *,
+        amount_micros: int,
+        currency: str,
+        customer: str,
+        payment_method: str,
+        stripe_account: str | None,
+        attempt_id: str,
+        try_no: int,
+    ) -> ChargeResult:
         """An off-session charge of the card, rounded UP to the currency's minor unit."""
         params: Any = {
             "amount": micros_to_minor_units_ceil(amount_micros, currency),
-            "currency": currency.lower(), "customer": customer,
-            "payment_method": payment_method, "off_session": True, "confirm": True,
+            "currency": currency.lower(),
+            "customer": customer,
+            "payment_method": payment_method,
+            "off_session": True,
+            "confirm": True,
             "metadata": {"tally_attempt": attempt_id, "tally_try": str(try_no)},
             "expand": ["latest_charge.balance_transaction"],
         }
         try:
             intent = await self.client.v1.payment_intents.create_async(
-                params=params, options=_options(stripe_account, f"{attempt_id}:{try_no}"))
+                params=params, options=_options(stripe_account, f"{attempt_id}:{try_no}")
+            )
         except stripe.CardError as exc:
             err = exc.error
             code = (err.decline_code if err else None) or exc.code or "card_declined"
@@ -131,21 +148,24 @@ class StripeGateway:
             raise StripeUnavailable(str(exc)) from exc
         return self._result(intent.to_dict(), currency)
 
-    async def find_charge(self, *, attempt_id: str, try_no: int, stripe_account: str | None,
-                          currency: str) -> ChargeResult | None:
+    async def find_charge(
+        self, *, attempt_id: str, try_no: int, stripe_account: str | None, currency: str
+    ) -> ChargeResult | None:
         """The PaymentIntent a previous run created for this try, if any (reconciliation).
         Uses Search where Stripe offers it, else scans the recent intents' metadata."""
         try:
             found = await self.client.v1.payment_intents.search_async(
                 params={"query": f"metadata['tally_attempt']:'{attempt_id}'", "limit": 100},
-                options=_options(stripe_account))
+                options=_options(stripe_account),
+            )
             candidates = [i.to_dict() for i in found.data]
         except stripe.InvalidRequestError:  # localstripe has no search: scan recent intents
             candidates = []
             params: Any = {"limit": 100}
             for _ in range(20):
                 page = await self.client.v1.payment_intents.list_async(
-                    params=params, options=_options(stripe_account))
+                    params=params, options=_options(stripe_account)
+                )
                 candidates.extend(i.to_dict() for i in page.data)
                 if not page.has_more or not page.data:
                     break
@@ -173,5 +193,8 @@ class StripeGateway:
         if intent.get("status") == "requires_action":
             return ChargeResult("failed", str(intent["id"]), "authentication_required")
         error = intent.get("last_payment_error") or {}
-        return ChargeResult("failed", str(intent["id"]),
-                            error.get("decline_code") or error.get("code") or intent.get("status"))
+        return ChargeResult(
+            "failed",
+            str(intent["id"]),
+            error.get("decline_code") or error.get("code") or intent.get("status"),
+        )

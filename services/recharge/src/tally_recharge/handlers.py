@@ -42,14 +42,22 @@ async def connection_changed(conn: Conn, p: events.CompanyUpdated) -> bool:
     if not await storage.upsert_company(conn, p.company_id, p.currency, stripe_account):
         return False
     if stripe_account is not None:
-        for card in await storage.forget_other_accounts_cards(conn, p.company_id,
-                                                              stripe_account):
-            await outbox.publish(conn, Topics.RECHARGE_EVENTS, p.company_id, events.envelope(
-                "payment_method.detached", events.PaymentMethodChanged(
-                    company_id=p.company_id, account_id=card["owner_id"],
-                    payment_method=card["id"], has_valid_card=bool(
-                        await storage.payment_methods(conn, "account", card["owner_id"]))),
-                source=SERVICE))
+        for card in await storage.forget_other_accounts_cards(conn, p.company_id, stripe_account):
+            await outbox.publish(
+                conn,
+                Topics.RECHARGE_EVENTS,
+                p.company_id,
+                events.envelope(
+                    "payment_method.detached",
+                    events.PaymentMethodChanged(
+                        company_id=p.company_id,
+                        account_id=card["owner_id"],
+                        payment_method=card["id"],
+                        has_valid_card=bool(await storage.payment_methods(conn, "account", card["owner_id"])),
+                    ),
+                    source=SERVICE,
+                ),
+            )
     accounts = await storage.accounts_to_check(conn, p.company_id)
     for account_id in accounts:  # sorted: the lock order of checks
         await storage.queue_check(conn, "account", p.company_id, account_id)
@@ -76,13 +84,15 @@ def subscribe(rt: Runtime) -> None:
                     continue
                 p = message.data
                 assert isinstance(p, events.WalletRef)
-                traceparent = child_traceparent(header(record), "recharge.request",
-                                                {"tally.wallet_id": p.wallet_id})
+                traceparent = child_traceparent(
+                    header(record), "recharge.request", {"tally.wallet_id": p.wallet_id}
+                )
                 await storage.queue_check(conn, p.owner, p.company_id, p.account_id, traceparent)
                 if isinstance(p, events.WalletCredited) and p.transfer_id.startswith("recharge:"):
                     await storage.mark_credited(conn, p.transfer_id.removeprefix("recharge:"))
                 if isinstance(p, events.WalletSettingsChanged) and message.id.startswith(
-                        CANCELLATION_APPLIED):
+                    CANCELLATION_APPLIED
+                ):
                     # the wallet applied the cancellation itself (not an older "off" that
                     # arrived late): from now on its live settings are the truth
                     await storage.set_policy(conn, p.wallet_id, cancelling=False)
@@ -109,7 +119,13 @@ def subscribe(rt: Runtime) -> None:
         if checks:
             recharger().wake()
 
-    subscribe_batch(rt.broker, Topics.WALLET_DIGEST, service=SERVICE, group_id="recharge-wallet",
-                    handler=on_wallet_digest)
-    subscribe_batch(rt.broker, Topics.REBILLING_EVENTS, service=SERVICE,
-                    group_id="recharge-rebilling", handler=on_rebilling_events)
+    subscribe_batch(
+        rt.broker, Topics.WALLET_DIGEST, service=SERVICE, group_id="recharge-wallet", handler=on_wallet_digest
+    )
+    subscribe_batch(
+        rt.broker,
+        Topics.REBILLING_EVENTS,
+        service=SERVICE,
+        group_id="recharge-rebilling",
+        handler=on_rebilling_events,
+    )

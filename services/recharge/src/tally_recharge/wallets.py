@@ -22,21 +22,26 @@ class WalletReader:
         self.client = httpx.AsyncClient(timeout=timeout)
 
     async def read(self, owner: str, company_id: str, account_id: str | None) -> WalletState:
-        path = (f"/v1/accounts/{account_id}/wallet" if owner == "account"
-                else f"/v1/companies/{company_id}/wallet")
+        path = (
+            f"/v1/accounts/{account_id}/wallet"
+            if owner == "account"
+            else f"/v1/companies/{company_id}/wallet"
+        )
         token = issue_token("platform_admin", sub="recharge", secret=self.secret, ttl_seconds=60)
         try:
-            r = await self.client.get(self.base_url + path,
-                                      headers={"Authorization": f"Bearer {token}"})
+            r = await self.client.get(self.base_url + path, headers={"Authorization": f"Bearer {token}"})
         except httpx.HTTPError as exc:
             raise WalletUnavailable(str(exc)) from exc
         if r.status_code != 200:
             raise WalletUnavailable(f"GET {path}: {r.status_code} {r.text[:200]}")
         w = r.json()
-        return WalletState(balance=_micros(w["balance"]), threshold=_micros(w["threshold"]),
-                           reload_amount=_micros(w["reload_amount"]),
-                           auto_recharge=bool(w["auto_recharge"]),
-                           smart_adjustment=bool(w["smart_adjustment"]))
+        return WalletState(
+            balance=_micros(w["balance"]),
+            threshold=_micros(w["threshold"]),
+            reload_amount=_micros(w["reload_amount"]),
+            auto_recharge=bool(w["auto_recharge"]),
+            smart_adjustment=bool(w["smart_adjustment"]),
+        )
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -30,13 +30,29 @@ SERVICE_RE = re.compile(r"^[a-z0-9_.-]{1,64}$")
 _USAGE_SCHEMA = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": {"oneOf": [
-            UsageEvent.model_json_schema(ref_template="#/components/schemas/{model}"),
-            {"type": "object", "required": ["events"], "properties": {"events": {
-                "type": "array", "minItems": 1, "maxItems": MAX_BATCH,
-                "items": UsageEvent.model_json_schema(
-                    ref_template="#/components/schemas/{model}")}}},
-        ]}}},
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        UsageEvent.model_json_schema(ref_template="#/components/schemas/{model}"),
+                        {
+                            "type": "object",
+                            "required": ["events"],
+                            "properties": {
+                                "events": {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "maxItems": MAX_BATCH,
+                                    "items": UsageEvent.model_json_schema(
+                                        ref_template="#/components/schemas/{model}"
+                                    ),
+                                }
+                            },
+                        },
+                    ]
+                }
+            }
+        },
     }
 }
 
@@ -63,7 +79,7 @@ def parse_usage_body(raw: bytes) -> list[UsageEvent]:
     except orjson.JSONDecodeError as exc:
         raise _invalid(f"body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise _invalid("body must be a usage event object or {\"events\": [...]}")
+        raise _invalid('body must be a usage event object or {"events": [...]}')
     if "events" in data:
         items = data["events"]
         if not isinstance(items, list) or not items:
@@ -88,41 +104,56 @@ def parse_usage_body(raw: bytes) -> list[UsageEvent]:
     return parsed
 
 
-@router.post("/usage", status_code=202, openapi_extra=_USAGE_SCHEMA,
-             summary="Record usage (one event or a batch of up to 1000)")
+@router.post(
+    "/usage",
+    status_code=202,
+    openapi_extra=_USAGE_SCHEMA,
+    summary="Record usage (one event or a batch of up to 1000)",
+)
 async def post_usage(request: Request, principal: CurrentPrincipal) -> JsonResponse:
     require_role(principal, "product", "platform_admin")
     batch = parse_usage_body(await request.body())
     rt = runtime(request)
     limiter: TokenBuckets = rt.state.setdefault(
-        "ingest_limiter", TokenBuckets(rt.settings.ingest_rate, rt.settings.ingest_burst))
+        "ingest_limiter", TokenBuckets(rt.settings.ingest_rate, rt.settings.ingest_burst)
+    )
     wait = limiter.take(f"{principal.role}:{principal.sub}", len(batch))
     if wait:
-        raise ApiError(429, "rate_limited", "too many usage events for this token; retry later",
-                       headers={"Retry-After": retry_after(wait)})
-    with continue_trace(request.headers.get("traceparent"), "usage.ingest",
-                        {"tally.events": len(batch)}) as traceparent:
+        raise ApiError(
+            429,
+            "rate_limited",
+            "too many usage events for this token; retry later",
+            headers={"Retry-After": retry_after(wait)},
+        )
+    with continue_trace(
+        request.headers.get("traceparent"), "usage.ingest", {"tally.events": len(batch)}
+    ) as traceparent:
         try:
             results = await _ingest_group(rt).submit([(e, traceparent) for e in batch])
         except DirectoryUnavailable as exc:
-            raise ApiError(503, "rebilling_unavailable", "the company's currency cannot be "
-                           "looked up right now; nothing was recorded, try again",
-                           headers={"Retry-After": "2"}) from exc
+            raise ApiError(
+                503,
+                "rebilling_unavailable",
+                "the company's currency cannot be looked up right now; nothing was recorded, try again",
+                headers={"Retry-After": "2"},
+            ) from exc
     return JsonResponse({"results": [r.as_json() for r in results]}, status_code=202)
 
 
 def _ingest_group(rt: Runtime) -> GroupCommit[tuple[UsageEvent, str | None], Result]:
     """Concurrent requests' batches go in one transaction (tally.groupcommit): under load the
     per-transaction cost (queries, commit, outbox row, relay round) is shared between them."""
-    group: GroupCommit[tuple[UsageEvent, str | None], Result] | None = rt.state.get(
-        "ingest_group")
+    group: GroupCommit[tuple[UsageEvent, str | None], Result] | None = rt.state.get("ingest_group")
     if group is None:
+
         async def apply(items: list[tuple[UsageEvent, str | None]]) -> list[Result]:
             async with rt.pool.acquire() as conn, conn.transaction():
-                results = await ingest(conn, [e for e, _ in items], [tp for _, tp in items],
-                                       rt.state["directory"])
+                results = await ingest(
+                    conn, [e for e, _ in items], [tp for _, tp in items], rt.state["directory"]
+                )
             rt.relay.wake()
             return results
+
         group = rt.state["ingest_group"] = GroupCommit("usage-http", apply)
     return group
 
@@ -146,8 +177,9 @@ class PriceIn(BaseModel):
 
 
 def _out(p: Price) -> PriceOut:
-    return PriceOut(service=p.service, unit=p.unit, unit_price=format_micros(p.unit_price_micros),
-                    currency=p.currency)
+    return PriceOut(
+        service=p.service, unit=p.unit, unit_price=format_micros(p.unit_price_micros), currency=p.currency
+    )
 
 
 @router.get("/prices", summary="The platform price catalog")
@@ -158,8 +190,9 @@ async def get_prices(request: Request, principal: CurrentPrincipal) -> PriceList
 
 
 @router.put("/prices/{service}", summary="Set a service's platform price (applies to new events)")
-async def put_price(service: PathKey, body: PriceIn, request: Request,
-                    principal: CurrentPrincipal) -> PriceOut:
+async def put_price(
+    service: PathKey, body: PriceIn, request: Request, principal: CurrentPrincipal
+) -> PriceOut:
     require_role(principal, "platform_admin")
     if not SERVICE_RE.match(service):
         raise _invalid("service must match ^[a-z0-9_.-]{1,64}$")

@@ -9,8 +9,7 @@ from tally_usage_meter.retention import DedupeExpiry
 
 
 async def start(rt: Runtime) -> None:
-    rt.state["directory"] = CompanyDirectory.from_settings(
-        rt.settings, os.environ.get("TALLY_REBILLING_URL"))
+    rt.state["directory"] = CompanyDirectory.from_settings(rt.settings, os.environ.get("TALLY_REBILLING_URL"))
     expiry = DedupeExpiry(rt.pool, rt.settings.dedupe_window_days)
     rt.state["dedupe_expiry"] = expiry
     expiry.start()

@@ -20,8 +20,14 @@ MAX_QUANTITY = Decimal(1_000_000_000)
 MAX_EVENT_MICROS = MAX_MICROS // 10
 DEFAULT_CURRENCY = "USD"  # of a company rebilling never announced
 
-Rejection = Literal["unknown_service", "price_unavailable", "invalid_quantity",
-                    "unknown_account", "account_suspended", "agency_wallet_empty"]
+Rejection = Literal[
+    "unknown_service",
+    "price_unavailable",
+    "invalid_quantity",
+    "unknown_account",
+    "account_suspended",
+    "agency_wallet_empty",
+]
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,7 @@ def parse_quantity(value: Any) -> Decimal:
         except MoneyError as exc:
             raise InvalidQuantity(str(exc)) from exc
     else:
-        raise InvalidQuantity("quantity must be a decimal string like \"1.5\" (not a float)")
+        raise InvalidQuantity('quantity must be a decimal string like "1.5" (not a float)')
     if quantity <= 0:
         raise InvalidQuantity("quantity must be greater than 0")
     if quantity > MAX_QUANTITY:
@@ -72,32 +78,35 @@ def parse_quantity(value: Any) -> Decimal:
     return quantity
 
 
-def price_event(event: UsageEvent, prices: dict[tuple[str, str], Price], currency: str,
-                now: datetime) -> Priced | Rejected:
+def price_event(
+    event: UsageEvent, prices: dict[tuple[str, str], Price], currency: str, now: datetime
+) -> Priced | Rejected:
     """Price ``event`` in its company's ``currency``."""
     price = prices.get((event.service, currency))
     if price is None:
         if any(service == event.service for service, _ in prices):
-            return Rejected(event.event_id, "price_unavailable",
-                            f"{event.service!r} has no price in {currency}, the company's currency")
-        return Rejected(event.event_id, "unknown_service",
-                        f"unknown service {event.service!r}; see GET /v1/prices")
+            return Rejected(
+                event.event_id,
+                "price_unavailable",
+                f"{event.service!r} has no price in {currency}, the company's currency",
+            )
+        return Rejected(
+            event.event_id, "unknown_service", f"unknown service {event.service!r}; see GET /v1/prices"
+        )
     try:
         quantity = parse_quantity(event.quantity)
     except InvalidQuantity as exc:
         return Rejected(event.event_id, "invalid_quantity", str(exc))
     amount = price_usage(quantity, price.unit_price_micros)
     if amount > MAX_EVENT_MICROS:
-        return Rejected(event.event_id, "invalid_quantity",
-                        "quantity x price is more than a wallet can hold")
+        return Rejected(event.event_id, "invalid_quantity", "quantity x price is more than a wallet can hold")
     occurred = event.occurred_at or now
     if occurred.tzinfo is None:
         occurred = occurred.replace(tzinfo=UTC)
     return Priced(event, quantity, price, amount, occurred)
 
 
-def tenancy_of(event: UsageEvent, owners: dict[str, str],
-               announced: AbstractSet[str]) -> Rejected | None:
+def tenancy_of(event: UsageEvent, owners: dict[str, str], announced: AbstractSet[str]) -> Rejected | None:
     """An event's account must be one of its company's: an account rebilling placed in another
     company, or one the company (announced by rebilling) never had, is refused."""
     if not event.account_id:
@@ -106,24 +115,30 @@ def tenancy_of(event: UsageEvent, owners: dict[str, str],
     if owner == event.company_id:
         return None
     if owner is not None or event.company_id in announced:
-        return Rejected(event.event_id, "unknown_account",
-                        f"account {event.account_id!r} is not one of {event.company_id!r}'s")
+        return Rejected(
+            event.event_id,
+            "unknown_account",
+            f"account {event.account_id!r} is not one of {event.company_id!r}'s",
+        )
     return None
 
 
 def suspension_of(event: UsageEvent, suspended: set[tuple[str, str]]) -> Rejected | None:
     """Usage is refused while the account's wallet, or its agency's wallet, is suspended."""
     if event.account_id and ("account", event.account_id) in suspended:
-        return Rejected(event.event_id, "account_suspended",
-                        "the account's wallet is empty; usage resumes after a credit")
+        return Rejected(
+            event.event_id, "account_suspended", "the account's wallet is empty; usage resumes after a credit"
+        )
     if ("company", event.company_id) in suspended:
-        return Rejected(event.event_id, "agency_wallet_empty",
-                        "the agency wallet is empty; usage resumes after it is reloaded")
+        return Rejected(
+            event.event_id,
+            "agency_wallet_empty",
+            "the agency wallet is empty; usage resumes after it is reloaded",
+        )
     return None
 
 
-def recorded_payload(p: Priced, recorded_at: datetime,
-                     recorded_text: str | None = None) -> dict[str, Any]:
+def recorded_payload(p: Priced, recorded_at: datetime, recorded_text: str | None = None) -> dict[str, Any]:
     """The ``usage.recorded`` payload (fields of ``tally.events.UsageRecorded``);
     ``recorded_text`` is ``recorded_at.isoformat()`` when the caller has it already."""
     e = p.event

@@ -32,12 +32,12 @@ def subscribe(rt: Runtime) -> None:
         with continue_trace(first, "usage.ingest", {"tally.events": len(good)}):
             async with rt.pool.acquire() as conn, conn.transaction():
                 # Each event continues the trace of the record it came in.
-                results = await ingest(conn, [e for _, e in good], [header(r) for r, _ in good],
-                                       rt.state["directory"])
+                results = await ingest(
+                    conn, [e for _, e in good], [header(r) for r, _ in good], rt.state["directory"]
+                )
                 for (record, _), result in zip(good, results, strict=True):
                     if result.status == "rejected":
-                        dead.append(dlq_row(record, f"{result.code}: {result.message}",
-                                            service=SERVICE))
+                        dead.append(dlq_row(record, f"{result.code}: {result.message}", service=SERVICE))
                 await enqueue(conn, dead)
         rt.relay.wake()
 
@@ -56,8 +56,7 @@ def subscribe(rt: Runtime) -> None:
                 assert isinstance(payload, events.WalletSuspended | events.WalletReactivated)
                 owner_id = payload.company_id if payload.owner == "company" else payload.account_id
                 assert owner_id is not None
-                await storage.set_suspended(conn, payload.owner, owner_id,
-                                            m.type == "wallet.suspended")
+                await storage.set_suspended(conn, payload.owner, owner_id, m.type == "wallet.suspended")
 
     async def on_rebilling_events(records: Sequence[Any]) -> None:
         """Each company's currency and each account's company: usage is priced in the
@@ -76,10 +75,26 @@ def subscribe(rt: Runtime) -> None:
         if dead:
             rt.relay.wake()
 
-    subscribe_batch(rt.broker, Topics.USAGE_INGEST, service=SERVICE, group_id="usage-meter",
-                    handler=on_ingest, max_records=rt.settings.kafka_max_batch,
-                    money_path=True)
-    subscribe_batch(rt.broker, Topics.WALLET_DIGEST, service=SERVICE,
-                    group_id="usage-meter-wallet-status", handler=on_wallet_digest)
-    subscribe_batch(rt.broker, Topics.REBILLING_EVENTS, service=SERVICE,
-                    group_id="usage-meter-rebilling", handler=on_rebilling_events)
+    subscribe_batch(
+        rt.broker,
+        Topics.USAGE_INGEST,
+        service=SERVICE,
+        group_id="usage-meter",
+        handler=on_ingest,
+        max_records=rt.settings.kafka_max_batch,
+        money_path=True,
+    )
+    subscribe_batch(
+        rt.broker,
+        Topics.WALLET_DIGEST,
+        service=SERVICE,
+        group_id="usage-meter-wallet-status",
+        handler=on_wallet_digest,
+    )
+    subscribe_batch(
+        rt.broker,
+        Topics.REBILLING_EVENTS,
+        service=SERVICE,
+        group_id="usage-meter-rebilling",
+        handler=on_rebilling_events,
+    )

@@ -51,8 +51,9 @@ class DirectoryUnavailable(Exception):
     """Rebilling could not say which currency a new company has: try again shortly."""
 
 
-async def _complete(conn: Conn, batch: Sequence[UsageEvent], directory: CompanyDirectory | None,
-                    known: storage.Known) -> None:
+async def _complete(
+    conn: Conn, batch: Sequence[UsageEvent], directory: CompanyDirectory | None, known: storage.Known
+) -> None:
     """Complete what rebilling.events told this service with rebilling's own answers, for
     companies and accounts created so recently that their events have not arrived (and
     remember them)."""
@@ -60,9 +61,11 @@ async def _complete(conn: Conn, batch: Sequence[UsageEvent], directory: CompanyD
         return
     try:
         found = await directory.currencies(
-            e.company_id for e in batch if e.company_id not in known.currencies)
+            e.company_id for e in batch if e.company_id not in known.currencies
+        )
         placed = await directory.account_companies(
-            e.account_id for e in batch if e.account_id and e.account_id not in known.owners)
+            e.account_id for e in batch if e.account_id and e.account_id not in known.owners
+        )
     except httpx.HTTPError as exc:
         raise DirectoryUnavailable(str(exc)) from exc
     for cid, currency in sorted(found.items()):  # in key order: concurrent batches never
@@ -73,14 +76,19 @@ async def _complete(conn: Conn, batch: Sequence[UsageEvent], directory: CompanyD
     known.owners.update(placed)
 
 
-async def ingest(conn: Conn, batch: Sequence[UsageEvent], traceparents: Sequence[str | None],
-                 directory: CompanyDirectory | None = None) -> list[Result]:
+async def ingest(
+    conn: Conn,
+    batch: Sequence[UsageEvent],
+    traceparents: Sequence[str | None],
+    directory: CompanyDirectory | None = None,
+) -> list[Result]:
     """Must run inside a transaction; returns one result per input event, in order.
     ``traceparents``: the trace each event continues (its ``usage.recorded`` carries it)."""
     now = datetime.now(UTC)
     prices = await storage.load_prices(conn)
-    known = await storage.known(conn, [e.company_id for e in batch],
-                                [e.account_id for e in batch if e.account_id])
+    known = await storage.known(
+        conn, [e.company_id for e in batch], [e.account_id for e in batch if e.account_id]
+    )
     await _complete(conn, batch, directory, known)
 
     outcome: list[Priced | Rejected | None] = []
@@ -90,8 +98,7 @@ async def ingest(conn: Conn, batch: Sequence[UsageEvent], traceparents: Sequence
         # What is wrong with the event itself (not the company's account, no price, a bad
         # quantity) is said before what may pass (a suspended wallet): a retry after a top-up
         # would fail all the same.
-        verdict: Priced | Rejected | None = tenancy_of(event, known.owners,
-                                                       known.currencies.keys())
+        verdict: Priced | Rejected | None = tenancy_of(event, known.owners, known.currencies.keys())
         if verdict is None:
             verdict = price_event(event, prices, currency, now)
             if isinstance(verdict, Priced):
@@ -105,7 +112,8 @@ async def ingest(conn: Conn, batch: Sequence[UsageEvent], traceparents: Sequence
 
     priced = [p for p in outcome if isinstance(p, Priced)]
     new_ids = await storage.claim_event_ids(
-        conn, [p.event.event_id for p in priced], [p.event.company_id for p in priced])
+        conn, [p.event.event_id for p in priced], [p.event.company_id for p in priced]
+    )
     # An event accepted before is a duplicate whatever else is true now (a product retrying
     # must learn that its event was taken, even if the wallet has since been suspended). Only
     # the refused ones need looking up: the claim above told which priced ones were known.
@@ -124,10 +132,16 @@ async def ingest(conn: Conn, batch: Sequence[UsageEvent], traceparents: Sequence
             results.append(Result(event.event_id, "duplicate"))
         else:
             data = recorded_payload(checked, now, now_text)
-            message = {"id": f"usage:{event.event_id}", "type": "usage.recorded",
-                       "time": now_text, "source": SOURCE, "data": data}
-            rows.append(outbox.row(Topics.USAGE_RECORDED, event.company_id, message, traceparent,
-                                   inherit=False))
+            message = {
+                "id": f"usage:{event.event_id}",
+                "type": "usage.recorded",
+                "time": now_text,
+                "source": SOURCE,
+                "data": data,
+            }
+            rows.append(
+                outbox.row(Topics.USAGE_RECORDED, event.company_id, message, traceparent, inherit=False)
+            )
             results.append(Result(event.event_id, "accepted"))
     await outbox.enqueue(conn, rows)
     for status, n in Counter(r.status for r in results).items():

@@ -17,8 +17,9 @@ from tally_usage_meter import storage
 
 log = logging.getLogger(__name__)
 
-FORGOTTEN = Counter("tally_usage_ingested_forgotten_total",
-                    "Event ids dropped from the dedupe table after the dedupe window")
+FORGOTTEN = Counter(
+    "tally_usage_ingested_forgotten_total", "Event ids dropped from the dedupe table after the dedupe window"
+)
 
 
 class DedupeExpiry(Worker):
@@ -35,8 +36,9 @@ class DedupeExpiry(Worker):
         if not self._window:
             return False
         async with self._pool.acquire() as conn, conn.transaction():
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))",
-                                       "tally-dedupe-expiry"):
+            if not await conn.fetchval(
+                "SELECT pg_try_advisory_xact_lock(hashtext($1))", "tally-dedupe-expiry"
+            ):
                 return False  # another replica is at it
             forgotten = await storage.forget_ingested(conn, self._window, self.ROUND)
         if forgotten:

@@ -13,8 +13,10 @@ from tally_usage_meter.domain import Price
 async def load_prices(conn: Conn) -> dict[tuple[str, str], Price]:
     """The catalog by (service, currency)."""
     rows = await conn.fetch("SELECT service, unit, unit_price_micros, currency FROM prices")
-    return {(r["service"], r["currency"]): Price(r["service"], r["unit"], r["unit_price_micros"],
-                                                 r["currency"]) for r in rows}
+    return {
+        (r["service"], r["currency"]): Price(r["service"], r["unit"], r["unit_price_micros"], r["currency"])
+        for r in rows
+    }
 
 
 async def upsert_price(conn: Conn, price: Price) -> None:
@@ -22,19 +24,22 @@ async def upsert_price(conn: Conn, price: Price) -> None:
         "INSERT INTO prices (service, unit, unit_price_micros, currency) VALUES ($1, $2, $3, $4) "
         "ON CONFLICT (service, currency) DO UPDATE SET unit = EXCLUDED.unit, "
         "unit_price_micros = EXCLUDED.unit_price_micros, updated_at = now()",
-        price.service, price.unit, price.unit_price_micros, price.currency,
+        price.service,
+        price.unit,
+        price.unit_price_micros,
+        price.currency,
     )
 
 
-async def claim_event_ids(conn: Conn, event_ids: Sequence[str],
-                          company_ids: Sequence[str]) -> set[str]:
+async def claim_event_ids(conn: Conn, event_ids: Sequence[str], company_ids: Sequence[str]) -> set[str]:
     """Record first sightings; returns the ids that are new (the others are duplicates)."""
     if not event_ids:
         return set()
     rows = await conn.fetch(
         "INSERT INTO ingested (event_id, company_id) "
         "SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING RETURNING event_id",
-        list(event_ids), list(company_ids),
+        list(event_ids),
+        list(company_ids),
     )
     return {r["event_id"] for r in rows}
 
@@ -45,7 +50,9 @@ async def forget_ingested(conn: Conn, older_than: timedelta, limit: int) -> int:
     status = await conn.execute(
         "DELETE FROM ingested WHERE ctid = ANY(ARRAY("
         "  SELECT ctid FROM ingested WHERE received_at < now() - $1::interval LIMIT $2))",
-        older_than, limit)
+        older_than,
+        limit,
+    )
     return int(status.split()[-1])
 
 
@@ -53,8 +60,9 @@ async def seen(conn: Conn, event_ids: Sequence[str]) -> set[str]:
     """Event ids accepted before (in any earlier batch)."""
     if not event_ids:
         return set()
-    rows = await conn.fetch("SELECT event_id FROM ingested WHERE event_id = ANY($1::text[])",
-                            list(set(event_ids)))
+    rows = await conn.fetch(
+        "SELECT event_id FROM ingested WHERE event_id = ANY($1::text[])", list(set(event_ids))
+    )
     return {r["event_id"] for r in rows}
 
 
@@ -77,7 +85,10 @@ async def known(conn: Conn, company_ids: Sequence[str], account_ids: Sequence[st
         "UNION ALL SELECT 'c', company_id, currency FROM companies "
         "WHERE company_id = ANY($1::text[]) "
         "UNION ALL SELECT 'a', account_id, company_id FROM accounts "
-        "WHERE account_id = ANY($2::text[])", companies, accounts)
+        "WHERE account_id = ANY($2::text[])",
+        companies,
+        accounts,
+    )
     out = Known(set(), {}, {})
     for r in rows:
         if r["k"] == "s":
@@ -89,26 +100,35 @@ async def known(conn: Conn, company_ids: Sequence[str], account_ids: Sequence[st
     return out
 
 
-async def set_suspended(conn: Conn, owner: str, owner_id: str,
-                        suspended: bool) -> None:
+async def set_suspended(conn: Conn, owner: str, owner_id: str, suspended: bool) -> None:
     if suspended:
         await conn.execute(
-            "INSERT INTO suspended_wallets (owner, owner_id) VALUES ($1, $2) "
-            "ON CONFLICT DO NOTHING", owner, owner_id)
+            "INSERT INTO suspended_wallets (owner, owner_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            owner,
+            owner_id,
+        )
     else:
         await conn.execute(
-            "DELETE FROM suspended_wallets WHERE owner = $1 AND owner_id = $2", owner, owner_id)
+            "DELETE FROM suspended_wallets WHERE owner = $1 AND owner_id = $2", owner, owner_id
+        )
 
 
 # --- what rebilling tells us ---------------------------------------------------------------
 
+
 async def upsert_company(conn: Conn, company_id: str, currency: str) -> None:
     await conn.execute(
         "INSERT INTO companies (company_id, currency) VALUES ($1, $2) ON CONFLICT (company_id) "
-        "DO UPDATE SET currency = EXCLUDED.currency, updated_at = now()", company_id, currency)
+        "DO UPDATE SET currency = EXCLUDED.currency, updated_at = now()",
+        company_id,
+        currency,
+    )
 
 
 async def upsert_account(conn: Conn, account_id: str, company_id: str) -> None:
     await conn.execute(
         "INSERT INTO accounts (account_id, company_id) VALUES ($1, $2) ON CONFLICT (account_id) "
-        "DO UPDATE SET company_id = EXCLUDED.company_id", account_id, company_id)
+        "DO UPDATE SET company_id = EXCLUDED.company_id",
+        account_id,
+        company_id,
+    )

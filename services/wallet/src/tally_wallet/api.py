@@ -50,11 +50,15 @@ class WalletOut(BaseModel):
     status: Literal["active", "suspended"]
     funding: Literal["top_up", "request_credits"]
     rebilling: Literal["off", "rebill", "rebill_markup"] | None = Field(
-        None, description="account wallets: the rebilling mode the wallet applies (from "
-                          "rebilling.settings); null for company wallets")
+        None,
+        description="account wallets: the rebilling mode the wallet applies (from "
+        "rebilling.settings); null for company wallets",
+    )
     markups: dict[str, str] | None = Field(
-        None, description="account wallets under rebill_markup: the markups the wallet applies, "
-                          "per service or \"default\"; null otherwise")
+        None,
+        description="account wallets under rebill_markup: the markups the wallet applies, "
+        'per service or "default"; null otherwise',
+    )
 
 
 class WalletPatch(BaseModel):
@@ -131,12 +135,21 @@ async def _out(conn: Conn, w: Wallet) -> WalletOut:
         if settings and mode == "rebill_markup":
             markups = {k: format(v.normalize(), "f") for k, v in settings.markups.items()}
     return WalletOut(
-        wallet_id=w.id, owner=w.kind, company_id=w.company_id, account_id=w.account_id,
-        balance=format_micros(w.balance), currency=w.currency,
-        threshold=format_micros(w.threshold), reload_amount=format_micros(w.reload_amount),
-        auto_recharge=w.auto_recharge, smart_adjustment=w.smart_adjustment,
+        wallet_id=w.id,
+        owner=w.kind,
+        company_id=w.company_id,
+        account_id=w.account_id,
+        balance=format_micros(w.balance),
+        currency=w.currency,
+        threshold=format_micros(w.threshold),
+        reload_amount=format_micros(w.reload_amount),
+        auto_recharge=w.auto_recharge,
+        smart_adjustment=w.smart_adjustment,
         status="suspended" if w.status == "suspended" else "active",
-        funding="top_up" if connected else "request_credits", rebilling=mode, markups=markups)
+        funding="top_up" if connected else "request_credits",
+        rebilling=mode,
+        markups=markups,
+    )
 
 
 def _for(principal: Principal, out: WalletOut) -> WalletOut:
@@ -157,12 +170,15 @@ async def _currency(conn: Conn, directory: CompanyDirectory, company_id: str) ->
     try:
         return (await directory.currencies([company_id])).get(company_id, "USD")
     except httpx.HTTPError as exc:
-        raise ApiError(503, "rebilling_unavailable", "the company's currency cannot be looked "
-                       "up right now; try again", headers={"Retry-After": "2"}) from exc
+        raise ApiError(
+            503,
+            "rebilling_unavailable",
+            "the company's currency cannot be looked up right now; try again",
+            headers={"Retry-After": "2"},
+        ) from exc
 
 
-async def _company_wallet(conn: Conn, request: Request, principal: Principal,
-                          cid: PathId) -> Wallet:
+async def _company_wallet(conn: Conn, request: Request, principal: Principal, cid: PathId) -> Wallet:
     require_company(principal, cid, "wallet")
     w = await storage.get_wallet(conn, company_wallet_id(cid))
     if w:
@@ -171,8 +187,7 @@ async def _company_wallet(conn: Conn, request: Request, principal: Principal,
     return Wallet(company_wallet_id(cid), "company", currency, company_id=cid)
 
 
-async def _account_wallet(conn: Conn, request: Request, principal: Principal,
-                          aid: PathId) -> Wallet:
+async def _account_wallet(conn: Conn, request: Request, principal: Principal, aid: PathId) -> Wallet:
     """The account's wallet (a default one if it never moved); 404 for other tenants."""
     info = await storage.account_info(conn, aid)
     company = info.company_id
@@ -183,23 +198,25 @@ async def _account_wallet(conn: Conn, request: Request, principal: Principal,
     w = await storage.get_wallet(conn, account_wallet_id(aid))
     if w:
         return w
-    currency = (await _currency(conn, runtime(request).state["directory"], company)
-                if company else "USD")
+    currency = await _currency(conn, runtime(request).state["directory"], company) if company else "USD"
     return Wallet(account_wallet_id(aid), "account", currency, company_id=company, account_id=aid)
 
 
 def _tx(r: dict[str, Any]) -> TransactionOut:
     return TransactionOut(
-        id=str(r["id"]), kind=r["kind"], amount=format_micros(r["amount"]),
-        balance_after=format_micros(r["balance_after"]), service=r["service"],
-        usage_event_id=r["usage_event_id"], reference=r["reference"],
-        created_at=r["created_at"].isoformat())
+        id=str(r["id"]),
+        kind=r["kind"],
+        amount=format_micros(r["amount"]),
+        balance_after=format_micros(r["balance_after"]),
+        service=r["service"],
+        usage_event_id=r["usage_event_id"],
+        reference=r["reference"],
+        created_at=r["created_at"].isoformat(),
+    )
 
 
-async def _transactions(conn: Conn, wallet_id: str, limit: int,
-                        cursor: str | None) -> TransactionPage:
-    rows = await storage.list_transfers(conn, wallet_id, limit=limit + 1,
-                                        before_id=pagination.decode(cursor))
+async def _transactions(conn: Conn, wallet_id: str, limit: int, cursor: str | None) -> TransactionPage:
+    rows = await storage.list_transfers(conn, wallet_id, limit=limit + 1, before_id=pagination.decode(cursor))
     items, nxt = pagination.page(rows, limit, rows[limit - 1]["id"] if len(rows) > limit else None)
     return TransactionPage(items=[_tx(r) for r in items], next_cursor=nxt)
 
@@ -219,6 +236,7 @@ async def _patch(conn: Conn, w: Wallet, body: WalletPatch) -> Wallet:
 
 # --- wallets -------------------------------------------------------------------------------
 
+
 @router.get("/companies/{cid}/wallet", response_model=WalletOut)
 async def company_wallet(cid: PathId, request: Request, principal: CurrentPrincipal) -> WalletOut:
     async with runtime(request).pool.acquire() as conn:
@@ -226,8 +244,9 @@ async def company_wallet(cid: PathId, request: Request, principal: CurrentPrinci
 
 
 @router.patch("/companies/{cid}/wallet", response_model=WalletOut)
-async def patch_company_wallet(cid: PathId, body: WalletPatch, request: Request,
-                               principal: CurrentPrincipal) -> WalletOut:
+async def patch_company_wallet(
+    cid: PathId, body: WalletPatch, request: Request, principal: CurrentPrincipal
+) -> WalletOut:
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
@@ -238,8 +257,9 @@ async def patch_company_wallet(cid: PathId, body: WalletPatch, request: Request,
 
 
 @router.get("/companies/{cid}/wallet/transactions", response_model=TransactionPage)
-async def company_transactions(cid: PathId, request: Request, principal: CurrentPrincipal,
-                               limit: Limit = 50, cursor: str | None = None) -> TransactionPage:
+async def company_transactions(
+    cid: PathId, request: Request, principal: CurrentPrincipal, limit: Limit = 50, cursor: str | None = None
+) -> TransactionPage:
     async with runtime(request).pool.acquire() as conn:
         w = await _company_wallet(conn, request, principal, cid)
         return await _transactions(conn, w.id, limit, cursor)
@@ -248,13 +268,13 @@ async def company_transactions(cid: PathId, request: Request, principal: Current
 @router.get("/accounts/{aid}/wallet", response_model=WalletOut)
 async def account_wallet(aid: PathId, request: Request, principal: CurrentPrincipal) -> WalletOut:
     async with runtime(request).pool.acquire() as conn:
-        return _for(principal, await _out(conn, await _account_wallet(conn, request, principal,
-                                                                        aid)))
+        return _for(principal, await _out(conn, await _account_wallet(conn, request, principal, aid)))
 
 
 @router.patch("/accounts/{aid}/wallet", response_model=WalletOut)
-async def patch_account_wallet(aid: PathId, body: WalletPatch, request: Request,
-                               principal: CurrentPrincipal) -> WalletOut:
+async def patch_account_wallet(
+    aid: PathId, body: WalletPatch, request: Request, principal: CurrentPrincipal
+) -> WalletOut:
     """Company admins, and (as the spec lets account owners) the account's own users."""
     require_role(principal, "company_admin", "account_user", "platform_admin")
     rt = runtime(request)
@@ -268,31 +288,36 @@ async def patch_account_wallet(aid: PathId, body: WalletPatch, request: Request,
 
 
 @router.get("/accounts/{aid}/wallet/transactions", response_model=TransactionPage)
-async def account_transactions(aid: PathId, request: Request, principal: CurrentPrincipal,
-                               limit: Limit = 50, cursor: str | None = None) -> TransactionPage:
+async def account_transactions(
+    aid: PathId, request: Request, principal: CurrentPrincipal, limit: Limit = 50, cursor: str | None = None
+) -> TransactionPage:
     async with runtime(request).pool.acquire() as conn:
         w = await _account_wallet(conn, request, principal, aid)
         return await _transactions(conn, w.id, limit, cursor)
 
 
 @router.get("/accounts/{aid}/service-status", response_model=ServiceStatusOut)
-async def account_service_status(aid: PathId, request: Request,
-                                 principal: CurrentPrincipal) -> ServiceStatusOut:
+async def account_service_status(
+    aid: PathId, request: Request, principal: CurrentPrincipal
+) -> ServiceStatusOut:
     async with runtime(request).pool.acquire() as conn:
         info = await storage.account_info(conn, aid)
         if principal.role != "product":
             await _account_wallet(conn, request, principal, aid)  # 404 for other tenants
         account = await storage.get_wallet(conn, account_wallet_id(aid))
-        company = (await storage.get_wallet(conn, company_wallet_id(info.company_id))
-                   if info.company_id else None)
+        company = (
+            await storage.get_wallet(conn, company_wallet_id(info.company_id)) if info.company_id else None
+        )
     reason = service_status(account, company, info.licenses)
     return ServiceStatusOut(allowed=reason == "ok", reason=reason)
 
 
 # --- credits -------------------------------------------------------------------------------
 
-async def _credit(conn: Conn, principal: Principal, wallet: Wallet, body: CreditIn,
-                  idempotency_key: str | None, route: str) -> CreditOut | JsonResponse:
+
+async def _credit(
+    conn: Conn, principal: Principal, wallet: Wallet, body: CreditIn, idempotency_key: str | None, route: str
+) -> CreditOut | JsonResponse:
     """A manual credit. With an Idempotency-Key the transfer is keyed by it (one credit per key
     and wallet whoever sends it) and the first response is answered again."""
     amount = money_field(body.amount, "amount")
@@ -302,24 +327,45 @@ async def _credit(conn: Conn, principal: Principal, wallet: Wallet, body: Credit
     # 24 hours in which the first response is answered again.
     key = f"manual:{wallet.id}:{uuid.uuid4()}"
     if idempotency_key is not None:
-        stored = await idempotency.begin(conn, who, idempotency_key,
-                                         idempotency.request_hash(route, body.model_dump()))
+        stored = await idempotency.begin(
+            conn, who, idempotency_key, idempotency.request_hash(route, body.model_dump())
+        )
         if stored is not None and stored.response is not None:
             return JsonResponse(stored.response, status_code=stored.status_code or 201)
         key = f"manual:{wallet.id}:{idempotency.principal_digest(who)}:{idempotency_key}"
-    posted, current = await credit(conn, wallet, amount=amount, kind="manual_credit", key=key,
-                                   system=SYSTEM_MANUAL_CREDITS, reference=body.reference)
-    out = CreditOut(transfer_id=key, amount=format_micros(amount), created=posted is not None,
-                    wallet=await _out(conn, current))
+    posted, current = await credit(
+        conn,
+        wallet,
+        amount=amount,
+        kind="manual_credit",
+        key=key,
+        system=SYSTEM_MANUAL_CREDITS,
+        reference=body.reference,
+    )
+    out = CreditOut(
+        transfer_id=key,
+        amount=format_micros(amount),
+        created=posted is not None,
+        wallet=await _out(conn, current),
+    )
     if idempotency_key is not None:
         await idempotency.finish(conn, who, idempotency_key, 201, out.model_dump(mode="json"))
     return out
 
 
-@router.post("/accounts/{aid}/wallet/credits", status_code=201, response_model=CreditOut,
-             summary="Add credits to an account wallet now (the company's AI credits button)")
-async def credit_account(aid: PathId, body: CreditIn, request: Request, principal: CurrentPrincipal,
-                         idempotency_key: IdempotencyKey = None) -> CreditOut | JsonResponse:
+@router.post(
+    "/accounts/{aid}/wallet/credits",
+    status_code=201,
+    response_model=CreditOut,
+    summary="Add credits to an account wallet now (the company's AI credits button)",
+)
+async def credit_account(
+    aid: PathId,
+    body: CreditIn,
+    request: Request,
+    principal: CurrentPrincipal,
+    idempotency_key: IdempotencyKey = None,
+) -> CreditOut | JsonResponse:
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
@@ -331,10 +377,19 @@ async def credit_account(aid: PathId, body: CreditIn, request: Request, principa
     return out
 
 
-@router.post("/companies/{cid}/wallet/credits", status_code=201, response_model=CreditOut,
-             summary="Grant credits to a company (agency) wallet (platform admins)")
-async def credit_company(cid: PathId, body: CreditIn, request: Request, principal: CurrentPrincipal,
-                         idempotency_key: IdempotencyKey = None) -> CreditOut | JsonResponse:
+@router.post(
+    "/companies/{cid}/wallet/credits",
+    status_code=201,
+    response_model=CreditOut,
+    summary="Grant credits to a company (agency) wallet (platform admins)",
+)
+async def credit_company(
+    cid: PathId,
+    body: CreditIn,
+    request: Request,
+    principal: CurrentPrincipal,
+    idempotency_key: IdempotencyKey = None,
+) -> CreditOut | JsonResponse:
     require_role(principal, "platform_admin")
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
@@ -346,20 +401,36 @@ async def credit_company(cid: PathId, body: CreditIn, request: Request, principa
 
 # --- credit requests -----------------------------------------------------------------------
 
+
 def _cr(r: asyncpg.Record) -> CreditRequestOut:
     return CreditRequestOut(
-        id=r["id"], account_id=r["account_id"], company_id=r["company_id"],
-        amount=format_micros(r["amount"]), currency=r["currency"], reference=r["reference"],
-        status=r["status"], requested_by=r["requested_by"], resolved_by=r["resolved_by"],
+        id=r["id"],
+        account_id=r["account_id"],
+        company_id=r["company_id"],
+        amount=format_micros(r["amount"]),
+        currency=r["currency"],
+        reference=r["reference"],
+        status=r["status"],
+        requested_by=r["requested_by"],
+        resolved_by=r["resolved_by"],
         created_at=r["created_at"].isoformat(),
-        resolved_at=r["resolved_at"].isoformat() if r["resolved_at"] else None)
+        resolved_at=r["resolved_at"].isoformat() if r["resolved_at"] else None,
+    )
 
 
-@router.post("/accounts/{aid}/credit-requests", status_code=201, response_model=CreditRequestOut,
-             summary="Request credits from the company (when it has not connected Stripe)")
-async def request_credits(aid: PathId, body: CreditIn, request: Request,
-                          principal: CurrentPrincipal,
-                          idempotency_key: IdempotencyKey = None) -> CreditRequestOut | JsonResponse:
+@router.post(
+    "/accounts/{aid}/credit-requests",
+    status_code=201,
+    response_model=CreditRequestOut,
+    summary="Request credits from the company (when it has not connected Stripe)",
+)
+async def request_credits(
+    aid: PathId,
+    body: CreditIn,
+    request: Request,
+    principal: CurrentPrincipal,
+    idempotency_key: IdempotencyKey = None,
+) -> CreditRequestOut | JsonResponse:
     require_role(principal, "account_user")
     amount = money_field(body.amount, "amount")
     rt = runtime(request)
@@ -367,8 +438,8 @@ async def request_credits(aid: PathId, body: CreditIn, request: Request,
     async with rt.pool.acquire() as conn, conn.transaction():
         if idempotency_key is not None:
             stored = await idempotency.begin(
-                conn, who, idempotency_key,
-                idempotency.request_hash(request.url.path, body.model_dump()))
+                conn, who, idempotency_key, idempotency.request_hash(request.url.path, body.model_dump())
+            )
             if stored is not None and stored.response is not None:
                 return JsonResponse(stored.response, status_code=stored.status_code or 201)
         wallet = await _account_wallet(conn, request, principal, aid)
@@ -376,20 +447,42 @@ async def request_credits(aid: PathId, body: CreditIn, request: Request,
         assert company_id is not None  # an account user's token names its company
         _, connected = await storage.company_funding(conn, company_id)
         if connected:
-            raise ApiError(409, "top_up_available", "the company has connected Stripe: "
-                           "top up the wallet with a card instead of requesting credits")
+            raise ApiError(
+                409,
+                "top_up_available",
+                "the company has connected Stripe: "
+                "top up the wallet with a card instead of requesting credits",
+            )
         row = await storage.insert_credit_request(
-            conn, id_=f"cr_{uuid.uuid4().hex}", account_id=aid, company_id=company_id,
-            amount=amount, currency=wallet.currency, reference=body.reference,
-            requested_by=principal.email or principal.sub)
+            conn,
+            id_=f"cr_{uuid.uuid4().hex}",
+            account_id=aid,
+            company_id=company_id,
+            amount=amount,
+            currency=wallet.currency,
+            reference=body.reference,
+            requested_by=principal.email or principal.sub,
+        )
         if row is None:
-            raise ApiError(409, "pending_request_exists",
-                           "this account already has a pending credit request")
+            raise ApiError(409, "pending_request_exists", "this account already has a pending credit request")
         created = events.CreditRequestCreated(
-            request_id=row["id"], company_id=company_id, account_id=aid, amount_micros=amount,
-            currency=wallet.currency, reference=body.reference, requested_by=row["requested_by"])
-        await outbox.enqueue(conn, wallet_rows(company_id, events.envelope(
-            "credit_request.created", created, source=SOURCE, id_=f"credit_request:{row['id']}")))
+            request_id=row["id"],
+            company_id=company_id,
+            account_id=aid,
+            amount_micros=amount,
+            currency=wallet.currency,
+            reference=body.reference,
+            requested_by=row["requested_by"],
+        )
+        await outbox.enqueue(
+            conn,
+            wallet_rows(
+                company_id,
+                events.envelope(
+                    "credit_request.created", created, source=SOURCE, id_=f"credit_request:{row['id']}"
+                ),
+            ),
+        )
         out = _cr(row)
         if idempotency_key is not None:
             await idempotency.finish(conn, who, idempotency_key, 201, out.model_dump(mode="json"))
@@ -398,20 +491,27 @@ async def request_credits(aid: PathId, body: CreditIn, request: Request,
 
 
 @router.get("/companies/{cid}/credit-requests", response_model=CreditRequestPage)
-async def list_credit_requests(cid: PathId, request: Request, principal: CurrentPrincipal,
-                               status: Literal["pending", "approved", "rejected"] | None = None,
-                               limit: Limit = 50, cursor: str | None = None) -> CreditRequestPage:
+async def list_credit_requests(
+    cid: PathId,
+    request: Request,
+    principal: CurrentPrincipal,
+    status: Literal["pending", "approved", "rejected"] | None = None,
+    limit: Limit = 50,
+    cursor: str | None = None,
+) -> CreditRequestPage:
     require_role(principal, "company_admin", "platform_admin")
     require_company(principal, cid)
     async with runtime(request).pool.acquire() as conn:
-        rows = await storage.list_credit_requests(conn, cid, status, limit=limit + 1,
-                                                  before_seq=pagination.decode(cursor))
+        rows = await storage.list_credit_requests(
+            conn, cid, status, limit=limit + 1, before_seq=pagination.decode(cursor)
+        )
     items, nxt = pagination.page(rows, limit, rows[limit - 1]["seq"] if len(rows) > limit else None)
     return CreditRequestPage(items=[_cr(r) for r in items], next_cursor=nxt)
 
 
-async def _resolve(request: Request, principal: Principal, rid: PathKey,
-                   status: Literal["approved", "rejected"]) -> CreditRequestOut:
+async def _resolve(
+    request: Request, principal: Principal, rid: PathKey, status: Literal["approved", "rejected"]
+) -> CreditRequestOut:
     require_role(principal, "company_admin", "platform_admin")
     rt = runtime(request)
     async with rt.pool.acquire() as conn, conn.transaction():
@@ -423,17 +523,40 @@ async def _resolve(request: Request, principal: Principal, rid: PathKey,
         by = principal.email or principal.sub
         row = await storage.resolve_credit_request(conn, rid, status, by)
         if status == "approved":
-            wallet = Wallet(account_wallet_id(row["account_id"]), "account", row["currency"],
-                            company_id=row["company_id"], account_id=row["account_id"])
-            await credit(conn, wallet, amount=row["amount"], kind="credit_request",
-                         key=f"credit_request:{rid}", system=SYSTEM_MANUAL_CREDITS,
-                         reference=row["reference"])
+            wallet = Wallet(
+                account_wallet_id(row["account_id"]),
+                "account",
+                row["currency"],
+                company_id=row["company_id"],
+                account_id=row["account_id"],
+            )
+            await credit(
+                conn,
+                wallet,
+                amount=row["amount"],
+                kind="credit_request",
+                key=f"credit_request:{rid}",
+                system=SYSTEM_MANUAL_CREDITS,
+                reference=row["reference"],
+            )
         resolved = events.CreditRequestResolved(
-            request_id=rid, company_id=row["company_id"], account_id=row["account_id"],
-            status=status, amount_micros=row["amount"], currency=row["currency"], resolved_by=by)
-        await outbox.enqueue(conn, wallet_rows(row["company_id"], events.envelope(
-            "credit_request.resolved", resolved, source=SOURCE,
-            id_=f"credit_request:{rid}:{status}")))
+            request_id=rid,
+            company_id=row["company_id"],
+            account_id=row["account_id"],
+            status=status,
+            amount_micros=row["amount"],
+            currency=row["currency"],
+            resolved_by=by,
+        )
+        await outbox.enqueue(
+            conn,
+            wallet_rows(
+                row["company_id"],
+                events.envelope(
+                    "credit_request.resolved", resolved, source=SOURCE, id_=f"credit_request:{rid}:{status}"
+                ),
+            ),
+        )
     rt.relay.wake()
     return _cr(row)
 

@@ -8,8 +8,7 @@ from tally_wallet import api, handlers
 
 
 async def start(rt: Runtime) -> None:
-    rt.state["directory"] = CompanyDirectory.from_settings(
-        rt.settings, os.environ.get("TALLY_REBILLING_URL"))
+    rt.state["directory"] = CompanyDirectory.from_settings(rt.settings, os.environ.get("TALLY_REBILLING_URL"))
 
 
 async def stop(rt: Runtime) -> None:

@@ -23,8 +23,9 @@ from typing import Any, Literal
 from tally.money import MoneyError, apply_markup, parse_decimal
 
 Kind = Literal["company", "account", "system"]
-TransferKind = Literal["usage", "recharge", "top_up", "manual_credit", "credit_request",
-                       "refund", "adjustment"]
+TransferKind = Literal[
+    "usage", "recharge", "top_up", "manual_credit", "credit_request", "refund", "adjustment"
+]
 
 SYSTEM_PLATFORM_REVENUE = "platform_revenue"
 SYSTEM_COMPANY_REVENUE = "company_revenue"
@@ -74,8 +75,13 @@ class Wallet:
 
     def ref(self) -> dict[str, Any]:
         assert self.kind != "system"
-        return {"wallet_id": self.id, "owner": self.kind, "company_id": self.company_id,
-                "account_id": self.account_id, "currency": self.currency}
+        return {
+            "wallet_id": self.id,
+            "owner": self.kind,
+            "company_id": self.company_id,
+            "account_id": self.account_id,
+            "currency": self.currency,
+        }
 
 
 @dataclass(frozen=True)
@@ -124,8 +130,9 @@ class Posting:
             raise LedgerError(f"transfer {t.key}: debit and credit are the same wallet")
         debit, credit = self.wallets[t.debit], self.wallets[t.credit]
         if debit.currency != credit.currency:
-            raise LedgerError(f"transfer {t.key}: {debit.currency} wallet cannot pay "
-                              f"a {credit.currency} wallet")
+            raise LedgerError(
+                f"transfer {t.key}: {debit.currency} wallet cannot pay a {credit.currency} wallet"
+            )
         before = debit.balance
         debit.balance -= t.amount
         credit.balance += t.amount
@@ -140,22 +147,35 @@ class Posting:
     def _after_debit(self, w: Wallet, before: int, t: Transfer) -> None:
         if w.armed and w.balance < w.threshold:
             w.armed = False
-            self.events.append(WalletEvent("wallet.threshold_crossed", w.id, {
-                **w.ref(), "balance_micros": w.balance, "threshold_micros": w.threshold,
-                "reload_amount_micros": w.reload_amount, "auto_recharge": w.auto_recharge,
-                "smart_adjustment": w.smart_adjustment}, t.key))
+            self.events.append(
+                WalletEvent(
+                    "wallet.threshold_crossed",
+                    w.id,
+                    {
+                        **w.ref(),
+                        "balance_micros": w.balance,
+                        "threshold_micros": w.threshold,
+                        "reload_amount_micros": w.reload_amount,
+                        "auto_recharge": w.auto_recharge,
+                        "smart_adjustment": w.smart_adjustment,
+                    },
+                    t.key,
+                )
+            )
         if w.balance < 0 and w.status == "active":
             w.status = "suspended"
-            self.events.append(WalletEvent("wallet.suspended", w.id,
-                                           {**w.ref(), "balance_micros": w.balance}, t.key))
+            self.events.append(
+                WalletEvent("wallet.suspended", w.id, {**w.ref(), "balance_micros": w.balance}, t.key)
+            )
 
     def _after_credit(self, w: Wallet, t: Transfer) -> None:
         if w.balance >= w.threshold:
             w.armed = True
         if w.balance >= 0 and w.status == "suspended":
             w.status = "active"
-            self.events.append(WalletEvent("wallet.reactivated", w.id,
-                                           {**w.ref(), "balance_micros": w.balance}, t.key))
+            self.events.append(
+                WalletEvent("wallet.reactivated", w.id, {**w.ref(), "balance_micros": w.balance}, t.key)
+            )
 
 
 MIN_MARKUP, MAX_MARKUP = Decimal(1), Decimal(10)
@@ -197,8 +217,7 @@ def parse_markups(raw: dict[str, str]) -> dict[str, Decimal]:
 ServiceReason = Literal["ok", "account_wallet_empty", "agency_wallet_empty", "no_license"]
 
 
-def service_status(account: Wallet | None, company: Wallet | None,
-                   licenses: int | None) -> ServiceReason:
+def service_status(account: Wallet | None, company: Wallet | None, licenses: int | None) -> ServiceReason:
     """Why an account may or may not use platform services. A negative account wallet is the
     client's own empty wallet; an empty agency wallet while the client still has balance is
     the agency-assistance case; a workspace with no assigned license cannot use the product."""

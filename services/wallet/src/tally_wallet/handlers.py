@@ -33,13 +33,14 @@ SERVICE = "wallet"
 # What one usage record can never post, whatever the retries: a ledger rule it breaks, or a
 # value the database refuses (a balance out of range). That record goes to the DLQ with the
 # reason and the partition goes on; anything else (a lost connection) retries the batch.
-UNPOSTABLE: tuple[type[Exception], ...] = (LedgerError, asyncpg.DataError,
-                                           asyncpg.CheckViolationError)
+UNPOSTABLE: tuple[type[Exception], ...] = (LedgerError, asyncpg.DataError, asyncpg.CheckViolationError)
 # The optimistic batch also falls back on a transfer key the ledger already has (a redelivery).
 CAREFULLY: tuple[type[Exception], ...] = (asyncpg.UniqueViolationError, *UNPOSTABLE)
 DEBIT_LATENCY = Histogram(
-    "tally_wallet_debit_latency_seconds", "From usage accepted to ledger commit",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+    "tally_wallet_debit_latency_seconds",
+    "From usage accepted to ledger commit",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 
 
 def parse_recorded(value: bytes | None) -> UsageRecorded:
@@ -50,8 +51,9 @@ def parse_recorded(value: bytes | None) -> UsageRecorded:
         raise events.BadMessage(events.summarise(exc)) from exc
 
 
-def _transactional(rt: Runtime, apply: Callable[[Conn, Any, list[Row]], Awaitable[None]],
-                   parse: Callable[[Any], Any]) -> Callable[[Sequence[Any]], Awaitable[None]]:
+def _transactional(
+    rt: Runtime, apply: Callable[[Conn, Any, list[Row]], Awaitable[None]], parse: Callable[[Any], Any]
+) -> Callable[[Sequence[Any]], Awaitable[None]]:
     """A batch handler: parse every record (poison -> DLQ), then apply each parsed record in
     one transaction; a record whose apply breaks a ledger rule or a database bound (a balance
     out of range) is dead-lettered alone (savepoint)."""
@@ -73,8 +75,7 @@ def _transactional(rt: Runtime, apply: Callable[[Conn, Any, list[Row]], Awaitabl
                     async with conn.transaction():
                         await apply(conn, item, rows)
                 except UNPOSTABLE as exc:  # this record alone; the partition goes on
-                    dead.append(dlq_row(record, f"{type(exc).__name__}: {exc}",
-                                        service=SERVICE))
+                    dead.append(dlq_row(record, f"{type(exc).__name__}: {exc}", service=SERVICE))
             await enqueue(conn, rows + dead)
         rt.relay.wake()
 
@@ -105,8 +106,7 @@ def subscribe(rt: Runtime) -> None:
                         async with conn.transaction():
                             await apply_usage(conn, [usage], traces, partitions=partitions)
                     except UNPOSTABLE as exc:
-                        dead.append(dlq_row(record, f"{type(exc).__name__}: {exc}",
-                                            service=SERVICE))
+                        dead.append(dlq_row(record, f"{type(exc).__name__}: {exc}", service=SERVICE))
 
         async with rt.pool.acquire() as conn:
             try:
@@ -114,8 +114,9 @@ def subscribe(rt: Runtime) -> None:
                 # no savepoint (two round trips fewer); a redelivered event fails the unique
                 # transfer key and the batch goes again, carefully.
                 async with conn.transaction():
-                    await apply_usage(conn, [u for _, u in good], traces, partitions=partitions,
-                                      optimistic=True)
+                    await apply_usage(
+                        conn, [u for _, u in good], traces, partitions=partitions, optimistic=True
+                    )
                     await enqueue(conn, dead)
             except CAREFULLY:
                 async with conn.transaction():
@@ -140,8 +141,9 @@ def subscribe(rt: Runtime) -> None:
         parse_markups(payload.markups)  # LedgerError -> DLQ
         return payload.account_id, payload
 
-    async def apply_settings(conn: Conn, item: tuple[str, events.RebillingSettings | None],
-                             rows: list[Row]) -> None:
+    async def apply_settings(
+        conn: Conn, item: tuple[str, events.RebillingSettings | None], rows: list[Row]
+    ) -> None:
         account_id, settings = item
         if settings is None:
             await storage.delete_rebilling(conn, account_id)
@@ -159,45 +161,68 @@ def subscribe(rt: Runtime) -> None:
         elif isinstance(p, events.AccountCreated):
             await storage.upsert_account(conn, p.account_id, p.company_id)
         elif isinstance(p, events.LicenseChanged) and p.account_id is not None:
-            await storage.upsert_account(conn, p.account_id, p.company_id,
-                                         licenses=p.account_assigned or 0)
+            await storage.upsert_account(conn, p.account_id, p.company_id, licenses=p.account_assigned or 0)
 
     # --- recharge.events -------------------------------------------------------------------
     def parse_recharge_event(r: Any) -> tuple[str, events.Payload] | None:
         message = wanted(r, ("recharge.succeeded", "recharge.failed", "recharge.tier_raised"))
         return (message.id, message.data) if message else None
 
-    async def apply_recharge_event(conn: Conn, item: tuple[str, events.Payload],
-                                   rows: list[Row]) -> None:
+    async def apply_recharge_event(conn: Conn, item: tuple[str, events.Payload], rows: list[Row]) -> None:
         msg_id, p = item
         if isinstance(p, events.RechargeSucceeded):
-            wallet = Wallet(p.wallet_id, p.owner, p.currency, company_id=p.company_id,
-                            account_id=p.account_id)
-            await credit(conn, wallet, amount=p.amount_micros,
-                         kind="recharge" if p.trigger == "auto" else "top_up",
-                         key=f"recharge:{p.recharge_id}", system=SYSTEM_STRIPE_CLEARING,
-                         reference=p.payment_intent)
+            wallet = Wallet(
+                p.wallet_id, p.owner, p.currency, company_id=p.company_id, account_id=p.account_id
+            )
+            await credit(
+                conn,
+                wallet,
+                amount=p.amount_micros,
+                kind="recharge" if p.trigger == "auto" else "top_up",
+                key=f"recharge:{p.recharge_id}",
+                system=SYSTEM_STRIPE_CLEARING,
+                reference=p.payment_intent,
+            )
             return
         if not await inbox.claim(conn, "wallet-recharge-settings", [msg_id]):
             return
         if isinstance(p, events.RechargeTierRaised | events.RechargeFailed):
-            wallet = Wallet(p.wallet_id, p.owner, p.currency, company_id=p.company_id,
-                            account_id=p.account_id)
+            wallet = Wallet(
+                p.wallet_id, p.owner, p.currency, company_id=p.company_id, account_id=p.account_id
+            )
             if isinstance(p, events.RechargeTierRaised):
                 await raise_tier(conn, wallet, cause=msg_id)
             elif p.auto_recharge_disabled:
                 await change_settings(conn, wallet, {"auto_recharge": False}, cause=msg_id)
 
     max_batch = rt.settings.kafka_max_batch
-    subscribe_batch(rt.broker, Topics.USAGE_RECORDED, service=SERVICE, group_id="wallet",
-                    handler=on_usage, max_records=max_batch, money_path=True)
-    subscribe_batch(rt.broker, Topics.REBILLING_SETTINGS, service=SERVICE,
-                    group_id="wallet-rebilling-settings",
-                    handler=_transactional(rt, apply_settings, parse_settings))
-    subscribe_batch(rt.broker, Topics.REBILLING_EVENTS, service=SERVICE,
-                    group_id="wallet-rebilling-events",
-                    handler=_transactional(rt, apply_rebilling_event,
-                                           lambda r: parse_rebilling_event(r)))
-    subscribe_batch(rt.broker, Topics.RECHARGE_EVENTS, service=SERVICE,
-                    group_id="wallet-recharge-events",
-                    handler=_transactional(rt, apply_recharge_event, parse_recharge_event))
+    subscribe_batch(
+        rt.broker,
+        Topics.USAGE_RECORDED,
+        service=SERVICE,
+        group_id="wallet",
+        handler=on_usage,
+        max_records=max_batch,
+        money_path=True,
+    )
+    subscribe_batch(
+        rt.broker,
+        Topics.REBILLING_SETTINGS,
+        service=SERVICE,
+        group_id="wallet-rebilling-settings",
+        handler=_transactional(rt, apply_settings, parse_settings),
+    )
+    subscribe_batch(
+        rt.broker,
+        Topics.REBILLING_EVENTS,
+        service=SERVICE,
+        group_id="wallet-rebilling-events",
+        handler=_transactional(rt, apply_rebilling_event, lambda r: parse_rebilling_event(r)),
+    )
+    subscribe_batch(
+        rt.broker,
+        Topics.RECHARGE_EVENTS,
+        service=SERVICE,
+        group_id="wallet-recharge-events",
+        handler=_transactional(rt, apply_recharge_event, parse_recharge_event),
+    )

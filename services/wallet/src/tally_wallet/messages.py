@@ -18,8 +18,7 @@ SOURCE = "wallet"
 USAGE_TOTALS_PER_MESSAGE = 1000  # ~170 kB of JSON: well under any broker's message limit
 
 
-def wallet_rows(key: str | None, message: dict[str, Any],
-                traceparent: str | None = None) -> list[outbox.Row]:
+def wallet_rows(key: str | None, message: dict[str, Any], traceparent: str | None = None) -> list[outbox.Row]:
     """Outbox rows for one wallet event: ``wallet.events``, plus ``wallet.digest`` when other
     services act on its type (encoded once)."""
     public = outbox.row(Topics.WALLET_EVENTS, key, message, traceparent)
@@ -28,8 +27,7 @@ def wallet_rows(key: str | None, message: dict[str, Any],
     return [public, (Topics.WALLET_DIGEST, *public[1:])]
 
 
-def edge_event_rows(posting: Posting,
-                    traceparents: dict[str, str | None] | None = None) -> list[outbox.Row]:
+def edge_event_rows(posting: Posting, traceparents: dict[str, str | None] | None = None) -> list[outbox.Row]:
     """Outbox rows for the threshold/suspension/reactivation edges a posting crossed, each in
     the trace of the transfer that caused it."""
     rows = []
@@ -37,8 +35,9 @@ def edge_event_rows(posting: Posting,
         w = posting.wallets[e.wallet_id]
         model = events.PAYLOADS[e.type].model_validate(e.data)
         tp = (traceparents or {}).get(e.cause)
-        rows += wallet_rows(w.company_id, events.envelope(
-            e.type, model, source=SOURCE, id_=f"{e.type}:{e.cause}"), tp)
+        rows += wallet_rows(
+            w.company_id, events.envelope(e.type, model, source=SOURCE, id_=f"{e.type}:{e.cause}"), tp
+        )
     return rows
 
 
@@ -55,13 +54,15 @@ def minute_text(at: datetime) -> str:
     return at.replace(second=0, microsecond=0).isoformat()
 
 
-def debited_message(u: UsageRecorded, company: Posted, account: Posted | None,
-                    time: str) -> dict[str, Any]:
+def debited_message(u: UsageRecorded, company: Posted, account: Posted | None, time: str) -> dict[str, Any]:
     """The ``wallet.debited`` envelope (fields of ``tally.events.WalletDebited``), built as a
     plain dict: this runs once per usage event on the hot path."""
     data: dict[str, Any] = {
-        "usage_event_id": u.event_id, "company_id": u.company_id, "account_id": u.account_id,
-        "service": u.service, "currency": u.currency,
+        "usage_event_id": u.event_id,
+        "company_id": u.company_id,
+        "account_id": u.account_id,
+        "service": u.service,
+        "currency": u.currency,
         "occurred_at": time_text(u.occurred_at),
         "company_wallet_id": company.transfer.debit,
         "company_amount_micros": company.transfer.amount,
@@ -71,8 +72,13 @@ def debited_message(u: UsageRecorded, company: Posted, account: Posted | None,
         data["account_wallet_id"] = account.transfer.debit
         data["account_amount_micros"] = account.transfer.amount
         data["account_balance_micros"] = account.debit_after
-    return {"id": f"debited:{u.event_id}", "type": "wallet.debited", "time": time,
-            "source": SOURCE, "data": data}
+    return {
+        "id": f"debited:{u.event_id}",
+        "type": "wallet.debited",
+        "time": time,
+        "source": SOURCE,
+        "data": data,
+    }
 
 
 class UsageTotals:
@@ -103,12 +109,26 @@ class UsageTotals:
         items = list(self._sums.items())
         out = []
         for n, at in enumerate(range(0, len(items), USAGE_TOTALS_PER_MESSAGE)):
-            chunk = items[at:at + USAGE_TOTALS_PER_MESSAGE]
-            totals = [{"account_id": a, "company_id": c, "service": s, "currency": cur,
-                       "minute": m, "amount_micros": amount, "events": count}
-                      for (a, c, s, cur, m), (amount, count) in chunk]
-            message = {"id": f"usage:{self._first}:{n}", "type": "wallet.usage", "time": time,
-                       "source": SOURCE, "data": {"totals": totals}}
+            chunk = items[at : at + USAGE_TOTALS_PER_MESSAGE]
+            totals = [
+                {
+                    "account_id": a,
+                    "company_id": c,
+                    "service": s,
+                    "currency": cur,
+                    "minute": m,
+                    "amount_micros": amount,
+                    "events": count,
+                }
+                for (a, c, s, cur, m), (amount, count) in chunk
+            ]
+            message = {
+                "id": f"usage:{self._first}:{n}",
+                "type": "wallet.usage",
+                "time": time,
+                "source": SOURCE,
+                "data": {"totals": totals},
+            }
             company = chunk[0][0][1]
             out.append(outbox.row(Topics.WALLET_DIGEST, company, message, traceparent))
         return out

@@ -26,8 +26,10 @@ from tally_wallet.domain import (
 # In the order of ``Wallet``'s fields (``threshold_armed`` is ``armed``): a row is
 # ``Wallet(*row)``, a third of the cost of reading each column by name (~1 µs per wallet;
 # a batch over many accounts returns ~2 wallets per event).
-_WALLET_COLS = ("id, kind, currency, company_id, account_id, balance, threshold, reload_amount, "
-                "auto_recharge, smart_adjustment, status, threshold_armed")
+_WALLET_COLS = (
+    "id, kind, currency, company_id, account_id, balance, threshold, reload_amount, "
+    "auto_recharge, smart_adjustment, status, threshold_armed"
+)
 # Every wallet's materialised balance beside the one its ledger lines derive (credits - debits):
 # the audit that chaos runs and the tests use (a wallet is right when balance = derived).
 LEDGER_BALANCES = (
@@ -36,10 +38,21 @@ LEDGER_BALANCES = (
     "LEFT JOIN (SELECT credit_wallet AS id, sum(amount) AS total FROM transfers GROUP BY 1) c "
     "USING (id) "
     "LEFT JOIN (SELECT debit_wallet AS id, sum(amount) AS total FROM transfers GROUP BY 1) d "
-    "USING (id)")
+    "USING (id)"
+)
 
-_TRANSFER_COLS = ("key", "debit_wallet", "credit_wallet", "amount", "kind", "service",
-                  "usage_event_id", "reference", "debit_balance_after", "credit_balance_after")
+_TRANSFER_COLS = (
+    "key",
+    "debit_wallet",
+    "credit_wallet",
+    "amount",
+    "kind",
+    "service",
+    "usage_event_id",
+    "reference",
+    "debit_balance_after",
+    "credit_balance_after",
+)
 
 
 def _wallet(r: asyncpg.Record) -> Wallet:
@@ -68,9 +81,11 @@ async def lock_wallets(conn: Conn, wanted: Iterable[Wallet]) -> dict[str, Wallet
     return {r["id"]: _wallet(r) for r in rows}
 
 
-_MOVE = (f"UPDATE wallets SET balance = wallets.balance + v.delta, updated_at = now() "
-         f"FROM unnest($1::text[], $2::bigint[]) AS v(id, delta) WHERE wallets.id = v.id "
-         f"RETURNING {', '.join('wallets.' + c for c in _WALLET_COLS.split(', '))}")
+_MOVE = (
+    f"UPDATE wallets SET balance = wallets.balance + v.delta, updated_at = now() "
+    f"FROM unnest($1::text[], $2::bigint[]) AS v(id, delta) WHERE wallets.id = v.id "
+    f"RETURNING {', '.join('wallets.' + c for c in _WALLET_COLS.split(', '))}"
+)
 
 
 async def _create(conn: Conn, ws: list[Wallet]) -> None:
@@ -79,8 +94,12 @@ async def _create(conn: Conn, ws: list[Wallet]) -> None:
             "INSERT INTO wallets (id, kind, company_id, account_id, currency) "
             "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) "
             "ON CONFLICT (id) DO NOTHING",
-            [w.id for w in ws], [w.kind for w in ws], [w.company_id for w in ws],
-            [w.account_id for w in ws], [w.currency for w in ws])
+            [w.id for w in ws],
+            [w.kind for w in ws],
+            [w.company_id for w in ws],
+            [w.account_id for w in ws],
+            [w.currency for w in ws],
+        )
 
 
 async def post(conn: Conn, wanted: Iterable[Wallet], transfers: Sequence[Transfer]) -> Posting:
@@ -124,17 +143,35 @@ async def post(conn: Conn, wanted: Iterable[Wallet], transfers: Sequence[Transfe
     for r in rows:
         if wallets[r["id"]].balance != r["balance"]:
             raise RuntimeError(f"posting diverged from the ledger on {r['id']}")
-    await conn.copy_records_to_table("transfers", columns=_TRANSFER_COLS, records=[
-        (p.transfer.key, p.transfer.debit, p.transfer.credit, p.transfer.amount, p.transfer.kind,
-         p.transfer.service, p.transfer.usage_event_id, p.transfer.reference, p.debit_after,
-         p.credit_after) for p in posting.posted])
+    await conn.copy_records_to_table(
+        "transfers",
+        columns=_TRANSFER_COLS,
+        records=[
+            (
+                p.transfer.key,
+                p.transfer.debit,
+                p.transfer.credit,
+                p.transfer.amount,
+                p.transfer.kind,
+                p.transfer.service,
+                p.transfer.usage_event_id,
+                p.transfer.reference,
+                p.debit_after,
+                p.credit_after,
+            )
+            for p in posting.posted
+        ],
+    )
     edged = [w for i, w in wallets.items() if (w.status, w.armed) != before[i]]
     if edged:
         await conn.execute(
             "UPDATE wallets SET status = v.status, threshold_armed = v.armed "
             "FROM unnest($1::text[], $2::text[], $3::bool[]) AS v(id, status, armed) "
             "WHERE wallets.id = v.id",
-            [w.id for w in edged], [w.status for w in edged], [w.armed for w in edged])
+            [w.id for w in edged],
+            [w.status for w in edged],
+            [w.armed for w in edged],
+        )
     return posting
 
 
@@ -143,8 +180,9 @@ async def get_wallet(conn: Conn, wallet_id: str) -> Wallet | None:
     return _wallet(r) if r else None
 
 
-async def list_transfers(conn: Conn, wallet_id: str, *, limit: int,
-                         before_id: int | None) -> list[dict[str, Any]]:
+async def list_transfers(
+    conn: Conn, wallet_id: str, *, limit: int, before_id: int | None
+) -> list[dict[str, Any]]:
     """Ledger lines of one user wallet, newest first, signed from the wallet's side (system
     wallets' sides are not indexed: migration 0005)."""
     before = before_id if before_id is not None else 2**62
@@ -159,35 +197,47 @@ async def list_transfers(conn: Conn, wallet_id: str, *, limit: int,
         "  WHERE credit_wallet = $1 AND credit_wallet NOT LIKE 'system:%' AND id < $2 "
         "  ORDER BY id DESC LIMIT $3) "
         "ORDER BY id DESC LIMIT $3",
-        wallet_id, before, limit,
+        wallet_id,
+        before,
+        limit,
     )
     return [dict(r) for r in rows]
 
 
 # --- what other services decide, as the wallet knows it ----------------------------------
 
+
 async def load_rebilling(conn: Conn, account_ids: Sequence[str]) -> dict[str, Rebilling]:
     if not account_ids:
         return {}
     rows = await conn.fetch(
         "SELECT account_id, mode, markups::text AS markups, active FROM rebilling_settings "
-        "WHERE account_id = ANY($1::text[])", list(set(account_ids)))
-    return {r["account_id"]: Rebilling(r["mode"], _markups(r["markups"]), r["active"])
-            for r in rows}
+        "WHERE account_id = ANY($1::text[])",
+        list(set(account_ids)),
+    )
+    return {r["account_id"]: Rebilling(r["mode"], _markups(r["markups"]), r["active"]) for r in rows}
 
 
-async def load_accounts(conn: Conn, account_ids: Sequence[str],
-                        ) -> dict[str, tuple[str, Rebilling | None]]:
+async def load_accounts(
+    conn: Conn,
+    account_ids: Sequence[str],
+) -> dict[str, tuple[str, Rebilling | None]]:
     """Each known account's company, and its rebilling settings (None: never rebilled)."""
     if not account_ids:
         return {}
     rows = await conn.fetch(
         "SELECT a.account_id, a.company_id, r.mode, r.markups::text AS markups, r.active "
         "FROM accounts a LEFT JOIN rebilling_settings r USING (account_id) "
-        "WHERE a.account_id = ANY($1::text[])", list(set(account_ids)))
-    return {r["account_id"]: (r["company_id"], Rebilling(r["mode"], _markups(r["markups"]),
-                                                         r["active"]) if r["mode"] else None)
-            for r in rows}
+        "WHERE a.account_id = ANY($1::text[])",
+        list(set(account_ids)),
+    )
+    return {
+        r["account_id"]: (
+            r["company_id"],
+            Rebilling(r["mode"], _markups(r["markups"]), r["active"]) if r["mode"] else None,
+        )
+        for r in rows
+    }
 
 
 @functools.lru_cache(maxsize=4096)
@@ -204,11 +254,20 @@ async def upsert_rebilling(conn: Conn, s: RebillingSettings) -> None:
         "company_id = EXCLUDED.company_id, mode = EXCLUDED.mode, markups = EXCLUDED.markups, "
         "active = EXCLUDED.active, version = EXCLUDED.version, updated_at = now() "
         "WHERE rebilling_settings.version <= EXCLUDED.version",
-        s.account_id, s.company_id, s.mode, orjson.dumps(s.markups).decode(), s.active, s.version)
+        s.account_id,
+        s.company_id,
+        s.mode,
+        orjson.dumps(s.markups).decode(),
+        s.active,
+        s.version,
+    )
     await upsert_account(conn, s.account_id, s.company_id)
     await conn.execute(
         "INSERT INTO companies (company_id, stripe_connected) VALUES ($1, $2) "
-        "ON CONFLICT (company_id) DO NOTHING", s.company_id, s.company_stripe_connected)
+        "ON CONFLICT (company_id) DO NOTHING",
+        s.company_id,
+        s.company_stripe_connected,
+    )
 
 
 async def delete_rebilling(conn: Conn, account_id: str) -> None:
@@ -220,16 +279,21 @@ async def upsert_company(conn: Conn, c: CompanyUpdated) -> None:
         "INSERT INTO companies (company_id, currency, stripe_connected) VALUES ($1, $2, $3) "
         "ON CONFLICT (company_id) DO UPDATE SET currency = EXCLUDED.currency, "
         "stripe_connected = EXCLUDED.stripe_connected, updated_at = now()",
-        c.company_id, c.currency, c.stripe_connected)
+        c.company_id,
+        c.currency,
+        c.stripe_connected,
+    )
 
 
-async def upsert_account(conn: Conn, account_id: str, company_id: str,
-                         licenses: int | None = None) -> None:
+async def upsert_account(conn: Conn, account_id: str, company_id: str, licenses: int | None = None) -> None:
     await conn.execute(
         "INSERT INTO accounts (account_id, company_id, licenses) VALUES ($1, $2, $3) "
         "ON CONFLICT (account_id) DO UPDATE SET company_id = EXCLUDED.company_id, "
         "licenses = COALESCE(EXCLUDED.licenses, accounts.licenses), updated_at = now()",
-        account_id, company_id, licenses)
+        account_id,
+        company_id,
+        licenses,
+    )
 
 
 @dataclass(frozen=True)
@@ -241,26 +305,26 @@ class AccountInfo:
 
 async def account_info(conn: Conn, account_id: str) -> AccountInfo:
     """Which company an account belongs to, from whatever the wallet has heard of it."""
-    r = await conn.fetchrow(
-        "SELECT company_id, licenses FROM accounts WHERE account_id = $1", account_id)
+    r = await conn.fetchrow("SELECT company_id, licenses FROM accounts WHERE account_id = $1", account_id)
     if r:
         return AccountInfo(account_id, r["company_id"], r["licenses"])
     company = await conn.fetchval(
-        "SELECT company_id FROM wallets WHERE id = $1", account_wallet_id(account_id))
+        "SELECT company_id FROM wallets WHERE id = $1", account_wallet_id(account_id)
+    )
     return AccountInfo(account_id, company, None)
 
 
 async def company_currency(conn: Conn, company_id: str) -> str | None:
     """The company's currency as rebilling.events told it (None: not heard of yet)."""
-    value = await conn.fetchval("SELECT currency FROM companies WHERE company_id = $1",
-                                company_id)
+    value = await conn.fetchval("SELECT currency FROM companies WHERE company_id = $1", company_id)
     return str(value) if value is not None else None
 
 
 async def company_funding(conn: Conn, company_id: str) -> tuple[str, bool]:
     """(currency, stripe_connected) of a company; USD and not connected when unknown."""
     r = await conn.fetchrow(
-        "SELECT currency, stripe_connected FROM companies WHERE company_id = $1", company_id)
+        "SELECT currency, stripe_connected FROM companies WHERE company_id = $1", company_id
+    )
     return (r["currency"], r["stripe_connected"]) if r else ("USD", False)
 
 
@@ -277,25 +341,46 @@ async def update_wallet_settings(conn: Conn, wallet_id: str, changes: dict[str, 
     # auto-recharge was off, then credited to between the new and the old threshold, would
     # otherwise never cross again (found by the lifecycle model); one below its new threshold
     # is re-evaluated by the settings event itself.
-    await conn.execute(f"UPDATE wallets SET {sets}, threshold_armed = balance >= {threshold}, "
-                       f"updated_at = now() WHERE id = $1", wallet_id, *changes.values())
+    await conn.execute(
+        f"UPDATE wallets SET {sets}, threshold_armed = balance >= {threshold}, "
+        f"updated_at = now() WHERE id = $1",
+        wallet_id,
+        *changes.values(),
+    )
 
 
 # --- credit requests -----------------------------------------------------------------------
 
-_CR_COLS = ("id, account_id, company_id, amount, currency, reference, status, requested_by, "
-            "resolved_by, created_at, resolved_at, seq")
+_CR_COLS = (
+    "id, account_id, company_id, amount, currency, reference, status, requested_by, "
+    "resolved_by, created_at, resolved_at, seq"
+)
 
 
-async def insert_credit_request(conn: Conn, *, id_: str, account_id: str, company_id: str,
-                                amount: int, currency: str, reference: str | None,
-                                requested_by: str) -> asyncpg.Record | None:
+async def insert_credit_request(
+    conn: Conn,
+    *,
+    id_: str,
+    account_id: str,
+    company_id: str,
+    amount: int,
+    currency: str,
+    reference: str | None,
+    requested_by: str,
+) -> asyncpg.Record | None:
     """None when the account already has a pending request (one at a time)."""
     return await conn.fetchrow(
         f"INSERT INTO credit_requests (id, account_id, company_id, amount, currency, reference, "
         f"status, requested_by) VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7) "
         f"ON CONFLICT (account_id) WHERE status = 'pending' DO NOTHING RETURNING {_CR_COLS}",
-        id_, account_id, company_id, amount, currency, reference, requested_by)
+        id_,
+        account_id,
+        company_id,
+        amount,
+        currency,
+        reference,
+        requested_by,
+    )
 
 
 async def get_credit_request(conn: Conn, rid: str, *, lock: bool = False) -> asyncpg.Record | None:
@@ -306,14 +391,23 @@ async def get_credit_request(conn: Conn, rid: str, *, lock: bool = False) -> asy
 async def resolve_credit_request(conn: Conn, rid: str, status: str, by: str) -> asyncpg.Record:
     row = await conn.fetchrow(
         f"UPDATE credit_requests SET status = $2, resolved_by = $3, resolved_at = now() "
-        f"WHERE id = $1 RETURNING {_CR_COLS}", rid, status, by)
+        f"WHERE id = $1 RETURNING {_CR_COLS}",
+        rid,
+        status,
+        by,
+    )
     assert row is not None
     return row
 
 
-async def list_credit_requests(conn: Conn, company_id: str, status: str | None, *, limit: int,
-                               before_seq: int | None) -> list[asyncpg.Record]:
+async def list_credit_requests(
+    conn: Conn, company_id: str, status: str | None, *, limit: int, before_seq: int | None
+) -> list[asyncpg.Record]:
     return await conn.fetch(
         f"SELECT {_CR_COLS} FROM credit_requests WHERE company_id = $1 "
         f"AND ($2::text IS NULL OR status = $2) AND seq < $3 ORDER BY seq DESC LIMIT $4",
-        company_id, status, before_seq if before_seq is not None else 2**62, limit)
+        company_id,
+        status,
+        before_seq if before_seq is not None else 2**62,
+        limit,
+    )

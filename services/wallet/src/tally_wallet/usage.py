@@ -58,19 +58,28 @@ def _fresh(batch: Sequence[UsageRecorded], seen: set[str]) -> list[UsageRecorded
     return fresh
 
 
-def _want(wanted: dict[str, Wallet], wallet_id: str, kind: Kind, u: UsageRecorded, *,
-          account_id: str | None = None) -> None:
+def _want(
+    wanted: dict[str, Wallet], wallet_id: str, kind: Kind, u: UsageRecorded, *, account_id: str | None = None
+) -> None:
     """Add the wallet a leg of ``u`` needs (created with defaults if new), once per batch."""
     if wallet_id not in wanted:
-        wanted[wallet_id] = Wallet(wallet_id, kind, u.currency,
-                                   company_id=None if kind == "system" else u.company_id,
-                                   account_id=account_id)
+        wanted[wallet_id] = Wallet(
+            wallet_id,
+            kind,
+            u.currency,
+            company_id=None if kind == "system" else u.company_id,
+            account_id=account_id,
+        )
 
 
-async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
-                      traceparents: dict[str, str | None] | None = None, *,
-                      partitions: Mapping[str, int] | None = None,
-                      optimistic: bool = False) -> Outcome:
+async def apply_usage(
+    conn: Conn,
+    batch: Sequence[UsageRecorded],
+    traceparents: dict[str, str | None] | None = None,
+    *,
+    partitions: Mapping[str, int] | None = None,
+    optimistic: bool = False,
+) -> Outcome:
     """Post a batch of recorded usage in the caller's transaction. ``traceparents`` maps an
     event id to the trace it arrived in; what the event causes continues that trace.
     ``partitions`` maps an event id to the ``usage.recorded`` partition it came from (0 when
@@ -81,8 +90,11 @@ async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
     before, the unique transfer key makes the insert fail (``asyncpg.UniqueViolationError``)
     and the caller rolls back and posts again without ``optimistic``. Redeliveries are rare,
     so the common batch saves a lookup per event."""
-    seen = set() if optimistic else await storage.existing_keys(
-        conn, [company_leg_key(u.event_id) for u in batch])
+    seen = (
+        set()
+        if optimistic
+        else await storage.existing_keys(conn, [company_leg_key(u.event_id) for u in batch])
+    )
     fresh = [u for u in _fresh(batch, seen) if u.platform_amount_micros > 0]
     SKIPPED.inc(len(batch) - len(fresh))
     if not fresh:
@@ -97,11 +109,12 @@ async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
         known = accounts.get(u.account_id) if u.account_id else None
         if known is not None and known[0] != u.company_id:
             # usage-meter refuses these; never debit one company's account for another's usage
-            raise LedgerError(f"usage {u.event_id}: account {u.account_id!r} belongs to another "
-                              f"company than {u.company_id!r}")
+            raise LedgerError(
+                f"usage {u.event_id}: account {u.account_id!r} belongs to another "
+                f"company than {u.company_id!r}"
+            )
         settings = known[1] if known is not None else None
-        account_amount = settings.account_amount(u.service, u.platform_amount_micros) \
-            if settings else None
+        account_amount = settings.account_amount(u.service, u.platform_amount_micros) if settings else None
         # Each leg's two wallets, checked separately: a company (or account) may see usage in
         # another currency than its wallet's, which posting refuses (LedgerError), never a
         # missing wallet.
@@ -109,9 +122,17 @@ async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
         platform = platform_revenue_wallet_id(u.currency, shard.get(u.event_id, 0))
         _want(wanted, company_wallet, "company", u)
         _want(wanted, platform, "system", u)
-        transfers.append(Transfer(company_leg_key(u.event_id), company_wallet, platform,
-                                  u.platform_amount_micros, "usage", service=u.service,
-                                  usage_event_id=u.event_id))
+        transfers.append(
+            Transfer(
+                company_leg_key(u.event_id),
+                company_wallet,
+                platform,
+                u.platform_amount_micros,
+                "usage",
+                service=u.service,
+                usage_event_id=u.event_id,
+            )
+        )
         rebilled = False
         if account_amount and u.account_id:
             rebilled = True
@@ -119,9 +140,17 @@ async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
             revenue = system_wallet_id(SYSTEM_COMPANY_REVENUE, u.currency, u.company_id)
             _want(wanted, account_wallet, "account", u, account_id=u.account_id)
             _want(wanted, revenue, "system", u)
-            transfers.append(Transfer(account_leg_key(u.event_id), account_wallet, revenue,
-                                      account_amount, "usage", service=u.service,
-                                      usage_event_id=u.event_id))
+            transfers.append(
+                Transfer(
+                    account_leg_key(u.event_id),
+                    account_wallet,
+                    revenue,
+                    account_amount,
+                    "usage",
+                    service=u.service,
+                    usage_event_id=u.event_id,
+                )
+            )
         plan.append((u, rebilled))
     posting = await storage.post(conn, wanted.values(), transfers)
 
@@ -132,13 +161,20 @@ async def apply_usage(conn: Conn, batch: Sequence[UsageRecorded],
     totals = UsageTotals()
     legs = iter(posting.posted)
     for u, rebilled in plan:
-        traceparent = child_traceparent(incoming.get(u.event_id), "wallet.debit",
-                                        {"tally.usage_event_id": u.event_id})
+        traceparent = child_traceparent(
+            incoming.get(u.event_id), "wallet.debit", {"tally.usage_event_id": u.event_id}
+        )
         company = next(legs)
         account = next(legs) if rebilled else None
-        rows.append(outbox.row(Topics.WALLET_EVENTS, u.company_id,
-                               debited_message(u, company, account, time), traceparent,
-                               inherit=False))
+        rows.append(
+            outbox.row(
+                Topics.WALLET_EVENTS,
+                u.company_id,
+                debited_message(u, company, account, time),
+                traceparent,
+                inherit=False,
+            )
+        )
         totals.add(u, account.transfer.amount if account is not None else company.transfer.amount)
         caused[company.transfer.key] = traceparent
         if account is not None:

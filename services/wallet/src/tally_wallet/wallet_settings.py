@@ -16,8 +16,7 @@ from tally_wallet.domain import Wallet
 from tally_wallet.messages import SOURCE, wallet_rows
 
 
-async def change_settings(conn: Conn, wallet: Wallet, changes: dict[str, Any], *,
-                          cause: str) -> Wallet:
+async def change_settings(conn: Conn, wallet: Wallet, changes: dict[str, Any], *, cause: str) -> Wallet:
     """Apply ``changes`` (threshold, reload_amount, auto_recharge, smart_adjustment) to
     ``wallet`` (created with defaults if it never moved) in the caller's transaction, and
     publish the settings after. ``cause`` makes the event id deterministic for changes caused
@@ -43,8 +42,16 @@ async def raise_tier(conn: Conn, wallet: Wallet, *, cause: str) -> Wallet | None
 
 def settings_rows(w: Wallet, cause: str) -> list[outbox.Row]:
     changed = events.WalletSettingsChanged(
-        **w.ref(), balance_micros=w.balance, threshold_micros=w.threshold,
-        reload_amount_micros=w.reload_amount, auto_recharge=w.auto_recharge,
-        smart_adjustment=w.smart_adjustment)
-    return wallet_rows(w.company_id, events.envelope(
-        "wallet.settings_changed", changed, source=SOURCE, id_=f"wallet.settings_changed:{cause}"))
+        **w.ref(),
+        balance_micros=w.balance,
+        threshold_micros=w.threshold,
+        reload_amount_micros=w.reload_amount,
+        auto_recharge=w.auto_recharge,
+        smart_adjustment=w.smart_adjustment,
+    )
+    return wallet_rows(
+        w.company_id,
+        events.envelope(
+            "wallet.settings_changed", changed, source=SOURCE, id_=f"wallet.settings_changed:{cause}"
+        ),
+    )
