@@ -159,8 +159,8 @@ async def apply_ops(dsn: str, schema: str, run: str, ops: list[Any]) -> dict[str
                         company = ACCOUNT_COMPANY[owner] if kind == "account" else owner
                         wallet = Wallet(
                             f"{kind}:{ids(owner)}",
-                            kind,
-                            "USD",  # type: ignore[arg-type]
+                            kind,  # type: ignore[arg-type]
+                            "USD",
                             company_id=ids(company),
                             account_id=ids(owner) if kind == "account" else None,
                         )

@@ -304,8 +304,8 @@ class Stack:
             pg_ctl(
                 ["-w", "-m", "fast", "stop"],
                 pgdata=pg.pgdata,  # type: ignore[attr-defined]
-                user=pg.system_user,
-            )  # type: ignore[attr-defined]
+                user=pg.system_user,  # type: ignore[attr-defined]
+            )
             pg.ensure_postgres_running()  # type: ignore[attr-defined]
 
         await asyncio.to_thread(bounce)

@@ -33,8 +33,8 @@ class CompanyDirectory:
         self._limit = asyncio.Semaphore(8)
 
     @classmethod
-    def from_settings(cls, settings: Settings, url: str | None = None) -> CompanyDirectory:
-        return cls(url or f"http://{settings.host}:{settings.port_rebilling}", settings.jwt_secret)
+    def from_settings(cls, settings: Settings) -> CompanyDirectory:
+        return cls(settings.url_of("rebilling"), settings.jwt_secret)
 
     async def currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
         """The currency of each company rebilling knows (the others are left out). Raises

@@ -11,9 +11,18 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Union
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    field_validator,
+)
 
 from tally.ids import Id
+from tally.money import parse_markup
 
 
 class Topics:
@@ -248,6 +257,13 @@ class RebillingSettings(Payload):
     active: bool = True  # false while the account still lacks a valid card
     company_stripe_connected: bool = False
     version: int = 0
+
+    @field_validator("markups")
+    @classmethod
+    def _markups_in_range(cls, markups: dict[str, str]) -> dict[str, str]:
+        for service, text in markups.items():
+            parse_markup(text, field=f"markup {service}")
+        return markups
 
 
 class CompanyUpdated(Payload):

@@ -91,6 +91,22 @@ def apply_markup(amount_micros: int, markup: Decimal) -> int:
     return round_half_up(Decimal(amount_micros) * markup)
 
 
+# A markup multiplies the platform price: a decimal string from "1" to "10" with at most six
+# decimals (spec: 1x-10x). One rule, on the rebilling settings model (tally.events) and
+# wherever markups are entered or applied.
+MIN_MARKUP, MAX_MARKUP, MARKUP_PLACES = Decimal(1), Decimal(10), 6
+
+
+def parse_markup(text: object, *, field: str = "markup") -> Decimal:
+    """A markup as a Decimal; MoneyError (a ValueError) when it is not one."""
+    if not isinstance(text, str):
+        raise MoneyError(f'{field}: a markup is a decimal string like "1.5"')
+    value = parse_decimal(text, max_places=MARKUP_PLACES, field=field)
+    if not MIN_MARKUP <= value <= MAX_MARKUP:
+        raise MoneyError(f"{field} must be between 1 and 10, got {text}")
+    return value
+
+
 def minor_unit_exponent(currency: str) -> int:
     return _MINOR_UNIT_EXPONENT.get(currency.upper(), 2)
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 import uvicorn
@@ -28,11 +29,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram,
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tally import db, idempotency
+from tally.consumer import subscribe_batch
 from tally.errors import JsonResponse, error_response, install_error_handlers
 from tally.kafka import make_broker, make_producer
 from tally.outbox import OutboxRelay
 from tally.settings import Settings, get_settings
 from tally.telemetry import setup_logging, setup_tracing
+from tally.uow import Database, UnitOfWork
+from tally.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,7 @@ HTTP_LATENCY = Histogram("tally_http_request_seconds", "HTTP request latency", [
 
 @dataclass
 class Runtime:
-    """The live resources of one service process, handed to its handlers and routes."""
+    """The live infrastructure of one service process (built by ``create_app``)."""
 
     name: str
     settings: Settings
@@ -50,20 +54,61 @@ class Runtime:
     broker: KafkaBroker
     producer: AIOKafkaProducer
     relay: OutboxRelay
-    state: dict[str, Any] = field(default_factory=dict)
 
-
-Hook = Callable[[Runtime], Awaitable[None]]
+    @property
+    def db(self) -> Database:
+        return Database(self.pool, self.relay)
 
 
 @dataclass
-class ServiceSpec:
+class Wiring:
+    """A service's components, built once in its composition root (``ServiceSpec.wire``) and
+    handed to its routes (``wiring(request)``) and consumers (their first argument). Services
+    subclass it with typed fields; ``workers`` are started after the broker and stopped
+    first, ``close`` releases what the components hold."""
+
+    rt: Runtime
+
+    @property
+    def settings(self) -> Settings:
+        return self.rt.settings
+
+    @property
+    def db(self) -> Database:
+        return self.rt.db
+
+    def uow(self) -> UnitOfWork:
+        return self.rt.db.unit()
+
+    def workers(self) -> Sequence[Worker]:
+        return ()
+
+    async def close(self) -> None:
+        return None
+
+
+W = TypeVar("W", bound=Wiring)
+W_contra = TypeVar("W_contra", bound=Wiring, contravariant=True)
+
+
+@dataclass(frozen=True)
+class Consumer(Generic[W_contra]):
+    """One row of a service's consumer table: batches of ``topic`` in group ``group_id`` go to
+    ``handle(wiring, records)`` (tally.consumer.subscribe_batch says how)."""
+
+    topic: str
+    group_id: str
+    handle: Callable[[W_contra, Sequence[Any]], Awaitable[None]]
+    money_path: bool = False  # every usage event: the short fetch wait, the large batches
+
+
+@dataclass
+class ServiceSpec(Generic[W]):
     name: str  # "usage-meter"
     package: str  # "tally_usage_meter" (holds migrations/)
+    wire: Callable[[Runtime], W]  # the composition root
     routers: Sequence[APIRouter] = ()
-    subscribe: Callable[[Runtime], None] | None = None  # registers FastStream subscribers
-    on_start: Sequence[Hook] = ()
-    on_stop: Sequence[Hook] = ()
+    consumers: Sequence[Consumer[W]] = ()
     description: str = ""
 
     @property
@@ -71,7 +116,7 @@ class ServiceSpec:
         return self.name.replace("-", "_")
 
 
-def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
+def create_app(spec: ServiceSpec[Any], settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     setup_logging(spec.name, settings.log_level)
     setup_tracing(spec.name)
@@ -95,23 +140,35 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
         producer = make_producer(settings, client_id=spec.name)
         relay = OutboxRelay(pool, producer, service=spec.name, poll_interval=settings.outbox_poll_ms / 1000)
         rt = Runtime(spec.name, settings, pool, broker, producer, relay)
+        wired = spec.wire(rt)
         app.state.runtime = rt
-        if spec.subscribe:
-            spec.subscribe(rt)
+        app.state.wiring = wired
+        for consumer in spec.consumers:
+            subscribe_batch(
+                broker,
+                consumer.topic,
+                service=spec.name,
+                group_id=consumer.group_id,
+                handler=functools.partial(consumer.handle, wired),
+                max_records=settings.kafka_max_batch if consumer.money_path else 2000,
+                money_path=consumer.money_path,
+            )
         await producer.start()
         await broker.start()
         relay.start()
         housekeeping = asyncio.create_task(_housekeeping(pool, spec.name))
-        for hook in spec.on_start:
-            await hook(rt)
+        for worker in wired.workers():
+            worker.start()
         log.info("service started", extra={"port": settings.port_of(spec.name)})
         try:
             yield
         finally:
             log.info("service stopping")
-            for hook in spec.on_stop:
+            for worker in wired.workers():
                 with contextlib.suppress(Exception):
-                    await hook(rt)
+                    await worker.stop()
+            with contextlib.suppress(Exception):
+                await wired.close()
             housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await housekeeping
@@ -158,6 +215,11 @@ async def _housekeeping(pool: asyncpg.Pool, service: str, every: float = 3600) -
 def runtime(request: Request) -> Runtime:
     rt: Runtime = request.app.state.runtime
     return rt
+
+
+def wiring(request: Request) -> Any:
+    """The service's ``Wiring`` (each service types it: ``Annotated[XWiring, Depends(...)]``)."""
+    return request.app.state.wiring
 
 
 def _add_probes(app: FastAPI, name: str) -> None:
@@ -243,7 +305,7 @@ class _TooLarge(Exception):
     pass
 
 
-async def migrate_only(spec: ServiceSpec, settings: Settings) -> list[str]:
+async def migrate_only(spec: ServiceSpec[Any], settings: Settings) -> list[str]:
     """Apply the service's migrations and return (``python -m tally_<svc> --migrate``)."""
     setup_logging(spec.name, settings.log_level)
     pool = await db.create_pool(settings.require_database_url(), spec.schema, size=1)
@@ -266,7 +328,7 @@ def tune_gc(gen0_threshold: int) -> None:
     gc.set_threshold(gen0_threshold, older, oldest)
 
 
-def serve(spec: ServiceSpec) -> None:
+def serve(spec: ServiceSpec[Any]) -> None:
     """Run one service until SIGTERM/SIGINT (graceful: in-flight work finishes);
     with ``--migrate``, apply its migrations and exit (a Kubernetes Job)."""
     settings = get_settings()

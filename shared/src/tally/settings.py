@@ -62,6 +62,26 @@ class Settings(BaseSettings):
     ingest_burst: int = Field(100_000, alias="TALLY_INGEST_BURST", ge=1)
     max_body_bytes: int = Field(2_000_000, alias="TALLY_MAX_BODY_BYTES", ge=1024)
 
+    # Where the services find each other's public APIs (default: the service's port on host).
+    wallet_url: str | None = Field(None, alias="TALLY_WALLET_URL")
+    recharge_url: str | None = Field(None, alias="TALLY_RECHARGE_URL")
+    rebilling_url: str | None = Field(None, alias="TALLY_REBILLING_URL")
+    # recharge: waits between auto-recharge retries (seconds, comma-separated; empty: the
+    # default policy), how long a charging run holds a wallet, and the wait after Stripe or the
+    # wallet was unreachable.
+    recharge_retry_seconds: str | None = Field(None, alias="TALLY_RECHARGE_RETRY_SECONDS")
+    recharge_lease_seconds: int = Field(120, alias="TALLY_RECHARGE_LEASE_SECONDS", ge=1)
+    recharge_unavailable_retry_seconds: int = Field(
+        30, alias="TALLY_RECHARGE_UNAVAILABLE_RETRY_SECONDS", ge=1
+    )
+    # rebilling: the usage services a markup may name; the monthly price of one license (a
+    # decimal string); the waits between a failed period charge's tries (hours); how often the
+    # period runner wakes (seconds, 0: never).
+    services: str = Field("email,sms,phone,ai,whatsapp", alias="TALLY_SERVICES")
+    license_price: str = Field("10", alias="TALLY_LICENSE_PRICE")
+    dunning_retry_hours: str = Field("24,72,120", alias="TALLY_DUNNING_RETRY_HOURS")
+    period_run_seconds: float = Field(3600, alias="TALLY_PERIOD_RUN_SECONDS", ge=0)
+
     port_usage_meter: int = Field(SERVICE_PORTS["usage-meter"], alias="TALLY_PORT_USAGE_METER")
     port_wallet: int = Field(SERVICE_PORTS["wallet"], alias="TALLY_PORT_WALLET")
     port_recharge: int = Field(SERVICE_PORTS["recharge"], alias="TALLY_PORT_RECHARGE")
@@ -71,6 +91,11 @@ class Settings(BaseSettings):
 
     def port_of(self, service: str) -> int:
         return int(getattr(self, "port_" + service.replace("-", "_")))
+
+    def url_of(self, service: str) -> str:
+        """The base URL of another service's public API."""
+        configured = getattr(self, service.replace("-", "_") + "_url", None)
+        return str(configured or f"http://{self.host}:{self.port_of(service)}").rstrip("/")
 
     def require_database_url(self) -> str:
         if not self.database_url:

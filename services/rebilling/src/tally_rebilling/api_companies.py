@@ -14,8 +14,16 @@ from tally.db import Conn
 from tally.errors import ApiError, not_found
 from tally.ids import Id, PathId
 from tally.service import runtime
+from tally.settings import get_settings
 from tally_rebilling import publish, storage
-from tally_rebilling.domain import InvalidMarkup, Mode, best_allowed, plan_allows, validate_markups
+from tally_rebilling.domain import (
+    InvalidMarkup,
+    Mode,
+    best_allowed,
+    known_services,
+    plan_allows,
+    validate_markups,
+)
 
 router = APIRouter(prefix="/v1", tags=["companies and accounts"])
 
@@ -143,7 +151,7 @@ async def account_for(conn: Conn, principal: Principal, aid: PathId, *, lock: bo
 
 def _markups(markups: dict[str, str]) -> dict[str, str]:
     try:
-        return validate_markups(markups)
+        return validate_markups(markups, known_services(get_settings().services))
     except InvalidMarkup as exc:
         raise ApiError(
             422,

@@ -3,26 +3,22 @@ gated, the reselling catalog, and the seat rules of license pools and the provis
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Literal
 
-from tally.money import MICROS_PER_UNIT, MoneyError, parse_decimal
+from tally.money import MICROS_PER_UNIT, MoneyError, parse_markup
 
 Plan = Literal["starter", "unlimited", "saas_pro"]
 Mode = Literal["off", "rebill", "rebill_markup"]
 
-MIN_MARKUP, MAX_MARKUP = Decimal(1), Decimal(10)
-MARKUP_PLACES = 6
 PERIOD_RE = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
 
 
-def known_services() -> set[str]:
-    """Usage services a markup may name (the platform catalog's services; configurable)."""
-    return set(os.environ.get("TALLY_SERVICES", "email,sms,phone,ai,whatsapp").split(","))
+def known_services(configured: str) -> set[str]:
+    """Usage services a markup may name (``Settings.services``: the platform's, comma-separated)."""
+    return {s.strip() for s in configured.split(",") if s.strip()}
 
 
 def plan_allows(plan: str, mode: Mode) -> bool:
@@ -50,23 +46,19 @@ class InvalidMarkup(ValueError):
         self.message = message
 
 
-def validate_markups(markups: dict[str, str]) -> dict[str, str]:
-    """Markups per service (or "default"): decimal strings from 1 to 10, up to 6 decimals.
+def validate_markups(markups: dict[str, str], known: set[str]) -> dict[str, str]:
+    """Markups per service of ``known`` (or "default"): tally.money.parse_markup's rule.
     Returns them normalised (``"1.50"`` -> ``"1.5"``)."""
-    services = known_services() | {"default"}
+    services = known | {"default"}
     out: dict[str, str] = {}
     for service, text in markups.items():
         field = f"markups.{service}"
         if service not in services:
             raise InvalidMarkup(field, f"unknown service {service!r}; one of {sorted(services)}")
-        if not isinstance(text, str):
-            raise InvalidMarkup(field, 'a markup is a decimal string like "1.5"')
         try:
-            value = parse_decimal(text, max_places=MARKUP_PLACES, field="markup")
+            value = parse_markup(text, field="markup")
         except MoneyError as exc:
             raise InvalidMarkup(field, str(exc)) from exc
-        if not MIN_MARKUP <= value <= MAX_MARKUP:
-            raise InvalidMarkup(field, "a markup must be between 1 and 10")
         out[service] = format(value.normalize(), "f")
     return out
 

@@ -4,11 +4,28 @@ transfer from a system wallet, idempotent by key, with ``wallet.credited`` (and
 
 from __future__ import annotations
 
-from tally import events, outbox
+import uuid
+
+from tally import events, idempotency, outbox
+from tally.auth import Principal
 from tally.db import Conn
+from tally.directory import CompanyDirectory
+from tally.errors import not_found
+from tally.idempotency import Stored
+from tally.money import format_micros
+from tally.uow import UnitOfWork
 from tally_wallet import storage
-from tally_wallet.domain import Posted, Transfer, TransferKind, Wallet, system_wallet_id
+from tally_wallet.domain import (
+    SYSTEM_MANUAL_CREDITS,
+    Posted,
+    Transfer,
+    TransferKind,
+    Wallet,
+    system_wallet_id,
+)
 from tally_wallet.messages import SOURCE, edge_event_rows, wallet_rows
+from tally_wallet.schemas import CreditOut, wallet_out
+from tally_wallet.wallets import Target, find, view
 
 
 async def credit(
@@ -46,3 +63,50 @@ async def credit(
     rows.extend(edge_event_rows(posting))
     await outbox.enqueue(conn, rows)
     return posted, locked
+
+
+async def grant(
+    uow: UnitOfWork,
+    directory: CompanyDirectory,
+    principal: Principal,
+    target: Target,
+    *,
+    amount: int,
+    reference: str | None,
+    idempotency_key: str | None,
+    fingerprint: str,
+) -> CreditOut | Stored:
+    """A manual credit (the company's credits button on an account wallet; a platform admin's
+    grant to a company wallet). With an Idempotency-Key the first response is answered again
+    (``Stored``), and the transfer is keyed by the principal and the key: another principal's
+    key never swallows this credit, and the same principal's key never credits twice, even
+    after the 24 hours in which the first response is answered again."""
+    who = idempotency.principal_key(principal)
+    async with uow:
+        wallet = await find(uow.conn, directory, principal, target)
+        if wallet.company_id is None:
+            raise not_found("account")  # never heard of it: its company is not known yet
+        if idempotency_key is not None:
+            stored = await uow.claim_key(who, idempotency_key, fingerprint)
+            if stored is not None and stored.response is not None:
+                return stored
+            key = f"manual:{wallet.id}:{idempotency.principal_digest(who)}:{idempotency_key}"
+        else:
+            key = f"manual:{wallet.id}:{uuid.uuid4()}"
+        posted, current = await credit(
+            uow.conn,
+            wallet,
+            amount=amount,
+            kind="manual_credit",
+            key=key,
+            system=SYSTEM_MANUAL_CREDITS,
+            reference=reference,
+        )
+        out = CreditOut(
+            transfer_id=key,
+            amount=format_micros(amount),
+            created=posted is not None,  # False: already posted, nothing moved twice
+            wallet=wallet_out(await view(uow.conn, principal, current)),
+        )
+        uow.remember(201, out.model_dump(mode="json"))
+        return out

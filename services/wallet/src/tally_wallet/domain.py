@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
 
-from tally.money import MoneyError, apply_markup, parse_decimal
+from tally.money import MoneyError, apply_markup, parse_markup
 
 Kind = Literal["company", "account", "system"]
 TransferKind = Literal[
@@ -178,9 +178,6 @@ class Posting:
             )
 
 
-MIN_MARKUP, MAX_MARKUP = Decimal(1), Decimal(10)
-
-
 @dataclass(frozen=True)
 class Rebilling:
     """An account's rebilling settings as the wallet applies them."""
@@ -201,17 +198,11 @@ class Rebilling:
 
 
 def parse_markups(raw: dict[str, str]) -> dict[str, Decimal]:
-    """Markups are decimal strings from "1" to "10" (LedgerError otherwise)."""
-    out: dict[str, Decimal] = {}
-    for service, text in raw.items():
-        try:
-            value = parse_decimal(str(text), max_places=6, field=f"markup {service}")
-        except MoneyError as exc:
-            raise LedgerError(str(exc)) from exc
-        if not MIN_MARKUP <= value <= MAX_MARKUP:
-            raise LedgerError(f"markup {service} must be between 1 and 10, got {text}")
-        out[service] = value
-    return out
+    """Markups (tally.money.parse_markup) as Decimals; LedgerError for one out of the rule."""
+    try:
+        return {service: parse_markup(text, field=f"markup {service}") for service, text in raw.items()}
+    except MoneyError as exc:
+        raise LedgerError(str(exc)) from exc
 
 
 ServiceReason = Literal["ok", "account_wallet_empty", "agency_wallet_empty", "no_license"]

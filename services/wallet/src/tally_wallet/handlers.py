@@ -1,4 +1,5 @@
-"""wallet's Kafka consumers, each batch in one transaction, poison to the topic's DLQ:
+"""wallet's Kafka consumers (the table is in ``app.py``), each batch in one unit of work,
+poison to the topic's DLQ:
 
 - ``usage.recorded``: debit the company and, where rebilled, the account wallet;
 - ``rebilling.settings`` (compacted): the wallet's own copy of each account's rebilling;
@@ -17,17 +18,16 @@ from prometheus_client import Histogram
 from pydantic import ValidationError
 
 from tally import events, inbox
-from tally.consumer import dlq_row, subscribe_batch, wanted
+from tally.consumer import dlq_row, wanted
 from tally.db import Conn
-from tally.events import Topics, UsageRecorded
-from tally.outbox import Row, enqueue
-from tally.service import Runtime
+from tally.events import UsageRecorded
 from tally.telemetry import header
 from tally_wallet import storage
 from tally_wallet.credits import credit
-from tally_wallet.domain import SYSTEM_STRIPE_CLEARING, LedgerError, Wallet, parse_markups
+from tally_wallet.domain import SYSTEM_STRIPE_CLEARING, LedgerError, Wallet
 from tally_wallet.usage import apply_usage
 from tally_wallet.wallet_settings import change_settings, raise_tier
+from tally_wallet.wiring import WalletWiring
 
 SERVICE = "wallet"
 # What one usage record can never post, whatever the retries: a ledger rule it breaks, or a
@@ -52,177 +52,145 @@ def parse_recorded(value: bytes | None) -> UsageRecorded:
 
 
 def _transactional(
-    rt: Runtime, apply: Callable[[Conn, Any, list[Row]], Awaitable[None]], parse: Callable[[Any], Any]
-) -> Callable[[Sequence[Any]], Awaitable[None]]:
+    apply: Callable[[Conn, Any], Awaitable[None]], parse: Callable[[Any], Any]
+) -> Callable[[WalletWiring, Sequence[Any]], Awaitable[None]]:
     """A batch handler: parse every record (poison -> DLQ), then apply each parsed record in
-    one transaction; a record whose apply breaks a ledger rule or a database bound (a balance
+    one unit of work; a record whose apply breaks a ledger rule or a database bound (a balance
     out of range) is dead-lettered alone (savepoint)."""
 
-    async def handle(records: Sequence[Any]) -> None:
-        parsed, dead = [], []
-        for r in records:
-            try:
-                item = parse(r)
-            except (events.BadMessage, LedgerError) as exc:
-                dead.append(dlq_row(r, str(exc), service=SERVICE))
-                continue
-            if item is not None:
-                parsed.append((r, item))
-        async with rt.pool.acquire() as conn, conn.transaction():
-            rows: list[Row] = []
+    async def handle(w: WalletWiring, records: Sequence[Any]) -> None:
+        parsed = []
+        async with w.uow() as uow:
+            for r in records:
+                try:
+                    item = parse(r)
+                except (events.BadMessage, LedgerError) as exc:
+                    uow.publish([dlq_row(r, str(exc), service=SERVICE)])
+                    continue
+                if item is not None:
+                    parsed.append((r, item))
             for record, item in parsed:
                 try:
-                    async with conn.transaction():
-                        await apply(conn, item, rows)
+                    async with uow.savepoint():
+                        await apply(uow.conn, item)
                 except UNPOSTABLE as exc:  # this record alone; the partition goes on
-                    dead.append(dlq_row(record, f"{type(exc).__name__}: {exc}", service=SERVICE))
-            await enqueue(conn, rows + dead)
-        rt.relay.wake()
+                    uow.publish([dlq_row(record, f"{type(exc).__name__}: {exc}", service=SERVICE)])
 
     return handle
 
 
-def subscribe(rt: Runtime) -> None:
-    async def on_usage(records: Sequence[Any]) -> None:
-        good: list[tuple[Any, UsageRecorded]] = []
-        dead = []
-        for r in records:
-            try:
-                good.append((r, parse_recorded(r.value)))
-            except events.BadMessage as exc:
-                dead.append(dlq_row(r, str(exc), service=SERVICE))
-        traces = {u.event_id: header(r) for r, u in good}
-        partitions = {u.event_id: r.partition for r, u in good}
+# --- usage.recorded ------------------------------------------------------------------------
 
-        async def carefully(conn: Conn) -> None:
-            """Skip what the ledger already has; if some event cannot be posted, post one by
-            one (a savepoint each) and dead-letter the culprits."""
+
+async def on_usage(w: WalletWiring, records: Sequence[Any]) -> None:
+    good: list[tuple[Any, UsageRecorded]] = []
+    dead = []
+    for r in records:
+        try:
+            good.append((r, parse_recorded(r.value)))
+        except events.BadMessage as exc:
+            dead.append(dlq_row(r, str(exc), service=SERVICE))
+    traces = {u.event_id: header(r) for r, u in good}
+    partitions = {u.event_id: r.partition for r, u in good}
+    try:
+        # The common batch: all new, all postable. No lookup of what the ledger has and no
+        # savepoint (two round trips fewer); a redelivered event fails the unique transfer key
+        # and the batch goes again, carefully.
+        async with w.uow() as uow:
+            await apply_usage(uow.conn, [u for _, u in good], traces, partitions=partitions, optimistic=True)
+            uow.publish(dead)
+    except CAREFULLY:
+        async with w.uow() as uow:
+            # Skip what the ledger already has; if some event cannot be posted, post one by
+            # one (a savepoint each) and dead-letter the culprits.
             try:
-                async with conn.transaction():
-                    await apply_usage(conn, [u for _, u in good], traces, partitions=partitions)
+                async with uow.savepoint():
+                    await apply_usage(uow.conn, [u for _, u in good], traces, partitions=partitions)
             except UNPOSTABLE:
                 for record, usage in good:
                     try:
-                        async with conn.transaction():
-                            await apply_usage(conn, [usage], traces, partitions=partitions)
+                        async with uow.savepoint():
+                            await apply_usage(uow.conn, [usage], traces, partitions=partitions)
                     except UNPOSTABLE as exc:
                         dead.append(dlq_row(record, f"{type(exc).__name__}: {exc}", service=SERVICE))
+            uow.publish(dead)
+    committed = datetime.now(UTC)
+    for _, u in good:  # accepted by usage-meter -> committed to the ledger
+        DEBIT_LATENCY.observe(max((committed - u.recorded_at).total_seconds(), 0.0))
 
-        async with rt.pool.acquire() as conn:
-            try:
-                # The common batch: all new, all postable. No lookup of what the ledger has and
-                # no savepoint (two round trips fewer); a redelivered event fails the unique
-                # transfer key and the batch goes again, carefully.
-                async with conn.transaction():
-                    await apply_usage(
-                        conn, [u for _, u in good], traces, partitions=partitions, optimistic=True
-                    )
-                    await enqueue(conn, dead)
-            except CAREFULLY:
-                async with conn.transaction():
-                    await carefully(conn)
-                    await enqueue(conn, dead)
-        rt.relay.wake()
-        committed = datetime.now(UTC)
-        for _, u in good:  # accepted by usage-meter -> committed to the ledger
-            DEBIT_LATENCY.observe(max((committed - u.recorded_at).total_seconds(), 0.0))
 
-    # --- rebilling.settings: key account_id, full state; a null value deletes -------------
-    def parse_settings(r: Any) -> tuple[str, events.RebillingSettings | None]:
-        key = r.key.decode() if r.key else None
-        if r.value is None:
-            if not key:
-                raise events.BadMessage("tombstone without a key")
-            return key, None
-        env = events.parse_envelope(r.value)
-        payload = events.typed(env)
-        if not isinstance(payload, events.RebillingSettings):
-            raise events.BadMessage(f"unexpected event type {env.type!r} on rebilling.settings")
-        parse_markups(payload.markups)  # LedgerError -> DLQ
-        return payload.account_id, payload
+# --- rebilling.settings: key account_id, full state; a null value deletes ------------------
 
-    async def apply_settings(
-        conn: Conn, item: tuple[str, events.RebillingSettings | None], rows: list[Row]
-    ) -> None:
-        account_id, settings = item
-        if settings is None:
-            await storage.delete_rebilling(conn, account_id)
-        else:
-            await storage.upsert_rebilling(conn, settings)
 
-    # --- rebilling.events ------------------------------------------------------------------
-    def parse_rebilling_event(r: Any) -> events.Payload | None:
-        message = wanted(r, ("company.updated", "account.created", "license.changed"))
-        return message.data if message else None  # None: not the wallet's business
+def parse_settings(r: Any) -> tuple[str, events.RebillingSettings | None]:
+    key = r.key.decode() if r.key else None
+    if r.value is None:
+        if not key:
+            raise events.BadMessage("tombstone without a key")
+        return key, None
+    message = events.parse_message(r.value)  # the markup rule is the model's: BadMessage -> DLQ
+    if not isinstance(message.data, events.RebillingSettings):
+        raise events.BadMessage(f"unexpected event type {message.type!r} on rebilling.settings")
+    return message.data.account_id, message.data
 
-    async def apply_rebilling_event(conn: Conn, p: events.Payload, rows: list[Row]) -> None:
-        if isinstance(p, events.CompanyUpdated):
-            await storage.upsert_company(conn, p)
-        elif isinstance(p, events.AccountCreated):
-            await storage.upsert_account(conn, p.account_id, p.company_id)
-        elif isinstance(p, events.LicenseChanged) and p.account_id is not None:
-            await storage.upsert_account(conn, p.account_id, p.company_id, licenses=p.account_assigned or 0)
 
-    # --- recharge.events -------------------------------------------------------------------
-    def parse_recharge_event(r: Any) -> tuple[str, events.Payload] | None:
-        message = wanted(r, ("recharge.succeeded", "recharge.failed", "recharge.tier_raised"))
-        return (message.id, message.data) if message else None
+async def apply_settings(conn: Conn, item: tuple[str, events.RebillingSettings | None]) -> None:
+    account_id, settings = item
+    if settings is None:
+        await storage.delete_rebilling(conn, account_id)
+    else:
+        await storage.upsert_rebilling(conn, settings)
 
-    async def apply_recharge_event(conn: Conn, item: tuple[str, events.Payload], rows: list[Row]) -> None:
-        msg_id, p = item
-        if isinstance(p, events.RechargeSucceeded):
-            wallet = Wallet(
-                p.wallet_id, p.owner, p.currency, company_id=p.company_id, account_id=p.account_id
-            )
-            await credit(
-                conn,
-                wallet,
-                amount=p.amount_micros,
-                kind="recharge" if p.trigger == "auto" else "top_up",
-                key=f"recharge:{p.recharge_id}",
-                system=SYSTEM_STRIPE_CLEARING,
-                reference=p.payment_intent,
-            )
-            return
-        if not await inbox.claim(conn, "wallet-recharge-settings", [msg_id]):
-            return
-        if isinstance(p, events.RechargeTierRaised | events.RechargeFailed):
-            wallet = Wallet(
-                p.wallet_id, p.owner, p.currency, company_id=p.company_id, account_id=p.account_id
-            )
-            if isinstance(p, events.RechargeTierRaised):
-                await raise_tier(conn, wallet, cause=msg_id)
-            elif p.auto_recharge_disabled:
-                await change_settings(conn, wallet, {"auto_recharge": False}, cause=msg_id)
 
-    max_batch = rt.settings.kafka_max_batch
-    subscribe_batch(
-        rt.broker,
-        Topics.USAGE_RECORDED,
-        service=SERVICE,
-        group_id="wallet",
-        handler=on_usage,
-        max_records=max_batch,
-        money_path=True,
-    )
-    subscribe_batch(
-        rt.broker,
-        Topics.REBILLING_SETTINGS,
-        service=SERVICE,
-        group_id="wallet-rebilling-settings",
-        handler=_transactional(rt, apply_settings, parse_settings),
-    )
-    subscribe_batch(
-        rt.broker,
-        Topics.REBILLING_EVENTS,
-        service=SERVICE,
-        group_id="wallet-rebilling-events",
-        handler=_transactional(rt, apply_rebilling_event, lambda r: parse_rebilling_event(r)),
-    )
-    subscribe_batch(
-        rt.broker,
-        Topics.RECHARGE_EVENTS,
-        service=SERVICE,
-        group_id="wallet-recharge-events",
-        handler=_transactional(rt, apply_recharge_event, parse_recharge_event),
-    )
+# --- rebilling.events ----------------------------------------------------------------------
+
+
+def parse_rebilling_event(r: Any) -> events.Payload | None:
+    message = wanted(r, ("company.updated", "account.created", "license.changed"))
+    return message.data if message else None  # None: not the wallet's business
+
+
+async def apply_rebilling_event(conn: Conn, p: events.Payload) -> None:
+    if isinstance(p, events.CompanyUpdated):
+        await storage.upsert_company(conn, p)
+    elif isinstance(p, events.AccountCreated):
+        await storage.upsert_account(conn, p.account_id, p.company_id)
+    elif isinstance(p, events.LicenseChanged) and p.account_id is not None:
+        await storage.upsert_account(conn, p.account_id, p.company_id, licenses=p.account_assigned or 0)
+
+
+# --- recharge.events -----------------------------------------------------------------------
+
+
+def parse_recharge_event(r: Any) -> tuple[str, events.Payload] | None:
+    message = wanted(r, ("recharge.succeeded", "recharge.failed", "recharge.tier_raised"))
+    return (message.id, message.data) if message else None
+
+
+async def apply_recharge_event(conn: Conn, item: tuple[str, events.Payload]) -> None:
+    msg_id, p = item
+    if isinstance(p, events.RechargeSucceeded):
+        wallet = Wallet(p.wallet_id, p.owner, p.currency, company_id=p.company_id, account_id=p.account_id)
+        await credit(
+            conn,
+            wallet,
+            amount=p.amount_micros,
+            kind="recharge" if p.trigger == "auto" else "top_up",
+            key=f"recharge:{p.recharge_id}",
+            system=SYSTEM_STRIPE_CLEARING,
+            reference=p.payment_intent,
+        )
+        return
+    if not await inbox.claim(conn, "wallet-recharge-settings", [msg_id]):
+        return
+    if isinstance(p, events.RechargeTierRaised | events.RechargeFailed):
+        wallet = Wallet(p.wallet_id, p.owner, p.currency, company_id=p.company_id, account_id=p.account_id)
+        if isinstance(p, events.RechargeTierRaised):
+            await raise_tier(conn, wallet, cause=msg_id)
+        elif p.auto_recharge_disabled:
+            await change_settings(conn, wallet, {"auto_recharge": False}, cause=msg_id)
+
+
+on_rebilling_settings = _transactional(apply_settings, parse_settings)
+on_rebilling_events = _transactional(apply_rebilling_event, parse_rebilling_event)
+on_recharge_events = _transactional(apply_recharge_event, parse_recharge_event)

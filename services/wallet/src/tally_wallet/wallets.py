@@ -1,0 +1,163 @@
+"""Use cases on one wallet, as its owners and the company see it: find it (tenant checks
+included), show it, list its ledger lines, change its auto-recharge settings, and say whether
+its account may use the platform's services. A company's wallet and an account's wallet are
+the same use cases on a ``Target``."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Literal
+
+import httpx
+
+from tally import pagination
+from tally.auth import Principal, require_company
+from tally.db import Conn
+from tally.directory import CompanyDirectory
+from tally.errors import ApiError, not_found
+from tally.uow import Database, UnitOfWork
+from tally_wallet import storage
+from tally_wallet.domain import ServiceReason, Wallet, account_wallet_id, company_wallet_id, service_status
+from tally_wallet.wallet_settings import change_settings
+
+
+@dataclass(frozen=True)
+class Target:
+    """A wallet as a route names it: ``/companies/{id}/wallet`` or ``/accounts/{id}/wallet``."""
+
+    owner: Literal["company", "account"]
+    id: str
+
+
+@dataclass(frozen=True)
+class WalletView:
+    """A wallet and what it applies: the company's funding and, for an account wallet, its
+    rebilling mode and markups (``markups`` is None for whom may not see them)."""
+
+    wallet: Wallet
+    stripe_connected: bool
+    rebilling: str | None
+    markups: dict[str, str] | None
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Any]  # storage rows (records or dicts)
+    next_cursor: str | None
+
+
+async def _currency(conn: Conn, directory: CompanyDirectory, company_id: str) -> str:
+    """The company's currency, for a wallet about to be created: as rebilling.events told us,
+    else as rebilling answers now (a company created a moment ago: a PATCH or a credit right
+    after creation must not create its wallet in another currency), else USD."""
+    r = await storage.company_currency(conn, company_id)
+    if r is not None:
+        return r
+    try:
+        return (await directory.currencies([company_id])).get(company_id, "USD")
+    except httpx.HTTPError as exc:
+        raise ApiError(
+            503,
+            "rebilling_unavailable",
+            "the company's currency cannot be looked up right now; try again",
+            headers={"Retry-After": "2"},
+        ) from exc
+
+
+async def find(conn: Conn, directory: CompanyDirectory, principal: Principal, target: Target) -> Wallet:
+    """The wallet ``principal`` names (a default one if it never moved); 404 for other tenants."""
+    if target.owner == "company":
+        require_company(principal, target.id, "wallet")
+        w = await storage.get_wallet(conn, company_wallet_id(target.id))
+        if w:
+            return w
+        currency = await _currency(conn, directory, target.id)
+        return Wallet(company_wallet_id(target.id), "company", currency, company_id=target.id)
+    aid = target.id
+    info = await storage.account_info(conn, aid)
+    company = info.company_id
+    if company is None and principal.role == "account_user" and principal.account_id == aid:
+        company = principal.company_id  # the token vouches for its own account
+    if not principal.can_see_account(company, aid):
+        raise not_found("wallet")
+    w = await storage.get_wallet(conn, account_wallet_id(aid))
+    if w:
+        return w
+    currency = await _currency(conn, directory, company) if company else "USD"
+    return Wallet(account_wallet_id(aid), "account", currency, company_id=company, account_id=aid)
+
+
+async def view(conn: Conn, principal: Principal, w: Wallet) -> WalletView:
+    connected = False
+    if w.company_id:
+        _, connected = await storage.company_funding(conn, w.company_id)
+    mode = None
+    markups = None
+    if w.kind == "account" and w.account_id:
+        settings = (await storage.load_rebilling(conn, [w.account_id])).get(w.account_id)
+        mode = settings.mode if settings and settings.active else "off"
+        # Markups are the company's business (rebilling settings are company_admin only): its
+        # account's own users see the mode, not the markups.
+        if settings and mode == "rebill_markup" and principal.role != "account_user":
+            markups = {k: _markup_text(v) for k, v in settings.markups.items()}
+    return WalletView(w, connected, mode, markups)
+
+
+def _markup_text(value: Decimal) -> str:
+    return format(value.normalize(), "f")
+
+
+async def show(db: Database, directory: CompanyDirectory, principal: Principal, target: Target) -> WalletView:
+    async with db.reading() as conn:
+        return await view(conn, principal, await find(conn, directory, principal, target))
+
+
+async def transactions(
+    db: Database,
+    directory: CompanyDirectory,
+    principal: Principal,
+    target: Target,
+    *,
+    limit: int,
+    cursor: str | None,
+) -> Page:
+    """The wallet's ledger lines, newest first, a page at a time."""
+    async with db.reading() as conn:
+        w = await find(conn, directory, principal, target)
+        rows = await storage.list_transfers(conn, w.id, limit=limit + 1, before_id=pagination.decode(cursor))
+    items, nxt = pagination.page(rows, limit, rows[limit - 1]["id"] if len(rows) > limit else None)
+    return Page(items, nxt)
+
+
+async def update_settings(
+    uow: UnitOfWork,
+    directory: CompanyDirectory,
+    principal: Principal,
+    target: Target,
+    changes: dict[str, Any],
+) -> WalletView:
+    """An owner's change of threshold, reload amount, auto-recharge or smart adjustment
+    (``wallet.settings_changed`` follows; recharge re-evaluates the rule on it)."""
+    async with uow:
+        w = await find(uow.conn, directory, principal, target)
+        if w.company_id is None:
+            raise not_found("wallet")  # an account no one has heard of
+        changed = await change_settings(uow.conn, w, changes, cause=f"patch:{uuid.uuid4()}")
+        return await view(uow.conn, principal, changed)
+
+
+async def account_service_status(
+    db: Database, directory: CompanyDirectory, principal: Principal, account_id: str
+) -> ServiceReason:
+    """Whether an account may use the platform's services, and why not."""
+    async with db.reading() as conn:
+        info = await storage.account_info(conn, account_id)
+        if principal.role != "product":
+            await find(conn, directory, principal, Target("account", account_id))  # 404 for others
+        account = await storage.get_wallet(conn, account_wallet_id(account_id))
+        company = (
+            await storage.get_wallet(conn, company_wallet_id(info.company_id)) if info.company_id else None
+        )
+    return service_status(account, company, info.licenses)

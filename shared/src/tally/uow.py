@@ -1,0 +1,147 @@
+"""The unit of work: one connection and one transaction, the messages the work will publish
+(outbox and DLQ rows) and the idempotency record it leaves, written at commit; the relay is
+woken once the commit is durable. Every route and consumer reaches Postgres through one.
+
+    async with uow:                      # BEGIN
+        ...uow.conn...                   # the service's storage functions
+        uow.publish(rows)                # queued, written with the state at commit
+        uow.remember(201, body)          # the Idempotency-Key's first response
+    # COMMIT (or ROLLBACK on an exception); then the relay wakes
+
+``uow.savepoint()`` runs a part that may fail on its own: on failure its writes and the rows
+it queued are both undone. ``uow.reading()`` is a plain connection for read-only work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from types import TracebackType
+from typing import Any, Protocol
+
+import asyncpg
+
+from tally import idempotency, outbox
+from tally.db import Conn
+
+
+class Wakeable(Protocol):
+    def wake(self) -> None: ...
+
+
+class UnitOfWork:
+    """Not reentrant: one ``async with`` per instance (``Database.unit()`` makes a new one)."""
+
+    def __init__(self, pool: asyncpg.Pool, relay: Wakeable | None = None) -> None:
+        self._pool = pool
+        self._relay = relay
+        self._conn: Any = None  # a pool connection (Conn)
+        self._tx: Any = None
+        self._rows: list[outbox.Row] = []
+        self._key: tuple[str, str] | None = None
+        self._response: tuple[int, Any] | None = None
+        self.published = 0  # messages written by the last commit
+
+    @property
+    def conn(self) -> Conn:
+        if self._conn is None:
+            raise RuntimeError("the unit of work is not open (use `async with uow:`)")
+        conn: Conn = self._conn
+        return conn
+
+    async def __aenter__(self) -> UnitOfWork:
+        if self._conn is not None:
+            raise RuntimeError("a unit of work is used once")
+        self._conn = await self._pool.acquire()
+        try:
+            self._tx = self._conn.transaction()
+            await self._tx.start()
+        except BaseException:
+            await self._pool.release(self._conn)
+            self._conn = None
+            raise
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        conn, tx = self._conn, self._tx
+        try:
+            if kind is not None:
+                await tx.rollback()
+                return
+            try:
+                if self._key is not None and self._response is not None:
+                    await idempotency.finish(conn, *self._key, *self._response)
+                written = await outbox.enqueue(conn, self._rows)
+            except BaseException:
+                await tx.rollback()
+                raise
+            await tx.commit()
+            self.published = written
+        finally:
+            await self._pool.release(conn)
+            self._conn = None
+            self._rows = []
+        if self.published and self._relay is not None:
+            self._relay.wake()
+
+    # --- what the work publishes -------------------------------------------------------------
+
+    def publish(self, rows: Iterable[outbox.Row]) -> None:
+        """Queue messages (outbox rows, DLQ rows) to be written with the state at commit."""
+        self._rows.extend(rows)
+
+    def emit(self, topic: str, key: str | None, message: dict[str, Any]) -> None:
+        self._rows.append(outbox.row(topic, key, message))
+
+    @contextlib.asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        """A part of the work that fails alone: its writes and its queued rows are undone."""
+        mark = len(self._rows)
+        try:
+            async with self.conn.transaction():
+                yield
+        except BaseException:
+            del self._rows[mark:]
+            raise
+
+    # --- Idempotency-Key (tally.idempotency) ---------------------------------------------------
+
+    async def claim_key(
+        self, principal: str, key: str, fingerprint: str, resource: str | None = None
+    ) -> idempotency.Stored | None:
+        """Claim ``key`` in this transaction (``idempotency.begin``); the response given to
+        ``remember`` is recorded for it at commit."""
+        stored = await idempotency.begin(self.conn, principal, key, fingerprint, resource)
+        self._key = (principal, key)
+        return stored
+
+    async def claim_resource(
+        self, principal: str, key: str, fingerprint: str, fresh: str
+    ) -> idempotency.Claim:
+        """``idempotency.claim`` (a resource named up front) in this transaction."""
+        found = await idempotency.claim(self.conn, principal, key, fingerprint, fresh)
+        self._key = (principal, key)
+        return found
+
+    def remember(self, status_code: int, response: Any) -> None:
+        """The response to answer again for the claimed key (no-op without one)."""
+        self._response = (status_code, response)
+
+
+class Database:
+    """Where a service's units of work come from (its pool and its outbox relay)."""
+
+    def __init__(self, pool: asyncpg.Pool, relay: Wakeable | None = None) -> None:
+        self.pool = pool
+        self.relay = relay
+
+    def unit(self) -> UnitOfWork:
+        return UnitOfWork(self.pool, self.relay)
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[Conn]:
+        """A connection for read-only work (no transaction, nothing published)."""
+        async with self.pool.acquire() as conn:
+            yield conn
