@@ -10,7 +10,7 @@ UV         := $(TOOLS)/bin/uv
 PYTHON     ?= python3
 export UV_PYTHON_PREFERENCE ?= system
 
-.PHONY: help install run test test-fast model lint format bench bench-scaling bench-wallet chaos clean stack
+.PHONY: help install run test test-unit test-integration test-e2e test-fast model lint check-packages format bench bench-scaling bench-wallet chaos clean stack
 
 help: ## show the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,21 +33,33 @@ run: install ## start broker, Postgres, fake Stripe, SMTP sink, all services, de
 stack: install ## start only the embedded infrastructure and print its environment
 	@$(UV) run --frozen --no-sync python -m tally_devstack stack
 
-test: install ## the whole suite (unit + integration over real broker, Postgres, Stripe, SMTP)
+test: install ## the whole suite, in layers: unit, integration (broker + Postgres), e2e (all services)
 	@$(UV) run --frozen --no-sync pytest
 
-test-fast: install ## unit tests only
-	@$(UV) run --frozen --no-sync pytest -m "not integration"
+test-unit: install ## domain and use cases, no I/O (seconds)
+	@$(UV) run --frozen --no-sync pytest tests/unit
+
+test-integration: install ## one service's machinery against the real broker and Postgres
+	@$(UV) run --frozen --no-sync pytest tests/integration
+
+test-e2e: install ## the whole stack through its public APIs
+	@$(UV) run --frozen --no-sync pytest tests/e2e
+
+test-fast: test-unit
 
 model: install ## the lifecycle model, a long walk (MODEL_STEPS, default 1000; MODEL_SEED replays one)
 	@MODEL_STEPS=$${MODEL_STEPS:-1000} $(UV) run --frozen --no-sync pytest -s \
-		tests/integration/test_lifecycle_model.py -o timeout=$${MODEL_TIMEOUT:-7200}
+		tests/e2e/test_lifecycle_model.py -o timeout=$${MODEL_TIMEOUT:-7200}
 
-lint: install ## ruff and mypy
+lint: install ## ruff, ruff format --check and mypy (CI fails on any of them)
 	@$(UV) run --frozen --no-sync ruff check .
+	@$(UV) run --frozen --no-sync ruff format --check .
 	@$(UV) run --frozen --no-sync mypy shared/src services/*/src devstack/src tests
 
-format: install
+check-packages: install ## each package installed alone from the lock, its app imported
+	@UV=$(UV) .ci/check-packages
+
+format: install ## ruff format and the fixable lint
 	@$(UV) run --frozen --no-sync ruff format .
 	@$(UV) run --frozen --no-sync ruff check --fix .
 

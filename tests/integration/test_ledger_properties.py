@@ -4,9 +4,7 @@ balances equal to the sum of their transfers, to a simple reference model, and s
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -23,9 +21,8 @@ from tally_wallet import storage
 from tally_wallet.credits import credit
 from tally_wallet.domain import LedgerError, Transfer, Wallet, platform_revenue_wallet_id
 from tally_wallet.usage import apply_usage
-from tests.conftest import Tally, uid
-
-pytestmark = pytest.mark.integration
+from tests.support.builders import run_in_fresh_loop
+from tests.support.stack import Infra, uid
 
 ACCOUNT_COMPANY = {"a1": "A", "a2": "B"}
 MARKUPS = ["1", "1.5", "2", "3.333333"]
@@ -104,24 +101,6 @@ def model(ops: list[Any]) -> dict[str, int]:
     return balances
 
 
-def run_in_fresh_loop(coro: Any) -> Any:
-    """Hypothesis drives sync tests; run each example's coroutine on its own loop."""
-    result: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            result["value"] = asyncio.run(coro)
-        except BaseException as exc:  # re-raised in the test thread
-            result["error"] = exc
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result.get("value")
-
-
 async def apply_ops(dsn: str, schema: str, run: str, ops: list[Any]) -> dict[str, int]:
     pool = await db.create_pool(dsn, schema, size=2)
     try:
@@ -198,8 +177,8 @@ async def apply_ops(dsn: str, schema: str, run: str, ops: list[Any]) -> dict[str
         await pool.close()
 
 
-def test_ledger_matches_the_reference_model(tally: Tally) -> None:
-    dsn = tally.stack.database_url
+def test_ledger_matches_the_reference_model(infra: Infra) -> None:
+    dsn = infra.stack.database_url
     schema = "wallet_props"
     counter = itertools.count()
 
@@ -216,10 +195,10 @@ def test_ledger_matches_the_reference_model(tally: Tally) -> None:
     check()
 
 
-async def test_a_wallet_created_by_a_rolled_back_batch_is_created_again(tally: Tally) -> None:
+async def test_a_wallet_created_by_a_rolled_back_batch_is_created_again(infra: Infra) -> None:
     """A wallet whose creating batch rolled back (a redelivery's unique-key failure does that)
     does not exist: the next posting's update finds no row, and it is created and moved then."""
-    pool = await db.create_pool(tally.stack.database_url, "wallet_props", size=1)
+    pool = await db.create_pool(infra.stack.database_url, "wallet_props", size=1)
     try:
         await db.migrate(pool, "wallet_props", "tally")
         await db.migrate(pool, "wallet_props", "tally_wallet")
@@ -244,11 +223,11 @@ async def test_a_wallet_created_by_a_rolled_back_batch_is_created_again(tally: T
         await pool.close()
 
 
-async def test_a_company_paying_in_two_currencies_is_a_ledger_error_not_a_crash(tally: Tally) -> None:
+async def test_a_company_paying_in_two_currencies_is_a_ledger_error_not_a_crash(infra: Infra) -> None:
     """A batch where one company's usage comes in two currencies (a price set in EUR while its
     wallet is in USD): the mismatched event must be a LedgerError (dead-lettered alone by the
     handler), never an exception that fails the whole batch forever."""
-    pool = await db.create_pool(tally.stack.database_url, "wallet_props", size=1)
+    pool = await db.create_pool(infra.stack.database_url, "wallet_props", size=1)
     try:
         await db.migrate(pool, "wallet_props", "tally")
         await db.migrate(pool, "wallet_props", "tally_wallet")

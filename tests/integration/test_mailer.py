@@ -6,16 +6,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
 from aiosmtpd.controller import Controller
 
 from tally import db
 from tally_devstack.stack import free_port
 from tally_notifier import storage
 from tally_notifier.mailer import Mailer
-from tests.conftest import Tally, uid
-
-pytestmark = pytest.mark.integration
+from tests.support.stack import Infra, uid
 
 
 class RefuseOnce:
@@ -31,12 +28,12 @@ class RefuseOnce:
         return "250 OK"
 
 
-async def test_a_refused_email_is_retried_and_delivered_once(tally: Tally) -> None:
+async def test_a_refused_email_is_retried_and_delivered_once(infra: Infra) -> None:
     handler = RefuseOnce()
     port = free_port()
     controller = Controller(handler, hostname="127.0.0.1", port=port)
     controller.start()
-    pool = await db.create_pool(tally.stack.database_url, "notifier_mailtest", size=2)
+    pool = await db.create_pool(infra.stack.database_url, "notifier_mailtest", size=2)
     try:
         await db.migrate(pool, "notifier_mailtest", "tally")
         await db.migrate(pool, "notifier_mailtest", "tally_notifier")

@@ -7,13 +7,10 @@ import asyncio
 import sys
 import textwrap
 
-import pytest
 from aiokafka import AIOKafkaProducer
 
 from tally import db, outbox
-from tests.conftest import Tally, eventually, uid
-
-pytestmark = pytest.mark.integration
+from tests.support.stack import Infra, eventually, uid
 
 OTHER_REPLICA = textwrap.dedent("""
     import asyncio, sys
@@ -31,11 +28,11 @@ OTHER_REPLICA = textwrap.dedent("""
 """)
 
 
-async def test_a_commit_in_another_replica_wakes_the_leading_relay(tally: Tally) -> None:
+async def test_a_commit_in_another_replica_wakes_the_leading_relay(infra: Infra) -> None:
     schema = f"relay_{uid('t').replace('-', '_')}"
-    pool = await db.create_pool(tally.stack.database_url, schema, size=2)
+    pool = await db.create_pool(infra.stack.database_url, schema, size=2)
     await db.migrate(pool, schema, "tally")
-    producer = AIOKafkaProducer(bootstrap_servers=tally.stack.bootstrap)
+    producer = AIOKafkaProducer(bootstrap_servers=infra.stack.bootstrap)
     await producer.start()
     # An hour between polls: only a notification can make this relay send within the test.
     relay = outbox.OutboxRelay(pool, producer, service=schema, poll_interval=3600)
@@ -48,12 +45,12 @@ async def test_a_commit_in_another_replica_wakes_the_leading_relay(tally: Tally)
         await eventually(leading, what="the relay to take the lead")
         message_id = uid("ping")
         child = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", OTHER_REPLICA, tally.stack.database_url, schema, message_id
+            sys.executable, "-c", OTHER_REPLICA, infra.stack.database_url, schema, message_id
         )
         assert await child.wait() == 0
-        relayed = await tally.find_on_topic("wallet.events", lambda m: m["id"] == message_id)
+        relayed = await infra.find_on_topic("wallet.events", lambda m: m["id"] == message_id)
         assert relayed["type"] == "test.ping"
-        left = await tally.sql(schema, "SELECT count(*) AS n FROM outbox")
+        left = await infra.sql(schema, "SELECT count(*) AS n FROM outbox")
         assert left[0]["n"] == 0
     finally:
         await relay.stop()
@@ -61,9 +58,9 @@ async def test_a_commit_in_another_replica_wakes_the_leading_relay(tally: Tally)
         await pool.close()
 
 
-async def test_a_large_batch_is_stored_compressed_and_relayed_whole_and_in_order(tally: Tally) -> None:
+async def test_a_large_batch_is_stored_compressed_and_relayed_whole_and_in_order(infra: Infra) -> None:
     schema = f"relay_{uid('t').replace('-', '_')}"
-    pool = await db.create_pool(tally.stack.database_url, schema, size=2)
+    pool = await db.create_pool(infra.stack.database_url, schema, size=2)
     await db.migrate(pool, schema, "tally")
     batch = uid("batch")
 
@@ -84,19 +81,19 @@ async def test_a_large_batch_is_stored_compressed_and_relayed_whole_and_in_order
     async with pool.acquire() as conn, conn.transaction():
         await outbox.enqueue(conn, [ping(n) for n in range(300)])  # ~40 KB packed
         await outbox.enqueue(conn, [ping(300)])  # small: kept as it is
-    stored = await tally.sql(
+    stored = await infra.sql(
         schema,
         "SELECT messages IS NOT NULL AS plain, "
         "messages_lz4 IS NOT NULL AS compressed, count "
         "FROM outbox ORDER BY id",
     )
     assert [tuple(r) for r in stored] == [(False, True, 300), (True, False, 1)]
-    producer = AIOKafkaProducer(bootstrap_servers=tally.stack.bootstrap)
+    producer = AIOKafkaProducer(bootstrap_servers=infra.stack.bootstrap)
     await producer.start()
     relay = outbox.OutboxRelay(pool, producer, service=schema)
     relay.start()
     try:
-        relayed = await tally.topic_messages(
+        relayed = await infra.topic_messages(
             "wallet.events",
             lambda m: m.get("data", {}).get("batch") == batch,
             until=lambda m: m["id"] == f"{batch}-300",
@@ -104,7 +101,7 @@ async def test_a_large_batch_is_stored_compressed_and_relayed_whole_and_in_order
         assert [m["data"]["n"] for m in relayed] == list(range(301))  # one key: one partition
 
         async def emptied() -> bool:  # deleted once Kafka has acknowledged them
-            left = await tally.sql(schema, "SELECT count(*) AS n FROM outbox")
+            left = await infra.sql(schema, "SELECT count(*) AS n FROM outbox")
             return bool(left[0]["n"] == 0)
 
         await eventually(emptied, what="the relayed rows to be deleted")

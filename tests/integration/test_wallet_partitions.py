@@ -15,9 +15,8 @@ from tally import db
 from tally.events import UsageRecorded
 from tally_wallet.domain import platform_revenue_wallet_id
 from tally_wallet.usage import apply_usage
-from tests.conftest import Tally, uid
+from tests.support.stack import Infra, uid
 
-pytestmark = pytest.mark.integration
 SCHEMA = "wallet_partitions"
 
 
@@ -36,8 +35,8 @@ def usage(company: str, amount: int) -> UsageRecorded:
     )
 
 
-async def test_batches_of_different_partitions_share_no_wallet(tally: Tally) -> None:
-    pool = await db.create_pool(tally.stack.database_url, SCHEMA, size=2)
+async def test_batches_of_different_partitions_share_no_wallet(infra: Infra) -> None:
+    pool = await db.create_pool(infra.stack.database_url, SCHEMA, size=2)
     try:
         await db.migrate(pool, SCHEMA, "tally")
         await db.migrate(pool, SCHEMA, "tally_wallet")

@@ -1,27 +1,28 @@
 """notifier: usage alerts (at most one per account per day), failure emails, in-app
-notifications."""
+notifications. The composition root: what the service is made of, and which topic goes to
+which consumer."""
 
-from tally.service import Runtime, ServiceSpec
+from tally.events import Topics
+from tally.service import Consumer, Runtime, ServiceSpec
 from tally_notifier import api, handlers
 from tally_notifier.mailer import Mailer
+from tally_notifier.wiring import NotifierWiring
 
 
-async def start(rt: Runtime) -> None:
-    mailer = Mailer(rt.pool, rt.settings.smtp_url, rt.settings.mail_from)
-    rt.state["mailer"] = mailer
-    mailer.start()
-
-
-async def stop(rt: Runtime) -> None:
-    await rt.state["mailer"].stop()
+def wire(rt: Runtime) -> NotifierWiring:
+    return NotifierWiring(rt, mailer=Mailer(rt.pool, rt.settings.smtp_url, rt.settings.mail_from))
 
 
 SPEC = ServiceSpec(
     name="notifier",
     package="tally_notifier",
+    wire=wire,
     routers=[api.router],
-    subscribe=handlers.subscribe,
-    on_start=[start],
-    on_stop=[stop],
+    consumers=[
+        # every wallet's usage totals: the large batches, but the side topics' fetch wait
+        Consumer(Topics.WALLET_DIGEST, "notifier-wallet", handlers.on_wallet_digest),
+        Consumer(Topics.RECHARGE_EVENTS, "notifier-recharge", handlers.on_recharge_events),
+        Consumer(Topics.REBILLING_EVENTS, "notifier-rebilling", handlers.on_rebilling_events),
+    ],
     description="Usage alerts, failure emails and in-app notifications.",
 )

@@ -9,9 +9,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.conftest import Tally
-
-pytestmark = pytest.mark.integration
+from tests.support.stack import Tally
 
 # Operations that would move real money or change the shared price catalog under the other
 # tests; they have their own tests.

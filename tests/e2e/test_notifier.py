@@ -5,25 +5,10 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
-from email import policy
-from email.parser import BytesParser
 from typing import Any
 
-import pytest
-
-from tests.conftest import Tally, eventually, uid
-from tests.integration.test_rebilling import Reseller
-
-pytestmark = pytest.mark.integration
-
-
-def mails_about(tally: Tally, needle: str) -> list[Any]:
-    out = []
-    for path in tally.stack.mail.mails():
-        msg = BytesParser(policy=policy.default).parsebytes(path.read_bytes())
-        if needle in str(msg["Subject"]):
-            out.append(msg)
-    return out
+from tests.support.builders import Reseller, mails_about
+from tests.support.stack import Tally, eventually, uid
 
 
 async def setup(tally: Tally) -> tuple[Reseller, str]:

@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Tally, eventually, uid
-from tests.integration.test_recharge import (
+from tests.support.builders import (
     DECLINES,
     GOOD,
+    Agency,
+    Reseller,
     attach,
     configure,
     new_card,
@@ -23,9 +24,7 @@ from tests.integration.test_recharge import (
     stripe_charges_for,
     wait_balance,
 )
-from tests.integration.test_wallet import Agency
-
-pytestmark = pytest.mark.integration
+from tests.support.stack import Tally, eventually, uid
 
 
 async def patch(tally: Tally, agency: Agency, **changes: Any) -> dict[str, Any]:
@@ -350,7 +349,6 @@ async def test_reconnecting_stripe_reloads_and_another_account_forgets_cards(tal
     disconnected they are not charged; connecting again makes the rule hold again (a wallet
     that fell below its threshold meanwhile is reloaded); connecting another Stripe account
     forgets the cards saved on the previous one (they cannot be charged through it)."""
-    from tests.integration.test_rebilling import Reseller
 
     agency = await Reseller(tally).create(connect=False)
     acct = "acct_" + uid("r").replace("-", "")

@@ -7,13 +7,9 @@ import random
 from datetime import UTC, datetime
 from decimal import Decimal
 
-import pytest
-
 from tally.money import apply_markup
 from tally_wallet.storage import LEDGER_BALANCES
-from tests.conftest import Tally, eventually, uid
-
-pytestmark = pytest.mark.integration
+from tests.support.stack import Tally, eventually, uid
 
 
 async def test_wallet_killed_mid_stream_loses_nothing_and_doubles_nothing(tally: Tally) -> None:

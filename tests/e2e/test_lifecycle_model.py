@@ -30,13 +30,10 @@ from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from typing import Any
 
 import orjson
-import pytest
 from aiokafka import AIOKafkaConsumer
 
-from tests.conftest import Tally, eventually, uid
-from tests.integration.test_recharge import DECLINES, GOOD, new_card, payment_intents
-
-pytestmark = pytest.mark.integration
+from tests.support.builders import DECLINES, GOOD, new_card, payment_intents
+from tests.support.stack import Tally, eventually, uid
 
 STEPS = int(os.environ.get("MODEL_STEPS", "120"))
 SEED = int(os.environ.get("MODEL_SEED", str(random.SystemRandom().randrange(10**9))))

@@ -6,16 +6,13 @@ from __future__ import annotations
 import time
 
 import orjson
-import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tally.events import Topics
-from tests.conftest import Tally, eventually, uid
-from tests.integration.test_ledger_properties import run_in_fresh_loop
-
-pytestmark = pytest.mark.integration
+from tests.support.builders import run_in_fresh_loop
+from tests.support.stack import Tally, eventually, uid
 
 json_values = st.recursive(
     st.none()

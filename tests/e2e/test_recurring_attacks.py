@@ -10,12 +10,17 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Tally, eventually, uid
-from tests.integration.test_connection_changes import new_sepa
-from tests.integration.test_dunning import Resold, license_charges, month_after
-from tests.integration.test_recharge import DECLINES, GOOD, new_card, payment_intents
-
-pytestmark = pytest.mark.integration
+from tests.support.builders import (
+    DECLINES,
+    GOOD,
+    Resold,
+    license_charges,
+    month_after,
+    new_card,
+    new_sepa,
+    payment_intents,
+)
+from tests.support.stack import Tally, eventually, uid
 
 SEPA_OK = "DE89370400440532013000"
 

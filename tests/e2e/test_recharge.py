@@ -10,47 +10,18 @@ import time
 from typing import Any
 
 import orjson
-import pytest
-import stripe
 
-from tests.conftest import Tally, eventually, uid
-from tests.integration.test_wallet import Agency
-
-pytestmark = pytest.mark.integration
-
-GOOD = "4242424242424242"
-DECLINES = "4000000000000341"  # attaches, then declines every charge
-
-
-async def new_card(tally: Tally, number: str) -> str:
-    client = stripe.StripeClient(
-        "sk_test_tally", http_client=stripe.HTTPXClient(), base_addresses={"api": tally.stack.stripe_api_base}
-    )
-    pm = await client.v1.payment_methods.create_async(
-        params={"type": "card", "card": {"number": number, "exp_month": 12, "exp_year": 2034, "cvc": "123"}}
-    )
-    return str(pm.id)
-
-
-async def attach(tally: Tally, agency: Agency, number: str, aid: str | None = None) -> str:
-    pm = await new_card(tally, number)
-    path = f"/v1/accounts/{aid}/payment-methods" if aid else f"/v1/companies/{agency.cid}/payment-methods"
-    headers = agency.user(aid) if aid else agency.admin
-    r = await tally.http.post(tally.url("recharge", path), json={"payment_method": pm}, headers=headers)
-    assert r.status_code == 201, r.text
-    return pm
-
-
-async def configure(
-    tally: Tally, agency: Agency, threshold: str, reload: str, aid: str | None = None
-) -> None:
-    path = f"/v1/accounts/{aid}/wallet" if aid else f"/v1/companies/{agency.cid}/wallet"
-    r = await tally.http.patch(
-        tally.url("wallet", path),
-        json={"threshold": threshold, "reload_amount": reload},
-        headers=agency.admin,
-    )
-    assert r.status_code == 200, r.text
+from tests.support.builders import (
+    DECLINES,
+    GOOD,
+    Agency,
+    attach,
+    configure,
+    new_card,
+    payment_intents,
+    wait_balance,
+)
+from tests.support.stack import Tally, eventually, uid
 
 
 async def recharges(tally: Tally, agency: Agency, aid: str | None = None) -> list[dict[str, Any]]:
@@ -60,36 +31,12 @@ async def recharges(tally: Tally, agency: Agency, aid: str | None = None) -> lis
     return r.json()["items"]  # type: ignore[no-any-return]
 
 
-async def wait_balance(agency: Agency, balance: str, aid: str | None = None) -> dict[str, Any]:
-    async def check() -> dict[str, Any] | None:
-        w = await agency.wallet(aid)
-        return w if w["balance"] == balance else None
-
-    return await eventually(check, timeout=40, what=f"balance {balance}")
-
-
 async def stripe_charges_for(tally: Tally, attempt_id: str) -> list[dict[str, Any]]:
     return [
         i
         for i in await payment_intents(tally)
         if (i.get("metadata") or {}).get("tally_attempt") == attempt_id and i.get("status") == "succeeded"
     ]
-
-
-async def payment_intents(tally: Tally) -> list[dict[str, Any]]:
-    """Every PaymentIntent localstripe holds."""
-    client = stripe.StripeClient(
-        "sk_test_tally", http_client=stripe.HTTPXClient(), base_addresses={"api": tally.stack.stripe_api_base}
-    )
-    found: list[dict[str, Any]] = []
-    params: dict[str, Any] = {"limit": 100}
-    while True:
-        page = await client.v1.payment_intents.list_async(params=params)  # type: ignore[arg-type]
-        found.extend(i.to_dict() for i in page.data)
-        if not page.has_more or not page.data:
-            break
-        params = {"limit": 100, "starting_after": page.data[-1].id}
-    return found
 
 
 async def test_crossing_charges_the_default_card_once_and_credits_once(tally: Tally) -> None:

@@ -14,9 +14,7 @@ from tally import db
 from tally.settings import get_settings
 from tally_usage_meter.retention import DedupeExpiry
 from tally_wallet.storage import LEDGER_BALANCES
-from tests.conftest import Tally, eventually, uid
-
-pytestmark = pytest.mark.integration
+from tests.support.stack import Tally, eventually, uid
 
 
 async def funded(tally: Tally, amount: str = "1.00") -> str:

@@ -6,14 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 import stripe
 
-from tests.conftest import Tally, eventually, uid
-from tests.integration.test_rebilling import Reseller
-from tests.integration.test_recharge import GOOD, new_card
-
-pytestmark = pytest.mark.integration
+from tests.support.builders import GOOD, Reseller, new_card
+from tests.support.stack import Tally, eventually, uid
 
 
 async def usage(

@@ -7,32 +7,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
-import stripe
-
-from tests.conftest import Tally, eventually, uid
-from tests.integration.test_rebilling import Reseller
-from tests.integration.test_recharge import GOOD, new_card
-from tests.integration.test_wallet import Agency
-
-pytestmark = pytest.mark.integration
+from tests.support.builders import GOOD, Agency, Reseller, Resold, new_card, new_sepa
+from tests.support.stack import Tally, eventually, uid
 
 SEPA_FAILS = "DE62370400440532013001"  # localstripe: processing, then fails 0.5 s later
 SEPA_OK = "DE89370400440532013000"  # localstripe: processing, then succeeds 0.5 s later
-
-
-async def new_sepa(tally: Tally, iban: str) -> str:
-    client = stripe.StripeClient(
-        "sk_test_tally", http_client=stripe.HTTPXClient(), base_addresses={"api": tally.stack.stripe_api_base}
-    )
-    pm = await client.v1.payment_methods.create_async(
-        params={
-            "type": "sepa_debit",
-            "sepa_debit": {"iban": iban},
-            "billing_details": {"name": "Client", "email": "client@example.com"},
-        }
-    )
-    return str(pm.id)
 
 
 def acct() -> str:
@@ -275,8 +254,6 @@ async def test_a_card_saved_on_the_new_account_while_a_period_charge_processes_i
     (it will fail); the company switches to B and the account saves a good card there. The
     failed try is followed at once by one on the new card, not after the 24 h dunning wait."""
     from datetime import UTC, datetime, timedelta
-
-    from tests.integration.test_dunning import Resold
 
     resold = Resold(tally)
     agency = resold.agency

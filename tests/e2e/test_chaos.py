@@ -4,12 +4,8 @@ and recharges; then zero discrepancies."""
 
 from __future__ import annotations
 
-import pytest
-
 from tally_devstack.chaos import Chaos
-from tests.conftest import Tally
-
-pytestmark = pytest.mark.integration
+from tests.support.stack import Tally
 
 
 async def test_faults_leave_every_balance_right(tally: Tally) -> None:

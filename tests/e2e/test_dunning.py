@@ -13,110 +13,17 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
-
-from tests.conftest import Tally, eventually, uid
-from tests.integration.test_notifier import mails_about
-from tests.integration.test_rebilling import Reseller
-from tests.integration.test_recharge import DECLINES, GOOD, new_card, payment_intents
-
-pytestmark = pytest.mark.integration
-
-
-class Resold:
-    """A connected saas_pro agency with a good company card, reselling WhatsApp at 15 (the
-    platform's price is 10) to one account with its own card."""
-
-    def __init__(self, tally: Tally) -> None:
-        self.t = tally
-        self.agency = Reseller(tally)
-        self.aid = ""
-
-    async def create(self, *, company_card: str = GOOD, account_card: str = DECLINES) -> Resold:
-        t, agency = self.t, self.agency
-        await agency.create()
-        await agency.patch_wallet({"auto_recharge": False})  # only subscriptions charge cards
-        await self.card(company_card)
-        self.aid = await agency.account()
-        await agency.patch_wallet({"auto_recharge": False}, self.aid)  # only subscriptions charge
-        await self.card(account_card, account=True)
-        r = await t.http.put(
-            t.url("rebilling", f"/v1/companies/{agency.cid}/reselling/whatsapp"),
-            json={"company_price": "15"},
-            headers=agency.admin,
-        )
-        assert r.status_code == 200, r.text
-        return self
-
-    async def card(self, number: str, *, account: bool = False) -> str:
-        path = (
-            f"/v1/accounts/{self.aid}/payment-methods"
-            if account
-            else f"/v1/companies/{self.agency.cid}/payment-methods"
-        )
-        headers = self.agency.user(self.aid) if account else self.agency.admin
-        pm = await new_card(self.t, number)
-
-        async def attached() -> bool:
-            r = await self.t.http.post(
-                self.t.url("recharge", path), json={"payment_method": pm}, headers=headers
-            )
-            return r.status_code == 201
-
-        await eventually(attached, what="the card attached")
-        return pm
-
-    async def subscribe(self, deployment: str = "resell", key: str | None = None) -> Any:
-        headers = {**self.agency.admin, **({"Idempotency-Key": key} if key else {})}
-        return await self.t.http.post(
-            self.t.url("rebilling", f"/v1/accounts/{self.aid}/subscriptions"),
-            json={"product": "whatsapp", "deployment": deployment},
-            headers=headers,
-        )
-
-    async def subscriptions(self) -> list[dict[str, Any]]:
-        r = await self.t.http.get(
-            self.t.url("rebilling", f"/v1/accounts/{self.aid}/subscriptions"), headers=self.agency.admin
-        )
-        assert r.status_code == 200, r.text
-        return r.json()["items"]  # type: ignore[no-any-return]
-
-    async def run(self, at: datetime, period: str | None = None) -> dict[str, int]:
-        """Run the period runner for this agency as at ``at`` (opening ``period``: by default
-        the one ``at`` falls in)."""
-        r = await self.t.http.post(
-            self.t.url("rebilling", "/v1/reselling/run"),
-            json={"at": at.isoformat(), "company_id": self.agency.cid, "period": period},
-            headers=self.t.auth("platform_admin"),
-        )
-        assert r.status_code == 200, r.text
-        return r.json()["outcomes"]  # type: ignore[no-any-return]
-
-    async def report(self, period: str) -> dict[str, Any]:
-        r = await self.t.http.get(
-            self.t.url("rebilling", f"/v1/companies/{self.agency.cid}/reselling/report?period={period}"),
-            headers=self.agency.admin,
-        )
-        assert r.status_code == 200, r.text
-        return r.json()  # type: ignore[no-any-return]
-
-    async def charges(self) -> list[tuple[str, str, str]]:
-        """Every card charge made for this account's subscriptions, as Stripe holds them:
-        (payer, amount, succeeded | failed), from the charge keys in the intents' metadata."""
-        subs = {x["id"] for x in await self.subscriptions()}
-        out = []
-        for intent in await payment_intents(self.t):
-            key = (intent.get("metadata") or {}).get("tally_attempt") or ""
-            if not key.startswith("sub-") or key.split("-")[1] not in subs:
-                continue
-            payer = "companies" if "-platform" in key else "accounts"
-            amount = f"{intent['amount'] // 100}.{intent['amount'] % 100:02d}0000"
-            out.append((payer, amount, "succeeded" if intent["status"] == "succeeded" else "failed"))
-        return sorted(out)
-
-
-def month_after(now: datetime) -> datetime:
-    return datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, 1, tzinfo=UTC)
+from tests.support.builders import (
+    DECLINES,
+    GOOD,
+    Reseller,
+    Resold,
+    license_charges,
+    mails_about,
+    month_after,
+    payment_intents,
+)
+from tests.support.stack import Tally, eventually, uid
 
 
 async def test_a_declined_resold_period_is_charged_once_the_card_works(tally: Tally) -> None:
@@ -319,19 +226,6 @@ async def test_gating_holds_when_two_admins_write_at_once(tally: Tally) -> None:
         )
         r = await tally.http.get(settings, headers=agency.admin)
         assert r.json()["mode"] == "off", r.text  # no rebilling without Stripe
-
-
-async def license_charges(tally: Tally, cid: str, purchases: set[str]) -> list[str]:
-    """Amounts of the successful card charges for a company's licenses: its purchases and its
-    pool's periods."""
-    out = []
-    for intent in await payment_intents(tally):
-        key = (intent.get("metadata") or {}).get("tally_attempt") or ""
-        if intent["status"] == "succeeded" and (
-            key.removeprefix("licenses-") in purchases or key.startswith(f"sub-lic_{cid}-")
-        ):
-            out.append(f"{intent['amount'] // 100}.{intent['amount'] % 100:02d}0000")
-    return sorted(out)
 
 
 async def test_licenses_are_bought_and_billed_every_period(tally: Tally) -> None:

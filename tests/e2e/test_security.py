@@ -9,12 +9,9 @@ from typing import Any
 
 import jwt
 import orjson
-import pytest
 
-from tests.conftest import Tally, eventually, uid
-from tests.integration.test_rebilling import Reseller
-
-pytestmark = pytest.mark.integration
+from tests.support.builders import Reseller
+from tests.support.stack import Tally, eventually, uid
 
 SECRET = "tally-dev-secret-change-me-in-production"
 

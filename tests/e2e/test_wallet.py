@@ -8,102 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
-from tests.conftest import Tally, eventually, uid
-
-pytestmark = pytest.mark.integration
+from tests.support.builders import Agency
+from tests.support.stack import Tally, eventually, uid
 
 
 def debited(event_id: str) -> Any:
     return lambda m: m["type"] == "wallet.debited" and m["data"]["usage_event_id"] == event_id
-
-
-class Agency:
-    """A company with accounts, set up through the topics the wallet consumes."""
-
-    def __init__(self, tally: Tally) -> None:
-        self.t = tally
-        self.cid = uid("co")
-        self.admin = tally.auth("company_admin", company_id=self.cid, email="owner@agency.test")
-
-    async def add_account(
-        self, mode: str = "off", markups: dict[str, str] | None = None, active: bool = True
-    ) -> str:
-        aid = uid("acct")
-        await self.t.envelope(
-            "rebilling.events",
-            "account.created",
-            {"account_id": aid, "company_id": self.cid, "name": aid, "owner_email": f"{aid}@client.test"},
-            key=self.cid,
-        )
-        if mode != "off":
-            await self.t.envelope(
-                "rebilling.settings",
-                "rebilling.settings",
-                {
-                    "account_id": aid,
-                    "company_id": self.cid,
-                    "mode": mode,
-                    "markups": markups or {},
-                    "active": active,
-                    "version": 1,
-                },
-                key=aid,
-            )
-
-        async def ready() -> bool:
-            r = await self.t.http.get(self.t.url("wallet", f"/v1/accounts/{aid}/wallet"), headers=self.admin)
-            return r.status_code == 200 and r.json()["rebilling"] == (mode if active else "off")
-
-        await eventually(ready, what=f"the wallet to learn about {aid}")
-        return aid
-
-    def user(self, aid: str) -> dict[str, str]:
-        return self.t.auth("account_user", company_id=self.cid, account_id=aid, email=f"{aid}@client.test")
-
-    async def use(self, service: str, quantity: str, account: str | None = None) -> str:
-        e: dict[str, Any] = {
-            "event_id": uid("ev"),
-            "company_id": self.cid,
-            "service": service,
-            "quantity": quantity,
-        }
-        if account:
-            e["account_id"] = account
-        r = await self.t.post_usage(e)
-        assert r.json()["results"][0]["status"] == "accepted", r.text
-        await self.t.wait_applied(self.cid, e["event_id"])
-        return str(e["event_id"])
-
-    async def wallet(self, aid: str | None = None) -> dict[str, Any]:
-        path = f"/v1/accounts/{aid}/wallet" if aid else f"/v1/companies/{self.cid}/wallet"
-        r = await self.t.http.get(self.t.url("wallet", path), headers=self.admin)
-        assert r.status_code == 200, r.text
-        return r.json()  # type: ignore[no-any-return]
-
-    async def lines(self, aid: str) -> list[dict[str, Any]]:
-        r = await self.t.http.get(
-            self.t.url("wallet", f"/v1/accounts/{aid}/wallet/transactions"), headers=self.admin
-        )
-        assert r.status_code == 200, r.text
-        return r.json()["items"]  # type: ignore[no-any-return]
-
-    async def fund(self, amount: str, aid: str | None = None) -> dict[str, Any]:
-        if aid:
-            url, headers = f"/v1/accounts/{aid}/wallet/credits", self.admin
-        else:
-            url, headers = f"/v1/companies/{self.cid}/wallet/credits", self.t.auth("platform_admin")
-        r = await self.t.http.post(self.t.url("wallet", url), json={"amount": amount}, headers=headers)
-        assert r.status_code == 201, r.text
-        return r.json()["wallet"]  # type: ignore[no-any-return]
-
-    async def status(self, aid: str) -> dict[str, Any]:
-        r = await self.t.http.get(
-            self.t.url("wallet", f"/v1/accounts/{aid}/service-status"), headers=self.t.auth("product")
-        )
-        assert r.status_code == 200, r.text
-        return r.json()  # type: ignore[no-any-return]
 
 
 async def test_scenario_1_no_rebilling_charges_the_company_only(tally: Tally) -> None:

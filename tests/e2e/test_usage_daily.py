@@ -6,13 +6,9 @@ from __future__ import annotations
 
 from datetime import date
 
-import pytest
-
 from tally import db
 from tally_notifier import storage
-from tests.conftest import Tally, uid
-
-pytestmark = pytest.mark.integration
+from tests.support.stack import Tally, uid
 
 
 async def test_daily_sums_are_exact_and_ids_arrive_verbatim(tally: Tally) -> None:

@@ -9,15 +9,11 @@ import time
 from typing import Any
 
 import orjson
-import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Tally, eventually, uid
-from tests.integration.test_recharge import DECLINES, GOOD, attach, configure, wait_balance
-from tests.integration.test_wallet import Agency
-
-pytestmark = pytest.mark.integration
+from tests.support.builders import DECLINES, GOOD, Agency, attach, configure, wait_balance
+from tests.support.stack import Tally, eventually, uid
 
 
 def spans(tally: Tally, service: str) -> list[dict[str, Any]]:

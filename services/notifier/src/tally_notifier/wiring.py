@@ -1,0 +1,30 @@
+"""What the notifier's use cases, routes and consumers are handed (built in ``app.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from tally.service import Wiring, wiring
+from tally.worker import Worker
+from tally_notifier.mailer import Mailer
+
+
+@dataclass
+class NotifierWiring(Wiring):
+    mailer: Mailer  # sends the emails the consumers queue; woken after each batch
+
+    def workers(self) -> Sequence[Worker]:
+        return (self.mailer,)
+
+
+async def current(request: Request) -> NotifierWiring:
+    """The wiring, as an async dependency (FastAPI runs a plain function in its thread pool)."""
+    wired: NotifierWiring = wiring(request)
+    return wired
+
+
+Wired = Annotated[NotifierWiring, Depends(current)]
