@@ -36,13 +36,15 @@ async def test_wallet_killed_mid_stream_loses_nothing_and_doubles_nothing(tally:
             key=aid,
         )
 
-    async def settings_known() -> bool:
-        rows = await tally.sql(
-            "wallet",
-            "SELECT count(*) AS n FROM rebilling_settings WHERE account_id = ANY($1::text[])",
-            list(rebilled.values()),
-        )
-        return bool(rows[0]["n"] == len(rebilled))
+    async def settings_known() -> bool:  # as each account wallet shows its rebilling
+        for cid, aid in rebilled.items():
+            r = await tally.http.get(
+                tally.url("wallet", f"/v1/accounts/{aid}/wallet"),
+                headers=tally.auth("company_admin", company_id=cid),
+            )
+            if r.status_code != 200 or r.json()["rebilling"] != "rebill_markup":
+                return False
+        return True
 
     await eventually(settings_known, what="rebilling settings")
 

@@ -19,7 +19,8 @@ SPEC = ServiceSpec(
     wire=wire,
     routers=[api.router],
     consumers=[
-        # every wallet's usage totals: the large batches, but the side topics' fetch wait
+        # wallet.digest: not the money path (its fetches wait the side topics' time); its batches
+        # were KAFKA_MAX_BATCH records, which a side consumer's 2000 equals by default
         Consumer(Topics.WALLET_DIGEST, "notifier-wallet", handlers.on_wallet_digest),
         Consumer(Topics.RECHARGE_EVENTS, "notifier-recharge", handlers.on_recharge_events),
         Consumer(Topics.REBILLING_EVENTS, "notifier-rebilling", handlers.on_rebilling_events),
