@@ -18,25 +18,11 @@ from tests.support.builders import (
     attach,
     configure,
     new_card,
-    payment_intents,
+    recharges,
+    stripe_charges_for,
     wait_balance,
 )
 from tests.support.stack import Tally, eventually, uid
-
-
-async def recharges(tally: Tally, agency: Agency, aid: str | None = None) -> list[dict[str, Any]]:
-    path = f"/v1/accounts/{aid}/wallet/recharges" if aid else f"/v1/companies/{agency.cid}/wallet/recharges"
-    r = await tally.http.get(tally.url("recharge", path), headers=agency.admin)
-    assert r.status_code == 200, r.text
-    return r.json()["items"]  # type: ignore[no-any-return]
-
-
-async def stripe_charges_for(tally: Tally, attempt_id: str) -> list[dict[str, Any]]:
-    return [
-        i
-        for i in await payment_intents(tally)
-        if (i.get("metadata") or {}).get("tally_attempt") == attempt_id and i.get("status") == "succeeded"
-    ]
 
 
 async def test_crossing_charges_the_default_card_once_and_credits_once(tally: Tally) -> None:

@@ -439,3 +439,18 @@ def run_in_fresh_loop(coro: Any) -> Any:
     if "error" in result:
         raise result["error"]
     return result.get("value")
+
+
+async def recharges(tally: Tally, agency: Agency, aid: str | None = None) -> list[dict[str, Any]]:
+    path = f"/v1/accounts/{aid}/wallet/recharges" if aid else f"/v1/companies/{agency.cid}/wallet/recharges"
+    r = await tally.http.get(tally.url("recharge", path), headers=agency.admin)
+    assert r.status_code == 200, r.text
+    return r.json()["items"]  # type: ignore[no-any-return]
+
+
+async def stripe_charges_for(tally: Tally, attempt_id: str) -> list[dict[str, Any]]:
+    return [
+        i
+        for i in await payment_intents(tally)
+        if (i.get("metadata") or {}).get("tally_attempt") == attempt_id and i.get("status") == "succeeded"
+    ]

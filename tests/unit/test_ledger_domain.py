@@ -93,11 +93,12 @@ def test_debited_message_fits_the_event_contract() -> None:
     )
     company = Posted(Transfer("k1", "company:c", "system:rev", 5, "usage"), -5, 5)
     account = Posted(Transfer("k2", "account:a", "system:crev", 8, "usage"), 92, 8)
-    env, payload = events.parse(events.dumps(debited_message(u, company, account, now.isoformat())))
+    message = events.parse_message(events.dumps(debited_message(u, company, account, now.isoformat())))
+    env, payload = message, message.data
     assert env.type == "wallet.debited"
     assert isinstance(payload, events.WalletDebited) and payload.rebilled
     assert (payload.company_amount_micros, payload.account_amount_micros) == (5, 8)
-    _, alone = events.parse(events.dumps(debited_message(u, company, None, now.isoformat())))
+    alone = events.parse_message(events.dumps(debited_message(u, company, None, now.isoformat()))).data
     assert isinstance(alone, events.WalletDebited) and not alone.rebilled
 
 

@@ -4,7 +4,6 @@ import pytest
 
 from tally.errors import ApiError
 from tally.events import UsageEvent, UsageRecorded
-from tally_usage_meter.api import parse_usage_body
 from tally_usage_meter.domain import (
     Price,
     Priced,
@@ -14,6 +13,7 @@ from tally_usage_meter.domain import (
     suspension_of,
     tenancy_of,
 )
+from tally_usage_meter.schemas import parse_usage_body
 
 PRICES = {
     ("email", "USD"): Price("email", "email", 675, "USD"),

@@ -125,8 +125,12 @@ class UnitOfWork:
         self._key = (principal, key)
         return found
 
-    def remember(self, status_code: int, response: Any) -> None:
-        """The response to answer again for the claimed key (no-op without one)."""
+    def remember(self, status_code: int, response: Any, *, key: tuple[str, str] | None = None) -> None:
+        """The response to answer again for the key claimed in this unit (no-op without one),
+        or for ``key`` (principal, key) claimed in an earlier unit: a request whose outcome is
+        known only after a call outside any transaction (a card charge) records it in the next."""
+        if key is not None:
+            self._key = key
         self._response = (status_code, response)
 
 

@@ -1,10 +1,11 @@
 """Notifier rules, pure: where each alert period starts (in the company's time zone), whether
-an alert fires, and what the emails say."""
+an alert fires, who receives it, and what the emails say."""
 
 from __future__ import annotations
 
 import functools
 import html
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Literal
@@ -46,6 +47,21 @@ def period_start(today: date, period: Period) -> date:
 class Condition:
     threshold_micros: int
     period: Period
+
+
+@dataclass(frozen=True)
+class AlertRules:
+    """An account's usage alert settings: when an alert fires and who receives it, besides the
+    account owner and the company owner."""
+
+    enabled: bool
+    conditions: list[Condition]
+    recipients: list[str]
+
+
+def recipients_of(addresses: Iterable[str]) -> list[str]:
+    """Extra recipients as kept: lower case, each once, sorted."""
+    return sorted({a.lower() for a in addresses})
 
 
 def exceeded(conditions: list[Condition], totals: dict[Period, int]) -> list[Condition]:

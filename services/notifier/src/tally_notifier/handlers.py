@@ -1,24 +1,17 @@
-"""notifier's consumers: ``wallet.digest`` (usage totals, suspensions, credit requests),
-``recharge.events`` (failures, cancellations, tier raises) and ``rebilling.events`` (who owns
-which account, company time zones, subscriptions dunning gave up on). Each message is claimed
-once (inbox) in the transaction that records its effects, so redelivery or a restart never
-notifies twice."""
+"""notifier's Kafka consumers (the table is in ``app.py``): ``wallet.digest`` (usage totals,
+suspensions, credit requests), ``recharge.events`` (failures, cancellations, tier raises) and
+``rebilling.events`` (who owns which account, company time zones, subscriptions dunning gave
+up on). Each batch: the records of the consumer's types decoded (unreadable ones to the DLQ),
+applied in one unit of work (``notices.take_in``), then the mailer woken for what it queued."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from tally import events, inbox
-from tally.consumer import subscribe_batch, take
-from tally.db import Conn
-from tally.events import Topics
-from tally.money import format_micros
-from tally.outbox import enqueue
-from tally.service import Runtime
-from tally_notifier import alerts, storage
-from tally_notifier.domain import simple
-from tally_notifier.mailer import Mailer
+from tally.consumer import take
+from tally_notifier import notices
+from tally_notifier.wiring import NotifierWiring
 
 SERVICE = "notifier"
 WALLET_TYPES = ("wallet.usage", "wallet.suspended", "credit_request.created")
@@ -26,174 +19,24 @@ RECHARGE_TYPES = ("recharge.failed", "recharge.tier_raised")
 REBILLING_TYPES = ("company.updated", "account.created", "subscription.cancelled")
 
 
-async def _owner_emails(conn: Conn, company_id: str, account_id: str | None, owner: str) -> list[str]:
-    """The wallet owner's address: the account owner for account wallets, the company owner
-    for company wallets."""
-    if owner == "account" and account_id:
-        a = await storage.account(conn, account_id)
-        return [a["owner_email"]] if a and a["owner_email"] else []
-    c = await storage.company(conn, company_id)
-    return [c["owner_email"]] if c and c["owner_email"] else []
-
-
-async def _wallet_event(conn: Conn, env: events.Message, p: events.Payload) -> None:
-    if isinstance(p, events.WalletSuspended):
-        to = await _owner_emails(conn, p.company_id, p.account_id, p.owner)
-        mail = simple(
-            f"Service paused: wallet {p.wallet_id} is below zero",
-            [
-                f"The wallet {p.wallet_id} reached {format_micros(p.balance_micros)} {p.currency}.",
-                "Platform services are paused until a successful payment reloads it.",
-            ],
-        )
-        if to:
-            await storage.queue_email(conn, env.id, to, mail.subject, mail.text, mail.html)
-    elif isinstance(p, events.CreditRequestCreated):
-        await storage.notify(
-            conn,
-            env.id,
-            p.company_id,
-            "credit_request",
-            f"Credit request from {p.account_id}",
-            f"{p.account_id} asks for {format_micros(p.amount_micros)} {p.currency}"
-            + (f" (reference {p.reference})" if p.reference else ""),
-            {"request_id": p.request_id, "account_id": p.account_id},
-        )
-
-
-async def _recharge_event(conn: Conn, env: events.Message, p: events.Payload) -> None:
-    if isinstance(p, events.RechargeFailed):
-        to = await _owner_emails(conn, p.company_id, p.account_id, p.owner)
-        declines = ", ".join(t.decline_code or t.outcome for t in p.tries) or "no card"
-        if p.auto_recharge_disabled:
-            subject = f"Auto-recharge turned off for {p.wallet_id}"
-            lines = [
-                f"After {p.consecutive_failures} failed attempts to reload "
-                f"{format_micros(p.amount_micros)} {p.currency}, auto-recharge is off.",
-                f"Card results: {declines}.",
-                "Update the card on file, then turn auto-recharge back on.",
-            ]
-        else:
-            subject = f"Wallet reload failed for {p.wallet_id}"
-            lines = [
-                f"We could not charge {format_micros(p.amount_micros)} {p.currency} to any "
-                f"saved card ({declines}).",
-                "Check the card with your bank or add another one.",
-            ]
-            if p.retry_at:
-                lines.append(f"We will try again at {p.retry_at.isoformat()}.")
-        mail = simple(subject, lines)
-        if to:
-            await storage.queue_email(conn, env.id, to, mail.subject, mail.text, mail.html)
-        await storage.notify(
-            conn,
-            env.id,
-            p.company_id,
-            "recharge_failed",
-            subject,
-            lines[0],
-            {
-                "wallet_id": p.wallet_id,
-                "recharge_id": p.recharge_id,
-                "auto_recharge_disabled": p.auto_recharge_disabled,
-            },
-        )
-    elif isinstance(p, events.RechargeTierRaised):
-        to = await _owner_emails(conn, p.company_id, p.account_id, p.owner)
-        subject = f"Reload amount raised for {p.wallet_id}"
-        lines = [
-            f"Your wallet reloaded three times within 24 hours, so smart adjustment raised "
-            f"its reload amount from {format_micros(p.previous_reload_amount_micros)} to "
-            f"{format_micros(p.reload_amount_micros)} {p.currency}."
-        ]
-        mail = simple(subject, lines)
-        if to:
-            await storage.queue_email(conn, env.id, to, mail.subject, mail.text, mail.html)
-        await storage.notify(
-            conn, env.id, p.company_id, "tier_raised", subject, lines[0], {"wallet_id": p.wallet_id}
-        )
-
-
-async def _subscription_cancelled(conn: Conn, env: events.Message, p: events.SubscriptionCancelled) -> None:
-    """Dunning gave up: the company hears it in-app and by email (a cancellation the customer
-    asked for is not news)."""
-    if p.reason != "payment_failed":
+async def _take_in(w: NotifierWiring, records: Sequence[Any], types: tuple[str, ...], group: str) -> None:
+    """``group`` is the consumer group and the inbox name its messages are claimed under."""
+    taken, dead = take(records, types, service=SERVICE)
+    if not taken and not dead:
         return
-    subject = f"Subscription {p.product} of {p.account_id} cancelled: payment failed"
-    lines = [
-        f"After repeated failed charges, the {p.product} subscription of {p.account_id} "
-        f"({p.deployment}) is cancelled.",
-        f"Still outstanding: {format_micros(p.outstanding_micros)} {p.currency}.",
-        "Update the card on file and subscribe again to restore the service.",
-    ]
-    to = await _owner_emails(conn, p.company_id, None, "company")
-    mail = simple(subject, lines)
-    if to:
-        await storage.queue_email(conn, env.id, to, mail.subject, mail.text, mail.html)
-    await storage.notify(
-        conn,
-        env.id,
-        p.company_id,
-        "subscription_cancelled",
-        subject,
-        lines[0],
-        {"subscription_id": p.subscription_id, "account_id": p.account_id},
-    )
+    async with w.uow() as uow:
+        await notices.take_in(uow, group, [m for _, m in taken])
+        uow.publish(dead)
+    w.mailer.wake()
 
 
-def subscribe(rt: Runtime) -> None:
-    def mailer() -> Mailer:
-        m: Mailer = rt.state["mailer"]
-        return m
+async def on_wallet_digest(w: NotifierWiring, records: Sequence[Any]) -> None:
+    await _take_in(w, records, WALLET_TYPES, "notifier-wallet")
 
-    def handler(types: tuple[str, ...], group: str) -> Any:
-        async def handle(records: Sequence[Any]) -> None:
-            records_taken, dead = take(records, types, service=SERVICE)
-            taken = [(m, m.data) for _, m in records_taken]
-            if not taken and not dead:
-                return
-            async with rt.pool.acquire() as conn, conn.transaction():
-                fresh = await inbox.claim(conn, group, [e.id for e, _ in taken])
-                todo = [(e, p) for e, p in taken if e.id in fresh]
-                usage = [t for _, p in todo if isinstance(p, events.WalletUsage) for t in p.totals]
-                if usage:
-                    touched = await alerts.add_usage(conn, usage)
-                    await alerts.check_alerts(conn, touched)
-                for env, p in todo:
-                    if isinstance(p, events.CompanyUpdated):
-                        await storage.upsert_company(conn, p.company_id, p.name, p.owner_email, p.timezone)
-                    elif isinstance(p, events.AccountCreated):
-                        await storage.upsert_account(conn, p.account_id, p.company_id, p.name, p.owner_email)
-                    elif isinstance(p, events.SubscriptionCancelled):
-                        await _subscription_cancelled(conn, env, p)
-                    elif env.type in RECHARGE_TYPES:
-                        await _recharge_event(conn, env, p)
-                    elif not isinstance(p, events.WalletUsage):
-                        await _wallet_event(conn, env, p)
-                await enqueue(conn, dead)
-            mailer().wake()
 
-        return handle
+async def on_recharge_events(w: NotifierWiring, records: Sequence[Any]) -> None:
+    await _take_in(w, records, RECHARGE_TYPES, "notifier-recharge")
 
-    subscribe_batch(
-        rt.broker,
-        Topics.WALLET_DIGEST,
-        service=SERVICE,
-        group_id="notifier-wallet",
-        handler=handler(WALLET_TYPES, "notifier-wallet"),
-        max_records=rt.settings.kafka_max_batch,
-    )
-    subscribe_batch(
-        rt.broker,
-        Topics.RECHARGE_EVENTS,
-        service=SERVICE,
-        group_id="notifier-recharge",
-        handler=handler(RECHARGE_TYPES, "notifier-recharge"),
-    )
-    subscribe_batch(
-        rt.broker,
-        Topics.REBILLING_EVENTS,
-        service=SERVICE,
-        group_id="notifier-rebilling",
-        handler=handler(REBILLING_TYPES, "notifier-rebilling"),
-    )
+
+async def on_rebilling_events(w: NotifierWiring, records: Sequence[Any]) -> None:
+    await _take_in(w, records, REBILLING_TYPES, "notifier-rebilling")

@@ -14,6 +14,7 @@ import asyncpg
 import orjson
 from prometheus_client import Counter
 
+from tally.uow import UnitOfWork
 from tally.worker import Worker
 from tally_notifier import storage
 
@@ -43,7 +44,8 @@ class Mailer(Worker):
 
     async def send_due(self) -> int:
         sent = 0
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with UnitOfWork(self.pool) as uow:  # the due emails stay locked while they are sent
+            conn = uow.conn
             for e in await storage.due_emails(conn):
                 message = EmailMessage()
                 message["From"] = self.sender

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends
 
 from tally.service import Wiring, wiring
 from tally.worker import Worker
@@ -21,10 +21,4 @@ class NotifierWiring(Wiring):
         return (self.mailer,)
 
 
-async def current(request: Request) -> NotifierWiring:
-    """The wiring, as an async dependency (FastAPI runs a plain function in its thread pool)."""
-    wired: NotifierWiring = wiring(request)
-    return wired
-
-
-Wired = Annotated[NotifierWiring, Depends(current)]
+Wired = Annotated[NotifierWiring, Depends(wiring)]

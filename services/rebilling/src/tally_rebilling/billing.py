@@ -10,24 +10,22 @@ idempotency key at recharge (a crash mid-call finds the same charge again, never
 A failed leg makes the subscription ``past_due`` and is tried again on the backoff schedule,
 or at once when its payer saves or defaults a card; after the last try the subscription is
 cancelled and the company told. Time is a parameter (``at``): the runner passes the clock,
-tests and operators any instant."""
+tests and operators any instant. The period runner (``PeriodRunner``) is a worker of the service
+process, one at a time across replicas."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import asyncpg
 import httpx
 
 from tally.auth import issue_token
-from tally.db import Conn
 from tally.money import format_micros
-from tally.settings import Settings
+from tally.uow import Database, UnitOfWork
+from tally.worker import Worker
 from tally_rebilling import licenses, publish, storage
 from tally_rebilling.domain import current_period
 
@@ -40,8 +38,9 @@ RECHECK = timedelta(seconds=60)
 RUNNER_LOCK = 0x7461_6C6C_7950  # pg advisory lock: one period runner across replicas
 
 
-def retry_delays() -> tuple[timedelta, ...]:
-    raw = os.environ.get("TALLY_DUNNING_RETRY_HOURS")
+def retry_delays(raw: str | None) -> tuple[timedelta, ...]:
+    """The waits between a failed leg's tries (``Settings.dunning_retry_hours``: hours,
+    comma-separated; empty: the default schedule)."""
     hours = [float(h) for h in raw.split(",") if h.strip()] if raw else DEFAULT_RETRY_HOURS
     return tuple(timedelta(hours=h) for h in hours)
 
@@ -60,17 +59,28 @@ def leg_key(sub_id: str, period: str, leg: str, try_no: int) -> str:
 
 
 class Biller:
-    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
-        self.pool = pool
-        self.recharge_url = os.environ.get(
-            "TALLY_RECHARGE_URL", f"http://{settings.host}:{settings.port_recharge}"
-        )
-        self.secret = settings.jwt_secret
-        self.delays = retry_delays()
-        self.woken = asyncio.Event()
+    """Charges legs and license purchases through recharge; ``run`` is one period run."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        recharge_url: str,
+        secret: str,
+        delays: tuple[timedelta, ...],
+        license_price: int,
+    ) -> None:
+        self.db = db
+        self.recharge_url = recharge_url  # recharge's public API (Settings.url_of)
+        self.secret = secret  # signs the platform token rebilling charges with
+        self.delays = delays  # retry_delays: the dunning schedule
+        self.license_price = license_price  # micros per license and month (licenses.unit_price)
+        self.runner: PeriodRunner | None = None  # set when this process runs periods
 
     def wake(self) -> None:
-        self.woken.set()
+        """Run the periods again at once (a payer saved a card): wakes this process's runner."""
+        if self.runner is not None:
+            self.runner.wake()
 
     async def charge_card(
         self, *, key: str, owner: str, company_id: str, account_id: str | None, amount: int, description: str
@@ -124,7 +134,8 @@ class Biller:
     ) -> str:
         """Try one leg now: skipped when charged, or being charged by someone else (``wait``:
         after they are done)."""
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.db.unit() as uow:
+            conn = uow.conn
             leg = await storage.lock_leg(conn, sub_id, period, leg_name, wait=wait)
             if leg is None or leg["cancel_reason"] == "payment_failed" or leg["next_try_at"] > at:
                 return "skipped"  # charged, being charged, tried meanwhile or given up on
@@ -143,7 +154,7 @@ class Biller:
                     error=None,
                     tried_at=started,
                 )
-                await publish.leg_charged(conn, leg)
+                await publish.leg_charged(uow, leg)
             elif outcome == "pending":
                 await storage.settle_leg(
                     conn,
@@ -175,31 +186,31 @@ class Biller:
                 if delay is None:
                     # the last try: no more (a subscription its customer cancelled meanwhile
                     # is not cancelled again, its leg is not tried again either)
-                    await self._end(conn, sub_id, "payment_failed")
+                    await self._end(uow, sub_id, "payment_failed")
                     return "cancelled"
             await storage.set_subscription_status(conn, sub_id)
         return outcome
 
-    async def _end(self, conn: Conn, sub_id: str, reason: str) -> None:
-        ended = await storage.end_subscription(conn, sub_id, reason)
+    async def _end(self, uow: UnitOfWork, sub_id: str, reason: str) -> None:
+        ended = await storage.end_subscription(uow.conn, sub_id, reason)
         if ended is not None:
             await publish.subscription_cancelled(
-                conn, ended, reason, (await storage.outstanding(conn, sub_id)).outstanding
+                uow, ended, reason, (await storage.outstanding(uow.conn, sub_id)).outstanding
             )
 
     async def open_period(self, period: str, at: datetime, company_id: str | None = None) -> int:
         """Legs for every subscription that runs in ``period``; one cancelled at period end
         ends instead. Returns how many subscriptions were opened."""
         opened = 0
-        async with self.pool.acquire() as conn:
+        async with self.db.reading() as conn:
             subs = await storage.subscriptions_to_open(conn, period, company_id)
-            for sub in subs:
-                async with conn.transaction():
-                    if sub["cancel_at_period_end"]:  # its paid period is over
-                        await self._end(conn, sub["id"], "cancelled")
-                        continue
-                    await storage.open_legs(conn, sub, period, at)
-                    opened += 1
+        for sub in subs:  # each in its own transaction
+            async with self.db.unit() as uow:
+                if sub["cancel_at_period_end"]:  # its paid period is over
+                    await self._end(uow, sub["id"], "cancelled")
+                    continue
+                await storage.open_legs(uow.conn, sub, period, at)
+                opened += 1
         return opened
 
     async def charge_due(
@@ -213,7 +224,7 @@ class Biller:
         counts: dict[str, int] = {}
         tried: set[tuple[str, str, str]] = set()
         while True:
-            async with self.pool.acquire() as conn:
+            async with self.db.reading() as conn:
                 legs = [
                     tuple(r)
                     for r in await storage.due_legs(
@@ -238,39 +249,29 @@ class Biller:
         await self.open_period(period or current_period(at), at, company_id)
         return await self.charge_due(at, company_id=company_id)
 
-    async def runner(self, every: float) -> None:
-        """The scheduler: one runner at a time across replicas (an advisory lock held while it
-        runs); woken early when a payer saves or defaults a card."""
-        while True:
-            self.woken.clear()  # a card saved during this run wakes the next one
-            try:
-                async with self.pool.acquire() as conn:
-                    if await conn.fetchval("SELECT pg_try_advisory_lock($1)", RUNNER_LOCK):
-                        try:
-                            await self.run(datetime.now(UTC))
-                        finally:
-                            await conn.execute("SELECT pg_advisory_unlock($1)", RUNNER_LOCK)
-            except Exception:
-                log.exception("period run failed; the next run retries")
-            try:
-                await asyncio.wait_for(self.woken.wait(), timeout=every)
-            except TimeoutError:
-                pass
 
+class PeriodRunner(Worker):
+    """The scheduler: a period run every ``every`` seconds, one runner at a time across
+    replicas (an advisory lock held while it runs); woken early (``wake``, ``Biller.wake``)
+    when a payer saves or defaults a card. A wake during a run starts the next run as soon as
+    this one ends."""
 
-def subscription_view(sub: Any, dunning: storage.Dunning) -> dict[str, Any]:
-    """What the API shows of a subscription."""
-    return {
-        "id": sub["id"],
-        "account_id": sub["account_id"],
-        "product": sub["product"],
-        "deployment": sub["deployment"],
-        "status": sub["status"],
-        "platform_price": format_micros(sub["platform_price"]),
-        "company_price": format_micros(sub["company_price"]),
-        "quantity": sub["quantity"],
-        "outstanding": format_micros(dunning.outstanding),
-        "next_retry_at": dunning.next_retry_at.isoformat() if dunning.next_retry_at else None,
-        "cancel_at_period_end": sub["cancel_at_period_end"],
-        "created_period": sub["first_period"],
-    }
+    name = "period-runner"
+
+    def __init__(self, biller: Biller, every: float) -> None:
+        super().__init__()
+        self.biller = biller
+        self.idle = every
+
+    async def step(self) -> bool:
+        try:
+            # a session (no transaction) holds the lock for the whole run
+            async with self.biller.db.reading() as conn:
+                if await conn.fetchval("SELECT pg_try_advisory_lock($1)", RUNNER_LOCK):
+                    try:
+                        await self.biller.run(datetime.now(UTC))
+                    finally:
+                        await conn.execute("SELECT pg_advisory_unlock($1)", RUNNER_LOCK)
+        except Exception:
+            log.exception("period run failed; the next run retries")
+        return False  # the next run after ``every``, or at once when woken

@@ -1,4 +1,5 @@
-"""What rebilling tells the others, always through the outbox in the deciding transaction:
+"""What rebilling tells the others, always through the outbox in the deciding transaction (each
+message is queued on the unit of work and written with the state at its commit):
 ``company.updated`` / ``account.created`` / ``license.changed`` / ``subscription.charged`` /
 ``subscription.cancelled`` on
 ``rebilling.events`` and each account's full settings on the compacted ``rebilling.settings``."""
@@ -7,17 +8,16 @@ from __future__ import annotations
 
 import asyncpg
 
-from tally import events, outbox
-from tally.db import Conn
+from tally import events
 from tally.events import Topics
+from tally.uow import UnitOfWork
 from tally_rebilling import storage
 
 SOURCE = "rebilling"
 
 
-async def company_updated(conn: Conn, c: asyncpg.Record) -> None:
-    await outbox.publish(
-        conn,
+async def company_updated(uow: UnitOfWork, c: asyncpg.Record) -> None:
+    uow.emit(
         Topics.REBILLING_EVENTS,
         c["id"],
         events.envelope(
@@ -36,9 +36,8 @@ async def company_updated(conn: Conn, c: asyncpg.Record) -> None:
     )
 
 
-async def account_created(conn: Conn, a: asyncpg.Record) -> None:
-    await outbox.publish(
-        conn,
+async def account_created(uow: UnitOfWork, a: asyncpg.Record) -> None:
+    uow.emit(
         Topics.REBILLING_EVENTS,
         a["company_id"],
         events.envelope(
@@ -56,13 +55,13 @@ async def account_created(conn: Conn, a: asyncpg.Record) -> None:
     )
 
 
-async def settings(conn: Conn, aid: str) -> None:
+async def settings(uow: UnitOfWork, aid: str) -> None:
     """Publish the account's full current settings (the compacted topic keeps the last)."""
-    a = await storage.account(conn, aid)
+    a = await storage.account(uow.conn, aid)
     assert a is not None
-    c = await storage.company(conn, a["company_id"])
+    c = await storage.company(uow.conn, a["company_id"])
     assert c is not None
-    mode, markups, version = await storage.rebilling(conn, aid)
+    mode, markups, version = await storage.rebilling(uow.conn, aid)
     payload = events.RebillingSettings(
         account_id=aid,
         company_id=a["company_id"],
@@ -72,8 +71,7 @@ async def settings(conn: Conn, aid: str) -> None:
         company_stripe_connected=c["stripe_account_id"] is not None,
         version=version,
     )
-    await outbox.publish(
-        conn,
+    uow.emit(
         Topics.REBILLING_SETTINGS,
         aid,
         events.envelope(
@@ -82,11 +80,10 @@ async def settings(conn: Conn, aid: str) -> None:
     )
 
 
-async def license_changed(conn: Conn, cid: str, aid: str | None) -> None:
-    total, assigned = await storage.pool(conn, cid)
-    account_assigned = await storage.account_assigned(conn, aid) if aid else None
-    await outbox.publish(
-        conn,
+async def license_changed(uow: UnitOfWork, cid: str, aid: str | None) -> None:
+    total, assigned = await storage.pool(uow.conn, cid)
+    account_assigned = await storage.account_assigned(uow.conn, aid) if aid else None
+    uow.emit(
         Topics.REBILLING_EVENTS,
         cid,
         events.envelope(
@@ -103,11 +100,10 @@ async def license_changed(conn: Conn, cid: str, aid: str | None) -> None:
     )
 
 
-async def leg_charged(conn: Conn, leg: asyncpg.Record) -> None:
-    c = await storage.company(conn, leg["company_id"])
+async def leg_charged(uow: UnitOfWork, leg: asyncpg.Record) -> None:
+    c = await storage.company(uow.conn, leg["company_id"])
     platform = leg["leg"].startswith("platform")
-    await outbox.publish(
-        conn,
+    uow.emit(
         Topics.REBILLING_EVENTS,
         leg["company_id"],
         events.envelope(
@@ -130,10 +126,9 @@ async def leg_charged(conn: Conn, leg: asyncpg.Record) -> None:
     )
 
 
-async def subscription_cancelled(conn: Conn, sub: asyncpg.Record, reason: str, outstanding: int) -> None:
-    c = await storage.company(conn, sub["company_id"])
-    await outbox.publish(
-        conn,
+async def subscription_cancelled(uow: UnitOfWork, sub: asyncpg.Record, reason: str, outstanding: int) -> None:
+    c = await storage.company(uow.conn, sub["company_id"])
+    uow.emit(
         Topics.REBILLING_EVENTS,
         sub["company_id"],
         events.envelope(

@@ -10,9 +10,14 @@ from datetime import UTC, datetime
 
 import asyncpg
 
+from tally.auth import Principal
 from tally.db import Conn
+from tally.money import format_micros
+from tally.uow import Database, UnitOfWork
 from tally_rebilling import storage
+from tally_rebilling.access import company_for
 from tally_rebilling.domain import current_period, next_period
+from tally_rebilling.schemas import SeatPriceOut
 
 
 async def add_seat(conn: Conn, account: asyncpg.Record, invitation_id: str) -> str | None:
@@ -35,3 +40,18 @@ async def add_seat(conn: Conn, account: asyncpg.Record, invitation_id: str) -> s
         return None
     await storage.add_leg(conn, sub, period, f"account:{invitation_id}", price, now)
     return str(sub["id"])
+
+
+async def set_price(uow: UnitOfWork, principal: Principal, cid: str, amount: int) -> SeatPriceOut:
+    """What the company charges its stripe_connect_automated workspaces per seat and month:
+    from the next period for seats held, at once for seats added."""
+    async with uow:
+        c = await company_for(uow.conn, principal, cid, lock=True)
+        await storage.set_seat_price(uow.conn, cid, amount)
+    return SeatPriceOut(amount=format_micros(amount), currency=c["currency"])
+
+
+async def price(db: Database, principal: Principal, cid: str) -> SeatPriceOut:
+    async with db.reading() as conn:
+        c = await company_for(conn, principal, cid)
+        return SeatPriceOut(amount=format_micros(await storage.seat_price(conn, cid)), currency=c["currency"])

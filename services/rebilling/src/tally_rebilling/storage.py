@@ -84,6 +84,19 @@ async def companies(conn: Conn, *, after: str | None, limit: int) -> list[asyncp
     )
 
 
+@dataclass(frozen=True)
+class Page:
+    """Rows in id order and the cursor to the next page (None: the last page)."""
+
+    items: list[asyncpg.Record]
+    next_cursor: str | None
+
+
+def page(rows: list[asyncpg.Record], limit: int) -> Page:
+    """``limit`` rows of the ``limit + 1`` fetched; the cursor is the last one's id when more follow."""
+    return Page(rows[:limit], rows[limit - 1]["id"] if len(rows) > limit else None)
+
+
 async def set_card(conn: Conn, aid: str, has_valid_card: bool) -> bool:
     """Returns whether the account exists."""
     status = await conn.execute("UPDATE accounts SET has_valid_card = $2 WHERE id = $1", aid, has_valid_card)
@@ -187,6 +200,10 @@ async def subscription(conn: Conn, sid: str, *, lock: bool = False) -> asyncpg.R
     return await conn.fetchrow(
         "SELECT * FROM subscriptions WHERE id = $1" + (" FOR UPDATE" if lock else ""), sid
     )
+
+
+async def cancel_at_period_end(conn: Conn, sid: str) -> None:
+    await conn.execute("UPDATE subscriptions SET cancel_at_period_end = true WHERE id = $1", sid)
 
 
 async def account_subscriptions(

@@ -1,14 +1,12 @@
-"""Subscribing an account to a catalog product and cancelling it: the use cases behind
-``POST /v1/accounts/{aid}/subscriptions`` and ``DELETE /v1/subscriptions/{sid}``. The period
-billing itself (legs, dunning) is ``billing``."""
+"""Subscribing an account to a catalog product, listing and cancelling its subscriptions: the
+use cases behind ``/v1/accounts/{aid}/subscriptions`` and ``DELETE /v1/subscriptions/{sid}``.
+The period billing itself (legs, dunning) is ``billing``."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import asyncpg
 
@@ -16,17 +14,13 @@ from tally import idempotency
 from tally.auth import Principal
 from tally.db import Conn
 from tally.errors import ApiError, not_found
+from tally.idempotency import Stored
+from tally.uow import Database, UnitOfWork
 from tally_rebilling import storage
-from tally_rebilling.billing import Biller, subscription_view
+from tally_rebilling.access import account_for
+from tally_rebilling.billing import Biller
 from tally_rebilling.domain import CATALOG, Product, current_period
-
-
-@dataclass(frozen=True)
-class Replayed:
-    """The first response to this Idempotency-Key, to answer again."""
-
-    status_code: int
-    response: Any
+from tally_rebilling.schemas import SubscriptionOut, subscription_out
 
 
 def _charge_of(legs: list[asyncpg.Record]) -> str:
@@ -37,7 +31,7 @@ def _charge_of(legs: list[asyncpg.Record]) -> str:
 
 
 async def subscribe(
-    pool: asyncpg.Pool,
+    db: Database,
     biller: Biller,
     principal: Principal,
     aid: str,
@@ -47,10 +41,10 @@ async def subscribe(
     idempotency_key: str | None,
     fingerprint: str,
     at: datetime | None = None,
-) -> dict[str, Any] | Replayed:
+) -> SubscriptionOut | Stored:
     """Subscribe ``aid`` to ``product`` and charge the current period at once (each leg; a
     failed leg leaves the subscription past_due, dunned). With an Idempotency-Key the same
-    request subscribes once and answers the first response again."""
+    request subscribes once and answers the first response again (``Stored``)."""
     at = at or datetime.now(UTC)
     p = CATALOG.get(product)
     if p is None:
@@ -63,41 +57,41 @@ async def subscribe(
     who = idempotency.principal_key(principal)
     period = current_period(at)
     in_flight = False
-    async with pool.acquire() as conn, conn.transaction():
+    async with db.unit() as uow:
         sub_id = f"sub_{uuid.uuid4().hex[:20]}"
         if idempotency_key is not None:
-            key = await idempotency.claim(conn, who, idempotency_key, fingerprint, sub_id)
+            key = await uow.claim_resource(who, idempotency_key, fingerprint, sub_id)
             if key.replayed is not None:
-                return Replayed(key.replayed.status_code or 201, key.replayed.response)
+                return key.replayed
             sub_id = key.resource
             # not the key's first request: the first is charging that subscription now
-            in_flight = not key.first and await storage.subscription(conn, sub_id) is not None
+            in_flight = not key.first and await storage.subscription(uow.conn, sub_id) is not None
         if not in_flight:
-            await _create(conn, principal, aid, p, deployment, sub_id, period, at)
+            await _create(uow.conn, principal, aid, p, deployment, sub_id, period, at)
     if in_flight:  # outside the transaction: it holds the key's lock the first one needs
         assert idempotency_key is not None
-        first = await _first_response(pool, who, idempotency_key, fingerprint)
+        first = await _first_response(db, who, idempotency_key, fingerprint)
         if first is not None:
             return first
-        async with pool.acquire() as conn:
+        async with db.reading() as conn:
             sub = await storage.subscription(conn, sub_id)
             assert sub is not None
-            return {
-                **subscription_view(sub, await storage.outstanding(conn, sub_id, len(biller.delays))),
-                "period": period,
-                "charge": "pending",
-            }
+            dunning = await storage.outstanding(conn, sub_id, len(biller.delays))
+            return subscription_out(sub, dunning, period=period, charge="pending")
     await biller.charge_due(at, subscription_id=sub_id, wait=True)
-    async with pool.acquire() as conn, conn.transaction():
+    async with db.unit() as uow:
+        conn = uow.conn
         settled = await storage.subscription(conn, sub_id)
         assert settled is not None
-        out = {
-            **subscription_view(settled, await storage.outstanding(conn, sub_id, len(biller.delays))),
-            "period": period,
-            "charge": _charge_of(await storage.subscription_legs(conn, sub_id, period)),
-        }
+        out = subscription_out(
+            settled,
+            await storage.outstanding(conn, sub_id, len(biller.delays)),
+            period=period,
+            charge=_charge_of(await storage.subscription_legs(conn, sub_id, period)),
+        )
         if idempotency_key is not None:
-            await idempotency.finish(conn, who, idempotency_key, 201, out)
+            # the key was claimed in the first transaction: its answer is recorded here
+            uow.remember(201, out.model_dump(mode="json"), key=(who, idempotency_key))
     return out
 
 
@@ -139,25 +133,37 @@ async def _create(
 
 
 async def _first_response(
-    pool: asyncpg.Pool, who: str, key: str, fingerprint: str, timeout: float = 60
-) -> Replayed | None:
+    db: Database, who: str, key: str, fingerprint: str, timeout: float = 60
+) -> Stored | None:
     """The same key's first request is still charging: its response once it has one (the
     same status and body), or None after ``timeout``."""
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
-        async with pool.acquire() as conn, conn.transaction():
-            stored = await idempotency.begin(conn, who, key, fingerprint)
+        async with db.unit() as uow:
+            stored = await uow.claim_key(who, key, fingerprint)
         if stored is not None and stored.response is not None:
-            return Replayed(stored.status_code or 201, stored.response)
+            return stored
     return None
 
 
-async def cancel(pool: asyncpg.Pool, principal: Principal, sid: str, tries: int) -> dict[str, Any]:
+async def list_for_account(
+    db: Database, principal: Principal, aid: str, *, limit: int, cursor: str | None, tries: int
+) -> storage.Page:
+    """An account's subscriptions, each with what is still owed (``tries``: the dunning
+    schedule's length; a leg past its last try is not tried again)."""
+    async with db.reading() as conn:
+        await account_for(conn, principal, aid)
+        rows = await storage.account_subscriptions(conn, aid, limit=limit + 1, after=cursor, tries=tries)
+    return storage.page(rows, limit)
+
+
+async def cancel(uow: UnitOfWork, principal: Principal, sid: str, tries: int) -> SubscriptionOut:
     """Cancel at the end of the paid period: nothing more is charged, the service runs until
     the period ends (the runner ends it when the next period opens). Cancelling twice is the
     same as once."""
-    async with pool.acquire() as conn, conn.transaction():
+    async with uow:
+        conn = uow.conn
         sub = await storage.subscription(conn, sid, lock=True)
         if sub is None or not (
             principal.can_see_account(sub["company_id"], sub["account_id"])
@@ -175,7 +181,7 @@ async def cancel(pool: asyncpg.Pool, principal: Principal, sid: str, tries: int)
                 "company holds; free licenses or remove members instead",
             )
         if sub["status"] != "cancelled" and not sub["cancel_at_period_end"]:
-            await conn.execute("UPDATE subscriptions SET cancel_at_period_end = true WHERE id = $1", sid)
+            await storage.cancel_at_period_end(conn, sid)
             sub = await storage.subscription(conn, sid)
             assert sub is not None
-        return subscription_view(sub, await storage.outstanding(conn, sid, tries))
+        return subscription_out(sub, await storage.outstanding(conn, sid, tries))

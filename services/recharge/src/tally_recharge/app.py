@@ -1,51 +1,43 @@
 """recharge: Stripe customers and cards; automatic recharges with card fallback, retries,
-cancellation and smart adjustment; manual top-ups; Stripe webhooks."""
-
-import os
+cancellation and smart adjustment; manual top-ups; Stripe webhooks. The composition root: what
+the service is made of, and which topic goes to which consumer."""
 
 from tally.directory import CompanyDirectory
-from tally.service import Runtime, ServiceSpec
+from tally.events import Topics
+from tally.service import Consumer, Runtime, ServiceSpec
 from tally_recharge import api, handlers
 from tally_recharge.charging import Recharger
 from tally_recharge.domain import RetryPolicy
 from tally_recharge.gateway import StripeGateway
 from tally_recharge.wallets import WalletReader
+from tally_recharge.wiring import RechargeWiring
 
 
-async def start(rt: Runtime) -> None:
-    gateway = StripeGateway(rt.settings.stripe_api_key, rt.settings.stripe_api_base)
-    wallets = WalletReader(
-        os.environ.get("TALLY_WALLET_URL", f"http://{rt.settings.host}:{rt.settings.port_wallet}"),
-        rt.settings.jwt_secret,
-    )
+def wire(rt: Runtime) -> RechargeWiring:
+    settings = rt.settings
+    gateway = StripeGateway(settings.stripe_api_key, settings.stripe_api_base)
+    wallets = WalletReader(settings.url_of("wallet"), settings.jwt_secret)
+    directory = CompanyDirectory.from_settings(settings)
     recharger = Recharger(
-        rt.pool,
+        rt.db,
         gateway,
-        rt.relay,
         wallets,
-        directory=CompanyDirectory.from_settings(rt.settings, os.environ.get("TALLY_REBILLING_URL")),
-        retry=RetryPolicy.from_env(os.environ.get("TALLY_RECHARGE_RETRY_SECONDS")),
-        lease_seconds=int(os.environ.get("TALLY_RECHARGE_LEASE_SECONDS", "120")),
-        unavailable_retry_seconds=int(os.environ.get("TALLY_RECHARGE_UNAVAILABLE_RETRY_SECONDS", "30")),
+        directory=directory,
+        retry=RetryPolicy.from_text(settings.recharge_retry_seconds),
+        lease_seconds=settings.recharge_lease_seconds,
+        unavailable_retry_seconds=settings.recharge_unavailable_retry_seconds,
     )
-    rt.state["gateway"] = gateway
-    rt.state["recharger"] = recharger
-    recharger.start()
-
-
-async def stop(rt: Runtime) -> None:
-    await rt.state["recharger"].stop()
-    await rt.state["recharger"].wallets.close()
-    if rt.state["recharger"].directory is not None:
-        await rt.state["recharger"].directory.close()
+    return RechargeWiring(rt, gateway=gateway, wallets=wallets, directory=directory, recharger=recharger)
 
 
 SPEC = ServiceSpec(
     name="recharge",
     package="tally_recharge",
+    wire=wire,
     routers=[api.router],
-    subscribe=handlers.subscribe,
-    on_start=[start],
-    on_stop=[stop],
+    consumers=[
+        Consumer(Topics.WALLET_DIGEST, "recharge-wallet", handlers.on_wallet_digest),
+        Consumer(Topics.REBILLING_EVENTS, "recharge-rebilling", handlers.on_rebilling_events),
+    ],
     description="Reloads wallets through Stripe: cards, auto-recharge with fallback, top-ups.",
 )

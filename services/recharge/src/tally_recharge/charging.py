@@ -21,25 +21,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
 from prometheus_client import Counter
 
 from tally import events, outbox
-from tally.autorecharge import WalletState, needs_recharge, next_tier, recharge_amount
+from tally.autorecharge import needs_recharge, next_tier, recharge_amount
 from tally.db import Conn
 from tally.directory import CompanyDirectory
 from tally.events import Topics
 from tally.faults import crash_point
 from tally.money import micros_to_minor_units_ceil, minor_units_to_micros
-from tally.outbox import OutboxRelay
 from tally.telemetry import continue_trace
+from tally.uow import Database
 from tally.worker import Worker
-from tally_recharge import storage
-from tally_recharge.domain import RAISE_WINDOW, RetryPolicy, card_order, should_raise_tier
+from tally_recharge import storage, targets
+from tally_recharge.domain import (
+    RAISE_WINDOW,
+    RetryPolicy,
+    WalletTarget,
+    card_order,
+    should_raise_tier,
+    why_not,
+)
 from tally_recharge.gateway import ChargeResult, StripeGateway, StripeUnavailable
 from tally_recharge.storage import LeaseLost
 from tally_recharge.wallets import WalletReader, WalletUnavailable
@@ -49,28 +54,6 @@ SOURCE = "recharge"
 
 OUTCOMES = Counter("tally_recharge_attempts_total", "Recharge attempts settled", ["trigger", "status"])
 DECLINES = Counter("tally_recharge_declines_total", "Card declines by code", ["decline_code"])
-
-
-@dataclass(frozen=True)
-class WalletTarget:
-    wallet_id: str
-    owner: str  # company | account
-    company_id: str
-    account_id: str | None
-    currency: str
-
-    @property
-    def owner_id(self) -> str:
-        return self.account_id if self.owner == "account" and self.account_id else self.company_id
-
-    def ref(self) -> dict[str, Any]:
-        return {
-            "wallet_id": self.wallet_id,
-            "owner": self.owner,
-            "company_id": self.company_id,
-            "account_id": self.account_id,
-            "currency": self.currency,
-        }
 
 
 def target_of(a: storage.Attempt) -> WalletTarget:
@@ -87,9 +70,8 @@ class Recharger(Worker):
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        db: Database,
         gateway: StripeGateway,
-        relay: OutboxRelay,
         wallets: WalletReader,
         *,
         retry: RetryPolicy,
@@ -98,9 +80,8 @@ class Recharger(Worker):
         unavailable_retry_seconds: int = 30,
         pending_recheck_seconds: int = 60,
     ):
-        self.pool = pool
+        self.db = db
         self.gateway = gateway
-        self.relay = relay
         self.wallets = wallets
         self.directory = directory
         self.retry = retry
@@ -150,11 +131,11 @@ class Recharger(Worker):
         if waiting:
             if not wanted:
                 for a in waiting:
-                    await storage.cancel_attempt(conn, a.id, _why_not(state, usable, cancelling))
+                    await storage.cancel_attempt(conn, a.id, why_not(state, usable, cancelling))
             return False
         if not wanted:
             return False
-        currency = await storage.currency_of(conn, self.directory, check.company_id)
+        currency = await targets.currency(conn, self.directory, check.company_id)
         created = await storage.insert_attempt(
             conn,
             {
@@ -187,7 +168,8 @@ class Recharger(Worker):
         """Before an automatic recharge charges any card: is it still wanted, and for how much?
         Reprices it from the balance now (None), or cancels it (returns why)."""
         target = target_of(a)
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.db.unit() as uow:
+            conn = uow.conn
             _, _, cancelling = await storage.policy(conn, a.wallet_id)
             others = [f for f in await storage.in_flight(conn, a.wallet_id) if f.id != a.id]
             cards = await storage.payment_methods(conn, target.owner, target.owner_id)
@@ -200,7 +182,7 @@ class Recharger(Worker):
                 threshold=state.threshold,
                 in_flight=False,
             ):
-                reason = "recharge_in_flight" if others else _why_not(state, usable, cancelling)
+                reason = "recharge_in_flight" if others else why_not(state, usable, cancelling)
                 await storage.cancel_attempt(conn, a.id, reason)
                 OUTCOMES.labels(a.trigger, "cancelled").inc()
                 return reason
@@ -230,9 +212,9 @@ class Recharger(Worker):
         only if the first run died, and otherwise returns the attempt as it stands."""
         if attempt_id is None:
             attempt_id, token = f"rc_{uuid.uuid4().hex}", self.token()
-            async with self.pool.acquire() as conn:
+            async with self.db.unit() as uow:
                 await storage.insert_attempt(
-                    conn,
+                    uow.conn,
                     {
                         "id": attempt_id,
                         **target.ref(),
@@ -243,15 +225,15 @@ class Recharger(Worker):
                         "lease_seconds": self.lease_seconds,
                     },
                 )
-        async with self.pool.acquire() as conn:
-            if token is not None:
+        if token is not None:
+            async with self.db.reading() as conn:
                 leased = await storage.get_attempt(conn, attempt_id)
-            else:
-                token = self.token()
-                leased = await storage.lease_attempt(conn, attempt_id, self.lease_seconds, token)
+        else:
+            token = self.token()
+            leased = await self._lease(attempt_id, token)
         if leased is not None and leased.status == "pending":
             await self.run(leased, token)
-        async with self.pool.acquire() as conn:
+        async with self.db.reading() as conn:
             final = await storage.get_attempt(conn, attempt_id)
         assert final is not None
         return final
@@ -261,7 +243,7 @@ class Recharger(Worker):
         processing (it settles later, by webhook or recheck) or after ``timeout``."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
-            async with self.pool.acquire() as conn:
+            async with self.db.reading() as conn:
                 attempt = await storage.get_attempt(conn, attempt_id)
             assert attempt is not None
             if (
@@ -278,7 +260,8 @@ class Recharger(Worker):
         """Charge a card for another service (``purpose = 'charge'``), at most once per ``key``:
         a repeated call returns the first call's attempt. Nothing is credited to a wallet."""
         token = self.token()
-        async with self.pool.acquire() as conn:
+        async with self.db.unit() as uow:
+            conn = uow.conn
             existing = await storage.get_attempt(conn, key)
             if existing is None:  # created leased to this call (the charger cannot take it)
                 leased = await storage.insert_attempt(
@@ -300,12 +283,25 @@ class Recharger(Worker):
                 leased = await storage.lease_attempt(conn, key, self.lease_seconds, token)
         if leased is not None:
             await self.run(leased, token)
-        async with self.pool.acquire() as conn:
+        async with self.db.reading() as conn:
             final = await storage.get_attempt(conn, key)
         assert final is not None
         return final
 
+    async def _lease(self, attempt_id: str, token: str) -> storage.Attempt | None:
+        """Lease a pending attempt no one holds (None: settled, or another run holds it)."""
+        async with self.db.unit() as uow:
+            return await storage.lease_attempt(uow.conn, attempt_id, self.lease_seconds, token)
+
     # --- running attempts ----------------------------------------------------------------
+
+    async def resume(self, attempt_id: str) -> None:
+        """Run an attempt now if it is still pending and no one holds it (a Stripe webhook
+        about it: it settles from what Stripe says)."""
+        token = self.token()
+        leased = await self._lease(attempt_id, token)
+        if leased is not None:
+            await self.run(leased, token)
 
     async def run(self, a: storage.Attempt, token: str) -> None:
         """Try the wallet's cards in order until one pays; settle the attempt. ``token`` is the
@@ -321,9 +317,13 @@ class Recharger(Worker):
                     f"{what} unavailable; attempt stays pending",
                     extra={"attempt": a.id, "error": str(exc)[:200]},
                 )
-                async with self.pool.acquire() as conn:
+                async with self.db.unit() as uow:
                     await storage.postpone_attempt(
-                        conn, a.id, token, self.unavailable_retry_seconds, f"{what} unavailable: {exc}"[:500]
+                        uow.conn,
+                        a.id,
+                        token,
+                        self.unavailable_retry_seconds,
+                        f"{what} unavailable: {exc}"[:500],
                     )
 
     async def _run(self, a: storage.Attempt, token: str) -> None:
@@ -335,15 +335,17 @@ class Recharger(Worker):
                     # dropped: the wallet is checked again (after the policy lock is released:
                     # the check row comes first in the lock order), so a rule that holds again
                     # on the live state (another card, a new connection) makes a fresh one
-                    async with self.pool.acquire() as conn:
-                        await storage.queue_check(conn, target.owner, target.company_id, target.account_id)
+                    async with self.db.unit() as uow:
+                        await storage.queue_check(
+                            uow.conn, target.owner, target.company_id, target.account_id
+                        )
                 self.wake()
                 return
-            async with self.pool.acquire() as conn:
+            async with self.db.reading() as conn:
                 fresh = await storage.get_attempt(conn, a.id)
             assert fresh is not None
             a = fresh
-        async with self.pool.acquire() as conn:
+        async with self.db.reading() as conn:
             customer = await storage.customer(conn, target.owner, target.owner_id, a.stripe_account)
             cards = card_order(
                 storage.cards(await storage.payment_methods(conn, target.owner, target.owner_id))
@@ -387,10 +389,10 @@ class Recharger(Worker):
                     "decline_code": None,
                 }
                 tries.append(current)
-            async with self.pool.acquire() as conn:
-                if not await storage.renew_lease(conn, a.id, self.lease_seconds, token):
+            async with self.db.unit() as uow:
+                if not await storage.renew_lease(uow.conn, a.id, self.lease_seconds, token):
                     raise LeaseLost(a.id)
-                await storage.save_tries(conn, a.id, tries, token)
+                await storage.save_tries(uow.conn, a.id, tries, token)
             crash_point("recharge.before_charge")
             result = await self.gateway.charge(
                 amount_micros=a.amount_micros,
@@ -420,9 +422,9 @@ class Recharger(Worker):
             current["outcome"] = "processing"
             if result is not None:
                 current["payment_intent"] = result.payment_intent
-            async with self.pool.acquire() as conn:
+            async with self.db.unit() as uow:
                 await storage.postpone_attempt(
-                    conn, a.id, token, self.pending_recheck_seconds, "payment processing", tries
+                    uow.conn, a.id, token, self.pending_recheck_seconds, "payment processing", tries
                 )
             return True
         current["outcome"] = result.outcome
@@ -434,8 +436,8 @@ class Recharger(Worker):
             )
             return True
         DECLINES.labels(result.decline_code or "unknown").inc()
-        async with self.pool.acquire() as conn:
-            await storage.save_tries(conn, a.id, tries, token)
+        async with self.db.unit() as uow:
+            await storage.save_tries(uow.conn, a.id, tries, token)
         return False
 
     async def _succeed(
@@ -450,7 +452,8 @@ class Recharger(Worker):
         target = target_of(a)
         charged_minor = micros_to_minor_units_ceil(a.amount_micros, a.currency)
         credited = minor_units_to_micros(charged_minor, a.currency)
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.db.unit() as uow:
+            conn = uow.conn
             if a.purpose == "wallet":  # lock order, as a check's: policy row, then attempts
                 await storage.policy(conn, a.wallet_id)
             await storage.finish_attempt(
@@ -491,9 +494,8 @@ class Recharger(Worker):
             ]
             if a.trigger == "auto":
                 rows.extend(await self._maybe_raise_tier(conn, a, target))
-            await outbox.enqueue(conn, rows)
+            uow.publish(rows)
         OUTCOMES.labels(a.trigger, "succeeded").inc()
-        self.relay.wake()
 
     async def _maybe_raise_tier(
         self, conn: Conn, a: storage.Attempt, target: WalletTarget
@@ -532,9 +534,9 @@ class Recharger(Worker):
         without a retry or a failure counted against the wallet (its cards did not decline),
         and the wallet checked again (on the new connection the rule may hold)."""
         target = target_of(a)
-        async with self.pool.acquire() as conn, conn.transaction():
-            await storage.queue_check(conn, target.owner, target.company_id, target.account_id)
-            await storage.finish_attempt(conn, a.id, token, status="failed", tries=tries, error=reason)
+        async with self.db.unit() as uow:
+            await storage.queue_check(uow.conn, target.owner, target.company_id, target.account_id)
+            await storage.finish_attempt(uow.conn, a.id, token, status="failed", tries=tries, error=reason)
         OUTCOMES.labels(a.trigger, "failed").inc()
         self.wake()
 
@@ -545,7 +547,8 @@ class Recharger(Worker):
         retry_at = None
         disabled = False
         failures = 1
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.db.unit() as uow:
+            conn = uow.conn
             # Lock order, as a check's: the wallet's policy row, then its attempts.
             policy = await storage.policy(conn, a.wallet_id) if a.purpose == "wallet" else None
             await storage.finish_attempt(conn, a.id, token, status="failed", tries=tries, error=reason)
@@ -589,8 +592,7 @@ class Recharger(Worker):
             ]
             if not tries and reason:
                 event_tries = [events.RechargeTry(payment_method="", outcome="failed", decline_code=reason)]
-            await outbox.publish(
-                conn,
+            uow.emit(
                 Topics.RECHARGE_EVENTS,
                 a.company_id,
                 events.envelope(
@@ -610,7 +612,6 @@ class Recharger(Worker):
                 ),
             )
         OUTCOMES.labels(a.trigger, "failed").inc()
-        self.relay.wake()
         self.wake()
 
     # --- the background charger ----------------------------------------------------------
@@ -619,8 +620,8 @@ class Recharger(Worker):
         """One due attempt (charges first: a queue of checks never delays a recharge), then
         one due check."""
         token = self.token()
-        async with self.pool.acquire() as conn:
-            attempt = await storage.lease_due_attempt(conn, self.lease_seconds, token)
+        async with self.db.unit() as uow:
+            attempt = await storage.lease_due_attempt(uow.conn, self.lease_seconds, token)
         if attempt is not None:
             await self.run(attempt, token)
         checked = await self._check_one()
@@ -629,36 +630,29 @@ class Recharger(Worker):
     async def _check_one(self) -> bool:
         """Evaluate one due check; True when there was one."""
         check: storage.Check | None = None
-        async with self.pool.acquire() as conn:
-            try:
-                async with conn.transaction():
-                    check = await storage.take_due_check(conn)
-                    if check is None:
-                        return False
-                    await self.evaluate(conn, check)
-                    await storage.done_check(conn, check.wallet_id)
-            except WalletUnavailable as exc:
-                log.warning(
-                    "wallet unavailable; check postponed",
-                    extra={"wallet": check.wallet_id if check else None, "error": str(exc)[:200]},
-                )
-                if check is not None:
-                    await storage.postpone_check(
-                        conn, check.wallet_id, self.unavailable_retry_seconds // 6 or 1
-                    )
-            except Exception:
-                # Never let one wallet's check block the others: it goes to the back of the
-                # queue and is tried again later (the error is logged with the wallet).
+        try:
+            async with self.db.unit() as uow:
+                check = await storage.take_due_check(uow.conn)
                 if check is None:
-                    raise
-                log.exception("check failed; postponed", extra={"wallet": check.wallet_id})
-                await storage.postpone_check(conn, check.wallet_id, self.unavailable_retry_seconds)
+                    return False
+                await self.evaluate(uow.conn, check)
+                await storage.done_check(uow.conn, check.wallet_id)
+        except WalletUnavailable as exc:
+            log.warning(
+                "wallet unavailable; check postponed",
+                extra={"wallet": check.wallet_id if check else None, "error": str(exc)[:200]},
+            )
+            if check is not None:
+                await self._postpone_check(check.wallet_id, self.unavailable_retry_seconds // 6 or 1)
+        except Exception:
+            # Never let one wallet's check block the others: it goes to the back of the
+            # queue and is tried again later (the error is logged with the wallet).
+            if check is None:
+                raise
+            log.exception("check failed; postponed", extra={"wallet": check.wallet_id})
+            await self._postpone_check(check.wallet_id, self.unavailable_retry_seconds)
         return True
 
-
-def _why_not(state: WalletState, usable_card: bool, cancelling: bool) -> str:
-    if not state.auto_recharge or cancelling:
-        return "auto_recharge_off"
-    if not usable_card:
-        return "no_payment_method"
-    return "balance_at_threshold"
+    async def _postpone_check(self, wallet_id: str, seconds: int) -> None:
+        async with self.db.unit() as uow:
+            await storage.postpone_check(uow.conn, wallet_id, seconds)

@@ -11,7 +11,6 @@ import asyncpg
 import orjson
 
 from tally.db import Conn
-from tally.directory import CompanyDirectory
 from tally_recharge.domain import Card
 
 _ATTEMPT_COLS = (
@@ -457,7 +456,24 @@ _PM_COLS = (
 )
 
 
-async def add_payment_method(
+async def lock_owner_cards(conn: Conn, owner: str, owner_id: str) -> None:
+    """In the caller's transaction: the owner's cards change one at a time (held to commit)."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"payment-methods:{owner}:{owner_id}"
+    )
+
+
+async def has_default(conn: Conn, owner: str, owner_id: str) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM payment_methods WHERE owner = $1 AND owner_id = $2 AND is_default)",
+            owner,
+            owner_id,
+        )
+    )
+
+
+async def insert_payment_method(
     conn: Conn,
     *,
     pm: str,
@@ -468,17 +484,9 @@ async def add_payment_method(
     customer_id: str,
     brand: str | None,
     last4: str | None,
+    is_default: bool,
 ) -> asyncpg.Record:
-    """In the caller's transaction. Cards of one owner are added one at a time (a lock per
-    owner), so of cards attached at once exactly one becomes the default."""
-    await conn.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"payment-methods:{owner}:{owner_id}"
-    )
-    has_default = await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM payment_methods WHERE owner = $1 AND owner_id = $2 AND is_default)",
-        owner,
-        owner_id,
-    )
+    """A card saved (again: only its brand is refreshed, ``is_default`` is not touched)."""
     r = await conn.fetchrow(
         f"INSERT INTO payment_methods (id, owner, owner_id, company_id, stripe_account, "
         f"customer_id, brand, last4, is_default) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
@@ -491,7 +499,7 @@ async def add_payment_method(
         customer_id,
         brand,
         last4,
-        not has_default,
+        is_default,
     )
     assert r is not None
     return r
@@ -510,17 +518,21 @@ def cards(rows: list[asyncpg.Record]) -> list[Card]:
     return [Card(r["id"], r["is_default"], r["last_succeeded_at"], r["seq"]) for r in rows]
 
 
-async def remove_payment_method(conn: Conn, pm: str) -> None:
-    r = await conn.fetchrow(
+async def delete_payment_method(conn: Conn, pm: str) -> asyncpg.Record | None:
+    """The card removed (its ``owner``, ``owner_id`` and ``is_default``), or None."""
+    r: asyncpg.Record | None = await conn.fetchrow(
         "DELETE FROM payment_methods WHERE id = $1 RETURNING owner, owner_id, is_default", pm
     )
-    if r and r["is_default"]:
-        await conn.execute(
-            "UPDATE payment_methods SET is_default = true WHERE id = (SELECT id FROM "
-            "payment_methods WHERE owner = $1 AND owner_id = $2 ORDER BY seq DESC LIMIT 1)",
-            r["owner"],
-            r["owner_id"],
-        )
+    return r
+
+
+async def default_to_newest(conn: Conn, owner: str, owner_id: str) -> None:
+    await conn.execute(
+        "UPDATE payment_methods SET is_default = true WHERE id = (SELECT id FROM "
+        "payment_methods WHERE owner = $1 AND owner_id = $2 ORDER BY seq DESC LIMIT 1)",
+        owner,
+        owner_id,
+    )
 
 
 async def make_default(conn: Conn, pm: str, owner: str, owner_id: str) -> None:
@@ -590,15 +602,10 @@ async def accounts_to_check(conn: Conn, company_id: str) -> list[str]:
     return [r["account_id"] for r in rows]
 
 
-async def currency_of(conn: Conn, directory: CompanyDirectory | None, company_id: str) -> str:
-    """The company's currency: as rebilling.events told us, else as rebilling answers now (a
-    company created a moment ago), else USD (a company rebilling does not know)."""
+async def known_currency(conn: Conn, company_id: str) -> str | None:
+    """The company's currency as rebilling.events told us (None: not heard of yet)."""
     r = await conn.fetchval("SELECT currency FROM companies WHERE company_id = $1", company_id)
-    if r is not None:
-        return str(r)
-    if directory is not None:
-        return (await directory.currencies([company_id])).get(company_id, "USD")
-    return "USD"
+    return str(r) if r is not None else None
 
 
 async def company(conn: Conn, company_id: str) -> tuple[str, str | None]:

@@ -1,31 +1,37 @@
-"""usage-meter: validates, prices and dedupes usage; publishes ``usage.recorded``."""
-
-import os
+"""usage-meter: validates, prices and dedupes usage; publishes ``usage.recorded``. The
+composition root: what the service is made of, and which topic goes to which consumer."""
 
 from tally.directory import CompanyDirectory
-from tally.service import Runtime, ServiceSpec
+from tally.events import Topics
+from tally.ratelimit import TokenBuckets
+from tally.service import Consumer, Runtime, ServiceSpec
 from tally_usage_meter import api, handlers
+from tally_usage_meter.ingestion import HttpIngestion
 from tally_usage_meter.retention import DedupeExpiry
+from tally_usage_meter.wiring import UsageMeterWiring
 
 
-async def start(rt: Runtime) -> None:
-    rt.state["directory"] = CompanyDirectory.from_settings(rt.settings, os.environ.get("TALLY_REBILLING_URL"))
-    expiry = DedupeExpiry(rt.pool, rt.settings.dedupe_window_days)
-    rt.state["dedupe_expiry"] = expiry
-    expiry.start()
-
-
-async def stop(rt: Runtime) -> None:
-    await rt.state["dedupe_expiry"].stop()
-    await rt.state["directory"].close()
+def wire(rt: Runtime) -> UsageMeterWiring:
+    settings = rt.settings
+    directory = CompanyDirectory.from_settings(settings)
+    limiter = TokenBuckets(settings.ingest_rate, settings.ingest_burst)
+    return UsageMeterWiring(
+        rt,
+        directory=directory,
+        ingestion=HttpIngestion(rt.db, directory, limiter),
+        dedupe_expiry=DedupeExpiry(rt.pool, settings.dedupe_window_days),
+    )
 
 
 SPEC = ServiceSpec(
     name="usage-meter",
     package="tally_usage_meter",
+    wire=wire,
     routers=[api.router],
-    subscribe=handlers.subscribe,
-    on_start=[start],
-    on_stop=[stop],
+    consumers=[
+        Consumer(Topics.USAGE_INGEST, "usage-meter", handlers.on_ingest, money_path=True),
+        Consumer(Topics.WALLET_DIGEST, "usage-meter-wallet-status", handlers.on_wallet_digest),
+        Consumer(Topics.REBILLING_EVENTS, "usage-meter-rebilling", handlers.on_rebilling_events),
+    ],
     description="Prices usage at the platform price and publishes it, exactly once per event id.",
 )

@@ -1,6 +1,7 @@
-"""The one ingestion path, shared by ``POST /v1/usage`` and the ``usage.ingest`` topic:
-validate, refuse suspended accounts, price, dedupe by ``event_id``, and write the priced events
-to the outbox (topic ``usage.recorded``, key ``company_id``) in the caller's transaction."""
+"""The one ingestion path, shared by ``POST /v1/usage`` (``HttpIngestion``: rate limit, then
+group commit) and the ``usage.ingest`` topic (``handlers.on_ingest``): validate, refuse
+suspended accounts, price, dedupe by ``event_id``, and publish the priced events (topic
+``usage.recorded``, key ``company_id``) in the caller's unit of work."""
 
 from __future__ import annotations
 
@@ -16,7 +17,12 @@ import prometheus_client
 from tally import events, outbox
 from tally.db import Conn
 from tally.directory import CompanyDirectory
+from tally.errors import ApiError
 from tally.events import Topics, UsageEvent
+from tally.groupcommit import GroupCommit
+from tally.ratelimit import TokenBuckets, retry_after
+from tally.telemetry import continue_trace
+from tally.uow import Database, UnitOfWork
 from tally_usage_meter import storage
 from tally_usage_meter.domain import (
     DEFAULT_CURRENCY,
@@ -52,13 +58,11 @@ class DirectoryUnavailable(Exception):
 
 
 async def _complete(
-    conn: Conn, batch: Sequence[UsageEvent], directory: CompanyDirectory | None, known: storage.Known
+    conn: Conn, batch: Sequence[UsageEvent], directory: CompanyDirectory, known: storage.Known
 ) -> None:
     """Complete what rebilling.events told this service with rebilling's own answers, for
     companies and accounts created so recently that their events have not arrived (and
     remember them)."""
-    if directory is None:
-        return
     try:
         found = await directory.currencies(
             e.company_id for e in batch if e.company_id not in known.currencies
@@ -77,13 +81,14 @@ async def _complete(
 
 
 async def ingest(
-    conn: Conn,
+    uow: UnitOfWork,
     batch: Sequence[UsageEvent],
     traceparents: Sequence[str | None],
-    directory: CompanyDirectory | None = None,
+    directory: CompanyDirectory,
 ) -> list[Result]:
-    """Must run inside a transaction; returns one result per input event, in order.
+    """In the caller's open unit of work; returns one result per input event, in order.
     ``traceparents``: the trace each event continues (its ``usage.recorded`` carries it)."""
+    conn = uow.conn
     now = datetime.now(UTC)
     prices = await storage.load_prices(conn)
     known = await storage.known(
@@ -143,10 +148,51 @@ async def ingest(
                 outbox.row(Topics.USAGE_RECORDED, event.company_id, message, traceparent, inherit=False)
             )
             results.append(Result(event.event_id, "accepted"))
-    await outbox.enqueue(conn, rows)
+    uow.publish(rows)  # written at commit: one outbox row for the whole batch
     for status, n in Counter(r.status for r in results).items():
         USAGE.labels(status).inc(n)
     return results
+
+
+class HttpIngestion:
+    """``POST /v1/usage`` after its body is parsed: a token bucket per caller (product token),
+    then the request's events go in one transaction with concurrent requests' batches
+    (tally.groupcommit): under load the per-transaction cost (queries, commit, outbox row,
+    relay round) is shared between them."""
+
+    def __init__(self, db: Database, directory: CompanyDirectory, limiter: TokenBuckets) -> None:
+        self._db = db
+        self._directory = directory
+        self._limiter = limiter
+        self._group: GroupCommit[tuple[UsageEvent, str | None], Result] = GroupCommit(
+            "usage-http", self._apply
+        )
+
+    async def record(self, caller: str, batch: list[UsageEvent], traceparent: str | None) -> list[Result]:
+        """One result per event, in order. 429 when ``caller`` sends more than its rate; 503
+        when a new company's currency cannot be looked up (nothing recorded: try again)."""
+        wait = self._limiter.take(caller, len(batch))
+        if wait:
+            raise ApiError(
+                429,
+                "rate_limited",
+                "too many usage events for this token; retry later",
+                headers={"Retry-After": retry_after(wait)},
+            )
+        with continue_trace(traceparent, "usage.ingest", {"tally.events": len(batch)}) as child:
+            try:
+                return await self._group.submit([(e, child) for e in batch])
+            except DirectoryUnavailable as exc:
+                raise ApiError(
+                    503,
+                    "rebilling_unavailable",
+                    "the company's currency cannot be looked up right now; nothing was recorded, try again",
+                    headers={"Retry-After": "2"},
+                ) from exc
+
+    async def _apply(self, items: list[tuple[UsageEvent, str | None]]) -> list[Result]:
+        async with self._db.unit() as uow:
+            return await ingest(uow, [e for e, _ in items], [tp for _, tp in items], self._directory)
 
 
 def parse_ingest_record(value: bytes | None) -> UsageEvent:

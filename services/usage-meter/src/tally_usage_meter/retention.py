@@ -12,6 +12,7 @@ from datetime import timedelta
 import asyncpg
 from prometheus_client import Counter
 
+from tally.uow import UnitOfWork
 from tally.worker import Worker
 from tally_usage_meter import storage
 
@@ -35,7 +36,8 @@ class DedupeExpiry(Worker):
     async def step(self) -> bool:
         if not self._window:
             return False
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with UnitOfWork(self._pool) as uow:  # the lock is the transaction's
+            conn = uow.conn
             if not await conn.fetchval(
                 "SELECT pg_try_advisory_xact_lock(hashtext($1))", "tally-dedupe-expiry"
             ):

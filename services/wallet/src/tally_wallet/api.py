@@ -1,17 +1,18 @@
 """wallet HTTP API: wallets, settings, ledger lines, credits, credit requests, service status.
-Routes parse, authorise, call one use case and render (``schemas``)."""
+Routes parse, authorise, call one use case and render (``schemas``).
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: the wallet routes' path parameter is named by
+the factory (``Path(alias=param)``), which FastAPI must see as an object, not as a string."""
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 
 from tally import idempotency
 from tally.auth import CurrentPrincipal, Role, require_company, require_role
 from tally.errors import JsonResponse, money_field
 from tally.idempotency import IdempotencyKey, Stored
-from tally.ids import PathId, PathKey
+from tally.ids import ID_PATTERN, PathId, PathKey
 from tally_wallet import credit_requests, credits, wallets
 from tally_wallet.schemas import (
     CreditIn,
@@ -55,7 +56,11 @@ def _changes(body: WalletPatch) -> dict[str, Any]:
 
 
 def _wallet_routes(owner: Literal["company", "account"]) -> APIRouter:
-    r = APIRouter(prefix="/companies/{oid}" if owner == "company" else "/accounts/{oid}")
+    # the path keeps its own name (``{cid}`` or ``{aid}``) and each route its own name: the
+    # OpenAPI document shows concrete paths and the operation ids it always had
+    param = "cid" if owner == "company" else "aid"
+    r = APIRouter(prefix=f"/companies/{{{param}}}" if owner == "company" else f"/accounts/{{{param}}}")
+    Oid = Annotated[str, Path(alias=param, pattern=ID_PATTERN)]
     # who may change settings (the spec lets account owners change their own) and grant credits
     patchers: tuple[Role, ...] = ("company_admin", "platform_admin")
     granters: tuple[Role, ...] = ("company_admin", "platform_admin")
@@ -64,23 +69,28 @@ def _wallet_routes(owner: Literal["company", "account"]) -> APIRouter:
     else:
         granters = ("platform_admin",)
 
-    @r.get("/wallet", response_model=WalletOut)
-    async def show_wallet(oid: PathId, principal: CurrentPrincipal, w: Wired) -> WalletOut:
+    @r.get("/wallet", response_model=WalletOut, name=f"{owner}_wallet")
+    async def show_wallet(oid: Oid, principal: CurrentPrincipal, w: Wired) -> WalletOut:
         return wallet_out(await wallets.show(w.db, w.directory, principal, Target(owner, oid)))
 
-    @r.patch("/wallet", response_model=WalletOut)
-    async def patch_wallet(
-        oid: PathId, body: WalletPatch, principal: CurrentPrincipal, w: Wired
-    ) -> WalletOut:
+    @r.patch(
+        "/wallet",
+        response_model=WalletOut,
+        name=f"patch_{owner}_wallet",
+        description="Company admins, and (as the spec lets account owners) the account's own users."
+        if owner == "account"
+        else None,
+    )
+    async def patch_wallet(oid: Oid, body: WalletPatch, principal: CurrentPrincipal, w: Wired) -> WalletOut:
         require_role(principal, *patchers)
         view = await wallets.update_settings(
             w.uow(), w.directory, principal, Target(owner, oid), _changes(body)
         )
         return wallet_out(view)
 
-    @r.get("/wallet/transactions", response_model=TransactionPage)
+    @r.get("/wallet/transactions", response_model=TransactionPage, name=f"{owner}_transactions")
     async def list_transactions(
-        oid: PathId, principal: CurrentPrincipal, w: Wired, limit: Limit = 50, cursor: str | None = None
+        oid: Oid, principal: CurrentPrincipal, w: Wired, limit: Limit = 50, cursor: str | None = None
     ) -> TransactionPage:
         page = await wallets.transactions(
             w.db, w.directory, principal, Target(owner, oid), limit=limit, cursor=cursor
@@ -91,12 +101,13 @@ def _wallet_routes(owner: Literal["company", "account"]) -> APIRouter:
         "/wallet/credits",
         status_code=201,
         response_model=CreditOut,
+        name=f"credit_{owner}",
         summary="Grant credits to a company (agency) wallet (platform admins)"
         if owner == "company"
         else "Add credits to an account wallet now (the company's AI credits button)",
     )
     async def grant_credits(
-        oid: PathId,
+        oid: Oid,
         body: CreditIn,
         request: Request,
         principal: CurrentPrincipal,

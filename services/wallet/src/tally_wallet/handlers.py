@@ -15,7 +15,6 @@ from typing import Any
 
 import asyncpg
 from prometheus_client import Histogram
-from pydantic import ValidationError
 
 from tally import events, inbox
 from tally.consumer import dlq_row, wanted
@@ -41,14 +40,6 @@ DEBIT_LATENCY = Histogram(
     "From usage accepted to ledger commit",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-
-
-def parse_recorded(value: bytes | None) -> UsageRecorded:
-    """One validation pass from bytes to the typed event (BadMessage with the reason)."""
-    try:
-        return events.UsageRecordedMessage.model_validate_json(value or b"").data
-    except ValidationError as exc:
-        raise events.BadMessage(events.summarise(exc)) from exc
 
 
 def _transactional(
@@ -87,7 +78,7 @@ async def on_usage(w: WalletWiring, records: Sequence[Any]) -> None:
     dead = []
     for r in records:
         try:
-            good.append((r, parse_recorded(r.value)))
+            good.append((r, events.parse_usage_recorded(r.value)))
         except events.BadMessage as exc:
             dead.append(dlq_row(r, str(exc), service=SERVICE))
     traces = {u.event_id: header(r) for r, u in good}

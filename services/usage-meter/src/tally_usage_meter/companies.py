@@ -1,0 +1,21 @@
+"""Each company's currency and each account's company, as ``rebilling.events`` tells: usage
+is priced in the company's currency and refused for an account that is not the company's
+(``ingestion`` asks rebilling itself for those created too recently to have been told)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tally import events
+from tally.uow import UnitOfWork
+from tally_usage_meter import storage
+
+
+async def learn(uow: UnitOfWork, payloads: Sequence[events.Payload]) -> None:
+    """Remember ``company.updated`` and ``account.created``, in the caller's open unit of work
+    (both are full states: applying one again changes nothing)."""
+    for p in payloads:
+        if isinstance(p, events.CompanyUpdated):
+            await storage.upsert_company(uow.conn, p.company_id, p.currency)
+        elif isinstance(p, events.AccountCreated):
+            await storage.upsert_account(uow.conn, p.account_id, p.company_id)

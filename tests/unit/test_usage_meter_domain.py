@@ -1,0 +1,106 @@
+"""tally_usage_meter.domain beyond test_usage_pricing: quantities, rounding, times, the
+``usage.recorded`` payload. Pure: no I/O."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from tally.events import UsageEvent, UsageRecorded
+from tally_usage_meter.domain import (
+    MAX_EVENT_MICROS,
+    MAX_QUANTITY,
+    InvalidQuantity,
+    Price,
+    Priced,
+    Rejected,
+    parse_quantity,
+    price_event,
+    recorded_payload,
+)
+
+PRICES = {("email", "USD"): Price("email", "email", 675, "USD")}
+NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
+
+
+def ev(**kw: object) -> UsageEvent:
+    base: dict[str, object] = {"event_id": "e1", "company_id": "c1", "service": "email", "quantity": "3"}
+    return UsageEvent.model_validate({**base, **kw})
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("1", Decimal(1)), ("0.000001", Decimal("0.000001")), (" 2.5 ", Decimal("2.5")), (7, Decimal(7))],
+)
+def test_quantities_are_exact_decimals(value: object, expected: Decimal) -> None:
+    assert parse_quantity(value) == expected
+
+
+def test_the_largest_quantity_is_accepted_and_one_more_is_not() -> None:
+    assert parse_quantity(str(MAX_QUANTITY)) == MAX_QUANTITY
+    with pytest.raises(InvalidQuantity, match="at most"):
+        parse_quantity(str(MAX_QUANTITY + 1))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (1.5, "not a float"),
+        (True, "greater than 0"),
+        (None, "greater than 0"),
+        (0, "greater than 0"),
+        ("-2", "greater than 0"),
+        ("1.1234567", "more than 6 decimal places"),
+    ],
+)
+def test_bad_quantities_say_why(value: object, message: str) -> None:
+    with pytest.raises(InvalidQuantity, match=message):
+        parse_quantity(value)
+
+
+def test_amounts_are_rounded_half_up_to_a_micro() -> None:
+    half = price_event(ev(quantity="0.5"), {("email", "USD"): Price("email", "email", 3, "USD")}, "USD", NOW)
+    assert isinstance(half, Priced) and half.amount_micros == 2  # 1.5 -> 2
+    below = price_event(ev(quantity="0.4"), {("email", "USD"): Price("email", "email", 3, "USD")}, "USD", NOW)
+    assert isinstance(below, Priced) and below.amount_micros == 1  # 1.2 -> 1
+
+
+def test_the_most_an_event_may_cost_is_a_tenth_of_a_wallets_limit() -> None:
+    price = {("email", "USD"): Price("email", "email", MAX_EVENT_MICROS, "USD")}
+    assert isinstance(price_event(ev(quantity="1"), price, "USD", NOW), Priced)
+    over = price_event(ev(quantity="1.000001"), price, "USD", NOW)
+    assert isinstance(over, Rejected) and over.code == "invalid_quantity"
+
+
+def test_an_event_without_a_time_happened_when_it_was_recorded() -> None:
+    p = price_event(ev(), PRICES, "USD", NOW)
+    assert isinstance(p, Priced) and p.occurred_at is NOW
+    payload = recorded_payload(p, NOW)
+    assert payload["occurred_at"] == payload["recorded_at"] == NOW.isoformat()
+
+
+def test_a_naive_time_is_utc_and_an_offset_is_kept() -> None:
+    naive = price_event(ev(occurred_at="2025-12-31T10:00:00"), PRICES, "USD", NOW)
+    assert isinstance(naive, Priced) and naive.occurred_at == datetime(2025, 12, 31, 10, tzinfo=UTC)
+    offset = price_event(ev(occurred_at="2025-12-31T10:00:00+02:00"), PRICES, "USD", NOW)
+    assert isinstance(offset, Priced)
+    assert offset.occurred_at.utcoffset() == timedelta(hours=2)
+    assert recorded_payload(offset, NOW)["occurred_at"] == "2025-12-31T10:00:00+02:00"
+
+
+def test_the_recorded_payload_is_a_usage_recorded() -> None:
+    p = price_event(ev(account_id="a1", quantity="2.5"), PRICES, "USD", NOW)
+    assert isinstance(p, Priced)
+    payload = recorded_payload(p, NOW, "given")  # the caller's text of recorded_at is used as is
+    assert payload["recorded_at"] == payload["occurred_at"] == "given"
+    typed = UsageRecorded.model_validate({**payload, "recorded_at": NOW, "occurred_at": NOW})
+    assert typed.quantity == "2.5" and typed.platform_amount_micros == 1688  # 1687.5 -> 1688
+    assert (typed.account_id, typed.currency, typed.unit_price_micros) == ("a1", "USD", 675)
+
+
+def test_a_price_in_the_companys_currency_is_used_even_if_another_exists() -> None:
+    prices = {**PRICES, ("email", "JPY"): Price("email", "email", 100_000, "JPY")}
+    p = price_event(ev(), prices, "JPY", datetime(2026, 1, 1, tzinfo=UTC))
+    assert isinstance(p, Priced) and p.price.currency == "JPY" and p.amount_micros == 300_000
