@@ -54,9 +54,13 @@ async def test_a_commit_writes_state_and_messages_together_then_wakes_the_relay(
         uow.publish([ping(1), ping(2)])
         assert relay.woken == 0  # nothing is told before the commit
     assert relay.woken == 1 and uow.published == 2
+    # rows written through the connection by a storage helper wake it too
+    async with Database(pool, relay).unit() as uow:
+        await outbox.enqueue(uow.conn, [ping(9)])
+    assert relay.woken == 2
     assert await pool.fetchval("SELECT count(*) FROM things") == 1
     found = await messages(pool)
-    assert len(found) == 2 and '"m1"' in found[0] and '"m2"' in found[1]
+    assert len(found) == 3 and '"m1"' in found[0] and '"m2"' in found[1] and '"m9"' in found[2]
 
 
 async def test_a_failure_writes_nothing_and_wakes_no_one(pool: asyncpg.Pool) -> None:

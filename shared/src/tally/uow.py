@@ -1,6 +1,7 @@
 """The unit of work: one connection and one transaction, the messages the work will publish
 (outbox and DLQ rows) and the idempotency record it leaves, written at commit; the relay is
-woken once the commit is durable. Every route and consumer reaches Postgres through one.
+woken once the commit is durable (after every commit: some storage helpers write their events
+through the connection directly). Every route and consumer reaches Postgres through one.
 
     async with uow:                      # BEGIN
         ...uow.conn...                   # the service's storage functions
@@ -83,7 +84,10 @@ class UnitOfWork:
             await self._pool.release(conn)
             self._conn = None
             self._rows = []
-        if self.published and self._relay is not None:
+        # Woken after every commit, not only when ``publish`` queued rows: storage helpers deeper
+        # down (a credit, a settings change) write their events through ``uow.conn`` directly,
+        # and a relay left to its poll adds up to a second to every hop of the money path.
+        if self._relay is not None:
             self._relay.wake()
 
     # --- what the work publishes -------------------------------------------------------------
