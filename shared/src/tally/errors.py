@@ -125,6 +125,19 @@ def install_error_handlers(app: FastAPI) -> None:
             422, "validation_error", "text contains characters that cannot be stored (such as NUL)"
         )
 
+    @app.exception_handler(asyncpg.PostgresConnectionError)
+    @app.exception_handler(asyncpg.CannotConnectNowError)
+    @app.exception_handler(asyncpg.AdminShutdownError)
+    @app.exception_handler(asyncpg.ConnectionDoesNotExistError)
+    @app.exception_handler(ConnectionError)
+    async def _database_unavailable(_: Request, exc: Exception) -> JsonResponse:
+        # Postgres restarting or out of reach: nothing was done (the transaction never
+        # committed), so the client may send the same request again.
+        log.warning("database unavailable", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+        return error_response(
+            503, "service_unavailable", "the database is unavailable; try again", headers={"Retry-After": "2"}
+        )
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JsonResponse:
         log.exception("unhandled error", exc_info=exc)
