@@ -7,10 +7,7 @@ once. Real stack: broker, Postgres, the stripe SDK against localstripe."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
-
-import pytest
 
 from tests.support.builders import (
     DECLINES,
@@ -20,43 +17,12 @@ from tests.support.builders import (
     attach,
     configure,
     new_card,
+    patch_company_wallet,
     recharges,
-    stripe_charges_for,
+    succeeded_charges,
     wait_balance,
 )
 from tests.support.stack import Tally, eventually, uid
-
-
-async def patch(tally: Tally, agency: Agency, **changes: Any) -> dict[str, Any]:
-    r = await tally.http.patch(
-        tally.url("wallet", f"/v1/companies/{agency.cid}/wallet"), json=changes, headers=agency.admin
-    )
-    assert r.status_code == 200, r.text
-    return r.json()  # type: ignore[no-any-return]
-
-
-async def attempts_where(tally: Tally, agency: Agency, what: str, check: Any) -> list[dict[str, Any]]:
-    async def ok() -> list[dict[str, Any]] | None:
-        found = await recharges(tally, agency)
-        return found if check(found) else None
-
-    return await eventually(ok, timeout=40, what=what)
-
-
-async def succeeded_charges(tally: Tally, attempts: list[dict[str, Any]]) -> int:
-    return sum([len(await stripe_charges_for(tally, a["id"])) for a in attempts])
-
-
-@pytest.fixture
-async def slow_retries(tally: Tally) -> AsyncIterator[None]:
-    """recharge with retries 4 s apart, so a test can act while one waits; then as before."""
-    tally.stack.kill("recharge")
-    tally.stack.spawn_service("recharge", env={"TALLY_RECHARGE_RETRY_SECONDS": "4,4"})
-    await tally.stack.wait_ready("recharge")
-    yield
-    tally.stack.kill("recharge")
-    tally.stack.spawn_service("recharge")
-    await tally.stack.wait_ready("recharge")
 
 
 async def test_a_new_wallet_with_a_card_is_preloaded_before_any_usage(tally: Tally) -> None:
@@ -104,7 +70,7 @@ async def test_turning_auto_recharge_back_on_after_cancellation_reloads(tally: T
     assert r.status_code == 200 and r.json()["is_default"] is True
     await asyncio.sleep(1.0)
     assert len(await recharges(tally, agency)) == 3
-    await patch(tally, agency, auto_recharge=True)
+    await patch_company_wallet(tally, agency, auto_recharge=True)
     # the reload amount, priced now: -0.029 + 10 reaches the threshold of 5
     wallet = await wait_balance(agency, "9.971000")
     assert wallet["status"] == "active"
@@ -126,53 +92,9 @@ async def test_raising_the_threshold_above_the_balance_recharges(tally: Tally) -
     await wait_balance(agency, "30.000000")  # 8 + 10 < 20: 20 - 8 + 10 = 22
 
 
-@pytest.mark.usefixtures("slow_retries")
-async def test_a_retry_after_the_owner_opted_out_charges_nothing(tally: Tally) -> None:
-    agency = Agency(tally)
-    await configure(tally, agency, threshold="5", reload="10")
-    await agency.fund("5.01")
-    await attach(tally, agency, DECLINES)
-    await agency.use("sms", "10")
-    await attempts_where(
-        tally,
-        agency,
-        "a failed round and a retry waiting",
-        lambda a: [x["status"] for x in a] == ["pending", "failed"],
-    )
-    await patch(tally, agency, auto_recharge=False)
-    await attach(tally, agency, GOOD)  # a good card now: the retry must still not charge
-    attempts = await attempts_where(
-        tally, agency, "the retry dropped", lambda a: [x["status"] for x in a] == ["cancelled", "failed"]
-    )
-    assert attempts[0]["tries"] == [] and attempts[0]["error"] == "auto_recharge_off"
-    await asyncio.sleep(5)  # past the retry's time
-    assert [a["status"] for a in await recharges(tally, agency)] == ["cancelled", "failed"]
-    assert (await agency.wallet())["balance"] == "4.931000"
-    assert await succeeded_charges(tally, await recharges(tally, agency)) == 0
-
-
-@pytest.mark.usefixtures("slow_retries")
-async def test_a_credit_that_restores_the_balance_drops_the_pending_retry(tally: Tally) -> None:
-    agency = Agency(tally)
-    await configure(tally, agency, threshold="5", reload="10")
-    await agency.fund("5.01")
-    await attach(tally, agency, DECLINES)
-    await agency.use("sms", "10")
-    await attempts_where(
-        tally, agency, "a retry waiting", lambda a: [x["status"] for x in a] == ["pending", "failed"]
-    )
-    await agency.fund("20")  # back above the threshold
-    attempts = await attempts_where(
-        tally, agency, "the retry dropped", lambda a: [x["status"] for x in a] == ["cancelled", "failed"]
-    )
-    assert attempts[0]["error"] == "balance_at_threshold"
-    assert (await agency.wallet())["balance"] == "24.931000"
-    assert (await agency.wallet())["auto_recharge"] is True
-
-
 async def test_a_top_up_with_an_idempotency_key_charges_once(tally: Tally) -> None:
     agency = Agency(tally)
-    await patch(tally, agency, auto_recharge=False)
+    await patch_company_wallet(tally, agency, auto_recharge=False)
     await attach(tally, agency, GOOD)
     url = tally.url("recharge", f"/v1/companies/{agency.cid}/wallet/top-ups")
     key = {"Idempotency-Key": uid("key")}
@@ -244,7 +166,7 @@ async def test_a_tier_raise_applies_to_the_reload_amount_current_then(tally: Tal
             key=agency.cid,
         )
 
-    await patch(tally, agency, reload_amount="25", smart_adjustment=True, auto_recharge=False)
+    await patch_company_wallet(tally, agency, reload_amount="25", smart_adjustment=True, auto_recharge=False)
     await raised_from(10_000_000, 25_000_000)  # earned while the reload amount was 10
 
     async def reload_is(amount: str) -> dict[str, Any] | None:
@@ -253,7 +175,7 @@ async def test_a_tier_raise_applies_to_the_reload_amount_current_then(tally: Tal
 
     await eventually(lambda: reload_is("50.000000"), what="25 raised one tier, to 50")
 
-    await patch(tally, agency, smart_adjustment=False)
+    await patch_company_wallet(tally, agency, smart_adjustment=False)
     await raised_from(50_000_000, 100_000_000)
     # a later event on the same partition (key), for another company: once it is applied, the
     # raise before it was consumed too
@@ -283,30 +205,6 @@ async def test_a_tier_raise_applies_to_the_reload_amount_current_then(tally: Tal
     assert (await agency.wallet())["reload_amount"] == "50.000000"
 
 
-THREE_DS = "4000002500003155"  # every charge requires 3-D Secure authentication
-
-
-@pytest.mark.usefixtures("slow_retries")
-async def test_a_card_that_requires_authentication_fails_and_never_blocks_the_wallet(tally: Tally) -> None:
-    """An off-session charge that ends in requires_action cannot complete without the customer:
-    that try fails (authentication_required) and the next card is tried; it never leaves the
-    recharge pending forever."""
-    agency = Agency(tally)
-    await configure(tally, agency, threshold="10", reload="25")
-    await attach(tally, agency, THREE_DS)  # the pre-load tries it
-    failed = await attempts_where(
-        tally,
-        agency,
-        "the 3-D Secure try to fail",
-        lambda a: any(t["decline_code"] == "authentication_required" for x in a for t in x["tries"]),
-    )
-    assert all(x["status"] != "succeeded" for x in failed)
-    await attach(tally, agency, GOOD)  # a waiting retry is brought forward, or a new round
-    wallet = await wait_balance(agency, "25.000000")
-    assert wallet["status"] == "active"
-    assert await succeeded_charges(tally, await recharges(tally, agency)) == 1
-
-
 async def test_cards_attached_at_once_all_answer_and_preload_once(tally: Tally) -> None:
     agency = Agency(tally)
     await configure(tally, agency, threshold="10", reload="25")
@@ -330,12 +228,12 @@ async def test_a_lowered_threshold_still_fires_the_next_crossing(tally: Tally) -
     never recharged again (the crossing stayed disarmed until a credit reached the old
     threshold)."""
     agency = Agency(tally)
-    await patch(tally, agency, auto_recharge=False, threshold="10", reload_amount="25")
+    await patch_company_wallet(tally, agency, auto_recharge=False, threshold="10", reload_amount="25")
     await attach(tally, agency, GOOD)
     await agency.fund("12")
     await agency.use("sms", "300")  # 12 - 2.37 = 9.63: crossed, auto-recharge off
     await wait_balance(agency, "9.630000")
-    await patch(tally, agency, auto_recharge=True, threshold="5")  # 9.63 >= 5: nothing to do
+    await patch_company_wallet(tally, agency, auto_recharge=True, threshold="5")  # 9.63 >= 5: nothing to do
     await asyncio.sleep(1)
     assert await recharges(tally, agency) == []
     await agency.use("sms", "700")  # 9.63 - 5.53 = 4.10 < 5: a crossing, so a recharge

@@ -215,3 +215,32 @@ async def test_an_amount_beyond_what_a_wallet_holds_is_refused_and_changes_nothi
     assert fine["status"] == "accepted"
     lines = await tally.wait_applied(cid, fine["event"]["event_id"])
     assert [t["usage_event_id"] for t in lines] == [fine["event"]["event_id"]]
+
+
+async def test_another_tenants_wallet_is_not_found_whatever_the_body(tally: Tally) -> None:
+    """The tenant check comes before the body's checks: a company admin learns nothing of
+    another company's wallets from a 422, and nothing changes."""
+    mine, theirs = await Reseller(tally).create(connect=False), await Reseller(tally).create(connect=False)
+    their_account = await theirs.account()
+    before = await theirs.wallet(their_account)
+    for path, method, body in [
+        (f"/v1/accounts/{their_account}/wallet", "PATCH", {"threshold": "-1"}),
+        (f"/v1/accounts/{their_account}/wallet", "PATCH", {"threshold": "5"}),
+        (f"/v1/companies/{theirs.cid}/wallet", "PATCH", {"reload_amount": "abc"}),
+        (f"/v1/accounts/{their_account}/wallet/credits", "POST", {"amount": "abc"}),
+        (f"/v1/accounts/{their_account}/wallet/credits", "POST", {"amount": "5"}),
+    ]:
+        r = await tally.http.request(method, tally.url("wallet", path), json=body, headers=mine.admin)
+        assert (r.status_code, r.json()["error"]["code"]) in {(404, "not_found"), (403, "forbidden")}, (
+            path,
+            body,
+            r.text,
+        )
+    assert await theirs.wallet(their_account) == before
+    # their own admin still gets the 422 for the bad body
+    r = await tally.http.patch(
+        tally.url("wallet", f"/v1/accounts/{their_account}/wallet"),
+        json={"threshold": "-1"},
+        headers=theirs.admin,
+    )
+    assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error", r.text

@@ -454,3 +454,23 @@ async def stripe_charges_for(tally: Tally, attempt_id: str) -> list[dict[str, An
         for i in await payment_intents(tally)
         if (i.get("metadata") or {}).get("tally_attempt") == attempt_id and i.get("status") == "succeeded"
     ]
+
+
+async def patch_company_wallet(tally: Tally, agency: Agency, **changes: Any) -> dict[str, Any]:
+    r = await tally.http.patch(
+        tally.url("wallet", f"/v1/companies/{agency.cid}/wallet"), json=changes, headers=agency.admin
+    )
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+async def attempts_where(tally: Tally, agency: Agency, what: str, check: Any) -> list[dict[str, Any]]:
+    async def ok() -> list[dict[str, Any]] | None:
+        found = await recharges(tally, agency)
+        return found if check(found) else None
+
+    return await eventually(ok, timeout=40, what=what)
+
+
+async def succeeded_charges(tally: Tally, attempts: list[dict[str, Any]]) -> int:
+    return sum([len(await stripe_charges_for(tally, a["id"])) for a in attempts])

@@ -94,10 +94,16 @@ class UnitOfWork:
 
     def publish(self, rows: Iterable[outbox.Row]) -> None:
         """Queue messages (outbox rows, DLQ rows) to be written with the state at commit."""
+        self._open()
         self._rows.extend(rows)
 
     def emit(self, topic: str, key: str | None, message: dict[str, Any]) -> None:
+        self._open()
         self._rows.append(outbox.row(topic, key, message))
+
+    def _open(self) -> None:
+        if self._conn is None:  # a message queued outside its unit would be lost without a word
+            raise RuntimeError("the unit of work is not open: nothing published outside `async with`")
 
     @contextlib.asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:

@@ -4,7 +4,7 @@ Routes parse, authorise, call one use case and render (``schemas``).
 No ``from __future__ import annotations`` here: the wallet routes' path parameter is named by
 the factory (``Path(alias=param)``), which FastAPI must see as an object, not as a string."""
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 
@@ -27,6 +27,7 @@ from tally_wallet.schemas import (
     transaction_out,
     wallet_out,
 )
+from tally_wallet.wallet_settings import SettingsPatch
 from tally_wallet.wallets import Target
 from tally_wallet.wiring import Wired
 
@@ -37,19 +38,6 @@ Limit = Annotated[int, Query(ge=1, le=500)]
 
 def _replayed(stored: Stored) -> JsonResponse:
     return JsonResponse(stored.response, status_code=stored.status_code or 201)
-
-
-def _changes(body: WalletPatch) -> dict[str, Any]:
-    changes: dict[str, Any] = {}
-    if body.threshold is not None:
-        changes["threshold"] = money_field(body.threshold, "threshold", allow_zero=True)
-    if body.reload_amount is not None:
-        changes["reload_amount"] = money_field(body.reload_amount, "reload_amount")
-    if body.auto_recharge is not None:
-        changes["auto_recharge"] = body.auto_recharge
-    if body.smart_adjustment is not None:
-        changes["smart_adjustment"] = body.smart_adjustment
-    return changes
 
 
 # --- wallets: one set of routes, mounted for company wallets and for account wallets ----------
@@ -84,7 +72,7 @@ def _wallet_routes(owner: Literal["company", "account"]) -> APIRouter:
     async def patch_wallet(oid: Oid, body: WalletPatch, principal: CurrentPrincipal, w: Wired) -> WalletOut:
         require_role(principal, *patchers)
         view = await wallets.update_settings(
-            w.uow(), w.directory, principal, Target(owner, oid), _changes(body)
+            w.uow(), w.directory, principal, Target(owner, oid), SettingsPatch(**body.model_dump())
         )
         return wallet_out(view)
 
@@ -115,13 +103,12 @@ def _wallet_routes(owner: Literal["company", "account"]) -> APIRouter:
         idempotency_key: IdempotencyKey = None,
     ) -> CreditOut | JsonResponse:
         require_role(principal, *granters)
-        amount = money_field(body.amount, "amount")
         out = await credits.grant(
             w.uow(),
             w.directory,
             principal,
             Target(owner, oid),
-            amount=amount,
+            amount=body.amount,
             reference=body.reference,
             idempotency_key=idempotency_key,
             fingerprint=idempotency.request_hash(request.url.path, body.model_dump()),

@@ -10,7 +10,7 @@ from tally import events, idempotency, outbox
 from tally.auth import Principal
 from tally.db import Conn
 from tally.directory import CompanyDirectory
-from tally.errors import not_found
+from tally.errors import money_field, not_found
 from tally.idempotency import Stored
 from tally.money import format_micros
 from tally.uow import UnitOfWork
@@ -71,7 +71,7 @@ async def grant(
     principal: Principal,
     target: Target,
     *,
-    amount: int,
+    amount: str,
     reference: str | None,
     idempotency_key: str | None,
     fingerprint: str,
@@ -86,6 +86,7 @@ async def grant(
         wallet = await find(uow.conn, directory, principal, target)
         if wallet.company_id is None:
             raise not_found("account")  # never heard of it: its company is not known yet
+        micros = money_field(amount, "amount")  # after the tenant check: others' wallets are 404
         if idempotency_key is not None:
             stored = await uow.claim_key(who, idempotency_key, fingerprint)
             if stored is not None and stored.response is not None:
@@ -96,7 +97,7 @@ async def grant(
         posted, current = await credit(
             uow.conn,
             wallet,
-            amount=amount,
+            amount=micros,
             kind="manual_credit",
             key=key,
             system=SYSTEM_MANUAL_CREDITS,
@@ -104,7 +105,7 @@ async def grant(
         )
         out = CreditOut(
             transfer_id=key,
-            amount=format_micros(amount),
+            amount=format_micros(micros),
             created=posted is not None,  # False: already posted, nothing moved twice
             wallet=wallet_out(await view(uow.conn, principal, current)),
         )

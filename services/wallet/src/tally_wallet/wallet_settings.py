@@ -6,14 +6,40 @@ the balance, recharges the wallet without waiting for usage (docs/0008)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from tally import events, outbox
 from tally.autorecharge import next_tier
 from tally.db import Conn
+from tally.errors import money_field
 from tally_wallet import storage
 from tally_wallet.domain import Wallet
 from tally_wallet.messages import SOURCE, wallet_rows
+
+
+@dataclass(frozen=True)
+class SettingsPatch:
+    """An owner's change as sent (decimal strings unparsed: they are checked after the tenant
+    check, so another tenant's wallet is a 404 whatever the body holds)."""
+
+    threshold: str | None = None
+    reload_amount: str | None = None
+    auto_recharge: bool | None = None
+    smart_adjustment: bool | None = None
+
+    def changes(self) -> dict[str, Any]:
+        """The changes in micros; a 422 naming the field for an amount out of the rules."""
+        out: dict[str, Any] = {}
+        if self.threshold is not None:
+            out["threshold"] = money_field(self.threshold, "threshold", allow_zero=True)
+        if self.reload_amount is not None:
+            out["reload_amount"] = money_field(self.reload_amount, "reload_amount")
+        if self.auto_recharge is not None:
+            out["auto_recharge"] = self.auto_recharge
+        if self.smart_adjustment is not None:
+            out["smart_adjustment"] = self.smart_adjustment
+        return out
 
 
 async def change_settings(conn: Conn, wallet: Wallet, changes: dict[str, Any], *, cause: str) -> Wallet:

@@ -20,7 +20,7 @@ from tally.errors import ApiError, not_found
 from tally.uow import Database, UnitOfWork
 from tally_wallet import storage
 from tally_wallet.domain import ServiceReason, Wallet, account_wallet_id, company_wallet_id, service_status
-from tally_wallet.wallet_settings import change_settings
+from tally_wallet.wallet_settings import SettingsPatch, change_settings
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ async def update_settings(
     directory: CompanyDirectory,
     principal: Principal,
     target: Target,
-    changes: dict[str, Any],
+    patch: SettingsPatch,
 ) -> WalletView:
     """An owner's change of threshold, reload amount, auto-recharge or smart adjustment
     (``wallet.settings_changed`` follows; recharge re-evaluates the rule on it)."""
@@ -144,6 +144,7 @@ async def update_settings(
         w = await find(uow.conn, directory, principal, target)
         if w.company_id is None:
             raise not_found("wallet")  # an account no one has heard of
+        changes = patch.changes()  # after the tenant check: a 404 first for others' wallets
         changed = await change_settings(uow.conn, w, changes, cause=f"patch:{uuid.uuid4()}")
         return await view(uow.conn, principal, changed)
 
