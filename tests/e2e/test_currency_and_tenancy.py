@@ -222,7 +222,14 @@ async def test_another_tenants_wallet_is_not_found_whatever_the_body(tally: Tall
     another company's wallets from a 422, and nothing changes."""
     mine, theirs = await Reseller(tally).create(connect=False), await Reseller(tally).create(connect=False)
     their_account = await theirs.account()
-    before = await theirs.wallet(their_account)
+
+    async def known() -> dict[str, Any] | None:  # once the wallet has heard of the account
+        r = await tally.http.get(
+            tally.url("wallet", f"/v1/accounts/{their_account}/wallet"), headers=theirs.admin
+        )
+        return r.json() if r.status_code == 200 else None  # type: ignore[no-any-return]
+
+    before = await eventually(known, what="the wallet to learn of the account")
     for path, method, body in [
         (f"/v1/accounts/{their_account}/wallet", "PATCH", {"threshold": "-1"}),
         (f"/v1/accounts/{their_account}/wallet", "PATCH", {"threshold": "5"}),
