@@ -106,6 +106,8 @@ async def get_account(aid: PathId, principal: CurrentPrincipal, w: Wired) -> Acc
 
 @router.get("/accounts/{aid}/rebilling", response_model=RebillingOut)
 async def get_rebilling(aid: PathId, principal: CurrentPrincipal, w: Wired) -> RebillingOut:
+    # the company's business (API.md): its markups are not its client's to read
+    require_role(principal, "company_admin", "platform_admin")
     return await rebilling_settings.show(w.db, principal, aid)
 
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Path, Query, Request
 
 from tally import idempotency
 from tally.auth import CurrentPrincipal, Role, require_company, require_role
-from tally.errors import JsonResponse, money_field
+from tally.errors import JsonResponse
 from tally.idempotency import IdempotencyKey, Stored
 from tally.ids import ID_PATTERN, PathId, PathKey
 from tally_wallet import credit_requests, credits, wallets
@@ -146,13 +146,12 @@ async def request_credits(
     idempotency_key: IdempotencyKey = None,
 ) -> CreditRequestOut | JsonResponse:
     require_role(principal, "account_user")
-    amount = money_field(body.amount, "amount")
     out = await credit_requests.request_credits(
         w.uow(),
         w.directory,
         principal,
         aid,
-        amount=amount,
+        amount=body.amount,
         reference=body.reference,
         idempotency_key=idempotency_key,
         fingerprint=idempotency.request_hash(request.url.path, body.model_dump()),

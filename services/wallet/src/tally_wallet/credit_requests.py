@@ -12,12 +12,12 @@ import asyncpg
 from tally import events, idempotency, pagination
 from tally.auth import Principal
 from tally.directory import CompanyDirectory
-from tally.errors import ApiError, not_found
+from tally.errors import ApiError, money_field, not_found
 from tally.idempotency import Stored
 from tally.uow import Database, UnitOfWork
 from tally_wallet import storage
 from tally_wallet.credits import credit
-from tally_wallet.domain import SYSTEM_MANUAL_CREDITS, Wallet, account_wallet_id
+from tally_wallet.domain import SYSTEM_MANUAL_CREDITS, BalanceOutOfRange, Wallet, account_wallet_id
 from tally_wallet.messages import SOURCE, wallet_rows
 from tally_wallet.schemas import CreditRequestOut, credit_request_out
 from tally_wallet.wallets import Page, Target, find
@@ -31,7 +31,7 @@ async def request_credits(
     principal: Principal,
     account_id: str,
     *,
-    amount: int,
+    amount: str,
     reference: str | None,
     idempotency_key: str | None,
     fingerprint: str,
@@ -40,11 +40,13 @@ async def request_credits(
     only while the company has not connected Stripe (else the account tops up itself)."""
     who = idempotency.principal_key(principal)
     async with uow:
+        # the tenant check first: another account is a 404 whatever the key or the amount
+        wallet = await find(uow.conn, directory, principal, Target("account", account_id))
         if idempotency_key is not None:
             stored = await uow.claim_key(who, idempotency_key, fingerprint)
             if stored is not None and stored.response is not None:
                 return stored
-        wallet = await find(uow.conn, directory, principal, Target("account", account_id))
+        micros = money_field(amount, "amount")
         company_id = wallet.company_id
         assert company_id is not None  # an account user's token names its company
         _, connected = await storage.company_funding(uow.conn, company_id)
@@ -60,7 +62,7 @@ async def request_credits(
             id_=f"cr_{uuid.uuid4().hex}",
             account_id=account_id,
             company_id=company_id,
-            amount=amount,
+            amount=micros,
             currency=wallet.currency,
             reference=reference,
             requested_by=principal.email or principal.sub,
@@ -71,7 +73,7 @@ async def request_credits(
             request_id=row["id"],
             company_id=company_id,
             account_id=account_id,
-            amount_micros=amount,
+            amount_micros=micros,
             currency=wallet.currency,
             reference=reference,
             requested_by=row["requested_by"],
@@ -120,15 +122,22 @@ async def resolve(
                 company_id=row["company_id"],
                 account_id=row["account_id"],
             )
-            await credit(
-                uow.conn,
-                wallet,
-                amount=row["amount"],
-                kind="credit_request",
-                key=f"credit_request:{request_id}",
-                system=SYSTEM_MANUAL_CREDITS,
-                reference=row["reference"],
-            )
+            try:
+                await credit(
+                    uow.conn,
+                    wallet,
+                    amount=row["amount"],
+                    kind="credit_request",
+                    key=f"credit_request:{request_id}",
+                    system=SYSTEM_MANUAL_CREDITS,
+                    reference=row["reference"],
+                )
+            except BalanceOutOfRange as exc:
+                raise ApiError(
+                    422,
+                    "validation_error",
+                    "amount: the credit would take the wallet beyond what it can hold",
+                ) from exc
         resolved = events.CreditRequestResolved(
             request_id=request_id,
             company_id=row["company_id"],

@@ -10,13 +10,14 @@ from tally import events, idempotency, outbox
 from tally.auth import Principal
 from tally.db import Conn
 from tally.directory import CompanyDirectory
-from tally.errors import money_field, not_found
+from tally.errors import invalid, money_field, not_found
 from tally.idempotency import Stored
 from tally.money import format_micros
 from tally.uow import UnitOfWork
 from tally_wallet import storage
 from tally_wallet.domain import (
     SYSTEM_MANUAL_CREDITS,
+    BalanceOutOfRange,
     Posted,
     Transfer,
     TransferKind,
@@ -44,7 +45,10 @@ async def credit(
         current = await storage.get_wallet(conn, wallet.id)
         assert current is not None
         return None, current
-    source = Wallet(system_wallet_id(system, wallet.currency), "system", wallet.currency)
+    # Each company's credits come from its own system wallet: a shared one would let one
+    # company's credits take it to the end of its range and stop every other company's.
+    source_id = system_wallet_id(system, wallet.currency, wallet.company_id)
+    source = Wallet(source_id, "system", wallet.currency)
     posting = await storage.post(
         conn, [wallet, source], [Transfer(key, source.id, wallet.id, amount, kind, reference=reference)]
     )
@@ -94,15 +98,18 @@ async def grant(
             key = f"manual:{wallet.id}:{idempotency.principal_digest(who)}:{idempotency_key}"
         else:
             key = f"manual:{wallet.id}:{uuid.uuid4()}"
-        posted, current = await credit(
-            uow.conn,
-            wallet,
-            amount=micros,
-            kind="manual_credit",
-            key=key,
-            system=SYSTEM_MANUAL_CREDITS,
-            reference=reference,
-        )
+        try:
+            posted, current = await credit(
+                uow.conn,
+                wallet,
+                amount=micros,
+                kind="manual_credit",
+                key=key,
+                system=SYSTEM_MANUAL_CREDITS,
+                reference=reference,
+            )
+        except BalanceOutOfRange as exc:
+            raise invalid("amount", "the credit would take the wallet beyond what it can hold") from exc
         out = CreditOut(
             transfer_id=key,
             amount=format_micros(micros),

@@ -15,6 +15,7 @@ import orjson
 from tally.db import Conn
 from tally.events import CompanyUpdated, RebillingSettings
 from tally_wallet.domain import (
+    BalanceOutOfRange,
     Posting,
     Rebilling,
     Transfer,
@@ -127,11 +128,14 @@ async def post(conn: Conn, wanted: Iterable[Wallet], transfers: Sequence[Transfe
         delta[t.debit] -= t.amount
         delta[t.credit] += t.amount
     ids = sorted(delta)
-    rows = await conn.fetch(_MOVE, ids, [delta[i] for i in ids])
-    if len(rows) < len(ids):  # wallets that never moved before: create them, then move them
-        missing = sorted(by_id.keys() - {r["id"] for r in rows})
-        await _create(conn, [by_id[i] for i in missing])
-        rows += await conn.fetch(_MOVE, missing, [delta[i] for i in missing])
+    try:
+        rows = await conn.fetch(_MOVE, ids, [delta[i] for i in ids])
+        if len(rows) < len(ids):  # wallets that never moved before: create them, then move them
+            missing = sorted(by_id.keys() - {r["id"] for r in rows})
+            await _create(conn, [by_id[i] for i in missing])
+            rows += await conn.fetch(_MOVE, missing, [delta[i] for i in missing])
+    except asyncpg.NumericValueOutOfRangeError as exc:  # the database's own bound (BIGINT)
+        raise BalanceOutOfRange(f"{exc}: a balance would leave what a wallet can hold") from exc
     wallets = {}
     for r in rows:
         w = wallets[r["id"]] = _wallet(r)
