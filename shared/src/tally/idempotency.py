@@ -104,8 +104,7 @@ async def claim(conn: Conn, principal: str, key: str, fingerprint: str, fresh: s
 async def finish(conn: Conn, principal: str, key: str, status_code: int, response: Any) -> None:
     """Record the response to send again for this key."""
     await conn.execute(
-        "UPDATE idempotency_keys SET status_code = $3, response = $4::json "
-        "WHERE principal = $1 AND key = $2",
+        "UPDATE idempotency_keys SET status_code = $3, response = $4::json WHERE principal = $1 AND key = $2",
         principal,
         key,
         status_code,

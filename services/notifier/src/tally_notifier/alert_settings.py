@@ -3,6 +3,8 @@ period) and extra recipients. ``alerts`` applies them as usage comes in."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import orjson
 
 from tally.auth import Principal
@@ -11,11 +13,16 @@ from tally_notifier import accounts, storage
 from tally_notifier.domain import AlertRules, Condition, recipients_of
 
 
-async def replace(uow: UnitOfWork, principal: Principal, account_id: str, rules: AlertRules) -> AlertRules:
-    """Replace the account's settings; returns them as kept (recipients normalised)."""
-    kept = AlertRules(rules.enabled, rules.conditions, recipients_of(rules.recipients))
+async def replace(
+    uow: UnitOfWork, principal: Principal, account_id: str, rules: Callable[[], AlertRules]
+) -> AlertRules:
+    """Replace the account's settings; returns them as kept (recipients normalised). ``rules``
+    parses the request's (a 422 for a bad threshold), after the tenant check: another tenant's
+    account is a 404 whatever the body."""
     async with uow:
         a = await accounts.visible(uow.conn, principal, account_id)
+        asked = rules()
+        kept = AlertRules(asked.enabled, asked.conditions, recipients_of(asked.recipients))
         await storage.save_rules(
             uow.conn,
             account_id,

@@ -29,8 +29,7 @@ router = APIRouter(prefix="/v1", tags=["notifications"])
 @router.put("/accounts/{aid}/usage-alerts", response_model=AlertsOut)
 async def put_alerts(aid: PathId, body: AlertsIn, principal: CurrentPrincipal, w: Wired) -> AlertsOut:
     require_role(principal, "company_admin", "platform_admin")
-    rules = body.rules()
-    return alerts_out(aid, await alert_settings.replace(w.uow(), principal, aid, rules))
+    return alerts_out(aid, await alert_settings.replace(w.uow(), principal, aid, body.rules))
 
 
 @router.get("/accounts/{aid}/usage-alerts", response_model=AlertsOut)

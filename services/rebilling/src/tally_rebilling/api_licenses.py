@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 
 from tally import idempotency
 from tally.auth import CurrentPrincipal, require_role
-from tally.errors import JsonResponse, money_field
+from tally.errors import JsonResponse
 from tally.idempotency import IdempotencyKey
 from tally.ids import PathId, PathKey
 from tally_rebilling import accounts, licenses, seats
@@ -107,8 +107,7 @@ async def put_seat_price(
     """What the company charges its stripe_connect_automated workspaces per seat and month:
     from the next period for seats held, at once for seats added."""
     require_role(principal, "company_admin", "platform_admin")
-    amount = money_field(body.amount, "amount", allow_zero=True)
-    return await seats.set_price(w.uow(), principal, cid, amount)
+    return await seats.set_price(w.uow(), principal, cid, body.amount)
 
 
 @router.get("/companies/{cid}/seat-price", response_model=SeatPriceOut)

@@ -66,8 +66,6 @@ async def subscribe(
     idempotency_key: IdempotencyKey = None,
 ) -> SubscriptionOut | JsonResponse:
     require_role(principal, "company_admin", "account_user", "platform_admin")
-    if principal.role == "account_user" and body.deployment == "direct":
-        raise ApiError(403, "forbidden", "direct deployment is the company's decision")
     started = await subscriptions.subscribe(
         w.db,
         w.biller,

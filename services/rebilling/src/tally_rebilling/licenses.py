@@ -68,14 +68,15 @@ async def buy(
     async with db.unit() as uow:
         conn = uow.conn
         pid = f"lp_{uuid.uuid4().hex[:20]}"
+        # the tenant check first: another company is a 404 whatever the key
+        c = await storage.company(conn, cid)
+        if c is None or not principal.can_see_company(cid):
+            raise not_found("company")
         if idempotency_key is not None:
             key = await uow.claim_resource(who, idempotency_key, fingerprint, pid)
             if key.replayed is not None:
                 return Bought(key.replayed.status_code or 201, key.replayed.response)
             pid = key.resource  # a second request for the key settles the same purchase
-        c = await storage.company(conn, cid)
-        if c is None or not principal.can_see_company(cid):
-            raise not_found("company")
         sub = await storage.license_subscription(conn, cid)
         if sub is not None and sub["status"] == "past_due":
             raise ApiError(

@@ -57,17 +57,17 @@ async def change(
 ) -> RebillingOut:
     """Set an account's rebilling (``known``: the services a markup may name). Rebilling needs
     the plan that allows the mode, the company's Stripe connected and the account's card."""
-    markups = checked_markups(markups, known) if mode == "rebill_markup" else {}
-    if mode == "rebill_markup" and not markups:
-        raise ApiError(
-            422, "invalid_markup", 'rebill_markup needs at least one markup (a service or "default")'
-        )
     async with uow:
         conn = uow.conn
         # The company's lock first, as plan changes and Stripe (dis)connection take it: what
         # is checked below (plan, connection) cannot change until this write commits, so two
         # admins at once never leave markup on a starter plan or rebilling without Stripe.
-        owner = await account_for(conn, principal, aid)
+        owner = await account_for(conn, principal, aid)  # another tenant: 404 whatever the body
+        markups = checked_markups(markups, known) if mode == "rebill_markup" else {}
+        if mode == "rebill_markup" and not markups:
+            raise ApiError(
+                422, "invalid_markup", 'rebill_markup needs at least one markup (a service or "default")'
+            )
         c = await storage.company(conn, owner["company_id"], lock=True)
         assert c is not None
         a = await account_for(conn, principal, aid, lock=True)

@@ -44,9 +44,9 @@ async def set_price(
     p = CATALOG.get(product)
     if p is None:
         raise ApiError(404, "unknown_product", f"no product {product!r} in the reselling catalog")
-    price = money_field(company_price, "company_price", allow_zero=True)
     async with uow:
         await company_for(uow.conn, principal, cid)
+        price = money_field(company_price, "company_price", allow_zero=True)  # after the tenant check
         await storage.set_company_price(uow.conn, cid, product, price)
     return catalog_row(p, price)
 

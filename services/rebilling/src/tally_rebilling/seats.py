@@ -12,6 +12,7 @@ import asyncpg
 
 from tally.auth import Principal
 from tally.db import Conn
+from tally.errors import money_field
 from tally.money import format_micros
 from tally.uow import Database, UnitOfWork
 from tally_rebilling import storage
@@ -42,11 +43,12 @@ async def add_seat(conn: Conn, account: asyncpg.Record, invitation_id: str) -> s
     return str(sub["id"])
 
 
-async def set_price(uow: UnitOfWork, principal: Principal, cid: str, amount: int) -> SeatPriceOut:
+async def set_price(uow: UnitOfWork, principal: Principal, cid: str, amount_text: str) -> SeatPriceOut:
     """What the company charges its stripe_connect_automated workspaces per seat and month:
     from the next period for seats held, at once for seats added."""
     async with uow:
         c = await company_for(uow.conn, principal, cid, lock=True)
+        amount = money_field(amount_text, "amount", allow_zero=True)  # after the tenant check
         await storage.set_seat_price(uow.conn, cid, amount)
     return SeatPriceOut(amount=format_micros(amount), currency=c["currency"])
 

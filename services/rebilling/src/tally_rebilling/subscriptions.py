@@ -46,18 +46,22 @@ async def subscribe(
     failed leg leaves the subscription past_due, dunned). With an Idempotency-Key the same
     request subscribes once and answers the first response again (``Stored``)."""
     at = at or datetime.now(UTC)
-    p = CATALOG.get(product)
-    if p is None:
-        raise ApiError(
-            422,
-            "unknown_product",
-            f"no product {product!r} in the catalog",
-            [{"field": "product", "message": f"one of {sorted(CATALOG)}"}],
-        )
     who = idempotency.principal_key(principal)
     period = current_period(at)
     in_flight = False
     async with db.unit() as uow:
+        # the tenant check first: another tenant's account is a 404 whatever the body or key
+        await account_for(uow.conn, principal, aid)
+        if principal.role == "account_user" and deployment == "direct":
+            raise ApiError(403, "forbidden", "direct deployment is the company's decision")
+        p = CATALOG.get(product)
+        if p is None:
+            raise ApiError(
+                422,
+                "unknown_product",
+                f"no product {product!r} in the catalog",
+                [{"field": "product", "message": f"one of {sorted(CATALOG)}"}],
+            )
         sub_id = f"sub_{uuid.uuid4().hex[:20]}"
         if idempotency_key is not None:
             key = await uow.claim_resource(who, idempotency_key, fingerprint, sub_id)
