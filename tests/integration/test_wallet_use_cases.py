@@ -1,0 +1,204 @@
+"""The wallet's use cases called as plain functions — no HTTP, no broker — on a unit of work over
+the real Postgres: manual credits (once per key, per-company system wallets, the range of a
+balance), the credit-request workflow, settings changes, and the tenant check before the body."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tally import db, events
+from tally.auth import Principal
+from tally.errors import ApiError
+from tally.idempotency import Stored
+from tally.uow import Database
+from tally_wallet import credit_requests, credits, storage, wallets
+from tally_wallet.schemas import CreditOut, CreditRequestOut
+from tally_wallet.wallet_settings import SettingsPatch
+from tally_wallet.wallets import Target
+from tests.support.stack import Infra, uid
+
+
+class Directory:
+    """rebilling's answers, as the wallet's CompanyDirectory gives them."""
+
+    def __init__(self, currencies: dict[str, str] | None = None) -> None:
+        self.known = currencies or {}
+
+    async def currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
+        return {c: self.known[c] for c in company_ids if c in self.known}
+
+
+class Relay:
+    def __init__(self) -> None:
+        self.woken = 0
+
+    def wake(self) -> None:
+        self.woken += 1
+
+
+@pytest.fixture
+async def database(infra: Infra) -> AsyncIterator[Database]:
+    schema = f"wallet_uc_{uid('t').replace('-', '_')}"
+    pool = await db.create_pool(infra.stack.database_url, schema, size=4)
+    await db.migrate(pool, schema, "tally")
+    await db.migrate(pool, schema, "tally_wallet")
+    yield Database(pool, Relay())
+    await pool.close()
+
+
+async def tenant(database: Database, currency: str = "USD", connected: bool = False) -> tuple[str, str]:
+    cid, aid = uid("co"), uid("acct")
+    async with database.unit() as uow:
+        await storage.upsert_company(
+            uow.conn,
+            events.CompanyUpdated(
+                company_id=cid, name=cid, plan="saas_pro", currency=currency, stripe_connected=connected
+            ),
+        )
+        await storage.upsert_account(uow.conn, aid, cid)
+    return cid, aid
+
+
+def admin(cid: str) -> Principal:
+    return Principal(sub=f"admin-{cid}", role="company_admin", company_id=cid, email=f"admin@{cid}.test")
+
+
+def user(cid: str, aid: str) -> Principal:
+    return Principal(sub=f"user-{aid}", role="account_user", company_id=cid, account_id=aid)
+
+
+async def grant(database: Database, who: Principal, aid: str, amount: str, key: str | None = None) -> Any:
+    return await credits.grant(
+        database.unit(),
+        Directory(),  # type: ignore[arg-type]
+        who,
+        Target("account", aid),
+        amount=amount,
+        reference=None,
+        idempotency_key=key,
+        fingerprint=f"credit {aid} {amount}",
+    )
+
+
+async def lines(database: Database, wallet_id: str) -> list[asyncpg.Record]:
+    return await database.pool.fetch("SELECT * FROM transfers WHERE credit_wallet = $1", wallet_id)
+
+
+async def test_a_manual_credit_is_posted_once_per_key_from_the_companys_own_system_wallet(
+    database: Database,
+) -> None:
+    cid, aid = await tenant(database, "EUR")
+    first = await grant(database, admin(cid), aid, "12.5", key="k1")
+    again = await grant(database, admin(cid), aid, "12.5", key="k1")
+    assert isinstance(first, CreditOut) and first.wallet.balance == "12.500000"
+    assert first.wallet.currency == "EUR"
+    assert isinstance(again, Stored) and again.response == first.model_dump(mode="json")
+    [line] = await lines(database, f"account:{aid}")
+    assert line["debit_wallet"] == f"system:manual_credits:{cid}:EUR"
+    assert line["amount"] == 12_500_000
+    balances = await database.pool.fetch("SELECT sum(balance)::bigint AS total FROM wallets")
+    assert balances[0]["total"] == 0  # double entry: the system wallet is at -12.5
+
+
+async def test_another_tenants_wallet_is_not_found_before_the_amount_is_read(database: Database) -> None:
+    cid, aid = await tenant(database)
+    other, _ = await tenant(database)
+    for amount in ("abc", "-1", "5"):
+        with pytest.raises(ApiError) as err:
+            await grant(database, admin(other), aid, amount)
+        assert err.value.status == 404, amount
+    with pytest.raises(ApiError) as err:
+        await grant(database, admin(cid), aid, "abc")
+    assert (err.value.status, err.value.code) == (422, "validation_error")
+    assert await lines(database, f"account:{aid}") == []
+
+
+async def test_a_credit_past_what_a_wallet_holds_is_a_422_and_moves_nothing(database: Database) -> None:
+    cid, aid = await tenant(database)
+    for _ in range(9):
+        assert isinstance(await grant(database, admin(cid), aid, "999999999999.999999"), CreditOut)
+    with pytest.raises(ApiError) as err:
+        await grant(database, admin(cid), aid, "999999999999.999999")
+    assert (err.value.status, err.value.code) == (422, "validation_error")
+    assert len(await lines(database, f"account:{aid}")) == 9
+
+
+async def test_a_credit_request_is_approved_once_and_credits_once(database: Database) -> None:
+    cid, aid = await tenant(database)
+    asked = await credit_requests.request_credits(
+        database.unit(),
+        Directory(),  # type: ignore[arg-type]
+        user(cid, aid),
+        aid,
+        amount="7",
+        reference="please",
+        idempotency_key=None,
+        fingerprint="cr",
+    )
+    assert isinstance(asked, CreditRequestOut) and asked.status == "pending"
+    with pytest.raises(ApiError) as err:  # one pending request per account
+        await credit_requests.request_credits(
+            database.unit(),
+            Directory(),  # type: ignore[arg-type]
+            user(cid, aid),
+            aid,
+            amount="1",
+            reference=None,
+            idempotency_key=None,
+            fingerprint="cr2",
+        )
+    assert err.value.code == "pending_request_exists"
+    approved = await credit_requests.resolve(database.unit(), admin(cid), asked.id, "approved")
+    assert approved["status"] == "approved"
+    with pytest.raises(ApiError) as err:
+        await credit_requests.resolve(database.unit(), admin(cid), asked.id, "rejected")
+    assert err.value.code == "request_not_pending"
+    [line] = await lines(database, f"account:{aid}")
+    assert (line["amount"], line["kind"]) == (7_000_000, "credit_request")
+
+
+async def test_a_connected_company_tops_up_instead_of_requesting(database: Database) -> None:
+    cid, aid = await tenant(database, connected=True)
+    with pytest.raises(ApiError) as err:
+        await credit_requests.request_credits(
+            database.unit(),
+            Directory(),  # type: ignore[arg-type]
+            user(cid, aid),
+            aid,
+            amount="7",
+            reference=None,
+            idempotency_key=None,
+            fingerprint="cr",
+        )
+    assert (err.value.status, err.value.code) == (409, "top_up_available")
+
+
+async def test_a_settings_change_is_kept_and_published_with_the_balance(database: Database) -> None:
+    cid, aid = await tenant(database)
+    view = await wallets.update_settings(
+        database.unit(),
+        Directory(),  # type: ignore[arg-type]
+        user(cid, aid),  # the spec lets account owners change their own
+        Target("account", aid),
+        SettingsPatch(threshold="3", reload_amount="20", auto_recharge=True),
+    )
+    assert (view.wallet.threshold, view.wallet.reload_amount, view.wallet.auto_recharge) == (
+        3_000_000,
+        20_000_000,
+        True,
+    )
+    [row] = await database.pool.fetch("SELECT count(*) AS n FROM outbox")
+    assert row["n"] >= 1  # wallet.settings_changed, in the same commit
+    with pytest.raises(ApiError) as err:
+        await wallets.update_settings(
+            database.unit(),
+            Directory(),  # type: ignore[arg-type]
+            user(cid, aid),
+            Target("account", aid),
+            SettingsPatch(threshold="-1"),
+        )
+    assert err.value.status == 422
