@@ -1,0 +1,114 @@
+"""rebilling's use cases called as plain functions on a unit of work over the real Postgres (no
+HTTP, no services): rebilling gated by plan, Stripe and the account's card; a downgrade or a
+disconnection takes rebilling down with it; the tenant check before the body; every change
+published in its own commit."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tally import db
+from tally.auth import Principal
+from tally.errors import ApiError
+from tally.uow import Database
+from tally_rebilling import accounts, companies, rebilling_settings, storage
+from tally_rebilling.schemas import AccountIn, CompanyIn
+from tests.support.stack import Infra, uid
+
+KNOWN = {"email", "sms", "phone", "ai", "whatsapp"}
+PLATFORM = Principal(sub="ops", role="platform_admin")
+
+
+class Relay:
+    def wake(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def database(infra: Infra) -> AsyncIterator[Database]:
+    schema = f"rebilling_uc_{uid('t').replace('-', '_')}"
+    pool = await db.create_pool(infra.stack.database_url, schema, size=4)
+    await db.migrate(pool, schema, "tally")
+    await db.migrate(pool, schema, "tally_rebilling")
+    yield Database(pool, Relay())
+    await pool.close()
+
+
+def admin(cid: str) -> Principal:
+    return Principal(sub=f"admin-{cid}", role="company_admin", company_id=cid, email=f"a@{cid}.test")
+
+
+async def company(database: Database, plan: str = "saas_pro") -> tuple[str, str]:
+    cid, aid = uid("co"), uid("ws")
+    await companies.create(
+        database.unit(),
+        CompanyIn(id=cid, name="Agency", plan=plan, owner_email=f"owner-{cid}@example.com"),
+    )
+    client = AccountIn(id=aid, name="Client", owner_email=f"client-{aid}@example.com")
+    await accounts.create(database.unit(), admin(cid), cid, client)
+    return cid, aid
+
+
+async def set_mode(database: Database, who: Principal, aid: str, mode: str, markups: dict[str, str]) -> str:
+    out = await rebilling_settings.change(database.unit(), who, aid, mode, markups, KNOWN)  # type: ignore[arg-type]
+    return out.mode
+
+
+async def test_rebilling_is_gated_by_plan_stripe_and_card_in_that_order(database: Database) -> None:
+    cid, aid = await company(database, plan="starter")
+    with pytest.raises(ApiError) as err:
+        await set_mode(database, admin(cid), aid, "rebill", {})
+    assert (err.value.status, err.value.code) == (403, "plan_upgrade_required")
+    await companies.change_plan(database.unit(), admin(cid), cid, "saas_pro")
+    with pytest.raises(ApiError) as err:
+        await set_mode(database, admin(cid), aid, "rebill_markup", {"sms": "2"})
+    assert (err.value.status, err.value.code) == (409, "company_stripe_not_connected")
+    await companies.connect_stripe(database.unit(), admin(cid), cid, "acct_test_1")
+    with pytest.raises(ApiError) as err:
+        await set_mode(database, admin(cid), aid, "rebill_markup", {"sms": "2"})
+    assert (err.value.status, err.value.code) == (409, "account_card_required")
+    async with database.unit() as uow:
+        assert await storage.set_card(uow.conn, aid, True)
+    assert await set_mode(database, admin(cid), aid, "rebill_markup", {"sms": "2.50"}) == "rebill_markup"
+    shown = await rebilling_settings.show(database, admin(cid), aid)
+    assert shown.markups == {"sms": "2.5"}
+
+
+async def test_a_downgrade_and_a_disconnection_take_rebilling_down(database: Database) -> None:
+    cid, aid = await company(database)
+    await companies.connect_stripe(database.unit(), admin(cid), cid, "acct_test_2")
+    async with database.unit() as uow:
+        await storage.set_card(uow.conn, aid, True)
+    await set_mode(database, admin(cid), aid, "rebill_markup", {"default": "1.5"})
+    await companies.change_plan(database.unit(), admin(cid), cid, "unlimited")  # markup needs saas_pro
+    assert (await rebilling_settings.show(database, admin(cid), aid)).mode == "rebill"
+    await companies.disconnect_stripe(database.unit(), admin(cid), cid)
+    assert (await rebilling_settings.show(database, admin(cid), aid)).mode == "off"
+    # each change is in the outbox with its state (the relay sends it after the commit)
+    [row] = await database.pool.fetch("SELECT sum(count)::int AS n FROM outbox")
+    assert row["n"] >= 5
+
+
+async def test_another_tenants_account_is_not_found_whatever_the_markups(database: Database) -> None:
+    _, aid = await company(database)
+    other, _ = await company(database)
+    for markups in ({"sms": "99"}, {"nope": "2"}, {}):
+        with pytest.raises(ApiError) as err:
+            await set_mode(database, admin(other), aid, "rebill_markup", markups)
+        assert err.value.status == 404, markups
+    cid = (await accounts.show(database, PLATFORM, aid))["company_id"]
+    with pytest.raises(ApiError) as err:  # its own admin is told what is wrong with the body
+        await set_mode(database, admin(cid), aid, "rebill_markup", {"sms": "99"})
+    assert (err.value.status, err.value.code) == (422, "invalid_markup")
+
+
+async def test_a_company_is_created_once(database: Database) -> None:
+    cid, _ = await company(database)
+    with pytest.raises(ApiError) as err:
+        await companies.create(
+            database.unit(),
+            CompanyIn(id=cid, name="Again", plan="starter", owner_email="x@example.com"),
+        )
+    assert (err.value.status, err.value.code) == (409, "already_exists")
