@@ -14,7 +14,7 @@ from fastapi import Header
 
 from tally.auth import Principal
 from tally.db import Conn
-from tally.errors import ApiError
+from tally.errors import ApiError, JsonResponse
 
 TTL = "24 hours"
 
@@ -28,6 +28,10 @@ class Stored:
     resource: str | None
     status_code: int | None
     response: Any
+
+    def replay(self) -> JsonResponse:
+        """The first response to the key, again."""
+        return JsonResponse(self.response, status_code=self.status_code or 201)
 
 
 def principal_key(p: Principal) -> str:

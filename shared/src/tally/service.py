@@ -54,10 +54,7 @@ class Runtime:
     broker: KafkaBroker
     producer: AIOKafkaProducer
     relay: OutboxRelay
-
-    @property
-    def db(self) -> Database:
-        return Database(self.pool, self.relay)
+    db: Database  # units of work on ``pool``, waking ``relay``
 
 
 @dataclass
@@ -140,7 +137,7 @@ def create_app(spec: ServiceSpec[Any], settings: Settings | None = None) -> Fast
         )
         producer = make_producer(settings, client_id=spec.name)
         relay = OutboxRelay(pool, producer, service=spec.name, poll_interval=settings.outbox_poll_ms / 1000)
-        rt = Runtime(spec.name, settings, pool, broker, producer, relay)
+        rt = Runtime(spec.name, settings, pool, broker, producer, relay, Database(pool, relay))
         wired = spec.wire(rt)
         app.state.runtime = rt
         app.state.wiring = wired

@@ -77,7 +77,7 @@ async def subscribe(
         fingerprint=idempotency.request_hash(request.url.path, body.model_dump()),
     )
     if isinstance(started, Stored):  # the first response to this Idempotency-Key, again
-        return JsonResponse(started.response, status_code=started.status_code or 201)
+        return started.replay()
     return started
 
 

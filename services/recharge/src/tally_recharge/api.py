@@ -116,7 +116,7 @@ def _owner_routes(kind: OwnerKind) -> APIRouter:
             fingerprint=idempotency.request_hash(request.url.path, body.model_dump()),
         )
         if isinstance(out, Stored):
-            return JsonResponse(out.response, status_code=out.status_code or 201)
+            return out.replay()
         return out
 
     @r.get("/wallet/recharges", response_model=AttemptPage, name=f"{kind}_recharges")

@@ -36,10 +36,6 @@ router = APIRouter(prefix="/v1", tags=["wallet"])
 Limit = Annotated[int, Query(ge=1, le=500)]
 
 
-def _replayed(stored: Stored) -> JsonResponse:
-    return JsonResponse(stored.response, status_code=stored.status_code or 201)
-
-
 # --- wallets: one set of routes, mounted for company wallets and for account wallets ----------
 
 
@@ -113,7 +109,7 @@ def _wallet_routes(owner: Literal["company", "account"]) -> APIRouter:
             idempotency_key=idempotency_key,
             fingerprint=idempotency.request_hash(request.url.path, body.model_dump()),
         )
-        return _replayed(out) if isinstance(out, Stored) else out
+        return out.replay() if isinstance(out, Stored) else out
 
     return r
 
@@ -156,7 +152,7 @@ async def request_credits(
         idempotency_key=idempotency_key,
         fingerprint=idempotency.request_hash(request.url.path, body.model_dump()),
     )
-    return _replayed(out) if isinstance(out, Stored) else out
+    return out.replay() if isinstance(out, Stored) else out
 
 
 @router.get("/companies/{cid}/credit-requests", response_model=CreditRequestPage)

@@ -111,17 +111,13 @@ class WalletEvent:
     cause: str  # the transfer key that caused it (deterministic event ids)
 
 
-# What a balance can hold: Postgres's BIGINT, checked here so the ledger refuses a transfer
-# (LedgerError) before the database would (a DataError the caller cannot tell apart).
-MAX_BALANCE = 2**63 - 1
-
-
 class LedgerError(ValueError):
     pass
 
 
 class BalanceOutOfRange(LedgerError):
-    """A transfer that would take a balance past ``MAX_BALANCE`` (either way)."""
+    """A transfer that would take a balance past what the database holds (BIGINT micros):
+    ``storage.post`` raises it when Postgres refuses the balance update."""
 
 
 @dataclass
@@ -142,8 +138,6 @@ class Posting:
             raise LedgerError(
                 f"transfer {t.key}: {debit.currency} wallet cannot pay a {credit.currency} wallet"
             )
-        if debit.balance - t.amount < -MAX_BALANCE or credit.balance + t.amount > MAX_BALANCE:
-            raise BalanceOutOfRange(f"transfer {t.key}: a balance would leave what a wallet can hold")
         before = debit.balance
         debit.balance -= t.amount
         credit.balance += t.amount
