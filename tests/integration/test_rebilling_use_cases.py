@@ -6,14 +6,17 @@ published in its own commit."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tally import db
+from tally import db, events
 from tally.auth import Principal
 from tally.errors import ApiError
 from tally.uow import Database
 from tally_rebilling import accounts, companies, rebilling_settings, storage
+from tally_rebilling.cards import CardEvent, follow_cards
+from tally_rebilling.domain import current_period
 from tally_rebilling.schemas import AccountIn, CompanyIn
 from tests.support.stack import Infra, uid
 
@@ -112,3 +115,93 @@ async def test_a_company_is_created_once(database: Database) -> None:
             CompanyIn(id=cid, name="Again", plan="starter", owner_email="x@example.com"),
         )
     assert (err.value.status, err.value.code) == (409, "already_exists")
+
+
+async def test_a_card_saved_brings_failed_legs_forward_and_never_pushes_a_due_one_back(
+    database: Database,
+) -> None:
+    """Regression (CI, 2026-12-03): an account saved a card just before it was subscribed; the
+    card event, handled while the subscribe was charging its first period, moved the due leg's
+    time from the subscribe's instant to the consumer's ``now``, so the subscribe no longer saw
+    it as due and answered ``charge: pending`` for a card that declines."""
+    cid, aid = await company(database)
+    opened = datetime.now(UTC)
+    async with database.unit() as uow:
+        sub = await storage.insert_subscription(
+            uow.conn,
+            {
+                "id": uid("sub"),
+                "account_id": aid,
+                "company_id": cid,
+                "product": "whatsapp",
+                "deployment": "resell",
+                "platform_price": 10_000_000,
+                "company_price": 15_000_000,
+                "first_period": current_period(opened),
+            },
+        )
+        await storage.open_legs(uow.conn, sub, current_period(opened), opened)
+    period = current_period(opened)
+
+    def saved(at: datetime, *, account: bool, card: str | None = None) -> CardEvent:
+        change = events.PaymentMethodChanged(
+            company_id=cid,
+            account_id=aid if account else None,
+            payment_method=card or uid("pm"),
+            has_valid_card=True,
+        )
+        return CardEvent(uid("ev"), at, True, change)
+
+    async def due(at: datetime) -> set[str]:
+        async with database.reading() as conn:
+            return {r["leg"] for r in await storage.due_legs(conn, at, subscription_id=sub["id"])}
+
+    async def fail_account_leg(tried: datetime, cards: tuple[str, ...]) -> None:
+        async with database.unit() as uow:
+            leg = await storage.lock_leg(uow.conn, sub["id"], period, "account")
+            assert leg is not None
+            await storage.settle_leg(
+                uow.conn,
+                leg,
+                status="failed",
+                failures=leg["failures"] + 1,
+                next_try_at=tried + timedelta(hours=24),
+                error="card_declined",
+                tried_at=tried,
+                cards=cards,
+            )
+
+    # the account's card, saved after the legs opened: both legs stay due at the opening instant
+    async with database.unit() as uow:
+        woken = await follow_cards(uow, [saved(opened + timedelta(milliseconds=5), account=True)])
+    assert woken == 1
+    assert await due(opened) == {"platform", "account"}
+
+    # the account leg fails on the card it tried; its next try is a day later ...
+    tried = datetime.now(UTC)
+    await fail_account_leg(tried, ("pm_first",))
+    assert await due(tried + timedelta(seconds=1)) == {"platform"}
+    # ... that card, saved (or made default) before the try began, changes nothing ...
+    async with database.unit() as uow:
+        before = tried - timedelta(seconds=1)
+        assert await follow_cards(uow, [saved(before, account=True, card="pm_first")]) == 0
+    assert await due(tried + timedelta(seconds=1)) == {"platform"}
+    # ... a card saved after the try began brings it forward, even one the try charged
+    async with database.unit() as uow:
+        after = tried + timedelta(milliseconds=1)
+        assert await follow_cards(uow, [saved(after, account=True, card="pm_first")]) == 1
+    assert await due(datetime.now(UTC)) == {"platform", "account"}
+
+    # a card saved before a try began that the try did not reach (it was saved while the try
+    # read the payer's cards, across two services' clocks): brought forward all the same
+    tried = datetime.now(UTC)
+    await fail_account_leg(tried, ("pm_first",))
+    async with database.unit() as uow:
+        before = tried - timedelta(seconds=1)
+        assert await follow_cards(uow, [saved(before, account=True, card="pm_second")]) == 1
+    assert await due(datetime.now(UTC)) == {"platform", "account"}
+
+    # the company's card concerns the platform leg only (still due: it keeps its time)
+    async with database.unit() as uow:
+        assert await follow_cards(uow, [saved(datetime.now(UTC), account=False)]) == 1
+    assert await due(opened) == {"platform"}

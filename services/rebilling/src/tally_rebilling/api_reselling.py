@@ -112,7 +112,7 @@ async def run_now(body: RunIn, principal: CurrentPrincipal, w: Wired) -> RunOut:
     if at.tzinfo is None:
         at = at.replace(tzinfo=UTC)
     period = _period(body.period) if body.period else current_period(at)
-    outcomes = await w.biller.run(at, period, company_id=body.company_id)
+    outcomes = await w.biller.run(at, period, company_id=body.company_id, wait=True)
     return RunOut(period=period, outcomes=outcomes)
 
 
@@ -125,7 +125,7 @@ async def run_period(period: PathKey, principal: CurrentPrincipal, w: Wired) -> 
     require_role(principal, "platform_admin")
     period = _period(period)
     now = datetime.now(UTC)
-    outcomes = await w.biller.run(max(now, period_start(period)), period)
+    outcomes = await w.biller.run(max(now, period_start(period)), period, wait=True)
     return RunOut(period=period, outcomes=outcomes)
 
 

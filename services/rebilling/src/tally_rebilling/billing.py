@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 import asyncpg
 import httpx
@@ -36,6 +37,14 @@ DEFAULT_RETRY_HOURS = (24, 72, 120)
 # A try whose outcome recharge does not know yet (processing, unreachable) is asked again after.
 RECHECK = timedelta(seconds=60)
 RUNNER_LOCK = 0x7461_6C6C_7950  # pg advisory lock: one period runner across replicas
+
+
+class Charge(NamedTuple):
+    """How one card charge at recharge ended."""
+
+    outcome: str  # charged, failed, pending (processing, or recharge did not answer)
+    why: str | None = None  # decline codes or the error
+    cards: tuple[str, ...] = ()  # the payment methods tried, in order
 
 
 def retry_delays(raw: str | None) -> tuple[timedelta, ...]:
@@ -84,9 +93,9 @@ class Biller:
 
     async def charge_card(
         self, *, key: str, owner: str, company_id: str, account_id: str | None, amount: int, description: str
-    ) -> tuple[str, str | None]:
+    ) -> Charge:
         """One card charge at recharge, at most once per ``key``: (``charged`` | ``failed`` |
-        ``pending``, why). Asking again with the same key tells how it ended."""
+        ``pending``, why, the cards tried). Asking again with the same key tells how it ended."""
         token = issue_token("platform_admin", sub="rebilling", secret=self.secret, ttl_seconds=300)
         try:
             async with httpx.AsyncClient(timeout=60) as client:
@@ -103,20 +112,21 @@ class Biller:
                     },
                 )
         except httpx.HTTPError as exc:
-            return "pending", f"recharge unreachable: {exc}"[:300]
+            return Charge("pending", f"recharge unreachable: {exc}"[:300])
         if r.status_code >= 500:
-            return "pending", f"recharge answered {r.status_code}"
+            return Charge("pending", f"recharge answered {r.status_code}")
         if r.status_code != 201:  # e.g. 409 company_stripe_not_connected: a failed try
-            return "failed", str(r.json().get("error", {}).get("code", r.status_code))
+            return Charge("failed", str(r.json().get("error", {}).get("code", r.status_code)))
         attempt = r.json()
+        cards = tuple(dict.fromkeys(t["payment_method"] for t in attempt["tries"]))
         if attempt["status"] == "pending":
-            return "pending", "payment processing"
+            return Charge("pending", "payment processing", cards)
         if attempt["status"] != "succeeded":
             codes = [t.get("decline_code") for t in attempt["tries"]] or [attempt.get("error")]
-            return "failed", ", ".join(str(c) for c in codes)
-        return "charged", None
+            return Charge("failed", ", ".join(str(c) for c in codes), cards)
+        return Charge("charged", None, cards)
 
-    async def _charge(self, leg: asyncpg.Record, try_no: int) -> tuple[str, str | None]:
+    async def _charge(self, leg: asyncpg.Record, try_no: int) -> Charge:
         """One try of ``leg``."""
         owner = "company" if leg["leg"].startswith("platform") else "account"
         what = "platform price" if owner == "company" else "company price"
@@ -143,7 +153,20 @@ class Biller:
             # A try asked again (its payment was processing) keeps the time it began.
             asked_again = leg["status"] == "due" and leg["last_try_at"] is not None
             started = leg["last_try_at"] if asked_again else datetime.now(UTC)
-            outcome, why = await self._charge(leg, leg["failures"] + 1)
+            outcome, why, cards = await self._charge(leg, leg["failures"] + 1)
+            log.info(
+                "period leg tried",
+                extra={
+                    "subscription": sub_id,
+                    "period": period,
+                    "leg": leg_name,
+                    "try": leg["failures"] + 1,
+                    "outcome": outcome,
+                    "why": why,
+                    "cards": list(cards),
+                    "at": at.isoformat(),
+                },
+            )
             if outcome == "charged":
                 await storage.settle_leg(
                     conn,
@@ -153,6 +176,7 @@ class Biller:
                     next_try_at=at,
                     error=None,
                     tried_at=started,
+                    cards=cards,
                 )
                 await publish.leg_charged(uow, leg)
             elif outcome == "pending":
@@ -164,6 +188,7 @@ class Biller:
                     next_try_at=at + RECHECK,
                     error=why,
                     tried_at=started,
+                    cards=cards,
                 )
             else:
                 failures = leg["failures"] + 1
@@ -181,6 +206,7 @@ class Biller:
                     failures=failures,
                     error=why,
                     tried_at=started,
+                    cards=cards,
                     next_try_at=at + delay if delay is not None else datetime.max.replace(tzinfo=UTC),
                 )
                 if delay is None:
@@ -240,14 +266,21 @@ class Biller:
                 counts[outcome] = counts.get(outcome, 0) + 1
 
     async def run(
-        self, at: datetime, period: str | None = None, company_id: str | None = None
+        self,
+        at: datetime,
+        period: str | None = None,
+        company_id: str | None = None,
+        *,
+        wait: bool = False,
     ) -> dict[str, int]:
         """Open ``period`` (the one ``at`` falls in by default) and charge what is due at
         ``at`` (of one company, or all). Safe to run any number of times, from any replica,
-        at once."""
+        at once. A leg someone else is charging right now is skipped by the scheduler; with
+        ``wait`` (a run asked for through the API) it is waited for and then tried if it is
+        still due at ``at``, so the answer does not depend on what the scheduler was doing."""
         await licenses.settle_pending(self, company_id)
         await self.open_period(period or current_period(at), at, company_id)
-        return await self.charge_due(at, company_id=company_id)
+        return await self.charge_due(at, company_id=company_id, wait=wait)
 
 
 class PeriodRunner(Worker):

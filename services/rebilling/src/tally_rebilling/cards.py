@@ -34,7 +34,9 @@ async def follow_cards(uow: UnitOfWork, cards: Sequence[CardEvent]) -> int:
     for c in cards:
         if c.saved and c.id in fresh:  # each card event once
             p = c.change
-            retried += await storage.retry_now(conn, p.company_id, p.account_id, datetime.now(UTC), c.time)
+            retried += await storage.retry_now(
+                conn, p.company_id, p.account_id, datetime.now(UTC), c.time, p.payment_method
+            )
     for c in cards:
         p = c.change
         if c.id not in fresh or p.account_id is None:

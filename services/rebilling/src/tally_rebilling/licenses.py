@@ -136,7 +136,7 @@ async def settle(uow: UnitOfWork, biller: Biller, pid: str, *, wait: bool = True
         p = await storage.lock_purchase(conn, pid, wait=wait)
         if p is None:
             return "settled"
-        outcome, why = await biller.charge_card(
+        outcome, why, _ = await biller.charge_card(
             key=f"licenses-{pid}",
             owner="company",
             company_id=p["company_id"],

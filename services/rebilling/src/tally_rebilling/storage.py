@@ -3,6 +3,7 @@ members and invitations."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -493,11 +494,12 @@ async def settle_leg(
     next_try_at: Any,
     error: str | None,
     tried_at: Any,
+    cards: Sequence[str] = (),
 ) -> None:
     await conn.execute(
         "UPDATE period_legs SET status = $4, failures = $5, next_try_at = $6, last_error = $7, "
-        "last_try_at = $8, charged_at = CASE WHEN $4 = 'charged' THEN now() END "
-        "WHERE subscription_id = $1 "
+        "last_try_at = $8, charged_at = CASE WHEN $4 = 'charged' THEN now() END, "
+        "tried_cards = $9 WHERE subscription_id = $1 "
         "AND period = $2 AND leg = $3",
         leg["subscription_id"],
         leg["period"],
@@ -507,6 +509,7 @@ async def settle_leg(
         next_try_at,
         error,
         tried_at,
+        list(cards),
     )
 
 
@@ -524,16 +527,24 @@ async def set_subscription_status(conn: Conn, sid: str) -> str:
     )
 
 
-async def retry_now(conn: Conn, company_id: str, account_id: str | None, at: Any, card_at: Any) -> int:
-    """A payer saved or defaulted a card at ``card_at``. Its legs whose last try began before
-    that and failed are tried at once (one tried since has tried that card); one being tried
-    or processing now remembers the card, so that if that try fails the next follows at once.
+async def retry_now(
+    conn: Conn, company_id: str, account_id: str | None, at: Any, card_at: Any, card: str
+) -> int:
+    """A payer saved or defaulted ``card`` at ``card_at``. Its legs whose last try failed and
+    began before that, or did not reach that card, are tried at once (a try that began after
+    and charged it has tried it: it declined); one being tried or processing now remembers the
+    card, so that if that try fails the next follows at once.
     A leg being tried right now is matched too: its row lock makes this wait for the try, then
-    the condition is checked again on its outcome. Returns how many legs are due now."""
+    the condition is checked again on its outcome. A leg's time is only ever brought forward:
+    one already due keeps its time (moving it to ``at`` would hide it from a caller charging
+    what is due at an earlier instant, e.g. a subscribe charging its first period). Returns
+    how many legs are due now."""
     rows = await conn.fetch(
         "UPDATE period_legs SET card_saved_at = GREATEST(card_saved_at, $4), "
         "next_try_at = CASE WHEN (status = 'failed' OR next_try_at <= $3) "
-        "AND COALESCE(last_try_at, '-infinity') < $4 THEN $3 ELSE next_try_at END "
+        "AND (COALESCE(last_try_at, '-infinity') < $4 OR NOT $5 = ANY(tried_cards)) "
+        "THEN LEAST(next_try_at, $3) "
+        "ELSE next_try_at END "
         "WHERE company_id = $1 AND status <> 'charged' "
         "AND (CASE WHEN $2::text IS NULL THEN leg LIKE 'platform%' ELSE leg LIKE 'account%' "
         "AND account_id = $2 END) RETURNING next_try_at <= $3 AS due",
@@ -541,6 +552,7 @@ async def retry_now(conn: Conn, company_id: str, account_id: str | None, at: Any
         account_id,
         at,
         card_at,
+        card,
     )
     return sum(1 for r in rows if r["due"])
 

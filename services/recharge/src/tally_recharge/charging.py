@@ -286,6 +286,8 @@ class Recharger(Worker):
         async with self.db.reading() as conn:
             final = await storage.get_attempt(conn, key)
         assert final is not None
+        if leased is None and final.status == "pending":
+            log.info("charge asked again while another run holds it", extra={"attempt": key})
         return final
 
     async def _lease(self, attempt_id: str, token: str) -> storage.Attempt | None:
