@@ -865,7 +865,8 @@ class Walk:
             "items": []
         }
         out["subscriptions"] = [
-            (x["id"], x["status"], x["outstanding"], _minute(x["next_retry_at"])) for x in subs["items"]
+            (x["id"], x["status"], x["outstanding"], _minute(x["next_retry_at"]), x["failed_attempts"])
+            for x in subs["items"]
         ]
         pool = await self._get("rebilling", f"/v1/companies/{c.cid}/licenses", c.admin) or {}
         out["licenses"] = pool.get("total")
@@ -909,6 +910,9 @@ class Walk:
                 sub.status,
                 text(sub.outstanding),
                 _minute(sub.next_retry.isoformat() if sub.next_retry else None),
+                # every failed try counted: a try the runner is still making (woken by a card)
+                # is waited for before the next step, whose outcome may depend on it
+                sum(leg.failures for leg in sub.legs.values() if leg.status != "charged"),
             )
             for sub in c.subs
         )

@@ -88,7 +88,10 @@ async def list_subscriptions(
     page = await subscriptions.list_for_account(
         w.db, principal, aid, limit=limit, cursor=cursor, tries=len(w.biller.delays)
     )
-    items = [subscription_out(r, storage.Dunning(r["outstanding"], r["next_retry_at"])) for r in page.items]
+    items = [
+        subscription_out(r, storage.Dunning(r["outstanding"], r["next_retry_at"], r["failed_attempts"]))
+        for r in page.items
+    ]
     return SubscriptionPage(items=items, next_cursor=page.next_cursor)
 
 

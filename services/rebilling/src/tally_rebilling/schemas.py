@@ -210,6 +210,9 @@ class SubscriptionOut(BaseModel):
     quantity: int = Field(1, description="seats, or licenses in the pool")
     outstanding: str = Field(description="charged for but not yet collected (failed legs)")
     next_retry_at: str | None = Field(None, description="when a failed charge is tried again")
+    failed_attempts: int = Field(
+        0, description="failed charge tries of what is still outstanding (each leg, each period)"
+    )
     cancel_at_period_end: bool
     created_period: str
     period: str | None = Field(None, description="on subscribe: the period charged at once")
@@ -313,6 +316,7 @@ def subscription_out(
         quantity=sub["quantity"],
         outstanding=format_micros(dunning.outstanding),
         next_retry_at=dunning.next_retry_at.isoformat() if dunning.next_retry_at else None,
+        failed_attempts=dunning.failed_attempts,
         cancel_at_period_end=sub["cancel_at_period_end"],
         created_period=sub["first_period"],
         period=period,

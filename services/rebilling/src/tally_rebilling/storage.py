@@ -215,7 +215,9 @@ async def account_subscriptions(
         "SELECT s.*, COALESCE((SELECT sum(amount) FROM period_legs l WHERE l.subscription_id = "
         "s.id AND l.status <> 'charged'), 0)::bigint AS outstanding, (SELECT min(next_try_at) "
         "FROM period_legs l WHERE l.subscription_id = s.id AND l.status = 'failed' "
-        "AND l.failures <= $4) AS next_retry_at FROM subscriptions s "
+        "AND l.failures <= $4) AS next_retry_at, COALESCE((SELECT sum(failures) FROM period_legs l "
+        "WHERE l.subscription_id = s.id AND l.status <> 'charged'), 0)::int AS failed_attempts "
+        "FROM subscriptions s "
         "WHERE s.account_id = $1 AND ($2::text IS NULL OR s.id > $2) ORDER BY s.id LIMIT $3",
         aid,
         after,
@@ -229,19 +231,21 @@ async def outstanding(conn: Conn, sid: str, tries: int = 1 << 30) -> Dunning:
     (legs past their last try, ``tries``, are not)."""
     r = await conn.fetchrow(
         "SELECT COALESCE(sum(amount) FILTER (WHERE status <> 'charged'), 0)::bigint AS owed, "
-        "min(next_try_at) FILTER (WHERE status = 'failed' AND failures <= $2) AS retry "
+        "min(next_try_at) FILTER (WHERE status = 'failed' AND failures <= $2) AS retry, "
+        "COALESCE(sum(failures) FILTER (WHERE status <> 'charged'), 0)::int AS failed "
         "FROM period_legs WHERE subscription_id = $1",
         sid,
         tries,
     )
     assert r is not None
-    return Dunning(int(r["owed"]), r["retry"])
+    return Dunning(int(r["owed"]), r["retry"], r["failed"])
 
 
 @dataclass(frozen=True)
 class Dunning:
     outstanding: int
     next_retry_at: datetime | None
+    failed_attempts: int = 0  # failed tries of what is still outstanding
 
 
 async def open_legs(conn: Conn, sub: asyncpg.Record, period: str, at: Any) -> None:
