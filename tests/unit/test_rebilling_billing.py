@@ -145,7 +145,7 @@ def test_a_subscription_renders_money_as_decimal_strings() -> None:
         "first_period": "2026-03",
     }
     retry = datetime(2026, 3, 2, tzinfo=UTC)
-    out = subscription_out(sub, Dunning(45_500_000, retry), period="2026-03", charge="failed")
+    out = subscription_out(sub, Dunning(45_500_000, retry, 2), period="2026-03", charge="failed")
     assert out.model_dump(mode="json") == {
         "id": "sub_1",
         "account_id": "a1",
@@ -157,6 +157,7 @@ def test_a_subscription_renders_money_as_decimal_strings() -> None:
         "quantity": 1,
         "outstanding": "45.500000",
         "next_retry_at": "2026-03-02T00:00:00+00:00",
+        "failed_attempts": 2,
         "cancel_at_period_end": False,
         "created_period": "2026-03",
         "period": "2026-03",
