@@ -22,6 +22,8 @@ wallets (100k events) and at 100k and 1M events, each on a fresh stack, and repo
 event.
 
     make bench              # EVENTS=100000 WALLETS=10000 RATES=1000,2500,5000 LATENCY_SECONDS=10
+                            # SHAPES=1,10,100 SHAPE_SECONDS=10 SHAPE_CONNECTIONS=32 (bench/shapes.py)
+    EVENTS=0 make bench                     # the request shapes only
     PROFILE=1 make bench                    # + py-spy profiles of the hot services
     REFERENCES=0 RATES= make bench          # throughput only (no limit, naive or latency runs)
 """
@@ -55,6 +57,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from shapes import run_shape
 from wallet_bench import measure_naive  # the same naive reference as `make bench-wallet`
 
 from tally.auth import issue_token
@@ -677,7 +680,16 @@ async def measure_limit(
 
 
 async def run_once(
-    wallets: int, events: int, *, rates: list[int], seconds_per_rate: float, references: bool, profile: bool
+    wallets: int,
+    events: int,
+    *,
+    rates: list[int],
+    seconds_per_rate: float,
+    references: bool,
+    profile: bool,
+    shapes: list[int] = [],  # noqa: B006 (read only)
+    shape_seconds: float = 10,
+    shape_connections: int = 32,
 ) -> dict[str, Any]:
     run = f"r{int(time.time())}"
     tick = 0.01
@@ -712,6 +724,30 @@ async def run_once(
             driver = Driver(stack, issue_token("product", sub="bench"))
             await driver.start()
             watcher = Watcher(stack, conn)
+
+            # 0. request shapes: 1, 10, 100 events per request from many connections (#20)
+            result["shapes"] = []
+            next_event = 10**9  # event numbers of their own: no clash with the phases below
+            for size in shapes:
+                with console.status("letting every consumer catch up…"):
+                    await settle(stack)
+                figures, next_event = await run_shape(
+                    stack=stack,
+                    watcher=watcher,
+                    workload=w,
+                    token=issue_token("product", sub="bench-shapes"),
+                    size=size,
+                    first_event=next_event,
+                    connections=shape_connections,
+                    seconds=shape_seconds,
+                    console=console,
+                )
+                result["shapes"].append(figures)
+                show_shape(figures)
+            if events == 0:  # shapes only
+                await driver.close()
+                await conn.close()
+                return result
 
             # 1. throughput
             watcher.cpu_start()
@@ -815,7 +851,26 @@ def machine() -> dict[str, Any]:
     }
 
 
+def show_shape(f: dict[str, Any]) -> None:
+    sat, half = f["saturated"], f["half_load"]
+    cpu = sat["cpu_us_per_event"]
+    console.print(
+        f"[bold]{f['events_per_request']} event(s)/request[/], {f['connections']} connections: "
+        f"{sat['requests_per_s']:,} requests/s, {sat['events_per_s_end_to_end']:,} events/s end to end, "
+        f"HTTP p50/p99 {sat['http_ms']['p50']}/{sat['http_ms']['p99']} ms"
+        + (f", refused {sat['refused']}" if sat["refused"] else "")
+    )
+    console.print("  CPU µs/event: " + ", ".join(f"{n} {v:g}" for n, v in cpu.items() if v >= 1))
+    console.print(
+        f"  at half ({half['requests_per_s_offered']:,} requests/s): HTTP p50/p99 "
+        f"{half['http_ms']['p50']}/{half['http_ms']['p99']} ms, send → commit p50/p99 "
+        f"{half['send_to_commit_ms']['p50']}/{half['send_to_commit_ms']['p99']} ms"
+    )
+
+
 def show(r: dict[str, Any]) -> None:
+    if "throughput" not in r:
+        return
     t = r["throughput"]
     console.print(
         f"[bold]end to end[/]: {t['events_per_s']:,} usage events/s "
@@ -893,6 +948,9 @@ async def main() -> None:
             seconds_per_rate=float(os.environ.get("LATENCY_SECONDS", "10")),
             references=os.environ.get("REFERENCES") != "0",
             profile=profile,
+            shapes=[int(x) for x in os.environ.get("SHAPES", "1,10,100").split(",") if x],
+            shape_seconds=float(os.environ.get("SHAPE_SECONDS", "10")),
+            shape_connections=int(os.environ.get("SHAPE_CONNECTIONS", "32")),
         )
         show(r)
         box = machine()
@@ -944,4 +1002,6 @@ async def main() -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
     stop_on_sigterm()
-    asyncio.run(main())
+    import uvloop  # the driver's own loop: a small share of the machine (bench/shapes.py)
+
+    uvloop.run(main())

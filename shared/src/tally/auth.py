@@ -123,12 +123,16 @@ def issue_token(
     return jwt.encode(claims, secret or get_settings().jwt_secret, algorithm="HS256")
 
 
-async def current_principal(request: Request) -> Principal:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+def principal_of(authorization: str, secret: str) -> Principal:
+    """Who an ``Authorization`` header names (401 when it names no one)."""
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise _unauthorized("missing bearer token")
-    return _VERIFIED.principal(token.strip(), get_settings().jwt_secret)
+    return _VERIFIED.principal(token.strip(), secret)
+
+
+async def current_principal(request: Request) -> Principal:
+    return principal_of(request.headers.get("authorization", ""), get_settings().jwt_secret)
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]

@@ -100,10 +100,41 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
     return details
 
 
+UNSTORABLE_TEXT = (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError)
+DATABASE_UNAVAILABLE = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.ConnectionDoesNotExistError,
+    ConnectionError,
+)
+
+
+def response_for(exc: Exception) -> JsonResponse:
+    """The API.md answer to an exception raised while serving a request (the error handlers
+    below, and paths served without the framework: ``tally.edge``)."""
+    if isinstance(exc, ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+    if isinstance(exc, UNSTORABLE_TEXT):
+        # e.g. a NUL character in a name: bad input, and its transaction rolled back.
+        return error_response(
+            422, "validation_error", "text contains characters that cannot be stored (such as NUL)"
+        )
+    if isinstance(exc, DATABASE_UNAVAILABLE):
+        # Postgres restarting or out of reach: nothing was done (the transaction never
+        # committed), so the client may send the same request again.
+        log.warning("database unavailable", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+        return error_response(
+            503, "service_unavailable", "the database is unavailable; try again", headers={"Retry-After": "2"}
+        )
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal_error", "internal error")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JsonResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+        return response_for(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JsonResponse:
@@ -119,26 +150,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(asyncpg.CharacterNotInRepertoireError)
     @app.exception_handler(asyncpg.UntranslatableCharacterError)
-    async def _unstorable_text(_: Request, exc: Exception) -> JsonResponse:
-        # e.g. a NUL character in a name: bad input, and its transaction rolled back.
-        return error_response(
-            422, "validation_error", "text contains characters that cannot be stored (such as NUL)"
-        )
-
     @app.exception_handler(asyncpg.PostgresConnectionError)
     @app.exception_handler(asyncpg.CannotConnectNowError)
     @app.exception_handler(asyncpg.AdminShutdownError)
     @app.exception_handler(asyncpg.ConnectionDoesNotExistError)
     @app.exception_handler(ConnectionError)
-    async def _database_unavailable(_: Request, exc: Exception) -> JsonResponse:
-        # Postgres restarting or out of reach: nothing was done (the transaction never
-        # committed), so the client may send the same request again.
-        log.warning("database unavailable", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
-        return error_response(
-            503, "service_unavailable", "the database is unavailable; try again", headers={"Retry-After": "2"}
-        )
-
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JsonResponse:
-        log.exception("unhandled error", exc_info=exc)
-        return error_response(500, "internal_error", "internal error")
+    async def _other(_: Request, exc: Exception) -> JsonResponse:
+        return response_for(exc)

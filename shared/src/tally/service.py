@@ -14,9 +14,8 @@ import functools
 import gc
 import logging
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import asyncpg
@@ -25,11 +24,12 @@ from aiokafka import AIOKafkaProducer
 from fastapi import APIRouter, FastAPI, Request, Response
 from faststream.kafka import KafkaBroker
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tally import db, idempotency
 from tally.consumer import subscribe_batch
+from tally.edge import FastPaths, FastRoute, HttpMetrics
 from tally.errors import JsonResponse, error_response, install_error_handlers
 from tally.kafka import make_broker, make_producer
 from tally.outbox import OutboxRelay
@@ -39,9 +39,6 @@ from tally.uow import Database, UnitOfWork
 from tally.worker import Worker
 
 log = logging.getLogger(__name__)
-
-HTTP_REQUESTS = Counter("tally_http_requests_total", "HTTP requests", ["service", "route", "status"])
-HTTP_LATENCY = Histogram("tally_http_request_seconds", "HTTP request latency", ["service", "route"])
 
 
 @dataclass
@@ -108,6 +105,8 @@ class ServiceSpec(Generic[W]):
     routers: Sequence[APIRouter] = ()
     consumers: Sequence[Consumer[W]] = ()
     description: str = ""
+    # (method, path) -> served in front of the framework (tally.edge): the hot paths only
+    fast_routes: Mapping[tuple[str, str], FastRoute] = field(default_factory=dict)
 
     @property
     def schema(self) -> str:
@@ -189,7 +188,15 @@ def create_app(spec: ServiceSpec[Any], settings: Settings | None = None) -> Fast
         app.include_router(router)
     _add_probes(app, spec.name)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    _add_http_metrics(app, spec.name)
+    app.add_middleware(HttpMetrics, service=spec.name)
+    if spec.fast_routes:  # outermost: the hot paths skip the rest
+        app.add_middleware(
+            FastPaths,
+            routes=spec.fast_routes,
+            service=spec.name,
+            max_bytes=settings.max_body_bytes,
+            secret=settings.jwt_secret,
+        )
     return app
 
 
@@ -251,18 +258,6 @@ def _add_probes(app: FastAPI, name: str) -> None:
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
-
-
-def _add_http_metrics(app: FastAPI, name: str) -> None:
-    @app.middleware("http")
-    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        HTTP_REQUESTS.labels(name, path, str(response.status_code)).inc()
-        HTTP_LATENCY.labels(name, path).observe(time.perf_counter() - start)
-        return response
 
 
 class BodyLimitMiddleware:

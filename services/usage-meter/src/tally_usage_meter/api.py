@@ -3,14 +3,16 @@ Routes parse, authorise, call one use case and render (``schemas``)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from collections.abc import Mapping
 
-from tally.auth import CurrentPrincipal, require_role
-from tally.errors import JsonResponse
+import orjson
+from fastapi import APIRouter, Request, Response
+
+from tally.auth import CurrentPrincipal, Principal, require_role
 from tally.ids import PathKey
 from tally_usage_meter import prices
 from tally_usage_meter.schemas import USAGE_SCHEMA, PriceIn, PriceList, PriceOut, parse_usage_body, price_out
-from tally_usage_meter.wiring import Wired, wired
+from tally_usage_meter.wiring import UsageMeterWiring, Wired, wired
 
 router = APIRouter(prefix="/v1", tags=["usage"])
 
@@ -21,13 +23,25 @@ router = APIRouter(prefix="/v1", tags=["usage"])
     openapi_extra=USAGE_SCHEMA,
     summary="Record usage (one event or a batch of up to 1000)",
 )
-async def post_usage(request: Request, principal: CurrentPrincipal) -> JsonResponse:
-    require_role(principal, "product", "platform_admin")
-    batch = parse_usage_body(await request.body())
-    results = await wired(request).ingestion.record(
-        f"{principal.role}:{principal.sub}", batch, request.headers.get("traceparent")
+async def post_usage(request: Request, principal: CurrentPrincipal) -> Response:
+    """Described here; served by ``record_usage`` in front of the framework (``app.py``)."""
+    status, payload = await record_usage(
+        wired(request), principal, await request.body(), dict(request.headers.raw)
     )
-    return JsonResponse({"results": [r.as_json() for r in results]}, status_code=202)
+    return Response(payload, status_code=status, media_type="application/json")
+
+
+async def record_usage(
+    w: UsageMeterWiring, principal: Principal, body: bytes, headers: Mapping[bytes, bytes]
+) -> tuple[int, bytes]:
+    """``POST /v1/usage``: every usage event a product posts comes this way (tally.edge)."""
+    require_role(principal, "product", "platform_admin")
+    batch = parse_usage_body(body)
+    traceparent = headers.get(b"traceparent")
+    results = await w.ingestion.record(
+        f"{principal.role}:{principal.sub}", batch, traceparent.decode("latin-1") if traceparent else None
+    )
+    return 202, orjson.dumps({"results": [r.as_json() for r in results]})
 
 
 @router.get("/prices", summary="The platform price catalog")

@@ -2,6 +2,7 @@
 composition root: what the service is made of, and which topic goes to which consumer."""
 
 from tally.directory import CompanyDirectory
+from tally.edge import FastRoute
 from tally.events import Topics
 from tally.ratelimit import TokenBuckets
 from tally.service import Consumer, Runtime, ServiceSpec
@@ -34,4 +35,5 @@ SPEC = ServiceSpec(
         Consumer(Topics.REBILLING_EVENTS, "usage-meter-rebilling", handlers.on_rebilling_events),
     ],
     description="Prices usage at the platform price and publishes it, exactly once per event id.",
+    fast_routes={("POST", "/v1/usage"): FastRoute("/v1/usage", api.record_usage)},
 )

@@ -56,14 +56,17 @@ class _Batch(BaseModel):
 
 
 _BATCH = TypeAdapter(_Batch)
+_EVENT = TypeAdapter(UsageEvent)
 
 
 def parse_usage_body(raw: bytes) -> list[UsageEvent]:
     """One event or ``{"events": [...]}`` (1-1000). Anything malformed: 422, nothing taken."""
-    try:  # the common case, a valid batch, in one pass from bytes
-        return _BATCH.validate_json(raw).events
+    try:  # the common cases, one valid event or a valid batch, in one pass from bytes
+        if b'"events"' in raw:
+            return _BATCH.validate_json(raw).events
+        return [_EVENT.validate_json(raw)]
     except ValidationError:
-        pass  # one event, or something wrong: the detailed path says what
+        pass  # something wrong (or an event naming "events" in a field): the detailed path
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

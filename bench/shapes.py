@@ -1,0 +1,218 @@
+"""Request-shape phases of ``make bench`` (issue #20): usage as products really send it — 1, 10
+or 100 events per request — from many concurrent keep-alive connections.
+
+The driver is raw asyncio over uvloop (no HTTP client library): each connection writes a
+pre-built HTTP/1.1 request and reads the answer (status line, headers, Content-Length body), so
+it costs a few µs a request, a small share of what the system spends. Two runs per shape:
+
+1. **saturated**: ``connections`` closed loops (a connection sends its next request when the
+   last is answered) for ``seconds``; events/s end to end = accepted events / time until the
+   wallet has applied every one of them (read from its ``applied`` counter), HTTP p50/p99,
+   CPU µs per event per process;
+2. **half load**: an open loop paced at half the saturated request rate; HTTP p50/p99 and
+   send -> ledger commit p50/p99 of one event in five (``Watcher`` polls the ledger).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import orjson
+
+STALL_SECONDS = 120
+
+
+class RawHttp:
+    """Posts usage over ``connections`` keep-alive HTTP/1.1 connections; notes each request's
+    latency and, for sampled events, the send time (``sent``/``pending``, as ``Watcher``
+    reads them)."""
+
+    def __init__(self, host: str, port: int, token: str, make_body: Callable[[int], tuple[bytes, list[str]]]):
+        self.host, self.port = host, port
+        self.head = (
+            f"POST /v1/usage HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: "
+        ).encode()
+        self.make_body = make_body  # request number -> (JSON body, sampled event ids)
+        self.next = 0
+        self.latency: list[float] = []
+        self.accepted = 0
+        self.refused: dict[int, int] = {}
+        self.sent: dict[str, float] = {}
+        self.pending: set[str] = set()
+
+    def _request(self) -> tuple[bytes, list[str]]:
+        body, sample = self.make_body(self.next)
+        self.next += 1
+        return self.head + str(len(body)).encode() + b"\r\n\r\n" + body, sample
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request, sample = self._request()
+        t = time.time()
+        for eid in sample:
+            self.sent[eid] = t
+        self.pending.update(sample)
+        start = time.perf_counter()
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        at = head.lower().find(b"content-length:")
+        length = int(head[at + 15 : head.index(b"\r\n", at)])
+        body = await reader.readexactly(length)
+        self.latency.append(time.perf_counter() - start)
+        if status == 202:
+            self.accepted += body.count(b'"accepted"')
+        else:
+            self.refused[status] = self.refused.get(status, 0) + 1
+            self.pending.difference_update(sample)
+
+    async def closed_loop(self, connections: int, seconds: float) -> float:
+        """Every connection sends back to back until ``seconds`` have passed; returns the
+        time taken."""
+        start = time.perf_counter()
+        deadline = start + seconds
+
+        async def one() -> None:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+            try:
+                while time.perf_counter() < deadline:
+                    await self._exchange(reader, writer)
+            finally:
+                writer.close()
+
+        await asyncio.gather(*(one() for _ in range(connections)))
+        return time.perf_counter() - start
+
+    async def open_loop(self, connections: int, rate: float, seconds: float) -> float:
+        """``rate`` requests a second in all, on schedule, spread over the connections (a
+        connection still waiting for its answer sends late, never skips)."""
+        start = time.perf_counter()
+        per = connections / rate  # each connection's interval
+
+        async def one(k: int) -> None:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+            try:
+                n = 0
+                while True:
+                    due = start + (k / connections) * per + n * per
+                    if due - start >= seconds:
+                        return
+                    delay = due - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    await self._exchange(reader, writer)
+                    n += 1
+            finally:
+                writer.close()
+
+        await asyncio.gather(*(one(k) for k in range(connections)))
+        return time.perf_counter() - start
+
+
+def percentiles_ms(samples: list[float]) -> dict[str, float]:
+    values = sorted(samples)
+    if not values:
+        return {"p50": 0.0, "p99": 0.0}
+
+    def pct(q: float) -> float:
+        return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 1)
+
+    return {"p50": pct(0.5), "p99": pct(0.99)}
+
+
+async def run_shape(
+    *,
+    stack: Any,
+    watcher: Any,
+    workload: Any,
+    token: str,
+    size: int,
+    first_event: int,
+    connections: int,
+    seconds: float,
+    console: Any,
+) -> tuple[dict[str, Any], int]:
+    """Both runs for one request shape; returns the figures and the next free event number."""
+    url = stack.url("usage-meter")
+    host, port = url.split("//")[1].split(":")
+    counter = {"n": first_event}
+
+    def maker(every: int) -> Callable[[int], tuple[bytes, list[str]]]:
+        rng = random.Random(first_event)
+
+        def make(_: int) -> tuple[bytes, list[str]]:
+            start = counter["n"]
+            counter["n"] += size
+            events = [workload.event(rng, i) for i in range(start, start + size)]
+            body = orjson.dumps(events[0] if size == 1 else {"events": events})
+            return body, [e["event_id"] for e in events if int(e["event_id"].rsplit("-", 1)[1]) % every == 0]
+
+        return make
+
+    out: dict[str, Any] = {"events_per_request": size, "connections": connections}
+    async with httpx.AsyncClient(timeout=30) as client:
+        # 1. saturated, closed loop
+        base = await watcher.applied(client)
+        watcher.cpu_start()
+        driver = RawHttp(host, int(port), token, maker(every=10**9))
+        with console.status(f"{size} event(s)/request: saturating for {seconds:.0f}s…"):
+            sending = await driver.closed_loop(connections, seconds)
+        t0 = time.perf_counter() - sending
+        done = await _applied(watcher, client, base + driver.accepted)
+        e2e = done - t0
+        cpu = watcher.cpu_since()
+        accepted = driver.accepted
+        out["saturated"] = {
+            "requests_per_s": round(len(driver.latency) / sending),
+            "events_accepted": accepted,
+            "refused": driver.refused,
+            "events_per_s_end_to_end": round(accepted / e2e),
+            "http_ms": percentiles_ms(driver.latency),
+            "cpu_us_per_event": {n: round(v / max(accepted, 1) * 1e6, 1) for n, v in cpu.items()},
+        }
+        # 2. half of that request rate, open loop; send -> commit of sampled events
+        rate = max(len(driver.latency) / sending / 2, 1.0)
+        base = await watcher.applied(client)
+        watcher.cpu_start()
+        driver = RawHttp(host, int(port), token, maker(every=5))
+        with console.status(f"{size} event(s)/request: {rate:,.0f} requests/s for {seconds:.0f}s…"):
+            sending_task = asyncio.create_task(driver.open_loop(connections, rate, seconds))
+            while not sending_task.done() or driver.pending:
+                await watcher._poll_samples(driver)
+                await asyncio.sleep(0.01)
+                if sending_task.done() and sending_task.exception():
+                    raise sending_task.exception()  # type: ignore[misc]
+                if sending_task.done() and not driver.pending:
+                    break
+            await _applied(watcher, client, base + driver.accepted)
+        cpu = watcher.cpu_since()
+        commits = [watcher.seen[e] - t for e, t in driver.sent.items() if e in watcher.seen]
+        out["half_load"] = {
+            "requests_per_s_offered": round(rate),
+            "events_per_s": round(rate * size),
+            "refused": driver.refused,
+            "http_ms": percentiles_ms(driver.latency),
+            "send_to_commit_ms": percentiles_ms(commits),
+            "cpu_us_per_event": {n: round(v / max(driver.accepted, 1) * 1e6, 1) for n, v in cpu.items()},
+        }
+    return out, counter["n"]
+
+
+async def _applied(watcher: Any, client: httpx.AsyncClient, target: int) -> float:
+    """Wait until the wallet has applied ``target`` company legs in all; returns when."""
+    moved, last = time.perf_counter(), -1
+    while True:
+        done = await watcher.applied(client)
+        now = time.perf_counter()
+        if done >= target:
+            return now
+        if done != last:
+            moved, last = now, done
+        elif now - moved > STALL_SECONDS:
+            raise SystemExit(f"no debit applied for {STALL_SECONDS}s ({done:,} of {target:,})")
+        await asyncio.sleep(0.05)
