@@ -188,7 +188,8 @@ class Leg:
     next_try: datetime
     status: str = "due"  # due, charged, failed
     failures: int = 0
-    tried_at: datetime | None = None  # wall clock: a card saved after it brings the leg forward
+    tried_at: datetime | None = None  # wall clock of the last try
+    tried_cards: set[str] = field(default_factory=set)  # the cards the last try charged
 
 
 @dataclass
@@ -263,6 +264,9 @@ class Company:
     def charge(self, sub: Sub, leg: Leg, at: datetime) -> None:
         """One try of a leg at ``at`` (the runner's instant)."""
         leg.tried_at = datetime.now(UTC)
+        wallet = self.wallet if leg.payer == "company" else self.account.wallet
+        reachable = leg.payer == "company" or self.connected  # recharge refuses before any card
+        leg.tried_cards = {card.pm for card in wallet.cards} if reachable else set()
         if self.pays(leg.payer):
             leg.status = "charged"
             self.sub_charges += 1
@@ -295,15 +299,17 @@ class Company:
             if sub.cancelled != "payment_failed":
                 self.charge(sub, leg, at)
 
-    def card_saved(self, payer: str) -> bool:
-        """A card saved or made default: that payer's failed legs are tried at once (even one
-        past its schedule: what a subscription its customer cancelled still owes). Returns
-        whether the runner is woken (it then runs for every company)."""
+    def card_saved(self, payer: str, pm: str) -> bool:
+        """A card saved or made default: that payer's failed legs whose last try did not charge
+        that card are tried at once (even one past its schedule: what a subscription its
+        customer cancelled still owes); a card the last try charged and saw decline, made
+        default again, changes nothing. Returns whether the runner is woken (it then runs for
+        every company)."""
         now = datetime.now(UTC)
         woken = False
         for sub in self.all_subs():
             for leg in sub.legs.values():
-                if leg.payer != payer or leg.status == "charged":
+                if leg.payer != payer or leg.status == "charged" or pm in leg.tried_cards:
                     continue
                 if leg.status == "failed" and leg.tried_at is not None:
                     leg.next_try, woken = now, True
@@ -524,7 +530,7 @@ class Walk:
         assert r.status_code == 201, r.text
         w.attach(Card(pm, good))
         assert r.json()["is_default"] == (w.default == pm)
-        self.card_saved(c, side)  # failed period charges of this payer are tried at once
+        self.card_saved(c, side, pm)  # failed period charges of this payer are tried at once
 
     async def detach(self, c: Company) -> None:
         side, w, path, headers = self._side(c)
@@ -550,7 +556,7 @@ class Walk:
         )
         assert r.status_code == 200, r.text
         w.default = card.pm
-        self.card_saved(c, side)
+        self.card_saved(c, side, card.pm)
         return None
 
     async def patch(self, c: Company) -> None:
@@ -745,8 +751,8 @@ class Walk:
         assert r.status_code == 200, r.text
         c.connected = True
 
-    def card_saved(self, c: Company, payer: str) -> None:
-        if c.card_saved(payer):  # the runner, woken, charges what is due of every company
+    def card_saved(self, c: Company, payer: str, pm: str) -> None:
+        if c.card_saved(payer, pm):  # the runner, woken, charges what is due of every company
             now = datetime.now(UTC)
             for o in self.companies:
                 o.run(now)

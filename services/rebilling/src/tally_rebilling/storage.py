@@ -534,22 +534,22 @@ async def set_subscription_status(conn: Conn, sid: str) -> str:
 async def retry_now(
     conn: Conn, company_id: str, account_id: str | None, at: Any, card_at: Any, card: str
 ) -> int:
-    """A payer saved or defaulted ``card`` at ``card_at``. Its legs whose last try failed and
-    began before that, or did not reach that card, are tried at once (a try that began after
-    and charged it has tried it: it declined); one being tried or processing now remembers the
-    card, so that if that try fails the next follows at once.
-    A leg being tried right now is matched too: its row lock makes this wait for the try, then
-    the condition is checked again on its outcome. A leg's time is only ever brought forward:
-    one already due keeps its time (moving it to ``at`` would hide it from a caller charging
-    what is due at an earlier instant, e.g. a subscribe charging its first period). Returns
-    how many legs are due now."""
+    """A payer saved or defaulted ``card`` at ``card_at``. Its failed legs whose last try did
+    not charge that card are tried at once; a leg whose last try charged it (and saw it decline)
+    keeps its schedule, so making the same card default again does not spend the dunning tries.
+    Which cards a try charged is recharge's answer (``tried_cards``), not the time: a card saved
+    while a try was reading the payer's cards is caught whatever the two services' clocks say.
+    A leg being tried or processing now remembers the card (``card_saved_at``), so that if that
+    try fails the next follows at once; a leg being tried right now is matched too: its row lock
+    makes this wait for the try, then the condition is checked again on its outcome. A leg's
+    time only ever comes forward: one already due keeps it (moving it to ``at`` would hide it
+    from a caller charging what is due at an earlier instant, e.g. a subscribe charging its
+    first period). Returns how many legs are due now."""
     rows = await conn.fetch(
         "UPDATE period_legs SET card_saved_at = GREATEST(card_saved_at, $4), "
-        "next_try_at = CASE WHEN (status = 'failed' OR next_try_at <= $3) "
-        "AND (COALESCE(last_try_at, '-infinity') < $4 OR NOT $5 = ANY(tried_cards)) "
-        "THEN LEAST(next_try_at, $3) "
-        "ELSE next_try_at END "
-        "WHERE company_id = $1 AND status <> 'charged' "
+        "next_try_at = CASE WHEN status = 'failed' OR next_try_at <= $3 "
+        "THEN LEAST(next_try_at, $3) ELSE next_try_at END "
+        "WHERE company_id = $1 AND status <> 'charged' AND NOT $5 = ANY(tried_cards) "
         "AND (CASE WHEN $2::text IS NULL THEN leg LIKE 'platform%' ELSE leg LIKE 'account%' "
         "AND account_id = $2 END) RETURNING next_try_at <= $3 AS due",
         company_id,
