@@ -24,7 +24,7 @@ router = APIRouter(prefix="/v1", tags=["usage"])
     summary="Record usage (one event or a batch of up to 1000)",
 )
 async def post_usage(request: Request, principal: CurrentPrincipal) -> Response:
-    """Described here; served by ``record_usage`` in front of the framework (``app.py``)."""
+    # described here (OpenAPI); served by ``record_usage`` in front of the framework (app.py)
     status, payload = await record_usage(
         wired(request), principal, await request.body(), dict(request.headers.raw)
     )
