@@ -1,0 +1,137 @@
+"""usage-meter's ingestion use case (``ingestion.ingest``) called as a plain function on a unit of
+work over the real Postgres — no HTTP, no broker: an event is accepted once whatever the
+batches, its ``usage.recorded`` is written to the outbox once, at commit; another company's
+account, a service not in the catalog and a bad quantity are refused with their codes; a refused event
+that was accepted before is a duplicate; a company rebilling cannot be asked about right now
+records nothing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import httpx
+import lz4.frame
+import orjson
+import pytest
+
+from tally import db
+from tally.events import UsageEvent
+from tally.outbox import unpack
+from tally.uow import Database
+from tally_usage_meter.ingestion import DirectoryUnavailable, Result, ingest
+from tests.support.stack import Infra, uid
+
+
+class Directory:
+    """rebilling's answers, as usage-meter's CompanyDirectory gives them."""
+
+    def __init__(self, currencies: dict[str, str], owners: dict[str, str], *, down: bool = False) -> None:
+        self.known, self.owners, self.down = currencies, owners, down
+
+    async def currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
+        if self.down:
+            raise httpx.ConnectError("rebilling is down")
+        return {c: self.known[c] for c in company_ids if c in self.known}
+
+    async def account_companies(self, account_ids: Iterable[str]) -> dict[str, str]:
+        return {a: self.owners[a] for a in account_ids if a in self.owners}
+
+
+class Relay:
+    def wake(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def database(infra: Infra) -> AsyncIterator[Database]:
+    schema = f"usage_uc_{uid('t').replace('-', '_')}"
+    pool = await db.create_pool(infra.stack.database_url, schema, size=4)
+    await db.migrate(pool, schema, "tally")
+    await db.migrate(pool, schema, "tally_usage_meter")
+    yield Database(pool, Relay())
+    await pool.close()
+
+
+def event(
+    eid: str, company: str, account: str | None = None, service: str = "email", qty: object = "10"
+) -> UsageEvent:
+    return UsageEvent(event_id=eid, company_id=company, account_id=account, service=service, quantity=qty)
+
+
+async def run(
+    database: Database, directory: Directory, batch: list[UsageEvent]
+) -> list[tuple[str, str | None]]:
+    async with database.unit() as uow:
+        results: list[Result] = await ingest(uow, batch, [None] * len(batch), directory)
+    return [(r.status, r.code) for r in results]
+
+
+async def recorded(database: Database) -> list[dict[str, Any]]:
+    """Every usage.recorded message waiting in the outbox."""
+    out = []
+    async with database.reading() as conn:
+        for r in await conn.fetch("SELECT messages, messages_lz4 FROM outbox ORDER BY id"):
+            packed = lz4.frame.decompress(r["messages_lz4"]) if r["messages_lz4"] else r["messages"]
+            for topic, _, value, _, _ in unpack(packed):
+                assert topic == "usage.recorded"
+                out.append(orjson.loads(value))
+    return out
+
+
+async def test_an_event_is_accepted_and_recorded_once_whatever_the_batches(database: Database) -> None:
+    co, acct = uid("co"), uid("ws")
+    directory = Directory({co: "USD"}, {acct: co})
+    first, again = uid("ev"), uid("ev")
+    assert await run(
+        database, directory, [event(first, co, acct), event(first, co, acct), event(again, co)]
+    ) == [
+        ("accepted", None),
+        ("duplicate", None),  # the same id twice in one batch
+        ("accepted", None),
+    ]
+    assert await run(database, directory, [event(first, co, acct), event(again, co)]) == [
+        ("duplicate", None),
+        ("duplicate", None),
+    ]
+    messages = await recorded(database)
+    assert sorted(m["data"]["event_id"] for m in messages) == sorted([first, again])
+    priced = next(m["data"] for m in messages if m["data"]["event_id"] == first)
+    assert (priced["platform_amount_micros"], priced["currency"], priced["account_id"]) == (6750, "USD", acct)
+
+
+async def test_refusals_carry_their_codes_and_a_refused_resend_of_an_accepted_event_is_a_duplicate(
+    database: Database,
+) -> None:
+    co, other, acct, foreign = uid("co"), uid("co"), uid("ws"), uid("ws")
+    directory = Directory({co: "USD", other: "USD"}, {acct: co, foreign: other})
+    taken = uid("ev")
+    assert await run(database, directory, [event(taken, co, acct)]) == [("accepted", None)]
+    got = await run(
+        database,
+        directory,
+        [
+            event(uid("ev"), co, foreign),  # another company's account
+            event(uid("ev"), co, uid("nobody")),  # an account the (announced) company never had
+            event(uid("ev"), co, service="carrier-pigeon"),  # not in the catalog
+            event(uid("ev"), co, qty="-3"),  # a bad quantity
+            event(taken, co, foreign),  # accepted before: what is wrong now does not matter
+        ],
+    )
+    assert got == [
+        ("rejected", "unknown_account"),
+        ("rejected", "unknown_account"),
+        ("rejected", "unknown_service"),
+        ("rejected", "invalid_quantity"),
+        ("duplicate", None),
+    ]
+    assert len(await recorded(database)) == 1
+
+
+async def test_nothing_is_recorded_when_a_new_companys_currency_cannot_be_asked(database: Database) -> None:
+    co = uid("co")
+    with pytest.raises(DirectoryUnavailable):
+        await run(database, Directory({}, {}, down=True), [event(uid("ev"), co)])
+    assert await recorded(database) == []
+    async with database.reading() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM ingested") == 0
