@@ -63,7 +63,7 @@ async def run(
     database: Database, directory: Directory, batch: list[UsageEvent]
 ) -> list[tuple[str, str | None]]:
     async with database.unit() as uow:
-        results: list[Result] = await ingest(uow, batch, [None] * len(batch), directory)
+        results: list[Result] = await ingest(uow, batch, [None] * len(batch), directory)  # type: ignore[arg-type]
     return [(r.status, r.code) for r in results]
 
 
