@@ -51,8 +51,9 @@ def decode_token(token: str, secret: str) -> Principal:
     return _decode(token, secret)[0]
 
 
-def _decode(token: str, secret: str) -> tuple[Principal, float]:
-    """The token's principal and its expiry (epoch seconds)."""
+def _decode(token: str, secret: str) -> tuple[Principal, int]:
+    """The token's principal and its expiry (epoch seconds, whole: PyJWT holds a token expired
+    from ``int(exp)`` on, and an ``exp`` too large for a float is still a valid token)."""
     try:
         claims = jwt.decode(token, secret, algorithms=["HS256"], options={"require": ["sub", "exp", "role"]})
     except jwt.ExpiredSignatureError as exc:
@@ -75,7 +76,7 @@ def _decode(token: str, secret: str) -> tuple[Principal, float]:
         account_id=account_id,
         email=email if isinstance(email, str) else None,
     )
-    return principal, float(claims["exp"])
+    return principal, int(claims["exp"])
 
 
 class VerifiedTokens:
@@ -86,7 +87,7 @@ class VerifiedTokens:
 
     def __init__(self, size: int = 10_000) -> None:
         self.size = size
-        self._known: dict[tuple[str, str], tuple[Principal, float]] = {}
+        self._known: dict[tuple[str, str], tuple[Principal, int]] = {}
 
     def principal(self, token: str, secret: str) -> Principal:
         key = (secret, token)

@@ -100,7 +100,7 @@ class FastPaths:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        headers = dict(scope["headers"])
+        headers = dict(reversed(scope["headers"]))  # a repeated header: the first, as Starlette
         try:
             body = await self._body(headers, receive)
             principal = principal_of(headers.get(b"authorization", b"").decode("latin-1"), self.secret)

@@ -13,7 +13,9 @@ from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, InvalidOperation
 MICROS_PER_UNIT = 1_000_000
 MAX_MICROS = 10**18  # far above any real balance, well inside BIGINT
 
-_DECIMAL_RE = re.compile(r"^[+-]?(\d+)(\.(\d+))?$")
+# ASCII digits only: Python's Decimal (and \d) also take other scripts' digits ("١"), which no
+# client of a billing API means. Surrounding blanks are forgiven (stripped) on purpose.
+_DECIMAL_RE = re.compile(r"[+-]?([0-9]+)(\.([0-9]+))?")
 
 # ISO 4217 minor units for currencies whose exponent is not 2.
 _MINOR_UNIT_EXPONENT = {
@@ -49,14 +51,15 @@ def parse_decimal(text: str, *, max_places: int = 6, field: str = "amount") -> D
     """Parse a plain decimal string (``"12.5"``) exactly; no exponents, no floats."""
     if not isinstance(text, str):
         raise MoneyError(f"{field} must be a decimal string")
-    match = _DECIMAL_RE.match(text.strip())
+    text = text.strip()
+    match = _DECIMAL_RE.fullmatch(text)
     if not match:
         raise MoneyError(f'{field} must be a decimal string like "12.50"')
     places = len(match.group(3) or "")
     if places > max_places:
         raise MoneyError(f"{field} has more than {max_places} decimal places")
     try:
-        return Decimal(text.strip())
+        return Decimal(text)
     except InvalidOperation as exc:  # pragma: no cover - the regex already guards
         raise MoneyError(f"{field} is not a decimal") from exc
 

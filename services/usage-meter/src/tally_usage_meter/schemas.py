@@ -3,6 +3,7 @@ its OpenAPI description, the price catalog's bodies, and how prices are rendered
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -59,14 +60,26 @@ _BATCH = TypeAdapter(_Batch)
 _EVENT = TypeAdapter(UsageEvent)
 
 
+def _finite(quantity: Any) -> bool:
+    return type(quantity) is not float or math.isfinite(quantity)
+
+
 def parse_usage_body(raw: bytes) -> list[UsageEvent]:
     """One event or ``{"events": [...]}`` (1-1000). Anything malformed: 422, nothing taken."""
-    try:  # the common cases, one valid event or a valid batch, in one pass from bytes
-        if b'"events"' in raw:
-            return _BATCH.validate_json(raw).events
-        return [_EVENT.validate_json(raw)]
-    except ValidationError:
-        pass  # something wrong (or an event naming "events" in a field): the detailed path
+    # The common cases, one valid event or a valid batch, in one pass from bytes. Which one is
+    # told by the key "events"; a body with escapes (a key may be spelled "\u0065vents") and
+    # numbers JSON does not have (NaN, Infinity, out of a double's range, which pydantic's
+    # parser takes) go the detailed path, which reads them exactly as the contract says.
+    if b"\\" not in raw:
+        try:
+            if b'"events"' in raw:
+                events = _BATCH.validate_json(raw).events
+            else:
+                events = [_EVENT.validate_json(raw)]
+            if all(_finite(e.quantity) for e in events):
+                return events
+        except ValidationError:
+            pass  # something wrong (or an event naming "events" in a field): the detailed path
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
