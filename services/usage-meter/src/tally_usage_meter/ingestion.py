@@ -90,7 +90,6 @@ async def ingest(
     ``traceparents``: the trace each event continues (its ``usage.recorded`` carries it)."""
     conn = uow.conn
     now = datetime.now(UTC)
-    prices = await storage.load_prices(conn)
     known = await storage.known(
         conn, [e.company_id for e in batch], [e.account_id for e in batch if e.account_id]
     )
@@ -105,7 +104,7 @@ async def ingest(
         # would fail all the same.
         verdict: Priced | Rejected | None = tenancy_of(event, known.owners, known.currencies.keys())
         if verdict is None:
-            verdict = price_event(event, prices, currency, now)
+            verdict = price_event(event, known.prices, currency, now)
             if isinstance(verdict, Priced):
                 verdict = suspension_of(event, known.suspended) or verdict
         if isinstance(verdict, Priced):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from tally.db import Conn
@@ -73,27 +73,34 @@ class Known:
     suspended: set[tuple[str, str]]  # (owner, owner_id) of suspended wallets
     currencies: dict[str, str]  # company -> currency, for companies rebilling announced
     owners: dict[str, str]  # account -> company, for accounts rebilling announced
+    prices: dict[tuple[str, str], Price] = field(default_factory=dict)  # the catalog, now
 
 
 async def known(conn: Conn, company_ids: Sequence[str], account_ids: Sequence[str]) -> Known:
-    """Suspensions, currencies and accounts' companies for a batch, in one round trip."""
+    """Suspensions, currencies and accounts' companies for a batch, and the price catalog, in
+    one round trip (the catalog was a round trip of its own per batch: #20)."""
     companies, accounts = list(set(company_ids)), list(set(account_ids))
     rows = await conn.fetch(
-        "SELECT 's' AS k, owner AS a, owner_id AS b FROM suspended_wallets "
+        "SELECT 's' AS k, owner AS a, owner_id AS b, NULL AS c, NULL::bigint AS d "
+        "FROM suspended_wallets "
         "WHERE (owner = 'company' AND owner_id = ANY($1::text[])) "
         "   OR (owner = 'account' AND owner_id = ANY($2::text[])) "
-        "UNION ALL SELECT 'c', company_id, currency FROM companies "
+        "UNION ALL SELECT 'c', company_id, currency, NULL, NULL FROM companies "
         "WHERE company_id = ANY($1::text[]) "
-        "UNION ALL SELECT 'a', account_id, company_id FROM accounts "
-        "WHERE account_id = ANY($2::text[])",
+        "UNION ALL SELECT 'a', account_id, company_id, NULL, NULL FROM accounts "
+        "WHERE account_id = ANY($2::text[]) "
+        "UNION ALL SELECT 'p', service, currency, unit, unit_price_micros FROM prices",
         companies,
         accounts,
     )
     out = Known(set(), {}, {})
     for r in rows:
-        if r["k"] == "s":
+        k = r["k"]
+        if k == "p":
+            out.prices[(r["a"], r["b"])] = Price(r["a"], r["c"], r["d"], r["b"])
+        elif k == "s":
             out.suspended.add((r["a"], r["b"]))
-        elif r["k"] == "c":
+        elif k == "c":
             out.currencies[r["a"]] = r["b"]
         else:
             out.owners[r["a"]] = r["b"]
