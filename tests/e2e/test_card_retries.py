@@ -85,6 +85,26 @@ async def run_api(tally: Tally, resold: Resold, at: datetime) -> tuple[int, floa
     return r.status_code, round(time.monotonic() - t0, 2), r.json()
 
 
+async def save_account_card(tally: Tally, resold: Resold, pm: str, *, after: float = 0.0) -> None:
+    """The account saves ``pm`` (made in localstripe before), ``after`` seconds from now."""
+    await asyncio.sleep(after)
+    r = await tally.http.post(
+        tally.url("recharge", f"/v1/accounts/{resold.aid}/payment-methods"),
+        json={"payment_method": pm},
+        headers=resold.agency.user(resold.aid),
+    )
+    assert r.status_code == 201, r.text
+
+
+async def run_waves(tally: Tally, resold: Resold) -> list[Any]:
+    """Six waves of three concurrent runs through the API, 0.15 s apart."""
+    out = []
+    for _ in range(6):
+        await asyncio.sleep(0.15)
+        out.extend(await asyncio.gather(*[run_api(tally, resold, datetime.now(UTC)) for _ in range(3)]))
+    return out
+
+
 # --- A1: re-defaulting the same declining card burns the dunning schedule ------------------
 
 
@@ -160,22 +180,7 @@ async def test_a3_explicit_runs_racing_the_woken_runner_charge_once(tally: Tally
     sid = r.json()["id"]
     good = await new_card(tally, GOOD)
 
-    async def save() -> None:
-        r = await tally.http.post(
-            tally.url("recharge", f"/v1/accounts/{resold.aid}/payment-methods"),
-            json={"payment_method": good},
-            headers=resold.agency.user(resold.aid),
-        )
-        assert r.status_code == 201, r.text
-
-    async def runs() -> list[Any]:
-        out = []
-        for _ in range(6):
-            await asyncio.sleep(0.15)
-            out.extend(await asyncio.gather(*[run_api(tally, resold, datetime.now(UTC)) for _ in range(3)]))
-        return out
-
-    _, results = await asyncio.gather(save(), runs())
+    _, results = await asyncio.gather(save_account_card(tally, resold, good), run_waves(tally, resold))
     print("runs", results)
 
     async def active() -> bool:
@@ -198,22 +203,7 @@ async def test_a3b_explicit_runs_racing_a_declining_card_event_make_one_retry(ta
     sid = r.json()["id"]
     bad = await new_card(tally, DECLINES)
 
-    async def save() -> None:
-        r = await tally.http.post(
-            tally.url("recharge", f"/v1/accounts/{resold.aid}/payment-methods"),
-            json={"payment_method": bad},
-            headers=resold.agency.user(resold.aid),
-        )
-        assert r.status_code == 201, r.text
-
-    async def runs() -> list[Any]:
-        out = []
-        for _ in range(6):
-            await asyncio.sleep(0.15)
-            out.extend(await asyncio.gather(*[run_api(tally, resold, datetime.now(UTC)) for _ in range(3)]))
-        return out
-
-    _, results = await asyncio.gather(save(), runs())
+    _, results = await asyncio.gather(save_account_card(tally, resold, bad), run_waves(tally, resold))
     await quiet(4)
     s = await sub_of(resold)
     keys = await keys_of(tally, sid)
@@ -271,13 +261,7 @@ async def test_a5_subscribe_racing_a_good_card_saved_and_defaulted(tally: Tally)
     good = await new_card(tally, GOOD)
 
     async def save_and_default() -> None:
-        await asyncio.sleep(0.2)
-        r = await tally.http.post(
-            tally.url("recharge", f"/v1/accounts/{resold.aid}/payment-methods"),
-            json={"payment_method": good},
-            headers=resold.agency.user(resold.aid),
-        )
-        assert r.status_code == 201, r.text
+        await save_account_card(tally, resold, good, after=0.2)
         await make_default(tally, resold, good)
 
     t0 = time.monotonic()
@@ -366,16 +350,9 @@ async def test_a8_a_good_card_saved_during_an_explicit_runs_try_is_used(tally: T
     start = datetime.now(UTC)
     good = await new_card(tally, GOOD)
 
-    async def save() -> None:
-        await asyncio.sleep(0.3)
-        r = await tally.http.post(
-            tally.url("recharge", f"/v1/accounts/{resold.aid}/payment-methods"),
-            json={"payment_method": good},
-            headers=resold.agency.user(resold.aid),
-        )
-        assert r.status_code == 201, r.text
-
-    res, _ = await asyncio.gather(run_api(tally, resold, start + timedelta(hours=25)), save())
+    res, _ = await asyncio.gather(
+        run_api(tally, resold, start + timedelta(hours=25)), save_account_card(tally, resold, good, after=0.3)
+    )
     print("run", res)
 
     async def active() -> bool:

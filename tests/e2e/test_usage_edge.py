@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import jwt
 import orjson
 
-from tests.support.builders import Reseller
+from tests.support.builders import Reseller, funded
 from tests.support.stack import Tally, uid
 
 SECRET = "tally-dev-secret-change-me-in-production"
@@ -436,17 +436,6 @@ async def test_traceparent_garbage_is_not_a_500(tally: Tally) -> None:
 
 
 # --- charged once ------------------------------------------------------------------------
-
-
-async def funded(tally: Tally, amount: str = "1.00") -> str:
-    cid = uid("co")
-    r = await tally.http.post(
-        tally.url("wallet", f"/v1/companies/{cid}/wallet/credits"),
-        json={"amount": amount},
-        headers=tally.auth("platform_admin"),
-    )
-    assert r.status_code == 201, r.text
-    return cid
 
 
 async def test_duplicates_in_a_batch_across_requests_and_concurrently_charge_once(tally: Tally) -> None:

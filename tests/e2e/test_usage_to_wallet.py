@@ -14,19 +14,8 @@ from tally import db
 from tally.settings import get_settings
 from tally_usage_meter.retention import DedupeExpiry
 from tally_wallet.storage import LEDGER_BALANCES
+from tests.support.builders import funded
 from tests.support.stack import Tally, eventually, uid
-
-
-async def funded(tally: Tally, amount: str = "1.00") -> str:
-    """A company with money in its wallet: its usage is never refused as agency_wallet_empty."""
-    cid = uid("co")
-    r = await tally.http.post(
-        tally.url("wallet", f"/v1/companies/{cid}/wallet/credits"),
-        json={"amount": amount},
-        headers=tally.auth("platform_admin"),
-    )
-    assert r.status_code == 201, r.text
-    return cid
 
 
 async def accepted(tally: Tally, e: dict[str, str]) -> None:

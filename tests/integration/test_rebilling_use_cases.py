@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tally import db, events
+from tally import events
 from tally.auth import Principal
 from tally.errors import ApiError
 from tally.uow import Database
@@ -18,25 +18,17 @@ from tally_rebilling import accounts, companies, rebilling_settings, storage
 from tally_rebilling.cards import CardEvent, follow_cards
 from tally_rebilling.domain import current_period
 from tally_rebilling.schemas import AccountIn, CompanyIn
+from tests.support.databases import service_database
 from tests.support.stack import Infra, uid
 
 KNOWN = {"email", "sms", "phone", "ai", "whatsapp"}
 PLATFORM = Principal(sub="ops", role="platform_admin")
 
 
-class Relay:
-    def wake(self) -> None:
-        pass
-
-
 @pytest.fixture
 async def database(infra: Infra) -> AsyncIterator[Database]:
-    schema = f"rebilling_uc_{uid('t').replace('-', '_')}"
-    pool = await db.create_pool(infra.stack.database_url, schema, size=4)
-    await db.migrate(pool, schema, "tally")
-    await db.migrate(pool, schema, "tally_rebilling")
-    yield Database(pool, Relay())
-    await pool.close()
+    async with service_database(infra, "tally_rebilling", "rebilling_uc") as database:
+        yield database
 
 
 def admin(cid: str) -> Principal:

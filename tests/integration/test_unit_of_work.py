@@ -13,15 +13,8 @@ import pytest
 from tally import db, outbox
 from tally.errors import ApiError
 from tally.uow import Database
+from tests.support.databases import CountingRelay
 from tests.support.stack import Infra, uid
-
-
-class Relay:
-    def __init__(self) -> None:
-        self.woken = 0
-
-    def wake(self) -> None:
-        self.woken += 1
 
 
 @pytest.fixture
@@ -47,7 +40,7 @@ async def messages(pool: asyncpg.Pool) -> list[str]:
 
 
 async def test_a_commit_writes_state_and_messages_together_then_wakes_the_relay(pool: asyncpg.Pool) -> None:
-    relay = Relay()
+    relay = CountingRelay()
     uow = Database(pool, relay).unit()
     async with uow:
         await uow.conn.execute("INSERT INTO things VALUES ('a')")
@@ -64,7 +57,7 @@ async def test_a_commit_writes_state_and_messages_together_then_wakes_the_relay(
 
 
 async def test_a_failure_writes_nothing_and_wakes_no_one(pool: asyncpg.Pool) -> None:
-    relay = Relay()
+    relay = CountingRelay()
     with pytest.raises(RuntimeError):
         async with Database(pool, relay).unit() as uow:
             await uow.conn.execute("INSERT INTO things VALUES ('b')")

@@ -15,11 +15,11 @@ import lz4.frame
 import orjson
 import pytest
 
-from tally import db
 from tally.events import UsageEvent
 from tally.outbox import unpack
 from tally.uow import Database
 from tally_usage_meter.ingestion import DirectoryUnavailable, Result, ingest
+from tests.support.databases import service_database
 from tests.support.stack import Infra, uid
 
 
@@ -38,19 +38,10 @@ class Directory:
         return {a: self.owners[a] for a in account_ids if a in self.owners}
 
 
-class Relay:
-    def wake(self) -> None:
-        pass
-
-
 @pytest.fixture
 async def database(infra: Infra) -> AsyncIterator[Database]:
-    schema = f"usage_uc_{uid('t').replace('-', '_')}"
-    pool = await db.create_pool(infra.stack.database_url, schema, size=4)
-    await db.migrate(pool, schema, "tally")
-    await db.migrate(pool, schema, "tally_usage_meter")
-    yield Database(pool, Relay())
-    await pool.close()
+    async with service_database(infra, "tally_usage_meter", "usage_uc") as database:
+        yield database
 
 
 def event(

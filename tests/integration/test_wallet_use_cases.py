@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tally import db, events
+from tally import events
 from tally.auth import Principal
 from tally.errors import ApiError
 from tally.idempotency import Stored
@@ -19,6 +19,7 @@ from tally_wallet import credit_requests, credits, storage, wallets
 from tally_wallet.schemas import CreditOut, CreditRequestOut
 from tally_wallet.wallet_settings import SettingsPatch
 from tally_wallet.wallets import Target
+from tests.support.databases import service_database
 from tests.support.stack import Infra, uid
 
 
@@ -32,22 +33,10 @@ class Directory:
         return {c: self.known[c] for c in company_ids if c in self.known}
 
 
-class Relay:
-    def __init__(self) -> None:
-        self.woken = 0
-
-    def wake(self) -> None:
-        self.woken += 1
-
-
 @pytest.fixture
 async def database(infra: Infra) -> AsyncIterator[Database]:
-    schema = f"wallet_uc_{uid('t').replace('-', '_')}"
-    pool = await db.create_pool(infra.stack.database_url, schema, size=4)
-    await db.migrate(pool, schema, "tally")
-    await db.migrate(pool, schema, "tally_wallet")
-    yield Database(pool, Relay())
-    await pool.close()
+    async with service_database(infra, "tally_wallet", "wallet_uc") as database:
+        yield database
 
 
 async def tenant(database: Database, currency: str = "USD", connected: bool = False) -> tuple[str, str]:

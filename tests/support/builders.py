@@ -60,6 +60,18 @@ async def wait_balance(agency: Agency, balance: str, aid: str | None = None) -> 
     return await eventually(check, timeout=40, what=f"balance {balance}")
 
 
+async def funded(tally: Tally, amount: str = "1.00") -> str:
+    """A company with money in its wallet: its usage is never refused as agency_wallet_empty."""
+    cid = uid("co")
+    r = await tally.http.post(
+        tally.url("wallet", f"/v1/companies/{cid}/wallet/credits"),
+        json={"amount": amount},
+        headers=tally.auth("platform_admin"),
+    )
+    assert r.status_code == 201, r.text
+    return cid
+
+
 async def payment_intents(tally: Tally) -> list[dict[str, Any]]:
     """Every PaymentIntent localstripe holds."""
     client = stripe.StripeClient(
