@@ -21,9 +21,15 @@ def test_parse_and_format_are_exact() -> None:
     assert format_micros(675) == "0.000675"
     assert format_micros(-500) == "-0.000500"
     assert format_micros(12_000_000) == "12.000000"
+    assert to_micros(" 2.5\t") == to_micros("+2.5") == 2_500_000  # blanks and a sign are forgiven
 
 
-@pytest.mark.parametrize("bad", ["1.2345678", "abc", "1e3", "", " ", "1,5", "NaN", "0x10"])
+@pytest.mark.parametrize(
+    "bad",
+    # other scripts' digits, control characters and other spaces around the digits: no client
+    # of a billing API means those (Decimal and str.strip would take them)
+    ["1.2345678", "abc", "1e3", "", " ", "1,5", "NaN", "0x10", "١", "５", "5\n", "5\x1c", "\u00a05", "1_0"],
+)
 def test_rejects_what_is_not_an_exact_decimal(bad: str) -> None:
     with pytest.raises(MoneyError):
         to_micros(bad)

@@ -14,7 +14,7 @@ MICROS_PER_UNIT = 1_000_000
 MAX_MICROS = 10**18  # far above any real balance, well inside BIGINT
 
 # ASCII digits only: Python's Decimal (and \d) also take other scripts' digits ("١"), which no
-# client of a billing API means. Surrounding blanks are forgiven (stripped) on purpose.
+# client of a billing API means. Surrounding blanks (space, tab) are forgiven on purpose.
 _DECIMAL_RE = re.compile(r"[+-]?([0-9]+)(\.([0-9]+))?")
 
 # ISO 4217 minor units for currencies whose exponent is not 2.
@@ -51,7 +51,7 @@ def parse_decimal(text: str, *, max_places: int = 6, field: str = "amount") -> D
     """Parse a plain decimal string (``"12.5"``) exactly; no exponents, no floats."""
     if not isinstance(text, str):
         raise MoneyError(f"{field} must be a decimal string")
-    text = text.strip()
+    text = text.strip(" \t")  # blanks only: not control characters or other spaces
     match = _DECIMAL_RE.fullmatch(text)
     if not match:
         raise MoneyError(f'{field} must be a decimal string like "12.50"')
