@@ -325,6 +325,40 @@ class LicenseChanged(Payload):
     account_assigned: int | None = None
 
 
+# --- notifier (outbound webhooks only: these are not on any topic) ------------------------
+
+
+class UsageAlertTriggered(Payload):
+    """A usage alert went out (at most one per account per day): the periods whose threshold
+    the account's usage exceeded, and that usage."""
+
+    company_id: str
+    account_id: str
+    day: str
+    currency: str
+    periods: list[str]
+    threshold_micros: int
+    usage_micros: int
+
+
+class WebhookEndpointDisabled(Payload):
+    """An endpoint that failed every delivery for too long was disabled (told to the company's
+    other endpoints, in-app and by email)."""
+
+    company_id: str
+    endpoint_id: str
+    url: str
+    failing_since: datetime
+
+
+class WebhookTest(Payload):
+    """``POST /v1/webhook-endpoints/{id}/test``: a delivery that proves the endpoint and its
+    signature check work."""
+
+    company_id: str
+    endpoint_id: str
+
+
 PAYLOADS: dict[str, type[Payload]] = {
     "usage.ingest": UsageEvent,
     "usage.recorded": UsageRecorded,
@@ -349,7 +383,42 @@ PAYLOADS: dict[str, type[Payload]] = {
     "subscription.charged": SubscriptionCharged,
     "subscription.cancelled": SubscriptionCancelled,
     "license.changed": LicenseChanged,
+    "usage_alert.triggered": UsageAlertTriggered,
+    "webhook_endpoint.disabled": WebhookEndpointDisabled,
+    "webhook.test": WebhookTest,
 }
+
+# The public event types, by the topic they are published on (API.md's topic table), and the
+# types outbound webhooks carry: these, and the notifier's own (not on any topic).
+TOPIC_TYPES: dict[str, tuple[str, ...]] = {
+    Topics.WALLET_EVENTS: (
+        "wallet.debited",
+        "wallet.credited",
+        "wallet.threshold_crossed",
+        "wallet.settings_changed",
+        "wallet.suspended",
+        "wallet.reactivated",
+        "credit_request.created",
+        "credit_request.resolved",
+    ),
+    Topics.RECHARGE_EVENTS: (
+        "recharge.succeeded",
+        "recharge.failed",
+        "recharge.tier_raised",
+        "payment_method.attached",
+        "payment_method.detached",
+        "payment_method.defaulted",
+    ),
+    Topics.REBILLING_EVENTS: (
+        "company.updated",
+        "account.created",
+        "subscription.charged",
+        "subscription.cancelled",
+        "license.changed",
+    ),
+}
+NOTIFIER_TYPES = ("usage_alert.triggered", "webhook_endpoint.disabled", "webhook.test")
+WEBHOOK_TYPES: tuple[str, ...] = (*(t for ts in TOPIC_TYPES.values() for t in ts), *NOTIFIER_TYPES)
 
 
 # wallet.events types also published to wallet.digest, with the same envelope.

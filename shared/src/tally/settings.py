@@ -82,6 +82,19 @@ class Settings(BaseSettings):
     dunning_retry_hours: str = Field("24,72,120", alias="TALLY_DUNNING_RETRY_HOURS")
     period_run_seconds: float = Field(3600, alias="TALLY_PERIOD_RUN_SECONDS", ge=0)
 
+    # notifier's outbound webhooks: private and loopback endpoints allowed (development and
+    # tests only); the timeout of one delivery; the first wait after a failure (multiplied by
+    # 4 each time, up to the cap) and how long a delivery is retried; how long an endpoint may
+    # fail every delivery before it is disabled; deliveries in flight per endpoint and in all.
+    webhook_allow_private: bool = Field(False, alias="TALLY_WEBHOOK_ALLOW_PRIVATE")
+    webhook_timeout_seconds: float = Field(10, alias="TALLY_WEBHOOK_TIMEOUT_SECONDS", gt=0, le=60)
+    webhook_retry_base_seconds: float = Field(5, alias="TALLY_WEBHOOK_RETRY_BASE_SECONDS", gt=0)
+    webhook_retry_cap_seconds: float = Field(6 * 3600, alias="TALLY_WEBHOOK_RETRY_CAP_SECONDS", gt=0)
+    webhook_retry_hours: float = Field(30, alias="TALLY_WEBHOOK_RETRY_HOURS", gt=0)
+    webhook_disable_after_hours: float = Field(120, alias="TALLY_WEBHOOK_DISABLE_AFTER_HOURS", gt=0)
+    webhook_endpoint_concurrency: int = Field(4, alias="TALLY_WEBHOOK_ENDPOINT_CONCURRENCY", ge=1, le=100)
+    webhook_concurrency: int = Field(32, alias="TALLY_WEBHOOK_CONCURRENCY", ge=1, le=1000)
+
     port_usage_meter: int = Field(SERVICE_PORTS["usage-meter"], alias="TALLY_PORT_USAGE_METER")
     port_wallet: int = Field(SERVICE_PORTS["wallet"], alias="TALLY_PORT_WALLET")
     port_recharge: int = Field(SERVICE_PORTS["recharge"], alias="TALLY_PORT_RECHARGE")

@@ -15,8 +15,8 @@ from datetime import UTC, date, datetime
 import orjson
 
 from tally.db import Conn
-from tally.events import UsageTotal
-from tally_notifier import storage
+from tally.events import UsageAlertTriggered, UsageTotal
+from tally_notifier import storage, webhook_events
 from tally_notifier.domain import (
     PERIODS,
     Condition,
@@ -95,6 +95,21 @@ async def check_alerts(conn: Conn, accounts: set[str]) -> int:
             mail.subject,
             mail.text.split("\n")[0],
             {"account_id": aid, "day": today.isoformat()},
+        )
+        first = hits[0]
+        await webhook_events.emit(
+            conn,
+            "usage_alert.triggered",
+            UsageAlertTriggered(
+                company_id=rule["company_id"],
+                account_id=aid,
+                day=today.isoformat(),
+                currency=currency,
+                periods=[c.period for c in hits],
+                threshold_micros=first.threshold_micros,
+                usage_micros=totals[first.period],
+            ),
+            id_=f"usage_alert:{aid}:{today}",
         )
         queued += 1
     return queued

@@ -1,29 +1,41 @@
 """notifier: usage alerts (at most one per account per day), failure emails, in-app
-notifications. The composition root: what the service is made of, and which topic goes to
-which consumer."""
+notifications, outbound webhooks. The composition root: what the service is made of, and which
+topic goes to which consumer."""
 
 from tally.events import Topics
 from tally.service import Consumer, Runtime, ServiceSpec
 from tally_notifier import api, handlers
 from tally_notifier.mailer import Mailer
+from tally_notifier.webhook_sender import WebhookSender
 from tally_notifier.wiring import NotifierWiring
 
 
 def wire(rt: Runtime) -> NotifierWiring:
-    return NotifierWiring(rt, mailer=Mailer(rt.pool, rt.settings.smtp_url, rt.settings.mail_from))
+    return NotifierWiring(
+        rt,
+        mailer=Mailer(rt.pool, rt.settings.smtp_url, rt.settings.mail_from),
+        webhooks=WebhookSender(rt.pool, rt.settings),
+    )
 
 
 SPEC = ServiceSpec(
     name="notifier",
     package="tally_notifier",
     wire=wire,
-    routers=[api.router],
+    routers=[api.router, api.hooks],
     consumers=[
         # wallet.digest: not the money path (its fetches wait the side topics' time); its batches
         # were KAFKA_MAX_BATCH records, which a side consumer's 2000 equals by default
         Consumer(Topics.WALLET_DIGEST, "notifier-wallet", handlers.on_wallet_digest, large_batches=True),
         Consumer(Topics.RECHARGE_EVENTS, "notifier-recharge", handlers.on_recharge_events),
         Consumer(Topics.REBILLING_EVENTS, "notifier-rebilling", handlers.on_rebilling_events),
+        # outbound webhooks: every public event, queued for the endpoints of its company
+        # (records of companies without endpoints are skipped unread)
+        Consumer(
+            Topics.WALLET_EVENTS, "notifier-webhooks-wallet", handlers.on_webhook_events, large_batches=True
+        ),
+        Consumer(Topics.RECHARGE_EVENTS, "notifier-webhooks-recharge", handlers.on_webhook_events),
+        Consumer(Topics.REBILLING_EVENTS, "notifier-webhooks-rebilling", handlers.on_webhook_events),
     ],
     description="Usage alerts, failure emails and in-app notifications.",
 )

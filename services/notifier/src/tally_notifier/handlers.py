@@ -2,7 +2,9 @@
 suspensions, credit requests), ``recharge.events`` (failures, cancellations, tier raises) and
 ``rebilling.events`` (who owns which account, company time zones, subscriptions dunning gave
 up on). Each batch: the records of the consumer's types decoded (unreadable ones to the DLQ),
-applied in one unit of work (``notices.take_in``), then the mailer woken for what it queued."""
+applied in one unit of work (``notices.take_in``), then the mailer woken for what it queued.
+Outbound webhooks read the three public topics (``wallet.events``, ``recharge.events``,
+``rebilling.events``) in groups of their own (``webhook_events.take_in``)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tally.consumer import take
-from tally_notifier import notices
+from tally_notifier import notices, webhook_events
 from tally_notifier.wiring import NotifierWiring
 
 SERVICE = "notifier"
@@ -40,3 +42,11 @@ async def on_recharge_events(w: NotifierWiring, records: Sequence[Any]) -> None:
 
 async def on_rebilling_events(w: NotifierWiring, records: Sequence[Any]) -> None:
     await _take_in(w, records, REBILLING_TYPES, "notifier-rebilling")
+
+
+async def on_webhook_events(w: NotifierWiring, records: Sequence[Any]) -> None:
+    """Any of the three public topics: queue its events for the endpoints of their company."""
+    async with w.uow() as uow:
+        queued = await webhook_events.take_in(uow, records, service=SERVICE)
+    if queued:
+        w.webhooks.wake()

@@ -27,8 +27,11 @@ async def upsert_company(conn: Conn, cid: str, name: str, owner_email: str | Non
 async def upsert_account(conn: Conn, aid: str, cid: str, name: str, owner_email: str | None) -> None:
     await conn.execute(
         "INSERT INTO accounts (account_id, company_id, name, owner_email) VALUES ($1, $2, $3, $4) "
-        "ON CONFLICT (account_id) DO UPDATE SET company_id = EXCLUDED.company_id, "
-        "name = EXCLUDED.name, owner_email = EXCLUDED.owner_email",
+        "ON CONFLICT (account_id) DO UPDATE SET "
+        "name = EXCLUDED.name, owner_email = EXCLUDED.owner_email "
+        # an account never moves to another company: a message saying so is not believed
+        # (the webhook tenant check and the alert recipients read this table)
+        "WHERE accounts.company_id = EXCLUDED.company_id",
         aid,
         cid,
         name,

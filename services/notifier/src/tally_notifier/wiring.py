@@ -11,14 +11,16 @@ from fastapi import Depends
 from tally.service import Wiring, wiring
 from tally.worker import Worker
 from tally_notifier.mailer import Mailer
+from tally_notifier.webhook_sender import WebhookSender
 
 
 @dataclass
 class NotifierWiring(Wiring):
     mailer: Mailer  # sends the emails the consumers queue; woken after each batch
+    webhooks: WebhookSender  # sends the webhook deliveries queued; woken the same way
 
     def workers(self) -> Sequence[Worker]:
-        return (self.mailer,)
+        return (self.mailer, self.webhooks)
 
 
 Wired = Annotated[NotifierWiring, Depends(wiring)]

@@ -1,0 +1,110 @@
+"""Which events go to which endpoints: every public event of ``wallet.events``,
+``recharge.events`` and ``rebilling.events`` (and the notifier's own: usage alerts, a disabled
+endpoint, a test) is queued for the enabled endpoints of the company it concerns whose types
+match, and for no one else's.
+
+The company an event concerns is its payload's ``company_id``, and the record's key must name
+the same company (every Tally producer keys these topics by company). An event that also names
+an account is sent only once the notifier knows that account to be the company's (checked
+again at each attempt, ``webhook_sender``), so an event naming another tenant's account never
+leaves. Records of companies without endpoints are skipped unread: most of ``wallet.events``
+is ``wallet.debited``, one per usage event."""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import asyncpg
+import orjson
+from prometheus_client import Counter
+
+from tally import events
+from tally.consumer import take
+from tally.db import Conn
+from tally.uow import UnitOfWork
+from tally_notifier import webhook_storage
+
+QUEUED = Counter("tally_webhook_deliveries_queued_total", "Webhook deliveries queued", ["type"])
+NOT_QUEUED = Counter(
+    "tally_webhook_events_refused_total", "Events not sent to any endpoint, by reason", ["reason"]
+)
+SOURCE = "notifier"
+
+
+def matches(types: Sequence[str], event_type: str) -> bool:
+    return "*" in types or event_type in types
+
+
+def _by_company(endpoints: Iterable[asyncpg.Record]) -> dict[str, list[asyncpg.Record]]:
+    out: dict[str, list[asyncpg.Record]] = defaultdict(list)
+    for e in endpoints:
+        out[e["company_id"]].append(e)
+    return out
+
+
+def deliveries_for(
+    endpoints: Sequence[asyncpg.Record],
+    *,
+    event_id: str,
+    event_type: str,
+    company: str,
+    account: str | None,
+    payload: bytes,
+) -> list[webhook_storage.DeliveryRow]:
+    """One delivery per endpoint of ``company`` whose types match."""
+    return [
+        (f"whd_{uuid.uuid4().hex}", e["id"], company, account, event_id, event_type, payload)
+        for e in endpoints
+        if e["company_id"] == company and matches(e["event_types"], event_type)
+    ]
+
+
+async def take_in(uow: UnitOfWork, records: Sequence[Any], *, service: str) -> int:
+    """Queue the deliveries of a consumer batch (in the caller's unit of work, with the DLQ
+    rows of records that cannot be read); returns how many were queued."""
+    conn = uow.conn
+    listening = _by_company(await webhook_storage.listening(conn))
+    if not listening:
+        return 0
+    mine = [r for r in records if r.key is not None and r.key.decode("utf-8", "replace") in listening]
+    if not mine:
+        return 0
+    taken, dead = take(mine, events.WEBHOOK_TYPES, service=service)
+    uow.publish(dead)
+    rows: list[webhook_storage.DeliveryRow] = []
+    for record, message in taken:
+        company = getattr(message.data, "company_id", None)
+        if company is None or record.key.decode("utf-8", "replace") != company:
+            NOT_QUEUED.labels("key_mismatch").inc()
+            continue
+        found = deliveries_for(
+            listening.get(company, []),
+            event_id=message.id,
+            event_type=message.type,
+            company=company,
+            account=getattr(message.data, "account_id", None),
+            payload=orjson.dumps(message.model_dump(mode="json")),
+        )
+        for _ in found:
+            QUEUED.labels(message.type).inc()
+        rows += found
+    return await webhook_storage.enqueue(conn, rows)
+
+
+async def emit(conn: Conn, type_: str, data: events.Payload, *, id_: str) -> int:
+    """Queue one of the notifier's own events for its company's matching endpoints."""
+    company = str(getattr(data, "company_id"))  # noqa: B009 - every webhook payload names one
+    rows = deliveries_for(
+        await webhook_storage.listening_in(conn, company),
+        event_id=id_,
+        event_type=type_,
+        company=company,
+        account=getattr(data, "account_id", None),
+        payload=orjson.dumps(events.envelope(type_, data, source=SOURCE, id_=id_)),
+    )
+    for _ in rows:
+        QUEUED.labels(type_).inc()
+    return await webhook_storage.enqueue(conn, rows)
