@@ -43,6 +43,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
             "TALLY_RECHARGE_RETRY_SECONDS": "1,1",
             "TALLY_RECHARGE_LEASE_SECONDS": "3",
             "TALLY_RECHARGE_UNAVAILABLE_RETRY_SECONDS": "2",
+            "TALLY_WEBHOOK_RETRY_BASE_SECONDS": "0.5",
+            "TALLY_WEBHOOK_RETRY_CAP_SECONDS": "2",
             # spans as JSON lines, one file per service (tests/e2e/test_observability)
             "TALLY_TRACES_DIR": str(root / "traces"),
             # ingestion rate limit per product token (test_security proves the 429)
