@@ -10,7 +10,7 @@ UV         := $(TOOLS)/bin/uv
 PYTHON     ?= python3
 export UV_PYTHON_PREFERENCE ?= system
 
-.PHONY: help install run test test-unit test-integration test-e2e test-fast model lint check-packages format bench bench-scaling bench-wallet chaos clean stack
+.PHONY: help install run test test-unit test-integration test-e2e test-fast model lint check-packages format asyncapi bench bench-scaling bench-wallet chaos clean stack
 
 help: ## show the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ check-packages: install ## each package installed alone from the lock, its app i
 format: install ## ruff format and the fixable lint
 	@$(UV) run --frozen --no-sync ruff format .
 	@$(UV) run --frozen --no-sync ruff check --fix .
+
+asyncapi: install ## write docs/asyncapi.json again from the event models (a test fails when it is stale)
+	@$(UV) run --frozen --no-sync python -m tally.asyncapi > docs/asyncapi.json
 
 bench: install ## end to end through the public paths: events/s, latency, CPU and memory per service
 	@$(UV) run --frozen --no-sync python bench/e2e_bench.py

@@ -203,7 +203,7 @@ async def test_a_credit_request_and_its_approval_reach_the_company(tally: Tally,
             json={"amount": "7.5", "reference": "march"},
             headers=agency.user(aid),
         )
-        return r.json() if r.status_code == 201 else None  # type: ignore[no-any-return]
+        return r.json() if r.status_code == 201 else None
 
     request = await eventually(requested, what="the credit request")
     r = await tally.http.post(
@@ -295,15 +295,16 @@ async def test_bad_input_is_refused_and_changes_nothing(tally: Tally, receiver: 
     )
     assert r.status_code == 404, r.text
     eid = hook_b["id"]
-    for method, path, body in [
+    calls: list[tuple[str, str, dict[str, Any] | None]] = [
         ("GET", f"/v1/webhook-endpoints/{eid}", None),
         ("PATCH", f"/v1/webhook-endpoints/{eid}", {"enabled": False}),
         ("DELETE", f"/v1/webhook-endpoints/{eid}", None),
         ("POST", f"/v1/webhook-endpoints/{eid}/test", None),
         ("GET", f"/v1/webhook-endpoints/{eid}/deliveries", None),
         ("GET", f"/v1/companies/{b.cid}/webhook-endpoints", None),
-    ]:
-        r = await tally.http.request(method, hooks_url(tally, path), json=body, headers=a.admin)
+    ]
+    for method, path, payload in calls:
+        r = await tally.http.request(method, hooks_url(tally, path), json=payload, headers=a.admin)
         assert r.status_code == 404, (method, path, r.text)
     aid = await a.account()
     r = await tally.http.post(

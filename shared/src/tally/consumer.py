@@ -173,15 +173,15 @@ def dlq_row(record: Any, reason: str, *, service: str) -> outbox.Row:
     """An outbox row that dead-letters ``record`` to ``<topic>.dlq`` with the reason."""
     DLQ.labels(service, record.topic).inc()
     value = record.value or b""
-    body = {
-        "error": reason[:2000],
-        "source_topic": record.topic,
-        "partition": record.partition,
-        "offset": record.offset,
-        "failed_by": service,
-        "failed_at": datetime.now(UTC).isoformat(),
-        "message": value.decode("utf-8", errors="replace")[:1_000_000],
-    }
+    body = events.DeadLetter(
+        error=reason[:2000],
+        source_topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        failed_by=service,
+        failed_at=datetime.now(UTC),
+        message=value.decode("utf-8", errors="replace")[:1_000_000],
+    ).model_dump(mode="json")
     key = record.key.decode("utf-8", errors="replace") if record.key else None
     log.warning(
         "dead-lettered", extra={"topic": record.topic, "offset": record.offset, "reason": reason[:300]}

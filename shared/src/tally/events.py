@@ -325,6 +325,24 @@ class LicenseChanged(Payload):
     account_assigned: int | None = None
 
 
+# --- dead letters ------------------------------------------------------------------------
+
+
+class DeadLetter(BaseModel):
+    """A message a consumer could not apply, on ``<topic>.dlq`` (keyed as the source): why,
+    where it was, who gave up on it, and the message itself (as text, at most 1 MB)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    error: str
+    source_topic: str
+    partition: int
+    offset: int
+    failed_by: str
+    failed_at: datetime
+    message: str
+
+
 # --- notifier (outbound webhooks only: these are not on any topic) ------------------------
 
 

@@ -27,7 +27,7 @@ from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tally import db, idempotency
+from tally import asyncapi, db, idempotency
 from tally.consumer import subscribe_batch
 from tally.edge import FastPaths, FastRoute, HttpMetrics
 from tally.errors import JsonResponse, error_response, install_error_handlers
@@ -258,6 +258,11 @@ def _add_probes(app: FastAPI, name: str) -> None:
         if not ok:
             return error_response(503, "not_ready", "dependencies unavailable", [checks])
         return JsonResponse({"status": "ready", "checks": checks})
+
+    @app.get("/asyncapi.json", include_in_schema=False)
+    async def asyncapi_document() -> Response:
+        """Tally's topics and webhooks (AsyncAPI 3), the same in every service."""
+        return Response(asyncapi.dumps(), media_type="application/json")
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
