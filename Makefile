@@ -54,7 +54,7 @@ model: install ## the lifecycle model, a long walk (MODEL_STEPS, default 1000; M
 lint: install ## ruff, ruff format --check and mypy (CI fails on any of them)
 	@$(UV) run --frozen --no-sync ruff check .
 	@$(UV) run --frozen --no-sync ruff format --check .
-	@$(UV) run --frozen --no-sync mypy shared/src services/*/src devstack/src tests
+	@$(UV) run --frozen --no-sync mypy shared/src services/*/src devstack/src clients/*/src tests
 
 check-packages: install ## each package installed alone from the lock, its app imported
 	@UV=$(UV) .ci/check-packages

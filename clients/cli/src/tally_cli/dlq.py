@@ -1,0 +1,118 @@
+"""Dead-letter queues over the broker (``KAFKA_BOOTSTRAP_SERVERS``): read ``<topic>.dlq``, and
+replay its letters to the source topic. Replays are tracked by a consumer group of their own
+(``tally-cli-replay-<topic>``), so each letter is replayed once, however often the command runs;
+consumers dedupe on the event id, so a replayed message that was applied meanwhile is not
+applied twice."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from tally.events import DeadLetter, Topics
+from tally.settings import get_settings
+
+
+class Unavailable(Exception):
+    """The broker could not be reached."""
+
+
+def _dlq(topic: str) -> str:
+    if topic not in Topics.ALL:
+        raise ValueError(f"unknown topic {topic!r} (one of {', '.join(Topics.ALL)})")
+    return Topics.dlq(topic)
+
+
+async def _drain(consumer: AIOKafkaConsumer, limit: int | None) -> list[Any]:
+    """Records from the consumer's positions to the ends it had when this started."""
+    parts = list(consumer.assignment())
+    ends = await consumer.end_offsets(parts)
+    records: list[Any] = []
+    while await _behind(consumer, parts, ends):
+        batch = await consumer.getmany(timeout_ms=1000)
+        for tp, recs in batch.items():
+            records += [r for r in recs if r.offset < ends[tp]]
+        if limit is not None and len(records) >= limit:
+            break
+    records.sort(key=lambda r: (r.timestamp, r.partition, r.offset))
+    return records[:limit] if limit is not None else records
+
+
+async def _behind(consumer: AIOKafkaConsumer, parts: list[TopicPartition], ends: dict[Any, int]) -> bool:
+    for p in parts:
+        if await consumer.position(p) < ends[p]:
+            return True
+    return False
+
+
+async def _consumer(dlq: str, group: str | None) -> AIOKafkaConsumer:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=get_settings().kafka_bootstrap_servers,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        client_id="tally-cli",
+    )
+    try:
+        await consumer.start()
+        await consumer.topics()  # the cluster's metadata, this topic's partitions with it
+        partitions = consumer.partitions_for_topic(dlq)
+    except KafkaError as exc:
+        await consumer.stop()
+        raise Unavailable(f"the broker is unreachable: {exc}") from exc
+    tps = [TopicPartition(dlq, p) for p in sorted(partitions or ())]
+    consumer.assign(tps)
+    if group is None:
+        await consumer.seek_to_beginning(*tps)
+    else:
+        committed = {tp: await consumer.committed(tp) for tp in tps}
+        for tp, offset in committed.items():
+            if offset is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, offset)
+    return consumer
+
+
+def _letter(record: Any) -> dict[str, Any]:
+    letter = DeadLetter.model_validate_json(record.value).model_dump(mode="json")
+    return {
+        **letter,
+        "dlq_partition": record.partition,
+        "dlq_offset": record.offset,
+        "key": (record.key or b"").decode("utf-8", "replace") or None,
+    }
+
+
+async def read(topic: str, *, limit: int = 100) -> list[dict[str, Any]]:
+    consumer = await _consumer(_dlq(topic), None)
+    try:
+        return [_letter(r) for r in await _drain(consumer, limit)]
+    finally:
+        await consumer.stop()
+
+
+async def replay(topic: str, *, dry_run: bool = False) -> int:
+    """Produce every letter not replayed before back to ``topic``; returns how many."""
+    dlq = _dlq(topic)
+    consumer = await _consumer(dlq, f"tally-cli-replay-{topic}")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=get_settings().kafka_bootstrap_servers, acks="all", client_id="tally-cli"
+    )
+    try:
+        records = await _drain(consumer, None)
+        if dry_run or not records:
+            return len(records)
+        await producer.start()
+        for r in records:
+            letter = DeadLetter.model_validate_json(r.value)
+            await producer.send_and_wait(topic, letter.message.encode(), key=r.key)
+        await consumer.commit({TopicPartition(dlq, r.partition): r.offset + 1 for r in records})
+        return len(records)
+    except KafkaError as exc:
+        raise Unavailable(f"the broker is unreachable: {exc}") from exc
+    finally:
+        await producer.stop()
+        await consumer.stop()
