@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated
 
 import jwt
 from fastapi import Depends, Request
 
 from tally.errors import ApiError, not_found
 from tally.settings import get_settings
+from tally.tokens import ROLES, Role, issue_token
 
-Role = Literal["platform_admin", "company_admin", "account_user", "product"]
-ROLES: tuple[Role, ...] = ("platform_admin", "company_admin", "account_user", "product")
+__all__ = ["ROLES", "CurrentPrincipal", "Principal", "Role", "issue_token"]
+
 
 
 @dataclass(frozen=True)
@@ -104,24 +105,6 @@ class VerifiedTokens:
 
 
 _VERIFIED = VerifiedTokens()
-
-
-def issue_token(
-    role: Role,
-    *,
-    sub: str = "tally",
-    company_id: str | None = None,
-    account_id: str | None = None,
-    email: str | None = None,
-    ttl_seconds: int = 3600,
-    secret: str | None = None,
-) -> str:
-    """Mint a token (demo, tests, CLI). Production tokens come from your identity provider."""
-    claims: dict[str, object] = {"sub": sub, "role": role, "exp": int(time.time()) + ttl_seconds}
-    for key, value in (("company_id", company_id), ("account_id", account_id), ("email", email)):
-        if value is not None:
-            claims[key] = value
-    return jwt.encode(claims, secret or get_settings().jwt_secret, algorithm="HS256")
 
 
 def principal_of(authorization: str, secret: str) -> Principal:

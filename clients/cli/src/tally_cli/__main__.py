@@ -8,17 +8,21 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, TypeVar
 
 import orjson
 from cyclopts import App, Parameter
 from rich.console import Console
 from rich.table import Table
 
-from tally.auth import ROLES, Role, issue_token
-from tally.settings import get_settings
-from tally_cli import OK, REFUSED, UNAVAILABLE, USAGE, dlq, migrations
-from tally_client import SERVICES, Tally, TallyError
+from tally.tokens import ROLES, Role, issue_token
+from tally_cli import OK, REFUSED, UNAVAILABLE, USAGE
+
+if TYPE_CHECKING:
+    from tally_client import Tally
+
+# Imports are taken where a command needs them: the command starts in a fraction of a second.
+SERVICES = ("usage-meter", "wallet", "recharge", "rebilling", "notifier")
 
 T = TypeVar("T")
 app = App(
@@ -62,6 +66,9 @@ def fail(exit_code: int, message: str, as_json: bool, **extra: Any) -> NoReturn:
 def client(token: str | None, role: Role, **claims: Any) -> Tally:
     """A client for this machine's Tally (ports from the TALLY_* settings), with ``token`` or a
     development token of ``role`` minted with ``TALLY_JWT_SECRET``."""
+    from tally.settings import get_settings
+    from tally_client import Tally
+
     settings = get_settings()
     bearer = token or issue_token(role, sub="tally-cli", **{k: v for k, v in claims.items() if v})
     return Tally(token=bearer, urls={s: settings.url_of(s) for s in SERVICES})
@@ -69,6 +76,8 @@ def client(token: str | None, role: Role, **claims: Any) -> Tally:
 
 def run(call: Awaitable[T], as_json: bool) -> T:
     """Run one call; API errors become exit codes."""
+    from tally_client import TallyError
+
     try:
         return asyncio.run(call)  # type: ignore[arg-type]
     except TallyError as exc:
@@ -136,7 +145,10 @@ def read_events(source: Path | None) -> Iterator[dict[str, Any]]:
 @usage_app.command
 def send(
     file: Annotated[
-        Path | None, Parameter(help="a file of events (JSON lines or an array); - or none: stdin")
+        Path | None,
+        Parameter(
+            help="a file of events (JSON lines or an array); - or none: stdin", allow_leading_hyphen=True
+        ),
     ] = None,
     *,
     batch: Annotated[int, Parameter(help="events per request (1-1000)")] = 1000,
@@ -257,6 +269,8 @@ def dlq_list(
     json: Json = False,
 ) -> None:
     """What failed on a topic: offset, who gave up, why."""
+    from tally_cli import dlq
+
     try:
         letters = asyncio.run(dlq.read(topic, limit=limit))
     except dlq.Unavailable as exc:
@@ -288,6 +302,8 @@ def replay(
 ) -> None:
     """Produce each dead letter not replayed before back to its source topic (consumers dedupe
     on the event id, so a replay applies each message at most once)."""
+    from tally_cli import dlq
+
     try:
         replayed = asyncio.run(dlq.replay(topic, dry_run=dry_run))
     except dlq.Unavailable as exc:
@@ -351,6 +367,8 @@ def migrate(
     json: Json = False,
 ) -> None:
     """Apply each service's pending migrations to its schema (DATABASE_URL), or show them."""
+    from tally_cli import migrations
+
     names = service or list(SERVICES)
     unknown = [n for n in names if n not in SERVICES]
     if unknown:
