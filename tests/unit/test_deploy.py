@@ -1,25 +1,23 @@
-"""What cannot run here is checked here: the Kustomize overlays render, every standard object
-validates offline against the Kubernetes schemas, the CRD objects (Strimzi, CloudNativePG,
-KEDA, Prometheus Operator) carry the fields they need, dashboards and alerts only name metrics
-the code exports, and the Dockerfile and compose file are complete."""
+"""What cannot run here is checked here: the Helm chart (deploy/helm/tally) renders production-
+shaped objects for the default and the production values (tests/unit/test_helm_chart.py
+validates every one of them against the Kubernetes and operator schemas), Kafka has every topic
+of the code, dashboards and alerts only name metrics the code exports, and the Dockerfile and
+compose file are complete."""
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate
 import pytest
 import yaml
 
 from tally.events import Topics
+from tests.unit.test_helm_chart import VARIANTS, of, render
 
 ROOT = Path(__file__).resolve().parents[2]
-K8S = ROOT / "deploy" / "k8s"
 SERVICES = ["usage-meter", "wallet", "recharge", "rebilling", "notifier"]
 STANDARD = {
     "ConfigMap",
@@ -29,26 +27,14 @@ STANDARD = {
     "PodDisruptionBudget",
     "NetworkPolicy",
     "Job",
-    "Namespace",
 }
+# What Strimzi's Kafka Exporter exports (the lag alerts read these).
+KAFKA_EXPORTER = {"kafka_consumergroup_lag", "kafka_consumergroup_current_offset"}
 
 
-def render(overlay: str) -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl (with its built-in kustomize) is part of this machine image"
-    out = subprocess.run(
-        [kubectl, "kustomize", str(K8S / "overlays" / overlay)], check=True, capture_output=True, text=True
-    ).stdout
-    return [d for d in yaml.safe_load_all(out) if d]
-
-
-@pytest.fixture(scope="module", params=["dev", "prod"])
+@pytest.fixture(scope="module", params=["default", "production"])
 def objects(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
-    return render(request.param)
-
-
-def of(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [o for o in objects if o["kind"] == kind]
+    return render(VARIANTS[request.param])
 
 
 def exported_metrics() -> set[str]:
@@ -62,14 +48,9 @@ def referenced_metrics(text: str) -> set[str]:
     return {re.sub(r"_(bucket|sum|count)$", "", m) for m in re.findall(r"tally_[a-z_]+", text)}
 
 
-def test_every_standard_object_validates_against_the_kubernetes_schemas(
-    objects: list[dict[str, Any]],
-) -> None:
-    version = kubernetes_validate.latest_version()
-    standard = [o for o in objects if o["kind"] in STANDARD]
-    assert {o["kind"] for o in standard} == STANDARD
-    for o in standard:
-        kubernetes_validate.validate(o, version, strict=True)
+def test_the_chart_renders_every_standard_kind(objects: list[dict[str, Any]]) -> None:
+    assert {o["kind"] for o in objects} >= STANDARD
+    assert not (ROOT / "deploy" / "k8s").exists(), "one source: the chart replaced the Kustomize tree"
 
 
 def test_deployments_are_production_shaped(objects: list[dict[str, Any]]) -> None:
@@ -87,18 +68,22 @@ def test_deployments_are_production_shaped(objects: list[dict[str, Any]]) -> Non
         name = d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
         assert pod["serviceAccountName"] in accounts and name in pdbs and name in services
         assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["automountServiceAccountToken"] is False
+        assert d["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
         [c] = pod["containers"]
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
             assert c[probe]["httpGet"]["path"] in ("/readyz", "/healthz")
         assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
         assert all(ref["configMapRef"]["name"] in configmaps for ref in c["envFrom"])
-        assert {e["name"] for e in c["env"]} >= {"DATABASE_URL", "TALLY_JWT_SECRET"}
-        assert not c["image"].endswith(":latest"), "overlays pin the image tag"
+        assert {e["name"] for e in c["env"]} >= {"DATABASE_URL", "TALLY_JWT_SECRET", "TALLY_SERVICE"}
+        assert not c["image"].endswith(":latest"), "images are pinned by tag or digest"
 
 
 def test_kafka_cluster_and_every_topic(objects: list[dict[str, Any]]) -> None:
     [kafka] = of(objects, "Kafka")
     assert kafka["spec"]["kafka"]["listeners"] and kafka["spec"]["kafka"]["version"]
+    assert kafka["spec"]["kafka"]["config"]["auto.create.topics.enable"] is False
     [pool] = of(objects, "KafkaNodePool")
     assert pool["metadata"]["labels"]["strimzi.io/cluster"] == kafka["metadata"]["name"]
     assert set(pool["spec"]["roles"]) == {"controller", "broker"} and pool["spec"]["replicas"] >= 3
@@ -108,25 +93,26 @@ def test_kafka_cluster_and_every_topic(objects: list[dict[str, Any]]) -> None:
         assert t["spec"]["replicas"] == 3 and t["spec"]["partitions"] >= 1
         assert t["metadata"]["labels"]["strimzi.io/cluster"] == kafka["metadata"]["name"]
         compact = t["spec"]["config"].get("cleanup.policy") == "compact"
-        assert compact == (name == Topics.REBILLING_SETTINGS), name
+        assert compact == (name in Topics.COMPACTED), name
 
 
 def test_postgres_keda_and_monitoring(objects: list[dict[str, Any]]) -> None:
     [cluster] = of(objects, "Cluster")
     assert cluster["apiVersion"].startswith("postgresql.cnpg.io/")
     assert cluster["spec"]["bootstrap"]["initdb"]["database"] == "tally"
-    assert cluster["spec"]["instances"] >= 1 and cluster["spec"]["storage"]["size"]
-    [backup] = of(objects, "ScheduledBackup")
-    assert backup["spec"]["cluster"]["name"] == cluster["metadata"]["name"]
+    assert cluster["spec"]["instances"] >= 3 and cluster["spec"]["storage"]["size"]
+    assert cluster["spec"]["walStorage"]["size"], "WAL on its own volume"
+    for backup in of(objects, "ScheduledBackup"):
+        assert backup["spec"]["cluster"]["name"] == cluster["metadata"]["name"]
     deployments = {d["metadata"]["name"] for d in of(objects, "Deployment")}
     topics = {t["spec"]["topicName"] for t in of(objects, "KafkaTopic")}
     scaled = of(objects, "ScaledObject")
-    assert len(scaled) == 4
+    assert len(scaled) == len(SERVICES)
     for s in scaled:
         assert s["spec"]["scaleTargetRef"]["name"] in deployments
-        [trigger] = s["spec"]["triggers"]
-        assert trigger["type"] == "kafka" and trigger["metadata"]["topic"] in topics
-        assert trigger["metadata"]["consumerGroup"] and int(trigger["metadata"]["lagThreshold"]) > 0
+        for trigger in s["spec"]["triggers"]:
+            assert trigger["type"] == "kafka" and trigger["metadata"]["topic"] in topics
+            assert trigger["metadata"]["consumerGroup"] and int(trigger["metadata"]["lagThreshold"]) > 0
     [monitor] = of(objects, "ServiceMonitor")
     selector = monitor["spec"]["selector"]["matchLabels"]
     assert all(s["metadata"]["labels"].items() >= selector.items() for s in of(objects, "Service"))
@@ -141,21 +127,35 @@ def test_alerts_and_dashboards_name_only_exported_metrics(objects: list[dict[str
     assert {a["alert"] for a in alerts} >= {
         "TallyDeadLetters",
         "TallyConsumerLagGrowing",
+        "TallyConsumerStuck",
         "TallyRechargeFailureRate",
         "TallyOutboxBacklog",
         "TallyNoUsage",
+        "TallyServiceDown",
+        "TallyServiceAbsent",
+        "TallyHttp5xx",
+        "TallyWebhookSignatureFailures",
     }
     ops = (ROOT / "docs" / "operations.md").read_text().lower()
     for a in alerts:
         assert referenced_metrics(a["expr"]) <= exported, a["alert"]
-        assert a["alert"].lower() in ops, f"{a['alert']} is explained in docs/operations.md"
+        assert set(re.findall(r"kafka_[a-z_]+", a["expr"])) <= KAFKA_EXPORTER, a["alert"]
+        assert f"### {a['alert'].lower()}" in ops, f"{a['alert']} is explained in docs/operations.md"
     [boards] = [c for c in of(objects, "ConfigMap") if c["metadata"]["name"] == "tally-dashboards"]
     assert boards["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert set(boards["data"]) == {p.name for p in (ROOT / "deploy/helm/tally/dashboards").glob("*.json")}
     for name, text in boards["data"].items():
         board = json.loads(text)
         exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
         assert exprs, name
         assert set().union(*(referenced_metrics(e) for e in exprs)) <= exported, name
+
+
+def test_production_values_are_a_production_install() -> None:
+    values = yaml.safe_load((ROOT / "deploy" / "helm" / "values-production.yaml").read_text())
+    assert values["backups"]["enabled"] is True and values["kafka"]["security"]["enabled"] is True
+    assert values["monitoring"]["labels"].get("release")
+    assert "example" in values["image"]["repository"] and values["image"]["tag"]
 
 
 def test_dockerfile_basics() -> None:
