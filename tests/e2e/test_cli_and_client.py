@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tally.auth import issue_token
+from tally.auth import Role, issue_token
 from tally.events import Topics
 from tally_client import SERVICES, TallyError
 from tally_client import Tally as Client
@@ -27,7 +27,7 @@ from tests.support.stack import Tally, eventually, uid
 TALLY = str(Path(sys.executable).with_name("tally"))
 
 
-def client(tally: Tally, role: str, **claims: Any) -> Client:
+def client(tally: Tally, role: Role, **claims: Any) -> Client:
     return Client(
         token=issue_token(role, **claims),
         urls={s: tally.stack.url(s) for s in SERVICES},

@@ -19,7 +19,6 @@ from tally.tokens import ROLES, Role, issue_token
 __all__ = ["ROLES", "CurrentPrincipal", "Principal", "Role", "issue_token"]
 
 
-
 @dataclass(frozen=True)
 class Principal:
     sub: str
