@@ -12,6 +12,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tally_devstack.stack import Ports, Stack, stop_on_sigterm
+
+# The tests' own processes verify development tokens (the services get it from the stack).
+os.environ.setdefault("TALLY_ENV", "development")
 from tests.support.stack import Infra, Tally
 
 

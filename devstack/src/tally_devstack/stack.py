@@ -249,6 +249,8 @@ class Stack:
             "SMTP_URL": f"smtp://127.0.0.1:{self.ports.smtp}",
             "KAFKA_SESSION_TIMEOUT_MS": os.environ.get("KAFKA_SESSION_TIMEOUT_MS", "3000"),
             "KAFKA_HEARTBEAT_INTERVAL_MS": os.environ.get("KAFKA_HEARTBEAT_INTERVAL_MS", "500"),
+            # the development secret is accepted (a production service refuses it)
+            "TALLY_ENV": os.environ.get("TALLY_ENV", "development"),
             # webhook receivers of a development machine listen on loopback (API.md)
             "TALLY_WEBHOOK_ALLOW_PRIVATE": os.environ.get("TALLY_WEBHOOK_ALLOW_PRIVATE", "1"),
         }

@@ -79,12 +79,10 @@ class FastPaths:
         routes: Mapping[tuple[str, str], FastRoute],
         service: str,
         max_bytes: int,
-        secret: str,
     ) -> None:
         self.app = app
         self.routes = dict(routes)
         self.max_bytes = max_bytes
-        self.secret = secret
         self.service = service
         # the children of the metrics, bound once per route (a labels() call costs microseconds)
         self._latency = {key: HTTP_LATENCY.labels(service, r.path) for key, r in self.routes.items()}
@@ -103,7 +101,7 @@ class FastPaths:
         headers = dict(reversed(scope["headers"]))  # a repeated header: the first, as Starlette
         try:
             body = await self._body(headers, receive)
-            principal = principal_of(headers.get(b"authorization", b"").decode("latin-1"), self.secret)
+            principal = principal_of(headers.get(b"authorization", b"").decode("latin-1"))
             status, payload = await route.handle(scope["app"].state.wiring, principal, body, headers)
         except _TooLarge:
             response = error_response(

@@ -27,7 +27,7 @@ from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tally import asyncapi, db, idempotency
+from tally import asyncapi, auth, db, idempotency
 from tally.consumer import subscribe_batch
 from tally.edge import FastPaths, FastRoute, HttpMetrics
 from tally.errors import JsonResponse, error_response, install_error_handlers
@@ -113,10 +113,17 @@ class ServiceSpec(Generic[W]):
         return self.name.replace("-", "_")
 
 
+class RefusedToStart(RuntimeError):
+    """Settings a service must not run with (``tally.auth.startup_problem``)."""
+
+
 def create_app(spec: ServiceSpec[Any], settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     setup_logging(spec.name, settings.log_level)
     setup_tracing(spec.name)
+    problem = auth.startup_problem(settings)
+    if problem:
+        raise RefusedToStart(problem)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -156,6 +163,7 @@ def create_app(spec: ServiceSpec[Any], settings: Settings | None = None) -> Fast
         await broker.start()
         relay.start()
         housekeeping = asyncio.create_task(_housekeeping(pool, spec.name))
+        keys = asyncio.create_task(auth.verifier().keep_fresh()) if settings.jwt_jwks_url else None
         for worker in wired.workers():
             worker.start()
         log.info("service started", extra={"port": settings.port_of(spec.name)})
@@ -168,9 +176,11 @@ def create_app(spec: ServiceSpec[Any], settings: Settings | None = None) -> Fast
                     await worker.stop()
             with contextlib.suppress(Exception):
                 await wired.close()
-            housekeeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await housekeeping
+            for task in (housekeeping, keys):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await broker.stop()
             await relay.stop()
             await producer.stop()
@@ -199,7 +209,6 @@ def create_app(spec: ServiceSpec[Any], settings: Settings | None = None) -> Fast
             routes=spec.fast_routes,
             service=spec.name,
             max_bytes=settings.max_body_bytes,
-            secret=settings.jwt_secret,
         )
     return app
 
@@ -338,6 +347,12 @@ def serve(spec: ServiceSpec[Any]) -> None:
     """Run one service until SIGTERM/SIGINT (graceful: in-flight work finishes);
     with ``--migrate``, apply its migrations and exit (a Kubernetes Job)."""
     settings = get_settings()
+    problem = auth.startup_problem(settings)
+    if problem and "--migrate" not in sys.argv[1:]:
+        setup_logging(spec.name, settings.log_level)
+        log.error("refusing to start", extra={"reason": problem})
+        sys.stderr.write(f"{spec.name}: refusing to start: {problem}\n")
+        raise SystemExit(2)
     if "--migrate" in sys.argv[1:]:
         applied = asyncio.run(migrate_only(spec, settings))
         log.info("migrations done", extra={"applied": applied})

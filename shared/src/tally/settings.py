@@ -17,6 +17,9 @@ SERVICE_PORTS = {
 }
 
 
+DEV_SECRET = "tally-dev-secret-change-me-in-production"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
 
@@ -49,7 +52,16 @@ class Settings(BaseSettings):
     gc_gen0_threshold: int = Field(50_000, alias="TALLY_GC_GEN0_THRESHOLD", ge=100)
     database_url: str | None = Field(None, alias="DATABASE_URL")
     db_pool_size: int = Field(8, alias="DB_POOL_SIZE", ge=1, le=200)
-    jwt_secret: str = Field("tally-dev-secret-change-me-in-production", alias="TALLY_JWT_SECRET")
+    # development: the development secret is accepted (make run and the tests set it);
+    # production (the default): a service refuses to start with it unless a JWKS URL is set
+    environment: Literal["development", "production"] = Field("production", alias="TALLY_ENV")
+    jwt_secret: str = Field(DEV_SECRET, alias="TALLY_JWT_SECRET")
+    # tokens of an identity provider: its JWKS (RS256/ES256), the iss and aud every token needs
+    jwt_jwks_url: str | None = Field(None, alias="TALLY_JWT_JWKS_URL")
+    jwt_issuer: str | None = Field(None, alias="TALLY_JWT_ISSUER")
+    jwt_audience: str | None = Field(None, alias="TALLY_JWT_AUDIENCE")
+    jwt_algorithms: str = Field("RS256,ES256", alias="TALLY_JWT_ALGORITHMS")
+    jwt_jwks_refresh_seconds: float = Field(600, alias="TALLY_JWT_JWKS_REFRESH_SECONDS", gt=0)
     stripe_api_base: str = Field("http://127.0.0.1:8420", alias="STRIPE_API_BASE")
     stripe_api_key: str = Field("sk_test_tally", alias="STRIPE_API_KEY")
     stripe_webhook_secret: str = Field("whsec_tally_dev", alias="STRIPE_WEBHOOK_SECRET")
