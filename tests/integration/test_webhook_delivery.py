@@ -179,28 +179,71 @@ async def test_a_record_keyed_by_one_company_naming_another_is_not_queued(
         assert len(uow._rows) == 1  # the DLQ row
 
 
+class Rebilling:
+    """rebilling's public API as the directory asks it (``GET /v1/accounts/{aid}``): a real
+    HTTP server that knows which company each account belongs to."""
+
+    def __init__(self) -> None:
+        self.accounts: dict[str, str] = {}
+        self.receiver = Receiver()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        aid = scope["path"].rsplit("/", 1)[-1]
+        company = self.accounts.get(aid)
+        status, body = (200, {"account_id": aid, "company_id": company}) if company else (404, {})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": orjson.dumps(body)})
+
+
+@pytest.fixture
+async def rebilling() -> AsyncIterator[tuple[Rebilling, str]]:
+    app = Rebilling()
+    server = Receiver()  # for its free port and start/stop
+    await server.start()
+    await server.stop()
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=server.port, log_level="warning", lifespan="off")
+    running = uvicorn.Server(config)
+    task = asyncio.create_task(running.serve())
+    while not running.started:
+        await asyncio.sleep(0.01)
+    yield app, f"http://127.0.0.1:{server.port}"
+    running.should_exit = True
+    await task
+
+
 async def test_an_event_naming_another_companys_account_never_leaves(
-    database: Database, receiver: Receiver
+    database: Database, receiver: Receiver, rebilling: tuple[Rebilling, str]
 ) -> None:
     a, b = await company(database, "a"), await company(database, "b")
     hook = await endpoint(database, receiver, a, "/a")
+    directory, url = rebilling
+    directory.accounts = {"acct-of-b-" + b: b, "acct-of-a-" + a: a}
+    # whatever the notifier's own table was told (a forged account.created), rebilling decides
     async with database.unit() as uow:
-        await storage.upsert_account(uow.conn, "acct-of-b-" + b, b, "b's", None)
-        await storage.upsert_account(uow.conn, "acct-of-a-" + a, a, "a's", None)
-        # a later message moving b's account to a is not believed
         await storage.upsert_account(uow.conn, "acct-of-b-" + b, a, "stolen", None)
-    sender = WebhookSender(database.pool, settings())
+    sender = WebhookSender(database.pool, settings(TALLY_REBILLING_URL=url))
     try:
         await take(database, credited(a, account="acct-of-b-" + b), credited(a, account="acct-of-a-" + a))
         await take(database, credited(a, account="never-heard-of"))
         await drain(sender, lambda: len(receiver.received) == 1)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.3)
         await sender.step()
+        await asyncio.sleep(0.2)
         assert [r.body["data"]["account_id"] for r in receiver.received] == ["acct-of-a-" + a]
         statuses = sorted((r["status"], r["last_error"]) for r in await delivery_rows(database, hook))
         assert statuses == [
             ("dropped", "account of another company"),
-            ("pending", None),  # unknown account: waits for account.created (up to an hour)
+            ("pending", None),  # unknown to rebilling: waits for it (up to an hour)
             ("succeeded", None),
         ]
     finally:
@@ -336,9 +379,12 @@ async def test_private_addresses_are_refused_without_the_flag_and_redirects_not_
     strict = WebhookSender(database.pool, settings(webhook_allow_private=False))
     try:
         await take(database, credited(a))
-        for _ in range(3):
+        deadline = time.monotonic() + 10
+        while not (rows := await delivery_rows(database, hook))[0]["attempts"]:
+            assert time.monotonic() < deadline, "never attempted"
             await strict.step()
-        [row] = await delivery_rows(database, hook)
+            await asyncio.sleep(0.05)
+        [row] = rows
         assert row["attempts"] >= 1 and row["last_error"].startswith("refused:")
         assert receiver.requests == 0
     finally:

@@ -219,14 +219,11 @@ class Verifier:
 
 def startup_problem(settings: Settings) -> str | None:
     """Why a service must not start with these settings (None: it may)."""
-    if (
-        settings.environment != "development"
-        and settings.jwt_secret == DEV_SECRET
-        and not settings.jwt_jwks_url
-    ):
+    if settings.environment != "development" and settings.jwt_secret == DEV_SECRET:
         return (
-            "TALLY_JWT_SECRET is the development secret and no TALLY_JWT_JWKS_URL is set: "
-            "set one of them, or TALLY_ENV=development on a development machine"
+            "TALLY_JWT_SECRET is the development secret: set a secret of your own (it signs the "
+            "services' calls to each other, and HS256 tokens if you accept them; users' tokens "
+            "may come from TALLY_JWT_JWKS_URL), or TALLY_ENV=development on a development machine"
         )
     return None
 

@@ -455,12 +455,17 @@ DIGEST_TYPES = frozenset(
 )
 
 
+# An event id names what caused it; a manual credit's is ``manual:<wallet>:<digest>:<key>``
+# with an Idempotency-Key of up to 200 characters (~300 in all).
+MAX_EVENT_ID = 512
+
+
 class _Envelope(BaseModel):
     """The envelope alone (``parse_message`` reads it to say why a message is not readable)."""
 
     model_config = ConfigDict(extra="ignore")
 
-    id: str = Field(min_length=1, max_length=200)
+    id: str = Field(min_length=1, max_length=MAX_EVENT_ID)
     type: str
     time: datetime
     source: str
@@ -473,7 +478,7 @@ class Message(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    id: str = Field(min_length=1, max_length=200)
+    id: str = Field(min_length=1, max_length=MAX_EVENT_ID)
     type: str
     time: datetime
     source: str

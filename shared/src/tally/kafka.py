@@ -1,6 +1,7 @@
 """Kafka plumbing: the FastStream broker factory, a raw producer for the outbox relay, topic
 creation, and the naming of consumer groups. Idempotent producing is configurable and off by
-default (the embedded broker rejects it; turn it on against a real cluster)."""
+default (the embedded broker rejects it; turn it on against a real cluster). TLS and SASL
+(``KAFKA_SECURITY_PROTOCOL``, ``KAFKA_SASL_*``, ``KAFKA_SSL_CAFILE``) apply to every client."""
 
 from __future__ import annotations
 
@@ -11,12 +12,54 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
 from faststream.kafka import KafkaBroker
+from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
 from tally.events import Topics
 from tally.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def client_security(settings: Settings) -> dict[str, Any]:
+    """aiokafka's connection settings for ``KAFKA_SECURITY_PROTOCOL`` and friends (for every
+    producer, consumer and admin client Tally opens)."""
+    protocol = settings.kafka_security_protocol
+    out: dict[str, Any] = {"security_protocol": protocol}
+    if protocol in ("SSL", "SASL_SSL"):
+        out["ssl_context"] = create_ssl_context(cafile=settings.kafka_ssl_cafile)
+    if protocol.startswith("SASL"):
+        if not (settings.kafka_sasl_username and settings.kafka_sasl_password):
+            raise ValueError(
+                f"KAFKA_SECURITY_PROTOCOL={protocol} needs KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"
+            )
+        out |= {
+            "sasl_mechanism": settings.kafka_sasl_mechanism,
+            "sasl_plain_username": settings.kafka_sasl_username,
+            "sasl_plain_password": settings.kafka_sasl_password,
+        }
+    return out
+
+
+def broker_security(settings: Settings) -> BaseSecurity | None:
+    """The same, as FastStream's security object (its broker builds the clients)."""
+    protocol = settings.kafka_security_protocol
+    if protocol == "PLAINTEXT":
+        return None
+    ssl = create_ssl_context(cafile=settings.kafka_ssl_cafile) if protocol.endswith("SSL") else None
+    if protocol == "SSL":
+        return BaseSecurity(ssl_context=ssl, use_ssl=True)
+    sasl = client_security(settings)
+    kind = {"PLAIN": SASLPlaintext, "SCRAM-SHA-256": SASLScram256, "SCRAM-SHA-512": SASLScram512}[
+        settings.kafka_sasl_mechanism
+    ]
+    return kind(
+        username=sasl["sasl_plain_username"],
+        password=sasl["sasl_plain_password"],
+        ssl_context=ssl,
+        use_ssl=protocol == "SASL_SSL",
+    )
 
 
 def make_broker(settings: Settings, *, client_id: str, middlewares: Sequence[Any] = ()) -> KafkaBroker:
@@ -34,6 +77,7 @@ def make_broker(settings: Settings, *, client_id: str, middlewares: Sequence[Any
         middlewares=tuple(middlewares),
         logger=logger,
         graceful_timeout=15.0,
+        security=broker_security(settings),
     )
 
 
@@ -51,6 +95,7 @@ def make_producer(settings: Settings, *, client_id: str) -> AIOKafkaProducer:
         max_batch_size=512 * 1024,
         max_request_size=4 * 1024 * 1024,
         request_timeout_ms=30_000,
+        **client_security(settings),
     )
 
 

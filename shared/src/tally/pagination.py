@@ -20,7 +20,10 @@ def decode(cursor: str | None) -> int | None:
     if not cursor:
         return None
     try:
-        return int(base64.urlsafe_b64decode(cursor.encode()).decode())
+        position = int(base64.urlsafe_b64decode(cursor.encode()).decode())
+        if not 0 <= position < 2**62:  # a sequence number, as Postgres holds it (bigint)
+            raise ValueError(position)
+        return position
     except ValueError as exc:
         raise ApiError(
             422,

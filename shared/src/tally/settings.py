@@ -26,6 +26,17 @@ class Settings(BaseSettings):
     kafka_bootstrap_servers: str = Field("127.0.0.1:9092", alias="KAFKA_BOOTSTRAP_SERVERS")
     # The embedded broker rejects idempotent producers; real Kafka clusters should turn it on.
     kafka_enable_idempotence: bool = Field(False, alias="KAFKA_ENABLE_IDEMPOTENCE")
+    # Kafka over TLS and/or SASL (Strimzi: SASL_SSL with SCRAM-SHA-512, a KafkaUser per
+    # service); PLAINTEXT is the embedded broker's. KAFKA_SSL_CAFILE: the cluster CA (PEM).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", alias="KAFKA_SECURITY_PROTOCOL"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "SCRAM-SHA-512", alias="KAFKA_SASL_MECHANISM"
+    )
+    kafka_sasl_username: str | None = Field(None, alias="KAFKA_SASL_USERNAME")
+    kafka_sasl_password: str | None = Field(None, alias="KAFKA_SASL_PASSWORD")
+    kafka_ssl_cafile: str | None = Field(None, alias="KAFKA_SSL_CAFILE")
     kafka_max_batch: int = Field(2000, alias="KAFKA_MAX_BATCH", ge=1, le=100_000)
     # Compression of the record batches the outbox relays produce (consumers need a client
     # that reads it: every maintained Kafka client reads zstd, Kafka 2.1+).

@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from tally.events import DeadLetter, Topics
+from tally.kafka import client_security
 from tally.settings import get_settings
 
 
@@ -50,6 +51,7 @@ async def _behind(consumer: AIOKafkaConsumer, parts: list[TopicPartition], ends:
 async def _consumer(dlq: str, group: str | None) -> AIOKafkaConsumer:
     consumer = AIOKafkaConsumer(
         bootstrap_servers=get_settings().kafka_bootstrap_servers,
+        **client_security(get_settings()),
         group_id=group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -99,7 +101,10 @@ async def replay(topic: str, *, dry_run: bool = False) -> int:
     dlq = _dlq(topic)
     consumer = await _consumer(dlq, f"tally-cli-replay-{topic}")
     producer = AIOKafkaProducer(
-        bootstrap_servers=get_settings().kafka_bootstrap_servers, acks="all", client_id="tally-cli"
+        bootstrap_servers=get_settings().kafka_bootstrap_servers,
+        **client_security(get_settings()),
+        acks="all",
+        client_id="tally-cli",
     )
     try:
         records = await _drain(consumer, None)

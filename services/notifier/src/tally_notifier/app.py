@@ -2,6 +2,7 @@
 notifications, outbound webhooks. The composition root: what the service is made of, and which
 topic goes to which consumer."""
 
+from tally.directory import CompanyDirectory
 from tally.events import Topics
 from tally.service import Consumer, Runtime, ServiceSpec
 from tally_notifier import api, handlers
@@ -11,10 +12,14 @@ from tally_notifier.wiring import NotifierWiring
 
 
 def wire(rt: Runtime) -> NotifierWiring:
+    # no negative caching: an account asked about just before rebilling announced it is
+    # asked again (a forged claim for an id must not hide the real account.created)
+    directory = CompanyDirectory(rt.settings.url_of("rebilling"), rt.settings.jwt_secret, negative_ttl=0)
     return NotifierWiring(
         rt,
         mailer=Mailer(rt.pool, rt.settings.smtp_url, rt.settings.mail_from),
-        webhooks=WebhookSender(rt.pool, rt.settings),
+        webhooks=WebhookSender(rt.pool, rt.settings, directory),
+        directory=directory,
     )
 
 

@@ -27,7 +27,7 @@ async def _take_in(w: NotifierWiring, records: Sequence[Any], types: tuple[str, 
     if not taken and not dead:
         return
     async with w.uow() as uow:
-        await notices.take_in(uow, group, [m for _, m in taken])
+        await notices.take_in(uow, group, [m for _, m in taken], w.directory)
         uow.publish(dead)
     w.mailer.wake()
 

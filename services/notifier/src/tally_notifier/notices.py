@@ -7,7 +7,9 @@ records its effects, so redelivery or a restart never notifies twice."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from tally import events, inbox
 from tally.db import Conn
@@ -16,10 +18,20 @@ from tally.uow import UnitOfWork
 from tally_notifier import alerts, storage
 from tally_notifier.domain import simple
 
+log = logging.getLogger(__name__)
 
-async def take_in(uow: UnitOfWork, consumer: str, messages: Sequence[events.Message]) -> None:
+
+class Owners(Protocol):
+    async def account_companies(self, account_ids: Iterable[str]) -> dict[str, str]: ...
+
+
+async def take_in(
+    uow: UnitOfWork, consumer: str, messages: Sequence[events.Message], owners: Owners | None = None
+) -> None:
     """Apply ``messages`` not yet seen by ``consumer`` (an inbox name: the consumer group), in
-    the caller's open unit of work."""
+    the caller's open unit of work. An ``account.created`` is believed only when rebilling
+    (``owners``), where accounts are created, says the account is that company's: a record on
+    the topic alone never gives a company another's account."""
     conn = uow.conn
     fresh = await inbox.claim(conn, consumer, [m.id for m in messages])
     todo = [m for m in messages if m.id in fresh]
@@ -32,6 +44,14 @@ async def take_in(uow: UnitOfWork, consumer: str, messages: Sequence[events.Mess
         if isinstance(p, events.CompanyUpdated):
             await storage.upsert_company(conn, p.company_id, p.name, p.owner_email, p.timezone)
         elif isinstance(p, events.AccountCreated):
+            if owners is not None:
+                owner = (await owners.account_companies([p.account_id])).get(p.account_id)
+                if owner != p.company_id:
+                    log.warning(
+                        "account.created not believed",
+                        extra={"account": p.account_id, "claimed": p.company_id, "rebilling_says": owner},
+                    )
+                    continue
             await storage.upsert_account(conn, p.account_id, p.company_id, p.name, p.owner_email)
         elif isinstance(p, events.SubscriptionCancelled):
             await _subscription_cancelled(conn, m, p)

@@ -27,11 +27,8 @@ async def upsert_company(conn: Conn, cid: str, name: str, owner_email: str | Non
 async def upsert_account(conn: Conn, aid: str, cid: str, name: str, owner_email: str | None) -> None:
     await conn.execute(
         "INSERT INTO accounts (account_id, company_id, name, owner_email) VALUES ($1, $2, $3, $4) "
-        "ON CONFLICT (account_id) DO UPDATE SET "
-        "name = EXCLUDED.name, owner_email = EXCLUDED.owner_email "
-        # an account never moves to another company: a message saying so is not believed
-        # (the webhook tenant check and the alert recipients read this table)
-        "WHERE accounts.company_id = EXCLUDED.company_id",
+        "ON CONFLICT (account_id) DO UPDATE SET company_id = EXCLUDED.company_id, "
+        "name = EXCLUDED.name, owner_email = EXCLUDED.owner_email",
         aid,
         cid,
         name,
@@ -112,9 +109,11 @@ async def rules(conn: Conn, aid: str) -> asyncpg.Record | None:
 
 async def rules_for(conn: Conn, account_ids: list[str]) -> list[asyncpg.Record]:
     return await conn.fetch(
-        "SELECT account_id, company_id, enabled, conditions::text AS conditions, "
-        "recipients::text AS recipients FROM alert_rules "
-        "WHERE account_id = ANY($1::text[]) AND enabled",
+        # a rule counts only while its account is its company's (as last announced)
+        "SELECT r.account_id, r.company_id, r.enabled, r.conditions::text AS conditions, "
+        "r.recipients::text AS recipients FROM alert_rules r "
+        "JOIN accounts a ON a.account_id = r.account_id AND a.company_id = r.company_id "
+        "WHERE r.account_id = ANY($1::text[]) AND r.enabled",
         account_ids,
     )
 

@@ -104,7 +104,7 @@ async def register(
             if stored is not None and stored.response is not None:
                 return stored
         await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"webhooks:{company_id}")
-        if len(await webhook_storage.listening_in(conn, company_id)) >= MAX_ENDPOINTS:
+        if await webhook_storage.registered(conn, company_id) >= MAX_ENDPOINTS:
             raise ApiError(409, "too_many_endpoints", f"a company has at most {MAX_ENDPOINTS} endpoints")
         secret = new_secret()
         row = await webhook_storage.add_endpoint(

@@ -22,7 +22,7 @@ import orjson
 from prometheus_client import Counter
 
 from tally import events
-from tally.consumer import take
+from tally.consumer import dlq_row, take
 from tally.db import Conn
 from tally.uow import UnitOfWork
 from tally_notifier import webhook_storage
@@ -62,9 +62,39 @@ def deliveries_for(
     ]
 
 
+class Refused(ValueError):
+    """An event whose names do not agree on one tenant: sent to no one."""
+
+
+def account_named(company: str, data: events.Payload) -> str | None:
+    """The one account an event names (``account_id``, an ``account:`` wallet), checking that
+    every company it names (``company:`` wallets) is ``company``; ``Refused`` otherwise."""
+    accounts = {getattr(data, "account_id", None)} - {None}
+    for field in ("wallet_id", "company_wallet_id", "account_wallet_id"):
+        wallet = getattr(data, field, None)
+        if not isinstance(wallet, str):
+            continue
+        kind, _, owner = wallet.partition(":")
+        if kind == "account":
+            accounts.add(owner)
+        elif kind == "company" and owner != company:
+            raise Refused(f"{field} names another company")
+    if getattr(data, "owner", None) == "account" and not accounts:
+        raise Refused("an account wallet's event names no account")
+    if len(accounts) > 1:
+        raise Refused("the event names two accounts")
+    return str(next(iter(accounts))) if accounts else None
+
+
+def _clean(*texts: str | None) -> bool:
+    """Text Postgres can store (no NUL)."""
+    return not any(t is not None and "\x00" in t for t in texts)
+
+
 async def take_in(uow: UnitOfWork, records: Sequence[Any], *, service: str) -> int:
     """Queue the deliveries of a consumer batch (in the caller's unit of work, with the DLQ
-    rows of records that cannot be read); returns how many were queued."""
+    rows of records that cannot be read or stored); returns how many were queued. A record
+    never stops the batch: whatever fails alone is dead-lettered."""
     conn = uow.conn
     listening = _by_company(await webhook_storage.listening(conn))
     if not listening:
@@ -74,24 +104,45 @@ async def take_in(uow: UnitOfWork, records: Sequence[Any], *, service: str) -> i
         return 0
     taken, dead = take(mine, events.WEBHOOK_TYPES, service=service)
     uow.publish(dead)
-    rows: list[webhook_storage.DeliveryRow] = []
+    groups: list[tuple[Any, list[webhook_storage.DeliveryRow]]] = []
     for record, message in taken:
         company = getattr(message.data, "company_id", None)
         if company is None or record.key.decode("utf-8", "replace") != company:
             NOT_QUEUED.labels("key_mismatch").inc()
+            continue
+        try:
+            account = account_named(company, message.data)
+        except Refused:
+            NOT_QUEUED.labels("tenant").inc()
+            continue
+        if not _clean(message.id, message.type, company, account):
+            uow.publish([dlq_row(record, "a NUL character in the event's names", service=service)])
             continue
         found = deliveries_for(
             listening.get(company, []),
             event_id=message.id,
             event_type=message.type,
             company=company,
-            account=getattr(message.data, "account_id", None),
+            account=account,
             payload=orjson.dumps(message.model_dump(mode="json")),
         )
-        for _ in found:
-            QUEUED.labels(message.type).inc()
-        rows += found
-    return await webhook_storage.enqueue(conn, rows)
+        if found:
+            groups.append((record, found))
+    queued = 0
+    try:
+        async with uow.savepoint():
+            queued = await webhook_storage.enqueue(conn, [row for _, rows in groups for row in rows])
+    except asyncpg.PostgresError:
+        for record, rows in groups:  # one at a time: the one Postgres refuses is dead-lettered
+            try:
+                async with uow.savepoint():
+                    queued += await webhook_storage.enqueue(conn, rows)
+            except asyncpg.PostgresError as exc:
+                uow.publish([dlq_row(record, f"not stored: {exc}", service=service)])
+    for _, rows in groups:
+        for row in rows:
+            QUEUED.labels(row[5]).inc()
+    return queued
 
 
 async def emit(conn: Conn, type_: str, data: events.Payload, *, id_: str) -> int:

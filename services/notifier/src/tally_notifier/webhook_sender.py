@@ -14,11 +14,14 @@ that delivery again (at least once: receivers dedupe on ``webhook-id``)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import quote
 
 import asyncpg
 import httpx
@@ -26,6 +29,7 @@ from prometheus_client import Counter, Histogram
 from standardwebhooks import Webhook
 
 from tally import events
+from tally.directory import CompanyDirectory
 from tally.settings import Settings
 from tally.uow import UnitOfWork
 from tally.worker import Worker
@@ -52,22 +56,43 @@ def backoff(attempt: int, base: float, cap: float) -> float:
     return wait * random.uniform(0.75, 1.25)
 
 
+_HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+
+
+def webhook_id(event_id: str) -> str:
+    """The ``webhook-id`` of an event: its id, with anything that cannot go in a header
+    (non-ASCII, blanks) percent-encoded — the same for every attempt."""
+    return quote(event_id, safe=_HEADER_SAFE)
+
+
 def signed_headers(secret: str, event_id: str, body: bytes, at: datetime) -> dict[str, str]:
+    msg_id = webhook_id(event_id)
     return {
         "content-type": "application/json",
         "user-agent": "Tally-Webhooks/1",
-        "webhook-id": event_id,
+        "webhook-id": msg_id,
         "webhook-timestamp": str(int(at.timestamp())),
-        "webhook-signature": Webhook(secret).sign(event_id, at, body.decode()),
+        "webhook-signature": Webhook(secret).sign(msg_id, at, body.decode()),
     }
+
+
+class Directory(Protocol):
+    async def account_companies(self, account_ids: Iterable[str]) -> dict[str, str]: ...
 
 
 class WebhookSender(Worker):
     name = "webhooks"
     idle = 0.5
 
-    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, directory: Directory | None = None) -> None:
         self.pool = pool
+        # who owns an account, as rebilling (where accounts are created) says: the tenant check
+        # trusts no record on a topic for it
+        self.directory = directory or CompanyDirectory(
+            settings.url_of("rebilling"), settings.jwt_secret, negative_ttl=0
+        )
+        self._own_directory = directory is None
+        self._sending: dict[str, asyncio.Task[bool]] = {}
         self.allow_private = settings.webhook_allow_private
         self.timeout = settings.webhook_timeout_seconds
         self.base = settings.webhook_retry_base_seconds
@@ -87,15 +112,33 @@ class WebhookSender(Worker):
 
     async def stop(self) -> None:
         await super().stop()
+        if self._sending:  # attempts under way finish (each is bounded by the timeout)
+            await asyncio.wait(list(self._sending.values()), timeout=self.timeout + 5)
         await self.client.aclose()
+        close = getattr(self.directory, "close", None)
+        if self._own_directory and close is not None:
+            await close()
 
     async def step(self) -> bool:
-        async with self.pool.acquire() as conn:
-            leased = await webhook_storage.lease_endpoints(conn, self.endpoints_per_round, self.lease_seconds)
-        if not leased:
+        """Lease endpoints with deliveries due and send to each in a task of its own: a slow
+        receiver holds its own endpoint, never the others' (the round does not wait)."""
+        free = self.endpoints_per_round - len(self._sending)
+        if free <= 0:
             return False
-        more = await asyncio.gather(*(self.send_endpoint(e) for e in leased))
-        return any(more)
+        async with self.pool.acquire() as conn:
+            leased = await webhook_storage.lease_endpoints(conn, free, self.lease_seconds)
+        for endpoint in leased:
+            eid = endpoint["id"]
+            task = asyncio.create_task(self.send_endpoint(endpoint), name=f"webhooks:{eid}")
+            self._sending[eid] = task
+            task.add_done_callback(functools.partial(self._sent, eid))
+        return False
+
+    def _sent(self, eid: str, task: asyncio.Task[bool]) -> None:
+        self._sending.pop(eid, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("webhook sending failed", exc_info=task.exception(), extra={"endpoint": eid})
+        self.wake()  # its next deliveries, or another endpoint's, may be due
 
     async def send_endpoint(self, endpoint: asyncpg.Record) -> bool:
         """Send one endpoint's due deliveries (at most the per-endpoint bound); True when more
@@ -103,15 +146,19 @@ class WebhookSender(Worker):
         try:
             async with self.pool.acquire() as conn:
                 due = await webhook_storage.due(conn, endpoint["id"], self.per_endpoint)
-            await asyncio.gather(*(self.attempt(endpoint, d) for d in due))
+            outcomes = await asyncio.gather(*(self.attempt(endpoint, d) for d in due), return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    log.error(
+                        "webhook attempt not recorded", exc_info=outcome, extra={"endpoint": endpoint["id"]}
+                    )
             return len(due) == self.per_endpoint
         finally:
             async with self.pool.acquire() as conn:
                 await webhook_storage.release_endpoint(conn, endpoint["id"])
 
     async def attempt(self, endpoint: asyncpg.Record, d: asyncpg.Record) -> None:
-        if d["account_id"] is not None and d["account_company"] != d["company_id"]:
-            await self._not_sendable(d)
+        if d["account_id"] is not None and not await self._account_checked(d):
             return
         body = bytes(d["payload"])
         code: int | None = None
@@ -119,11 +166,11 @@ class WebhookSender(Worker):
         excerpt: str | None = None
         started = time.monotonic()
         try:
-            target = await webhook_urls.check(endpoint["url"], allow_private=self.allow_private)
-            headers = signed_headers(endpoint["secret"], d["event_id"], body, datetime.now(UTC))
-            headers["host"] = target.host
-            extensions: dict[str, Any] = {"sni_hostname": target.sni} if target.sni else {}
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.timeout):  # the name lookup included
+                target = await webhook_urls.check(endpoint["url"], allow_private=self.allow_private)
+                headers = signed_headers(endpoint["secret"], d["event_id"], body, datetime.now(UTC))
+                headers["host"] = target.host
+                extensions: dict[str, Any] = {"sni_hostname": target.sni} if target.sni else {}
                 async with self.client.stream(
                     "POST", target.url, content=body, headers=headers, extensions=extensions
                 ) as response:
@@ -135,6 +182,9 @@ class WebhookSender(Worker):
             error = f"timeout after {self.timeout:g} s"
         except (httpx.HTTPError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"[:500] or type(exc).__name__
+        except Exception as exc:  # anything else fails this attempt, recorded, never sticks
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            log.exception("webhook attempt error", extra={"delivery": d["id"]})
         latency = time.monotonic() - started
         LATENCY.observe(latency)
         ok = code is not None and 200 <= code < 300
@@ -199,19 +249,28 @@ class WebhookSender(Worker):
             if since is not None:
                 await disable(uow, endpoint, since)
 
-    async def _not_sendable(self, d: asyncpg.Record) -> None:
-        """The event names an account not known to be the company's: wait for account.created
-        a while, then drop it; an account known to be another company's: drop it now."""
-        async with self.pool.acquire() as conn:
-            if d["account_company"] is None and d["created_at"] > datetime.now(UTC) - UNKNOWN_ACCOUNT_WAIT:
+    async def _account_checked(self, d: asyncpg.Record) -> bool:
+        """Whether rebilling says the account the event names is the company's. An account it
+        does not know (yet) waits a while, then the delivery is dropped; another company's
+        account is dropped at once; rebilling unreachable: try again shortly."""
+        try:
+            owners = await self.directory.account_companies([d["account_id"]])
+        except httpx.HTTPError:
+            async with self.pool.acquire() as conn:
                 await webhook_storage.postpone(conn, d["id"], UNKNOWN_ACCOUNT_RECHECK_SECONDS)
-                return
-            why = "account unknown" if d["account_company"] is None else "account of another company"
+            return False
+        owner = owners.get(d["account_id"])
+        if owner == d["company_id"]:
+            return True
+        async with self.pool.acquire() as conn:
+            if owner is None and d["created_at"] > datetime.now(UTC) - UNKNOWN_ACCOUNT_WAIT:
+                await webhook_storage.postpone(conn, d["id"], UNKNOWN_ACCOUNT_RECHECK_SECONDS)
+                return False
+            why = "account unknown" if owner is None else "account of another company"
             await webhook_storage.drop(conn, d["id"], why)
-        webhook_events.NOT_QUEUED.labels(
-            "account_unknown" if d["account_company"] is None else "tenant"
-        ).inc()
+        webhook_events.NOT_QUEUED.labels("account_unknown" if owner is None else "tenant").inc()
         log.warning("webhook not sent: %s", why, extra={"delivery": d["id"], "account": d["account_id"]})
+        return False
 
 
 async def _excerpt(response: httpx.Response) -> str | None:

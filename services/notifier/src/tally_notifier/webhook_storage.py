@@ -62,6 +62,15 @@ async def listening(conn: Conn) -> list[asyncpg.Record]:
     )
 
 
+async def registered(conn: Conn, cid: str) -> int:
+    """A company's endpoints, enabled or disabled (what the bound counts)."""
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) FROM webhook_endpoints WHERE company_id = $1 AND status <> 'deleted'", cid
+        )
+    )
+
+
 async def listening_in(conn: Conn, cid: str) -> list[asyncpg.Record]:
     return await conn.fetch(
         "SELECT id, company_id, event_types FROM webhook_endpoints "
@@ -131,11 +140,9 @@ async def release_endpoint(conn: Conn, eid: str) -> None:
 
 
 async def due(conn: Conn, eid: str, limit: int) -> list[asyncpg.Record]:
-    """An endpoint's due deliveries, oldest first, with the company the named account is
-    known to belong to (None: not known yet)."""
+    """An endpoint's due deliveries, oldest first."""
     return await conn.fetch(
-        f"SELECT {DELIVERY}, d.payload, a.company_id AS account_company FROM webhook_deliveries d "
-        "LEFT JOIN accounts a ON a.account_id = d.account_id "
+        f"SELECT {DELIVERY}, d.payload FROM webhook_deliveries d "
         "WHERE d.endpoint_id = $1 AND d.status = 'pending' AND d.next_attempt_at <= now() "
         "ORDER BY d.next_attempt_at, d.seq LIMIT $2",
         eid,
@@ -246,9 +253,11 @@ async def attempts(conn: Conn, did: str) -> list[asyncpg.Record]:
 
 
 async def retry_now(conn: Conn, did: str) -> asyncpg.Record | None:
-    """One more attempt, now (a manual retry; not retried after it fails)."""
+    """An attempt now. A pending delivery keeps its retries; one that had ended (delivered,
+    given up, dropped) gets this one attempt."""
     return await conn.fetchrow(
-        "UPDATE webhook_deliveries d SET status = 'pending', next_attempt_at = now(), "
-        f"retry_until = now() WHERE d.id = $1 RETURNING {DELIVERY}",
+        "UPDATE webhook_deliveries d SET next_attempt_at = now(), "
+        "retry_until = CASE WHEN d.status = 'pending' THEN d.retry_until ELSE now() END, "
+        f"status = 'pending' WHERE d.id = $1 RETURNING {DELIVERY}",
         did,
     )

@@ -52,13 +52,40 @@ def parse(url: str) -> tuple[str, str, int]:
         raise UrlRefused("credentials in the URL are not accepted (use the signature)")
     if any(c.isspace() or ord(c) < 0x21 or ord(c) == 0x7F for c in url):
         raise UrlRefused("blanks or control characters in the URL")
-    return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)
+    try:  # an internationalised name travels as its ASCII form (Host header, TLS, DNS)
+        host = (
+            parts.hostname.encode("idna").decode("ascii") if not parts.hostname.isascii() else parts.hostname
+        )
+    except UnicodeError as exc:
+        raise UrlRefused(f"the host {parts.hostname!r} is not a valid name") from exc
+    return parts.scheme, host, port or (443 if parts.scheme == "https" else 80)
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known prefix: the last 32 bits are IPv4
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # local-use NAT64: anything behind it
+_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated IPv4-compatible addresses
 
 
 def public(address: str) -> bool:
+    """A global unicast address, and so is any IPv4 address it carries (mapped, NAT64, 6to4,
+    Teredo, IPv4-compatible): ``[64:ff9b::a9fe:a9fe]`` is the metadata service behind NAT64."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _NAT64_LOCAL:
+            return False
+        embedded: list[ipaddress.IPv4Address] = []
+        if ip.ipv4_mapped is not None:
+            embedded.append(ip.ipv4_mapped)
+        if ip in _NAT64 or ip in _COMPATIBLE:
+            embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        if ip.sixtofour is not None:
+            embedded.append(ip.sixtofour)
+        if ip.teredo is not None:
+            embedded.extend(ip.teredo)
+        if any(not (v4.is_global and not v4.is_multicast) for v4 in embedded):
+            return False
+        if embedded and ip.ipv4_mapped is not None:
+            return True  # a mapped public IPv4 address is that address
     return ip.is_global and not ip.is_multicast
 
 
@@ -86,5 +113,7 @@ async def check(url: str, *, allow_private: bool) -> Target:
     literal = f"[{address}]" if ":" in address else address
     netloc = literal if parts.port is None else f"{literal}:{port}"
     pinned = urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
-    shown = parts.netloc.rsplit("@", 1)[-1]
+    shown = host if parts.port is None else f"{host}:{port}"
+    if ":" in host:  # an IPv6 literal
+        shown = f"[{host}]" if parts.port is None else f"[{host}]:{port}"
     return Target(url=pinned, host=shown, sni=host if scheme == "https" else None)

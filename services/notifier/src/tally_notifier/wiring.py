@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends
 
+from tally.directory import CompanyDirectory
 from tally.service import Wiring, wiring
 from tally.worker import Worker
 from tally_notifier.mailer import Mailer
@@ -18,6 +19,10 @@ from tally_notifier.webhook_sender import WebhookSender
 class NotifierWiring(Wiring):
     mailer: Mailer  # sends the emails the consumers queue; woken after each batch
     webhooks: WebhookSender  # sends the webhook deliveries queued; woken the same way
+    directory: CompanyDirectory  # which company an account is, as rebilling says
+
+    async def close(self) -> None:
+        await self.directory.close()
 
     def workers(self) -> Sequence[Worker]:
         return (self.mailer, self.webhooks)
