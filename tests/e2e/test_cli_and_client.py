@@ -18,6 +18,7 @@ import pytest
 
 from tally.auth import Role, issue_token
 from tally.events import Topics
+from tally_cli import dlq
 from tally_client import SERVICES, TallyError
 from tally_client import Tally as Client
 from tests.support.builders import Reseller
@@ -167,10 +168,11 @@ async def test_the_cli(tally: Tally, agency: Reseller) -> None:
 
     # wallet show and ledger tail
     async def debited() -> bool:
-        code, out, _ = await sh("wallet", "show", "--company", agency.cid)
-        return code == 0 and out["balance"] == "99.997975"  # email: 0.000675 a unit
+        return (await agency.wallet())["balance"] == "99.997975"  # email: 0.000675 a unit
 
     await eventually(debited, what="the three debits")
+    code, out, _ = await sh("wallet", "show", "--company", agency.cid)
+    assert code == 0 and out["balance"] == "99.997975" and out["currency"] == "USD"
     code, out, _ = await sh("wallet", "show", "--company", agency.cid, "--account", "x")
     assert code == 2
     code, out, _ = await sh(
@@ -190,11 +192,12 @@ async def test_the_cli(tally: Tally, agency: Reseller) -> None:
         Topics.USAGE_INGEST, f'{{"event_id": "{marker}", "quantity": '.encode(), key=agency.cid
     )
 
-    async def listed() -> list[dict[str, Any]] | None:
-        code, out, _ = await sh("dlq", "list", Topics.USAGE_INGEST, "--limit", "10000")
-        return [x for x in out if marker in x["message"]] if code == 0 else None
+    async def letters() -> list[dict[str, Any]]:  # polled in-process; the command is run once
+        return [x for x in await dlq.read(Topics.USAGE_INGEST, limit=10_000) if marker in x["message"]]
 
-    [letter] = await eventually(listed, what="the dead letter listed")
+    await eventually(letters, what="the dead letter")
+    code, out, _ = await sh("dlq", "list", Topics.USAGE_INGEST, "--limit", "10000")
+    [letter] = [x for x in out if marker in x["message"]]
     assert letter["failed_by"] == "usage-meter" and letter["source_topic"] == Topics.USAGE_INGEST
     code, out, _ = await sh("dlq", "replay", Topics.USAGE_INGEST, "--dry-run")
     assert code == 0 and out["replayed"] >= 1 and out["dry_run"]
@@ -202,8 +205,7 @@ async def test_the_cli(tally: Tally, agency: Reseller) -> None:
     assert code == 0 and out["replayed"] >= 1
 
     async def twice() -> bool:  # the replayed garbage fails again: a new letter
-        code, out, _ = await sh("dlq", "list", Topics.USAGE_INGEST, "--limit", "10000")
-        return code == 0 and sum(marker in x["message"] for x in out) == 2
+        return len(await letters()) == 2
 
     await eventually(twice, what="the replayed letter back in the DLQ")
     code, out, _ = await sh("dlq", "replay", Topics.USAGE_INGEST, "--dry-run")
