@@ -168,7 +168,7 @@ async def test_the_cli(tally: Tally, agency: Reseller) -> None:
 
     # wallet show and ledger tail
     async def debited() -> bool:
-        return (await agency.wallet())["balance"] == "99.997975"  # email: 0.000675 a unit
+        return bool((await agency.wallet())["balance"] == "99.997975")  # email: 0.000675 a unit
 
     await eventually(debited, what="the three debits")
     code, out, _ = await sh("wallet", "show", "--company", agency.cid)
