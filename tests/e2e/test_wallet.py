@@ -317,6 +317,11 @@ async def test_wallet_settings_are_validated(tally: Tally) -> None:
         {"reload_amount": "0"},
         {"threshold": "1.1234567"},
         {"auto_recharge": "sometimes"},
+        # found by schemathesis (issue #21): these were accepted, and changed nothing or more
+        {"smart_adjustment": 0, "threshold": None},
+        {"auto_recharge": 1},
+        {"threshold": None},
+        {"threshold": "5", "limit": "9"},
     ):
         r = await tally.http.patch(url, json=body, headers=agency.admin)
         assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error", body

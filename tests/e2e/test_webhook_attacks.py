@@ -359,7 +359,7 @@ async def test_a_preemptive_account_claim_leaks_the_real_owners_usage(
     async def b_told() -> list[str]:
         return [d["status"] for d in await deliveries(tally, b, hook_b["id"]) if d["status"] != "pending"]
 
-    leaked = await within(leak, 8)
+    leaked = await within(leak, 3)
     b_statuses = await within(b_told, 2)
     b_sees_its_account = await _known_account(tally, b, x)
     assert (leaked, b_statuses, b_sees_its_account, a_set_alerts_on_bs_account) == (

@@ -49,11 +49,39 @@ async def ensure_schema(dsn: str, schema: str) -> None:
         await conn.close()
 
 
+NO_TRANSACTION = "-- tally: no-transaction"
+# How long a migration waits for a lock before it fails (and the start with it, to be retried):
+# a migration queued behind a long transaction would otherwise block every query behind it.
+LOCK_TIMEOUT = "5s"
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
     name: str
     sql: str
+
+    @property
+    def transactional(self) -> bool:
+        """False for a file that starts with ``-- tally: no-transaction``: its statements run
+        one by one outside a transaction (``CREATE INDEX CONCURRENTLY``); they must be safe to
+        run again (``IF NOT EXISTS``), since a failure part-way leaves the earlier ones done."""
+        return not self.sql.lstrip().startswith(NO_TRANSACTION)
+
+    def statements(self) -> list[str]:
+        """The file's statements (split after each line that ends with ``;``)."""
+        out, current = [], []
+        for line in self.sql.splitlines():
+            current.append(line)
+            if line.rstrip().endswith(";"):
+                text = "\n".join(current).strip()
+                if text and not all(x.strip().startswith("--") or not x.strip() for x in current):
+                    out.append(text)
+                current = []
+        rest = "\n".join(current).strip()
+        if rest and not all(x.strip().startswith("--") or not x.strip() for x in current):
+            out.append(rest)
+        return out
 
 
 def load_migrations(package: str) -> list[Migration]:
@@ -73,8 +101,9 @@ def load_migrations(package: str) -> list[Migration]:
 
 async def migrate(pool: asyncpg.Pool, schema: str, package: str) -> list[str]:
     """Apply pending migrations of ``package`` (e.g. ``tally`` for the outbox and inbox, then
-    the service's own package) to ``schema``, each in its own transaction,
-    under an advisory lock so concurrent replicas never race. Returns what was applied."""
+    the service's own package) to ``schema``, each in its own transaction (or, marked
+    ``-- tally: no-transaction``, statement by statement), under an advisory lock so concurrent
+    replicas never race, with a ``lock_timeout``. Returns what was applied."""
     _check_schema(schema)
     applied: list[str] = []
     async with pool.acquire() as conn:
@@ -90,22 +119,52 @@ async def migrate(pool: asyncpg.Pool, schema: str, package: str) -> list[str]:
                 r["version"]
                 for r in await conn.fetch("SELECT version FROM schema_migrations WHERE package = $1", package)
             }
+            await conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
             for m in load_migrations(package):
                 if m.version in done:
                     continue
-                async with conn.transaction():
-                    await conn.execute(m.sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (package, version, name) VALUES ($1, $2, $3)",
-                        package,
-                        m.version,
-                        m.name,
-                    )
+                if m.transactional:
+                    async with conn.transaction():
+                        await conn.execute(m.sql)
+                        await _record(conn, package, m)
+                else:
+                    for statement in m.statements():
+                        await conn.execute(statement)
+                    await _record(conn, package, m)
                 applied.append(m.name)
                 log.info("migration applied", extra={"schema": schema, "migration": m.name})
         finally:
+            await conn.execute("RESET lock_timeout")  # the pooled connection serves queries next
             await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", lock_key)
     return applied
+
+
+async def _record(conn: Conn, package: str, m: Migration) -> None:
+    await conn.execute(
+        "INSERT INTO schema_migrations (package, version, name) VALUES ($1, $2, $3)",
+        package,
+        m.version,
+        m.name,
+    )
+
+
+async def status(conn: Conn, schema: str, package: str) -> list[tuple[str, str | None]]:
+    """Each migration of ``package`` and when it was applied to ``schema`` (None: pending)."""
+    _check_schema(schema)
+    exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{schema}.schema_migrations")
+    done = (
+        {
+            r["version"]: r["applied_at"]
+            for r in await conn.fetch(
+                f"SELECT version, applied_at FROM {schema}.schema_migrations WHERE package = $1", package
+            )
+        }
+        if exists
+        else {}
+    )
+    return [
+        (m.name, done[m.version].isoformat() if m.version in done else None) for m in load_migrations(package)
+    ]
 
 
 def _check_schema(schema: str) -> None:

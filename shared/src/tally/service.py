@@ -2,8 +2,9 @@
 
 A service is a FastAPI app (its HTTP API, ``/openapi.json``, ``/docs``) whose lifespan owns:
 an asyncpg pool on the service's own schema (migrated on start), a FastStream Kafka broker for
-its subscribers, and an outbox relay. It serves ``/healthz`` (alive), ``/readyz`` (Postgres and
-Kafka reachable) and ``/metrics`` (Prometheus), logs JSON lines and propagates traces.
+its subscribers, and an outbox relay. It serves ``/healthz`` (alive), ``/readyz`` (Postgres; a
+broker out of reach is reported as ``degraded``, not unready) and ``/metrics`` (Prometheus),
+logs JSON lines and propagates traces.
 """
 
 from __future__ import annotations
@@ -263,10 +264,12 @@ def _add_probes(app: FastAPI, name: str) -> None:
             checks["kafka"] = "ok" if await rt.broker.ping(timeout=2.0) else "error: unreachable"
         except Exception as exc:
             checks["kafka"] = f"error: {type(exc).__name__}"
-        ok = all(v == "ok" for v in checks.values())
-        if not ok:
+        # Ready means Postgres: every write goes through the outbox, so with the broker away
+        # requests are still served (reads, usage accepted) and relayed once it is back.
+        if checks["postgres"] != "ok":
             return error_response(503, "not_ready", "dependencies unavailable", [checks])
-        return JsonResponse({"status": "ready", "checks": checks})
+        degraded = [name for name, v in checks.items() if v != "ok"]
+        return JsonResponse({"status": "degraded" if degraded else "ready", "checks": checks})
 
     @app.get("/asyncapi.json", include_in_schema=False)
     async def asyncapi_document() -> Response:
@@ -332,6 +335,20 @@ async def migrate_only(spec: ServiceSpec[Any], settings: Settings) -> list[str]:
         await pool.close()
 
 
+async def migration_status(spec: ServiceSpec[Any], settings: Settings) -> list[tuple[str, str, str | None]]:
+    """(package, migration, applied at or None) for the service's schema
+    (``python -m tally_<svc> --migrate --status``)."""
+    conn = await asyncpg.connect(settings.require_database_url())
+    try:
+        return [
+            (package, name, at)
+            for package in ("tally", spec.package)
+            for name, at in await db.status(conn, spec.schema, package)
+        ]
+    finally:
+        await conn.close()
+
+
 def tune_gc(gen0_threshold: int) -> None:
     """Collect cyclic garbage less often. A batch of usage allocates tens of thousands of
     short-lived objects, freed by reference counting; at Python's default (a young-generation
@@ -353,6 +370,10 @@ def serve(spec: ServiceSpec[Any]) -> None:
         log.error("refusing to start", extra={"reason": problem})
         sys.stderr.write(f"{spec.name}: refusing to start: {problem}\n")
         raise SystemExit(2)
+    if "--migrate" in sys.argv[1:] and "--status" in sys.argv[1:]:
+        for package, name, applied_at in asyncio.run(migration_status(spec, settings)):
+            print(f"{package:<20} {name:<45} {applied_at or 'pending'}")
+        return
     if "--migrate" in sys.argv[1:]:
         applied = asyncio.run(migrate_only(spec, settings))
         log.info("migrations done", extra={"applied": applied})

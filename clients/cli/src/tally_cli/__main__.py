@@ -4,6 +4,7 @@ or the broker) once, and prints a table or, with ``--json``, one JSON document."
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -71,7 +72,8 @@ def client(token: str | None, role: Role, **claims: Any) -> Tally:
 
     settings = get_settings()
     bearer = token or issue_token(role, sub="tally-cli", **{k: v for k, v in claims.items() if v})
-    return Tally(token=bearer, urls={s: settings.url_of(s) for s in SERVICES})
+    retries = int(os.environ.get("TALLY_CLI_RETRIES", "4"))  # on 429/5xx and unreachable
+    return Tally(token=bearer, urls={s: settings.url_of(s) for s in SERVICES}, retries=retries)
 
 
 def run(call: Awaitable[T], as_json: bool) -> T:

@@ -36,31 +36,16 @@ async def status(services: list[str]) -> list[dict[str, Any]]:
     try:
         for service in services:
             spec = _spec(service)
-            exists = await conn.fetchval(
-                "SELECT to_regclass($1) IS NOT NULL", f"{spec.schema}.schema_migrations"
-            )
             for package in ("tally", spec.package):
-                done = (
-                    {
-                        r["version"]: r["applied_at"]
-                        for r in await conn.fetch(
-                            f'SELECT version, applied_at FROM "{spec.schema}".schema_migrations '
-                            "WHERE package = $1",
-                            package,
-                        )
-                    }
-                    if exists
-                    else {}
-                )
-                for m in db.load_migrations(package):
-                    at = done.get(m.version)
+                for name, at in await db.status(conn, spec.schema, package):
+                    state = "applied" if at else "pending"
                     rows.append(
                         {
                             "service": service,
                             "package": package,
-                            "migration": m.name,
-                            "state": "applied" if at else "pending",
-                            "applied_at": at.isoformat() if at else None,
+                            "migration": name,
+                            "state": state,
+                            "applied_at": at,
                         }
                     )
     finally:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import asyncpg
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tally.money import format_micros
 from tally_wallet.wallets import WalletView
@@ -38,10 +38,22 @@ class WalletOut(BaseModel):
 
 
 class WalletPatch(BaseModel):
+    """Strict: only these fields, booleans as booleans, and no field set to null (an omitted
+    field is unchanged; a null would change nothing, so it is refused rather than ignored)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     threshold: str | None = Field(None, description="decimal string >= 0")
     reload_amount: str | None = Field(None, description="decimal string > 0")
     auto_recharge: bool | None = None
     smart_adjustment: bool | None = None
+
+    @model_validator(mode="after")
+    def _no_nulls(self) -> WalletPatch:
+        nulls = sorted(f for f in self.model_fields_set if getattr(self, f) is None)
+        if nulls:
+            raise ValueError(f"{nulls[0]} may not be null (leave it out to keep it)")
+        return self
 
 
 class TransactionOut(BaseModel):
