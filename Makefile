@@ -51,10 +51,11 @@ model: install ## the lifecycle model, a long walk (MODEL_STEPS, default 1000; M
 	@MODEL_STEPS=$${MODEL_STEPS:-1000} $(UV) run --frozen --no-sync pytest -s \
 		tests/e2e/test_lifecycle_model.py -o timeout=$${MODEL_TIMEOUT:-7200}
 
-lint: install ## ruff, ruff format --check and mypy (CI fails on any of them)
+lint: install ## ruff, ruff format --check, mypy and squawk on migrations (CI fails on any of them)
 	@$(UV) run --frozen --no-sync ruff check .
 	@$(UV) run --frozen --no-sync ruff format --check .
 	@$(UV) run --frozen --no-sync mypy shared/src services/*/src devstack/src clients/*/src tests
+	@$(UV) run --frozen --no-sync squawk --no-error-on-unmatched-pattern shared/src/tally/migrations/*.sql services/*/src/*/migrations/*.sql
 
 check-packages: install ## each package installed alone from the lock, its app imported
 	@UV=$(UV) .ci/check-packages
