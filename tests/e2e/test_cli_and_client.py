@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import pytest
 
 from tally.auth import Role, issue_token
 from tally.events import Topics
-from tally.settings import Settings
+from tally.settings import Settings, get_settings
 from tally_cli import dlq
 from tally_cli.__main__ import app as cli_app
 from tally_client import SERVICES, TallyError
@@ -57,6 +59,42 @@ def cli(
     except orjson.JSONDecodeError:  # JSON lines (ledger tail)
         out = [orjson.loads(line) for line in text.splitlines()]
     return done.returncode, out, done.stderr.decode()
+
+
+_ONE_AT_A_TIME = threading.Lock()
+
+
+def cli_in_process(
+    tally: Tally, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
+) -> tuple[int, Any, str]:
+    """``cli`` without a new interpreter (a second a run): the same command, its environment,
+    stdin and stdout swapped in for the call (run it in a thread: it runs its own loop)."""
+    with _ONE_AT_A_TIME:
+        saved_env, saved_out, saved_in = os.environ.copy(), sys.stdout, sys.stdin
+        os.environ.update({**tally.stack.env, **(env or {})})
+        get_settings.cache_clear()
+        out = io.BytesIO()
+        wrapper = io.TextIOWrapper(out, encoding="utf-8")
+        sys.stdout = wrapper
+        sys.stdin = io.TextIOWrapper(io.BytesIO(stdin or b""), encoding="utf-8")
+        code: Any = 0
+        try:
+            cli_app([*args, "--json"])
+        except SystemExit as exc:
+            code = exc.code or 0
+        finally:
+            wrapper.flush()
+            text = out.getvalue().strip()
+            wrapper.detach()  # the bytes stay readable
+            sys.stdout, sys.stdin = saved_out, saved_in
+            os.environ.clear()
+            os.environ.update(saved_env)
+            get_settings.cache_clear()
+    try:
+        parsed = orjson.loads(text) if text else None
+    except orjson.JSONDecodeError:  # JSON lines (ledger tail)
+        parsed = [orjson.loads(line) for line in text.splitlines()]
+    return int(code), parsed, ""
 
 
 def events_for(cid: str, n: int, **fields: Any) -> list[dict[str, Any]]:
@@ -150,12 +188,14 @@ async def test_the_cli(tally: Tally, agency: Reseller, monkeypatch: pytest.Monke
     loop = asyncio.get_running_loop()
 
     async def sh(
-        *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
+        *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None, process: bool = False
     ) -> tuple[int, Any, str]:
-        return await loop.run_in_executor(None, lambda: cli(tally, *args, stdin=stdin, env=env))
+        """A command: as a process of its own (the installed ``tally``) or in-process."""
+        run = cli if process else cli_in_process
+        return await loop.run_in_executor(None, lambda: run(tally, *args, stdin=stdin, env=env))
 
     # token
-    code, out, _ = await sh("token", "company_admin", "--company", agency.cid)
+    code, out, _ = await sh("token", "company_admin", "--company", agency.cid, process=True)
     assert code == 0 and out["role"] == "company_admin" and out["token"].count(".") == 2
     code, out, _ = await sh("token", "account_user", "--company", agency.cid)
     assert code == 2 and "--account" in out["error"]["message"]
@@ -163,7 +203,7 @@ async def test_the_cli(tally: Tally, agency: Reseller, monkeypatch: pytest.Monke
     # usage send: JSON lines on stdin; a rejected event exits 1
     good = events_for(agency.cid, 3)
     lines = b"\n".join(orjson.dumps(e) for e in good)
-    code, out, _ = await sh("usage", "send", "--batch", "2", stdin=lines)
+    code, out, _ = await sh("usage", "send", "--batch", "2", stdin=lines, process=True)
     assert code == 0 and out["counts"] == {"accepted": 3, "duplicate": 0, "rejected": 0}
     bad = [*good[:1], {**events_for(agency.cid, 1)[0], "service": "carrier-pigeon"}]
     code, out, _ = await sh("usage", "send", "-", stdin=orjson.dumps(bad))
@@ -234,7 +274,7 @@ async def test_the_cli(tally: Tally, agency: Reseller, monkeypatch: pytest.Monke
         await receiver.stop()
 
     # migrate --status: everything applied; migrate: nothing left to apply
-    code, out, _ = await sh("migrate", "--status")
+    code, out, _ = await sh("migrate", "--status", process=True)
     assert code == 0 and out and {x["state"] for x in out} == {"applied"}
     assert {x["service"] for x in out} == set(SERVICES)
     code, out, _ = await sh("migrate", "--service", "notifier")
