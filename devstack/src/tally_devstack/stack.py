@@ -88,8 +88,8 @@ class Ports:
 
 # The embedded Postgres' defaults are sized for a small laptop (128 MB of shared buffers, a
 # checkpoint every 1 GB of WAL); the ledger touches every wallet row of a batch, so give it the
-# buffers deploy/k8s/base/postgres.yaml gives production and checkpoint less often (each
-# checkpoint makes the next change of every page write the whole page to the WAL).
+# buffers the Helm chart gives production (deploy/helm/tally, values.yaml) and checkpoint less
+# often (each checkpoint makes the next change of every page write the whole page to the WAL).
 POSTGRES_SETTINGS = {"shared_buffers": "1GB", "max_wal_size": "8GB", "checkpoint_timeout": "15min"}
 
 
