@@ -9,9 +9,9 @@ from tests.support.stack import Tally
 
 
 async def test_faults_leave_every_balance_right(tally: Tally) -> None:
-    report = await Chaos(tally.stack, seconds=15, faults=8, seed=11).run()
+    report = await Chaos(tally.stack, seconds=12, faults=7, seed=11).run()
     print("\n".join(report.lines()))
-    assert report.fault_count >= 8
+    assert report.fault_count >= 7  # every service killed once, Postgres restarted twice
     assert report.faults["postgres restart"] >= (2 if tally.stack.can_restart_postgres else 0)
     assert report.events_accepted > 100 and report.wallets_checked >= 6
     assert report.recharges_charged > 0

@@ -67,8 +67,9 @@ async def test_a_no_transaction_file_builds_an_index_concurrently(
 
 
 async def test_a_migration_behind_a_lock_gives_up_and_leaves_no_timeout_behind(
-    infra: Infra, package: tuple[str, Path]
+    infra: Infra, package: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(db, "LOCK_TIMEOUT", "500ms")  # 5 s in service; the same path, sooner
     name, migrations = package
     (migrations / "0001_table.sql").write_text("CREATE TABLE items (id bigint PRIMARY KEY);\n")
     schema = name[:40]
