@@ -5,10 +5,8 @@ with it. Served through a real FastAPI route (``CurrentPrincipal``) over HTTP.""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +16,6 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from fastapi import FastAPI
 
@@ -27,14 +24,9 @@ from tally.auth import CurrentPrincipal, Verifier
 from tally.errors import ApiError, response_for
 from tally.settings import DEV_SECRET, Settings
 from tally.tokens import issue_token
+from tests.support.receiver import Served, free_port
 
 ISSUER, AUDIENCE = "https://id.example.com/", "tally-api"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Issuer:
@@ -98,27 +90,14 @@ class Issuer:
         await send({"type": "http.response.body", "body": body})
 
 
-async def serve(app: Any, port: int) -> tuple[uvicorn.Server, asyncio.Task[None]]:
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", timeout_graceful_shutdown=1
-        )
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    return server, task
-
-
 @pytest.fixture
 async def issuer() -> AsyncIterator[Issuer]:
     idp = Issuer()
     idp.add("rsa-1", "RS256")
     idp.add("ec-1", "ES256")
-    server, task = await serve(idp, idp.port)
+    served = await Served(idp, idp.port).start()
     yield idp
-    server.should_exit = True
-    await task
+    await served.stop()
 
 
 def production(issuer: Issuer, **overrides: Any) -> Settings:
@@ -195,10 +174,9 @@ async def test_a_route_over_http_takes_issuer_tokens(issuer: Issuer, monkeypatch
     async def whoami(principal: CurrentPrincipal) -> dict[str, Any]:
         return {"sub": principal.sub, "company_id": principal.company_id}
 
-    port = free_port()
-    server, task = await serve(app, port)
+    served = await Served(app).start()
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{served.port}") as http:
             ok = await http.get("/whoami", headers={"authorization": "Bearer " + issuer.token("ec-1")})
             dev = await http.get(
                 "/whoami",
@@ -209,8 +187,7 @@ async def test_a_route_over_http_takes_issuer_tokens(issuer: Issuer, monkeypatch
         assert dev.status_code == 401 and dev.json()["error"]["code"] == "unauthorized"
         assert none.status_code == 401
     finally:
-        server.should_exit = True
-        await task
+        await served.stop()
 
 
 def test_a_service_refuses_to_start_with_the_development_secret_in_production() -> None:

@@ -25,7 +25,7 @@ from tally.uow import Database
 from tally_notifier import storage, webhook_endpoints, webhook_events
 from tally_notifier.webhook_sender import WebhookSender, backoff
 from tests.support.databases import service_database
-from tests.support.receiver import Receiver
+from tests.support.receiver import Receiver, Served
 from tests.support.stack import Infra, uid
 
 
@@ -185,7 +185,6 @@ class Rebilling:
 
     def __init__(self) -> None:
         self.accounts: dict[str, str] = {}
-        self.receiver = Receiver()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -206,19 +205,9 @@ class Rebilling:
 @pytest.fixture
 async def rebilling() -> AsyncIterator[tuple[Rebilling, str]]:
     app = Rebilling()
-    server = Receiver()  # for its free port and start/stop
-    await server.start()
-    await server.stop()
-    import uvicorn
-
-    config = uvicorn.Config(app, host="127.0.0.1", port=server.port, log_level="warning", lifespan="off")
-    running = uvicorn.Server(config)
-    task = asyncio.create_task(running.serve())
-    while not running.started:
-        await asyncio.sleep(0.01)
-    yield app, f"http://127.0.0.1:{server.port}"
-    running.should_exit = True
-    await task
+    served = await Served(app).start()
+    yield app, f"http://127.0.0.1:{served.port}"
+    await served.stop()
 
 
 async def test_an_event_naming_another_companys_account_never_leaves(
@@ -315,7 +304,7 @@ async def test_an_endpoint_failing_too_long_is_disabled_and_the_company_told(
 ) -> None:
     a = await company(database, "a", email="owner@a.example")
     broken = await endpoint(database, receiver, a, "/broken")
-    healthy = await endpoint(database, receiver, a, "/healthy", ["webhook_endpoint.disabled"])
+    await endpoint(database, receiver, a, "/healthy", ["webhook_endpoint.disabled"])
     receiver.secrets["/broken"] = "whsec_" + "A" * 32  # its answers are 401s from now on
     sender = WebhookSender(database.pool, settings(webhook_disable_after_hours=0.3 / 3600))
     try:
@@ -340,7 +329,6 @@ async def test_an_endpoint_failing_too_long_is_disabled_and_the_company_told(
             database, Admin(a), broken, url=None, event_types=None, enabled=True, allow_private=True
         )
         assert await take(database, credited(a)) == 1
-        assert healthy
     finally:
         await sender.stop()
 

@@ -24,6 +24,43 @@ import uvicorn
 TOLERANCE_SECONDS = 300
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Served:
+    """An ASGI app served over real HTTP on loopback (uvicorn, in this event loop) — the
+    receiver, and the other real servers tests talk to (a JWKS endpoint, rebilling's API)."""
+
+    def __init__(self, app: Any, port: int = 0) -> None:
+        self.app, self.port = app, port or free_port()
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> Served:
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=1,  # a client cancelled mid-request never holds the stop
+        )
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            await asyncio.sleep(0.01)
+        return self
+
+    async def stop(self) -> None:
+        if self._server and self._task:
+            self._server.should_exit = True
+            await self._task
+            self._server = self._task = None
+
+
 def verify(secret: str, headers: dict[str, str], body: bytes, *, now: float | None = None) -> str | None:
     """Why the request is not authentic, or None when it is (Standard Webhooks, v1)."""
     msg_id = headers.get("webhook-id")
@@ -68,8 +105,7 @@ class Receiver:
     in_flight: int = 0
     max_in_flight: int = 0
     port: int = 0
-    _server: uvicorn.Server | None = None
-    _task: asyncio.Task[None] | None = None
+    _served: Served | None = None
 
     def url(self, path: str = "/hook") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -119,25 +155,11 @@ class Receiver:
         return self.status, self.answer
 
     async def start(self) -> None:
-        if not self.port:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                self.port = s.getsockname()[1]
-        config = uvicorn.Config(
-            self,
-            host="127.0.0.1",
-            port=self.port,
-            log_level="warning",
-            lifespan="off",
-            timeout_graceful_shutdown=1,
-        )
-        self._server = uvicorn.Server(config)
-        self._task = asyncio.create_task(self._server.serve())
-        while not self._server.started:
-            await asyncio.sleep(0.01)
+        """Serve (again: on the same port after ``stop``, an outage)."""
+        self._served = await Served(self, self.port).start()
+        self.port = self._served.port
 
     async def stop(self) -> None:
-        if self._server and self._task:
-            self._server.should_exit = True
-            await self._task
-            self._server = self._task = None
+        if self._served is not None:
+            await self._served.stop()
+            self._served = None

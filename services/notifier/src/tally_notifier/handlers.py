@@ -46,7 +46,13 @@ async def on_rebilling_events(w: NotifierWiring, records: Sequence[Any]) -> None
 
 async def on_webhook_events(w: NotifierWiring, records: Sequence[Any]) -> None:
     """Any of the three public topics: queue its events for the endpoints of their company."""
+    # most of wallet.events is wallet.debited of companies without endpoints: look first,
+    # open a transaction only for a batch someone listens to
+    async with w.db.reading() as conn:
+        listening = await webhook_events.listeners(conn)
+    if not webhook_events.heard(records, listening):
+        return
     async with w.uow() as uow:
-        queued = await webhook_events.take_in(uow, records, service=SERVICE)
+        queued = await webhook_events.take_in(uow, records, service=SERVICE, listening=listening)
     if queued:
         w.webhooks.wake()

@@ -8,11 +8,11 @@ records its effects, so redelivery or a restart never notifies twice."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
-from typing import Protocol
+from collections.abc import Sequence
 
 from tally import events, inbox
 from tally.db import Conn
+from tally.directory import CompanyDirectory
 from tally.money import format_micros
 from tally.uow import UnitOfWork
 from tally_notifier import alerts, storage
@@ -21,12 +21,8 @@ from tally_notifier.domain import simple
 log = logging.getLogger(__name__)
 
 
-class Owners(Protocol):
-    async def account_companies(self, account_ids: Iterable[str]) -> dict[str, str]: ...
-
-
 async def take_in(
-    uow: UnitOfWork, consumer: str, messages: Sequence[events.Message], owners: Owners | None = None
+    uow: UnitOfWork, consumer: str, messages: Sequence[events.Message], owners: CompanyDirectory | None = None
 ) -> None:
     """Apply ``messages`` not yet seen by ``consumer`` (an inbox name: the consumer group), in
     the caller's open unit of work. An ``account.created`` is believed only when rebilling

@@ -91,15 +91,31 @@ def _clean(*texts: str | None) -> bool:
     return not any(t is not None and "\x00" in t for t in texts)
 
 
-async def take_in(uow: UnitOfWork, records: Sequence[Any], *, service: str) -> int:
+async def listeners(conn: Conn) -> dict[str, list[asyncpg.Record]]:
+    """The enabled endpoints, by company."""
+    return _by_company(await webhook_storage.listening(conn))
+
+
+def heard(records: Sequence[Any], listening: dict[str, list[asyncpg.Record]]) -> list[Any]:
+    """The records keyed by a company with endpoints (the rest are not even decoded)."""
+    return [r for r in records if r.key is not None and r.key.decode("utf-8", "replace") in listening]
+
+
+async def take_in(
+    uow: UnitOfWork,
+    records: Sequence[Any],
+    *,
+    service: str,
+    listening: dict[str, list[asyncpg.Record]] | None = None,
+) -> int:
     """Queue the deliveries of a consumer batch (in the caller's unit of work, with the DLQ
     rows of records that cannot be read or stored); returns how many were queued. A record
-    never stops the batch: whatever fails alone is dead-lettered."""
+    never stops the batch: whatever fails alone is dead-lettered. ``listening``: the
+    endpoints, if the caller read them already."""
     conn = uow.conn
-    listening = _by_company(await webhook_storage.listening(conn))
-    if not listening:
-        return 0
-    mine = [r for r in records if r.key is not None and r.key.decode("utf-8", "replace") in listening]
+    if listening is None:
+        listening = await listeners(conn)
+    mine = heard(records, listening)
     if not mine:
         return 0
     taken, dead = take(mine, events.WEBHOOK_TYPES, service=service)

@@ -18,9 +18,8 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote
 
 import asyncpg
@@ -76,15 +75,13 @@ def signed_headers(secret: str, event_id: str, body: bytes, at: datetime) -> dic
     }
 
 
-class Directory(Protocol):
-    async def account_companies(self, account_ids: Iterable[str]) -> dict[str, str]: ...
-
-
 class WebhookSender(Worker):
     name = "webhooks"
     idle = 0.5
 
-    def __init__(self, pool: asyncpg.Pool, settings: Settings, directory: Directory | None = None) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, settings: Settings, directory: CompanyDirectory | None = None
+    ) -> None:
         self.pool = pool
         # who owns an account, as rebilling (where accounts are created) says: the tenant check
         # trusts no record on a topic for it
