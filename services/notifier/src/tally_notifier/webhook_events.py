@@ -27,7 +27,11 @@ from tally.db import Conn
 from tally.uow import UnitOfWork
 from tally_notifier import webhook_storage
 
-QUEUED = Counter("tally_webhook_deliveries_queued_total", "Webhook deliveries queued", ["type"])
+QUEUED = Counter(
+    "tally_webhook_deliveries_queued_total",
+    "Webhook deliveries matched to an endpoint (a redelivered event matches again but is stored once)",
+    ["type"],
+)
 NOT_QUEUED = Counter(
     "tally_webhook_events_refused_total", "Events not sent to any endpoint, by reason", ["reason"]
 )
