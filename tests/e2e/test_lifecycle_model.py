@@ -329,14 +329,16 @@ PRICES: dict[tuple[str, str], int] = {}
 
 
 class When:
-    """A retry time, equal to another within a few seconds: one the model predicts from the
-    wall clock is milliseconds off the runner's."""
+    """A retry time, equal to another within half a minute: the model predicts a card-woken
+    retry from its own clock at the step, the runner from when it took the card event, which on
+    a loaded two-core machine was 5.8 s later once (seed 52305615). The schedule is in hours,
+    so a wrong step of it is still caught."""
 
     def __init__(self, iso: str) -> None:
         self.at = datetime.fromisoformat(iso).astimezone(UTC)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, When) and abs(self.at - other.at) <= timedelta(seconds=5)
+        return isinstance(other, When) and abs(self.at - other.at) <= timedelta(seconds=30)
 
     def __hash__(self) -> int:
         return 0
