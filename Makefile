@@ -10,7 +10,7 @@ UV         := $(TOOLS)/bin/uv
 PYTHON     ?= python3
 export UV_PYTHON_PREFERENCE ?= system
 
-.PHONY: help install run test test-unit test-integration test-e2e test-fast model lint check-packages format asyncapi bench bench-scaling bench-wallet chaos clean stack
+.PHONY: help install run test test-unit test-integration test-e2e test-fast model lint check-packages format asyncapi openapi bench bench-scaling bench-wallet chaos clean reset stack
 
 help: ## show the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -67,6 +67,9 @@ format: install ## ruff format and the fixable lint
 asyncapi: install ## write docs/asyncapi.json again from the event models (a test fails when it is stale)
 	@$(UV) run --frozen --no-sync python -m tally.asyncapi > docs/asyncapi.json
 
+openapi: install ## write the merged OpenAPI document again (docs/ and the packaged copy; a test fails when stale)
+	@TALLY_ENV=development $(UV) run --frozen --no-sync python -m tally.openapi shared/src/tally/openapi.json docs/openapi.json
+
 bench: install ## end to end through the public paths: events/s, latency, CPU and memory per service
 	@$(UV) run --frozen --no-sync python bench/e2e_bench.py
 
@@ -78,6 +81,9 @@ bench-wallet: install ## wallet alone: events/s from a pre-filled topic, vs one 
 
 chaos: install ## fault suite: SIGKILLs, Postgres restarts, redeliveries; then checks every balance
 	@$(UV) run --frozen --no-sync python -m tally_devstack.chaos --seconds $${CHAOS_SECONDS:-120} --faults $${CHAOS_FAULTS:-24}
+
+reset: ## start afresh: remove TALLY_HOME's state (Postgres data, logs, mail, marker); keeps tools
+	@PYTHONPATH=devstack/src $(PYTHON) -m tally_devstack.home reset
 
 clean: ## remove local state (.tally: data, logs, mail) and the virtualenv
 	rm -rf .tally .venv

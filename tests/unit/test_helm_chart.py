@@ -631,6 +631,8 @@ def test_the_front_door_routes_every_public_path_to_its_service(name: str) -> No
         for method, path in sorted(served_routes(service)):
             got = backends(concrete(path))
             assert got <= {f"{RELEASE}-{service}"}, f"{method} {path} ({service}) goes to {sorted(got)}"
+    # the merged document of the whole API (tally.openapi): every service serves the same one
+    assert len(backends("/v1/openapi.json")) == 1
     for private in ("/metrics", "/healthz", "/readyz", "/openapi.json", "/docs", "/v1/charges"):
         assert not backends(private), f"{private} must not be public"
 

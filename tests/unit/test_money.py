@@ -1,10 +1,14 @@
+import re
 from decimal import Decimal
+from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tally.money import (
+    AMOUNT_PATTERN,
+    POSITIVE_AMOUNT_PATTERN,
     MoneyError,
     apply_markup,
     format_micros,
@@ -71,3 +75,52 @@ def test_token_buckets_limit_per_key_and_refill() -> None:
     assert 0 < wait <= 0.1 + 1e-9
     assert buckets.take("b") == 0.0  # another token has its own bucket
     assert TokenBuckets(rate=0, burst=1).take("x", 1000) == 0.0  # 0 = unlimited
+
+
+# --- the OpenAPI patterns say exactly what the parser accepts ----------------------------------
+
+
+def _accepts(text: str, allow_zero: bool) -> bool:
+    from tally.errors import ApiError, money_field
+
+    try:
+        money_field(text, "amount", allow_zero=allow_zero)
+    except ApiError:
+        return False
+    return True
+
+
+_PATTERNS = [(POSITIVE_AMOUNT_PATTERN, False), (AMOUNT_PATTERN, True)]
+_NEAR_MONEY = st.text(alphabet="0123456789.+- \t\n\x0b١", max_size=22)
+
+
+@pytest.mark.parametrize(("pattern", "allow_zero"), _PATTERNS)
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_an_amount_pattern_matches_what_the_parser_accepts(pattern: str, allow_zero: bool, data: Any) -> None:
+    text = data.draw(st.one_of(_NEAR_MONEY, st.from_regex(pattern, fullmatch=True)))
+    # the document's patterns are ECMA regexes: ``$`` is the end, never before a newline
+    matches = re.fullmatch(pattern.removeprefix("^").removesuffix("$"), text) is not None
+    assert matches == _accepts(text, allow_zero), text
+
+
+@pytest.mark.parametrize(
+    ("text", "positive", "zero_or_more"),
+    [
+        ("12.50", True, True),
+        ("0", False, True),
+        ("-0.0", False, True),
+        ("0.000001", True, True),
+        ("0.0000001", False, False),
+        ("999999999999.999999", True, True),
+        ("1000000000000", False, False),
+        (" 5\t", True, True),
+        ("5\n", False, False),
+        ("-1", False, False),
+    ],
+)
+def test_amount_patterns_on_the_edges(text: str, positive: bool, zero_or_more: bool) -> None:
+    strip = lambda p: p.removeprefix("^").removesuffix("$")  # noqa: E731
+    assert (re.fullmatch(strip(POSITIVE_AMOUNT_PATTERN), text) is not None) is positive
+    assert (re.fullmatch(strip(AMOUNT_PATTERN), text) is not None) is zero_or_more
+    assert _accepts(text, False) is positive and _accepts(text, True) is zero_or_more

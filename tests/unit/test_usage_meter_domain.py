@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from pydantic import ValidationError
 
 from tally.events import UsageEvent, UsageRecorded
 from tally_usage_meter.domain import (
@@ -81,9 +82,16 @@ def test_an_event_without_a_time_happened_when_it_was_recorded() -> None:
     assert payload["occurred_at"] == payload["recorded_at"] == NOW.isoformat()
 
 
-def test_a_naive_time_is_utc_and_an_offset_is_kept() -> None:
-    naive = price_event(ev(occurred_at="2025-12-31T10:00:00"), PRICES, "USD", NOW)
-    assert isinstance(naive, Priced) and naive.occurred_at == datetime(2025, 12, 31, 10, tzinfo=UTC)
+@pytest.mark.parametrize("when", ["2025-12-31T10:00:00", "2025-12-31 10:00:00Z", 0, "0", 1767175200.5])
+def test_occurred_at_is_an_rfc_3339_string_with_an_offset(when: object) -> None:
+    # API.md: RFC 3339. The lax parser took seconds since 1970 and times without an offset.
+    with pytest.raises(ValidationError, match="RFC 3339"):
+        ev(occurred_at=when)
+
+
+def test_an_offset_is_kept() -> None:
+    utc = price_event(ev(occurred_at="2025-12-31T10:00:00Z"), PRICES, "USD", NOW)
+    assert isinstance(utc, Priced) and utc.occurred_at == datetime(2025, 12, 31, 10, tzinfo=UTC)
     offset = price_event(ev(occurred_at="2025-12-31T10:00:00+02:00"), PRICES, "USD", NOW)
     assert isinstance(offset, Priced)
     assert offset.occurred_at.utcoffset() == timedelta(hours=2)

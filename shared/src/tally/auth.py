@@ -16,7 +16,8 @@ from typing import Annotated, Any
 
 import httpx
 import jwt
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from tally.errors import ApiError, not_found
 from tally.settings import DEV_SECRET, Settings, get_settings
@@ -247,7 +248,20 @@ def principal_of(authorization: str) -> Principal:
     return verifier().principal(token.strip())
 
 
-async def current_principal(request: Request) -> Principal:
+# Declares the bearer scheme in the OpenAPI documents (and the operations that need it); the
+# header itself is read by ``principal_of`` (the first ``Authorization`` header, as the edge).
+_BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    bearerFormat="JWT",
+    description="A JWT with the claims of API.md (role, company_id, account_id, email): RS256/ES256 "
+    "from the identity provider's JWKS, or HS256 with TALLY_JWT_SECRET in development.",
+)
+
+
+async def current_principal(
+    request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)]
+) -> Principal:
     return principal_of(request.headers.get("authorization", ""))
 
 

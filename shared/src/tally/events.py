@@ -6,6 +6,7 @@ Amounts are integer micros. ``parse(raw)`` validates an envelope and its payload
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Union
@@ -13,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 import orjson
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
@@ -60,6 +62,22 @@ class Payload(BaseModel):
 # --- usage -------------------------------------------------------------------------------
 
 
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
+def _rfc3339(value: Any) -> Any:
+    """A time from outside is an RFC 3339 string with its offset (API.md), never a number of
+    seconds or a time without an offset, which the lax datetime parser would take."""
+    if isinstance(value, datetime) or (isinstance(value, str) and _RFC3339.fullmatch(value)):
+        return value
+    raise ValueError("must be an RFC 3339 date-time with an offset, like 2026-12-03T10:00:00Z")
+
+
+Rfc3339 = Annotated[datetime, BeforeValidator(_rfc3339)]
+
+
 class UsageEvent(Payload):
     """A raw usage event as products send it (POST /v1/usage, topic usage.ingest)."""
 
@@ -69,7 +87,7 @@ class UsageEvent(Payload):
     service: str = Field(min_length=1, max_length=64)
     # Validated by the usage-meter (a bad quantity rejects one event, not the whole batch).
     quantity: Any
-    occurred_at: datetime | None = None
+    occurred_at: Rfc3339 | None = None
 
 
 class UsageRecorded(Payload):

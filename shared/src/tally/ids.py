@@ -13,4 +13,5 @@ Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 # query, a log line or an HTTP header to Stripe).
 PathId = Annotated[str, Path(pattern=ID_PATTERN)]
 # Server-minted ids (credit requests, invitations, notifications, payment methods) are longer.
-PathKey = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,200}$")]
+KEY_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
+PathKey = Annotated[str, Path(pattern=KEY_PATTERN)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, InvalidOperation
+from typing import Any
 
 MICROS_PER_UNIT = 1_000_000
 MAX_MICROS = 10**18  # far above any real balance, well inside BIGINT
@@ -127,3 +128,31 @@ def minor_units_to_micros(minor: int, currency: str) -> int:
 
 def _micros_per_minor_unit(currency: str) -> int:
     return MICROS_PER_UNIT // int(10 ** minor_unit_exponent(currency))
+
+
+# --- the same rules as patterns, for the OpenAPI documents ------------------------------------
+# What ``tally.errors.money_field`` (through ``to_micros``) accepts, exactly: blanks around,
+# an optional sign, digits, at most 6 decimals, below MAX_MICROS. tests/unit/test_money.py
+# holds each pattern against the parser, both ways.
+
+_BLANKS = "[ \\t]*"
+_INTEGER = "0*[1-9][0-9]{0,11}"  # below 10**12 units (MAX_MICROS)
+_FRACTION = "[0-9]{1,6}"
+# 1 to 6 decimals, not all zero
+_NONZERO_FRACTION = "(?:" + "|".join(f"0{{{z}}}[1-9][0-9]{{0,{5 - z}}}" for z in range(6)) + ")"
+_POSITIVE = f"\\+?(?:{_INTEGER}(?:\\.{_FRACTION})?|0+\\.{_NONZERO_FRACTION})"
+_ZERO = "[+-]?0+(?:\\.0{1,6})?"
+
+POSITIVE_AMOUNT_PATTERN = f"^{_BLANKS}{_POSITIVE}{_BLANKS}$"
+AMOUNT_PATTERN = f"^{_BLANKS}(?:{_POSITIVE}|{_ZERO}){_BLANKS}$"  # zero allowed
+_MARKUP = "\\+?(?:0*[1-9](?:\\.[0-9]{1,6})?|0*10(?:\\.0{1,6})?)"  # 1 to 10
+MARKUP_PATTERN = f"^{_BLANKS}{_MARKUP}{_BLANKS}$"
+
+
+def amount_field(description: str, *, allow_zero: bool = False, default: Any = ...) -> Any:
+    """A money field of a request model: a decimal string, documented with its exact pattern
+    (the route parses it with ``tally.errors.money_field``, which says what is wrong)."""
+    from pydantic import Field
+
+    pattern = AMOUNT_PATTERN if allow_zero else POSITIVE_AMOUNT_PATTERN
+    return Field(default, description=description, json_schema_extra={"pattern": pattern})

@@ -28,7 +28,7 @@ from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tally import asyncapi, auth, db, idempotency
+from tally import asyncapi, auth, db, idempotency, openapi
 from tally.consumer import subscribe_batch
 from tally.edge import FastPaths, FastRoute, HttpMetrics
 from tally.errors import JsonResponse, error_response, install_error_handlers
@@ -187,6 +187,21 @@ def create_app(spec: ServiceSpec[Any], settings: Settings | None = None) -> Fast
             await producer.stop()
             await pool.close()
 
+    app = build_app(spec, settings, lifespan)
+    if spec.fast_routes:  # outermost: the hot paths skip the rest
+        app.add_middleware(
+            FastPaths,
+            routes=spec.fast_routes,
+            service=spec.name,
+            max_bytes=settings.max_body_bytes,
+        )
+    return app
+
+
+def build_app(spec: ServiceSpec[Any], settings: Settings, lifespan: Any = None) -> FastAPI:
+    """The service's FastAPI app: routes, probes, error handling and its OpenAPI document
+    (``tally.openapi.finish``); ``create_app`` adds the lifespan that connects it. Nothing here
+    connects, so ``tally.openapi`` builds the documents from it."""
     app = FastAPI(
         title=f"Tally {spec.name}",
         version="1.0.0",
@@ -204,13 +219,14 @@ def create_app(spec: ServiceSpec[Any], settings: Settings | None = None) -> Fast
     _add_probes(app, spec.name)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(HttpMetrics, service=spec.name)
-    if spec.fast_routes:  # outermost: the hot paths skip the rest
-        app.add_middleware(
-            FastPaths,
-            routes=spec.fast_routes,
-            service=spec.name,
-            max_bytes=settings.max_body_bytes,
-        )
+    framework_document = app.openapi
+
+    def document() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi.finish(framework_document())
+        return app.openapi_schema
+
+    app.openapi = document  # type: ignore[method-assign]
     return app
 
 
@@ -275,6 +291,12 @@ def _add_probes(app: FastAPI, name: str) -> None:
     async def asyncapi_document() -> Response:
         """Tally's topics and webhooks (AsyncAPI 3), the same in every service."""
         return Response(asyncapi.dumps(), media_type="application/json")
+
+    @app.get("/v1/openapi.json", include_in_schema=False)
+    async def openapi_document() -> Response:
+        """The whole public API in one document (every service's paths), the same in every
+        service; the front door routes ``/v1/openapi.json`` here."""
+        return Response(openapi.packaged(), media_type="application/json")
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

@@ -155,6 +155,7 @@ app.kubernetes.io/name: {{ index . 1 }}
 usage-meter:
   - {type: PathPrefix, value: /v1/usage}
   - {type: PathPrefix, value: /v1/prices}
+  - {type: Exact, value: /v1/openapi.json}  # the whole API's document (every service serves it)
 wallet:
   - {type: RegularExpression, value: "^/v1/(companies|accounts)/[^/]+/wallet(/transactions)?$"}
   - {type: RegularExpression, value: "^/v1/(companies|accounts)/[^/]+/wallet/credits$"}

@@ -12,6 +12,8 @@ from tally.auth import CurrentPrincipal, require_company, require_role
 from tally.errors import JsonResponse
 from tally.idempotency import IdempotencyKey, Stored
 from tally.ids import PathId, PathKey
+from tally.openapi import answers
+from tally.pagination import Cursor
 from tally_notifier import account_usage, alert_settings, notifications, webhook_endpoints
 from tally_notifier.schemas import (
     AlertsIn,
@@ -67,7 +69,7 @@ async def list_notifications(
     w: Wired,
     unread: bool = False,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: str | None = None,
+    cursor: Cursor = None,
 ) -> NotificationPage:
     require_role(principal, "company_admin", "platform_admin")
     require_company(principal, cid)
@@ -92,6 +94,7 @@ DeliveryStatus = Literal["pending", "succeeded", "failed", "dropped"]
     status_code=201,
     response_model=EndpointCreated,
     summary="Register a webhook endpoint (the secret is shown only in this answer)",
+    responses=answers(409),
 )
 async def create_endpoint(
     cid: PathId,
@@ -121,7 +124,7 @@ async def list_endpoints(
     principal: CurrentPrincipal,
     w: Wired,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: str | None = None,
+    cursor: Cursor = None,
 ) -> EndpointPage:
     require_role(principal, "company_admin", "platform_admin")
     page = await webhook_endpoints.list_endpoints(w.db, principal, cid, limit=limit, cursor=cursor)
@@ -163,6 +166,7 @@ async def delete_endpoint(eid: PathKey, principal: CurrentPrincipal, w: Wired) -
     status_code=202,
     response_model=DeliveryOut,
     summary="Send a webhook.test event to this endpoint",
+    responses=answers(409),
 )
 async def test_endpoint(eid: PathKey, principal: CurrentPrincipal, w: Wired) -> DeliveryOut:
     require_role(principal, "company_admin", "platform_admin")
@@ -177,7 +181,7 @@ async def list_deliveries(
     w: Wired,
     status: DeliveryStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: str | None = None,
+    cursor: Cursor = None,
 ) -> DeliveryPage:
     require_role(principal, "company_admin", "platform_admin")
     page = await webhook_endpoints.list_deliveries(
@@ -198,6 +202,7 @@ async def get_delivery(did: PathKey, principal: CurrentPrincipal, w: Wired) -> D
     status_code=202,
     response_model=DeliveryOut,
     summary="Attempt a delivery once more, now",
+    responses=answers(409),
 )
 async def retry_delivery(did: PathKey, principal: CurrentPrincipal, w: Wired) -> DeliveryOut:
     require_role(principal, "company_admin", "platform_admin")

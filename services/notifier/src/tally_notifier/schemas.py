@@ -3,14 +3,15 @@ settings, period usage and notifications are rendered into them."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import asyncpg
 import orjson
-from pydantic import BaseModel, ConfigDict, EmailStr, Field
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, WithJsonSchema
 
 from tally.errors import money_field
-from tally.money import format_micros
+from tally.events import WEBHOOK_TYPES
+from tally.money import amount_field, format_micros
 from tally_notifier.account_usage import PeriodUsage
 from tally_notifier.domain import MAX_RECIPIENTS, AlertRules, Condition
 
@@ -18,7 +19,7 @@ PeriodName = Literal["daily", "weekly", "biweekly", "monthly"]
 
 
 class ConditionIn(BaseModel):
-    threshold: str = Field(description="decimal string > 0")
+    threshold: str = amount_field("decimal string > 0")
     period: PeriodName
 
 
@@ -108,11 +109,15 @@ def notification_out(r: asyncpg.Record) -> NotificationOut:
 # --- webhooks ------------------------------------------------------------------------------
 
 
+# checked by the use case (which says what is wrong); the document lists the names
+EventTypeName = Annotated[str, WithJsonSchema({"type": "string", "enum": [*WEBHOOK_TYPES, "*"]})]
+
+
 class EndpointIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(description="http(s) URL, at most 2,000 characters, on a public address")
-    event_types: list[str] = Field(
+    event_types: list[EventTypeName] = Field(
         min_length=1, max_length=50, description='event type names (see /asyncapi.json), or ["*"]'
     )
 
@@ -121,7 +126,7 @@ class EndpointPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str | None = None
-    event_types: list[str] | None = Field(None, min_length=1, max_length=50)
+    event_types: list[EventTypeName] | None = Field(None, min_length=1, max_length=50)
     enabled: bool | None = Field(None, description="enable again (forgets past failures) or disable")
 
 
@@ -160,7 +165,7 @@ class DeliveryOut(BaseModel):
     created_at: str
 
 
-class AttemptOut(BaseModel):
+class DeliveryAttemptOut(BaseModel):
     attempt: int
     at: str
     response_code: int | None
@@ -170,7 +175,7 @@ class AttemptOut(BaseModel):
 
 
 class DeliveryDetail(DeliveryOut):
-    attempt_log: list[AttemptOut]
+    attempt_log: list[DeliveryAttemptOut]
 
 
 class DeliveryPage(BaseModel):
@@ -220,7 +225,7 @@ def delivery_detail(r: asyncpg.Record, attempts: list[asyncpg.Record]) -> Delive
     return DeliveryDetail(
         **delivery_out(r).model_dump(),
         attempt_log=[
-            AttemptOut(
+            DeliveryAttemptOut(
                 attempt=a["attempt"],
                 at=a["at"].isoformat(),
                 response_code=a["response_code"],

@@ -10,6 +10,8 @@ from fastapi import APIRouter, Query
 
 from tally.auth import CurrentPrincipal, require_role
 from tally.ids import PathId
+from tally.openapi import answers
+from tally.pagination import IdCursor
 from tally_rebilling import accounts, companies, rebilling_settings
 from tally_rebilling.schemas import (
     AccountIn,
@@ -38,7 +40,7 @@ Limit = Annotated[int, Query(ge=1, le=500)]
 # --- companies -----------------------------------------------------------------------------
 
 
-@router.post("/companies", status_code=201, response_model=CompanyOut)
+@router.post("/companies", status_code=201, response_model=CompanyOut, responses=answers(409))
 async def create_company(body: CompanyIn, principal: CurrentPrincipal, w: Wired) -> CompanyOut:
     require_role(principal, "platform_admin")
     return company_out(await companies.create(w.uow(), body))
@@ -46,7 +48,7 @@ async def create_company(body: CompanyIn, principal: CurrentPrincipal, w: Wired)
 
 @router.get("/companies", response_model=CompanyPage)
 async def list_companies(
-    principal: CurrentPrincipal, w: Wired, limit: Limit = 50, cursor: str | None = None
+    principal: CurrentPrincipal, w: Wired, limit: Limit = 50, cursor: IdCursor = None
 ) -> CompanyPage:
     require_role(principal, "platform_admin")
     page = await companies.list_all(w.db, limit=limit, cursor=cursor)
@@ -55,7 +57,7 @@ async def list_companies(
 
 @router.get("/companies/{cid}/accounts", response_model=AccountPage)
 async def list_accounts(
-    cid: PathId, principal: CurrentPrincipal, w: Wired, limit: Limit = 50, cursor: str | None = None
+    cid: PathId, principal: CurrentPrincipal, w: Wired, limit: Limit = 50, cursor: IdCursor = None
 ) -> AccountPage:
     require_role(principal, "company_admin", "platform_admin")
     page = await companies.list_accounts(w.db, principal, cid, limit=limit, cursor=cursor)
@@ -90,7 +92,7 @@ async def disconnect_stripe(cid: PathId, principal: CurrentPrincipal, w: Wired) 
 # --- accounts ------------------------------------------------------------------------------
 
 
-@router.post("/companies/{cid}/accounts", status_code=201, response_model=AccountOut)
+@router.post("/companies/{cid}/accounts", status_code=201, response_model=AccountOut, responses=answers(409))
 async def create_account(cid: PathId, body: AccountIn, principal: CurrentPrincipal, w: Wired) -> AccountOut:
     require_role(principal, "company_admin", "platform_admin")
     return account_out(await accounts.create(w.uow(), principal, cid, body))
@@ -111,7 +113,7 @@ async def get_rebilling(aid: PathId, principal: CurrentPrincipal, w: Wired) -> R
     return await rebilling_settings.show(w.db, principal, aid)
 
 
-@router.put("/accounts/{aid}/rebilling", response_model=RebillingOut)
+@router.put("/accounts/{aid}/rebilling", response_model=RebillingOut, responses=answers(409))
 async def put_rebilling(
     aid: PathId, body: RebillingIn, principal: CurrentPrincipal, w: Wired
 ) -> RebillingOut:
@@ -121,7 +123,9 @@ async def put_rebilling(
     )
 
 
-@router.post("/companies/{cid}/saas-plans", status_code=201, response_model=SaasPlanOut)
+@router.post(
+    "/companies/{cid}/saas-plans", status_code=201, response_model=SaasPlanOut, responses=answers(409)
+)
 async def create_saas_plan(
     cid: PathId, body: SaasPlanIn, principal: CurrentPrincipal, w: Wired
 ) -> SaasPlanOut:

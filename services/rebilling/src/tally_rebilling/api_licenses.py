@@ -11,6 +11,7 @@ from tally.auth import CurrentPrincipal, require_role
 from tally.errors import JsonResponse
 from tally.idempotency import IdempotencyKey
 from tally.ids import PathId, PathKey
+from tally.openapi import answers
 from tally_rebilling import accounts, licenses, seats
 from tally_rebilling.schemas import (
     AccountLicensesOut,
@@ -45,6 +46,7 @@ def _held(w: RebillingWiring, aid: str, held: licenses.Held) -> AccountLicensesO
             "description": "the payment is processing: the pool grows once it succeeds",
         },
         402: {"description": "payment_failed: the pool is unchanged"},
+        **answers(409),
     },
 )
 async def buy(
@@ -74,13 +76,15 @@ async def get_pool(cid: PathId, principal: CurrentPrincipal, w: Wired) -> PoolOu
     return pool_out(total, assigned, w.license_price)
 
 
-@router.post("/accounts/{aid}/licenses", status_code=201, response_model=AccountLicensesOut)
+@router.post(
+    "/accounts/{aid}/licenses", status_code=201, response_model=AccountLicensesOut, responses=answers(409)
+)
 async def assign(aid: PathId, body: QuantityIn, principal: CurrentPrincipal, w: Wired) -> AccountLicensesOut:
     require_role(principal, "company_admin", "platform_admin")
     return _held(w, aid, await licenses.assign(w.uow(), principal, aid, body.quantity))
 
 
-@router.delete("/accounts/{aid}/licenses", response_model=AccountLicensesOut)
+@router.delete("/accounts/{aid}/licenses", response_model=AccountLicensesOut, responses=answers(409))
 async def free(
     aid: PathId, principal: CurrentPrincipal, w: Wired, quantity: int = Query(1, ge=1, le=100_000)
 ) -> AccountLicensesOut:
@@ -89,13 +93,15 @@ async def free(
     return _held(w, aid, await licenses.free(w.uow(), principal, aid, quantity))
 
 
-@router.post("/accounts/{aid}/invitations", status_code=201, response_model=InvitationOut)
+@router.post(
+    "/accounts/{aid}/invitations", status_code=201, response_model=InvitationOut, responses=answers(409)
+)
 async def invite(aid: PathId, body: InvitationIn, principal: CurrentPrincipal, w: Wired) -> InvitationOut:
     require_role(principal, "company_admin", "platform_admin")
     return await accounts.invite(w.uow(), principal, aid, str(body.email), body.role)
 
 
-@router.post("/invitations/{iid}/accept", response_model=InvitationOut)
+@router.post("/invitations/{iid}/accept", response_model=InvitationOut, responses=answers(409))
 async def accept(iid: PathKey, principal: CurrentPrincipal, w: Wired) -> InvitationOut:
     return await accounts.accept(w.uow(), w.biller, principal, iid)
 

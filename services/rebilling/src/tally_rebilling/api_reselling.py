@@ -7,20 +7,23 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 
 from tally import idempotency
 from tally.auth import CurrentPrincipal, require_role
 from tally.errors import ApiError, JsonResponse
 from tally.idempotency import IdempotencyKey, Stored
 from tally.ids import PathId, PathKey
+from tally.openapi import answers
+from tally.pagination import IdCursor
 from tally_rebilling import reselling, storage, subscriptions
 from tally_rebilling.domain import current_period, parse_period, period_start
 from tally_rebilling.schemas import (
+    PERIOD_PATTERN,
     CatalogOut,
     CatalogRow,
-    PriceIn,
     ReportOut,
+    ResoldPriceIn,
     RunIn,
     RunOut,
     SubscriptionIn,
@@ -32,6 +35,7 @@ from tally_rebilling.wiring import Wired
 
 router = APIRouter(prefix="/v1", tags=["reselling"])
 Limit = Annotated[int, Query(ge=1, le=500)]
+PeriodPath = Annotated[str, Path(pattern=PERIOD_PATTERN, description="YYYY-MM")]
 
 
 def _period(text: str) -> str:
@@ -50,13 +54,15 @@ async def catalog(cid: PathId, principal: CurrentPrincipal, w: Wired) -> Catalog
 
 @router.put("/companies/{cid}/reselling/{product}", response_model=CatalogRow)
 async def set_price(
-    cid: PathId, product: PathKey, body: PriceIn, principal: CurrentPrincipal, w: Wired
+    cid: PathId, product: PathKey, body: ResoldPriceIn, principal: CurrentPrincipal, w: Wired
 ) -> CatalogRow:
     require_role(principal, "company_admin", "platform_admin")
     return await reselling.set_price(w.uow(), principal, cid, product, body.company_price)
 
 
-@router.post("/accounts/{aid}/subscriptions", status_code=201, response_model=SubscriptionOut)
+@router.post(
+    "/accounts/{aid}/subscriptions", status_code=201, response_model=SubscriptionOut, responses=answers(409)
+)
 async def subscribe(
     aid: PathId,
     body: SubscriptionIn,
@@ -83,7 +89,7 @@ async def subscribe(
 
 @router.get("/accounts/{aid}/subscriptions", response_model=SubscriptionPage)
 async def list_subscriptions(
-    aid: PathId, principal: CurrentPrincipal, w: Wired, limit: Limit = 50, cursor: str | None = None
+    aid: PathId, principal: CurrentPrincipal, w: Wired, limit: Limit = 50, cursor: IdCursor = None
 ) -> SubscriptionPage:
     page = await subscriptions.list_for_account(
         w.db, principal, aid, limit=limit, cursor=cursor, tries=len(w.biller.delays)
@@ -96,7 +102,10 @@ async def list_subscriptions(
 
 
 @router.delete(
-    "/subscriptions/{sid}", response_model=SubscriptionOut, summary="Cancel at the end of the paid period"
+    "/subscriptions/{sid}",
+    response_model=SubscriptionOut,
+    summary="Cancel at the end of the paid period",
+    responses=answers(409),
 )
 async def cancel_subscription(sid: PathKey, principal: CurrentPrincipal, w: Wired) -> SubscriptionOut:
     require_role(principal, "company_admin", "account_user", "platform_admin")
@@ -124,7 +133,7 @@ async def run_now(body: RunIn, principal: CurrentPrincipal, w: Wired) -> RunOut:
     response_model=RunOut,
     summary="Charge every active subscription for a period (idempotent; platform admins and the scheduler)",
 )
-async def run_period(period: PathKey, principal: CurrentPrincipal, w: Wired) -> RunOut:
+async def run_period(period: PeriodPath, principal: CurrentPrincipal, w: Wired) -> RunOut:
     require_role(principal, "platform_admin")
     period = _period(period)
     now = datetime.now(UTC)
@@ -137,7 +146,7 @@ async def report(
     cid: PathId,
     principal: CurrentPrincipal,
     w: Wired,
-    period: str = Query(..., description="YYYY-MM"),
+    period: Annotated[str, Query(pattern=PERIOD_PATTERN, description="YYYY-MM")],
 ) -> ReportOut:
     require_role(principal, "company_admin", "platform_admin")
     return await reselling.report(w.db, principal, cid, _period(period))

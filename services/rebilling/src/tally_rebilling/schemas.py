@@ -3,14 +3,14 @@ companies, accounts, license pools and subscriptions are rendered into them."""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import asyncpg
 from pydantic import BaseModel, EmailStr, Field
 
+from tally.events import Rfc3339
 from tally.ids import Id
-from tally.money import format_micros
+from tally.money import MARKUP_PATTERN, amount_field, format_micros
 from tally_rebilling.storage import Dunning
 
 PlanName = Literal["starter", "unlimited", "saas_pro"]
@@ -73,7 +73,9 @@ class AccountOut(BaseModel):
 
 class RebillingIn(BaseModel):
     mode: Literal["off", "rebill", "rebill_markup"]
-    markups: dict[str, str] = {}
+    markups: dict[str, Annotated[str, Field(json_schema_extra={"pattern": MARKUP_PATTERN})]] = Field(
+        {}, description='per service or "default": a decimal string from "1" to "10"'
+    )
 
 
 class RebillingOut(BaseModel):
@@ -165,7 +167,7 @@ class MemberList(BaseModel):
 
 
 class SeatPriceIn(BaseModel):
-    amount: str = Field(description="decimal string >= 0: the monthly price per seat")
+    amount: str = amount_field("decimal string >= 0: the monthly price per seat", allow_zero=True)
 
 
 class SeatPriceOut(BaseModel):
@@ -190,8 +192,8 @@ class CatalogOut(BaseModel):
     next_cursor: str | None = None
 
 
-class PriceIn(BaseModel):
-    company_price: str = Field(description="decimal string >= 0 per month")
+class ResoldPriceIn(BaseModel):
+    company_price: str = amount_field("decimal string >= 0 per month", allow_zero=True)
 
 
 class SubscriptionIn(BaseModel):
@@ -255,13 +257,19 @@ class RunOut(BaseModel):
     outcomes: dict[str, int]
 
 
+# a billing period: a month of 1900-2099 (the runner's arithmetic stays inside datetime)
+PERIOD_PATTERN = r"^(19|20)[0-9]{2}-(0[1-9]|1[0-2])$"
+
+
 class RunIn(BaseModel):
-    at: datetime | None = Field(None, description="the instant to run as (default: now)")
+    at: Rfc3339 | None = Field(None, description="the instant to run as (default: now)")
     company_id: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="only this company's subscriptions"
     )
     period: str | None = Field(
-        None, description="the period to open (YYYY-MM; default: the one `at` falls in)"
+        None,
+        pattern=PERIOD_PATTERN,
+        description="the period to open (YYYY-MM; default: the one `at` falls in)",
     )
 
 

@@ -15,6 +15,8 @@ from tally.auth import CurrentPrincipal, Role, require_role
 from tally.errors import ApiError, JsonResponse, money_field
 from tally.idempotency import IdempotencyKey, Stored
 from tally.ids import ID_PATTERN, PathKey
+from tally.openapi import answers
+from tally.pagination import Cursor
 from tally_recharge import cards, charges, recharges, top_ups, webhooks
 from tally_recharge.schemas import (
     AttachIn,
@@ -51,6 +53,7 @@ def _owner_routes(kind: OwnerKind) -> APIRouter:
         status_code=201,
         response_model=PaymentMethodOut,
         name=f"attach_{kind}_card",
+        responses=answers(402, 409),
     )
     async def attach_card(
         oid: Annotated[str, Path(alias=param, pattern=ID_PATTERN)],
@@ -95,7 +98,13 @@ def _owner_routes(kind: OwnerKind) -> APIRouter:
         row = await cards.make_default(w.db, w.recharger, w.directory, principal, Owner(kind, oid), pm)
         return payment_method_out(row)
 
-    @r.post("/wallet/top-ups", status_code=201, response_model=AttemptOut, name=f"top_up_{kind}")
+    @r.post(
+        "/wallet/top-ups",
+        status_code=201,
+        response_model=AttemptOut,
+        name=f"top_up_{kind}",
+        responses=answers(409),
+    )
     async def top_up(
         oid: Annotated[str, Path(alias=param, pattern=ID_PATTERN)],
         body: TopUpIn,
@@ -125,7 +134,7 @@ def _owner_routes(kind: OwnerKind) -> APIRouter:
         principal: CurrentPrincipal,
         w: Wired,
         limit: Limit = 50,
-        cursor: str | None = None,
+        cursor: Cursor = None,
     ) -> AttemptPage:
         page = await recharges.history(
             w.db, w.directory, principal, Owner(kind, oid), limit=limit, cursor=cursor
@@ -148,6 +157,7 @@ router.include_router(_owner_routes("account"))
     response_model=AttemptOut,
     summary="Charge a company's or account's cards for another service (at most once "
     "per key; platform services only)",
+    responses=answers(409),
 )
 async def charge(body: ChargeIn, principal: CurrentPrincipal, w: Wired) -> AttemptOut:
     require_role(principal, "platform_admin")
@@ -169,7 +179,11 @@ async def charge(body: ChargeIn, principal: CurrentPrincipal, w: Wired) -> Attem
 # --- Stripe webhooks -----------------------------------------------------------------------
 
 
-@router.post("/stripe/webhooks", summary="Stripe events (signature checked)")
+@router.post(
+    "/stripe/webhooks",
+    summary="Stripe events (signature checked)",
+    responses={400: {"description": "invalid_signature: the Stripe-Signature header does not verify"}},
+)
 async def stripe_webhook(request: Request, w: Wired) -> dict[str, str]:
     payload = await request.body()
     signature = request.headers.get("stripe-signature", "")

@@ -8,7 +8,7 @@ from typing import Literal
 import asyncpg
 from pydantic import BaseModel, Field
 
-from tally.money import format_micros
+from tally.money import amount_field, format_micros
 from tally_recharge.storage import Attempt
 
 
@@ -34,7 +34,7 @@ class PaymentMethodList(BaseModel):
 
 
 class TopUpIn(BaseModel):
-    amount: str = Field(description="decimal string > 0, at most 6 decimals")
+    amount: str = amount_field("decimal string > 0, at most 6 decimals")
 
 
 class TryOut(BaseModel):
@@ -70,7 +70,7 @@ class ChargeIn(BaseModel):
     owner: Literal["company", "account"]
     company_id: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     account_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
-    amount: str
+    amount: str = amount_field("decimal string > 0, at most 6 decimals")
     description: str = Field("", max_length=200)
 
 

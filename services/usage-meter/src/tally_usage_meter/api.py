@@ -4,14 +4,22 @@ Routes parse, authorise, call one use case and render (``schemas``)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 
 from tally.auth import CurrentPrincipal, Principal, require_role
-from tally.ids import PathKey
 from tally_usage_meter import prices
-from tally_usage_meter.schemas import USAGE_SCHEMA, PriceIn, PriceList, PriceOut, parse_usage_body, price_out
+from tally_usage_meter.schemas import (
+    SERVICE_RE,
+    USAGE_SCHEMA,
+    PriceIn,
+    PriceList,
+    PriceOut,
+    parse_usage_body,
+    price_out,
+)
 from tally_usage_meter.wiring import UsageMeterWiring, Wired, wired
 
 router = APIRouter(prefix="/v1", tags=["usage"])
@@ -49,8 +57,11 @@ async def get_prices(principal: CurrentPrincipal, w: Wired) -> PriceList:
     return PriceList(items=[price_out(p) for p in await prices.catalog(w.db)])
 
 
+ServiceName = Annotated[str, Path(pattern=SERVICE_RE.pattern)]
+
+
 @router.put("/prices/{service}", summary="Set a service's platform price (applies to new events)")
-async def put_price(service: PathKey, body: PriceIn, principal: CurrentPrincipal, w: Wired) -> PriceOut:
+async def put_price(service: ServiceName, body: PriceIn, principal: CurrentPrincipal, w: Wired) -> PriceOut:
     require_role(principal, "platform_admin")
     price = body.price(service)
     return price_out(await prices.set_price(w.uow(), price))

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from tally.errors import ApiError, money_field
 from tally.events import UsageEvent
-from tally.money import format_micros
+from tally.money import amount_field, format_micros
 from tally_usage_meter.domain import Price
 
 MAX_BATCH = 1000
@@ -25,7 +25,11 @@ USAGE_SCHEMA = {
             "application/json": {
                 "schema": {
                     "oneOf": [
-                        UsageEvent.model_json_schema(ref_template="#/components/schemas/{model}"),
+                        # one event: any object without "events" (with it, the body is a batch)
+                        {
+                            **UsageEvent.model_json_schema(ref_template="#/components/schemas/{model}"),
+                            "not": {"required": ["events"]},
+                        },
                         {
                             "type": "object",
                             "required": ["events"],
@@ -124,7 +128,7 @@ class PriceList(BaseModel):
 
 class PriceIn(BaseModel):
     unit: str = Field(min_length=1, max_length=64)
-    unit_price: str = Field(description="decimal string, up to 6 decimals, >= 0")
+    unit_price: str = amount_field("decimal string, up to 6 decimals, >= 0", allow_zero=True)
     currency: str = Field("USD", pattern=r"^[A-Z]{3}$")
 
     def price(self, service: str) -> Price:

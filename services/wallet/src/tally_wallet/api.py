@@ -13,6 +13,8 @@ from tally.auth import CurrentPrincipal, Role, require_company, require_role
 from tally.errors import JsonResponse
 from tally.idempotency import IdempotencyKey, Stored
 from tally.ids import ID_PATTERN, PathId, PathKey
+from tally.openapi import answers
+from tally.pagination import Cursor
 from tally_wallet import credit_requests, credits, wallets
 from tally_wallet.schemas import (
     CreditIn,
@@ -74,7 +76,7 @@ def _wallet_routes(owner: Literal["company", "account"]) -> APIRouter:
 
     @r.get("/wallet/transactions", response_model=TransactionPage, name=f"{owner}_transactions")
     async def list_transactions(
-        oid: Oid, principal: CurrentPrincipal, w: Wired, limit: Limit = 50, cursor: str | None = None
+        oid: Oid, principal: CurrentPrincipal, w: Wired, limit: Limit = 50, cursor: Cursor = None
     ) -> TransactionPage:
         page = await wallets.transactions(
             w.db, w.directory, principal, Target(owner, oid), limit=limit, cursor=cursor
@@ -132,6 +134,7 @@ async def account_service_status(aid: PathId, principal: CurrentPrincipal, w: Wi
     status_code=201,
     response_model=CreditRequestOut,
     summary="Request credits from the company (when it has not connected Stripe)",
+    responses=answers(409),
 )
 async def request_credits(
     aid: PathId,
@@ -162,7 +165,7 @@ async def list_credit_requests(
     w: Wired,
     status: credit_requests.Status | None = None,
     limit: Limit = 50,
-    cursor: str | None = None,
+    cursor: Cursor = None,
 ) -> CreditRequestPage:
     require_role(principal, "company_admin", "platform_admin")
     require_company(principal, cid)
@@ -170,13 +173,13 @@ async def list_credit_requests(
     return CreditRequestPage(items=[credit_request_out(r) for r in page.items], next_cursor=page.next_cursor)
 
 
-@router.post("/credit-requests/{rid}/approve", response_model=CreditRequestOut)
+@router.post("/credit-requests/{rid}/approve", response_model=CreditRequestOut, responses=answers(409))
 async def approve(rid: PathKey, principal: CurrentPrincipal, w: Wired) -> CreditRequestOut:
     require_role(principal, "company_admin", "platform_admin")
     return credit_request_out(await credit_requests.resolve(w.uow(), principal, rid, "approved"))
 
 
-@router.post("/credit-requests/{rid}/reject", response_model=CreditRequestOut)
+@router.post("/credit-requests/{rid}/reject", response_model=CreditRequestOut, responses=answers(409))
 async def reject(rid: PathKey, principal: CurrentPrincipal, w: Wired) -> CreditRequestOut:
     require_role(principal, "company_admin", "platform_admin")
     return credit_request_out(await credit_requests.resolve(w.uow(), principal, rid, "rejected"))

@@ -7,8 +7,9 @@ from typing import Any, Literal
 
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
-from tally.money import format_micros
+from tally.money import amount_field, format_micros
 from tally_wallet.wallets import WalletView
 
 
@@ -43,10 +44,12 @@ class WalletPatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    threshold: str | None = Field(None, description="decimal string >= 0")
-    reload_amount: str | None = Field(None, description="decimal string > 0")
-    auto_recharge: bool | None = None
-    smart_adjustment: bool | None = None
+    # ``SkipJsonSchema[None]``: omitted is allowed, null is not (the validator below), so the
+    # document shows no null either
+    threshold: str | SkipJsonSchema[None] = amount_field("decimal string >= 0", allow_zero=True, default=None)
+    reload_amount: str | SkipJsonSchema[None] = amount_field("decimal string > 0", default=None)
+    auto_recharge: bool | SkipJsonSchema[None] = None
+    smart_adjustment: bool | SkipJsonSchema[None] = None
 
     @model_validator(mode="after")
     def _no_nulls(self) -> WalletPatch:
@@ -73,7 +76,7 @@ class TransactionPage(BaseModel):
 
 
 class CreditIn(BaseModel):
-    amount: str = Field(description="decimal string > 0, at most 6 decimals")
+    amount: str = amount_field("decimal string > 0, at most 6 decimals")
     reference: str | None = Field(None, max_length=200)
 
 
