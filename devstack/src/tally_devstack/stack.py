@@ -326,6 +326,17 @@ class Stack:
         self.spawn_service(name)
         await self.wait_ready(name)
 
+    def pid(self, name: str) -> int | None:
+        proc = self._procs.get(name)
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    async def stop_service(self, name: str, timeout: float = 30) -> None:
+        """Stop one service gracefully (SIGTERM: its batch finishes, its offsets commit), killing
+        it after ``timeout`` seconds."""
+        if name in self._procs:
+            self._signal(name, signal.SIGTERM)
+            await asyncio.to_thread(self._reap, [name], timeout)
+
     def alive(self, name: str) -> bool:
         proc = self._procs.get(name)
         return proc is not None and proc.poll() is None

@@ -13,8 +13,14 @@ from rich.panel import Panel
 from rich.table import Table
 
 from tally.auth import issue_token
+from tally.events import Topics
+from tally_devstack.broker import BrokerProbe, rss_bytes
 from tally_devstack.demo import SimStats
+from tally_devstack.home import human
 from tally_devstack.stack import SERVICES, Stack
+
+BROKER_TOPICS = [*Topics.ALL, *(Topics.dlq(t) for t in Topics.ALL)]
+SLOW_FETCH_SECONDS = 0.1  # the broker scans what a partition stores: restart to empty it
 
 
 def _counter(text: str, name: str, **labels: str) -> float:
@@ -38,6 +44,43 @@ class LiveView:
         self.client = httpx.AsyncClient(timeout=5, headers={"Authorization": f"Bearer {token}"})
         self.samples: deque[tuple[float, float, float]] = deque(maxlen=6)
         self.started = time.monotonic()
+        self.probe: BrokerProbe | None = None
+
+    async def _broker(self) -> str:
+        """The broker's memory, the records it holds, and what one fetch of the money path's
+        newest record takes (measured now): both grow as the memory-only topics fill."""
+        rss = rss_bytes(self.stack.pid("broker"))
+        parts = [f"[bold]broker[/] {human(rss) if rss is not None else '?'} RSS"]
+        try:
+            if self.probe is None:
+                self.probe = BrokerProbe(self.stack.bootstrap, timeout=2)
+                await self.probe.start()
+            held = sum((await self.probe.held(BROKER_TOPICS)).values())
+            fetched = await self.probe.fetch_seconds(Topics.USAGE_RECORDED)
+        except Exception as exc:
+            if self.probe is not None:
+                await self.probe.close()
+                self.probe = None
+            return "  ".join([*parts, f"[red]not answering ({type(exc).__name__})[/]"])
+        parts.append(f"{held:,} records held")
+        if fetched is None:
+            parts.append("fetch: usage.recorded is empty")
+        else:
+            seconds, records = fetched
+            colour = (
+                "red"
+                if seconds >= 5 * SLOW_FETCH_SECONDS
+                else "yellow"
+                if seconds >= SLOW_FETCH_SECONDS
+                else "green"
+            )
+            parts.append(
+                f"fetch [{colour}]{seconds * 1000:,.1f} ms[/] "
+                f"(the newest of {records:,} in a usage.recorded partition)"
+            )
+            if seconds >= SLOW_FETCH_SECONDS:
+                parts.append("[dim]restart make run to empty the broker (the stop drains it first)[/]")
+        return "  ".join(parts)
 
     async def render(self) -> Group:
         accepted = applied = 0.0
@@ -105,7 +148,8 @@ class LiveView:
                 t["created_at"][11:23],
             )
         uptime = int(now - self.started)
-        return Group(Panel(rates, title=f"Tally — running {uptime}s (Ctrl-C to stop)"), wallets, ledger)
+        panel = Panel(Group(rates, await self._broker()), title=f"Tally — running {uptime}s (Ctrl-C to stop)")
+        return Group(panel, wallets, ledger)
 
     async def _wallet_row(self, table: Table, label: str, owner: str, *, rebilling: bool = False) -> None:
         """Add one wallet's row (``owner``: ``companies/<id>`` or ``accounts/<id>``)."""
@@ -126,3 +170,5 @@ class LiveView:
 
     async def close(self) -> None:
         await self.client.aclose()
+        if self.probe is not None:
+            await self.probe.close()
