@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from typing import Any
 
 import asyncpg
@@ -133,12 +135,29 @@ def response_for(exc: Exception) -> JsonResponse:
 
 
 def allowed_methods(request: Request) -> list[str]:
-    """Every method some route of the app serves on the request's path."""
+    """Every method some route of the app serves on the request's path: the app's own routes,
+    and the documented operations (routes of included routers sit behind one entry each)."""
     methods: set[str] = set()
     for route in request.app.router.routes:
-        if route.matches(request.scope)[0] != Match.NONE:
-            methods |= set(getattr(route, "methods", None) or ())
+        if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= set(route.methods)
+    # as OpenAPI reads paths: a concrete one (…/reselling/report) before a template
+    # (…/reselling/{product}) that would also match
+    paths = request.app.openapi().get("paths", {})
+    matching = [t for t in paths if _template(t).fullmatch(request.url.path)]
+    fewest = min((t.count("{") for t in matching), default=0)
+    for template in matching:
+        if template.count("{") == fewest:
+            methods |= {m.upper() for m in paths[template] if m in _HTTP_METHODS}
     return sorted(methods)
+
+
+_HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
+
+
+@functools.lru_cache(maxsize=512)
+def _template(path: str) -> re.Pattern[str]:
+    return re.compile(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(path)))
 
 
 def install_error_handlers(app: FastAPI) -> None:
