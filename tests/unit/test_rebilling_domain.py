@@ -2,7 +2,7 @@
 downgrade leaves, the markup rule and its services, the reselling catalog, periods, and the
 seat rule of license pools with the provisional handoff."""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -160,6 +160,9 @@ def test_anything_else_is_not_a_period(text: str) -> None:
 
 def test_the_current_period_is_the_utc_month() -> None:
     assert current_period(datetime(2026, 3, 31, 23, 59, tzinfo=UTC)) == "2026-03"
+    # review 2026-12-03: an instant with an offset opened the month of its offset's clock
+    assert current_period(datetime(2026, 12, 1, 5, tzinfo=timezone(timedelta(hours=14)))) == "2026-11"
+    assert current_period(datetime(2026, 11, 30, 20, tzinfo=timezone(timedelta(hours=-8)))) == "2026-12"
     assert current_period(datetime(2026, 4, 1, tzinfo=UTC)) == "2026-04"
     assert parse_period(current_period()) == current_period()  # the clock, by default
 

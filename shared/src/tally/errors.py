@@ -135,12 +135,14 @@ def response_for(exc: Exception) -> JsonResponse:
 
 
 def allowed_methods(request: Request) -> list[str]:
-    """Every method some route of the app serves on the request's path: the app's own routes,
-    and the documented operations (routes of included routers sit behind one entry each)."""
+    """Every method served on the request's path: the documented operations (read from the
+    OpenAPI document: in FastAPI the routes of an included router sit behind one entry) and
+    the undocumented routes (probes, documents)."""
     methods: set[str] = set()
     for route in request.app.router.routes:
-        if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
-            methods |= set(route.methods)
+        undocumented = getattr(route, "include_in_schema", True) is False
+        if undocumented and route.matches(request.scope)[0] != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
     # as OpenAPI reads paths: a concrete one (…/reselling/report) before a template
     # (…/reselling/{product}) that would also match
     paths = request.app.openapi().get("paths", {})

@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    WithJsonSchema,
     create_model,
     field_validator,
 )
@@ -62,9 +63,14 @@ class Payload(BaseModel):
 # --- usage -------------------------------------------------------------------------------
 
 
-_RFC3339 = re.compile(
-    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+# RFC 3339 with its offset, written in the years 1900-2099: an instant every service can
+# convert to any time zone and store (year 1 or 9999 with an offset leaves datetime's range;
+# such an event, once accepted, stopped the notifier's consumer for good).
+RFC3339_PATTERN = (
+    r"^(19|20)[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt]([01][0-9]|2[0-3]):[0-5][0-9]"
+    r":[0-5][0-9](\.[0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
 )
+_RFC3339 = re.compile(RFC3339_PATTERN.removeprefix("^").removesuffix("$"))
 
 
 def _rfc3339(value: Any) -> Any:
@@ -72,10 +78,16 @@ def _rfc3339(value: Any) -> Any:
     seconds or a time without an offset, which the lax datetime parser would take."""
     if isinstance(value, datetime) or (isinstance(value, str) and _RFC3339.fullmatch(value)):
         return value
-    raise ValueError("must be an RFC 3339 date-time with an offset, like 2026-12-03T10:00:00Z")
+    raise ValueError(
+        "must be an RFC 3339 date-time with an offset in the years 1900-2099, like 2026-12-03T10:00:00Z"
+    )
 
 
-Rfc3339 = Annotated[datetime, BeforeValidator(_rfc3339)]
+Rfc3339 = Annotated[
+    datetime,
+    BeforeValidator(_rfc3339),
+    WithJsonSchema({"type": "string", "format": "date-time", "pattern": RFC3339_PATTERN}),
+]
 
 
 class UsageEvent(Payload):

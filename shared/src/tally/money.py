@@ -11,6 +11,8 @@ import re
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
+from pydantic import Field
+
 MICROS_PER_UNIT = 1_000_000
 MAX_MICROS = 10**18  # far above any real balance, well inside BIGINT
 
@@ -152,7 +154,5 @@ MARKUP_PATTERN = f"^{_BLANKS}{_MARKUP}{_BLANKS}$"
 def amount_field(description: str, *, allow_zero: bool = False, default: Any = ...) -> Any:
     """A money field of a request model: a decimal string, documented with its exact pattern
     (the route parses it with ``tally.errors.money_field``, which says what is wrong)."""
-    from pydantic import Field
-
     pattern = AMOUNT_PATTERN if allow_zero else POSITIVE_AMOUNT_PATTERN
     return Field(default, description=description, json_schema_extra={"pattern": pattern})

@@ -19,6 +19,7 @@ either is stale.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import json
 import sys
@@ -45,11 +46,6 @@ _DESCRIPTIONS = {
     429: "Over the rate limit: see Retry-After",
     503: "A dependency is out of reach: nothing was done; try again after Retry-After",
 }
-
-
-class ErrorDetail(BaseModel):
-    field: str | None = None
-    message: str | None = None
 
 
 class ErrorInfo(BaseModel):
@@ -83,8 +79,6 @@ def finish(doc: dict[str, Any]) -> dict[str, Any]:
             op = item.get(method)
             if op is not None:
                 _finish_operation(op)
-    if not schemas:
-        components.pop("schemas")
     return doc
 
 
@@ -109,6 +103,12 @@ def _finish_operation(op: dict[str, Any]) -> None:
                 response["description"] = _DESCRIPTIONS[422]
             response["content"] = {"application/json": {"schema": {"$ref": ERROR_REF}}}
     op["responses"] = dict(sorted(responses.items()))
+
+
+def answers(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` of a route: the statuses its use case answers beyond those ``finish``
+    adds to every operation (409, 402, ...), each documented with the error body."""
+    return {status: {"description": _DESCRIPTIONS.get(status, "Error")} for status in statuses}
 
 
 def merge(docs: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
@@ -167,6 +167,7 @@ def dumps(doc: Mapping[str, Any]) -> str:
     return json.dumps(doc, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
 
 
+@functools.cache
 def packaged() -> bytes:
     """The merged document as this package ships it (what ``/v1/openapi.json`` serves)."""
     return resources.files("tally").joinpath("openapi.json").read_bytes()
@@ -182,9 +183,3 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-
-
-def answers(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """``responses=`` of a route: the statuses its use case answers beyond those ``finish``
-    adds to every operation (409, 402, ...), each documented with the error body."""
-    return {status: {"description": _DESCRIPTIONS.get(status, "Error")} for status in statuses}

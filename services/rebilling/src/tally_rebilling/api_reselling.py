@@ -120,9 +120,7 @@ async def cancel_subscription(sid: PathKey, principal: CurrentPrincipal, w: Wire
 )
 async def run_now(body: RunIn, principal: CurrentPrincipal, w: Wired) -> RunOut:
     require_role(principal, "platform_admin")
-    at = body.at or datetime.now(UTC)
-    if at.tzinfo is None:
-        at = at.replace(tzinfo=UTC)
+    at = body.at or datetime.now(UTC)  # RFC 3339: always with its offset
     period = _period(body.period) if body.period else current_period(at)
     outcomes = await w.biller.run(at, period, company_id=body.company_id, wait=True)
     return RunOut(period=period, outcomes=outcomes)

@@ -93,6 +93,7 @@ def parse_period(text: str) -> str:
 def current_period(now: datetime | None = None) -> str:
     """The ``YYYY-MM`` period ``now`` (default: the clock) falls in (UTC)."""
     now = now or datetime.now(UTC)
+    now = now.astimezone(UTC) if now.tzinfo else now  # an instant with any offset: its UTC month
     return f"{now.year:04d}-{now.month:02d}"
 
 
