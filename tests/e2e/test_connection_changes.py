@@ -161,6 +161,7 @@ async def test_cards_saved_during_a_switch_never_stay_on_the_account_it_left(tal
 
 async def test_a_keyed_top_up_still_processing_answers_again_after_its_card_is_removed(tally: Tally) -> None:
     agency = Agency(tally)
+    await agency.announce()
     r = await tally.http.patch(
         tally.url("wallet", f"/v1/companies/{agency.cid}/wallet"),
         json={"auto_recharge": False},

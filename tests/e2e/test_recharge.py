@@ -236,6 +236,7 @@ async def test_account_recharges_go_to_the_companys_connected_stripe(tally: Tall
 
 async def test_manual_top_up_and_its_bad_input(tally: Tally) -> None:
     agency = Agency(tally)
+    await agency.announce()
     url = tally.url("recharge", f"/v1/companies/{agency.cid}/wallet/top-ups")
     r = await tally.http.post(url, json={"amount": "10"}, headers=agency.admin)
     assert r.status_code == 409 and r.json()["error"]["code"] == "no_payment_method"

@@ -60,6 +60,7 @@ async def test_pending_card_means_no_account_leg_yet(tally: Tally) -> None:
 
 async def test_threshold_crossing_is_emitted_once_per_crossing(tally: Tally) -> None:
     agency = Agency(tally)
+    await agency.announce()
     r = await tally.http.patch(
         tally.url("wallet", f"/v1/companies/{agency.cid}/wallet"),
         json={"threshold": "0.10", "reload_amount": "25"},
@@ -311,6 +312,7 @@ async def test_recharge_success_credits_once(tally: Tally) -> None:
 
 async def test_wallet_settings_are_validated(tally: Tally) -> None:
     agency = Agency(tally)
+    await agency.announce()
     url = tally.url("wallet", f"/v1/companies/{agency.cid}/wallet")
     for body in (
         {"threshold": "-1"},
@@ -348,3 +350,39 @@ async def test_markup_out_of_range_goes_to_the_dlq(tally: Tally) -> None:
     )
     dead = await tally.find_on_topic("rebilling.settings.dlq", lambda d: aid in d.get("message", ""))
     assert "between 1 and 10" in dead["error"]
+
+
+async def test_settings_of_a_company_no_one_created_are_refused_and_create_nothing(tally: Tally) -> None:
+    """Issue #21 (schemathesis): a PATCH created a wallet, and published its settings, for a
+    company that does not exist."""
+    ghost = uid("co")
+    url = tally.url("wallet", f"/v1/companies/{ghost}/wallet")
+    for headers in (tally.auth("company_admin", company_id=ghost), tally.auth("platform_admin")):
+        for body in ({"threshold": "5"}, {"auto_recharge": True}, {}):
+            r = await tally.http.patch(url, json=body, headers=headers)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (body, r.text)
+    # a company rebilling created a moment ago has settings at once (asked of rebilling)
+    cid = uid("co")
+    r = await tally.http.post(
+        tally.url("rebilling", "/v1/companies"),
+        json={"id": cid, "name": cid, "plan": "starter", "owner_email": "o@agency.example.com"},
+        headers=tally.auth("platform_admin"),
+    )
+    assert r.status_code == 201, r.text
+    admin = tally.auth("company_admin", company_id=cid)
+    company = tally.url("wallet", f"/v1/companies/{cid}/wallet")
+    r = await tally.http.patch(company, json={"threshold": "7"}, headers=admin)
+    assert r.status_code == 200 and r.json()["threshold"] == "7.000000", r.text
+    # an empty PATCH changes nothing and publishes nothing
+    assert (await tally.http.patch(company, json={}, headers=admin)).json() == r.json()
+    r = await tally.http.patch(company, json={"threshold": "8"}, headers=admin)
+    changes = await tally.topic_messages(
+        "wallet.events",
+        lambda m: m["type"] == "wallet.settings_changed" and m["data"]["company_id"] == cid,
+        until=lambda m: (
+            m["type"] == "wallet.settings_changed"
+            and m["data"]["company_id"] == cid
+            and m["data"]["threshold_micros"] == 8_000_000
+        ),
+    )
+    assert [m["data"]["threshold_micros"] for m in changes] == [7_000_000, 8_000_000]

@@ -44,6 +44,7 @@ async def configure(
     tally: Tally, agency: Agency, threshold: str, reload: str, aid: str | None = None
 ) -> None:
     path = f"/v1/accounts/{aid}/wallet" if aid else f"/v1/companies/{agency.cid}/wallet"
+    await agency.announce()
     r = await tally.http.patch(
         tally.url("wallet", path),
         json={"threshold": threshold, "reload_amount": reload},
@@ -96,10 +97,33 @@ class Agency:
         self.cid = uid("co")
         self.admin = tally.auth("company_admin", company_id=self.cid, email="owner@agency.test")
 
+    async def announce(self, *, wait: bool = True) -> None:
+        """Tell the services the company exists, as rebilling does when it creates one; once,
+        and never after a test announced it itself (that would undo the test's own state).
+        ``wait``: until the wallet has heard (a company no one announced has no settings)."""
+        if self.cid in self.t.announced:
+            return
+        await self.t.envelope(
+            "rebilling.events",
+            "company.updated",
+            {"company_id": self.cid, "name": self.cid, "plan": "starter", "stripe_connected": False},
+            key=self.cid,
+        )
+        if wait:
+            url = self.t.url("wallet", f"/v1/companies/{self.cid}/wallet")
+
+            async def heard() -> bool:  # an empty PATCH changes nothing; 404 until it knows
+                r = await self.t.http.patch(url, json={}, headers=self.admin)
+                return r.status_code == 200
+
+            await eventually(heard, what=f"the wallet to hear of {self.cid}")
+
     async def add_account(
         self, mode: str = "off", markups: dict[str, str] | None = None, active: bool = True
     ) -> str:
         aid = uid("acct")
+        # no wait: the account's record follows on the same partition, and it is waited for
+        await self.announce(wait=False)
         await self.t.envelope(
             "rebilling.events",
             "account.created",
@@ -183,6 +207,9 @@ class Reseller:
         self.email = f"admin-{self.cid}@example.com"
         self.admin = tally.auth("company_admin", company_id=self.cid, email=self.email)
 
+    async def announce(self) -> None:
+        """Nothing to do: rebilling announces the company ``create`` makes (``Agency.announce``)."""
+
     async def create(self, connect: bool = True) -> Reseller:
         r = await self.t.http.post(
             self.t.url("rebilling", "/v1/companies"),
@@ -250,6 +277,7 @@ class Reseller:
     async def patch_wallet(self, changes: dict[str, Any], aid: str | None = None) -> None:
         """PATCH a wallet, once the wallet service has learnt of the account."""
         path = f"/v1/accounts/{aid}/wallet" if aid else f"/v1/companies/{self.cid}/wallet"
+        await self.announce()
 
         async def patched() -> bool:
             r = await self.t.http.patch(self.t.url("wallet", path), json=changes, headers=self.admin)
@@ -469,6 +497,7 @@ async def stripe_charges_for(tally: Tally, attempt_id: str) -> list[dict[str, An
 
 
 async def patch_company_wallet(tally: Tally, agency: Agency, **changes: Any) -> dict[str, Any]:
+    await agency.announce()
     r = await tally.http.patch(
         tally.url("wallet", f"/v1/companies/{agency.cid}/wallet"), json=changes, headers=agency.admin
     )

@@ -57,6 +57,7 @@ class Infra:
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
         self._producer: AIOKafkaProducer | None = None
+        self.announced: set[str] = set()  # companies a company.updated was published for
 
     async def produce(self, topic: str, value: bytes | dict[str, Any], key: str | None = None) -> None:
         if self._producer is None:
@@ -93,6 +94,8 @@ class Infra:
         self, topic: str, type_: str, data: dict[str, Any], key: str, id_: str | None = None
     ) -> None:
         """Publish an event as another service would (until that service exists)."""
+        if type_ == "company.updated":
+            self.announced.add(str(data["company_id"]))
         await self.produce(
             topic,
             {

@@ -58,12 +58,16 @@ async def _currency(conn: Conn, directory: CompanyDirectory, company_id: str) ->
     try:
         return (await directory.currencies([company_id])).get(company_id, "USD")
     except httpx.HTTPError as exc:
-        raise ApiError(
-            503,
-            "rebilling_unavailable",
-            "the company's currency cannot be looked up right now; try again",
-            headers={"Retry-After": "2"},
-        ) from exc
+        raise _rebilling_unavailable() from exc
+
+
+def _rebilling_unavailable() -> ApiError:
+    return ApiError(
+        503,
+        "rebilling_unavailable",
+        "the company cannot be looked up right now; try again",
+        headers={"Retry-After": "2"},
+    )
 
 
 async def find(conn: Conn, directory: CompanyDirectory, principal: Principal, target: Target) -> Wallet:
@@ -144,9 +148,25 @@ async def update_settings(
         w = await find(uow.conn, directory, principal, target)
         if w.company_id is None:
             raise not_found("wallet")  # an account no one has heard of
+        if w.kind == "company" and not await _company_known(uow.conn, directory, w):
+            raise not_found("wallet")  # settings would create a wallet for no company
         changes = patch.changes()  # after the tenant check: a 404 first for others' wallets
+        if not changes:  # nothing to change: nothing written, nothing published
+            return await view(uow.conn, principal, w)
         changed = await change_settings(uow.conn, w, changes, cause=f"patch:{uuid.uuid4()}")
         return await view(uow.conn, principal, changed)
+
+
+async def _company_known(conn: Conn, directory: CompanyDirectory, w: Wallet) -> bool:
+    """A company wallet that has moved, or a company rebilling announced (rebilling.events) or
+    knows now (created a moment ago)."""
+    assert w.company_id is not None
+    if await storage.get_wallet(conn, w.id) or await storage.company_currency(conn, w.company_id):
+        return True
+    try:
+        return w.company_id in await directory.currencies([w.company_id])
+    except httpx.HTTPError as exc:
+        raise _rebilling_unavailable() from exc
 
 
 async def account_service_status(
