@@ -4,12 +4,14 @@ first; before each stops, the stack waits (bounded) until it and every running s
 feeds it have consumed their topics, emptied their outboxes and settled what they have in
 flight. Then, with every service stopped and the broker still up, it counts what was left.
 
-The topology below mirrors the services' consumer tables and outboxes
-(tests/unit/test_devstack_drain.py fails when they differ)."""
+Who consumes what is the services' own consumer tables; what each produces is listed below
+(tests/unit/test_devstack_drain.py fails when it differs from the services' code)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,32 +24,14 @@ from tally.events import Topics
 # upstream first: usage enters at usage-meter; the notifier only listens
 STOP_ORDER = ("usage-meter", "wallet", "recharge", "rebilling", "notifier")
 
-CONSUMES: dict[str, tuple[tuple[str, str], ...]] = {  # service -> (group, topic)
-    "usage-meter": (
-        ("usage-meter", Topics.USAGE_INGEST),
-        ("usage-meter-wallet-status", Topics.WALLET_DIGEST),
-        ("usage-meter-rebilling", Topics.REBILLING_EVENTS),
-    ),
-    "wallet": (
-        ("wallet", Topics.USAGE_RECORDED),
-        ("wallet-rebilling-settings", Topics.REBILLING_SETTINGS),
-        ("wallet-rebilling-events", Topics.REBILLING_EVENTS),
-        ("wallet-recharge-events", Topics.RECHARGE_EVENTS),
-    ),
-    "recharge": (
-        ("recharge-wallet", Topics.WALLET_DIGEST),
-        ("recharge-rebilling", Topics.REBILLING_EVENTS),
-    ),
-    "rebilling": (("rebilling-cards", Topics.RECHARGE_EVENTS),),
-    "notifier": (
-        ("notifier-wallet", Topics.WALLET_DIGEST),
-        ("notifier-recharge", Topics.RECHARGE_EVENTS),
-        ("notifier-rebilling", Topics.REBILLING_EVENTS),
-        ("notifier-webhooks-wallet", Topics.WALLET_EVENTS),
-        ("notifier-webhooks-recharge", Topics.RECHARGE_EVENTS),
-        ("notifier-webhooks-rebilling", Topics.REBILLING_EVENTS),
-    ),
-}
+
+@functools.cache
+def consumes(service: str) -> tuple[tuple[str, str], ...]:
+    """(group, topic) of each of the service's consumers: its own consumer table
+    (``ServiceSpec.consumers``), read when a stop needs it."""
+    spec = importlib.import_module("tally_" + service.replace("-", "_") + ".app").SPEC
+    return tuple((c.group_id, c.topic) for c in spec.consumers)
+
 
 PRODUCES: dict[str, tuple[str, ...]] = {  # through the service's outbox (and the DLQs)
     "usage-meter": (Topics.USAGE_RECORDED,),
@@ -82,7 +66,7 @@ def feeders(service: str, running: Collection[str]) -> list[str]:
     todo = [service]
     while todo:
         current = todo.pop()
-        for _, topic in CONSUMES[current]:
+        for _, topic in consumes(current):
             for producer, topics in PRODUCES.items():
                 if topic in topics and producer in running and producer not in found:
                     found.add(producer)
@@ -120,7 +104,7 @@ async def waiting_for(service: str, running: Collection[str], gauges: Gauges) ->
     records not consumed, outbox messages not relayed, work in flight."""
     out: list[Left] = []
     for name in feeders(service, running):
-        for group, topic in CONSUMES[name]:
+        for group, topic in consumes(name):
             n = await gauges.lag(group, topic)
             if n:
                 out.append(Left(name, n, f"record{{s}} on {topic} not consumed", group, topic))
@@ -243,7 +227,7 @@ async def account(gauges: Gauges, dead_letters: Callable[[], Awaitable[dict[str,
     """Count, for every service, what its groups left unconsumed and its outbox holds."""
     out = Account()
     for name in STOP_ORDER:
-        for group, topic in CONSUMES[name]:
+        for group, topic in consumes(name):
             n = await gauges.lag(group, topic)
             if n:
                 out.lost.append(Left(name, n, f"record{{s}} on {topic} not consumed", group, topic))
