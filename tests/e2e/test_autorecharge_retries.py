@@ -29,12 +29,13 @@ THREE_DS = "4000002500003155"  # every charge requires 3-D Secure authentication
 
 @pytest.fixture(scope="module", autouse=True)
 async def slow_retries(tally: Tally) -> AsyncIterator[None]:
-    """recharge with retries 4 s apart, so a test can act while one waits; then as before."""
-    tally.stack.kill("recharge")
+    """recharge with retries 4 s apart, so a test can act while one waits; then as before.
+    Stopped gracefully: a killed one's consumer groups would wait out its session first."""
+    await tally.stack.stop_service("recharge")
     tally.stack.spawn_service("recharge", env={"TALLY_RECHARGE_RETRY_SECONDS": "4,4"})
     await tally.stack.wait_ready("recharge")
     yield
-    tally.stack.kill("recharge")
+    await tally.stack.stop_service("recharge")
     tally.stack.spawn_service("recharge")
     await tally.stack.wait_ready("recharge")
 

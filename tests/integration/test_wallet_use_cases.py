@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from tally import events
@@ -169,7 +170,7 @@ async def test_a_connected_company_tops_up_instead_of_requesting(database: Datab
 async def test_a_settings_change_is_kept_and_published_with_the_balance(database: Database) -> None:
     cid, aid = await tenant(database)
     view = await wallets.update_settings(
-        database.unit(),
+        database,
         Directory(),  # type: ignore[arg-type]
         user(cid, aid),  # the spec lets account owners change their own
         Target("account", aid),
@@ -184,10 +185,41 @@ async def test_a_settings_change_is_kept_and_published_with_the_balance(database
     assert row["n"] >= 1  # wallet.settings_changed, in the same commit
     with pytest.raises(ApiError) as err:
         await wallets.update_settings(
-            database.unit(),
+            database,
             Directory(),  # type: ignore[arg-type]
             user(cid, aid),
             Target("account", aid),
             SettingsPatch(threshold="-1"),
         )
     assert err.value.status == 422
+
+
+class Unreachable:
+    async def currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
+        raise httpx.ConnectError("rebilling is down")
+
+
+async def test_settings_of_a_company_no_one_created_are_refused(database: Database) -> None:
+    ghost, fresh = uid("co"), uid("co")
+    outbox_before = await database.pool.fetchval("SELECT count(*) FROM outbox")
+    for directory, status in ((Directory(), 404), (Unreachable(), 503)):
+        with pytest.raises(ApiError) as err:
+            await wallets.update_settings(
+                database,
+                directory,  # type: ignore[arg-type]
+                admin(ghost),
+                Target("company", ghost),
+                SettingsPatch(threshold="5"),
+            )
+        assert err.value.status == status
+    assert await database.pool.fetchval("SELECT count(*) FROM wallets WHERE company_id = $1", ghost) == 0
+    assert await database.pool.fetchval("SELECT count(*) FROM outbox") == outbox_before
+    # created in rebilling a moment ago: known from its answer, in its currency
+    view = await wallets.update_settings(
+        database,
+        Directory({fresh: "EUR"}),  # type: ignore[arg-type]
+        admin(fresh),
+        Target("company", fresh),
+        SettingsPatch(threshold="5"),
+    )
+    assert (view.wallet.currency, view.wallet.threshold) == ("EUR", 5_000_000)

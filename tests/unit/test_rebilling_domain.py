@@ -203,3 +203,25 @@ def test_another_user_needs_a_license_beyond_members_and_pending_invitations() -
     assert not invite_needs_license(spare)
     invited = Seats(assigned=3, members=2, pending_invites=1, agency_admin_only=False)
     assert invite_needs_license(invited)  # the spare one is already promised to the invitee
+
+
+@pytest.mark.parametrize(
+    ("at", "period"),
+    [
+        ("2099-12-31T10:00:00Z", "2099-12"),
+        ("2026-12-01T05:00:00+14:00", "2026-11"),
+        ("2099-12-31T23:59:59-12:00", None),  # review 2026-12-03: opened and charged 2100-01
+        ("1900-01-01T00:00:00+14:00", None),
+    ],
+)
+def test_the_runner_runs_only_at_instants_inside_a_period(at: str, period: str | None) -> None:
+    from pydantic import ValidationError
+
+    from tally_rebilling.schemas import RunIn
+
+    if period is None:
+        with pytest.raises(ValidationError, match="outside the periods"):
+            RunIn(at=at)  # type: ignore[arg-type]
+    else:
+        run = RunIn(at=at)  # type: ignore[arg-type]
+        assert run.at is not None and current_period(run.at) == period

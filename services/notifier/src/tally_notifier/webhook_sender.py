@@ -109,12 +109,17 @@ class WebhookSender(Worker):
 
     async def stop(self) -> None:
         await super().stop()
-        if self._sending:  # attempts under way finish (each is bounded by the timeout)
-            await asyncio.wait(list(self._sending.values()), timeout=self.timeout + 5)
+        await self.settle()
         await self.client.aclose()
         close = getattr(self.directory, "close", None)
         if self._own_directory and close is not None:
             await close()
+
+    async def settle(self) -> None:
+        """Until the attempts under way have written their outcome (each is bounded by the
+        timeout)."""
+        if self._sending:
+            await asyncio.wait(list(self._sending.values()), timeout=self.timeout + 5)
 
     async def step(self) -> bool:
         """Lease endpoints with deliveries due and send to each in a task of its own: a slow

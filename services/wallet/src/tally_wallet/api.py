@@ -70,7 +70,7 @@ def _wallet_routes(owner: Literal["company", "account"]) -> APIRouter:
     async def patch_wallet(oid: Oid, body: WalletPatch, principal: CurrentPrincipal, w: Wired) -> WalletOut:
         require_role(principal, *patchers)
         view = await wallets.update_settings(
-            w.uow(), w.directory, principal, Target(owner, oid), SettingsPatch(**body.model_dump())
+            w.db, w.directory, principal, Target(owner, oid), SettingsPatch(**body.model_dump())
         )
         return wallet_out(view)
 

@@ -17,7 +17,7 @@ from tally.auth import Principal, require_company
 from tally.db import Conn
 from tally.directory import CompanyDirectory
 from tally.errors import ApiError, not_found
-from tally.uow import Database, UnitOfWork
+from tally.uow import Database
 from tally_wallet import storage
 from tally_wallet.domain import ServiceReason, Wallet, account_wallet_id, company_wallet_id, service_status
 from tally_wallet.wallet_settings import SettingsPatch, change_settings
@@ -136,20 +136,24 @@ async def transactions(
 
 
 async def update_settings(
-    uow: UnitOfWork,
+    db: Database,
     directory: CompanyDirectory,
     principal: Principal,
     target: Target,
     patch: SettingsPatch,
 ) -> WalletView:
     """An owner's change of threshold, reload amount, auto-recharge or smart adjustment
-    (``wallet.settings_changed`` follows; recharge re-evaluates the rule on it)."""
-    async with uow:
+    (``wallet.settings_changed`` follows; recharge re-evaluates the rule on it). A company no
+    one created has no settings (404): asked before the transaction, so a slow rebilling holds
+    no connection of the pool."""
+    if target.owner == "company":
+        require_company(principal, target.id, "wallet")  # a 404 first for others' wallets
+        if not await _company_known(db, directory, target.id):
+            raise not_found("wallet")
+    async with db.unit() as uow:
         w = await find(uow.conn, directory, principal, target)
         if w.company_id is None:
             raise not_found("wallet")  # an account no one has heard of
-        if w.kind == "company" and not await _company_known(uow.conn, directory, w):
-            raise not_found("wallet")  # settings would create a wallet for no company
         changes = patch.changes()  # after the tenant check: a 404 first for others' wallets
         if not changes:  # nothing to change: nothing written, nothing published
             return await view(uow.conn, principal, w)
@@ -157,14 +161,16 @@ async def update_settings(
         return await view(uow.conn, principal, changed)
 
 
-async def _company_known(conn: Conn, directory: CompanyDirectory, w: Wallet) -> bool:
-    """A company wallet that has moved, or a company rebilling announced (rebilling.events) or
-    knows now (created a moment ago)."""
-    assert w.company_id is not None
-    if await storage.get_wallet(conn, w.id) or await storage.company_currency(conn, w.company_id):
-        return True
+async def _company_known(db: Database, directory: CompanyDirectory, company_id: str) -> bool:
+    """A company whose wallet has moved, or that rebilling announced (rebilling.events) or
+    knows now (created a moment ago: its currency is then cached for ``find``)."""
+    async with db.reading() as conn:
+        if await storage.get_wallet(conn, company_wallet_id(company_id)):
+            return True
+        if await storage.company_currency(conn, company_id):
+            return True
     try:
-        return w.company_id in await directory.currencies([w.company_id])
+        return company_id in await directory.currencies([company_id])
     except httpx.HTTPError as exc:
         raise _rebilling_unavailable() from exc
 
