@@ -27,7 +27,16 @@ async def test_one_trace_from_the_request_to_the_recharge(tally: Tally) -> None:
     agency = Agency(tally)
     await configure(tally, agency, threshold="5", reload="10")
     await agency.fund("5.01")
+    # The card's own check of the rule must be done before the usage: evaluated after the
+    # debit (a busy recharge), it makes the recharge itself, in the card's trace (white-box:
+    # nothing public tells that a check found nothing to do).
     await attach(tally, agency, GOOD)
+
+    async def card_checked() -> bool:
+        q = "SELECT count(*) AS n FROM recharge_checks WHERE wallet_id = $1"
+        return (await tally.sql("recharge", q, f"company:{agency.cid}"))[0]["n"] == 0
+
+    await eventually(card_checked, what="the card's check of the auto-recharge rule")
     trace_id = secrets.token_hex(16)
     event = {"event_id": uid("ev"), "company_id": agency.cid, "service": "whatsapp", "quantity": "1"}
     r = await tally.http.post(
