@@ -34,7 +34,7 @@ async def test_one_trace_from_the_request_to_the_recharge(tally: Tally) -> None:
 
     async def card_checked() -> bool:
         q = "SELECT count(*) AS n FROM recharge_checks WHERE wallet_id = $1"
-        return (await tally.sql("recharge", q, f"company:{agency.cid}"))[0]["n"] == 0
+        return bool((await tally.sql("recharge", q, f"company:{agency.cid}"))[0]["n"] == 0)
 
     await eventually(card_checked, what="the card's check of the auto-recharge rule")
     trace_id = secrets.token_hex(16)

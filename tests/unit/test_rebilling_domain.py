@@ -221,7 +221,7 @@ def test_the_runner_runs_only_at_instants_inside_a_period(at: str, period: str |
 
     if period is None:
         with pytest.raises(ValidationError, match="outside the periods"):
-            RunIn(at=at)  # type: ignore[arg-type]
+            RunIn(at=at)
     else:
-        run = RunIn(at=at)  # type: ignore[arg-type]
+        run = RunIn(at=at)
         assert run.at is not None and current_period(run.at) == period
