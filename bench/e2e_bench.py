@@ -528,6 +528,9 @@ def stage_means(
 # --- profiling ------------------------------------------------------------------------------
 
 
+PROFILED = ("usage-meter", "wallet", "notifier", "recharge")
+
+
 class Profiler:
     """py-spy on each hot service for one phase; prints where the CPU went (own time)."""
 
@@ -741,6 +744,11 @@ async def run_once(
                     connections=shape_connections,
                     seconds=shape_seconds,
                     console=console,
+                    profiler=(
+                        (lambda phase: Profiler(stack, RESULTS / "profiles" / run / phase, PROFILED))
+                        if profile
+                        else None
+                    ),
                 )
                 result["shapes"].append(figures)
                 show_shape(figures)
@@ -752,7 +760,7 @@ async def run_once(
             # 1. throughput
             watcher.cpu_start()
             ctx = (
-                Profiler(stack, RESULTS / "profiles" / run, ("usage-meter", "wallet", "notifier", "recharge"))
+                Profiler(stack, RESULTS / "profiles" / run, PROFILED)
                 if profile
                 else contextlib.nullcontext()
             )
@@ -861,6 +869,10 @@ def show_shape(f: dict[str, Any]) -> None:
         + (f", refused {sat['refused']}" if sat["refused"] else "")
     )
     console.print("  CPU µs/event: " + ", ".join(f"{n} {v:g}" for n, v in cpu.items() if v >= 1))
+    if sat.get("per_1000_events"):
+        console.print(
+            "  per 1,000 events: " + ", ".join(f"{k} {v:g}" for k, v in sat["per_1000_events"].items())
+        )
     console.print(
         f"  at half ({half['requests_per_s_offered']:,} requests/s): HTTP p50/p99 "
         f"{half['http_ms']['p50']}/{half['http_ms']['p99']} ms, send → commit p50/p99 "

@@ -12,11 +12,15 @@ it costs a few µs a request, a small share of what the system spends. Two runs 
 2. **half load**: an open loop paced at half the saturated end-to-end event rate; HTTP
    p50/p99 and send -> ledger commit p50/p99 of one event in five (``Watcher`` polls the
    ledger).
+
+With ``PROFILE=1`` the saturated run is profiled (py-spy, as ``make bench`` profiles its
+throughput phase).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -115,6 +119,42 @@ class RawHttp:
         return time.perf_counter() - start
 
 
+_COUNTED = (
+    "tally_consumer_batch_size_count",
+    "tally_consumer_batch_size_sum",
+    "tally_group_commit_batches_count",
+    "tally_outbox_relays_total",
+    "tally_outbox_record_batches_total",
+)
+
+
+async def counters(client: httpx.AsyncClient, stack: Any) -> dict[str, float]:
+    """Consumed batches and records per service and topic, group commits and outbox relay
+    rounds, from every service's /metrics (their differences over a run: how well the work
+    is batched downstream)."""
+    from tally_devstack.stack import SERVICES
+
+    out: dict[str, float] = {}
+    for n in SERVICES:
+        for line in (await client.get(stack.url(n) + "/metrics")).text.splitlines():
+            if line.startswith(_COUNTED):
+                labels, value = line.rsplit(" ", 1)
+                metric = labels.split("{", 1)[0]
+                topic = labels.split('topic="')[1].split('"')[0] if 'topic="' in labels else ""
+                k = f"{n} {topic} {metric.removeprefix('tally_')}".replace("  ", " ")
+                out[k] = out.get(k, 0.0) + float(value)
+    return out
+
+
+def per_event(before: dict[str, float], after: dict[str, float], events: int) -> dict[str, float]:
+    """Counter increases per 1,000 accepted events."""
+    return {
+        k: round((v - before.get(k, 0.0)) / max(events, 1) * 1000, 1)
+        for k, v in sorted(after.items())
+        if v - before.get(k, 0.0) > 0
+    }
+
+
 def percentiles_ms(samples: list[float]) -> dict[str, float]:
     values = sorted(samples)
     if not values:
@@ -137,6 +177,7 @@ async def run_shape(
     connections: int,
     seconds: float,
     console: Any,
+    profiler: Callable[[str], Any] | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Both runs for one request shape; returns the figures and the next free event number."""
     url = stack.url("usage-meter")
@@ -159,15 +200,18 @@ async def run_shape(
     async with httpx.AsyncClient(timeout=30) as client:
         # 1. saturated, closed loop
         base = await watcher.applied(client)
+        counted = await counters(client, stack)
         watcher.cpu_start()
         driver = RawHttp(host, int(port), token, maker(every=10**9))
-        with console.status(f"{size} event(s)/request: saturating for {seconds:.0f}s…"):
+        profiling = profiler(f"shape-{size}") if profiler else contextlib.nullcontext()
+        with profiling, console.status(f"{size} event(s)/request: saturating for {seconds:.0f}s…"):
             sending = await driver.closed_loop(connections, seconds)
         t0 = time.perf_counter() - sending
         done = await _applied(watcher, client, base + driver.accepted)
         e2e = done - t0
         cpu = watcher.cpu_since()
         accepted = driver.accepted
+        counts = per_event(counted, await counters(client, stack), accepted)
         out["saturated"] = {
             "requests_per_s": round(len(driver.latency) / sending),
             "events_accepted": accepted,
@@ -175,6 +219,7 @@ async def run_shape(
             "events_per_s_end_to_end": round(accepted / e2e),
             "http_ms": percentiles_ms(driver.latency),
             "cpu_us_per_event": {n: round(v / max(accepted, 1) * 1e6, 1) for n, v in cpu.items()},
+            "per_1000_events": counts,
         }
         # 2. half of the saturated end-to-end rate, open loop; send -> commit of sampled events
         # (half of the accepted request rate would be more than the ledger keeps up with when

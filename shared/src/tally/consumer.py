@@ -18,7 +18,6 @@ from typing import Any
 
 from aiokafka import TopicPartition
 from faststream.kafka import KafkaBroker
-from faststream.kafka.annotations import KafkaMessage
 from faststream.middlewares import AckPolicy
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -57,8 +56,11 @@ FAILURES = Counter(
 BatchHandler = Callable[[Sequence[Any]], Awaitable[None]]
 
 
-async def _raw(msg: Any, original: Any = None) -> Any:
-    return msg.body
+async def _itself(msg: Any, original: Any = None) -> Any:
+    """The handler's one argument is the message itself: a ``KafkaMessage`` parameter is a
+    context field, which FastDepends resolves per batch in a worker thread inside a task group
+    (a thread hop per batch: 3-5% of a side consumer's CPU at small batches, #20)."""
+    return msg
 
 
 async def _records(records: tuple[Any, ...], original: Any) -> Any:
@@ -95,13 +97,13 @@ def subscribe_batch(
         batch_timeout_ms=50,
         auto_offset_reset="earliest",
         ack_policy=AckPolicy.NACK_ON_ERROR,
-        decoder=_raw,
+        decoder=_itself,
         parser=_records,
         session_timeout_ms=settings.kafka_session_timeout_ms,
         fetch_max_wait_ms=max_wait,
         heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
     )
-    async def _consume(body: Any, msg: KafkaMessage) -> None:
+    async def _consume(msg: Any) -> None:
         raw = msg.raw_message
         records = raw if isinstance(raw, tuple) else (raw,)
         BATCH_SIZE.labels(service, topic).observe(len(records))

@@ -33,6 +33,12 @@ from tally.worker import Worker
 log = logging.getLogger(__name__)
 
 OUTBOX_RELAYED = Counter("tally_outbox_relayed_total", "Outbox messages relayed to Kafka", ["service"])
+OUTBOX_RELAYS = Counter(
+    "tally_outbox_relays_total", "Relay rounds that sent messages (one produce round each)", ["service"]
+)
+OUTBOX_RECORD_BATCHES = Counter(
+    "tally_outbox_record_batches_total", "Kafka record batches the relay produced", ["service"]
+)
 OUTBOX_BACKLOG = Gauge("tally_outbox_backlog", "Outbox messages last seen waiting", ["service"])
 
 # topic, key, value, traceparent, type
@@ -219,6 +225,7 @@ class OutboxRelay(Worker):
         await self._send(messages)
         await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
         OUTBOX_RELAYED.labels(self._service).inc(len(messages))
+        OUTBOX_RELAYS.labels(self._service).inc()
         return len(messages), len(rows) == 500 or rows[-1]["upto"] >= self._batch_size
 
     async def _send(self, messages: Sequence[Row]) -> None:
@@ -252,6 +259,7 @@ class OutboxRelay(Worker):
                     raise ValueError(f"a {len(value)}-byte message does not fit a record batch")
         for (topic, partition), batch in open_.items():
             futures.append(await self._producer.send_batch(batch, topic, partition=partition))
+        OUTBOX_RECORD_BATCHES.labels(self._service).inc(len(futures))
         await asyncio.gather(*futures)
 
     async def _partitions(self, topic: str) -> list[int]:
