@@ -61,7 +61,7 @@ from shapes import run_shape
 from wallet_bench import measure_naive  # the same naive reference as `make bench-wallet`
 
 from tally.auth import issue_token
-from tally_devstack.stack import SERVICES, Ports, Stack, stop_on_sigterm
+from tally_devstack.stack import EMBEDDED_PARTITIONS, SERVICES, Ports, Stack, stop_on_sigterm
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -706,7 +706,7 @@ async def run_once(
             ports=Ports.free(),
             database_url=os.environ.get("DATABASE_URL"),
             isolated_database=True,
-            partitions=int(os.environ.get("PARTITIONS", "8")),
+            partitions=int(os.environ.get("PARTITIONS", str(EMBEDDED_PARTITIONS))),
             extra_env={"TALLY_INGEST_RATE": "0", "TALLY_LOG_LEVEL": "WARNING"},
         )
         try:

@@ -18,7 +18,7 @@ from tally_devstack import demo
 from tally_devstack.broker import BrokerProbe
 from tally_devstack.drain import Account, StackGauges, account, drain, relayed
 from tally_devstack.home import Marker, broker_notice, database_identity, read_marker, write_marker
-from tally_devstack.stack import Ports, Stack
+from tally_devstack.stack import EMBEDDED_PARTITIONS, Ports, Stack
 from tally_devstack.view import LiveView
 
 console = Console()
@@ -30,7 +30,7 @@ def _stack() -> Stack:
         root,
         ports=Ports.from_env(),
         database_url=os.environ.get("DATABASE_URL"),
-        partitions=int(os.environ.get("TALLY_PARTITIONS", "8")),
+        partitions=int(os.environ.get("TALLY_PARTITIONS", str(EMBEDDED_PARTITIONS))),
     )
 
 

@@ -114,6 +114,14 @@ async def _tune(uri: str) -> bool:
         await conn.close()
 
 
+# Partitions per topic in the embedded broker. One replica of each service runs here, so more
+# partitions buy no parallelism, while each one is a record batch more per relay round, and
+# the embedded broker scans every stored batch of a partition on each fetch (bench/
+# broker_probe.py): at one event per request, 8 partitions cost it ~60% more CPU per event
+# than 2 (#20, docs/performance.md). Production sizes its topics in the Helm chart.
+EMBEDDED_PARTITIONS = 2
+
+
 class Stack:
     """Start with ``await stack.start()``; ``stack.env`` is what a Tally process needs."""
 
@@ -124,7 +132,7 @@ class Stack:
         ports: Ports | None = None,
         database_url: str | None = None,
         isolated_database: bool = False,
-        partitions: int = 8,
+        partitions: int = EMBEDDED_PARTITIONS,
         extra_env: dict[str, str] | None = None,
     ) -> None:
         self.root = root.resolve()
