@@ -1,24 +1,29 @@
-"""usage-meter's ingestion use case (``ingestion.ingest``) called as a plain function on a unit of
-work over the real Postgres — no HTTP, no broker: an event is accepted once whatever the
-batches, its ``usage.recorded`` is written to the outbox once, at commit; another company's
-account, a service not in the catalog and a bad quantity are refused with their codes; a refused event
-that was accepted before is a duplicate; a company rebilling cannot be asked about right now
-records nothing."""
+"""usage-meter's ingestion use case over the real Postgres — no HTTP, no broker — both ways in:
+``ingestion.ingest`` on a unit of work (the ``usage.ingest`` consumer) and
+``HttpIngestion.record`` (``POST /v1/usage``: a group of all-new events in one statement, else
+a unit of work). An event is accepted once whatever the batches, its ``usage.recorded`` is
+written to the outbox once, with its claim; another company's account, a service not in the
+catalog and a bad quantity are refused with their codes; a refused event that was accepted
+before is a duplicate; a company rebilling cannot be asked about right now records nothing; a
+group with a retried event records nothing in one statement, then each new event once."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+import asyncpg
 import httpx
 import lz4.frame
 import orjson
 import pytest
 
+from tally.errors import ApiError
 from tally.events import UsageEvent
 from tally.outbox import unpack
+from tally.ratelimit import TokenBuckets
 from tally.uow import Database
-from tally_usage_meter.ingestion import DirectoryUnavailable, Result, ingest
+from tally_usage_meter.ingestion import DirectoryUnavailable, HttpIngestion, Result, ingest, ingest_at_once
 from tests.support.databases import service_database
 from tests.support.stack import Infra, uid
 
@@ -44,6 +49,12 @@ async def database(infra: Infra) -> AsyncIterator[Database]:
         yield database
 
 
+@pytest.fixture(params=["unit", "http"])
+def way(request: pytest.FixtureRequest) -> str:
+    """Which way in ``run`` takes: the consumer's unit of work, or the HTTP group commit."""
+    return str(request.param)
+
+
 def event(
     eid: str, company: str, account: str | None = None, service: str = "email", qty: object = "10"
 ) -> UsageEvent:
@@ -51,11 +62,22 @@ def event(
 
 
 async def run(
-    database: Database, directory: Directory, batch: list[UsageEvent]
+    database: Database, directory: Directory, batch: list[UsageEvent], way: str = "unit"
 ) -> list[tuple[str, str | None]]:
-    async with database.unit() as uow:
-        results: list[Result] = await ingest(uow, batch, [None] * len(batch), directory)  # type: ignore[arg-type]
+    results: list[Result]
+    if way == "http":
+        http = HttpIngestion(database, directory, TokenBuckets(rate=0, burst=0))  # type: ignore[arg-type]
+        results = await http.record("product:test", batch, None)
+    else:
+        async with database.unit() as uow:
+            results = await ingest(uow, batch, [None] * len(batch), directory)  # type: ignore[arg-type]
     return [(r.status, r.code) for r in results]
+
+
+async def claimed(database: Database, event_ids: list[str]) -> set[str]:
+    async with database.reading() as conn:
+        rows = await conn.fetch("SELECT event_id FROM ingested WHERE event_id = ANY($1::text[])", event_ids)
+    return {r["event_id"] for r in rows}
 
 
 async def recorded(database: Database) -> list[dict[str, Any]]:
@@ -70,18 +92,20 @@ async def recorded(database: Database) -> list[dict[str, Any]]:
     return out
 
 
-async def test_an_event_is_accepted_and_recorded_once_whatever_the_batches(database: Database) -> None:
+async def test_an_event_is_accepted_and_recorded_once_whatever_the_batches(
+    database: Database, way: str
+) -> None:
     co, acct = uid("co"), uid("ws")
     directory = Directory({co: "USD"}, {acct: co})
     first, again = uid("ev"), uid("ev")
     assert await run(
-        database, directory, [event(first, co, acct), event(first, co, acct), event(again, co)]
+        database, directory, [event(first, co, acct), event(first, co, acct), event(again, co)], way
     ) == [
         ("accepted", None),
         ("duplicate", None),  # the same id twice in one batch
         ("accepted", None),
     ]
-    assert await run(database, directory, [event(first, co, acct), event(again, co)]) == [
+    assert await run(database, directory, [event(first, co, acct), event(again, co)], way) == [
         ("duplicate", None),
         ("duplicate", None),
     ]
@@ -92,12 +116,12 @@ async def test_an_event_is_accepted_and_recorded_once_whatever_the_batches(datab
 
 
 async def test_refusals_carry_their_codes_and_a_refused_resend_of_an_accepted_event_is_a_duplicate(
-    database: Database,
+    database: Database, way: str
 ) -> None:
     co, other, acct, foreign = uid("co"), uid("co"), uid("ws"), uid("ws")
     directory = Directory({co: "USD", other: "USD"}, {acct: co, foreign: other})
     taken = uid("ev")
-    assert await run(database, directory, [event(taken, co, acct)]) == [("accepted", None)]
+    assert await run(database, directory, [event(taken, co, acct)], way) == [("accepted", None)]
     got = await run(
         database,
         directory,
@@ -108,6 +132,7 @@ async def test_refusals_carry_their_codes_and_a_refused_resend_of_an_accepted_ev
             event(uid("ev"), co, qty="-3"),  # a bad quantity
             event(taken, co, foreign),  # accepted before: what is wrong now does not matter
         ],
+        way,
     )
     assert got == [
         ("rejected", "unknown_account"),
@@ -119,10 +144,37 @@ async def test_refusals_carry_their_codes_and_a_refused_resend_of_an_accepted_ev
     assert len(await recorded(database)) == 1
 
 
-async def test_nothing_is_recorded_when_a_new_companys_currency_cannot_be_asked(database: Database) -> None:
+async def test_nothing_is_recorded_when_a_new_companys_currency_cannot_be_asked(
+    database: Database, way: str
+) -> None:
     co = uid("co")
-    with pytest.raises(DirectoryUnavailable):
-        await run(database, Directory({}, {}, down=True), [event(uid("ev"), co)])
+    refused: type[Exception] = DirectoryUnavailable if way == "unit" else ApiError
+    with pytest.raises(refused) as caught:
+        await run(database, Directory({}, {}, down=True), [event(uid("ev"), co)], way)
+    if isinstance(caught.value, ApiError):  # POST /v1/usage answers 503
+        assert (caught.value.status, caught.value.code) == (503, "rebilling_unavailable")
     assert await recorded(database) == []
     async with database.reading() as conn:
         assert await conn.fetchval("SELECT count(*) FROM ingested") == 0
+
+
+async def test_a_group_with_a_retried_event_records_nothing_at_once_then_each_new_event_once(
+    database: Database,
+) -> None:
+    """The one-statement way fails whole on an event accepted before (no claim, no message
+    for the new ones beside it); the HTTP way then takes the unit of work, which accepts the
+    new ones once and calls the retried one a duplicate."""
+    co = uid("co")
+    directory = Directory({co: "USD"}, {})
+    taken, fresh = uid("ev"), uid("ev")
+    assert await run(database, directory, [event(taken, co)], "http") == [("accepted", None)]
+    batch = [event(fresh, co), event(taken, co)]
+    async with database.statements() as conn:
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await ingest_at_once(conn, batch, [None, None], directory)  # type: ignore[arg-type]
+    assert await claimed(database, [fresh]) == set()
+    assert [m["data"]["event_id"] for m in await recorded(database)] == [taken]
+
+    assert await run(database, directory, batch, "http") == [("accepted", None), ("duplicate", None)]
+    assert await claimed(database, [fresh, taken]) == {fresh, taken}
+    assert [m["data"]["event_id"] for m in await recorded(database)] == [taken, fresh]

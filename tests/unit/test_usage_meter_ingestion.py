@@ -1,12 +1,16 @@
 """tally_usage_meter.ingestion.HttpIngestion (POST /v1/usage after parsing) with fakes: the
-rate limit, the group commit's unit of work, the 503 when rebilling cannot say a currency."""
+rate limit, the group recorded in one statement (a unit of work when an event was retried),
+the 503 when rebilling cannot say a currency. tests/integration/test_usage_ingestion.py runs
+the same ways on the real Postgres."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any, cast
 
+import asyncpg
 import pytest
 
 from tally import events
@@ -40,6 +44,11 @@ class FakeDatabase:
     def unit(self) -> FakeUow:
         return FakeUow(self.log)
 
+    @contextlib.asynccontextmanager
+    async def statements(self) -> AsyncIterator[FakeDatabase]:
+        self.log.append("connection")
+        yield self
+
 
 def ev(event_id: str) -> UsageEvent:
     return UsageEvent(event_id=event_id, company_id="c1", service="email", quantity="1")
@@ -49,31 +58,50 @@ def intake(db: FakeDatabase, rate: int = 1000, burst: int = 1000) -> HttpIngesti
     return HttpIngestion(cast(Database, db), cast(CompanyDirectory, None), TokenBuckets(rate, burst))
 
 
-async def test_events_are_ingested_in_one_unit_of_work_with_their_trace(
+async def test_a_group_of_new_events_is_recorded_at_once_with_their_trace(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     seen: list[tuple[list[str], list[str | None]]] = []
 
-    async def ingest(
-        uow: Any, batch: Sequence[UsageEvent], traceparents: Sequence[str | None], directory: Any
+    async def at_once(
+        conn: Any, batch: Sequence[UsageEvent], traceparents: Sequence[str | None], directory: Any
     ) -> list[Result]:
-        uow.log.append("ingest")
+        conn.log.append("at once")
         seen.append(([e.event_id for e in batch], list(traceparents)))
         return [Result(e.event_id, "accepted") for e in batch]
 
-    monkeypatch.setattr(ingestion, "ingest", ingest)
+    monkeypatch.setattr(ingestion, "ingest_at_once", at_once)
     db = FakeDatabase()
     results = await intake(db).record("product:p1", [ev("e1"), ev("e2")], "00-trace-span-01")
     assert [(r.event_id, r.status) for r in results] == [("e1", "accepted"), ("e2", "accepted")]
-    assert db.log == ["begin", "ingest", "commit"]
+    assert db.log == ["connection", "at once"]  # no unit of work: no BEGIN, no COMMIT
     assert seen == [(["e1", "e2"], ["00-trace-span-01", "00-trace-span-01"])]  # tracing off: as given
 
 
-async def test_a_caller_over_its_rate_is_429_and_nothing_is_ingested(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_group_with_a_retried_event_goes_again_in_a_unit_of_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def at_once(conn: Any, *_: Any) -> list[Result]:
+        conn.log.append("at once")
+        raise asyncpg.UniqueViolationError("duplicate key value violates unique constraint")
+
     async def ingest(uow: Any, batch: Sequence[UsageEvent], *_: Any) -> list[Result]:
+        uow.log.append("ingest")
+        return [Result(e.event_id, "duplicate") for e in batch]
+
+    monkeypatch.setattr(ingestion, "ingest_at_once", at_once)
+    monkeypatch.setattr(ingestion, "ingest", ingest)
+    db = FakeDatabase()
+    results = await intake(db).record("product:p1", [ev("e1")], None)
+    assert [(r.event_id, r.status) for r in results] == [("e1", "duplicate")]
+    assert db.log == ["connection", "at once", "begin", "ingest", "commit"]
+
+
+async def test_a_caller_over_its_rate_is_429_and_nothing_is_ingested(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def at_once(conn: Any, batch: Sequence[UsageEvent], *_: Any) -> list[Result]:
         return [Result(e.event_id, "accepted") for e in batch]
 
-    monkeypatch.setattr(ingestion, "ingest", ingest)
+    monkeypatch.setattr(ingestion, "ingest_at_once", at_once)
     db = FakeDatabase()
     limited = intake(db, rate=1, burst=2)
     assert len(await limited.record("product:p1", [ev("e1"), ev("e2")], None)) == 2
@@ -81,21 +109,21 @@ async def test_a_caller_over_its_rate_is_429_and_nothing_is_ingested(monkeypatch
         await limited.record("product:p1", [ev("e3")], None)
     assert (info.value.status, info.value.code) == (429, "rate_limited")
     assert info.value.headers == {"Retry-After": "1"}
-    assert db.log == ["begin", "commit"]  # the refused batch never opened a unit of work
+    assert db.log == ["connection"]  # the refused batch never reached the database
     assert len(await limited.record("product:p2", [ev("e4")], None)) == 1  # buckets are per caller
 
 
-async def test_rebilling_unavailable_is_503_and_rolled_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def ingest(*_: Any) -> list[Result]:
+async def test_rebilling_unavailable_is_503_and_nothing_goes_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def at_once(conn: Any, *_: Any) -> list[Result]:
         raise DirectoryUnavailable("connection refused")
 
-    monkeypatch.setattr(ingestion, "ingest", ingest)
+    monkeypatch.setattr(ingestion, "ingest_at_once", at_once)
     db = FakeDatabase()
     with pytest.raises(ApiError) as info:
         await intake(db).record("product:p1", [ev("e1")], None)
     assert (info.value.status, info.value.code) == (503, "rebilling_unavailable")
     assert info.value.headers == {"Retry-After": "2"}
-    assert db.log == ["begin", "rollback"]
+    assert db.log == ["connection"]  # not tried again in a unit of work
 
 
 def test_a_usage_ingest_record_is_a_raw_usage_event() -> None:

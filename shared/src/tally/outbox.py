@@ -111,20 +111,37 @@ _INSERT_AND_NOTIFY = f"WITH added AS ({_INSERT}) SELECT pg_notify('{CHANNEL}', c
 COMPRESS_FROM = 2048
 
 
+def packed(rows: Sequence[Row]) -> tuple[bytes | None, bytes | None, int]:
+    """The outbox row's values for ``rows``: (messages, messages_lz4, count)."""
+    data = pack(rows)
+    if len(data) >= COMPRESS_FROM:
+        return None, lz4.frame.compress(data), len(rows)
+    return data, None, len(rows)
+
+
 async def enqueue(conn: Conn, rows: Iterable[Row]) -> int:
     """Write messages inside the caller's transaction: one row, one round trip, any count.
     When another replica's relay leads, Postgres notifies it at commit (``CHANNEL``); the
     caller wakes its own process's relay (``OutboxRelay.wake``) after committing."""
     records = list(rows)
     if records:
-        packed = pack(records)
-        plain, compressed = (
-            (None, lz4.frame.compress(packed)) if len(packed) >= COMPRESS_FROM else (packed, None)
-        )
-        await conn.execute(
-            _INSERT if _LEADER_HERE.is_set() else _INSERT_AND_NOTIFY, plain, compressed, len(records)
-        )
+        await conn.execute(_INSERT if _LEADER_HERE.is_set() else _INSERT_AND_NOTIFY, *packed(records))
     return len(records)
+
+
+def written_with(change: str, first: int) -> str:
+    """One statement that makes ``change`` (data-modifying CTEs, ``name AS (...)``, joined by
+    commas) and writes the outbox row of the messages it publishes, parameters ``$first`` to
+    ``$first+2`` (``packed``): atomic without a transaction, one round trip in all. As
+    ``enqueue``, it notifies the relay of another replica when this process's does not lead;
+    the caller wakes its own relay after."""
+    insert = (
+        f"INSERT INTO outbox (messages, messages_lz4, count) VALUES (${first}, ${first + 1}, ${first + 2})"
+    )
+    if _LEADER_HERE.is_set():
+        return f"WITH {change} {insert}"
+    notify = f"SELECT pg_notify('{CHANNEL}', current_schema()) FROM added"
+    return f"WITH {change}, added AS ({insert} RETURNING 1) {notify}"
 
 
 async def publish(conn: Conn, topic: str, key: str | None, message: dict[str, Any]) -> None:

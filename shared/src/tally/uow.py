@@ -10,7 +10,8 @@ through the connection directly). Every route and consumer reaches Postgres thro
     # COMMIT (or ROLLBACK on an exception); then the relay wakes
 
 ``uow.savepoint()`` runs a part that may fail on its own: on failure its writes and the rows
-it queued are both undone. ``uow.reading()`` is a plain connection for read-only work.
+it queued are both undone. ``Database.reading()`` is a plain connection for read-only work,
+``Database.statements()`` one for writes that are each a single atomic statement.
 """
 
 from __future__ import annotations
@@ -153,6 +154,16 @@ class Database:
 
     def unit(self) -> UnitOfWork:
         return UnitOfWork(self.pool, self.relay)
+
+    @contextlib.asynccontextmanager
+    async def statements(self) -> AsyncIterator[Conn]:
+        """A connection without a transaction, for work whose every write is one statement
+        that commits (or fails) whole, its outbox row included (``outbox.written_with``): a
+        unit's BEGIN and COMMIT are two round trips more. The relay is woken after."""
+        async with self.pool.acquire() as conn:
+            yield conn
+        if self.relay is not None:
+            self.relay.wake()
 
     @contextlib.asynccontextmanager
     async def reading(self) -> AsyncIterator[Conn]:

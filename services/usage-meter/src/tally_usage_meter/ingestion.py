@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
+import asyncpg
 import httpx
 import prometheus_client
 
@@ -80,16 +81,11 @@ async def _complete(
     known.owners.update(placed)
 
 
-async def ingest(
-    uow: UnitOfWork,
-    batch: Sequence[UsageEvent],
-    traceparents: Sequence[str | None],
-    directory: CompanyDirectory,
-) -> list[Result]:
-    """In the caller's open unit of work; returns one result per input event, in order.
-    ``traceparents``: the trace each event continues (its ``usage.recorded`` carries it)."""
-    conn = uow.conn
-    now = datetime.now(UTC)
+async def _judge(
+    conn: Conn, batch: Sequence[UsageEvent], directory: CompanyDirectory, now: datetime
+) -> list[Priced | Rejected | None]:
+    """Each event's verdict: priced, rejected (why), or None for a repeat of an earlier event
+    of the same batch."""
     known = await storage.known(
         conn, [e.company_id for e in batch], [e.account_id for e in batch if e.account_id]
     )
@@ -113,17 +109,30 @@ async def ingest(
             else:
                 first_seen.add(event.event_id)
         outcome.append(verdict)
+    return outcome
 
-    priced = [p for p in outcome if isinstance(p, Priced)]
-    new_ids = await storage.claim_event_ids(
-        conn, [p.event.event_id for p in priced], [p.event.company_id for p in priced]
+
+async def _refused_before(
+    conn: Conn, batch: Sequence[UsageEvent], outcome: Sequence[Priced | Rejected | None]
+) -> set[str]:
+    """The refused events that were accepted before: an event accepted before is a duplicate
+    whatever else is true now (a product retrying must learn that its event was taken, even
+    if the wallet has since been suspended). Only the refused ones need looking up: the claim
+    tells which priced ones were known."""
+    return await storage.seen(
+        conn, [e.event_id for e, v in zip(batch, outcome, strict=True) if isinstance(v, Rejected)]
     )
-    # An event accepted before is a duplicate whatever else is true now (a product retrying
-    # must learn that its event was taken, even if the wallet has since been suspended). Only
-    # the refused ones need looking up: the claim above told which priced ones were known.
-    refused = [e.event_id for e, v in zip(batch, outcome, strict=True) if isinstance(v, Rejected)]
-    earlier = await storage.seen(conn, refused)
 
+
+def _settle(
+    batch: Sequence[UsageEvent],
+    outcome: Sequence[Priced | Rejected | None],
+    traceparents: Sequence[str | None],
+    new_ids: set[str],
+    earlier: set[str],
+    now: datetime,
+) -> tuple[list[Result], list[outbox.Row]]:
+    """One result per event, and the ``usage.recorded`` message of each accepted one."""
     rows = []
     results = []
     now_text = now.isoformat()
@@ -147,17 +156,64 @@ async def ingest(
                 outbox.row(Topics.USAGE_RECORDED, event.company_id, message, traceparent, inherit=False)
             )
             results.append(Result(event.event_id, "accepted"))
-    uow.publish(rows)  # written at commit: one outbox row for the whole batch
+    return results, rows
+
+
+def _counted(results: list[Result]) -> list[Result]:
     for status, n in Counter(r.status for r in results).items():
         USAGE.labels(status).inc(n)
     return results
 
 
+async def ingest(
+    uow: UnitOfWork,
+    batch: Sequence[UsageEvent],
+    traceparents: Sequence[str | None],
+    directory: CompanyDirectory,
+) -> list[Result]:
+    """In the caller's open unit of work; returns one result per input event, in order.
+    ``traceparents``: the trace each event continues (its ``usage.recorded`` carries it)."""
+    conn = uow.conn
+    now = datetime.now(UTC)
+    outcome = await _judge(conn, batch, directory, now)
+    priced = [p for p in outcome if isinstance(p, Priced)]
+    new_ids = await storage.claim_event_ids(
+        conn, [p.event.event_id for p in priced], [p.event.company_id for p in priced]
+    )
+    earlier = await _refused_before(conn, batch, outcome)
+    results, rows = _settle(batch, outcome, traceparents, new_ids, earlier, now)
+    uow.publish(rows)  # written at commit: one outbox row for the whole batch
+    return _counted(results)
+
+
+async def ingest_at_once(
+    conn: Conn,
+    batch: Sequence[UsageEvent],
+    traceparents: Sequence[str | None],
+    directory: CompanyDirectory,
+) -> list[Result]:
+    """``ingest`` without a transaction, for batches whose events are all new (the common
+    case): the claims and the outbox row go in one statement (``storage.record_all_new``), so
+    the batch is recorded whole or not at all. ``asyncpg.UniqueViolationError`` when an event
+    was accepted before: nothing was recorded, and ``ingest`` in a unit of work sorts it out."""
+    now = datetime.now(UTC)
+    outcome = await _judge(conn, batch, directory, now)
+    priced = [p for p in outcome if isinstance(p, Priced)]
+    earlier = await _refused_before(conn, batch, outcome)
+    results, rows = _settle(batch, outcome, traceparents, {p.event.event_id for p in priced}, earlier, now)
+    if rows:
+        await storage.record_all_new(
+            conn, [p.event.event_id for p in priced], [p.event.company_id for p in priced], rows
+        )
+    return _counted(results)
+
+
 class HttpIngestion:
     """``POST /v1/usage`` after its body is parsed: a token bucket per caller (product token),
-    then the request's events go in one transaction with concurrent requests' batches
-    (tally.groupcommit): under load the per-transaction cost (queries, commit, outbox row,
-    relay round) is shared between them."""
+    then the request's events are recorded together with concurrent requests' batches
+    (tally.groupcommit): under load the per-write cost (queries, commit, outbox row, relay
+    round) is shared between them. A group whose events are all new is recorded in one
+    statement (``ingest_at_once``); one with a retried event, in a transaction (``ingest``)."""
 
     def __init__(self, db: Database, directory: CompanyDirectory, limiter: TokenBuckets) -> None:
         self._db = db
@@ -190,8 +246,14 @@ class HttpIngestion:
                 ) from exc
 
     async def _apply(self, items: list[tuple[UsageEvent, str | None]]) -> list[Result]:
+        batch, traceparents = [e for e, _ in items], [tp for _, tp in items]
+        try:
+            async with self._db.statements() as conn:
+                return await ingest_at_once(conn, batch, traceparents, self._directory)
+        except asyncpg.UniqueViolationError:
+            pass  # a client's retry of an accepted event: nothing was written; sort them out
         async with self._db.unit() as uow:
-            return await ingest(uow, [e for e, _ in items], [tp for _, tp in items], self._directory)
+            return await ingest(uow, batch, traceparents, self._directory)
 
 
 def parse_ingest_record(value: bytes | None) -> UsageEvent:

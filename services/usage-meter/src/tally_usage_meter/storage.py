@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from tally import outbox
 from tally.db import Conn
 from tally_usage_meter.domain import Price
 
@@ -42,6 +43,23 @@ async def claim_event_ids(conn: Conn, event_ids: Sequence[str], company_ids: Seq
         list(company_ids),
     )
     return {r["event_id"] for r in rows}
+
+
+_CLAIM_ALL = (
+    "claimed AS (INSERT INTO ingested (event_id, company_id) SELECT * FROM unnest($1::text[], $2::text[]))"
+)
+
+
+async def record_all_new(
+    conn: Conn, event_ids: Sequence[str], company_ids: Sequence[str], rows: Sequence[outbox.Row]
+) -> None:
+    """Claim ``event_ids``, all new, and write their messages ``rows`` in one statement: it
+    commits whole or not at all, so it needs no transaction (two round trips fewer than
+    ``claim_event_ids`` and ``outbox.enqueue`` in one). ``asyncpg.UniqueViolationError`` when
+    any was claimed before: then nothing is written, and the caller takes that way instead."""
+    await conn.execute(
+        outbox.written_with(_CLAIM_ALL, 3), list(event_ids), list(company_ids), *outbox.packed(rows)
+    )
 
 
 async def forget_ingested(conn: Conn, older_than: timedelta, limit: int) -> int:
