@@ -61,7 +61,14 @@ from shapes import run_shape
 from wallet_bench import measure_naive  # the same naive reference as `make bench-wallet`
 
 from tally.auth import issue_token
-from tally_devstack.stack import EMBEDDED_PARTITIONS, SERVICES, Ports, Stack, stop_on_sigterm
+from tally_devstack.stack import (
+    EMBEDDED_PARTITIONS,
+    POSTGRES_SETTINGS,
+    SERVICES,
+    Ports,
+    Stack,
+    stop_on_sigterm,
+)
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -529,6 +536,10 @@ def stage_means(
 
 
 PROFILED = ("usage-meter", "wallet", "notifier", "recharge")
+# PG_STATEMENTS=1: the request shapes list the database's costliest statements; the embedded
+# Postgres preloads pg_stat_statements for it (and drops it again on the next run without).
+PG_STATEMENTS = os.environ.get("PG_STATEMENTS") == "1"
+POSTGRES_SETTINGS["shared_preload_libraries"] = "pg_stat_statements" if PG_STATEMENTS else ""
 
 
 class Profiler:
@@ -744,6 +755,7 @@ async def run_once(
                     connections=shape_connections,
                     seconds=shape_seconds,
                     console=console,
+                    pg_stats=PG_STATEMENTS,
                     profiler=(
                         (lambda phase: Profiler(stack, RESULTS / "profiles" / run / phase, PROFILED))
                         if profile
@@ -760,9 +772,7 @@ async def run_once(
             # 1. throughput
             watcher.cpu_start()
             ctx = (
-                Profiler(stack, RESULTS / "profiles" / run, PROFILED)
-                if profile
-                else contextlib.nullcontext()
+                Profiler(stack, RESULTS / "profiles" / run, PROFILED) if profile else contextlib.nullcontext()
             )
             with ctx:
                 sending = asyncio.create_task(driver.flood(flood))
@@ -869,6 +879,11 @@ def show_shape(f: dict[str, Any]) -> None:
         + (f", refused {sat['refused']}" if sat["refused"] else "")
     )
     console.print("  CPU µs/event: " + ", ".join(f"{n} {v:g}" for n, v in cpu.items() if v >= 1))
+    for st in sat.get("statements", []):
+        console.print(
+            f"  pg {st['exec_us_per_event']:6.1f} µs/event {st['calls_per_1000_events']:6.1f} calls "
+            f"{st['rows_per_call']:6.1f} rows  {st['query'][:90]}"
+        )
     if sat.get("per_1000_events"):
         console.print(
             "  per 1,000 events: " + ", ".join(f"{k} {v:g}" for k, v in sat["per_1000_events"].items())

@@ -14,7 +14,8 @@ it costs a few µs a request, a small share of what the system spends. Two runs 
    ledger).
 
 With ``PROFILE=1`` the saturated run is profiled (py-spy, as ``make bench`` profiles its
-throughput phase).
+throughput phase); with ``PG_STATEMENTS=1`` the database's costliest statements of that run
+are listed (pg_stat_statements, which the bench then preloads in the embedded Postgres).
 """
 
 from __future__ import annotations
@@ -155,6 +156,37 @@ def per_event(before: dict[str, float], after: dict[str, float], events: int) ->
     }
 
 
+_STATEMENTS = (
+    "SELECT regexp_replace(query, '\\s+', ' ', 'g') AS query, calls, rows, "
+    "round(total_exec_time::numeric, 1) AS ms FROM pg_stat_statements "
+    "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+    "ORDER BY total_exec_time DESC LIMIT 15"
+)
+
+
+async def statements_reset(conn: Any) -> bool:
+    """Start counting statements (pg_stat_statements, when the server preloads it)."""
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        await conn.execute("SELECT pg_stat_statements_reset()")
+    except Exception:  # not preloaded: the phase goes on without it
+        return False
+    return True
+
+
+async def statements(conn: Any, events: int) -> list[dict[str, Any]]:
+    """The database's most expensive statements since ``statements_reset``, per 1,000 events."""
+    return [
+        {
+            "query": r["query"][:160],
+            "calls_per_1000_events": round(r["calls"] / max(events, 1) * 1000, 1),
+            "rows_per_call": round(r["rows"] / max(r["calls"], 1), 1),
+            "exec_us_per_event": round(float(r["ms"]) * 1000 / max(events, 1), 1),
+        }
+        for r in await conn.fetch(_STATEMENTS)
+    ]
+
+
 def percentiles_ms(samples: list[float]) -> dict[str, float]:
     values = sorted(samples)
     if not values:
@@ -178,6 +210,7 @@ async def run_shape(
     seconds: float,
     console: Any,
     profiler: Callable[[str], Any] | None = None,
+    pg_stats: bool = False,
 ) -> tuple[dict[str, Any], int]:
     """Both runs for one request shape; returns the figures and the next free event number."""
     url = stack.url("usage-meter")
@@ -201,6 +234,7 @@ async def run_shape(
         # 1. saturated, closed loop
         base = await watcher.applied(client)
         counted = await counters(client, stack)
+        counting = pg_stats and await statements_reset(watcher.conn)
         watcher.cpu_start()
         driver = RawHttp(host, int(port), token, maker(every=10**9))
         profiling = profiler(f"shape-{size}") if profiler else contextlib.nullcontext()
@@ -221,6 +255,8 @@ async def run_shape(
             "cpu_us_per_event": {n: round(v / max(accepted, 1) * 1e6, 1) for n, v in cpu.items()},
             "per_1000_events": counts,
         }
+        if counting:
+            out["saturated"]["statements"] = await statements(watcher.conn, accepted)
         # 2. half of the saturated end-to-end rate, open loop; send -> commit of sampled events
         # (half of the accepted request rate would be more than the ledger keeps up with when
         # the edge accepts faster than the wallet applies)

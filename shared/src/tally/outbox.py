@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 from prometheus_client import Counter, Gauge
 
-from tally import events
+from tally import db, events
 from tally.db import Conn
 from tally.telemetry import current_traceparent
 from tally.worker import Worker
@@ -182,7 +182,7 @@ class OutboxRelay(Worker):
         lock_key = f"tally-outbox:{self._service}"
         while not self._stopping.is_set():
             try:
-                async with self._pool.acquire() as conn:
+                async with db.session(self._pool) as conn:  # the lock and LISTEN end with it
                     leader = await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", lock_key)
                     if not leader:
                         await self._sleep(1.0)

@@ -24,6 +24,7 @@ import asyncpg
 import httpx
 
 from tally.auth import issue_token
+from tally.db import session
 from tally.money import format_micros
 from tally.uow import Database, UnitOfWork
 from tally.worker import Worker
@@ -298,8 +299,8 @@ class PeriodRunner(Worker):
 
     async def step(self) -> bool:
         try:
-            # a session (no transaction) holds the lock for the whole run
-            async with self.biller.db.reading() as conn:
+            # a session (no transaction) holds the lock for the whole run; closed after
+            async with session(self.biller.db.pool) as conn:
                 if await conn.fetchval("SELECT pg_try_advisory_lock($1)", RUNNER_LOCK):
                     try:
                         await self.biller.run(datetime.now(UTC))
