@@ -7,6 +7,7 @@ import asyncio
 import sys
 import textwrap
 
+import asyncpg
 from aiokafka import AIOKafkaProducer
 
 from tally import db, outbox
@@ -109,3 +110,52 @@ async def test_a_large_batch_is_stored_compressed_and_relayed_whole_and_in_order
         await relay.stop()
         await producer.stop()
         await pool.close()
+
+
+async def test_leadership_passes_on_and_a_stopped_relay_leaves_no_lock_or_listen_behind(infra: Infra) -> None:
+    """The relay's lock and LISTEN live on a session of their own (db.session): stopped, it
+    leaves neither on the pool's connections (which go back without a reset), and a replica
+    waiting for the lead takes it within its second."""
+    schema = f"relay_{uid('t').replace('-', '_')}"
+    first_pool = await db.create_pool(infra.stack.database_url, schema, size=2)
+    second_pool = await db.create_pool(infra.stack.database_url, schema, size=2)
+    await db.migrate(first_pool, schema, "tally")
+    producer = AIOKafkaProducer(bootstrap_servers=infra.stack.bootstrap)
+    await producer.start()
+    first = outbox.OutboxRelay(first_pool, producer, service=schema, poll_interval=3600)
+    second = outbox.OutboxRelay(second_pool, producer, service=schema, poll_interval=3600)
+    lock = f"tally-outbox:{schema}"
+
+    async def lock_free() -> bool:
+        """Whether another session can take the relay's lock (let go again at once)."""
+        conn = await asyncpg.connect(infra.stack.database_url)
+        try:
+            taken = bool(await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", lock))
+            if taken:
+                await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", lock)
+            return taken
+        finally:
+            await conn.close()
+
+    async def leading() -> bool:
+        return outbox._LEADER_HERE.is_set()
+
+    try:
+        first.start()
+        await eventually(leading, what="the first relay to take the lead")
+        second.start()  # waits, asking each second
+        await asyncio.sleep(1.5)
+        await first.stop()
+        await eventually(leading, what="the waiting relay to take the lead")
+        await second.stop()
+        await eventually(lock_free, what="the lock to go with the sessions")
+        for pool in (first_pool, second_pool):
+            async with pool.acquire() as a, pool.acquire() as b:
+                for conn in (a, b):
+                    assert await conn.fetch("SELECT pg_listening_channels()") == []
+    finally:
+        await first.stop()
+        await second.stop()
+        await producer.stop()
+        await first_pool.close()
+        await second_pool.close()

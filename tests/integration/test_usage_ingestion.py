@@ -9,6 +9,7 @@ group with a retried event records nothing in one statement, then each new event
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -18,13 +19,14 @@ import lz4.frame
 import orjson
 import pytest
 
+from tally import outbox
 from tally.errors import ApiError
 from tally.events import UsageEvent
-from tally.outbox import unpack
+from tally.outbox import CHANNEL, unpack
 from tally.ratelimit import TokenBuckets
 from tally.uow import Database
 from tally_usage_meter.ingestion import DirectoryUnavailable, HttpIngestion, Result, ingest, ingest_at_once
-from tests.support.databases import service_database
+from tests.support.databases import CountingRelay, service_database
 from tests.support.stack import Infra, uid
 
 
@@ -178,3 +180,50 @@ async def test_a_group_with_a_retried_event_records_nothing_at_once_then_each_ne
     assert await run(database, directory, batch, "http") == [("accepted", None), ("duplicate", None)]
     assert await claimed(database, [fresh, taken]) == {fresh, taken}
     assert [m["data"]["event_id"] for m in await recorded(database)] == [taken, fresh]
+
+
+@pytest.mark.parametrize("leading_here", [True, False], ids=["relay-here", "relay-elsewhere"])
+async def test_a_group_recorded_at_once_wakes_the_relay_that_leads(
+    infra: Infra, database: Database, leading_here: bool
+) -> None:
+    """The one statement takes both forms of ``outbox.written_with``: with this process's
+    relay leading, it wakes it after (no NOTIFY); with another replica's, Postgres notifies
+    that one at commit, once, naming this schema."""
+    co = uid("co")
+    async with database.reading() as conn:
+        schema = await conn.fetchval("SELECT current_schema()")
+    heard: list[object] = []
+    listener = await asyncpg.connect(infra.stack.database_url)
+    await listener.add_listener(CHANNEL, lambda *args: heard.append(args[-1]))
+    relay = database.relay
+    assert isinstance(relay, CountingRelay)
+    woken = relay.woken
+    if leading_here:
+        outbox._LEADER_HERE.set()
+    try:
+        assert await run(database, Directory({co: "USD"}, {}), [event(uid("ev"), co)], "http") == [
+            ("accepted", None)
+        ]
+        await asyncio.sleep(0.3)  # a notification arrives within moments
+    finally:
+        outbox._LEADER_HERE.clear()
+        await listener.close()
+    assert relay.woken == woken + 1
+    assert heard == ([] if leading_here else [schema])
+
+
+async def test_two_groups_racing_with_one_event_accept_it_once(database: Database) -> None:
+    """Two groups (two processes' group commits) with the same new event at the same moment:
+    one statement claims it, the other waits on the claim, fails whole and goes again as a
+    unit of work, which calls the event a duplicate and still records its own new one."""
+    co = uid("co")
+    directory = Directory({co: "USD"}, {})
+    shared, own_a, own_b = uid("ev"), uid("ev"), uid("ev")
+    a, b = await asyncio.gather(
+        run(database, directory, [event(shared, co), event(own_a, co)], "http"),
+        run(database, directory, [event(own_b, co), event(shared, co)], "http"),
+    )
+    assert sorted([a[0][0], b[1][0]]) == ["accepted", "duplicate"]  # the shared event: once
+    assert (a[1], b[0]) == (("accepted", None), ("accepted", None))
+    assert await claimed(database, [shared, own_a, own_b]) == {shared, own_a, own_b}
+    assert sorted(m["data"]["event_id"] for m in await recorded(database)) == sorted([shared, own_a, own_b])

@@ -15,6 +15,7 @@ from typing import Any, cast
 import orjson
 import pytest
 
+import tally_rebilling.billing as billing
 import tally_rebilling.handlers as handlers
 from tally.money import MoneyError
 from tally.outbox import Row
@@ -197,11 +198,7 @@ class _Biller:
         self.fail = fail
         self.runs: list[datetime] = []
         self.ran = asyncio.Event()
-        self.db = SimpleNamespace(reading=self._reading)
-
-    @contextlib.asynccontextmanager
-    async def _reading(self) -> AsyncIterator[_Session]:
-        yield self.session
+        self.db = SimpleNamespace(pool=self)  # the runner's session comes from the pool
 
     async def run(self, at: datetime) -> dict[str, int]:
         self.runs.append(at)
@@ -209,6 +206,17 @@ class _Biller:
         if self.fail:
             raise RuntimeError("recharge is down")
         return {}
+
+
+@pytest.fixture(autouse=True)
+def _sessions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tally.db.session`` on the fake pool: its one session."""
+
+    @contextlib.asynccontextmanager
+    async def session(pool: _Biller) -> AsyncIterator[_Session]:
+        yield pool.session
+
+    monkeypatch.setattr(billing, "session", session)
 
 
 async def _rounds(runner: PeriodRunner, biller: _Biller, n: int) -> None:

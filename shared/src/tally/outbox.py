@@ -182,11 +182,15 @@ class OutboxRelay(Worker):
         lock_key = f"tally-outbox:{self._service}"
         while not self._stopping.is_set():
             try:
-                async with db.session(self._pool) as conn:  # the lock and LISTEN end with it
-                    leader = await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", lock_key)
-                    if not leader:
-                        await self._sleep(1.0)
-                        continue
+                # The lock and LISTEN end with the session (db.session). A replica that does not
+                # lead keeps its session and asks again each second, not at every commit here
+                # (wake) and without closing it (a session a second costs Postgres a backend).
+                async with db.session(self._pool) as conn:
+                    while not await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", lock_key):
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(self._stopping.wait(), timeout=1.0)
+                        if self._stopping.is_set():
+                            return
                     try:
                         await self._relay_loop(conn)
                     finally:
