@@ -86,3 +86,14 @@ async def test_a_session_lock_ends_with_its_session_even_when_the_work_is_cancel
     await eventually(lambda: lock_free(infra), timeout=5, what="the cancelled session's lock to end with it")
     async with pool.acquire() as conn:  # the pool replaced the closed connection
         assert await conn.fetchval("SELECT pg_backend_pid()") != first
+
+
+async def test_a_session_whose_connection_broke_under_it_ends_quietly(pool: asyncpg.Pool) -> None:
+    """A connection that dies inside the work is already back in the pool, closed: the session
+    does not hide the work's own error behind one of its own."""
+    with pytest.raises(RuntimeError, match="the work's own error"):
+        async with db.session(pool) as conn:
+            conn.terminate()  # as a dropped connection is cleaned up
+            raise RuntimeError("the work's own error")
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT 1") == 1

@@ -34,10 +34,22 @@ async def test_a_database_shutting_down_answers_503_with_retry_after() -> None:
         asyncpg.AdminShutdownError("terminating connection due to administrator command"),
         asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
         ConnectionRefusedError(111, "Connection refused"),
+        FileNotFoundError(2, "No such file or directory"),  # its Unix socket, while it restarts
     ):
         r = await call(app_raising(exc))
         assert r.status_code == 503, exc
         assert r.headers["retry-after"] == "2"
+        assert r.json()["error"]["code"] == "service_unavailable"
+
+
+async def test_a_transaction_aborted_by_a_conflict_answers_503_try_again() -> None:
+    for exc in (
+        asyncpg.DeadlockDetectedError("deadlock detected"),
+        asyncpg.SerializationError("could not serialize access due to concurrent update"),
+    ):
+        r = await call(app_raising(exc))
+        assert r.status_code == 503, exc
+        assert r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "service_unavailable"
 
 

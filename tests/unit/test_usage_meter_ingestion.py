@@ -78,12 +78,20 @@ async def test_a_group_of_new_events_is_recorded_at_once_with_their_trace(
     assert seen == [(["e1", "e2"], ["00-trace-span-01", "00-trace-span-01"])]  # tracing off: as given
 
 
-async def test_a_group_with_a_retried_event_goes_again_in_a_unit_of_work(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    "failure",
+    [
+        asyncpg.UniqueViolationError("duplicate key value violates unique constraint"),  # a retry
+        asyncpg.DeadlockDetectedError("deadlock detected"),  # another group claiming the same ids
+    ],
+    ids=["retried-event", "racing-group"],
+)
+async def test_a_group_whose_statement_failed_whole_goes_again_in_a_unit_of_work(
+    monkeypatch: pytest.MonkeyPatch, failure: Exception
 ) -> None:
     async def at_once(conn: Any, *_: Any) -> list[Result]:
         conn.log.append("at once")
-        raise asyncpg.UniqueViolationError("duplicate key value violates unique constraint")
+        raise failure
 
     async def ingest(uow: Any, batch: Sequence[UsageEvent], *_: Any) -> list[Result]:
         uow.log.append("ingest")

@@ -63,7 +63,9 @@ async def session(pool: asyncpg.Pool) -> AsyncIterator[Conn]:
         try:
             yield conn
         finally:
-            conn.terminate()
+            # A connection that broke under the work is already back in the pool, closed.
+            with contextlib.suppress(asyncpg.InterfaceError):
+                conn.terminate()
 
 
 async def ensure_schema(dsn: str, schema: str) -> None:

@@ -110,7 +110,11 @@ DATABASE_UNAVAILABLE = (
     asyncpg.AdminShutdownError,
     asyncpg.ConnectionDoesNotExistError,
     ConnectionError,
+    FileNotFoundError,  # Postgres' Unix socket gone while it restarts
 )
+# Two transactions that each waited for the other: Postgres aborted one, nothing of it was
+# done, and the same request may be sent again.
+CONFLICTED = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 
 
 def response_for(exc: Exception) -> JsonResponse:
@@ -129,6 +133,14 @@ def response_for(exc: Exception) -> JsonResponse:
         log.warning("database unavailable", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
         return error_response(
             503, "service_unavailable", "the database is unavailable; try again", headers={"Retry-After": "2"}
+        )
+    if isinstance(exc, CONFLICTED):
+        log.warning("transaction conflict", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+        return error_response(
+            503,
+            "service_unavailable",
+            "a concurrent change got in the way; nothing was done, try again",
+            headers={"Retry-After": "1"},
         )
     log.exception("unhandled error", exc_info=exc)
     return error_response(500, "internal_error", "internal error")
@@ -191,6 +203,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(asyncpg.AdminShutdownError)
     @app.exception_handler(asyncpg.ConnectionDoesNotExistError)
     @app.exception_handler(ConnectionError)
+    @app.exception_handler(FileNotFoundError)
+    @app.exception_handler(asyncpg.DeadlockDetectedError)
+    @app.exception_handler(asyncpg.SerializationError)
     @app.exception_handler(Exception)
     async def _other(_: Request, exc: Exception) -> JsonResponse:
         return response_for(exc)

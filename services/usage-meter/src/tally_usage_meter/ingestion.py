@@ -250,8 +250,8 @@ class HttpIngestion:
         try:
             async with self._db.statements() as conn:
                 return await ingest_at_once(conn, batch, traceparents, self._directory)
-        except asyncpg.UniqueViolationError:
-            pass  # a client's retry of an accepted event: nothing was written; sort them out
+        except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError):
+            pass  # a retried event, or a group racing this one: nothing was written; sort it out
         async with self._db.unit() as uow:
             return await ingest(uow, batch, traceparents, self._directory)
 

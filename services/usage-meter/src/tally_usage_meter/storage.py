@@ -38,15 +38,19 @@ async def claim_event_ids(conn: Conn, event_ids: Sequence[str], company_ids: Seq
         return set()
     rows = await conn.fetch(
         "INSERT INTO ingested (event_id, company_id) "
-        "SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING RETURNING event_id",
+        "SELECT * FROM unnest($1::text[], $2::text[]) AS c(e, o) ORDER BY e "
+        "ON CONFLICT DO NOTHING RETURNING event_id",
         list(event_ids),
         list(company_ids),
     )
     return {r["event_id"] for r in rows}
 
 
+# Claims go in event id order: two groups claiming the same ids wait for each other in one
+# order, never in a ring (a deadlock that aborted a whole group: #20's review).
 _CLAIM_ALL = (
-    "claimed AS (INSERT INTO ingested (event_id, company_id) SELECT * FROM unnest($1::text[], $2::text[]))"
+    "claimed AS (INSERT INTO ingested (event_id, company_id) "
+    "SELECT * FROM unnest($1::text[], $2::text[]) AS c(e, o) ORDER BY e)"
 )
 
 
