@@ -409,6 +409,10 @@ def serve(spec: ServiceSpec[Any]) -> None:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
+        # An idle keep-alive connection stays open longer than clients and load balancers keep
+        # theirs (httpx 5 s, most balancers 60 s): the server closing one while a client sends
+        # on it loses that request (a ReadError; seen once in the suite at uvicorn's 5 s).
+        timeout_keep_alive=75,
         lifespan="on",
         loop="uvloop",
         http="httptools",
