@@ -7,10 +7,10 @@ import asyncio
 import sys
 import textwrap
 
-import asyncpg
 from aiokafka import AIOKafkaProducer
 
 from tally import db, outbox
+from tests.support.databases import advisory_lock_free
 from tests.support.stack import Infra, eventually, uid
 
 OTHER_REPLICA = textwrap.dedent("""
@@ -127,15 +127,7 @@ async def test_leadership_passes_on_and_a_stopped_relay_leaves_no_lock_or_listen
     lock = f"tally-outbox:{schema}"
 
     async def lock_free() -> bool:
-        """Whether another session can take the relay's lock (let go again at once)."""
-        conn = await asyncpg.connect(infra.stack.database_url)
-        try:
-            taken = bool(await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", lock))
-            if taken:
-                await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", lock)
-            return taken
-        finally:
-            await conn.close()
+        return await advisory_lock_free(infra.stack.database_url, lock)
 
     async def leading() -> bool:
         return outbox._LEADER_HERE.is_set()

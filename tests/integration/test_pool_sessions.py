@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from tally import db
+from tests.support.databases import advisory_lock_free
 from tests.support.stack import Infra, eventually, uid
 
 LOCK = 0x7E57_5E55
@@ -27,15 +28,7 @@ async def pool(infra: Infra) -> AsyncIterator[asyncpg.Pool]:
 
 
 async def lock_free(infra: Infra) -> bool:
-    """Whether another session can take LOCK now (and lets it go again)."""
-    other = await asyncpg.connect(infra.stack.database_url)
-    try:
-        taken = bool(await other.fetchval("SELECT pg_try_advisory_lock($1)", LOCK))
-        if taken:
-            await other.execute("SELECT pg_advisory_unlock($1)", LOCK)
-        return taken
-    finally:
-        await other.close()
+    return await advisory_lock_free(infra.stack.database_url, LOCK)
 
 
 async def test_a_pooled_connection_is_reused_as_it_was_left_and_without_a_reset_round_trip(

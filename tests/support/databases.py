@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+import asyncpg
+
 from tally import db
 from tally.uow import Database
 from tests.support.stack import Infra, uid
@@ -32,3 +34,17 @@ async def service_database(infra: Infra, package: str, prefix: str) -> AsyncIter
         yield Database(pool, CountingRelay())
     finally:
         await pool.close()
+
+
+async def advisory_lock_free(dsn: str, key: int | str) -> bool:
+    """Whether another session can take the advisory lock ``key`` now (a text key as
+    ``hashtext``, as the outbox relay names its lock); let go again at once."""
+    lock = "pg_try_advisory_lock(hashtext($1))" if isinstance(key, str) else "pg_try_advisory_lock($1)"
+    conn = await asyncpg.connect(dsn)
+    try:
+        taken = bool(await conn.fetchval(f"SELECT {lock}", key))
+        if taken:
+            await conn.execute(f"SELECT {lock.replace('try_advisory_lock', 'advisory_unlock')}", key)
+        return taken
+    finally:
+        await conn.close()
