@@ -159,6 +159,17 @@ def _settle(
     return results, rows
 
 
+async def _judged(
+    conn: Conn, batch: Sequence[UsageEvent], directory: CompanyDirectory
+) -> tuple[datetime, list[Priced | Rejected | None], list[Priced], set[str]]:
+    """Both ways in, before anything is written: the time, each event's verdict, the priced
+    ones, and the refused ones accepted before (``_refused_before``)."""
+    now = datetime.now(UTC)
+    outcome = await _judge(conn, batch, directory, now)
+    earlier = await _refused_before(conn, batch, outcome)
+    return now, outcome, [p for p in outcome if isinstance(p, Priced)], earlier
+
+
 def _counted(results: list[Result]) -> list[Result]:
     for status, n in Counter(r.status for r in results).items():
         USAGE.labels(status).inc(n)
@@ -174,13 +185,10 @@ async def ingest(
     """In the caller's open unit of work; returns one result per input event, in order.
     ``traceparents``: the trace each event continues (its ``usage.recorded`` carries it)."""
     conn = uow.conn
-    now = datetime.now(UTC)
-    outcome = await _judge(conn, batch, directory, now)
-    priced = [p for p in outcome if isinstance(p, Priced)]
+    now, outcome, priced, earlier = await _judged(conn, batch, directory)
     new_ids = await storage.claim_event_ids(
         conn, [p.event.event_id for p in priced], [p.event.company_id for p in priced]
     )
-    earlier = await _refused_before(conn, batch, outcome)
     results, rows = _settle(batch, outcome, traceparents, new_ids, earlier, now)
     uow.publish(rows)  # written at commit: one outbox row for the whole batch
     return _counted(results)
@@ -195,11 +203,9 @@ async def ingest_at_once(
     """``ingest`` without a transaction, for batches whose events are all new (the common
     case): the claims and the outbox row go in one statement (``storage.record_all_new``), so
     the batch is recorded whole or not at all. ``asyncpg.UniqueViolationError`` when an event
-    was accepted before: nothing was recorded, and ``ingest`` in a unit of work sorts it out."""
-    now = datetime.now(UTC)
-    outcome = await _judge(conn, batch, directory, now)
-    priced = [p for p in outcome if isinstance(p, Priced)]
-    earlier = await _refused_before(conn, batch, outcome)
+    was accepted before (or ``DeadlockDetectedError`` when a group racing this one claims the
+    same ids): nothing was recorded, and ``ingest`` in a unit of work sorts it out."""
+    now, outcome, priced, earlier = await _judged(conn, batch, directory)
     results, rows = _settle(batch, outcome, traceparents, {p.event.event_id for p in priced}, earlier, now)
     if rows:
         await storage.record_all_new(
