@@ -893,6 +893,8 @@ def show_shape(f: dict[str, Any]) -> None:
         f"{half['http_ms']['p50']}/{half['http_ms']['p99']} ms, send → commit p50/p99 "
         f"{half['send_to_commit_ms']['p50']}/{half['send_to_commit_ms']['p99']} ms"
     )
+    for hop, t in half.get("hops", {}).items():
+        console.print(f"    {hop}: mean {t['mean_ms']} ms, p99 ≤ {t['p99_ms_at_most']} ms")
 
 
 def show(r: dict[str, Any]) -> None:

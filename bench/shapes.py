@@ -156,6 +156,58 @@ def per_event(before: dict[str, float], after: dict[str, float], events: int) ->
     }
 
 
+# Where send -> commit goes, hop by hop (the half-load run): histograms whose means and
+# bucket-bound p99s over the run are reported, by (service, metric, topic or route).
+_HOPS = {
+    ("usage-meter", "tally_http_request_seconds", "/v1/usage"): "HTTP answer (group commit)",
+    ("wallet", "tally_consumer_record_age_seconds", "usage.recorded"): (
+        "usage.recorded age when the wallet's batch starts (relay to consume)"
+    ),
+    ("wallet", "tally_consumer_handle_seconds", "usage.recorded"): "the wallet applying a batch",
+    ("wallet", "tally_wallet_debit_latency_seconds", ""): "accepted to ledger commit (the wallet's view)",
+}
+
+
+async def histograms(client: httpx.AsyncClient, stack: Any) -> dict[tuple[str, str, str], dict[str, float]]:
+    """The ``_HOPS`` histograms as they stand: bucket counts by bound, with sum and count."""
+    out: dict[tuple[str, str, str], dict[str, float]] = {}
+    for service in sorted({s for s, _, _ in _HOPS}):
+        for line in (await client.get(stack.url(service) + "/metrics")).text.splitlines():
+            if line.startswith("#") or not line.startswith(tuple(m for _, m, _ in _HOPS)):
+                continue
+            name_labels, value = line.rsplit(" ", 1)
+            name = name_labels.split("{", 1)[0]
+            labels = name_labels[len(name) :]
+            for (svc, metric, which), _ in _HOPS.items():
+                if svc != service or not name.startswith(metric) or (which and f'"{which}"' not in labels):
+                    continue
+                suffix = name[len(metric) :]
+                h = out.setdefault((svc, metric, which), {})
+                if suffix == "_bucket":
+                    le = labels.split('le="')[1].split('"')[0]
+                    h[le] = h.get(le, 0.0) + float(value)
+                elif suffix in ("_sum", "_count"):
+                    h[suffix] = h.get(suffix, 0.0) + float(value)
+    return out
+
+
+def hops(
+    before: dict[tuple[str, str, str], dict[str, float]], after: dict[tuple[str, str, str], dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    """Mean and p99 (the upper bound of the bucket it falls in) of each hop over a run, ms."""
+    out = {}
+    for key, label in _HOPS.items():
+        b, a = before.get(key, {}), after.get(key, {})
+        count = a.get("_count", 0.0) - b.get("_count", 0.0)
+        if count <= 0:
+            continue
+        mean = (a.get("_sum", 0.0) - b.get("_sum", 0.0)) / count
+        bounds = sorted((float(le), a[le] - b.get(le, 0.0)) for le in a if not le.startswith("_"))
+        p99 = next((le for le, n in bounds if n >= 0.99 * count), float("inf"))
+        out[label] = {"mean_ms": round(mean * 1000, 1), "p99_ms_at_most": round(p99 * 1000, 1), "count": count}
+    return out
+
+
 _STATEMENTS = (
     "SELECT regexp_replace(query, '\\s+', ' ', 'g') AS query, calls, rows, "
     "round(total_exec_time::numeric, 1) AS ms FROM pg_stat_statements "
@@ -262,6 +314,7 @@ async def run_shape(
         # the edge accepts faster than the wallet applies)
         rate = max(accepted / e2e / size / 2, 1.0)
         base = await watcher.applied(client)
+        timed = await histograms(client, stack)
         watcher.cpu_start()
         driver = RawHttp(host, int(port), token, maker(every=5))
         with console.status(f"{size} event(s)/request: {rate:,.0f} requests/s for {seconds:.0f}s…"):
@@ -283,6 +336,7 @@ async def run_shape(
             "http_ms": percentiles_ms(driver.latency),
             "send_to_commit_ms": percentiles_ms(commits),
             "cpu_us_per_event": {n: round(v / max(driver.accepted, 1) * 1e6, 1) for n, v in cpu.items()},
+            "hops": hops(timed, await histograms(client, stack)),
         }
     return out, counter["n"]
 

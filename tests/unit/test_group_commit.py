@@ -63,3 +63,41 @@ async def test_a_failed_call_fails_every_batch_in_it_and_the_next_call_runs() ->
             await task
     assert await group.submit([4]) == [40]
     assert rec.calls == [[1], [2, 3], [4]]
+
+
+async def test_up_to_concurrency_calls_run_at_once_and_the_rest_wait_for_either() -> None:
+    started: list[list[int]] = []
+    gates = [asyncio.Event() for _ in range(4)]
+
+    async def apply(items: list[int]) -> list[int]:
+        n = len(started)
+        started.append(items)
+        await gates[n].wait()
+        return [-i for i in items]
+
+    group = GroupCommit("test", apply, concurrency=2)
+    first = asyncio.create_task(group.submit([1]))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(group.submit([2]))  # a second call starts: it does not wait
+    await asyncio.sleep(0)
+    queued = [asyncio.create_task(group.submit(b)) for b in ([3], [4, 5])]
+    await asyncio.sleep(0)
+    assert started == [[1], [2]]  # both slots taken: 3, 4 and 5 wait
+    gates[1].set()  # the second call ends first: its slot takes all that waits
+    assert await second == [-2]
+    await asyncio.sleep(0)
+    assert started == [[1], [2], [3, 4, 5]]
+    assert not first.done()
+    gates[2].set()
+    assert [await t for t in queued] == [[-3], [-4, -5]]
+    gates[0].set()
+    assert await first == [-1]
+    # idle again: the next batch is called at once, alone
+    gates[3].set()
+    assert await group.submit([6]) == [-6]
+    assert started[-1] == [6]
+
+
+def test_concurrency_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        GroupCommit("test", lambda items: asyncio.sleep(0, items), concurrency=0)  # type: ignore[arg-type]

@@ -5,7 +5,11 @@ No batch waits for a timer: the first submitter runs at once; whatever arrives w
 runs goes together in the next call, up to ``max_items``. Under light load every batch has
 its own call, as before; under heavy load the per-transaction cost is shared, which is what
 keeps latency flat as the load rises. Each submitter gets its own slice of the results, or the
-exception when the shared call failed (nothing of the group was applied: one transaction)."""
+exception when the shared call failed (nothing of the group was applied: one transaction).
+
+Up to ``concurrency`` calls run at once: while one group waits on the database, the next
+one is already being judged and sent, so the group's round trips no longer bound the rate
+(with one call at a time, each request waited for the call before its own to come back)."""
 
 from __future__ import annotations
 
@@ -29,22 +33,32 @@ GROUP_SIZE = Histogram(
 
 class GroupCommit(Generic[T, R]):
     def __init__(
-        self, name: str, apply: Callable[[list[T]], Awaitable[Sequence[R]]], *, max_items: int = 5000
+        self,
+        name: str,
+        apply: Callable[[list[T]], Awaitable[Sequence[R]]],
+        *,
+        max_items: int = 5000,
+        concurrency: int = 1,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
         self._name = name
         self._apply = apply
         self._max = max_items
+        self._concurrency = concurrency
         self._waiting: deque[tuple[Sequence[T], asyncio.Future[list[R]]]] = deque()
-        self._running = False
-        self._task: asyncio.Task[None] | None = None
+        self._running = 0  # calls in flight
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, items: Sequence[T]) -> list[R]:
         """Apply ``items`` (with whatever else is waiting); their results, in order."""
         future: asyncio.Future[list[R]] = asyncio.get_running_loop().create_future()
         self._waiting.append((items, future))
-        if not self._running:
-            self._running = True
-            self._task = asyncio.create_task(self._drain(), name=f"group-commit-{self._name}")
+        if self._running < self._concurrency:
+            self._running += 1
+            task = asyncio.create_task(self._drain(), name=f"group-commit-{self._name}")
+            self._tasks.add(task)  # a reference until done: the loop keeps only weak ones
+            task.add_done_callback(self._tasks.discard)
         return await future
 
     async def _drain(self) -> None:
@@ -58,7 +72,7 @@ class GroupCommit(Generic[T, R]):
                     size += len(items)
                 await self._run(group)
         finally:
-            self._running = False
+            self._running -= 1
 
     async def _run(self, group: list[tuple[Sequence[T], asyncio.Future[list[R]]]]) -> None:
         GROUP_SIZE.labels(self._name).observe(len(group))

@@ -219,14 +219,17 @@ class HttpIngestion:
     then the request's events are recorded together with concurrent requests' batches
     (tally.groupcommit): under load the per-write cost (queries, commit, outbox row, relay
     round) is shared between them. A group whose events are all new is recorded in one
-    statement (``ingest_at_once``); one with a retried event, in a transaction (``ingest``)."""
+    statement (``ingest_at_once``); one with a retried event, in a transaction (``ingest``).
+    ``concurrency`` groups are recorded at once (``GroupCommit``)."""
 
-    def __init__(self, db: Database, directory: CompanyDirectory, limiter: TokenBuckets) -> None:
+    def __init__(
+        self, db: Database, directory: CompanyDirectory, limiter: TokenBuckets, *, concurrency: int = 1
+    ) -> None:
         self._db = db
         self._directory = directory
         self._limiter = limiter
         self._group: GroupCommit[tuple[UsageEvent, str | None], Result] = GroupCommit(
-            "usage-http", self._apply
+            "usage-http", self._apply, concurrency=concurrency
         )
 
     async def record(self, caller: str, batch: list[UsageEvent], traceparent: str | None) -> list[Result]:
