@@ -5,6 +5,16 @@ offsets are committed only after it returns (FastStream ``AckPolicy.NACK_ON_ERRO
 exception rewinds every partition of the batch so nothing is skipped). A record that can never
 be applied is not raised: the handler writes it to ``<topic>.dlq`` through the outbox, in the
 same transaction, so the partition goes on and the DLQ copy is as durable as the state.
+
+A record a handler did not foresee can still make it raise, on every try: an error its own
+content causes (``CAUSED_BY_THE_RECORD``: a value or type error, a row the database refuses).
+Then the batch is applied again one record at a time (``Isolation``), and the record that still
+fails alone is dead-lettered (``dead_letter``, through the outbox before its offset commits)
+while the others are applied: a poison record no longer blocks its partition. Every other
+failure (a lost connection, a restarting database, a service down, a conflict) is the
+environment's, and the batch is retried as long as it takes. So is a run of records that all
+fail alone (``SYSTEMIC_AFTER``): that is a broken deploy, not poison, and dead-lettering every
+record would empty the stream into the DLQ.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from collections.abc import Awaitable, Callable, Container, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 from aiokafka import TopicPartition
 from faststream.kafka import KafkaBroker
 from faststream.middlewares import AckPolicy
@@ -53,7 +64,83 @@ FAILURES = Counter(
     "tally_consumer_batch_failures_total", "Batches that failed and were retried", ["service", "topic"]
 )
 
+ISOLATED = Counter(
+    "tally_consumer_isolations_total",
+    "Batches applied again record by record after an error a record caused",
+    ["service", "topic"],
+)
+
 BatchHandler = Callable[[Sequence[Any]], Awaitable[None]]
+DeadLetter = Callable[[Any, str], Awaitable[None]]  # (record, reason): in the DLQ, durably
+
+# Errors a record's own content causes, the same on every try. Anything else is retried.
+CAUSED_BY_THE_RECORD: tuple[type[Exception], ...] = (
+    ValueError,  # pydantic's ValidationError, JSON and Unicode errors too
+    TypeError,
+    LookupError,
+    AttributeError,
+    AssertionError,
+    ArithmeticError,
+    asyncpg.DataError,  # 22xxx: a value out of range, too long, malformed
+    asyncpg.IntegrityConstraintViolationError,  # 23xxx: a row a constraint refuses
+)
+# ...except a row whose reference has not arrived yet (another topic's record may bring it).
+NOT_THE_RECORD: tuple[type[Exception], ...] = (asyncpg.ForeignKeyViolationError,)
+
+
+def caused_by_the_record(exc: BaseException) -> bool:
+    return isinstance(exc, CAUSED_BY_THE_RECORD) and not isinstance(exc, NOT_THE_RECORD)
+
+
+# Records dead-lettered in a row, with no record applied between them, before the consumer
+# stops believing the records are at fault and retries the batch instead.
+SYSTEMIC_AFTER = 5
+
+
+class Isolation:
+    """Finds the poison records of a batch that failed with ``CAUSED_BY_THE_RECORD``: each
+    record is applied alone, a record that fails alone twice is dead-lettered and the rest go
+    on. ``SystemicFailure`` when ``SYSTEMIC_AFTER`` records in a row failed alone (across
+    batches): the caller retries the batch, as for any failure of the environment."""
+
+    def __init__(self, handler: BatchHandler, dead_letter: DeadLetter) -> None:
+        self._handler = handler
+        self._dead_letter = dead_letter
+        self.failing_in_a_row = 0
+
+    async def apply(self, records: Sequence[Any]) -> int:
+        """Apply ``records`` one by one; returns how many were dead-lettered. An error that is
+        not the record's propagates (the batch is redelivered: what was applied is applied
+        again, which every handler takes as a redelivery)."""
+        dead = 0
+        for record in records:
+            try:
+                await self._alone(record)
+            except Exception as exc:
+                if not caused_by_the_record(exc):
+                    raise
+                if self.failing_in_a_row >= SYSTEMIC_AFTER:
+                    raise SystemicFailure(
+                        f"{self.failing_in_a_row} records in a row failed alone; the last: {exc!r}"
+                    ) from exc
+                self.failing_in_a_row += 1
+                await self._dead_letter(record, f"{type(exc).__name__}: {exc}")
+                dead += 1
+            else:
+                self.failing_in_a_row = 0
+        return dead
+
+    async def _alone(self, record: Any) -> None:
+        try:
+            await self._handler((record,))
+        except Exception as exc:
+            if not caused_by_the_record(exc):
+                raise
+            await self._handler((record,))  # once more: the record's fault only if it fails again
+
+
+class SystemicFailure(Exception):
+    """Every record fails alone: the handler or the deploy is broken, not the records."""
 
 
 async def _itself(msg: Any, original: Any = None) -> Any:
@@ -81,12 +168,16 @@ def subscribe_batch(
     max_records: int = 2000,
     retry_backoff: float = 1.0,
     money_path: bool = False,
+    dead_letter: DeadLetter | None = None,
 ) -> None:
     """Register ``handler`` for batches of raw records of ``topic`` in consumer group
     ``group_id``. A failing batch is retried (after a pause) from its first record.
     ``money_path``: the topic carries every usage event, so its fetches wait the shorter
-    ``KAFKA_FETCH_MAX_WAIT_MS``; others wait ``KAFKA_SIDE_FETCH_MAX_WAIT_MS``."""
+    ``KAFKA_FETCH_MAX_WAIT_MS``; others wait ``KAFKA_SIDE_FETCH_MAX_WAIT_MS``. With
+    ``dead_letter``, a batch that fails with an error a record caused is applied record by
+    record and the poison is dead-lettered (``Isolation``); without, every failure retries."""
     settings = get_settings()
+    isolation = Isolation(handler, dead_letter) if dead_letter is not None else None
     max_wait = settings.kafka_fetch_max_wait_ms if money_path else settings.kafka_side_fetch_max_wait_ms
 
     @broker.subscriber(
@@ -114,13 +205,32 @@ def subscribe_batch(
             RECORD_AGE.labels(service, topic).observe(max(started - oldest / 1000, 0.0))
         try:
             await handler(records)
-        except Exception:
+        except Exception as exc:
             FAILURES.labels(service, topic).inc()
-            log.exception(
-                "batch failed; it will be redelivered", extra={"topic": topic, "records": len(records)}
+            if isolation is None or not caused_by_the_record(exc):
+                log.exception(
+                    "batch failed; it will be redelivered", extra={"topic": topic, "records": len(records)}
+                )
+                await asyncio.sleep(retry_backoff)
+                raise
+            log.warning(
+                "batch failed on a record's content; applying it record by record",
+                exc_info=True,
+                extra={"topic": topic, "records": len(records)},
             )
-            await asyncio.sleep(retry_backoff)
-            raise
+            ISOLATED.labels(service, topic).inc()
+            try:
+                await isolation.apply(records)
+            except Exception:
+                log.exception(
+                    "batch failed record by record; it will be redelivered",
+                    extra={"topic": topic, "records": len(records)},
+                )
+                await asyncio.sleep(retry_backoff)
+                raise
+        else:
+            if isolation is not None:
+                isolation.failing_in_a_row = 0
         HANDLE_SECONDS.labels(service, topic).observe(time.time() - started)
         RECORDS.labels(service, topic).inc(len(records))
 
