@@ -204,7 +204,11 @@ def hops(
         mean = (a.get("_sum", 0.0) - b.get("_sum", 0.0)) / count
         bounds = sorted((float(le), a[le] - b.get(le, 0.0)) for le in a if not le.startswith("_"))
         p99 = next((le for le, n in bounds if n >= 0.99 * count), float("inf"))
-        out[label] = {"mean_ms": round(mean * 1000, 1), "p99_ms_at_most": round(p99 * 1000, 1), "count": count}
+        out[label] = {
+            "mean_ms": round(mean * 1000, 1),
+            "p99_ms_at_most": round(p99 * 1000, 1),
+            "count": count,
+        }
     return out
 
 

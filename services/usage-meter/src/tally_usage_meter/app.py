@@ -19,9 +19,7 @@ def wire(rt: Runtime) -> UsageMeterWiring:
     return UsageMeterWiring(
         rt,
         directory=directory,
-        ingestion=HttpIngestion(
-            rt.db, directory, limiter, concurrency=settings.ingest_group_concurrency
-        ),
+        ingestion=HttpIngestion(rt.db, directory, limiter, concurrency=settings.ingest_group_concurrency),
         dedupe_expiry=DedupeExpiry(rt.pool, settings.dedupe_window_days),
     )
 
