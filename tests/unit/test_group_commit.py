@@ -100,4 +100,4 @@ async def test_up_to_concurrency_calls_run_at_once_and_the_rest_wait_for_either(
 
 def test_concurrency_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 1"):
-        GroupCommit("test", lambda items: asyncio.sleep(0, items), concurrency=0)  # type: ignore[arg-type]
+        GroupCommit("test", lambda items: asyncio.sleep(0, items), concurrency=0)
