@@ -12,9 +12,9 @@ Then the batch is applied again one record at a time (``Isolation``), and the re
 fails alone is dead-lettered (``dead_letter``, through the outbox before its offset commits)
 while the others are applied: a poison record no longer blocks its partition. Every other
 failure (a lost connection, a restarting database, a service down, a conflict) is the
-environment's, and the batch is retried as long as it takes. So is a run of records that all
-fail alone (``SYSTEMIC_AFTER``): that is a broken deploy, not poison, and dead-lettering every
-record would empty the stream into the DLQ.
+environment's, and the batch is retried as long as it takes. So is a run of records of one type
+failing alone (more than ``POISON_BUDGET`` within the window): that is a broken release, not
+poison, and dead-lettering every record of the type would empty the stream into the DLQ.
 """
 
 from __future__ import annotations
@@ -92,26 +92,44 @@ def caused_by_the_record(exc: BaseException) -> bool:
     return isinstance(exc, CAUSED_BY_THE_RECORD) and not isinstance(exc, NOT_THE_RECORD)
 
 
-# Records dead-lettered in a row, with no record applied between them, before the consumer
-# stops believing the records are at fault and retries the batch instead.
-SYSTEMIC_AFTER = 5
+# Records of one type a consumer may dead-letter within the window. One more is read as a
+# broken release (every record of a type failing), not poison: the consumer parks, retrying
+# the batch as for any failure of the environment, until it restarts (with the fix).
+POISON_BUDGET = 3
+POISON_WINDOW_SECONDS = 600.0
+
+
+def _kind(record: Any) -> str:
+    """The record's event type (its ``type`` header), else its topic (raw usage events)."""
+    for key, value in record.headers or ():
+        if key == "type":
+            return bytes(value).decode(errors="replace")
+    return str(record.topic)
 
 
 class Isolation:
     """Finds the poison records of a batch that failed with ``CAUSED_BY_THE_RECORD``: each
     record is applied alone, a record that fails alone twice is dead-lettered and the rest go
-    on. ``SystemicFailure`` when ``SYSTEMIC_AFTER`` records in a row failed alone (across
-    batches): the caller retries the batch, as for any failure of the environment."""
+    on. More than ``POISON_BUDGET`` records of one type failing within the window parks it
+    (``SystemicFailure`` from then on, until the process restarts): no success in between
+    clears that, so a release that breaks one kind of record dead-letters a few of them, not
+    the stream, and a redelivered batch never dead-letters its records again."""
 
-    def __init__(self, handler: BatchHandler, dead_letter: DeadLetter) -> None:
+    def __init__(
+        self, handler: BatchHandler, dead_letter: DeadLetter, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._handler = handler
         self._dead_letter = dead_letter
-        self.failing_in_a_row = 0
+        self._clock = clock
+        self._letters: dict[str, list[float]] = {}  # type -> when each was dead-lettered
+        self.parked: str | None = None  # why, once parked
 
     async def apply(self, records: Sequence[Any]) -> int:
         """Apply ``records`` one by one; returns how many were dead-lettered. An error that is
         not the record's propagates (the batch is redelivered: what was applied is applied
         again, which every handler takes as a redelivery)."""
+        if self.parked:
+            raise SystemicFailure(self.parked)
         dead = 0
         for record in records:
             try:
@@ -119,15 +137,17 @@ class Isolation:
             except Exception as exc:
                 if not caused_by_the_record(exc):
                     raise
-                if self.failing_in_a_row >= SYSTEMIC_AFTER:
-                    raise SystemicFailure(
-                        f"{self.failing_in_a_row} records in a row failed alone; the last: {exc!r}"
-                    ) from exc
-                self.failing_in_a_row += 1
+                kind, now = _kind(record), self._clock()
+                recent = [t for t in self._letters.get(kind, []) if now - t < POISON_WINDOW_SECONDS]
+                if len(recent) >= POISON_BUDGET:
+                    self.parked = (
+                        f"more than {POISON_BUDGET} {kind} records failed alone within "
+                        f"{POISON_WINDOW_SECONDS:.0f}s: a broken release, not poison; the last: {exc!r}"
+                    )
+                    raise SystemicFailure(self.parked) from exc
                 await self._dead_letter(record, f"{type(exc).__name__}: {exc}")
+                self._letters[kind] = [*recent, now]  # counted once it is in the DLQ
                 dead += 1
-            else:
-                self.failing_in_a_row = 0
         return dead
 
     async def _alone(self, record: Any) -> None:
@@ -140,7 +160,8 @@ class Isolation:
 
 
 class SystemicFailure(Exception):
-    """Every record fails alone: the handler or the deploy is broken, not the records."""
+    """Records of one type keep failing alone: the handler or the release is broken, not the
+    records."""
 
 
 async def _itself(msg: Any, original: Any = None) -> Any:
@@ -207,9 +228,10 @@ def subscribe_batch(
             await handler(records)
         except Exception as exc:
             FAILURES.labels(service, topic).inc()
-            if isolation is None or not caused_by_the_record(exc):
+            if isolation is None or isolation.parked or not caused_by_the_record(exc):
                 log.exception(
-                    "batch failed; it will be redelivered", extra={"topic": topic, "records": len(records)}
+                    "batch failed; it will be redelivered",
+                    extra={"topic": topic, "records": len(records), "parked": isolation and isolation.parked},
                 )
                 await asyncio.sleep(retry_backoff)
                 raise
@@ -228,9 +250,6 @@ def subscribe_batch(
                 )
                 await asyncio.sleep(retry_backoff)
                 raise
-        else:
-            if isolation is not None:
-                isolation.failing_in_a_row = 0
         HANDLE_SECONDS.labels(service, topic).observe(time.time() - started)
         RECORDS.labels(service, topic).inc(len(records))
 

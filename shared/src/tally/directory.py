@@ -75,7 +75,11 @@ class CompanyDirectory:
             r.raise_for_status()
         if r.status_code != 200:
             return None
-        return str(r.json()[field])
+        try:
+            return str(r.json()[field])
+        except (ValueError, LookupError, TypeError) as exc:  # a proxy's page, a half answer
+            # rebilling failing, not the record that asked: unavailable, never a poison record
+            raise httpx.DecodingError(f"rebilling's answer to {path} is unreadable: {exc}") from exc
 
     async def close(self) -> None:
         await self._client.aclose()

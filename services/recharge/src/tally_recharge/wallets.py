@@ -34,14 +34,18 @@ class WalletReader:
             raise WalletUnavailable(str(exc)) from exc
         if r.status_code != 200:
             raise WalletUnavailable(f"GET {path}: {r.status_code} {r.text[:200]}")
-        w = r.json()
-        return WalletState(
-            balance=_micros(w["balance"]),
-            threshold=_micros(w["threshold"]),
-            reload_amount=_micros(w["reload_amount"]),
-            auto_recharge=bool(w["auto_recharge"]),
-            smart_adjustment=bool(w["smart_adjustment"]),
-        )
+        try:
+            w = r.json()
+            return WalletState(
+                balance=_micros(w["balance"]),
+                threshold=_micros(w["threshold"]),
+                reload_amount=_micros(w["reload_amount"]),
+                auto_recharge=bool(w["auto_recharge"]),
+                smart_adjustment=bool(w["smart_adjustment"]),
+            )
+        except (ValueError, LookupError, TypeError, ArithmeticError) as exc:
+            # the wallet answering badly is the wallet unavailable, not a poison record
+            raise WalletUnavailable(f"GET {path}: unreadable answer: {exc}") from exc
 
     async def close(self) -> None:
         await self.client.aclose()
