@@ -1,8 +1,9 @@
-"""A poison record over the real broker (tally.consumer.subscribe_batch): a handler that fails
-on one record's content, every time, no longer blocks its partition. The batch is applied again
-record by record, the poison goes to the dead letters and every other record is applied, in
-order; the group's offsets move past it. A failure of the environment dead-letters nothing and
-the batch is retried until it passes."""
+"""A poison record over the real broker and Postgres (tally.consumer.subscribe_batch with
+tally.dead_letters): a handler that fails on one record's content, every time, no longer blocks
+its partition. The batch is applied again record by record, the poison is dead-lettered once
+(its row in ``dead_letters``, its DLQ message in the outbox) and every other record is applied,
+in order; the group's offsets move past it. A failure of the environment dead-letters nothing
+and the batch is retried until it passes. The poison budget is shared by every replica."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ import asyncio
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from tally import db, outbox
 from tally.consumer import subscribe_batch
+from tally.dead_letters import DeadLetters
 from tally.kafka import make_broker
 from tally.settings import Settings, get_settings
+from tally.uow import Database
 from tests.support.stack import Infra, eventually, uid
 
 
@@ -51,12 +56,15 @@ async def _produce(infra: Infra, topic: str, values: Sequence[bytes]) -> None:
         await producer.stop()
 
 
-async def _consume(infra: Infra, topic: str, handler: Any, letters: list[tuple[bytes, str]]) -> Any:
+async def _database(infra: Infra) -> Database:
+    schema = f"poison_{uid('s').replace('-', '_')}"
+    pool = await db.create_pool(infra.stack.database_url, schema, size=2)
+    await db.migrate(pool, schema, "tally")
+    return Database(pool)
+
+
+async def _consume(infra: Infra, topic: str, handler: Any, letters: DeadLetters) -> Any:
     broker = make_broker(Settings(KAFKA_BOOTSTRAP_SERVERS=infra.stack.bootstrap), client_id=uid("c"))
-
-    async def dead_letter(record: Any, reason: str) -> None:
-        letters.append((record.value, reason))
-
     subscribe_batch(
         broker,
         topic,
@@ -64,10 +72,20 @@ async def _consume(infra: Infra, topic: str, handler: Any, letters: list[tuple[b
         group_id=uid("g"),
         handler=handler,
         retry_backoff=0.05,
-        dead_letter=dead_letter,
+        letters=letters,
     )
     await broker.start()
     return broker
+
+
+async def _outboxed(database: Database) -> list[tuple[str, dict[str, Any]]]:
+    """The DLQ messages waiting in the outbox (no relay runs here)."""
+    out = []
+    async with database.reading() as conn:
+        for r in await conn.fetch("SELECT messages, messages_lz4 FROM outbox ORDER BY id"):
+            for topic, _, value, _, _ in outbox.unpack(r["messages"]):
+                out.append((topic, orjson.loads(value)))
+    return out
 
 
 async def test_a_poison_record_is_dead_lettered_and_the_partition_goes_on(infra: Infra) -> None:
@@ -80,10 +98,10 @@ async def test_a_poison_record_is_dead_lettered_and_the_partition_goes_on(infra:
             raise ValueError("a shape this handler never foresaw")
         applied.extend(values)
 
-    letters: list[tuple[bytes, str]] = []
+    database = await _database(infra)
     values = [b"a", b"b", b"poison", b"c", b"d"]
     await _produce(infra, topic, values[:3])
-    broker = await _consume(infra, topic, handler, letters)
+    broker = await _consume(infra, topic, handler, DeadLetters(database, "test", budget=3))
     try:
         await _produce(infra, topic, values[3:])
 
@@ -92,9 +110,14 @@ async def test_a_poison_record_is_dead_lettered_and_the_partition_goes_on(infra:
 
         await eventually(past_the_poison, what="the records after the poison applied")
         assert applied == [b"a", b"b", b"c", b"d"]
-        assert letters == [(b"poison", "ValueError: a shape this handler never foresaw")]
+        [(dlq, letter)] = await _outboxed(database)
+        assert dlq == f"{topic}.dlq" and letter["message"] == "poison"
+        assert letter["error"] == "ValueError: a shape this handler never foresaw" and letter["offset"] == 2
+        async with database.reading() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM dead_letters WHERE topic = $1", topic) == 1
     finally:
         await broker.stop()
+        await database.pool.close()
 
 
 async def test_a_failure_of_the_environment_is_retried_and_dead_letters_nothing(infra: Infra) -> None:
@@ -108,9 +131,9 @@ async def test_a_failure_of_the_environment_is_retried_and_dead_letters_nothing(
             raise ConnectionError("the database is restarting")
         applied.extend(r.value for r in records)
 
-    letters: list[tuple[bytes, str]] = []
+    database = await _database(infra)
     await _produce(infra, topic, [b"a", b"b"])
-    broker = await _consume(infra, topic, handler, letters)
+    broker = await _consume(infra, topic, handler, DeadLetters(database, "test", budget=3))
     try:
 
         async def retried() -> bool:
@@ -118,6 +141,33 @@ async def test_a_failure_of_the_environment_is_retried_and_dead_letters_nothing(
 
         await eventually(retried, what="the batch applied once the database is back")
         await asyncio.sleep(0.2)
-        assert applied == [b"a", b"b"] and letters == [] and failures["left"] == 0
+        assert applied == [b"a", b"b"] and failures["left"] == 0
+        assert await _outboxed(database) == []
     finally:
         await broker.stop()
+        await database.pool.close()
+
+
+class Rec:
+    def __init__(self, topic: str, offset: int) -> None:
+        self.topic, self.partition, self.offset, self.key, self.value = topic, 0, offset, None, b"x"
+        self.headers: list[tuple[str, bytes]] = []
+
+
+async def test_each_record_is_lettered_once_and_the_budget_is_shared_by_replicas(infra: Infra) -> None:
+    database = await _database(infra)
+    topic = uid("budget")
+    one, other = DeadLetters(database, "test", budget=2), DeadLetters(database, "test", budget=2)
+    try:
+        assert await one.letter(Rec(topic, 1), "ValueError: x", topic)
+        assert await other.letter(Rec(topic, 1), "ValueError: x", topic)  # the same record: once
+        assert await one.already(Rec(topic, 1)) and not await one.already(Rec(topic, 2))
+        assert len(await _outboxed(database)) == 1
+        assert await other.letter(Rec(topic, 2), "ValueError: y", topic)
+        # two replicas, one budget: a third record of the kind is refused, nothing written
+        assert not await one.letter(Rec(topic, 3), "ValueError: z", topic)
+        assert not await other.letter(Rec(topic, 3), "ValueError: z", topic)
+        assert await one.letter(Rec(topic, 3), "ValueError: z", f"{topic}:another-kind")
+        assert len(await _outboxed(database)) == 3
+    finally:
+        await database.pool.close()

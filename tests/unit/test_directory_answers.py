@@ -33,6 +33,9 @@ def answering(status: int, body: bytes, content_type: bytes = b"application/json
         (b"", b"application/json"),  # an empty answer
         (b'{"id": "co-1"}', b"application/json"),  # rebilling's answer without the field
         (b"[1, 2]", b"application/json"),  # not an object
+        (b'{"currency": null}', b"application/json"),  # a null
+        (b'{"currency": ""}', b"application/json"),  # empty
+        (b'{"currency": {"code": "EUR"}}', b"application/json"),  # not text
     ],
 )
 async def test_an_unreadable_answer_is_rebilling_unavailable(body: bytes, content_type: bytes) -> None:

@@ -9,12 +9,13 @@ same transaction, so the partition goes on and the DLQ copy is as durable as the
 A record a handler did not foresee can still make it raise, on every try: an error its own
 content causes (``CAUSED_BY_THE_RECORD``: a value or type error, a row the database refuses).
 Then the batch is applied again one record at a time (``Isolation``), and the record that still
-fails alone is dead-lettered (``dead_letter``, through the outbox before its offset commits)
+fails alone is dead-lettered (``letters``, through the outbox before its offset commits)
 while the others are applied: a poison record no longer blocks its partition. Every other
 failure (a lost connection, a restarting database, a service down, a conflict) is the
-environment's, and the batch is retried as long as it takes. So is a run of records of one type
-failing alone (more than ``POISON_BUDGET`` within the window): that is a broken release, not
-poison, and dead-lettering every record of the type would empty the stream into the DLQ.
+environment's, and the batch is retried as long as it takes. So is a kind of record failing
+alone more than ``POISON_BUDGET`` times within the window (all replicas together): that is a
+broken release, not poison, and dead-lettering every record of the kind would empty the stream
+into the DLQ. Each record is dead-lettered once, however often its batch comes back.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Container, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 from aiokafka import TopicPartition
@@ -71,7 +72,6 @@ ISOLATED = Counter(
 )
 
 BatchHandler = Callable[[Sequence[Any]], Awaitable[None]]
-DeadLetter = Callable[[Any, str], Awaitable[None]]  # (record, reason): in the DLQ, durably
 
 # Errors a record's own content causes, the same on every try. Anything else is retried.
 CAUSED_BY_THE_RECORD: tuple[type[Exception], ...] = (
@@ -92,61 +92,80 @@ def caused_by_the_record(exc: BaseException) -> bool:
     return isinstance(exc, CAUSED_BY_THE_RECORD) and not isinstance(exc, NOT_THE_RECORD)
 
 
-# Records of one type a consumer may dead-letter within the window. One more is read as a
-# broken release (every record of a type failing), not poison: the consumer parks, retrying
-# the batch as for any failure of the environment, until it restarts (with the fix).
+# Records of one kind a service may dead-letter within the window, all replicas together
+# (``TALLY_POISON_BUDGET``). One more is read as a broken release (a bug every record of a kind
+# meets), not poison: the consumer parks, retrying the batch as for any failure of the
+# environment, and tries the records alone again after ``PARK_SECONDS``.
 POISON_BUDGET = 3
 POISON_WINDOW_SECONDS = 600.0
+PARK_SECONDS = 30.0
+
+
+class LetterBox(Protocol):
+    """Where poison goes (``tally.dead_letters.DeadLetters``: a table and the outbox)."""
+
+    async def already(self, record: Any) -> bool:
+        """Whether ``record`` was dead-lettered before (an earlier delivery of its batch)."""
+        ...
+
+    async def letter(self, record: Any, reason: str, kind: str) -> bool:
+        """Dead-letter ``record`` once, durably; False (nothing written) when its kind has
+        used its budget."""
+        ...
 
 
 def _kind(record: Any) -> str:
-    """The record's event type (its ``type`` header), else its topic (raw usage events)."""
+    """What the poison budget counts by: the topic, and the event type when the record names a
+    known one (a raw usage event's producer cannot widen the budget with headers)."""
     for key, value in record.headers or ():
         if key == "type":
-            return bytes(value).decode(errors="replace")
+            type_ = bytes(value).decode(errors="replace")
+            if type_ in events.PAYLOADS:
+                return f"{record.topic}:{type_}"
     return str(record.topic)
 
 
 class Isolation:
     """Finds the poison records of a batch that failed with ``CAUSED_BY_THE_RECORD``: each
-    record is applied alone, a record that fails alone twice is dead-lettered and the rest go
-    on. More than ``POISON_BUDGET`` records of one type failing within the window parks it
-    (``SystemicFailure`` from then on, until the process restarts): no success in between
-    clears that, so a release that breaks one kind of record dead-letters a few of them, not
-    the stream, and a redelivered batch never dead-letters its records again."""
+    record is applied alone (skipping one dead-lettered by an earlier delivery), a record that
+    fails alone twice is dead-lettered and the rest go on. ``SystemicFailure`` when its kind
+    has used its budget: the consumer then retries the batch without isolating it for
+    ``PARK_SECONDS`` (``parked``)."""
 
     def __init__(
-        self, handler: BatchHandler, dead_letter: DeadLetter, clock: Callable[[], float] = time.monotonic
+        self, handler: BatchHandler, letters: LetterBox, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._handler = handler
-        self._dead_letter = dead_letter
+        self._letters = letters
         self._clock = clock
-        self._letters: dict[str, list[float]] = {}  # type -> when each was dead-lettered
-        self.parked: str | None = None  # why, once parked
+        self._parked_until = 0.0
+        self.why_parked = ""
+
+    @property
+    def parked(self) -> bool:
+        return self._clock() < self._parked_until
 
     async def apply(self, records: Sequence[Any]) -> int:
         """Apply ``records`` one by one; returns how many were dead-lettered. An error that is
         not the record's propagates (the batch is redelivered: what was applied is applied
         again, which every handler takes as a redelivery)."""
-        if self.parked:
-            raise SystemicFailure(self.parked)
         dead = 0
         for record in records:
+            if await self._letters.already(record):
+                continue  # dead-lettered by an earlier delivery of this batch
             try:
                 await self._alone(record)
             except Exception as exc:
                 if not caused_by_the_record(exc):
                     raise
-                kind, now = _kind(record), self._clock()
-                recent = [t for t in self._letters.get(kind, []) if now - t < POISON_WINDOW_SECONDS]
-                if len(recent) >= POISON_BUDGET:
-                    self.parked = (
-                        f"more than {POISON_BUDGET} {kind} records failed alone within "
-                        f"{POISON_WINDOW_SECONDS:.0f}s: a broken release, not poison; the last: {exc!r}"
+                kind = _kind(record)
+                if not await self._letters.letter(record, f"{type(exc).__name__}: {exc}", kind):
+                    self._parked_until = self._clock() + PARK_SECONDS
+                    self.why_parked = (
+                        f"{kind} records failing alone used the poison budget: a broken release, "
+                        f"not poison; the last: {exc!r}"
                     )
-                    raise SystemicFailure(self.parked) from exc
-                await self._dead_letter(record, f"{type(exc).__name__}: {exc}")
-                self._letters[kind] = [*recent, now]  # counted once it is in the DLQ
+                    raise SystemicFailure(self.why_parked) from exc
                 dead += 1
         return dead
 
@@ -189,16 +208,16 @@ def subscribe_batch(
     max_records: int = 2000,
     retry_backoff: float = 1.0,
     money_path: bool = False,
-    dead_letter: DeadLetter | None = None,
+    letters: LetterBox | None = None,
 ) -> None:
     """Register ``handler`` for batches of raw records of ``topic`` in consumer group
     ``group_id``. A failing batch is retried (after a pause) from its first record.
     ``money_path``: the topic carries every usage event, so its fetches wait the shorter
     ``KAFKA_FETCH_MAX_WAIT_MS``; others wait ``KAFKA_SIDE_FETCH_MAX_WAIT_MS``. With
-    ``dead_letter``, a batch that fails with an error a record caused is applied record by
+    ``letters``, a batch that fails with an error a record caused is applied record by
     record and the poison is dead-lettered (``Isolation``); without, every failure retries."""
     settings = get_settings()
-    isolation = Isolation(handler, dead_letter) if dead_letter is not None else None
+    isolation = Isolation(handler, letters) if letters is not None else None
     max_wait = settings.kafka_fetch_max_wait_ms if money_path else settings.kafka_side_fetch_max_wait_ms
 
     @broker.subscriber(
@@ -231,7 +250,11 @@ def subscribe_batch(
             if isolation is None or isolation.parked or not caused_by_the_record(exc):
                 log.exception(
                     "batch failed; it will be redelivered",
-                    extra={"topic": topic, "records": len(records), "parked": isolation and isolation.parked},
+                    extra={
+                        "topic": topic,
+                        "records": len(records),
+                        "parked": isolation.why_parked if isolation and isolation.parked else None,
+                    },
                 )
                 await asyncio.sleep(retry_backoff)
                 raise

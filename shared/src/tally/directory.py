@@ -75,11 +75,16 @@ class CompanyDirectory:
             r.raise_for_status()
         if r.status_code != 200:
             return None
+        # A proxy's page, a half answer (no field, a null, an empty or non-text value) is
+        # rebilling failing, not the record that asked: unavailable, never a poison record,
+        # and never remembered.
         try:
-            return str(r.json()[field])
-        except (ValueError, LookupError, TypeError) as exc:  # a proxy's page, a half answer
-            # rebilling failing, not the record that asked: unavailable, never a poison record
+            value = r.json()[field]
+        except (ValueError, LookupError, TypeError) as exc:
             raise httpx.DecodingError(f"rebilling's answer to {path} is unreadable: {exc}") from exc
+        if not isinstance(value, str) or not value:
+            raise httpx.DecodingError(f"rebilling's answer to {path} has no usable {field}: {value!r}")
+        return value
 
     async def close(self) -> None:
         await self._client.aclose()

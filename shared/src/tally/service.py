@@ -29,7 +29,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tally import asyncapi, auth, db, idempotency, openapi
-from tally.consumer import dlq_row, subscribe_batch
+from tally.consumer import subscribe_batch
+from tally.dead_letters import DeadLetters
 from tally.edge import FastPaths, FastRoute, HttpMetrics
 from tally.errors import JsonResponse, error_response, install_error_handlers
 from tally.kafka import make_broker, make_producer
@@ -146,10 +147,7 @@ def create_app(spec: ServiceSpec[Any], settings: Settings | None = None) -> Fast
         relay = OutboxRelay(pool, producer, service=spec.name, poll_interval=settings.outbox_poll_ms / 1000)
         rt = Runtime(spec.name, settings, pool, broker, producer, relay, Database(pool, relay))
         wired = spec.wire(rt)
-
-        async def dead_letter(record: Any, reason: str) -> None:
-            async with rt.db.unit() as uow:
-                uow.publish([dlq_row(record, reason, service=spec.name)])
+        letters = DeadLetters(rt.db, spec.name, budget=settings.poison_budget)
 
         app.state.runtime = rt
         app.state.wiring = wired
@@ -164,7 +162,7 @@ def create_app(spec: ServiceSpec[Any], settings: Settings | None = None) -> Fast
                 if consumer.money_path or consumer.large_batches
                 else 2000,
                 money_path=consumer.money_path,
-                dead_letter=dead_letter,
+                letters=letters,
             )
         await producer.start()
         await broker.start()
