@@ -101,7 +101,7 @@ async def test_a_poison_record_is_dead_lettered_and_the_partition_goes_on(infra:
     database = await _database(infra)
     values = [b"a", b"b", b"poison", b"c", b"d"]
     await _produce(infra, topic, values[:3])
-    broker = await _consume(infra, topic, handler, DeadLetters(database, "test", budget=3))
+    broker = await _consume(infra, topic, handler, DeadLetters(database, "test", "g", budget=3))
     try:
         await _produce(infra, topic, values[3:])
 
@@ -133,7 +133,7 @@ async def test_a_failure_of_the_environment_is_retried_and_dead_letters_nothing(
 
     database = await _database(infra)
     await _produce(infra, topic, [b"a", b"b"])
-    broker = await _consume(infra, topic, handler, DeadLetters(database, "test", budget=3))
+    broker = await _consume(infra, topic, handler, DeadLetters(database, "test", "g", budget=3))
     try:
 
         async def retried() -> bool:
@@ -149,25 +149,53 @@ async def test_a_failure_of_the_environment_is_retried_and_dead_letters_nothing(
 
 
 class Rec:
-    def __init__(self, topic: str, offset: int) -> None:
-        self.topic, self.partition, self.offset, self.key, self.value = topic, 0, offset, None, b"x"
+    def __init__(self, topic: str, offset: int, value: bytes = b"x") -> None:
+        self.topic, self.partition, self.offset, self.key, self.value = topic, 0, offset, None, value
+        self.timestamp = 1_700_000_000_000
         self.headers: list[tuple[str, bytes]] = []
 
 
 async def test_each_record_is_lettered_once_and_the_budget_is_shared_by_replicas(infra: Infra) -> None:
     database = await _database(infra)
     topic = uid("budget")
-    one, other = DeadLetters(database, "test", budget=2), DeadLetters(database, "test", budget=2)
+    one, other = (DeadLetters(database, "test", "g", budget=2) for _ in range(2))
     try:
         assert await one.letter(Rec(topic, 1), "ValueError: x", topic)
         assert await other.letter(Rec(topic, 1), "ValueError: x", topic)  # the same record: once
-        assert await one.already(Rec(topic, 1)) and not await one.already(Rec(topic, 2))
         assert len(await _outboxed(database)) == 1
         assert await other.letter(Rec(topic, 2), "ValueError: y", topic)
         # two replicas, one budget: a third record of the kind is refused, nothing written
         assert not await one.letter(Rec(topic, 3), "ValueError: z", topic)
         assert not await other.letter(Rec(topic, 3), "ValueError: z", topic)
+        # ...but a record lettered before is still "in the DLQ" for a returning batch
+        assert await one.letter(Rec(topic, 1), "ValueError: x", topic)
         assert await one.letter(Rec(topic, 3), "ValueError: z", f"{topic}:another-kind")
         assert len(await _outboxed(database)) == 3
+    finally:
+        await database.pool.close()
+
+
+async def test_a_reused_offset_is_a_new_record_and_groups_letter_on_their_own(infra: Infra) -> None:
+    database = await _database(infra)
+    topic = uid("reused")
+    try:
+        assert await DeadLetters(database, "test", "g", budget=5).letter(
+            Rec(topic, 7), "ValueError: a", topic
+        )
+        # the topic rebuilt (or the embedded broker restarted): offset 7 again, another record
+        assert await DeadLetters(database, "test", "g", budget=5).letter(
+            Rec(topic, 7, b"another"), "ValueError: b", topic
+        )
+        # another consumer group of the service letters the same record for itself
+        assert await DeadLetters(database, "test", "h", budget=5).letter(
+            Rec(topic, 7), "ValueError: a", topic
+        )
+        assert [m["error"] for _, m in await _outboxed(database)] == [
+            "ValueError: a",
+            "ValueError: b",
+            "ValueError: a",
+        ]
+        async with database.reading() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM dead_letters WHERE topic = $1", topic) == 3
     finally:
         await database.pool.close()

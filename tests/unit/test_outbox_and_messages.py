@@ -72,6 +72,15 @@ def test_a_wanted_record_is_parsed_into_its_typed_payload() -> None:
         assert message.data.balance_micros == -1
 
 
+def test_a_null_type_header_is_no_header() -> None:
+    # Kafka allows a header without a value: the envelope tells the type (it raised TypeError,
+    # which the consumer took for poison)
+    r = record(orjson.dumps(SUSPENDED))
+    r.headers.append(("type", None))
+    message = wanted(r, ("wallet.suspended",))
+    assert message is not None and message.type == "wallet.suspended"
+
+
 def test_other_types_are_skipped_by_header_without_reading_the_value() -> None:
     assert wanted(record(b"\xff not json", "wallet.debited"), ("wallet.suspended",)) is None
 

@@ -13,7 +13,7 @@ fails alone is dead-lettered (``letters``, through the outbox before its offset 
 while the others are applied: a poison record no longer blocks its partition. Every other
 failure (a lost connection, a restarting database, a service down, a conflict) is the
 environment's, and the batch is retried as long as it takes. So is a kind of record failing
-alone more than ``POISON_BUDGET`` times within the window (all replicas together): that is a
+alone more than ``POISON_BUDGET`` times a day (per consumer group, all replicas together): that is a
 broken release, not poison, and dead-lettering every record of the kind would empty the stream
 into the DLQ. Each record is dead-lettered once, however often its batch comes back.
 """
@@ -35,6 +35,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from tally import events, outbox
 from tally.settings import get_settings
+from tally.telemetry import header
 
 log = logging.getLogger(__name__)
 
@@ -92,45 +93,37 @@ def caused_by_the_record(exc: BaseException) -> bool:
     return isinstance(exc, CAUSED_BY_THE_RECORD) and not isinstance(exc, NOT_THE_RECORD)
 
 
-# Records of one kind a service may dead-letter within the window, all replicas together
-# (``TALLY_POISON_BUDGET``). One more is read as a broken release (a bug every record of a kind
-# meets), not poison: the consumer parks, retrying the batch as for any failure of the
+# Poison records of one kind a consumer group may dead-letter within the window, all replicas
+# together (``TALLY_POISON_BUDGET``). One more is read as a broken release (a bug every record of
+# a kind meets), not poison: the consumer parks, retrying the batch as for any failure of the
 # environment, and tries the records alone again after ``PARK_SECONDS``.
 POISON_BUDGET = 3
-POISON_WINDOW_SECONDS = 600.0
-PARK_SECONDS = 30.0
+POISON_WINDOW_SECONDS = 24 * 3600.0
+PARK_SECONDS = 300.0
 
 
 class LetterBox(Protocol):
     """Where poison goes (``tally.dead_letters.DeadLetters``: a table and the outbox)."""
 
-    async def already(self, record: Any) -> bool:
-        """Whether ``record`` was dead-lettered before (an earlier delivery of its batch)."""
-        ...
-
     async def letter(self, record: Any, reason: str, kind: str) -> bool:
-        """Dead-letter ``record`` once, durably; False (nothing written) when its kind has
-        used its budget."""
+        """Dead-letter ``record`` once, durably (a record lettered before is not written
+        again); False, with nothing written, when its kind has used its budget."""
         ...
 
 
 def _kind(record: Any) -> str:
     """What the poison budget counts by: the topic, and the event type when the record names a
     known one (a raw usage event's producer cannot widen the budget with headers)."""
-    for key, value in record.headers or ():
-        if key == "type":
-            type_ = bytes(value).decode(errors="replace")
-            if type_ in events.PAYLOADS:
-                return f"{record.topic}:{type_}"
-    return str(record.topic)
+    type_ = header(record, "type")
+    return f"{record.topic}:{type_}" if type_ in events.PAYLOADS else str(record.topic)
 
 
 class Isolation:
     """Finds the poison records of a batch that failed with ``CAUSED_BY_THE_RECORD``: each
-    record is applied alone (skipping one dead-lettered by an earlier delivery), a record that
-    fails alone twice is dead-lettered and the rest go on. ``SystemicFailure`` when its kind
-    has used its budget: the consumer then retries the batch without isolating it for
-    ``PARK_SECONDS`` (``parked``)."""
+    record is applied alone; a record that fails alone twice is dead-lettered (once, however
+    often its batch comes back: ``LetterBox``) and the rest go on. Nothing is ever skipped
+    without being applied or dead-lettered. ``SystemicFailure`` when its kind has used its
+    budget: the consumer then retries the batch without isolating it for ``PARK_SECONDS``."""
 
     def __init__(
         self, handler: BatchHandler, letters: LetterBox, clock: Callable[[], float] = time.monotonic
@@ -151,8 +144,6 @@ class Isolation:
         again, which every handler takes as a redelivery)."""
         dead = 0
         for record in records:
-            if await self._letters.already(record):
-                continue  # dead-lettered by an earlier delivery of this batch
             try:
                 await self._alone(record)
             except Exception as exc:
@@ -296,9 +287,9 @@ def wanted(record: Any, types: Container[str]) -> events.Message | None:
     """The record parsed, when it is one of ``types``; None when it is another type (told by
     its ``type`` header without reading the value, else by the envelope). ``BadMessage`` when
     it claims to be a wanted type, or has no readable envelope: dead-letter it."""
-    for key, value in record.headers or ():
-        if key == "type" and bytes(value).decode(errors="replace") not in types:
-            return None
+    type_ = header(record, "type")
+    if type_ is not None and type_ not in types:
+        return None
     try:
         message = events.parse_message(record.value)
     except events.UnknownType:

@@ -28,7 +28,7 @@ from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tally import asyncapi, auth, db, idempotency, openapi
+from tally import asyncapi, auth, db, dead_letters, idempotency, openapi
 from tally.consumer import subscribe_batch
 from tally.dead_letters import DeadLetters
 from tally.edge import FastPaths, FastRoute, HttpMetrics
@@ -147,7 +147,6 @@ def create_app(spec: ServiceSpec[Any], settings: Settings | None = None) -> Fast
         relay = OutboxRelay(pool, producer, service=spec.name, poll_interval=settings.outbox_poll_ms / 1000)
         rt = Runtime(spec.name, settings, pool, broker, producer, relay, Database(pool, relay))
         wired = spec.wire(rt)
-        letters = DeadLetters(rt.db, spec.name, budget=settings.poison_budget)
 
         app.state.runtime = rt
         app.state.wiring = wired
@@ -162,7 +161,7 @@ def create_app(spec: ServiceSpec[Any], settings: Settings | None = None) -> Fast
                 if consumer.money_path or consumer.large_batches
                 else 2000,
                 money_path=consumer.money_path,
-                letters=letters,
+                letters=DeadLetters(rt.db, spec.name, consumer.group_id, budget=settings.poison_budget),
             )
         await producer.start()
         await broker.start()
@@ -243,6 +242,7 @@ async def _housekeeping(pool: asyncpg.Pool, service: str, every: float = 3600) -
             while True:
                 async with pool.acquire() as conn:
                     n = await idempotency.sweep(conn)
+                    n += await dead_letters.sweep(conn)
                 swept += n
                 if n < 5000:
                     break

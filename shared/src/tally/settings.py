@@ -84,8 +84,8 @@ class Settings(BaseSettings):
     ingest_rate: int = Field(50_000, alias="TALLY_INGEST_RATE", ge=0)
     ingest_burst: int = Field(100_000, alias="TALLY_INGEST_BURST", ge=1)
     max_body_bytes: int = Field(2_000_000, alias="TALLY_MAX_BODY_BYTES", ge=1024)
-    # Poison records of one kind a service may dead-letter in 10 minutes, all replicas together;
-    # one more parks the consumer (a broken release, not poison: docs/0014).
+    # Poison records of one kind a consumer group may dead-letter in a day, all replicas
+    # together; one more parks the consumer (a broken release, not poison: docs/0014).
     poison_budget: int = Field(3, alias="TALLY_POISON_BUDGET", ge=0, le=10_000)
     # usage-meter: group commits of POST /v1/usage in flight at once (docs/0015).
     ingest_group_concurrency: int = Field(1, alias="TALLY_INGEST_GROUP_CONCURRENCY", ge=1, le=16)
