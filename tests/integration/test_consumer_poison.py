@@ -16,7 +16,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from tally import db, outbox
+from tally import db, dead_letters, outbox
 from tally.consumer import subscribe_batch
 from tally.dead_letters import DeadLetters
 from tally.kafka import make_broker
@@ -197,5 +197,22 @@ async def test_a_reused_offset_is_a_new_record_and_groups_letter_on_their_own(in
         ]
         async with database.reading() as conn:
             assert await conn.fetchval("SELECT count(*) FROM dead_letters WHERE topic = $1", topic) == 3
+    finally:
+        await database.pool.close()
+
+
+async def test_rows_past_their_week_are_swept(infra: Infra) -> None:
+    database = await _database(infra)
+    topic = uid("swept")
+    letters = DeadLetters(database, "test", "g", budget=5)
+    try:
+        assert await letters.letter(Rec(topic, 1), "ValueError: old", topic)
+        assert await letters.letter(Rec(topic, 2), "ValueError: new", topic)
+        async with database.reading() as conn:
+            await conn.execute(
+                "UPDATE dead_letters SET lettered_at = now() - interval '8 days' WHERE record_offset = 1"
+            )
+            assert await dead_letters.sweep(conn) == 1
+            assert await conn.fetchval("SELECT array_agg(record_offset) FROM dead_letters") == [2]
     finally:
         await database.pool.close()

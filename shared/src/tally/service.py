@@ -235,19 +235,22 @@ def build_app(spec: ServiceSpec[Any], settings: Settings, lifespan: Any = None) 
 
 async def _housekeeping(pool: asyncpg.Pool, service: str, every: float = 3600) -> None:
     """Idempotency-Keys are kept 24 h (API.md), then forgotten: swept every hour, a batch at a
-    time so a sweep never holds many rows locked."""
+    time so a sweep never holds many rows locked. Dead-letter rows past their week go too."""
     while True:
         try:
             swept = 0
             while True:
                 async with pool.acquire() as conn:
                     n = await idempotency.sweep(conn)
-                    n += await dead_letters.sweep(conn)
                 swept += n
                 if n < 5000:
                     break
             if swept:
                 log.info("idempotency keys swept", extra={"swept": swept, "service": service})
+            async with pool.acquire() as conn:
+                letters = await dead_letters.sweep(conn)
+            if letters:
+                log.info("dead-letter rows swept", extra={"swept": letters, "service": service})
         except Exception:
             log.exception("housekeeping failed; next hour retries")
         await asyncio.sleep(every)
