@@ -13,7 +13,7 @@ fails alone is dead-lettered (``letters``, through the outbox before its offset 
 while the others are applied: a poison record no longer blocks its partition. Every other
 failure (a lost connection, a restarting database, a service down, a conflict) is the
 environment's, and the batch is retried as long as it takes. So is a kind of record failing
-alone more than ``POISON_BUDGET`` times a day (per consumer group, all replicas together): that is a
+alone more than ``TALLY_POISON_BUDGET`` times a day (per consumer group, all replicas): that is a
 broken release, not poison, and dead-lettering every record of the kind would empty the stream
 into the DLQ. Each record is dead-lettered once, however often its batch comes back.
 """
@@ -93,12 +93,9 @@ def caused_by_the_record(exc: BaseException) -> bool:
     return isinstance(exc, CAUSED_BY_THE_RECORD) and not isinstance(exc, NOT_THE_RECORD)
 
 
-# Poison records of one kind a consumer group may dead-letter within the window, all replicas
-# together (``TALLY_POISON_BUDGET``). One more is read as a broken release (a bug every record of
-# a kind meets), not poison: the consumer parks, retrying the batch as for any failure of the
-# environment, and tries the records alone again after ``PARK_SECONDS``.
-POISON_BUDGET = 3
-POISON_WINDOW_SECONDS = 24 * 3600.0
+# A consumer whose kind of record has used its poison budget (``TALLY_POISON_BUDGET`` a day,
+# tally.dead_letters) parks: it retries the batch as for any failure of the environment, and
+# tries the records alone again after this long.
 PARK_SECONDS = 300.0
 
 

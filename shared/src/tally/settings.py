@@ -88,7 +88,8 @@ class Settings(BaseSettings):
     # together; one more parks the consumer (a broken release, not poison: docs/0014).
     poison_budget: int = Field(3, alias="TALLY_POISON_BUDGET", ge=0, le=10_000)
     # usage-meter: group commits of POST /v1/usage in flight at once (docs/0015).
-    ingest_group_concurrency: int = Field(1, alias="TALLY_INGEST_GROUP_CONCURRENCY", ge=1, le=16)
+    # Each group holds a pool connection (DB_POOL_SIZE) while it runs: keep it well below that.
+    ingest_group_concurrency: int = Field(1, alias="TALLY_INGEST_GROUP_CONCURRENCY", ge=1, le=4)
 
     # Where the services find each other's public APIs (default: the service's port on host).
     wallet_url: str | None = Field(None, alias="TALLY_WALLET_URL")
