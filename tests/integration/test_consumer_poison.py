@@ -120,6 +120,37 @@ async def test_a_poison_record_is_dead_lettered_and_the_partition_goes_on(infra:
         await database.pool.close()
 
 
+async def test_records_with_null_or_undecodable_headers_reach_the_handler(infra: Infra) -> None:
+    # FastStream's parser decoded every header of a batch's first record as UTF-8: a null or
+    # non-UTF-8 header value (anyone producing to a topic can send one) raised before any
+    # handler saw the batch, and the partition stopped (found by #20's review from outside)
+    topic = await _topic(infra)
+    seen: list[bytes] = []
+
+    async def handler(records: Sequence[Any]) -> None:
+        seen.extend(r.value for r in records)
+
+    producer = AIOKafkaProducer(bootstrap_servers=infra.stack.bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b"null", headers=[("type", None)])
+        await producer.send_and_wait(topic, b"latin", headers=[("x", b"\xff\xfe")])
+        await producer.send_and_wait(topic, b"good")
+    finally:
+        await producer.stop()
+    database = await _database(infra)
+    broker = await _consume(infra, topic, handler, DeadLetters(database, "test", "g", budget=3))
+    try:
+
+        async def all_seen() -> bool:
+            return seen == [b"null", b"latin", b"good"]
+
+        await eventually(all_seen, what="every record handed to the handler")
+    finally:
+        await broker.stop()
+        await database.pool.close()
+
+
 async def test_a_failure_of_the_environment_is_retried_and_dead_letters_nothing(infra: Infra) -> None:
     topic = await _topic(infra)
     applied: list[bytes] = []

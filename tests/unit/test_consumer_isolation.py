@@ -98,6 +98,15 @@ async def test_a_null_or_unknown_type_header_counts_under_the_topic() -> None:
     assert letters.kinds == ["recharge.events", "recharge.events", "recharge.events:recharge.succeeded"]
 
 
+async def test_a_products_headers_do_not_widen_the_budget_on_usage_ingest() -> None:
+    handler, letters = Handler(poison={1, 2}), Letters()
+    records = [Record(1, "wallet.debited"), Record(2, "usage.recorded")]
+    for r in records:
+        r.topic = "usage.ingest"
+    assert await Isolation(handler, letters).apply(records) == 2
+    assert letters.kinds == ["usage.ingest", "usage.ingest"]
+
+
 async def test_a_record_that_fails_once_alone_is_applied_on_its_second_try() -> None:
     handler, letters = Handler(flaky={2}), Letters()
     assert await Isolation(handler, letters).apply([Record(1), Record(2)]) == 0

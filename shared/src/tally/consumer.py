@@ -21,6 +21,7 @@ into the DLQ. Each record is dead-lettered once, however often its batch comes b
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Container, Sequence
@@ -110,9 +111,12 @@ class LetterBox(Protocol):
 
 def _kind(record: Any) -> str:
     """What the poison budget counts by: the topic, and the event type when the record names a
-    known one (a raw usage event's producer cannot widen the budget with headers)."""
+    known one on a topic Tally's relays write. ``usage.ingest`` is written by products, whose
+    headers must not widen the budget: there the kind is the topic alone."""
     type_ = header(record, "type")
-    return f"{record.topic}:{type_}" if type_ in events.PAYLOADS else str(record.topic)
+    if record.topic == events.Topics.USAGE_INGEST or type_ not in events.PAYLOADS:
+        return str(record.topic)
+    return f"{record.topic}:{type_}"
 
 
 class Isolation:
@@ -180,8 +184,12 @@ async def _itself(msg: Any, original: Any = None) -> Any:
 
 async def _records(records: tuple[Any, ...], original: Any) -> Any:
     """FastStream's batch parser decodes every record's headers into a dict; the handlers read
-    only the raw records, so parse the first alone (for the commit plumbing) and hand on all."""
-    message = await original(records[:1])
+    only the raw records, so parse the first alone (for the commit plumbing) and hand on all.
+    It is parsed without its headers: the parser decodes each as UTF-8, and a header with a
+    null or non-UTF-8 value (anyone producing to a topic can send one) raised there, before
+    any handler, isolation or DLQ could see the record (#20's review). The handlers read
+    headers themselves (``tally.telemetry.header``), null-safe."""
+    message = await original((dataclasses.replace(records[0], headers=[]),))
     message.raw_message = records
     return message
 
