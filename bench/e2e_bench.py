@@ -22,7 +22,7 @@ wallets (100k events) and at 100k and 1M events, each on a fresh stack, and repo
 event.
 
     make bench              # EVENTS=100000 WALLETS=10000 RATES=1000,2500,5000 LATENCY_SECONDS=10
-                            # SHAPES=1,10,100 SHAPE_SECONDS=10 SHAPE_CONNECTIONS=32 (bench/shapes.py)
+                            # SHAPES=1,10,100 SHAPE_SECONDS=10 SHAPE_CONNECTIONS=128 (bench/shapes.py)
     EVENTS=0 make bench                     # the request shapes only
     PROFILE=1 make bench                    # + py-spy profiles of the hot services
     REFERENCES=0 RATES= make bench          # throughput only (no limit, naive or latency runs)
@@ -703,7 +703,7 @@ async def run_once(
     profile: bool,
     shapes: list[int] = [],  # noqa: B006 (read only)
     shape_seconds: float = 10,
-    shape_connections: int = 32,
+    shape_connections: int = 128,
 ) -> dict[str, Any]:
     run = f"r{int(time.time())}"
     tick = 0.01
@@ -895,6 +895,13 @@ def show_shape(f: dict[str, Any]) -> None:
     )
     for hop, t in half.get("hops", {}).items():
         console.print(f"    {hop}: mean {t['mean_ms']} ms, p99 ≤ {t['p99_ms_at_most']} ms")
+    fixed = f.get("fixed_rate")
+    if fixed:
+        console.print(
+            f"  at {fixed['requests_per_s_offered']:,} requests/s: HTTP p50/p99 "
+            f"{fixed['http_ms']['p50']}/{fixed['http_ms']['p99']} ms, send → commit p50/p99 "
+            f"{fixed['send_to_commit_ms']['p50']}/{fixed['send_to_commit_ms']['p99']} ms"
+        )
 
 
 def show(r: dict[str, Any]) -> None:
@@ -979,7 +986,7 @@ async def main() -> None:
             profile=profile,
             shapes=[int(x) for x in os.environ.get("SHAPES", "1,10,100").split(",") if x],
             shape_seconds=float(os.environ.get("SHAPE_SECONDS", "10")),
-            shape_connections=int(os.environ.get("SHAPE_CONNECTIONS", "32")),
+            shape_connections=int(os.environ.get("SHAPE_CONNECTIONS", "128")),
         )
         show(r)
         box = machine()

@@ -11,7 +11,13 @@ it costs a few µs a request, a small share of what the system spends. Two runs 
    CPU µs per event per process;
 2. **half load**: an open loop paced at half the saturated end-to-end event rate; HTTP
    p50/p99 and send -> ledger commit p50/p99 of one event in five (``Watcher`` polls the
-   ledger).
+   ledger);
+3. for one event per request, the same at a **fixed 1,000 requests/s** (#20's HTTP target).
+
+Connections (``SHAPE_CONNECTIONS``, 128 by default) must be enough to saturate: a closed loop
+has at most one request in flight per connection, so it sends at most connections / latency
+requests a second (Little's law). At 32 connections and one event per request that bound
+(~4,000/s at 8 ms) was reached with a third of the CPU idle (2026-12-04, docs/performance.md).
 
 With ``PROFILE=1`` the saturated run is profiled (py-spy, as ``make bench`` profiles its
 throughput phase); with ``PG_STATEMENTS=1`` the database's costliest statements of that run
@@ -267,6 +273,7 @@ async def run_shape(
     console: Any,
     profiler: Callable[[str], Any] | None = None,
     pg_stats: bool = False,
+    fixed_rate: float = 1000,
 ) -> tuple[dict[str, Any], int]:
     """Both runs for one request shape; returns the figures and the next free event number."""
     url = stack.url("usage-meter")
@@ -316,33 +323,71 @@ async def run_shape(
         # 2. half of the saturated end-to-end rate, open loop; send -> commit of sampled events
         # (half of the accepted request rate would be more than the ledger keeps up with when
         # the edge accepts faster than the wallet applies)
-        rate = max(accepted / e2e / size / 2, 1.0)
-        base = await watcher.applied(client)
-        timed = await histograms(client, stack)
-        watcher.cpu_start()
-        driver = RawHttp(host, int(port), token, maker(every=5))
-        with console.status(f"{size} event(s)/request: {rate:,.0f} requests/s for {seconds:.0f}s…"):
-            sending_task = asyncio.create_task(driver.open_loop(connections, rate, seconds))
-            while not sending_task.done() or driver.pending:
-                await watcher._poll_samples(driver)
-                await asyncio.sleep(0.01)
-                if sending_task.done() and sending_task.exception():
-                    raise sending_task.exception()  # type: ignore[misc]
-                if sending_task.done() and not driver.pending:
-                    break
-            await _applied(watcher, client, base + driver.accepted)
-        cpu = watcher.cpu_since()
-        commits = [watcher.seen[e] - t for e, t in driver.sent.items() if e in watcher.seen]
-        out["half_load"] = {
-            "requests_per_s_offered": round(rate),
-            "events_per_s": round(rate * size),
-            "refused": driver.refused,
-            "http_ms": percentiles_ms(driver.latency),
-            "send_to_commit_ms": percentiles_ms(commits),
-            "cpu_us_per_event": {n: round(v / max(driver.accepted, 1) * 1e6, 1) for n, v in cpu.items()},
-            "hops": hops(timed, await histograms(client, stack)),
-        }
+        half = max(accepted / e2e / size / 2, 1.0)
+        out["half_load"] = await _paced(
+            stack, watcher, client, host, port, token, maker, connections, half, seconds, size, console
+        )
+        # 3. the issue's own HTTP target for single events: p99 at a fixed 1,000 requests/s
+        # (half load is more than that once the system saturates above 2,000)
+        if size == 1 and fixed_rate:
+            out["fixed_rate"] = await _paced(
+                stack,
+                watcher,
+                client,
+                host,
+                port,
+                token,
+                maker,
+                connections,
+                fixed_rate,
+                seconds,
+                size,
+                console,
+            )
     return out, counter["n"]
+
+
+async def _paced(
+    stack: Any,
+    watcher: Any,
+    client: httpx.AsyncClient,
+    host: str,
+    port: str,
+    token: str,
+    maker: Callable[[int], Callable[[int], tuple[bytes, list[str]]]],
+    connections: int,
+    rate: float,
+    seconds: float,
+    size: int,
+    console: Any,
+) -> dict[str, Any]:
+    """An open loop at ``rate`` requests/s: HTTP p50/p99, send -> commit p50/p99 of one event
+    in five, CPU µs per event and the per-hop times."""
+    base = await watcher.applied(client)
+    timed = await histograms(client, stack)
+    watcher.cpu_start()
+    driver = RawHttp(host, int(port), token, maker(5))
+    with console.status(f"{size} event(s)/request: {rate:,.0f} requests/s for {seconds:.0f}s…"):
+        sending_task = asyncio.create_task(driver.open_loop(connections, rate, seconds))
+        while not sending_task.done() or driver.pending:
+            await watcher._poll_samples(driver)
+            await asyncio.sleep(0.01)
+            if sending_task.done() and sending_task.exception():
+                raise sending_task.exception()  # type: ignore[misc]
+            if sending_task.done() and not driver.pending:
+                break
+        await _applied(watcher, client, base + driver.accepted)
+    cpu = watcher.cpu_since()
+    commits = [watcher.seen[e] - t for e, t in driver.sent.items() if e in watcher.seen]
+    return {
+        "requests_per_s_offered": round(rate),
+        "events_per_s": round(rate * size),
+        "refused": driver.refused,
+        "http_ms": percentiles_ms(driver.latency),
+        "send_to_commit_ms": percentiles_ms(commits),
+        "cpu_us_per_event": {n: round(v / max(driver.accepted, 1) * 1e6, 1) for n, v in cpu.items()},
+        "hops": hops(timed, await histograms(client, stack)),
+    }
 
 
 async def _applied(watcher: Any, client: httpx.AsyncClient, target: int) -> float:
