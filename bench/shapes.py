@@ -3,7 +3,7 @@ or 100 events per request — from many concurrent keep-alive connections.
 
 The driver is raw asyncio over uvloop (no HTTP client library): each connection writes a
 pre-built HTTP/1.1 request and reads the answer (status line, headers, Content-Length body), so
-it costs a few µs a request, a small share of what the system spends. Two runs per shape:
+it costs a few µs a request, a small share of what the system spends. The runs per shape:
 
 1. **saturated**: ``connections`` closed loops (a connection sends its next request when the
    last is answered) for ``seconds``; events/s end to end = accepted events / time until the
@@ -16,8 +16,10 @@ it costs a few µs a request, a small share of what the system spends. Two runs 
 
 Connections (``SHAPE_CONNECTIONS``, 128 by default) must be enough to saturate: a closed loop
 has at most one request in flight per connection, so it sends at most connections / latency
-requests a second (Little's law). At 32 connections and one event per request that bound
-(~4,000/s at 8 ms) was reached with a third of the CPU idle (2026-12-04, docs/performance.md).
+requests a second (Little's law), and the fewer requests in flight, the smaller the batches
+at every hop (group commit, relay round, the wallet's batch) that share fixed costs. At one
+event per request, 32 connections gave 3,720 events/s at 488 µs of CPU per event and 128 gave
+5,130-5,368 at 343 (2026-12-04, docs/performance.md).
 
 With ``PROFILE=1`` the saturated run is profiled (py-spy, as ``make bench`` profiles its
 throughput phase); with ``PG_STATEMENTS=1`` the database's costliest statements of that run
