@@ -297,6 +297,7 @@ async def run_shape(
     out: dict[str, Any] = {"events_per_request": size, "connections": connections}
     async with httpx.AsyncClient(timeout=30) as client:
         # 1. saturated, closed loop
+        out["settled_s"] = await _settled(watcher, console)
         base = await watcher.applied(client)
         counted = await counters(client, stack)
         counting = pg_stats and await statements_reset(watcher.conn)
@@ -365,6 +366,7 @@ async def _paced(
 ) -> dict[str, Any]:
     """An open loop at ``rate`` requests/s: HTTP p50/p99, send -> commit p50/p99 of one event
     in five, CPU µs per event and the per-hop times."""
+    settled = await _settled(watcher, console)
     base = await watcher.applied(client)
     timed = await histograms(client, stack)
     watcher.cpu_start()
@@ -382,6 +384,7 @@ async def _paced(
     cpu = watcher.cpu_since()
     commits = [watcher.seen[e] - t for e, t in driver.sent.items() if e in watcher.seen]
     return {
+        "settled_s": settled,
         "requests_per_s_offered": round(rate),
         "events_per_s": round(rate * size),
         "refused": driver.refused,
@@ -390,6 +393,23 @@ async def _paced(
         "cpu_us_per_event": {n: round(v / max(driver.accepted, 1) * 1e6, 1) for n, v in cpu.items()},
         "hops": hops(timed, await histograms(client, stack)),
     }
+
+
+async def _settled(watcher: Any, console: Any, limit: float = 60.0) -> float:
+    """Wait until the stack is idle again: every process but the driver together under 15% of
+    a core over a second (consumers of side topics and Postgres' autovacuum still catching up
+    on the run before would otherwise be measured in the next one). Returns the seconds waited
+    (``limit`` at most)."""
+    start = time.perf_counter()
+    watcher.cpu_start()
+    with console.status("waiting for the stack to go idle…"):
+        while time.perf_counter() - start < limit:
+            before = watcher.cpu_since()
+            await asyncio.sleep(1.0)
+            after = watcher.cpu_since()
+            if sum(after[n] - before.get(n, 0.0) for n in after if n != "bench driver") < 0.15:
+                break
+    return round(time.perf_counter() - start, 1)
 
 
 async def _applied(watcher: Any, client: httpx.AsyncClient, target: int) -> float:
