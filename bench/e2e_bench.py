@@ -756,6 +756,7 @@ async def run_once(
                     seconds=shape_seconds,
                     console=console,
                     pg_stats=PG_STATEMENTS,
+                    settle=lambda: settle(stack),
                     profiler=(
                         (lambda phase: Profiler(stack, RESULTS / "profiles" / run / phase, PROFILED))
                         if profile
@@ -892,7 +893,7 @@ def show_shape(f: dict[str, Any]) -> None:
         f"  at half ({half['requests_per_s_offered']:,} requests/s): HTTP p50/p99 "
         f"{half['http_ms']['p50']}/{half['http_ms']['p99']} ms, send → commit p50/p99 "
         f"{half['send_to_commit_ms']['p50']}/{half['send_to_commit_ms']['p99']} ms"
-        + (f" (the stack went idle {half['settled_s']} s before)" if "settled_s" in half else "")
+        + (f" (after {half['settled_s']} s catching up)" if "settled_s" in half else "")
     )
     for hop, t in half.get("hops", {}).items():
         console.print(f"    {hop}: mean {t['mean_ms']} ms, p99 ≤ {t['p99_ms_at_most']} ms")

@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -273,6 +273,7 @@ async def run_shape(
     connections: int,
     seconds: float,
     console: Any,
+    settle: Callable[[], Awaitable[float]],
     profiler: Callable[[str], Any] | None = None,
     pg_stats: bool = False,
     fixed_rate: float = 1000,
@@ -294,10 +295,43 @@ async def run_shape(
 
         return make
 
+    async def paced(rate: float) -> dict[str, Any]:
+        """An open loop at ``rate`` requests/s, once every consumer has caught up: HTTP
+        p50/p99, send -> commit p50/p99 of one event in five, CPU µs per event, per-hop times."""
+        with console.status("letting every consumer catch up…"):
+            settled = await settle()
+        base = await watcher.applied(client)
+        timed = await histograms(client, stack)
+        watcher.cpu_start()
+        driver = RawHttp(host, int(port), token, maker(5))
+        with console.status(f"{size} event(s)/request: {rate:,.0f} requests/s for {seconds:.0f}s…"):
+            sending_task = asyncio.create_task(driver.open_loop(connections, rate, seconds))
+            while not sending_task.done() or driver.pending:
+                await watcher._poll_samples(driver)
+                await asyncio.sleep(0.01)
+                if sending_task.done() and sending_task.exception():
+                    raise sending_task.exception()  # type: ignore[misc]
+                if sending_task.done() and not driver.pending:
+                    break
+            await _applied(watcher, client, base + driver.accepted)
+        cpu = watcher.cpu_since()
+        commits = [watcher.seen[e] - t for e, t in driver.sent.items() if e in watcher.seen]
+        return {
+            "settled_s": settled,
+            "requests_per_s_offered": round(rate),
+            "events_per_s": round(rate * size),
+            "refused": driver.refused,
+            "http_ms": percentiles_ms(driver.latency),
+            "send_to_commit_ms": percentiles_ms(commits),
+            "cpu_us_per_event": {n: round(v / max(driver.accepted, 1) * 1e6, 1) for n, v in cpu.items()},
+            "hops": hops(timed, await histograms(client, stack)),
+        }
+
     out: dict[str, Any] = {"events_per_request": size, "connections": connections}
     async with httpx.AsyncClient(timeout=30) as client:
         # 1. saturated, closed loop
-        out["settled_s"] = await _settled(watcher, console)
+        with console.status("letting every consumer catch up…"):
+            out["settled_s"] = await settle()
         base = await watcher.applied(client)
         counted = await counters(client, stack)
         counting = pg_stats and await statements_reset(watcher.conn)
@@ -327,89 +361,12 @@ async def run_shape(
         # (half of the accepted request rate would be more than the ledger keeps up with when
         # the edge accepts faster than the wallet applies)
         half = max(accepted / e2e / size / 2, 1.0)
-        out["half_load"] = await _paced(
-            stack, watcher, client, host, port, token, maker, connections, half, seconds, size, console
-        )
+        out["half_load"] = await paced(half)
         # 3. the issue's own HTTP target for single events: p99 at a fixed 1,000 requests/s
         # (half load is more than that once the system saturates above 2,000)
         if size == 1 and fixed_rate:
-            out["fixed_rate"] = await _paced(
-                stack,
-                watcher,
-                client,
-                host,
-                port,
-                token,
-                maker,
-                connections,
-                fixed_rate,
-                seconds,
-                size,
-                console,
-            )
+            out["fixed_rate"] = await paced(fixed_rate)
     return out, counter["n"]
-
-
-async def _paced(
-    stack: Any,
-    watcher: Any,
-    client: httpx.AsyncClient,
-    host: str,
-    port: str,
-    token: str,
-    maker: Callable[[int], Callable[[int], tuple[bytes, list[str]]]],
-    connections: int,
-    rate: float,
-    seconds: float,
-    size: int,
-    console: Any,
-) -> dict[str, Any]:
-    """An open loop at ``rate`` requests/s: HTTP p50/p99, send -> commit p50/p99 of one event
-    in five, CPU µs per event and the per-hop times."""
-    settled = await _settled(watcher, console)
-    base = await watcher.applied(client)
-    timed = await histograms(client, stack)
-    watcher.cpu_start()
-    driver = RawHttp(host, int(port), token, maker(5))
-    with console.status(f"{size} event(s)/request: {rate:,.0f} requests/s for {seconds:.0f}s…"):
-        sending_task = asyncio.create_task(driver.open_loop(connections, rate, seconds))
-        while not sending_task.done() or driver.pending:
-            await watcher._poll_samples(driver)
-            await asyncio.sleep(0.01)
-            if sending_task.done() and sending_task.exception():
-                raise sending_task.exception()  # type: ignore[misc]
-            if sending_task.done() and not driver.pending:
-                break
-        await _applied(watcher, client, base + driver.accepted)
-    cpu = watcher.cpu_since()
-    commits = [watcher.seen[e] - t for e, t in driver.sent.items() if e in watcher.seen]
-    return {
-        "settled_s": settled,
-        "requests_per_s_offered": round(rate),
-        "events_per_s": round(rate * size),
-        "refused": driver.refused,
-        "http_ms": percentiles_ms(driver.latency),
-        "send_to_commit_ms": percentiles_ms(commits),
-        "cpu_us_per_event": {n: round(v / max(driver.accepted, 1) * 1e6, 1) for n, v in cpu.items()},
-        "hops": hops(timed, await histograms(client, stack)),
-    }
-
-
-async def _settled(watcher: Any, console: Any, limit: float = 60.0) -> float:
-    """Wait until the stack is idle again: every process but the driver together under 15% of
-    a core over a second (consumers of side topics and Postgres' autovacuum still catching up
-    on the run before would otherwise be measured in the next one). Returns the seconds waited
-    (``limit`` at most)."""
-    start = time.perf_counter()
-    watcher.cpu_start()
-    with console.status("waiting for the stack to go idle…"):
-        while time.perf_counter() - start < limit:
-            before = watcher.cpu_since()
-            await asyncio.sleep(1.0)
-            after = watcher.cpu_since()
-            if sum(after[n] - before.get(n, 0.0) for n in after if n != "bench driver") < 0.15:
-                break
-    return round(time.perf_counter() - start, 1)
 
 
 async def _applied(watcher: Any, client: httpx.AsyncClient, target: int) -> float:
