@@ -765,6 +765,20 @@ async def run_once(
                 )
                 result["shapes"].append(figures)
                 show_shape(figures)
+            # every event the shapes had accepted is in the ledger, once (end to end is counted by
+            # the wallet's own counter while they run)
+            shaped = sum(
+                f[r]["events_accepted"]
+                for f in result["shapes"]
+                for r in ("saturated", "half_load", "fixed_rate")
+                if r in f
+            )
+            legs = await conn.fetchval(
+                "SELECT count(*) FROM transfers WHERE kind = 'usage' AND key LIKE $1",
+                f"usage:{run}-%:company",
+            )
+            if legs != shaped:
+                raise SystemExit(f"ledger has {legs} company legs of the request shapes, expected {shaped}")
             if events == 0:  # shapes only
                 await driver.close()
                 await conn.close()
@@ -826,8 +840,10 @@ async def run_once(
                 f"usage:{run}-%:company",
             )
             result["ledger_company_legs"] = done
-            if done != events + latency_events:
-                raise SystemExit(f"ledger has {done} company legs, expected {events + latency_events}")
+            if done != events + latency_events + shaped:
+                raise SystemExit(
+                    f"ledger has {done} company legs, expected {events + latency_events + shaped}"
+                )
             # 3. references, services stopped, same database and tables
             if references:
                 for n in SERVICES:
