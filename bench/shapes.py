@@ -18,8 +18,8 @@ Connections (``SHAPE_CONNECTIONS``, 128 by default) must be enough to saturate: 
 has at most one request in flight per connection, so it sends at most connections / latency
 requests a second (Little's law), and the fewer requests in flight, the smaller the batches
 at every hop (group commit, relay round, the wallet's batch) that share fixed costs. At one
-event per request, 32 connections gave 3,720 events/s at 488 µs of CPU per event and 128 gave
-5,130-5,368 at 343 (2026-12-04, docs/performance.md).
+event per request, 32 connections gave 3,720 events/s at 458 µs of CPU per event (all but the
+driver), 128 a median of 5,130 at 329 (2026-12-04, docs/0016).
 
 With ``PROFILE=1`` the saturated run is profiled (py-spy, as ``make bench`` profiles its
 throughput phase); with ``PG_STATEMENTS=1`` the database's costliest statements of that run
