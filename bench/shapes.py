@@ -46,8 +46,16 @@ class RawHttp:
     latency and, for sampled events, the send time (``sent``/``pending``, as ``Watcher``
     reads them)."""
 
-    def __init__(self, host: str, port: int, token: str, make_body: Callable[[int], tuple[bytes, list[str]]]):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: str,
+        make_body: Callable[[int], tuple[bytes, list[str]]],
+        size: int,
+    ):
         self.host, self.port = host, port
+        self.size = size  # events per request: a 202 accepting fewer drops the request's samples
         self.head = (
             f"POST /v1/usage HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
             f"Content-Type: application/json\r\nContent-Length: "
@@ -65,13 +73,18 @@ class RawHttp:
         self.next += 1
         return self.head + str(len(body)).encode() + b"\r\n\r\n" + body, sample
 
-    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _exchange(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, due: float | None = None
+    ) -> None:
+        """One request and its answer. ``due``: when an open loop meant to send it; latency is
+        counted from then, so a request the driver sends late is not measured as fast
+        (coordinated omission)."""
         request, sample = self._request()
         t = time.time()
         for eid in sample:
             self.sent[eid] = t
         self.pending.update(sample)
-        start = time.perf_counter()
+        start = time.perf_counter() if due is None else min(due, time.perf_counter())
         writer.write(request)
         head = await reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
@@ -80,7 +93,10 @@ class RawHttp:
         body = await reader.readexactly(length)
         self.latency.append(time.perf_counter() - start)
         if status == 202:
-            self.accepted += body.count(b'"accepted"')
+            accepted = body.count(b'"accepted"')
+            self.accepted += accepted
+            if accepted < self.size:  # which of them is not said here: follow none
+                self.pending.difference_update(sample)
         else:
             self.refused[status] = self.refused.get(status, 0) + 1
             self.pending.difference_update(sample)
@@ -119,7 +135,7 @@ class RawHttp:
                     delay = due - time.perf_counter()
                     if delay > 0:
                         await asyncio.sleep(delay)
-                    await self._exchange(reader, writer)
+                    await self._exchange(reader, writer, due)
                     n += 1
             finally:
                 writer.close()
@@ -302,10 +318,14 @@ async def run_shape(
             settled = await settle()
         base = await watcher.applied(client)
         timed = await histograms(client, stack)
+        # the ledger is read from here on: not the lines of the runs before (one query over
+        # all of them, in the driver's loop, delayed its sends)
+        watcher.last_id = await watcher.conn.fetchval("SELECT coalesce(max(id), 0) FROM transfers")
         watcher.cpu_start()
-        driver = RawHttp(host, int(port), token, maker(5))
+        driver = RawHttp(host, int(port), token, maker(5), size)
         with console.status(f"{size} event(s)/request: {rate:,.0f} requests/s for {seconds:.0f}s…"):
             sending_task = asyncio.create_task(driver.open_loop(connections, rate, seconds))
+            waiting, moved = -1, time.perf_counter()
             while not sending_task.done() or driver.pending:
                 await watcher._poll_samples(driver)
                 await asyncio.sleep(0.01)
@@ -313,6 +333,11 @@ async def run_shape(
                     raise sending_task.exception()  # type: ignore[misc]
                 if sending_task.done() and not driver.pending:
                     break
+                if len(driver.pending) != waiting:
+                    waiting, moved = len(driver.pending), time.perf_counter()
+                elif time.perf_counter() - moved > STALL_SECONDS:
+                    raise SystemExit(f"{waiting} sampled events not in the ledger after {STALL_SECONDS}s")
+            sent_for = sending_task.result()
             await _applied(watcher, client, base + driver.accepted)
         cpu = watcher.cpu_since()
         commits = [watcher.seen[e] - t for e, t in driver.sent.items() if e in watcher.seen]
@@ -320,7 +345,8 @@ async def run_shape(
             "settled_s": settled,
             "events_accepted": driver.accepted,
             "requests_per_s_offered": round(rate),
-            "events_per_s": round(rate * size),
+            "requests_per_s_sent": round(len(driver.latency) / sent_for),
+            "events_per_s": round(driver.accepted / sent_for),
             "refused": driver.refused,
             "http_ms": percentiles_ms(driver.latency),
             "send_to_commit_ms": percentiles_ms(commits),
@@ -335,13 +361,17 @@ async def run_shape(
         counted = await counters(client, stack)
         counting = pg_stats and await statements_reset(watcher.conn)
         watcher.cpu_start()
-        driver = RawHttp(host, int(port), token, maker(every=10**9))
+        driver = RawHttp(host, int(port), token, maker(every=10**9), size)
         profiling = profiler(f"shape-{size}") if profiler else contextlib.nullcontext()
         with profiling, console.status(f"{size} event(s)/request: saturating for {seconds:.0f}s…"):
+            t0 = time.perf_counter()
             sending = await driver.closed_loop(connections, seconds)
-        t0 = time.perf_counter() - sending
-        done = await _applied(watcher, client, base + driver.accepted)
+            # inside: the profiler writing its reports when it stops is no part of the run
+            done = await _applied(watcher, client, base + driver.accepted)
         e2e = done - t0
+        # the CPU the run caused, side consumers and outboxes catching up on it included
+        with console.status("letting every consumer catch up…"):
+            await settle()
         cpu = watcher.cpu_since()
         accepted = driver.accepted
         counts = per_event(counted, await counters(client, stack), accepted)
