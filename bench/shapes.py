@@ -294,7 +294,8 @@ async def run_shape(
     pg_stats: bool = False,
     fixed_rate: float = 1000,
 ) -> tuple[dict[str, Any], int]:
-    """Both runs for one request shape; returns the figures and the next free event number."""
+    """The runs of one request shape (saturated, half load, and for single events 1,000
+    requests/s); returns the figures and the next free event number."""
     url = stack.url("usage-meter")
     host, port = url.split("//")[1].split(":")
     counter = {"n": first_event}
@@ -318,9 +319,7 @@ async def run_shape(
             settled = await settle()
         base = await watcher.applied(client)
         timed = await histograms(client, stack)
-        # the ledger is read from here on: not the lines of the runs before (one query over
-        # all of them, in the driver's loop, delayed its sends)
-        watcher.last_id = await watcher.conn.fetchval("SELECT coalesce(max(id), 0) FROM transfers")
+        await watcher.read_from_now()
         watcher.cpu_start()
         driver = RawHttp(host, int(port), token, maker(5), size)
         with console.status(f"{size} event(s)/request: {rate:,.0f} requests/s for {seconds:.0f}s…"):
