@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tally import db
-from tally.events import RebillingSettings, UsageRecorded
+from tally.events import RebillingSettings, RecordedUsage
 from tally.money import apply_markup
 from tally_wallet import storage
 from tally_wallet.credits import credit
@@ -119,7 +119,7 @@ async def apply_ops(dsn: str, schema: str, run: str, ops: list[Any]) -> dict[str
                         await apply_usage(
                             conn,
                             [
-                                UsageRecorded(
+                                RecordedUsage(
                                     event_id=ids(f"e{op.event}"),
                                     company_id=ids(op.company),
                                     account_id=ids(op.account) if op.account else None,
@@ -233,8 +233,8 @@ async def test_a_company_paying_in_two_currencies_is_a_ledger_error_not_a_crash(
         await db.migrate(pool, "wallet_props", "tally_wallet")
         cid, now = uid("co"), datetime.now(UTC)
 
-        def used(currency: str) -> UsageRecorded:
-            return UsageRecorded(
+        def used(currency: str) -> RecordedUsage:
+            return RecordedUsage(
                 event_id=uid("ev"),
                 company_id=cid,
                 service="ai",

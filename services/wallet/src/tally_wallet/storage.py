@@ -42,7 +42,7 @@ LEDGER_BALANCES = (
     "USING (id)"
 )
 
-_TRANSFER_COLS = (
+_TRANSFER_COLS = (  # domain.Transfer's fields, then the balances after
     "key",
     "debit_wallet",
     "credit_wallet",
@@ -150,21 +150,8 @@ async def post(conn: Conn, wanted: Iterable[Wallet], transfers: Sequence[Transfe
     await conn.copy_records_to_table(
         "transfers",
         columns=_TRANSFER_COLS,
-        records=[
-            (
-                p.transfer.key,
-                p.transfer.debit,
-                p.transfer.credit,
-                p.transfer.amount,
-                p.transfer.kind,
-                p.transfer.service,
-                p.transfer.usage_event_id,
-                p.transfer.reference,
-                p.debit_after,
-                p.credit_after,
-            )
-            for p in posting.posted
-        ],
+        # a Transfer's fields are the first eight columns, in order
+        records=[(*p.transfer, p.debit_after, p.credit_after) for p in posting.posted],
     )
     edged = [w for i, w in wallets.items() if (w.status, w.armed) != before[i]]
     if edged:

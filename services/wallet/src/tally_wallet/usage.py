@@ -14,7 +14,7 @@ from prometheus_client import Counter
 
 from tally import outbox
 from tally.db import Conn
-from tally.events import Topics, UsageRecorded
+from tally.events import RecordedUsage, Topics
 from tally.telemetry import child_traceparent
 from tally_wallet import storage
 from tally_wallet.domain import (
@@ -48,7 +48,7 @@ def account_leg_key(event_id: str) -> str:
     return f"usage:{event_id}:account"
 
 
-def _fresh(batch: Sequence[UsageRecorded], seen: set[str]) -> list[UsageRecorded]:
+def _fresh(batch: Sequence[RecordedUsage], seen: set[str]) -> list[RecordedUsage]:
     fresh = []
     for u in batch:
         key = company_leg_key(u.event_id)
@@ -59,7 +59,7 @@ def _fresh(batch: Sequence[UsageRecorded], seen: set[str]) -> list[UsageRecorded
 
 
 def _want(
-    wanted: dict[str, Wallet], wallet_id: str, kind: Kind, u: UsageRecorded, *, account_id: str | None = None
+    wanted: dict[str, Wallet], wallet_id: str, kind: Kind, u: RecordedUsage, *, account_id: str | None = None
 ) -> None:
     """Add the wallet a leg of ``u`` needs (created with defaults if new), once per batch."""
     if wallet_id not in wanted:
@@ -74,7 +74,7 @@ def _want(
 
 async def apply_usage(
     conn: Conn,
-    batch: Sequence[UsageRecorded],
+    batch: Sequence[RecordedUsage],
     traceparents: dict[str, str | None] | None = None,
     *,
     partitions: Mapping[str, int] | None = None,
@@ -102,7 +102,7 @@ async def apply_usage(
 
     accounts = await storage.load_accounts(conn, [u.account_id for u in fresh if u.account_id])
     shard = partitions or {}
-    plan: list[tuple[UsageRecorded, bool]] = []  # (event, has an account leg)
+    plan: list[tuple[RecordedUsage, bool]] = []  # (event, has an account leg)
     transfers: list[Transfer] = []
     wanted: dict[str, Wallet] = {}  # one per distinct wallet, not four per event
     for u in fresh:
