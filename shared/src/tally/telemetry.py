@@ -21,6 +21,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+from prometheus_client import Histogram
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -136,3 +137,15 @@ def current_traceparent() -> str | None:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return carrier.get("traceparent")
+
+
+def observe_many(histogram: Histogram, value: float, count: int) -> None:
+    """``count`` observations of one ``value``, at the cost of one. prometheus_client has no
+    such call: this is its ``Histogram.observe`` (0.26, pinned) with the bucket raised by
+    ``count`` instead of 1; a unit test holds the two equal. The wallet observes each debit's
+    latency, and the debits of a batch share a few values (one per usage-meter group)."""
+    histogram._sum.inc(value * count)
+    for i, bound in enumerate(histogram._upper_bounds):
+        if value <= bound:
+            histogram._buckets[i].inc(count)
+            break

@@ -9,6 +9,7 @@ poison to the topic's DLQ:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -20,7 +21,7 @@ from tally import events, inbox
 from tally.consumer import dlq_row, wanted
 from tally.db import Conn
 from tally.events import RecordedUsage
-from tally.telemetry import header
+from tally.telemetry import header, observe_many
 from tally_wallet import storage
 from tally_wallet.credits import credit
 from tally_wallet.domain import SYSTEM_STRIPE_CLEARING, LedgerError, Wallet
@@ -106,8 +107,9 @@ async def on_usage(w: WalletWiring, records: Sequence[Any]) -> None:
                         dead.append(dlq_row(record, f"{type(exc).__name__}: {exc}", service=SERVICE))
             uow.publish(dead)
     committed = datetime.now(UTC)
-    for _, u in good:  # accepted by usage-meter -> committed to the ledger
-        DEBIT_LATENCY.observe(max((committed - u.recorded_at).total_seconds(), 0.0))
+    # accepted by usage-meter -> committed to the ledger; a group's events share recorded_at
+    for recorded_at, n in Counter(u.recorded_at for _, u in good).items():
+        observe_many(DEBIT_LATENCY, max((committed - recorded_at).total_seconds(), 0.0), n)
 
 
 # --- rebilling.settings: key account_id, full state; a null value deletes ------------------
