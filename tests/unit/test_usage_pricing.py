@@ -66,6 +66,11 @@ def test_the_wallet_reads_usage_recorded_as_the_schema_does() -> None:
         ({"platform_amount_micros": "2025"}, "int"),
         ({"event_id": None}, "str"),
         ({"currency": 1}, "str"),
+        ({"platform_amount_micros": -5}, ">= 0"),  # no price gives one: dead-lettered, not dropped
+        ({"unit_price_micros": -1}, ">= 0"),
+        ({"occurred_at": "0001-01-01T00:00:00+01:00"}, "1900-2099"),  # the schema's years
+        ({"occurred_at": "2100-01-01T00:00:00Z"}, "1900-2099"),
+        ({"recorded_at": "1899-12-31T23:59:59Z"}, "1900-2099"),
     ],
 )
 def test_a_usage_recorded_the_wallet_cannot_read_is_bad(broken: dict[str, object], reason: str) -> None:

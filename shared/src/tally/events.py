@@ -603,8 +603,9 @@ class RecordedUsage(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     quantity: str
     occurred_at: _AwareTime
     recorded_at: _AwareTime
-    unit_price_micros: int
-    platform_amount_micros: int
+    # never negative: a price times a quantity (zero, a tiny quantity rounded, posts nothing)
+    unit_price_micros: Annotated[int, msgspec.Meta(ge=0)]
+    platform_amount_micros: Annotated[int, msgspec.Meta(ge=0)]
     currency: str
 
 
@@ -621,13 +622,22 @@ _RECORDED_DECODER = msgspec.json.Decoder(_RecordedMessage)
 
 def parse_usage_recorded(raw: bytes | None) -> RecordedUsage:
     """``parse_message`` narrowed to ``usage.recorded``: ``BadMessage`` (the reason, for the
-    DLQ) for anything that is not one, unknown fields ignored as everywhere."""
+    DLQ) for anything that is not one (a negative amount, a time outside the years
+    1900-2099 included), unknown fields ignored as everywhere."""
     try:
-        return _RECORDED_DECODER.decode(raw or b"").data
+        usage = _RECORDED_DECODER.decode(raw or b"").data
     except msgspec.ValidationError as exc:
         raise BadMessage(str(exc)) from exc
     except msgspec.DecodeError as exc:
         raise BadMessage(f"not JSON: {exc}") from exc
+    # the schema's years (Rfc3339): a time outside them, once posted, broke every consumer
+    # that turns it into a day (one such total dead-lettered a whole wallet.usage message)
+    if not (1900 <= usage.occurred_at.year <= 2099 and 1900 <= usage.recorded_at.year <= 2099):
+        raise BadMessage(
+            f"occurred_at {usage.occurred_at.isoformat()} or recorded_at "
+            f"{usage.recorded_at.isoformat()} is outside the years 1900-2099"
+        )
+    return usage
 
 
 def summarise(exc: ValidationError) -> str:

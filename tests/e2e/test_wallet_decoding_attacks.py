@@ -1,0 +1,389 @@
+"""Attacks on the wallet's ``usage.recorded`` path from outside: records produced straight onto
+the topic (odd, poison, redelivered), the ledger lines the public API shows for them, and the
+debit latency histogram. The wallet decodes these with msgspec (``tally.events.
+parse_usage_recorded``) and copies ledger lines by position (``storage.post``). Real stack.
+
+Each test's records share one partition (key: the company), and a usage event sent through
+usage-meter after them is the sentinel: once it is in the ledger, every record before it on
+the partition has been handled."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
+
+from tests.support.builders import Agency, Reseller, funded
+from tests.support.stack import Tally, eventually, matches, uid
+
+TOPIC = "usage.recorded"
+DLQ = "usage.recorded.dlq"
+EMAIL, SMS = 675, 7900  # catalog prices in micros (USD)
+
+
+def now_text() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def recorded(cid: str, amount: int = 1000, eid: str | None = None, **data: Any) -> dict[str, Any]:
+    """A ``usage.recorded`` envelope as usage-meter writes it, with ``data`` overriding fields."""
+    eid = eid or uid("ev")
+    at = now_text()
+    return {
+        "id": f"usage:{eid}",
+        "type": "usage.recorded",
+        "time": at,
+        "source": "attack",
+        "data": {
+            "event_id": eid,
+            "company_id": cid,
+            "account_id": None,
+            "service": "email",
+            "quantity": "1",
+            "occurred_at": at,
+            "recorded_at": at,
+            "unit_price_micros": amount,
+            "platform_amount_micros": amount,
+            "currency": "USD",
+            **data,
+        },
+    }
+
+
+def eid_of(message: dict[str, Any]) -> str:
+    return str(message["data"]["event_id"])
+
+
+def micros(text: str) -> int:
+    return int(Decimal(text) * 1_000_000)
+
+
+@pytest.fixture
+async def producer(tally: Tally) -> AsyncIterator[AIOKafkaProducer]:
+    p = AIOKafkaProducer(bootstrap_servers=tally.stack.bootstrap)
+    await p.start()
+    try:
+        yield p
+    finally:
+        await p.stop()
+
+
+async def accepted(tally: Tally, cid: str, service: str = "email", quantity: str = "1") -> str:
+    eid = uid("ev")
+    r = await tally.post_usage({"event_id": eid, "company_id": cid, "service": service, "quantity": quantity})
+    assert r.status_code == 202 and r.json()["results"][0]["status"] == "accepted", r.text
+    return eid
+
+
+async def dead_letters(
+    tally: Tally, markers: set[str], timeout: float = 30, topic: str = DLQ
+) -> dict[str, dict[str, Any]]:
+    """The DLQ copy of each marker (a text in the dead record), read from the start of the DLQ
+    until all are found or ``timeout``: those not found are missing from the answer."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=tally.stack.bootstrap, auto_offset_reset="earliest", group_id=None
+    )
+    await consumer.start()
+    found: dict[str, dict[str, Any]] = {}
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and len(found) < len(markers):
+            batch = await consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                for r in records:
+                    if not matches(lambda d: "message" in d, r.value):
+                        continue
+                    doc = orjson.loads(r.value)
+                    for m in markers - found.keys():
+                        if m in doc["message"]:
+                            found[m] = doc
+    finally:
+        await consumer.stop()
+    return found
+
+
+PARTITIONS = 4  # tests/conftest.py's stack
+
+
+def company_on(partition: int) -> str:
+    """A new company id whose records (key: the company) go to ``partition``."""
+    while True:
+        cid = uid("co")
+        if DefaultPartitioner()(cid.encode(), list(range(PARTITIONS)), list(range(PARTITIONS))) == partition:
+            return cid
+
+
+async def fund(tally: Tally, cid: str, amount: str = "1.00") -> None:
+    r = await tally.http.post(
+        tally.url("wallet", f"/v1/companies/{cid}/wallet/credits"),
+        json={"amount": amount},
+        headers=tally.auth("platform_admin"),
+    )
+    assert r.status_code == 201, r.text
+
+
+def assert_balanced(wallet: dict[str, Any], lines: list[dict[str, Any]]) -> None:
+    """The balance is the sum of the ledger lines, and each line's balance_after is the
+    running sum (lines come newest first)."""
+    running = 0
+    for line in reversed(lines):
+        running += micros(line["amount"])
+        assert micros(line["balance_after"]) == running, line
+    assert micros(wallet["balance"]) == running
+
+
+# --- poison in the middle of a partition -----------------------------------------------------
+
+
+async def test_poison_amid_good_records_is_dead_lettered_and_every_good_one_debited_once(
+    tally: Tally,
+) -> None:
+    cid = await funded(tally)  # 1.00
+    good = [
+        recorded(cid, 1001),
+        recorded(cid, 1002, extra_field={"x": 1}),  # unknown fields are ignored
+        recorded(cid, 1003, occurred_at="2026-03-01T10:00:00.5+05:30", recorded_at="2026-03-01T04:30:00Z"),
+        recorded(cid, 1004, occurred_at="2026-03-01t10:00:00z"),
+        recorded(cid, 1005),
+    ]
+    good[1]["extra_envelope"] = [1, 2, 3]
+    # Each poison record names a marker, found again in its DLQ copy.
+    poison: dict[str, bytes] = {}
+
+    def bad(message: dict[str, Any]) -> None:
+        poison[eid_of(message)] = orjson.dumps(message)
+
+    bad(recorded(cid, platform_amount_micros=1000.0))
+    bad(recorded(cid, platform_amount_micros="1000"))
+    bad(recorded(cid, platform_amount_micros=True))
+    bad(recorded(cid, platform_amount_micros=None))
+    m = recorded(cid, 123456789)  # past BIGINT (orjson will not write it)
+    poison[eid_of(m)] = orjson.dumps(m).replace(b"123456789", str(2**64).encode())
+    bad(recorded(cid, occurred_at="2026-01-01T00:00:00"))  # no offset
+    bad(recorded(cid, recorded_at="2026-01-01"))
+    bad(recorded(cid, occurred_at=1767225600))
+    bad(recorded(cid, quantity=1))
+    bad(recorded(cid, company_id=None))
+    bad(recorded(cid, currency=None))
+    m = recorded(cid)
+    m["time"] = "2026-01-01T00:00:00"
+    bad(m)
+    m = recorded(cid)
+    m["type"] = "usage.ingested"
+    bad(m)
+    m = recorded(cid)
+    m["id"] = ""
+    bad(m)
+    m = recorded(cid)
+    del m["data"]["currency"]
+    bad(m)
+    for raw in (
+        b'{"id": "%s", "type": "usage.recorded", "data": "\xff\xfe"}',
+        b'["%s"]',
+        b'{"id": "%s", "type": "usage.recorded"',
+        b'"%s"',
+    ):
+        marker = uid("raw")
+        poison[marker] = raw.replace(b"%s", marker.encode())
+
+    # good, poison interleaved, the same good records again (redeliveries in the same batch
+    # or the next), and an event id repeated with another amount: the first one counts
+    sequence: list[bytes] = []
+    bads = list(poison.values())
+    for i, g in enumerate(good):
+        sequence.append(orjson.dumps(g))
+        sequence.extend(bads[i::5])
+    sequence.append(orjson.dumps(good[0]))
+    sequence.append(orjson.dumps(recorded(cid, 999_999, eid=eid_of(good[1]))))
+    for raw in sequence:
+        await tally.produce(TOPIC, raw, key=cid)
+
+    sentinel = await accepted(tally, cid)
+    lines = await tally.wait_applied(cid, sentinel)
+
+    dead = await dead_letters(tally, set(poison))
+    assert set(poison) - dead.keys() == set(), "poison records missing from the DLQ"
+    assert all(d["error"] and d["source_topic"] == TOPIC for d in dead.values())
+
+    usage = [(t["usage_event_id"], -micros(t["amount"])) for t in lines if t["kind"] == "usage"]
+    expected = [(eid_of(g), g["data"]["platform_amount_micros"]) for g in good] + [(sentinel, EMAIL)]
+    assert sorted(usage) == sorted(expected)
+    assert not {eid for eid, _ in usage} & set(poison)
+    assert_balanced(await tally.company_wallet(cid), lines)
+    assert micros((await tally.company_wallet(cid))["balance"]) == 1_000_000 - sum(a for _, a in expected)
+
+
+async def test_a_record_no_price_could_give_is_dead_lettered_not_dropped(tally: Tally) -> None:
+    """A negative amount is not usage: it goes to the DLQ with a reason, like any record the
+    wallet will not post, rather than vanishing without a trace."""
+    cid = await funded(tally)
+    negative = recorded(cid, -5000)
+    await tally.produce(TOPIC, negative, key=cid)
+    sentinel = await accepted(tally, cid)
+    lines = await tally.wait_applied(cid, sentinel)
+    assert eid_of(negative) not in {t["usage_event_id"] for t in lines}
+    assert eid_of(negative) in await dead_letters(tally, {eid_of(negative)}, timeout=15)
+
+
+async def test_times_outside_the_schemas_years_are_dead_lettered(tally: Tally) -> None:
+    """The schema's times are RFC 3339 in the years 1900-2099 (tally.events.RFC3339_PATTERN:
+    a year-1 time with an offset once stopped the notifier's consumer for good)."""
+    cid = await funded(tally)
+    odd = [
+        recorded(cid, occurred_at="0001-01-01T00:00:00+01:00"),
+        recorded(cid, occurred_at="9999-12-31T23:59:59-01:00"),
+        recorded(cid, recorded_at="1850-01-01T00:00:00Z"),
+    ]
+    for m in odd:
+        await tally.produce(TOPIC, m, key=cid)
+    sentinel = await accepted(tally, cid)
+    lines = await tally.wait_applied(cid, sentinel)
+    posted = {t["usage_event_id"] for t in lines}
+    dead = await dead_letters(tally, {eid_of(m) for m in odd}, timeout=15)
+    assert [(eid_of(m) in posted, eid_of(m) in dead) for m in odd] == [(False, True)] * len(odd)
+
+
+# --- ledger lines, column by column -----------------------------------------------------------
+
+
+async def test_ledger_lines_show_each_events_amount_kind_service_and_balance(tally: Tally) -> None:
+    agency = Agency(tally)
+    await agency.fund("2.00")
+    aid = await agency.add_account("rebill_markup", {"sms": "1.5", "email": "2"})
+    await agency.fund("3.00", aid)
+    sms = await agency.use("sms", "2", account=aid)  # company 0.0158, account 0.0237
+    email = await agency.use("email", "3", account=aid)  # company 0.002025, account 0.00405
+    own = await agency.use("email", "1")  # the company's own: no account leg
+
+    company = await tally.company_transactions(agency.cid)
+    got = [(t["kind"], t["service"], t["usage_event_id"], t["amount"], t["balance_after"]) for t in company]
+    assert got == [
+        ("usage", "email", own, "-0.000675", "1.981500"),
+        ("usage", "email", email, "-0.002025", "1.982175"),
+        ("usage", "sms", sms, "-0.015800", "1.984200"),
+        (company[-1]["kind"], None, None, "2.000000", "2.000000"),
+    ]
+    assert company[-1]["kind"] != "usage"
+    assert all(t["reference"] is None for t in company[:3])
+    assert_balanced(await agency.wallet(), company)
+
+    account = await agency.lines(aid)
+    got = [(t["kind"], t["service"], t["usage_event_id"], t["amount"], t["balance_after"]) for t in account]
+    assert got[:2] == [
+        ("usage", "email", email, "-0.004050", "2.972250"),
+        ("usage", "sms", sms, "-0.023700", "2.976300"),
+    ]
+    assert got[2][3:] == ("3.000000", "3.000000") and got[2][2] is None
+    assert_balanced(await agency.wallet(aid), account)
+
+
+async def test_a_time_out_of_range_costs_no_other_tenant_its_usage_totals(
+    tally: Tally, producer: AIOKafkaProducer
+) -> None:
+    """The wallet sums a batch's usage by account and minute into ``wallet.usage`` messages;
+    one company's record with a year-1 time must not take another's totals down with it."""
+    b = await Reseller(tally).create(connect=False)
+    b1 = await b.account()  # self-billing: its usage is the company leg's amount
+    await b.fund("100")
+
+    async def usage() -> dict[str, Any] | None:
+        r = await tally.http.get(
+            tally.url("notifier", f"/v1/accounts/{b1}/usage?period=daily"), headers=b.admin
+        )
+        return r.json() if r.status_code == 200 else None
+
+    await eventually(usage, what="the notifier to learn of the account")
+    parts = list(range(PARTITIONS))
+    partition = DefaultPartitioner()(b.cid.encode(), parts, parts)
+    other = recorded(uid("co"), 5000, account_id=uid("acct"), occurred_at="0001-01-01T00:00:00+01:00")
+    mine = recorded(b.cid, EMAIL, account_id=b1)
+    for m in (other, mine):  # one producer batch: most likely one wallet batch too
+        await producer.send(TOPIC, orjson.dumps(m), key=b.cid.encode(), partition=partition)
+    await producer.flush()
+    await tally.wait_applied(b.cid, eid_of(mine))
+
+    async def outcome() -> dict[str, Any] | None:
+        found = await usage()
+        if found and found["services"]:
+            return found
+        dead = await dead_letters(tally, {b1}, timeout=1, topic="wallet.digest.dlq")
+        return {"dead-lettered": dead[b1]["error"]} if dead else None
+
+    counted = await eventually(outcome, timeout=30, what=f"{b1}'s usage at the notifier or in its DLQ")
+    assert counted.get("services") == {"email": "0.000675"}, counted
+    assert eid_of(other) in await dead_letters(tally, {eid_of(other)}, timeout=15)
+
+
+# --- the debit latency histogram ---------------------------------------------------------------
+
+
+def histogram(text: str) -> dict[str, float]:
+    prefix = "tally_wallet_debit_latency_seconds"
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            name, value = line.rsplit(" ", 1)
+            out[name.removeprefix(prefix)] = float(value)
+    return out
+
+
+async def test_the_debit_latency_histogram_counts_every_debit(tally: Tally) -> None:
+    async def metrics() -> dict[str, float]:
+        return histogram((await tally.http.get(tally.url("wallet", "/metrics"))).text)
+
+    cid = await funded(tally)
+    before = await metrics()
+    # one usage-meter group of 7 (one recorded_at), then 3 records of distinct recorded_at
+    body = {
+        "events": [
+            {"event_id": uid("ev"), "company_id": cid, "service": "email", "quantity": "1"} for _ in range(7)
+        ]
+    }
+    r = await tally.post_usage(body)
+    assert [x["status"] for x in r.json()["results"]] == ["accepted"] * 7
+    for _ in range(3):
+        await tally.produce(TOPIC, recorded(cid), key=cid)
+    sentinel = await accepted(tally, cid)
+    await tally.wait_applied(cid, sentinel)
+
+    async def counted() -> dict[str, float] | None:
+        after = await metrics()
+        return after if after["_count"] - before["_count"] >= 11 else None
+
+    after = await eventually(counted, timeout=10, what="11 debits in the latency histogram")
+    assert after["_count"] - before["_count"] == 11
+    assert after['_bucket{le="+Inf"}'] == after["_count"]
+    assert after["_sum"] >= before["_sum"]
+    buckets = [v for k, v in after.items() if k.startswith("_bucket")]
+    assert buckets == sorted(buckets)  # cumulative
+
+
+# --- a record the ledger's index cannot hold ---------------------------------------------------
+
+
+async def test_an_outsized_event_id_is_dead_lettered_and_the_partition_goes_on(
+    tally: Tally, producer: AIOKafkaProducer
+) -> None:
+    """A data.event_id too long for the ledger's unique key index (the envelope id is bounded,
+    the payload's is not): the record is poison, not a failure of the environment."""
+    partition = 2
+    cid = company_on(partition)
+    await fund(tally, cid)
+    first = await accepted(tally, cid)
+    await tally.wait_applied(cid, first)
+    marker = uid("ev")
+    huge = marker + secrets.token_urlsafe(6000)  # incompressible, past a btree entry's 2704 bytes
+    await producer.send_and_wait(
+        TOPIC, orjson.dumps(recorded(cid, eid=huge)), key=cid.encode(), partition=partition
+    )
+    after = await accepted(tally, cid)
+    await tally.wait_applied(cid, after, timeout=60)
+    assert marker in await dead_letters(tally, {marker}, timeout=15)
