@@ -125,15 +125,8 @@ async def enqueue(conn: Conn, rows: Iterable[Row]) -> int:
     caller wakes its own process's relay (``OutboxRelay.wake``) after committing."""
     records = list(rows)
     if records:
-        await enqueue_packed(conn, packed(records))
+        await conn.execute(_INSERT if _LEADER_HERE.is_set() else _INSERT_AND_NOTIFY, *packed(records))
     return len(records)
-
-
-async def enqueue_packed(conn: Conn, values: tuple[bytes | None, bytes | None, int]) -> None:
-    """``enqueue`` of messages packed already (``packed``): a caller with time to spare while
-    Postgres works on something else packs them then."""
-    if values[2]:
-        await conn.execute(_INSERT if _LEADER_HERE.is_set() else _INSERT_AND_NOTIFY, *values)
 
 
 def written_with(change: str, first: int) -> str:

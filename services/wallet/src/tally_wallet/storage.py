@@ -3,10 +3,8 @@ every touched wallet and one COPY for the ledger lines, whatever the batch size 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -106,17 +104,6 @@ async def _create(conn: Conn, ws: list[Wallet]) -> None:
 
 
 async def post(conn: Conn, wanted: Iterable[Wallet], transfers: Sequence[Transfer]) -> Posting:
-    """Post ``transfers`` in order, in the caller's transaction (``posting`` with nothing to do
-    while the ledger lines are written)."""
-    async with posting(conn, wanted, transfers) as done:
-        pass
-    return done
-
-
-@contextlib.asynccontextmanager
-async def posting(
-    conn: Conn, wanted: Iterable[Wallet], transfers: Sequence[Transfer]
-) -> AsyncIterator[Posting]:
     """Post ``transfers`` in order, in the caller's transaction; ``wanted`` are the wallets they
     move (created with defaults if new). Three statements whatever the batch size:
 
@@ -132,16 +119,9 @@ async def posting(
        balances the database returned; COPY writes the lines;
     3. a second UPDATE writes status and threshold arming, only for wallets whose edges moved.
 
-    The posting is yielded as soon as it is known, while Postgres writes its lines (2 and 3):
-    the caller builds what it publishes meanwhile, yielding to the event loop now and then so
-    the COPY's data goes out. On leaving, the lines are written (or their error raised); if
-    the caller's block fails, the writing is waited for (its error dropped) and the caller's
-    error goes on, so the connection is quiet before the transaction rolls back.
-
     This replaced locking every wallet (``SELECT … FOR UPDATE``) and then updating it."""
     if not transfers:
-        yield Posting({})
-        return
+        return Posting({})
     by_id = {w.id: w for w in wanted}
     delta = dict.fromkeys(by_id, 0)
     for t in transfers:
@@ -161,29 +141,19 @@ async def posting(
         w = wallets[r["id"]] = _wallet(r)
         w.balance -= delta[w.id]
     before = {i: (w.status, w.armed) for i, w in wallets.items()}
-    done = Posting(wallets)
+    posting = Posting(wallets)
     for t in transfers:
-        done.apply(t)
+        posting.apply(t)
     for r in rows:
         if wallets[r["id"]].balance != r["balance"]:
             raise RuntimeError(f"posting diverged from the ledger on {r['id']}")
-    edged = [w for i, w in wallets.items() if (w.status, w.armed) != before[i]]
-    lines = asyncio.ensure_future(_write_lines(conn, done, edged))
-    try:
-        yield done
-    except BaseException:
-        await asyncio.wait([lines])
-        raise
-    await lines
-
-
-async def _write_lines(conn: Conn, done: Posting, edged: list[Wallet]) -> None:
     await conn.copy_records_to_table(
         "transfers",
         columns=_TRANSFER_COLS,
         # a Transfer's fields are the first eight columns, in order
-        records=[(*p.transfer, p.debit_after, p.credit_after) for p in done.posted],
+        records=[(*p.transfer, p.debit_after, p.credit_after) for p in posting.posted],
     )
+    edged = [w for i, w in wallets.items() if (w.status, w.armed) != before[i]]
     if edged:
         await conn.execute(
             "UPDATE wallets SET status = v.status, threshold_armed = v.armed "
@@ -193,6 +163,7 @@ async def _write_lines(conn: Conn, done: Posting, edged: list[Wallet]) -> None:
             [w.status for w in edged],
             [w.armed for w in edged],
         )
+    return posting
 
 
 async def get_wallet(conn: Conn, wallet_id: str) -> Wallet | None:

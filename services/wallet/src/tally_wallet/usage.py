@@ -6,7 +6,6 @@ Usage that already happened is always recorded, even when it takes a balance bel
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,7 +21,6 @@ from tally_wallet.domain import (
     SYSTEM_COMPANY_REVENUE,
     Kind,
     LedgerError,
-    Posting,
     Transfer,
     Wallet,
     account_wallet_id,
@@ -154,32 +152,15 @@ async def apply_usage(
                 )
             )
         plan.append((u, rebilled))
-    async with storage.posting(conn, wanted.values(), transfers) as posting:
-        # Postgres writes the ledger lines while the messages are built and packed
-        messages = outbox.packed(await _messages(posting, plan, traceparents or {}))
-    # counted once the lines are written (a redelivered batch fails on their keys first)
-    APPLIED.labels("company").inc(len(plan))
-    APPLIED.labels("account").inc(len(posting.posted) - len(plan))
-    await outbox.enqueue_packed(conn, messages)
-    return Outcome(len(posting.posted), len(batch) - len(fresh))
+    posting = await storage.post(conn, wanted.values(), transfers)
 
-
-# Events between two yields to the event loop while the messages are built: the ledger's COPY,
-# started just before, sends its data in those turns and Postgres writes it meanwhile.
-_YIELD_EVERY = 256
-
-
-async def _messages(
-    posting: Posting, plan: list[tuple[RecordedUsage, bool]], incoming: dict[str, str | None]
-) -> list[outbox.Row]:
-    """A posted batch's outbox rows: ``wallet.debited`` per event, the edges its wallets
-    crossed, and its ``wallet.usage`` totals."""
     rows: list[outbox.Row] = []
     time = datetime.now(UTC).isoformat()
+    incoming = traceparents or {}
     caused: dict[str, str | None] = {}
     totals = UsageTotals()
     legs = iter(posting.posted)
-    for n, (u, rebilled) in enumerate(plan, 1):
+    for u, rebilled in plan:
         traceparent = child_traceparent(
             incoming.get(u.event_id), "wallet.debit", {"tally.usage_event_id": u.event_id}
         )
@@ -198,8 +179,10 @@ async def _messages(
         caused[company.transfer.key] = traceparent
         if account is not None:
             caused[account.transfer.key] = traceparent
-        if n % _YIELD_EVERY == 0:
-            await asyncio.sleep(0)
+    APPLIED.labels("company").inc(len(plan))
+    APPLIED.labels("account").inc(len(posting.posted) - len(plan))
+
     rows.extend(edge_event_rows(posting, caused))
     rows.extend(totals.rows(time))
-    return rows
+    await outbox.enqueue(conn, rows)
+    return Outcome(len(posting.posted), len(batch) - len(fresh))
