@@ -706,6 +706,15 @@ async def measure_limit(
 # --- one run --------------------------------------------------------------------------------
 
 
+async def company_legs(conn: asyncpg.Connection, run: str) -> int:
+    """The ledger's company legs of this run's usage (every event has one)."""
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) FROM transfers WHERE kind = 'usage' AND key LIKE $1", f"usage:{run}-%:company"
+        )
+    )
+
+
 async def run_once(
     wallets: int,
     events: int,
@@ -760,8 +769,7 @@ async def run_once(
                 await watcher.read_from_now()
                 watcher.cpu_start()
                 profiling = Profiler(stack, RESULTS / "profiles" / run, PROFILED) if profile else None
-                ctx = profiling or contextlib.nullcontext()
-                with ctx:
+                with profiling or contextlib.nullcontext():
                     sending = asyncio.create_task(driver.flood(flood))
                     # Saturated latencies are seconds: polling the ledger for the samples every
                     # 100 ms (not 10) keeps the driver's own queries from loading Postgres (at
@@ -807,17 +815,13 @@ async def run_once(
                             "stage_ms": stage_means(stages, await stage_sums(stack)),
                         }
                     )
-                done = await conn.fetchval(
-                    "SELECT count(*) FROM transfers WHERE kind = 'usage' AND key LIKE $1",
-                    f"usage:{run}-%:company",
-                )
+                done = await company_legs(conn, run)
                 result["ledger_company_legs"] = done
                 if done != events + latency_events:
                     raise SystemExit(f"ledger has {done} company legs, expected {events + latency_events}")
             # 3. request shapes: 1, 10, 100 events per request from many connections (#20)
             result["shapes"] = []
-            legs_of_run = "SELECT count(*) FROM transfers WHERE kind = 'usage' AND key LIKE $1"
-            before = await conn.fetchval(legs_of_run, f"usage:{run}-%:company")
+            before = await company_legs(conn, run)
             next_event = 10**9  # event numbers of their own: no clash with the phases above
             for size in shapes:
                 with console.status("letting every consumer catch up…"):
@@ -852,7 +856,7 @@ async def run_once(
             )
             # the wallet counts a batch before it commits: the last one may still be committing
             for _ in range(600):
-                legs = await conn.fetchval(legs_of_run, f"usage:{run}-%:company")
+                legs = await company_legs(conn, run)
                 if legs - before >= shaped:
                     break
                 await asyncio.sleep(0.1)

@@ -74,8 +74,11 @@ def test_the_wallet_reads_usage_recorded_as_the_schema_does() -> None:
     ],
 )
 def test_a_usage_recorded_the_wallet_cannot_read_is_bad(broken: dict[str, object], reason: str) -> None:
+    raw = recorded_message(**broken)
     with pytest.raises(events.BadMessage, match=reason):
-        events.parse_usage_recorded(recorded_message(**broken))
+        events.parse_usage_recorded(raw)
+    with pytest.raises(events.BadMessage):  # the schema says the same
+        events.parse_message(raw)
 
 
 @pytest.mark.parametrize("raw", [None, b"", b"{", b"[]", b'{"id": "x", "type": "wallet.debited"}'])
