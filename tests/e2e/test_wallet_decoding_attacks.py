@@ -86,6 +86,29 @@ async def dead_letter(tally: Tally, marker: str, timeout: float = 30) -> dict[st
     return await tally.find_on_topic(DLQ, lambda d: marker in d["message"], timeout=timeout)
 
 
+async def post(tally: Tally, cid: str, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    body = {
+        "events": [
+            {"event_id": uid("ev"), "company_id": cid, "service": "email", "quantity": "1", **e}
+            for e in events
+        ]
+    }
+    r = await tally.post_usage(body)
+    assert r.status_code == 202, r.text
+    return [{**res, "event": ev} for res, ev in zip(r.json()["results"], body["events"], strict=True)]
+
+
+async def none_dead(tally: Tally, markers: list[str], timeout: float = 6) -> None:
+    try:
+        dead = await tally.find_on_topic(
+            DLQ, lambda d: any(m in d["message"] for m in markers), timeout=timeout
+        )
+    except AssertionError as exc:
+        assert "no matching message" in str(exc)
+        return
+    raise AssertionError(f"accepted usage dead-lettered: {dead}")
+
+
 def assert_balanced(wallet: dict[str, Any], lines: list[dict[str, Any]]) -> None:
     """The balance is the sum of the ledger lines, and each line's balance_after is the
     running sum (lines come newest first)."""
@@ -330,3 +353,194 @@ async def test_an_outsized_event_id_is_dead_lettered_and_the_partition_goes_on(t
     after = await accepted(tally, cid)
     await tally.wait_applied(cid, after, timeout=60)
     await dead_letter(tally, marker)
+
+
+# --- usage-meter's edge events, redeliveries, tenants and currencies -------------------------
+
+
+async def test_edge_times_accepted_by_usage_meter_are_each_debited_once_never_dead_lettered(
+    tally: Tally,
+) -> None:
+    cid = await funded(tally, "1000000")
+    times = [
+        "1900-01-01T00:00:00+14:00",
+        "2099-12-31T23:59:59-12:00",
+        "1900-01-01T00:00:00+23:59",
+        "2099-12-31T23:59:59-23:59",
+        "2099-12-31T23:59:59.999999999Z",
+        "2026-03-01T10:00:00.123456789+05:30",
+        "2026-03-01t10:00:00z",
+        "2024-02-29T23:59:59-00:00",
+    ]
+    results = await post(
+        tally,
+        cid,
+        [{"occurred_at": t} for t in times]
+        + [{"quantity": "1000000000"}, {"quantity": "0.000001"}, {"quantity": 3}],
+    )
+    assert [r["status"] for r in results] == ["accepted"] * len(results), results
+    ids = [r["event_id"] for r in results]
+    zero = ids[-2]  # 0.000001 x 675 micros rounds to 0: posts nothing (usage.py, by design)
+    sentinel = (await post(tally, cid, [{}]))[0]["event_id"]
+    lines = await tally.wait_applied(cid, sentinel)
+    usage = [(t["usage_event_id"], -micros(t["amount"])) for t in lines if t["kind"] == "usage"]
+    want = [(i, EMAIL) for i in ids[: len(times)]] + [
+        (ids[-3], 675_000_000_000),
+        (ids[-1], 3 * EMAIL),
+        (sentinel, EMAIL),
+    ]
+    assert sorted(usage) == sorted(want)
+    assert zero not in {i for i, _ in usage}
+    assert_balanced(await tally.company_wallet(cid), lines)
+    await none_dead(tally, ids)
+
+
+async def test_rebilled_edge_events_post_both_legs_once(tally: Tally) -> None:
+    agency = Agency(tally)
+    await agency.fund("10")
+    aid = await agency.add_account("rebill_markup", {"email": "9.99", "sms": "10"})
+    results = await post(
+        tally,
+        agency.cid,
+        [
+            {"account_id": aid, "occurred_at": "1900-01-01T00:00:00+14:00"},
+            {
+                "account_id": aid,
+                "occurred_at": "2099-12-31T23:59:59-12:00",
+                "service": "sms",
+                "quantity": "0.007",
+            },
+            {"account_id": aid, "quantity": "0.000001"},  # 0 micros: nothing to post
+        ],
+    )
+    assert [r["status"] for r in results] == ["accepted"] * 3, results
+    a, b, zero = (r["event_id"] for r in results)
+    sentinel = (await post(tally, agency.cid, [{}]))[0]["event_id"]
+    company = await tally.wait_applied(agency.cid, sentinel)
+    got = sorted((t["usage_event_id"], -micros(t["amount"])) for t in company if t["kind"] == "usage")
+    assert got == sorted([(a, 675), (b, 55), (sentinel, 675)])  # 7900 x 0.007 = 55.3 -> 55
+    account = await agency.lines(aid)
+    got = sorted((t["usage_event_id"], -micros(t["amount"])) for t in account if t["kind"] == "usage")
+    assert got == sorted([(a, 6743), (b, 550)])  # 675 x 9.99 = 6743.25
+    assert_balanced(await agency.wallet(aid), account)
+    await none_dead(tally, [a, b, zero])
+
+
+async def test_same_event_redelivered_with_another_account_or_amount_debits_once(tally: Tally) -> None:
+    agency = Agency(tally)
+    await agency.fund("5")
+    aid = await agency.add_account("rebill_markup", {"email": "2"})
+    other = await agency.add_account("rebill_markup", {"email": "3"})
+    first = recorded(agency.cid, 1000, account_id=aid)
+    eid = first["data"]["event_id"]
+    again = [
+        first,
+        recorded(agency.cid, 9000, eid=eid, account_id=aid),
+        recorded(agency.cid, 1000, eid=eid, account_id=other),
+        recorded(agency.cid, 1000, eid=eid, account_id=None),
+    ]
+    for m in again:
+        await tally.produce(TOPIC, m, key=agency.cid)
+    mid = (await post(tally, agency.cid, [{}]))[0]["event_id"]
+    await tally.wait_applied(agency.cid, mid)
+    for m in again:  # and again, in a later batch
+        await tally.produce(TOPIC, m, key=agency.cid)
+    sentinel = (await post(tally, agency.cid, [{}]))[0]["event_id"]
+    company = await tally.wait_applied(agency.cid, sentinel)
+    legs = [(t["usage_event_id"], -micros(t["amount"])) for t in company if t["kind"] == "usage"]
+    assert sorted(legs) == sorted([(eid, 1000), (mid, EMAIL), (sentinel, EMAIL)])
+    assert [(t["usage_event_id"], t["amount"]) for t in await agency.lines(aid) if t["kind"] == "usage"] == [
+        (eid, "-0.002000")
+    ]
+    assert not [t for t in await agency.lines(other) if t["kind"] == "usage"]
+    assert_balanced(await agency.wallet(), company)
+
+
+async def test_a_forged_record_naming_another_companys_account_never_debits_it(tally: Tally) -> None:
+    a, b = Agency(tally), Agency(tally)
+    await a.fund("1")
+    theirs = await b.add_account("rebill_markup", {"email": "2"})
+    await b.fund("1", theirs)
+    forged = recorded(a.cid, 5000, account_id=theirs)
+    await tally.produce(TOPIC, forged, key=a.cid)
+    sentinel = (await post(tally, a.cid, [{}]))[0]["event_id"]
+    lines = await tally.wait_applied(a.cid, sentinel)
+    dead = await tally.find_on_topic(DLQ, lambda d: forged["data"]["event_id"] in d["message"])
+    assert "belongs to another company" in dead["error"]
+    assert forged["data"]["event_id"] not in {t["usage_event_id"] for t in lines}
+    assert (await b.wallet(theirs))["balance"] == "1.000000"
+    assert not [t for t in await b.lines(theirs) if t["kind"] == "usage"]
+
+
+async def test_a_usd_record_for_a_eur_company_without_a_wallet_yet_is_dead_lettered(tally: Tally) -> None:
+    """The wallet knows the company is in EUR (rebilling.events); a forged USD record must not
+    open its wallet in USD (every EUR debit and credit after it would then be refused)."""
+    b = Reseller(tally)
+    r = await tally.http.post(
+        tally.url("rebilling", "/v1/companies"),
+        headers=tally.auth("platform_admin"),
+        json={
+            "id": b.cid,
+            "name": "Agence",
+            "plan": "starter",
+            "currency": "EUR",
+            "owner_email": f"o-{b.cid}@example.com",
+        },
+    )
+    assert r.status_code == 201, r.text
+
+    async def heard() -> bool:
+        # the wallet's own copy of the company (rebilling.events), not the ghost wallet GET
+        # answers from rebilling's directory before that copy arrives
+        rows = await tally.sql("wallet", "SELECT currency FROM companies WHERE company_id = $1", b.cid)
+        return [r["currency"] for r in rows] == ["EUR"]
+
+    await eventually(heard, what="the wallet to hear the company is in EUR")
+    usd = recorded(b.cid, 1000)
+    good = recorded(b.cid, 600, currency="EUR")
+    await tally.produce(TOPIC, usd, key=b.cid)
+    await tally.produce(TOPIC, good, key=b.cid)
+
+    async def settled() -> bool:
+        lines = await tally.company_transactions(b.cid)
+        if good["data"]["event_id"] in {t["usage_event_id"] for t in lines}:
+            return True
+        await tally.find_on_topic(DLQ, lambda d: good["data"]["event_id"] in d["message"], timeout=1)
+        return True
+
+    async def either() -> bool:
+        try:
+            return await settled()
+        except AssertionError:
+            return False
+
+    await eventually(either, timeout=40, what="the EUR record handled")
+    wallet = await b.wallet()
+    lines = await tally.company_transactions(b.cid)
+    usage = {t["usage_event_id"] for t in lines if t["kind"] == "usage"}
+    assert wallet["currency"] == "EUR", wallet
+    assert usage == {good["data"]["event_id"]}, lines
+    await tally.find_on_topic(DLQ, lambda d: usd["data"]["event_id"] in d["message"])
+    assert_balanced(wallet, lines)
+
+
+@pytest.mark.parametrize("kind", ["redelivered", "zero"])
+async def test_the_debit_latency_histogram_counts_debits_not_redeliveries(tally: Tally, kind: str) -> None:
+    async def count() -> float:
+        return histogram((await tally.http.get(tally.url("wallet", "/metrics"))).text)["_count"]
+
+    cid = await funded(tally)
+    first = recorded(cid, 1000)
+    await tally.produce(TOPIC, first, key=cid)
+    await tally.wait_applied(cid, first["data"]["event_id"])
+    before = await count()
+    await tally.produce(TOPIC, first if kind == "redelivered" else recorded(cid, 0), key=cid)
+    sentinel = (await post(tally, cid, [{}]))[0]["event_id"]
+    await tally.wait_applied(cid, sentinel)
+
+    async def counted() -> float | None:
+        n = await count()
+        return n if n - before >= 1 else None
+
+    await eventually(counted, timeout=10, what="the sentinel's debit counted")
+    assert await count() - before == 1  # the sentinel only: nothing else was debited

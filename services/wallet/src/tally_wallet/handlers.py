@@ -89,26 +89,33 @@ async def on_usage(w: WalletWiring, records: Sequence[Any]) -> None:
         # savepoint (two round trips fewer); a redelivered event fails the unique transfer key
         # and the batch goes again, carefully.
         async with w.uow() as uow:
-            await apply_usage(uow.conn, [u for _, u in good], traces, partitions=partitions, optimistic=True)
+            outcome = await apply_usage(
+                uow.conn, [u for _, u in good], traces, partitions=partitions, optimistic=True
+            )
             uow.publish(dead)
+        recorded = list(outcome.recorded)
     except CAREFULLY:
+        recorded = []
         async with w.uow() as uow:
             # Skip what the ledger already has; if some event cannot be posted, post one by
             # one (a savepoint each) and dead-letter the culprits.
             try:
                 async with uow.savepoint():
-                    await apply_usage(uow.conn, [u for _, u in good], traces, partitions=partitions)
+                    outcome = await apply_usage(uow.conn, [u for _, u in good], traces, partitions=partitions)
+                recorded += outcome.recorded
             except UNPOSTABLE:
                 for record, usage in good:
                     try:
                         async with uow.savepoint():
-                            await apply_usage(uow.conn, [usage], traces, partitions=partitions)
+                            outcome = await apply_usage(uow.conn, [usage], traces, partitions=partitions)
+                        recorded += outcome.recorded
                     except UNPOSTABLE as exc:
                         dead.append(dlq_row(record, f"{type(exc).__name__}: {exc}", service=SERVICE))
             uow.publish(dead)
     committed = datetime.now(UTC)
-    # accepted by usage-meter -> committed to the ledger; a group's events share recorded_at
-    for recorded_at, n in Counter(u.recorded_at for _, u in good).items():
+    # accepted by usage-meter -> committed to the ledger, for the events this batch posted
+    # (not redeliveries, zero amounts or dead letters); a group's events share recorded_at
+    for recorded_at, n in Counter(recorded).items():
         observe_many(DEBIT_LATENCY, max((committed - recorded_at).total_seconds(), 0.0), n)
 
 

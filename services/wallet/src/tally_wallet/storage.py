@@ -16,6 +16,7 @@ from tally.db import Conn
 from tally.events import CompanyUpdated, RebillingSettings
 from tally_wallet.domain import (
     BalanceOutOfRange,
+    LedgerError,
     Posting,
     Rebilling,
     Transfer,
@@ -90,6 +91,19 @@ _MOVE = (
 
 
 async def _create(conn: Conn, ws: list[Wallet]) -> None:
+    """Open wallets that never moved. A company's or account's wallet opens in its company's
+    currency when the wallet has heard it (rebilling.events): a record in another currency
+    must not open it in its own, after which the company's real usage could never post."""
+    users = {w.company_id for w in ws if w.kind != "system" and w.company_id}
+    if users:
+        rows = await conn.fetch(
+            "SELECT company_id, currency FROM companies WHERE company_id = ANY($1::text[])", list(users)
+        )
+        known = {r["company_id"]: r["currency"] for r in rows}
+        for w in ws:
+            if w.kind != "system" and known.get(w.company_id, w.currency) != w.currency:
+                currency = known[w.company_id]
+                raise LedgerError(f"wallet {w.id} would open in {w.currency}; its company's is {currency}")
     if ws:
         await conn.execute(
             "INSERT INTO wallets (id, kind, company_id, account_id, currency) "

@@ -38,6 +38,7 @@ SKIPPED = Counter("tally_wallet_usage_duplicates_total", "Usage events already i
 class Outcome:
     posted: int
     duplicates: int
+    recorded: tuple[datetime, ...] = ()  # when usage-meter accepted each event posted
 
 
 def company_leg_key(event_id: str) -> str:
@@ -185,4 +186,4 @@ async def apply_usage(
     rows.extend(edge_event_rows(posting, caused))
     rows.extend(totals.rows(time))
     await outbox.enqueue(conn, rows)
-    return Outcome(len(posting.posted), len(batch) - len(fresh))
+    return Outcome(len(posting.posted), len(batch) - len(fresh), tuple(u.recorded_at for u, _ in plan))
