@@ -20,11 +20,13 @@ import orjson
 import pytest
 
 from tally import outbox
+from tally.directory import Facts
 from tally.errors import ApiError
-from tally.events import UsageEvent
+from tally.events import AccountCreated, UsageEvent
 from tally.outbox import CHANNEL, unpack
 from tally.ratelimit import TokenBuckets
 from tally.uow import Database
+from tally_usage_meter import companies, storage
 from tally_usage_meter.ingestion import DirectoryUnavailable, HttpIngestion, Result, ingest, ingest_at_once
 from tests.support.databases import CountingRelay, service_database
 from tests.support.stack import Infra, uid
@@ -35,6 +37,7 @@ class Directory:
 
     def __init__(self, currencies: dict[str, str], owners: dict[str, str], *, down: bool = False) -> None:
         self.known, self.owners, self.down = currencies, owners, down
+        self.facts = Facts()
 
     async def currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
         if self.down:
@@ -227,3 +230,47 @@ async def test_two_groups_racing_with_one_event_accept_it_once(database: Databas
     assert (a[1], b[0]) == (("accepted", None), ("accepted", None))
     assert await claimed(database, [shared, own_a, own_b]) == {shared, own_a, own_b}
     assert sorted(m["data"]["event_id"] for m in await recorded(database)) == sorted([shared, own_a, own_b])
+
+
+async def test_known_companies_and_accounts_are_read_once_and_suspensions_every_time(
+    database: Database,
+) -> None:
+    """A group's lookup asks the tables only for the companies and accounts the process has not
+    met (their currency and company never change), while suspensions are read for every group;
+    what the rebilling.events consumer writes is read again."""
+    co, acct = uid("co"), uid("ws")
+    facts = Facts()
+    async with database.unit() as uow:
+        await storage.upsert_company(uow.conn, co, "EUR")
+        await storage.upsert_account(uow.conn, acct, co)
+    async with database.reading() as conn:
+        first = await storage.known(conn, [co, co], [acct], facts)
+    assert (first.currencies, first.owners, first.suspended) == ({co: "EUR"}, {acct: co}, set())
+    assert facts.recall("company", [co]) == ({co: "EUR"}, [])
+    # the rows gone (only a test can do that), the process still knows; a suspension is seen
+    async with database.unit() as uow:
+        await uow.conn.execute("DELETE FROM accounts WHERE account_id = $1", acct)
+        await uow.conn.execute("DELETE FROM companies WHERE company_id = $1", co)
+        await storage.set_suspended(uow.conn, "account", acct, True)
+    async with database.reading() as conn:
+        again = await storage.known(conn, [co], [acct], facts)
+        bare = await storage.known(conn, [co], [acct])
+    assert (again.currencies, again.owners) == ({co: "EUR"}, {acct: co})
+    assert again.suspended == bare.suspended == {("account", acct)}
+    assert (bare.currencies, bare.owners) == ({}, {})
+    assert again.prices == bare.prices and again.prices  # the catalog comes with every group
+    # what the consumer of rebilling.events wrote is read from the tables again
+    companies.forget(facts, [AccountCreated(account_id=acct, company_id=co, name="n", owner_email=None)])
+    async with database.reading() as conn:
+        forgotten = await storage.known(conn, [co], [acct], facts)
+    assert (forgotten.currencies, forgotten.owners) == ({co: "EUR"}, {})
+
+
+def test_facts_learned_from_tables_stop_at_their_bound() -> None:
+    facts = Facts(max_learned=2)
+    facts.learn("account", {"a": "co-1"})
+    facts.learn("account", {"b": "co-1", "c": "co-2"})
+    found, missing = facts.recall("account", ["a", "b", "c"])
+    assert (found, missing) == ({"a": "co-1", "b": "co-1"}, ["c"])
+    facts.learn("company", {"co-1": "USD"})  # each kind has its own bound
+    assert facts.recall("company", ["co-1"]) == ({"co-1": "USD"}, [])

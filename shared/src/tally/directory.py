@@ -4,14 +4,17 @@ A company is created in rebilling and then announced to the others; money that m
 gap (usage posted, a card charged right after creation) must still be in the company's
 currency, or it is stranded by a currency mismatch (API.md, Currency). Answers are cached: a
 known one forever (a company's currency and an account's company never change), an unknown id
-for ``negative_ttl`` seconds (usage of companies no one created is priced in USD)."""
+for ``negative_ttl`` seconds (usage of companies no one created is priced in USD). A service
+keeps what its own tables told it in the same ``Facts`` (``learn``) and asks them first
+(``recall``), so a hot path looks up in the database only the ids this process has not met."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Literal
 from urllib.parse import quote
 
 import httpx
@@ -21,13 +24,62 @@ from tally.settings import Settings
 
 log = logging.getLogger(__name__)
 
+Kind = Literal["company", "account"]  # company -> its currency; account -> its company
+
+
+class Facts:
+    """Companies' currencies and accounts' companies this process knows. They never change
+    once rebilling has announced them, so what is here never goes stale; rebilling's answers
+    are always kept, and facts a service read from its own tables (``learn``) while there are
+    fewer than ``max_learned`` of a kind."""
+
+    def __init__(self, max_learned: int = 500_000) -> None:
+        self.max_learned = max_learned
+        self.known: dict[Kind, dict[str, str]] = {"company": {}, "account": {}}
+
+    def recall(self, kind: Kind, ids: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+        """What is known of ``ids`` (distinct), and the ids that are not known."""
+        known = self.known[kind]
+        found: dict[str, str] = {}
+        missing: list[str] = []
+        for id_ in ids:
+            value = known.get(id_)
+            if value is None:
+                missing.append(id_)
+            else:
+                found[id_] = value
+        return found, missing
+
+    def learn(self, kind: Kind, facts: Mapping[str, str]) -> None:
+        """Remember facts a service read from its own tables, up to ``max_learned`` of a kind."""
+        known = self.known[kind]
+        room = self.max_learned - len(known)
+        if room >= len(facts):
+            known.update(facts)
+        elif room > 0:
+            known.update(list(facts.items())[:room])
+
+    def forget(self, kind: Kind, ids: Iterable[str]) -> None:
+        """Drop what is known of ``ids``: their tables were just written, and are asked again."""
+        known = self.known[kind]
+        for id_ in ids:
+            known.pop(id_, None)
+
 
 class CompanyDirectory:
-    def __init__(self, base_url: str, secret: str, *, timeout: float = 5, negative_ttl: float = 30) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        secret: str,
+        *,
+        timeout: float = 5,
+        negative_ttl: float = 30,
+        facts: Facts | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.secret = secret
         self.negative_ttl = negative_ttl
-        self._known: dict[str, str] = {}  # "company:<id>" -> currency, "account:<id>" -> company
+        self.facts = facts or Facts()
         self._unknown_until: dict[str, float] = {}
         self._client = httpx.AsyncClient(timeout=timeout)
         self._limit = asyncio.Semaphore(8)
@@ -46,15 +98,15 @@ class CompanyDirectory:
         """The company of each account rebilling knows (the others are left out)."""
         return await self._lookup("account", account_ids, "/v1/accounts/{}", "company_id")
 
-    async def _lookup(self, kind: str, ids: Iterable[str], path: str, field: str) -> dict[str, str]:
+    async def _lookup(self, kind: Kind, ids: Iterable[str], path: str, field: str) -> dict[str, str]:
         now = time.monotonic()
+        known = self.facts.known[kind]
         out: dict[str, str] = {}
         ask: list[str] = []
         for id_ in dict.fromkeys(ids):
-            key = f"{kind}:{id_}"
-            if key in self._known:
-                out[id_] = self._known[key]
-            elif self._unknown_until.get(key, 0) <= now:
+            if id_ in known:
+                out[id_] = known[id_]
+            elif self._unknown_until.get(f"{kind}:{id_}", 0) <= now:
                 ask.append(id_)
         # a batch naming many new ids asks for them side by side, a few at a time
         answers = await asyncio.gather(*[self._ask(path.format(_segment(i)), field) for i in ask])
@@ -62,7 +114,7 @@ class CompanyDirectory:
             if value is None:
                 self._unknown_until[f"{kind}:{id_}"] = now + self.negative_ttl
             else:
-                out[id_] = self._known[f"{kind}:{id_}"] = value
+                out[id_] = known[id_] = value
         return out
 
     async def _ask(self, path: str, field: str) -> str | None:

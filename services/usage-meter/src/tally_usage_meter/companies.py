@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tally import events
+from tally.directory import Facts
 from tally.uow import UnitOfWork
 from tally_usage_meter import storage
 
@@ -19,3 +20,9 @@ async def learn(uow: UnitOfWork, payloads: Sequence[events.Payload]) -> None:
             await storage.upsert_company(uow.conn, p.company_id, p.currency)
         elif isinstance(p, events.AccountCreated):
             await storage.upsert_account(uow.conn, p.account_id, p.company_id)
+
+
+def forget(facts: Facts, payloads: Sequence[events.Payload]) -> None:
+    """Drop the in-process facts of the companies and accounts ``learn`` just wrote."""
+    facts.forget("company", [p.company_id for p in payloads if isinstance(p, events.CompanyUpdated)])
+    facts.forget("account", [p.account_id for p in payloads if isinstance(p, events.AccountCreated)])

@@ -51,6 +51,10 @@ async def on_rebilling_events(w: UsageMeterWiring, records: Sequence[Any]) -> No
     taken, dead = take(records, REBILLING_TYPES, service=SERVICE)
     if not taken and not dead:
         return
+    payloads = [m.data for _, m in taken]
     async with w.uow() as uow:
-        await companies.learn(uow, [m.data for _, m in taken])
+        await companies.learn(uow, payloads)
         uow.publish(dead)
+    # what was just written is read from the tables again (it is the same, unless an
+    # announcement ever corrected one)
+    companies.forget(w.directory.facts, payloads)

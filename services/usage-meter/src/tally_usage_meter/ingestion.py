@@ -87,7 +87,7 @@ async def _judge(
     """Each event's verdict: priced, rejected (why), or None for a repeat of an earlier event
     of the same batch."""
     known = await storage.known(
-        conn, [e.company_id for e in batch], [e.account_id for e in batch if e.account_id]
+        conn, [e.company_id for e in batch], [e.account_id for e in batch if e.account_id], directory.facts
     )
     await _complete(conn, batch, directory, known)
 

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 from tally import outbox
 from tally.db import Conn
+from tally.directory import Facts
 from tally_usage_meter.domain import Price
 
 
@@ -98,22 +99,38 @@ class Known:
     prices: dict[tuple[str, str], Price] = field(default_factory=dict)  # the catalog, now
 
 
-async def known(conn: Conn, company_ids: Sequence[str], account_ids: Sequence[str]) -> Known:
+async def known(
+    conn: Conn,
+    company_ids: Sequence[str],
+    account_ids: Sequence[str],
+    facts: Facts | None = None,
+) -> Known:
     """Suspensions, currencies and accounts' companies for a batch, and the price catalog, in
-    one round trip (the catalog was a round trip of its own per batch: #20)."""
+    one round trip (the catalog was a round trip of its own per batch: #20). With ``facts``,
+    the currencies and companies already known are not looked up again (they never change),
+    and what the tables tell is added to them."""
     companies, accounts = list(set(company_ids)), list(set(account_ids))
+    if facts is None:
+        currencies: dict[str, str] = {}
+        owners: dict[str, str] = {}
+        ask_companies, ask_accounts = companies, accounts
+    else:
+        currencies, ask_companies = facts.recall("company", companies)
+        owners, ask_accounts = facts.recall("account", accounts)
     rows = await conn.fetch(
         "SELECT 's' AS k, owner AS a, owner_id AS b, NULL AS c, NULL::bigint AS d "
         "FROM suspended_wallets "
         "WHERE (owner = 'company' AND owner_id = ANY($1::text[])) "
         "   OR (owner = 'account' AND owner_id = ANY($2::text[])) "
         "UNION ALL SELECT 'c', company_id, currency, NULL, NULL FROM companies "
-        "WHERE company_id = ANY($1::text[]) "
+        "WHERE company_id = ANY($3::text[]) "
         "UNION ALL SELECT 'a', account_id, company_id, NULL, NULL FROM accounts "
-        "WHERE account_id = ANY($2::text[]) "
+        "WHERE account_id = ANY($4::text[]) "
         "UNION ALL SELECT 'p', service, currency, unit, unit_price_micros FROM prices",
         companies,
         accounts,
+        ask_companies,
+        ask_accounts,
     )
     out = Known(set(), {}, {})
     for r in rows:
@@ -126,6 +143,11 @@ async def known(conn: Conn, company_ids: Sequence[str], account_ids: Sequence[st
             out.currencies[r["a"]] = r["b"]
         else:
             out.owners[r["a"]] = r["b"]
+    if facts is not None:
+        facts.learn("company", out.currencies)
+        facts.learn("account", out.owners)
+        out.currencies.update(currencies)
+        out.owners.update(owners)
     return out
 
 
