@@ -29,6 +29,22 @@ def test_pack_then_unpack_gives_back_every_message_in_order(messages: list[outbo
     assert outbox.unpack(outbox.pack(messages)) == messages
 
 
+def _length_prefixed(rows: list[outbox.Row]) -> bytes:
+    """The layout outbox rows were packed in until 2026-12-04, written as that code did."""
+    parts: list[bytes] = []
+    for topic, key, value, traceparent, type_ in rows:
+        t, p, y = topic.encode(), (traceparent or "").encode(), (type_ or "").encode()
+        parts.append(outbox._HEAD.pack(len(t), -1 if key is None else len(key), len(value), len(p), len(y)))
+        parts += (t, key or b"", value, p, y)
+    return b"".join(parts)
+
+
+@given(rows)
+def test_rows_packed_by_the_previous_version_are_still_read(messages: list[outbox.Row]) -> None:
+    """A relay upgraded with rows of the old layout still waiting sends them as they were."""
+    assert outbox.unpack(_length_prefixed(messages)) == messages
+
+
 def test_row_takes_the_type_from_the_envelope() -> None:
     message = {
         "id": "x",
