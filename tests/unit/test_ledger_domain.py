@@ -70,36 +70,60 @@ def test_double_entry_sums_to_zero_and_balance_after_is_running(moves: list[tupl
         assert side == expected
 
 
-def test_debited_message_fits_the_event_contract() -> None:
+def test_debited_row_fits_the_event_contract() -> None:
     from datetime import UTC, datetime
+
+    import orjson
 
     from tally import events
     from tally.events import RecordedUsage
     from tally_wallet.domain import Posted
-    from tally_wallet.messages import debited_message
+    from tally_wallet.messages import debited_row
 
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    u = RecordedUsage(
-        event_id="e",
+
+    def usage(account_id: str | None) -> RecordedUsage:
+        return RecordedUsage(
+            event_id="e",
+            company_id="c",
+            account_id=account_id,
+            service="sms",
+            quantity="1",
+            occurred_at=now,
+            recorded_at=now,
+            unit_price_micros=5,
+            platform_amount_micros=5,
+            currency="USD",
+        )
+
+    company = Posted(Transfer("k1", "company:c", "system:rev", 5, "usage"), -5, 5)
+    account = Posted(Transfer("k2", "account:a", "system:crev", 8, "usage"), 92, 8)
+    topic, key, value, traceparent, type_ = debited_row(usage("a"), company, account, now.isoformat())
+    assert (topic, key, traceparent, type_) == ("wallet.events", b"c", None, "wallet.debited")
+    message = events.parse_message(value)
+    assert (message.id, message.type, message.source) == ("debited:e", "wallet.debited", "wallet")
+    assert message.data == events.WalletDebited(
+        usage_event_id="e",
         company_id="c",
         account_id="a",
         service="sms",
-        quantity="1",
-        occurred_at=now,
-        recorded_at=now,
-        unit_price_micros=5,
-        platform_amount_micros=5,
         currency="USD",
+        occurred_at=now,
+        company_wallet_id="company:c",
+        company_amount_micros=5,
+        company_balance_micros=-5,
+        account_wallet_id="account:a",
+        account_amount_micros=8,
+        account_balance_micros=92,
     )
-    company = Posted(Transfer("k1", "company:c", "system:rev", 5, "usage"), -5, 5)
-    account = Posted(Transfer("k2", "account:a", "system:crev", 8, "usage"), 92, 8)
-    message = events.parse_message(events.dumps(debited_message(u, company, account, now.isoformat())))
-    env, payload = message, message.data
-    assert env.type == "wallet.debited"
-    assert isinstance(payload, events.WalletDebited) and payload.rebilled
-    assert (payload.company_amount_micros, payload.account_amount_micros) == (5, 8)
-    alone = events.parse_message(events.dumps(debited_message(u, company, None, now.isoformat()))).data
-    assert isinstance(alone, events.WalletDebited) and not alone.rebilled
+    assert message.data.rebilled
+    # not rebilled: no account leg fields at all; no account: account_id is written as null
+    alone = debited_row(usage(None), company, None, now.isoformat())[2]
+    data = orjson.loads(alone)["data"]
+    assert data["account_id"] is None
+    assert not {"account_wallet_id", "account_amount_micros", "account_balance_micros"} & data.keys()
+    parsed = events.parse_message(alone).data
+    assert isinstance(parsed, events.WalletDebited) and not parsed.rebilled
 
 
 def test_a_wallet_starting_below_its_threshold_crosses_at_its_first_debit() -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
+import orjson
 import pytest
 from pydantic import ValidationError
 
+from tally import events
 from tally.events import UsageEvent, UsageRecorded
 from tally_usage_meter.domain import (
     MAX_EVENT_MICROS,
@@ -19,11 +22,17 @@ from tally_usage_meter.domain import (
     Rejected,
     parse_quantity,
     price_event,
-    recorded_payload,
+    recorded_message,
 )
 
 PRICES = {("email", "USD"): Price("email", "email", 675, "USD")}
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
+
+
+def recorded_payload(p: Priced, at: datetime, text: str | None = None) -> dict[str, Any]:
+    """The payload of the ``usage.recorded`` usage-meter writes for ``p``."""
+    data: dict[str, Any] = orjson.loads(recorded_message(p, at, text))["data"]
+    return data
 
 
 def ev(**kw: object) -> UsageEvent:
@@ -131,6 +140,9 @@ def test_the_recorded_payload_is_a_usage_recorded() -> None:
     assert isinstance(p, Priced)
     payload = recorded_payload(p, NOW, "given")  # the caller's text of recorded_at is used as is
     assert payload["recorded_at"] == payload["occurred_at"] == "given"
+    envelope = events.parse_message(recorded_message(p, NOW))
+    assert (envelope.id, envelope.type, envelope.source) == ("usage:e1", "usage.recorded", "usage-meter")
+    assert envelope.time == NOW and envelope.data == UsageRecorded.model_validate(recorded_payload(p, NOW))
     typed = UsageRecorded.model_validate({**payload, "recorded_at": NOW, "occurred_at": NOW})
     assert typed.quantity == "2.5" and typed.platform_amount_micros == 1688  # 1687.5 -> 1688
     assert (typed.account_id, typed.currency, typed.unit_price_micros) == ("a1", "USD", 675)

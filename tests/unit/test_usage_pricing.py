@@ -1,6 +1,8 @@
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
+import orjson
 import pytest
 
 from tally import events
@@ -11,9 +13,11 @@ from tally_usage_meter.domain import (
     Priced,
     Rejected,
     price_event,
-    recorded_payload,
     suspension_of,
     tenancy_of,
+)
+from tally_usage_meter.domain import (
+    recorded_message as encoded_recorded,
 )
 from tally_usage_meter.schemas import parse_usage_body
 
@@ -23,6 +27,12 @@ PRICES = {
     ("sms", "USD"): Price("sms", "segment", 7900, "USD"),
 }
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def recorded_payload(p: Priced, at: datetime, text: str | None = None) -> dict[str, Any]:
+    """The payload of the ``usage.recorded`` usage-meter writes for ``p``."""
+    data: dict[str, Any] = orjson.loads(encoded_recorded(p, at, text))["data"]
+    return data
 
 
 def ev(**kw: object) -> UsageEvent:

@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
+import msgspec
+
 from tally.events import UsageEvent
 from tally.money import MAX_MICROS, MoneyError, parse_decimal, price_usage
 
@@ -138,20 +140,51 @@ def suspension_of(event: UsageEvent, suspended: set[tuple[str, str]]) -> Rejecte
     return None
 
 
-def recorded_payload(p: Priced, recorded_at: datetime, recorded_text: str | None = None) -> dict[str, Any]:
-    """The ``usage.recorded`` payload (fields of ``tally.events.UsageRecorded``);
-    ``recorded_text`` is ``recorded_at.isoformat()`` when the caller has it already."""
+class _Recorded(msgspec.Struct, gc=False):
+    """``usage.recorded``'s payload: the fields of ``tally.events.UsageRecorded``, in order."""
+
+    event_id: str
+    company_id: str
+    account_id: str | None
+    service: str
+    quantity: str
+    occurred_at: str
+    recorded_at: str
+    unit_price_micros: int
+    platform_amount_micros: int
+    currency: str
+
+
+class _RecordedEnvelope(msgspec.Struct, gc=False):
+    id: str
+    type: str
+    time: str
+    source: str
+    data: _Recorded
+
+
+_ENCODE = msgspec.json.Encoder().encode
+RECORDED = "usage.recorded"
+SOURCE = "usage-meter"
+
+
+def recorded_message(p: Priced, recorded_at: datetime, recorded_text: str | None = None) -> bytes:
+    """The ``usage.recorded`` envelope of an accepted event, encoded; ``recorded_text`` is
+    ``recorded_at.isoformat()`` when the caller has it already. Encoded from structs: this runs
+    once per event, and a dict encoded by orjson took about twice as long (unit tests hold it
+    to ``UsageRecorded``)."""
     e = p.event
     recorded = recorded_text or recorded_at.isoformat()
-    return {
-        "event_id": e.event_id,
-        "company_id": e.company_id,
-        "account_id": e.account_id,
-        "service": e.service,
-        "quantity": format(p.quantity, "f"),
-        "occurred_at": recorded if p.occurred_at is recorded_at else p.occurred_at.isoformat(),
-        "recorded_at": recorded,
-        "unit_price_micros": p.price.unit_price_micros,
-        "platform_amount_micros": p.amount_micros,
-        "currency": p.price.currency,
-    }
+    data = _Recorded(
+        e.event_id,
+        e.company_id,
+        e.account_id,
+        e.service,
+        format(p.quantity, "f"),
+        recorded if p.occurred_at is recorded_at else p.occurred_at.isoformat(),
+        recorded,
+        p.price.unit_price_micros,
+        p.amount_micros,
+        p.price.currency,
+    )
+    return _ENCODE(_RecordedEnvelope("usage:" + e.event_id, RECORDED, recorded, SOURCE, data))

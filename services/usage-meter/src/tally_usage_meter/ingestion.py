@@ -27,15 +27,14 @@ from tally.uow import Database, UnitOfWork
 from tally_usage_meter import storage
 from tally_usage_meter.domain import (
     DEFAULT_CURRENCY,
+    RECORDED,
     Priced,
     Rejected,
     price_event,
-    recorded_payload,
+    recorded_message,
     suspension_of,
     tenancy_of,
 )
-
-SOURCE = "usage-meter"
 
 USAGE = prometheus_client.Counter("tally_usage_events_total", "Usage events by outcome", ["outcome"])
 
@@ -133,7 +132,7 @@ def _settle(
     now: datetime,
 ) -> tuple[list[Result], list[outbox.Row]]:
     """One result per event, and the ``usage.recorded`` message of each accepted one."""
-    rows = []
+    rows: list[outbox.Row] = []
     results = []
     now_text = now.isoformat()
     for event, checked, traceparent in zip(batch, outcome, traceparents, strict=True):
@@ -144,17 +143,8 @@ def _settle(
         elif checked is None or event.event_id not in new_ids:
             results.append(Result(event.event_id, "duplicate"))
         else:
-            data = recorded_payload(checked, now, now_text)
-            message = {
-                "id": f"usage:{event.event_id}",
-                "type": "usage.recorded",
-                "time": now_text,
-                "source": SOURCE,
-                "data": data,
-            }
-            rows.append(
-                outbox.row(Topics.USAGE_RECORDED, event.company_id, message, traceparent, inherit=False)
-            )
+            message = recorded_message(checked, now, now_text)
+            rows.append((Topics.USAGE_RECORDED, event.company_id.encode(), message, traceparent, RECORDED))
             results.append(Result(event.event_id, "accepted"))
     return results, rows
 

@@ -10,11 +10,14 @@ import functools
 from datetime import datetime
 from typing import Any
 
+import msgspec
+
 from tally import events, outbox
 from tally.events import RecordedUsage, Topics
 from tally_wallet.domain import Posted, Posting
 
 SOURCE = "wallet"
+DEBITED = "wallet.debited"
 USAGE_TOTALS_PER_MESSAGE = 1000  # ~170 kB of JSON: well under any broker's message limit
 
 
@@ -54,31 +57,70 @@ def minute_text(at: datetime) -> str:
     return at.replace(second=0, microsecond=0).isoformat()
 
 
-def debited_message(u: RecordedUsage, company: Posted, account: Posted | None, time: str) -> dict[str, Any]:
-    """The ``wallet.debited`` envelope (fields of ``tally.events.WalletDebited``), built as a
-    plain dict: this runs once per usage event on the hot path."""
-    data: dict[str, Any] = {
-        "usage_event_id": u.event_id,
-        "company_id": u.company_id,
-        "account_id": u.account_id,
-        "service": u.service,
-        "currency": u.currency,
-        "occurred_at": time_text(u.occurred_at),
-        "company_wallet_id": company.transfer.debit,
-        "company_amount_micros": company.transfer.amount,
-        "company_balance_micros": company.debit_after,
-    }
-    if account is not None:
-        data["account_wallet_id"] = account.transfer.debit
-        data["account_amount_micros"] = account.transfer.amount
-        data["account_balance_micros"] = account.debit_after
-    return {
-        "id": f"debited:{u.event_id}",
-        "type": "wallet.debited",
-        "time": time,
-        "source": SOURCE,
-        "data": data,
-    }
+class _Debited(msgspec.Struct, omit_defaults=True, gc=False):
+    """``wallet.debited``'s payload (the fields of ``tally.events.WalletDebited``, in its
+    order; the account leg's three only when rebilled)."""
+
+    usage_event_id: str
+    company_id: str
+    account_id: str | None  # always written, null when the usage names no account
+    service: str
+    currency: str
+    occurred_at: str
+    company_wallet_id: str
+    company_amount_micros: int
+    company_balance_micros: int
+    account_wallet_id: str | None = None
+    account_amount_micros: int | None = None
+    account_balance_micros: int | None = None
+
+
+class _DebitedEnvelope(msgspec.Struct, gc=False):
+    id: str
+    type: str
+    time: str
+    source: str
+    data: _Debited
+
+
+_ENCODE = msgspec.json.Encoder().encode
+
+
+def debited_row(u: RecordedUsage, company: Posted, account: Posted | None, time: str) -> outbox.Row:
+    """The outbox row of one ``wallet.debited`` (to ``wallet.events``, keyed by the company),
+    encoded from structs: this runs once per usage event on the hot path, and a dict encoded
+    by orjson took ~2.5 times as long (a unit test holds it to the event's schema)."""
+    c = company.transfer
+    if account is None:
+        data = _Debited(
+            u.event_id,
+            u.company_id,
+            u.account_id,
+            u.service,
+            u.currency,
+            time_text(u.occurred_at),
+            c.debit,
+            c.amount,
+            company.debit_after,
+        )
+    else:
+        a = account.transfer
+        data = _Debited(
+            u.event_id,
+            u.company_id,
+            u.account_id,
+            u.service,
+            u.currency,
+            time_text(u.occurred_at),
+            c.debit,
+            c.amount,
+            company.debit_after,
+            a.debit,
+            a.amount,
+            account.debit_after,
+        )
+    value = _ENCODE(_DebitedEnvelope("debited:" + u.event_id, DEBITED, time, SOURCE, data))
+    return (Topics.WALLET_EVENTS, u.company_id.encode(), value, None, DEBITED)
 
 
 class UsageTotals:

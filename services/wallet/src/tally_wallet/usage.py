@@ -14,7 +14,7 @@ from prometheus_client import Counter
 
 from tally import outbox
 from tally.db import Conn
-from tally.events import RecordedUsage, Topics
+from tally.events import RecordedUsage
 from tally.telemetry import child_traceparent
 from tally_wallet import storage
 from tally_wallet.domain import (
@@ -28,7 +28,7 @@ from tally_wallet.domain import (
     platform_revenue_wallet_id,
     system_wallet_id,
 )
-from tally_wallet.messages import UsageTotals, debited_message, edge_event_rows
+from tally_wallet.messages import UsageTotals, debited_row, edge_event_rows
 
 APPLIED = Counter("tally_wallet_usage_applied_total", "Usage legs posted to the ledger", ["leg"])
 SKIPPED = Counter("tally_wallet_usage_duplicates_total", "Usage events already in the ledger")
@@ -167,15 +167,8 @@ async def apply_usage(
         )
         company = next(legs)
         account = next(legs) if rebilled else None
-        rows.append(
-            outbox.row(
-                Topics.WALLET_EVENTS,
-                u.company_id,
-                debited_message(u, company, account, time),
-                traceparent,
-                inherit=False,
-            )
-        )
+        row = debited_row(u, company, account, time)
+        rows.append(row if traceparent is None else (*row[:3], traceparent, row[4]))
         totals.add(u, account.transfer.amount if account is not None else company.transfer.amount)
         caused[company.transfer.key] = traceparent
         if account is not None:
