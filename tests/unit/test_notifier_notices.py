@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import msgspec
+import orjson
 import pytest
 
 from tally import events, inbox
@@ -98,6 +100,22 @@ async def test_usage_is_summed_then_alerts_checked_for_the_accounts_touched(
     assert calls.claimed == [("notifier-wallet", ["u1", "u2"])]
     assert calls.names() == ["add_usage", "check_alerts"]  # once for the whole batch
     assert [t.amount_micros for t in calls.of("add_usage")[0]] == [5, 7, 1]
+    assert calls.of("check_alerts") == [("acct-1", "acct-2")]
+
+
+async def test_usage_decoded_by_msgspec_is_summed_once_even_when_repeated_in_a_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``wallet.usage`` decoded on the fast path (``events.parse_wallet_usage``) goes the same
+    way; a message twice in one batch (a relay's re-send) counts once, whichever the path."""
+    calls = Calls(monkeypatch)
+    usage = events.envelope(
+        "wallet.usage", events.WalletUsage(totals=[total("acct-1", 5)]), source=SOURCE, id_="u1"
+    )
+    digest = events.parse_wallet_usage(events.dumps(usage))
+    again = message("wallet.usage", events.WalletUsage(totals=[total("acct-2", 7)]), "u2")
+    await notices.take_in(uow(), "notifier-wallet", [again, again], digests=[digest, digest])
+    assert [t.amount_micros for t in calls.of("add_usage")[0]] == [7, 5]
     assert calls.of("check_alerts") == [("acct-1", "acct-2")]
 
 
@@ -223,3 +241,59 @@ async def test_only_a_subscription_dunning_gave_up_on_is_news(
     assert calls.names() == (["queue_email", "notify"] if told else [])
     if told:
         assert calls.of("queue_email")[0][1] == ["boss@co.example"]  # the company owner
+
+
+def wallet_usage(**total_fields: object) -> bytes:
+    """A ``wallet.usage`` as the wallet writes it (``UsageTotals``), one total's fields
+    replaced by ``total_fields``."""
+    from tally_wallet.messages import UsageTotals
+
+    now = datetime(2026, 1, 1, 9, 30, 12, tzinfo=UTC)
+    totals = UsageTotals()
+    totals.add(
+        events.RecordedUsage(
+            event_id="e1",
+            company_id="co",
+            account_id="acct-1",
+            service="sms",
+            quantity="1",
+            occurred_at=now,
+            recorded_at=now,
+            unit_price_micros=7,
+            platform_amount_micros=7,
+            currency="USD",
+        ),
+        9,
+    )
+    message = orjson.loads(totals.rows(now.isoformat())[0][2])
+    message["data"]["totals"][0].update(total_fields)
+    return orjson.dumps(message)
+
+
+def test_the_notifier_reads_wallet_usage_as_the_schema_does() -> None:
+    assert set(events.UsageTotalRecord.__struct_fields__) == set(events.UsageTotal.model_fields)
+    raw = wallet_usage()
+    fast = events.parse_wallet_usage(raw)
+    schema = events.parse_message(raw)
+    assert isinstance(schema.data, events.WalletUsage) and fast.id == schema.id == "usage:e1:0"
+    assert [msgspec.structs.asdict(t) for t in fast.totals] == [t.model_dump() for t in schema.data.totals]
+    assert fast.totals[0].minute == datetime(2026, 1, 1, 9, 30, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("broken", "reason"),
+    [
+        ({"minute": "2026-01-01T09:30:00"}, "timezone"),  # no offset: no day in any zone
+        ({"minute": "0001-01-01T00:00:00+01:00"}, "1900-2099"),  # it once stopped the consumer
+        ({"amount_micros": 9.0}, "int"),
+        ({"amount_micros": -9}, ">= 0"),
+        ({"events": 0}, ">= 1"),
+        ({"account_id": None}, "str"),
+    ],
+)
+def test_a_wallet_usage_the_notifier_cannot_read_is_bad(broken: dict[str, object], reason: str) -> None:
+    raw = wallet_usage(**broken)
+    with pytest.raises(events.BadMessage, match=reason):
+        events.parse_wallet_usage(raw)
+    with pytest.raises(events.BadMessage):  # the schema says the same
+        events.parse_message(raw)

@@ -10,12 +10,13 @@ is what makes it at most one per account per day, across redeliveries and restar
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from datetime import UTC, date, datetime
 
 import orjson
 
 from tally.db import Conn
-from tally.events import UsageAlertTriggered, UsageTotal
+from tally.events import UsageAlertTriggered, UsageTotal, UsageTotalRecord
 from tally_notifier import storage, webhook_events
 from tally_notifier.domain import (
     PERIODS,
@@ -29,7 +30,7 @@ from tally_notifier.domain import (
 )
 
 
-async def add_usage(conn: Conn, totals: list[UsageTotal]) -> set[str]:
+async def add_usage(conn: Conn, totals: Sequence[UsageTotal | UsageTotalRecord]) -> set[str]:
     """Sum usage totals into usage_daily; returns the accounts touched."""
     zones = await storage.timezones(conn, list({t.company_id for t in totals}))
     sums: dict[tuple[str, str, date, str, str], int] = defaultdict(int)

@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tally.consumer import take
+from tally import events, outbox
+from tally.consumer import dlq_row, take
+from tally.telemetry import header
 from tally_notifier import notices, webhook_events
 from tally_notifier.wiring import NotifierWiring
 
@@ -21,19 +23,37 @@ RECHARGE_TYPES = ("recharge.failed", "recharge.tier_raised")
 REBILLING_TYPES = ("company.updated", "account.created", "subscription.cancelled")
 
 
-async def _take_in(w: NotifierWiring, records: Sequence[Any], types: tuple[str, ...], group: str) -> None:
+async def _take_in(
+    w: NotifierWiring,
+    records: Sequence[Any],
+    types: tuple[str, ...],
+    group: str,
+    digests: Sequence[events.UsageDigest] = (),
+    dead: Sequence[outbox.Row] = (),
+) -> None:
     """``group`` is the consumer group and the inbox name its messages are claimed under."""
-    taken, dead = take(records, types, service=SERVICE)
-    if not taken and not dead:
+    taken, unreadable = take(records, types, service=SERVICE)
+    if not taken and not unreadable and not digests and not dead:
         return
     async with w.uow() as uow:
-        await notices.take_in(uow, group, [m for _, m in taken], w.directory)
-        uow.publish(dead)
+        await notices.take_in(uow, group, [m for _, m in taken], w.directory, digests)
+        uow.publish([*dead, *unreadable])
     w.mailer.wake()
 
 
 async def on_wallet_digest(w: NotifierWiring, records: Sequence[Any]) -> None:
-    await _take_in(w, records, WALLET_TYPES, "notifier-wallet")
+    """``wallet.usage`` (about one total per usage event) is decoded by msgspec
+    (``events.parse_wallet_usage``); the rest, and records without a type header, by ``take``."""
+    rest, digests, dead = [], [], []
+    for r in records:
+        if header(r, "type") != "wallet.usage":
+            rest.append(r)
+            continue
+        try:
+            digests.append(events.parse_wallet_usage(r.value))
+        except events.BadMessage as exc:
+            dead.append(dlq_row(r, str(exc), service=SERVICE))
+    await _take_in(w, rest, WALLET_TYPES, "notifier-wallet", digests, dead)
 
 
 async def on_recharge_events(w: NotifierWiring, records: Sequence[Any]) -> None:

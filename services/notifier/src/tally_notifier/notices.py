@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TypeVar
 
 from tally import events, inbox
 from tally.db import Conn
@@ -20,18 +21,28 @@ from tally_notifier.domain import simple
 
 log = logging.getLogger(__name__)
 
+_Claimed = TypeVar("_Claimed", events.Message, events.UsageDigest)
+
 
 async def take_in(
-    uow: UnitOfWork, consumer: str, messages: Sequence[events.Message], owners: CompanyDirectory | None = None
+    uow: UnitOfWork,
+    consumer: str,
+    messages: Sequence[events.Message],
+    owners: CompanyDirectory | None = None,
+    digests: Sequence[events.UsageDigest] = (),
 ) -> None:
     """Apply ``messages`` not yet seen by ``consumer`` (an inbox name: the consumer group), in
     the caller's open unit of work. An ``account.created`` is believed only when rebilling
     (``owners``), where accounts are created, says the account is that company's: a record on
     the topic alone never gives a company another's account."""
     conn = uow.conn
-    fresh = await inbox.claim(conn, consumer, [m.id for m in messages])
-    todo = [m for m in messages if m.id in fresh]
-    usage = [t for m in todo if isinstance(m.data, events.WalletUsage) for t in m.data.totals]
+    fresh = await inbox.claim(conn, consumer, [m.id for m in messages] + [d.id for d in digests])
+    # each new id once: a relay's re-send can put a message twice in one batch
+    todo = _once(messages, fresh)
+    usage: list[events.UsageTotal | events.UsageTotalRecord] = [
+        t for m in todo if isinstance(m.data, events.WalletUsage) for t in m.data.totals
+    ]
+    usage += [t for d in _once(digests, fresh) for t in d.totals]
     if usage:
         touched = await alerts.add_usage(conn, usage)
         await alerts.check_alerts(conn, touched)
@@ -55,6 +66,16 @@ async def take_in(
             await _recharge_event(conn, m, p)
         elif isinstance(p, events.WalletSuspended | events.CreditRequestCreated):
             await _wallet_event(conn, m, p)
+
+
+def _once(items: Sequence[_Claimed], fresh: set[str]) -> list[_Claimed]:
+    """The items whose id was claimed just now, the first of each id only."""
+    left, out = set(fresh), []
+    for item in items:
+        if item.id in left:
+            left.discard(item.id)
+            out.append(item)
+    return out
 
 
 async def _owner_emails(conn: Conn, company_id: str, account_id: str | None, owner: str) -> list[str]:
