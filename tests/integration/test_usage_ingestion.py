@@ -266,7 +266,7 @@ async def test_known_companies_and_accounts_are_read_once_and_suspensions_every_
     assert (forgotten.currencies, forgotten.owners) == ({co: "EUR"}, {})
 
 
-def test_facts_learned_from_tables_stop_at_their_bound() -> None:
+def test_facts_learned_from_tables_stop_at_their_bound_and_expire() -> None:
     facts = Facts(max_learned=2)
     facts.learn("account", {"a": "co-1"})
     facts.learn("account", {"b": "co-1", "c": "co-2"})
@@ -274,3 +274,10 @@ def test_facts_learned_from_tables_stop_at_their_bound() -> None:
     assert (found, missing) == ({"a": "co-1", "b": "co-1"}, ["c"])
     facts.learn("company", {"co-1": "USD"})  # each kind has its own bound
     assert facts.recall("company", ["co-1"]) == ({"co-1": "USD"}, [])
+    # a fact read from a table is believed ttl seconds: another replica's correction of that
+    # row reaches this one too; expired facts make room again
+    stale = Facts(max_learned=2, ttl=0)
+    stale.learn("account", {"a": "co-1", "b": "co-1"})
+    assert stale.recall("account", ["a"]) == ({}, ["a"])
+    stale.learn("account", {"c": "co-2"})
+    assert stale._learned["account"].keys() == {"c"}

@@ -117,6 +117,11 @@ async def test_usage_decoded_by_msgspec_is_summed_once_even_when_repeated_in_a_b
     await notices.take_in(uow(), "notifier-wallet", [again, again], digests=[digest, digest])
     assert [t.amount_micros for t in calls.of("add_usage")[0]] == [7, 5]
     assert calls.of("check_alerts") == [("acct-1", "acct-2")]
+    # one copy with the type header (a digest), one without (a message): still once
+    calls.log.clear()
+    twice = message("wallet.usage", events.WalletUsage(totals=[total("acct-1", 5)]), "u1")
+    await notices.take_in(uow(), "notifier-wallet", [twice], digests=[digest])
+    assert [t.amount_micros for t in calls.of("add_usage")[0]] == [5]
 
 
 async def test_a_message_seen_before_is_not_applied_again(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,22 +28,30 @@ Kind = Literal["company", "account"]  # company -> its currency; account -> its 
 
 
 class Facts:
-    """Companies' currencies and accounts' companies this process knows. They never change
-    once rebilling has announced them, so what is here never goes stale; rebilling's answers
-    are always kept, and facts a service read from its own tables (``learn``) while there are
-    fewer than ``max_learned`` of a kind."""
+    """Companies' currencies and accounts' companies this process knows. Rebilling's answers
+    are kept for good (they never change once announced). Facts a service read from its own
+    tables (``learn``) are kept ``ttl`` seconds, while there are fewer than ``max_learned`` of
+    a kind: a table row that an announcement later corrected (it never changes otherwise)
+    reaches every replica within ``ttl``, not only the one whose consumer wrote it."""
 
-    def __init__(self, max_learned: int = 500_000) -> None:
+    def __init__(self, max_learned: int = 500_000, ttl: float = 5.0) -> None:
         self.max_learned = max_learned
+        self.ttl = ttl
         self.known: dict[Kind, dict[str, str]] = {"company": {}, "account": {}}
+        # learned facts, with the monotonic time each stops being believed
+        self._learned: dict[Kind, dict[str, tuple[str, float]]] = {"company": {}, "account": {}}
 
     def recall(self, kind: Kind, ids: Iterable[str]) -> tuple[dict[str, str], list[str]]:
         """What is known of ``ids`` (distinct), and the ids that are not known."""
-        known = self.known[kind]
+        known, learned, now = self.known[kind], self._learned[kind], time.monotonic()
         found: dict[str, str] = {}
         missing: list[str] = []
         for id_ in ids:
             value = known.get(id_)
+            if value is None:
+                fact = learned.get(id_)
+                if fact is not None and fact[1] > now:
+                    value = fact[0]
             if value is None:
                 missing.append(id_)
             else:
@@ -51,19 +59,25 @@ class Facts:
         return found, missing
 
     def learn(self, kind: Kind, facts: Mapping[str, str]) -> None:
-        """Remember facts a service read from its own tables, up to ``max_learned`` of a kind."""
-        known = self.known[kind]
-        room = self.max_learned - len(known)
-        if room >= len(facts):
-            known.update(facts)
-        elif room > 0:
-            known.update(list(facts.items())[:room])
+        """Remember facts a service read from its own tables for ``ttl`` seconds, up to
+        ``max_learned`` of a kind (expired ones are dropped when the bound is reached)."""
+        learned = self._learned[kind]
+        until = time.monotonic() + self.ttl
+        if len(learned) + len(facts) > self.max_learned:
+            now = time.monotonic()
+            for id_ in [i for i, (_, t) in learned.items() if t <= now]:
+                del learned[id_]
+        items = list(facts.items())
+        room = max(self.max_learned - len(learned), 0)
+        for id_, value in items if len(items) <= room else items[:room]:
+            learned[id_] = (value, until)
 
     def forget(self, kind: Kind, ids: Iterable[str]) -> None:
         """Drop what is known of ``ids``: their tables were just written, and are asked again."""
-        known = self.known[kind]
+        known, learned = self.known[kind], self._learned[kind]
         for id_ in ids:
             known.pop(id_, None)
+            learned.pop(id_, None)
 
 
 class CompanyDirectory:

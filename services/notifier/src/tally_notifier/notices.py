@@ -37,12 +37,14 @@ async def take_in(
     the topic alone never gives a company another's account."""
     conn = uow.conn
     fresh = await inbox.claim(conn, consumer, [m.id for m in messages] + [d.id for d in digests])
-    # each new id once: a relay's re-send can put a message twice in one batch
-    todo = _once(messages, fresh)
+    # each new id once, whichever way it was decoded: a relay's re-send can put a message
+    # twice in one batch (one copy may lack the type header and be read by ``take``)
+    left = set(fresh)
+    todo = _once(messages, left)
     usage: list[events.UsageTotal | events.UsageTotalRecord] = [
         t for m in todo if isinstance(m.data, events.WalletUsage) for t in m.data.totals
     ]
-    usage += [t for d in _once(digests, fresh) for t in d.totals]
+    usage += [t for d in _once(digests, left) for t in d.totals]
     if usage:
         touched = await alerts.add_usage(conn, usage)
         await alerts.check_alerts(conn, touched)
@@ -68,9 +70,10 @@ async def take_in(
             await _wallet_event(conn, m, p)
 
 
-def _once(items: Sequence[_Claimed], fresh: set[str]) -> list[_Claimed]:
-    """The items whose id was claimed just now, the first of each id only."""
-    left, out = set(fresh), []
+def _once(items: Sequence[_Claimed], left: set[str]) -> list[_Claimed]:
+    """The items whose id is in ``left`` (claimed just now and not applied yet), the first of
+    each id only; each id taken is removed from ``left``."""
+    out = []
     for item in items:
         if item.id in left:
             left.discard(item.id)
