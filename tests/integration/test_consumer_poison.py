@@ -82,8 +82,8 @@ async def _outboxed(database: Database) -> list[tuple[str, dict[str, Any]]]:
     """The DLQ messages waiting in the outbox (no relay runs here)."""
     out = []
     async with database.reading() as conn:
-        for r in await conn.fetch("SELECT messages, messages_lz4 FROM outbox ORDER BY id"):
-            for topic, _, value, _, _ in outbox.unpack(r["messages"]):
+        for r in await conn.fetch("SELECT * FROM outbox ORDER BY id"):
+            for topic, _, value, _, _ in outbox.stored(r):
                 out.append((topic, orjson.loads(value)))
     return out
 

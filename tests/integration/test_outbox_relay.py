@@ -7,10 +7,12 @@ import asyncio
 import sys
 import textwrap
 
+import lz4.frame
 from aiokafka import AIOKafkaProducer
 
 from tally import db, outbox
 from tests.support.databases import advisory_lock_free
+from tests.support.outbox_layouts import length_prefixed
 from tests.support.stack import Infra, eventually, uid
 
 OTHER_REPLICA = textwrap.dedent("""
@@ -80,15 +82,20 @@ async def test_a_large_batch_is_stored_compressed_and_relayed_whole_and_in_order
         )
 
     async with pool.acquire() as conn, conn.transaction():
-        await outbox.enqueue(conn, [ping(n) for n in range(300)])  # ~40 KB packed
+        # rows the previous version wrote, still waiting when this one took over
+        old = length_prefixed([ping(n) for n in range(100)])
+        old_lz4 = lz4.frame.compress(old)
+        await conn.execute("INSERT INTO outbox (messages_lz4, count) VALUES ($1, 100)", old_lz4)
+        old = length_prefixed([ping(100)])
+        await conn.execute("INSERT INTO outbox (messages, count) VALUES ($1, 1)", old)
+        await outbox.enqueue(conn, [ping(n) for n in range(101, 300)])  # ~27 KB packed
         await outbox.enqueue(conn, [ping(300)])  # small: kept as it is
     stored = await infra.sql(
         schema,
-        "SELECT messages IS NOT NULL AS plain, "
-        "messages_lz4 IS NOT NULL AS compressed, count "
+        "SELECT rows_mp IS NOT NULL AS plain, rows_mp_lz4 IS NOT NULL AS compressed, count "
         "FROM outbox ORDER BY id",
     )
-    assert [tuple(r) for r in stored] == [(False, True, 300), (True, False, 1)]
+    assert [tuple(r) for r in stored][2:] == [(False, True, 199), (True, False, 1)]
     producer = AIOKafkaProducer(bootstrap_servers=infra.stack.bootstrap)
     await producer.start()
     relay = outbox.OutboxRelay(pool, producer, service=schema)

@@ -34,8 +34,8 @@ def ping(n: int) -> outbox.Row:
 
 async def messages(pool: asyncpg.Pool) -> list[str]:
     out: list[str] = []
-    for r in await pool.fetch("SELECT messages FROM outbox ORDER BY id"):
-        out += [value.decode() for _, _, value, _, _ in outbox.unpack(r["messages"])]
+    for r in await pool.fetch("SELECT * FROM outbox ORDER BY id"):
+        out += [value.decode() for _, _, value, _, _ in outbox.stored(r)]
     return out
 
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import asyncpg
 import httpx
-import lz4.frame
 import orjson
 import pytest
 
@@ -23,7 +22,7 @@ from tally import outbox
 from tally.directory import Facts
 from tally.errors import ApiError
 from tally.events import AccountCreated, UsageEvent
-from tally.outbox import CHANNEL, unpack
+from tally.outbox import CHANNEL
 from tally.ratelimit import TokenBuckets
 from tally.uow import Database
 from tally_usage_meter import companies, storage
@@ -89,9 +88,8 @@ async def recorded(database: Database) -> list[dict[str, Any]]:
     """Every usage.recorded message waiting in the outbox."""
     out = []
     async with database.reading() as conn:
-        for r in await conn.fetch("SELECT messages, messages_lz4 FROM outbox ORDER BY id"):
-            packed = lz4.frame.decompress(r["messages_lz4"]) if r["messages_lz4"] else r["messages"]
-            for topic, _, value, _, _ in unpack(packed):
+        for r in await conn.fetch("SELECT * FROM outbox ORDER BY id"):
+            for topic, _, value, _, _ in outbox.stored(r):
                 assert topic == "usage.recorded"
                 out.append(orjson.loads(value))
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import lz4.frame
 import orjson
 import pytest
 from hypothesis import given
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from tally import events, outbox
 from tally.consumer import take, wanted
+from tests.support.outbox_layouts import length_prefixed
 
 rows = st.lists(
     st.tuples(
@@ -29,20 +31,16 @@ def test_pack_then_unpack_gives_back_every_message_in_order(messages: list[outbo
     assert outbox.unpack(outbox.pack(messages)) == messages
 
 
-def _length_prefixed(rows: list[outbox.Row]) -> bytes:
-    """The layout outbox rows were packed in until 2026-12-04, written as that code did."""
-    parts: list[bytes] = []
-    for topic, key, value, traceparent, type_ in rows:
-        t, p, y = topic.encode(), (traceparent or "").encode(), (type_ or "").encode()
-        parts.append(outbox._HEAD.pack(len(t), -1 if key is None else len(key), len(value), len(p), len(y)))
-        parts += (t, key or b"", value, p, y)
-    return b"".join(parts)
-
-
 @given(rows)
 def test_rows_packed_by_the_previous_version_are_still_read(messages: list[outbox.Row]) -> None:
     """A relay upgraded with rows of the old layout still waiting sends them as they were."""
-    assert outbox.unpack(_length_prefixed(messages)) == messages
+    old = length_prefixed(messages)
+    row: dict[str, object] = {"rows_mp": None, "rows_mp_lz4": None, "messages": old, "messages_lz4": None}
+    assert outbox.stored(row) == messages
+    row.update(messages=None, messages_lz4=lz4.frame.compress(old))
+    assert outbox.stored(row) == messages
+    new: dict[str, object] = {**row, "messages_lz4": None, "rows_mp": outbox.pack(messages)}
+    assert outbox.stored(new) == messages
 
 
 def test_row_takes_the_type_from_the_envelope() -> None:
