@@ -21,7 +21,7 @@ import pytest
 from tally import outbox
 from tally.directory import Facts
 from tally.errors import ApiError
-from tally.events import AccountCreated, UsageEvent
+from tally.events import AccountCreated, CompanyUpdated, UsageEvent
 from tally.outbox import CHANNEL
 from tally.ratelimit import TokenBuckets
 from tally.uow import Database
@@ -279,3 +279,25 @@ def test_facts_learned_from_tables_stop_at_their_bound_and_expire() -> None:
     assert stale.recall("account", ["a"]) == ({}, ["a"])
     stale.learn("account", {"c": "co-2"})
     assert stale._learned["account"].keys() == {"c"}
+
+
+async def test_a_row_corrected_through_one_replica_reaches_the_others_within_the_ttl(
+    database: Database,
+) -> None:
+    """Two replicas' facts over one table: the replica whose consumer corrects a row forgets it
+    at once; the other believes what it read for at most ``ttl`` seconds, then reads the row."""
+    co = uid("co")
+    writer, other = Facts(ttl=0.5), Facts(ttl=0.5)
+    async with database.unit() as uow:
+        await storage.upsert_company(uow.conn, co, "EUR")  # as a forged announcement left it
+    async with database.reading() as conn:
+        for facts in (writer, other):
+            assert (await storage.known(conn, [co], [], facts)).currencies == {co: "EUR"}
+    async with database.unit() as uow:  # rebilling's next announcement, taken in by `writer`
+        await storage.upsert_company(uow.conn, co, "USD")
+    companies.forget(writer, [CompanyUpdated(company_id=co, name="n", plan="starter", currency="USD")])
+    async with database.reading() as conn:
+        assert (await storage.known(conn, [co], [], writer)).currencies == {co: "USD"}
+        assert (await storage.known(conn, [co], [], other)).currencies == {co: "EUR"}  # not yet
+        await asyncio.sleep(0.6)
+        assert (await storage.known(conn, [co], [], other)).currencies == {co: "USD"}
