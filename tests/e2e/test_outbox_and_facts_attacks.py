@@ -1,8 +1,9 @@
 """Attacks (#20's sixth round, 2026-12-04) on the money path the change after 63c47d0
 touched: usage-meter's in-process ``Facts`` (companies' currencies, accounts' companies), the
 msgpack outbox, the msgspec-encoded ``usage.recorded`` / ``wallet.debited`` envelopes, and the
-notifier's msgspec ``wallet.usage`` path with its once-per-batch rule. From the public HTTP API, and by producing records onto the
-topics as an attacker inside the network could. Real stack.
+notifier's msgspec ``wallet.usage`` path with its once-per-batch rule. From the public HTTP
+API, and by producing records onto the topics as an attacker inside the network could. Real
+stack.
 
 A passing test shows something that held, or a finding that was fixed (the other, a second
 usage-meter replica keeping a fact another corrected, is held in
