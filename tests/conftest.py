@@ -10,6 +10,7 @@ import os
 from collections.abc import AsyncIterator
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from tally_devstack.stack import Ports, Stack, stop_on_sigterm
 
@@ -75,3 +76,14 @@ async def tally(stack: Stack) -> AsyncIterator[Tally]:
     handle = Tally(stack)
     yield handle
     await handle.close()
+
+
+@pytest.fixture
+async def producer(tally: Tally) -> AsyncIterator[AIOKafkaProducer]:
+    """A Kafka producer on the stack's broker, for tests that produce records themselves."""
+    p = AIOKafkaProducer(bootstrap_servers=tally.stack.bootstrap)
+    await p.start()
+    try:
+        yield p
+    finally:
+        await p.stop()

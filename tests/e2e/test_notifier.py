@@ -7,23 +7,8 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tests.support.builders import Reseller, mails_about
+from tests.support.builders import Reseller, account_the_notifier_knows, mails_about
 from tests.support.stack import Tally, eventually, uid
-
-
-async def setup(tally: Tally) -> tuple[Reseller, str]:
-    agency = await Reseller(tally).create(connect=False)
-    aid = await agency.account()
-    await agency.fund("100")  # well above the default threshold: no recharge noise
-
-    async def known() -> bool:
-        r = await tally.http.get(
-            tally.url("notifier", f"/v1/accounts/{aid}/usage-alerts"), headers=agency.admin
-        )
-        return r.status_code == 200
-
-    await eventually(known, what="the notifier to learn of the account")
-    return agency, aid
 
 
 async def set_alerts(
@@ -72,7 +57,7 @@ async def post(
 
 
 async def test_daily_threshold_sends_exactly_one_email_per_day(tally: Tally) -> None:
-    agency, aid = await setup(tally)
+    agency, aid = await account_the_notifier_knows(tally, fund="100")  # no recharge noise
     extra = f"finance-{aid}@example.com"
     r = await set_alerts(
         tally,
@@ -107,7 +92,7 @@ async def test_daily_threshold_sends_exactly_one_email_per_day(tally: Tally) -> 
 
 
 async def test_weekly_rule_counts_from_the_start_of_the_week(tally: Tally) -> None:
-    agency, aid = await setup(tally)
+    agency, aid = await account_the_notifier_knows(tally, fund="100")  # no recharge noise
     await set_alerts(tally, agency, aid, [{"threshold": "0.10", "period": "weekly"}])
     now = datetime.now(UTC)
     monday = (now - timedelta(days=now.weekday())).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -126,7 +111,7 @@ async def test_weekly_rule_counts_from_the_start_of_the_week(tally: Tally) -> No
 
 
 async def test_a_restart_and_redelivery_send_nothing_twice(tally: Tally) -> None:
-    agency, aid = await setup(tally)
+    agency, aid = await account_the_notifier_knows(tally, fund="100")  # no recharge noise
     await set_alerts(tally, agency, aid, [{"threshold": "0.01", "period": "daily"}])
     await post(tally, agency, aid, "sms", "2")
     await wait_total(tally, agency, aid, "daily", "0.015800")
@@ -149,7 +134,7 @@ async def test_a_restart_and_redelivery_send_nothing_twice(tally: Tally) -> None
 
 
 async def test_failed_recharge_emails_the_owner_and_notifies_the_company(tally: Tally) -> None:
-    agency, _ = await setup(tally)
+    agency, _ = await account_the_notifier_knows(tally, fund="100")  # no recharge noise
     rid = uid("rc")
     await tally.envelope(
         "recharge.events",
@@ -191,7 +176,7 @@ async def test_failed_recharge_emails_the_owner_and_notifies_the_company(tally: 
 
 
 async def test_alert_rules_are_validated(tally: Tally) -> None:
-    agency, aid = await setup(tally)
+    agency, aid = await account_the_notifier_knows(tally, fund="100")  # no recharge noise
     bad = [
         ([{"threshold": "0", "period": "daily"}], []),
         ([{"threshold": "-1", "period": "daily"}], []),

@@ -15,9 +15,7 @@ tests/integration/test_usage_ingestion.py without starting a process). The three
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -25,24 +23,10 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
-from tests.support.builders import Reseller
-from tests.support.stack import Tally, eventually, uid
+from tests.support.builders import Reseller, account_the_notifier_knows
+from tests.support.stack import Tally, eventually, micros, uid
 
 USAGE_TYPE = [("type", b"wallet.usage")]
-
-
-@pytest.fixture
-async def producer(tally: Tally) -> AsyncIterator[AIOKafkaProducer]:
-    p = AIOKafkaProducer(bootstrap_servers=tally.stack.bootstrap)
-    await p.start()
-    try:
-        yield p
-    finally:
-        await p.stop()
-
-
-def micros(text: str) -> int:
-    return int(Decimal(text) * 1_000_000)
 
 
 def minute_now() -> str:
@@ -91,20 +75,6 @@ async def one_batch(
 # --- the notifier's wallet.usage ----------------------------------------------------------------
 
 
-async def notifier_account(tally: Tally) -> tuple[Reseller, str]:
-    agency = await Reseller(tally).create(connect=False)
-    aid = await agency.account()
-
-    async def known() -> bool:
-        r = await tally.http.get(
-            tally.url("notifier", f"/v1/accounts/{aid}/usage-alerts"), headers=agency.admin
-        )
-        return r.status_code == 200
-
-    await eventually(known, what="the notifier to learn of the account")
-    return agency, aid
-
-
 async def daily_usage(tally: Tally, agency: Reseller, aid: str) -> dict[str, Any]:
     r = await tally.http.get(
         tally.url("notifier", f"/v1/accounts/{aid}/usage?period=daily"), headers=agency.admin
@@ -130,7 +100,7 @@ async def test_a_wallet_usage_resent_in_one_batch_counts_once_with_or_without_ty
 ) -> None:
     """HELD: the same wallet.usage twice in one batch, both with the ``type`` header (msgspec
     path), then both without (pydantic path): each counted once."""
-    agency, aid = await notifier_account(tally)
+    agency, aid = await account_the_notifier_knows(tally)
     first = wallet_usage(agency.cid, aid, 1000)
     await one_batch(producer, "wallet.digest", agency.cid, [(first, USAGE_TYPE), (first, USAGE_TYPE)])
     assert await settled_total(tally, agency, aid, 1000) == 1000
@@ -148,7 +118,7 @@ async def test_a_wallet_usage_resent_in_one_batch_once_with_and_once_without_typ
     each copy is applied: the account's usage is summed twice."""
     from tests.support.builders import mails_about
 
-    agency, aid = await notifier_account(tally)
+    agency, aid = await account_the_notifier_knows(tally)
     r = await tally.http.put(  # a daily alert above the one total, below twice it
         tally.url("notifier", f"/v1/accounts/{aid}/usage-alerts"),
         json={"enabled": True, "conditions": [{"threshold": "0.0015", "period": "daily"}], "recipients": []},
@@ -385,7 +355,7 @@ async def test_a_forged_wallet_usage_total_cannot_stop_an_accounts_genuine_usage
     genuine usage (posted over HTTP, debited by the wallet) cannot be added to the same day's
     row without leaving bigint. Expected: the genuine usage is counted (or the forged total
     refused), and nothing the wallet posted is dead-lettered by the notifier."""
-    agency, aid = await notifier_account(tally)
+    agency, aid = await account_the_notifier_knows(tally)
     forged = wallet_usage(agency.cid, aid, 2**63 - 1, service="email")
     await one_batch(producer, "wallet.digest", agency.cid, [(forged, USAGE_TYPE)])
     await settled_total(tally, agency, aid, 2**63 - 1)

@@ -10,9 +10,7 @@ the partition has been handled."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -20,7 +18,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from tests.support.builders import Agency, Reseller, funded
-from tests.support.stack import Tally, eventually, uid
+from tests.support.stack import Tally, eventually, micros, uid
 
 TOPIC = "usage.recorded"
 DLQ = "usage.recorded.dlq"
@@ -58,20 +56,6 @@ def recorded(cid: str, amount: int = 1000, eid: str | None = None, **data: Any) 
 
 def eid_of(message: dict[str, Any]) -> str:
     return str(message["data"]["event_id"])
-
-
-def micros(text: str) -> int:
-    return int(Decimal(text) * 1_000_000)
-
-
-@pytest.fixture
-async def producer(tally: Tally) -> AsyncIterator[AIOKafkaProducer]:
-    p = AIOKafkaProducer(bootstrap_servers=tally.stack.bootstrap)
-    await p.start()
-    try:
-        yield p
-    finally:
-        await p.stop()
 
 
 async def accepted(tally: Tally, cid: str, service: str = "email", quantity: str = "1") -> str:

@@ -515,3 +515,21 @@ async def attempts_where(tally: Tally, agency: Agency, what: str, check: Any) ->
 
 async def succeeded_charges(tally: Tally, attempts: list[dict[str, Any]]) -> int:
     return sum([len(await stripe_charges_for(tally, a["id"])) for a in attempts])
+
+
+async def account_the_notifier_knows(tally: Tally, *, fund: str | None = None) -> tuple[Reseller, str]:
+    """A new agency (funded with ``fund`` when given) and one account of it, once the notifier
+    has heard of the account (its usage-alerts answer 200)."""
+    agency = await Reseller(tally).create(connect=False)
+    aid = await agency.account()
+    if fund is not None:
+        await agency.fund(fund)
+
+    async def known() -> bool:
+        r = await tally.http.get(
+            tally.url("notifier", f"/v1/accounts/{aid}/usage-alerts"), headers=agency.admin
+        )
+        return r.status_code == 200
+
+    await eventually(known, what="the notifier to learn of the account")
+    return agency, aid

@@ -8,6 +8,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -209,3 +210,9 @@ class Tally(Infra):
     async def close(self) -> None:
         await self.http.aclose()
         await super().close()
+
+
+def micros(text: str) -> int:
+    """A decimal string of the API (``"12.5"``) in micros, any size (a test reads whatever the
+    API shows, overflowed sums included)."""
+    return int(Decimal(text) * 1_000_000)
