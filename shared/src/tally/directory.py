@@ -61,16 +61,14 @@ class Facts:
     def learn(self, kind: Kind, facts: Mapping[str, str]) -> None:
         """Remember facts a service read from its own tables for ``ttl`` seconds, up to
         ``max_learned`` of a kind (expired ones are dropped when the bound is reached)."""
-        learned = self._learned[kind]
-        until = time.monotonic() + self.ttl
+        learned, now = self._learned[kind], time.monotonic()
         if len(learned) + len(facts) > self.max_learned:
-            now = time.monotonic()
             for id_ in [i for i, (_, t) in learned.items() if t <= now]:
                 del learned[id_]
-        items = list(facts.items())
-        room = max(self.max_learned - len(learned), 0)
-        for id_, value in items if len(items) <= room else items[:room]:
-            learned[id_] = (value, until)
+        for id_, value in facts.items():
+            if len(learned) >= self.max_learned and id_ not in learned:
+                break
+            learned[id_] = (value, now + self.ttl)
 
     def forget(self, kind: Kind, ids: Iterable[str]) -> None:
         """Drop what is known of ``ids``: their tables were just written, and are asked again."""

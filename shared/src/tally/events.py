@@ -10,7 +10,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import msgspec
 import orjson
@@ -595,6 +595,27 @@ def parse_message(raw: bytes | None) -> Message:
         raise BadMessage(summarise(exc)) from exc
 
 
+# --- envelopes encoded from msgspec structs, on hot paths ---------------------------------
+
+
+class _EncodedEnvelope(msgspec.Struct, gc=False):
+    id: str
+    type: str
+    time: str
+    source: str
+    data: Any  # a msgspec struct with the fields (and order) of the type's payload
+
+
+_ENCODE = msgspec.json.Encoder().encode
+
+
+def encoded_envelope(id_: str, type_: str, time: str, source: str, data: msgspec.Struct) -> bytes:
+    """``envelope`` for producers that build a payload once per event on a hot path: ``data``
+    is a msgspec struct mirroring the type's payload (a unit test holds each to its schema),
+    encoded in well under half the time of a dict through orjson."""
+    return _ENCODE(_EncodedEnvelope(id_, type_, time, source, data))
+
+
 # --- usage.recorded on the wallet's hot path ---------------------------------------------
 
 _AwareTime = Annotated[datetime, msgspec.Meta(tz=True)]
@@ -629,23 +650,33 @@ class _RecordedMessage(msgspec.Struct, gc=False):
 _RECORDED_DECODER = msgspec.json.Decoder(_RecordedMessage)
 
 
-def parse_usage_recorded(raw: bytes | None) -> RecordedUsage:
-    """``parse_message`` narrowed to ``usage.recorded``: ``BadMessage`` (the reason, for the
-    DLQ) for anything that is not one (a negative amount, a time outside the years
-    1900-2099 included), unknown fields ignored as everywhere."""
+_M = TypeVar("_M")
+
+
+def _decoded(decoder: msgspec.json.Decoder[_M], raw: bytes | None) -> _M:
+    """``raw`` decoded, or ``BadMessage`` with msgspec's reason (for the DLQ)."""
     try:
-        usage = _RECORDED_DECODER.decode(raw or b"").data
+        return decoder.decode(raw or b"")
     except msgspec.ValidationError as exc:
         raise BadMessage(str(exc)) from exc
     except msgspec.DecodeError as exc:
         raise BadMessage(f"not JSON: {exc}") from exc
-    # the schema's years (Rfc3339): a time outside them, once posted, broke every consumer
-    # that turns it into a day (one such total dead-lettered a whole wallet.usage message)
-    if not (1900 <= usage.occurred_at.year <= 2099 and 1900 <= usage.recorded_at.year <= 2099):
-        raise BadMessage(
-            f"occurred_at {usage.occurred_at.isoformat()} or recorded_at "
-            f"{usage.recorded_at.isoformat()} is outside the years 1900-2099"
-        )
+
+
+def _in_the_schemas_years(*times: datetime) -> None:
+    """The schema's years (``Rfc3339``): a time outside them, once posted, broke every consumer
+    that turns it into a day (one such total dead-lettered a whole wallet.usage message)."""
+    for t in times:
+        if not 1900 <= t.year <= 2099:
+            raise BadMessage(f"{t.isoformat()} is outside the years 1900-2099")
+
+
+def parse_usage_recorded(raw: bytes | None) -> RecordedUsage:
+    """``parse_message`` narrowed to ``usage.recorded``: ``BadMessage`` (the reason, for the
+    DLQ) for anything that is not one (a negative amount, a time outside the years
+    1900-2099 included), unknown fields ignored as everywhere."""
+    usage = _decoded(_RECORDED_DECODER, raw).data
+    _in_the_schemas_years(usage.occurred_at, usage.recorded_at)
     return usage
 
 
@@ -693,15 +724,8 @@ class UsageDigest:
 def parse_wallet_usage(raw: bytes | None) -> UsageDigest:
     """``parse_message`` narrowed to ``wallet.usage``: ``BadMessage`` (the reason, for the DLQ)
     for anything that is not one."""
-    try:
-        message = _USAGE_DECODER.decode(raw or b"")
-    except msgspec.ValidationError as exc:
-        raise BadMessage(str(exc)) from exc
-    except msgspec.DecodeError as exc:
-        raise BadMessage(f"not JSON: {exc}") from exc
-    for t in message.data.totals:
-        if not 1900 <= t.minute.year <= 2099:
-            raise BadMessage(f"minute {t.minute.isoformat()} is outside the years 1900-2099")
+    message = _decoded(_USAGE_DECODER, raw)
+    _in_the_schemas_years(*(t.minute for t in message.data.totals))
     return UsageDigest(message.id, message.data.totals)
 
 

@@ -56,13 +56,14 @@ def row(
     traceparent: str | None = None,
     *,
     inherit: bool = True,
+    type_: str | None = None,
 ) -> Row:
     """One outbox message; ``message`` is an envelope dict (or already-encoded bytes). With no
     ``traceparent`` it carries the current span's, unless ``inherit`` is False: per-event rows
     whose caller already knows each event's trace (None: the event has none) skip the lookup,
     which costs as much as encoding the message."""
-    if isinstance(message, bytes):
-        value, type_ = message, None
+    if isinstance(message, bytes):  # encoded already: ``type_`` is its type (for the header)
+        value = message
     else:
         value, type_ = events.dumps(message), message.get("type")
     if traceparent is None and inherit:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from tally.events import UsageEvent
+from tally.events import UsageEvent, encoded_envelope
 from tally.money import MAX_MICROS, MoneyError, parse_decimal, price_usage
 
 MAX_QUANTITY = Decimal(1_000_000_000)
@@ -155,15 +155,6 @@ class _Recorded(msgspec.Struct, gc=False):
     currency: str
 
 
-class _RecordedEnvelope(msgspec.Struct, gc=False):
-    id: str
-    type: str
-    time: str
-    source: str
-    data: _Recorded
-
-
-_ENCODE = msgspec.json.Encoder().encode
 RECORDED = "usage.recorded"
 SOURCE = "usage-meter"
 
@@ -187,4 +178,4 @@ def recorded_message(p: Priced, recorded_at: datetime, recorded_text: str | None
         p.amount_micros,
         p.price.currency,
     )
-    return _ENCODE(_RecordedEnvelope("usage:" + e.event_id, RECORDED, recorded, SOURCE, data))
+    return encoded_envelope("usage:" + e.event_id, RECORDED, recorded, SOURCE, data)

@@ -144,7 +144,16 @@ def _settle(
             results.append(Result(event.event_id, "duplicate"))
         else:
             message = recorded_message(checked, now, now_text)
-            rows.append((Topics.USAGE_RECORDED, event.company_id.encode(), message, traceparent, RECORDED))
+            rows.append(
+                outbox.row(
+                    Topics.USAGE_RECORDED,
+                    event.company_id,
+                    message,
+                    traceparent,
+                    inherit=False,
+                    type_=RECORDED,
+                )
+            )
             results.append(Result(event.event_id, "accepted"))
     return results, rows
 

@@ -167,8 +167,7 @@ async def apply_usage(
         )
         company = next(legs)
         account = next(legs) if rebilled else None
-        row = debited_row(u, company, account, time)
-        rows.append(row if traceparent is None else (*row[:3], traceparent, row[4]))
+        rows.append(debited_row(u, company, account, time, traceparent))
         totals.add(u, account.transfer.amount if account is not None else company.transfer.amount)
         caused[company.transfer.key] = traceparent
         if account is not None:
