@@ -171,6 +171,19 @@ async def test_another_tenants_account_is_refused_before_and_after_the_facts_are
     await y.fund("1")
     theirs = await x.add_account()
     await y.announce()
+
+    async def heard() -> bool:  # usage-meter's consumer, not the wallet's: an account and a
+        # company it has not heard of yet are not refused (rebilling, asked, does not know them)
+        rows = await tally.sql(
+            "usage_meter",
+            "SELECT (SELECT count(*) FROM accounts WHERE account_id = $1)"
+            " + (SELECT count(*) FROM companies WHERE company_id = $2) AS n",
+            theirs,
+            y.cid,
+        )
+        return int(rows[0]["n"]) == 2
+
+    await eventually(heard, what="usage-meter to hear of the account and of company Y")
     cold = await usage(tally, y.cid, account=theirs)
     assert cold["status"] == "rejected" and cold["error"]["code"] == "unknown_account", cold
     assert (await usage(tally, x.cid, account=theirs))["status"] == "accepted"
