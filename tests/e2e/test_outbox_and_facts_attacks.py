@@ -5,12 +5,13 @@ notifier's msgspec ``wallet.usage`` path with its once-per-batch rule. From the 
 API, and by producing records onto the topics as an attacker inside the network could. Real
 stack.
 
-A passing test shows something that held, or a finding that was fixed (the other, a second
-usage-meter replica keeping a fact another corrected, is held in
-tests/integration/test_usage_ingestion.py without starting a process). The three marked
-``xfail`` (strict) are findings older than the change, not fixed: a record forged onto
-``rebilling.events`` or ``wallet.digest`` is believed as it stands (docs/performance.md,
-"Open")."""
+A passing test shows something that held, or a finding that was fixed (a second usage-meter
+replica keeping a fact another corrected is held in tests/integration/test_usage_ingestion.py
+without starting a process). Records forged onto ``rebilling.events`` contradicting a stored
+company's currency or account's company are checked with rebilling since 2026-12-04 (the
+seventh round). The one marked ``xfail`` (strict) is a finding older than the change, not
+fixed: a ``wallet.usage`` total forged onto ``wallet.digest`` is believed as it stands
+(docs/performance.md, "Open")."""
 
 from __future__ import annotations
 
@@ -147,19 +148,6 @@ async def usage(tally: Tally, cid: str, service: str = "email", account: str | N
     return {**r.json()["results"][0], "event": e}
 
 
-async def first_accepted(
-    tally: Tally, cid: str, service: str, account: str | None = None, seconds: float = 10
-) -> dict[str, Any] | None:
-    """Post an event every 0.25 s for ``seconds``; the first accepted one's result, else None."""
-    deadline = asyncio.get_running_loop().time() + seconds
-    while asyncio.get_running_loop().time() < deadline:
-        res = await usage(tally, cid, service, account)
-        if res["status"] == "accepted":
-            return res
-        await asyncio.sleep(0.25)
-    return None
-
-
 async def test_another_tenants_account_is_refused_before_and_after_the_facts_are_warm(tally: Tally) -> None:
     """HELD: company Y naming company X's account is ``unknown_account`` whether or not the
     process has met the account already (table lookup, then in-process facts), alone or in a
@@ -210,30 +198,67 @@ async def test_another_tenants_account_is_refused_before_and_after_the_facts_are
     assert warm["status"] == "rejected" and warm["error"]["code"] == "unknown_account", warm
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: usage-meter and the wallet believe a forged rebilling.events record "
-    "(the notifier asks rebilling first); docs/performance.md, Open",
-)
+STORES = ("usage_meter", "wallet", "recharge")  # the services that keep companies and accounts
+_STORED = {
+    "company": "SELECT currency FROM companies WHERE company_id = $1",
+    "account": "SELECT company_id FROM accounts WHERE account_id = $1",
+}
+
+
+async def stored(tally: Tally, kind: str, id_: str) -> dict[str, str | None]:
+    """What each service that keeps it stores of a company's currency or an account's company."""
+    out: dict[str, str | None] = {}
+    for schema in STORES:
+        rows = await tally.sql(schema, _STORED[kind], id_)
+        out[schema] = rows[0][0] if rows else None
+    return out
+
+
+async def all_store(tally: Tally, kind: str, id_: str, value: str) -> None:
+    async def agreed() -> bool:
+        return set((await stored(tally, kind, id_)).values()) == {value}
+
+    await eventually(agreed, what=f"usage-meter, the wallet and recharge to store {kind} {id_} as {value}")
+
+
+async def after_the_forgery(tally: Tally, cid: str) -> None:
+    """Announce a new account of ``cid`` on its partition and wait until every service stores
+    it: the records produced before it on that partition have been applied."""
+    marker = uid("acct")
+    await tally.envelope(
+        "rebilling.events",
+        "account.created",
+        {"account_id": marker, "company_id": cid, "name": "marker"},
+        key=cid,
+    )
+    await all_store(tally, "account", marker, cid)
+
+
+@pytest.mark.parametrize("created_by", ["rebilling", "an announcement alone"])
 async def test_a_forged_account_created_does_not_give_a_company_another_companys_account(
-    tally: Tally,
+    tally: Tally, created_by: str
 ) -> None:
-    """An ``account.created`` produced onto rebilling.events naming company X's (rebilled,
-    funded) account as company Y's. The notifier believes such a record only when rebilling
-    agrees; usage-meter (``companies.learn``: upsert, then ``forget`` the fact) and the wallet
-    take it as it is. Expected: Y's usage naming the account stays ``unknown_account``, X's
-    own usage of it stays accepted, and X's account wallet is never debited for Y's usage."""
+    """An ``account.created`` produced onto rebilling.events naming company X's account as
+    company Y's. An account's company never changes: the record contradicts what every service
+    stored, so rebilling is asked. For an account created in rebilling it says X; for one only
+    announced (rebilling does not know it) the first announcement stands. Y's usage naming the
+    account stays ``unknown_account``, X's is accepted, and Y's token cannot read the account's
+    wallet."""
     from tests.support.builders import Agency
 
-    x, y = Agency(tally), Agency(tally)
-    theirs = await x.add_account("rebill")
-    await x.fund("1", theirs)
+    x: Agency | Reseller
+    y: Agency | Reseller
+    if created_by == "rebilling":
+        x = await Reseller(tally, plan="starter").create(connect=False)
+        y = await Reseller(tally, plan="starter").create(connect=False)
+        theirs = await x.account()
+    else:
+        x, y = Agency(tally), Agency(tally)
+        theirs = await x.add_account()
+        await y.announce()
     await x.fund("1")
-    await y.announce()
     await y.fund("1")
-    before = await usage(tally, y.cid, account=theirs)
-    assert before["status"] == "rejected" and before["error"]["code"] == "unknown_account", before
-    assert (await usage(tally, x.cid, account=theirs))["status"] == "accepted"
+    await all_store(tally, "account", theirs, x.cid)
 
     await tally.envelope(
         "rebilling.events",
@@ -241,33 +266,14 @@ async def test_a_forged_account_created_does_not_give_a_company_another_companys
         {"account_id": theirs, "company_id": y.cid, "name": "mine now"},
         key=y.cid,
     )
-    stolen = await first_accepted(tally, y.cid, "email", theirs)
-    if stolen is None:
-        return  # held
+    await after_the_forgery(tally, y.cid)
+    assert await stored(tally, "account", theirs) == dict.fromkeys(STORES, x.cid)
+    stolen = await usage(tally, y.cid, account=theirs)
+    assert stolen["status"] == "rejected" and stolen["error"]["code"] == "unknown_account", stolen
     own = await usage(tally, x.cid, account=theirs)
-    eid = stolen["event"]["event_id"]
-
-    async def get(path: str, headers: dict[str, str]) -> Any:
-        r = await tally.http.get(tally.url("wallet", path), headers=headers)
-        return r.json() if r.status_code == 200 else r.status_code
-
-    async def debited() -> list[dict[str, Any]] | None:
-        got = await get(f"/v1/accounts/{theirs}/wallet/transactions", y.admin)
-        found = [t for t in got["items"] if t["usage_event_id"] == eid] if isinstance(got, dict) else []
-        return found or None
-
-    try:
-        lines: Any = await eventually(debited, timeout=15, what="Y's event on the account's wallet")
-    except AssertionError:
-        lines = "none within 15 s"
-    raise AssertionError(
-        f"after a forged account.created, Y's usage naming X's account {theirs} was accepted "
-        f"({eid}); X's own usage of it now answers {own['status']} "
-        f"{own.get('error', {}).get('code')}; the account wallet's lines for Y's event (read with "
-        f"Y's token): {lines}; the account wallet read by X: "
-        f"{await get(f'/v1/accounts/{theirs}/wallet', x.admin)}, by Y: "
-        f"{await get(f'/v1/accounts/{theirs}/wallet', y.admin)}"
-    )
+    assert own["status"] == "accepted", own
+    r = await tally.http.get(tally.url("wallet", f"/v1/accounts/{theirs}/wallet"), headers=y.admin)
+    assert r.status_code in (403, 404), r.text
 
 
 async def set_price(tally: Tally, service: str, currency: str, price: str = "0.001") -> None:
@@ -301,55 +307,41 @@ async def forge_currency(tally: Tally, cid: str, currency: str) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: usage-meter and the wallet believe a forged rebilling.events record "
-    "(the notifier asks rebilling first); docs/performance.md, Open",
-)
 async def test_a_forged_company_updated_does_not_change_the_currency_usage_is_priced_in(tally: Tally) -> None:
     """A ``company.updated`` produced onto rebilling.events saying a USD company (as rebilling
-    created it) is in EUR. Expected (API.md, Currency): usage stays priced in the company's
-    currency, nothing accepted is stranded by a currency mismatch."""
+    created it) is in EUR. A company's currency never changes: the record contradicts what
+    every service stored, rebilling is asked and says USD. Usage stays priced in USD (API.md,
+    Currency): a service priced in EUR only stays ``price_unavailable``."""
     c, svc = await usd_company_with_a_eur_only_service(tally)
+    await all_store(tally, "company", c.cid, "USD")
     await forge_currency(tally, c.cid, "EUR")
-    accepted = await first_accepted(tally, c.cid, svc)
-    if accepted is None:
-        return  # held
-    eid = accepted["event"]["event_id"]
-    dead = await tally.find_on_topic("usage.recorded.dlq", lambda d: eid in d["message"], timeout=20)
-    lines = await tally.company_transactions(c.cid)
-    raise AssertionError(
-        f"{eid} accepted in EUR for a USD company after a forged company.updated; the wallet "
-        f"dead-lettered it ({dead['error'][:160]!r}); in the ledger: "
-        f"{eid in {t['usage_event_id'] for t in lines}}"
-    )
+    await after_the_forgery(tally, c.cid)
+    assert await stored(tally, "company", c.cid) == dict.fromkeys(STORES, "USD")
+    res = await usage(tally, c.cid, svc)
+    assert res["status"] == "rejected" and res["error"]["code"] == "price_unavailable", res
 
 
-async def test_rebillings_next_announcement_undoes_a_forged_currency_in_one_replica(tally: Tally) -> None:
-    """HELD (one usage-meter process, as the stack runs): after a forged ``company.updated``,
-    rebilling's own next announcement of the company (a plan change) is written and its fact
-    forgotten, so usage is priced in the company's currency again."""
+async def test_a_currency_stored_wrong_is_put_right_by_rebillings_next_announcement(tally: Tally) -> None:
+    """A currency stored wrong (as a forged record left it before announcements were checked):
+    rebilling's next announcement of the company (a plan change) contradicts it, rebilling is
+    asked, and every service stores USD again; usage is priced in USD."""
     c, svc = await usd_company_with_a_eur_only_service(tally)
-    await forge_currency(tally, c.cid, "EUR")
-
-    async def eur() -> bool:
-        rows = await tally.sql("usage_meter", "SELECT currency FROM companies WHERE company_id = $1", c.cid)
-        return [r["currency"] for r in rows] == ["EUR"]
-
-    await eventually(eur, what="usage-meter to take the forged currency")
-    await usage(tally, c.cid, svc)  # the process meets the company in EUR
+    await all_store(tally, "company", c.cid, "USD")
+    for schema in STORES:
+        await tally.sql(schema, "UPDATE companies SET currency = 'EUR' WHERE company_id = $1", c.cid)
     r = await tally.http.put(
         tally.url("rebilling", f"/v1/companies/{c.cid}/plan"),
         json={"plan": "unlimited"},
         headers=tally.auth("platform_admin"),
     )
     assert r.status_code == 200, r.text
+    await all_store(tally, "company", c.cid, "USD")
 
-    async def back() -> bool:
+    async def usd() -> bool:  # usage-meter believes a fact read from its table for 5 s
         res = await usage(tally, c.cid, svc)
         return bool(res["status"] == "rejected" and res["error"]["code"] == "price_unavailable")
 
-    await eventually(back, timeout=20, what="usage priced in USD again")
+    await eventually(usd, timeout=20, what="usage priced in USD again")
 
 
 # --- the notifier's sums: a forged total with no upper bound ----------------------------------

@@ -13,18 +13,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 from urllib.parse import quote
 
 import httpx
 
+from tally import events
 from tally.auth import issue_token
+from tally.db import Conn
 from tally.settings import Settings
 
 log = logging.getLogger(__name__)
 
 Kind = Literal["company", "account"]  # company -> its currency; account -> its company
+# where rebilling answers for an id of each kind, and the field that holds the fact
+_ASK: dict[Kind, tuple[str, str]] = {
+    "company": ("/v1/companies/{}", "currency"),
+    "account": ("/v1/accounts/{}", "company_id"),
+}
+# a service's own copy of the facts (usage-meter and the wallet keep the same two tables)
+_STORED: dict[Kind, str] = {
+    "company": "SELECT company_id, currency FROM companies WHERE company_id = ANY($1::text[])",
+    "account": "SELECT account_id, company_id FROM accounts WHERE account_id = ANY($1::text[])",
+}
 
 
 class Facts:
@@ -104,13 +116,13 @@ class CompanyDirectory:
         """The currency of each company rebilling knows (the others are left out). Raises
         ``httpx.HTTPError`` when rebilling cannot answer: the caller retries later rather than
         guess a currency."""
-        return await self._lookup("company", company_ids, "/v1/companies/{}", "currency")
+        return await self._lookup("company", company_ids)
 
     async def account_companies(self, account_ids: Iterable[str]) -> dict[str, str]:
         """The company of each account rebilling knows (the others are left out)."""
-        return await self._lookup("account", account_ids, "/v1/accounts/{}", "company_id")
+        return await self._lookup("account", account_ids)
 
-    async def _lookup(self, kind: Kind, ids: Iterable[str], path: str, field: str) -> dict[str, str]:
+    async def _lookup(self, kind: Kind, ids: Iterable[str]) -> dict[str, str]:
         now = time.monotonic()
         known = self.facts.known[kind]
         out: dict[str, str] = {}
@@ -121,13 +133,77 @@ class CompanyDirectory:
             elif self._unknown_until.get(f"{kind}:{id_}", 0) <= now:
                 ask.append(id_)
         # a batch naming many new ids asks for them side by side, a few at a time
-        answers = await asyncio.gather(*[self._ask(path.format(_segment(i)), field) for i in ask])
+        answers = await asyncio.gather(*[self._ask_of(kind, i) for i in ask])
         for id_, value in zip(ask, answers, strict=True):
             if value is None:
                 self._unknown_until[f"{kind}:{id_}"] = now + self.negative_ttl
             else:
                 out[id_] = known[id_] = value
         return out
+
+    async def rebilling_says(self, kind: Kind, id_: str) -> str | None:
+        """What rebilling says of one id now: its answer remembered, else asked (an unknown
+        answered lately is asked again). None: rebilling does not know the id."""
+        value = self.facts.known[kind].get(id_)
+        if value is None:
+            value = await self._ask_of(kind, id_)
+            if value is not None:
+                self.facts.known[kind][id_] = value
+        return value
+
+    async def believed(self, conn: Conn, payloads: Sequence[events.Payload]) -> list[events.Payload]:
+        """The announcements of ``rebilling.events`` to apply, in order. A company's currency
+        and an account's company never change, so a record that contradicts what this
+        service stored is checked with rebilling, where companies and accounts are created: a
+        record produced onto the topic by anyone else must not hand one company another's
+        account, nor reprice a company's usage in another currency.
+
+        - ``company.updated``: applied with rebilling's currency (the stored one when
+          rebilling does not know the company);
+        - ``account.created`` and an account's ``license.changed``: left out when they name
+          another company than rebilling's (the stored one's when rebilling does not know
+          the account).
+
+        Only contradictions cost a request, so a new company or account is believed as
+        announced. Raises ``httpx.HTTPError`` when rebilling cannot answer: the batch is
+        tried again, never applied on a guess."""
+        ids: dict[Kind, set[str]] = {"company": set(), "account": set()}
+        for p in payloads:
+            fact = _fact(p)
+            if fact is not None:
+                ids[fact[0]].add(fact[1])
+        stored: dict[Kind, dict[str, str]] = {"company": {}, "account": {}}
+        for kind, wanted in ids.items():
+            if wanted:
+                rows = await conn.fetch(_STORED[kind], sorted(wanted))
+                stored[kind] = {r[0]: r[1] for r in rows}
+        out: list[events.Payload] = []
+        for p in payloads:
+            fact = _fact(p)
+            if fact is None:
+                out.append(p)
+                continue
+            kind, id_, claimed = fact
+            kept = stored[kind].get(id_)
+            value = claimed
+            if kept is not None and kept != claimed:
+                said = await self.rebilling_says(kind, id_)
+                value = said if said is not None else kept
+                log.warning(
+                    "announcement contradicts a stored fact",
+                    extra={"kind": kind, "id": id_, "claimed": claimed, "stored": kept, "rebilling": said},
+                )
+            if value != claimed:
+                if kind == "account":
+                    continue  # another company's account: not this record's company's business
+                p = p.model_copy(update={"currency": value})
+            stored[kind][id_] = value
+            out.append(p)
+        return out
+
+    async def _ask_of(self, kind: Kind, id_: str) -> str | None:
+        path, field = _ASK[kind]
+        return await self._ask(path.format(_segment(id_)), field)
 
     async def _ask(self, path: str, field: str) -> str | None:
         """The field, or None when rebilling does not know the id. Only rebilling being
@@ -152,6 +228,17 @@ class CompanyDirectory:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _fact(p: events.Payload) -> tuple[Kind, str, str] | None:
+    """The unchanging fact an announcement states: (kind, id, value), or None."""
+    if isinstance(p, events.CompanyUpdated):
+        return "company", p.company_id, p.currency
+    if isinstance(p, events.AccountCreated):
+        return "account", p.account_id, p.company_id
+    if isinstance(p, events.LicenseChanged) and p.account_id is not None:
+        return "account", p.account_id, p.company_id
+    return None
 
 
 def _segment(id_: str) -> str:

@@ -6,17 +6,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tally import events
+from tally.directory import CompanyDirectory
 from tally.events import Topics
 from tally.uow import UnitOfWork
 from tally_recharge import storage
 from tally_recharge.charging import SOURCE
 
 
-async def learn(uow: UnitOfWork, updates: Sequence[events.Payload]) -> bool:
-    """In the caller's unit of work, each update once (the caller's inbox). Returns whether
-    checks of the auto-recharge rule were queued."""
+async def learn(uow: UnitOfWork, updates: Sequence[events.Payload], directory: CompanyDirectory) -> bool:
+    """In the caller's unit of work, each update once (the caller's inbox). One that
+    contradicts what is stored is believed only as far as rebilling says the same
+    (``CompanyDirectory.believed``): a forged record must not put an account's cards behind
+    another company's Stripe account. Returns whether checks of the auto-recharge rule were
+    queued."""
     checks = False
-    for p in updates:
+    for p in await directory.believed(uow.conn, updates):
         if isinstance(p, events.CompanyUpdated):
             checks |= await connection_changed(uow, p)
         elif isinstance(p, events.AccountCreated):

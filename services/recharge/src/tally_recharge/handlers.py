@@ -45,7 +45,7 @@ async def on_rebilling_events(w: RechargeWiring, records: Sequence[Any]) -> None
         # each message once: a redelivered old company.updated (a crash between the commit
         # and the offset commit) must not take the company back to the account it left
         fresh = await inbox.claim(uow.conn, "recharge-rebilling", [m.id for _, m in taken])
-        queued = await companies.learn(uow, [m.data for _, m in taken if m.id in fresh])
+        queued = await companies.learn(uow, [m.data for _, m in taken if m.id in fresh], w.directory)
         uow.publish(dead)
     if queued:
         w.recharger.wake()

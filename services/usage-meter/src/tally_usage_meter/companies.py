@@ -7,15 +7,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tally import events
-from tally.directory import Facts
+from tally.directory import CompanyDirectory, Facts
 from tally.uow import UnitOfWork
 from tally_usage_meter import storage
 
 
-async def learn(uow: UnitOfWork, payloads: Sequence[events.Payload]) -> None:
+async def learn(uow: UnitOfWork, payloads: Sequence[events.Payload], directory: CompanyDirectory) -> None:
     """Remember ``company.updated`` and ``account.created``, in the caller's open unit of work
-    (both are full states: applying one again changes nothing)."""
-    for p in payloads:
+    (both are full states: applying one again changes nothing). One that contradicts what is
+    stored is believed only as far as rebilling says the same (``CompanyDirectory.believed``)."""
+    for p in await directory.believed(uow.conn, payloads):
         if isinstance(p, events.CompanyUpdated):
             await storage.upsert_company(uow.conn, p.company_id, p.currency)
         elif isinstance(p, events.AccountCreated):

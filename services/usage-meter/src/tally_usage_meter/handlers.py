@@ -53,7 +53,7 @@ async def on_rebilling_events(w: UsageMeterWiring, records: Sequence[Any]) -> No
         return
     payloads = [m.data for _, m in taken]
     async with w.uow() as uow:
-        await companies.learn(uow, payloads)
+        await companies.learn(uow, payloads, w.directory)
         uow.publish(dead)
     # what was just written is read from the tables again (it is the same, unless an
     # announcement ever corrected one)

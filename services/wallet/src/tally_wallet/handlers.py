@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -20,6 +21,7 @@ from prometheus_client import Histogram
 from tally import events, inbox
 from tally.consumer import dlq_row, wanted
 from tally.db import Conn
+from tally.directory import CompanyDirectory
 from tally.events import RecordedUsage
 from tally.telemetry import header, observe_many
 from tally_wallet import storage
@@ -150,7 +152,14 @@ def parse_rebilling_event(r: Any) -> events.Payload | None:
     return message.data if message else None  # None: not the wallet's business
 
 
-async def apply_rebilling_event(conn: Conn, p: events.Payload) -> None:
+async def apply_rebilling_event(directory: CompanyDirectory, conn: Conn, p: events.Payload) -> None:
+    """A company's state, an account's company and its licenses; a record that contradicts
+    what the wallet stored is believed only as far as rebilling says the same (a forged one
+    must not hand a company another's account wallet, nor open wallets in another currency)."""
+    believed = await directory.believed(conn, [p])
+    if not believed:
+        return
+    p = believed[0]
     if isinstance(p, events.CompanyUpdated):
         await storage.upsert_company(conn, p)
     elif isinstance(p, events.AccountCreated):
@@ -192,5 +201,8 @@ async def apply_recharge_event(conn: Conn, item: tuple[str, events.Payload]) -> 
 
 
 on_rebilling_settings = _transactional(apply_settings, parse_settings)
-on_rebilling_events = _transactional(apply_rebilling_event, parse_rebilling_event)
 on_recharge_events = _transactional(apply_recharge_event, parse_recharge_event)
+
+
+async def on_rebilling_events(w: WalletWiring, records: Sequence[Any]) -> None:
+    await _transactional(partial(apply_rebilling_event, w.directory), parse_rebilling_event)(w, records)
