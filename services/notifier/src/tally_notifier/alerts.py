@@ -38,7 +38,7 @@ async def add_usage(conn: Conn, totals: Sequence[UsageTotal | UsageTotalRecord])
         day = minute_day(t.minute, zones.get(t.company_id, "UTC"))
         sums[(t.account_id, t.company_id, day, t.service, t.currency)] += t.amount_micros
     # In key order: concurrent replicas then lock shared rows in the same order (no deadlock).
-    await storage.add_usage(conn, [(*k, v) for k, v in sorted(sums.items())])
+    await storage.add_usage(conn, [(*k, min(v, storage.BIGINT_MAX)) for k, v in sorted(sums.items())])
     return {t.account_id for t in totals}
 
 

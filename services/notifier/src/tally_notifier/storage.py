@@ -60,6 +60,8 @@ async def timezones(conn: Conn, company_ids: list[str]) -> dict[str, str]:
     return {r["company_id"]: r["timezone"] for r in rows}
 
 
+BIGINT_MAX = 2**63 - 1  # what a day's sum saturates at
+
 # Rows go in as one JSON array, not six arrays: asyncpg checks every array element against
 # collections.abc (two Python-level isinstance calls per string), which was a quarter of the
 # notifier's CPU with many accounts; msgspec encodes the same rows (structs) in about a sixth of
@@ -70,7 +72,10 @@ _ADD_USAGE = (
     "SELECT * FROM json_to_recordset($1::json) AS r(account_id text, company_id text, day date, "
     "service text, currency text, amount bigint) "
     "ON CONFLICT (account_id, day, service) DO UPDATE "
-    "SET amount = usage_daily.amount + EXCLUDED.amount"
+    # saturating: a total forged onto wallet.digest (no bound but BIGINT's) must not make the
+    # genuine usage after it fail to add up, and go to the DLQ uncounted
+    f"SET amount = CASE WHEN usage_daily.amount > {BIGINT_MAX} - EXCLUDED.amount THEN {BIGINT_MAX} "
+    "ELSE usage_daily.amount + EXCLUDED.amount END"
 )
 
 
@@ -97,7 +102,7 @@ async def add_usage(conn: Conn, rows: list[tuple[str, str, date, str, str, int]]
 
 async def usage_since(conn: Conn, aid: str, since: date, until: date) -> tuple[dict[str, int], str]:
     rows = await conn.fetch(
-        "SELECT service, currency, sum(amount)::bigint AS amount FROM usage_daily "
+        f"SELECT service, currency, LEAST(sum(amount), {BIGINT_MAX})::bigint AS amount FROM usage_daily "
         "WHERE account_id = $1 AND day >= $2 AND day <= $3 GROUP BY service, currency",
         aid,
         since,
