@@ -162,6 +162,7 @@ async def apply_ops(dsn: str, schema: str, run: str, ops: list[Any]) -> dict[str
                                 active=op.active,
                                 version=next(version),
                             ),
+                            "USD",
                         )
             rows = await conn.fetch(storage.LEDGER_BALANCES)
             assert all(r["balance"] == r["derived"] for r in rows), "materialised != derived"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
@@ -22,10 +23,14 @@ import httpx
 from tally import events
 from tally.auth import issue_token
 from tally.db import Conn
+from tally.ids import ID_PATTERN
 from tally.settings import Settings
 
 log = logging.getLogger(__name__)
 
+_ID = re.compile(ID_PATTERN)
+# refusals of the asker, not answers about the id: a wrong secret must not read as "unknown"
+_NOT_AN_ANSWER = frozenset({401, 403, 429})
 Kind = Literal["company", "account"]  # company -> its currency; account -> its company
 # where rebilling answers for an id of each kind, and the field that holds the fact
 _ASK: dict[Kind, tuple[str, str]] = {
@@ -160,7 +165,8 @@ class CompanyDirectory:
 
         - ``company.updated``: applied with rebilling's currency (the stored one when
           rebilling does not know the company);
-        - ``account.created`` and an account's ``license.changed``: left out when they name
+        - ``account.created``, an account's ``license.changed`` and ``rebilling.settings``
+          (which name the account's company too): left out when they name
           another company than rebilling's (the stored one's when rebilling does not know
           the account).
 
@@ -202,16 +208,22 @@ class CompanyDirectory:
         return out
 
     async def _ask_of(self, kind: Kind, id_: str) -> str | None:
+        """None, without asking, for an id no one can create (API.md's pattern): escaped into
+        a path, ``a/accounts`` would reach another page of rebilling's, whose answer is not a
+        company's, and the record naming it would be retried for ever."""
+        if _ID.fullmatch(id_) is None:
+            return None
         path, field = _ASK[kind]
         return await self._ask(path.format(_segment(id_)), field)
 
     async def _ask(self, path: str, field: str) -> str | None:
-        """The field, or None when rebilling does not know the id. Only rebilling being
-        unreachable or failing (5xx) raises: an id it refuses (4xx) is simply unknown."""
+        """The field, or None when rebilling does not know the id. Rebilling unreachable,
+        failing (5xx) or refusing the asker (401, 403, 429) raises: another id it refuses
+        (404, 422) is simply unknown."""
         token = issue_token("platform_admin", sub="directory", secret=self.secret, ttl_seconds=60)
         async with self._limit:
             r = await self._client.get(self.base_url + path, headers={"Authorization": f"Bearer {token}"})
-        if r.status_code >= 500:
+        if r.status_code >= 500 or r.status_code in _NOT_AN_ANSWER:
             r.raise_for_status()
         if r.status_code != 200:
             return None
@@ -234,7 +246,7 @@ def _fact(p: events.Payload) -> tuple[Kind, str, str] | None:
     """The unchanging fact an announcement states: (kind, id, value), or None."""
     if isinstance(p, events.CompanyUpdated):
         return "company", p.company_id, p.currency
-    if isinstance(p, events.AccountCreated):
+    if isinstance(p, events.AccountCreated | events.RebillingSettings):
         return "account", p.account_id, p.company_id
     if isinstance(p, events.LicenseChanged) and p.account_id is not None:
         return "account", p.account_id, p.company_id

@@ -42,10 +42,15 @@ async def on_wallet_digest(w: RechargeWiring, records: Sequence[Any]) -> None:
 async def on_rebilling_events(w: RechargeWiring, records: Sequence[Any]) -> None:
     taken, dead = take(records, ("company.updated", "account.created"), service=SERVICE)
     async with w.uow() as uow:
-        # each message once: a redelivered old company.updated (a crash between the commit
-        # and the offset commit) must not take the company back to the account it left
-        fresh = await inbox.claim(uow.conn, "recharge-rebilling", [m.id for _, m in taken])
-        queued = await companies.learn(uow, [m.data for _, m in taken if m.id in fresh], w.directory)
+        # each company.updated once: a redelivered old one (a crash between the commit and
+        # the offset commit) must not take the company back to the Stripe account it left.
+        # An account.created is applied every time (the same write again): claimed, a record
+        # forged early under rebilling's own message id would make rebilling's be skipped.
+        fresh = await inbox.claim(
+            uow.conn, "recharge-rebilling", [m.id for _, m in taken if m.type == "company.updated"]
+        )
+        updates = [m.data for _, m in taken if m.id in fresh or m.type != "company.updated"]
+        queued = await companies.learn(uow, updates, w.directory)
         uow.publish(dead)
     if queued:
         w.recharger.wake()

@@ -136,12 +136,23 @@ def parse_settings(r: Any) -> tuple[str, events.RebillingSettings | None]:
     return message.data.account_id, message.data
 
 
-async def apply_settings(conn: Conn, item: tuple[str, events.RebillingSettings | None]) -> None:
+async def apply_settings(
+    directory: CompanyDirectory, conn: Conn, item: tuple[str, events.RebillingSettings | None]
+) -> None:
+    """An account's rebilling settings, unless they name another company than the account's
+    (``CompanyDirectory.believed``). A company first heard of here is stored in its currency
+    as rebilling says (USD if it does not know it): never a default that would refuse its
+    accounts' usage in its real currency."""
     account_id, settings = item
     if settings is None:
         await storage.delete_rebilling(conn, account_id)
-    else:
-        await storage.upsert_rebilling(conn, settings)
+        return
+    if not await directory.believed(conn, [settings]):
+        return
+    currency = await storage.company_currency(conn, settings.company_id)
+    if currency is None:
+        currency = (await directory.currencies([settings.company_id])).get(settings.company_id, "USD")
+    await storage.upsert_rebilling(conn, settings, currency)
 
 
 # --- rebilling.events ----------------------------------------------------------------------
@@ -200,8 +211,11 @@ async def apply_recharge_event(conn: Conn, item: tuple[str, events.Payload]) -> 
             await change_settings(conn, wallet, {"auto_recharge": False}, cause=msg_id)
 
 
-on_rebilling_settings = _transactional(apply_settings, parse_settings)
 on_recharge_events = _transactional(apply_recharge_event, parse_recharge_event)
+
+
+async def on_rebilling_settings(w: WalletWiring, records: Sequence[Any]) -> None:
+    await _transactional(partial(apply_settings, w.directory), parse_settings)(w, records)
 
 
 async def on_rebilling_events(w: WalletWiring, records: Sequence[Any]) -> None:

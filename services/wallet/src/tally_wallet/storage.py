@@ -252,7 +252,9 @@ def _markups(text: str) -> dict[str, Decimal]:
     return parse_markups(orjson.loads(text))
 
 
-async def upsert_rebilling(conn: Conn, s: RebillingSettings) -> None:
+async def upsert_rebilling(conn: Conn, s: RebillingSettings, currency: str) -> None:
+    """An account's settings (the newer version wins), its company, and its company in
+    ``currency`` if the wallet has not heard of the company yet."""
     await conn.execute(
         "INSERT INTO rebilling_settings (account_id, company_id, mode, markups, active, version) "
         "VALUES ($1, $2, $3, $4::jsonb, $5, $6) ON CONFLICT (account_id) DO UPDATE SET "
@@ -268,10 +270,11 @@ async def upsert_rebilling(conn: Conn, s: RebillingSettings) -> None:
     )
     await upsert_account(conn, s.account_id, s.company_id)
     await conn.execute(
-        "INSERT INTO companies (company_id, stripe_connected) VALUES ($1, $2) "
+        "INSERT INTO companies (company_id, stripe_connected, currency) VALUES ($1, $2, $3) "
         "ON CONFLICT (company_id) DO NOTHING",
         s.company_id,
         s.company_stripe_connected,
+        currency,
     )
 
 
@@ -291,6 +294,14 @@ async def upsert_company(conn: Conn, c: CompanyUpdated) -> None:
 
 
 async def upsert_account(conn: Conn, account_id: str, company_id: str, licenses: int | None = None) -> None:
+    """An account's company (and licenses, when told). Its wallet, if one opened before the
+    account was announced rightly (a record naming another company came first, and rebilling
+    has since said otherwise), follows its company."""
+    await conn.execute(
+        "UPDATE wallets SET company_id = $2, updated_at = now() WHERE id = $1 AND company_id <> $2",
+        account_wallet_id(account_id),
+        company_id,
+    )
     await conn.execute(
         "INSERT INTO accounts (account_id, company_id, licenses) VALUES ($1, $2, $3) "
         "ON CONFLICT (account_id) DO UPDATE SET company_id = EXCLUDED.company_id, "
