@@ -65,3 +65,41 @@ async def test_a_readable_answer_is_believed_and_an_unknown_id_is_none() -> None
     finally:
         await directory.close()
         await missing.stop()
+
+
+@pytest.mark.parametrize("status", [401, 403, 429])
+async def test_a_refusal_of_the_asker_is_rebilling_unavailable_not_an_unknown_id(status: int) -> None:
+    """A wrong secret or a rate limit says nothing about the id: read as "unknown", a stored
+    fact would silently win over rebilling's correction (CompanyDirectory.believed)."""
+    server = await Served(answering(status, b'{"error": {"code": "forbidden"}}')).start()
+    directory = CompanyDirectory(f"http://127.0.0.1:{server.port}", "secret", negative_ttl=0)
+    try:
+        with pytest.raises(httpx.HTTPError):
+            await directory.account_companies(["acct-1"])
+        with pytest.raises(httpx.HTTPError):
+            await directory.rebilling_says("company", "co-1")
+    finally:
+        await directory.close()
+        await server.stop()
+
+
+@pytest.mark.parametrize("id_", ["co-1/accounts", "acct-1/members", "a b", "x" * 65, ""])
+async def test_an_id_no_one_can_create_is_unknown_without_asking(id_: str) -> None:
+    """Escaped into a path, ``co-1/accounts`` reaches another page of rebilling's (200, no
+    field): rebilling would look broken for ever and the record naming it be retried for ever.
+    Such an id is unknown, and rebilling is not asked (the server here would fail the test)."""
+    asked: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        asked.append(scope["path"])
+        await answering(200, b'{"items": []}')(scope, receive, send)
+
+    server = await Served(app).start()
+    directory = CompanyDirectory(f"http://127.0.0.1:{server.port}", "secret", negative_ttl=0)
+    try:
+        assert await directory.rebilling_says("company", id_) is None
+        assert await directory.account_companies([id_]) == {}
+        assert asked == []
+    finally:
+        await directory.close()
+        await server.stop()
