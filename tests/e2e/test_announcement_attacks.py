@@ -73,6 +73,7 @@ async def test_a_forged_rebilling_settings_does_not_move_another_companys_accoun
     await x.fund("1")
     await y.fund("1")
     await all_store(tally, "account", theirs, x.cid)
+    await x.add_card(theirs)  # rebilling is enabled only for an account with a card
     r = await x.set_rebilling(theirs, "rebill")  # rebilling's own settings, version >= 1
     assert r.status_code == 200, r.text
 
