@@ -473,3 +473,39 @@ async def test_an_id_that_routes_to_another_rebilling_page_does_not_hold_up_a_pa
         f"rebilling answers {url} with {r.status_code} {r.text[:120]}; a marker account.created keyed "
         f"{v.cid} behind the forged pair not applied within 20 s"
     )
+
+
+async def test_a_company_first_heard_of_through_settings_is_stored_in_its_own_currency(
+    tally: Tally, producer: AIOKafkaProducer
+) -> None:
+    """The wallet hears of a company through an account's ``rebilling.settings`` before its
+    ``company.updated`` (two topics: either may come first; here the wallet's row is removed,
+    white box, to place it). The company is stored in its currency as rebilling says (EUR),
+    not the column's default (USD), which would refuse the account's EUR usage as a currency
+    mismatch until the company's own record arrived."""
+    cid = uid("agency")
+    r = await tally.http.post(
+        tally.url("rebilling", "/v1/companies"),
+        json={
+            "id": cid,
+            "name": "Agence",
+            "plan": "starter",
+            "owner_email": f"o-{cid}@example.com",
+            "currency": "EUR",
+        },
+        headers=tally.auth("platform_admin"),
+    )
+    assert r.status_code == 201, r.text
+    await all_store(tally, "company", cid, "EUR")
+    await tally.sql("wallet", "DELETE FROM companies WHERE company_id = $1", cid)
+    aid = uid("acct")
+    settings = env(
+        "rebilling.settings", {"account_id": aid, "company_id": cid, "mode": "rebill", "version": 1}
+    )
+    await one_batch(producer, "rebilling.settings", aid, [(settings, [("type", b"rebilling.settings")])])
+
+    async def heard() -> list[str] | None:
+        rows = await tally.sql("wallet", "SELECT currency FROM companies WHERE company_id = $1", cid)
+        return [r[0] for r in rows] or None
+
+    assert await eventually(heard, what="the wallet to store the company") == ["EUR"]
