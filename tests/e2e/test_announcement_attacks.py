@@ -17,6 +17,7 @@ from tests.e2e.test_outbox_and_facts_attacks import (
     STORES,
     after_the_forgery,
     all_store,
+    announce_account,
     one_batch,
     stored,
     usage,
@@ -221,20 +222,10 @@ async def test_an_account_rebilling_says_is_a_third_companys(tally: Tally) -> No
     await all_store(tally, "account", aid, z.cid)
     for schema in STORES:
         await tally.sql(schema, "UPDATE accounts SET company_id = $2 WHERE account_id = $1", aid, x.cid)
-    await tally.envelope(
-        "rebilling.events",
-        "account.created",
-        {"account_id": aid, "company_id": y.cid, "name": "y"},
-        key=y.cid,
-    )
+    await announce_account(tally, aid, y.cid)
     await after_the_forgery(tally, y.cid)
     mid = await stored(tally, "account", aid)
-    await tally.envelope(
-        "rebilling.events",
-        "account.created",
-        {"account_id": aid, "company_id": z.cid, "name": "Client"},
-        key=z.cid,
-    )
+    await announce_account(tally, aid, z.cid)
     await after_the_forgery(tally, z.cid)
     assert mid == dict.fromkeys(STORES, x.cid), mid
     assert await stored(tally, "account", aid) == dict.fromkeys(STORES, z.cid)
@@ -309,25 +300,10 @@ async def test_an_early_forgery_with_rebillings_message_id_is_undone_in_recharge
     x = await Reseller(tally, plan="starter").create(connect=True)
     y = await Reseller(tally, plan="starter").create(connect=True)
     aid = uid("ws")
-    await tally.envelope(
-        "rebilling.events",
-        "account.created",
-        {"account_id": aid, "company_id": y.cid, "name": "early"},
-        key=y.cid,
-        id_=f"account.created:{aid}" if message_id == "rebilling's" else None,
-    )
+    rebillings_id = f"account.created:{aid}" if message_id == "rebilling's" else None
+    await announce_account(tally, aid, y.cid, id_=rebillings_id)
     await all_store(tally, "account", aid, y.cid)
-    r = await tally.http.post(
-        tally.url("rebilling", f"/v1/companies/{x.cid}/accounts"),
-        json={
-            "id": aid,
-            "name": "Client",
-            "owner_email": f"{aid}@example.com",
-            "billing_model": "self_billing",
-        },
-        headers=x.admin,
-    )
-    assert r.status_code == 201, r.text
+    await x.account(aid=aid)
 
     async def others_corrected() -> bool:
         got = await stored(tally, "account", aid)
@@ -371,28 +347,13 @@ async def test_a_wallet_opened_in_the_early_forgery_gap_is_the_real_companys_aft
     x = await Reseller(tally, plan="starter").create(connect=True)
     y = await Reseller(tally, plan="starter").create(connect=True)
     aid = uid("ws")
-    await tally.envelope(
-        "rebilling.events",
-        "account.created",
-        {"account_id": aid, "company_id": y.cid, "name": "early"},
-        key=y.cid,
-    )
+    await announce_account(tally, aid, y.cid)
     await all_store(tally, "account", aid, y.cid)
     r = await tally.http.post(
         tally.url("wallet", f"/v1/accounts/{aid}/wallet/credits"), json={"amount": "0.01"}, headers=y.admin
     )
     assert r.status_code == 201, r.text
-    r = await tally.http.post(
-        tally.url("rebilling", f"/v1/companies/{x.cid}/accounts"),
-        json={
-            "id": aid,
-            "name": "Client",
-            "owner_email": f"{aid}@example.com",
-            "billing_model": "self_billing",
-        },
-        headers=x.admin,
-    )
-    assert r.status_code == 201, r.text
+    await x.account(aid=aid)
     await all_store(tally, "account", aid, x.cid)
     row = await tally.sql("wallet", "SELECT company_id FROM wallets WHERE id = $1", f"account:{aid}")
     assert [r["company_id"] for r in row] == [x.cid]

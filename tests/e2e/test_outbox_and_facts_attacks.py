@@ -221,16 +221,18 @@ async def all_store(tally: Tally, kind: str, id_: str, value: str) -> None:
     await eventually(agreed, what=f"usage-meter, the wallet and recharge to store {kind} {id_} as {value}")
 
 
+async def announce_account(tally: Tally, aid: str, cid: str, id_: str | None = None) -> None:
+    """An ``account.created`` produced onto rebilling.events (keyed by the company), as anyone
+    able to write to the topic could (``id_``: the message id, else a random one)."""
+    data = {"account_id": aid, "company_id": cid, "name": aid}
+    await tally.envelope("rebilling.events", "account.created", data, key=cid, id_=id_)
+
+
 async def after_the_forgery(tally: Tally, cid: str) -> None:
     """Announce a new account of ``cid`` on its partition and wait until every service stores
     it: the records produced before it on that partition have been applied."""
     marker = uid("acct")
-    await tally.envelope(
-        "rebilling.events",
-        "account.created",
-        {"account_id": marker, "company_id": cid, "name": "marker"},
-        key=cid,
-    )
+    await announce_account(tally, marker, cid)
     await all_store(tally, "account", marker, cid)
 
 
@@ -260,12 +262,7 @@ async def test_a_forged_account_created_does_not_give_a_company_another_companys
     await y.fund("1")
     await all_store(tally, "account", theirs, x.cid)
 
-    await tally.envelope(
-        "rebilling.events",
-        "account.created",
-        {"account_id": theirs, "company_id": y.cid, "name": "mine now"},
-        key=y.cid,
-    )
+    await announce_account(tally, theirs, y.cid)
     await after_the_forgery(tally, y.cid)
     assert await stored(tally, "account", theirs) == dict.fromkeys(STORES, x.cid)
     stolen = await usage(tally, y.cid, account=theirs)
@@ -534,12 +531,7 @@ async def test_an_early_forged_account_created_is_undone_by_rebillings_own(tally
     x = await Reseller(tally, plan="starter").create(connect=False)
     await x.fund("1")
     aid = uid("ws")
-    await tally.envelope(
-        "rebilling.events",
-        "account.created",
-        {"account_id": aid, "company_id": y.cid, "name": "early"},
-        key=y.cid,
-    )
+    await announce_account(tally, aid, y.cid)
 
     async def placed() -> bool:
         rows = await tally.sql("usage_meter", "SELECT company_id FROM accounts WHERE account_id = $1", aid)
@@ -547,17 +539,7 @@ async def test_an_early_forged_account_created_is_undone_by_rebillings_own(tally
 
     await eventually(placed, what="the forged account in usage-meter's table")
     assert (await usage(tally, y.cid, account=aid))["status"] == "accepted"  # the fact is learnt
-    r = await tally.http.post(
-        tally.url("rebilling", f"/v1/companies/{x.cid}/accounts"),
-        json={
-            "id": aid,
-            "name": "Client",
-            "owner_email": f"{aid}@example.com",
-            "billing_model": "self_billing",
-        },
-        headers=x.admin,
-    )
-    assert r.status_code == 201, r.text
+    await x.account(aid=aid)
 
     async def mine() -> bool:
         return bool((await usage(tally, x.cid, account=aid))["status"] == "accepted")

@@ -236,8 +236,11 @@ class Reseller:
         )
         assert r.status_code == 200 and r.json()["stripe_connected"], r.text
 
-    async def account(self, billing_model: str = "self_billing", saas_plan_id: str | None = None) -> str:
-        aid = uid("ws")
+    async def account(
+        self, billing_model: str = "self_billing", saas_plan_id: str | None = None, aid: str | None = None
+    ) -> str:
+        """An account created in rebilling (``aid``: the id to create it under)."""
+        aid = aid or uid("ws")
         body: dict[str, Any] = {
             "id": aid,
             "name": "Client",
