@@ -13,7 +13,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from tests.e2e.test_outbox_and_facts_attacks import (
+from tests.support.attacks import (
     STORES,
     after_the_forgery,
     all_store,
