@@ -617,15 +617,18 @@ async def company(conn: Conn, company_id: str) -> tuple[str, str | None]:
 
 
 async def upsert_account(conn: Conn, account_id: str, company_id: str) -> None:
-    """An account's company. Its customer and cards saved while another company was stored for
-    it (a record naming another company came first, and rebilling has since said otherwise)
-    are forgotten: they belong to the other company's Stripe account."""
     await conn.execute(
         "INSERT INTO accounts (account_id, company_id) VALUES ($1, $2) ON CONFLICT (account_id) "
         "DO UPDATE SET company_id = EXCLUDED.company_id",
         account_id,
         company_id,
     )
+
+
+async def forget_other_companies_cards(conn: Conn, account_id: str, company_id: str) -> None:
+    """An account's customer and cards saved under another company than ``company_id``, which
+    rebilling says is the account's: saved while a record naming that other company was
+    believed, they belong to its Stripe account."""
     await conn.execute(
         "DELETE FROM customers WHERE owner = 'account' AND owner_id = $1 AND company_id <> $2",
         account_id,

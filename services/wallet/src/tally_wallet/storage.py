@@ -294,13 +294,17 @@ async def upsert_company(conn: Conn, c: CompanyUpdated) -> None:
 
 
 async def upsert_account(conn: Conn, account_id: str, company_id: str, licenses: int | None = None) -> None:
-    """An account's company (and licenses, when told). Its wallet, if one opened before the
-    account was announced rightly (a record naming another company came first, and rebilling
-    has since said otherwise), follows its company."""
+    """An account's company (and licenses, when told). If a record naming another company came
+    first (and rebilling has since said otherwise), the account's wallet follows its company,
+    and rebilling settings under the other company are dropped (whatever their version, they
+    are not this company's)."""
     await conn.execute(
         "UPDATE wallets SET company_id = $2, updated_at = now() WHERE id = $1 AND company_id <> $2",
         account_wallet_id(account_id),
         company_id,
+    )
+    await conn.execute(
+        "DELETE FROM rebilling_settings WHERE account_id = $1 AND company_id <> $2", account_id, company_id
     )
     await conn.execute(
         "INSERT INTO accounts (account_id, company_id, licenses) VALUES ($1, $2, $3) "
