@@ -199,7 +199,7 @@ async def test_forged_settings_with_a_huge_version_do_not_outlast_rebillings_own
     try:
         await eventually(
             mode,
-            timeout=5 if forger == "the right company" else 20,
+            timeout=2 if forger == "the right company" else 20,
             what="the wallet to apply X's own settings",
         )
     except AssertionError:
