@@ -115,28 +115,6 @@ async def test_a_forged_rebilling_settings_does_not_move_another_companys_accoun
     await tally.wait_applied(x.cid, own["event"]["event_id"])
 
 
-async def company_in(tally: Tally, currency: str, cid: str | None = None) -> str:
-    """A company created in rebilling in ``currency`` (Reseller creates USD ones only)."""
-    cid = cid or uid("agency")
-    r = await tally.http.post(
-        tally.url("rebilling", "/v1/companies"),
-        json={
-            "id": cid,
-            "name": "Agence",
-            "plan": "starter",
-            "owner_email": f"o-{cid.replace(':', '-')}@example.com",
-            "currency": currency,
-        },
-        headers=tally.auth("platform_admin"),
-    )
-    assert r.status_code == 201, r.text
-    return cid
-
-
-def admin(tally: Tally, cid: str) -> dict[str, str]:
-    return tally.auth("company_admin", company_id=cid, email=f"a-{cid}@example.com")
-
-
 @pytest.mark.parametrize(
     "forger", ["another company, early", pytest.param("the right company", marks=LEFT_OPEN)]
 )
@@ -259,16 +237,14 @@ async def test_an_account_wallet_opened_in_the_gap_takes_its_companys_currency(t
     corrects every table. The wallet's company follows, its currency does not: X's rebilled
     usage of the account is then dead-lettered whole (``EUR wallet cannot pay a USD wallet``),
     company leg included. Left open (docs/0019): a wallet holding money cannot change currency."""
-    y = await company_in(tally, "EUR")
+    y = await Reseller(tally, plan="starter", currency="EUR").create(connect=False)
     x = await Reseller(tally, plan="unlimited").create(connect=True)
-    await all_store(tally, "company", y, "EUR")
+    await all_store(tally, "company", y.cid, "EUR")
     aid = uid("ws")
-    await announce_account(tally, aid, y)
-    await all_store(tally, "account", aid, y)
+    await announce_account(tally, aid, y.cid)
+    await all_store(tally, "account", aid, y.cid)
     r = await tally.http.post(
-        tally.url("wallet", f"/v1/accounts/{aid}/wallet/credits"),
-        json={"amount": "0.01"},
-        headers=admin(tally, y),
+        tally.url("wallet", f"/v1/accounts/{aid}/wallet/credits"), json={"amount": "0.01"}, headers=y.admin
     )
     assert r.status_code == 201, r.text
     await x.account(aid=aid)
@@ -608,19 +584,7 @@ async def test_a_company_first_heard_of_through_settings_is_stored_in_its_own_cu
     white box, to place it). The company is stored in its currency as rebilling says (EUR),
     not the column's default (USD), which would refuse the account's EUR usage as a currency
     mismatch until the company's own record arrived."""
-    cid = uid("agency")
-    r = await tally.http.post(
-        tally.url("rebilling", "/v1/companies"),
-        json={
-            "id": cid,
-            "name": "Agence",
-            "plan": "starter",
-            "owner_email": f"o-{cid}@example.com",
-            "currency": "EUR",
-        },
-        headers=tally.auth("platform_admin"),
-    )
-    assert r.status_code == 201, r.text
+    cid = (await Reseller(tally, plan="starter", currency="EUR").create(connect=False)).cid
     await all_store(tally, "company", cid, "EUR")
     await tally.sql("wallet", "DELETE FROM companies WHERE company_id = $1", cid)
     aid = uid("acct")

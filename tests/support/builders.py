@@ -200,10 +200,11 @@ class Agency:
 
 
 class Reseller:
-    def __init__(self, tally: Tally, plan: str = "saas_pro") -> None:
+    def __init__(self, tally: Tally, plan: str = "saas_pro", currency: str = "USD") -> None:
         self.t = tally
         self.cid = uid("agency")
         self.plan = plan
+        self.currency = currency
         self.email = f"admin-{self.cid}@example.com"
         self.admin = tally.auth("company_admin", company_id=self.cid, email=self.email)
 
@@ -218,7 +219,7 @@ class Reseller:
                 "name": "Agency",
                 "plan": self.plan,
                 "owner_email": f"owner-{self.cid}@example.com",
-                "currency": "USD",
+                "currency": self.currency,
             },
             headers=self.t.auth("platform_admin"),
         )

@@ -37,7 +37,7 @@ _ASK: dict[Kind, tuple[str, str]] = {
     "company": ("/v1/companies/{}", "currency"),
     "account": ("/v1/accounts/{}", "company_id"),
 }
-# a service's own copy of the facts (usage-meter and the wallet keep the same two tables)
+# a service's own copy of the facts (usage-meter, the wallet and recharge keep the same two tables)
 _STORED: dict[Kind, str] = {
     "company": "SELECT company_id, currency FROM companies WHERE company_id = ANY($1::text[])",
     "account": "SELECT account_id, company_id FROM accounts WHERE account_id = ANY($1::text[])",

@@ -25,9 +25,12 @@ async def learn(uow: UnitOfWork, updates: Sequence[events.Payload], directory: C
             checks |= await connection_changed(uow, p)
         elif isinstance(p, events.AccountCreated):
             await storage.upsert_account(uow.conn, p.account_id, p.company_id)
-            # cards saved under another company go only when rebilling says so: a first record
-            # naming another company (believed: nothing contradicts it) must not delete them
-            if await directory.rebilling_says("account", p.account_id) == p.company_id:
+            # cards saved under another company go only when rebilling says so (a first record
+            # naming another company is believed: nothing contradicts it), and rebilling is
+            # asked only when there are such cards, not for every account announced
+            if await storage.has_other_companies_cards(
+                uow.conn, p.account_id, p.company_id
+            ) and p.company_id == await directory.rebilling_says("account", p.account_id):
                 await storage.forget_other_companies_cards(uow.conn, p.account_id, p.company_id)
     return checks
 

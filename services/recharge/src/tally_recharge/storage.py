@@ -625,6 +625,19 @@ async def upsert_account(conn: Conn, account_id: str, company_id: str) -> None:
     )
 
 
+async def has_other_companies_cards(conn: Conn, account_id: str, company_id: str) -> bool:
+    """Whether the account has a customer or a card saved under another company."""
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM customers WHERE owner = 'account' AND owner_id = $1 "
+            "AND company_id <> $2) OR EXISTS (SELECT 1 FROM payment_methods WHERE owner = 'account' "
+            "AND owner_id = $1 AND company_id <> $2)",
+            account_id,
+            company_id,
+        )
+    )
+
+
 async def forget_other_companies_cards(conn: Conn, account_id: str, company_id: str) -> None:
     """An account's customer and cards saved under another company than ``company_id``, which
     rebilling says is the account's: saved while a record naming that other company was
