@@ -6,11 +6,14 @@ rules; ``tests/integration/test_consumer_poison.py`` runs the real one (Postgres
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tally.consumer import PARK_SECONDS, Isolation, SystemicFailure, caused_by_the_record
 
@@ -54,17 +57,17 @@ class Handler:
 class Letters:
     """The letter box's rules in memory: each record once, ``BUDGET`` per kind."""
 
-    def __init__(self, down: bool = False) -> None:
+    def __init__(self, down: bool = False, budget: int = BUDGET) -> None:
         self.dead: list[tuple[Any, str]] = []
         self.kinds: list[str] = []
-        self.down = down
+        self.down, self.budget = down, budget
 
     async def letter(self, record: Any, reason: str, kind: str) -> bool:
         if self.down:
             raise ConnectionError("the database is down")
         if any(r is record for r, _ in self.dead):
             return True  # lettered before: not written again
-        if self.kinds.count(kind) >= BUDGET:
+        if self.kinds.count(kind) >= self.budget:
             return False
         self.dead.append((record, reason))
         self.kinds.append(kind)
@@ -167,3 +170,31 @@ def test_what_a_record_causes_and_what_the_environment_does() -> None:
     ]
     assert all(caused_by_the_record(e) for e in record_caused)
     assert not any(caused_by_the_record(e) for e in environment)
+
+
+@given(
+    n=st.integers(1, 300),
+    data=st.data(),
+)
+@settings(max_examples=150, deadline=None)
+async def test_any_batch_comes_out_applied_once_in_order_but_for_its_poison(
+    n: int, data: st.DataObject
+) -> None:
+    """Against the model: every record not poison is applied exactly once and in the batch's
+    order, every poison record is dead-lettered exactly once, whatever fails once on the way."""
+    numbers = st.sets(st.integers(0, n - 1), max_size=min(n, 8))
+    poison, flaky = data.draw(numbers, "poison"), data.draw(numbers, "flaky")
+    handler, letters = Handler(poison=poison, flaky=flaky - poison), Letters(budget=n)
+    records = [Record(i) for i in range(n)]
+    assert await Isolation(handler, letters).apply(records) == len(poison)
+    assert handler.applied == [i for i in range(n) if i not in poison]
+    assert [r.n for r, _ in letters.dead] == sorted(poison)
+
+
+@pytest.mark.parametrize("n", [2, 100, 2_000, 8_000])
+async def test_one_poison_record_costs_tries_of_halves_not_a_transaction_per_record(n: int) -> None:
+    handler, letters = Handler(poison={n * 2 // 3}), Letters()
+    assert await Isolation(handler, letters).apply([Record(i) for i in range(n)]) == 1
+    assert len(handler.applied) == n - 1
+    # halving: two parts tried per level down to the record, which is tried twice alone
+    assert len(handler.calls) <= 2 * math.ceil(math.log2(n)) + 1

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     kafka_sasl_username: str | None = Field(None, alias="KAFKA_SASL_USERNAME")
     kafka_sasl_password: str | None = Field(None, alias="KAFKA_SASL_PASSWORD")
     kafka_ssl_cafile: str | None = Field(None, alias="KAFKA_SSL_CAFILE")
-    kafka_max_batch: int = Field(2000, alias="KAFKA_MAX_BATCH", ge=1, le=100_000)
+    kafka_max_batch: int = Field(8000, alias="KAFKA_MAX_BATCH", ge=1, le=100_000)
     # Compression of the record batches the outbox relays produce (consumers need a client
     # that reads it: every maintained Kafka client reads zstd, Kafka 2.1+).
     kafka_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(

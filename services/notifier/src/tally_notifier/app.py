@@ -30,7 +30,7 @@ SPEC = ServiceSpec(
     routers=[api.router, api.hooks],
     consumers=[
         # wallet.digest: not the money path (its fetches wait the side topics' time); its batches
-        # were KAFKA_MAX_BATCH records, which a side consumer's 2000 equals by default
+        # are KAFKA_MAX_BATCH records, like the money path's (a side consumer's are 2000)
         Consumer(Topics.WALLET_DIGEST, "notifier-wallet", handlers.on_wallet_digest, large_batches=True),
         Consumer(Topics.RECHARGE_EVENTS, "notifier-recharge", handlers.on_recharge_events),
         Consumer(Topics.REBILLING_EVENTS, "notifier-rebilling", handlers.on_rebilling_events),
