@@ -8,9 +8,9 @@ same transaction, so the partition goes on and the DLQ copy is as durable as the
 
 A record a handler did not foresee can still make it raise, on every try: an error its own
 content causes (``CAUSED_BY_THE_RECORD``: a value or type error, a row the database refuses).
-Then the batch is applied again in halves, down to the failing record (``Isolation``), and the
-record that still fails alone is dead-lettered (``letters``, through the outbox before its offset commits)
-while the others are applied: a poison record no longer blocks its partition. Every other
+Then the batch is applied again in halves, down to the failing record (``Isolation``); the
+record that still fails alone is dead-lettered (``letters``, through the outbox before its
+offset commits) while the others are applied: a poison record no longer blocks its partition. Every other
 failure (a lost connection, a restarting database, a service down, a conflict) is the
 environment's, and the batch is retried as long as it takes. So is a kind of record failing
 alone more than ``TALLY_POISON_BUDGET`` times a day (per consumer group, all replicas): that is a
