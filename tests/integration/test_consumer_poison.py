@@ -1,6 +1,6 @@
 """A poison record over the real broker and Postgres (tally.consumer.subscribe_batch with
 tally.dead_letters): a handler that fails on one record's content, every time, no longer blocks
-its partition. The batch is applied again record by record, the poison is dead-lettered once
+its partition. The batch is applied again in halves down to the record, the poison is dead-lettered once
 (its row in ``dead_letters``, its DLQ message in the outbox) and every other record is applied,
 in order; the group's offsets move past it. A failure of the environment dead-letters nothing
 and the batch is retried until it passes. The poison budget is shared by every replica."""
