@@ -327,16 +327,30 @@ async def test_the_debit_latency_histogram_counts_every_debit(tally: Tally) -> N
 # --- a record the ledger's index cannot hold -------------------------------------------------
 
 
-async def test_an_outsized_event_id_is_dead_lettered_and_the_partition_goes_on(tally: Tally) -> None:
+# 6,000 random bytes: past a btree entry's 2,704 bytes; 15,000: past an index row's 8,191.
+# Both are Postgres class 54 ("program limit exceeded"), which held the partition for good
+# until 2026-12-04 (a helper's attack, docs/0020). Before, this test gave the poison a long
+# envelope id too, which the parser refuses first, so it never reached the database.
+@pytest.mark.parametrize("size", [6000, 15000])
+async def test_an_outsized_event_id_is_dead_lettered_and_the_partition_goes_on(
+    tally: Tally, size: int
+) -> None:
     """A data.event_id too long for the ledger's unique key index (the envelope id is bounded,
-    the payload's is not): the record is poison, not a failure of the environment."""
+    the payload's is not), amid good records: the record is poison, not a failure of the
+    environment, and every good record around it is debited once."""
     cid = await funded(tally)
     marker = uid("ev")
-    huge = marker + secrets.token_urlsafe(6000)  # incompressible, past a btree entry's 2704 bytes
-    await tally.produce(TOPIC, recorded(cid, eid=huge), key=cid)
+    huge = marker + secrets.token_urlsafe(size)  # incompressible
+    poison = recorded(cid, eid=huge)
+    poison["id"] = uid("usage")  # a short envelope id: the payload's alone is long
+    around = [recorded(cid, 10) for _ in range(20)]
+    for message in [*around[:10], poison, *around[10:]]:
+        await tally.produce(TOPIC, message, key=cid)
     after = await accepted(tally, cid)
-    await tally.wait_applied(cid, after, timeout=60)
+    lines = await tally.wait_applied(cid, after, timeout=60)
     await dead_letter(tally, marker)
+    debited = sorted(t["usage_event_id"] for t in lines if t["kind"] == "usage")
+    assert debited == sorted([*(eid_of(m) for m in around), after])
 
 
 # --- usage-meter's edge events, redeliveries, tenants and currencies -------------------------

@@ -156,6 +156,7 @@ def test_what_a_record_causes_and_what_the_environment_does() -> None:
         asyncpg.NumericValueOutOfRangeError("out of range"),
         asyncpg.CheckViolationError("check"),
         asyncpg.UniqueViolationError("unique"),
+        asyncpg.ProgramLimitExceededError("index row requires 20048 bytes, maximum size is 8191"),
     ]
     environment: list[BaseException] = [
         ConnectionError(),

@@ -85,6 +85,10 @@ CAUSED_BY_THE_RECORD: tuple[type[Exception], ...] = (
     ArithmeticError,
     asyncpg.DataError,  # 22xxx: a value out of range, too long, malformed
     asyncpg.IntegrityConstraintViolationError,  # 23xxx: a row a constraint refuses
+    # 54xxx: a value past a limit of the database (an index row over 8 kB, from an id of
+    # 20,000 characters forged onto a topic); a batch past one (too many parameters) is
+    # halved by ``Isolation`` until it passes
+    asyncpg.ProgramLimitExceededError,
 )
 # ...except a row whose reference has not arrived yet (another topic's record may bring it).
 NOT_THE_RECORD: tuple[type[Exception], ...] = (asyncpg.ForeignKeyViolationError,)
