@@ -45,6 +45,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -449,6 +450,59 @@ def processes(stack: Stack) -> dict[str, psutil.Process]:
     return procs
 
 
+class Busy:
+    """How busy the machine's cores are (everything on it: the stack and the driver), sampled
+    every half second in a thread, split at ``sent()``: while the driver still sends, and
+    after, while the consumers drain what it sent. A pipeline whose stages take turns shows
+    here as idle cores while draining (2026-12-04: 96-100% busy while sending, 67-83% while
+    the wallet drained, docs/0020)."""
+
+    def __init__(self, every: float = 0.5) -> None:
+        self.every = every
+        self.samples: list[tuple[float, float]] = []  # (end time, busy share of all cores)
+        self.sent_at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="busy", daemon=True)
+
+    def _sample(self) -> None:
+        def read() -> tuple[float, float]:
+            t = psutil.cpu_times()
+            idle = t.idle + getattr(t, "iowait", 0.0)
+            return sum(t) - idle, sum(t)
+
+        busy0, total0 = read()
+        while not self._stop.wait(self.every):
+            busy1, total1 = read()
+            if total1 > total0:
+                self.samples.append((time.perf_counter(), (busy1 - busy0) / (total1 - total0)))
+            busy0, total0 = busy1, total1
+
+    def __enter__(self) -> Busy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def sent(self) -> None:
+        self.sent_at = time.perf_counter()
+
+    def figures(self) -> dict[str, float | None]:
+        cut = self.sent_at if self.sent_at is not None else float("inf")
+        sending = [b for t, b in self.samples if t <= cut]
+        draining = [b for t, b in self.samples if t > cut + self.every]  # whole samples after
+
+        def mean(xs: list[float]) -> float | None:
+            return round(sum(xs) / len(xs), 3) if xs else None
+
+        return {
+            "while_sending": mean(sending),
+            "while_draining": mean(draining),
+            "draining_s": round(len(draining) * self.every, 1),
+        }
+
+
 def cpu_seconds(procs: dict[str, psutil.Process]) -> dict[str, float]:
     out = {}
     for name, p in procs.items():
@@ -769,8 +823,9 @@ async def run_once(
                 await watcher.read_from_now()
                 watcher.cpu_start()
                 profiling = Profiler(stack, RESULTS / "profiles" / run, PROFILED) if profile else None
-                with profiling or contextlib.nullcontext():
+                with profiling or contextlib.nullcontext(), Busy() as busy:
                     sending = asyncio.create_task(driver.flood(flood))
+                    sending.add_done_callback(lambda _: busy.sent())
                     # Saturated latencies are seconds: polling the ledger for the samples every
                     # 100 ms (not 10) keeps the driver's own queries from loading Postgres (at
                     # 50 ms they were still ~5 µs/event of Postgres' CPU at 1M wallets, in
@@ -787,6 +842,7 @@ async def run_once(
                     "cpu_seconds": cpu,
                     "cpu_us_per_event": {n: round(v / events * 1e6, 1) for n, v in cpu.items()},
                     "peak_rss_mb": {n: round(v / 2**20) for n, v in watcher.peak.items()},
+                    "cores_busy": busy.figures(),
                 }
                 # 2. latency at fixed offered loads, lightest first
                 result["latency"] = []
@@ -959,6 +1015,14 @@ def show(r: dict[str, Any]) -> None:
     )
     s = t["latency_s_saturated"]
     console.print(f"  send → commit while saturated: p50 {s['p50']:.3f}s  p99 {s['p99']:.3f}s")
+    busy = t.get("cores_busy")
+    if busy and busy["while_sending"] is not None:
+        draining = (
+            f", then {busy['while_draining']:.0%} for the {busy['draining_s']} s the consumers drained"
+            if busy["while_draining"] is not None
+            else ""
+        )
+        console.print(f"  the machine's cores busy: {busy['while_sending']:.0%} while sending{draining}")
     if r.get("latency"):
         table = Table(
             "offered events/s",
