@@ -230,6 +230,21 @@ async def test_recharge_cards_saved_before_recharge_stored_the_account(tally: Ta
     )
 
 
+async def credited_in_the_gap(tally: Tally, x: Reseller, y: Reseller) -> str:
+    """An account id Y announces as its own and credits (opening its wallet under Y), before X
+    creates the account and rebilling's record corrects every table; the id."""
+    aid = uid("ws")
+    await announce_account(tally, aid, y.cid)
+    await all_store(tally, "account", aid, y.cid)
+    r = await tally.http.post(
+        tally.url("wallet", f"/v1/accounts/{aid}/wallet/credits"), json={"amount": "0.01"}, headers=y.admin
+    )
+    assert r.status_code == 201, r.text
+    await x.account(aid=aid)
+    await all_store(tally, "account", aid, x.cid)
+    return aid
+
+
 @LEFT_OPEN
 async def test_an_account_wallet_opened_in_the_gap_takes_its_companys_currency(tally: Tally) -> None:
     """EUR company Y announces an id USD company X has not created yet as its own account and
@@ -240,15 +255,7 @@ async def test_an_account_wallet_opened_in_the_gap_takes_its_companys_currency(t
     y = await Reseller(tally, plan="starter", currency="EUR").create(connect=False)
     x = await Reseller(tally, plan="unlimited").create(connect=True)
     await all_store(tally, "company", y.cid, "EUR")
-    aid = uid("ws")
-    await announce_account(tally, aid, y.cid)
-    await all_store(tally, "account", aid, y.cid)
-    r = await tally.http.post(
-        tally.url("wallet", f"/v1/accounts/{aid}/wallet/credits"), json={"amount": "0.01"}, headers=y.admin
-    )
-    assert r.status_code == 201, r.text
-    await x.account(aid=aid)
-    await all_store(tally, "account", aid, x.cid)
+    aid = await credited_in_the_gap(tally, x, y)
     rows = await tally.sql(
         "wallet", "SELECT company_id, currency FROM wallets WHERE id = $1", f"account:{aid}"
     )
@@ -486,15 +493,7 @@ async def test_a_wallet_opened_in_the_early_forgery_gap_is_the_real_companys_aft
     and rebilling's record corrects every table. Expected: the account wallet is X's too."""
     x = await Reseller(tally, plan="starter").create(connect=True)
     y = await Reseller(tally, plan="starter").create(connect=True)
-    aid = uid("ws")
-    await announce_account(tally, aid, y.cid)
-    await all_store(tally, "account", aid, y.cid)
-    r = await tally.http.post(
-        tally.url("wallet", f"/v1/accounts/{aid}/wallet/credits"), json={"amount": "0.01"}, headers=y.admin
-    )
-    assert r.status_code == 201, r.text
-    await x.account(aid=aid)
-    await all_store(tally, "account", aid, x.cid)
+    aid = await credited_in_the_gap(tally, x, y)
     row = await tally.sql("wallet", "SELECT company_id FROM wallets WHERE id = $1", f"account:{aid}")
     assert [r["company_id"] for r in row] == [x.cid]
     view = await tally.http.get(tally.url("wallet", f"/v1/accounts/{aid}/wallet"), headers=x.admin)

@@ -10,8 +10,8 @@ A record a handler did not foresee can still make it raise, on every try: an err
 content causes (``CAUSED_BY_THE_RECORD``: a value or type error, a row the database refuses).
 Then the batch is applied again in halves, down to the failing record (``Isolation``); the
 record that still fails alone is dead-lettered (``letters``, through the outbox before its
-offset commits) while the others are applied: a poison record no longer blocks its partition. Every other
-failure (a lost connection, a restarting database, a service down, a conflict) is the
+offset commits) while the others are applied: a poison record no longer blocks its partition.
+Every other failure (a lost connection, a restarting database, a service down, a conflict) is the
 environment's, and the batch is retried as long as it takes. So is a kind of record failing
 alone more than ``TALLY_POISON_BUDGET`` times a day (per consumer group, all replicas): that is a
 broken release, not poison, and dead-lettering every record of the kind would empty the stream
@@ -26,7 +26,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Container, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 from aiokafka import TopicPartition
@@ -74,6 +75,7 @@ ISOLATED = Counter(
 )
 
 BatchHandler = Callable[[Sequence[Any]], Awaitable[None]]
+T = TypeVar("T")
 
 # Errors a record's own content causes, the same on every try. Anything else is retried.
 CAUSED_BY_THE_RECORD: tuple[type[Exception], ...] = (
@@ -123,6 +125,37 @@ def _kind(record: Any) -> str:
     return f"{record.topic}:{type_}"
 
 
+async def failing_alone(
+    items: Sequence[T],
+    apply: Callable[[Sequence[T]], Awaitable[object]],
+    fails: Callable[[Exception], bool],
+    alone: Callable[[T, Exception], Awaitable[object]],
+    *,
+    tried: bool = False,
+) -> None:
+    """Apply ``items`` in parts: all of them (unless ``tried``: they just failed together),
+    and a part that fails with an error ``fails`` names halved again, down to single items;
+    ``alone(item, error)`` is awaited for an item that fails by itself, before any item after
+    it is applied (the batch's order holds). Any other error propagates. One such item among
+    n costs at most 2·⌈log2 n⌉ + 1 applications, not n. Used by ``Isolation`` (a transaction
+    per part) and by the wallet's usage batch (a savepoint per part)."""
+    parts: list[tuple[Sequence[T], bool]] = [(items, tried)]
+    while parts:
+        part, failed = parts.pop()
+        if not failed or len(part) == 1:
+            try:
+                await apply(part)
+                continue
+            except Exception as exc:
+                if not fails(exc):
+                    raise
+                if len(part) == 1:
+                    await alone(part[0], exc)
+                    continue
+        half = len(part) // 2
+        parts += [(part[half:], False), (part[:half], False)]  # the first half goes first
+
+
 class Isolation:
     """Finds the poison records of a batch that failed with ``CAUSED_BY_THE_RECORD``: the
     batch is applied in halves, and a failing half halved again down to single records; a
@@ -151,27 +184,17 @@ class Isolation:
         n transactions of one record: a large batch is not held up for minutes). An error that
         is not the record's propagates (the batch is redelivered: what was applied is applied
         again, which every handler takes as a redelivery)."""
-        return await self._without_poison(records, tried=True)
+        dead: list[Any] = []
+        await failing_alone(
+            records, self._handler, caused_by_the_record, partial(self._judge, dead), tried=True
+        )
+        return len(dead)
 
-    async def _without_poison(self, records: Sequence[Any], *, tried: bool) -> int:
-        if len(records) == 1:
-            return await self._judge(records[0])
-        if not tried:
-            try:
-                await self._handler(records)
-                return 0
-            except Exception as exc:
-                if not caused_by_the_record(exc):
-                    raise
-        half = len(records) // 2
-        dead = await self._without_poison(records[:half], tried=False)
-        return dead + await self._without_poison(records[half:], tried=False)
-
-    async def _judge(self, record: Any) -> int:
-        """Apply ``record`` alone; dead-letter it (1) if it fails alone twice."""
+    async def _judge(self, dead: list[Any], record: Any, _: Exception) -> None:
+        """``record`` failed alone: try it once more, and dead-letter it (into ``dead``) if it
+        fails again."""
         try:
-            await self._alone(record)
-            return 0
+            await self._handler((record,))
         except Exception as exc:
             if not caused_by_the_record(exc):
                 raise
@@ -183,15 +206,7 @@ class Isolation:
                     f"not poison; the last: {exc!r}"
                 )
                 raise SystemicFailure(self.why_parked) from exc
-            return 1
-
-    async def _alone(self, record: Any) -> None:
-        try:
-            await self._handler((record,))
-        except Exception as exc:
-            if not caused_by_the_record(exc):
-                raise
-            await self._handler((record,))  # once more: the record's fault only if it fails again
+            dead.append(record)
 
 
 class SystemicFailure(Exception):

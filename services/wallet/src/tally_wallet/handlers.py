@@ -19,7 +19,7 @@ import asyncpg
 from prometheus_client import Histogram
 
 from tally import events, inbox
-from tally.consumer import dlq_row, wanted
+from tally.consumer import dlq_row, failing_alone, wanted
 from tally.db import Conn
 from tally.directory import CompanyDirectory
 from tally.events import RecordedUsage
@@ -104,24 +104,19 @@ async def on_usage(w: WalletWiring, records: Sequence[Any]) -> None:
     except CAREFULLY:
         recorded = []
         async with w.uow() as uow:
+
+            async def post(part: Sequence[tuple[Any, RecordedUsage]]) -> None:
+                async with uow.savepoint():
+                    outcome = await apply_usage(uow.conn, [u for _, u in part], traces, partitions=partitions)
+                recorded.extend(outcome.recorded)
+
             # Skip what the ledger already has; if some event cannot be posted, post the batch
-            # in halves (a savepoint each), halving a failing half again down to the event,
-            # and dead-letter the culprits: one among 8,000 costs ~26 savepoints, not 8,000.
-            parts = [good]
-            while parts:
-                part = parts.pop()
-                try:
-                    async with uow.savepoint():
-                        outcome = await apply_usage(
-                            uow.conn, [u for _, u in part], traces, partitions=partitions
-                        )
-                    recorded += outcome.recorded
-                except UNPOSTABLE as exc:
-                    if len(part) == 1:
-                        dead.append(dlq_row(part[0][0], f"{type(exc).__name__}: {exc}", service=SERVICE))
-                    else:
-                        half = len(part) // 2
-                        parts += [part[half:], part[:half]]  # the first half is posted first
+            # in halves (a savepoint each) down to the events that cannot, and dead-letter
+            # those: one among 8,000 costs ~27 savepoints, not 8,000.
+            async def unpostable(item: tuple[Any, RecordedUsage], exc: Exception) -> None:
+                dead.append(dlq_row(item[0], f"{type(exc).__name__}: {exc}", service=SERVICE))
+
+            await failing_alone(good, post, lambda exc: isinstance(exc, UNPOSTABLE), unpostable)
             uow.publish(dead)
     committed = datetime.now(UTC)
     # accepted by usage-meter -> committed to the ledger, for the events this batch posted
