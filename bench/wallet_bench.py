@@ -51,7 +51,7 @@ def make_events(n: int, run: str) -> tuple[list[tuple[str, dict[str, object]]], 
             (
                 cid,
                 {
-                    "id": f"usage:{run}-{i}",
+                    "id": f"usage:{cid}/{run}-{i}",
                     "type": "usage.recorded",
                     "time": now,
                     "source": "bench",
@@ -66,6 +66,7 @@ def make_events(n: int, run: str) -> tuple[list[tuple[str, dict[str, object]]], 
                         "unit_price_micros": amount,
                         "platform_amount_micros": amount,
                         "currency": "USD",
+                        "id_scope": "company",
                     },
                 },
             )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.support.builders import GOOD, Reseller, new_card, payment_intents
+from tests.support.builders import GOOD, Reseller, funded, new_card, payment_intents
 from tests.support.stack import Tally, eventually, uid
 
 
@@ -246,3 +246,38 @@ async def test_another_tenants_wallet_is_not_found_whatever_the_body(tally: Tall
         headers=theirs.admin,
     )
     assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error", r.text
+
+
+async def test_two_companies_may_send_the_same_event_id_and_each_is_charged(tally: Tally) -> None:
+    """An event id is unique within its company (docs/0021): another company's event with the
+    same id is another event. It used to be answered ``duplicate`` and never charged, and the
+    suspension its debit caused carried the first company's message id, so usage-meter took it
+    for one it had seen and never refused the second company's usage."""
+    a, b = await funded(tally, "0.01"), await funded(tally, "0.01")
+    shared = uid("ev")
+    both = [
+        {"event_id": shared, "company_id": a, "service": "sms", "quantity": "2"},  # 0.0158
+        {"event_id": shared, "company_id": b, "service": "sms", "quantity": "3"},  # 0.0237
+    ]
+    r = await tally.post_usage({"events": both})
+    assert [x["status"] for x in r.json()["results"]] == ["accepted", "accepted"], r.text
+    for e in both:  # each company's retry is its own duplicate
+        again = await tally.post_usage(e)
+        assert again.json()["results"][0]["status"] == "duplicate", again.text
+
+    legs_a = [t for t in await tally.wait_applied(a, shared) if t["usage_event_id"] == shared]
+    legs_b = [t for t in await tally.wait_applied(b, shared) if t["usage_event_id"] == shared]
+    assert [t["amount"] for t in legs_a] == ["-0.015800"]
+    assert [t["amount"] for t in legs_b] == ["-0.023700"]
+    assert (await tally.company_wallet(a))["balance"] == "-0.005800"
+    assert (await tally.company_wallet(b))["balance"] == "-0.013700"
+
+    # both wallets went below zero: usage-meter hears of both suspensions
+    for cid in (a, b):
+
+        async def refused(cid: str = cid) -> bool:
+            e = {"event_id": uid("ev"), "company_id": cid, "service": "email", "quantity": "1"}
+            res = (await tally.post_usage(e)).json()["results"][0]
+            return bool(res["status"] == "rejected" and res["error"]["code"] == "agency_wallet_empty")
+
+        await eventually(refused, what=f"usage-meter to learn that {cid} is suspended")

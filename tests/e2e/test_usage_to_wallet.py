@@ -140,7 +140,7 @@ async def test_redelivery_in_a_later_batch_debits_once(tally: Tally) -> None:
     await accepted(tally, first)
     await tally.wait_applied(cid, first["event_id"])
     recorded = await tally.find_on_topic(
-        "usage.recorded", lambda m: m.get("id") == f"usage:{first['event_id']}"
+        "usage.recorded", lambda m: m.get("id") == f"usage:{cid}/{first['event_id']}"
     )
     await tally.produce("usage.recorded", recorded, key=cid)  # a redelivery, batch of its own
     await accepted(tally, again)  # a new event after it, in the same or the next batch
@@ -253,7 +253,7 @@ async def test_an_unpostable_event_is_dead_lettered_alone_beside_a_redelivery(ta
     await accepted(tally, first)
     await tally.wait_applied(cid, first["event_id"])
     redelivered = await tally.find_on_topic(
-        "usage.recorded", lambda m: m.get("id") == f"usage:{first['event_id']}"
+        "usage.recorded", lambda m: m.get("id") == f"usage:{cid}/{first['event_id']}"
     )
     now = datetime.now(UTC).isoformat()
 

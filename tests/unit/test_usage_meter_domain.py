@@ -141,7 +141,7 @@ def test_the_recorded_payload_is_a_usage_recorded() -> None:
     payload = recorded_payload(p, NOW, "given")  # the caller's text of recorded_at is used as is
     assert payload["recorded_at"] == payload["occurred_at"] == "given"
     envelope = events.parse_message(recorded_message(p, NOW))
-    assert (envelope.id, envelope.type, envelope.source) == ("usage:e1", "usage.recorded", "usage-meter")
+    assert (envelope.id, envelope.type, envelope.source) == ("usage:c1/e1", "usage.recorded", "usage-meter")
     assert envelope.time == NOW and envelope.data == UsageRecorded.model_validate(recorded_payload(p, NOW))
     typed = UsageRecorded.model_validate({**payload, "recorded_at": NOW, "occurred_at": NOW})
     assert typed.quantity == "2.5" and typed.platform_amount_micros == 1688  # 1687.5 -> 1688

@@ -30,6 +30,11 @@ router = APIRouter(prefix="/v1", tags=["usage"])
     status_code=202,
     openapi_extra=USAGE_SCHEMA,
     summary="Record usage (one event or a batch of up to 1000)",
+    description=(
+        "An event is known by its `event_id` within its company: the same id from the same "
+        "company again is answered `duplicate` and never charged twice; another company's "
+        "event with the same id is another event."
+    ),
 )
 async def post_usage(request: Request, principal: CurrentPrincipal) -> Response:
     # described here (OpenAPI); served by ``record_usage`` in front of the framework (app.py)

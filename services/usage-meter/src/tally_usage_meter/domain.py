@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from tally.events import UsageEvent, encoded_envelope
+from tally.events import UsageEvent, encoded_envelope, usage_key
 from tally.money import MAX_MICROS, MoneyError, parse_decimal, price_usage
 
 MAX_QUANTITY = Decimal(1_000_000_000)
@@ -153,6 +153,7 @@ class _Recorded(msgspec.Struct, gc=False):
     unit_price_micros: int
     platform_amount_micros: int
     currency: str
+    id_scope: str = "company"  # the event id is unique within its company (UsageRecorded)
 
 
 RECORDED = "usage.recorded"
@@ -178,4 +179,4 @@ def recorded_message(p: Priced, recorded_at: datetime, recorded_text: str | None
         p.amount_micros,
         p.price.currency,
     )
-    return encoded_envelope("usage:" + e.event_id, RECORDED, recorded, SOURCE, data)
+    return encoded_envelope("usage:" + usage_key(e.company_id, e.event_id), RECORDED, recorded, SOURCE, data)

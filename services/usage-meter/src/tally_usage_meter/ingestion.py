@@ -19,7 +19,7 @@ from tally import events, outbox
 from tally.db import Conn
 from tally.directory import CompanyDirectory
 from tally.errors import ApiError
-from tally.events import Topics, UsageEvent
+from tally.events import Topics, UsageEvent, usage_key
 from tally.groupcommit import GroupCommit
 from tally.ratelimit import TokenBuckets, retry_after
 from tally.telemetry import continue_trace
@@ -91,7 +91,7 @@ async def _judge(
     await _complete(conn, batch, directory, known)
 
     outcome: list[Priced | Rejected | None] = []
-    first_seen: set[str] = set()
+    first_seen: set[str] = set()  # usage keys: an event id is unique within its company
     for event in batch:
         currency = known.currencies.get(event.company_id, DEFAULT_CURRENCY)
         # What is wrong with the event itself (not the company's account, no price, a bad
@@ -103,10 +103,11 @@ async def _judge(
             if isinstance(verdict, Priced):
                 verdict = suspension_of(event, known.suspended) or verdict
         if isinstance(verdict, Priced):
-            if event.event_id in first_seen:
-                verdict = None  # same id twice in one batch: the later one is a duplicate
+            key = usage_key(event.company_id, event.event_id)
+            if key in first_seen:
+                verdict = None  # same event twice in one batch: the later one is a duplicate
             else:
-                first_seen.add(event.event_id)
+                first_seen.add(key)
         outcome.append(verdict)
     return outcome
 
@@ -118,9 +119,8 @@ async def _refused_before(
     whatever else is true now (a product retrying must learn that its event was taken, even
     if the wallet has since been suspended). Only the refused ones need looking up: the claim
     tells which priced ones were known."""
-    return await storage.seen(
-        conn, [e.event_id for e, v in zip(batch, outcome, strict=True) if isinstance(v, Rejected)]
-    )
+    refused = [e for e, v in zip(batch, outcome, strict=True) if isinstance(v, Rejected)]
+    return await storage.seen(conn, [e.event_id for e in refused], [e.company_id for e in refused])
 
 
 def _settle(
@@ -131,16 +131,18 @@ def _settle(
     earlier: set[str],
     now: datetime,
 ) -> tuple[list[Result], list[outbox.Row]]:
-    """One result per event, and the ``usage.recorded`` message of each accepted one."""
+    """One result per event, and the ``usage.recorded`` message of each accepted one.
+    ``new_ids`` (claimed now) and ``earlier`` (accepted before) hold ``usage_key``s."""
     rows: list[outbox.Row] = []
     results = []
     now_text = now.isoformat()
     for event, checked, traceparent in zip(batch, outcome, traceparents, strict=True):
-        if isinstance(checked, Rejected) and event.event_id in earlier:
+        key = usage_key(event.company_id, event.event_id)
+        if isinstance(checked, Rejected) and key in earlier:
             results.append(Result(event.event_id, "duplicate"))
         elif isinstance(checked, Rejected):
             results.append(Result(event.event_id, "rejected", checked.code, checked.message))
-        elif checked is None or event.event_id not in new_ids:
+        elif checked is None or key not in new_ids:
             results.append(Result(event.event_id, "duplicate"))
         else:
             message = recorded_message(checked, now, now_text)
@@ -205,7 +207,8 @@ async def ingest_at_once(
     was accepted before (or ``DeadlockDetectedError`` when a group racing this one claims the
     same ids): nothing was recorded, and ``ingest`` in a unit of work sorts it out."""
     now, outcome, priced, earlier = await _judged(conn, batch, directory)
-    results, rows = _settle(batch, outcome, traceparents, {p.event.event_id for p in priced}, earlier, now)
+    new_ids = {usage_key(p.event.company_id, p.event.event_id) for p in priced}
+    results, rows = _settle(batch, outcome, traceparents, new_ids, earlier, now)
     if rows:
         await storage.record_all_new(
             conn, [p.event.event_id for p in priced], [p.event.company_id for p in priced], rows

@@ -9,6 +9,7 @@ from datetime import timedelta
 from tally import outbox
 from tally.db import Conn
 from tally.directory import Facts
+from tally.events import usage_key
 from tally_usage_meter.domain import Price
 
 
@@ -34,24 +35,27 @@ async def upsert_price(conn: Conn, price: Price) -> None:
 
 
 async def claim_event_ids(conn: Conn, event_ids: Sequence[str], company_ids: Sequence[str]) -> set[str]:
-    """Record first sightings; returns the ids that are new (the others are duplicates)."""
+    """Record first sightings of each company's event ids; returns the ``usage_key`` of those
+    that are new (the others are duplicates). An event id is unique within its company: the
+    same id from another company is another event (migration 0004)."""
     if not event_ids:
         return set()
     rows = await conn.fetch(
         "INSERT INTO ingested (event_id, company_id) "
-        "SELECT * FROM unnest($1::text[], $2::text[]) AS c(e, o) ORDER BY e "
-        "ON CONFLICT DO NOTHING RETURNING event_id",
+        "SELECT * FROM unnest($1::text[], $2::text[]) AS c(e, o) ORDER BY e, o "
+        "ON CONFLICT DO NOTHING RETURNING company_id, event_id",
         list(event_ids),
         list(company_ids),
     )
-    return {r["event_id"] for r in rows}
+    return {usage_key(r["company_id"], r["event_id"]) for r in rows}
 
 
-# Claims go in event id order: two groups claiming the same ids wait for each other in one
-# order, never in a ring (a deadlock that aborted a whole group: #20's review).
+# Claims go in key order (event id, then company: migration 0004): two groups claiming the
+# same ids wait for each other in one order, never in a ring (a deadlock that aborted a
+# whole group: #20's review).
 _CLAIM_ALL = (
     "claimed AS (INSERT INTO ingested (event_id, company_id) "
-    "SELECT * FROM unnest($1::text[], $2::text[]) AS c(e, o) ORDER BY e)"
+    "SELECT * FROM unnest($1::text[], $2::text[]) AS c(e, o) ORDER BY e, o)"
 )
 
 
@@ -79,14 +83,18 @@ async def forget_ingested(conn: Conn, older_than: timedelta, limit: int) -> int:
     return int(status.split()[-1])
 
 
-async def seen(conn: Conn, event_ids: Sequence[str]) -> set[str]:
-    """Event ids accepted before (in any earlier batch)."""
+async def seen(conn: Conn, event_ids: Sequence[str], company_ids: Sequence[str]) -> set[str]:
+    """The ``usage_key`` of the events (a company's event ids) accepted before, in any earlier
+    batch."""
     if not event_ids:
         return set()
     rows = await conn.fetch(
-        "SELECT event_id FROM ingested WHERE event_id = ANY($1::text[])", list(set(event_ids))
+        "SELECT i.company_id, i.event_id FROM ingested i "
+        "JOIN unnest($1::text[], $2::text[]) AS c(e, o) ON i.event_id = c.e AND i.company_id = c.o",
+        list(event_ids),
+        list(company_ids),
     )
-    return {r["event_id"] for r in rows}
+    return {usage_key(r["company_id"], r["event_id"]) for r in rows}
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ def debited_row(
         a.amount if a is not None else None,
         account.debit_after if account is not None else None,
     )
-    value = events.encoded_envelope("debited:" + u.event_id, DEBITED, time, SOURCE, data)
+    value = events.encoded_envelope("debited:" + u.key, DEBITED, time, SOURCE, data)
     return outbox.row(Topics.WALLET_EVENTS, u.company_id, value, traceparent, inherit=False, type_=DEBITED)
 
 
@@ -120,7 +120,7 @@ class UsageTotals:
         if acc is None:
             self._sums[key] = [amount, 1]
             if self._first is None:
-                self._first = u.event_id
+                self._first = u.key
         else:
             acc[0] += amount
             acc[1] += 1

@@ -1,7 +1,8 @@
 """Applying ``usage.recorded`` batches. Each event debits the company wallet at the platform
 price (credit: platform revenue); then, where the account is rebilled, the account wallet at
 the company price (credit: the company's revenue). Both legs go in the same transaction as the
-rest of the batch; both are keyed by the event id, so a redelivered event changes nothing.
+rest of the batch; both are keyed by the event's ``usage_key`` (its company and its id: event
+ids are unique within a company), so a redelivered event changes nothing.
 Usage that already happened is always recorded, even when it takes a balance below zero."""
 
 from __future__ import annotations
@@ -41,18 +42,19 @@ class Outcome:
     recorded: tuple[datetime, ...] = ()  # when usage-meter accepted each event posted
 
 
-def company_leg_key(event_id: str) -> str:
-    return f"usage:{event_id}:company"
+def company_leg_key(key: str) -> str:
+    """The company leg's transfer key; ``key`` is the event's ``RecordedUsage.key``."""
+    return f"usage:{key}:company"
 
 
-def account_leg_key(event_id: str) -> str:
-    return f"usage:{event_id}:account"
+def account_leg_key(key: str) -> str:
+    return f"usage:{key}:account"
 
 
 def _fresh(batch: Sequence[RecordedUsage], seen: set[str]) -> list[RecordedUsage]:
     fresh = []
     for u in batch:
-        key = company_leg_key(u.event_id)
+        key = company_leg_key(u.key)
         if key not in seen:
             seen.add(key)  # also dedupes repeats inside this batch
             fresh.append(u)
@@ -82,8 +84,9 @@ async def apply_usage(
     optimistic: bool = False,
 ) -> Outcome:
     """Post a batch of recorded usage in the caller's transaction. ``traceparents`` maps an
-    event id to the trace it arrived in; what the event causes continues that trace.
-    ``partitions`` maps an event id to the ``usage.recorded`` partition it came from (0 when
+    event's key (``RecordedUsage.key``) to the trace it arrived in; what the event causes
+    continues that trace. ``partitions`` maps an event's key to the ``usage.recorded``
+    partition it came from (0 when
     absent): the platform's revenue goes to that partition's revenue wallet, so batches of
     different partitions share no wallet and commit side by side.
 
@@ -94,7 +97,7 @@ async def apply_usage(
     seen = (
         set()
         if optimistic
-        else await storage.existing_keys(conn, [company_leg_key(u.event_id) for u in batch])
+        else await storage.existing_keys(conn, [company_leg_key(u.key) for u in batch])
     )
     fresh = [u for u in _fresh(batch, seen) if u.platform_amount_micros > 0]
     SKIPPED.inc(len(batch) - len(fresh))
@@ -107,6 +110,7 @@ async def apply_usage(
     transfers: list[Transfer] = []
     wanted: dict[str, Wallet] = {}  # one per distinct wallet, not four per event
     for u in fresh:
+        key = u.key
         known = accounts.get(u.account_id) if u.account_id else None
         if known is not None and known[0] != u.company_id:
             # usage-meter refuses these; never debit one company's account for another's usage
@@ -120,12 +124,12 @@ async def apply_usage(
         # another currency than its wallet's, which posting refuses (LedgerError), never a
         # missing wallet.
         company_wallet = company_wallet_id(u.company_id)
-        platform = platform_revenue_wallet_id(u.currency, shard.get(u.event_id, 0))
+        platform = platform_revenue_wallet_id(u.currency, shard.get(key, 0))
         _want(wanted, company_wallet, "company", u)
         _want(wanted, platform, "system", u)
         transfers.append(
             Transfer(
-                company_leg_key(u.event_id),
+                company_leg_key(key),
                 company_wallet,
                 platform,
                 u.platform_amount_micros,
@@ -143,7 +147,7 @@ async def apply_usage(
             _want(wanted, revenue, "system", u)
             transfers.append(
                 Transfer(
-                    account_leg_key(u.event_id),
+                    account_leg_key(key),
                     account_wallet,
                     revenue,
                     account_amount,
@@ -163,7 +167,7 @@ async def apply_usage(
     legs = iter(posting.posted)
     for u, rebilled in plan:
         traceparent = child_traceparent(
-            incoming.get(u.event_id), "wallet.debit", {"tally.usage_event_id": u.event_id}
+            incoming.get(u.key), "wallet.debit", {"tally.usage_event_id": u.event_id}
         )
         company = next(legs)
         account = next(legs) if rebilled else None
