@@ -94,11 +94,7 @@ async def apply_usage(
     before, the unique transfer key makes the insert fail (``asyncpg.UniqueViolationError``)
     and the caller rolls back and posts again without ``optimistic``. Redeliveries are rare,
     so the common batch saves a lookup per event."""
-    seen = (
-        set()
-        if optimistic
-        else await storage.existing_keys(conn, [company_leg_key(u.key) for u in batch])
-    )
+    seen = set() if optimistic else await storage.existing_keys(conn, [company_leg_key(u.key) for u in batch])
     fresh = [u for u in _fresh(batch, seen) if u.platform_amount_micros > 0]
     SKIPPED.inc(len(batch) - len(fresh))
     if not fresh:
