@@ -4,12 +4,14 @@ balances equal to the sum of their transfers, to a simple reference model, and s
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -77,14 +79,14 @@ operations = st.lists(st.one_of(usage, usage, credit_op, settings_op), min_size=
 
 def model(ops: list[Any]) -> dict[str, int]:
     balances: dict[str, int] = {}
-    seen_events: set[int] = set()
+    seen_events: set[tuple[str, int]] = set()  # an event id is unique within its company
     seen_credits: set[tuple[str, int]] = set()
     rebill: dict[str, Settings] = {}
     for op in ops:
         if isinstance(op, Usage):
-            if op.event in seen_events:
+            if (op.company, op.event) in seen_events:
                 continue
-            seen_events.add(op.event)
+            seen_events.add((op.company, op.event))
             balances[f"company:{op.company}"] = balances.get(f"company:{op.company}", 0) - op.amount
             s = rebill.get(op.account) if op.account else None
             if s and s.active and s.mode != "off":
@@ -101,7 +103,9 @@ def model(ops: list[Any]) -> dict[str, int]:
     return balances
 
 
-async def apply_ops(dsn: str, schema: str, run: str, ops: list[Any]) -> dict[str, int]:
+async def apply_ops(dsn: str, schema: str, run: str, ops: list[Any], scoped: bool) -> dict[str, int]:
+    """``scoped``: usage records as usage-meter writes them (``id_scope``), else as it wrote
+    them before docs/0021 (keyed by the bare id; another company's is still another event)."""
     pool = await db.create_pool(dsn, schema, size=2)
     try:
         await db.migrate(pool, schema, "tally")
@@ -130,6 +134,7 @@ async def apply_ops(dsn: str, schema: str, run: str, ops: list[Any]) -> dict[str
                                     unit_price_micros=op.amount,
                                     platform_amount_micros=op.amount,
                                     currency="USD",
+                                    id_scope="company" if scoped else None,
                                 )
                             ],
                         )
@@ -184,12 +189,12 @@ def test_ledger_matches_the_reference_model(infra: Infra) -> None:
     counter = itertools.count()
 
     @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(operations)
-    def check(ops: list[Any]) -> None:
+    @given(operations, st.booleans())
+    def check(ops: list[Any], scoped: bool) -> None:
         # Every example runs its operations, then delivers them all a second time (duplicates).
         run = f"{uid('p')}-{next(counter)}"
         replayed = ops + [op for op in ops if not isinstance(op, Settings)]
-        got = run_in_fresh_loop(apply_ops(dsn, schema, run, replayed))
+        got = run_in_fresh_loop(apply_ops(dsn, schema, run, replayed, scoped))
         want = {k: v for k, v in model(replayed).items() if v != 0}
         assert got == want
 
@@ -259,5 +264,53 @@ async def test_a_company_paying_in_two_currencies_is_a_ledger_error_not_a_crash(
                     await apply_usage(conn, [eur])
             wallet = await storage.get_wallet(conn, f"company:{cid}")
             assert wallet is not None and wallet.balance == -5
+    finally:
+        await pool.close()
+
+
+async def test_records_of_before_with_one_id_from_two_companies_are_two_events(infra: Infra) -> None:
+    """Records keyed by the bare id (no ``id_scope``: written before docs/0021, or by a
+    usage-meter of that version during a rolling upgrade) from two companies with one id: in
+    one batch, in two batches, optimistic or not, each company is charged once."""
+    pool = await db.create_pool(infra.stack.database_url, "wallet_props", size=1)
+    try:
+        await db.migrate(pool, "wallet_props", "tally")
+        await db.migrate(pool, "wallet_props", "tally_wallet")
+        now, shared = datetime.now(UTC), uid("ev")
+        a, b, c = uid("co"), uid("co"), uid("co")
+
+        def old(cid: str, amount: int) -> RecordedUsage:
+            return RecordedUsage(
+                event_id=shared,
+                company_id=cid,
+                service="ai",
+                quantity="1",
+                occurred_at=now,
+                recorded_at=now,
+                unit_price_micros=amount,
+                platform_amount_micros=amount,
+                currency="USD",
+            )
+
+        async with pool.acquire() as conn:
+            async with conn.transaction():  # one batch, A's first
+                assert (await apply_usage(conn, [old(a, 1), old(b, 2)], optimistic=True)).posted == 2
+            for optimistic in (True, False):  # a later batch: C's is new, A's and B's are not
+                with contextlib.suppress(asyncpg.UniqueViolationError):
+                    async with conn.transaction():
+                        batch = [old(b, 2), old(c, 3), old(a, 1)]
+                        assert (await apply_usage(conn, batch, optimistic=optimistic)).posted == 1
+            for cid, amount in ((a, 1), (b, 2), (c, 3)):
+                wallet = await storage.get_wallet(conn, f"company:{cid}")
+                assert wallet is not None and wallet.balance == -amount, cid
+            keys = {
+                r["key"]
+                for r in await conn.fetch("SELECT key FROM transfers WHERE usage_event_id = $1", shared)
+            }
+            assert keys == {
+                f"usage:{shared}:company",
+                f"usage:{b}/{shared}:company",
+                f"usage:{c}/{shared}:company",
+            }
     finally:
         await pool.close()

@@ -45,18 +45,18 @@ async def test_batches_of_different_partitions_share_no_wallet(infra: Infra) -> 
         async with pool.acquire() as one, pool.acquire() as two:
             held = one.transaction()
             await held.start()  # partition 3's batch: its rows stay locked until it commits
-            await apply_usage(one, first, partitions={u.event_id: 3 for u in first})
+            await apply_usage(one, first, partitions={(u.company_id, u.event_id): 3 for u in first})
 
             async with two.transaction():  # partition 4's batch goes through meanwhile
                 await two.execute("SET LOCAL lock_timeout = '2s'")
-                await apply_usage(two, second, partitions={u.event_id: 4 for u in second})
+                await apply_usage(two, second, partitions={(u.company_id, u.event_id): 4 for u in second})
 
             # The check can fail: another batch of partition 3 has to wait for the first.
             again = [usage(uid("co"), 1)]
             with pytest.raises(asyncpg.LockNotAvailableError):
                 async with two.transaction():
                     await two.execute("SET LOCAL lock_timeout = '200ms'")
-                    await apply_usage(two, again, partitions={u.event_id: 3 for u in again})
+                    await apply_usage(two, again, partitions={(u.company_id, u.event_id): 3 for u in again})
             await held.commit()
 
         rows = await pool.fetch(

@@ -95,6 +95,8 @@ def test_an_event_is_keyed_by_its_company_and_its_id_and_earlier_records_by_the_
         ({"occurred_at": "0001-01-01T00:00:00+01:00"}, "1900-2099"),  # the schema's years
         ({"occurred_at": "2100-01-01T00:00:00Z"}, "1900-2099"),
         ({"recorded_at": "1899-12-31T23:59:59Z"}, "1900-2099"),
+        ({"event_id": "co-1/e1"}, "'/'"),  # it would take company co-1's event e1's key
+        ({"company_id": "co-1/e1", "event_id": "x"}, "'/'"),
     ],
 )
 def test_a_usage_recorded_the_wallet_cannot_read_is_bad(broken: dict[str, object], reason: str) -> None:

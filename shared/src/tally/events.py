@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StringConstraints,
     TypeAdapter,
     ValidationError,
     WithJsonSchema,
@@ -109,6 +110,12 @@ class UsageEvent(Payload):
 PricedMicros = Annotated[int, Field(strict=True, ge=0)]
 
 
+# A part of a usage key (``usage_key``): no ``/``, which separates the parts. usage-meter only
+# writes ids of ``tally.ids.ID_PATTERN``; a record forged with a ``/`` could otherwise take the
+# key of another company's event.
+_KeyPart = Annotated[str, StringConstraints(pattern=r"^[^/]*$")]
+
+
 # The wallet reads this with ``RecordedUsage`` (msgspec), to the same rules: a unit test holds
 # the two to the same values and verdicts.
 class UsageRecorded(Payload):
@@ -117,8 +124,8 @@ class UsageRecorded(Payload):
     absent on earlier records, whose ids were unique platform-wide. The wallet keys each
     record's ledger lines and messages by ``usage_key`` accordingly."""
 
-    event_id: str
-    company_id: str
+    event_id: _KeyPart
+    company_id: _KeyPart
     account_id: str | None = None
     service: str
     quantity: str
@@ -692,9 +699,11 @@ def _in_the_schemas_years(*times: datetime) -> None:
 def parse_usage_recorded(raw: bytes | None) -> RecordedUsage:
     """``parse_message`` narrowed to ``usage.recorded``: ``BadMessage`` (the reason, for the
     DLQ) for anything that is not one (a negative amount, a time outside the years
-    1900-2099 included), unknown fields ignored as everywhere."""
+    1900-2099, a ``/`` in an id included), unknown fields ignored as everywhere."""
     usage = _decoded(_RECORDED_DECODER, raw).data
     _in_the_schemas_years(usage.occurred_at, usage.recorded_at)
+    if "/" in usage.event_id or "/" in usage.company_id:  # _KeyPart
+        raise BadMessage("event_id and company_id may not contain '/' (it separates a usage key's parts)")
     return usage
 
 

@@ -89,8 +89,8 @@ async def on_usage(w: WalletWiring, records: Sequence[Any]) -> None:
             good.append((r, events.parse_usage_recorded(r.value)))
         except events.BadMessage as exc:
             dead.append(dlq_row(r, str(exc), service=SERVICE))
-    traces = {u.key: header(r) for r, u in good}
-    partitions = {u.key: r.partition for r, u in good}
+    traces = {(u.company_id, u.event_id): header(r) for r, u in good}
+    partitions = {(u.company_id, u.event_id): r.partition for r, u in good}
     try:
         # The common batch: all new, all postable. No lookup of what the ledger has and no
         # savepoint (two round trips fewer); a redelivered event fails the unique transfer key

@@ -68,6 +68,14 @@ async def existing_keys(conn: Conn, keys: Sequence[str]) -> set[str]:
     return {r["key"] for r in rows}
 
 
+async def debited_by_key(conn: Conn, keys: Sequence[str]) -> dict[str, str]:
+    """The ledger lines among ``keys``: each key's debited wallet."""
+    if not keys:
+        return {}
+    rows = await conn.fetch("SELECT key, debit_wallet FROM transfers WHERE key = ANY($1::text[])", list(keys))
+    return {r["key"]: r["debit_wallet"] for r in rows}
+
+
 async def lock_wallets(conn: Conn, wanted: Iterable[Wallet]) -> dict[str, Wallet]:
     """Create the wallets that do not exist yet (with defaults), then lock all of them in id
     order and return their current state. Off the money path (settings changes); postings

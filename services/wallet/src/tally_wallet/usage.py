@@ -11,11 +11,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import msgspec
 from prometheus_client import Counter
 
 from tally import outbox
 from tally.db import Conn
-from tally.events import RecordedUsage
+from tally.events import RecordedUsage, usage_key
 from tally.telemetry import child_traceparent
 from tally_wallet import storage
 from tally_wallet.domain import (
@@ -51,14 +52,35 @@ def account_leg_key(key: str) -> str:
     return f"usage:{key}:account"
 
 
-def _fresh(batch: Sequence[RecordedUsage], seen: set[str]) -> list[RecordedUsage]:
+def _fresh(batch: Sequence[RecordedUsage], seen: dict[str, str]) -> list[RecordedUsage]:
+    """The records not posted before, each once, as they are to be keyed. ``seen`` maps the
+    company-leg keys posted (in the ledger, then in this batch) to the company wallet they
+    debited.
+
+    A record without ``id_scope`` is keyed by its bare event id, as when it was written. If
+    that key is another company's, the record is another company's event with the same id,
+    not a redelivery: a usage-meter of the version before, running beside a migrated one
+    during a rolling upgrade, accepts it (docs/0021). It is keyed by its company instead."""
     fresh = []
     for u in batch:
         key = company_leg_key(u.key)
+        wallet = company_wallet_id(u.company_id)
+        if u.id_scope is None and seen.get(key, wallet) != wallet:
+            u = msgspec.structs.replace(u, id_scope="company")
+            key = company_leg_key(u.key)
         if key not in seen:
-            seen.add(key)  # also dedupes repeats inside this batch
+            seen[key] = wallet  # also dedupes repeats inside this batch
             fresh.append(u)
     return fresh
+
+
+def _looked_up(batch: Sequence[RecordedUsage]) -> list[str]:
+    """The company-leg keys a batch's records may have been posted under: a record without
+    ``id_scope`` under its bare id or, if that was another company's, under its company's
+    key (``_fresh``)."""
+    keys = [company_leg_key(u.key) for u in batch]
+    keys += [company_leg_key(usage_key(u.company_id, u.event_id)) for u in batch if u.id_scope is None]
+    return keys
 
 
 def _want(
@@ -78,15 +100,15 @@ def _want(
 async def apply_usage(
     conn: Conn,
     batch: Sequence[RecordedUsage],
-    traceparents: dict[str, str | None] | None = None,
+    traceparents: Mapping[tuple[str, str], str | None] | None = None,
     *,
-    partitions: Mapping[str, int] | None = None,
+    partitions: Mapping[tuple[str, str], int] | None = None,
     optimistic: bool = False,
 ) -> Outcome:
     """Post a batch of recorded usage in the caller's transaction. ``traceparents`` maps an
-    event's key (``RecordedUsage.key``) to the trace it arrived in; what the event causes
-    continues that trace. ``partitions`` maps an event's key to the ``usage.recorded``
-    partition it came from (0 when
+    event's ``(company_id, event_id)`` to the trace it arrived in; what the event causes
+    continues that trace. ``partitions`` maps an event's ``(company_id, event_id)`` to the
+    ``usage.recorded`` partition it came from (0 when
     absent): the platform's revenue goes to that partition's revenue wallet, so batches of
     different partitions share no wallet and commit side by side.
 
@@ -94,7 +116,7 @@ async def apply_usage(
     before, the unique transfer key makes the insert fail (``asyncpg.UniqueViolationError``)
     and the caller rolls back and posts again without ``optimistic``. Redeliveries are rare,
     so the common batch saves a lookup per event."""
-    seen = set() if optimistic else await storage.existing_keys(conn, [company_leg_key(u.key) for u in batch])
+    seen = {} if optimistic else await storage.debited_by_key(conn, _looked_up(batch))
     fresh = [u for u in _fresh(batch, seen) if u.platform_amount_micros > 0]
     SKIPPED.inc(len(batch) - len(fresh))
     if not fresh:
@@ -120,7 +142,7 @@ async def apply_usage(
         # another currency than its wallet's, which posting refuses (LedgerError), never a
         # missing wallet.
         company_wallet = company_wallet_id(u.company_id)
-        platform = platform_revenue_wallet_id(u.currency, shard.get(key, 0))
+        platform = platform_revenue_wallet_id(u.currency, shard.get((u.company_id, u.event_id), 0))
         _want(wanted, company_wallet, "company", u)
         _want(wanted, platform, "system", u)
         transfers.append(
@@ -163,7 +185,7 @@ async def apply_usage(
     legs = iter(posting.posted)
     for u, rebilled in plan:
         traceparent = child_traceparent(
-            incoming.get(u.key), "wallet.debit", {"tally.usage_event_id": u.event_id}
+            incoming.get((u.company_id, u.event_id)), "wallet.debit", {"tally.usage_event_id": u.event_id}
         )
         company = next(legs)
         account = next(legs) if rebilled else None
