@@ -98,10 +98,10 @@ def test_debited_row_fits_the_event_contract() -> None:
 
     company = Posted(Transfer("k1", "company:c", "system:rev", 5, "usage"), -5, 5)
     account = Posted(Transfer("k2", "account:a", "system:crev", 8, "usage"), 92, 8)
-    topic, key, value, traceparent, type_ = debited_row(usage("a"), company, account, now.isoformat())
+    topic, key, value, traceparent, type_ = debited_row(usage("a"), "c/e", company, account, now.isoformat())
     assert (topic, key, traceparent, type_) == ("wallet.events", b"c", None, "wallet.debited")
     message = events.parse_message(value)
-    assert (message.id, message.type, message.source) == ("debited:e", "wallet.debited", "wallet")
+    assert (message.id, message.type, message.source) == ("debited:c/e", "wallet.debited", "wallet")
     assert message.data == events.WalletDebited(
         usage_event_id="e",
         company_id="c",
@@ -118,7 +118,7 @@ def test_debited_row_fits_the_event_contract() -> None:
     )
     assert message.data.rebilled
     # not rebilled: no account leg fields at all; no account: account_id is written as null
-    alone = debited_row(usage(None), company, None, now.isoformat())[2]
+    alone = debited_row(usage(None), "c/e", company, None, now.isoformat())[2]
     data = orjson.loads(alone)["data"]
     assert data["account_id"] is None
     assert not {"account_wallet_id", "account_amount_micros", "account_balance_micros"} & data.keys()
@@ -162,10 +162,10 @@ def test_usage_totals_sum_by_account_and_minute_and_split_into_messages() -> Non
         )
 
     totals = UsageTotals()
-    totals.add(used("no-account", None, 0), 99)  # unattributed: in no total
+    totals.add(used("no-account", None, 0), "no-account", 99)  # unattributed: in no total
     for i in range(USAGE_TOTALS_PER_MESSAGE + 1):
-        totals.add(used(f"e{i}", f"a{i}", 1), 5)
-    totals.add(used("again", "a0", 59), 7)  # same account, same minute: summed
+        totals.add(used(f"e{i}", f"a{i}", 1), f"e{i}", 5)
+    totals.add(used("again", "a0", 59), "again", 7)  # same account, same minute: summed
     rows = totals.rows("2026-01-01T10:08:00+00:00")
     assert [r[0] for r in rows] == ["wallet.digest", "wallet.digest"]
     messages = [events.parse_message(r[2]) for r in rows]

@@ -268,6 +268,7 @@ def wallet_usage(**total_fields: object) -> bytes:
             platform_amount_micros=7,
             currency="USD",
         ),
+        "co/e1",
         9,
     )
     message = orjson.loads(totals.rows(now.isoformat())[0][2])
@@ -280,7 +281,7 @@ def test_the_notifier_reads_wallet_usage_as_the_schema_does() -> None:
     raw = wallet_usage()
     fast = events.parse_wallet_usage(raw)
     schema = events.parse_message(raw)
-    assert isinstance(schema.data, events.WalletUsage) and fast.id == schema.id == "usage:e1:0"
+    assert isinstance(schema.data, events.WalletUsage) and fast.id == schema.id == "usage:co/e1:0"
     assert [msgspec.structs.asdict(t) for t in fast.totals] == [t.model_dump() for t in schema.data.totals]
     assert fast.totals[0].minute == datetime(2026, 1, 1, 9, 30, tzinfo=UTC)
 

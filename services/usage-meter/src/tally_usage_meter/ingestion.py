@@ -19,7 +19,7 @@ from tally import events, outbox
 from tally.db import Conn
 from tally.directory import CompanyDirectory
 from tally.errors import ApiError
-from tally.events import Topics, UsageEvent, usage_key
+from tally.events import Topics, UsageEvent
 from tally.groupcommit import GroupCommit
 from tally.ratelimit import TokenBuckets, retry_after
 from tally.telemetry import continue_trace
@@ -91,7 +91,7 @@ async def _judge(
     await _complete(conn, batch, directory, known)
 
     outcome: list[Priced | Rejected | None] = []
-    first_seen: set[str] = set()  # usage keys: an event id is unique within its company
+    first_seen: set[tuple[str, str]] = set()  # an event id is unique within its company
     for event in batch:
         currency = known.currencies.get(event.company_id, DEFAULT_CURRENCY)
         # What is wrong with the event itself (not the company's account, no price, a bad
@@ -103,7 +103,7 @@ async def _judge(
             if isinstance(verdict, Priced):
                 verdict = suspension_of(event, known.suspended) or verdict
         if isinstance(verdict, Priced):
-            key = usage_key(event.company_id, event.event_id)
+            key = (event.company_id, event.event_id)
             if key in first_seen:
                 verdict = None  # same event twice in one batch: the later one is a duplicate
             else:
@@ -114,7 +114,7 @@ async def _judge(
 
 async def _refused_before(
     conn: Conn, batch: Sequence[UsageEvent], outcome: Sequence[Priced | Rejected | None]
-) -> set[str]:
+) -> set[tuple[str, str]]:
     """The refused events that were accepted before: an event accepted before is a duplicate
     whatever else is true now (a product retrying must learn that its event was taken, even
     if the wallet has since been suspended). Only the refused ones need looking up: the claim
@@ -127,17 +127,18 @@ def _settle(
     batch: Sequence[UsageEvent],
     outcome: Sequence[Priced | Rejected | None],
     traceparents: Sequence[str | None],
-    new_ids: set[str],
-    earlier: set[str],
+    new_ids: set[tuple[str, str]],
+    earlier: set[tuple[str, str]],
     now: datetime,
 ) -> tuple[list[Result], list[outbox.Row]]:
     """One result per event, and the ``usage.recorded`` message of each accepted one.
-    ``new_ids`` (claimed now) and ``earlier`` (accepted before) hold ``usage_key``s."""
+    ``new_ids`` (claimed now) and ``earlier`` (accepted before) hold ``(company_id,
+    event_id)``s."""
     rows: list[outbox.Row] = []
     results = []
     now_text = now.isoformat()
     for event, checked, traceparent in zip(batch, outcome, traceparents, strict=True):
-        key = usage_key(event.company_id, event.event_id)
+        key = (event.company_id, event.event_id)
         if isinstance(checked, Rejected) and key in earlier:
             results.append(Result(event.event_id, "duplicate"))
         elif isinstance(checked, Rejected):
@@ -162,7 +163,7 @@ def _settle(
 
 async def _judged(
     conn: Conn, batch: Sequence[UsageEvent], directory: CompanyDirectory
-) -> tuple[datetime, list[Priced | Rejected | None], list[Priced], set[str]]:
+) -> tuple[datetime, list[Priced | Rejected | None], list[Priced], set[tuple[str, str]]]:
     """Both ways in, before anything is written: the time, each event's verdict, the priced
     ones, and the refused ones accepted before (``_refused_before``)."""
     now = datetime.now(UTC)
@@ -207,7 +208,7 @@ async def ingest_at_once(
     was accepted before (or ``DeadlockDetectedError`` when a group racing this one claims the
     same ids): nothing was recorded, and ``ingest`` in a unit of work sorts it out."""
     now, outcome, priced, earlier = await _judged(conn, batch, directory)
-    new_ids = {usage_key(p.event.company_id, p.event.event_id) for p in priced}
+    new_ids = {(p.event.company_id, p.event.event_id) for p in priced}
     results, rows = _settle(batch, outcome, traceparents, new_ids, earlier, now)
     if rows:
         await storage.record_all_new(

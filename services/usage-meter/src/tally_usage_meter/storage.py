@@ -9,7 +9,6 @@ from datetime import timedelta
 from tally import outbox
 from tally.db import Conn
 from tally.directory import Facts
-from tally.events import usage_key
 from tally_usage_meter.domain import Price
 
 
@@ -34,10 +33,12 @@ async def upsert_price(conn: Conn, price: Price) -> None:
     )
 
 
-async def claim_event_ids(conn: Conn, event_ids: Sequence[str], company_ids: Sequence[str]) -> set[str]:
-    """Record first sightings of each company's event ids; returns the ``usage_key`` of those
-    that are new (the others are duplicates). An event id is unique within its company: the
-    same id from another company is another event (migration 0004)."""
+async def claim_event_ids(
+    conn: Conn, event_ids: Sequence[str], company_ids: Sequence[str]
+) -> set[tuple[str, str]]:
+    """Record first sightings of each company's event ids; returns the ``(company_id,
+    event_id)`` of those that are new (the others are duplicates). An event id is unique
+    within its company: the same id from another company is another event (migration 0004)."""
     if not event_ids:
         return set()
     rows = await conn.fetch(
@@ -47,7 +48,7 @@ async def claim_event_ids(conn: Conn, event_ids: Sequence[str], company_ids: Seq
         list(event_ids),
         list(company_ids),
     )
-    return {usage_key(r["company_id"], r["event_id"]) for r in rows}
+    return {(r["company_id"], r["event_id"]) for r in rows}
 
 
 # Claims go in key order (event id, then company: migration 0004): two groups claiming the
@@ -83,9 +84,8 @@ async def forget_ingested(conn: Conn, older_than: timedelta, limit: int) -> int:
     return int(status.split()[-1])
 
 
-async def seen(conn: Conn, event_ids: Sequence[str], company_ids: Sequence[str]) -> set[str]:
-    """The ``usage_key`` of the events (a company's event ids) accepted before, in any earlier
-    batch."""
+async def seen(conn: Conn, event_ids: Sequence[str], company_ids: Sequence[str]) -> set[tuple[str, str]]:
+    """The ``(company_id, event_id)`` of the events accepted before, in any earlier batch."""
     if not event_ids:
         return set()
     rows = await conn.fetch(
@@ -94,7 +94,7 @@ async def seen(conn: Conn, event_ids: Sequence[str], company_ids: Sequence[str])
         list(event_ids),
         list(company_ids),
     )
-    return {usage_key(r["company_id"], r["event_id"]) for r in rows}
+    return {(r["company_id"], r["event_id"]) for r in rows}
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,12 @@ class _Debited(msgspec.Struct, omit_defaults=True, gc=False):
 
 
 def debited_row(
-    u: RecordedUsage, company: Posted, account: Posted | None, time: str, traceparent: str | None = None
+    u: RecordedUsage,
+    key: str,
+    company: Posted,
+    account: Posted | None,
+    time: str,
+    traceparent: str | None = None,
 ) -> outbox.Row:
     """The outbox row of one ``wallet.debited`` (to ``wallet.events``, keyed by the company,
     in the trace ``traceparent``), encoded from a struct: this runs once per usage event on
@@ -99,7 +104,7 @@ def debited_row(
         a.amount if a is not None else None,
         account.debit_after if account is not None else None,
     )
-    value = events.encoded_envelope("debited:" + u.key, DEBITED, time, SOURCE, data)
+    value = events.encoded_envelope("debited:" + key, DEBITED, time, SOURCE, data)
     return outbox.row(Topics.WALLET_EVENTS, u.company_id, value, traceparent, inherit=False, type_=DEBITED)
 
 
@@ -111,7 +116,8 @@ class UsageTotals:
         self._sums: dict[tuple[str, str, str, str, str], list[int]] = {}
         self._first: str | None = None
 
-    def add(self, u: RecordedUsage, amount: int) -> None:
+    def add(self, u: RecordedUsage, event_key: str, amount: int) -> None:
+        """``event_key``: the event's (``RecordedUsage.key``), for the messages' ids."""
         account = u.account_id
         if account is None:
             return
@@ -120,7 +126,7 @@ class UsageTotals:
         if acc is None:
             self._sums[key] = [amount, 1]
             if self._first is None:
-                self._first = u.key
+                self._first = event_key
         else:
             acc[0] += amount
             acc[1] += 1

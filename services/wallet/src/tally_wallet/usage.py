@@ -52,10 +52,10 @@ def account_leg_key(key: str) -> str:
     return f"usage:{key}:account"
 
 
-def _fresh(batch: Sequence[RecordedUsage], seen: dict[str, str]) -> list[RecordedUsage]:
-    """The records not posted before, each once, as they are to be keyed. ``seen`` maps the
-    company-leg keys posted (in the ledger, then in this batch) to the company wallet they
-    debited.
+def _fresh(batch: Sequence[RecordedUsage], seen: dict[str, str]) -> list[tuple[RecordedUsage, str]]:
+    """The records not posted before, each once, with the key each is posted under
+    (``RecordedUsage.key``). ``seen`` maps the company-leg keys posted (in the ledger, then in
+    this batch) to the company wallet they debited.
 
     A record without ``id_scope`` is keyed by its bare event id, as when it was written. If
     that key is another company's, the record is another company's event with the same id,
@@ -63,14 +63,18 @@ def _fresh(batch: Sequence[RecordedUsage], seen: dict[str, str]) -> list[Recorde
     during a rolling upgrade, accepts it (docs/0021). It is keyed by its company instead."""
     fresh = []
     for u in batch:
-        key = company_leg_key(u.key)
-        wallet = company_wallet_id(u.company_id)
-        if u.id_scope is None and seen.get(key, wallet) != wallet:
-            u = msgspec.structs.replace(u, id_scope="company")
-            key = company_leg_key(u.key)
-        if key not in seen:
-            seen[key] = wallet  # also dedupes repeats inside this batch
-            fresh.append(u)
+        key = u.key
+        leg = company_leg_key(key)
+        wallet = ""  # compared for bare keys only: a company's key is its own
+        if u.id_scope is None:
+            wallet = company_wallet_id(u.company_id)
+            if seen.get(leg, wallet) != wallet:
+                u = msgspec.structs.replace(u, id_scope="company")
+                key = u.key
+                leg = company_leg_key(key)
+        if leg not in seen:
+            seen[leg] = wallet  # also dedupes repeats inside this batch
+            fresh.append((u, key))
     return fresh
 
 
@@ -117,18 +121,17 @@ async def apply_usage(
     and the caller rolls back and posts again without ``optimistic``. Redeliveries are rare,
     so the common batch saves a lookup per event."""
     seen = {} if optimistic else await storage.debited_by_key(conn, _looked_up(batch))
-    fresh = [u for u in _fresh(batch, seen) if u.platform_amount_micros > 0]
+    fresh = [(u, key) for u, key in _fresh(batch, seen) if u.platform_amount_micros > 0]
     SKIPPED.inc(len(batch) - len(fresh))
     if not fresh:
         return Outcome(0, len(batch))
 
-    accounts = await storage.load_accounts(conn, [u.account_id for u in fresh if u.account_id])
+    accounts = await storage.load_accounts(conn, [u.account_id for u, _ in fresh if u.account_id])
     shard = partitions or {}
-    plan: list[tuple[RecordedUsage, bool]] = []  # (event, has an account leg)
+    plan: list[tuple[RecordedUsage, str, bool]] = []  # (event, its key, has an account leg)
     transfers: list[Transfer] = []
     wanted: dict[str, Wallet] = {}  # one per distinct wallet, not four per event
-    for u in fresh:
-        key = u.key
+    for u, key in fresh:
         known = accounts.get(u.account_id) if u.account_id else None
         if known is not None and known[0] != u.company_id:
             # usage-meter refuses these; never debit one company's account for another's usage
@@ -174,7 +177,7 @@ async def apply_usage(
                     usage_event_id=u.event_id,
                 )
             )
-        plan.append((u, rebilled))
+        plan.append((u, key, rebilled))
     posting = await storage.post(conn, wanted.values(), transfers)
 
     rows: list[outbox.Row] = []
@@ -183,14 +186,14 @@ async def apply_usage(
     caused: dict[str, str | None] = {}
     totals = UsageTotals()
     legs = iter(posting.posted)
-    for u, rebilled in plan:
+    for u, key, rebilled in plan:
         traceparent = child_traceparent(
             incoming.get((u.company_id, u.event_id)), "wallet.debit", {"tally.usage_event_id": u.event_id}
         )
         company = next(legs)
         account = next(legs) if rebilled else None
-        rows.append(debited_row(u, company, account, time, traceparent))
-        totals.add(u, account.transfer.amount if account is not None else company.transfer.amount)
+        rows.append(debited_row(u, key, company, account, time, traceparent))
+        totals.add(u, key, account.transfer.amount if account is not None else company.transfer.amount)
         caused[company.transfer.key] = traceparent
         if account is not None:
             caused[account.transfer.key] = traceparent
@@ -200,4 +203,4 @@ async def apply_usage(
     rows.extend(edge_event_rows(posting, caused))
     rows.extend(totals.rows(time))
     await outbox.enqueue(conn, rows)
-    return Outcome(len(posting.posted), len(batch) - len(fresh), tuple(u.recorded_at for u, _ in plan))
+    return Outcome(len(posting.posted), len(batch) - len(fresh), tuple(u.recorded_at for u, _, _ in plan))
