@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tally import db
-from tally.events import UsageRecorded
+from tally.events import parse_usage_recorded
 from tally_devstack.stack import Ports, Stack, stop_on_sigterm
 from tally_wallet.usage import apply_usage
 
@@ -187,7 +187,7 @@ async def measure_naive(stack: Stack, run: str) -> dict[str, float]:
     await db.migrate(pool, "wallet_naive", "tally")
     await db.migrate(pool, "wallet_naive", "tally_wallet")
     events, _ = make_events(NAIVE_EVENTS, run + "-naive")
-    parsed = [UsageRecorded.model_validate(m["data"]) for _, m in events]
+    parsed = [parse_usage_recorded(orjson.dumps(m)) for _, m in events]  # as the wallet reads them
     start = time.perf_counter()
     async with pool.acquire() as conn:
         for u in parsed:
