@@ -10,7 +10,6 @@ import random
 from datetime import UTC, datetime
 from typing import Any
 
-from tally_wallet.storage import LEDGER_BALANCES
 from tests.support.builders import GOOD, Agency, attach, configure, funded, recharges, wait_balance
 from tests.support.stack import Tally, eventually, uid
 
@@ -27,6 +26,25 @@ async def usage_lines(tally: Tally, cid: str) -> list[dict[str, Any]]:
 
 async def message(tally: Tally, topic: str, message_id: str) -> dict[str, Any]:
     return await tally.find_on_topic(topic, lambda m: m.get("id") == message_id)
+
+
+async def ids_by_company(
+    tally: Tally, topic: str, companies: tuple[str, ...], event_id: str, prefix: str, suffix: str = ""
+) -> dict[str, str]:
+    """Each company's message about its event ``event_id``, by id: the company whose event was
+    posted first holds the bare id's key (``prefix + event_id + suffix``), the others their
+    company's (``prefix + company/event_id + suffix``). Exactly one holds the bare one."""
+    bare = f"{prefix}{event_id}{suffix}"
+    found = {}
+    for c in companies:
+        forms = (bare, f"{prefix}{c}/{event_id}{suffix}")
+
+        def about(m: dict[str, Any], c: str = c, forms: tuple[str, str] = forms) -> bool:
+            return m.get("id") in forms and m["data"].get("company_id") == c
+
+        found[c] = (await tally.find_on_topic(topic, about))["id"]
+    assert sum(i == bare for i in found.values()) == 1, found
+    return found
 
 
 async def sentinel(tally: Tally, cid: str) -> None:
@@ -89,7 +107,6 @@ async def test_rebilled_accounts_same_id_each_at_own_markup(tally: Tally) -> Non
     # redeliver both usage.recorded records on the topic
     for cid in (x.cid, y.cid):
         rec = await message(tally, "usage.recorded", f"usage:{cid}/{shared}")
-        assert rec["data"]["id_scope"] == "company"
         await tally.produce("usage.recorded", rec, key=cid)
     for ag in (x, y):
         await sentinel(tally, ag.cid)
@@ -100,15 +117,8 @@ async def test_rebilled_accounts_same_id_each_at_own_markup(tally: Tally) -> Non
     for ag in (x, y):
         lines = [t for t in await usage_lines(tally, ag.cid) if t["usage_event_id"] == shared]
         assert [t["amount"] for t in lines] == ["-0.007900"], lines
-    # one wallet.debited per company, ids debited:<company>/<event>
-    for ag in (x, y):
-        debited = f"debited:{ag.cid}/{shared}"
-        d = await message(tally, "wallet.events", debited)
-        assert (d["type"], d["data"]["company_id"], d["data"]["usage_event_id"]) == (
-            "wallet.debited",
-            ag.cid,
-            shared,
-        )
+    # one wallet.debited per company, each under its own id
+    await ids_by_company(tally, "wallet.events", (x.cid, y.cid), shared, "debited:")
 
 
 async def test_colon_ids_cannot_make_ambiguous_keys(tally: Tally) -> None:
@@ -179,12 +189,14 @@ async def test_same_id_crossing_threshold_recharges_both(tally: Tally) -> None:
         await wait_balance(ag, "5.260000")
         attempts = await recharges(tally, ag)
         assert len(attempts) == 2 and all(a["status"] == "succeeded" for a in attempts), attempts
-    for ag in (x, y):  # each crossing under its own id: recharge claims each id once
-        crossed = f"wallet.threshold_crossed:usage:{ag.cid}/{shared}:company"
-        assert await message(tally, "wallet.digest", crossed)
+    # each crossing under its own id: recharge claims each id once
+    await ids_by_company(
+        tally, "wallet.digest", (x.cid, y.cid), shared, "wallet.threshold_crossed:usage:", ":company"
+    )
 
 
-def recorded(cid: str, eid: str, amount: int, *, scope: bool, account: str | None = None) -> dict[str, Any]:
+def recorded(cid: str, eid: str, amount: int, account: str | None = None) -> dict[str, Any]:
+    """A ``usage.recorded`` as usage-meter writes it."""
     now = datetime.now(UTC).isoformat()
     data: dict[str, Any] = {
         "event_id": eid,
@@ -198,40 +210,28 @@ def recorded(cid: str, eid: str, amount: int, *, scope: bool, account: str | Non
         "platform_amount_micros": amount,
         "currency": "USD",
     }
-    if scope:
-        data["id_scope"] = "company"
-    key = f"{cid}/{eid}" if scope else eid
-    return {"id": f"usage:{key}", "type": "usage.recorded", "time": now, "source": "test", "data": data}
+    return {"id": f"usage:{cid}/{eid}", "type": "usage.recorded", "time": now, "source": "test", "data": data}
 
 
-async def test_old_and_new_format_records_redelivered(tally: Tally) -> None:
+async def test_an_event_sent_again_after_usage_meter_forgot_it_is_charged_once(tally: Tally) -> None:
+    """docs/0007: usage-meter forgets an id after its window; a re-send is then accepted again
+    and the ledger's key catches it. Events posted before docs/0021 hold bare keys: the same
+    company's re-send must find that line, and another company's event with the id must not."""
     a, b = await funded(tally, "10"), await funded(tally, "10")
-    old_id = uid("old")
-    # an old record (no id_scope), redelivered twice: charged once
-    for _ in range(3):
-        await tally.produce("usage.recorded", recorded(a, old_id, 1000, scope=False), key=a)
-    # a new record redelivered: charged once
-    new_id = uid("new")
-    for _ in range(3):
-        await tally.produce("usage.recorded", recorded(a, new_id, 2000, scope=True), key=a)
-    await sentinel(tally, a)
-    lines = await usage_lines(tally, a)
-    assert [t["amount"] for t in lines if t["usage_event_id"] == old_id] == ["-0.001000"]
-    assert [t["amount"] for t in lines if t["usage_event_id"] == new_id] == ["-0.002000"]
+    shared = uid("ev")
+    for cid in (a, b, a, b):  # each company's event, then each sent again after being forgotten
+        await tally.sql("usage_meter", "DELETE FROM ingested WHERE event_id = $1", shared)
+        r = await tally.post_usage(ev(cid, shared))
+        assert r.json()["results"][0]["status"] == "accepted", r.text
+        await sentinel(tally, cid)
+    for cid in (a, b):
+        lines = [t["amount"] for t in await usage_lines(tally, cid) if t["usage_event_id"] == shared]
+        assert lines == ["-0.007900"], (cid, lines)
     keys = {
         r["key"]
-        for r in await tally.sql(
-            "wallet", "SELECT key FROM transfers WHERE usage_event_id = ANY($1::text[])", [old_id, new_id]
-        )
+        for r in await tally.sql("wallet", "SELECT key FROM transfers WHERE usage_event_id = $1", shared)
     }
-    assert keys == {f"usage:{old_id}:company", f"usage:{a}/{new_id}:company"}, keys
-    # B's old-format record with A's old bare id: what an old usage-meter replica writes
-    await tally.produce("usage.recorded", recorded(b, old_id, 3000, scope=False), key=b)
-    await sentinel(tally, b)
-    lb = [t["amount"] for t in await usage_lines(tally, b) if t["usage_event_id"] == old_id]
-    assert lb == ["-0.003000"], lb  # another company's event, not a redelivery of A's
-    check = await tally.sql("wallet", LEDGER_BALANCES)
-    assert check and all(r["balance"] == r["derived"] for r in check)
+    assert keys == {f"usage:{shared}:company", f"usage:{b}/{shared}:company"}, keys
 
 
 async def test_a_replica_of_the_version_before_cannot_lose_another_companys_event(tally: Tally) -> None:
@@ -250,11 +250,11 @@ async def test_a_replica_of_the_version_before_cannot_lose_another_companys_even
         assert [r["event_id"] for r in await tally.sql("usage_meter", old_claim, [shared], [cid])] == [shared]
     # what the old replica then writes for each (recorded_message before 473ff8e: bare id),
     # B's first in one run of the wallet's batch and again after A's is in the ledger
-    await tally.produce("usage.recorded", recorded(a, shared, 1000, scope=False), key=a)
-    await tally.produce("usage.recorded", recorded(b, shared, 3000, scope=False), key=b)
+    await tally.produce("usage.recorded", recorded(a, shared, 1000), key=a)
+    await tally.produce("usage.recorded", recorded(b, shared, 3000), key=b)
     await sentinel(tally, a)
     await sentinel(tally, b)
-    await tally.produce("usage.recorded", recorded(b, shared, 3000, scope=False), key=b)  # redelivered
+    await tally.produce("usage.recorded", recorded(b, shared, 3000), key=b)  # redelivered
     await sentinel(tally, b)
     la = [t["amount"] for t in await usage_lines(tally, a) if t["usage_event_id"] == shared]
     lb = [t["amount"] for t in await usage_lines(tally, b) if t["usage_event_id"] == shared]
@@ -262,12 +262,12 @@ async def test_a_replica_of_the_version_before_cannot_lose_another_companys_even
 
 
 async def test_a_record_whose_id_would_take_another_events_key_is_dead_lettered(tally: Tally) -> None:
-    """A record forged onto ``usage.recorded`` with event id ``<A>/x`` and no ``id_scope`` would
-    be keyed ``<A>/x``, the key of A's real event x, which then went uncharged. ``/`` is in no
+    """A record forged onto ``usage.recorded`` with event id ``<A>/x`` would be keyed ``<A>/x``,
+    the key A's real event x takes when another company holds x, which then went uncharged. ``/`` is in no
     id's pattern: such a record is dead-lettered."""
     a = await funded(tally, "10")
     x = uid("ev")
-    forged = recorded(a, f"{a}/{x}", 1, scope=False)
+    forged = recorded(a, f"{a}/{x}", 1)
     await tally.produce("usage.recorded", forged, key=a)
     dead = await tally.find_on_topic("usage.recorded.dlq", lambda d: forged["id"] in d.get("message", ""))
     assert dead["failed_by"] == "wallet" and "'/'" in dead["error"]
@@ -326,6 +326,9 @@ async def test_rebilled_account_suspension_with_same_id_reaches_usage_meter(tall
         {"events": [ev(x.cid, shared, account_id=ax), ev(y.cid, shared, account_id=ay)]}
     )
     assert [v["status"] for v in r.json()["results"]] == ["accepted", "accepted"], r.text
+    await ids_by_company(
+        tally, "wallet.digest", (x.cid, y.cid), shared, "wallet.suspended:usage:", ":account"
+    )
     for ag, aid in ((x, ax), (y, ay)):
 
         async def refused(ag: Agency = ag, aid: str = aid) -> dict[str, Any] | None:
@@ -337,8 +340,6 @@ async def test_rebilled_account_suspension_with_same_id_reaches_usage_meter(tall
         w = await ag.wallet(aid)
         # probes accepted before the suspension landed were charged too
         assert w["status"] == "suspended" and w["balance"].startswith("-"), w
-        suspended = f"wallet.suspended:usage:{ag.cid}/{shared}:account"
-        assert await message(tally, "wallet.digest", suspended)
         # the company's own usage (no account) still accepted
         res = (await tally.post_usage(ev(ag.cid, uid("probe"), service="email"))).json()["results"][0]
         assert res["status"] == "accepted", res

@@ -103,9 +103,7 @@ def model(ops: list[Any]) -> dict[str, int]:
     return balances
 
 
-async def apply_ops(dsn: str, schema: str, run: str, ops: list[Any], scoped: bool) -> dict[str, int]:
-    """``scoped``: usage records as usage-meter writes them (``id_scope``), else as it wrote
-    them before docs/0021 (keyed by the bare id; another company's is still another event)."""
+async def apply_ops(dsn: str, schema: str, run: str, ops: list[Any]) -> dict[str, int]:
     pool = await db.create_pool(dsn, schema, size=2)
     try:
         await db.migrate(pool, schema, "tally")
@@ -134,7 +132,6 @@ async def apply_ops(dsn: str, schema: str, run: str, ops: list[Any], scoped: boo
                                     unit_price_micros=op.amount,
                                     platform_amount_micros=op.amount,
                                     currency="USD",
-                                    id_scope="company" if scoped else None,
                                 )
                             ],
                         )
@@ -189,12 +186,12 @@ def test_ledger_matches_the_reference_model(infra: Infra) -> None:
     counter = itertools.count()
 
     @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(operations, st.booleans())
-    def check(ops: list[Any], scoped: bool) -> None:
+    @given(operations)
+    def check(ops: list[Any]) -> None:
         # Every example runs its operations, then delivers them all a second time (duplicates).
         run = f"{uid('p')}-{next(counter)}"
         replayed = ops + [op for op in ops if not isinstance(op, Settings)]
-        got = run_in_fresh_loop(apply_ops(dsn, schema, run, replayed, scoped))
+        got = run_in_fresh_loop(apply_ops(dsn, schema, run, replayed))
         want = {k: v for k, v in model(replayed).items() if v != 0}
         assert got == want
 
@@ -268,10 +265,9 @@ async def test_a_company_paying_in_two_currencies_is_a_ledger_error_not_a_crash(
         await pool.close()
 
 
-async def test_records_of_before_with_one_id_from_two_companies_are_two_events(infra: Infra) -> None:
-    """Records keyed by the bare id (no ``id_scope``: written before docs/0021, or by a
-    usage-meter of that version during a rolling upgrade) from two companies with one id: in
-    one batch, in two batches, optimistic or not, each company is charged once."""
+async def test_one_id_from_three_companies_is_three_events(infra: Infra) -> None:
+    """Three companies' events with one id (docs/0021): in one batch, in two batches,
+    optimistic or not, each company is charged once; the first posted keeps the bare key."""
     pool = await db.create_pool(infra.stack.database_url, "wallet_props", size=1)
     try:
         await db.migrate(pool, "wallet_props", "tally")
@@ -279,7 +275,7 @@ async def test_records_of_before_with_one_id_from_two_companies_are_two_events(i
         now, shared = datetime.now(UTC), uid("ev")
         a, b, c = uid("co"), uid("co"), uid("co")
 
-        def old(cid: str, amount: int) -> RecordedUsage:
+        def used(cid: str, amount: int) -> RecordedUsage:
             return RecordedUsage(
                 event_id=shared,
                 company_id=cid,
@@ -294,11 +290,11 @@ async def test_records_of_before_with_one_id_from_two_companies_are_two_events(i
 
         async with pool.acquire() as conn:
             async with conn.transaction():  # one batch, A's first
-                assert (await apply_usage(conn, [old(a, 1), old(b, 2)], optimistic=True)).posted == 2
+                assert (await apply_usage(conn, [used(a, 1), used(b, 2)], optimistic=True)).posted == 2
             for optimistic in (True, False):  # a later batch: C's is new, A's and B's are not
                 with contextlib.suppress(asyncpg.UniqueViolationError):
                     async with conn.transaction():
-                        batch = [old(b, 2), old(c, 3), old(a, 1)]
+                        batch = [used(b, 2), used(c, 3), used(a, 1)]
                         assert (await apply_usage(conn, batch, optimistic=optimistic)).posted == 1
             for cid, amount in ((a, 1), (b, 2), (c, 3)):
                 wallet = await storage.get_wallet(conn, f"company:{cid}")

@@ -68,20 +68,6 @@ def test_the_wallet_reads_usage_recorded_as_the_schema_does() -> None:
     assert without_account.account_id is None  # and a field it does not know is ignored
 
 
-def test_an_event_is_keyed_by_its_company_and_its_id_and_earlier_records_by_the_id() -> None:
-    """Event ids are unique within a company (docs/0021): usage-meter marks what it records
-    (``id_scope``), and the wallet keys a marked record by company and id. A record of before
-    has no mark and keeps the key it was posted under, so a redelivery of it debits nothing."""
-    current = events.parse_usage_recorded(recorded_message())
-    assert current.id_scope == "company" and current.key == f"{current.company_id}/{current.event_id}"
-    earlier = events.parse_usage_recorded(recorded_message(id_scope=None))
-    assert earlier.key == earlier.event_id
-    # ``/`` is in no id's pattern: a company's key is never another's, nor an earlier bare id
-    assert events.usage_key("a", "b:c") != events.usage_key("a:b", "c")
-    with pytest.raises(events.BadMessage, match="id_scope"):  # only the one scope there is
-        events.parse_usage_recorded(recorded_message(id_scope="platform"))
-
-
 @pytest.mark.parametrize(
     ("broken", "reason"),
     [

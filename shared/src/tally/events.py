@@ -119,10 +119,8 @@ _KeyPart = Annotated[str, StringConstraints(pattern=r"^[^/]*$")]
 # The wallet reads this with ``RecordedUsage`` (msgspec), to the same rules: a unit test holds
 # the two to the same values and verdicts.
 class UsageRecorded(Payload):
-    """A usage event usage-meter accepted and priced. ``id_scope`` is ``company`` when
-    ``event_id`` is unique within ``company_id`` only (API.md: every record since 2026-12-05);
-    absent on earlier records, whose ids were unique platform-wide. The wallet keys each
-    record's ledger lines and messages by ``usage_key`` accordingly."""
+    """A usage event usage-meter accepted and priced. ``event_id`` is unique within
+    ``company_id`` (docs/0021): another company's event may have the same id."""
 
     event_id: _KeyPart
     company_id: _KeyPart
@@ -134,15 +132,13 @@ class UsageRecorded(Payload):
     unit_price_micros: PricedMicros
     platform_amount_micros: PricedMicros
     currency: str
-    id_scope: Literal["company"] | None = None
 
 
-def usage_key(company_id: str, event_id: str, id_scope: str | None = "company") -> str:
+def usage_key(company_id: str, event_id: str) -> str:
     """A usage event's key across the platform: its company and its id (event ids are unique
-    within a company, API.md). ``/`` is in neither id's pattern (``tally.ids``), so a key never
-    names two events, and never equals the bare event id an earlier record (``id_scope``
-    absent, ids then unique platform-wide) is keyed by."""
-    return f"{company_id}/{event_id}" if id_scope == "company" else event_id
+    within a company, docs/0021). ``/`` is in neither id's pattern (``tally.ids``), so a key
+    names one event and never equals a bare event id."""
+    return f"{company_id}/{event_id}"
 
 
 # --- wallet ------------------------------------------------------------------------------
@@ -656,12 +652,6 @@ class RecordedUsage(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     unit_price_micros: Annotated[int, msgspec.Meta(ge=0)]
     platform_amount_micros: Annotated[int, msgspec.Meta(ge=0)]
     currency: str
-    id_scope: Literal["company"] | None = None
-
-    @property
-    def key(self) -> str:
-        """The event's key across the platform (``usage_key``)."""
-        return usage_key(self.company_id, self.event_id, self.id_scope)
 
 
 class _RecordedMessage(msgspec.Struct, gc=False):

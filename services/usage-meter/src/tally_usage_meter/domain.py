@@ -153,7 +153,6 @@ class _Recorded(msgspec.Struct, gc=False):
     unit_price_micros: int
     platform_amount_micros: int
     currency: str
-    id_scope: str = "company"  # the event id is unique within its company (UsageRecorded)
 
 
 RECORDED = "usage.recorded"

@@ -1,8 +1,8 @@
 """Applying ``usage.recorded`` batches. Each event debits the company wallet at the platform
 price (credit: platform revenue); then, where the account is rebilled, the account wallet at
 the company price (credit: the company's revenue). Both legs go in the same transaction as the
-rest of the batch; both are keyed by the event's ``usage_key`` (its company and its id: event
-ids are unique within a company), so a redelivered event changes nothing.
+rest of the batch; both are keyed by the event's id, or by its company and its id when another
+company's event holds that id (``_fresh``, docs/0021), so a redelivered event changes nothing.
 Usage that already happened is always recorded, even when it takes a balance below zero."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import msgspec
 from prometheus_client import Counter
 
 from tally import outbox
@@ -53,38 +52,36 @@ def account_leg_key(key: str) -> str:
 
 
 def _fresh(batch: Sequence[RecordedUsage], seen: dict[str, str]) -> list[tuple[RecordedUsage, str]]:
-    """The records not posted before, each once, with the key each is posted under
-    (``RecordedUsage.key``). ``seen`` maps the company-leg keys posted (in the ledger, then in
-    this batch) to the company wallet they debited.
+    """The records not posted before, each once, with the key each is posted under. ``seen``
+    maps the company-leg keys posted (in the ledger, then in this batch) to the company
+    wallet they debited.
 
-    A record without ``id_scope`` is keyed by its bare event id, as when it was written. If
-    that key is another company's, the record is another company's event with the same id,
-    not a redelivery: a usage-meter of the version before, running beside a migrated one
-    during a rolling upgrade, accepts it (docs/0021). It is keyed by its company instead."""
+    An event is keyed by its id, as every event was before docs/0021, unless that key is
+    already another company's: then the event is another company's with the same id, and it
+    is keyed by its company and its id (``usage_key``). Which company holds an id's bare key
+    is settled by the first posting of it, and lines are never deleted, so every later
+    delivery of either event finds its own line: a redelivery, or a re-send after usage-meter
+    forgot the id (docs/0007), is never charged again, whenever the event was first posted."""
     fresh = []
     for u in batch:
-        key = u.key
+        wallet = company_wallet_id(u.company_id)
+        key = u.event_id
         leg = company_leg_key(key)
-        wallet = ""  # compared for bare keys only: a company's key is its own
-        if u.id_scope is None:
-            wallet = company_wallet_id(u.company_id)
-            if seen.get(leg, wallet) != wallet:
-                u = msgspec.structs.replace(u, id_scope="company")
-                key = u.key
-                leg = company_leg_key(key)
-        if leg not in seen:
+        holder = seen.get(leg)
+        if holder is not None and holder != wallet:  # another company's event has this id
+            key = usage_key(u.company_id, u.event_id)
+            leg = company_leg_key(key)
+            holder = seen.get(leg)
+        if holder is None:
             seen[leg] = wallet  # also dedupes repeats inside this batch
             fresh.append((u, key))
     return fresh
 
 
 def _looked_up(batch: Sequence[RecordedUsage]) -> list[str]:
-    """The company-leg keys a batch's records may have been posted under: a record without
-    ``id_scope`` under its bare id or, if that was another company's, under its company's
-    key (``_fresh``)."""
-    keys = [company_leg_key(u.key) for u in batch]
-    keys += [company_leg_key(usage_key(u.company_id, u.event_id)) for u in batch if u.id_scope is None]
-    return keys
+    """The company-leg keys a batch's records may have been posted under (``_fresh``)."""
+    keys = [company_leg_key(u.event_id) for u in batch]
+    return keys + [company_leg_key(usage_key(u.company_id, u.event_id)) for u in batch]
 
 
 def _want(
@@ -120,8 +117,10 @@ async def apply_usage(
     before, the unique transfer key makes the insert fail (``asyncpg.UniqueViolationError``)
     and the caller rolls back and posts again without ``optimistic``. Redeliveries are rare,
     so the common batch saves a lookup per event."""
-    seen = {} if optimistic else await storage.debited_by_key(conn, _looked_up(batch))
-    fresh = [(u, key) for u, key in _fresh(batch, seen) if u.platform_amount_micros > 0]
+    # Zero amounts post nothing, so they claim no key either (a tiny quantity rounded down).
+    nonzero = [u for u in batch if u.platform_amount_micros > 0]
+    seen = {} if optimistic else await storage.debited_by_key(conn, _looked_up(nonzero))
+    fresh = _fresh(nonzero, seen)
     SKIPPED.inc(len(batch) - len(fresh))
     if not fresh:
         return Outcome(0, len(batch))
