@@ -313,7 +313,6 @@ class Watcher:
         self.conn = conn
         self.seen: dict[str, float] = {}
         self.last_id = 0  # the newest ledger line read for samples (``read_from_now``)
-        self.first_id = 0  # the newest ledger line before the phase (``read_from_now``)
         self._swept = 0.0
         self.procs = processes(stack)
         self.peak = dict.fromkeys(self.procs, 0)
@@ -324,7 +323,6 @@ class Watcher:
         measured phase starts: otherwise its first poll reads every line of the phases before,
         in one query in the driver's loop, and delays the sends it measures."""
         self.last_id = await self.conn.fetchval("SELECT coalesce(max(id), 0) FROM transfers")
-        self.first_id = self.last_id
 
     def cpu_start(self) -> None:
         self._cpu0 = cpu_seconds(self.procs)
@@ -391,7 +389,7 @@ class Watcher:
         key) rather than looking up every waiting sample's key: at 5,000/s that was ~400 index
         probes every 10 ms, load on the Postgres under test. A line committed out of id order
         (never, with one wallet consumer) would be missed by the range; samples older than a
-        second are therefore also looked up among the phase's lines, once a second. Only the pending samples
+        second are therefore also looked up by key, once a second. Only the pending samples
         are walked (a poll every 10 ms over all of a phase's samples was the driver's CPU)."""
         pending = driver.pending
         if not pending:
@@ -410,10 +408,9 @@ class Watcher:
             self._swept = t
             late = [e for e in pending if t - driver.sent[e] > 1.0]
             if late:
-                for r in await self.conn.fetch(  # the phase's lines only: a range of the key
-                    "SELECT usage_event_id FROM transfers WHERE id > $2 AND usage_event_id = ANY($1)",
-                    late,
-                    self.first_id,
+                for r in await self.conn.fetch(
+                    "SELECT usage_event_id FROM transfers WHERE key = ANY($1)",
+                    [f"usage:{e}:company" for e in late],
                 ):
                     pending.discard(r["usage_event_id"])
                     self.seen[r["usage_event_id"]] = t
@@ -767,8 +764,7 @@ async def company_legs(conn: asyncpg.Connection, run: str) -> int:
     """The ledger's company legs of this run's usage (every event has one)."""
     return int(
         await conn.fetchval(
-            "SELECT count(*) FROM transfers WHERE kind = 'usage' AND key LIKE $1",
-            f"usage:{run}-co%/{run}-%:company",
+            "SELECT count(*) FROM transfers WHERE kind = 'usage' AND key LIKE $1", f"usage:{run}-%:company"
         )
     )
 

@@ -66,7 +66,6 @@ def make_events(n: int, run: str) -> tuple[list[tuple[str, dict[str, object]]], 
                         "unit_price_micros": amount,
                         "platform_amount_micros": amount,
                         "currency": "USD",
-                        "id_scope": "company",
                     },
                 },
             )

@@ -190,10 +190,10 @@ class Chaos:
     # --- verification --------------------------------------------------------------------
 
     async def _settled(self, conn: dict[str, asyncpg.Connection]) -> bool:
-        accepted = list(self.accepted.values())
+        accepted = list(self.accepted)
         applied = await conn["wallet"].fetchval(
             "SELECT count(*) FROM transfers WHERE key = ANY($1::text[])",
-            [f"usage:{e['company_id']}/{e['event_id']}:company" for e in accepted],
+            [f"usage:{e}:company" for e in accepted],
         )
         pending = await conn["recharge"].fetchval(
             "SELECT count(*) FROM recharge_attempts WHERE status = 'pending' "
