@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from tally.events import UsageEvent, encoded_envelope, usage_key
+from tally.events import UsageEvent, encoded_envelope
 from tally.money import MAX_MICROS, MoneyError, parse_decimal, price_usage
 
 MAX_QUANTITY = Decimal(1_000_000_000)
@@ -178,4 +178,5 @@ def recorded_message(p: Priced, recorded_at: datetime, recorded_text: str | None
         p.amount_micros,
         p.price.currency,
     )
-    return encoded_envelope("usage:" + usage_key(e.company_id, e.event_id), RECORDED, recorded, SOURCE, data)
+    # the id is "usage:" + tally.events.usage_key (an event id is unique within its company)
+    return encoded_envelope(f"usage:{e.company_id}/{e.event_id}", RECORDED, recorded, SOURCE, data)

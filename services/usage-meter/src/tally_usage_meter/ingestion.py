@@ -127,23 +127,23 @@ def _settle(
     batch: Sequence[UsageEvent],
     outcome: Sequence[Priced | Rejected | None],
     traceparents: Sequence[str | None],
-    new_ids: set[tuple[str, str]],
+    new_ids: set[tuple[str, str]] | None,
     earlier: set[tuple[str, str]],
     now: datetime,
 ) -> tuple[list[Result], list[outbox.Row]]:
     """One result per event, and the ``usage.recorded`` message of each accepted one.
-    ``new_ids`` (claimed now) and ``earlier`` (accepted before) hold ``(company_id,
-    event_id)``s."""
+    ``new_ids`` (claimed now; None: every priced event is new) and ``earlier`` (accepted
+    before) hold ``(company_id, event_id)``s."""
     rows: list[outbox.Row] = []
     results = []
     now_text = now.isoformat()
     for event, checked, traceparent in zip(batch, outcome, traceparents, strict=True):
-        key = (event.company_id, event.event_id)
-        if isinstance(checked, Rejected) and key in earlier:
-            results.append(Result(event.event_id, "duplicate"))
-        elif isinstance(checked, Rejected):
-            results.append(Result(event.event_id, "rejected", checked.code, checked.message))
-        elif checked is None or key not in new_ids:
+        if isinstance(checked, Rejected):
+            if earlier and (event.company_id, event.event_id) in earlier:
+                results.append(Result(event.event_id, "duplicate"))
+            else:
+                results.append(Result(event.event_id, "rejected", checked.code, checked.message))
+        elif checked is None or (new_ids is not None and (event.company_id, event.event_id) not in new_ids):
             results.append(Result(event.event_id, "duplicate"))
         else:
             message = recorded_message(checked, now, now_text)
@@ -208,8 +208,7 @@ async def ingest_at_once(
     was accepted before (or ``DeadlockDetectedError`` when a group racing this one claims the
     same ids): nothing was recorded, and ``ingest`` in a unit of work sorts it out."""
     now, outcome, priced, earlier = await _judged(conn, batch, directory)
-    new_ids = {(p.event.company_id, p.event.event_id) for p in priced}
-    results, rows = _settle(batch, outcome, traceparents, new_ids, earlier, now)
+    results, rows = _settle(batch, outcome, traceparents, None, earlier, now)
     if rows:
         await storage.record_all_new(
             conn, [p.event.event_id for p in priced], [p.event.company_id for p in priced], rows
