@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import random
-from datetime import UTC, datetime
 from typing import Any
 
-from tests.support.builders import GOOD, Agency, attach, configure, funded, recharges, wait_balance
+from tests.support.builders import (
+    GOOD,
+    Agency,
+    attach,
+    configure,
+    funded,
+    recharges,
+    recorded_message,
+    usage_event,
+    wait_balance,
+)
 from tests.support.stack import Tally, eventually, uid
 
 SMS = 7900  # micros per sms
-
-
-def ev(cid: str, eid: str, service: str = "sms", quantity: str = "1", **kw: str) -> dict[str, str]:
-    return {"event_id": eid, "company_id": cid, "service": service, "quantity": quantity, **kw}
 
 
 async def usage_lines(tally: Tally, cid: str) -> list[dict[str, Any]]:
@@ -49,7 +54,7 @@ async def ids_by_company(
 
 async def sentinel(tally: Tally, cid: str) -> None:
     """A later event of the company in the ledger: anything before it was applied."""
-    e = ev(cid, uid("sentinel"), service="email")
+    e = usage_event(cid, uid("sentinel"), service="email")
     r = await tally.post_usage(e)
     assert r.json()["results"][0]["status"] == "accepted", r.text
     await tally.wait_applied(cid, e["event_id"])
@@ -63,12 +68,12 @@ async def test_same_ids_many_companies_concurrent_requests(tally: Tally) -> None
     ids = [uid("shared") for _ in range(20)]
     requests: list[list[dict[str, str]]] = []
     for c in cs:
-        batch = [ev(c, e) for e in ids]
+        batch = [usage_event(c, e) for e in ids]
         for _ in range(3):
             b = batch[:]
             rng.shuffle(b)
             requests.append(b)
-        requests += [[ev(c, e)] for e in rng.sample(ids, 5)]
+        requests += [[usage_event(c, e)] for e in rng.sample(ids, 5)]
     rng.shuffle(requests)
     responses = await asyncio.gather(*[tally.post_usage({"events": b}) for b in requests])
     assert all(r.status_code == 202 for r in responses), [r.text for r in responses if r.status_code != 202]
@@ -99,7 +104,7 @@ async def test_rebilled_accounts_same_id_each_at_own_markup(tally: Tally) -> Non
     await x.fund("10", ax)
     await y.fund("10", ay)
     shared = uid("ev")
-    both = [ev(x.cid, shared, account_id=ax), ev(y.cid, shared, account_id=ay)]
+    both = [usage_event(x.cid, shared, account_id=ax), usage_event(y.cid, shared, account_id=ay)]
     r = await tally.post_usage({"events": both})
     assert [v["status"] for v in r.json()["results"]] == ["accepted", "accepted"], r.text
     r = await tally.post_usage({"events": both})
@@ -135,7 +140,7 @@ async def test_colon_ids_cannot_make_ambiguous_keys(tally: Tally) -> None:
         assert r.status_code == 201, r.text
     e1, e2 = "r", "q:r"
     tricky = ["x", "x:company", "x:account", "x:0", "x:company:company"]
-    body = [ev(c1, e1), ev(c2, e2)] + [ev(c2, t) for t in tricky]
+    body = [usage_event(c1, e1), usage_event(c2, e2)] + [usage_event(c2, t) for t in tricky]
     r = await tally.post_usage({"events": body})
     assert [v["status"] for v in r.json()["results"]] == ["accepted"] * len(body), r.text
     for c in (c1, c2):
@@ -151,26 +156,26 @@ async def test_other_companys_id_never_answers_duplicate_when_refused(tally: Tal
     """Information leak: A used id x; B's x refused for B's own reason must say rejected."""
     a = await funded(tally, "10")
     shared = uid("ev")
-    r = await tally.post_usage(ev(a, shared))
+    r = await tally.post_usage(usage_event(a, shared))
     assert r.json()["results"][0]["status"] == "accepted"
     b = uid("co")  # unknown service: rejected for B
-    r = await tally.post_usage(ev(b, shared, service="no-such-service"))
+    r = await tally.post_usage(usage_event(b, shared, service="no-such-service"))
     res = r.json()["results"][0]
     assert res["status"] == "rejected" and res["error"]["code"] == "unknown_service", res
     # B suspended (wallet below zero), then posts A's id: rejected, not duplicate
     b = await funded(tally, "0.001")
-    first = ev(b, uid("ev"))
+    first = usage_event(b, uid("ev"))
     assert (await tally.post_usage(first)).json()["results"][0]["status"] == "accepted"
 
     async def refused() -> dict[str, Any] | None:
-        res = (await tally.post_usage(ev(b, uid("probe")))).json()["results"][0]
+        res = (await tally.post_usage(usage_event(b, uid("probe")))).json()["results"][0]
         return res if res["status"] == "rejected" else None
 
     await eventually(refused, what="B suspended")
-    res = (await tally.post_usage(ev(b, shared))).json()["results"][0]
+    res = (await tally.post_usage(usage_event(b, shared))).json()["results"][0]
     assert res["status"] == "rejected" and res["error"]["code"] == "agency_wallet_empty", res
     # A's retry is still duplicate (A's own fact)
-    r = await tally.post_usage(ev(a, shared, service="no-such-service"))
+    r = await tally.post_usage(usage_event(a, shared, service="no-such-service"))
     assert r.json()["results"][0]["status"] == "duplicate", r.text
 
 
@@ -182,7 +187,7 @@ async def test_same_id_crossing_threshold_recharges_both(tally: Tally) -> None:
         await wait_balance(ag, "5.000000")  # preloaded: 0 + 5 reaches 1
     shared = uid("ev")
     # 5 - 0.0079*600 = 0.26 < 1: both cross the threshold with the same event id
-    both = [ev(x.cid, shared, quantity="600"), ev(y.cid, shared, quantity="600")]
+    both = [usage_event(x.cid, shared, quantity="600"), usage_event(y.cid, shared, quantity="600")]
     r = await tally.post_usage({"events": both})
     assert [v["status"] for v in r.json()["results"]] == ["accepted", "accepted"], r.text
     for ag in (x, y):
@@ -195,24 +200,6 @@ async def test_same_id_crossing_threshold_recharges_both(tally: Tally) -> None:
     )
 
 
-def recorded(cid: str, eid: str, amount: int, account: str | None = None) -> dict[str, Any]:
-    """A ``usage.recorded`` as usage-meter writes it."""
-    now = datetime.now(UTC).isoformat()
-    data: dict[str, Any] = {
-        "event_id": eid,
-        "company_id": cid,
-        "account_id": account,
-        "service": "sms",
-        "quantity": "1",
-        "occurred_at": now,
-        "recorded_at": now,
-        "unit_price_micros": amount,
-        "platform_amount_micros": amount,
-        "currency": "USD",
-    }
-    return {"id": f"usage:{cid}/{eid}", "type": "usage.recorded", "time": now, "source": "test", "data": data}
-
-
 async def test_an_event_sent_again_after_usage_meter_forgot_it_is_charged_once(tally: Tally) -> None:
     """docs/0007: usage-meter forgets an id after its window; a re-send is then accepted again
     and the ledger's key catches it. Events posted before docs/0021 hold bare keys: the same
@@ -221,7 +208,7 @@ async def test_an_event_sent_again_after_usage_meter_forgot_it_is_charged_once(t
     shared = uid("ev")
     for cid in (a, b, a, b):  # each company's event, then each sent again after being forgotten
         await tally.sql("usage_meter", "DELETE FROM ingested WHERE event_id = $1", shared)
-        r = await tally.post_usage(ev(cid, shared))
+        r = await tally.post_usage(usage_event(cid, shared))
         assert r.json()["results"][0]["status"] == "accepted", r.text
         await sentinel(tally, cid)
     for cid in (a, b):
@@ -250,11 +237,11 @@ async def test_a_replica_of_the_version_before_cannot_lose_another_companys_even
         assert [r["event_id"] for r in await tally.sql("usage_meter", old_claim, [shared], [cid])] == [shared]
     # what the old replica then writes for each (recorded_message before 473ff8e: bare id),
     # B's first in one run of the wallet's batch and again after A's is in the ledger
-    await tally.produce("usage.recorded", recorded(a, shared, 1000), key=a)
-    await tally.produce("usage.recorded", recorded(b, shared, 3000), key=b)
+    await tally.produce("usage.recorded", recorded_message(a, shared, 1000), key=a)
+    await tally.produce("usage.recorded", recorded_message(b, shared, 3000), key=b)
     await sentinel(tally, a)
     await sentinel(tally, b)
-    await tally.produce("usage.recorded", recorded(b, shared, 3000), key=b)  # redelivered
+    await tally.produce("usage.recorded", recorded_message(b, shared, 3000), key=b)  # redelivered
     await sentinel(tally, b)
     la = [t["amount"] for t in await usage_lines(tally, a) if t["usage_event_id"] == shared]
     lb = [t["amount"] for t in await usage_lines(tally, b) if t["usage_event_id"] == shared]
@@ -267,48 +254,15 @@ async def test_a_record_whose_id_would_take_another_events_key_is_dead_lettered(
     id's pattern: such a record is dead-lettered."""
     a = await funded(tally, "10")
     x = uid("ev")
-    forged = recorded(a, f"{a}/{x}", 1)
+    forged = recorded_message(a, f"{a}/{x}", 1)
     await tally.produce("usage.recorded", forged, key=a)
     dead = await tally.find_on_topic("usage.recorded.dlq", lambda d: forged["id"] in d.get("message", ""))
     assert dead["failed_by"] == "wallet" and "'/'" in dead["error"]
-    r = await tally.post_usage(ev(a, x))
+    r = await tally.post_usage(usage_event(a, x))
     assert r.json()["results"][0]["status"] == "accepted", r.text
     await sentinel(tally, a)
     lines = [t["amount"] for t in await usage_lines(tally, a) if t["usage_event_id"] in (x, f"{a}/{x}")]
     assert lines == ["-0.007900"], lines
-
-
-async def test_http_and_ingest_topic_race_on_same_ids(tally: Tally) -> None:
-    """The same ids for 5 companies through HTTP (concurrent) and usage.ingest at once."""
-    cs = [await funded(tally, "100") for _ in range(5)]
-    ids = [uid("race") for _ in range(30)]
-    rng = random.Random(3)
-
-    async def over_topic() -> None:
-        for e in ids:
-            for c in rng.sample(cs, len(cs)):
-                await tally.produce("usage.ingest", ev(c, e), key=c)
-
-    async def over_http() -> list[Any]:
-        reqs = []
-        for c in cs:
-            b = [ev(c, e) for e in ids]
-            rng.shuffle(b)
-            reqs += [b[:15], b[15:], b]
-        return await asyncio.gather(*[tally.post_usage({"events": b}) for b in reqs])
-
-    _, responses = await asyncio.gather(over_topic(), over_http())
-    assert all(r.status_code == 202 for r in responses), [r.text for r in responses if r.status_code != 202]
-    for c in cs:
-
-        async def done(c: str = c) -> list[dict[str, Any]] | None:
-            lines = [t for t in await usage_lines(tally, c) if t["usage_event_id"] in ids]
-            return lines if len(lines) >= len(ids) else None
-
-        await eventually(done, what=f"{c}'s {len(ids)} events")
-        await sentinel(tally, c)
-        lines = [t for t in await usage_lines(tally, c) if t["usage_event_id"] in ids]
-        assert sorted(t["usage_event_id"] for t in lines) == sorted(ids), c
 
 
 async def test_rebilled_account_suspension_with_same_id_reaches_usage_meter(tally: Tally) -> None:
@@ -323,7 +277,7 @@ async def test_rebilled_account_suspension_with_same_id_reaches_usage_meter(tall
     await y.fund("0.001", ay)
     shared = uid("ev")
     r = await tally.post_usage(
-        {"events": [ev(x.cid, shared, account_id=ax), ev(y.cid, shared, account_id=ay)]}
+        {"events": [usage_event(x.cid, shared, account_id=ax), usage_event(y.cid, shared, account_id=ay)]}
     )
     assert [v["status"] for v in r.json()["results"]] == ["accepted", "accepted"], r.text
     await ids_by_company(
@@ -332,7 +286,9 @@ async def test_rebilled_account_suspension_with_same_id_reaches_usage_meter(tall
     for ag, aid in ((x, ax), (y, ay)):
 
         async def refused(ag: Agency = ag, aid: str = aid) -> dict[str, Any] | None:
-            res = (await tally.post_usage(ev(ag.cid, uid("probe"), account_id=aid))).json()["results"][0]
+            res = (await tally.post_usage(usage_event(ag.cid, uid("probe"), account_id=aid))).json()[
+                "results"
+            ][0]
             return res if res["status"] == "rejected" else None
 
         res = await eventually(refused, what=f"{aid} refused")
@@ -341,5 +297,7 @@ async def test_rebilled_account_suspension_with_same_id_reaches_usage_meter(tall
         # probes accepted before the suspension landed were charged too
         assert w["status"] == "suspended" and w["balance"].startswith("-"), w
         # the company's own usage (no account) still accepted
-        res = (await tally.post_usage(ev(ag.cid, uid("probe"), service="email"))).json()["results"][0]
+        res = (await tally.post_usage(usage_event(ag.cid, uid("probe"), service="email"))).json()["results"][
+            0
+        ]
         assert res["status"] == "accepted", res

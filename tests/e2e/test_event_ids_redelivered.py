@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -19,36 +18,10 @@ from aiokafka import AIOKafkaProducer
 
 from tally.money import apply_markup
 from tally_wallet.storage import LEDGER_BALANCES
-from tests.support.builders import Agency, funded
+from tests.support.builders import Agency, funded, recorded_message, usage_event
 from tests.support.stack import Tally, eventually, uid
 
 SMS = 7900
-
-
-def rec(cid: str, eid: str, amount: int, account: str | None = None) -> dict[str, Any]:
-    now = datetime.now(UTC).isoformat()
-    return {
-        "id": f"usage:{cid}/{eid}",
-        "type": "usage.recorded",
-        "time": now,
-        "source": "test",
-        "data": {
-            "event_id": eid,
-            "company_id": cid,
-            "account_id": account,
-            "service": "sms",
-            "quantity": "1",
-            "occurred_at": now,
-            "recorded_at": now,
-            "unit_price_micros": amount,
-            "platform_amount_micros": amount,
-            "currency": "USD",
-        },
-    }
-
-
-def ev(cid: str, eid: str, service: str = "sms", quantity: str = "1", **kw: str) -> dict[str, str]:
-    return {"event_id": eid, "company_id": cid, "service": service, "quantity": quantity, **kw}
 
 
 async def group(p: AIOKafkaProducer, records: list[dict[str, Any]], partition: int) -> None:
@@ -72,7 +45,7 @@ async def drain(tally: Tally, p: AIOKafkaProducer, timeout: float = 60) -> None:
     for part in parts:
         e = uid("sent")
         eids.append(e)
-        await group(p, [rec(sc, e, 1)], part)
+        await group(p, [recorded_message(sc, e, 1)], part)
 
     async def done() -> bool:
         rows = await tally.sql(
@@ -114,8 +87,8 @@ async def test_redeliveries_in_any_grouping_order_and_partition(
     zero = await funded(tally, "100")
     ids = [uid("g") for _ in range(12)]
     amount = {(c, e): rng.randint(1, 100_000) for c in cs for e in ids}
-    records = [rec(c, e, a) for (c, e), a in amount.items()]
-    zeros = [rec(zero, e, 0) for e in ids]
+    records = [recorded_message(c, e, a) for (c, e), a in amount.items()]
+    zeros = [recorded_message(zero, e, 0) for e in ids]
     parts = sorted(await producer.partitions_for("usage.recorded"))
 
     def groups(rs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -167,11 +140,11 @@ async def test_resend_after_forget_concurrently_many_companies_rebilled(tally: T
     def bodies() -> list[list[dict[str, str]]]:
         reqs = []
         for c in cs:
-            b = [ev(c, e) for e in ids]
+            b = [usage_event(c, e) for e in ids]
             for _ in range(2):
                 rng.shuffle(b)
                 reqs.append(b[:])
-        b = [ev(ag.cid, e, account_id=acct) for e in ids]
+        b = [usage_event(ag.cid, e, account_id=acct) for e in ids]
         reqs += [b[:], b[::-1]]
         rng.shuffle(reqs)
         return reqs
@@ -191,7 +164,7 @@ async def test_resend_after_forget_concurrently_many_companies_rebilled(tally: T
         assert len(accepted) == 5 * len(ids) and set(accepted.values()) == {1}, (round_, accepted)
     for c in [*cs, ag.cid]:
         sentinel = uid("s")
-        r = await tally.post_usage(ev(c, sentinel, service="email"))
+        r = await tally.post_usage(usage_event(c, sentinel, service="email"))
         assert r.json()["results"][0]["status"] == "accepted"
         await tally.wait_applied(c, sentinel)
     lines = await usage_lines(tally, ids)
@@ -216,9 +189,9 @@ async def test_zero_amount_shares_id_with_real_event(tally: Tally, producer: AIO
     B is charged once, A never, C once."""
     a, b, c = await funded(tally, "10"), await funded(tally, "10"), await funded(tally, "10")
     x = uid("z")
-    r = await tally.post_usage(ev(a, x, service="email", quantity="0.0001"))
+    r = await tally.post_usage(usage_event(a, x, service="email", quantity="0.0001"))
     assert r.json()["results"][0]["status"] == "accepted", r.text
-    r = await tally.post_usage(ev(b, x))
+    r = await tally.post_usage(usage_event(b, x))
     assert r.json()["results"][0]["status"] == "accepted", r.text
     await tally.wait_applied(b, x)
     # redeliver A's zero record together with B's, A's first, on one partition
@@ -228,10 +201,10 @@ async def test_zero_amount_shares_id_with_real_event(tally: Tally, producer: AIO
     for part in sorted(await producer.partitions_for("usage.recorded")):
         await group(producer, [rec_a, rec_b, rec_a], part)
     await tally.sql("usage_meter", "DELETE FROM ingested WHERE event_id = $1", x)
-    both = [ev(a, x, service="email", quantity="0.0001"), ev(b, x)]
+    both = [usage_event(a, x, service="email", quantity="0.0001"), usage_event(b, x)]
     r = await tally.post_usage({"events": both})
     assert [v["status"] for v in r.json()["results"]] == ["accepted", "accepted"], r.text
-    r = await tally.post_usage(ev(c, x))
+    r = await tally.post_usage(usage_event(c, x))
     assert r.json()["results"][0]["status"] == "accepted", r.text
     await tally.wait_applied(c, x)
     await drain(tally, producer)
@@ -253,7 +226,7 @@ async def test_same_ids_on_different_partitions_at_the_same_moment(
     cs = [await funded(tally, "1000") for _ in parts]
     ids = [f"{uid('p')}-{i}" for i in range(400)]
     amount = {(c, e): rng.randint(1, 50_000) for c in cs for e in ids}
-    per = {c: [rec(c, e, amount[(c, e)]) for e in ids] for c in cs}
+    per = {c: [recorded_message(c, e, amount[(c, e)]) for e in ids] for c in cs}
 
     async def stream(c: str, part: int) -> None:
         rs = per[c]
@@ -285,7 +258,7 @@ async def test_resend_after_forget_over_topic_and_http_at_once_one_debited_each(
     rng = random.Random(17)
     cs = [await funded(tally, "100") for _ in range(3)]
     ids = [uid("t") for _ in range(10)]
-    r = await tally.post_usage({"events": [ev(c, e) for e in ids for c in rng.sample(cs, 3)]})
+    r = await tally.post_usage({"events": [usage_event(c, e) for e in ids for c in rng.sample(cs, 3)]})
     assert {v["status"] for v in r.json()["results"]} == {"accepted"}, r.text
     for _ in range(2):
         await tally.sql("usage_meter", "DELETE FROM ingested WHERE event_id = ANY($1::text[])", ids)
@@ -293,12 +266,12 @@ async def test_resend_after_forget_over_topic_and_http_at_once_one_debited_each(
         async def topic() -> None:
             for e in ids:
                 for c in rng.sample(cs, 3):
-                    await tally.produce("usage.ingest", ev(c, e), key=c)
+                    await tally.produce("usage.ingest", usage_event(c, e), key=c)
 
         async def http() -> list[Any]:
             reqs = []
             for c in cs:
-                b = [ev(c, e) for e in ids]
+                b = [usage_event(c, e) for e in ids]
                 rng.shuffle(b)
                 reqs += [b[:5], b[5:], b]
             return await asyncio.gather(*[tally.post_usage({"events": b}) for b in reqs])
@@ -329,7 +302,7 @@ async def test_resend_after_forget_over_topic_and_http_at_once_one_debited_each(
         assert await company_balance(tally, c) == 100_000_000 - len(ids) * SMS, c
     await ledger_consistent(tally)
     sc = uid("endco")
-    await group(producer, [rec(sc, "end", 5)], parts[0])
+    await group(producer, [recorded_message(sc, "end", 5)], parts[0])
     debited = await tally.topic_messages(
         "wallet.events",
         lambda m: m.get("type") == "wallet.debited" and m["data"].get("usage_event_id") in ids,
@@ -350,8 +323,8 @@ async def test_poison_record_in_a_batch_never_holds_the_key(tally: Tally, produc
     a, b, c = await funded(tally, "10"), await funded(tally, "10"), await funded(tally, "10")
     parts = sorted(await producer.partitions_for("usage.recorded"))
     x = uid("px")
-    poison = rec(a, x, 500, foreign)
-    rb, rc = rec(b, x, 700), rec(c, x, 900)
+    poison = recorded_message(a, x, 500, foreign)
+    rb, rc = recorded_message(b, x, 700), recorded_message(c, x, 900)
     await group(producer, [poison, rb, poison, rc], parts[0])
     await drain(tally, producer)
     for p_ in parts:

@@ -23,7 +23,7 @@ from tally_wallet import storage
 from tally_wallet.credits import credit
 from tally_wallet.domain import LedgerError, Transfer, Wallet, platform_revenue_wallet_id
 from tally_wallet.usage import apply_usage
-from tests.support.builders import run_in_fresh_loop
+from tests.support.builders import recorded_usage, run_in_fresh_loop
 from tests.support.stack import Infra, uid
 
 ACCOUNT_COMPANY = {"a1": "A", "a2": "B"}
@@ -272,21 +272,11 @@ async def test_one_id_from_three_companies_is_three_events(infra: Infra) -> None
     try:
         await db.migrate(pool, "wallet_props", "tally")
         await db.migrate(pool, "wallet_props", "tally_wallet")
-        now, shared = datetime.now(UTC), uid("ev")
+        shared = uid("ev")
         a, b, c = uid("co"), uid("co"), uid("co")
 
         def used(cid: str, amount: int) -> RecordedUsage:
-            return RecordedUsage(
-                event_id=shared,
-                company_id=cid,
-                service="ai",
-                quantity="1",
-                occurred_at=now,
-                recorded_at=now,
-                unit_price_micros=amount,
-                platform_amount_micros=amount,
-                currency="USD",
-            )
+            return recorded_usage(cid, shared, amount)
 
         async with pool.acquire() as conn:
             async with conn.transaction():  # one batch, A's first

@@ -6,8 +6,6 @@ fires only when a transaction has to wait for another's row)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import asyncpg
 import pytest
 
@@ -15,24 +13,14 @@ from tally import db
 from tally.events import RecordedUsage
 from tally_wallet.domain import platform_revenue_wallet_id
 from tally_wallet.usage import apply_usage
+from tests.support.builders import recorded_usage
 from tests.support.stack import Infra, uid
 
 SCHEMA = "wallet_partitions"
 
 
 def usage(company: str, amount: int) -> RecordedUsage:
-    now = datetime.now(UTC)
-    return RecordedUsage(
-        event_id=uid("ev"),
-        company_id=company,
-        service="sms",
-        quantity="1",
-        occurred_at=now,
-        recorded_at=now,
-        unit_price_micros=amount,
-        platform_amount_micros=amount,
-        currency="USD",
-    )
+    return recorded_usage(company, uid("ev"), amount)
 
 
 async def test_batches_of_different_partitions_share_no_wallet(infra: Infra) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import stripe
 
+from tally.events import RecordedUsage
 from tests.support.stack import Tally, eventually, uid
 
 GOOD = "4242424242424242"
@@ -71,6 +72,43 @@ async def funded(tally: Tally, amount: str = "1.00") -> str:
     )
     assert r.status_code == 201, r.text
     return cid
+
+
+def usage_event(cid: str, eid: str, service: str = "sms", quantity: str = "1", **kw: str) -> dict[str, str]:
+    """A usage event as a product posts it (``POST /v1/usage``, ``usage.ingest``)."""
+    return {"event_id": eid, "company_id": cid, "service": service, "quantity": quantity, **kw}
+
+
+def recorded_usage(cid: str, eid: str, amount: int, account: str | None = None) -> RecordedUsage:
+    """A ``usage.recorded`` payload as the wallet reads it: ``amount`` micros of sms, now."""
+    now = datetime.now(UTC)
+    return RecordedUsage(
+        event_id=eid,
+        company_id=cid,
+        account_id=account,
+        service="sms",
+        quantity="1",
+        occurred_at=now,
+        recorded_at=now,
+        unit_price_micros=amount,
+        platform_amount_micros=amount,
+        currency="USD",
+    )
+
+
+def recorded_message(cid: str, eid: str, amount: int, account: str | None = None) -> dict[str, Any]:
+    """``recorded_usage`` in its envelope, as usage-meter writes it to ``usage.recorded``."""
+    data = recorded_usage(cid, eid, amount, account)
+    body = {f: getattr(data, f) for f in data.__struct_fields__}
+    time = data.recorded_at.isoformat()
+    body["occurred_at"] = body["recorded_at"] = time
+    return {
+        "id": f"usage:{cid}/{eid}",
+        "type": "usage.recorded",
+        "time": time,
+        "source": "test",
+        "data": body,
+    }
 
 
 async def payment_intents(tally: Tally) -> list[dict[str, Any]]:

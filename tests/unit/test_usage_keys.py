@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tally.events import RecordedUsage
-from tally_wallet.domain import company_wallet_id
 from tally_wallet.usage import _fresh, _looked_up, company_leg_key
+from tests.support.builders import recorded_usage
 
 T = datetime(2026, 12, 5, tzinfo=UTC)
 COMPANIES = ("X", "Y", "Z")
@@ -21,38 +21,27 @@ EVENTS = ("e1", "e2", "e3")
 
 
 def usage(company: str, event: str) -> RecordedUsage:
-    amount = 0 if (company, event) == ("Z", "e3") else 100  # a quantity rounded to nothing
-    return RecordedUsage(
-        event_id=event,
-        company_id=company,
-        service="sms",
-        quantity="1",
-        occurred_at=T,
-        recorded_at=T,
-        unit_price_micros=amount,
-        platform_amount_micros=amount,
-        currency="USD",
-    )
+    zero = (company, event) == ("Z", "e3")  # a quantity rounded to nothing
+    return recorded_usage(company, event, 0 if zero else 100)
 
 
 class Conflict(Exception):
     """The ledger's unique key refused an insert: the whole batch rolled back."""
 
 
-Ledger = dict[str, tuple[str, str]]  # company-leg key -> (debited wallet, event id)
+Ledger = dict[str, tuple[str, str]]  # company-leg key -> (company charged, event id)
 
 
 def post(ledger: Ledger, batch: list[RecordedUsage], *, optimistic: bool) -> None:
-    """``apply_usage``'s keying, on a ledger in memory: zero amounts dropped, the keys looked up
-    unless optimistic, ``_fresh``, then every new line inserted or none."""
-    nonzero = [u for u in batch if u.platform_amount_micros > 0]
-    seen = {} if optimistic else {k: ledger[k][0] for k in _looked_up(nonzero) if k in ledger}
+    """``apply_usage``'s keying, on a ledger in memory: the keys looked up unless optimistic,
+    ``_fresh``, then every new line inserted or none."""
+    seen = {} if optimistic else {k: ledger[k][0] for k in _looked_up(batch) if k in ledger}
     lines = {}
-    for u, key in _fresh(nonzero, seen):
+    for u, key in _fresh(batch, seen):
         leg = company_leg_key(key)
         if leg in ledger or leg in lines:
             raise Conflict(leg)
-        lines[leg] = (company_wallet_id(u.company_id), u.event_id)
+        lines[leg] = (u.company_id, u.event_id)
     ledger.update(lines)
 
 
@@ -82,15 +71,15 @@ def test_every_event_is_charged_once_however_it_is_redelivered(
     for batch, careful in deliveries:
         on_usage(ledger, [usage(c, e) for c, e in batch], careful)
         delivered.update(batch)
-    charged = sorted((wallet, event) for wallet, event in ledger.values())
-    want = sorted((company_wallet_id(c), e) for c, e in delivered if usage(c, e).platform_amount_micros > 0)
+    charged = sorted(ledger.values())
+    want = sorted((c, e) for c, e in delivered if usage(c, e).platform_amount_micros > 0)
     assert charged == want
 
 
 def test_the_first_company_keeps_the_bare_key_and_another_is_keyed_by_its_company() -> None:
     ledger: Ledger = {}
     on_usage(ledger, [usage("X", "e1"), usage("Y", "e1")], careful=False)
-    assert ledger == {"usage:e1:company": ("company:X", "e1"), "usage:Y/e1:company": ("company:Y", "e1")}
+    assert ledger == {"usage:e1:company": ("X", "e1"), "usage:Y/e1:company": ("Y", "e1")}
     # redelivered the other way round, alone, or with a third company: nothing twice
     for batch in (
         [usage("Y", "e1"), usage("X", "e1")],

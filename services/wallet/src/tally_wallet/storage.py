@@ -68,12 +68,16 @@ async def existing_keys(conn: Conn, keys: Sequence[str]) -> set[str]:
     return {r["key"] for r in rows}
 
 
-async def debited_by_key(conn: Conn, keys: Sequence[str]) -> dict[str, str]:
-    """The ledger lines among ``keys``: each key's debited wallet."""
+async def usage_holders(conn: Conn, keys: Sequence[str]) -> dict[str, str]:
+    """The usage lines among ``keys`` (company legs): the company each one charged."""
     if not keys:
         return {}
-    rows = await conn.fetch("SELECT key, debit_wallet FROM transfers WHERE key = ANY($1::text[])", list(keys))
-    return {r["key"]: r["debit_wallet"] for r in rows}
+    rows = await conn.fetch(
+        "SELECT t.key, w.company_id FROM transfers t JOIN wallets w ON w.id = t.debit_wallet "
+        "WHERE t.key = ANY($1::text[])",
+        list(keys),
+    )
+    return {r["key"]: r["company_id"] for r in rows}
 
 
 async def lock_wallets(conn: Conn, wanted: Iterable[Wallet]) -> dict[str, Wallet]:

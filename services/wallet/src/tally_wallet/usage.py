@@ -52,9 +52,9 @@ def account_leg_key(key: str) -> str:
 
 
 def _fresh(batch: Sequence[RecordedUsage], seen: dict[str, str]) -> list[tuple[RecordedUsage, str]]:
-    """The records not posted before, each once, with the key each is posted under. ``seen``
-    maps the company-leg keys posted (in the ledger, then in this batch) to the company
-    wallet they debited.
+    """The records to post, each once, with the key each is posted under. ``seen`` maps the
+    company-leg keys posted (in the ledger, then in this batch) to the company they charged.
+    Zero amounts post nothing and claim no key (a tiny quantity rounded down).
 
     An event is keyed by its id, as every event was before docs/0021, unless that key is
     already another company's: then the event is another company's with the same id, and it
@@ -64,16 +64,17 @@ def _fresh(batch: Sequence[RecordedUsage], seen: dict[str, str]) -> list[tuple[R
     forgot the id (docs/0007), is never charged again, whenever the event was first posted."""
     fresh = []
     for u in batch:
-        wallet = company_wallet_id(u.company_id)
+        if u.platform_amount_micros <= 0:
+            continue
         key = u.event_id
         leg = company_leg_key(key)
         holder = seen.get(leg)
-        if holder is not None and holder != wallet:  # another company's event has this id
+        if holder is not None and holder != u.company_id:  # another company's event has this id
             key = usage_key(u.company_id, u.event_id)
             leg = company_leg_key(key)
             holder = seen.get(leg)
         if holder is None:
-            seen[leg] = wallet  # also dedupes repeats inside this batch
+            seen[leg] = u.company_id  # also dedupes repeats inside this batch
             fresh.append((u, key))
     return fresh
 
@@ -117,10 +118,8 @@ async def apply_usage(
     before, the unique transfer key makes the insert fail (``asyncpg.UniqueViolationError``)
     and the caller rolls back and posts again without ``optimistic``. Redeliveries are rare,
     so the common batch saves a lookup per event."""
-    # Zero amounts post nothing, so they claim no key either (a tiny quantity rounded down).
-    nonzero = [u for u in batch if u.platform_amount_micros > 0]
-    seen = {} if optimistic else await storage.debited_by_key(conn, _looked_up(nonzero))
-    fresh = _fresh(nonzero, seen)
+    seen = {} if optimistic else await storage.usage_holders(conn, _looked_up(batch))
+    fresh = _fresh(batch, seen)
     SKIPPED.inc(len(batch) - len(fresh))
     if not fresh:
         return Outcome(0, len(batch))
