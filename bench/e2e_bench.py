@@ -62,7 +62,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from shapes import run_shape
+from shapes import run_shape, statements, statements_reset
 from wallet_bench import measure_naive  # the same naive reference as `make bench-wallet`
 
 from tally.auth import issue_token
@@ -821,6 +821,7 @@ async def run_once(
             if events:
                 # 1. throughput
                 await watcher.read_from_now()
+                counting = PG_STATEMENTS and await statements_reset(watcher.conn)
                 watcher.cpu_start()
                 profiling = Profiler(stack, RESULTS / "profiles" / run, PROFILED) if profile else None
                 with profiling or contextlib.nullcontext(), Busy() as busy:
@@ -844,6 +845,8 @@ async def run_once(
                     "peak_rss_mb": {n: round(v / 2**20) for n, v in watcher.peak.items()},
                     "cores_busy": busy.figures(),
                 }
+                if counting:
+                    result["throughput"]["statements"] = await statements(watcher.conn, events)
                 # 2. latency at fixed offered loads, lightest first
                 result["latency"] = []
                 for (per_tick, n), batches in zip(loads, paced, strict=True):
@@ -966,6 +969,15 @@ def machine() -> dict[str, Any]:
     }
 
 
+def print_statements(console: Console, rows: list[dict[str, Any]]) -> None:
+    """The database's costliest statements of a phase (``PG_STATEMENTS=1``)."""
+    for st in rows:
+        console.print(
+            f"  pg {st['exec_us_per_event']:6.1f} µs/event {st['calls_per_1000_events']:6.1f} calls "
+            f"{st['rows_per_call']:6.1f} rows  {st['query'][:90]}"
+        )
+
+
 def show_shape(f: dict[str, Any]) -> None:
     sat, half = f["saturated"], f["half_load"]
     cpu = sat["cpu_us_per_event"]
@@ -976,11 +988,7 @@ def show_shape(f: dict[str, Any]) -> None:
         + (f", refused {sat['refused']}" if sat["refused"] else "")
     )
     console.print("  CPU µs/event: " + ", ".join(f"{n} {v:g}" for n, v in cpu.items() if v >= 1))
-    for st in sat.get("statements", []):
-        console.print(
-            f"  pg {st['exec_us_per_event']:6.1f} µs/event {st['calls_per_1000_events']:6.1f} calls "
-            f"{st['rows_per_call']:6.1f} rows  {st['query'][:90]}"
-        )
+    print_statements(console, sat.get("statements", []))
     if sat.get("per_1000_events"):
         console.print(
             "  per 1,000 events: " + ", ".join(f"{k} {v:g}" for k, v in sat["per_1000_events"].items())
@@ -1023,6 +1031,7 @@ def show(r: dict[str, Any]) -> None:
             else ""
         )
         console.print(f"  the machine's cores busy: {busy['while_sending']:.0%} while sending{draining}")
+    print_statements(console, t.get("statements", []))
     if r.get("latency"):
         table = Table(
             "offered events/s",
