@@ -21,7 +21,7 @@ import pytest
 from tally import outbox
 from tally.directory import Facts
 from tally.errors import ApiError
-from tally.events import AccountCreated, CompanyUpdated, UsageEvent
+from tally.events import AccountCreated, CompanyUpdated, IncomingUsage, UsageEvent
 from tally.outbox import CHANNEL
 from tally.ratelimit import TokenBuckets
 from tally.uow import Database
@@ -61,12 +61,14 @@ def way(request: pytest.FixtureRequest) -> str:
 
 def event(
     eid: str, company: str, account: str | None = None, service: str = "email", qty: object = "10"
-) -> UsageEvent:
-    return UsageEvent(event_id=eid, company_id=company, account_id=account, service=service, quantity=qty)
+) -> IncomingUsage:
+    return IncomingUsage.of(
+        UsageEvent(event_id=eid, company_id=company, account_id=account, service=service, quantity=qty)
+    )
 
 
 async def run(
-    database: Database, directory: Directory, batch: list[UsageEvent], way: str = "unit"
+    database: Database, directory: Directory, batch: list[IncomingUsage], way: str = "unit"
 ) -> list[tuple[str, str | None]]:
     results: list[Result]
     if way == "http":

@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from tally import events
-from tally.events import UsageEvent, UsageRecorded
+from tally.events import IncomingUsage, UsageEvent, UsageRecorded, occurred_instant
 from tally_usage_meter.domain import (
     MAX_EVENT_MICROS,
     MAX_QUANTITY,
@@ -35,9 +35,9 @@ def recorded_payload(p: Priced, at: datetime, text: str | None = None) -> dict[s
     return data
 
 
-def ev(**kw: object) -> UsageEvent:
+def ev(**kw: object) -> IncomingUsage:
     base: dict[str, object] = {"event_id": "e1", "company_id": "c1", "service": "email", "quantity": "3"}
-    return UsageEvent.model_validate({**base, **kw})
+    return IncomingUsage.of(UsageEvent.model_validate({**base, **kw}))
 
 
 @pytest.mark.parametrize(
@@ -120,8 +120,9 @@ def test_occurred_at_is_an_rfc_3339_string_with_an_offset(when: object) -> None:
 def test_the_edges_of_the_range_convert_anywhere(when: str) -> None:
     from zoneinfo import ZoneInfo
 
-    at = ev(occurred_at=when).occurred_at
-    assert at is not None
+    text = ev(occurred_at=when).occurred_at
+    assert text is not None
+    at = occurred_instant(text)
     for zone in ("Pacific/Kiritimati", "Etc/GMT+12", "UTC"):
         at.astimezone(ZoneInfo(zone))  # no OverflowError
 

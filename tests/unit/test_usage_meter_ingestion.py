@@ -16,7 +16,7 @@ import pytest
 from tally import events
 from tally.directory import CompanyDirectory
 from tally.errors import ApiError
-from tally.events import UsageEvent
+from tally.events import IncomingUsage
 from tally.ratelimit import TokenBuckets
 from tally.uow import Database
 from tally_usage_meter import ingestion
@@ -50,8 +50,8 @@ class FakeDatabase:
         yield self
 
 
-def ev(event_id: str) -> UsageEvent:
-    return UsageEvent(event_id=event_id, company_id="c1", service="email", quantity="1")
+def ev(event_id: str) -> IncomingUsage:
+    return IncomingUsage(event_id=event_id, company_id="c1", service="email", quantity="1")
 
 
 def intake(db: FakeDatabase, rate: int = 1000, burst: int = 1000) -> HttpIngestion:
@@ -64,7 +64,7 @@ async def test_a_group_of_new_events_is_recorded_at_once_with_their_trace(
     seen: list[tuple[list[str], list[str | None]]] = []
 
     async def at_once(
-        conn: Any, batch: Sequence[UsageEvent], traceparents: Sequence[str | None], directory: Any
+        conn: Any, batch: Sequence[IncomingUsage], traceparents: Sequence[str | None], directory: Any
     ) -> list[Result]:
         conn.log.append("at once")
         seen.append(([e.event_id for e in batch], list(traceparents)))
@@ -93,7 +93,7 @@ async def test_a_group_whose_statement_failed_whole_goes_again_in_a_unit_of_work
         conn.log.append("at once")
         raise failure
 
-    async def ingest(uow: Any, batch: Sequence[UsageEvent], *_: Any) -> list[Result]:
+    async def ingest(uow: Any, batch: Sequence[IncomingUsage], *_: Any) -> list[Result]:
         uow.log.append("ingest")
         return [Result(e.event_id, "duplicate") for e in batch]
 
@@ -106,7 +106,7 @@ async def test_a_group_whose_statement_failed_whole_goes_again_in_a_unit_of_work
 
 
 async def test_a_caller_over_its_rate_is_429_and_nothing_is_ingested(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def at_once(conn: Any, batch: Sequence[UsageEvent], *_: Any) -> list[Result]:
+    async def at_once(conn: Any, batch: Sequence[IncomingUsage], *_: Any) -> list[Result]:
         return [Result(e.event_id, "accepted") for e in batch]
 
     monkeypatch.setattr(ingestion, "ingest_at_once", at_once)

@@ -7,7 +7,7 @@ import pytest
 
 from tally import events
 from tally.errors import ApiError
-from tally.events import RecordedUsage, UsageEvent, UsageRecorded
+from tally.events import IncomingUsage, RecordedUsage, UsageEvent, UsageRecorded
 from tally_usage_meter.domain import (
     Price,
     Priced,
@@ -35,9 +35,9 @@ def recorded_payload(p: Priced, at: datetime, text: str | None = None) -> dict[s
     return data
 
 
-def ev(**kw: object) -> UsageEvent:
+def ev(**kw: object) -> IncomingUsage:
     base: dict[str, object] = {"event_id": "e1", "company_id": "c1", "service": "email", "quantity": "3"}
-    return UsageEvent.model_validate({**base, **kw})
+    return IncomingUsage.of(UsageEvent.model_validate({**base, **kw}))
 
 
 def test_prices_at_the_catalog_price() -> None:

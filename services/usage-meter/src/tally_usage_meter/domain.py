@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 
-from tally.events import UsageEvent, encoded_envelope
+from tally.events import IncomingUsage, encoded_envelope, occurred_instant
 from tally.money import MAX_MICROS, MoneyError, parse_decimal, price_usage
 
 MAX_QUANTITY = Decimal(1_000_000_000)
@@ -40,17 +40,18 @@ class Price:
     currency: str
 
 
-@dataclass(frozen=True)
-class Priced:
-    event: UsageEvent
+class Priced(NamedTuple):
+    """An event and its price (a NamedTuple: one per event, built in a third of a frozen
+    dataclass's time, and as immutable)."""
+
+    event: IncomingUsage
     quantity: Decimal
     price: Price
     amount_micros: int
     occurred_at: datetime
 
 
-@dataclass(frozen=True)
-class Rejected:
+class Rejected(NamedTuple):
     event_id: str
     code: Rejection
     message: str
@@ -81,7 +82,7 @@ def parse_quantity(value: Any) -> Decimal:
 
 
 def price_event(
-    event: UsageEvent, prices: dict[tuple[str, str], Price], currency: str, now: datetime
+    event: IncomingUsage, prices: dict[tuple[str, str], Price], currency: str, now: datetime
 ) -> Priced | Rejected:
     """Price ``event`` in its company's ``currency``."""
     price = prices.get((event.service, currency))
@@ -102,13 +103,11 @@ def price_event(
     amount = price_usage(quantity, price.unit_price_micros)
     if amount > MAX_EVENT_MICROS:
         return Rejected(event.event_id, "invalid_quantity", "quantity x price is more than a wallet can hold")
-    occurred = event.occurred_at or now
-    if occurred.tzinfo is None:
-        occurred = occurred.replace(tzinfo=UTC)
+    occurred = now if event.occurred_at is None else occurred_instant(event.occurred_at)
     return Priced(event, quantity, price, amount, occurred)
 
 
-def tenancy_of(event: UsageEvent, owners: dict[str, str], announced: AbstractSet[str]) -> Rejected | None:
+def tenancy_of(event: IncomingUsage, owners: dict[str, str], announced: AbstractSet[str]) -> Rejected | None:
     """An event's account must be one of its company's: an account rebilling placed in another
     company, or one the company (announced by rebilling) never had, is refused."""
     if not event.account_id:
@@ -125,7 +124,7 @@ def tenancy_of(event: UsageEvent, owners: dict[str, str], announced: AbstractSet
     return None
 
 
-def suspension_of(event: UsageEvent, suspended: set[tuple[str, str]]) -> Rejected | None:
+def suspension_of(event: IncomingUsage, suspended: set[tuple[str, str]]) -> Rejected | None:
     """Usage is refused while the account's wallet, or its agency's wallet, is suspended."""
     if event.account_id and ("account", event.account_id) in suspended:
         return Rejected(

@@ -12,7 +12,7 @@ from tally import events
 from tally.consumer import dlq_row, take
 from tally.telemetry import continue_trace, header
 from tally_usage_meter import companies, wallet_status
-from tally_usage_meter.ingestion import ingest, parse_ingest_record
+from tally_usage_meter.ingestion import ingest, parse_ingest_records
 from tally_usage_meter.wiring import UsageMeterWiring
 
 SERVICE = "usage-meter"
@@ -22,11 +22,11 @@ REBILLING_TYPES = ("company.updated", "account.created")
 
 async def on_ingest(w: UsageMeterWiring, records: Sequence[Any]) -> None:
     good, dead = [], []
-    for r in records:
-        try:
-            good.append((r, parse_ingest_record(r.value)))
-        except events.BadMessage as exc:
-            dead.append(dlq_row(r, str(exc), service=SERVICE))
+    for r, parsed in zip(records, parse_ingest_records([r.value for r in records]), strict=True):
+        if isinstance(parsed, events.BadMessage):
+            dead.append(dlq_row(r, str(parsed), service=SERVICE))
+        else:
+            good.append((r, parsed))
     first = header(good[0][0]) if good else None
     with continue_trace(first, "usage.ingest", {"tally.events": len(good)}):
         async with w.uow() as uow:
