@@ -9,10 +9,14 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from tally import events
 from tally.events import IncomingUsage, UsageEvent, UsageRecorded, occurred_instant
+from tally.money import price_usage
+from tally_usage_meter import domain
 from tally_usage_meter.domain import (
     MAX_EVENT_MICROS,
     MAX_QUANTITY,
@@ -22,6 +26,7 @@ from tally_usage_meter.domain import (
     Rejected,
     parse_quantity,
     price_event,
+    priced_quantity,
     recorded_message,
 )
 
@@ -153,3 +158,55 @@ def test_a_price_in_the_companys_currency_is_used_even_if_another_exists() -> No
     prices = {**PRICES, ("email", "JPY"): Price("email", "email", 100_000, "JPY")}
     p = price_event(ev(), prices, "JPY", datetime(2026, 1, 1, tzinfo=UTC))
     assert isinstance(p, Priced) and p.price.currency == "JPY" and p.amount_micros == 300_000
+
+
+quantity_texts = st.one_of(
+    st.sampled_from(
+        ["1", "01", "2.5", " 3 ", "0", "-1", "1e3", "0.0000005", "0.000001", "1000000000", "١", ""]
+    ),
+    st.decimals(min_value=-5, max_value=2 * 10**9, places=7, allow_nan=False).map(str),
+    st.integers(-3, 2 * 10**9).map(str),
+)
+
+
+def _exactly(value: Any, unit_price: int) -> tuple[Decimal, int] | str:
+    """What pricing gave before quantities were remembered: parsed and priced anew."""
+    try:
+        quantity = parse_quantity(value)
+    except InvalidQuantity as exc:
+        return f"refused: {exc}"
+    return quantity, price_usage(quantity, unit_price)
+
+
+def _remembered(value: Any, unit_price: int) -> tuple[Decimal, int] | str:
+    try:
+        return priced_quantity(value, unit_price)
+    except InvalidQuantity as exc:
+        return f"refused: {exc}"
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(quantity_texts, st.integers(-2, 10), st.booleans(), st.none()),
+            st.sampled_from([0, 1, 675, 15_000, 999_999, 10**12]),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    st.integers(1, 8),
+)
+def test_a_remembered_price_is_the_price(calls: list[tuple[Any, int]], kept: int) -> None:
+    """Quantities and their prices are remembered (``priced_quantity``): asked again, in any
+    order, and across the memory filling up and emptying, each answer (a refusal included)
+    is what parsing and pricing anew give."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(domain, "PRICED_KEPT", kept)
+        domain._PRICED.clear()
+        for value, price in calls + calls[::-1]:
+            got = _remembered(value, price)
+            assert got == _exactly(value, price)
+            if not isinstance(got, str):
+                assert str(got[0]) == str(parse_quantity(value))  # the same text in usage.recorded
+        assert len(domain._PRICED) <= kept
