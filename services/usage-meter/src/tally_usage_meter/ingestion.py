@@ -19,7 +19,7 @@ from tally import events, outbox
 from tally.db import Conn
 from tally.directory import CompanyDirectory
 from tally.errors import ApiError
-from tally.events import IncomingUsage, Topics, UsageEvent, usable
+from tally.events import FAST_REFUSALS, IncomingUsage, Topics, UsageEvent, usable
 from tally.groupcommit import GroupCommit
 from tally.ratelimit import TokenBuckets, retry_after
 from tally.telemetry import continue_trace
@@ -280,7 +280,7 @@ def parse_ingest_records(values: Sequence[bytes | None]) -> list[IncomingUsage |
     try:
         for value in values:
             fast.append(_FAST_EVENT.decode(value or b""))
-    except msgspec.DecodeError:
+    except FAST_REFUSALS:
         pass
     else:
         if usable(fast):
@@ -303,7 +303,7 @@ def parse_ingest_record(value: bytes | None) -> IncomingUsage:
         raise events.BadMessage("empty message")
     try:
         event = _FAST_EVENT.decode(value)
-    except msgspec.DecodeError:
+    except FAST_REFUSALS:
         pass
     else:
         if usable([event]):

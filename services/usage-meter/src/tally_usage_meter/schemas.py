@@ -12,7 +12,7 @@ import orjson
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from tally.errors import ApiError, money_field
-from tally.events import IncomingUsage, UsageEvent, usable
+from tally.events import FAST_REFUSALS, IncomingUsage, UsageEvent, usable
 from tally.money import amount_field, format_micros
 from tally_usage_meter.domain import Price
 
@@ -69,7 +69,7 @@ def _finite(quantity: Any) -> bool:
     return type(quantity) is not float or math.isfinite(quantity)
 
 
-class _IncomingBatch(msgspec.Struct, gc=False):
+class _IncomingBatch(msgspec.Struct, gc=False, forbid_unknown_fields=True):
     events: Annotated[list[IncomingUsage], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
 
 
@@ -86,7 +86,7 @@ def parse_usage_body(raw: bytes) -> list[IncomingUsage]:
     if b"\\" not in raw:
         try:
             events = _FAST_BATCH.decode(raw).events if b'"events"' in raw else [_FAST_EVENT.decode(raw)]
-        except msgspec.DecodeError:  # a ValidationError too
+        except FAST_REFUSALS:
             pass
         else:
             if usable(events):
