@@ -33,8 +33,11 @@ run: install ## start broker, Postgres, fake Stripe, SMTP sink, all services, de
 stack: install ## start only the embedded infrastructure and print its environment
 	@$(UV) run --frozen --no-sync python -m tally_devstack stack
 
-test: install ## the whole suite, in layers: unit, integration (broker + Postgres), e2e (all services)
-	@$(UV) run --frozen --no-sync pytest
+test: install ## the whole suite: unit (no I/O, beside the rest; its log follows), integration (broker + Postgres), e2e (all services)
+	@mkdir -p .tally; $(UV) run --frozen --no-sync pytest tests/unit > .tally/unit.log 2>&1 & unit=$$!; \
+	$(UV) run --frozen --no-sync pytest tests/integration tests/e2e; rest=$$?; \
+	wait $$unit; units=$$?; echo "==> tests/unit (run beside the rest)"; cat .tally/unit.log; \
+	exit $$(( rest || units ))
 
 test-unit: install ## domain and use cases, no I/O (seconds)
 	@$(UV) run --frozen --no-sync pytest tests/unit

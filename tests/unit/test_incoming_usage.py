@@ -140,14 +140,14 @@ def _both_ways(raw: bytes) -> list[tuple[Any, ...]] | tuple[int, Any]:
         return (exc.status, exc.details)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bodies)
 def test_a_body_reads_the_same_both_ways(body: str) -> None:
     raw = body.encode()
     assert _both_ways(raw) == _pydantic_way(raw)
 
 
-@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(one_event, min_size=1, max_size=5))
 def test_usage_ingest_records_read_the_same_both_ways(texts: list[str]) -> None:
     """A ``usage.ingest`` batch: each record's event, or a dead letter, as pydantic says."""
