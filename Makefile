@@ -34,7 +34,8 @@ stack: install ## start only the embedded infrastructure and print its environme
 	@$(UV) run --frozen --no-sync python -m tally_devstack stack
 
 test: install ## the whole suite: unit (no I/O, beside the rest; its log follows), integration (broker + Postgres), e2e (all services)
-	@mkdir -p .tally; $(UV) run --frozen --no-sync pytest tests/unit > .tally/unit.log 2>&1 & unit=$$!; \
+	@mkdir -p .tally; $(UV) run --frozen --no-sync pytest tests/unit -p no:cacheprovider --basetemp=.tally/unit-tmp \
+		> .tally/unit.log 2>&1 & unit=$$!; \
 	$(UV) run --frozen --no-sync pytest tests/integration tests/e2e; rest=$$?; \
 	wait $$unit; units=$$?; echo "==> tests/unit (run beside the rest)"; cat .tally/unit.log; \
 	exit $$(( rest || units ))
