@@ -33,12 +33,17 @@ run: install ## start broker, Postgres, fake Stripe, SMTP sink, all services, de
 stack: install ## start only the embedded infrastructure and print its environment
 	@$(UV) run --frozen --no-sync python -m tally_devstack stack
 
-test: install ## the whole suite: unit (no I/O, beside the rest; its log follows), integration (broker + Postgres), e2e (all services)
-	@mkdir -p .tally; $(UV) run --frozen --no-sync pytest tests/unit -p no:cacheprovider --basetemp=.tally/unit-tmp \
+test: install ## the whole suite: e2e (all services), with unit (no I/O) and integration (broker + Postgres) beside it; their logs follow
+	@mkdir -p .tally; \
+	$(UV) run --frozen --no-sync pytest tests/unit -p no:cacheprovider --basetemp=.tally/unit-tmp \
 		> .tally/unit.log 2>&1 & unit=$$!; \
-	$(UV) run --frozen --no-sync pytest tests/integration tests/e2e; rest=$$?; \
-	wait $$unit; units=$$?; echo "==> tests/unit (run beside the rest)"; cat .tally/unit.log; \
-	exit $$(( rest || units ))
+	$(UV) run --frozen --no-sync pytest tests/integration -p no:cacheprovider --basetemp=.tally/integration-tmp \
+		> .tally/integration.log 2>&1 & integration=$$!; \
+	$(UV) run --frozen --no-sync pytest tests/e2e; e2e=$$?; \
+	wait $$unit; units=$$?; wait $$integration; integrations=$$?; \
+	echo "==> tests/unit (run beside e2e)"; cat .tally/unit.log; \
+	echo "==> tests/integration (run beside e2e)"; cat .tally/integration.log; \
+	exit $$(( e2e || units || integrations ))
 
 test-unit: install ## domain and use cases, no I/O (seconds)
 	@$(UV) run --frozen --no-sync pytest tests/unit
