@@ -33,13 +33,18 @@ run: install ## start broker, Postgres, fake Stripe, SMTP sink, all services, de
 stack: install ## start only the embedded infrastructure and print its environment
 	@$(UV) run --frozen --no-sync python -m tally_devstack stack
 
+# The e2e layer waits on its stack two thirds of the time: E2E_WORKERS pytest-xdist workers,
+# each with a stack of its own, run its files side by side (longest first: tests/conftest.py).
+E2E_WORKERS ?= 2
+E2E_XDIST   := -n $(E2E_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: install ## the whole suite: e2e (all services), with unit (no I/O) and integration (broker + Postgres) beside it; their logs follow
 	@mkdir -p .tally; \
 	$(UV) run --frozen --no-sync pytest tests/unit -p no:cacheprovider --basetemp=.tally/unit-tmp \
 		> .tally/unit.log 2>&1 & unit=$$!; \
 	$(UV) run --frozen --no-sync pytest tests/integration -p no:cacheprovider --basetemp=.tally/integration-tmp \
 		> .tally/integration.log 2>&1 & integration=$$!; \
-	$(UV) run --frozen --no-sync pytest tests/e2e; e2e=$$?; \
+	$(UV) run --frozen --no-sync pytest tests/e2e $(E2E_XDIST); e2e=$$?; \
 	wait $$unit; units=$$?; wait $$integration; integrations=$$?; \
 	echo "==> tests/unit (run beside e2e)"; cat .tally/unit.log; \
 	echo "==> tests/integration (run beside e2e)"; cat .tally/integration.log; \
@@ -51,8 +56,8 @@ test-unit: install ## domain and use cases, no I/O (seconds)
 test-integration: install ## one service's machinery against the real broker and Postgres
 	@$(UV) run --frozen --no-sync pytest tests/integration
 
-test-e2e: install ## the whole stack through its public APIs
-	@$(UV) run --frozen --no-sync pytest tests/e2e
+test-e2e: install ## the whole stack through its public APIs (E2E_WORKERS stacks side by side)
+	@$(UV) run --frozen --no-sync pytest tests/e2e $(E2E_XDIST)
 
 test-fast: test-unit
 

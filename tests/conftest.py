@@ -25,12 +25,30 @@ def pytest_configure(config: pytest.Config) -> None:
     stop_on_sigterm()  # a terminated test run still stops the stack it started
 
 
+# The longest e2e files (tens of seconds, mostly waiting on the stack), run first: with one
+# stack per pytest-xdist worker (``make test``) a long file started last holds the whole run.
+LONGEST_FIRST = (
+    "test_chaos.py",
+    "test_lifecycle_model.py",
+    "test_card_retries.py",
+    "test_webhook_attacks.py",
+    "test_recharge.py",
+    "test_announcement_attacks.py",
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Each layer's marker from its folder, so ``-m`` selects layers."""
+    """Each layer's marker from its folder, so ``-m`` selects layers; the longest files first."""
     for item in items:
         layer = item.path.parent.name
         if layer in ("integration", "e2e"):
             item.add_marker(getattr(pytest.mark, layer))
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +72,10 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
             # ingestion rate limit per product token (test_security proves the 429)
             "TALLY_INGEST_RATE": "2000",
             "TALLY_INGEST_BURST": "5000",
+            # Tests send poison on purpose, in whatever order their files run (one stack per
+            # pytest-xdist worker): the production budget (3 a day per kind, docs/0014) could
+            # park a consumer for a later file. tests/integration/test_consumer_poison proves it.
+            "TALLY_POISON_BUDGET": "10000",
         },
     )
     try:

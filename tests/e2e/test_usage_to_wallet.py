@@ -81,24 +81,37 @@ async def test_concurrent_requests_each_get_their_own_results(tally: Tally) -> N
         )
 
     cid = await funded(tally)
-    shared = event(cid)
-    bodies = [{"events": [event(cid), shared, event(cid)]} for _ in range(12)]
-    submitted, calls = await group_commit()
-    responses = await asyncio.gather(*(tally.post_usage(b) for b in bodies))
-    submitted_after, calls_after = await group_commit()
-    assert submitted_after - submitted == 12
-    assert calls_after - calls < 12  # some requests shared a transaction
-    for body, r in zip(bodies, responses, strict=True):
-        assert r.status_code == 202, r.text
-        results = r.json()["results"]
-        assert [x["event_id"] for x in results] == [e["event_id"] for e in body["events"]]
-        assert results[0]["status"] == results[2]["status"] == "accepted"
-    assert sorted(r.json()["results"][1]["status"] for r in responses) == ["accepted"] + ["duplicate"] * 11
+    shared_ids: list[str] = []
+    # Whether requests meet in one group depends on when they arrive: on a loaded machine
+    # (another stack beside this one) twelve may still come one by one, so up to five rounds.
+    for _ in range(5):
+        shared = event(cid)
+        shared_ids.append(shared["event_id"])
+        bodies = [{"events": [event(cid), shared, event(cid)]} for _ in range(12)]
+        # twelve connections open first: the requests then go out together, not each behind a
+        # connection's set-up
+        await asyncio.gather(*(tally.http.get(tally.url("usage-meter", "/healthz")) for _ in bodies))
+        submitted, calls = await group_commit()
+        responses = await asyncio.gather(*(tally.post_usage(b) for b in bodies))
+        submitted_after, calls_after = await group_commit()
+        assert submitted_after - submitted == 12
+        for body, r in zip(bodies, responses, strict=True):
+            assert r.status_code == 202, r.text
+            results = r.json()["results"]
+            assert [x["event_id"] for x in results] == [e["event_id"] for e in body["events"]]
+            assert results[0]["status"] == results[2]["status"] == "accepted"
+        shared_statuses = sorted(r.json()["results"][1]["status"] for r in responses)
+        assert shared_statuses == ["accepted"] + ["duplicate"] * 11
+        if calls_after - calls < 12:
+            break  # some requests shared a transaction
+    else:
+        raise AssertionError("in five rounds of twelve concurrent requests, none shared a transaction")
     sentinel = event(cid)
     await accepted(tally, sentinel)
     txs = await tally.wait_applied(cid, sentinel["event_id"])
     usage = [t["usage_event_id"] for t in txs if t["kind"] == "usage"]
-    assert len(usage) == 12 * 2 + 1 + 1 and usage.count(shared["event_id"]) == 1
+    assert len(usage) == len(shared_ids) * (12 * 2 + 1) + 1
+    assert all(usage.count(shared_id) == 1 for shared_id in shared_ids)
 
 
 async def test_same_message_delivered_twice_on_kafka_debits_once(tally: Tally) -> None:
