@@ -23,15 +23,19 @@ TOPIC = Topics.REBILLING_EVENTS  # no service consumes it in this layer
 
 
 def letter(marker: str, n: int) -> bytes:
-    return DeadLetter(
-        error="poison",
-        source_topic=TOPIC,
-        partition=0,
-        offset=n,
-        failed_by="rebilling",
-        failed_at=datetime.now(UTC),
-        message=orjson.dumps({"marker": marker, "n": n}).decode(),
-    ).model_dump_json().encode()
+    return (
+        DeadLetter(
+            error="poison",
+            source_topic=TOPIC,
+            partition=0,
+            offset=n,
+            failed_by="rebilling",
+            failed_at=datetime.now(UTC),
+            message=orjson.dumps({"marker": marker, "n": n}).decode(),
+        )
+        .model_dump_json()
+        .encode()
+    )
 
 
 async def on_topic(stack: Stack, marker: str) -> list[int]:
