@@ -18,9 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 
+from tally.settings import Settings
+from tally_cli import dlq
 from tests.support.builders import funded
-from tests.support.stack import Tally, uid
+from tests.support.stack import Tally, eventually, uid
 
 
 def event(cid: str, eid: str, **kw: Any) -> dict[str, Any]:
@@ -105,6 +108,27 @@ async def test_ingest_bytes_not_utf8_in_an_unknown_field_are_a_dead_letter(tally
     await after_sentinel(tally, cid, via_topic=True)
     assert await charged(tally, cid, e["event_id"]) == []
     await tally.find_on_topic("usage.ingest.dlq", lambda m: e["event_id"] in m.get("message", ""))
+
+
+async def test_a_replayed_letter_of_bytes_not_utf8_is_dead_lettered_again_never_charged(
+    tally: Tally, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tally dlq replay`` sends the bytes that failed. It sent the letter's text, where the
+    byte that is not UTF-8 had become U+FFFD: a valid event, charged on replay."""
+    monkeypatch.setattr(dlq, "get_settings", lambda: Settings(KAFKA_BOOTSTRAP_SERVERS=tally.stack.bootstrap))
+    cid = await funded(tally)
+    e = event(cid, uid("ev"))
+    await tally.produce("usage.ingest", with_extra(e, b'"\xff"'), key=cid)
+
+    async def letters(n: int) -> bool:
+        found = [x for x in await dlq.read("usage.ingest", limit=10_000) if e["event_id"] in x["message"]]
+        return len(found) == n
+
+    await eventually(lambda: letters(1), what="the letter")
+    assert (await dlq.replay("usage.ingest")).replayed >= 1
+    await eventually(lambda: letters(2), what="the replayed record dead-lettered again")
+    await after_sentinel(tally, cid, via_topic=True)
+    assert await charged(tally, cid, e["event_id"]) == []
 
 
 async def test_ingest_deep_nesting_is_a_dead_letter_and_the_partition_goes_on(tally: Tally) -> None:

@@ -1,19 +1,25 @@
-"""``tally dlq list`` and ``tally dlq replay`` (tally_cli.dlq) against the real broker, on
-letters written as one record batch, as an outbox relay writes a batch's letters.
+"""``tally dlq list`` and ``tally dlq replay`` (tally_cli.dlq) against the real broker.
 
-The embedded broker reports a partition's end as its last record batch's first offset plus
-one. Reading up to that end and no further hid the rest of the batch: the last letters of a
-batch were neither listed nor replayed until another letter came."""
+- Letters written as one record batch, as an outbox relay writes a batch's letters. The
+  embedded broker reports a partition's end as its last record batch's first offset plus one.
+  Reading up to that end and no further hid the rest of the batch: the last letters of a batch
+  were neither listed nor replayed until another letter came.
+- A replay sends the message that failed, byte for byte. Letters held it as text, with U+FFFD
+  for bytes that are not UTF-8, and a replay sent that text: a message dead-lettered for a
+  byte that is not UTF-8 came back as another, valid message, and was charged. A message
+  longer than a letter keeps was replayed cut."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from tally.events import DeadLetter, Topics
+from tally.consumer import dlq_row
+from tally.events import LETTER_TEXT_KEPT, DeadLetter, Topics
 from tally.settings import Settings
 from tally_cli import dlq
 from tally_devstack.stack import Stack
@@ -40,6 +46,11 @@ def letter(marker: str, n: int) -> bytes:
 
 async def on_topic(stack: Stack, marker: str) -> list[int]:
     """The ``n`` of every message on ``TOPIC`` carrying ``marker``."""
+    return sorted(orjson.loads(v)["n"] for v in await raw_on_topic(stack, marker.encode()))
+
+
+async def raw_on_topic(stack: Stack, marker: bytes) -> list[bytes]:
+    """Every message on ``TOPIC`` containing ``marker``, as its bytes."""
     consumer = AIOKafkaConsumer(bootstrap_servers=stack.bootstrap, group_id=None, enable_auto_commit=False)
     await consumer.start()
     try:
@@ -47,14 +58,11 @@ async def on_topic(stack: Stack, marker: str) -> list[int]:
         parts = [TopicPartition(TOPIC, p) for p in sorted(consumer.partitions_for_topic(TOPIC) or ())]
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
-        found: list[int] = []
+        found: list[bytes] = []
         while batch := await consumer.getmany(timeout_ms=500):
             for records in batch.values():
-                for r in records:
-                    doc = orjson.loads(r.value or b"null")
-                    if isinstance(doc, dict) and doc.get("marker") == marker:
-                        found.append(doc["n"])
-        return sorted(found)
+                found += [r.value for r in records if r.value and marker in r.value]
+        return found
     finally:
         await consumer.stop()
 
@@ -77,8 +85,63 @@ async def test_letters_in_one_record_batch_are_all_listed_and_replayed_once(
     listed = [orjson.loads(x["message"]) for x in await dlq.read(TOPIC, limit=10_000)]
     assert sorted(m["n"] for m in listed if m.get("marker") == marker) == [0, 1, 2]
 
-    assert await dlq.replay(TOPIC, dry_run=True) >= 3
-    assert await dlq.replay(TOPIC) >= 3
+    assert (await dlq.replay(TOPIC, dry_run=True)).replayed >= 3
+    assert (await dlq.replay(TOPIC)).replayed >= 3
     assert await on_topic(stack, marker) == [0, 1, 2]
-    assert await dlq.replay(TOPIC) == 0  # each letter is replayed once
+    assert (await dlq.replay(TOPIC)).replayed == 0  # each letter is replayed once
     assert await on_topic(stack, marker) == [0, 1, 2]
+
+
+async def test_a_replay_sends_the_bytes_that_failed_or_passes_the_letter_over(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Letters written by the consumers' own ``dlq_row``: a message that is not UTF-8 comes
+    back byte for byte; one longer than a letter keeps is listed and passed over, not cut."""
+    monkeypatch.setattr(dlq, "get_settings", lambda: Settings(KAFKA_BOOTSTRAP_SERVERS=stack.bootstrap))
+    await dlq.replay(TOPIC)  # what other tests left
+    marker = uid("bytes").encode()
+    not_utf8 = b'{"marker":"' + marker + b'","x":"\xff\xfe"}'
+    utf8 = b'{"marker":"' + marker + '","x":"\u00e9\U0001f600"}'.encode()
+    too_long = marker + b"a" * LETTER_TEXT_KEPT
+    too_long_not_utf8 = marker + b"\xff" * LETTER_TEXT_KEPT
+    producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, max_request_size=16 * 1024 * 1024)
+    await producer.start()
+    try:
+        for offset, value in enumerate((not_utf8, utf8, too_long, too_long_not_utf8)):
+            record = SimpleNamespace(topic=TOPIC, partition=0, offset=offset, key=marker, value=value)
+            _, key, letter_value, _, _ = dlq_row(record, "poison", service="rebilling")
+            await producer.send_and_wait(Topics.dlq(TOPIC), letter_value, key=key, partition=0)
+    finally:
+        await producer.stop()
+
+    letters = [DeadLetter.model_validate(x) for x in await dlq.read(TOPIC, limit=10_000)]
+    ours = [x for x in letters if marker.decode() in x.message]
+    assert [x.message_bytes for x in ours] == [
+        len(not_utf8),
+        len(utf8),
+        len(too_long),
+        len(too_long_not_utf8),
+    ]
+    assert "\ufffd" in ours[0].message and ours[0].message_base64 is not None
+    assert ours[1].message == utf8.decode() and ours[1].message_base64 is None
+    assert [x.original() for x in ours] == [not_utf8, utf8, None, None]
+
+    done = await dlq.replay(TOPIC)
+    assert done.replayed == 2
+    assert sorted((x["offset"], x["message_bytes"]) for x in done.not_replayable) == [
+        (2, len(too_long)),
+        (3, len(too_long_not_utf8)),
+    ]
+    assert sorted(await raw_on_topic(stack, marker)) == sorted([not_utf8, utf8])
+    again = await dlq.replay(TOPIC)
+    assert again.replayed == 0 and again.not_replayable == []
+
+
+def test_a_letter_from_before_message_bytes_replays_its_text() -> None:
+    """Letters written before 2026-12-05 carry neither ``message_bytes`` nor
+    ``message_base64``: their text is what a replay sends, as before."""
+    old = DeadLetter.model_validate_json(
+        b'{"error":"e","source_topic":"t","partition":0,"offset":1,"failed_by":"wallet",'
+        b'"failed_at":"2026-12-01T00:00:00Z","message":"{\\"a\\": 1}"}'
+    )
+    assert old.original() == b'{"a": 1}'

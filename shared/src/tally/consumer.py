@@ -361,16 +361,15 @@ def take(
 def dlq_row(record: Any, reason: str, *, service: str) -> outbox.Row:
     """An outbox row that dead-letters ``record`` to ``<topic>.dlq`` with the reason."""
     DLQ.labels(service, record.topic).inc()
-    value = record.value or b""
-    body = events.DeadLetter(
+    body = events.DeadLetter.holding(
+        record.value or b"",
         error=reason[:2000],
         source_topic=record.topic,
         partition=record.partition,
         offset=record.offset,
         failed_by=service,
         failed_at=datetime.now(UTC),
-        message=value.decode("utf-8", errors="replace")[:1_000_000],
-    ).model_dump(mode="json")
+    ).model_dump(mode="json", exclude_none=True)
     key = record.key.decode("utf-8", errors="replace") if record.key else None
     log.warning(
         "dead-lettered", extra={"topic": record.topic, "offset": record.offset, "reason": reason[:300]}

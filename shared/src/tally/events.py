@@ -6,6 +6,7 @@ Amounts are integer micros. ``parse(raw)`` validates an envelope and its payload
 
 from __future__ import annotations
 
+import base64
 import re
 import uuid
 from collections.abc import Sequence
@@ -463,9 +464,16 @@ class LicenseChanged(Payload):
 # --- dead letters ------------------------------------------------------------------------
 
 
+LETTER_TEXT_KEPT = 1_000_000  # characters of a dead-lettered message its letter keeps
+
+
 class DeadLetter(BaseModel):
     """A message a consumer could not apply, on ``<topic>.dlq`` (keyed as the source): why,
-    where it was, who gave up on it, and the message itself (as text, at most 1 MB)."""
+    where it was, who gave up on it, and the message itself: as text, at most
+    ``LETTER_TEXT_KEPT`` characters, with U+FFFD for bytes that are not UTF-8. When that text
+    is not the message's exact bytes, ``message_base64`` holds them (if they fit, else the
+    letter cannot be replayed), and ``message_bytes`` is always their length, so a replay
+    sends exactly the message that failed or nothing."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -476,6 +484,32 @@ class DeadLetter(BaseModel):
     failed_by: str
     failed_at: datetime
     message: str
+    message_base64: str | None = None
+    message_bytes: int | None = None  # absent in letters written before 2026-12-05
+
+    @classmethod
+    def holding(cls, value: bytes, **fields: Any) -> DeadLetter:
+        """The letter of ``value``: its text, and its bytes too when the text is not them."""
+        text = value.decode("utf-8", errors="replace")
+        exact = len(text) <= LETTER_TEXT_KEPT and text.encode() == value
+        return cls(
+            message=text[:LETTER_TEXT_KEPT],
+            message_base64=None
+            if exact or len(value) > LETTER_TEXT_KEPT
+            else base64.b64encode(value).decode(),
+            message_bytes=len(value),
+            **fields,
+        )
+
+    def original(self) -> bytes | None:
+        """The exact bytes of the message that failed; None when this letter does not hold
+        them (the message was longer than a letter keeps)."""
+        if self.message_base64 is not None:
+            return base64.b64decode(self.message_base64, validate=True)
+        raw = self.message.encode()
+        if self.message_bytes is not None and len(raw) != self.message_bytes:
+            return None
+        return raw
 
 
 # --- notifier (outbound webhooks only: these are not on any topic) ------------------------

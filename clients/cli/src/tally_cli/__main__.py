@@ -307,15 +307,27 @@ def replay(
     from tally_cli import dlq
 
     try:
-        replayed = asyncio.run(dlq.replay(topic, dry_run=dry_run))
+        done = asyncio.run(dlq.replay(topic, dry_run=dry_run))
     except dlq.Unavailable as exc:
         fail(UNAVAILABLE, str(exc), json)
     except ValueError as exc:
         fail(USAGE, str(exc), json)
+    passed = [
+        {k: x[k] for k in ("source_topic", "partition", "offset", "message_bytes", "failed_by")}
+        for x in done.not_replayable
+    ]
+
+    def table() -> str:
+        said = f"{'would replay' if dry_run else 'replayed'} {done.replayed} message(s) to {topic}"
+        for x in passed:
+            said += (
+                f"\npassed over: the letter of {x['source_topic']} partition {x['partition']} offset "
+                f"{x['offset']} does not hold its {x['message_bytes']}-byte message"
+            )
+        return said
+
     emit(
-        {"topic": topic, "replayed": replayed, "dry_run": dry_run},
-        json,
-        lambda: f"{'would replay' if dry_run else 'replayed'} {replayed} message(s) to {topic}",
+        {"topic": topic, "replayed": done.replayed, "dry_run": dry_run, "not_replayable": passed}, json, table
     )
 
 

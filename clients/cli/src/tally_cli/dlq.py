@@ -6,6 +6,7 @@ applied twice."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -99,8 +100,18 @@ async def read(topic: str, *, limit: int = 100) -> list[dict[str, Any]]:
         await consumer.stop()
 
 
-async def replay(topic: str, *, dry_run: bool = False) -> int:
-    """Produce every letter not replayed before back to ``topic``; returns how many."""
+@dataclass(frozen=True)
+class Replayed:
+    """What a replay did: letters sent back, and letters that do not hold their message's
+    exact bytes (longer than a letter keeps), which are passed over: the message is still at
+    its ``source_topic``, ``partition`` and ``offset`` while the topic retains it."""
+
+    replayed: int
+    not_replayable: list[dict[str, Any]]
+
+
+async def replay(topic: str, *, dry_run: bool = False) -> Replayed:
+    """Produce every letter not replayed before back to ``topic``, byte for byte as it failed."""
     dlq = _dlq(topic)
     consumer = await _consumer(dlq, f"tally-cli-replay-{topic}")
     producer = AIOKafkaProducer(
@@ -111,14 +122,21 @@ async def replay(topic: str, *, dry_run: bool = False) -> int:
     )
     try:
         records = await _drain(consumer, None)
-        if dry_run or not records:
-            return len(records)
-        await producer.start()
+        sendable: list[tuple[Any, bytes]] = []
+        passed: list[dict[str, Any]] = []
         for r in records:
-            letter = DeadLetter.model_validate_json(r.value)
-            await producer.send_and_wait(topic, letter.message.encode(), key=r.key)
+            original = DeadLetter.model_validate_json(r.value).original()
+            if original is None:
+                passed.append(_letter(r))
+            else:
+                sendable.append((r, original))
+        if dry_run or not records:
+            return Replayed(len(sendable), passed)
+        await producer.start()
+        for r, original in sendable:
+            await producer.send_and_wait(topic, original, key=r.key)
         await consumer.commit({TopicPartition(dlq, r.partition): r.offset + 1 for r in records})
-        return len(records)
+        return Replayed(len(sendable), passed)
     except KafkaError as exc:
         raise Unavailable(f"the broker is unreachable: {exc}") from exc
     finally:
