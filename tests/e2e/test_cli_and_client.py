@@ -255,7 +255,9 @@ async def test_the_cli(tally: Tally, agency: Reseller, monkeypatch: pytest.Monke
 
     await eventually(twice, what="the replayed letter back in the DLQ")
     code, out, _ = await sh("dlq", "replay", Topics.USAGE_INGEST, "--dry-run")
-    assert code == 0 and out["replayed"] == 1  # only the new letter: the first was replayed once
+    # the new letter, and those of other files' poison this replay sent back (files run in any
+    # order); that each letter is replayed once: tests/integration/test_dlq_commands.py
+    assert code == 0 and out["replayed"] >= 1
 
     # webhooks test: a real receiver answers; then a dead one
     receiver = Receiver()

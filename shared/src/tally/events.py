@@ -464,16 +464,23 @@ class LicenseChanged(Payload):
 # --- dead letters ------------------------------------------------------------------------
 
 
-LETTER_TEXT_KEPT = 1_000_000  # characters of a dead-lettered message its letter keeps
+# Characters of a dead-lettered message its letter keeps as text, and the longest message whose
+# exact bytes it keeps too. Bounded so that a letter stays below a Kafka broker's default
+# message.max.bytes (1 MiB) uncompressed, whatever the bytes: JSON writes a control byte as six
+# bytes, base64 adds a third (600 + 133 kB at most). Letters written before 2026-12-05 kept
+# 1,000,000 characters (``_OLD_TEXT_KEPT``).
+LETTER_TEXT_KEPT = 100_000
+_OLD_TEXT_KEPT = 1_000_000
 
 
 class DeadLetter(BaseModel):
     """A message a consumer could not apply, on ``<topic>.dlq`` (keyed as the source): why,
-    where it was, who gave up on it, and the message itself: as text, at most
-    ``LETTER_TEXT_KEPT`` characters, with U+FFFD for bytes that are not UTF-8. When that text
-    is not the message's exact bytes, ``message_base64`` holds them (if they fit, else the
-    letter cannot be replayed), and ``message_bytes`` is always their length, so a replay
-    sends exactly the message that failed or nothing."""
+    where it was, who gave up on it, and the message itself. ``message`` is its text, at most
+    ``LETTER_TEXT_KEPT`` characters, with U+FFFD for bytes that are not UTF-8;
+    ``message_exact`` says whether that text is the message's bytes. When it is not,
+    ``message_base64`` holds them, if the message is no longer than ``LETTER_TEXT_KEPT``
+    bytes. ``message_bytes`` is their length. A replay sends exactly the message that failed
+    (``original``), or nothing."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -484,8 +491,10 @@ class DeadLetter(BaseModel):
     failed_by: str
     failed_at: datetime
     message: str
+    # the three below are absent in letters written before 2026-12-05
+    message_exact: bool | None = None
+    message_bytes: int | None = None
     message_base64: str | None = None
-    message_bytes: int | None = None  # absent in letters written before 2026-12-05
 
     @classmethod
     def holding(cls, value: bytes, **fields: Any) -> DeadLetter:
@@ -494,19 +503,32 @@ class DeadLetter(BaseModel):
         exact = len(text) <= LETTER_TEXT_KEPT and text.encode() == value
         return cls(
             message=text[:LETTER_TEXT_KEPT],
+            message_exact=exact,
+            message_bytes=len(value),
             message_base64=None
             if exact or len(value) > LETTER_TEXT_KEPT
             else base64.b64encode(value).decode(),
-            message_bytes=len(value),
             **fields,
         )
 
     def original(self) -> bytes | None:
         """The exact bytes of the message that failed; None when this letter does not hold
-        them (the message was longer than a letter keeps)."""
-        if self.message_base64 is not None:
-            return base64.b64decode(self.message_base64, validate=True)
-        raw = self.message.encode()
+        them: cut, or its fields disagree (a letter may have been written by anyone who can
+        write the DLQ), or written before 2026-12-05 with text that may not be the bytes."""
+        if self.message_exact is None and self.message_bytes is None and self.message_base64 is None:
+            cut = len(self.message) >= _OLD_TEXT_KEPT
+            return None if cut or "\ufffd" in self.message else self.message.encode()
+        if self.message_exact:
+            raw = self.message.encode()
+        elif self.message_base64 is not None:
+            try:
+                raw = base64.b64decode(self.message_base64, validate=True)
+            except ValueError:
+                return None
+            if raw.decode("utf-8", errors="replace")[:LETTER_TEXT_KEPT] != self.message:
+                return None  # the text is not a rendering of these bytes
+        else:
+            return None  # longer than a letter keeps
         if self.message_bytes is not None and len(raw) != self.message_bytes:
             return None
         return raw

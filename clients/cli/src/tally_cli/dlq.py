@@ -11,8 +11,9 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
+from pydantic import ValidationError
 
-from tally.events import DeadLetter, Topics
+from tally.events import LETTER_TEXT_KEPT, DeadLetter, Topics
 from tally.kafka import client_security
 from tally.settings import get_settings
 
@@ -82,6 +83,34 @@ async def _consumer(dlq: str, group: str | None) -> AIOKafkaConsumer:
     return consumer
 
 
+def _original(record: Any) -> bytes | None:
+    """The bytes to replay for a DLQ record; None when it is no letter Tally wrote (anyone
+    who may write the DLQ may write anything there) or does not hold its message's bytes."""
+    try:
+        return DeadLetter.model_validate_json(record.value or b"").original()
+    except (ValidationError, ValueError):
+        return None
+
+
+def _described(record: Any) -> dict[str, Any]:
+    """A record passed over, for the report: the letter, or what is known of a record that
+    is not one."""
+    try:
+        return _letter(record)
+    except ValidationError:
+        return {
+            "error": "not a dead letter",
+            "source_topic": None,
+            "partition": None,
+            "offset": None,
+            "failed_by": None,
+            "message": (record.value or b"").decode("utf-8", errors="replace")[:LETTER_TEXT_KEPT],
+            "message_bytes": len(record.value or b""),
+            "dlq_partition": record.partition,
+            "dlq_offset": record.offset,
+        }
+
+
 def _letter(record: Any) -> dict[str, Any]:
     letter = DeadLetter.model_validate_json(record.value).model_dump(mode="json")
     return {
@@ -95,7 +124,7 @@ def _letter(record: Any) -> dict[str, Any]:
 async def read(topic: str, *, limit: int = 100) -> list[dict[str, Any]]:
     consumer = await _consumer(_dlq(topic), None)
     try:
-        return [_letter(r) for r in await _drain(consumer, limit)]
+        return [_described(r) for r in await _drain(consumer, limit)]
     finally:
         await consumer.stop()
 
@@ -125,9 +154,9 @@ async def replay(topic: str, *, dry_run: bool = False) -> Replayed:
         sendable: list[tuple[Any, bytes]] = []
         passed: list[dict[str, Any]] = []
         for r in records:
-            original = DeadLetter.model_validate_json(r.value).original()
+            original = _original(r)
             if original is None:
-                passed.append(_letter(r))
+                passed.append(_described(r))
             else:
                 sendable.append((r, original))
         if dry_run or not records:
@@ -135,7 +164,13 @@ async def replay(topic: str, *, dry_run: bool = False) -> Replayed:
         await producer.start()
         for r, original in sendable:
             await producer.send_and_wait(topic, original, key=r.key)
-        await consumer.commit({TopicPartition(dlq, r.partition): r.offset + 1 for r in records})
+        # past the highest offset read in each partition (records are in time order, and
+        # producers' clocks may disagree)
+        read: dict[TopicPartition, int] = {}
+        for r in records:
+            tp = TopicPartition(dlq, r.partition)
+            read[tp] = max(read.get(tp, 0), r.offset + 1)
+        await consumer.commit(read)
         return Replayed(len(sendable), passed)
     except KafkaError as exc:
         raise Unavailable(f"the broker is unreachable: {exc}") from exc
