@@ -190,8 +190,21 @@ async def test_the_cli_reports_a_letter_it_passes_over_and_exits_0(ready: Stack)
     )
     assert run.returncode == 0, run.stderr[-2000:]
     out = orjson.loads(run.stdout)
-    assert out["replayed"] == 0 and [x["offset"] for x in out["not_replayable"]] == [0]
+    assert out["replayed"] == 0 and [x["dlq_offset"] for x in out["not_replayable"]] == [poison]
     assert await committed(ready) == poison + 1
+    # the table says where the letter is and where its message is
+    (garbage, poison) = await send_letters(ready, [b"garbage", crafted("x", message_base64="QQ")])
+    run = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "tally_cli", "dlq", "replay", TOPIC],
+        env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": ready.bootstrap, "COLUMNS": "200"},
+        capture_output=True,
+        timeout=120,
+    )
+    said = run.stdout.decode()
+    assert run.returncode == 0 and "replayed 0 message(s)" in said, said
+    assert f"{DLQ} partition 0 offset {garbage} is no dead letter" in said
+    assert f"{DLQ} partition 0 offset {poison} does not hold its message (still at {TOPIC}" in said
 
 
 # --- 3. message_base64 that is not what message shows -----------------------------------------

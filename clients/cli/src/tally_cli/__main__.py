@@ -313,17 +313,25 @@ def replay(
     except ValueError as exc:
         fail(USAGE, str(exc), json)
     passed = [
-        {k: x[k] for k in ("source_topic", "partition", "offset", "message_bytes", "failed_by")}
+        {
+            k: x[k]
+            for k in ("dlq_partition", "dlq_offset", "source_topic", "partition", "offset", "message_bytes")
+        }
         for x in done.not_replayable
     ]
 
     def table() -> str:
         said = f"{'would replay' if dry_run else 'replayed'} {done.replayed} message(s) to {topic}"
         for x in passed:
-            said += (
-                f"\npassed over: the letter of {x['source_topic']} partition {x['partition']} offset "
-                f"{x['offset']} does not hold its {x['message_bytes']}-byte message"
-            )
+            at = f"{topic}.dlq partition {x['dlq_partition']} offset {x['dlq_offset']}"
+            if x["source_topic"] is None:
+                said += f"\npassed over: {at} is no dead letter"
+            else:
+                size = "" if x["message_bytes"] is None else f"{x['message_bytes']}-byte "
+                said += (
+                    f"\npassed over: {at} does not hold its {size}message "
+                    f"(still at {x['source_topic']} partition {x['partition']} offset {x['offset']})"
+                )
         return said
 
     emit(
