@@ -11,6 +11,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
@@ -85,10 +89,10 @@ async def test_letters_in_one_record_batch_are_all_listed_and_replayed_once(
     listed = [orjson.loads(x["message"]) for x in await dlq.read(TOPIC, limit=10_000)]
     assert sorted(m["n"] for m in listed if m.get("marker") == marker) == [0, 1, 2]
 
-    assert (await dlq.replay(TOPIC, dry_run=True)).replayed >= 3
-    assert (await dlq.replay(TOPIC)).replayed >= 3
+    assert (await dlq.replay(TOPIC, dry_run=True, state=True)).replayed >= 3
+    assert (await dlq.replay(TOPIC, state=True)).replayed >= 3
     assert await on_topic(stack, marker) == [0, 1, 2]
-    assert (await dlq.replay(TOPIC)).replayed == 0  # each letter is replayed once
+    assert (await dlq.replay(TOPIC, state=True)).replayed == 0  # each letter is replayed once
     assert await on_topic(stack, marker) == [0, 1, 2]
 
 
@@ -98,7 +102,7 @@ async def test_a_replay_sends_the_bytes_that_failed_or_passes_the_letter_over(
     """Letters written by the consumers' own ``dlq_row``: a message that is not UTF-8 comes
     back byte for byte; one longer than a letter keeps is listed and passed over, not cut."""
     monkeypatch.setattr(dlq, "get_settings", lambda: Settings(KAFKA_BOOTSTRAP_SERVERS=stack.bootstrap))
-    await dlq.replay(TOPIC)  # what other tests left
+    await dlq.replay(TOPIC, state=True)  # what other tests left
     marker = uid("bytes").encode()
     not_utf8 = b'{"marker":"' + marker + b'","x":"\xff\xfe"}'
     utf8 = b'{"marker":"' + marker + '","x":"\u00e9\U0001f600"}'.encode()
@@ -126,14 +130,14 @@ async def test_a_replay_sends_the_bytes_that_failed_or_passes_the_letter_over(
     assert ours[1].message == utf8.decode() and ours[1].message_base64 is None
     assert [x.original() for x in ours] == [not_utf8, utf8, None, None]
 
-    done = await dlq.replay(TOPIC)
+    done = await dlq.replay(TOPIC, state=True)
     assert done.replayed == 2
     assert sorted((x["offset"], x["message_bytes"]) for x in done.not_replayable) == [
         (2, len(too_long)),
         (3, len(too_long_not_utf8)),
     ]
     assert sorted(await raw_on_topic(stack, marker)) == sorted([not_utf8, utf8])
-    again = await dlq.replay(TOPIC)
+    again = await dlq.replay(TOPIC, state=True)
     assert again.replayed == 0 and again.not_replayable == []
 
 
@@ -145,3 +149,29 @@ def test_a_letter_from_before_message_bytes_replays_its_text() -> None:
         b'"failed_at":"2026-12-01T00:00:00Z","message":"{\\"a\\": 1}"}'
     )
     assert old.original() == b'{"a": 1}'
+
+
+async def test_a_topic_that_carries_state_is_replayed_only_when_asked(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A letter replayed goes to every consumer group of its topic, not only the one that
+    failed on it. On a topic of state (licenses, settings, connections, suspensions) it is
+    applied again over newer state: a review took a license back that way
+    (tests/e2e/test_dlq_final_attacks.py). Only usage topics replay without ``--state``."""
+    monkeypatch.setattr(dlq, "get_settings", lambda: Settings(KAFKA_BOOTSTRAP_SERVERS=stack.bootstrap))
+    assert dlq.ADDITIVE == (Topics.USAGE_INGEST, Topics.USAGE_RECORDED)
+    for topic in Topics.ALL:
+        if topic in dlq.ADDITIVE:
+            continue
+        with pytest.raises(dlq.StateTopic, match="carries state"):
+            await dlq.replay(topic)
+        await dlq.replay(topic, dry_run=True)  # saying what it would do is harmless
+    run = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "tally_cli", "dlq", "replay", Topics.REBILLING_EVENTS, "--json"],
+        env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": stack.bootstrap},
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 2 and b"--state" in run.stdout, run.stdout

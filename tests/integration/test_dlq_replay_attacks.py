@@ -51,7 +51,7 @@ def crafted(message: str, **extra: Any) -> bytes:
 @pytest.fixture
 async def ready(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
     monkeypatch.setattr(dlq, "get_settings", lambda: Settings(KAFKA_BOOTSTRAP_SERVERS=stack.bootstrap))
-    await dlq.replay(TOPIC)  # what earlier tests left
+    await dlq.replay(TOPIC, state=True)  # what earlier tests left
     return stack
 
 
@@ -136,7 +136,7 @@ async def test_a_cut_letter_is_passed_over(ready: Stack) -> None:
     assert len(letter_value) < 1024 * 1024  # below a Kafka broker's default message.max.bytes
     (offset,) = await send_letters(ready, [letter_value])
 
-    done = await dlq.replay(TOPIC)
+    done = await dlq.replay(TOPIC, state=True)
     assert done.replayed == 0
     assert [(x["offset"], x["message_bytes"]) for x in done.not_replayable] == [(7, len(value))]
     assert await raw_on_topic(ready, marker) == []
@@ -157,9 +157,9 @@ async def test_a_letter_of_invalid_base64_is_passed_over_and_the_letters_behind_
         ready, [crafted("x", message_base64=bad), crafted(orjson.dumps({"marker": marker}).decode())]
     )
     assert good == poison + 1
-    dry = await dlq.replay(TOPIC, dry_run=True)
+    dry = await dlq.replay(TOPIC, dry_run=True, state=True)
     assert dry.replayed == 1 and [x["dlq_offset"] for x in dry.not_replayable] == [poison]
-    done = await dlq.replay(TOPIC)
+    done = await dlq.replay(TOPIC, state=True)
     assert done.replayed == 1 and [x["dlq_offset"] for x in done.not_replayable] == [poison]
     assert len(await raw_on_topic(ready, marker.encode())) == 1
     assert await committed(ready) == good + 1
@@ -174,7 +174,7 @@ async def test_a_record_that_is_no_letter_is_passed_over_by_list_and_replay(read
     )
     listed = {x["dlq_offset"]: x for x in await dlq.read(TOPIC, limit=10_000)}
     assert listed[garbage]["error"] == listed[empty]["error"] == "not a dead letter"
-    done = await dlq.replay(TOPIC)
+    done = await dlq.replay(TOPIC, state=True)
     assert done.replayed == 1 and [x["dlq_offset"] for x in done.not_replayable] == [garbage, empty]
     assert len(await raw_on_topic(ready, marker.encode())) == 1
 
@@ -183,7 +183,7 @@ async def test_the_cli_reports_a_letter_it_passes_over_and_exits_0(ready: Stack)
     (poison,) = await send_letters(ready, [crafted("x", message_base64="QQ")])
     run = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "tally_cli", "dlq", "replay", TOPIC, "--json"],
+        [sys.executable, "-m", "tally_cli", "dlq", "replay", TOPIC, "--state", "--json"],
         env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": ready.bootstrap},
         capture_output=True,
         timeout=120,
@@ -196,7 +196,7 @@ async def test_the_cli_reports_a_letter_it_passes_over_and_exits_0(ready: Stack)
     (garbage, poison) = await send_letters(ready, [b"garbage", crafted("x", message_base64="QQ")])
     run = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "tally_cli", "dlq", "replay", TOPIC],
+        [sys.executable, "-m", "tally_cli", "dlq", "replay", TOPIC, "--state"],
         env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": ready.bootstrap, "COLUMNS": "200"},
         capture_output=True,
         timeout=120,
@@ -223,7 +223,7 @@ async def test_a_letter_whose_base64_is_not_its_text_is_passed_over(ready: Stack
     )
     listed = [x for x in await dlq.read(TOPIC, limit=10_000) if marker in x["message"]]
     assert listed[0]["message"] == shown
-    done = await dlq.replay(TOPIC)
+    done = await dlq.replay(TOPIC, state=True)
     assert done.replayed == 0 and len(done.not_replayable) == 1
     assert await raw_on_topic(ready, marker.encode()) == []
 
@@ -234,11 +234,11 @@ async def test_lying_message_bytes_is_passed_over_and_committed(ready: Stack) ->
     marker = uid("lie")
     text = orjson.dumps({"marker": marker}).decode()
     (offset,) = await send_letters(ready, [crafted(text, message_exact=True, message_bytes=len(text) + 1)])
-    done = await dlq.replay(TOPIC)
+    done = await dlq.replay(TOPIC, state=True)
     assert done.replayed == 0 and [x["offset"] for x in done.not_replayable] == [0]
     assert await raw_on_topic(ready, marker.encode()) == []
     assert await committed(ready) == offset + 1
-    assert (await dlq.replay(TOPIC)).not_replayable == []
+    assert (await dlq.replay(TOPIC, state=True)).not_replayable == []
 
 
 # --- 4. letters from before the change --------------------------------------------------------
@@ -252,7 +252,7 @@ async def test_an_old_letter_of_bytes_not_utf8_is_passed_over(ready: Stack) -> N
     old_text = b'{"marker":"' + marker.encode() + b'","x":"\xff"}'
     fine = orjson.dumps({"marker": marker, "fine": True})
     await send_letters(ready, [crafted(old_text.decode("utf-8", "replace")), crafted(fine.decode())])
-    done = await dlq.replay(TOPIC)
+    done = await dlq.replay(TOPIC, state=True)
     assert done.replayed == 1 and len(done.not_replayable) == 1
     assert await raw_on_topic(ready, marker.encode()) == [fine]
 
@@ -271,9 +271,9 @@ async def test_letters_out_of_timestamp_order_are_replayed_once(ready: Stack) ->
         [crafted(orjson.dumps({"marker": marker, "n": n}).decode()) for n in range(3)],
         timestamps=[now + 60_000, now, now + 1],  # the first is a minute ahead
     )
-    assert (await dlq.replay(TOPIC)).replayed == 3
+    assert (await dlq.replay(TOPIC, state=True)).replayed == 3
     assert await committed(ready) == offsets[-1] + 1
-    assert (await dlq.replay(TOPIC)).replayed == 0
+    assert (await dlq.replay(TOPIC, state=True)).replayed == 0
     sent = sorted(orjson.loads(v)["n"] for v in await raw_on_topic(ready, marker.encode()))
     assert sent == [0, 1, 2]
 
@@ -287,7 +287,7 @@ async def test_two_replays_at_once_both_send_every_letter(ready: Stack) -> None:
     the consumers' dedupe on event ids (tests/e2e/test_dlq_replay_attacks.py)."""
     marker = uid("twice")
     await send_letters(ready, [crafted(orjson.dumps({"marker": marker, "n": n}).decode()) for n in range(3)])
-    a, b = await asyncio.gather(dlq.replay(TOPIC), dlq.replay(TOPIC))
+    a, b = await asyncio.gather(dlq.replay(TOPIC, state=True), dlq.replay(TOPIC, state=True))
     sent = sorted(orjson.loads(v)["n"] for v in await raw_on_topic(ready, marker.encode()))
     print("replayed", a.replayed, b.replayed, "sent", sent)
     assert sent == [0, 0, 1, 1, 2, 2]
@@ -310,12 +310,12 @@ async def test_a_replay_interrupted_before_its_commit_sends_again_on_the_next_ru
     with monkeypatch.context() as m:
         m.setattr(AIOKafkaConsumer, "commit", crash)
         with pytest.raises(RuntimeError):
-            await dlq.replay(TOPIC)
-    assert (await dlq.replay(TOPIC, dry_run=True)).replayed == 2  # dry run commits nothing
-    assert (await dlq.replay(TOPIC)).replayed == 2
+            await dlq.replay(TOPIC, state=True)
+    assert (await dlq.replay(TOPIC, dry_run=True, state=True)).replayed == 2  # dry run commits nothing
+    assert (await dlq.replay(TOPIC, state=True)).replayed == 2
     sent = sorted(orjson.loads(v)["n"] for v in await raw_on_topic(ready, marker.encode()))
     assert sent == [0, 0, 1, 1]
-    assert (await dlq.replay(TOPIC)).replayed == 0
+    assert (await dlq.replay(TOPIC, state=True)).replayed == 0
 
 
 # --- 8. letters arriving while a replay drains ------------------------------------------------
@@ -333,8 +333,8 @@ async def test_letters_written_during_a_replay_are_replayed_once_or_left_never_l
 
     task = asyncio.create_task(writer())
     while not task.done():
-        await asyncio.wait_for(dlq.replay(TOPIC), timeout=60)
+        await asyncio.wait_for(dlq.replay(TOPIC, state=True), timeout=60)
     await task
-    await asyncio.wait_for(dlq.replay(TOPIC), timeout=60)
+    await asyncio.wait_for(dlq.replay(TOPIC, state=True), timeout=60)
     sent = sorted(orjson.loads(v)["n"] for v in await raw_on_topic(ready, marker.encode()))
     assert sent == list(range(total))

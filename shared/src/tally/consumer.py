@@ -362,7 +362,7 @@ def dlq_row(record: Any, reason: str, *, service: str) -> outbox.Row:
     """An outbox row that dead-letters ``record`` to ``<topic>.dlq`` with the reason."""
     DLQ.labels(service, record.topic).inc()
     body = events.DeadLetter.holding(
-        record.value or b"",
+        record.value,
         error=reason[:2000],
         source_topic=record.topic,
         partition=record.partition,
@@ -370,7 +370,8 @@ def dlq_row(record: Any, reason: str, *, service: str) -> outbox.Row:
         failed_by=service,
         failed_at=datetime.now(UTC),
     ).model_dump(mode="json", exclude_none=True)
-    key = record.key.decode("utf-8", errors="replace") if record.key else None
+    # b"" stays b"" (a replay keeps its partition); a key that is not UTF-8 does not (left open)
+    key = record.key.decode("utf-8", errors="replace") if record.key is not None else None
     log.warning(
         "dead-lettered", extra={"topic": record.topic, "offset": record.offset, "reason": reason[:300]}
     )

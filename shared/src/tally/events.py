@@ -497,8 +497,12 @@ class DeadLetter(BaseModel):
     message_base64: str | None = None
 
     @classmethod
-    def holding(cls, value: bytes, **fields: Any) -> DeadLetter:
-        """The letter of ``value``: its text, and its bytes too when the text is not them."""
+    def holding(cls, value: bytes | None, **fields: Any) -> DeadLetter:
+        """The letter of ``value``: its text, and its bytes too when the text is not them. A
+        tombstone (no value) is lettered as an empty text that holds no bytes: replaying it
+        would send an empty message, not the tombstone."""
+        if value is None:
+            return cls(message="", message_exact=False, **fields)
         text = value.decode("utf-8", errors="replace")
         exact = len(text) <= LETTER_TEXT_KEPT and text.encode() == value
         return cls(

@@ -283,11 +283,12 @@ def dlq_list(
     def table() -> Table:
         t = Table("dlq offset", "source", "failed_by", "failed_at", "error", title=f"{topic}.dlq")
         for x in letters:
+            letter = x["source_topic"] is not None  # else a record that is no letter
             t.add_row(
                 str(x["dlq_offset"]),
-                f"{x['source_topic']}@{x['partition']}:{x['offset']}",
-                x["failed_by"],
-                x["failed_at"],
+                f"{x['source_topic']}@{x['partition']}:{x['offset']}" if letter else "-",
+                x["failed_by"] or "-",
+                x["failed_at"] or "-",
                 x["error"][:80],
             )
         return t
@@ -300,6 +301,13 @@ def replay(
     topic: Annotated[str, Parameter(help="the source topic (its DLQ is <topic>.dlq)")],
     *,
     dry_run: Annotated[bool, Parameter(help="say what would be replayed, replay nothing")] = False,
+    state: Annotated[
+        bool,
+        Parameter(
+            help="replay onto a topic that carries state (all but usage.ingest and usage.recorded): "
+            "every consumer group applies each letter again, over newer state; check each one first"
+        ),
+    ] = False,
     json: Json = False,
 ) -> None:
     """Produce each dead letter not replayed before back to its source topic (consumers dedupe
@@ -307,7 +315,7 @@ def replay(
     from tally_cli import dlq
 
     try:
-        done = asyncio.run(dlq.replay(topic, dry_run=dry_run))
+        done = asyncio.run(dlq.replay(topic, dry_run=dry_run, state=state))
     except dlq.Unavailable as exc:
         fail(UNAVAILABLE, str(exc), json)
     except ValueError as exc:

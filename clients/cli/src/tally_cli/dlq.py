@@ -104,6 +104,7 @@ def _described(record: Any) -> dict[str, Any]:
             "partition": None,
             "offset": None,
             "failed_by": None,
+            "failed_at": None,
             "message": (record.value or b"").decode("utf-8", errors="replace")[:LETTER_TEXT_KEPT],
             "message_bytes": len(record.value or b""),
             "dlq_partition": record.partition,
@@ -139,9 +140,28 @@ class Replayed:
     not_replayable: list[dict[str, Any]]
 
 
-async def replay(topic: str, *, dry_run: bool = False) -> Replayed:
-    """Produce every letter not replayed before back to ``topic``, byte for byte as it failed."""
+# Topics whose messages only add, each once: usage, deduped by its event id by every consumer
+# group. The others carry state (settings, licenses, connections, suspensions, a recharge that
+# failed): a letter replayed there goes to every consumer group of the topic, not only the one
+# that failed on it, and is applied again over newer state (a license taken back).
+ADDITIVE = (Topics.USAGE_INGEST, Topics.USAGE_RECORDED)
+
+
+class StateTopic(ValueError):
+    """A replay onto a topic that carries state, not asked for."""
+
+
+async def replay(topic: str, *, dry_run: bool = False, state: bool = False) -> Replayed:
+    """Produce every letter not replayed before back to ``topic``, byte for byte as it failed.
+    A topic that carries state (not in ``ADDITIVE``) only with ``state``: the operator has
+    checked that no letter is older than what it would overwrite."""
     dlq = _dlq(topic)
+    if topic not in ADDITIVE and not state and not dry_run:
+        raise StateTopic(
+            f"{topic} carries state: a replayed letter goes to every consumer group of it and is "
+            "applied again over newer state. Check each letter (tally dlq list), then replay with "
+            "--state, or publish a corrected, current message instead."
+        )
     consumer = await _consumer(dlq, f"tally-cli-replay-{topic}")
     producer = AIOKafkaProducer(
         bootstrap_servers=get_settings().kafka_bootstrap_servers,
