@@ -12,9 +12,10 @@ Broke, and mended (the tests below hold now):
   record, without the keys the table reads.
 - A record with a null value (a tombstone) was lettered as an empty message, and a replay sent
   an empty value: other bytes than the consumer received. Its letter now holds no bytes.
-- An empty key became no key (a replay went to a random partition). A key that is not UTF-8
-  still becomes U+FFFD (another partition): left open, a strict xfail. No consumer keys money
-  by it (usage.recorded is keyed by company anew, dedupe is by id).
+- An empty key became no key (a replay went to a random partition), and a key that is not
+  UTF-8 became U+FFFD (another partition). A letter now carries the record's key byte for
+  byte. No consumer keyed money by it (usage.recorded is keyed by company anew, dedupe is by
+  id), but per-key order was lost.
 - A replay goes to every consumer group of the topic, not only the one that dead-lettered the
   record. The wallet applies ``rebilling.events`` without an inbox or versions: a genuine
   ``license.changed`` lettered by another group (here the notifier's) and replayed after a
@@ -44,9 +45,6 @@ from tests.support.attacks import after_the_forgery
 from tests.support.builders import GOOD, Reseller, new_card
 from tests.support.stack import Tally, eventually
 
-LEFT_OPEN = pytest.mark.xfail(
-    strict=True, reason="left open (docs/0023): a key that is not UTF-8 is lettered as U+FFFD text"
-)
 K = LETTER_TEXT_KEPT
 
 
@@ -174,9 +172,7 @@ def test_a_tombstone_is_not_replayed_as_an_empty_message() -> None:
     assert DeadLetter.model_validate_json(letter).original() is None
 
 
-@pytest.mark.parametrize(
-    "key", [b"", pytest.param(b"company-\xff", marks=LEFT_OPEN)], ids=["empty", "not-utf8"]
-)
+@pytest.mark.parametrize("key", [b"", b"company-\xff"], ids=["empty", "not-utf8"])
 def test_a_replay_keeps_the_key_so_the_partition(key: bytes) -> None:
     """The replay sends the DLQ record's key, which ``dlq_row`` wrote: None for b"" (aiokafka
     then picks a partition at random), U+FFFD for bytes not UTF-8 (another murmur2 hash)."""

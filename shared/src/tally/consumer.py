@@ -370,9 +370,10 @@ def dlq_row(record: Any, reason: str, *, service: str) -> outbox.Row:
         failed_by=service,
         failed_at=datetime.now(UTC),
     ).model_dump(mode="json", exclude_none=True)
-    # b"" stays b"" (a replay keeps its partition); a key that is not UTF-8 does not (left open)
-    key = record.key.decode("utf-8", errors="replace") if record.key is not None else None
     log.warning(
         "dead-lettered", extra={"topic": record.topic, "offset": record.offset, "reason": reason[:300]}
     )
-    return outbox.row(events.Topics.dlq(record.topic), key, body)
+    topic, _, value, traceparent, type_ = outbox.row(events.Topics.dlq(record.topic), None, body)
+    # the record's key as it came, byte for byte (b"" and bytes that are not UTF-8 too): a
+    # replay sends it back with it, to the partition it was on
+    return (topic, record.key, value, traceparent, type_)
