@@ -20,14 +20,14 @@ from types import SimpleNamespace
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from tally.consumer import dlq_row
 from tally.events import LETTER_TEXT_KEPT, DeadLetter, Topics
 from tally.settings import Settings
 from tally_cli import dlq
 from tally_devstack.stack import Stack
-from tests.support.stack import uid
+from tests.support.stack import messages_containing, uid
 
 TOPIC = Topics.REBILLING_EVENTS  # no service consumes it in this layer
 
@@ -54,21 +54,7 @@ async def on_topic(stack: Stack, marker: str) -> list[int]:
 
 
 async def raw_on_topic(stack: Stack, marker: bytes) -> list[bytes]:
-    """Every message on ``TOPIC`` containing ``marker``, as its bytes."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=stack.bootstrap, group_id=None, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        await consumer.topics()
-        parts = [TopicPartition(TOPIC, p) for p in sorted(consumer.partitions_for_topic(TOPIC) or ())]
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        found: list[bytes] = []
-        while batch := await consumer.getmany(timeout_ms=500):
-            for records in batch.values():
-                found += [r.value for r in records if r.value and marker in r.value]
-        return found
-    finally:
-        await consumer.stop()
+    return await messages_containing(stack.bootstrap, TOPIC, marker)
 
 
 async def test_letters_in_one_record_batch_are_all_listed_and_replayed_once(
@@ -139,16 +125,6 @@ async def test_a_replay_sends_the_bytes_that_failed_or_passes_the_letter_over(
     assert sorted(await raw_on_topic(stack, marker)) == sorted([not_utf8, utf8])
     again = await dlq.replay(TOPIC, state=True)
     assert again.replayed == 0 and again.not_replayable == []
-
-
-def test_a_letter_from_before_message_bytes_replays_its_text() -> None:
-    """Letters written before 2026-12-05 carry neither ``message_bytes`` nor
-    ``message_base64``: their text is what a replay sends, as before."""
-    old = DeadLetter.model_validate_json(
-        b'{"error":"e","source_topic":"t","partition":0,"offset":1,"failed_by":"wallet",'
-        b'"failed_at":"2026-12-01T00:00:00Z","message":"{\\"a\\": 1}"}'
-    )
-    assert old.original() == b'{"a": 1}'
 
 
 async def test_a_topic_that_carries_state_is_replayed_only_when_asked(

@@ -25,7 +25,7 @@ from tally.events import LETTER_TEXT_KEPT, DeadLetter, Topics
 from tally.settings import Settings
 from tally_cli import dlq
 from tally_devstack.stack import Stack
-from tests.support.stack import uid
+from tests.support.stack import messages_containing, uid
 
 TOPIC = Topics.RECHARGE_EVENTS
 DLQ = Topics.dlq(TOPIC)
@@ -73,27 +73,7 @@ async def send_letters(
 
 
 async def raw_on_topic(stack: Stack, marker: bytes) -> list[bytes]:
-    """Every message on ``TOPIC`` containing ``marker``, as its bytes."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=stack.bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        max_partition_fetch_bytes=10_000_000,
-        fetch_max_bytes=50_000_000,
-    )
-    await consumer.start()
-    try:
-        await consumer.topics()
-        parts = [TopicPartition(TOPIC, p) for p in sorted(consumer.partitions_for_topic(TOPIC) or ())]
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        found: list[bytes] = []
-        while batch := await consumer.getmany(timeout_ms=500):
-            for records in batch.values():
-                found += [r.value for r in records if r.value and marker in r.value]
-        return found
-    finally:
-        await consumer.stop()
+    return await messages_containing(stack.bootstrap, TOPIC, marker)
 
 
 async def committed(stack: Stack) -> int | None:

@@ -32,7 +32,7 @@ async def new_card(tally: Tally, number: str) -> str:
     return str(pm.id)
 
 
-async def attach(tally: Tally, agency: Agency, number: str, aid: str | None = None) -> str:
+async def attach(tally: Tally, agency: Agency | Reseller, number: str, aid: str | None = None) -> str:
     pm = await new_card(tally, number)
     path = f"/v1/accounts/{aid}/payment-methods" if aid else f"/v1/companies/{agency.cid}/payment-methods"
     headers = agency.user(aid) if aid else agency.admin

@@ -42,6 +42,31 @@ async def eventually(
         await asyncio.sleep(0.05)
 
 
+async def messages_containing(bootstrap: str, topic: str, marker: bytes) -> list[bytes]:
+    """Every message on ``topic`` so far whose bytes contain ``marker``, as its bytes (large
+    ones too), in partition order."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=10_000_000,
+        fetch_max_bytes=50_000_000,
+    )
+    await consumer.start()
+    try:
+        await consumer.topics()
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        found: list[bytes] = []
+        while batch := await consumer.getmany(timeout_ms=500):
+            for records in batch.values():
+                found += [r.value for r in records if r.value and marker in r.value]
+        return found
+    finally:
+        await consumer.stop()
+
+
 def matches(predicate: Callable[[dict[str, Any]], bool], raw: bytes | None) -> bool:
     """Apply a predicate to a message, treating anything that is not a well-formed envelope
     (the fuzz tests put garbage on every topic) as not matching."""

@@ -373,7 +373,6 @@ def dlq_row(record: Any, reason: str, *, service: str) -> outbox.Row:
     log.warning(
         "dead-lettered", extra={"topic": record.topic, "offset": record.offset, "reason": reason[:300]}
     )
-    topic, _, value, traceparent, type_ = outbox.row(events.Topics.dlq(record.topic), None, body)
     # the record's key as it came, byte for byte (b"" and bytes that are not UTF-8 too): a
     # replay sends it back with it, to the partition it was on
-    return (topic, record.key, value, traceparent, type_)
+    return outbox.row(events.Topics.dlq(record.topic), record.key, body)

@@ -51,14 +51,15 @@ _HEAD = struct.Struct(">HiIHH")  # lengths: topic, key (-1: none), value, tracep
 
 def row(
     topic: str,
-    key: str | None,
+    key: str | bytes | None,
     message: dict[str, Any] | bytes,
     traceparent: str | None = None,
     *,
     inherit: bool = True,
     type_: str | None = None,
 ) -> Row:
-    """One outbox message; ``message`` is an envelope dict (or already-encoded bytes). With no
+    """One outbox message; ``message`` is an envelope dict (or already-encoded bytes), ``key``
+    text or bytes as they are (a dead letter keeps its record's key byte for byte). With no
     ``traceparent`` it carries the current span's, unless ``inherit`` is False: per-event rows
     whose caller already knows each event's trace (None: the event has none) skip the lookup,
     which costs as much as encoding the message."""
@@ -68,7 +69,7 @@ def row(
         value, type_ = events.dumps(message), message.get("type")
     if traceparent is None and inherit:
         traceparent = current_traceparent()
-    return (topic, key.encode() if key is not None else None, value, traceparent, type_)
+    return (topic, key.encode() if isinstance(key, str) else key, value, traceparent, type_)
 
 
 # Packed rows are one msgpack array of ``Row`` arrays (columns ``rows_mp``/``rows_mp_lz4``):

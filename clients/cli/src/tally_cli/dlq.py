@@ -88,7 +88,7 @@ def _original(record: Any) -> bytes | None:
     who may write the DLQ may write anything there) or does not hold its message's bytes."""
     try:
         return DeadLetter.model_validate_json(record.value or b"").original()
-    except (ValidationError, ValueError):
+    except ValueError:  # pydantic's ValidationError too
         return None
 
 
