@@ -81,6 +81,11 @@ def make_broker(settings: Settings, *, client_id: str, middlewares: Sequence[Any
     )
 
 
+# The largest produce request a relay sends (a record batch; a dead letter with its record's key);
+# `tally dlq replay` sends what a relay wrote, so it allows the same.
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
 def make_producer(settings: Settings, *, client_id: str) -> AIOKafkaProducer:
     """A raw producer for bulk relaying of outbox rows: ordered per partition, batched, and
     compressed (``KAFKA_COMPRESSION``: record batches of JSON envelopes shrink several times,
@@ -93,7 +98,7 @@ def make_producer(settings: Settings, *, client_id: str) -> AIOKafkaProducer:
         linger_ms=2,
         compression_type=None if settings.kafka_compression == "none" else settings.kafka_compression,
         max_batch_size=512 * 1024,
-        max_request_size=4 * 1024 * 1024,
+        max_request_size=MAX_REQUEST_BYTES,
         request_timeout_ms=30_000,
         **client_security(settings),
     )

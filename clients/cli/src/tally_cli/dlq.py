@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from pydantic import ValidationError
 
 from tally.events import LETTER_TEXT_KEPT, DeadLetter, Topics
-from tally.kafka import client_security
+from tally.kafka import MAX_REQUEST_BYTES, client_security
 from tally.settings import get_settings
 
 
@@ -133,7 +133,7 @@ async def read(topic: str, *, limit: int = 100) -> list[dict[str, Any]]:
 @dataclass(frozen=True)
 class Replayed:
     """What a replay did: letters sent back, and letters that do not hold their message's
-    exact bytes (longer than a letter keeps), which are passed over: the message is still at
+    exact bytes (or are too large to send), which are passed over: the message is still at
     its ``source_topic``, ``partition`` and ``offset`` while the topic retains it."""
 
     replayed: int
@@ -168,6 +168,7 @@ async def replay(topic: str, *, dry_run: bool = False, state: bool = False) -> R
         **client_security(get_settings()),
         acks="all",
         client_id="tally-cli",
+        max_request_size=MAX_REQUEST_BYTES,
     )
     try:
         records = await _drain(consumer, None)
@@ -182,8 +183,13 @@ async def replay(topic: str, *, dry_run: bool = False, state: bool = False) -> R
         if dry_run or not records:
             return Replayed(len(sendable), passed)
         await producer.start()
+        sent = 0
         for r, original in sendable:
-            await producer.send_and_wait(topic, original, key=r.key)
+            try:
+                await producer.send_and_wait(topic, original, key=r.key)
+                sent += 1
+            except MessageSizeTooLargeError:  # larger than any relay sends: listed, not retried
+                passed.append(_described(r))
         # past the highest offset read in each partition (records are in time order, and
         # producers' clocks may disagree)
         read: dict[TopicPartition, int] = {}
@@ -191,7 +197,7 @@ async def replay(topic: str, *, dry_run: bool = False, state: bool = False) -> R
             tp = TopicPartition(dlq, r.partition)
             read[tp] = max(read.get(tp, 0), r.offset + 1)
         await consumer.commit(read)
-        return Replayed(len(sendable), passed)
+        return Replayed(sent, passed)
     except KafkaError as exc:
         raise Unavailable(f"the broker is unreachable: {exc}") from exc
     finally:
