@@ -47,10 +47,15 @@ async def test_a_commit_writes_state_and_messages_together_then_wakes_the_relay(
         uow.publish([ping(1), ping(2)])
         assert relay.woken == 0  # nothing is told before the commit
     assert relay.woken == 1 and uow.published == 2
+    # handed to the relay once committed: the outbox row's id and its messages
+    [(handed_id, handed)] = relay.handed
+    assert handed_id == await pool.fetchval("SELECT max(id) FROM outbox")
+    assert handed == [ping(1), ping(2)]
     # rows written through the connection by a storage helper wake it too
     async with Database(pool, relay).unit() as uow:
         await outbox.enqueue(uow.conn, [ping(9)])
     assert relay.woken == 2
+    assert relay.handed[1] == (None, [])  # written by the helper, not the unit: read back from the table
     assert await pool.fetchval("SELECT count(*) FROM things") == 1
     found = await messages(pool)
     assert len(found) == 3 and '"m1"' in found[0] and '"m2"' in found[1] and '"m9"' in found[2]
@@ -63,7 +68,7 @@ async def test_a_failure_writes_nothing_and_wakes_no_one(pool: asyncpg.Pool) -> 
             await uow.conn.execute("INSERT INTO things VALUES ('b')")
             uow.publish([ping(3)])
             raise RuntimeError("the use case failed")
-    assert relay.woken == 0
+    assert relay.woken == 0 and relay.handed == []  # nothing committed: nothing to send
     assert await pool.fetchval("SELECT count(*) FROM things") == 0
     assert await messages(pool) == []
     assert pool.get_idle_size() == pool.get_size()  # the connection went back

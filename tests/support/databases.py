@@ -4,23 +4,28 @@ functions (tests/integration): migrated like the service migrates it, dropped wi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
 
-from tally import db
+from tally import db, outbox
 from tally.uow import Database
 from tests.support.stack import Infra, uid
 
 
 class CountingRelay:
-    """Stands for the outbox relay: counts the wakes a unit of work gives it after commit."""
+    """Stands for the outbox relay: counts the wakes a unit of work gives it after commit,
+    and keeps what it is handed over (outbox id, messages)."""
 
     def __init__(self) -> None:
         self.woken = 0
+        self.handed: list[tuple[int | None, list[outbox.Row]]] = []
 
     def wake(self) -> None:
         self.woken += 1
+
+    def hand_over(self, outbox_id: int | None, rows: Sequence[outbox.Row]) -> None:
+        self.handed.append((outbox_id, list(rows)))
 
 
 @contextlib.asynccontextmanager

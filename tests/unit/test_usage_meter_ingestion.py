@@ -44,6 +44,9 @@ class FakeDatabase:
     def unit(self) -> FakeUow:
         return FakeUow(self.log)
 
+    def hand_over(self, outbox_id: int | None, rows: Sequence[Any]) -> None:
+        self.log.append("handed over")
+
     @contextlib.asynccontextmanager
     async def statements(self) -> AsyncIterator[FakeDatabase]:
         self.log.append("connection")
@@ -64,7 +67,11 @@ async def test_a_group_of_new_events_is_recorded_at_once_with_their_trace(
     seen: list[tuple[list[str], list[str | None]]] = []
 
     async def at_once(
-        conn: Any, batch: Sequence[IncomingUsage], traceparents: Sequence[str | None], directory: Any
+        conn: Any,
+        batch: Sequence[IncomingUsage],
+        traceparents: Sequence[str | None],
+        directory: Any,
+        **_: Any,
     ) -> list[Result]:
         conn.log.append("at once")
         seen.append(([e.event_id for e in batch], list(traceparents)))
@@ -89,7 +96,7 @@ async def test_a_group_of_new_events_is_recorded_at_once_with_their_trace(
 async def test_a_group_whose_statement_failed_whole_goes_again_in_a_unit_of_work(
     monkeypatch: pytest.MonkeyPatch, failure: Exception
 ) -> None:
-    async def at_once(conn: Any, *_: Any) -> list[Result]:
+    async def at_once(conn: Any, *_: Any, **__: Any) -> list[Result]:
         conn.log.append("at once")
         raise failure
 
@@ -106,7 +113,7 @@ async def test_a_group_whose_statement_failed_whole_goes_again_in_a_unit_of_work
 
 
 async def test_a_caller_over_its_rate_is_429_and_nothing_is_ingested(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def at_once(conn: Any, batch: Sequence[IncomingUsage], *_: Any) -> list[Result]:
+    async def at_once(conn: Any, batch: Sequence[IncomingUsage], *_: Any, **__: Any) -> list[Result]:
         return [Result(e.event_id, "accepted") for e in batch]
 
     monkeypatch.setattr(ingestion, "ingest_at_once", at_once)
@@ -122,7 +129,7 @@ async def test_a_caller_over_its_rate_is_429_and_nothing_is_ingested(monkeypatch
 
 
 async def test_rebilling_unavailable_is_503_and_nothing_goes_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def at_once(conn: Any, *_: Any) -> list[Result]:
+    async def at_once(conn: Any, *_: Any, **__: Any) -> list[Result]:
         raise DirectoryUnavailable("connection refused")
 
     monkeypatch.setattr(ingestion, "ingest_at_once", at_once)

@@ -17,7 +17,7 @@ it queued are both undone. ``Database.reading()`` is a plain connection for read
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -31,10 +31,16 @@ class Wakeable(Protocol):
     def wake(self) -> None: ...
 
 
+class Relay(Wakeable, Protocol):
+    """A service's outbox relay (``outbox.OutboxRelay``), as units of work see it."""
+
+    def hand_over(self, outbox_id: int | None, rows: Sequence[outbox.Row]) -> None: ...
+
+
 class UnitOfWork:
     """Not reentrant: one ``async with`` per instance (``Database.unit()`` makes a new one)."""
 
-    def __init__(self, pool: asyncpg.Pool, relay: Wakeable | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, relay: Relay | None = None) -> None:
         self._pool = pool
         self._relay = relay
         self._conn: Any = None  # a pool connection (Conn)
@@ -80,7 +86,9 @@ class UnitOfWork:
                 await tx.rollback()
                 raise
             await tx.commit()
-            self.published = written
+            self.published = len(self._rows)
+            if self._relay is not None:  # committed: the relay may send them from memory
+                self._relay.hand_over(written, self._rows)
         finally:
             await self._pool.release(conn)
             self._conn = None
@@ -148,12 +156,18 @@ class UnitOfWork:
 class Database:
     """Where a service's units of work come from (its pool and its outbox relay)."""
 
-    def __init__(self, pool: asyncpg.Pool, relay: Wakeable | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, relay: Relay | None = None) -> None:
         self.pool = pool
         self.relay = relay
 
     def unit(self) -> UnitOfWork:
         return UnitOfWork(self.pool, self.relay)
+
+    def hand_over(self, outbox_id: int | None, rows: Sequence[outbox.Row]) -> None:
+        """Messages a statement of ``statements()`` has committed (``outbox.written_with``'s
+        id): see ``OutboxRelay.hand_over``."""
+        if self.relay is not None:
+            self.relay.hand_over(outbox_id, rows)
 
     @contextlib.asynccontextmanager
     async def statements(self) -> AsyncIterator[Conn]:

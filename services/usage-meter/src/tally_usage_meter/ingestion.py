@@ -6,7 +6,7 @@ suspended accounts, price, dedupe by ``event_id``, and publish the priced events
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Literal, NamedTuple
 
@@ -202,18 +202,23 @@ async def ingest_at_once(
     batch: Sequence[IncomingUsage],
     traceparents: Sequence[str | None],
     directory: CompanyDirectory,
+    *,
+    hand_over: Callable[[int | None, Sequence[outbox.Row]], None] | None = None,
 ) -> list[Result]:
     """``ingest`` without a transaction, for batches whose events are all new (the common
     case): the claims and the outbox row go in one statement (``storage.record_all_new``), so
     the batch is recorded whole or not at all. ``asyncpg.UniqueViolationError`` when an event
     was accepted before (or ``DeadlockDetectedError`` when a group racing this one claims the
-    same ids): nothing was recorded, and ``ingest`` in a unit of work sorts it out."""
+    same ids): nothing was recorded, and ``ingest`` in a unit of work sorts it out.
+    ``hand_over`` gets the committed outbox row's id and messages (``Database.hand_over``)."""
     now, outcome, priced, earlier = await _judged(conn, batch, directory)
     results, rows = _settle(batch, outcome, traceparents, None, earlier, now)
     if rows:
-        await storage.record_all_new(
+        written = await storage.record_all_new(
             conn, [p.event.event_id for p in priced], [p.event.company_id for p in priced], rows
         )
+        if hand_over is not None:
+            hand_over(written, rows)
     return _counted(results)
 
 
@@ -261,7 +266,9 @@ class HttpIngestion:
         batch, traceparents = [e for e, _ in items], [tp for _, tp in items]
         try:
             async with self._db.statements() as conn:
-                return await ingest_at_once(conn, batch, traceparents, self._directory)
+                return await ingest_at_once(
+                    conn, batch, traceparents, self._directory, hand_over=self._db.hand_over
+                )
         except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError):
             pass  # a retried event, or a group racing this one: nothing was written; sort it out
         async with self._db.unit() as uow:

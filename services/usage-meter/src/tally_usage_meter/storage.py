@@ -62,14 +62,16 @@ _CLAIM_ALL = (
 
 async def record_all_new(
     conn: Conn, event_ids: Sequence[str], company_ids: Sequence[str], rows: Sequence[outbox.Row]
-) -> None:
+) -> int:
     """Claim ``event_ids``, all new, and write their messages ``rows`` in one statement: it
     commits whole or not at all, so it needs no transaction (two round trips fewer than
-    ``claim_event_ids`` and ``outbox.enqueue`` in one). ``asyncpg.UniqueViolationError`` when
-    any was claimed before: then nothing is written, and the caller takes that way instead."""
-    await conn.execute(
+    ``claim_event_ids`` and ``outbox.enqueue`` in one). Returns the outbox row's id.
+    ``asyncpg.UniqueViolationError`` when any was claimed before: then nothing is written,
+    and the caller takes that way instead."""
+    written: int = await conn.fetchval(
         outbox.written_with(_CLAIM_ALL, 3), list(event_ids), list(company_ids), *outbox.packed(rows)
     )
+    return written
 
 
 async def forget_ingested(conn: Conn, older_than: timedelta, limit: int) -> int:

@@ -97,7 +97,12 @@ async def on_usage(w: WalletWiring, records: Sequence[Any]) -> None:
         # and the batch goes again, carefully.
         async with w.uow() as uow:
             outcome = await apply_usage(
-                uow.conn, [u for _, u in good], traces, partitions=partitions, optimistic=True
+                uow.conn,
+                [u for _, u in good],
+                traces,
+                partitions=partitions,
+                optimistic=True,
+                publish=uow.publish,
             )
             uow.publish(dead)
         recorded = list(outcome.recorded)
@@ -107,7 +112,9 @@ async def on_usage(w: WalletWiring, records: Sequence[Any]) -> None:
 
             async def post(part: Sequence[tuple[Any, RecordedUsage]]) -> None:
                 async with uow.savepoint():
-                    outcome = await apply_usage(uow.conn, [u for _, u in part], traces, partitions=partitions)
+                    outcome = await apply_usage(
+                        uow.conn, [u for _, u in part], traces, partitions=partitions, publish=uow.publish
+                    )
                 recorded.extend(outcome.recorded)
 
             # Skip what the ledger already has; if some event cannot be posted, post the batch
