@@ -319,6 +319,7 @@ async def run_shape(
             settled = await settle()
         base = await watcher.applied(client)
         timed = await histograms(client, stack)
+        counted = await counters(client, stack)
         await watcher.read_from_now()
         watcher.cpu_start()
         driver = RawHttp(host, int(port), token, maker(5), size)
@@ -351,6 +352,8 @@ async def run_shape(
             "send_to_commit_ms": percentiles_ms(commits),
             "cpu_us_per_event": {n: round(v / max(driver.accepted, 1) * 1e6, 1) for n, v in cpu.items()},
             "hops": hops(timed, await histograms(client, stack)),
+            # group commits, relay rounds and consumer batches: how much is shared at this load
+            "per_1000_events": per_event(counted, await counters(client, stack), driver.accepted),
         }
 
     out: dict[str, Any] = {"events_per_request": size, "connections": connections}

@@ -138,7 +138,7 @@ async def test_a_send_that_fails_leaves_the_row_to_be_read_from_the_table(
     """The handed messages are taken before the send; the row stays until Kafka has them, so
     the next round (the next leader, after a crash) sends what the table holds, once."""
     send = relaying.relay._send
-    failures = []
+    failures: list[int] = []
 
     async def failing_once(messages: Any) -> None:
         if not failures:

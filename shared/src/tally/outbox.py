@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import struct
 import time
@@ -187,17 +188,19 @@ async def publish(conn: Conn, topic: str, key: str | None, message: dict[str, An
     await enqueue(conn, [row(topic, key, message)])
 
 
-# Messages a relay holds handed over at most (~1 kB each: the wallet's ~8,000-event batches
-# are ~1.2 MB packed); past it, rows are read from the table.
+# What a relay holds handed over at most, in messages and in bytes of keys and values (a
+# dead letter may be ~730 kB); past either, rows are read from the table.
 HANDED_MAX = 100_000
+HANDED_MAX_BYTES = 64 << 20
+_READ_ROWS = 500  # outbox rows a relay round reads at most
 _PAYLOAD = ("topic", "key", "value", "traceparent", "messages", "messages_lz4", "rows_mp", "rows_mp_lz4")
 # The oldest rows, up to about ``$1`` messages; the messages of the ids in ``$2`` (handed
-# over) are not read.
+# over) are not read. Whether a row was handed over is found once per row, not per column.
 _READ = (
     "SELECT id, upto, "
-    + ", ".join(f"CASE WHEN id = ANY($2::bigint[]) THEN NULL ELSE {c} END AS {c}" for c in _PAYLOAD)
-    + " FROM (  SELECT *, sum(count) OVER (ORDER BY id) AS upto FROM ("
-    "    SELECT * FROM outbox ORDER BY id LIMIT 500) newest) o "
+    + ", ".join(f"CASE WHEN handed THEN NULL ELSE {c} END AS {c}" for c in _PAYLOAD)
+    + " FROM (  SELECT *, sum(count) OVER (ORDER BY id) AS upto, id = ANY($2::bigint[]) AS handed FROM ("
+    f"    SELECT * FROM outbox ORDER BY id LIMIT {_READ_ROWS}) newest) o "
     "WHERE upto - count < $1 ORDER BY id"
 )
 
@@ -234,8 +237,9 @@ class OutboxRelay(Worker):
         # Rows committed in this process while this relay leads, by outbox id: sent from here,
         # not read back from the table (``hand_over``).
         self._leading = False
-        self._handed: dict[int, list[Row]] = {}
+        self._handed: dict[int, tuple[list[Row], int]] = {}  # id -> (messages, their bytes)
         self._handed_messages = 0
+        self._handed_bytes = 0
 
     def hand_over(self, outbox_id: int | None, rows: Sequence[Row]) -> None:
         """The messages of outbox row ``outbox_id`` (``enqueue``'s id), committed by this
@@ -244,22 +248,29 @@ class OutboxRelay(Worker):
         row stays in the table until Kafka has acknowledged them, as before, so a crash loses
         nothing: the next leader reads it. Call it only once the row is committed (a rolled
         back id is never read, but must not be sent). Bounded: with ``HANDED_MAX`` messages
-        waiting (the relay behind), the rest are read from the table."""
+        or ``HANDED_MAX_BYTES`` waiting (the relay behind), the rest are read from the table."""
         if outbox_id is None or not self._leading or self._handed_messages + len(rows) > HANDED_MAX:
             return
-        self._handed[outbox_id] = list(rows)
+        size = sum(len(value) + len(key or b"") for _, key, value, _, _ in rows)
+        if self._handed_bytes + size > HANDED_MAX_BYTES:
+            return
+        self._handed[outbox_id] = (list(rows), size)
         self._handed_messages += len(rows)
+        self._handed_bytes += size
 
     def _take(self, outbox_id: int) -> list[Row] | None:
-        rows = self._handed.pop(outbox_id, None)
-        if rows is not None:
-            self._handed_messages -= len(rows)
+        found = self._handed.pop(outbox_id, None)
+        if found is None:
+            return None
+        rows, size = found
+        self._handed_messages -= len(rows)
+        self._handed_bytes -= size
         return rows
 
     def _let_go(self) -> None:
         self._leading = False
         self._handed.clear()
-        self._handed_messages = 0
+        self._handed_messages = self._handed_bytes = 0
 
     async def _loop(self) -> None:
         lock_key = f"tally-outbox:{self._service}"
@@ -309,7 +320,9 @@ class OutboxRelay(Worker):
     async def relay_once(self, conn: Conn) -> tuple[int, bool]:
         """Relay the oldest rows, up to about ``batch_size`` messages. Returns the number of
         messages sent and whether more were probably waiting."""
-        handed = list(self._handed)  # read without their messages: this process has them
+        # read without their messages, this process has them: the oldest handed ids only (a
+        # round reads at most _READ_ROWS rows; a handed row left out is read whole, as before)
+        handed = heapq.nsmallest(_READ_ROWS, self._handed)
         rows = await conn.fetch(_READ, self._batch_size, handed)
         if handed:  # a handed row not read, older than one read, is gone (another leader sent it)
             last = rows[-1]["id"] if rows else None

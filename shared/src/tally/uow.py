@@ -49,6 +49,7 @@ class UnitOfWork:
         self._key: tuple[str, str] | None = None
         self._response: tuple[int, Any] | None = None
         self.published = 0  # messages written by the last commit
+        self._sealed = False  # committing: nothing more may be published
 
     @property
     def conn(self) -> Conn:
@@ -81,14 +82,15 @@ class UnitOfWork:
             try:
                 if self._key is not None and self._response is not None:
                     await idempotency.finish(conn, *self._key, *self._response)
-                written = await outbox.enqueue(conn, self._rows)
+                rows, self._sealed = self._rows, True  # what is published from here on is refused
+                written = await outbox.enqueue(conn, rows)
             except BaseException:
                 await tx.rollback()
                 raise
             await tx.commit()
-            self.published = len(self._rows)
+            self.published = len(rows)
             if self._relay is not None:  # committed: the relay may send them from memory
-                self._relay.hand_over(written, self._rows)
+                self._relay.hand_over(written, rows)
         finally:
             await self._pool.release(conn)
             self._conn = None
@@ -111,7 +113,7 @@ class UnitOfWork:
         self._rows.append(outbox.row(topic, key, message))
 
     def _open(self) -> None:
-        if self._conn is None:  # a message queued outside its unit would be lost without a word
+        if self._conn is None or self._sealed:  # a message queued outside its unit would be lost
             raise RuntimeError("the unit of work is not open: nothing published outside `async with`")
 
     @contextlib.asynccontextmanager
