@@ -101,3 +101,30 @@ async def test_up_to_concurrency_calls_run_at_once_and_the_rest_wait_for_either(
 def test_concurrency_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         GroupCommit("test", lambda items: asyncio.sleep(0, items), concurrency=0)
+
+
+async def test_after_a_quiet_interval_a_batch_runs_at_once_and_within_it_batches_wait_to_share() -> None:
+    """``interval``: a batch arriving when no call started for ``interval`` runs at once (an
+    hour here: the first call would never end if it waited); one arriving within it waits for
+    the interval to end, and whatever else arrives meanwhile joins the same call."""
+    calls: list[list[int]] = []
+
+    async def apply(items: list[int]) -> list[int]:
+        calls.append(items)
+        return items
+
+    group = GroupCommit("test", apply, interval=3600)
+    assert await group.submit([1]) == [1]  # at once
+    second = asyncio.create_task(group.submit([2]))
+    third = asyncio.create_task(group.submit([3]))
+    await asyncio.sleep(0.05)
+    assert calls == [[1]] and not second.done() and not third.done()  # waiting for the interval
+    for task in (second, third, *group._tasks):
+        task.cancel()
+
+    calls.clear()
+    group = GroupCommit("test", apply, interval=0.5)
+    assert await group.submit([1]) == [1]
+    later = [asyncio.create_task(group.submit([n])) for n in (2, 3, 4)]
+    assert [await t for t in later] == [[2], [3], [4]]
+    assert calls == [[1], [2, 3, 4]]  # one call for what arrived within the interval

@@ -1,11 +1,15 @@
 """Group commit: batches submitted concurrently (HTTP requests, say) are applied together in
 one call, so one transaction, one commit and one outbox row serve all of them.
 
-No batch waits for a timer: the first submitter runs at once; whatever arrives while that
-runs goes together in the next call, up to ``max_items``. Under light load every batch has
-its own call, as before; under heavy load the per-transaction cost is shared, which is what
-keeps latency flat as the load rises. Each submitter gets its own slice of the results, or the
-exception when the shared call failed (nothing of the group was applied: one transaction).
+A batch arriving while no call ran for ``interval`` runs at once; whatever arrives while a
+call runs, or within ``interval`` of the last call's start, goes together in the next call, up
+to ``max_items``. So under light load every batch has its own call, without waiting; under
+load at most one call starts per ``interval``, and the per-call cost (statements, commit,
+outbox row, relay round, produce request) is shared by more batches. That is what keeps
+latency flat as the load rises: at half of the saturated rate, calls that followed each other
+as fast as they could cost so much more per item that the machine ran near its limit, and
+queued (docs/0024). Each submitter gets its own slice of the results, or the exception when
+the shared call failed (nothing of the group was applied: one transaction).
 
 Up to ``concurrency`` calls run at once: while one group waits on the database, the next one
 is already being judged and sent. That pays when round trips bound the rate (a database a
@@ -40,9 +44,12 @@ class GroupCommit(Generic[T, R]):
         *,
         max_items: int = 5000,
         concurrency: int = 1,
+        interval: float = 0.0,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        self._interval = interval
+        self._started = -float("inf")  # when the last call started (loop time)
         self._name = name
         self._apply = apply
         self._max = max_items
@@ -65,6 +72,12 @@ class GroupCommit(Generic[T, R]):
     async def _drain(self) -> None:
         try:
             while self._waiting:
+                if self._interval:  # at most one call per interval: what arrives meanwhile joins it
+                    loop = asyncio.get_running_loop()
+                    wait = self._started + self._interval - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    self._started = loop.time()
                 group = [self._waiting.popleft()]
                 size = len(group[0][0])
                 while self._waiting and size + len(self._waiting[0][0]) <= self._max:

@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     # usage-meter: group commits of POST /v1/usage in flight at once (docs/0015).
     # Each group holds a pool connection (DB_POOL_SIZE) while it runs: keep it well below that.
     ingest_group_concurrency: int = Field(1, alias="TALLY_INGEST_GROUP_CONCURRENCY", ge=1, le=4)
+    # usage-meter: at most one group commit of POST /v1/usage starts per this many ms; what
+    # arrives meanwhile joins it (0: each starts as soon as the last one ends). A request
+    # waits at most this long, and only under load (docs/0024).
+    ingest_group_interval_ms: int = Field(10, alias="TALLY_INGEST_GROUP_INTERVAL_MS", ge=0, le=100)
 
     # Where the services find each other's public APIs (default: the service's port on host).
     wallet_url: str | None = Field(None, alias="TALLY_WALLET_URL")

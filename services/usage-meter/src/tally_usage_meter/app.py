@@ -19,7 +19,13 @@ def wire(rt: Runtime) -> UsageMeterWiring:
     return UsageMeterWiring(
         rt,
         directory=directory,
-        ingestion=HttpIngestion(rt.db, directory, limiter, concurrency=settings.ingest_group_concurrency),
+        ingestion=HttpIngestion(
+            rt.db,
+            directory,
+            limiter,
+            concurrency=settings.ingest_group_concurrency,
+            interval=settings.ingest_group_interval_ms / 1000,
+        ),
         dedupe_expiry=DedupeExpiry(rt.pool, settings.dedupe_window_days),
     )
 

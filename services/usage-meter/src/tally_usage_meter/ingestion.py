@@ -228,16 +228,23 @@ class HttpIngestion:
     (tally.groupcommit): under load the per-write cost (queries, commit, outbox row, relay
     round) is shared between them. A group whose events are all new is recorded in one
     statement (``ingest_at_once``); one with a retried event, in a transaction (``ingest``).
-    ``concurrency`` groups are recorded at once (``GroupCommit``)."""
+    ``concurrency`` groups are recorded at once, and at most one starts per ``interval``
+    seconds (``GroupCommit``)."""
 
     def __init__(
-        self, db: Database, directory: CompanyDirectory, limiter: TokenBuckets, *, concurrency: int = 1
+        self,
+        db: Database,
+        directory: CompanyDirectory,
+        limiter: TokenBuckets,
+        *,
+        concurrency: int = 1,
+        interval: float = 0.0,
     ) -> None:
         self._db = db
         self._directory = directory
         self._limiter = limiter
         self._group: GroupCommit[tuple[IncomingUsage, str | None], Result] = GroupCommit(
-            "usage-http", self._apply, concurrency=concurrency
+            "usage-http", self._apply, concurrency=concurrency, interval=interval
         )
 
     async def record(self, caller: str, batch: list[IncomingUsage], traceparent: str | None) -> list[Result]:
