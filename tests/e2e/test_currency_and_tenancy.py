@@ -135,7 +135,16 @@ async def test_usage_naming_another_tenants_account_changes_nothing(tally: Tally
     dead = await tally.find_on_topic("usage.ingest.dlq", lambda m: bad["event_id"] in m.get("message", ""))
     assert dead["error"].startswith("unknown_account")
 
-    # straight onto usage.recorded (past usage-meter): the wallet refuses the pair too
+    # straight onto usage.recorded (past usage-meter): the wallet refuses the pair too, once it
+    # has heard the account is the other company's (rebilling.events, a side consumer: on a
+    # loaded machine it may come after the record, which then names an account the wallet does
+    # not know, and is charged to its company alone). The other company's admin sees the
+    # account's wallet only once the wallet knows whose it is.
+    async def the_wallet_knows_theirs() -> bool:
+        r = await tally.http.get(tally.url("wallet", f"/v1/accounts/{theirs}/wallet"), headers=b.admin)
+        return r.status_code == 200
+
+    await eventually(the_wallet_knows_theirs, what="the wallet to hear whose account it is")
     eid = uid("ev")
     await tally.envelope(
         "usage.recorded",
