@@ -312,7 +312,7 @@ async def run_shape(
 
         return make
 
-    async def paced(rate: float) -> dict[str, Any]:
+    async def paced(rate: float, label: str) -> dict[str, Any]:
         """An open loop at ``rate`` requests/s, once every consumer has caught up: HTTP
         p50/p99, send -> commit p50/p99 of one event in five, CPU µs per event, per-hop times."""
         with console.status("letting every consumer catch up…"):
@@ -323,7 +323,9 @@ async def run_shape(
         await watcher.read_from_now()
         watcher.cpu_start()
         driver = RawHttp(host, int(port), token, maker(5), size)
-        with console.status(f"{size} event(s)/request: {rate:,.0f} requests/s for {seconds:.0f}s…"):
+        profiling = profiler(f"shape-{size}-{label}") if profiler else contextlib.nullcontext()
+        sending = f"{size} event(s)/request: {rate:,.0f} requests/s for {seconds:.0f}s…"
+        with profiling, console.status(sending):
             sending_task = asyncio.create_task(driver.open_loop(connections, rate, seconds))
             waiting, moved = -1, time.perf_counter()
             while not sending_task.done() or driver.pending:
@@ -392,11 +394,11 @@ async def run_shape(
         # (half of the accepted request rate would be more than the ledger keeps up with when
         # the edge accepts faster than the wallet applies)
         half = max(accepted / e2e / size / 2, 1.0)
-        out["half_load"] = await paced(half)
+        out["half_load"] = await paced(half, "half")
         # 3. the issue's own HTTP target for single events: p99 at a fixed 1,000 requests/s
         # (half load is more than that once the system saturates above 2,000)
         if size == 1 and fixed_rate:
-            out["fixed_rate"] = await paced(fixed_rate)
+            out["fixed_rate"] = await paced(fixed_rate, "fixed")
     return out, counter["n"]
 
 
