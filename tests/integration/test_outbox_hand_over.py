@@ -70,7 +70,7 @@ async def relaying(infra: Infra) -> AsyncIterator[Relaying]:
     producer = AIOKafkaProducer(bootstrap_servers=infra.stack.bootstrap)
     await producer.start()
     relay = outbox.OutboxRelay(pool, producer, service=schema, poll_interval=3600)
-    relay.hand_over(1, [])  # not leading yet: kept nowhere
+    relay.hand_over(1, [("wallet.events", None, b"{}", None, None)])  # not leading yet: kept nowhere
     assert relay._handed == {}
     relay.start()
     try:

@@ -197,7 +197,7 @@ _PAYLOAD = ("topic", "key", "value", "traceparent", "messages", "messages_lz4", 
 # The oldest rows, up to about ``$1`` messages; the messages of the ids in ``$2`` (handed
 # over) are not read. Whether a row was handed over is found once per row, not per column.
 _READ = (
-    "SELECT id, upto, "
+    "SELECT id, upto, handed, "
     + ", ".join(f"CASE WHEN handed THEN NULL ELSE {c} END AS {c}" for c in _PAYLOAD)
     + " FROM (  SELECT *, sum(count) OVER (ORDER BY id) AS upto, id = ANY($2::bigint[]) AS handed FROM ("
     f"    SELECT * FROM outbox ORDER BY id LIMIT {_READ_ROWS}) newest) o "
@@ -322,26 +322,25 @@ class OutboxRelay(Worker):
         messages sent and whether more were probably waiting."""
         # read without their messages, this process has them: the oldest handed ids only (a
         # round reads at most _READ_ROWS rows; a handed row left out is read whole, as before)
-        handed = heapq.nsmallest(_READ_ROWS, self._handed)
-        rows = await conn.fetch(_READ, self._batch_size, handed)
-        if handed:  # a handed row not read, older than one read, is gone (another leader sent it)
+        asked = heapq.nsmallest(_READ_ROWS, self._handed)
+        rows = await conn.fetch(_READ, self._batch_size, asked)
+        if asked:  # a handed row not read, older than one read, is gone (another leader sent it)
             last = rows[-1]["id"] if rows else None
-            for gone in set(handed).difference(r["id"] for r in rows):
+            for gone in set(asked).difference(r["id"] for r in rows):
                 if last is None or gone < last:
                     self._take(gone)
         if not rows:
             OUTBOX_BACKLOG.labels(self._service).set(0)
             return 0, False
         messages: list[Row] = []
-        asked = set(handed)
         for r in rows:
-            mine = self._take(r["id"])
-            if r["id"] not in asked:  # read with its messages (handed over during the read, or never)
-                messages += stored(r)
-            elif mine is None:
-                raise RuntimeError(f"outbox row {r['id']} was read as handed over, and is not")
-            else:
+            mine = self._take(r["id"])  # taken either way: once read, never kept
+            if r["handed"]:  # read without its messages
+                if mine is None:
+                    raise RuntimeError(f"outbox row {r['id']} was read as handed over, and is not")
                 messages += mine
+            else:  # read with them (handed over during the read, or never)
+                messages += stored(r)
         OUTBOX_BACKLOG.labels(self._service).set(len(messages))
         await self._send(messages)
         await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])

@@ -97,13 +97,9 @@ async def on_usage(w: WalletWiring, records: Sequence[Any]) -> None:
         # and the batch goes again, carefully.
         async with w.uow() as uow:
             outcome = await apply_usage(
-                uow.conn,
-                [u for _, u in good],
-                traces,
-                partitions=partitions,
-                optimistic=True,
-                publish=uow.publish,
+                uow.conn, [u for _, u in good], traces, partitions=partitions, optimistic=True
             )
+            uow.publish(outcome.messages)
             uow.publish(dead)
         recorded = list(outcome.recorded)
     except CAREFULLY:
@@ -112,9 +108,8 @@ async def on_usage(w: WalletWiring, records: Sequence[Any]) -> None:
 
             async def post(part: Sequence[tuple[Any, RecordedUsage]]) -> None:
                 async with uow.savepoint():
-                    outcome = await apply_usage(
-                        uow.conn, [u for _, u in part], traces, partitions=partitions, publish=uow.publish
-                    )
+                    outcome = await apply_usage(uow.conn, [u for _, u in part], traces, partitions=partitions)
+                    uow.publish(outcome.messages)  # taken back with the savepoint if it fails
                 recorded.extend(outcome.recorded)
 
             # Skip what the ledger already has; if some event cannot be posted, post the batch

@@ -7,7 +7,7 @@ Usage that already happened is always recorded, even when it takes a balance bel
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -40,6 +40,9 @@ class Outcome:
     posted: int
     duplicates: int
     recorded: tuple[datetime, ...] = ()  # when usage-meter accepted each event posted
+    # what the posting publishes (wallet.debited, edges, usage totals), for the caller's unit
+    # of work: written at its commit and handed to its relay
+    messages: Sequence[outbox.Row] = ()
 
 
 def company_leg_key(key: str) -> str:
@@ -106,7 +109,6 @@ async def apply_usage(
     *,
     partitions: Mapping[tuple[str, str], int] | None = None,
     optimistic: bool = False,
-    publish: Callable[[Sequence[outbox.Row]], None] | None = None,
 ) -> Outcome:
     """Post a batch of recorded usage in the caller's transaction. ``traceparents`` maps an
     event's ``(company_id, event_id)`` to the trace it arrived in; what the event causes
@@ -120,8 +122,8 @@ async def apply_usage(
     and the caller rolls back and posts again without ``optimistic``. Redeliveries are rare,
     so the common batch saves a lookup per event.
 
-    ``publish``: the caller's unit of work's (``UnitOfWork.publish``), which writes the
-    messages at commit and hands them to the relay; without it they are written now."""
+    The messages the posting causes come back in ``Outcome.messages``, for the caller to
+    publish in the same transaction (``UnitOfWork.publish``)."""
     seen = {} if optimistic else await storage.usage_holders(conn, _looked_up(batch))
     fresh = _fresh(batch, seen)
     SKIPPED.inc(len(batch) - len(fresh))
@@ -204,8 +206,6 @@ async def apply_usage(
 
     rows.extend(edge_event_rows(posting, caused))
     rows.extend(totals.rows(time))
-    if publish is not None:
-        publish(rows)
-    else:
-        await outbox.enqueue(conn, rows)
-    return Outcome(len(posting.posted), len(batch) - len(fresh), tuple(u.recorded_at for u, _, _ in plan))
+    return Outcome(
+        len(posting.posted), len(batch) - len(fresh), tuple(u.recorded_at for u, _, _ in plan), rows
+    )
