@@ -5,13 +5,14 @@ tests/e2e/test_dlq_final_attacks.py or tests/integration/test_dlq_commands.py.""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from tally.events import Topics
+from tally.events import DeadLetter, Topics
 from tally.settings import Settings
 from tally_cli import dlq
 from tests.support.builders import funded
@@ -55,6 +56,23 @@ def event(cid: str, eid: str) -> dict[str, Any]:
     return {"event_id": eid, "company_id": cid, "service": "email", "quantity": "1"}
 
 
+def letter_of(raw: bytes, error: str) -> bytes:
+    """The letter usage-meter writes for ``raw`` on usage.ingest (``DeadLetter.holding``)."""
+    return (
+        DeadLetter.holding(
+            raw,
+            error=error,
+            source_topic="usage.ingest",
+            partition=0,
+            offset=0,
+            failed_by="usage-meter",
+            failed_at=datetime(2026, 12, 1, tzinfo=UTC),
+        )
+        .model_dump_json(exclude_none=True)
+        .encode()
+    )
+
+
 async def produce_raw(tally: Tally, topic: str, value: bytes, key: bytes | None) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=tally.stack.bootstrap, max_request_size=16 * 1024 * 1024)
     await producer.start()
@@ -81,19 +99,7 @@ async def test_an_empty_key_event_is_charged_once_through_letter_and_replay(repl
     await produce_raw(
         tally,
         "usage.ingest.dlq",
-        orjson.dumps(
-            {
-                "error": "x",
-                "source_topic": "usage.ingest",
-                "partition": 0,
-                "offset": 0,
-                "failed_by": "usage-meter",
-                "failed_at": "2026-12-01T00:00:00Z",
-                "message": raw.decode(),
-                "message_exact": True,
-                "message_bytes": len(raw),
-            }
-        ),
+        letter_of(raw, "x"),
         b"",
     )
     await dlq.replay("usage.ingest")
@@ -130,19 +136,7 @@ async def test_a_huge_key_is_lettered_and_does_not_block_replays_of_other_letter
     raw = orjson.dumps(e2)
     await tally.produce(
         "usage.ingest.dlq",
-        orjson.dumps(
-            {
-                "error": "agency_wallet_suspended",
-                "source_topic": "usage.ingest",
-                "partition": 0,
-                "offset": 0,
-                "failed_by": "usage-meter",
-                "failed_at": "2026-12-01T00:00:00Z",
-                "message": raw.decode(),
-                "message_exact": True,
-                "message_bytes": len(raw),
-            }
-        ),
+        letter_of(raw, "agency_wallet_suspended"),
         key=cid2,
     )
     # It broke: the CLI's producer (max_request_size 1 MiB) could not send the 1.1 MB letter;

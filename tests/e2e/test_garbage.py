@@ -6,13 +6,13 @@ from __future__ import annotations
 import time
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tally.events import Topics
 from tests.support.builders import run_in_fresh_loop
-from tests.support.stack import Tally, eventually, uid
+from tests.support.stack import Tally, eventually, messages_containing, uid
 
 json_values = st.recursive(
     st.none()
@@ -70,30 +70,12 @@ async def produce_all(bootstrap: str, items: list[tuple[str, str, bytes]]) -> No
 
 async def dlq_texts(bootstrap: str, topic: str) -> list[str]:
     """The original text of every dead letter on ``topic`` (checking each has a reason)."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        group_id=None,
-        fetch_max_bytes=50_000_000,
-        max_partition_fetch_bytes=10_000_000,
-    )
-    await consumer.start()
-    try:
-        await consumer.topics()
-        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
-        consumer.assign(parts)
-        await consumer.seek_to_beginning(*parts)
-        end = await consumer.end_offsets(parts)
-        texts: list[str] = []
-        while any([await consumer.position(tp) < off for tp, off in end.items()]):
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                for r in records:
-                    doc = orjson.loads(r.value)
-                    assert doc["error"] and doc["source_topic"] == topic.removesuffix(".dlq")
-                    texts.append(doc["message"])
-        return texts
-    finally:
-        await consumer.stop()
+    texts: list[str] = []
+    for value in await messages_containing(bootstrap, topic, b""):
+        doc = orjson.loads(value)
+        assert doc["error"] and doc["source_topic"] == topic.removesuffix(".dlq")
+        texts.append(doc["message"])
+    return texts
 
 
 def test_garbage_on_every_topic_is_dead_lettered_and_consumption_goes_on(tally: Tally) -> None:
