@@ -28,6 +28,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # The longest e2e files (tens of seconds, mostly waiting on the stack), run first: with one
 # stack per pytest-xdist worker (``make test``) a long file started last holds the whole run.
 LONGEST_FIRST = (
+    "test_hand_over_public_attacks.py",
     "test_chaos.py",
     "test_lifecycle_model.py",
     "test_card_retries.py",
