@@ -285,6 +285,19 @@ class WalletSettingsChanged(WalletRef):
     smart_adjustment: bool
 
 
+class WalletUsageRerated(WalletRef):
+    """An account's usage re-rated by rebilling settings the wallet heard after posting it
+    (docs/0025): the usage usage-meter recorded from ``effective_at`` on is charged to the
+    account's wallet as settings ``version`` says. ``amount_micros`` is what the account's
+    wallet moved in all: positive charged, negative given back."""
+
+    version: int
+    effective_at: Rfc3339
+    events: int
+    amount_micros: int
+    balance_micros: int
+
+
 class WalletSuspended(WalletRef):
     balance_micros: int
 
@@ -393,6 +406,9 @@ class RebillingSettings(Payload):
     active: bool = True  # false while the account still lacks a valid card
     company_stripe_connected: bool = False
     version: int = 0
+    # when this version took effect in rebilling: usage recorded from then on is rated by it,
+    # whenever the wallet hears it (absent from older publishers: from when it is heard)
+    effective_at: Rfc3339 | None = None
 
     @field_validator("markups")
     @classmethod
@@ -581,6 +597,7 @@ PAYLOADS: dict[str, type[Payload]] = {
     "wallet.settings_changed": WalletSettingsChanged,
     "wallet.suspended": WalletSuspended,
     "wallet.reactivated": WalletReactivated,
+    "wallet.usage_rerated": WalletUsageRerated,
     "wallet.usage": WalletUsage,
     "credit_request.created": CreditRequestCreated,
     "credit_request.resolved": CreditRequestResolved,
@@ -611,6 +628,7 @@ TOPIC_TYPES: dict[str, tuple[str, ...]] = {
         "wallet.settings_changed",
         "wallet.suspended",
         "wallet.reactivated",
+        "wallet.usage_rerated",
         "credit_request.created",
         "credit_request.resolved",
     ),

@@ -70,6 +70,7 @@ async def settings(uow: UnitOfWork, aid: str) -> None:
         active=bool(a["has_valid_card"]),
         company_stripe_connected=c["stripe_account_id"] is not None,
         version=version,
+        effective_at=await storage.rebilling_changed_at(uow.conn, aid),
     )
     uow.emit(
         Topics.REBILLING_SETTINGS,

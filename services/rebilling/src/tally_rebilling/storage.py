@@ -116,12 +116,22 @@ async def rebilling(conn: Conn, aid: str) -> tuple[str, dict[str, str], int]:
     return r["mode"], orjson.loads(r["markups"]), r["version"]
 
 
+async def rebilling_changed_at(conn: Conn, aid: str) -> datetime | None:
+    """When the account's current settings version took effect (None: never set)."""
+    changed: datetime | None = await conn.fetchval(
+        "SELECT updated_at FROM rebilling WHERE account_id = $1", aid
+    )
+    return changed
+
+
 async def save_rebilling(conn: Conn, aid: str, mode: str, markups: dict[str, str]) -> int:
-    """Store the settings; returns the new version."""
+    """Store the settings; returns the new version. A version takes effect when its row is
+    written (``clock_timestamp()``, after the row's lock): versions take effect in order."""
     version = await conn.fetchval(
-        "INSERT INTO rebilling (account_id, mode, markups) VALUES ($1, $2, $3::jsonb) "
+        "INSERT INTO rebilling (account_id, mode, markups, updated_at) "
+        "VALUES ($1, $2, $3::jsonb, clock_timestamp()) "
         "ON CONFLICT (account_id) DO UPDATE SET mode = EXCLUDED.mode, markups = EXCLUDED.markups, "
-        "version = rebilling.version + 1, updated_at = now() RETURNING version",
+        "version = rebilling.version + 1, updated_at = clock_timestamp() RETURNING version",
         aid,
         mode,
         orjson.dumps(markups).decode(),
@@ -132,7 +142,7 @@ async def save_rebilling(conn: Conn, aid: str, mode: str, markups: dict[str, str
 async def bump_rebilling(conn: Conn, aid: str) -> int:
     """A new version with the same settings (e.g. the card arrived: ``active`` changes)."""
     version = await conn.fetchval(
-        "UPDATE rebilling SET version = version + 1, updated_at = now() WHERE account_id = $1 "
+        "UPDATE rebilling SET version = version + 1, updated_at = clock_timestamp() WHERE account_id = $1 "
         "RETURNING version",
         aid,
     )

@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 from prometheus_client import Histogram
 
-from tally import events, inbox
+from tally import events, inbox, outbox
 from tally.consumer import dlq_row, failing_alone, wanted
 from tally.db import Conn
 from tally.directory import CompanyDirectory
@@ -26,7 +26,8 @@ from tally.events import RecordedUsage
 from tally.telemetry import header, observe_many
 from tally_wallet import storage
 from tally_wallet.credits import credit
-from tally_wallet.domain import SYSTEM_STRIPE_CLEARING, LedgerError, Wallet
+from tally_wallet.domain import SYSTEM_STRIPE_CLEARING, LedgerError, RatedOnOldSettings, Wallet
+from tally_wallet.rerating import store_settings
 from tally_wallet.usage import apply_usage
 from tally_wallet.wallet_settings import change_settings, raise_tier
 from tally_wallet.wiring import WalletWiring
@@ -42,7 +43,7 @@ UNPOSTABLE: tuple[type[Exception], ...] = (
     asyncpg.ProgramLimitExceededError,  # an id too long for an index row (a forged record)
 )
 # The optimistic batch also falls back on a transfer key the ledger already has (a redelivery).
-CAREFULLY: tuple[type[Exception], ...] = (asyncpg.UniqueViolationError, *UNPOSTABLE)
+CAREFULLY: tuple[type[Exception], ...] = (asyncpg.UniqueViolationError, RatedOnOldSettings, *UNPOSTABLE)
 DEBIT_LATENCY = Histogram(
     "tally_wallet_debit_latency_seconds",
     "From usage accepted to ledger commit",
@@ -158,7 +159,7 @@ async def apply_settings(
     currency = await storage.company_currency(conn, settings.company_id)
     if currency is None:
         currency = (await directory.currencies([settings.company_id])).get(settings.company_id, "USD")
-    await storage.upsert_rebilling(conn, settings, currency)
+    await outbox.enqueue(conn, await store_settings(conn, settings, currency))
 
 
 # --- rebilling.events ----------------------------------------------------------------------

@@ -6,8 +6,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import orjson
@@ -52,6 +53,8 @@ _TRANSFER_COLS = (  # domain.Transfer's fields, then the balances after
     "service",
     "usage_event_id",
     "reference",
+    "account_id",
+    "recorded_at",
     "debit_balance_after",
     "credit_balance_after",
 )
@@ -176,7 +179,7 @@ async def post(conn: Conn, wanted: Iterable[Wallet], transfers: Sequence[Transfe
     await conn.copy_records_to_table(
         "transfers",
         columns=_TRANSFER_COLS,
-        # a Transfer's fields are the first eight columns, in order
+        # a Transfer's fields are the first ten columns, in order
         records=[(*p.transfer, p.debit_after, p.credit_after) for p in posting.posted],
     )
     edged = [w for i, w in wallets.items() if (w.status, w.armed) != before[i]]
@@ -235,26 +238,124 @@ async def load_rebilling(conn: Conn, account_ids: Sequence[str]) -> dict[str, Re
     return {r["account_id"]: Rebilling(r["mode"], _markups(r["markups"]), r["active"]) for r in rows}
 
 
-async def load_accounts(
-    conn: Conn,
-    account_ids: Sequence[str],
-) -> dict[str, tuple[str, Rebilling | None]]:
-    """Each known account's company, and its rebilling settings (None: never rebilled)."""
+class KnownAccount(NamedTuple):
+    company_id: str
+    rebilling: Rebilling | None  # the newest settings heard (None: never rebilled)
+    version: int | None
+    effective_at: datetime | None  # when they took effect (None: since ever)
+
+
+async def load_accounts(conn: Conn, account_ids: Sequence[str]) -> dict[str, KnownAccount]:
+    """Each known account's company, and its newest rebilling settings."""
     if not account_ids:
         return {}
     rows = await conn.fetch(
-        "SELECT a.account_id, a.company_id, r.mode, r.markups::text AS markups, r.active "
+        "SELECT a.account_id, a.company_id, r.mode, r.markups::text AS markups, r.active, "
+        "       r.version, r.effective_at "
         "FROM accounts a LEFT JOIN rebilling_settings r USING (account_id) "
         "WHERE a.account_id = ANY($1::text[])",
         list(set(account_ids)),
     )
     return {
-        r["account_id"]: (
+        r["account_id"]: KnownAccount(
             r["company_id"],
             Rebilling(r["mode"], _markups(r["markups"]), r["active"]) if r["mode"] else None,
+            r["version"],
+            r["effective_at"],
         )
         for r in rows
     }
+
+
+async def rebilling_versions(conn: Conn, account_ids: Sequence[str]) -> dict[str, int]:
+    """The newest settings version stored of each account that has any."""
+    rows = await conn.fetch(
+        "SELECT account_id, version FROM rebilling_settings WHERE account_id = ANY($1::text[])",
+        list(set(account_ids)),
+    )
+    return {r[0]: r[1] for r in rows}
+
+
+async def rebilling_at(
+    conn: Conn, wanted: Sequence[tuple[str, datetime]]
+) -> dict[tuple[str, datetime], Rebilling]:
+    """The settings each (account, instant) was under: the newest version that had taken
+    effect by then. Left out: an instant before every version the wallet kept."""
+    if not wanted:
+        return {}
+    pairs = list(set(wanted))
+    rows = await conn.fetch(
+        "SELECT DISTINCT ON (v.account_id, v.at) v.account_id, v.at, h.mode, "
+        "       h.markups::text AS markups, h.active "
+        "FROM unnest($1::text[], $2::timestamptz[]) AS v(account_id, at) "
+        "JOIN rebilling_history h ON h.account_id = v.account_id AND h.effective_at <= v.at "
+        "ORDER BY v.account_id, v.at, h.version DESC",
+        [a for a, _ in pairs],
+        [at for _, at in pairs],
+    )
+    return {(r[0], r[1]): Rebilling(r["mode"], _markups(r["markups"]), r["active"]) for r in rows}
+
+
+async def rebilling_version(conn: Conn, account_id: str) -> int | None:
+    """The account's stored settings version, its row locked (None: none stored)."""
+    version: int | None = await conn.fetchval(
+        "SELECT version FROM rebilling_settings WHERE account_id = $1 FOR UPDATE", account_id
+    )
+    return version
+
+
+async def lock_for_rating(conn: Conn, company: Wallet, account_wallet: str) -> None:
+    """Lock the company's wallet (opened if it never moved) and the account's (if it exists),
+    in id order as postings lock them, so usage batches of the company wait for the caller."""
+    await _create(conn, [company])
+    await conn.execute(
+        "SELECT 1 FROM wallets WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
+        sorted([company.id, account_wallet]),
+    )
+
+
+async def usage_recorded_since(
+    conn: Conn, company_wallet: str, account_id: str, since: datetime, slack: timedelta
+) -> tuple[int, list[asyncpg.Record]]:
+    """The company legs of ``account_id``'s usage recorded at or after ``since``, and the id of
+    the line the walk started after. Only the company's lines posted from ``since - slack``
+    on are read: a line is posted after its event was recorded, and ``slack`` covers the
+    clocks of usage-meter and the wallet, so what a company posted long before is not read."""
+    before: int = (
+        await conn.fetchval(
+            "SELECT id FROM transfers WHERE debit_wallet = $1 AND debit_wallet NOT LIKE 'system:%' "
+            "AND created_at < $2 ORDER BY id DESC LIMIT 1",
+            company_wallet,
+            since - slack,
+        )
+        or 0
+    )
+    legs = await conn.fetch(
+        "SELECT key, usage_event_id, service, amount FROM transfers "
+        "WHERE debit_wallet = $1 AND debit_wallet NOT LIKE 'system:%' AND id > $2 "
+        "AND kind = 'usage' AND account_id = $3 AND recorded_at >= $4 ORDER BY id",
+        company_wallet,
+        before,
+        account_id,
+        since,
+    )
+    return before, legs
+
+
+async def account_usage_lines(conn: Conn, account_wallet: str, after_id: int) -> list[asyncpg.Record]:
+    """The account's usage legs and their adjustments posted after line ``after_id`` (an
+    event's account lines are never posted before its company leg)."""
+    return await conn.fetch(
+        "SELECT key, debit_wallet, amount FROM transfers WHERE debit_wallet = $1 "
+        "AND debit_wallet NOT LIKE 'system:%' AND id > $2 AND kind IN ('usage', 'adjustment') "
+        "AND usage_event_id IS NOT NULL "
+        "UNION ALL "
+        "SELECT key, debit_wallet, amount FROM transfers WHERE credit_wallet = $1 "
+        "AND credit_wallet NOT LIKE 'system:%' AND id > $2 AND kind = 'adjustment' "
+        "AND usage_event_id IS NOT NULL",
+        account_wallet,
+        after_id,
+    )
 
 
 @functools.lru_cache(maxsize=4096)
@@ -266,12 +367,15 @@ def _markups(text: str) -> dict[str, Decimal]:
 
 async def upsert_rebilling(conn: Conn, s: RebillingSettings, currency: str) -> None:
     """An account's settings (the newer version wins), its company, and its company in
-    ``currency`` if the wallet has not heard of the company yet."""
+    ``currency`` if the wallet has not heard of the company yet. Each version that says when
+    it took effect is kept (``rebilling_at``)."""
     await conn.execute(
-        "INSERT INTO rebilling_settings (account_id, company_id, mode, markups, active, version) "
-        "VALUES ($1, $2, $3, $4::jsonb, $5, $6) ON CONFLICT (account_id) DO UPDATE SET "
+        "INSERT INTO rebilling_settings "
+        "(account_id, company_id, mode, markups, active, version, effective_at) "
+        "VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7) ON CONFLICT (account_id) DO UPDATE SET "
         "company_id = EXCLUDED.company_id, mode = EXCLUDED.mode, markups = EXCLUDED.markups, "
-        "active = EXCLUDED.active, version = EXCLUDED.version, updated_at = now() "
+        "active = EXCLUDED.active, version = EXCLUDED.version, "
+        "effective_at = EXCLUDED.effective_at, updated_at = now() "
         "WHERE rebilling_settings.version <= EXCLUDED.version",
         s.account_id,
         s.company_id,
@@ -279,7 +383,19 @@ async def upsert_rebilling(conn: Conn, s: RebillingSettings, currency: str) -> N
         orjson.dumps(s.markups).decode(),
         s.active,
         s.version,
+        s.effective_at,
     )
+    if s.effective_at is not None:
+        await conn.execute(
+            "INSERT INTO rebilling_history (account_id, version, mode, markups, active, effective_at) "
+            "VALUES ($1, $2, $3, $4::jsonb, $5, $6) ON CONFLICT DO NOTHING",
+            s.account_id,
+            s.version,
+            s.mode,
+            orjson.dumps(s.markups).decode(),
+            s.active,
+            s.effective_at,
+        )
     await upsert_account(conn, s.account_id, s.company_id)
     await conn.execute(
         "INSERT INTO companies (company_id, stripe_connected, currency) VALUES ($1, $2, $3) "
@@ -315,9 +431,13 @@ async def upsert_account(conn: Conn, account_id: str, company_id: str, licenses:
         account_wallet_id(account_id),
         company_id,
     )
-    await conn.execute(
-        "DELETE FROM rebilling_settings WHERE account_id = $1 AND company_id <> $2", account_id, company_id
+    dropped = await conn.fetchval(
+        "DELETE FROM rebilling_settings WHERE account_id = $1 AND company_id <> $2 RETURNING 1",
+        account_id,
+        company_id,
     )
+    if dropped:
+        await conn.execute("DELETE FROM rebilling_history WHERE account_id = $1", account_id)
     await conn.execute(
         "INSERT INTO accounts (account_id, company_id, licenses) VALUES ($1, $2, $3) "
         "ON CONFLICT (account_id) DO UPDATE SET company_id = EXCLUDED.company_id, "

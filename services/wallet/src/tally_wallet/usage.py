@@ -22,6 +22,7 @@ from tally_wallet.domain import (
     SYSTEM_COMPANY_REVENUE,
     Kind,
     LedgerError,
+    RatedOnOldSettings,
     Transfer,
     Wallet,
     account_wallet_id,
@@ -130,20 +131,34 @@ async def apply_usage(
     if not fresh:
         return Outcome(0, len(batch))
 
-    accounts = await storage.load_accounts(conn, [u.account_id for u, _ in fresh if u.account_id])
+    account_ids = list({u.account_id for u, _ in fresh if u.account_id})
+    accounts = await storage.load_accounts(conn, account_ids)
+    # An event is rated by the settings in effect when usage-meter recorded it: the newest
+    # heard, unless it was recorded before they took effect (then the version before).
+    earlier = [
+        (u.account_id, u.recorded_at)
+        for u, _ in fresh
+        if u.account_id
+        and (k := accounts.get(u.account_id)) is not None
+        and k.effective_at is not None
+        and u.recorded_at < k.effective_at
+    ]
+    past = await storage.rebilling_at(conn, earlier) if earlier else {}
     shard = partitions or {}
     plan: list[tuple[RecordedUsage, str, bool]] = []  # (event, its key, has an account leg)
     transfers: list[Transfer] = []
     wanted: dict[str, Wallet] = {}  # one per distinct wallet, not four per event
     for u, key in fresh:
         known = accounts.get(u.account_id) if u.account_id else None
-        if known is not None and known[0] != u.company_id:
+        if known is not None and known.company_id != u.company_id:
             # usage-meter refuses these; never debit one company's account for another's usage
             raise LedgerError(
                 f"usage {u.event_id}: account {u.account_id!r} belongs to another "
                 f"company than {u.company_id!r}"
             )
-        settings = known[1] if known is not None else None
+        settings = known.rebilling if known is not None else None
+        if known is not None and known.effective_at is not None and u.recorded_at < known.effective_at:
+            settings = past.get((u.account_id, u.recorded_at))  # type: ignore[arg-type]
         account_amount = settings.account_amount(u.service, u.platform_amount_micros) if settings else None
         # Each leg's two wallets, checked separately: a company (or account) may see usage in
         # another currency than its wallet's, which posting refuses (LedgerError), never a
@@ -161,6 +176,8 @@ async def apply_usage(
                 "usage",
                 service=u.service,
                 usage_event_id=u.event_id,
+                account_id=u.account_id,
+                recorded_at=u.recorded_at,
             )
         )
         rebilled = False
@@ -183,6 +200,13 @@ async def apply_usage(
             )
         plan.append((u, key, rebilled))
     posting = await storage.post(conn, wanted.values(), transfers)
+    if account_ids:
+        # Now that the company wallets are locked: settings stored since they were read
+        # would have re-rated nothing of this batch (``rerating`` locks the company wallet
+        # before it stores them), so the batch goes again under them.
+        used = {a: k.version for a, k in accounts.items() if k.version is not None}
+        if await storage.rebilling_versions(conn, account_ids) != used:
+            raise RatedOnOldSettings("an account's rebilling settings changed while the batch was rated")
 
     rows: list[outbox.Row] = []
     time = datetime.now(UTC).isoformat()

@@ -1,0 +1,118 @@
+"""Storing an account's rebilling settings, and re-rating the usage they apply to (docs/0025).
+
+Usage is rated by the settings in effect when usage-meter recorded it, whichever the wallet
+hears first: the settings come on ``rebilling.settings`` and the usage on ``usage.recorded``,
+and nothing orders the two. Usage heard first is posted by the settings the wallet knew; when
+the settings arrive, each of the account's events recorded since they took effect is charged
+to the account's wallet what they say, less what it was charged already:
+
+- no account leg yet and one due: the leg, as it would have been posted (kind ``usage``);
+- a leg of another amount (a markup changed, rebilling turned off): the difference, kind
+  ``adjustment``, keyed by the event and the settings version (given back when negative).
+
+The company's leg never changes: the platform's price does not depend on rebilling.
+
+Ordering against usage batches: the company wallet is locked before the settings are stored.
+A batch that locked it first has committed by then and is re-rated here; a batch that locks it
+after finds the settings changed since it read them and is rated again (``apply_usage``)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime, timedelta
+
+from tally import events, outbox
+from tally.db import Conn
+from tally_wallet import storage
+from tally_wallet.domain import (
+    SYSTEM_COMPANY_REVENUE,
+    Rebilling,
+    Transfer,
+    Wallet,
+    account_wallet_id,
+    company_wallet_id,
+    parse_markups,
+    system_wallet_id,
+)
+from tally_wallet.messages import SOURCE, edge_event_rows, wallet_rows
+from tally_wallet.usage import account_leg_key
+
+# A company leg is posted after usage-meter recorded its event; this covers the two
+# services' clocks (and a posting transaction's start) when walking back from the newest line.
+CLOCK_SLACK = timedelta(seconds=30)
+_COMPANY_LEG = (len("usage:"), -len(":company"))
+
+
+async def store_settings(conn: Conn, s: events.RebillingSettings, currency: str) -> list[outbox.Row]:
+    """Store ``s`` (the newer version wins) in the caller's transaction and re-rate the usage it
+    applies to; returns the messages to publish with it."""
+    company = Wallet(company_wallet_id(s.company_id), "company", currency, company_id=s.company_id)
+    account = Wallet(
+        account_wallet_id(s.account_id), "account", currency, company_id=s.company_id, account_id=s.account_id
+    )
+    if s.effective_at is not None:
+        await storage.lock_for_rating(conn, company, account.id)
+    previous = await storage.rebilling_version(conn, s.account_id)
+    await storage.upsert_rebilling(conn, s, currency)
+    if s.effective_at is None or (previous is not None and previous >= s.version):
+        return []  # a redelivery, an older version, or settings that do not say when
+    return await _rerate(conn, s, s.effective_at, company, account)
+
+
+async def _rerate(
+    conn: Conn, s: events.RebillingSettings, since: datetime, company: Wallet, account: Wallet
+) -> list[outbox.Row]:
+    before, legs = await storage.usage_recorded_since(conn, company.id, s.account_id, since, CLOCK_SLACK)
+    if not legs:
+        return []
+    settings = Rebilling(s.mode, parse_markups(s.markups), s.active)
+    charged: dict[str, int] = defaultdict(int)  # event key -> what the account paid for it
+    for line in await storage.account_usage_lines(conn, account.id, before):
+        key = line["key"]
+        event_key = key[len("usage:") : key.rfind(":account")]
+        charged[event_key] += line["amount"] if line["debit_wallet"] == account.id else -line["amount"]
+    revenue = Wallet(
+        system_wallet_id(SYSTEM_COMPANY_REVENUE, company.currency, s.company_id), "system", company.currency
+    )
+    transfers = []
+    for leg in legs:
+        event_key = leg["key"][_COMPANY_LEG[0] : _COMPANY_LEG[1]]
+        due = settings.account_amount(leg["service"], leg["amount"]) or 0
+        paid = charged.get(event_key)
+        change = due - (paid or 0)
+        if change == 0:
+            continue
+        first = paid is None and change > 0
+        key = account_leg_key(event_key) if first else f"{account_leg_key(event_key)}:v{s.version}"
+        debit, credit = (account.id, revenue.id) if change > 0 else (revenue.id, account.id)
+        transfers.append(
+            Transfer(
+                key,
+                debit,
+                credit,
+                abs(change),
+                "usage" if first else "adjustment",
+                service=leg["service"],
+                usage_event_id=leg["usage_event_id"],
+            )
+        )
+    if not transfers:
+        return []
+    posting = await storage.post(conn, [account, revenue], transfers)
+    moved = sum(-t.amount if t.debit == account.id else t.amount for t in transfers)
+    after = posting.wallets[account.id]
+    rerated = events.WalletUsageRerated(
+        **after.ref(),
+        version=s.version,
+        effective_at=since,
+        events=len(transfers),
+        amount_micros=-moved,
+        balance_micros=after.balance,
+    )
+    message = events.envelope(
+        "wallet.usage_rerated",
+        rerated,
+        source=SOURCE,
+        id_=f"wallet.usage_rerated:{s.account_id}:{s.version}",
+    )
+    return [*wallet_rows(s.company_id, message), *edge_event_rows(posting)]
