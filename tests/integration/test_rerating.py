@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tally import db, events
+from tally.db import Conn
 from tally.events import RebillingSettings, RecordedUsage
 from tally.money import apply_markup
 from tally.uow import Database
@@ -61,7 +62,7 @@ def rebilling(
     return RebillingSettings(
         account_id=aid,
         company_id=cid,
-        mode=mode,  # type: ignore[arg-type]
+        mode=mode,
         markups={"default": markup} if mode == "rebill_markup" else {},
         active=True,
         company_stripe_connected=True,
@@ -336,7 +337,7 @@ async def deliver(dsn: str, schema: str, run: str, arrivals: list[Any], batch: i
         cid = f"{run}-co"
         pending: list[RecordedUsage] = []
 
-        async def flush(conn: asyncpg.Connection) -> None:
+        async def flush(conn: Conn) -> None:
             if pending:
                 async with conn.transaction():
                     await apply_usage(conn, list({u.event_id: u for u in pending}.values()))
