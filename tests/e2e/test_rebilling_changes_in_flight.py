@@ -9,6 +9,7 @@ import asyncio
 from decimal import Decimal
 from typing import Any
 
+from tests.e2e.test_notifier import wait_total
 from tests.support.builders import Reseller
 from tests.support.stack import Tally, eventually
 
@@ -57,6 +58,9 @@ async def test_usage_right_after_each_rebilling_change_is_charged_by_it(tally: T
         wallet = await agency.wallet(aid)
         lines = await lines_of(tally, agency, aid)
         assert Decimal(wallet["balance"]) == sum(Decimal(line["amount"]) for line in lines)
+        # the account's usage (notifier) follows the re-ratings: what it pays, or the
+        # platform's price while not rebilled
+        await wait_total(tally, agency, aid, "daily", "0.553000")
     company = await lines_of(tally, agency, None)
     assert usage_of(company) == -SMS_10 * len(changes) * len(accounts)  # the platform price, once each
 

@@ -33,3 +33,25 @@ async def test_daily_sums_are_exact_and_ids_arrive_verbatim(tally: Tally) -> Non
         assert stored == [aid]
     finally:
         await pool.close()
+
+
+async def test_corrections_subtract_and_neither_bound_overflows(tally: Tally) -> None:
+    """A re-rating's corrections are signed (docs/0025): they subtract, and a sum saturates at
+    either end of BIGINT instead of failing the batch."""
+    pool = await db.create_pool(tally.stack.database_url, "notifier_usagetest", size=1)
+    try:
+        await db.migrate(pool, "notifier_usagetest", "tally")
+        await db.migrate(pool, "notifier_usagetest", "tally_notifier")
+        aid, day, top = uid("acc"), date(2026, 12, 5), storage.BIGINT_MAX
+        async with pool.acquire() as conn:
+            await storage.add_usage(conn, [(aid, "co", day, "sms", "USD", 5)])
+            await storage.add_usage(conn, [(aid, "co", day, "sms", "USD", -3)])
+            assert (await storage.usage_since(conn, aid, day, day))[0] == {"sms": 2}
+            await storage.add_usage(conn, [(aid, "co", day, "ai", "USD", -top)])
+            await storage.add_usage(conn, [(aid, "co", day, "ai", "USD", -5)])
+            assert (await storage.usage_since(conn, aid, day, day))[0]["ai"] == -top
+            await storage.add_usage(conn, [(aid, "co", day, "email", "USD", top)])
+            await storage.add_usage(conn, [(aid, "co", day, "email", "USD", 5)])
+            assert (await storage.usage_since(conn, aid, day, day))[0]["email"] == top
+    finally:
+        await pool.close()

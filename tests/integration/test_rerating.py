@@ -126,6 +126,14 @@ async def test_settings_heard_after_the_usage_charge_the_account_once(database: 
         -4_000,
     )
     assert any(events.parse_message(r[2]).type == "wallet.suspended" for r in rows)
+    # the account's usage counted the platform's 2,000 when posted; it pays 4,000 now
+    [digest] = [
+        events.parse_wallet_usage(r[2])
+        for r in rows
+        if r[0] == events.Topics.WALLET_DIGEST and b'"wallet.usage"' in r[2]
+    ]
+    assert digest.totals == []
+    assert [(c.account_id, c.service, c.amount_micros) for c in digest.corrections] == [(aid, "sms", 2_000)]
 
     # the same version again (a redelivery) and an older one change nothing
     assert await hear(database, rebilling(cid, aid, 1, "rebill_markup", "2", effective=at(10))) == []

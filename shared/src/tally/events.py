@@ -10,7 +10,7 @@ import base64
 import re
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar, Union
 
@@ -320,12 +320,26 @@ class UsageTotal(Payload):
     events: Annotated[int, Field(strict=True, ge=1)]
 
 
+class UsageCorrection(Payload):
+    """What a re-rating (docs/0025) changed in one account's usage of a service, in the minute
+    its events were recorded: signed, added to the totals already counted."""
+
+    account_id: str
+    company_id: str
+    service: str
+    currency: str
+    minute: Rfc3339
+    amount_micros: Annotated[int, Field(strict=True)]
+
+
 class WalletUsage(Payload):
     """The usage one ledger batch posted, summed by account, service and minute (topic
     ``wallet.digest``); each debit is in exactly one ``wallet.usage``, as in one
-    ``wallet.debited``. Usage not attributed to an account is not in it."""
+    ``wallet.debited``. Usage not attributed to an account is not in it. A re-rating
+    publishes ``corrections`` alone."""
 
     totals: list[UsageTotal]
+    corrections: list[UsageCorrection] = []
 
 
 class CreditRequestCreated(Payload):
@@ -872,8 +886,21 @@ class UsageTotalRecord(msgspec.Struct, frozen=True, gc=False):
     events: Annotated[int, msgspec.Meta(ge=1)]
 
 
+class UsageCorrectionRecord(msgspec.Struct, frozen=True, gc=False):
+    """A ``UsageCorrection`` as the notifier decodes it (the rules of ``UsageTotalRecord``,
+    the amount signed)."""
+
+    account_id: str
+    company_id: str
+    service: str
+    currency: str
+    minute: _AwareTime
+    amount_micros: int
+
+
 class _UsageTotals(msgspec.Struct, gc=False):
     totals: list[UsageTotalRecord]
+    corrections: list[UsageCorrectionRecord] = []
 
 
 class _UsageMessage(msgspec.Struct, gc=False):
@@ -893,14 +920,16 @@ class UsageDigest:
 
     id: str
     totals: list[UsageTotalRecord]
+    corrections: list[UsageCorrectionRecord] = field(default_factory=list)
 
 
 def parse_wallet_usage(raw: bytes | None) -> UsageDigest:
     """``parse_message`` narrowed to ``wallet.usage``: ``BadMessage`` (the reason, for the DLQ)
     for anything that is not one."""
     message = _decoded(_USAGE_DECODER, raw)
-    _in_the_schemas_years(*(t.minute for t in message.data.totals))
-    return UsageDigest(message.id, message.data.totals)
+    data = message.data
+    _in_the_schemas_years(*(t.minute for t in data.totals), *(c.minute for c in data.corrections))
+    return UsageDigest(message.id, data.totals, data.corrections)
 
 
 def summarise(exc: ValidationError) -> str:

@@ -16,7 +16,13 @@ from datetime import UTC, date, datetime
 import orjson
 
 from tally.db import Conn
-from tally.events import UsageAlertTriggered, UsageTotal, UsageTotalRecord
+from tally.events import (
+    UsageAlertTriggered,
+    UsageCorrection,
+    UsageCorrectionRecord,
+    UsageTotal,
+    UsageTotalRecord,
+)
 from tally_notifier import storage, webhook_events
 from tally_notifier.domain import (
     PERIODS,
@@ -29,16 +35,21 @@ from tally_notifier.domain import (
     usage_alert,
 )
 
+# usage as posted, and what re-ratings changed of it (signed)
+Counted = UsageTotal | UsageTotalRecord | UsageCorrection | UsageCorrectionRecord
 
-async def add_usage(conn: Conn, totals: Sequence[UsageTotal | UsageTotalRecord]) -> set[str]:
-    """Sum usage totals into usage_daily; returns the accounts touched."""
+
+async def add_usage(conn: Conn, totals: Sequence[Counted]) -> set[str]:
+    """Sum usage totals (and corrections) into usage_daily; returns the accounts touched."""
     zones = await storage.timezones(conn, list({t.company_id for t in totals}))
     sums: dict[tuple[str, str, date, str, str], int] = defaultdict(int)
     for t in totals:
         day = minute_day(t.minute, zones.get(t.company_id, "UTC"))
         sums[(t.account_id, t.company_id, day, t.service, t.currency)] += t.amount_micros
     # In key order: concurrent replicas then lock shared rows in the same order (no deadlock).
-    await storage.add_usage(conn, [(*k, min(v, storage.BIGINT_MAX)) for k, v in sorted(sums.items())])
+    await storage.add_usage(
+        conn, [(*k, max(min(v, storage.BIGINT_MAX), -storage.BIGINT_MAX)) for k, v in sorted(sums.items())]
+    )
     return {t.account_id for t in totals}
 
 

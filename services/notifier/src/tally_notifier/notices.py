@@ -41,10 +41,14 @@ async def take_in(
     # twice in one batch (one copy may lack the type header and be read by ``take``)
     left = set(fresh)
     todo = _once(messages, left)
-    usage: list[events.UsageTotal | events.UsageTotalRecord] = [
-        t for m in todo if isinstance(m.data, events.WalletUsage) for t in m.data.totals
-    ]
-    usage += [t for d in _once(digests, left) for t in d.totals]
+    usage: list[alerts.Counted] = []
+    for m in todo:
+        if isinstance(m.data, events.WalletUsage):
+            usage += m.data.totals
+            usage += m.data.corrections
+    for d in _once(digests, left):
+        usage += d.totals
+        usage += d.corrections
     if usage:
         touched = await alerts.add_usage(conn, usage)
         await alerts.check_alerts(conn, touched)

@@ -74,8 +74,10 @@ _ADD_USAGE = (
     "ON CONFLICT (account_id, day, service) DO UPDATE "
     # saturating: a total forged onto wallet.digest (no bound but BIGINT's) must not make the
     # genuine usage after it fail to add up, and go to the DLQ uncounted
-    f"SET amount = CASE WHEN usage_daily.amount > {BIGINT_MAX} - EXCLUDED.amount THEN {BIGINT_MAX} "
-    "ELSE usage_daily.amount + EXCLUDED.amount END"
+    # (a re-rating's correction is negative: bounded the other way, never overflowing)
+    f"SET amount = CASE WHEN EXCLUDED.amount > 0 AND usage_daily.amount > {BIGINT_MAX} - EXCLUDED.amount "
+    f"THEN {BIGINT_MAX} WHEN EXCLUDED.amount < 0 AND usage_daily.amount < -{BIGINT_MAX} - EXCLUDED.amount "
+    f"THEN -{BIGINT_MAX} ELSE usage_daily.amount + EXCLUDED.amount END"
 )
 
 

@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 
 from tally import events, outbox
 from tally.db import Conn
+from tally.events import Topics
 from tally_wallet import storage
 from tally_wallet.domain import (
     SYSTEM_COMPANY_REVENUE,
@@ -34,7 +35,7 @@ from tally_wallet.domain import (
     parse_markups,
     system_wallet_id,
 )
-from tally_wallet.messages import SOURCE, edge_event_rows, wallet_rows
+from tally_wallet.messages import SOURCE, edge_event_rows, minute_text, wallet_rows
 from tally_wallet.usage import account_leg_key
 
 # A company leg is posted after usage-meter recorded its event; this covers the two
@@ -75,6 +76,7 @@ async def _rerate(
         system_wallet_id(SYSTEM_COMPANY_REVENUE, company.currency, s.company_id), "system", company.currency
     )
     transfers = []
+    counted: dict[tuple[str, str], int] = defaultdict(int)  # (service, minute) -> usage's change
     for leg in legs:
         event_key = leg["key"][_COMPANY_LEG[0] : _COMPANY_LEG[1]]
         due = settings.account_amount(leg["service"], leg["amount"]) or 0
@@ -82,6 +84,9 @@ async def _rerate(
         change = due - (paid or 0)
         if change == 0:
             continue
+        # the account's usage counts what it pays, or the platform's price when not rebilled
+        before_, after_ = (paid or 0) or leg["amount"], due or leg["amount"]
+        counted[(leg["service"], minute_text(leg["recorded_at"]))] += after_ - before_
         first = paid is None and change > 0
         key = account_leg_key(event_key) if first else f"{account_leg_key(event_key)}:v{s.version}"
         debit, credit = (account.id, revenue.id) if change > 0 else (revenue.id, account.id)
@@ -115,4 +120,26 @@ async def _rerate(
         source=SOURCE,
         id_=f"wallet.usage_rerated:{s.account_id}:{s.version}",
     )
-    return [*wallet_rows(s.company_id, message), *edge_event_rows(posting)]
+    corrections = events.WalletUsage(
+        totals=[],
+        corrections=[
+            events.UsageCorrection(
+                account_id=s.account_id,
+                company_id=s.company_id,
+                service=service,
+                currency=company.currency,
+                minute=datetime.fromisoformat(minute),
+                amount_micros=amount,
+            )
+            for (service, minute), amount in sorted(counted.items())
+            if amount
+        ],
+    )
+    usage = events.envelope(
+        "wallet.usage", corrections, source=SOURCE, id_=f"usage:rerated:{s.account_id}:{s.version}"
+    )
+    return [
+        *wallet_rows(s.company_id, message),
+        *edge_event_rows(posting),
+        outbox.row(Topics.WALLET_DIGEST, s.company_id, usage),
+    ]

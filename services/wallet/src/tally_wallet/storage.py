@@ -331,7 +331,7 @@ async def usage_recorded_since(
         or 0
     )
     legs = await conn.fetch(
-        "SELECT key, usage_event_id, service, amount FROM transfers "
+        "SELECT key, usage_event_id, service, amount, recorded_at FROM transfers "
         "WHERE debit_wallet = $1 AND debit_wallet NOT LIKE 'system:%' AND id > $2 "
         "AND kind = 'usage' AND account_id = $3 AND recorded_at >= $4 ORDER BY id",
         company_wallet,
