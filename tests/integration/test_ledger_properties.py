@@ -118,6 +118,9 @@ async def apply_ops(dsn: str, schema: str, run: str, ops: list[Any]) -> dict[str
             for op in ops:
                 async with conn.transaction():
                     if isinstance(op, Usage):
+                        # recorded as it is posted: settings without a date take effect when
+                        # heard (docs/0025), so this usage comes after the settings before it
+                        now = datetime.now(UTC)
                         await apply_usage(
                             conn,
                             [

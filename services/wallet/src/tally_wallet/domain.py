@@ -101,10 +101,11 @@ class Transfer(NamedTuple):
     service: str | None = None
     usage_event_id: str | None = None
     reference: str | None = None
-    # a usage event's company leg: the account that used it and when usage-meter recorded it,
-    # by which later-heard rebilling settings re-rate it (``rerating``)
+    # a usage event's company leg: the account that used it, when usage-meter recorded it
+    # (by which later-heard rebilling settings re-rate it, ``rerating``) and when it occurred
     account_id: str | None = None
     recorded_at: datetime | None = None
+    occurred_at: datetime | None = None
 
 
 class Posted(NamedTuple):

@@ -51,19 +51,26 @@ async def store_settings(conn: Conn, s: events.RebillingSettings, currency: str)
     account = Wallet(
         account_wallet_id(s.account_id), "account", currency, company_id=s.company_id, account_id=s.account_id
     )
-    if s.effective_at is not None:
-        await storage.lock_for_rating(conn, company, account.id)
-    previous = await storage.rebilling_version(conn, s.account_id)
-    await storage.upsert_rebilling(conn, s, currency)
-    if s.effective_at is None or (previous is not None and previous >= s.version):
-        return []  # a redelivery, an older version, or settings that do not say when
-    return await _rerate(conn, s, s.effective_at, company, account)
+    await storage.lock_for_rating(conn, company, account.id)
+    stored = await storage.upsert_rebilling(conn, s, currency)
+    if not stored.new or stored.superseded:
+        return []  # a redelivery, or a version that governs nothing
+    return await _rerate(conn, s, stored.effective_at, stored.until, company, account)
 
 
 async def _rerate(
-    conn: Conn, s: events.RebillingSettings, since: datetime, company: Wallet, account: Wallet
+    conn: Conn,
+    s: events.RebillingSettings,
+    since: datetime,
+    until: datetime | None,
+    company: Wallet,
+    account: Wallet,
 ) -> list[outbox.Row]:
-    before, legs = await storage.usage_recorded_since(conn, company.id, s.account_id, since, CLOCK_SLACK)
+    """Re-rate the account's usage recorded from ``since`` until ``until`` (when a later
+    version took over; None: none has) by ``s``."""
+    before, legs = await storage.usage_recorded_since(
+        conn, company.id, s.account_id, since, CLOCK_SLACK, until
+    )
     if not legs:
         return []
     settings = Rebilling(s.mode, parse_markups(s.markups), s.active)
@@ -76,7 +83,8 @@ async def _rerate(
         system_wallet_id(SYSTEM_COMPANY_REVENUE, company.currency, s.company_id), "system", company.currency
     )
     transfers = []
-    counted: dict[tuple[str, str], int] = defaultdict(int)  # (service, minute) -> usage's change
+    # (service, minute it occurred) -> the change in the account's usage (``UsageTotals``)
+    counted: dict[tuple[str, str], int] = defaultdict(int)
     for leg in legs:
         event_key = leg["key"][_COMPANY_LEG[0] : _COMPANY_LEG[1]]
         due = settings.account_amount(leg["service"], leg["amount"]) or 0
@@ -86,7 +94,7 @@ async def _rerate(
             continue
         # the account's usage counts what it pays, or the platform's price when not rebilled
         before_, after_ = (paid or 0) or leg["amount"], due or leg["amount"]
-        counted[(leg["service"], minute_text(leg["recorded_at"]))] += after_ - before_
+        counted[(leg["service"], minute_text(leg["occurred_at"]))] += after_ - before_
         first = paid is None and change > 0
         key = account_leg_key(event_key) if first else f"{account_leg_key(event_key)}:v{s.version}"
         debit, credit = (account.id, revenue.id) if change > 0 else (revenue.id, account.id)

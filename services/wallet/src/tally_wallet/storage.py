@@ -55,6 +55,7 @@ _TRANSFER_COLS = (  # domain.Transfer's fields, then the balances after
     "reference",
     "account_id",
     "recorded_at",
+    "occurred_at",
     "debit_balance_after",
     "credit_balance_after",
 )
@@ -179,7 +180,7 @@ async def post(conn: Conn, wanted: Iterable[Wallet], transfers: Sequence[Transfe
     await conn.copy_records_to_table(
         "transfers",
         columns=_TRANSFER_COLS,
-        # a Transfer's fields are the first ten columns, in order
+        # a Transfer's fields are the first eleven columns, in order
         records=[(*p.transfer, p.debit_after, p.credit_after) for p in posting.posted],
     )
     edged = [w for i, w in wallets.items() if (w.status, w.armed) != before[i]]
@@ -241,7 +242,7 @@ async def load_rebilling(conn: Conn, account_ids: Sequence[str]) -> dict[str, Re
 class KnownAccount(NamedTuple):
     company_id: str
     rebilling: Rebilling | None  # the newest settings heard (None: never rebilled)
-    version: int | None
+    changes: int | None  # versions stored so far (None: none), read again before commit
     effective_at: datetime | None  # when they took effect (None: since ever)
 
 
@@ -251,7 +252,7 @@ async def load_accounts(conn: Conn, account_ids: Sequence[str]) -> dict[str, Kno
         return {}
     rows = await conn.fetch(
         "SELECT a.account_id, a.company_id, r.mode, r.markups::text AS markups, r.active, "
-        "       r.version, r.effective_at "
+        "       r.changes, r.effective_at "
         "FROM accounts a LEFT JOIN rebilling_settings r USING (account_id) "
         "WHERE a.account_id = ANY($1::text[])",
         list(set(account_ids)),
@@ -260,17 +261,17 @@ async def load_accounts(conn: Conn, account_ids: Sequence[str]) -> dict[str, Kno
         r["account_id"]: KnownAccount(
             r["company_id"],
             Rebilling(r["mode"], _markups(r["markups"]), r["active"]) if r["mode"] else None,
-            r["version"],
+            r["changes"],
             r["effective_at"],
         )
         for r in rows
     }
 
 
-async def rebilling_versions(conn: Conn, account_ids: Sequence[str]) -> dict[str, int]:
-    """The newest settings version stored of each account that has any."""
+async def rebilling_changes(conn: Conn, account_ids: Sequence[str]) -> dict[str, int]:
+    """How many settings versions were stored of each account that has any."""
     rows = await conn.fetch(
-        "SELECT account_id, version FROM rebilling_settings WHERE account_id = ANY($1::text[])",
+        "SELECT account_id, changes FROM rebilling_settings WHERE account_id = ANY($1::text[])",
         list(set(account_ids)),
     )
     return {r[0]: r[1] for r in rows}
@@ -296,14 +297,6 @@ async def rebilling_at(
     return {(r[0], r[1]): Rebilling(r["mode"], _markups(r["markups"]), r["active"]) for r in rows}
 
 
-async def rebilling_version(conn: Conn, account_id: str) -> int | None:
-    """The account's stored settings version, its row locked (None: none stored)."""
-    version: int | None = await conn.fetchval(
-        "SELECT version FROM rebilling_settings WHERE account_id = $1 FOR UPDATE", account_id
-    )
-    return version
-
-
 async def lock_for_rating(conn: Conn, company: Wallet, account_wallet: str) -> None:
     """Lock the company's wallet (opened if it never moved) and the account's (if it exists),
     in id order as postings lock them, so usage batches of the company wait for the caller."""
@@ -315,9 +308,15 @@ async def lock_for_rating(conn: Conn, company: Wallet, account_wallet: str) -> N
 
 
 async def usage_recorded_since(
-    conn: Conn, company_wallet: str, account_id: str, since: datetime, slack: timedelta
+    conn: Conn,
+    company_wallet: str,
+    account_id: str,
+    since: datetime,
+    slack: timedelta,
+    until: datetime | None = None,
 ) -> tuple[int, list[asyncpg.Record]]:
-    """The company legs of ``account_id``'s usage recorded at or after ``since``, and the id of
+    """The company legs of ``account_id``'s usage recorded at or after ``since`` (and before
+    ``until``), and the id of
     the line the walk started after. Only the company's lines posted from ``since - slack``
     on are read: a line is posted after its event was recorded, and ``slack`` covers the
     clocks of usage-meter and the wallet, so what a company posted long before is not read."""
@@ -331,13 +330,15 @@ async def usage_recorded_since(
         or 0
     )
     legs = await conn.fetch(
-        "SELECT key, usage_event_id, service, amount, recorded_at FROM transfers "
+        "SELECT key, usage_event_id, service, amount, occurred_at FROM transfers "
         "WHERE debit_wallet = $1 AND debit_wallet NOT LIKE 'system:%' AND id > $2 "
-        "AND kind = 'usage' AND account_id = $3 AND recorded_at >= $4 ORDER BY id",
+        "AND kind = 'usage' AND account_id = $3 AND recorded_at >= $4 "
+        "AND ($5::timestamptz IS NULL OR recorded_at < $5) ORDER BY id",
         company_wallet,
         before,
         account_id,
         since,
+        until,
     )
     return before, legs
 
@@ -365,36 +366,62 @@ def _markups(text: str) -> dict[str, Decimal]:
     return parse_markups(orjson.loads(text))
 
 
-async def upsert_rebilling(conn: Conn, s: RebillingSettings, currency: str) -> None:
+class Stored(NamedTuple):
+    new: bool  # a version not stored before (the newest, or one heard late)
+    effective_at: datetime  # when it took effect
+    until: datetime | None  # when a later version took over (None: none has)
+    superseded: bool  # a later version took effect since ever: this one governs nothing
+
+
+async def upsert_rebilling(conn: Conn, s: RebillingSettings, currency: str) -> Stored:
     """An account's settings (the newer version wins), its company, and its company in
-    ``currency`` if the wallet has not heard of the company yet. Each version that says when
-    it took effect is kept (``rebilling_at``)."""
+    ``currency`` if the wallet has not heard of the company yet. Every version is kept in
+    ``rebilling_history`` with when it took effect: its ``effective_at``, or, for a version
+    that does not say (an older publisher), when the wallet heard it, as before docs/0025."""
+    effective: datetime = s.effective_at or await conn.fetchval("SELECT clock_timestamp()")
+    markups = orjson.dumps(s.markups).decode()
+    new = await conn.fetchval(
+        "INSERT INTO rebilling_history (account_id, version, mode, markups, active, effective_at) "
+        "VALUES ($1, $2, $3, $4::jsonb, $5, $6) "
+        "ON CONFLICT DO NOTHING RETURNING true",
+        s.account_id,
+        s.version,
+        s.mode,
+        markups,
+        s.active,
+        effective,
+    )
     await conn.execute(
         "INSERT INTO rebilling_settings "
-        "(account_id, company_id, mode, markups, active, version, effective_at) "
-        "VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7) ON CONFLICT (account_id) DO UPDATE SET "
+        "(account_id, company_id, mode, markups, active, version, effective_at, changes) "
+        "VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, 1) ON CONFLICT (account_id) DO UPDATE SET "
         "company_id = EXCLUDED.company_id, mode = EXCLUDED.mode, markups = EXCLUDED.markups, "
         "active = EXCLUDED.active, version = EXCLUDED.version, "
-        "effective_at = EXCLUDED.effective_at, updated_at = now() "
+        "effective_at = EXCLUDED.effective_at, updated_at = now(), "
+        "changes = rebilling_settings.changes + $8::int "
         "WHERE rebilling_settings.version <= EXCLUDED.version",
         s.account_id,
         s.company_id,
         s.mode,
-        orjson.dumps(s.markups).decode(),
+        markups,
         s.active,
         s.version,
-        s.effective_at,
+        effective,
+        1 if new else 0,
     )
-    if s.effective_at is not None:
+    later = None
+    if new:  # a version heard late counts as a change too
         await conn.execute(
-            "INSERT INTO rebilling_history (account_id, version, mode, markups, active, effective_at) "
-            "VALUES ($1, $2, $3, $4::jsonb, $5, $6) ON CONFLICT DO NOTHING",
+            "UPDATE rebilling_settings SET changes = changes + 1 WHERE account_id = $1 AND version > $2",
             s.account_id,
             s.version,
-            s.mode,
-            orjson.dumps(s.markups).decode(),
-            s.active,
-            s.effective_at,
+        )
+        later = await conn.fetchrow(
+            "SELECT bool_or(effective_at = '-infinity') AS since_ever, "
+            "min(effective_at) FILTER (WHERE effective_at > '-infinity') AS until "
+            "FROM rebilling_history WHERE account_id = $1 AND version > $2",
+            s.account_id,
+            s.version,
         )
     await upsert_account(conn, s.account_id, s.company_id)
     await conn.execute(
@@ -403,6 +430,12 @@ async def upsert_rebilling(conn: Conn, s: RebillingSettings, currency: str) -> N
         s.company_id,
         s.company_stripe_connected,
         currency,
+    )
+    return Stored(
+        bool(new),
+        effective,
+        later["until"] if later else None,
+        bool(later["since_ever"]) if later else False,
     )
 
 

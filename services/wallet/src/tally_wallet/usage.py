@@ -178,6 +178,7 @@ async def apply_usage(
                 usage_event_id=u.event_id,
                 account_id=u.account_id,
                 recorded_at=u.recorded_at,
+                occurred_at=u.occurred_at,
             )
         )
         rebilled = False
@@ -204,8 +205,8 @@ async def apply_usage(
         # Now that the company wallets are locked: settings stored since they were read
         # would have re-rated nothing of this batch (``rerating`` locks the company wallet
         # before it stores them), so the batch goes again under them.
-        used = {a: k.version for a, k in accounts.items() if k.version is not None}
-        if await storage.rebilling_versions(conn, account_ids) != used:
+        used = {a: k.changes for a, k in accounts.items() if k.changes is not None}
+        if await storage.rebilling_changes(conn, account_ids) != used:
             raise RatedOnOldSettings("an account's rebilling settings changed while the batch was rated")
 
     rows: list[outbox.Row] = []
