@@ -63,7 +63,7 @@ def rebilling(
     return RebillingSettings(
         account_id=aid,
         company_id=cid,
-        mode=mode,  # type: ignore[arg-type]
+        mode=mode,
         markups={"default": markup} if mode == "rebill_markup" else {},
         active=active,
         company_stripe_connected=True,
@@ -222,7 +222,7 @@ async def test_a_rerate_corrects_the_accounts_usage_totals(database: Database) -
     async with database.unit() as uow:
         outcome = await apply_usage(uow.conn, [used(cid, aid, "e", 1_000, at(20))])
     digest = [events.parse_message(r[2]) for r in outcome.messages]
-    shown = sum(t.amount_micros for m in digest if m.type == "wallet.usage" for t in m.data.totals)  # type: ignore[union-attr]
+    shown = sum(t.amount_micros for m in digest if m.type == "wallet.usage" for t in m.data.totals)  # type: ignore[attr-defined]
     assert shown == 1_000
     rows = await hear(database, rebilling(cid, aid, 1, "rebill_markup", "2", effective=at(10)))
     assert (await charged_for(database, aid)) == {"e": 2_000}
@@ -394,12 +394,12 @@ async def test_a_rerate_corrects_the_minute_the_usage_was_counted_in(database: D
     counted: dict[str, int] = {}
     for m in (events.parse_message(r[2]) for r in outcome.messages):
         if m.type == "wallet.usage":
-            for t in m.data.totals:  # type: ignore[union-attr]
+            for t in m.data.totals:  # type: ignore[attr-defined]
                 counted[str(t.minute)] = counted.get(str(t.minute), 0) + t.amount_micros
     rows = await hear(database, rebilling(cid, aid, 1, "rebill_markup", "2", effective=at(10)))
     for m in (events.parse_message(r[2]) for r in rows):
         if m.type == "wallet.usage":
-            for c in m.data.corrections:  # type: ignore[union-attr]
+            for c in m.data.corrections:  # type: ignore[attr-defined]
                 counted[str(c.minute)] = counted.get(str(c.minute), 0) + c.amount_micros
     assert await charged_for(database, aid) == {"late": 2_000}
     assert sorted(counted.values()) == [2_000], f"usage by minute after the re-rate: {counted}"
