@@ -144,7 +144,7 @@ async def _rerate(
         ],
     )
     usage = events.envelope(
-        "wallet.usage", corrections, source=SOURCE, id_=f"usage:rerated:{s.account_id}:{s.version}"
+        "wallet.usage", corrections, source=SOURCE, id_=f"usage_rerated:{s.account_id}:{s.version}"
     )
     return [
         *wallet_rows(s.company_id, message),
