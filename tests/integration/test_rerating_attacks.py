@@ -7,86 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
 
 import asyncpg
 import msgspec
 import pytest
 
 from tally import events
-from tally.events import RebillingSettings, RecordedUsage, Topics, usage_key
+from tally.events import RecordedUsage, Topics, usage_key
 from tally.money import apply_markup
 from tally.uow import Database
 from tally_wallet import rerating, storage
 from tally_wallet.domain import RatedOnOldSettings
 from tally_wallet.rerating import store_settings
 from tally_wallet.usage import apply_usage
-from tests.support.databases import service_database
-from tests.support.stack import Infra, uid
+from tests.integration.test_rerating import at, database, hear, post, rebilling, used
+from tests.support.stack import uid
 
-BASE = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
-
-
-def at(seconds: float) -> datetime:
-    return BASE + timedelta(seconds=seconds)
-
-
-def used(
-    cid: str, aid: str, eid: str, amount: int, recorded: datetime, service: str = "sms"
-) -> RecordedUsage:
-    return RecordedUsage(
-        event_id=eid,
-        company_id=cid,
-        account_id=aid,
-        service=service,
-        quantity="1",
-        occurred_at=recorded,
-        recorded_at=recorded,
-        unit_price_micros=amount,
-        platform_amount_micros=amount,
-        currency="USD",
-    )
-
-
-def rebilling(
-    cid: str,
-    aid: str,
-    version: int,
-    mode: str,
-    markup: str = "2",
-    effective: datetime | None = None,
-    active: bool = True,
-) -> RebillingSettings:
-    return RebillingSettings(
-        account_id=aid,
-        company_id=cid,
-        mode=mode,
-        markups={"default": markup} if mode == "rebill_markup" else {},
-        active=active,
-        company_stripe_connected=True,
-        version=version,
-        effective_at=effective,
-    )
-
-
-@pytest.fixture
-async def database(infra: Infra) -> AsyncIterator[Database]:
-    async with service_database(infra, "tally_wallet", "wallet_rra") as database:
-        yield database
-
-
-async def post(database: Database, *batch: RecordedUsage) -> Any:
-    async with database.unit() as uow:
-        return await apply_usage(uow.conn, batch)
-
-
-async def hear(database: Database, s: RebillingSettings) -> list[Any]:
-    async with database.unit() as uow:
-        rows = await store_settings(uow.conn, s, "USD")
-    return rows
+__all__ = ["database"]  # the fixture, shared with test_rerating
 
 
 async def charged_for(database: Database, aid: str) -> dict[str, int]:
