@@ -29,6 +29,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # stack per pytest-xdist worker (``make test``) a long file started last holds the whole run.
 LONGEST_FIRST = (
     "test_hand_over_public_attacks.py",
+    "test_rerating_public_attacks.py",
     "test_chaos.py",
     "test_lifecycle_model.py",
     "test_card_retries.py",
