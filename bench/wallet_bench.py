@@ -104,12 +104,19 @@ async def prefill_settings(stack: Stack, run: str) -> int:
         await producer.stop()
 
 
-async def wait_settings(stack: Stack, n: int) -> None:
-    """Start the wallet, let it take in every setting, stop it (gracefully)."""
+async def wait_settings(stack: Stack, run: str) -> None:
+    """Start the wallet, tell it the companies (their currency: rebilling, which would answer
+    for them, does not run here), let it take in every setting, stop it (gracefully)."""
     stack.spawn_service("wallet")
     await stack.wait_ready("wallet")
     conn = await asyncpg.connect(stack.database_url, server_settings={"search_path": "wallet"})
     try:
+        await conn.copy_records_to_table(
+            "companies",
+            records=[(f"{run}-co{c}", "USD") for c in range(COMPANIES)],
+            columns=("company_id", "currency"),
+        )
+        n = await prefill_settings(stack, run)
         while await conn.fetchval("SELECT count(*) FROM rebilling_settings") < n:
             await asyncio.sleep(0.1)
     finally:
@@ -211,7 +218,7 @@ async def main() -> None:
             with console.status("starting broker and Postgres…"):
                 await stack.start()
             with console.status("rebilling settings into the wallet…"):
-                await wait_settings(stack, await prefill_settings(stack, run))
+                await wait_settings(stack, run)
             legs = await prefill(stack, run)
             service = await measure_service(stack, legs)
             with console.status(f"naive: {NAIVE_EVENTS} events, one transaction each…"):
