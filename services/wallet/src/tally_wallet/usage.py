@@ -134,16 +134,18 @@ async def apply_usage(
     account_ids = list({u.account_id for u, _ in fresh if u.account_id})
     accounts = await storage.load_accounts(conn, account_ids)
     # An event is rated by the settings in effect when usage-meter recorded it: the newest
-    # heard, unless it was recorded before they took effect (then the version before).
+    # heard, unless it was recorded before they took effect (then the version before). Checked
+    # per account against the batch's oldest event first: usually no account's settings are
+    # newer than that, and no event needs the check.
+    oldest = min(u.recorded_at for u, _ in fresh)
+    newer = {a for a, k in accounts.items() if k.effective_at is not None and k.effective_at > oldest}
     earlier = [
         (u.account_id, u.recorded_at)
         for u, _ in fresh
-        if u.account_id
-        and (k := accounts.get(u.account_id)) is not None
-        and k.effective_at is not None
-        and u.recorded_at < k.effective_at
+        if u.account_id in newer and u.recorded_at < accounts[u.account_id].effective_at  # type: ignore[operator]
     ]
     past = await storage.rebilling_at(conn, earlier) if earlier else {}
+    earlier_set = set(earlier)
     shard = partitions or {}
     plan: list[tuple[RecordedUsage, str, bool]] = []  # (event, its key, has an account leg)
     transfers: list[Transfer] = []
@@ -157,7 +159,7 @@ async def apply_usage(
                 f"company than {u.company_id!r}"
             )
         settings = known.rebilling if known is not None else None
-        if known is not None and known.effective_at is not None and u.recorded_at < known.effective_at:
+        if earlier_set and (u.account_id, u.recorded_at) in earlier_set:
             settings = past.get((u.account_id, u.recorded_at))  # type: ignore[arg-type]
         account_amount = settings.account_amount(u.service, u.platform_amount_micros) if settings else None
         # Each leg's two wallets, checked separately: a company (or account) may see usage in
