@@ -24,8 +24,8 @@ from tally.db import Conn
 from tally.events import RebillingSettings, RecordedUsage
 from tally.money import apply_markup
 from tally.uow import Database
-from tally_wallet import storage
-from tally_wallet.domain import RatedOnOldSettings
+from tally_wallet import rerating, storage
+from tally_wallet.domain import RatedOnOldSettings, Transfer, Wallet
 from tally_wallet.rerating import store_settings
 from tally_wallet.usage import Outcome, apply_usage
 from tests.support.builders import run_in_fresh_loop
@@ -376,3 +376,34 @@ def test_any_order_of_usage_and_settings_ends_on_the_reference(infra: Infra) -> 
         assert run_in_fresh_loop(deliver(dsn, schema, run, arrivals, batch)) == reference(changes, uses)
 
     check()
+
+
+async def test_a_rerating_that_cannot_post_leaves_the_settings_stored(database: Database) -> None:
+    """Give-backs that would take the account's wallet past what a balance holds: the settings
+    are stored all the same (dead-lettering them would keep the old settings for good), and
+    the usage before them stays as first posted."""
+    cid, aid = uid("co"), uid("acct")
+    top = 2**63 - 1
+    await hear(database, rebilling(cid, aid, 1, "rebill", effective=at(0)))
+    account = Wallet(f"account:{aid}", "account", "USD", company_id=cid, account_id=aid)
+
+    async def credit(amount: int) -> None:  # each from its own source: none goes past the bound
+        source = Wallet(f"system:{uid('src')}", "system", "USD")
+        transfer = Transfer(uid("c"), source.id, account.id, amount, "manual_credit")
+        async with database.unit() as uow:
+            await storage.post(uow.conn, [account, source], [transfer])
+
+    await credit(top - 5_000)
+    await post(database, used(cid, aid, "e1", 1_000, at(5)))
+    await credit(5_990)  # the account's wallet at top - 10
+    failed = rerating.FAILED._value.get()
+    assert await hear(database, rebilling(cid, aid, 2, "off", effective=at(1))) == []
+    assert rerating.FAILED._value.get() == failed + 1
+    assert await balance(database, f"account:{aid}") == top - 10
+    async with database.reading() as conn:
+        stored = await conn.fetchval("SELECT version FROM rebilling_settings WHERE account_id = $1", aid)
+    assert stored == 2
+    await post(database, used(cid, aid, "e2", 1_000, at(6)))  # rated by the stored settings: off
+    assert [r["key"] for r in await account_lines(database, aid) if r["kind"] == "usage"] == [
+        "usage:e1:account"
+    ]

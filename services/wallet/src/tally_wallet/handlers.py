@@ -28,20 +28,14 @@ from tally_wallet import storage
 from tally_wallet.credits import credit
 from tally_wallet.domain import SYSTEM_STRIPE_CLEARING, LedgerError, RatedOnOldSettings, Wallet
 from tally_wallet.rerating import store_settings
+from tally_wallet.storage import UNPOSTABLE
 from tally_wallet.usage import apply_usage
 from tally_wallet.wallet_settings import change_settings, raise_tier
 from tally_wallet.wiring import WalletWiring
 
 SERVICE = "wallet"
-# What one usage record can never post, whatever the retries: a ledger rule it breaks, or a
-# value the database refuses (a balance out of range). That record goes to the DLQ with the
+# What one usage record can never post (``storage.UNPOSTABLE``) goes to the DLQ with the
 # reason and the partition goes on; anything else (a lost connection) retries the batch.
-UNPOSTABLE: tuple[type[Exception], ...] = (
-    LedgerError,
-    asyncpg.DataError,
-    asyncpg.CheckViolationError,
-    asyncpg.ProgramLimitExceededError,  # an id too long for an index row (a forged record)
-)
 # The optimistic batch also falls back on a transfer key the ledger already has (a redelivery).
 CAREFULLY: tuple[type[Exception], ...] = (asyncpg.UniqueViolationError, RatedOnOldSettings, *UNPOSTABLE)
 DEBIT_LATENCY = Histogram(

@@ -18,8 +18,11 @@ after finds the settings changed since it read them and is rated again (``apply_
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from datetime import datetime, timedelta
+
+from prometheus_client import Counter
 
 from tally import events, outbox
 from tally.db import Conn
@@ -38,6 +41,11 @@ from tally_wallet.domain import (
 from tally_wallet.messages import SOURCE, edge_event_rows, minute_text, wallet_rows
 from tally_wallet.usage import account_leg_key
 
+log = logging.getLogger(__name__)
+FAILED = Counter(
+    "tally_wallet_rerating_failed_total", "Settings stored whose re-rating could not post (logged)"
+)
+
 # A company leg is posted after usage-meter recorded its event; this covers the two
 # services' clocks (and a posting transaction's start) when walking back from the newest line.
 CLOCK_SLACK = timedelta(seconds=30)
@@ -55,7 +63,18 @@ async def store_settings(conn: Conn, s: events.RebillingSettings, currency: str)
     stored = await storage.upsert_rebilling(conn, s, currency)
     if not stored.new or stored.superseded:
         return []  # a redelivery, or a version that governs nothing
-    return await _rerate(conn, s, stored.effective_at, stored.until, company, account)
+    try:
+        async with conn.transaction():  # a savepoint: the settings stand if re-rating cannot
+            return await _rerate(conn, s, stored.effective_at, stored.until, company, account)
+    except storage.UNPOSTABLE as exc:
+        # Dead-lettering the settings would leave the account under the old ones for good:
+        # they are stored, and the usage before them stays as first posted (as before 0025).
+        FAILED.inc()
+        log.error(
+            "re-rating could not post",
+            extra={"account_id": s.account_id, "version": s.version, "error": f"{type(exc).__name__}: {exc}"},
+        )
+        return []
 
 
 async def _rerate(

@@ -44,6 +44,15 @@ LEDGER_BALANCES = (
     "USING (id)"
 )
 
+# What a posting can never do, whatever the retries: break a ledger rule, or give the
+# database a value it refuses (a balance out of range).
+UNPOSTABLE: tuple[type[Exception], ...] = (
+    LedgerError,
+    asyncpg.DataError,
+    asyncpg.CheckViolationError,
+    asyncpg.ProgramLimitExceededError,  # an id too long for an index row (a forged record)
+)
+
 _TRANSFER_COLS = (  # domain.Transfer's fields, then the balances after
     "key",
     "debit_wallet",
