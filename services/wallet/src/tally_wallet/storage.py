@@ -255,41 +255,26 @@ class KnownAccount(NamedTuple):
     effective_at: datetime | None  # when they took effect (None: since ever)
 
 
-async def load_accounts(conn: Conn, account_ids: Sequence[str]) -> tuple[dict[str, KnownAccount], int]:
-    """Each known account's company and its newest rebilling settings, and the rebilling clock
-    as of the same read (``rebilling_clock``)."""
+async def load_accounts(conn: Conn, account_ids: Sequence[str]) -> dict[str, KnownAccount]:
+    """Each known account's company, and its newest rebilling settings."""
     if not account_ids:
-        return {}, 0
+        return {}
     rows = await conn.fetch(
-        "SELECT NULL AS account_id, NULL AS company_id, NULL AS mode, NULL AS markups, "
-        "       NULL::boolean AS active, changes, NULL::timestamptz AS effective_at "
-        "FROM rebilling_clock "
-        "UNION ALL "
-        "SELECT a.account_id, a.company_id, r.mode, r.markups::text, r.active, "
+        "SELECT a.account_id, a.company_id, r.mode, r.markups::text AS markups, r.active, "
         "       r.changes, r.effective_at "
         "FROM accounts a LEFT JOIN rebilling_settings r USING (account_id) "
         "WHERE a.account_id = ANY($1::text[])",
         list(set(account_ids)),
     )
-    clock = 0
-    known = {}
-    for r in rows:
-        if r["account_id"] is None:
-            clock = r["changes"]
-            continue
-        known[r["account_id"]] = KnownAccount(
+    return {
+        r["account_id"]: KnownAccount(
             r["company_id"],
             Rebilling(r["mode"], _markups(r["markups"]), r["active"]) if r["mode"] else None,
             r["changes"],
             r["effective_at"],
         )
-    return known, clock
-
-
-async def rebilling_clock(conn: Conn) -> int:
-    """How many settings versions the wallet has stored, all accounts together."""
-    changes: int = await conn.fetchval("SELECT changes FROM rebilling_clock")
-    return changes
+        for r in rows
+    }
 
 
 async def rebilling_changes(conn: Conn, account_ids: Sequence[str]) -> dict[str, int]:
@@ -435,7 +420,6 @@ async def upsert_rebilling(conn: Conn, s: RebillingSettings, currency: str) -> S
     )
     later = None
     if new:  # a version heard late counts as a change too
-        await conn.execute("UPDATE rebilling_clock SET changes = changes + 1")
         await conn.execute(
             "UPDATE rebilling_settings SET changes = changes + 1 WHERE account_id = $1 AND version > $2",
             s.account_id,

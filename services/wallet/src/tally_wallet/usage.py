@@ -132,7 +132,7 @@ async def apply_usage(
         return Outcome(0, len(batch))
 
     account_ids = list({u.account_id for u, _ in fresh if u.account_id})
-    accounts, clock = await storage.load_accounts(conn, account_ids)
+    accounts = await storage.load_accounts(conn, account_ids)
     # An event is rated by the settings in effect when usage-meter recorded it: the newest
     # heard, unless it was recorded before they took effect (then the version before). Checked
     # per account against the batch's oldest event first: usually no account's settings are
@@ -203,11 +203,10 @@ async def apply_usage(
             )
         plan.append((u, key, rebilled))
     posting = await storage.post(conn, wanted.values(), transfers)
-    if account_ids and await storage.rebilling_clock(conn) != clock:
+    if account_ids:
         # Now that the company wallets are locked: settings stored since they were read
         # would have re-rated nothing of this batch (``rerating`` locks the company wallet
-        # before it stores them), so the batch goes again under them. The clock moves with
-        # any account's settings: only then are this batch's accounts read again.
+        # before it stores them), so the batch goes again under them.
         used = {a: k.changes for a, k in accounts.items() if k.changes is not None}
         if await storage.rebilling_changes(conn, account_ids) != used:
             raise RatedOnOldSettings("an account's rebilling settings changed while the batch was rated")
