@@ -28,7 +28,7 @@ from tally_wallet import rerating, storage
 from tally_wallet.domain import RatedOnOldSettings, Transfer, Wallet
 from tally_wallet.rerating import store_settings
 from tally_wallet.usage import Outcome, apply_usage
-from tests.support.builders import run_in_fresh_loop
+from tests.support.builders import recorded_usage, run_in_fresh_loop
 from tests.support.databases import service_database
 from tests.support.stack import Infra, uid
 
@@ -42,18 +42,7 @@ def at(seconds: float) -> datetime:
 def used(
     cid: str, aid: str, eid: str, amount: int, recorded: datetime, service: str = "sms"
 ) -> RecordedUsage:
-    return RecordedUsage(
-        event_id=eid,
-        company_id=cid,
-        account_id=aid,
-        service=service,
-        quantity="1",
-        occurred_at=recorded,
-        recorded_at=recorded,
-        unit_price_micros=amount,
-        platform_amount_micros=amount,
-        currency="USD",
-    )
+    return recorded_usage(cid, eid, amount, aid, recorded=recorded, service=service)
 
 
 def rebilling(

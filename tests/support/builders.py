@@ -79,14 +79,23 @@ def usage_event(cid: str, eid: str, service: str = "sms", quantity: str = "1", *
     return {"event_id": eid, "company_id": cid, "service": service, "quantity": quantity, **kw}
 
 
-def recorded_usage(cid: str, eid: str, amount: int, account: str | None = None) -> RecordedUsage:
-    """A ``usage.recorded`` payload as the wallet reads it: ``amount`` micros of sms, now."""
-    now = datetime.now(UTC)
+def recorded_usage(
+    cid: str,
+    eid: str,
+    amount: int,
+    account: str | None = None,
+    *,
+    recorded: datetime | None = None,
+    service: str = "sms",
+) -> RecordedUsage:
+    """A ``usage.recorded`` payload as the wallet reads it: ``amount`` micros of ``service``,
+    occurred and recorded at ``recorded`` (now)."""
+    now = recorded or datetime.now(UTC)
     return RecordedUsage(
         event_id=eid,
         company_id=cid,
         account_id=account,
-        service="sms",
+        service=service,
         quantity="1",
         occurred_at=now,
         recorded_at=now,

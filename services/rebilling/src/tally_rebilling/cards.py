@@ -45,7 +45,7 @@ async def follow_cards(uow: UnitOfWork, cards: Sequence[CardEvent]) -> int:
         if before is None or before["has_valid_card"] == p.has_valid_card:
             continue
         await storage.set_card(conn, p.account_id, p.has_valid_card)
-        if (await storage.rebilling(conn, p.account_id))[2]:
+        if (await storage.rebilling(conn, p.account_id)).version:
             await storage.bump_rebilling(conn, p.account_id)
             await publish.settings(uow, p.account_id)
     return retried

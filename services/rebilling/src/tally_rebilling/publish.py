@@ -61,7 +61,7 @@ async def settings(uow: UnitOfWork, aid: str) -> None:
     assert a is not None
     c = await storage.company(uow.conn, a["company_id"])
     assert c is not None
-    mode, markups, version = await storage.rebilling(uow.conn, aid)
+    mode, markups, version, effective_at = await storage.rebilling(uow.conn, aid)
     payload = events.RebillingSettings(
         account_id=aid,
         company_id=a["company_id"],
@@ -70,7 +70,7 @@ async def settings(uow: UnitOfWork, aid: str) -> None:
         active=bool(a["has_valid_card"]),
         company_stripe_connected=c["stripe_account_id"] is not None,
         version=version,
-        effective_at=await storage.rebilling_changed_at(uow.conn, aid),
+        effective_at=effective_at,
     )
     uow.emit(
         Topics.REBILLING_SETTINGS,

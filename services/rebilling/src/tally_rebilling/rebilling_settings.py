@@ -41,7 +41,7 @@ def check_mode(plan: str, mode: Mode) -> None:
 
 
 async def rebilling_out(conn: Conn, a: asyncpg.Record) -> RebillingOut:
-    mode, markups, version = await storage.rebilling(conn, a["id"])
+    mode, markups, version, _ = await storage.rebilling(conn, a["id"])
     return RebillingOut(
         account_id=a["id"], mode=mode, markups=markups, active=bool(a["has_valid_card"]), version=version
     )
@@ -96,7 +96,7 @@ async def follow_company(uow: UnitOfWork, cid: str, plan: str, connected: bool) 
     conn = uow.conn
     changed = []
     for a in await storage.company_accounts(conn, cid):
-        mode, markups, _ = await storage.rebilling(conn, a["id"])
+        mode, markups, *_ = await storage.rebilling(conn, a["id"])
         new: Mode = best_allowed(plan, mode) if connected else "off"  # type: ignore[arg-type]
         if new != mode:
             await storage.save_rebilling(conn, a["id"], new, markups if new == "rebill_markup" else {})
@@ -110,6 +110,6 @@ async def republish_company(uow: UnitOfWork, cid: str) -> None:
     (``active``/``company_stripe_connected`` follow the company), published in full."""
     conn = uow.conn
     for a in await storage.company_accounts(conn, cid):
-        if (await storage.rebilling(conn, a["id"]))[2]:
+        if (await storage.rebilling(conn, a["id"])).version:
             await storage.bump_rebilling(conn, a["id"])
             await publish.settings(uow, a["id"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import orjson
@@ -107,21 +107,23 @@ async def set_card(conn: Conn, aid: str, has_valid_card: bool) -> bool:
 # --- rebilling settings --------------------------------------------------------------------
 
 
-async def rebilling(conn: Conn, aid: str) -> tuple[str, dict[str, str], int]:
+class Settings(NamedTuple):
+    """An account's rebilling settings as stored (``off``, version 0: never set)."""
+
+    mode: str
+    markups: dict[str, str]
+    version: int
+    effective_at: datetime | None = None  # when this version took effect
+
+
+async def rebilling(conn: Conn, aid: str) -> Settings:
     r = await conn.fetchrow(
-        "SELECT mode, markups::text AS markups, version FROM rebilling WHERE account_id = $1", aid
+        "SELECT mode, markups::text AS markups, version, updated_at FROM rebilling WHERE account_id = $1",
+        aid,
     )
     if r is None:
-        return "off", {}, 0
-    return r["mode"], orjson.loads(r["markups"]), r["version"]
-
-
-async def rebilling_changed_at(conn: Conn, aid: str) -> datetime | None:
-    """When the account's current settings version took effect (None: never set)."""
-    changed: datetime | None = await conn.fetchval(
-        "SELECT updated_at FROM rebilling WHERE account_id = $1", aid
-    )
-    return changed
+        return Settings("off", {}, 0)
+    return Settings(r["mode"], orjson.loads(r["markups"]), r["version"], r["updated_at"])
 
 
 async def save_rebilling(conn: Conn, aid: str, mode: str, markups: dict[str, str]) -> int:

@@ -112,8 +112,8 @@ async def _rerate(
         if change == 0:
             continue
         # the account's usage counts what it pays, or the platform's price when not rebilled
-        before_, after_ = (paid or 0) or leg["amount"], due or leg["amount"]
-        counted[(leg["service"], minute_text(leg["occurred_at"]))] += after_ - before_
+        counted_then, counted_now = paid or leg["amount"], due or leg["amount"]
+        counted[(leg["service"], minute_text(leg["occurred_at"]))] += counted_now - counted_then
         first = paid is None and change > 0
         key = account_leg_key(event_key) if first else f"{account_leg_key(event_key)}:v{s.version}"
         debit, credit = (account.id, revenue.id) if change > 0 else (revenue.id, account.id)

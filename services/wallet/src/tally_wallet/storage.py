@@ -289,11 +289,11 @@ async def rebilling_changes(conn: Conn, account_ids: Sequence[str]) -> dict[str,
 async def rebilling_at(
     conn: Conn, wanted: Sequence[tuple[str, datetime]]
 ) -> dict[tuple[str, datetime], Rebilling]:
-    """The settings each (account, instant) was under: the newest version that had taken
-    effect by then. Left out: an instant before every version the wallet kept."""
+    """The settings each (account, instant) was under (``wanted`` distinct): the newest version
+    that had taken effect by then. Left out: an instant before every version the wallet kept."""
     if not wanted:
         return {}
-    pairs = list(set(wanted))
+    pairs = list(wanted)
     rows = await conn.fetch(
         "SELECT DISTINCT ON (v.account_id, v.at) v.account_id, v.at, h.mode, "
         "       h.markups::text AS markups, h.active "

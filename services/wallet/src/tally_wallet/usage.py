@@ -139,13 +139,12 @@ async def apply_usage(
     # newer than that, and no event needs the check.
     oldest = min(u.recorded_at for u, _ in fresh)
     newer = {a for a, k in accounts.items() if k.effective_at is not None and k.effective_at > oldest}
-    earlier = [
+    earlier = {
         (u.account_id, u.recorded_at)
         for u, _ in fresh
         if u.account_id in newer and u.recorded_at < accounts[u.account_id].effective_at  # type: ignore[operator]
-    ]
-    past = await storage.rebilling_at(conn, earlier) if earlier else {}
-    earlier_set = set(earlier)
+    }
+    past = await storage.rebilling_at(conn, list(earlier)) if earlier else {}
     shard = partitions or {}
     plan: list[tuple[RecordedUsage, str, bool]] = []  # (event, its key, has an account leg)
     transfers: list[Transfer] = []
@@ -159,7 +158,7 @@ async def apply_usage(
                 f"company than {u.company_id!r}"
             )
         settings = known.rebilling if known is not None else None
-        if earlier_set and (u.account_id, u.recorded_at) in earlier_set:
+        if earlier and (u.account_id, u.recorded_at) in earlier:
             settings = past.get((u.account_id, u.recorded_at))  # type: ignore[arg-type]
         account_amount = settings.account_amount(u.service, u.platform_amount_micros) if settings else None
         # Each leg's two wallets, checked separately: a company (or account) may see usage in
