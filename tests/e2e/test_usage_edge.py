@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import jwt
 import orjson
 
+from tests.support.attacks import all_store
 from tests.support.builders import Reseller, funded
 from tests.support.stack import Tally, uid
 
@@ -483,6 +484,46 @@ async def test_another_companys_account_is_unknown_account(tally: Tally) -> None
             r = await tally.post_usage(body)
         res = r.json()["results"][0]
         assert res["status"] == "rejected" and res["error"]["code"] == "unknown_account", r.text
+
+
+async def test_rebilling_down_refuses_only_the_requests_naming_a_company_it_must_be_asked_about(
+    tally: Tally,
+) -> None:
+    """Requests that arrive together share one group commit. With rebilling stopped, one
+    request names a company usage-meter has never heard of (it must ask rebilling for its
+    currency, and cannot): that request alone is answered 503 and records nothing. Before
+    2026-12-05 the whole group was, so every other tenant's usage sent at that moment was
+    refused with it."""
+    known = await Reseller(tally, plan="starter").create(connect=False)
+    await all_store(tally, "company", known.cid, "USD")
+    r = await tally.http.post(  # enough for every event sent here: none is refused as unpaid
+        tally.url("wallet", f"/v1/companies/{known.cid}/wallet/credits"),
+        json={"amount": "5.00"},
+        headers=tally.auth("platform_admin"),
+    )
+    assert r.status_code == 201, r.text
+    stranger = uid("co")  # never created: usage-meter must ask rebilling about it
+    await tally.stack.stop_service("rebilling")
+    try:
+        for _ in range(3):  # three rounds: each sends the requests at once, in one group or few
+            theirs = [event(known.cid) for _ in range(20)]
+            new = event(stranger)
+            answers = await asyncio.gather(*[tally.post_usage(e) for e in [*theirs[:10], new, *theirs[10:]]])
+            refused = answers.pop(10)
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "rebilling_unavailable", refused.text
+            for r in answers:
+                assert r.status_code == 202 and r.json()["results"][0]["status"] == "accepted", r.text
+        left_out = await tally.sql(
+            "usage_meter", "SELECT count(*) FROM ingested WHERE company_id = $1", stranger
+        )
+        assert left_out[0][0] == 0
+    finally:
+        tally.stack.spawn_service("rebilling")
+        await tally.stack.wait_ready("rebilling")
+    await tally.wait_applied(known.cid, theirs[-1]["event_id"])
+    r = await tally.post_usage(new)  # rebilling is back: the refused request goes through on retry
+    assert r.status_code == 202 and r.json()["results"][0]["status"] == "accepted", r.text
 
 
 # --- HTTP framing ------------------------------------------------------------------------

@@ -39,9 +39,10 @@ class Directory:
         self.facts = Facts()
 
     async def currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
-        if self.down:
+        asked = list(company_ids)
+        if self.down and asked:  # as CompanyDirectory: nothing to ask, no request
             raise httpx.ConnectError("rebilling is down")
-        return {c: self.known[c] for c in company_ids if c in self.known}
+        return {c: self.known[c] for c in asked if c in self.known}
 
     async def account_companies(self, account_ids: Iterable[str]) -> dict[str, str]:
         return {a: self.owners[a] for a in account_ids if a in self.owners}
@@ -161,6 +162,34 @@ async def test_nothing_is_recorded_when_a_new_companys_currency_cannot_be_asked(
     assert await recorded(database) == []
     async with database.reading() as conn:
         assert await conn.fetchval("SELECT count(*) FROM ingested") == 0
+
+
+async def test_rebilling_down_refuses_only_the_requests_of_a_group_that_name_a_new_company(
+    database: Database,
+) -> None:
+    """Requests sent together share one group commit; with rebilling unreachable, the ones
+    that name a company or account usage-meter must ask it about are answered 503 and record
+    nothing, and the others in the same group are recorded (before, the whole group was 503)."""
+    co, new_co, new_acct = uid("co"), uid("co"), uid("ws")
+    async with database.unit() as uow:
+        await storage.upsert_company(uow.conn, co, "USD")
+    http = HttpIngestion(database, Directory({}, {}, down=True), TokenBuckets(rate=0, burst=0))  # type: ignore[arg-type]
+    first, second, third = [event(uid("ev"), co)], [event(uid("ev"), new_co)], [event(uid("ev"), co)]
+    fourth = [event(uid("ev"), co), event(uid("ev"), co, new_acct)]  # its account is new
+    outcomes = await asyncio.gather(
+        *(http.record("product:test", b, None) for b in (first, second, third, fourth)),
+        return_exceptions=True,
+    )
+    for taken in (outcomes[0], outcomes[2]):
+        assert isinstance(taken, list) and [r.status for r in taken] == ["accepted"], taken
+    for refused in (outcomes[1], outcomes[3]):
+        assert isinstance(refused, ApiError)
+        assert (refused.status, refused.code) == (503, "rebilling_unavailable")
+    everything = [e.event_id for b in (first, second, third, fourth) for e in b]
+    assert await claimed(database, everything) == {first[0].event_id, third[0].event_id}
+    assert sorted(m["data"]["event_id"] for m in await recorded(database)) == sorted(
+        [first[0].event_id, third[0].event_id]
+    )
 
 
 async def test_a_group_with_a_retried_event_records_nothing_at_once_then_each_new_event_once(

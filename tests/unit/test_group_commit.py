@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import pytest
 
@@ -128,3 +129,69 @@ async def test_after_a_quiet_interval_a_batch_runs_at_once_and_within_it_batches
     later = [asyncio.create_task(group.submit([n])) for n in (2, 3, 4)]
     assert [await t for t in later] == [[2], [3], [4]]
     assert calls == [[1], [2, 3, 4]]  # one call for what arrived within the interval
+
+
+class Blamed(Exception):
+    def __init__(self, bad: set[int]) -> None:
+        self.bad = bad
+
+
+async def test_a_failure_pinned_on_some_batches_fails_them_alone_and_the_rest_is_applied_again() -> None:
+    """One tenant's request must not fail the others' that arrived with it: ``culprits``
+    names the batches an error is theirs, they get it, and the call goes again without them
+    (again and again while it keeps pinning new ones)."""
+    calls: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def apply(items: list[int]) -> list[int]:
+        calls.append(items)
+        if len(calls) == 1:
+            await release.wait()
+        bad = {i for i in items if i % 10 == 7}
+        if bad:
+            raise Blamed(bad)
+        return [i * 10 for i in items]
+
+    def culprits(exc: Exception, batches: list[Sequence[int]]) -> set[int]:
+        assert isinstance(exc, Blamed)
+        return {n for n, b in enumerate(batches) if exc.bad & set(b)}
+
+    group = GroupCommit("test", apply, culprits=culprits)
+    first = asyncio.create_task(group.submit([0]))
+    await asyncio.sleep(0)
+    batches = ([1, 2], [7], [3], [17, 4], [5])
+    later = [asyncio.create_task(group.submit(b)) for b in batches]
+    await asyncio.sleep(0)
+    release.set()
+    assert await first == [0]
+    outcomes = await asyncio.gather(*later, return_exceptions=True)
+    assert outcomes[0] == [10, 20] and outcomes[2] == [30] and outcomes[4] == [50]
+    assert isinstance(outcomes[1], Blamed) and isinstance(outcomes[3], Blamed)
+    assert calls == [[0], [1, 2, 7, 3, 17, 4, 5], [1, 2, 3, 5]]
+
+
+@pytest.mark.parametrize("blame", ["all", "none", "unknown index"])
+async def test_a_failure_pinned_on_every_batch_or_none_fails_the_whole_group(blame: str) -> None:
+    calls: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def apply(items: list[int]) -> list[int]:
+        calls.append(items)
+        if len(calls) == 1:
+            await release.wait()
+            return [0]
+        raise RuntimeError("the transaction failed")
+
+    def culprits(exc: Exception, batches: list[Sequence[int]]) -> set[int]:
+        return {"all": set(range(len(batches))), "none": set(), "unknown index": {99}}[blame]
+
+    group = GroupCommit("test", apply, culprits=culprits)
+    first = asyncio.create_task(group.submit([0]))
+    await asyncio.sleep(0)
+    later = [asyncio.create_task(group.submit(b)) for b in ([1], [2])]
+    await asyncio.sleep(0)
+    release.set()
+    await first
+    outcomes = await asyncio.gather(*later, return_exceptions=True)
+    assert all(isinstance(o, RuntimeError) for o in outcomes)
+    assert calls == [[0], [1, 2]]  # not tried again

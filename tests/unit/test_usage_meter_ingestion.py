@@ -130,7 +130,7 @@ async def test_a_caller_over_its_rate_is_429_and_nothing_is_ingested(monkeypatch
 
 async def test_rebilling_unavailable_is_503_and_nothing_goes_again(monkeypatch: pytest.MonkeyPatch) -> None:
     async def at_once(conn: Any, *_: Any, **__: Any) -> list[Result]:
-        raise DirectoryUnavailable("connection refused")
+        raise DirectoryUnavailable("connection refused", frozenset({"c1"}), frozenset())
 
     monkeypatch.setattr(ingestion, "ingest_at_once", at_once)
     db = FakeDatabase()

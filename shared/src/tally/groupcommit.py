@@ -9,7 +9,10 @@ outbox row, relay round, produce request) is shared by more batches. That is wha
 latency flat as the load rises: at half of the saturated rate, calls that followed each other
 as fast as they could cost so much more per item that the machine ran near its limit, and
 queued (docs/0024). Each submitter gets its own slice of the results, or the exception when
-the shared call failed (nothing of the group was applied: one transaction).
+the shared call failed (nothing of the group was applied: one transaction). A failure that
+``culprits`` pins on some of the group's batches goes to those submitters alone, and the call
+is made again without them: one tenant's request must not fail the others' that happened to
+arrive with it.
 
 Up to ``concurrency`` calls run at once: while one group waits on the database, the next one
 is already being judged and sent. That pays when round trips bound the rate (a database a
@@ -45,7 +48,10 @@ class GroupCommit(Generic[T, R]):
         max_items: int = 5000,
         concurrency: int = 1,
         interval: float = 0.0,
+        culprits: Callable[[Exception, list[Sequence[T]]], set[int]] | None = None,
     ) -> None:
+        """``culprits(error, batches)``: the indexes of the group's batches that caused a failed
+        call (empty: the failure is the group's, and every submitter gets it)."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self._interval = interval
@@ -54,6 +60,7 @@ class GroupCommit(Generic[T, R]):
         self._apply = apply
         self._max = max_items
         self._concurrency = concurrency
+        self._culprits = culprits
         self._waiting: deque[tuple[Sequence[T], asyncio.Future[list[R]]]] = deque()
         self._running = 0  # calls in flight
         self._tasks: set[asyncio.Task[None]] = set()
@@ -90,17 +97,32 @@ class GroupCommit(Generic[T, R]):
 
     async def _run(self, group: list[tuple[Sequence[T], asyncio.Future[list[R]]]]) -> None:
         GROUP_SIZE.labels(self._name).observe(len(group))
-        try:
-            results = await self._apply([item for items, _ in group for item in items])
-        except BaseException as exc:
-            for _, future in group:
-                if not future.done():
-                    future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
+        while group:
+            try:
+                results = await self._apply([item for items, _ in group for item in items])
+            except BaseException as exc:
+                culprits = self._blamed(exc, group)
+                for i, (_, future) in enumerate(group):
+                    if (not culprits or i in culprits) and not future.done():
+                        future.set_exception(exc)
+                if culprits:  # the others again, without the batches that failed them
+                    group = [g for i, g in enumerate(group) if i not in culprits]
+                    continue
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            at = 0
+            for items, future in group:
+                if not future.done():  # a submitter cancelled (client gone) still had it applied
+                    future.set_result(list(results[at : at + len(items)]))
+                at += len(items)
             return
-        at = 0
-        for items, future in group:
-            if not future.done():  # a submitter cancelled (client gone) still had it applied
-                future.set_result(list(results[at : at + len(items)]))
-            at += len(items)
+
+    def _blamed(
+        self, exc: BaseException, group: list[tuple[Sequence[T], asyncio.Future[list[R]]]]
+    ) -> set[int]:
+        """The batches ``culprits`` pins ``exc`` on, when that leaves others to apply."""
+        if self._culprits is None or len(group) < 2 or not isinstance(exc, Exception):
+            return set()
+        found = self._culprits(exc, [items for items, _ in group]) & set(range(len(group)))
+        return found if len(found) < len(group) else set()

@@ -55,7 +55,16 @@ class Result(NamedTuple):
 
 
 class DirectoryUnavailable(Exception):
-    """Rebilling could not say which currency a new company has: try again shortly."""
+    """Rebilling could not say which currency a new company has (or which company a new
+    account is in): try again shortly. ``companies`` and ``accounts``: the ids it was asked
+    about, so a group commit refuses only the requests that named them."""
+
+    def __init__(self, reason: str, companies: frozenset[str], accounts: frozenset[str]) -> None:
+        super().__init__(reason)
+        self.companies, self.accounts = companies, accounts
+
+    def named_in(self, batch: Sequence[tuple[IncomingUsage, object]]) -> bool:
+        return any(e.company_id in self.companies or e.account_id in self.accounts for e, _ in batch)
 
 
 async def _complete(
@@ -64,15 +73,13 @@ async def _complete(
     """Complete what rebilling.events told this service with rebilling's own answers, for
     companies and accounts created so recently that their events have not arrived (and
     remember them)."""
+    new_companies = frozenset(e.company_id for e in batch if e.company_id not in known.currencies)
+    new_accounts = frozenset(e.account_id for e in batch if e.account_id and e.account_id not in known.owners)
     try:
-        found = await directory.currencies(
-            e.company_id for e in batch if e.company_id not in known.currencies
-        )
-        placed = await directory.account_companies(
-            e.account_id for e in batch if e.account_id and e.account_id not in known.owners
-        )
+        found = await directory.currencies(new_companies)
+        placed = await directory.account_companies(new_accounts)
     except httpx.HTTPError as exc:
-        raise DirectoryUnavailable(str(exc)) from exc
+        raise DirectoryUnavailable(str(exc), new_companies, new_accounts) from exc
     for cid, currency in sorted(found.items()):  # in key order: concurrent batches never
         await storage.upsert_company(conn, cid, currency)  # wait for each other in a ring
     for aid, cid in sorted(placed.items()):
@@ -244,7 +251,7 @@ class HttpIngestion:
         self._directory = directory
         self._limiter = limiter
         self._group: GroupCommit[tuple[IncomingUsage, str | None], Result] = GroupCommit(
-            "usage-http", self._apply, concurrency=concurrency, interval=interval
+            "usage-http", self._apply, concurrency=concurrency, interval=interval, culprits=_asking_rebilling
         )
 
     async def record(self, caller: str, batch: list[IncomingUsage], traceparent: str | None) -> list[Result]:
@@ -280,6 +287,14 @@ class HttpIngestion:
             pass  # a retried event, or a group racing this one: nothing was written; sort it out
         async with self._db.unit() as uow:
             return await ingest(uow, batch, traceparents, self._directory)
+
+
+def _asking_rebilling(exc: Exception, batches: list[Sequence[tuple[IncomingUsage, str | None]]]) -> set[int]:
+    """The requests of a group that failed because rebilling could not be asked about a
+    company or account they name: they alone are answered 503, the others go on."""
+    if not isinstance(exc, DirectoryUnavailable):
+        return set()
+    return {i for i, batch in enumerate(batches) if exc.named_in(batch)}
 
 
 _FAST_EVENT = msgspec.json.Decoder(IncomingUsage)
