@@ -10,7 +10,7 @@ group with a retried event records nothing in one statement, then each new event
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import asyncpg
@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from tally import outbox
-from tally.directory import Facts
+from tally.directory import CompanyDirectory, Facts
 from tally.errors import ApiError
 from tally.events import AccountCreated, CompanyUpdated, IncomingUsage, UsageEvent
 from tally.outbox import CHANNEL
@@ -45,7 +45,10 @@ class Directory:
         return {c: self.known[c] for c in asked if c in self.known}
 
     async def account_companies(self, account_ids: Iterable[str]) -> dict[str, str]:
-        return {a: self.owners[a] for a in account_ids if a in self.owners}
+        asked = list(account_ids)
+        if self.down and asked:
+            raise httpx.ConnectError("rebilling is down")
+        return {a: self.owners[a] for a in asked if a in self.owners}
 
 
 @pytest.fixture
@@ -190,6 +193,59 @@ async def test_rebilling_down_refuses_only_the_requests_of_a_group_that_name_a_n
     assert sorted(m["data"]["event_id"] for m in await recorded(database)) == sorted(
         [first[0].event_id, third[0].event_id]
     )
+
+
+def directory_answering(answer: Callable[[httpx.Request], httpx.Response]) -> CompanyDirectory:
+    """The real CompanyDirectory, with rebilling's answers from ``answer``."""
+    directory = CompanyDirectory("http://rebilling.test", "s" * 32)
+    directory._client = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    return directory
+
+
+async def test_a_request_is_refused_only_for_what_rebilling_did_not_answer_about_it(
+    database: Database,
+) -> None:
+    """Found by the review of 2026-12-05: the error named every id usage-meter did not know,
+    so a request naming a company rebilling had already said it does not know (remembered,
+    not asked again), or a new company rebilling answered for, was refused because another
+    request of its group named an id rebilling failed on. Now the error names only those."""
+    co, ghost, new_co, bad, good = uid("co"), uid("co"), uid("co"), uid("co"), uid("co")
+    async with database.unit() as uow:
+        await storage.upsert_company(uow.conn, co, "USD")
+    down = False
+
+    def rebilling(request: httpx.Request) -> httpx.Response:
+        if down:
+            raise httpx.ConnectError("rebilling is down", request=request)
+        if request.url.path.endswith(bad):
+            return httpx.Response(500, json={})
+        if request.url.path.endswith(good):
+            return httpx.Response(200, json={"currency": "USD"})
+        return httpx.Response(404, json={"error": {"code": "not_found"}})
+
+    http = HttpIngestion(database, directory_answering(rebilling), TokenBuckets(rate=0, burst=0))
+
+    async def together(*batches: list[IncomingUsage]) -> list[list[str] | str]:
+        answers = await asyncio.gather(
+            *(http.record("product:test", b, None) for b in batches), return_exceptions=True
+        )
+        return [a.code if isinstance(a, ApiError) else [r.status for r in a] for a in answers]  # type: ignore[union-attr]
+
+    # rebilling fails on one new company only: the other new company and the known one go on
+    assert await together([event(uid("ev"), bad)], [event(uid("ev"), good)], [event(uid("ev"), co)]) == [
+        "rebilling_unavailable",
+        ["accepted"],
+        ["accepted"],
+    ]
+    # a company rebilling said it does not know is not asked again (priced in USD) ...
+    assert await together([event(uid("ev"), ghost)]) == [["accepted"]]
+    down = True
+    # ... so rebilling being down refuses only the request naming a company it must be asked about
+    assert await together([event(uid("ev"), new_co)], [event(uid("ev"), ghost)], [event(uid("ev"), co)]) == [
+        "rebilling_unavailable",
+        ["accepted"],
+        ["accepted"],
+    ]
 
 
 async def test_a_group_with_a_retried_event_records_nothing_at_once_then_each_new_event_once(

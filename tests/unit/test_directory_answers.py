@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tally.consumer import caused_by_the_record
-from tally.directory import CompanyDirectory
+from tally.directory import CompanyDirectory, Unanswered
 from tests.support.receiver import Served
 
 
@@ -100,6 +100,39 @@ async def test_an_id_no_one_can_create_is_unknown_without_asking(id_: str) -> No
         assert await directory.rebilling_says("company", id_) is None
         assert await directory.account_companies([id_]) == {}
         assert asked == []
+    finally:
+        await directory.close()
+        await server.stop()
+
+
+async def test_ids_rebilling_fails_on_are_named_and_the_answers_beside_them_are_kept() -> None:
+    """A batch asks about several new ids at once. When rebilling fails on some, the error
+    names those (usage-meter then refuses only the requests naming them), and what it answered
+    for the others is kept: they are not asked again."""
+    asked: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        asked.append(scope["path"])
+        status, body = (500, b"{}") if scope["path"].endswith("/co-bad") else (200, b'{"currency": "EUR"}')
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    server = await Served(app).start()
+    directory = CompanyDirectory(f"http://127.0.0.1:{server.port}", "secret")
+    try:
+        with pytest.raises(Unanswered) as caught:
+            await directory.currencies(["co-good", "co-bad", "co-also"])
+        assert (caught.value.kind, caught.value.ids) == ("company", frozenset({"co-bad"}))
+        assert not caused_by_the_record(caught.value)
+        asked.clear()
+        assert await directory.currencies(["co-good", "co-also"]) == {"co-good": "EUR", "co-also": "EUR"}
+        assert asked == []  # kept from the first time
     finally:
         await directory.close()
         await server.stop()

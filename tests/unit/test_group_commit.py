@@ -195,3 +195,29 @@ async def test_a_failure_pinned_on_every_batch_or_none_fails_the_whole_group(bla
     outcomes = await asyncio.gather(*later, return_exceptions=True)
     assert all(isinstance(o, RuntimeError) for o in outcomes)
     assert calls == [[0], [1, 2]]  # not tried again
+
+
+async def test_a_fault_in_culprits_fails_the_whole_group_and_leaves_no_submitter_waiting() -> None:
+    calls: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def apply(items: list[int]) -> list[int]:
+        calls.append(items)
+        if len(calls) == 1:
+            await release.wait()
+            return [0]
+        raise RuntimeError("the transaction failed")
+
+    def culprits(exc: Exception, batches: list[Sequence[int]]) -> set[int]:
+        raise KeyError("a bug in the hook")
+
+    group = GroupCommit("test", apply, culprits=culprits)
+    first = asyncio.create_task(group.submit([0]))
+    await asyncio.sleep(0)
+    later = [asyncio.create_task(group.submit(b)) for b in ([1], [2])]
+    await asyncio.sleep(0)
+    release.set()
+    await first
+    outcomes = await asyncio.wait_for(asyncio.gather(*later, return_exceptions=True), 5)
+    assert all(isinstance(o, RuntimeError) for o in outcomes)
+    assert calls == [[0], [1, 2]]

@@ -95,6 +95,15 @@ class Facts:
             learned.pop(id_, None)
 
 
+class Unanswered(httpx.HTTPError):
+    """Rebilling could not answer for ``ids`` (of ``kind``): unreachable, failing or refusing
+    the asker. What it answered for the other ids asked with them is kept."""
+
+    def __init__(self, kind: Kind, ids: frozenset[str], reason: str) -> None:
+        super().__init__(f"rebilling did not answer for {len(ids)} {kind} id(s): {reason}")
+        self.kind, self.ids = kind, ids
+
+
 class CompanyDirectory:
     def __init__(
         self,
@@ -119,8 +128,8 @@ class CompanyDirectory:
 
     async def currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
         """The currency of each company rebilling knows (the others are left out). Raises
-        ``httpx.HTTPError`` when rebilling cannot answer: the caller retries later rather than
-        guess a currency."""
+        ``Unanswered`` (an ``httpx.HTTPError``) naming the ids rebilling could not answer for:
+        the caller retries later rather than guess a currency."""
         return await self._lookup("company", company_ids)
 
     async def account_companies(self, account_ids: Iterable[str]) -> dict[str, str]:
@@ -138,12 +147,20 @@ class CompanyDirectory:
             elif self._unknown_until.get(f"{kind}:{id_}", 0) <= now:
                 ask.append(id_)
         # a batch naming many new ids asks for them side by side, a few at a time
-        answers = await asyncio.gather(*[self._ask_of(kind, i) for i in ask])
+        answers = await asyncio.gather(*[self._ask_of(kind, i) for i in ask], return_exceptions=True)
+        failed: dict[str, httpx.HTTPError] = {}
         for id_, value in zip(ask, answers, strict=True):
-            if value is None:
+            if isinstance(value, httpx.HTTPError):
+                failed[id_] = value
+            elif isinstance(value, BaseException):
+                raise value  # not rebilling's answer: a fault here
+            elif value is None:
                 self._unknown_until[f"{kind}:{id_}"] = now + self.negative_ttl
             else:
                 out[id_] = known[id_] = value
+        if failed:  # the answers that came are kept: only these ids are asked again
+            first = next(iter(failed.values()))
+            raise Unanswered(kind, frozenset(failed), f"{first}") from first
         return out
 
     async def rebilling_says(self, kind: Kind, id_: str) -> str | None:

@@ -22,12 +22,14 @@ one call at a time is faster (docs/0015)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 from prometheus_client import Histogram
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -96,8 +98,8 @@ class GroupCommit(Generic[T, R]):
             self._running -= 1
 
     async def _run(self, group: list[tuple[Sequence[T], asyncio.Future[list[R]]]]) -> None:
-        GROUP_SIZE.labels(self._name).observe(len(group))
         while group:
+            GROUP_SIZE.labels(self._name).observe(len(group))  # per call, a call made again included
             try:
                 results = await self._apply([item for items, _ in group for item in items])
             except BaseException as exc:
@@ -124,5 +126,9 @@ class GroupCommit(Generic[T, R]):
         """The batches ``culprits`` pins ``exc`` on, when that leaves others to apply."""
         if self._culprits is None or len(group) < 2 or not isinstance(exc, Exception):
             return set()
-        found = self._culprits(exc, [items for items, _ in group]) & set(range(len(group)))
+        try:
+            found = self._culprits(exc, [items for items, _ in group]) & set(range(len(group)))
+        except Exception:  # a fault in the hook: the failure is the whole group's, as without it
+            log.exception("group commit %s: culprits failed; the whole group gets the error", self._name)
+            return set()
         return found if len(found) < len(group) else set()

@@ -17,7 +17,7 @@ import prometheus_client
 
 from tally import events, outbox
 from tally.db import Conn
-from tally.directory import CompanyDirectory
+from tally.directory import CompanyDirectory, Unanswered
 from tally.errors import ApiError
 from tally.events import FAST_REFUSALS, IncomingUsage, Topics, UsageEvent, usable
 from tally.groupcommit import GroupCommit
@@ -56,8 +56,8 @@ class Result(NamedTuple):
 
 class DirectoryUnavailable(Exception):
     """Rebilling could not say which currency a new company has (or which company a new
-    account is in): try again shortly. ``companies`` and ``accounts``: the ids it was asked
-    about, so a group commit refuses only the requests that named them."""
+    account is in): try again shortly. ``companies`` and ``accounts``: the ids it did not
+    answer for, so a group commit refuses only the requests that named them."""
 
     def __init__(self, reason: str, companies: frozenset[str], accounts: frozenset[str]) -> None:
         super().__init__(reason)
@@ -73,19 +73,27 @@ async def _complete(
     """Complete what rebilling.events told this service with rebilling's own answers, for
     companies and accounts created so recently that their events have not arrived (and
     remember them)."""
-    new_companies = frozenset(e.company_id for e in batch if e.company_id not in known.currencies)
-    new_accounts = frozenset(e.account_id for e in batch if e.account_id and e.account_id not in known.owners)
+    new_companies = [e.company_id for e in batch if e.company_id not in known.currencies]
+    new_accounts = [e.account_id for e in batch if e.account_id and e.account_id not in known.owners]
     try:
         found = await directory.currencies(new_companies)
+    except httpx.HTTPError as exc:
+        raise DirectoryUnavailable(str(exc), _unanswered(exc, "company", new_companies), frozenset()) from exc
+    try:
         placed = await directory.account_companies(new_accounts)
     except httpx.HTTPError as exc:
-        raise DirectoryUnavailable(str(exc), new_companies, new_accounts) from exc
+        raise DirectoryUnavailable(str(exc), frozenset(), _unanswered(exc, "account", new_accounts)) from exc
     for cid, currency in sorted(found.items()):  # in key order: concurrent batches never
         await storage.upsert_company(conn, cid, currency)  # wait for each other in a ring
     for aid, cid in sorted(placed.items()):
         await storage.upsert_account(conn, aid, cid)
     known.currencies.update(found)
     known.owners.update(placed)
+
+
+def _unanswered(exc: httpx.HTTPError, kind: str, asked: Sequence[str]) -> frozenset[str]:
+    """The ids rebilling did not answer for (every id asked, when the error does not say)."""
+    return exc.ids if isinstance(exc, Unanswered) and exc.kind == kind else frozenset(asked)
 
 
 async def _judge(
