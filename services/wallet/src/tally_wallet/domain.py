@@ -16,6 +16,7 @@ balances in order and notes the edges it crosses:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -152,9 +153,11 @@ class Posting:
         before = debit.balance
         debit.balance -= t.amount
         credit.balance += t.amount
-        if debit.is_user:
+        # ``is_user``, inline, and an edge only below the threshold or zero: this runs once or
+        # twice per usage event, and most debits cross nothing
+        if debit.kind != "system" and (debit.balance < debit.threshold or debit.balance < 0):
             self._after_debit(debit, before, t)
-        if credit.is_user:
+        if credit.kind != "system":
             self._after_credit(credit, t)
         p = Posted(t, debit.balance, credit.balance)
         self.posted.append(p)
@@ -210,7 +213,12 @@ class Rebilling:
         if self.mode == "rebill":
             return platform_amount
         markup = self.markups.get(service) or self.markups.get("default") or Decimal(1)
-        return apply_markup(platform_amount, markup)
+        return _marked_up(platform_amount, markup)
+
+
+# A batch's events repeat few (amount, markup) pairs: the Decimal arithmetic (~0.7 µs) runs
+# once per pair. ``apply_markup`` is pure, so a remembered answer is the same answer.
+_marked_up = functools.lru_cache(maxsize=65_536)(apply_markup)
 
 
 def parse_markups(raw: dict[str, str]) -> dict[str, Decimal]:

@@ -175,17 +175,21 @@ async def post(conn: Conn, wanted: Iterable[Wallet], transfers: Sequence[Transfe
             rows += await conn.fetch(_MOVE, missing, [delta[i] for i in missing])
     except asyncpg.NumericValueOutOfRangeError as exc:  # the database's own bound (BIGINT)
         raise BalanceOutOfRange(f"{exc}: a balance would leave what a wallet can hold") from exc
-    wallets = {}
+    wallets: dict[str, Wallet] = {}
+    moved: list[tuple[Wallet, int]] = []  # each wallet and the balance the database ended on
     for r in rows:
-        w = wallets[r["id"]] = _wallet(r)
+        w = Wallet(*r)  # ``_wallet``, inline: one or two wallets per usage event
+        moved.append((w, w.balance))
         w.balance -= delta[w.id]
+        wallets[w.id] = w
     before = {i: (w.status, w.armed) for i, w in wallets.items()}
     posting = Posting(wallets)
+    apply = posting.apply
     for t in transfers:
-        posting.apply(t)
-    for r in rows:
-        if wallets[r["id"]].balance != r["balance"]:
-            raise RuntimeError(f"posting diverged from the ledger on {r['id']}")
+        apply(t)
+    for w, balance in moved:
+        if w.balance != balance:
+            raise RuntimeError(f"posting diverged from the ledger on {w.id}")
     await conn.copy_records_to_table(
         "transfers",
         columns=_TRANSFER_COLS,

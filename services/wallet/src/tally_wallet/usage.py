@@ -149,25 +149,39 @@ async def apply_usage(
     plan: list[tuple[RecordedUsage, str, bool]] = []  # (event, its key, has an account leg)
     transfers: list[Transfer] = []
     wanted: dict[str, Wallet] = {}  # one per distinct wallet, not four per event
+    # A batch names few companies and partitions: each one's wallets are named (and wanted)
+    # once, not once or twice per event.
+    # (company, currency) -> (its wallet, its revenue wallet in that currency)
+    companies: dict[tuple[str, str], tuple[str, str]] = {}
+    platforms: dict[tuple[str, int], str] = {}  # (currency, partition) -> platform revenue wallet
     for u, key in fresh:
-        known = accounts.get(u.account_id) if u.account_id else None
-        if known is not None and known.company_id != u.company_id:
+        account_id, company_id = u.account_id, u.company_id
+        known = accounts.get(account_id) if account_id else None
+        if known is not None and known.company_id != company_id:
             # usage-meter refuses these; never debit one company's account for another's usage
             raise LedgerError(
-                f"usage {u.event_id}: account {u.account_id!r} belongs to another "
-                f"company than {u.company_id!r}"
+                f"usage {u.event_id}: account {account_id!r} belongs to another company than {company_id!r}"
             )
         settings = known.rebilling if known is not None else None
-        if earlier and (u.account_id, u.recorded_at) in earlier:
-            settings = past.get((u.account_id, u.recorded_at))  # type: ignore[arg-type]
+        if earlier and (account_id, u.recorded_at) in earlier:
+            settings = past.get((account_id, u.recorded_at))  # type: ignore[arg-type]
         account_amount = settings.account_amount(u.service, u.platform_amount_micros) if settings else None
         # Each leg's two wallets, checked separately: a company (or account) may see usage in
         # another currency than its wallet's, which posting refuses (LedgerError), never a
         # missing wallet.
-        company_wallet = company_wallet_id(u.company_id)
-        platform = platform_revenue_wallet_id(u.currency, shard.get((u.company_id, u.event_id), 0))
-        _want(wanted, company_wallet, "company", u)
-        _want(wanted, platform, "system", u)
+        named = companies.get((company_id, u.currency))
+        if named is None:
+            named = companies[(company_id, u.currency)] = (
+                company_wallet_id(company_id),
+                system_wallet_id(SYSTEM_COMPANY_REVENUE, u.currency, company_id),
+            )
+            _want(wanted, named[0], "company", u)
+        company_wallet, revenue = named
+        where = (u.currency, shard.get((company_id, u.event_id), 0))
+        platform = platforms.get(where)
+        if platform is None:
+            platform = platforms[where] = platform_revenue_wallet_id(*where)
+            _want(wanted, platform, "system", u)
         transfers.append(
             Transfer(
                 company_leg_key(key),
@@ -175,19 +189,19 @@ async def apply_usage(
                 platform,
                 u.platform_amount_micros,
                 "usage",
-                service=u.service,
-                usage_event_id=u.event_id,
-                account_id=u.account_id,
-                recorded_at=u.recorded_at,
-                occurred_at=u.occurred_at,
+                u.service,
+                u.event_id,
+                None,
+                account_id,
+                u.recorded_at,
+                u.occurred_at,
             )
         )
         rebilled = False
-        if account_amount and u.account_id:
+        if account_amount and account_id:
             rebilled = True
-            account_wallet = account_wallet_id(u.account_id)
-            revenue = system_wallet_id(SYSTEM_COMPANY_REVENUE, u.currency, u.company_id)
-            _want(wanted, account_wallet, "account", u, account_id=u.account_id)
+            account_wallet = account_wallet_id(account_id)
+            _want(wanted, account_wallet, "account", u, account_id=account_id)
             _want(wanted, revenue, "system", u)
             transfers.append(
                 Transfer(
@@ -196,8 +210,8 @@ async def apply_usage(
                     revenue,
                     account_amount,
                     "usage",
-                    service=u.service,
-                    usage_event_id=u.event_id,
+                    u.service,
+                    u.event_id,
                 )
             )
         plan.append((u, key, rebilled))
@@ -213,7 +227,7 @@ async def apply_usage(
     rows: list[outbox.Row] = []
     time = datetime.now(UTC).isoformat()
     incoming = traceparents or {}
-    caused: dict[str, str | None] = {}
+    traced: list[str | None] = []  # each event's trace, in ``plan``'s order
     totals = UsageTotals()
     legs = iter(posting.posted)
     for u, key, rebilled in plan:
@@ -224,13 +238,17 @@ async def apply_usage(
         account = next(legs) if rebilled else None
         rows.append(debited_row(u, key, company, account, time, traceparent))
         totals.add(u, key, account.transfer.amount if account is not None else company.transfer.amount)
-        caused[company.transfer.key] = traceparent
-        if account is not None:
-            caused[account.transfer.key] = traceparent
+        traced.append(traceparent)
     APPLIED.labels("company").inc(len(plan))
     APPLIED.labels("account").inc(len(posting.posted) - len(plan))
 
-    rows.extend(edge_event_rows(posting, caused))
+    if posting.events:  # edges are rare: each continues the trace of the leg that crossed it
+        caused: dict[str, str | None] = {}
+        for (_, key, rebilled), traceparent in zip(plan, traced, strict=True):
+            caused[company_leg_key(key)] = traceparent
+            if rebilled:
+                caused[account_leg_key(key)] = traceparent
+        rows.extend(edge_event_rows(posting, caused))
     rows.extend(totals.rows(time))
     return Outcome(
         len(posting.posted), len(batch) - len(fresh), tuple(u.recorded_at for u, _, _ in plan), rows
