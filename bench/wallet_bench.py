@@ -21,6 +21,7 @@ from pathlib import Path
 
 import asyncpg
 import orjson
+import psutil
 from aiokafka import AIOKafkaProducer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -162,7 +163,21 @@ async def measure_service(stack: Stack, legs: int) -> dict[str, float]:
             return 0
 
     stack.spawn_service("wallet")
+    wallet = psutil.Process(stack._procs["wallet"].pid)
+    pgdata = str(stack.root / "pgdata")  # the embedded Postgres (not measured when external)
+    postgres = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if len(cmd) > 2 and cmd[0].endswith("/postgres") and pgdata in cmd:
+            postgres.append(p)
+
+    def cpu() -> tuple[float, float]:
+        """CPU seconds (user + sys) of the wallet and of Postgres (its processes now)."""
+        family = [c for p in postgres for c in (p, *p.children(recursive=True))]
+        return sum(wallet.cpu_times()[:2]), sum(sum(q.cpu_times()[:2]) for q in family if q.is_running())
+
     first_t = first_n = None
+    first_cpu = (0.0, 0.0)
     with Progress(
         TextColumn("wallet applying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as bar:
@@ -171,19 +186,24 @@ async def measure_service(stack: Stack, legs: int) -> dict[str, float]:
             n = await count()
             now = time.perf_counter()
             if n and first_t is None:
-                first_t, first_n = now, n
+                first_t, first_n, first_cpu = now, n, cpu()
             bar.update(task, completed=n)
             if n >= legs:
                 break
             await asyncio.sleep(0.05)
+    last_cpu = cpu()
     await conn.close()
     assert first_t is not None and first_n is not None
     seconds = max(now - first_t, 1e-9)
     applied_legs = legs - first_n
+    events = max(applied_legs * EVENTS / legs, 1e-9)
     return {
         "seconds": seconds,
         "legs_per_s": applied_legs / seconds,
         "events_per_s": applied_legs / seconds * EVENTS / legs,
+        # CPU per event moves less than events/s with the machine's drift (docs/performance.md)
+        "wallet_cpu_us_per_event": (last_cpu[0] - first_cpu[0]) / events * 1e6,
+        "postgres_cpu_us_per_event": (last_cpu[1] - first_cpu[1]) / events * 1e6,
     }
 
 
@@ -243,7 +263,8 @@ async def main() -> None:
     console.print(
         f"[bold]wallet service[/]: {service['events_per_s']:,.0f} usage events/s "
         f"({service['legs_per_s']:,.0f} ledger legs/s, {EVENTS:,} events, "
-        f"{legs:,} legs, {service['seconds']:.1f}s)"
+        f"{legs:,} legs, {service['seconds']:.1f}s); CPU µs per event: wallet "
+        f"{service['wallet_cpu_us_per_event']:.1f}, Postgres {service['postgres_cpu_us_per_event']:.1f}"
     )
     console.print(f"[bold]naive[/] (one transaction per event): {naive['events_per_s']:,.0f} events/s")
     console.print(f"speed-up: {result['speedup']:.1f}x")

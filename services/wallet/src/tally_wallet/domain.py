@@ -16,7 +16,6 @@ balances in order and notes the edges it crosses:
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -213,12 +212,7 @@ class Rebilling:
         if self.mode == "rebill":
             return platform_amount
         markup = self.markups.get(service) or self.markups.get("default") or Decimal(1)
-        return _marked_up(platform_amount, markup)
-
-
-# A batch's events repeat few (amount, markup) pairs: the Decimal arithmetic (~0.7 µs) runs
-# once per pair. ``apply_markup`` is pure, so a remembered answer is the same answer.
-_marked_up = functools.lru_cache(maxsize=65_536)(apply_markup)
+        return apply_markup(platform_amount, markup)
 
 
 def parse_markups(raw: dict[str, str]) -> dict[str, Decimal]:
