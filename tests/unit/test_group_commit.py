@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -136,10 +136,20 @@ class Blamed(Exception):
         self.bad = bad
 
 
-async def test_a_failure_pinned_on_some_batches_fails_them_alone_and_the_rest_is_applied_again() -> None:
-    """One tenant's request must not fail the others' that arrived with it: ``culprits``
-    names the batches an error is theirs, they get it, and the call goes again without them
-    (again and again while it keeps pinning new ones)."""
+def blaming(exc: Exception, batches: list[Sequence[int]]) -> set[int]:
+    """The batches holding an item ``exc`` names."""
+    assert isinstance(exc, Blamed)
+    return {n for n, b in enumerate(batches) if exc.bad & set(b)}
+
+
+async def behind_a_held_call(
+    then: Callable[[list[int]], list[int]],
+    culprits: Callable[[Exception, list[Sequence[int]]], set[int]],
+    batches: Sequence[list[int]],
+) -> tuple[list[list[int]], list[object]]:
+    """Submit ``batches`` while a first call (of ``[0]``) is held, so they share the next one;
+    every later call is ``then(items)``. Returns the calls' items and each batch's outcome
+    (its results, or the error it got)."""
     calls: list[list[int]] = []
     release = asyncio.Event()
 
@@ -147,24 +157,36 @@ async def test_a_failure_pinned_on_some_batches_fails_them_alone_and_the_rest_is
         calls.append(items)
         if len(calls) == 1:
             await release.wait()
+            return [0]
+        return then(items)
+
+    group = GroupCommit("test", apply, culprits=culprits)
+    first = asyncio.create_task(group.submit([0]))
+    await asyncio.sleep(0)
+    later = [asyncio.create_task(group.submit(b)) for b in batches]
+    await asyncio.sleep(0)
+    release.set()
+    assert await first == [0]
+    outcomes = await asyncio.wait_for(asyncio.gather(*later, return_exceptions=True), 5)
+    return calls, list(outcomes)
+
+
+def failing(items: list[int]) -> list[int]:
+    raise RuntimeError("the transaction failed")
+
+
+async def test_a_failure_pinned_on_some_batches_fails_them_alone_and_the_rest_is_applied_again() -> None:
+    """One tenant's request must not fail the others' that arrived with it: ``culprits``
+    names the batches an error is theirs, they get it, and the call goes again without them
+    (again and again while it keeps pinning new ones)."""
+
+    def then(items: list[int]) -> list[int]:
         bad = {i for i in items if i % 10 == 7}
         if bad:
             raise Blamed(bad)
         return [i * 10 for i in items]
 
-    def culprits(exc: Exception, batches: list[Sequence[int]]) -> set[int]:
-        assert isinstance(exc, Blamed)
-        return {n for n, b in enumerate(batches) if exc.bad & set(b)}
-
-    group = GroupCommit("test", apply, culprits=culprits)
-    first = asyncio.create_task(group.submit([0]))
-    await asyncio.sleep(0)
-    batches = ([1, 2], [7], [3], [17, 4], [5])
-    later = [asyncio.create_task(group.submit(b)) for b in batches]
-    await asyncio.sleep(0)
-    release.set()
-    assert await first == [0]
-    outcomes = await asyncio.gather(*later, return_exceptions=True)
+    calls, outcomes = await behind_a_held_call(then, blaming, ([1, 2], [7], [3], [17, 4], [5]))
     assert outcomes[0] == [10, 20] and outcomes[2] == [30] and outcomes[4] == [50]
     assert isinstance(outcomes[1], Blamed) and isinstance(outcomes[3], Blamed)
     assert calls == [[0], [1, 2, 7, 3, 17, 4, 5], [1, 2, 3, 5]]
@@ -172,52 +194,18 @@ async def test_a_failure_pinned_on_some_batches_fails_them_alone_and_the_rest_is
 
 @pytest.mark.parametrize("blame", ["all", "none", "unknown index"])
 async def test_a_failure_pinned_on_every_batch_or_none_fails_the_whole_group(blame: str) -> None:
-    calls: list[list[int]] = []
-    release = asyncio.Event()
-
-    async def apply(items: list[int]) -> list[int]:
-        calls.append(items)
-        if len(calls) == 1:
-            await release.wait()
-            return [0]
-        raise RuntimeError("the transaction failed")
-
     def culprits(exc: Exception, batches: list[Sequence[int]]) -> set[int]:
         return {"all": set(range(len(batches))), "none": set(), "unknown index": {99}}[blame]
 
-    group = GroupCommit("test", apply, culprits=culprits)
-    first = asyncio.create_task(group.submit([0]))
-    await asyncio.sleep(0)
-    later = [asyncio.create_task(group.submit(b)) for b in ([1], [2])]
-    await asyncio.sleep(0)
-    release.set()
-    await first
-    outcomes = await asyncio.gather(*later, return_exceptions=True)
+    calls, outcomes = await behind_a_held_call(failing, culprits, ([1], [2]))
     assert all(isinstance(o, RuntimeError) for o in outcomes)
     assert calls == [[0], [1, 2]]  # not tried again
 
 
 async def test_a_fault_in_culprits_fails_the_whole_group_and_leaves_no_submitter_waiting() -> None:
-    calls: list[list[int]] = []
-    release = asyncio.Event()
-
-    async def apply(items: list[int]) -> list[int]:
-        calls.append(items)
-        if len(calls) == 1:
-            await release.wait()
-            return [0]
-        raise RuntimeError("the transaction failed")
-
     def culprits(exc: Exception, batches: list[Sequence[int]]) -> set[int]:
         raise KeyError("a bug in the hook")
 
-    group = GroupCommit("test", apply, culprits=culprits)
-    first = asyncio.create_task(group.submit([0]))
-    await asyncio.sleep(0)
-    later = [asyncio.create_task(group.submit(b)) for b in ([1], [2])]
-    await asyncio.sleep(0)
-    release.set()
-    await first
-    outcomes = await asyncio.wait_for(asyncio.gather(*later, return_exceptions=True), 5)
+    calls, outcomes = await behind_a_held_call(failing, culprits, ([1], [2]))
     assert all(isinstance(o, RuntimeError) for o in outcomes)
     assert calls == [[0], [1, 2]]
