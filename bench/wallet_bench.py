@@ -40,7 +40,7 @@ NAIVE_EVENTS = int(os.environ.get("NAIVE_EVENTS", "3000"))
 def make_events(n: int, run: str) -> tuple[list[tuple[str, dict[str, object]]], int]:
     rng = random.Random(1)
     now = datetime.now(UTC).isoformat()
-    out = []
+    out: list[tuple[str, dict[str, object]]] = []
     legs = 0
     for i in range(n):
         c = rng.randrange(COMPANIES)
