@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import asyncpg
@@ -25,7 +27,7 @@ from tally.events import AccountCreated, CompanyUpdated, IncomingUsage, UsageEve
 from tally.outbox import CHANNEL
 from tally.ratelimit import TokenBuckets
 from tally.uow import Database
-from tally_usage_meter import companies, storage
+from tally_usage_meter import companies, handlers, storage
 from tally_usage_meter.ingestion import DirectoryUnavailable, HttpIngestion, Result, ingest, ingest_at_once
 from tests.support.databases import CountingRelay, service_database
 from tests.support.stack import Infra, uid
@@ -388,3 +390,85 @@ async def test_a_row_corrected_through_one_replica_reaches_the_others_within_the
         assert (await storage.known(conn, [co], [], other)).currencies == {co: "EUR"}  # not yet
         await asyncio.sleep(0.6)
         assert (await storage.known(conn, [co], [], other)).currencies == {co: "USD"}
+
+
+@dataclass
+class IngestRecord:
+    """A ``usage.ingest`` record as the consumer hands it over."""
+
+    value: bytes
+    offset: int
+    key: bytes | None = None
+    topic: str = "usage.ingest"
+    partition: int = 0
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+async def test_a_usage_ingest_batch_is_recorded_in_one_statement_and_again_as_duplicates(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer batch of new events: claims, usage.recorded and dead letters (an unreadable
+    record, a refused event) in one outbox row, with no transaction. The same batch again (a
+    redelivery): every event claimed before, so the unit of work takes it, records nothing new
+    and dead-letters the same two records again."""
+    co = uid("co")
+    async with database.unit() as uow:
+        await storage.upsert_company(uow.conn, co, "USD")
+    wiring = SimpleNamespace(db=database, uow=database.unit, directory=Directory({}, {}))
+    first, second = uid("ev"), uid("ev")
+    records = [
+        IngestRecord(
+            orjson.dumps({"event_id": first, "company_id": co, "service": "email", "quantity": "2"}), 0
+        ),
+        IngestRecord(b"{not json", 1),
+        IngestRecord(
+            orjson.dumps({"event_id": uid("ev"), "company_id": co, "service": "pigeon", "quantity": "1"}), 2
+        ),
+        IngestRecord(
+            orjson.dumps({"event_id": second, "company_id": co, "service": "sms", "quantity": "1"}), 3
+        ),
+    ]
+
+    async def written() -> list[list[tuple[str, int | None]]]:
+        """Each outbox row's messages: (topic, the offset of the record a dead letter holds)."""
+        async with database.reading() as conn:
+            rows = await conn.fetch("SELECT * FROM outbox ORDER BY id")
+        return [
+            [
+                (topic, orjson.loads(value)["offset"] if topic.endswith(".dlq") else None)
+                for topic, _, value, _, _ in outbox.stored(r)
+            ]
+            for r in rows
+        ]
+
+    in_a_unit: list[int] = []  # batches that took the unit of work's way
+
+    async def counted_ingest(*args: Any, **kwargs: Any) -> list[Result]:
+        in_a_unit.append(1)
+        return await ingest(*args, **kwargs)
+
+    monkeypatch.setattr(handlers, "ingest", counted_ingest)
+    await handlers.on_ingest(wiring, records)  # type: ignore[arg-type]
+    assert in_a_unit == []  # one statement
+    assert await written() == [
+        [("usage.recorded", None), ("usage.recorded", None), ("usage.ingest.dlq", 1), ("usage.ingest.dlq", 2)]
+    ]
+    assert await claimed(database, [first, second]) == {first, second}
+    relay = database.relay
+    assert isinstance(relay, CountingRelay)
+    assert [len(rows) for _, rows in relay.handed if rows] == [4]  # handed over whole
+
+    await handlers.on_ingest(wiring, records)  # type: ignore[arg-type]
+    assert in_a_unit == [1]  # the claims were there: the unit of work sorted it out
+    again = (await written())[1:]
+    assert again == [[("usage.ingest.dlq", 1), ("usage.ingest.dlq", 2)]]  # no usage.recorded twice
+    assert sorted(m["data"]["event_id"] for m in await recorded_usage(database)) == sorted([first, second])
+
+
+async def recorded_usage(database: Database) -> list[dict[str, Any]]:
+    """Every usage.recorded message waiting in the outbox (dead letters left out)."""
+    out = []
+    async with database.reading() as conn:
+        for r in await conn.fetch("SELECT * FROM outbox ORDER BY id"):
+            out += [orjson.loads(v) for topic, _, v, _, _ in outbox.stored(r) if topic == "usage.recorded"]
+    return out

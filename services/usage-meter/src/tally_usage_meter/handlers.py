@@ -1,18 +1,21 @@
 """usage-meter's Kafka consumers (the table is in ``app.py``): ``usage.ingest`` (products
 producing usage directly), ``wallet.digest`` (to know which wallets are suspended) and
 ``rebilling.events`` (companies' currencies, accounts' companies). Each batch in one unit of
-work; unreadable records, and usage the ingestion path rejects, to the topic's DLQ."""
+work (a ``usage.ingest`` batch of new events in one statement); unreadable records, and usage
+the ingestion path rejects, to the topic's DLQ."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from tally import events
+import asyncpg
+
+from tally import events, outbox
 from tally.consumer import dlq_row, take
 from tally.telemetry import continue_trace, header
 from tally_usage_meter import companies, wallet_status
-from tally_usage_meter.ingestion import ingest, parse_ingest_records
+from tally_usage_meter.ingestion import Result, ingest, ingest_at_once, parse_ingest_records
 from tally_usage_meter.wiring import UsageMeterWiring
 
 SERVICE = "usage-meter"
@@ -21,21 +24,37 @@ REBILLING_TYPES = ("company.updated", "account.created")
 
 
 async def on_ingest(w: UsageMeterWiring, records: Sequence[Any]) -> None:
+    """As ``POST /v1/usage`` records a group: a batch whose events are all new is recorded in
+    one statement, its dead letters with it (``ingest_at_once``: plain claims, which cost
+    Postgres ~60% of the ``ON CONFLICT`` ones, and no BEGIN and COMMIT); a redelivered batch,
+    whose events were claimed before, is recorded in a unit of work (``ingest``)."""
     good, dead = [], []
     for r, parsed in zip(records, parse_ingest_records([r.value for r in records]), strict=True):
         if isinstance(parsed, events.BadMessage):
             dead.append(dlq_row(r, str(parsed), service=SERVICE))
         else:
             good.append((r, parsed))
-    first = header(good[0][0]) if good else None
-    with continue_trace(first, "usage.ingest", {"tally.events": len(good)}):
+    batch = [e for _, e in good]
+    traces = [header(r) for r, _ in good]  # each event continues the trace of its record
+
+    def letters(results: Sequence[Result]) -> list[outbox.Row]:
+        """The batch's dead letters: unreadable records, and usage the ingestion refused."""
+        refused = [
+            dlq_row(record, f"{result.code}: {result.message}", service=SERVICE)
+            for (record, _), result in zip(good, results, strict=True)
+            if result.status == "rejected"
+        ]
+        return dead + refused
+
+    with continue_trace(traces[0] if traces else None, "usage.ingest", {"tally.events": len(good)}):
+        try:
+            async with w.db.statements() as conn:
+                await ingest_at_once(conn, batch, traces, w.directory, hand_over=w.db.hand_over, also=letters)
+            return
+        except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError):
+            pass  # an event claimed before (a redelivery), or a group racing it: nothing was written
         async with w.uow() as uow:
-            # Each event continues the trace of the record it came in.
-            results = await ingest(uow, [e for _, e in good], [header(r) for r, _ in good], w.directory)
-            for (record, _), result in zip(good, results, strict=True):
-                if result.status == "rejected":
-                    dead.append(dlq_row(record, f"{result.code}: {result.message}", service=SERVICE))
-            uow.publish(dead)
+            uow.publish(letters(await ingest(uow, batch, traces, w.directory)))
 
 
 async def on_wallet_digest(w: UsageMeterWiring, records: Sequence[Any]) -> None:

@@ -219,15 +219,19 @@ async def ingest_at_once(
     directory: CompanyDirectory,
     *,
     hand_over: Callable[[int | None, Sequence[outbox.Row]], None] | None = None,
+    also: Callable[[list[Result]], Sequence[outbox.Row]] | None = None,
 ) -> list[Result]:
     """``ingest`` without a transaction, for batches whose events are all new (the common
     case): the claims and the outbox row go in one statement (``storage.record_all_new``), so
     the batch is recorded whole or not at all. ``asyncpg.UniqueViolationError`` when an event
     was accepted before (or ``DeadlockDetectedError`` when a group racing this one claims the
     same ids): nothing was recorded, and ``ingest`` in a unit of work sorts it out.
-    ``hand_over`` gets the committed outbox row's id and messages (``Database.hand_over``)."""
+    ``hand_over`` gets the committed outbox row's id and messages (``Database.hand_over``);
+    ``also(results)``: more messages written with them (a consumer's dead letters)."""
     now, outcome, priced, earlier = await _judged(conn, batch, directory)
     results, rows = _settle(batch, outcome, traceparents, None, earlier, now)
+    if also is not None:
+        rows += also(results)
     if rows:
         written = await storage.record_all_new(
             conn, [p.event.event_id for p in priced], [p.event.company_id for p in priced], rows
