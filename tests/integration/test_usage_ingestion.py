@@ -21,6 +21,7 @@ import orjson
 import pytest
 
 from tally import outbox
+from tally.consumer import DLQ
 from tally.directory import CompanyDirectory, Facts
 from tally.errors import ApiError
 from tally.events import AccountCreated, CompanyUpdated, IncomingUsage, UsageEvent
@@ -447,9 +448,14 @@ async def test_a_usage_ingest_batch_is_recorded_in_one_statement_and_again_as_du
         in_a_unit.append(1)
         return await ingest(*args, **kwargs)
 
+    def letters_counted() -> float:
+        return float(DLQ.labels(handlers.SERVICE, "usage.ingest")._value.get())
+
     monkeypatch.setattr(handlers, "ingest", counted_ingest)
+    counted = letters_counted()
     await handlers.on_ingest(wiring, records)  # type: ignore[arg-type]
     assert in_a_unit == []  # one statement
+    assert letters_counted() - counted == 2
     assert await written() == [
         [("usage.recorded", None), ("usage.recorded", None), ("usage.ingest.dlq", 1), ("usage.ingest.dlq", 2)]
     ]
@@ -460,6 +466,7 @@ async def test_a_usage_ingest_batch_is_recorded_in_one_statement_and_again_as_du
 
     await handlers.on_ingest(wiring, records)  # type: ignore[arg-type]
     assert in_a_unit == [1]  # the claims were there: the unit of work sorted it out
+    assert letters_counted() - counted == 4  # the two written again, not the try that failed
     again = (await written())[1:]
     assert again == [[("usage.ingest.dlq", 1), ("usage.ingest.dlq", 2)]]  # no usage.recorded twice
     assert sorted(m["data"]["event_id"] for m in await recorded_usage(database)) == sorted([first, second])

@@ -358,9 +358,12 @@ def take(
     return taken, dead
 
 
-def dlq_row(record: Any, reason: str, *, service: str) -> outbox.Row:
-    """An outbox row that dead-letters ``record`` to ``<topic>.dlq`` with the reason."""
-    DLQ.labels(service, record.topic).inc()
+def dlq_row(record: Any, reason: str, *, service: str, noted: bool = True) -> outbox.Row:
+    """An outbox row that dead-letters ``record`` to ``<topic>.dlq`` with the reason. Counted
+    and logged now, unless ``noted`` is False: a caller whose write may still fail and be
+    made again notes the letter once it is written (``note_dead_letter``)."""
+    if noted:
+        note_dead_letter(record, reason, service=service)
     body = events.DeadLetter.holding(
         record.value,
         error=reason[:2000],
@@ -370,9 +373,14 @@ def dlq_row(record: Any, reason: str, *, service: str) -> outbox.Row:
         failed_by=service,
         failed_at=datetime.now(UTC),
     ).model_dump(mode="json", exclude_none=True)
-    log.warning(
-        "dead-lettered", extra={"topic": record.topic, "offset": record.offset, "reason": reason[:300]}
-    )
     # the record's key as it came, byte for byte (b"" and bytes that are not UTF-8 too): a
     # replay sends it back with it, to the partition it was on
     return outbox.row(events.Topics.dlq(record.topic), record.key, body)
+
+
+def note_dead_letter(record: Any, reason: str, *, service: str) -> None:
+    """Count and log a dead letter (``dlq_row`` does it as it builds the row by default)."""
+    DLQ.labels(service, record.topic).inc()
+    log.warning(
+        "dead-lettered", extra={"topic": record.topic, "offset": record.offset, "reason": reason[:300]}
+    )

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from tally import events, outbox
-from tally.consumer import dlq_row, take
+from tally.consumer import dlq_row, note_dead_letter, take
 from tally.telemetry import continue_trace, header
 from tally_usage_meter import companies, wallet_status
 from tally_usage_meter.ingestion import Result, ingest, ingest_at_once, parse_ingest_records
@@ -27,34 +27,37 @@ async def on_ingest(w: UsageMeterWiring, records: Sequence[Any]) -> None:
     """As ``POST /v1/usage`` records a group: a batch whose events are all new is recorded in
     one statement, its dead letters with it (``ingest_at_once``: plain claims, which cost
     Postgres ~60% of the ``ON CONFLICT`` ones, and no BEGIN and COMMIT); a redelivered batch,
-    whose events were claimed before, is recorded in a unit of work (``ingest``)."""
-    good, dead = [], []
+    whose events were claimed before, is recorded in a unit of work (``ingest``). A dead
+    letter is counted and logged once written, not for a write that failed and went again."""
+    good, unreadable = [], []
     for r, parsed in zip(records, parse_ingest_records([r.value for r in records]), strict=True):
         if isinstance(parsed, events.BadMessage):
-            dead.append(dlq_row(r, str(parsed), service=SERVICE))
+            unreadable.append((r, str(parsed)))
         else:
             good.append((r, parsed))
     batch = [e for _, e in good]
     traces = [header(r) for r, _ in good]  # each event continues the trace of its record
+    dead: list[tuple[Any, str]] = []  # what the last try dead-letters: (record, why)
 
     def letters(results: Sequence[Result]) -> list[outbox.Row]:
         """The batch's dead letters: unreadable records, and usage the ingestion refused."""
-        refused = [
-            dlq_row(record, f"{result.code}: {result.message}", service=SERVICE)
+        dead[:] = unreadable + [
+            (record, f"{result.code}: {result.message}")
             for (record, _), result in zip(good, results, strict=True)
             if result.status == "rejected"
         ]
-        return dead + refused
+        return [dlq_row(record, why, service=SERVICE, noted=False) for record, why in dead]
 
     with continue_trace(traces[0] if traces else None, "usage.ingest", {"tally.events": len(good)}):
         try:
             async with w.db.statements() as conn:
                 await ingest_at_once(conn, batch, traces, w.directory, hand_over=w.db.hand_over, also=letters)
-            return
         except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError):
-            pass  # an event claimed before (a redelivery), or a group racing it: nothing was written
-        async with w.uow() as uow:
-            uow.publish(letters(await ingest(uow, batch, traces, w.directory)))
+            # an event claimed before (a redelivery), or a group racing it: nothing was written
+            async with w.uow() as uow:
+                uow.publish(letters(await ingest(uow, batch, traces, w.directory)))
+    for record, why in dead:
+        note_dead_letter(record, why, service=SERVICE)
 
 
 async def on_wallet_digest(w: UsageMeterWiring, records: Sequence[Any]) -> None:
