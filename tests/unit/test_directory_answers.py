@@ -6,6 +6,7 @@ dead-letter: tally.consumer)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -133,6 +134,31 @@ async def test_ids_rebilling_fails_on_are_named_and_the_answers_beside_them_are_
         asked.clear()
         assert await directory.currencies(["co-good", "co-also"]) == {"co-good": "EUR", "co-also": "EUR"}
         assert asked == []  # kept from the first time
+    finally:
+        await directory.close()
+        await server.stop()
+
+
+async def test_at_the_first_failure_the_asks_still_waiting_are_given_up_and_named() -> None:
+    """An id rebilling never answers (a hung request) must not hold the batch for its whole
+    timeout once another id has failed: it is named with the failed one, and asked again."""
+    hung = asyncio.Event()  # never set
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"].endswith("/co-hung"):
+            await hung.wait()
+        status, body = (500, b"{}") if scope["path"].endswith("/co-bad") else (200, b'{"currency": "EUR"}')
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    server = await Served(app).start()
+    directory = CompanyDirectory(f"http://127.0.0.1:{server.port}", "secret", timeout=60)
+    try:
+        with pytest.raises(Unanswered) as caught:
+            # the test fails by timing out if the hung ask is waited for (60 s per ask)
+            await asyncio.wait_for(directory.currencies(["co-hung", "co-bad"]), 20)
+        assert caught.value.ids == frozenset({"co-hung", "co-bad"})
     finally:
         await directory.close()
         await server.stop()

@@ -146,20 +146,32 @@ class CompanyDirectory:
                 out[id_] = known[id_]
             elif self._unknown_until.get(f"{kind}:{id_}", 0) <= now:
                 ask.append(id_)
-        # a batch naming many new ids asks for them side by side, a few at a time
-        answers = await asyncio.gather(*[self._ask_of(kind, i) for i in ask], return_exceptions=True)
-        failed: dict[str, httpx.HTTPError] = {}
-        for id_, value in zip(ask, answers, strict=True):
-            if isinstance(value, httpx.HTTPError):
-                failed[id_] = value
-            elif isinstance(value, BaseException):
-                raise value  # not rebilling's answer: a fault here
-            elif value is None:
+        # A batch naming many new ids asks for them side by side, a few at a time. At the first
+        # failure the asks still waiting are given up (an unreachable rebilling must not cost
+        # every id's timeout in turn); the answers that came are kept.
+        asks = [asyncio.ensure_future(self._ask_of(kind, i)) for i in ask]
+        try:
+            if asks:
+                await asyncio.wait(asks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for a in asks:
+                a.cancel()
+            await asyncio.gather(*asks, return_exceptions=True)
+        failed: list[str] = []
+        first: httpx.HTTPError | None = None
+        for id_, a in zip(ask, asks, strict=True):
+            error = None if a.cancelled() else a.exception()
+            if a.cancelled() or isinstance(error, httpx.HTTPError):
+                failed.append(id_)
+                if first is None and isinstance(error, httpx.HTTPError):
+                    first = error
+            elif error is not None:
+                raise error  # not rebilling's answer: a fault here
+            elif (value := a.result()) is None:
                 self._unknown_until[f"{kind}:{id_}"] = now + self.negative_ttl
             else:
                 out[id_] = known[id_] = value
-        if failed:  # the answers that came are kept: only these ids are asked again
-            first = next(iter(failed.values()))
+        if failed:  # only these ids are asked again
             raise Unanswered(kind, frozenset(failed), f"{first}") from first
         return out
 

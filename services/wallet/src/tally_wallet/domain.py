@@ -152,11 +152,9 @@ class Posting:
         before = debit.balance
         debit.balance -= t.amount
         credit.balance += t.amount
-        # ``is_user``, inline, and an edge only below the threshold or zero: this runs once or
-        # twice per usage event, and most debits cross nothing
-        if debit.kind != "system" and (debit.balance < debit.threshold or debit.balance < 0):
+        if debit.is_user:
             self._after_debit(debit, before, t)
-        if credit.kind != "system":
+        if credit.is_user:
             self._after_credit(credit, t)
         p = Posted(t, debit.balance, credit.balance)
         self.posted.append(p)

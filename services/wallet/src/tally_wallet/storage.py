@@ -178,15 +178,14 @@ async def post(conn: Conn, wanted: Iterable[Wallet], transfers: Sequence[Transfe
     wallets: dict[str, Wallet] = {}
     moved: list[tuple[Wallet, int]] = []  # each wallet and the balance the database ended on
     for r in rows:
-        w = Wallet(*r)  # ``_wallet``, inline: one or two wallets per usage event
+        w = _wallet(r)
         moved.append((w, w.balance))
         w.balance -= delta[w.id]
         wallets[w.id] = w
     before = {i: (w.status, w.armed) for i, w in wallets.items()}
     posting = Posting(wallets)
-    apply = posting.apply
     for t in transfers:
-        apply(t)
+        posting.apply(t)
     for w, balance in moved:
         if w.balance != balance:
             raise RuntimeError(f"posting diverged from the ledger on {w.id}")
