@@ -479,3 +479,37 @@ async def recorded_usage(database: Database) -> list[dict[str, Any]]:
         for r in await conn.fetch("SELECT * FROM outbox ORDER BY id"):
             out += [orjson.loads(v) for topic, _, v, _, _ in outbox.stored(r) if topic == "usage.recorded"]
     return out
+
+
+async def test_a_hung_rebilling_costs_a_group_one_wait_not_one_per_kind_of_id(database: Database) -> None:
+    """Found by the public-API review of 2026-12-05: with rebilling hung, a group naming a new
+    company and a new account waited one timeout for the company, and the requests left after
+    the refused one waited another for the account. Both are asked at once now."""
+    co, new_co, new_acct = uid("co"), uid("co"), uid("ws")
+    async with database.unit() as uow:
+        await storage.upsert_company(uow.conn, co, "USD")
+    seen: list[str] = []
+
+    class Hung(Directory):
+        async def currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
+            return await self._wait("company", list(company_ids))
+
+        async def account_companies(self, account_ids: Iterable[str]) -> dict[str, str]:
+            return await self._wait("account", list(account_ids))
+
+        async def _wait(self, kind: str, asked: list[str]) -> dict[str, str]:
+            if not asked:
+                return {}
+            seen.append(f"{kind} asked")
+            await asyncio.sleep(0.2)  # stands for the client's timeout
+            seen.append(f"{kind} timed out")
+            raise httpx.ReadTimeout("rebilling does not answer")
+
+    http = HttpIngestion(database, Hung({}, {}), TokenBuckets(rate=0, burst=0))  # type: ignore[arg-type]
+    batches = ([event(uid("ev"), new_co)], [event(uid("ev"), co, new_acct)], [event(uid("ev"), co)])
+    outcomes = await asyncio.gather(
+        *(http.record("product:test", b, None) for b in batches), return_exceptions=True
+    )
+    assert isinstance(outcomes[0], ApiError) and isinstance(outcomes[1], ApiError)
+    assert isinstance(outcomes[2], list) and [r.status for r in outcomes[2]] == ["accepted"]
+    assert seen[:2] == ["company asked", "account asked"] and len(seen) == 4  # one wait, both kinds

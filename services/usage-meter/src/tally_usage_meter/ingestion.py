@@ -5,6 +5,7 @@ suspended accounts, price, dedupe by ``event_id``, and publish the priced events
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -75,14 +76,23 @@ async def _complete(
     remember them)."""
     new_companies = [e.company_id for e in batch if e.company_id not in known.currencies]
     new_accounts = [e.account_id for e in batch if e.account_id and e.account_id not in known.owners]
-    try:
-        found = await directory.currencies(new_companies)
-    except httpx.HTTPError as exc:
-        raise DirectoryUnavailable(str(exc), _unanswered(exc, "company", new_companies), frozenset()) from exc
-    try:
-        placed = await directory.account_companies(new_accounts)
-    except httpx.HTTPError as exc:
-        raise DirectoryUnavailable(str(exc), frozenset(), _unanswered(exc, "account", new_accounts)) from exc
+    # Both asked at once: a rebilling that hangs costs a group one timeout, not one for each
+    # (the requests left after the ones refused must not wait a second one; review 2026-12-05).
+    found, placed = await asyncio.gather(
+        directory.currencies(new_companies), directory.account_companies(new_accounts), return_exceptions=True
+    )
+    failed = [a for a in (found, placed) if isinstance(a, BaseException)]
+    if failed:
+        for fault in failed:
+            if not isinstance(fault, httpx.HTTPError):
+                raise fault  # not rebilling's answer: a fault here
+        cause = failed[0]
+        companies, accounts = (
+            _unanswered(found, "company", new_companies),
+            _unanswered(placed, "account", new_accounts),
+        )
+        raise DirectoryUnavailable(str(cause), companies, accounts) from cause
+    assert isinstance(found, dict) and isinstance(placed, dict)
     for cid, currency in sorted(found.items()):  # in key order: concurrent batches never
         await storage.upsert_company(conn, cid, currency)  # wait for each other in a ring
     for aid, cid in sorted(placed.items()):
@@ -91,9 +101,12 @@ async def _complete(
     known.owners.update(placed)
 
 
-def _unanswered(exc: httpx.HTTPError, kind: str, asked: Sequence[str]) -> frozenset[str]:
-    """The ids rebilling did not answer for (every id asked, when the error does not say)."""
-    return exc.ids if isinstance(exc, Unanswered) and exc.kind == kind else frozenset(asked)
+def _unanswered(answer: object, kind: str, asked: Sequence[str]) -> frozenset[str]:
+    """The ids rebilling did not answer for: none when ``answer`` is its answer, the ids an
+    error names, or every id asked when it does not say."""
+    if not isinstance(answer, BaseException):
+        return frozenset()
+    return answer.ids if isinstance(answer, Unanswered) and answer.kind == kind else frozenset(asked)
 
 
 async def _judge(
