@@ -61,24 +61,38 @@ class Relaying:
         await eventually(empty, what="the relayed rows to be deleted, and the relay to hold none")
 
 
+class CountingRelay(outbox.OutboxRelay):
+    """Counts its finished rounds, so a test starts only once the first one (reading the
+    empty table) is over: a row committed before that round reads would be read from the
+    table, never handed over, and a test of the handed path would see the stored copy."""
+
+    rounds = 0
+
+    async def relay_once(self, conn: Any) -> tuple[int, bool]:
+        done = await super().relay_once(conn)
+        self.rounds += 1
+        return done
+
+
 @pytest.fixture
 async def relaying(infra: Infra) -> AsyncIterator[Relaying]:
-    """A leading relay that sends only when woken (an hour between polls)."""
+    """A leading relay, its first round over, that sends only when woken (an hour between
+    polls)."""
     schema = f"handed_{uid('t').replace('-', '_')}"
     pool = await db.create_pool(infra.stack.database_url, schema, size=2)
     await db.migrate(pool, schema, "tally")
     producer = AIOKafkaProducer(bootstrap_servers=infra.stack.bootstrap)
     await producer.start()
-    relay = outbox.OutboxRelay(pool, producer, service=schema, poll_interval=3600)
+    relay = CountingRelay(pool, producer, service=schema, poll_interval=3600)
     relay.hand_over(1, [("wallet.events", None, b"{}", None, None)])  # not leading yet: kept nowhere
     assert relay._handed == {}
     relay.start()
     try:
 
-        async def leading() -> bool:
-            return relay._leading
+        async def idle() -> bool:
+            return relay._leading and relay.rounds >= 1
 
-        await eventually(leading, what="the relay to take the lead")
+        await eventually(idle, what="the relay to take the lead and finish its first round")
         yield Relaying(pool, relay, schema, uid("batch"))
     finally:
         await relay.stop()
