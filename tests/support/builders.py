@@ -197,6 +197,17 @@ class Agency:
             return r.status_code == 200 and r.json()["rebilling"] == (mode if active else "off")
 
         await eventually(ready, what=f"the wallet to learn about {aid}")
+
+        # usage-meter too: rebilling never created this account (this builder stands in for
+        # it), so until usage-meter has read the record, rebilling answers its question
+        # "unknown" and usage naming the account is refused as not the company's. Its consumer
+        # can be a batch behind the wallet's: the company's record read, the account's not
+        # (CI, 2026-12-05).
+        async def metered() -> bool:
+            query = "SELECT company_id FROM accounts WHERE account_id = $1"
+            return [r["company_id"] for r in await self.t.sql("usage_meter", query, aid)] == [self.cid]
+
+        await eventually(metered, what=f"usage-meter to learn about {aid}")
         return aid
 
     def user(self, aid: str) -> dict[str, str]:
