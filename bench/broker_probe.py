@@ -70,13 +70,18 @@ class Broker:
         self.stored += count
 
     @asynccontextmanager
-    async def consumer(self, wait_ms: int) -> AsyncIterator[AIOKafkaConsumer]:
+    async def consumer(self, wait_ms: int, *, at_end: bool = False) -> AsyncIterator[AIOKafkaConsumer]:
+        """A consumer of the probe partition whose fetches wait up to ``wait_ms``; ``at_end``:
+        positioned after the last record, its first (empty) fetch done."""
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=wait_ms
         )
         await consumer.start()
         consumer.assign([TP])
         try:
+            if at_end:
+                await consumer.seek_to_end(TP)
+                await consumer.getmany(TP, timeout_ms=300)
             yield consumer
         finally:
             await consumer.stop()
@@ -134,9 +139,7 @@ async def idle(b: Broker) -> None:
     for stored in (0, 2000, 8000):
         await b.produce(stored - b.stored)
         for wait in (50, 250):
-            async with b.consumer(wait) as consumer:
-                consumer.seek(TP, b.stored)
-                await consumer.getmany(TP, timeout_ms=300)
+            async with b.consumer(wait, at_end=True):
                 before = b.cpu_ms()
                 await asyncio.sleep(3)
                 print(
@@ -148,9 +151,7 @@ async def idle(b: Broker) -> None:
 
 async def wake(b: Broker) -> None:
     for wait in (10, 50, 250):
-        async with b.consumer(wait) as consumer:
-            await consumer.seek_to_end(TP)
-            await consumer.getmany(TP, timeout_ms=300)
+        async with b.consumer(wait, at_end=True) as consumer:
             delays = []
             for _ in range(30):
                 await asyncio.sleep(random.uniform(0.02, 0.3))  # anywhere in the fetch's wait
