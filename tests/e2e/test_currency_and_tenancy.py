@@ -4,6 +4,7 @@ learn of them from its events). Real stack."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from tests.support.builders import GOOD, Reseller, funded, new_card, payment_intents
@@ -290,3 +291,130 @@ async def test_two_companies_may_send_the_same_event_id_and_each_is_charged(tall
             return bool(res["status"] == "rejected" and res["error"]["code"] == "agency_wallet_empty")
 
         await eventually(refused, what=f"usage-meter to learn that {cid} is suspended")
+
+
+async def create_company(tally: Tally, cid: str, currency: str) -> Any:
+    return await tally.http.post(
+        tally.url("rebilling", "/v1/companies"),
+        headers=tally.auth("platform_admin"),
+        json={
+            "id": cid,
+            "name": "Agency",
+            "plan": "starter",
+            "currency": currency,
+            "owner_email": f"owner-{cid}@example.com",
+        },
+    )
+
+
+async def eur_price_for_email(tally: Tally) -> None:
+    r = await tally.http.put(
+        tally.url("usage-meter", "/v1/prices/email"),
+        headers=tally.auth("platform_admin"),
+        json={"unit": "email", "unit_price": "0.0006", "currency": "EUR"},
+    )
+    assert r.status_code == 200, r.text
+
+
+async def test_money_before_a_company_is_created_fixes_its_currency(tally: Tally) -> None:
+    """Found by the public-API attack of 2026-12-05 (docs/0027): usage of a company no one had
+    created was charged in USD and opened a USD wallet; creating the company in EUR then made
+    every later event of it accepted and dead-lettered by the wallet (a USD wallet cannot pay
+    in EUR), never charged. Now the first money pins the id's currency at rebilling, and a
+    creation in another currency is refused and creates nothing."""
+    await eur_price_for_email(tally)
+    admin = tally.auth("platform_admin")
+
+    # usage first
+    used = uid("agency")
+    first = await usage(tally, used, "email", "10")  # 10 x 0.000675 USD
+    assert first["status"] == "accepted"
+    await tally.wait_applied(used, first["event"]["event_id"])
+    r = await create_company(tally, used, "EUR")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "currency_conflict", r.text
+    assert "USD" in r.json()["error"]["message"]
+    r = await tally.http.get(tally.url("rebilling", f"/v1/companies/{used}"), headers=admin)
+    assert r.status_code == 404, r.text  # nothing created
+    r = await create_company(tally, used, "USD")
+    assert r.status_code == 201, r.text
+    second = await usage(tally, used, "email", "10")
+    assert second["status"] == "accepted"
+    await tally.wait_applied(used, second["event"]["event_id"])
+    wallet = await tally.company_wallet(used)
+    assert (wallet["currency"], wallet["balance"]) == ("USD", "-0.013500")
+
+    # a credit first
+    credited = uid("agency")
+    r = await tally.http.post(
+        tally.url("wallet", f"/v1/companies/{credited}/wallet/credits"), json={"amount": "5"}, headers=admin
+    )
+    assert r.status_code == 201 and r.json()["wallet"]["currency"] == "USD", r.text
+    r = await create_company(tally, credited, "EUR")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "currency_conflict", r.text
+
+    # a top-up first
+    topped = uid("agency")
+    owner = tally.auth("company_admin", company_id=topped)
+    r = await tally.http.post(
+        tally.url("recharge", f"/v1/companies/{topped}/payment-methods"),
+        json={"payment_method": await new_card(tally, GOOD)},
+        headers=owner,
+    )
+    assert r.status_code == 201, r.text
+    r = await tally.http.post(
+        tally.url("recharge", f"/v1/companies/{topped}/wallet/top-ups"), json={"amount": "5"}, headers=owner
+    )
+    assert r.status_code == 201 and r.json()["currency"] == "USD", r.text
+    r = await create_company(tally, topped, "EUR")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "currency_conflict", r.text
+
+    # a read moves no money: it fixes nothing
+    looked = uid("agency")
+    assert (await tally.company_wallet(looked))["currency"] == "USD"  # never moved: the default
+    r = await create_company(tally, looked, "EUR")
+    assert r.status_code == 201, r.text
+    third = await usage(tally, looked, "email", "10")  # 10 x 0.0006 EUR
+    assert third["status"] == "accepted"
+    await tally.wait_applied(looked, third["event"]["event_id"])
+    wallet = await tally.company_wallet(looked)
+    assert (wallet["currency"], wallet["balance"]) == ("EUR", "-0.006000")
+
+
+async def test_usage_racing_a_creation_in_another_currency_is_never_stranded(tally: Tally) -> None:
+    """Usage of new company ids and their creation in EUR, at the same moment: whichever comes
+    first fixes the currency. Either the creation wins and the usage is charged in EUR, or the
+    usage wins and the creation is refused (the company is then created in USD). Every
+    accepted event reaches the ledger, in the wallet's currency, which is the company's."""
+    await eur_price_for_email(tally)
+    ids = [uid("agency") for _ in range(8)]
+
+    async def race(cid: str, delay: float) -> tuple[Any, list[dict[str, Any]]]:
+        async def post_after(d: float) -> dict[str, Any]:
+            await asyncio.sleep(d)
+            return await usage(tally, cid, "email", "1")
+
+        async def create_after(d: float) -> Any:
+            await asyncio.sleep(d)
+            return await create_company(tally, cid, "EUR")
+
+        created, *used = await asyncio.gather(
+            create_after(delay), post_after(0), post_after(0.005), post_after(0.02)
+        )
+        return created, used
+
+    outcomes = await asyncio.gather(*(race(cid, 0.004 * i) for i, cid in enumerate(ids)))
+    for cid, (created, used) in zip(ids, outcomes, strict=True):
+        assert created.status_code in (201, 409), created.text
+        if created.status_code == 409:
+            assert created.json()["error"]["code"] == "currency_conflict", created.text
+            assert (await create_company(tally, cid, "USD")).status_code == 201
+        currency = "EUR" if created.status_code == 201 else "USD"
+        accepted = [u["event"]["event_id"] for u in used if u["status"] == "accepted"]
+        assert accepted, used  # email has a price in both currencies
+        for eid in accepted:
+            await tally.wait_applied(cid, eid)
+        wallet = await tally.company_wallet(cid)
+        assert wallet["currency"] == currency, (cid, wallet)
+        lines = await tally.company_transactions(cid)
+        assert sorted(t["usage_event_id"] for t in lines) == sorted(accepted)
+        assert all(t["currency"] == currency for t in lines if "currency" in t), lines

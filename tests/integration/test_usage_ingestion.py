@@ -40,6 +40,7 @@ class Directory:
     def __init__(self, currencies: dict[str, str], owners: dict[str, str], *, down: bool = False) -> None:
         self.known, self.owners, self.down = currencies, owners, down
         self.facts = Facts()
+        self.pinned: set[str] = set()  # the companies no one created whose currency was pinned
 
     async def currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
         asked = list(company_ids)
@@ -52,6 +53,13 @@ class Directory:
         if self.down and asked:
             raise httpx.ConnectError("rebilling is down")
         return {a: self.owners[a] for a in asked if a in self.owners}
+
+    async def pinned_currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
+        asked = list(company_ids)
+        if self.down and asked:
+            raise httpx.ConnectError("rebilling is down")
+        self.pinned.update(c for c in asked if c not in self.known)
+        return {c: self.known.get(c, "USD") for c in asked}
 
 
 @pytest.fixture

@@ -33,6 +33,9 @@ class Directory:
     async def currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
         return {c: self.known[c] for c in company_ids if c in self.known}
 
+    async def pinned_currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
+        return {c: self.known.get(c, "USD") for c in company_ids}
+
 
 @pytest.fixture
 async def database(infra: Infra) -> AsyncIterator[Database]:
@@ -196,6 +199,9 @@ async def test_a_settings_change_is_kept_and_published_with_the_balance(database
 
 class Unreachable:
     async def currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
+        raise httpx.ConnectError("rebilling is down")
+
+    async def pinned_currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
         raise httpx.ConnectError("rebilling is down")
 
 

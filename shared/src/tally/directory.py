@@ -32,10 +32,14 @@ _ID = re.compile(ID_PATTERN)
 # refusals of the asker, not answers about the id: a wrong secret must not read as "unknown"
 _NOT_AN_ANSWER = frozenset({401, 403, 429})
 Kind = Literal["company", "account"]  # company -> its currency; account -> its company
-# where rebilling answers for an id of each kind, and the field that holds the fact
-_ASK: dict[Kind, tuple[str, str]] = {
-    "company": ("/v1/companies/{}", "currency"),
-    "account": ("/v1/accounts/{}", "company_id"),
+# what is asked of rebilling: a fact of a kind, or the currency money of a company is charged in
+# (pinned there for good, created or not: docs/0027)
+Question = Literal["company", "account", "pin"]
+# where rebilling answers each question, how it is asked, and the field that holds the answer
+_ASK: dict[Question, tuple[str, str, str]] = {
+    "company": ("GET", "/v1/companies/{}", "currency"),
+    "account": ("GET", "/v1/accounts/{}", "company_id"),
+    "pin": ("POST", "/v1/companies/{}/currency-pin", "currency"),
 }
 # a service's own copy of the facts (usage-meter, the wallet and recharge keep the same two tables)
 _STORED: dict[Kind, str] = {
@@ -119,6 +123,7 @@ class CompanyDirectory:
         self.negative_ttl = negative_ttl
         self.facts = facts or Facts()
         self._unknown_until: dict[str, float] = {}
+        self._pinned: dict[str, str] = {}  # a pin never changes: kept for good
         self._client = httpx.AsyncClient(timeout=timeout)
         self._limit = asyncio.Semaphore(8)
 
@@ -136,20 +141,29 @@ class CompanyDirectory:
         """The company of each account rebilling knows (the others are left out)."""
         return await self._lookup("account", account_ids)
 
-    async def _lookup(self, kind: Kind, ids: Iterable[str]) -> dict[str, str]:
+    async def pinned_currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
+        """The currency money of each company is charged in, for a service about to record
+        money (usage, a credit, a top-up) for companies it has not heard of: the company's
+        own, or USD for one no one created yet, pinned at rebilling so that it is never
+        created in another (docs/0027). Every id API.md allows is answered; ``Unanswered``
+        (kind ``company``) names those rebilling could not answer for. Only for money: a
+        read that pinned would forbid creating the company in its currency."""
+        return await self._lookup("pin", company_ids)
+
+    async def _lookup(self, question: Question, ids: Iterable[str]) -> dict[str, str]:
         now = time.monotonic()
-        known = self.facts.known[kind]
+        known = self._pinned if question == "pin" else self.facts.known[question]
         out: dict[str, str] = {}
         ask: list[str] = []
         for id_ in dict.fromkeys(ids):
             if id_ in known:
                 out[id_] = known[id_]
-            elif self._unknown_until.get(f"{kind}:{id_}", 0) <= now:
+            elif self._unknown_until.get(f"{question}:{id_}", 0) <= now:
                 ask.append(id_)
         # A batch naming many new ids asks for them side by side, a few at a time. At the first
         # failure the asks still waiting are given up (an unreachable rebilling must not cost
         # every id's timeout in turn); the answers that came are kept.
-        asks = [asyncio.ensure_future(self._ask_of(kind, i)) for i in ask]
+        asks = [asyncio.ensure_future(self._ask_of(question, i)) for i in ask]
         try:
             if asks:
                 await asyncio.wait(asks, return_when=asyncio.FIRST_EXCEPTION)
@@ -168,10 +182,11 @@ class CompanyDirectory:
             elif error is not None:
                 raise error  # not rebilling's answer: a fault here
             elif (value := a.result()) is None:
-                self._unknown_until[f"{kind}:{id_}"] = now + self.negative_ttl
+                self._unknown_until[f"{question}:{id_}"] = now + self.negative_ttl
             else:
                 out[id_] = known[id_] = value
         if failed:  # only these ids are asked again
+            kind: Kind = "account" if question == "account" else "company"
             raise Unanswered(kind, frozenset(failed), f"{first}") from first
         return out
 
@@ -236,22 +251,24 @@ class CompanyDirectory:
             out.append(p)
         return out
 
-    async def _ask_of(self, kind: Kind, id_: str) -> str | None:
+    async def _ask_of(self, question: Question, id_: str) -> str | None:
         """None, without asking, for an id no one can create (API.md's pattern): escaped into
         a path, ``a/accounts`` would reach another page of rebilling's, whose answer is not a
         company's, and the record naming it would be retried for ever."""
         if _ID.fullmatch(id_) is None:
             return None
-        path, field = _ASK[kind]
-        return await self._ask(path.format(_segment(id_)), field)
+        method, path, field = _ASK[question]
+        return await self._ask(path.format(_segment(id_)), field, method)
 
-    async def _ask(self, path: str, field: str) -> str | None:
+    async def _ask(self, path: str, field: str, method: str = "GET") -> str | None:
         """The field, or None when rebilling does not know the id. Rebilling unreachable,
         failing (5xx) or refusing the asker (401, 403, 429) raises: another id it refuses
         (404, 422) is simply unknown."""
         token = issue_token("platform_admin", sub="directory", secret=self.secret, ttl_seconds=60)
         async with self._limit:
-            r = await self._client.get(self.base_url + path, headers={"Authorization": f"Bearer {token}"})
+            r = await self._client.request(
+                method, self.base_url + path, headers={"Authorization": f"Bearer {token}"}
+            )
         if r.status_code >= 500 or r.status_code in _NOT_AN_ANSWER:
             r.raise_for_status()
         if r.status_code != 200:

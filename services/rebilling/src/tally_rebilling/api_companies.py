@@ -21,6 +21,7 @@ from tally_rebilling.schemas import (
     CompanyOut,
     CompanyPage,
     ConnectIn,
+    CurrencyPinOut,
     PlanChangeOut,
     PlanIn,
     RebillingIn,
@@ -67,6 +68,14 @@ async def list_accounts(
 @router.get("/companies/{cid}", response_model=CompanyOut)
 async def get_company(cid: PathId, principal: CurrentPrincipal, w: Wired) -> CompanyOut:
     return company_out(await companies.show(w.db, principal, cid))
+
+
+@router.post("/companies/{cid}/currency-pin", response_model=CurrencyPinOut)
+async def pin_currency(cid: PathId, principal: CurrentPrincipal, w: Wired) -> CurrencyPinOut:
+    """Asked by a service about to record money for a company it has not heard of."""
+    require_role(principal, "platform_admin")
+    pinned = await companies.pin_currency(w.uow(), cid)
+    return CurrencyPinOut(company_id=pinned.company_id, currency=pinned.currency, created=pinned.created)
 
 
 @router.put("/companies/{cid}/plan", response_model=PlanChangeOut)

@@ -18,6 +18,8 @@ from tally_rebilling.domain import Mode
 from tally_rebilling.rebilling_settings import checked_markups, follow_company, republish_company
 from tally_rebilling.schemas import CompanyIn, PlanName, RebillingIn, SaasPlanOut
 
+UNCREATED_CURRENCY = "USD"  # of money recorded for a company before it is created
+
 
 @dataclass(frozen=True)
 class PlanChange:
@@ -30,8 +32,33 @@ async def create(uow: UnitOfWork, company: CompanyIn) -> asyncpg.Record:
         c = await storage.insert_company(uow.conn, company.model_dump())
         if c is None:
             raise ApiError(409, "already_exists", f"company {company.id} already exists")
+        pinned = await storage.pin_currency(uow.conn, company.id, company.currency)
+        if pinned != company.currency:  # rolled back: the company is not created
+            raise ApiError(
+                409,
+                "currency_conflict",
+                f"money in {pinned} was recorded for company {company.id} before it was created; "
+                f"create it in {pinned}",
+            )
         await publish.company_updated(uow, c)
     return c
+
+
+@dataclass(frozen=True)
+class Pinned:
+    company_id: str
+    currency: str
+    created: bool  # False: no one created the company yet
+
+
+async def pin_currency(uow: UnitOfWork, cid: str) -> Pinned:
+    """The currency money of company ``cid`` is charged in, fixed for good (docs/0027): a
+    service asks before it records money for a company it has not heard of. A company no one
+    created yet is charged in USD, and may then only be created in USD."""
+    async with uow:
+        currency = await storage.pin_currency(uow.conn, cid, UNCREATED_CURRENCY)
+        created = await storage.company(uow.conn, cid) is not None
+    return Pinned(cid, currency, created)
 
 
 async def list_all(db: Database, *, limit: int, cursor: str | None) -> storage.Page:

@@ -29,6 +29,14 @@ class CompanyIn(BaseModel):
     currency: str = Field("USD", pattern=r"^[A-Z]{3}$")
 
 
+class CurrencyPinOut(BaseModel):
+    """The currency money of a company is charged in, fixed for good (docs/0027)."""
+
+    company_id: str
+    currency: str
+    created: bool = Field(description="false: no one created the company yet (its money is in USD)")
+
+
 class CompanyOut(BaseModel):
     id: str
     name: str

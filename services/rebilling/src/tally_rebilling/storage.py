@@ -29,6 +29,20 @@ async def insert_company(conn: Conn, c: dict[str, Any]) -> asyncpg.Record | None
     )
 
 
+async def pin_currency(conn: Conn, cid: str, currency: str) -> str:
+    """The currency money of company ``cid`` is in: the one pinned before (by its creation or
+    by money that came first), else ``currency``, pinned now (docs/0027). Writers of one id
+    are ordered by the row: a creation and a first charge never both win."""
+    pinned = await conn.fetchval(
+        "INSERT INTO currency_pins (company_id, currency) VALUES ($1, $2) "
+        "ON CONFLICT (company_id) DO UPDATE SET company_id = EXCLUDED.company_id RETURNING currency",
+        cid,
+        currency,
+    )
+    assert isinstance(pinned, str)
+    return pinned
+
+
 async def company(conn: Conn, cid: str, *, lock: bool = False) -> asyncpg.Record | None:
     return await conn.fetchrow(
         f"SELECT {_COMPANY} FROM companies WHERE id = $1" + (" FOR UPDATE" if lock else ""), cid

@@ -30,7 +30,7 @@ async def charge(
     repeated call answers the first call's attempt. 409 when an account's company has not
     connected Stripe."""
     async with db.reading() as conn:
-        currency = await targets.currency(conn, directory, company_id)
+        currency = await targets.currency(conn, directory, company_id, pin=True)
         if owner == "account":
             if not account_id:
                 raise ApiError(422, "validation_error", "account_id is required for an account")

@@ -135,7 +135,7 @@ class Recharger(Worker):
             return False
         if not wanted:
             return False
-        currency = await targets.currency(conn, self.directory, check.company_id)
+        currency = await targets.currency(conn, self.directory, check.company_id, pin=True)
         created = await storage.insert_attempt(
             conn,
             {

@@ -25,33 +25,43 @@ class Owner:
     id: str
 
 
-async def currency(conn: Conn, directory: CompanyDirectory | None, company_id: str) -> str:
+async def currency(
+    conn: Conn, directory: CompanyDirectory | None, company_id: str, *, pin: bool = False
+) -> str:
     """The company's currency: as rebilling.events told us, else as rebilling answers now (a
-    company created a moment ago), else USD (a company rebilling does not know)."""
+    company created a moment ago), else USD (a company rebilling does not know). ``pin``: money
+    is about to be charged in it, so a company no one created yet has its USD pinned at
+    rebilling, and is never created in another currency (docs/0027)."""
     known = await storage.known_currency(conn, company_id)
     if known is not None:
         return known
-    if directory is not None:
-        return (await directory.currencies([company_id])).get(company_id, "USD")
-    return "USD"
+    if directory is None:
+        return "USD"
+    found = await directory.currencies([company_id])
+    if company_id not in found and pin:
+        found = await directory.pinned_currencies([company_id])
+    return found.get(company_id, "USD")
 
 
 async def find(
-    conn: Conn, directory: CompanyDirectory | None, principal: Principal, owner: Owner
+    conn: Conn, directory: CompanyDirectory | None, principal: Principal, owner: Owner, *, pin: bool = False
 ) -> WalletTarget:
     """The wallet ``principal`` names; 404 for other tenants (and for an account no one has
-    heard of, unless it is the principal's own: its token vouches for its company)."""
+    heard of, unless it is the principal's own: its token vouches for its company). ``pin``:
+    for charging it (``currency``)."""
     if owner.kind == "company":
         cid = owner.id
         require_company(principal, cid)
-        return WalletTarget(f"company:{cid}", "company", cid, None, await currency(conn, directory, cid))
+        held = await currency(conn, directory, cid, pin=pin)
+        return WalletTarget(f"company:{cid}", "company", cid, None, held)
     aid = owner.id
     company = await storage.account_company(conn, aid)
     if company is None and principal.role == "account_user" and principal.account_id == aid:
         company = principal.company_id
     if company is None or not principal.can_see_account(company, aid):
         raise not_found("account")
-    return WalletTarget(f"account:{aid}", "account", company, aid, await currency(conn, directory, company))
+    held = await currency(conn, directory, company, pin=pin)
+    return WalletTarget(f"account:{aid}", "account", company, aid, held)
 
 
 async def stripe_account(conn: Conn, target: WalletTarget) -> str | None:

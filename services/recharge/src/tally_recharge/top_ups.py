@@ -43,7 +43,7 @@ async def top_up(
     attempt's id comes from the key: a second request finds the same attempt (and never charges
     again); once the first has answered, its response is answered again (``Stored``)."""
     async with db.reading() as conn:
-        target = await targets.find(conn, directory, principal, owner)
+        target = await targets.find(conn, directory, principal, owner, pin=True)
     micros = money_field(amount, "amount")
     who = idempotency.principal_key(principal)
     attempt_id = token = None

@@ -20,7 +20,7 @@ MAX_QUANTITY = Decimal(1_000_000_000)
 # The most one event may cost: with the highest markup (x10) its account leg stays within what
 # a wallet's balance can hold (tally.money.MAX_MICROS), whatever the price.
 MAX_EVENT_MICROS = MAX_MICROS // 10
-DEFAULT_CURRENCY = "USD"  # of a company rebilling never announced
+DEFAULT_CURRENCY = "USD"  # of a company id no one can create (rebilling pins the others')
 
 Rejection = Literal[
     "unknown_service",

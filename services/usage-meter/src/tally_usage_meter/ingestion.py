@@ -70,10 +70,11 @@ class DirectoryUnavailable(Exception):
 
 async def _complete(
     conn: Conn, batch: Sequence[IncomingUsage], directory: CompanyDirectory, known: storage.Known
-) -> None:
+) -> dict[str, str]:
     """Complete what rebilling.events told this service with rebilling's own answers, for
     companies and accounts created so recently that their events have not arrived (and
-    remember them)."""
+    remember them). Returns the currency of the companies no one created yet, pinned at
+    rebilling (USD: ``CompanyDirectory.pinned_currencies``)."""
     new_companies = [e.company_id for e in batch if e.company_id not in known.currencies]
     new_accounts = [e.account_id for e in batch if e.account_id and e.account_id not in known.owners]
     # Both asked at once: a rebilling that hangs costs a group one timeout, not one for each
@@ -99,6 +100,17 @@ async def _complete(
         await storage.upsert_account(conn, aid, cid)
     known.currencies.update(found)
     known.owners.update(placed)
+    # Usage of a company no one created yet is charged in the currency pinned for it, so that
+    # the company is never created in another and its wallet stranded (docs/0027). Rebilling
+    # answered a moment ago: asked after, not beside, the lookups above.
+    uncreated = [c for c in dict.fromkeys(new_companies) if c not in found]
+    if not uncreated:
+        return {}
+    try:
+        return await directory.pinned_currencies(uncreated)
+    except httpx.HTTPError as exc:
+        companies = _unanswered(exc, "company", uncreated)
+        raise DirectoryUnavailable(str(exc), companies, frozenset()) from exc
 
 
 def _unanswered(answer: object, kind: str, asked: Sequence[str]) -> frozenset[str]:
@@ -117,12 +129,12 @@ async def _judge(
     known = await storage.known(
         conn, [e.company_id for e in batch], [e.account_id for e in batch if e.account_id], directory.facts
     )
-    await _complete(conn, batch, directory, known)
+    pinned = await _complete(conn, batch, directory, known)
 
     outcome: list[Priced | Rejected | None] = []
     first_seen: set[tuple[str, str]] = set()  # an event id is unique within its company
     for event in batch:
-        currency = known.currencies.get(event.company_id, DEFAULT_CURRENCY)
+        currency = known.currencies.get(event.company_id) or pinned.get(event.company_id, DEFAULT_CURRENCY)
         # What is wrong with the event itself (not the company's account, no price, a bad
         # quantity) is said before what may pass (a suspended wallet): a retry after a top-up
         # would fail all the same.

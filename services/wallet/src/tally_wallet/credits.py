@@ -87,7 +87,7 @@ async def grant(
     after the 24 hours in which the first response is answered again."""
     who = idempotency.principal_key(principal)
     async with uow:
-        wallet = await find(uow.conn, directory, principal, target)
+        wallet = await find(uow.conn, directory, principal, target, pin=True)
         if wallet.company_id is None:
             raise not_found("account")  # never heard of it: its company is not known yet
         micros = money_field(amount, "amount")  # after the tenant check: others' wallets are 404

@@ -48,17 +48,22 @@ class Page:
     next_cursor: str | None
 
 
-async def _currency(conn: Conn, directory: CompanyDirectory, company_id: str) -> str:
+async def _currency(conn: Conn, directory: CompanyDirectory, company_id: str, *, pin: bool = False) -> str:
     """The company's currency, for a wallet about to be created: as rebilling.events told us,
     else as rebilling answers now (a company created a moment ago: a PATCH or a credit right
-    after creation must not create its wallet in another currency), else USD."""
+    after creation must not create its wallet in another currency), else USD. ``pin``: money
+    is about to move, so a company no one created yet has its USD pinned at rebilling, and is
+    never created in another currency (docs/0027)."""
     r = await storage.company_currency(conn, company_id)
     if r is not None:
         return r
     try:
-        return (await directory.currencies([company_id])).get(company_id, "USD")
+        found = await directory.currencies([company_id])
+        if company_id not in found and pin:
+            found = await directory.pinned_currencies([company_id])
     except httpx.HTTPError as exc:
         raise _rebilling_unavailable() from exc
+    return found.get(company_id, "USD")
 
 
 def _rebilling_unavailable() -> ApiError:
@@ -70,15 +75,19 @@ def _rebilling_unavailable() -> ApiError:
     )
 
 
-async def find(conn: Conn, directory: CompanyDirectory, principal: Principal, target: Target) -> Wallet:
-    """The wallet ``principal`` names (a default one if it never moved); 404 for other tenants."""
+async def find(
+    conn: Conn, directory: CompanyDirectory, principal: Principal, target: Target, *, pin: bool = False
+) -> Wallet:
+    """The wallet ``principal`` names (a default one if it never moved); 404 for other tenants.
+    ``pin``: money is about to move into it (``_currency``), even if its wallet has moved
+    before (a wallet opened before pins existed is pinned at its first credit since)."""
     if target.owner == "company":
         require_company(principal, target.id, "wallet")
         w = await storage.get_wallet(conn, company_wallet_id(target.id))
-        if w:
+        if w and not pin:
             return w
-        currency = await _currency(conn, directory, target.id)
-        return Wallet(company_wallet_id(target.id), "company", currency, company_id=target.id)
+        currency = await _currency(conn, directory, target.id, pin=pin)
+        return w or Wallet(company_wallet_id(target.id), "company", currency, company_id=target.id)
     aid = target.id
     info = await storage.account_info(conn, aid)
     company = info.company_id
@@ -89,7 +98,7 @@ async def find(conn: Conn, directory: CompanyDirectory, principal: Principal, ta
     w = await storage.get_wallet(conn, account_wallet_id(aid))
     if w:
         return w
-    currency = await _currency(conn, directory, company) if company else "USD"
+    currency = await _currency(conn, directory, company, pin=pin) if company else "USD"
     return Wallet(account_wallet_id(aid), "account", currency, company_id=company, account_id=aid)
 
 
