@@ -135,6 +135,39 @@ async def test_an_event_is_accepted_and_recorded_once_whatever_the_batches(
     assert (priced["platform_amount_micros"], priced["currency"], priced["account_id"]) == (6750, "USD", acct)
 
 
+async def test_usage_of_a_company_no_one_created_is_priced_in_the_currency_pinned_for_it(
+    database: Database, way: str
+) -> None:
+    """docs/0027: a company rebilling does not know has its currency pinned there before its
+    usage is priced (USD, or the company's own when it was created between the two asks); a
+    company rebilling knows is not pinned. A pinned company is not one rebilling announced:
+    its accounts are not refused as not its own."""
+    created, ghost, raced, acct = uid("co"), uid("co"), uid("co"), uid("ws")
+
+    class Racing(Directory):
+        async def pinned_currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
+            out = await super().pinned_currencies(company_ids)
+            return {c: "EUR" if c == raced else v for c, v in out.items()}
+
+    directory = Racing({created: "EUR"}, {})
+    async with database.unit() as uow:
+        await uow.conn.execute(
+            "INSERT INTO prices (service, unit, unit_price_micros, currency) VALUES ('email', 'email', 600, 'EUR') "
+            "ON CONFLICT DO NOTHING"
+        )
+    ids = {created: uid("ev"), ghost: uid("ev"), raced: uid("ev")}
+    batch = [event(ids[created], created), event(ids[ghost], ghost, acct), event(ids[raced], raced)]
+    assert await run(database, directory, batch, way) == [("accepted", None)] * 3
+    assert directory.pinned == {ghost, raced}
+    currencies = {m["data"]["company_id"]: m["data"]["currency"] for m in await recorded(database)}
+    assert currencies == {created: "EUR", ghost: "USD", raced: "EUR"}
+    async with database.reading() as conn:
+        stored = await conn.fetch(
+            "SELECT company_id FROM companies WHERE company_id = ANY($1::text[])", list(ids)
+        )
+    assert {r["company_id"] for r in stored} == {created}  # only what rebilling said it created
+
+
 async def test_refusals_carry_their_codes_and_a_refused_resend_of_an_accepted_event_is_a_duplicate(
     database: Database, way: str
 ) -> None:

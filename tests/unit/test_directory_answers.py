@@ -162,3 +162,37 @@ async def test_at_the_first_failure_the_asks_still_waiting_are_given_up_and_name
     finally:
         await directory.close()
         await server.stop()
+
+
+async def test_a_pin_is_posted_once_and_kept_and_a_failure_names_the_companies() -> None:
+    """``pinned_currencies`` (docs/0027): rebilling's pin is asked with a POST (it writes),
+    remembered for good (a pin never changes), and when rebilling fails it names the company
+    ids, as ``currencies`` does, so usage-meter refuses only the requests naming them."""
+    asked: list[tuple[str, str]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        asked.append((scope["method"], scope["path"]))
+        failing = "co-down" in scope["path"]
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 503 if failing else 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"{}" if failing else b'{"currency": "USD"}'})
+
+    server = await Served(app).start()
+    directory = CompanyDirectory(f"http://127.0.0.1:{server.port}", "secret")
+    try:
+        assert await directory.pinned_currencies(["co-1", "co-1"]) == {"co-1": "USD"}
+        assert await directory.pinned_currencies(["co-1"]) == {"co-1": "USD"}
+        assert asked == [("POST", "/v1/companies/co-1/currency-pin")]
+        assert await directory.currencies(["co-1"]) == {"co-1": "USD"}  # a GET of its own
+        assert asked[-1] == ("GET", "/v1/companies/co-1")
+        with pytest.raises(Unanswered) as caught:
+            await directory.pinned_currencies(["co-down"])
+        assert (caught.value.kind, caught.value.ids) == ("company", frozenset({"co-down"}))
+    finally:
+        await directory.close()
+        await server.stop()
