@@ -152,8 +152,8 @@ async def test_usage_of_a_company_no_one_created_is_priced_in_the_currency_pinne
     directory = Racing({created: "EUR"}, {})
     async with database.unit() as uow:
         await uow.conn.execute(
-            "INSERT INTO prices (service, unit, unit_price_micros, currency) VALUES ('email', 'email', 600, 'EUR') "
-            "ON CONFLICT DO NOTHING"
+            "INSERT INTO prices (service, unit, unit_price_micros, currency) "
+            "VALUES ('email', 'email', 600, 'EUR') ON CONFLICT DO NOTHING"
         )
     ids = {created: uid("ev"), ghost: uid("ev"), raced: uid("ev")}
     batch = [event(ids[created], created), event(ids[ghost], ghost, acct), event(ids[raced], raced)]
