@@ -70,7 +70,7 @@ class Announcements(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.directory = CompanyDirectory("http://rebilling.invalid", "secret", negative_ttl=0)
-        self.directory._ask_of = self._rebilling  # type: ignore[method-assign]
+        self.directory._ask_of = self._rebilling  # type: ignore[method-assign,assignment]
         self.truth: dict[Kind, dict[str, str]] = {"company": {}, "account": {}}  # rebilling's
         self.down = False
         self.topic: list[tuple[events.Payload, bool]] = []  # (record, genuine?) not applied yet
