@@ -418,3 +418,72 @@ async def test_usage_racing_a_creation_in_another_currency_is_never_stranded(tal
         lines = await tally.company_transactions(cid)
         assert sorted(t["usage_event_id"] for t in lines) == sorted(accepted)
         assert all(t["currency"] == currency for t in lines if "currency" in t), lines
+
+
+async def test_a_refused_request_fixes_no_currency(tally: Tally) -> None:
+    """Found by the attack on this change's first version: the pin was taken before the request
+    was checked, so an event refused for its service, a credit of 0 or a top-up without a card
+    forbade creating the company in EUR though nothing was charged. Now each can be."""
+    admin = tally.auth("platform_admin")
+    refused_usage, refused_credit, refused_top_up = uid("agency"), uid("agency"), uid("agency")
+    assert (await usage(tally, refused_usage, "nosuch", "1"))["error"]["code"] == "unknown_service"
+    assert (await usage(tally, refused_usage, "email", "0"))["error"]["code"] == "invalid_quantity"
+    r = await tally.http.post(
+        tally.url("wallet", f"/v1/companies/{refused_credit}/wallet/credits"),
+        json={"amount": "0"},
+        headers=admin,
+    )
+    assert r.status_code == 422, r.text
+    r = await tally.http.post(
+        tally.url("recharge", f"/v1/companies/{refused_top_up}/wallet/top-ups"),
+        json={"amount": "5"},
+        headers=tally.auth("company_admin", company_id=refused_top_up),
+    )
+    assert r.status_code == 409 and r.json()["error"]["code"] == "no_payment_method", r.text
+    for cid in (refused_usage, refused_credit, refused_top_up):
+        r = await create_company(tally, cid, "EUR")
+        assert r.status_code == 201, (cid, r.text)
+
+
+async def test_an_account_users_token_opens_no_wallet_for_an_account_no_one_created(tally: Tally) -> None:
+    """Found by the same attack: a token vouched for its account's company, so an account user
+    of a company no one created could open a USD wallet (a settings PATCH) for an account id that
+    another company, in EUR, created later: its wallet, in the wrong currency and with settings
+    written by another tenant, stranded the company's recharges and usage. Now an account is
+    known from rebilling, not from a token."""
+    ghost, x = uid("agency"), Reseller(tally, currency="EUR")
+    aid = uid("ws")
+    theirs = tally.auth("account_user", company_id=ghost, account_id=aid, email=f"{aid}@example.com")
+    for method, body in (("PATCH", {"threshold": "7"}), ("GET", None)):
+        r = await tally.http.request(
+            method, tally.url("wallet", f"/v1/accounts/{aid}/wallet"), json=body, headers=theirs
+        )
+        assert r.status_code == 404, (method, r.text)
+    r = await tally.http.get(tally.url("recharge", f"/v1/accounts/{aid}/payment-methods"), headers=theirs)
+    assert r.status_code == 404, r.text
+    await x.create(connect=False)
+    await x.account(aid=aid)
+    wallet = await x.wallet(aid)
+    assert (wallet["currency"], wallet["threshold"]) == ("EUR", "10.000000"), wallet
+    r = await tally.http.get(tally.url("wallet", f"/v1/accounts/{aid}/wallet"), headers=theirs)
+    assert r.status_code == 404, r.text  # still not the ghost company's
+
+
+async def test_a_wallet_opened_right_after_creation_is_in_the_companys_currency(tally: Tally) -> None:
+    """Found by the same attack: a read before the creation left "unknown company" remembered
+    for 30 s, and a settings PATCH of an account's wallet right after the creation (before the
+    wallet heard of the company) opened it in USD for a EUR company (5 times in 5). An unknown
+    answer no longer decides a currency: rebilling is asked again."""
+    for _ in range(3):
+        x = Reseller(tally, currency="EUR")
+        assert (await tally.company_wallet(x.cid))["currency"] == "USD"  # not created: the default
+        await x.create(connect=False)
+        aid = await x.account()
+        r = await tally.http.patch(
+            tally.url("wallet", f"/v1/accounts/{aid}/wallet"), json={"threshold": "5"}, headers=x.user(aid)
+        )
+        assert r.status_code == 200 and r.json()["currency"] == "EUR", r.text
+        r = await tally.http.patch(
+            tally.url("wallet", f"/v1/companies/{x.cid}/wallet"), json={"threshold": "5"}, headers=x.admin
+        )
+        assert r.status_code == 200 and r.json()["currency"] == "EUR", r.text

@@ -141,8 +141,9 @@ async def test_usage_of_a_company_no_one_created_is_priced_in_the_currency_pinne
     """docs/0027: a company rebilling does not know has its currency pinned there before its
     usage is priced (USD, or the company's own when it was created between the two asks); a
     company rebilling knows is not pinned. A pinned company is not one rebilling announced:
-    its accounts are not refused as not its own."""
-    created, ghost, raced, acct = uid("co"), uid("co"), uid("co"), uid("ws")
+    its accounts are not refused as not its own. A company whose every event is refused is not
+    pinned: nothing is charged (found by the attack on this change, 2026-12-05)."""
+    created, ghost, raced, refused, acct = uid("co"), uid("co"), uid("co"), uid("co"), uid("ws")
 
     class Racing(Directory):
         async def pinned_currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
@@ -157,7 +158,11 @@ async def test_usage_of_a_company_no_one_created_is_priced_in_the_currency_pinne
         )
     ids = {created: uid("ev"), ghost: uid("ev"), raced: uid("ev")}
     batch = [event(ids[created], created), event(ids[ghost], ghost, acct), event(ids[raced], raced)]
-    assert await run(database, directory, batch, way) == [("accepted", None)] * 3
+    batch += [event(uid("ev"), refused, service="nosuch"), event(uid("ev"), refused, qty="0")]
+    assert await run(database, directory, batch, way) == [("accepted", None)] * 3 + [
+        ("rejected", "unknown_service"),
+        ("rejected", "invalid_quantity"),
+    ]
     assert directory.pinned == {ghost, raced}
     currencies = {m["data"]["company_id"]: m["data"]["currency"] for m in await recorded(database)}
     assert currencies == {created: "EUR", ghost: "USD", raced: "EUR"}

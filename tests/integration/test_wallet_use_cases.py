@@ -36,6 +36,9 @@ class Directory:
     async def pinned_currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
         return {c: self.known.get(c, "USD") for c in company_ids}
 
+    async def rebilling_says(self, kind: str, id_: str) -> str | None:
+        return self.known.get(id_) if kind == "company" else None
+
 
 @pytest.fixture
 async def database(infra: Infra) -> AsyncIterator[Database]:
@@ -202,6 +205,9 @@ class Unreachable:
         raise httpx.ConnectError("rebilling is down")
 
     async def pinned_currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
+        raise httpx.ConnectError("rebilling is down")
+
+    async def rebilling_says(self, kind: str, id_: str) -> str | None:
         raise httpx.ConnectError("rebilling is down")
 
 

@@ -4,8 +4,10 @@ on. A company's wallet and an account's wallet are the same use cases on an ``Ow
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
+
+import httpx
 
 from tally.auth import Principal, require_company
 from tally.db import Conn
@@ -29,38 +31,59 @@ async def currency(
     conn: Conn, directory: CompanyDirectory | None, company_id: str, *, pin: bool = False
 ) -> str:
     """The company's currency: as rebilling.events told us, else as rebilling answers now (a
-    company created a moment ago), else USD (a company rebilling does not know). ``pin``: money
-    is about to be charged in it, so a company no one created yet has its USD pinned at
-    rebilling, and is never created in another currency (docs/0027)."""
+    company created a moment ago; asked again, never an "unknown" remembered from before its
+    creation), else USD (a company no one created). ``pin``: money is about to be charged in
+    it, so a company no one created yet has its USD pinned at rebilling, and is never created
+    in another currency (docs/0027). Raises ``httpx.HTTPError`` when rebilling cannot answer."""
     known = await storage.known_currency(conn, company_id)
     if known is not None:
         return known
     if directory is None:
         return "USD"
-    found = await directory.currencies([company_id])
-    if company_id not in found and pin:
-        found = await directory.pinned_currencies([company_id])
-    return found.get(company_id, "USD")
+    if pin:
+        return (await directory.pinned_currencies([company_id])).get(company_id, "USD")
+    return await directory.rebilling_says("company", company_id) or "USD"
+
+
+async def pinned(conn: Conn, directory: CompanyDirectory, target: WalletTarget) -> WalletTarget:
+    """``target`` about to be charged, in its company's currency pinned (``currency``): only
+    once everything else about the charge is checked, so a refused request pins nothing."""
+    try:
+        held = await currency(conn, directory, target.company_id, pin=True)
+    except httpx.HTTPError as exc:
+        raise _rebilling_unavailable() from exc
+    return target if held == target.currency else replace(target, currency=held)
+
+
+def _rebilling_unavailable() -> ApiError:
+    return ApiError(
+        503,
+        "rebilling_unavailable",
+        "the company cannot be looked up right now; try again",
+        headers={"Retry-After": "2"},
+    )
 
 
 async def find(
-    conn: Conn, directory: CompanyDirectory | None, principal: Principal, owner: Owner, *, pin: bool = False
+    conn: Conn, directory: CompanyDirectory | None, principal: Principal, owner: Owner
 ) -> WalletTarget:
-    """The wallet ``principal`` names; 404 for other tenants (and for an account no one has
-    heard of, unless it is the principal's own: its token vouches for its company). ``pin``:
-    for charging it (``currency``)."""
-    if owner.kind == "company":
-        cid = owner.id
-        require_company(principal, cid)
-        held = await currency(conn, directory, cid, pin=pin)
-        return WalletTarget(f"company:{cid}", "company", cid, None, held)
-    aid = owner.id
-    company = await storage.account_company(conn, aid)
-    if company is None and principal.role == "account_user" and principal.account_id == aid:
-        company = principal.company_id
-    if company is None or not principal.can_see_account(company, aid):
-        raise not_found("account")
-    held = await currency(conn, directory, company, pin=pin)
+    """The wallet ``principal`` names; 404 for other tenants, and for an account neither this
+    service nor rebilling knows (a token does not vouch for an account's company: the account
+    may be created later in another one). 503 when rebilling cannot be asked."""
+    try:
+        if owner.kind == "company":
+            cid = owner.id
+            require_company(principal, cid)
+            return WalletTarget(f"company:{cid}", "company", cid, None, await currency(conn, directory, cid))
+        aid = owner.id
+        company = await storage.account_company(conn, aid)
+        if company is None and directory is not None:
+            company = await directory.rebilling_says("account", aid)
+        if company is None or not principal.can_see_account(company, aid):
+            raise not_found("account")
+        held = await currency(conn, directory, company)
+    except httpx.HTTPError as exc:
+        raise _rebilling_unavailable() from exc
     return WalletTarget(f"account:{aid}", "account", company, aid, held)
 
 

@@ -43,13 +43,14 @@ async def top_up(
     attempt's id comes from the key: a second request finds the same attempt (and never charges
     again); once the first has answered, its response is answered again (``Stored``)."""
     async with db.reading() as conn:
-        target = await targets.find(conn, directory, principal, owner, pin=True)
+        target = await targets.find(conn, directory, principal, owner)
     micros = money_field(amount, "amount")
     who = idempotency.principal_key(principal)
     attempt_id = token = None
     if idempotency_key is None:
         async with db.reading() as conn:
             stripe_account = await _chargeable(conn, target)
+            target = await targets.pinned(conn, directory, target)
     else:
         async with db.unit() as uow:
             # a key already used answers as it did (or 422), whatever changed since; a
@@ -65,6 +66,7 @@ async def top_up(
                 existing.stripe_account if existing is not None else await _chargeable(uow.conn, target)
             )
             if existing is None:
+                target = await targets.pinned(uow.conn, directory, target)
                 # the attempt is created with the key (so a crash between the two cannot
                 # leave a key whose request never charged, nor a charge without its key),
                 # leased to this request, which runs it now

@@ -69,7 +69,11 @@ class DirectoryUnavailable(Exception):
 
 
 async def _complete(
-    conn: Conn, batch: Sequence[IncomingUsage], directory: CompanyDirectory, known: storage.Known
+    conn: Conn,
+    batch: Sequence[IncomingUsage],
+    directory: CompanyDirectory,
+    known: storage.Known,
+    now: datetime,
 ) -> dict[str, str]:
     """Complete what rebilling.events told this service with rebilling's own answers, for
     companies and accounts created so recently that their events have not arrived (and
@@ -103,7 +107,12 @@ async def _complete(
     # Usage of a company no one created yet is charged in the currency pinned for it, so that
     # the company is never created in another and its wallet stranded (docs/0027). Rebilling
     # answered a moment ago: asked after, not beside, the lookups above.
+    # Only for usage that would be charged: a refused event (no price, a bad quantity) moves no
+    # money, and must not fix the currency a company may be created in.
     uncreated = [c for c in dict.fromkeys(new_companies) if c not in found]
+    if uncreated:
+        charged = {e.company_id for e in batch if _charged_in_usd(e, known, now)}
+        uncreated = [c for c in uncreated if c in charged]
     if not uncreated:
         return {}
     try:
@@ -111,6 +120,15 @@ async def _complete(
     except httpx.HTTPError as exc:
         companies = _unanswered(exc, "company", uncreated)
         raise DirectoryUnavailable(str(exc), companies, frozenset()) from exc
+
+
+def _charged_in_usd(event: IncomingUsage, known: storage.Known, now: datetime) -> bool:
+    """Whether an event of a company no one created would be accepted, priced in USD."""
+    return (
+        tenancy_of(event, known.owners, known.currencies.keys()) is None
+        and isinstance(price_event(event, known.prices, DEFAULT_CURRENCY, now), Priced)
+        and suspension_of(event, known.suspended) is None
+    )
 
 
 def _unanswered(answer: object, kind: str, asked: Sequence[str]) -> frozenset[str]:
@@ -129,7 +147,7 @@ async def _judge(
     known = await storage.known(
         conn, [e.company_id for e in batch], [e.account_id for e in batch if e.account_id], directory.facts
     )
-    pinned = await _complete(conn, batch, directory, known)
+    pinned = await _complete(conn, batch, directory, known, now)
 
     outcome: list[Priced | Rejected | None] = []
     first_seen: set[tuple[str, str]] = set()  # an event id is unique within its company

@@ -41,7 +41,7 @@ async def request_credits(
     who = idempotency.principal_key(principal)
     async with uow:
         # the tenant check first: another account is a 404 whatever the key or the amount
-        wallet = await find(uow.conn, directory, principal, Target("account", account_id), pin=True)
+        wallet = await find(uow.conn, directory, principal, Target("account", account_id))
         if idempotency_key is not None:
             stored = await uow.claim_key(who, idempotency_key, fingerprint)
             if stored is not None and stored.response is not None:

@@ -26,7 +26,7 @@ from tally_wallet.domain import (
 )
 from tally_wallet.messages import SOURCE, edge_event_rows, wallet_rows
 from tally_wallet.schemas import CreditOut, wallet_out
-from tally_wallet.wallets import Target, find, view
+from tally_wallet.wallets import Target, find, pinned, view
 
 
 async def credit(
@@ -87,10 +87,11 @@ async def grant(
     after the 24 hours in which the first response is answered again."""
     who = idempotency.principal_key(principal)
     async with uow:
-        wallet = await find(uow.conn, directory, principal, target, pin=True)
+        wallet = await find(uow.conn, directory, principal, target)
         if wallet.company_id is None:
             raise not_found("account")  # never heard of it: its company is not known yet
         micros = money_field(amount, "amount")  # after the tenant check: others' wallets are 404
+        wallet = await pinned(uow.conn, directory, wallet)  # checked: money moves now
         if idempotency_key is not None:
             stored = await uow.claim_key(who, idempotency_key, fingerprint)
             if stored is not None and stored.response is not None:

@@ -152,7 +152,7 @@ async def apply_settings(
         return
     currency = await storage.company_currency(conn, settings.company_id)
     if currency is None:
-        currency = (await directory.currencies([settings.company_id])).get(settings.company_id, "USD")
+        currency = await directory.rebilling_says("company", settings.company_id) or "USD"
     await outbox.enqueue(conn, await store_settings(conn, settings, currency))
 
 

@@ -6,7 +6,7 @@ the same use cases on a ``Target``."""
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -51,19 +51,19 @@ class Page:
 async def _currency(conn: Conn, directory: CompanyDirectory, company_id: str, *, pin: bool = False) -> str:
     """The company's currency, for a wallet about to be created: as rebilling.events told us,
     else as rebilling answers now (a company created a moment ago: a PATCH or a credit right
-    after creation must not create its wallet in another currency), else USD. ``pin``: money
-    is about to move, so a company no one created yet has its USD pinned at rebilling, and is
-    never created in another currency (docs/0027)."""
+    after creation must not create its wallet in another currency; asked again, never an
+    "unknown" remembered from before the creation), else USD. ``pin``: money is about to move,
+    so a company no one created yet has its USD pinned at rebilling, and is never created in
+    another currency (docs/0027)."""
     r = await storage.company_currency(conn, company_id)
     if r is not None:
         return r
     try:
-        found = await directory.currencies([company_id])
-        if company_id not in found and pin:
-            found = await directory.pinned_currencies([company_id])
+        if pin:
+            return (await directory.pinned_currencies([company_id])).get(company_id, "USD")
+        return await directory.rebilling_says("company", company_id) or "USD"
     except httpx.HTTPError as exc:
         raise _rebilling_unavailable() from exc
-    return found.get(company_id, "USD")
 
 
 def _rebilling_unavailable() -> ApiError:
@@ -75,31 +75,42 @@ def _rebilling_unavailable() -> ApiError:
     )
 
 
-async def find(
-    conn: Conn, directory: CompanyDirectory, principal: Principal, target: Target, *, pin: bool = False
-) -> Wallet:
-    """The wallet ``principal`` names (a default one if it never moved); 404 for other tenants.
-    ``pin``: money is about to move into it (``_currency``), even if its wallet has moved
-    before (a wallet opened before pins existed is pinned at its first credit since)."""
+async def find(conn: Conn, directory: CompanyDirectory, principal: Principal, target: Target) -> Wallet:
+    """The wallet ``principal`` names (a default one if it never moved); 404 for other tenants,
+    and for an account neither this service nor rebilling knows (a token does not vouch for an
+    account's company: the account may be created later in another one)."""
     if target.owner == "company":
         require_company(principal, target.id, "wallet")
         w = await storage.get_wallet(conn, company_wallet_id(target.id))
-        if w and not pin:
+        if w:
             return w
-        currency = await _currency(conn, directory, target.id, pin=pin)
-        return w or Wallet(company_wallet_id(target.id), "company", currency, company_id=target.id)
+        currency = await _currency(conn, directory, target.id)
+        return Wallet(company_wallet_id(target.id), "company", currency, company_id=target.id)
     aid = target.id
-    info = await storage.account_info(conn, aid)
-    company = info.company_id
-    if company is None and principal.role == "account_user" and principal.account_id == aid:
-        company = principal.company_id  # the token vouches for its own account
-    if not principal.can_see_account(company, aid):
+    company = (await storage.account_info(conn, aid)).company_id
+    if company is None:
+        try:
+            company = await directory.rebilling_says("account", aid)
+        except httpx.HTTPError as exc:
+            raise _rebilling_unavailable() from exc
+    if company is None or not principal.can_see_account(company, aid):
         raise not_found("wallet")
     w = await storage.get_wallet(conn, account_wallet_id(aid))
     if w:
         return w
-    currency = await _currency(conn, directory, company, pin=pin) if company else "USD"
+    currency = await _currency(conn, directory, company)
     return Wallet(account_wallet_id(aid), "account", currency, company_id=company, account_id=aid)
+
+
+async def pinned(conn: Conn, directory: CompanyDirectory, w: Wallet) -> Wallet:
+    """``w`` about to be credited, in its company's currency pinned at rebilling (``_currency``):
+    only once everything else about the credit is checked, so a refused request pins nothing."""
+    if w.company_id is None:
+        return w
+    currency = await _currency(conn, directory, w.company_id, pin=True)
+    if currency == w.currency or await storage.get_wallet(conn, w.id):
+        return w  # a wallet that moved keeps its currency (one opened before pins existed)
+    return replace(w, currency=currency)
 
 
 async def view(conn: Conn, principal: Principal, w: Wallet) -> WalletView:
@@ -172,14 +183,14 @@ async def update_settings(
 
 async def _company_known(db: Database, directory: CompanyDirectory, company_id: str) -> bool:
     """A company whose wallet has moved, or that rebilling announced (rebilling.events) or
-    knows now (created a moment ago: its currency is then cached for ``find``)."""
+    knows now (created a moment ago: asked again, never an "unknown" remembered from before)."""
     async with db.reading() as conn:
         if await storage.get_wallet(conn, company_wallet_id(company_id)):
             return True
         if await storage.company_currency(conn, company_id):
             return True
     try:
-        return company_id in await directory.currencies([company_id])
+        return await directory.rebilling_says("company", company_id) is not None
     except httpx.HTTPError as exc:
         raise _rebilling_unavailable() from exc
 
