@@ -337,11 +337,20 @@ async def test_money_before_a_company_is_created_fixes_its_currency(tally: Tally
     assert r.status_code == 404, r.text  # nothing created
     r = await create_company(tally, used, "USD")
     assert r.status_code == 201, r.text
-    second = await usage(tally, used, "email", "10")
-    assert second["status"] == "accepted"
+    r = await tally.http.post(
+        tally.url("wallet", f"/v1/companies/{used}/wallet/credits"), json={"amount": "1"}, headers=admin
+    )
+    assert r.status_code == 201, r.text
+    assert (r.json()["wallet"]["currency"], r.json()["wallet"]["balance"]) == ("USD", "0.993250")
+
+    async def accepted() -> dict[str, Any] | None:  # once usage-meter hears the wallet is active
+        u = await usage(tally, used, "email", "10")
+        return u if u["status"] == "accepted" else None
+
+    second = await eventually(accepted, what="usage accepted after the credit")
     await tally.wait_applied(used, second["event"]["event_id"])
     wallet = await tally.company_wallet(used)
-    assert (wallet["currency"], wallet["balance"]) == ("USD", "-0.013500")
+    assert (wallet["currency"], wallet["balance"]) == ("USD", "0.986500")
 
     # a credit first
     credited = uid("agency")
