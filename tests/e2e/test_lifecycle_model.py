@@ -29,11 +29,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from typing import Any
 
-import orjson
-from aiokafka import AIOKafkaConsumer
-
 from tests.support.builders import DECLINES, GOOD, new_card, payment_intents
-from tests.support.stack import Tally, eventually, uid
+from tests.support.stack import Tally, eventually, messages_on, uid
 
 STEPS = int(os.environ.get("MODEL_STEPS", "120"))
 SEED = int(os.environ.get("MODEL_SEED", str(random.SystemRandom().randrange(10**9))))
@@ -978,33 +975,6 @@ class Walk:
                 print(f"model step {self.step}/{steps}", flush=True)
 
 
-async def topic(tally: Tally, name: str) -> list[dict[str, Any]]:
-    """Every message on ``name`` so far."""
-    consumer = AIOKafkaConsumer(
-        name,
-        bootstrap_servers=tally.stack.bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-    )
-    await consumer.start()
-    out: list[dict[str, Any]] = []
-    try:
-        idle = 0
-        while idle < 3:
-            batch = await consumer.getmany(timeout_ms=300)
-            idle = 0 if batch else idle + 1
-            for records in batch.values():
-                for r in records:
-                    try:
-                        out.append(orjson.loads(r.value))
-                    except orjson.JSONDecodeError:
-                        continue
-    finally:
-        await consumer.stop()
-    return out
-
-
 async def test_the_lifecycle_model(tally: Tally) -> None:
     print(f"MODEL_SEED={SEED} MODEL_STEPS={STEPS}", flush=True)
     walk = Walk(tally, random.Random(SEED))
@@ -1088,7 +1058,7 @@ async def test_the_lifecycle_model(tally: Tally) -> None:
     accepted = {e for c in walk.companies for e in c.accepted}
     ours = {c.cid for c in walk.companies} | {c.account.aid for c in walk.companies}
     for name in ("usage.recorded.dlq", "recharge.events.dlq", "wallet.digest.dlq"):
-        for m in await topic(tally, name):
+        for m in await messages_on(tally, name):
             message = str(m.get("message", ""))
             assert not any(e in message for e in accepted), (name, m["error"])
             assert not any(cid in message for cid in ours), (name, m["error"])

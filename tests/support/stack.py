@@ -241,3 +241,30 @@ def micros(text: str) -> int:
     """A decimal string of the API (``"12.5"``) in micros, any size (a test reads whatever the
     API shows, overflowed sums included)."""
     return int(Decimal(text) * 1_000_000)
+
+
+async def messages_on(tally: Infra, name: str) -> list[dict[str, Any]]:
+    """Every message on ``name`` so far."""
+    consumer = AIOKafkaConsumer(
+        name,
+        bootstrap_servers=tally.stack.bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    out: list[dict[str, Any]] = []
+    try:
+        idle = 0
+        while idle < 3:
+            batch = await consumer.getmany(timeout_ms=300)
+            idle = 0 if batch else idle + 1
+            for records in batch.values():
+                for r in records:
+                    try:
+                        out.append(orjson.loads(r.value))
+                    except orjson.JSONDecodeError:
+                        continue
+    finally:
+        await consumer.stop()
+    return out
