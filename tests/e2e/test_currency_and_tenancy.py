@@ -449,7 +449,25 @@ async def test_a_refused_request_fixes_no_currency(tally: Tally) -> None:
         headers=tally.auth("company_admin", company_id=refused_top_up),
     )
     assert r.status_code == 409 and r.json()["error"]["code"] == "no_payment_method", r.text
-    for cid in (refused_usage, refused_credit, refused_top_up):
+    # the second attack: a credit refused for its reused Idempotency-Key, and a period charge
+    # (rebilling's, for its own companies) for an id no one created
+    refused_key, refused_charge = uid("agency"), uid("agency")
+    key = uid("key")
+    for cid, status in ((uid("agency"), 201), (refused_key, 422)):
+        r = await tally.http.post(
+            tally.url("wallet", f"/v1/companies/{cid}/wallet/credits"),
+            json={"amount": "1"},
+            headers={**admin, "Idempotency-Key": key},
+        )
+        assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == "idempotency_key_reused", r.text
+    r = await tally.http.post(
+        tally.url("recharge", "/v1/charges"),
+        json={"key": uid("charge"), "owner": "company", "company_id": refused_charge, "amount": "5"},
+        headers=admin,
+    )
+    assert r.status_code == 404, r.text
+    for cid in (refused_usage, refused_credit, refused_top_up, refused_key, refused_charge):
         r = await create_company(tally, cid, "EUR")
         assert r.status_code == 201, (cid, r.text)
 

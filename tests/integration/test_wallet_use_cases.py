@@ -4,6 +4,7 @@ balance), the credit-request workflow, settings changes, and the tenant check be
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -69,7 +70,7 @@ def user(cid: str, aid: str) -> Principal:
 
 async def grant(database: Database, who: Principal, aid: str, amount: str, key: str | None = None) -> Any:
     return await credits.grant(
-        database.unit(),
+        database,
         Directory(),  # type: ignore[arg-type]
         who,
         Target("account", aid),
@@ -126,7 +127,7 @@ async def test_a_credit_past_what_a_wallet_holds_is_a_422_and_moves_nothing(data
 async def test_a_credit_request_is_approved_once_and_credits_once(database: Database) -> None:
     cid, aid = await tenant(database)
     asked = await credit_requests.request_credits(
-        database.unit(),
+        database,
         Directory(),  # type: ignore[arg-type]
         user(cid, aid),
         aid,
@@ -138,7 +139,7 @@ async def test_a_credit_request_is_approved_once_and_credits_once(database: Data
     assert isinstance(asked, CreditRequestOut) and asked.status == "pending"
     with pytest.raises(ApiError) as err:  # one pending request per account
         await credit_requests.request_credits(
-            database.unit(),
+            database,
             Directory(),  # type: ignore[arg-type]
             user(cid, aid),
             aid,
@@ -161,7 +162,7 @@ async def test_a_connected_company_tops_up_instead_of_requesting(database: Datab
     cid, aid = await tenant(database, connected=True)
     with pytest.raises(ApiError) as err:
         await credit_requests.request_credits(
-            database.unit(),
+            database,
             Directory(),  # type: ignore[arg-type]
             user(cid, aid),
             aid,
@@ -235,3 +236,47 @@ async def test_settings_of_a_company_no_one_created_are_refused(database: Databa
         SettingsPatch(threshold="5"),
     )
     assert (view.wallet.currency, view.wallet.threshold) == ("EUR", 5_000_000)
+
+
+async def test_a_hung_rebilling_holds_no_connection_while_asked_about_unknown_accounts(
+    database: Database,
+) -> None:
+    """Found by the attack on docs/0027's second version: credits (and credit requests) naming
+    accounts the wallet had not heard of asked rebilling inside their transaction. With
+    rebilling hung, a flood of them held every connection of the pool, and every other wallet,
+    and the usage consumer, waited. Now rebilling is asked with no connection held: a known
+    wallet is shown while the asks still wait (the pool has 4 connections; 12 asks wait)."""
+    cid, aid = await tenant(database)
+    released = asyncio.Event()
+    asked = 0
+
+    class Hung(Directory):
+        async def rebilling_says(self, kind: str, id_: str) -> str | None:
+            nonlocal asked
+            asked += 1
+            await released.wait()
+            return None
+
+    hung = Hung()
+
+    async def credit_unknown() -> int:
+        with pytest.raises(ApiError) as err:
+            await credits.grant(
+                database,
+                hung,  # type: ignore[arg-type]
+                admin(cid),
+                Target("account", uid("acct")),
+                amount="1",
+                reference=None,
+                idempotency_key=None,
+                fingerprint="flood",
+            )
+        return err.value.status
+
+    flood = [asyncio.create_task(credit_unknown()) for _ in range(12)]
+    while asked < 12:
+        await asyncio.sleep(0.01)
+    shown = await asyncio.wait_for(wallets.show(database, hung, admin(cid), Target("account", aid)), 10)  # type: ignore[arg-type]
+    assert shown.wallet.account_id == aid and not released.is_set()
+    released.set()
+    assert await asyncio.gather(*flood) == [404] * 12

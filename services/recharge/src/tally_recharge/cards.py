@@ -50,8 +50,8 @@ async def attach(
 ) -> asyncpg.Record:
     """Save a card the owner entered (a Stripe PaymentMethod) on its customer, on the Stripe
     account its cards live on: 402 for a declined card, 422 for one Stripe does not know."""
+    target = await targets.find(db, directory, principal, owner)
     async with db.reading() as conn:
-        target = await targets.find(conn, directory, principal, owner)
         stripe_account = await targets.stripe_account(conn, target)
     try:
         customer = await customers.ensure(db, gateway, target, stripe_account, principal.email)
@@ -95,8 +95,8 @@ async def attach(
 
 
 async def list_cards(db: Database, directory: CompanyDirectory, principal: Principal, owner: Owner) -> Cards:
+    target = await targets.find(db, directory, principal, owner)
     async with db.reading() as conn:
-        target = await targets.find(conn, directory, principal, owner)
         rows = await storage.payment_methods(conn, target.owner, target.owner_id)
         connected = None
         if target.owner == "account":
@@ -114,8 +114,8 @@ async def detach(
     pm: str,
 ) -> None:
     """Remove one of the owner's cards, at Stripe (one already gone there is fine) and here."""
+    target = await targets.find(db, directory, principal, owner)
     async with db.reading() as conn:
-        target = await targets.find(conn, directory, principal, owner)
         rows = await storage.payment_methods(conn, target.owner, target.owner_id)
     stripe_account = _owned(rows, pm)["stripe_account"]
     try:
@@ -140,8 +140,7 @@ async def make_default(
 ) -> asyncpg.Record:
     """Make one of the owner's cards its default: a retry waiting for its time tries it now,
     and rebilling tries the owner's failed period charges again on it."""
-    async with db.reading() as conn:
-        target = await targets.find(conn, directory, principal, owner)
+    target = await targets.find(db, directory, principal, owner)
     async with db.unit() as uow:
         _owned(await storage.payment_methods(uow.conn, target.owner, target.owner_id), pm)
         await storage.make_default(uow.conn, pm, target.owner, target.owner_id)

@@ -29,8 +29,8 @@ async def history(
     limit: int,
     cursor: str | None,
 ) -> Page:
+    target = await targets.find(db, directory, principal, owner)
     async with db.reading() as conn:
-        target = await targets.find(conn, directory, principal, owner)
         rows = await storage.list_attempts(
             conn, target.wallet_id, limit=limit + 1, before_seq=pagination.decode(cursor)
         )

@@ -13,6 +13,7 @@ from tally.auth import Principal, require_company
 from tally.db import Conn
 from tally.directory import CompanyDirectory
 from tally.errors import ApiError, not_found
+from tally.uow import Database
 from tally_recharge import storage
 from tally_recharge.domain import WalletTarget
 
@@ -38,11 +39,9 @@ async def currency(
     known = await storage.known_currency(conn, company_id)
     if known is not None:
         return known
-    if directory is None:
-        return "USD"
-    if pin:
+    if pin and directory is not None:
         return (await directory.pinned_currencies([company_id])).get(company_id, "USD")
-    return await directory.rebilling_says("company", company_id) or "USD"
+    return await currency_of(directory, company_id)
 
 
 async def pinned(conn: Conn, directory: CompanyDirectory, target: WalletTarget) -> WalletTarget:
@@ -51,11 +50,11 @@ async def pinned(conn: Conn, directory: CompanyDirectory, target: WalletTarget) 
     try:
         held = await currency(conn, directory, target.company_id, pin=True)
     except httpx.HTTPError as exc:
-        raise _rebilling_unavailable() from exc
+        raise rebilling_unavailable() from exc
     return target if held == target.currency else replace(target, currency=held)
 
 
-def _rebilling_unavailable() -> ApiError:
+def rebilling_unavailable() -> ApiError:
     return ApiError(
         503,
         "rebilling_unavailable",
@@ -65,26 +64,39 @@ def _rebilling_unavailable() -> ApiError:
 
 
 async def find(
-    conn: Conn, directory: CompanyDirectory | None, principal: Principal, owner: Owner
+    db: Database, directory: CompanyDirectory | None, principal: Principal, owner: Owner
 ) -> WalletTarget:
     """The wallet ``principal`` names; 404 for other tenants, and for an account neither this
     service nor rebilling knows (a token does not vouch for an account's company: the account
-    may be created later in another one). 503 when rebilling cannot be asked."""
+    may be created later in another one). Rebilling is asked with no database connection held
+    (a slow rebilling must not hold the pool); 503 when it cannot answer."""
     try:
         if owner.kind == "company":
             cid = owner.id
             require_company(principal, cid)
-            return WalletTarget(f"company:{cid}", "company", cid, None, await currency(conn, directory, cid))
+            async with db.reading() as conn:
+                stored = await storage.known_currency(conn, cid)
+            held = stored or await currency_of(directory, cid)
+            return WalletTarget(f"company:{cid}", "company", cid, None, held)
         aid = owner.id
-        company = await storage.account_company(conn, aid)
+        async with db.reading() as conn:
+            company = await storage.account_company(conn, aid)
+            stored = await storage.known_currency(conn, company) if company else None
         if company is None and directory is not None:
             company = await directory.rebilling_says("account", aid)
         if company is None or not principal.can_see_account(company, aid):
             raise not_found("account")
-        held = await currency(conn, directory, company)
+        held = stored or await currency_of(directory, company)
     except httpx.HTTPError as exc:
-        raise _rebilling_unavailable() from exc
+        raise rebilling_unavailable() from exc
     return WalletTarget(f"account:{aid}", "account", company, aid, held)
+
+
+async def currency_of(directory: CompanyDirectory | None, company_id: str) -> str:
+    """A currency recharge has not stored: rebilling's answer now, else USD."""
+    if directory is None:
+        return "USD"
+    return await directory.rebilling_says("company", company_id) or "USD"
 
 
 async def stripe_account(conn: Conn, target: WalletTarget) -> str | None:

@@ -42,8 +42,7 @@ async def top_up(
     so another tenant's wallet is a 404 whatever the amount). With an Idempotency-Key the
     attempt's id comes from the key: a second request finds the same attempt (and never charges
     again); once the first has answered, its response is answered again (``Stored``)."""
-    async with db.reading() as conn:
-        target = await targets.find(conn, directory, principal, owner)
+    target = await targets.find(db, directory, principal, owner)
     micros = money_field(amount, "amount")
     who = idempotency.principal_key(principal)
     attempt_id = token = None

@@ -102,7 +102,7 @@ def _wallet_routes(owner: Literal["company", "account"]) -> APIRouter:
     ) -> CreditOut | JsonResponse:
         require_role(principal, *granters)
         out = await credits.grant(
-            w.uow(),
+            w.db,
             w.directory,
             principal,
             Target(owner, oid),
@@ -146,7 +146,7 @@ async def request_credits(
 ) -> CreditRequestOut | JsonResponse:
     require_role(principal, "account_user")
     out = await credit_requests.request_credits(
-        w.uow(),
+        w.db,
         w.directory,
         principal,
         aid,

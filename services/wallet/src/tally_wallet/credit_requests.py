@@ -26,7 +26,7 @@ Status = Literal["pending", "approved", "rejected"]
 
 
 async def request_credits(
-    uow: UnitOfWork,
+    db: Database,
     directory: CompanyDirectory,
     principal: Principal,
     account_id: str,
@@ -39,9 +39,9 @@ async def request_credits(
     """An account user asks its company for ``amount``: one pending request per account, and
     only while the company has not connected Stripe (else the account tops up itself)."""
     who = idempotency.principal_key(principal)
-    async with uow:
-        # the tenant check first: another account is a 404 whatever the key or the amount
-        wallet = await find(uow.conn, directory, principal, Target("account", account_id))
+    # the tenant check first: another account is a 404 whatever the key or the amount
+    wallet = await find(db, directory, principal, Target("account", account_id))
+    async with db.unit() as uow:
         if idempotency_key is not None:
             stored = await uow.claim_key(who, idempotency_key, fingerprint)
             if stored is not None and stored.response is not None:

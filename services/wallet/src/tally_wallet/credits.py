@@ -13,7 +13,7 @@ from tally.directory import CompanyDirectory
 from tally.errors import invalid, money_field, not_found
 from tally.idempotency import Stored
 from tally.money import format_micros
-from tally.uow import UnitOfWork
+from tally.uow import Database
 from tally_wallet import storage
 from tally_wallet.domain import (
     SYSTEM_MANUAL_CREDITS,
@@ -70,7 +70,7 @@ async def credit(
 
 
 async def grant(
-    uow: UnitOfWork,
+    db: Database,
     directory: CompanyDirectory,
     principal: Principal,
     target: Target,
@@ -86,12 +86,11 @@ async def grant(
     key never swallows this credit, and the same principal's key never credits twice, even
     after the 24 hours in which the first response is answered again."""
     who = idempotency.principal_key(principal)
-    async with uow:
-        wallet = await find(uow.conn, directory, principal, target)
-        if wallet.company_id is None:
-            raise not_found("account")  # never heard of it: its company is not known yet
-        micros = money_field(amount, "amount")  # after the tenant check: others' wallets are 404
-        wallet = await pinned(uow.conn, directory, wallet)  # checked: money moves now
+    wallet = await find(db, directory, principal, target)
+    if wallet.company_id is None:
+        raise not_found("account")  # never heard of it: its company is not known yet
+    micros = money_field(amount, "amount")  # after the tenant check: others' wallets are 404
+    async with db.unit() as uow:
         if idempotency_key is not None:
             stored = await uow.claim_key(who, idempotency_key, fingerprint)
             if stored is not None and stored.response is not None:
@@ -99,6 +98,7 @@ async def grant(
             key = f"manual:{wallet.id}:{idempotency.principal_digest(who)}:{idempotency_key}"
         else:
             key = f"manual:{wallet.id}:{uuid.uuid4()}"
+        wallet = await pinned(uow.conn, directory, wallet)  # all checked: money moves now
         try:
             posted, current = await credit(
                 uow.conn,

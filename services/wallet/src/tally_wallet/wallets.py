@@ -48,16 +48,18 @@ class Page:
     next_cursor: str | None
 
 
-async def _currency(conn: Conn, directory: CompanyDirectory, company_id: str, *, pin: bool = False) -> str:
-    """The company's currency, for a wallet about to be created: as rebilling.events told us,
-    else as rebilling answers now (a company created a moment ago: a PATCH or a credit right
-    after creation must not create its wallet in another currency; asked again, never an
-    "unknown" remembered from before the creation), else USD. ``pin``: money is about to move,
-    so a company no one created yet has its USD pinned at rebilling, and is never created in
-    another currency (docs/0027)."""
-    r = await storage.company_currency(conn, company_id)
-    if r is not None:
-        return r
+async def _currency(
+    directory: CompanyDirectory, company_id: str, stored: str | None, *, pin: bool = False
+) -> str:
+    """The company's currency, for a wallet about to be created: as rebilling.events told us
+    (``stored``), else as rebilling answers now (a company created a moment ago: a PATCH or a
+    credit right after creation must not create its wallet in another currency; asked again,
+    never an "unknown" remembered from before the creation), else USD. ``pin``: money is about
+    to move, so a company no one created yet has its USD pinned at rebilling, and is never
+    created in another currency (docs/0027). Called with no database connection held: a slow
+    rebilling must not hold the pool."""
+    if stored is not None:
+        return stored
     try:
         if pin:
             return (await directory.pinned_currencies([company_id])).get(company_id, "USD")
@@ -75,19 +77,25 @@ def _rebilling_unavailable() -> ApiError:
     )
 
 
-async def find(conn: Conn, directory: CompanyDirectory, principal: Principal, target: Target) -> Wallet:
+async def find(db: Database, directory: CompanyDirectory, principal: Principal, target: Target) -> Wallet:
     """The wallet ``principal`` names (a default one if it never moved); 404 for other tenants,
     and for an account neither this service nor rebilling knows (a token does not vouch for an
-    account's company: the account may be created later in another one)."""
+    account's company: the account may be created later in another one). Read outside the
+    caller's transaction, and rebilling asked with no connection held (a wallet that moved is
+    locked and read again where it changes: ``storage.post``, ``storage.lock_wallets``)."""
     if target.owner == "company":
         require_company(principal, target.id, "wallet")
-        w = await storage.get_wallet(conn, company_wallet_id(target.id))
+        async with db.reading() as conn:
+            w = await storage.get_wallet(conn, company_wallet_id(target.id))
+            stored = None if w else await storage.company_currency(conn, target.id)
         if w:
             return w
-        currency = await _currency(conn, directory, target.id)
+        currency = await _currency(directory, target.id, stored)
         return Wallet(company_wallet_id(target.id), "company", currency, company_id=target.id)
     aid = target.id
-    company = (await storage.account_info(conn, aid)).company_id
+    async with db.reading() as conn:
+        company = (await storage.account_info(conn, aid)).company_id
+        w = await storage.get_wallet(conn, account_wallet_id(aid))
     if company is None:
         try:
             company = await directory.rebilling_says("account", aid)
@@ -95,19 +103,23 @@ async def find(conn: Conn, directory: CompanyDirectory, principal: Principal, ta
             raise _rebilling_unavailable() from exc
     if company is None or not principal.can_see_account(company, aid):
         raise not_found("wallet")
-    w = await storage.get_wallet(conn, account_wallet_id(aid))
     if w:
         return w
-    currency = await _currency(conn, directory, company)
+    async with db.reading() as conn:
+        stored = await storage.company_currency(conn, company)
+    currency = await _currency(directory, company, stored)
     return Wallet(account_wallet_id(aid), "account", currency, company_id=company, account_id=aid)
 
 
 async def pinned(conn: Conn, directory: CompanyDirectory, w: Wallet) -> Wallet:
     """``w`` about to be credited, in its company's currency pinned at rebilling (``_currency``):
-    only once everything else about the credit is checked, so a refused request pins nothing."""
+    last, once everything else about the credit is checked, so a refused request pins nothing.
+    Asks rebilling (holding ``conn``) only for the first money of a company this service has
+    not heard of; the pin is remembered for good."""
     if w.company_id is None:
         return w
-    currency = await _currency(conn, directory, w.company_id, pin=True)
+    stored = await storage.company_currency(conn, w.company_id)
+    currency = await _currency(directory, w.company_id, stored, pin=True)
     if currency == w.currency or await storage.get_wallet(conn, w.id):
         return w  # a wallet that moved keeps its currency (one opened before pins existed)
     return replace(w, currency=currency)
@@ -134,8 +146,9 @@ def _markup_text(value: Decimal) -> str:
 
 
 async def show(db: Database, directory: CompanyDirectory, principal: Principal, target: Target) -> WalletView:
+    w = await find(db, directory, principal, target)
     async with db.reading() as conn:
-        return await view(conn, principal, await find(conn, directory, principal, target))
+        return await view(conn, principal, w)
 
 
 async def transactions(
@@ -148,8 +161,8 @@ async def transactions(
     cursor: str | None,
 ) -> Page:
     """The wallet's ledger lines, newest first, a page at a time."""
+    w = await find(db, directory, principal, target)
     async with db.reading() as conn:
-        w = await find(conn, directory, principal, target)
         rows = await storage.list_transfers(conn, w.id, limit=limit + 1, before_id=pagination.decode(cursor))
     items, nxt = pagination.page(rows, limit, rows[limit - 1]["id"] if len(rows) > limit else None)
     return Page(items, nxt)
@@ -170,8 +183,8 @@ async def update_settings(
         require_company(principal, target.id, "wallet")  # a 404 first for others' wallets
         if not await _company_known(db, directory, target.id):
             raise not_found("wallet")
+    w = await find(db, directory, principal, target)
     async with db.unit() as uow:
-        w = await find(uow.conn, directory, principal, target)
         if w.company_id is None:
             raise not_found("wallet")  # an account no one has heard of
         changes = patch.changes()  # after the tenant check: a 404 first for others' wallets
@@ -199,10 +212,10 @@ async def account_service_status(
     db: Database, directory: CompanyDirectory, principal: Principal, account_id: str
 ) -> ServiceReason:
     """Whether an account may use the platform's services, and why not."""
+    if principal.role != "product":
+        await find(db, directory, principal, Target("account", account_id))  # 404 for others
     async with db.reading() as conn:
         info = await storage.account_info(conn, account_id)
-        if principal.role != "product":
-            await find(conn, directory, principal, Target("account", account_id))  # 404 for others
         account = await storage.get_wallet(conn, account_wallet_id(account_id))
         company = (
             await storage.get_wallet(conn, company_wallet_id(info.company_id)) if info.company_id else None
