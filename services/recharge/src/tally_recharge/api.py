@@ -157,7 +157,7 @@ router.include_router(_owner_routes("account"))
     response_model=AttemptOut,
     summary="Charge a company's or account's cards for another service (at most once "
     "per key; platform services only)",
-    responses=answers(409),
+    responses=answers(404, 409),
 )
 async def charge(body: ChargeIn, principal: CurrentPrincipal, w: Wired) -> AttemptOut:
     require_role(principal, "platform_admin")
