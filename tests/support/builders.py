@@ -208,6 +208,14 @@ class Agency:
             return [r["company_id"] for r in await self.t.sql("usage_meter", query, aid)] == [self.cid]
 
         await eventually(metered, what=f"usage-meter to learn about {aid}")
+
+        # and recharge, for the same reason: an account user's token does not vouch for its
+        # account's company there (docs/0027), and rebilling does not know this account
+        async def rechargeable() -> bool:
+            query = "SELECT company_id FROM accounts WHERE account_id = $1"
+            return [r["company_id"] for r in await self.t.sql("recharge", query, aid)] == [self.cid]
+
+        await eventually(rechargeable, what=f"recharge to learn about {aid}")
         return aid
 
     def user(self, aid: str) -> dict[str, str]:
