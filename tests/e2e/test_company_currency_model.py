@@ -12,7 +12,7 @@ not from Tally's code:
   accepted usage, and its ledger holds exactly the accepted events;
 - nothing accepted is in a DLQ.
 
-``CURRENCY_MODEL_STEPS`` (default 40) and ``CURRENCY_MODEL_SEED`` (printed; set it to replay a
+``CURRENCY_MODEL_STEPS`` (default 150) and ``CURRENCY_MODEL_SEED`` (printed; set it to replay a
 failing walk)."""
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from tests.support.stack import Tally, eventually, messages_on, micros, uid
 
-STEPS = int(os.environ.get("CURRENCY_MODEL_STEPS", "40"))
+STEPS = int(os.environ.get("CURRENCY_MODEL_STEPS", "150"))
 SEED = int(os.environ.get("CURRENCY_MODEL_SEED", str(random.SystemRandom().randrange(10**9))))
 EMAIL = {"USD": 675, "EUR": 600}  # micros per email (USD: the seeded catalog; EUR: set below)
 CREDIT = 1_000_000
@@ -54,7 +55,8 @@ class Walk:
     def __init__(self, tally: Tally, rng: random.Random) -> None:
         self.t = tally
         self.rng = rng
-        self.ids = [Ident(uid("cur")) for _ in range(4)]
+        self.ids = [Ident(uid("cur")) for _ in range(6)]  # the ids the walk acts on
+        self.retired: list[Ident] = []  # created ids replaced by new ones: still checked
         self.admin = tally.auth("platform_admin")
         self.log: list[str] = []
 
@@ -133,7 +135,7 @@ class Walk:
         self.log.append(f"read {i.cid}")
 
     async def create(self, i: Ident) -> None:
-        currency = self.rng.choice(("USD", "EUR"))
+        currency = "EUR" if self.rng.random() < 0.6 else "USD"
         r = await self.t.http.post(
             self.t.url("rebilling", "/v1/companies"),
             headers=self.admin,
@@ -156,6 +158,16 @@ class Walk:
         assert (r.status_code, code) == expected, (r.text, currency, i)
         self.log.append(f"create {i.cid} in {currency}: {r.status_code} {code or ''}")
 
+    def renew(self) -> None:
+        """A created id leaves the walk for a new one, so that it keeps meeting ids no one
+        created (most are created, or their currency fixed, within a few steps)."""
+        created = [i for i in self.ids if i.created]
+        if created:
+            gone = self.rng.choice(created)
+            self.ids[self.ids.index(gone)] = Ident(uid("cur"))
+            self.retired.append(gone)
+            self.log.append(f"renew {gone.cid}")
+
     # --- settling ------------------------------------------------------------------------
 
     async def observed(self, i: Ident) -> tuple[str, int, list[str]]:
@@ -167,7 +179,7 @@ class Walk:
         return r.json()["currency"], micros(r.json()["balance"]), usage
 
     async def settle(self, step: int) -> None:
-        for i in self.ids:
+        for i in self.ids + self.retired:
             if not i.moved:
                 continue
             want = (i.fixed, i.balance, sorted(i.accepted))
@@ -192,7 +204,7 @@ class Walk:
             (self.credit_refused, 1),
             (self.top_up_without_card, 1),
             (self.read, 2),
-            (self.create, 2),
+            (self.create, 3),
         ]
         for step in range(steps):
             action = self.rng.choices([a for a, _ in actions], [w for _, w in actions])[0]
@@ -203,6 +215,8 @@ class Walk:
                     f"CURRENCY_MODEL_SEED={SEED}: {exc}\nwalk:\n" + "\n".join(self.log)
                 ) from exc
             await self.settle(step)
+            if self.rng.random() < 0.15:
+                self.renew()
 
 
 async def test_the_company_currency_model(tally: Tally) -> None:
@@ -216,14 +230,16 @@ async def test_the_company_currency_model(tally: Tally) -> None:
     walk = Walk(tally, random.Random(SEED))
     started = time.monotonic()
     await walk.run(STEPS)
-    outcomes = [line.split(": ", 1)[-1] for line in walk.log if line.startswith("create")]
+    everyone = walk.ids + walk.retired
+    creations = Counter(line.split(": ", 1)[-1].strip() for line in walk.log if line.startswith("create"))
+    states = Counter((i.fixed, i.created) for i in everyone)
     print(
-        f"currency model: {STEPS} steps in {time.monotonic() - started:.0f} s; creations {outcomes}; "
-        f"fixed {[(i.fixed, i.created) for i in walk.ids]}",
+        f"currency model: {STEPS} steps in {time.monotonic() - started:.0f} s over {len(everyone)} ids; "
+        f"creations {dict(creations)}; (fixed, created) {dict(states)}",
         flush=True,
     )
-    accepted = {e for i in walk.ids for e in i.accepted}
-    ours = {i.cid for i in walk.ids}
+    accepted = {e for i in everyone for e in i.accepted}
+    ours = {i.cid for i in everyone}
     for name in ("usage.recorded.dlq", "recharge.events.dlq", "wallet.digest.dlq", "usage.ingest.dlq"):
         for m in await messages_on(tally, name):
             message = str(m.get("message", ""))
