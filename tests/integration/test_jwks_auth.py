@@ -24,7 +24,8 @@ from tally.auth import CurrentPrincipal, Verifier
 from tally.errors import ApiError, response_for
 from tally.settings import DEV_SECRET, Settings
 from tally.tokens import issue_token
-from tests.support.receiver import Served, free_port
+from tally_devstack.stack import free_port
+from tests.support.receiver import Served
 
 ISSUER, AUDIENCE = "https://id.example.com/", "tally-api"
 

@@ -13,7 +13,6 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,13 +20,9 @@ from typing import Any
 import orjson
 import uvicorn
 
+from tally_devstack.stack import free_port
+
 TOLERANCE_SECONDS = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Served:

@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterable
@@ -37,10 +40,43 @@ SERVICES = tuple(SERVICE_PORTS)  # usage-meter, wallet, recharge, rebilling, not
 PACKAGES = {name: "tally_" + name.replace("-", "_") for name in SERVICES}
 
 
+_CHOSEN: list[int] = []  # lock files of the ports this process chose, held for its life
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free now, for a server started a moment later. Chosen outside the
+    kernel's ephemeral range: a port the kernel hands out (``bind(0)``) may be taken meanwhile
+    as the local port of any outgoing connection (CI, 2026-12-05: recharge could not bind its
+    port and a whole e2e worker failed). A lock file per port, held while this process lives,
+    keeps another stack on this machine (the other test worker) from choosing it too."""
+    low, high = _ephemeral_range()
+    choices = range(10_000, low) if low > 12_000 else range(high + 1, 65_536)
+    folder = Path(tempfile.gettempdir()) / "tally-ports"
+    folder.mkdir(exist_ok=True)
+    rng = random.SystemRandom()
+    for _ in range(500):
+        port = rng.choice(choices)
+        fd = os.open(folder / f"{port}.lock", os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))
+        except OSError:  # locked by another process, or in use
+            os.close(fd)
+            continue
+        _CHOSEN.append(fd)
+        if len(_CHOSEN) > 200:  # long bound by their servers, or given up: let another choose them
+            os.close(_CHOSEN.pop(0))
+        return port
+    raise RuntimeError("no free port outside the ephemeral range")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32_768, 60_999  # Linux's default
 
 
 def stop_on_sigterm() -> None:
