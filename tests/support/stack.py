@@ -96,14 +96,7 @@ class Infra:
         self, topic: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 30
     ) -> dict[str, Any]:
         """Read ``topic`` from the start until a JSON message matches."""
-        consumer = AIOKafkaConsumer(
-            topic,
-            bootstrap_servers=self.stack.bootstrap,
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-            group_id=None,
-        )
-        await consumer.start()
+        consumer = await from_the_start(self, topic)
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -245,14 +238,7 @@ def micros(text: str) -> int:
 
 async def messages_on(tally: Infra, name: str) -> list[dict[str, Any]]:
     """Every message on ``name`` so far."""
-    consumer = AIOKafkaConsumer(
-        name,
-        bootstrap_servers=tally.stack.bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-    )
-    await consumer.start()
+    consumer = await from_the_start(tally, name)
     out: list[dict[str, Any]] = []
     try:
         idle = 0
@@ -268,3 +254,16 @@ async def messages_on(tally: Infra, name: str) -> list[dict[str, Any]]:
     finally:
         await consumer.stop()
     return out
+
+
+async def from_the_start(infra: Infra, topic: str) -> AIOKafkaConsumer:
+    """A started consumer of ``topic`` from its first message, in no group."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=infra.stack.bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    return consumer

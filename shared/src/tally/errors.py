@@ -81,6 +81,17 @@ def not_found(what: str = "resource") -> ApiError:
     return ApiError(404, "not_found", f"{what} not found")
 
 
+def rebilling_unavailable() -> ApiError:
+    """503 when rebilling, asked about a company or an account this service has not heard of,
+    does not answer: nothing was done, try again."""
+    return ApiError(
+        503,
+        "rebilling_unavailable",
+        "the company cannot be looked up right now; try again",
+        headers={"Retry-After": "2"},
+    )
+
+
 def error_response(
     status: int,
     code: str,

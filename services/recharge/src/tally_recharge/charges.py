@@ -8,7 +8,7 @@ from typing import Literal
 import httpx
 
 from tally.directory import CompanyDirectory
-from tally.errors import ApiError, not_found
+from tally.errors import ApiError, not_found, rebilling_unavailable
 from tally.uow import Database
 from tally_recharge import storage, targets
 from tally_recharge.charging import Recharger
@@ -42,7 +42,7 @@ async def charge(
         try:
             currency = await directory.rebilling_says("company", company_id)
         except httpx.HTTPError as exc:
-            raise targets.rebilling_unavailable() from exc
+            raise rebilling_unavailable() from exc
         if currency is None:
             raise not_found("company")
     if owner == "account" and account_id:

@@ -12,7 +12,7 @@ import httpx
 from tally.auth import Principal, require_company
 from tally.db import Conn
 from tally.directory import CompanyDirectory
-from tally.errors import ApiError, not_found
+from tally.errors import ApiError, not_found, rebilling_unavailable
 from tally.uow import Database
 from tally_recharge import storage
 from tally_recharge.domain import WalletTarget
@@ -52,15 +52,6 @@ async def pinned(conn: Conn, directory: CompanyDirectory, target: WalletTarget) 
     except httpx.HTTPError as exc:
         raise rebilling_unavailable() from exc
     return target if held == target.currency else replace(target, currency=held)
-
-
-def rebilling_unavailable() -> ApiError:
-    return ApiError(
-        503,
-        "rebilling_unavailable",
-        "the company cannot be looked up right now; try again",
-        headers={"Retry-After": "2"},
-    )
 
 
 async def find(

@@ -16,7 +16,7 @@ from tally import pagination
 from tally.auth import Principal, require_company
 from tally.db import Conn
 from tally.directory import CompanyDirectory
-from tally.errors import ApiError, not_found
+from tally.errors import not_found, rebilling_unavailable
 from tally.uow import Database
 from tally_wallet import storage
 from tally_wallet.domain import ServiceReason, Wallet, account_wallet_id, company_wallet_id, service_status
@@ -65,16 +65,7 @@ async def _currency(
             return (await directory.pinned_currencies([company_id])).get(company_id, "USD")
         return await directory.rebilling_says("company", company_id) or "USD"
     except httpx.HTTPError as exc:
-        raise _rebilling_unavailable() from exc
-
-
-def _rebilling_unavailable() -> ApiError:
-    return ApiError(
-        503,
-        "rebilling_unavailable",
-        "the company cannot be looked up right now; try again",
-        headers={"Retry-After": "2"},
-    )
+        raise rebilling_unavailable() from exc
 
 
 async def find(db: Database, directory: CompanyDirectory, principal: Principal, target: Target) -> Wallet:
@@ -100,7 +91,7 @@ async def find(db: Database, directory: CompanyDirectory, principal: Principal, 
         try:
             company = await directory.rebilling_says("account", aid)
         except httpx.HTTPError as exc:
-            raise _rebilling_unavailable() from exc
+            raise rebilling_unavailable() from exc
     if company is None or not principal.can_see_account(company, aid):
         raise not_found("wallet")
     if w:
@@ -205,7 +196,7 @@ async def _company_known(db: Database, directory: CompanyDirectory, company_id: 
     try:
         return await directory.rebilling_says("company", company_id) is not None
     except httpx.HTTPError as exc:
-        raise _rebilling_unavailable() from exc
+        raise rebilling_unavailable() from exc
 
 
 async def account_service_status(
