@@ -150,6 +150,14 @@ class CompanyDirectory:
         read that pinned would forbid creating the company in its currency."""
         return await self._lookup("pin", company_ids)
 
+    async def currency_of(self, company_id: str, *, pin: bool = False) -> str:
+        """One company's currency, for a service that has not stored it: rebilling's answer now
+        (asked again, never an "unknown" remembered from before the company's creation), else
+        USD. ``pin``: money is about to move (``pinned_currencies``)."""
+        if pin:
+            return (await self.pinned_currencies([company_id])).get(company_id, "USD")
+        return await self.rebilling_says("company", company_id) or "USD"
+
     async def _lookup(self, question: Question, ids: Iterable[str]) -> dict[str, str]:
         now = time.monotonic()
         known = self._pinned if question == "pin" else self.facts.known[question]

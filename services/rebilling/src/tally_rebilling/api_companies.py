@@ -74,8 +74,7 @@ async def get_company(cid: PathId, principal: CurrentPrincipal, w: Wired) -> Com
 async def pin_currency(cid: PathId, principal: CurrentPrincipal, w: Wired) -> CurrencyPinOut:
     """Asked by a service about to record money for a company it has not heard of."""
     require_role(principal, "platform_admin")
-    pinned = await companies.pin_currency(w.uow(), cid)
-    return CurrencyPinOut(company_id=pinned.company_id, currency=pinned.currency, created=pinned.created)
+    return CurrencyPinOut(company_id=cid, currency=await companies.pin_currency(w.uow(), cid))
 
 
 @router.put("/companies/{cid}/plan", response_model=PlanChangeOut)

@@ -44,21 +44,12 @@ async def create(uow: UnitOfWork, company: CompanyIn) -> asyncpg.Record:
     return c
 
 
-@dataclass(frozen=True)
-class Pinned:
-    company_id: str
-    currency: str
-    created: bool  # False: no one created the company yet
-
-
-async def pin_currency(uow: UnitOfWork, cid: str) -> Pinned:
+async def pin_currency(uow: UnitOfWork, cid: str) -> str:
     """The currency money of company ``cid`` is charged in, fixed for good (docs/0027): a
     service asks before it records money for a company it has not heard of. A company no one
     created yet is charged in USD, and may then only be created in USD."""
     async with uow:
-        currency = await storage.pin_currency(uow.conn, cid, UNCREATED_CURRENCY)
-        created = await storage.company(uow.conn, cid) is not None
-    return Pinned(cid, currency, created)
+        return await storage.pin_currency(uow.conn, cid, UNCREATED_CURRENCY)
 
 
 async def list_all(db: Database, *, limit: int, cursor: str | None) -> storage.Page:

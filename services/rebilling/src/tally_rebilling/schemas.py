@@ -33,8 +33,7 @@ class CurrencyPinOut(BaseModel):
     """The currency money of a company is charged in, fixed for good (docs/0027)."""
 
     company_id: str
-    currency: str
-    created: bool = Field(description="false: no one created the company yet (its money is in USD)")
+    currency: str = Field(description="the company's, or USD for a company no one created yet")
 
 
 class CompanyOut(BaseModel):

@@ -75,7 +75,7 @@ class Recharger(Worker):
         wallets: WalletReader,
         *,
         retry: RetryPolicy,
-        directory: CompanyDirectory | None = None,
+        directory: CompanyDirectory,
         lease_seconds: int = 120,
         unavailable_retry_seconds: int = 30,
         pending_recheck_seconds: int = 60,
@@ -135,7 +135,7 @@ class Recharger(Worker):
             return False
         if not wanted:
             return False
-        currency = await targets.currency(conn, self.directory, check.company_id, pin=True)
+        currency = await targets.pinned_currency(conn, self.directory, check.company_id)
         created = await storage.insert_attempt(
             conn,
             {

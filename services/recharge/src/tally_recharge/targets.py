@@ -28,35 +28,25 @@ class Owner:
     id: str
 
 
-async def currency(
-    conn: Conn, directory: CompanyDirectory | None, company_id: str, *, pin: bool = False
-) -> str:
-    """The company's currency: as rebilling.events told us, else as rebilling answers now (a
-    company created a moment ago; asked again, never an "unknown" remembered from before its
-    creation), else USD (a company no one created). ``pin``: money is about to be charged in
-    it, so a company no one created yet has its USD pinned at rebilling, and is never created
-    in another currency (docs/0027). Raises ``httpx.HTTPError`` when rebilling cannot answer."""
+async def pinned_currency(conn: Conn, directory: CompanyDirectory, company_id: str) -> str:
+    """The company's currency, money about to be charged in it: as rebilling.events told us,
+    else pinned at rebilling (a company no one created yet is USD, and is never created in
+    another: docs/0027). Raises ``httpx.HTTPError`` when rebilling cannot answer."""
     known = await storage.known_currency(conn, company_id)
-    if known is not None:
-        return known
-    if pin and directory is not None:
-        return (await directory.pinned_currencies([company_id])).get(company_id, "USD")
-    return await currency_of(directory, company_id)
+    return known or await directory.currency_of(company_id, pin=True)
 
 
 async def pinned(conn: Conn, directory: CompanyDirectory, target: WalletTarget) -> WalletTarget:
-    """``target`` about to be charged, in its company's currency pinned (``currency``): only
+    """``target`` about to be charged, in its company's currency pinned (``pinned_currency``): only
     once everything else about the charge is checked, so a refused request pins nothing."""
     try:
-        held = await currency(conn, directory, target.company_id, pin=True)
+        held = await pinned_currency(conn, directory, target.company_id)
     except httpx.HTTPError as exc:
         raise rebilling_unavailable() from exc
     return target if held == target.currency else replace(target, currency=held)
 
 
-async def find(
-    db: Database, directory: CompanyDirectory | None, principal: Principal, owner: Owner
-) -> WalletTarget:
+async def find(db: Database, directory: CompanyDirectory, principal: Principal, owner: Owner) -> WalletTarget:
     """The wallet ``principal`` names; 404 for other tenants, and for an account neither this
     service nor rebilling knows (a token does not vouch for an account's company: the account
     may be created later in another one). Rebilling is asked with no database connection held
@@ -67,27 +57,20 @@ async def find(
             require_company(principal, cid)
             async with db.reading() as conn:
                 stored = await storage.known_currency(conn, cid)
-            held = stored or await currency_of(directory, cid)
+            held = stored or await directory.currency_of(cid)
             return WalletTarget(f"company:{cid}", "company", cid, None, held)
         aid = owner.id
         async with db.reading() as conn:
             company = await storage.account_company(conn, aid)
             stored = await storage.known_currency(conn, company) if company else None
-        if company is None and directory is not None:
+        if company is None:
             company = await directory.rebilling_says("account", aid)
         if company is None or not principal.can_see_account(company, aid):
             raise not_found("account")
-        held = stored or await currency_of(directory, company)
+        held = stored or await directory.currency_of(company)
     except httpx.HTTPError as exc:
         raise rebilling_unavailable() from exc
     return WalletTarget(f"account:{aid}", "account", company, aid, held)
-
-
-async def currency_of(directory: CompanyDirectory | None, company_id: str) -> str:
-    """A currency recharge has not stored: rebilling's answer now, else USD."""
-    if directory is None:
-        return "USD"
-    return await directory.rebilling_says("company", company_id) or "USD"
 
 
 async def stripe_account(conn: Conn, target: WalletTarget) -> str | None:

@@ -109,16 +109,16 @@ async def _complete(
     # answered a moment ago: asked after, not beside, the lookups above.
     # Only for usage that would be charged: a refused event (no price, a bad quantity) moves no
     # money, and must not fix the currency a company may be created in.
-    uncreated = [c for c in dict.fromkeys(new_companies) if c not in found]
-    if uncreated:
-        charged = {e.company_id for e in batch if _charged_in_usd(e, known, now)}
-        uncreated = [c for c in uncreated if c in charged]
-    if not uncreated:
+    uncreated = {c for c in new_companies if c not in found}
+    charged = sorted(
+        {e.company_id for e in batch if e.company_id in uncreated and _charged_in_usd(e, known, now)}
+    )
+    if not charged:
         return {}
     try:
-        return await directory.pinned_currencies(uncreated)
+        return await directory.pinned_currencies(charged)
     except httpx.HTTPError as exc:
-        companies = _unanswered(exc, "company", uncreated)
+        companies = _unanswered(exc, "company", charged)
         raise DirectoryUnavailable(str(exc), companies, frozenset()) from exc
 
 

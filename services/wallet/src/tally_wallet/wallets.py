@@ -52,18 +52,13 @@ async def _currency(
     directory: CompanyDirectory, company_id: str, stored: str | None, *, pin: bool = False
 ) -> str:
     """The company's currency, for a wallet about to be created: as rebilling.events told us
-    (``stored``), else as rebilling answers now (a company created a moment ago: a PATCH or a
-    credit right after creation must not create its wallet in another currency; asked again,
-    never an "unknown" remembered from before the creation), else USD. ``pin``: money is about
-    to move, so a company no one created yet has its USD pinned at rebilling, and is never
-    created in another currency (docs/0027). Called with no database connection held: a slow
-    rebilling must not hold the pool."""
+    (``stored``), else as rebilling says now (``CompanyDirectory.currency_of``: a PATCH or a
+    credit right after a creation must not open the wallet in another currency). Called with
+    no database connection held: a slow rebilling must not hold the pool."""
     if stored is not None:
         return stored
     try:
-        if pin:
-            return (await directory.pinned_currencies([company_id])).get(company_id, "USD")
-        return await directory.rebilling_says("company", company_id) or "USD"
+        return await directory.currency_of(company_id, pin=pin)
     except httpx.HTTPError as exc:
         raise rebilling_unavailable() from exc
 
