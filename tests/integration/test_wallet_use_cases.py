@@ -40,6 +40,9 @@ class Directory:
     async def rebilling_says(self, kind: str, id_: str) -> str | None:
         return self.known.get(id_) if kind == "company" else None
 
+    async def currency_of(self, company_id: str, *, pin: bool = False) -> str:
+        return self.known.get(company_id, "USD")
+
 
 @pytest.fixture
 async def database(infra: Infra) -> AsyncIterator[Database]:
@@ -209,6 +212,9 @@ class Unreachable:
         raise httpx.ConnectError("rebilling is down")
 
     async def rebilling_says(self, kind: str, id_: str) -> str | None:
+        raise httpx.ConnectError("rebilling is down")
+
+    async def currency_of(self, company_id: str, *, pin: bool = False) -> str:
         raise httpx.ConnectError("rebilling is down")
 
 
