@@ -286,3 +286,45 @@ async def test_a_hung_rebilling_holds_no_connection_while_asked_about_unknown_ac
     assert shown.wallet.account_id == aid and not released.is_set()
     released.set()
     assert await asyncio.gather(*flood) == [404] * 12
+
+
+async def test_a_credit_racing_the_companys_creation_is_posted_in_the_currency_it_opened_in(
+    database: Database,
+) -> None:
+    """Found by the attack on the review's version (2026-12-05): a platform admin's credit read
+    a company no one had created (a default USD wallet); the company was then created in EUR
+    and another credit opened its wallet in EUR before this one was pinned. The credit posted
+    from a USD source to the EUR wallet, and answered 500. Stands in for the race: the pin is
+    where the company is created and the other credit lands."""
+    cid = uid("co")
+    platform = Principal(sub="platform", role="platform_admin")
+
+    class CreatedMeanwhile(Directory):
+        async def currency_of(self, company_id: str, *, pin: bool = False) -> str:
+            if not pin:
+                return "USD"  # find: not created yet
+            await credits.grant(
+                database,
+                Directory({cid: "EUR"}),  # type: ignore[arg-type]
+                platform,
+                Target("company", cid),
+                amount="2",
+                reference=None,
+                idempotency_key=None,
+                fingerprint="the other credit",
+            )
+            return "EUR"
+
+    out = await credits.grant(
+        database,
+        CreatedMeanwhile(),  # type: ignore[arg-type]
+        platform,
+        Target("company", cid),
+        amount="1.5",
+        reference=None,
+        idempotency_key=None,
+        fingerprint="this credit",
+    )
+    assert isinstance(out, CreditOut)
+    assert (out.wallet.currency, out.wallet.balance) == ("EUR", "3.500000")
+    assert len(await lines(database, f"company:{cid}")) == 2

@@ -101,14 +101,18 @@ async def pinned(conn: Conn, directory: CompanyDirectory, w: Wallet) -> Wallet:
     """``w`` about to be credited, in its company's currency pinned at rebilling (``_currency``):
     last, once everything else about the credit is checked, so a refused request pins nothing.
     Asks rebilling (holding ``conn``) only for the first money of a company this service has
-    not heard of; the pin is remembered for good."""
+    not heard of; the pin is remembered for good. A wallet that moved since ``find`` read it
+    is credited as it stands: opened meanwhile in the currency of a company created meanwhile,
+    it is not the default ``find`` made (the review's attack, 2026-12-05: a credit racing a
+    creation in EUR answered 500)."""
     if w.company_id is None:
         return w
     stored = await storage.company_currency(conn, w.company_id)
     currency = await _currency(directory, w.company_id, stored, pin=True)
-    if currency == w.currency or await storage.get_wallet(conn, w.id):
-        return w  # a wallet that moved keeps its currency (one opened before pins existed)
-    return replace(w, currency=currency)
+    current = await storage.get_wallet(conn, w.id)
+    if current is not None:
+        return current  # it moved: its currency stands (one opened before pins existed too)
+    return w if currency == w.currency else replace(w, currency=currency)
 
 
 async def view(conn: Conn, principal: Principal, w: Wallet) -> WalletView:
