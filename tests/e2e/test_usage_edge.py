@@ -526,6 +526,58 @@ async def test_rebilling_down_refuses_only_the_requests_naming_a_company_it_must
     assert r.status_code == 202 and r.json()["results"][0]["status"] == "accepted", r.text
 
 
+
+async def test_rebilling_down_holds_only_the_usage_ingest_records_naming_what_it_must_answer(
+    tally: Tally,
+) -> None:
+    """docs/0029. With rebilling stopped, a product produces to ``usage.ingest`` an event of a
+    company usage-meter has never heard of, then events of a known, funded company, all on one
+    partition (one key). The known company's usage is charged meanwhile: before, the stranger's
+    record failed its batch again and again, and every record behind it on that partition
+    waited for rebilling. The stranger's event waits, set aside; once rebilling is back it is
+    charged once, in the currency pinned for the company (USD), and the DLQ holds nothing."""
+    known = await Reseller(tally, plan="starter").create(connect=False)
+    await all_store(tally, "company", known.cid, "USD")
+    r = await tally.http.post(
+        tally.url("wallet", f"/v1/companies/{known.cid}/wallet/credits"),
+        json={"amount": "5.00"},
+        headers=tally.auth("platform_admin"),
+    )
+    assert r.status_code == 201, r.text
+    stranger = uid("co")
+    new = event(stranger)
+    theirs = [event(known.cid) for _ in range(5)]
+    await tally.stack.stop_service("rebilling")
+    try:
+        for e in [new, *theirs]:
+            await tally.produce("usage.ingest", e, key=known.cid)  # one partition for all
+        await tally.wait_applied(known.cid, theirs[-1]["event_id"])  # while rebilling is down
+        lines = await tally.company_transactions(known.cid)
+        assert {t["usage_event_id"] for t in lines} >= {e["event_id"] for e in theirs}
+        waiting = await tally.sql(
+            "usage_meter", "SELECT company_id, event_id FROM ingest_deferred WHERE company_id = $1", stranger
+        )
+        assert [tuple(w) for w in waiting] == [(stranger, new["event_id"])]
+    finally:
+        tally.stack.spawn_service("rebilling")
+        await tally.stack.wait_ready("rebilling")
+    charged = await tally.wait_applied(stranger, new["event_id"], timeout=60)
+    mine = [t for t in charged if t["usage_event_id"] == new["event_id"]]
+    assert len(mine) == 1 and mine[0]["amount"].startswith("-"), mine
+    r = await tally.http.post(
+        tally.url("rebilling", f"/v1/companies/{stranger}/currency-pin"), headers=tally.auth("platform_admin")
+    )
+    assert r.status_code == 200 and r.json()["currency"] == "USD", r.text
+    left = await tally.sql("usage_meter", "SELECT count(*) FROM ingest_deferred WHERE company_id = $1", stranger)
+    assert left[0][0] == 0
+    await tally.produce("usage.ingest", new, key=known.cid)  # the product retries: never twice
+    later = event(known.cid)
+    await tally.produce("usage.ingest", later, key=known.cid)
+    await tally.wait_applied(known.cid, later["event_id"])
+    again = await tally.company_transactions(stranger)
+    assert [t["usage_event_id"] for t in again].count(new["event_id"]) == 1
+
+
 # --- HTTP framing ------------------------------------------------------------------------
 
 

@@ -22,13 +22,13 @@ import pytest
 
 from tally import outbox
 from tally.consumer import DLQ
-from tally.directory import CompanyDirectory, Facts
+from tally.directory import CompanyDirectory, Facts, Unanswered
 from tally.errors import ApiError
 from tally.events import AccountCreated, CompanyUpdated, IncomingUsage, UsageEvent
 from tally.outbox import CHANNEL
 from tally.ratelimit import TokenBuckets
 from tally.uow import Database
-from tally_usage_meter import companies, handlers, storage
+from tally_usage_meter import companies, deferral, handlers, storage
 from tally_usage_meter.ingestion import DirectoryUnavailable, HttpIngestion, Result, ingest, ingest_at_once
 from tests.support.databases import CountingRelay, service_database
 from tests.support.stack import Infra, uid
@@ -559,3 +559,121 @@ async def test_a_hung_rebilling_costs_a_group_one_wait_not_one_per_kind_of_id(da
     assert isinstance(outcomes[0], ApiError) and isinstance(outcomes[1], ApiError)
     assert isinstance(outcomes[2], list) and [r.status for r in outcomes[2]] == ["accepted"]
     assert seen[:2] == ["company asked", "account asked"] and len(seen) == 4  # one wait, both kinds
+
+
+class AnswersFor(Directory):
+    """Rebilling down for the ids in ``unreachable`` only (``Unanswered`` names them), and
+    answering as ``Directory`` for the rest."""
+
+    def __init__(self, currencies: dict[str, str], owners: dict[str, str], unreachable: set[str]) -> None:
+        super().__init__(currencies, owners)
+        self.unreachable = unreachable
+
+    async def currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
+        return await self._ask("company", list(company_ids), super().currencies)
+
+    async def account_companies(self, account_ids: Iterable[str]) -> dict[str, str]:
+        return await self._ask("account", list(account_ids), super().account_companies)
+
+    async def pinned_currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
+        return await self._ask("company", list(company_ids), super().pinned_currencies)
+
+    async def _ask(self, kind: str, asked: list[str], answer: Any) -> dict[str, str]:
+        failed = frozenset(i for i in asked if i in self.unreachable)
+        if failed:
+            raise Unanswered(kind, failed, "rebilling is down")  # type: ignore[arg-type]
+        result: dict[str, str] = await answer(asked)
+        return result
+
+
+def usage_record(eid: str, company: str, offset: int, **fields: Any) -> IngestRecord:
+    body = {"event_id": eid, "company_id": company, "service": "email", "quantity": "2", **fields}
+    return IngestRecord(orjson.dumps(body), offset, key=company.encode())
+
+
+async def waiting(database: Database) -> list[tuple[str, str, int]]:
+    async with database.reading() as conn:
+        rows = await conn.fetch("SELECT company_id, event_id, source_offset FROM ingest_deferred ORDER BY 3")
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+async def test_records_rebilling_cannot_answer_about_wait_and_the_partition_goes_on(database: Database) -> None:
+    """docs/0029: a usage.ingest batch naming a company (or account) rebilling cannot be asked
+    about no longer fails whole, holding its partition: the rest is recorded, and those records
+    are set aside in the same transaction. Once rebilling answers, the worker judges them the
+    same way (a new company's usage is charged in the currency pinned for it), once; a record
+    the judgement refuses is dead-lettered then; a redelivery of the batch changes nothing."""
+    known, ghost, eur = uid("co"), uid("co"), uid("co")
+    new_acct = uid("ws")
+    async with database.unit() as uow:
+        await storage.upsert_company(uow.conn, known, "USD")
+        await uow.conn.execute(
+            "INSERT INTO prices (service, unit, unit_price_micros, currency) "
+            "VALUES ('email', 'email', 600, 'EUR') ON CONFLICT DO NOTHING"
+        )
+    directory = AnswersFor({eur: "EUR"}, {new_acct: known}, unreachable={ghost, eur, new_acct})
+    wiring = SimpleNamespace(db=database, uow=database.unit, directory=directory)
+    ok, g1, e1, e2, bad = (uid("ev") for _ in range(5))
+    records = [
+        usage_record(ok, known, 0),
+        usage_record(g1, ghost, 1),
+        IngestRecord(b"{not json", 2),
+        usage_record(e1, eur, 3),
+        usage_record(e2, known, 4, account_id=new_acct),  # names the new account: waits too
+        usage_record(bad, ghost, 5, service="pigeon"),  # refused once judged, not before
+    ]
+    deferred = float(deferral.DEFERRED._value.get())
+    await handlers.on_ingest(wiring, records)  # type: ignore[arg-type]
+    assert await claimed(database, [ok, g1, e1, e2, bad]) == {ok}
+    assert [m["data"]["event_id"] for m in await recorded_usage(database)] == [ok]
+    assert await waiting(database) == [(ghost, g1, 1), (eur, e1, 3), (known, e2, 4), (ghost, bad, 5)]
+    assert float(deferral.DEFERRED._value.get()) - deferred == 4
+
+    # redelivered (the offsets did not commit): nothing recorded twice, nothing set aside twice
+    await handlers.on_ingest(wiring, records)  # type: ignore[arg-type]
+    assert [m["data"]["event_id"] for m in await recorded_usage(database)] == [ok]
+    assert len(await waiting(database)) == 4
+
+    worker = deferral.IngestDeferred(database, directory)  # type: ignore[arg-type]
+    assert await worker.step() is False  # rebilling still down: everything stays
+    assert len(await waiting(database)) == 4
+
+    directory.unreachable = {eur}  # the ghost company and the new account can be asked now
+    await worker.step()
+    assert await waiting(database) == [(eur, e1, 3)]  # the one rebilling still fails on
+    assert await claimed(database, [g1, e2, bad]) == {g1, e2}
+    directory.unreachable = set()
+    await worker.step()
+    assert await waiting(database) == []
+    assert await claimed(database, [e1]) == {e1}
+    usage = {m["data"]["event_id"]: m["data"] for m in await recorded_usage(database)}
+    assert sorted(usage) == sorted([ok, g1, e1, e2])
+    assert usage[g1]["currency"] == "USD" and ghost in directory.pinned  # pinned, not assumed
+    assert usage[e1]["currency"] == "EUR" and usage[e2]["currency"] == "USD"
+    async with database.reading() as conn:
+        letters = [
+            orjson.loads(v)
+            for r in await conn.fetch("SELECT * FROM outbox ORDER BY id")
+            for topic, _, v, _, _ in outbox.stored(r)
+            if topic == "usage.ingest.dlq"
+        ]
+    # the unreadable record at once (twice: the batch came twice), the refused one when judged
+    assert sorted(m["offset"] for m in letters) == [2, 2, 5]
+    assert await worker.step() is False  # nothing left
+
+
+async def test_set_aside_usage_is_judged_once_across_replicas(database: Database) -> None:
+    """Two replicas' workers at once over the same set-aside records: each record is judged by
+    one of them (``SKIP LOCKED``), and each event is claimed and published once."""
+    ghost = uid("co")
+    directory = AnswersFor({}, {}, unreachable={ghost})
+    wiring = SimpleNamespace(db=database, uow=database.unit, directory=directory)
+    ids = [uid("ev") for _ in range(40)]
+    await handlers.on_ingest(wiring, [usage_record(e, ghost, i) for i, e in enumerate(ids)])  # type: ignore[arg-type]
+    assert len(await waiting(database)) == 40
+    directory.unreachable = set()
+    first, second = (deferral.IngestDeferred(database, directory) for _ in range(2))  # type: ignore[arg-type]
+    first.ROUND = second.ROUND = 7
+    while await waiting(database):
+        await asyncio.gather(first.step(), second.step())
+    assert sorted(m["data"]["event_id"] for m in await recorded_usage(database)) == sorted(ids)

@@ -7,6 +7,7 @@ from tally.events import Topics
 from tally.ratelimit import TokenBuckets
 from tally.service import Consumer, Runtime, ServiceSpec
 from tally_usage_meter import api, handlers
+from tally_usage_meter.deferral import IngestDeferred
 from tally_usage_meter.ingestion import HttpIngestion
 from tally_usage_meter.retention import DedupeExpiry
 from tally_usage_meter.wiring import UsageMeterWiring
@@ -27,6 +28,7 @@ def wire(rt: Runtime) -> UsageMeterWiring:
             interval=settings.ingest_group_interval_ms / 1000,
         ),
         dedupe_expiry=DedupeExpiry(rt.pool, settings.dedupe_window_days),
+        deferred=IngestDeferred(rt.db, directory),
     )
 
 

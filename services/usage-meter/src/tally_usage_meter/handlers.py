@@ -15,7 +15,14 @@ from tally import events, outbox
 from tally.consumer import dlq_row, note_dead_letter, take
 from tally.telemetry import continue_trace, header
 from tally_usage_meter import companies, wallet_status
-from tally_usage_meter.ingestion import Result, ingest, ingest_at_once, parse_ingest_records
+from tally_usage_meter.deferral import Item, record_or_defer
+from tally_usage_meter.ingestion import (
+    DirectoryUnavailable,
+    Result,
+    ingest,
+    ingest_at_once,
+    parse_ingest_records,
+)
 from tally_usage_meter.wiring import UsageMeterWiring
 
 SERVICE = "usage-meter"
@@ -28,7 +35,9 @@ async def on_ingest(w: UsageMeterWiring, records: Sequence[Any]) -> None:
     one statement, its dead letters with it (``ingest_at_once``: plain claims, which cost
     Postgres ~60% of the ``ON CONFLICT`` ones, and no BEGIN and COMMIT); a redelivered batch,
     whose events were claimed before, is recorded in a unit of work (``ingest``). A dead
-    letter is counted and logged once written, not for a write that failed and went again."""
+    letter is counted and logged once written, not for a write that failed and went again.
+    Records rebilling cannot be asked about are set aside, not the partition held
+    (``deferral``)."""
     good, unreadable = [], []
     for r, parsed in zip(records, parse_ingest_records([r.value for r in records]), strict=True):
         if isinstance(parsed, events.BadMessage):
@@ -50,12 +59,19 @@ async def on_ingest(w: UsageMeterWiring, records: Sequence[Any]) -> None:
 
     with continue_trace(traces[0] if traces else None, "usage.ingest", {"tally.events": len(good)}):
         try:
-            async with w.db.statements() as conn:
-                await ingest_at_once(conn, batch, traces, w.directory, hand_over=w.db.hand_over, also=letters)
-        except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError):
-            # an event claimed before (a redelivery), or a group racing it: nothing was written
-            async with w.uow() as uow:
-                uow.publish(letters(await ingest(uow, batch, traces, w.directory)))
+            try:
+                async with w.db.statements() as conn:
+                    await ingest_at_once(
+                        conn, batch, traces, w.directory, hand_over=w.db.hand_over, also=letters
+                    )
+            except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError):
+                # an event claimed before (a redelivery), or a group racing it: nothing was written
+                async with w.uow() as uow:
+                    uow.publish(letters(await ingest(uow, batch, traces, w.directory)))
+        except DirectoryUnavailable:
+            # rebilling cannot be asked about some of it: those records wait, not the partition
+            items = [Item(r, e, t) for (r, e), t in zip(good, traces, strict=True)]
+            dead[:] = await record_or_defer(w.db, w.directory, items, unreadable)
     for record, why in dead:
         note_dead_letter(record, why, service=SERVICE)
 

@@ -1,10 +1,11 @@
-"""usage-meter's tables: prices, ingestion dedupe, suspended wallets."""
+"""usage-meter's tables: prices, ingestion dedupe, suspended wallets, usage waiting for rebilling."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import NamedTuple
 
 from tally import outbox
 from tally.db import Conn
@@ -193,3 +194,61 @@ async def upsert_account(conn: Conn, account_id: str, company_id: str) -> None:
         account_id,
         company_id,
     )
+
+
+# --- usage.ingest records waiting for rebilling (migration 0005) ---------------------------
+
+
+class Deferred(NamedTuple):
+    """A ``usage.ingest`` record as it came (what ``tally.consumer.dlq_row`` reads of a
+    record), kept until rebilling answers about its company or account."""
+
+    company_id: str
+    event_id: str
+    value: bytes
+    key: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    traceparent: str | None
+
+
+async def defer(conn: Conn, waiting: Sequence[Deferred]) -> int:
+    """Keep ``waiting``; an event already waiting keeps its first record. Returns how many
+    were added."""
+    if not waiting:
+        return 0
+    status = await conn.execute(
+        "INSERT INTO ingest_deferred (company_id, event_id, value, record_key, topic, "
+        "source_partition, source_offset, traceparent) "
+        "SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::text[], "
+        "$6::int[], $7::bigint[], $8::text[]) ON CONFLICT DO NOTHING",
+        *(list(column) for column in zip(*waiting, strict=True)),
+    )
+    return int(status.split()[-1])
+
+
+async def take_deferred(conn: Conn, limit: int) -> list[Deferred]:
+    """The oldest waiting records, up to ``limit``, locked for the caller's transaction (a
+    replica taking the others skips these)."""
+    rows = await conn.fetch(
+        "SELECT company_id, event_id, value, record_key, topic, source_partition, source_offset, "
+        "traceparent FROM ingest_deferred ORDER BY deferred_at, company_id, event_id "
+        "LIMIT $1 FOR UPDATE SKIP LOCKED",
+        limit,
+    )
+    return [Deferred(*r) for r in rows]
+
+
+async def forget_deferred(conn: Conn, done: Sequence[Deferred]) -> None:
+    await conn.execute(
+        "DELETE FROM ingest_deferred d USING unnest($1::text[], $2::text[]) AS v(c, e) "
+        "WHERE d.company_id = v.c AND d.event_id = v.e",
+        [d.company_id for d in done],
+        [d.event_id for d in done],
+    )
+
+
+async def deferred_count(conn: Conn) -> int:
+    count: int = await conn.fetchval("SELECT count(*) FROM ingest_deferred")
+    return count

@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from tally.directory import CompanyDirectory
 from tally.service import Wiring, wiring
 from tally.worker import Worker
+from tally_usage_meter.deferral import IngestDeferred
 from tally_usage_meter.ingestion import HttpIngestion
 from tally_usage_meter.retention import DedupeExpiry
 
@@ -20,9 +21,10 @@ class UsageMeterWiring(Wiring):
     directory: CompanyDirectory  # companies' currencies and accounts' companies, before rebilling.events
     ingestion: HttpIngestion  # POST /v1/usage: rate limit and group commit
     dedupe_expiry: DedupeExpiry  # forgets event ids older than the dedupe window
+    deferred: IngestDeferred  # judges the usage.ingest records set aside while rebilling could not answer
 
     def workers(self) -> Sequence[Worker]:
-        return (self.dedupe_expiry,)
+        return (self.dedupe_expiry, self.deferred)
 
     async def close(self) -> None:
         await self.directory.close()
