@@ -526,7 +526,6 @@ async def test_rebilling_down_refuses_only_the_requests_naming_a_company_it_must
     assert r.status_code == 202 and r.json()["results"][0]["status"] == "accepted", r.text
 
 
-
 async def test_rebilling_down_holds_only_the_usage_ingest_records_naming_what_it_must_answer(
     tally: Tally,
 ) -> None:
@@ -568,7 +567,9 @@ async def test_rebilling_down_holds_only_the_usage_ingest_records_naming_what_it
         tally.url("rebilling", f"/v1/companies/{stranger}/currency-pin"), headers=tally.auth("platform_admin")
     )
     assert r.status_code == 200 and r.json()["currency"] == "USD", r.text
-    left = await tally.sql("usage_meter", "SELECT count(*) FROM ingest_deferred WHERE company_id = $1", stranger)
+    left = await tally.sql(
+        "usage_meter", "SELECT count(*) FROM ingest_deferred WHERE company_id = $1", stranger
+    )
     assert left[0][0] == 0
     await tally.produce("usage.ingest", new, key=known.cid)  # the product retries: never twice
     later = event(known.cid)

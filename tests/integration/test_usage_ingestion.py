@@ -597,7 +597,9 @@ async def waiting(database: Database) -> list[tuple[str, str, int]]:
     return [(r[0], r[1], r[2]) for r in rows]
 
 
-async def test_records_rebilling_cannot_answer_about_wait_and_the_partition_goes_on(database: Database) -> None:
+async def test_records_rebilling_cannot_answer_about_wait_and_the_partition_goes_on(
+    database: Database,
+) -> None:
     """docs/0029: a usage.ingest batch naming a company (or account) rebilling cannot be asked
     about no longer fails whole, holding its partition: the rest is recorded, and those records
     are set aside in the same transaction. Once rebilling answers, the worker judges them the
