@@ -568,6 +568,7 @@ class AnswersFor(Directory):
     def __init__(self, currencies: dict[str, str], owners: dict[str, str], unreachable: set[str]) -> None:
         super().__init__(currencies, owners)
         self.unreachable = unreachable
+        self.asked: list[str] = []  # every id asked, each time
 
     async def currencies(self, company_ids: Iterable[str]) -> dict[str, str]:
         return await self._ask("company", list(company_ids), super().currencies)
@@ -579,6 +580,7 @@ class AnswersFor(Directory):
         return await self._ask("company", list(company_ids), super().pinned_currencies)
 
     async def _ask(self, kind: str, asked: list[str], answer: Any) -> dict[str, str]:
+        self.asked += asked
         failed = frozenset(i for i in asked if i in self.unreachable)
         if failed:
             raise Unanswered(kind, failed, "rebilling is down")  # type: ignore[arg-type]
@@ -630,6 +632,8 @@ async def test_records_rebilling_cannot_answer_about_wait_and_the_partition_goes
     assert [m["data"]["event_id"] for m in await recorded_usage(database)] == [ok]
     assert await waiting(database) == [(ghost, g1, 1), (eur, e1, 3), (known, e2, 4), (ghost, bad, 5)]
     assert float(deferral.DEFERRED._value.get()) - deferred == 4
+    # rebilling was asked about each once: a hung one costs the batch one wait, not two
+    assert sorted(directory.asked) == sorted([ghost, eur, new_acct])
 
     # redelivered (the offsets did not commit): nothing recorded twice, nothing set aside twice
     await handlers.on_ingest(wiring, records)  # type: ignore[arg-type]

@@ -64,18 +64,24 @@ async def record(
     directory: CompanyDirectory,
     take: Callable[[Conn], Awaitable[tuple[list[Item], list[Letter]]]],
     keep: Callable[[Conn, list[Item], list[Item]], Awaitable[None]],
+    failed: DirectoryUnavailable | None = None,
 ) -> Recorded:
     """Record what ``take`` gives (the items, and records already known to be unreadable) in
     one unit of work. The items naming an id rebilling does not answer about are left out and
     given to ``keep(conn, waiting, judged)`` in that unit of work; the rest are judged as any
     usage is (``ingest``), refused ones dead-lettered with them. When rebilling fails without
-    naming an id of the batch, ``DirectoryUnavailable`` is raised and nothing is written."""
-    waiting: dict[tuple[str, str], Item] = {}
+    naming an id of the batch, ``DirectoryUnavailable`` is raised and nothing is written.
+    ``failed``: how rebilling just failed on these items; the ones it names are left out from
+    the start (a hung rebilling costs the batch one more timeout, not two)."""
+    waiting: set[tuple[str, str]] = set()
     while True:
         try:
             async with db.unit() as uow:
                 items, unreadable = await take(uow.conn)
-                judged = [i for i in items if (i.event.company_id, i.event.event_id) not in waiting]
+                if failed is not None:
+                    waiting.update(_key(i) for i in items if failed.named_in([(i.event, None)]))
+                    failed = None
+                judged = [i for i in items if _key(i) not in waiting]
                 results = (
                     await ingest(uow, [i.event for i in judged], [i.traceparent for i in judged], directory)
                     if judged
@@ -86,7 +92,7 @@ async def record(
                     for item, result in zip(judged, results, strict=True)
                     if result.status == "rejected"
                 ]
-                set_aside = [i for i in items if (i.event.company_id, i.event.event_id) in waiting]
+                set_aside = [i for i in items if _key(i) in waiting]
                 await keep(uow.conn, set_aside, judged)
                 uow.publish([dlq_row(r, why, service=SERVICE, noted=False) for r, why in letters])
             return Recorded(letters, set_aside, judged)
@@ -94,7 +100,11 @@ async def record(
             named = [i for i in judged if exc.named_in([(i.event, None)])]
             if not named:
                 raise
-            waiting.update(((i.event.company_id, i.event.event_id), i) for i in named)
+            waiting.update(_key(i) for i in named)
+
+
+def _key(item: Item) -> tuple[str, str]:
+    return item.event.company_id, item.event.event_id
 
 
 def _kept(item: Item) -> storage.Deferred:
@@ -112,10 +122,14 @@ def _kept(item: Item) -> storage.Deferred:
 
 
 async def record_or_defer(
-    db: Database, directory: CompanyDirectory, items: Sequence[Item], unreadable: Sequence[Letter]
+    db: Database,
+    directory: CompanyDirectory,
+    items: Sequence[Item],
+    unreadable: Sequence[Letter],
+    failed: DirectoryUnavailable,
 ) -> list[Letter]:
-    """A consumed batch, after rebilling failed on some of it: the records it did not answer
-    about set aside, the rest recorded. Returns the dead letters written."""
+    """A consumed batch, after rebilling ``failed`` on some of it: the records it did not
+    answer about set aside, the rest recorded. Returns the dead letters written."""
 
     async def given(_: Conn) -> tuple[list[Item], list[Letter]]:
         return list(items), list(unreadable)
@@ -123,7 +137,7 @@ async def record_or_defer(
     async def set_aside(conn: Conn, waiting: list[Item], _: list[Item]) -> None:
         await storage.defer(conn, [_kept(i) for i in waiting])
 
-    done = await record(db, directory, given, set_aside)
+    done = await record(db, directory, given, set_aside, failed)
     if done.waiting:
         DEFERRED.inc(len(done.waiting))
         log.warning(

@@ -68,10 +68,10 @@ async def on_ingest(w: UsageMeterWiring, records: Sequence[Any]) -> None:
                 # an event claimed before (a redelivery), or a group racing it: nothing was written
                 async with w.uow() as uow:
                     uow.publish(letters(await ingest(uow, batch, traces, w.directory)))
-        except DirectoryUnavailable:
+        except DirectoryUnavailable as failed:
             # rebilling cannot be asked about some of it: those records wait, not the partition
             items = [Item(r, e, t) for (r, e), t in zip(good, traces, strict=True)]
-            dead[:] = await record_or_defer(w.db, w.directory, items, unreadable)
+            dead[:] = await record_or_defer(w.db, w.directory, items, unreadable, failed)
     for record, why in dead:
         note_dead_letter(record, why, service=SERVICE)
 

@@ -241,6 +241,8 @@ async def take_deferred(conn: Conn, limit: int) -> list[Deferred]:
 
 
 async def forget_deferred(conn: Conn, done: Sequence[Deferred]) -> None:
+    if not done:
+        return
     await conn.execute(
         "DELETE FROM ingest_deferred d USING unnest($1::text[], $2::text[]) AS v(c, e) "
         "WHERE d.company_id = v.c AND d.event_id = v.e",
