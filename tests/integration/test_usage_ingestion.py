@@ -10,6 +10,7 @@ group with a retried event records nothing in one statement, then each new event
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from itertools import chain
@@ -685,3 +686,88 @@ async def test_set_aside_usage_is_judged_once_across_replicas(database: Database
     while await waiting(database):
         await asyncio.gather(first.step(), second.step())
     assert sorted(m["data"]["event_id"] for m in await recorded_usage(database)) == sorted(ids)
+
+
+async def test_set_aside_usage_against_a_model_of_what_each_event_becomes(database: Database) -> None:
+    """A seeded random walk over the lifecycle of a usage.ingest event while rebilling comes
+    and goes id by id: batches (new events, resends of old ones, unreadable and refused
+    records), their redelivery, rebilling's answers changing, and two replicas' workers. After
+    every step, against a model: no event is lost (each is claimed, or waiting, or was refused
+    and dead-lettered), none is published twice, each is priced in its company's currency. At
+    the end, with rebilling back, nothing waits and every good event is published once."""
+    rng = random.Random(20261205)
+    async with database.unit() as uow:
+        await uow.conn.execute(
+            "INSERT INTO prices (service, unit, unit_price_micros, currency) "
+            "VALUES ('email', 'email', 600, 'EUR') ON CONFLICT DO NOTHING"
+        )
+    known = [uid("co") for _ in range(2)]
+    for co in known:
+        async with database.unit() as uow:
+            await storage.upsert_company(uow.conn, co, "USD")
+    created_eur, never_created = [uid("co") for _ in range(2)], [uid("co") for _ in range(2)]
+    currency = {**dict.fromkeys(known, "USD"), **dict.fromkeys(created_eur, "EUR")}
+    currency.update(dict.fromkeys(never_created, "USD"))  # pinned USD when first charged
+    directory = AnswersFor(
+        dict.fromkeys(created_eur, "EUR"), {}, unreachable=set(created_eur + never_created)
+    )
+    wiring = SimpleNamespace(db=database, uow=database.unit, directory=directory)
+    workers = [deferral.IngestDeferred(database, directory) for _ in range(2)]  # type: ignore[arg-type]
+    for w in workers:
+        w.ROUND = 3
+    companies_all = known + created_eur + never_created
+    sent: dict[tuple[str, str], bool] = {}  # (company, event) -> whether it is chargeable
+    offset = 0
+
+    async def check(final: bool = False) -> None:
+        async with database.reading() as conn:
+            claimed_now = {
+                (r[0], r[1]) for r in await conn.fetch("SELECT company_id, event_id FROM ingested")
+            }
+            waiting_now = {
+                (r[0], r[1]) for r in await conn.fetch("SELECT company_id, event_id FROM ingest_deferred")
+            }
+        published = [m["data"] for m in await recorded_usage(database)]
+        keys = [(m["company_id"], m["event_id"]) for m in published]
+        assert len(keys) == len(set(keys)), "an event published twice"
+        assert set(keys) == claimed_now & set(sent)
+        for m in published:
+            assert m["currency"] == currency[m["company_id"]], m
+        for key, chargeable in sent.items():
+            if chargeable:
+                assert key in claimed_now or key in waiting_now, f"lost: {key}"
+            else:
+                assert key not in claimed_now, f"refused yet charged: {key}"
+        if final:
+            assert waiting_now == set() and {k for k, c in sent.items() if c} == set(keys)
+
+    for _ in range(120):
+        roll = rng.random()
+        if roll < 0.5:
+            records = []
+            for _ in range(rng.randint(1, 6)):
+                if sent and rng.random() < 0.25:  # the product sends an event again
+                    co, eid = rng.choice(sorted(sent))
+                    service = "email" if sent[(co, eid)] else "pigeon"
+                else:
+                    co, eid = rng.choice(companies_all), uid("ev")
+                    service = "pigeon" if rng.random() < 0.15 else "email"
+                    sent[(co, eid)] = service == "email"
+                records.append(usage_record(eid, co, offset, service=service))
+                offset += 1
+            if rng.random() < 0.1:
+                records.append(IngestRecord(b"{not json", offset))
+                offset += 1
+            await handlers.on_ingest(wiring, records)  # type: ignore[arg-type]
+            if rng.random() < 0.2:  # redelivered: its offsets did not commit
+                await handlers.on_ingest(wiring, records)  # type: ignore[arg-type]
+        elif roll < 0.7:
+            co = rng.choice(created_eur + never_created)
+            directory.unreachable ^= {co}
+        else:
+            await asyncio.gather(*(w.step() for w in workers[: rng.randint(1, 2)]))
+        await check()
+    directory.unreachable = set()
+    while any([await w.step() for w in workers]) or await waiting(database):
+        pass
+    await check(final=True)
