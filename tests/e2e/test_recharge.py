@@ -9,6 +9,7 @@ import hmac
 import time
 from typing import Any
 
+import httpx
 import orjson
 
 from tests.support.builders import (
@@ -307,3 +308,35 @@ async def test_webhook_signatures_are_checked(tally: Tally) -> None:
         headers={"stripe-signature": _sign(payload, "whsec_tally_dev", int(time.time()))},
     )
     assert r.json()["status"] == "duplicate"
+
+
+async def test_a_signed_webhook_missing_fields_is_refused_or_ignored_never_a_500(tally: Tally) -> None:
+    """Found by the 2026-12-05 attack: a correctly signed body without ``type`` answered 500
+    (``event.type`` on an event that has none). A signed event is read as the mapping it is: one
+    that is not a payment's settlement is ignored; a payment event without an id or
+    ``data.object`` is 400 ``invalid_event``; odd metadata settles nothing."""
+    url = tally.url("recharge", "/v1/stripe/webhooks")
+
+    async def send(body: object) -> httpx.Response:
+        payload = orjson.dumps(body)
+        signed = _sign(payload, "whsec_tally_dev", int(time.time()))
+        return await tally.http.post(url, content=payload, headers={"stripe-signature": signed})
+
+    for body in ({"id": uid("evt")}, {"id": uid("evt"), "type": None}, {"type": ["x"]}, {}):
+        r = await send(body)
+        assert r.status_code == 200 and r.json()["status"] == "ignored", (body, r.text)
+    for body in (
+        {"id": uid("evt"), "type": "payment_intent.succeeded"},
+        {"id": uid("evt"), "type": "payment_intent.payment_failed", "data": {"object": "pi_x"}},
+        {"type": "payment_intent.succeeded", "data": {"object": {"id": "pi_x"}}},
+    ):
+        r = await send(body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_event", (body, r.text)
+    r = await send(
+        {
+            "id": uid("evt"),
+            "type": "payment_intent.succeeded",
+            "data": {"object": {"id": "pi_x", "metadata": {"tally_attempt": {"a": 1}}}},
+        }
+    )
+    assert r.status_code == 200 and r.json()["status"] == "processed", r.text

@@ -182,7 +182,12 @@ async def charge(body: ChargeIn, principal: CurrentPrincipal, w: Wired) -> Attem
 @router.post(
     "/stripe/webhooks",
     summary="Stripe events (signature checked)",
-    responses={400: {"description": "invalid_signature: the Stripe-Signature header does not verify"}},
+    responses={
+        400: {
+            "description": "invalid_signature: the Stripe-Signature header does not verify; "
+            "invalid_event: a payment event without an id or data.object"
+        }
+    },
 )
 async def stripe_webhook(request: Request, w: Wired) -> dict[str, str]:
     payload = await request.body()
