@@ -82,7 +82,8 @@ def test_amounts_are_rounded_half_up_to_a_micro() -> None:
     assert isinstance(below, Priced) and below.amount_micros == 1  # 1.2 -> 1
 
 
-def test_the_most_an_event_may_cost_is_a_tenth_of_a_wallets_limit() -> None:
+def test_the_most_an_event_may_cost_is_a_million_units_of_its_currency() -> None:
+    assert MAX_EVENT_MICROS == 10**12
     price = {("email", "USD"): Price("email", "email", MAX_EVENT_MICROS, "USD")}
     assert isinstance(price_event(ev(quantity="1"), price, "USD", NOW), Priced)
     over = price_event(ev(quantity="1.000001"), price, "USD", NOW)

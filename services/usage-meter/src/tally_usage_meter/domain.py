@@ -17,9 +17,13 @@ from tally.events import IncomingUsage, encoded_envelope, occurred_instant
 from tally.money import MAX_MICROS, MoneyError, parse_decimal, price_usage
 
 MAX_QUANTITY = Decimal(1_000_000_000)
-# The most one event may cost: with the highest markup (x10) its account leg stays within what
-# a wallet's balance can hold (tally.money.MAX_MICROS), whatever the price.
-MAX_EVENT_MICROS = MAX_MICROS // 10
+# The most one event may cost: a million units of its currency (docs/0030). With the highest
+# markup (x10) its account leg is 10**13 micros, so a wallet's balance (BIGINT, ~9.2 * 10**18)
+# takes ~920,000 such events to overflow, not the ~100 a tenth of tally.money.MAX_MICROS took
+# (an attack of 2026-12-05 overflowed a company wallet with one batch of 300 accepted events,
+# whose last 198 were then dead-lettered, never charged). Usage is stopped long before that by
+# the suspension of a wallet below zero.
+MAX_EVENT_MICROS = MAX_MICROS // 10**6
 DEFAULT_CURRENCY = "USD"  # of a company id no one can create (rebilling pins the others')
 
 Rejection = Literal[
