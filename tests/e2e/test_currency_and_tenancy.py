@@ -209,11 +209,11 @@ async def test_an_amount_beyond_what_a_wallet_holds_is_refused_and_changes_nothi
     r = await tally.http.put(
         tally.url("usage-meter", f"/v1/prices/{service}"),
         headers=platform,
-        json={"unit": "lot", "unit_price": "1000000000"},
-    )  # 10^15 micros
+        json={"unit": "lot", "unit_price": "1000000"},
+    )  # 10^12 micros: the most one event may cost (docs/0030)
     assert r.status_code == 200, r.text
     cid = uid("co")
-    too_much = await usage(tally, cid, service, "1000")  # 10^18 micros: beyond a wallet
+    too_much = await usage(tally, cid, service, "1.000001")  # a micro more
     assert too_much["status"] == "rejected"
     assert too_much["error"]["code"] == "invalid_quantity"
     fine = await usage(tally, cid, service, "1")
