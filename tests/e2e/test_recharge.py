@@ -322,14 +322,24 @@ async def test_a_signed_webhook_missing_fields_is_refused_or_ignored_never_a_500
         signed = _sign(payload, "whsec_tally_dev", int(time.time()))
         return await tally.http.post(url, content=payload, headers={"stripe-signature": signed})
 
-    for body in ({"id": uid("evt")}, {"id": uid("evt"), "type": None}, {"type": ["x"]}, {}):
+    for raw in ([], "str", 5, None, [1]):  # signed JSON that is not an object (a second attack)
+        r = await send(raw)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_event", (raw, r.text)
+    ignored: list[dict[str, object]] = [
+        {"id": uid("evt")},
+        {"id": uid("evt"), "type": None},
+        {"type": ["x"]},
+        {},
+    ]
+    for body in ignored:
         r = await send(body)
         assert r.status_code == 200 and r.json()["status"] == "ignored", (body, r.text)
-    for body in (
+    refused: list[dict[str, object]] = [
         {"id": uid("evt"), "type": "payment_intent.succeeded"},
         {"id": uid("evt"), "type": "payment_intent.payment_failed", "data": {"object": "pi_x"}},
         {"type": "payment_intent.succeeded", "data": {"object": {"id": "pi_x"}}},
-    ):
+    ]
+    for body in refused:
         r = await send(body)
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_event", (body, r.text)
     r = await send(

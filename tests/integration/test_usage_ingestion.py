@@ -31,6 +31,7 @@ from tally.outbox import CHANNEL
 from tally.ratelimit import TokenBuckets
 from tally.uow import Database
 from tally_usage_meter import companies, deferral, handlers, storage
+from tally_usage_meter.domain import Price
 from tally_usage_meter.ingestion import DirectoryUnavailable, HttpIngestion, Result, ingest, ingest_at_once
 from tests.support.databases import CountingRelay, service_database
 from tests.support.stack import Infra, uid
@@ -771,3 +772,36 @@ async def test_set_aside_usage_against_a_model_of_what_each_event_becomes(databa
     while any([await w.step() for w in workers]) or await waiting(database):
         pass
     await check(final=True)
+
+
+async def test_set_aside_usage_is_priced_as_when_it_came_and_a_bad_trace_header_is_dropped(
+    database: Database,
+) -> None:
+    """Found by the review of docs/0029: a set-aside event was priced when judged, so a price
+    raised while it waited charged it the new price (API.md: a price "applies to events
+    received after"). It is now kept with its service's prices when it came. And a record whose
+    ``traceparent`` header held a NUL byte could not be set aside (a text column refuses NUL):
+    its batch failed again and again for the whole outage, and the record went to the DLQ;
+    such a header is no trace context, and is dropped."""
+    service = f"svc{uid('x')[-6:]}"
+    async with database.unit() as uow:
+        await storage.upsert_price(uow.conn, Price(service, "unit", 1_000_000, "USD"))
+    ghost = uid("co")
+    directory = AnswersFor({}, {}, unreachable={ghost})
+    wiring = SimpleNamespace(db=database, uow=database.unit, directory=directory)
+    eid = uid("ev")
+    record = usage_record(eid, ghost, 0, service=service, quantity="2")
+    record.headers = (("traceparent", b"00-\x00abc"),)
+    await handlers.on_ingest(wiring, [record])  # type: ignore[arg-type]
+    assert await waiting(database) == [(ghost, eid, 0)]
+    async with database.unit() as uow:  # raised while it waits
+        await storage.upsert_price(uow.conn, Price(service, "unit", 5_000_000, "USD"))
+    directory.unreachable = set()
+    await deferral.IngestDeferred(database, directory).step()  # type: ignore[arg-type]
+    assert await waiting(database) == []
+    (usage,) = [m["data"] for m in await recorded_usage(database) if m["data"]["event_id"] == eid]
+    assert (usage["unit_price_micros"], usage["platform_amount_micros"]) == (1_000_000, 2_000_000)
+    later = uid("ev")  # what comes now is priced now
+    await handlers.on_ingest(wiring, [usage_record(later, ghost, 1, service=service, quantity="2")])  # type: ignore[arg-type]
+    (now,) = [m["data"] for m in await recorded_usage(database) if m["data"]["event_id"] == later]
+    assert now["platform_amount_micros"] == 10_000_000

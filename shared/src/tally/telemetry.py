@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -124,11 +125,19 @@ def child_traceparent(
         return child
 
 
+# W3C trace context: version, trace id, parent id, flags (a later version may add fields)
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-[!-~]*)?")
+
+
 def header(record: Any, name: str = "traceparent") -> str | None:
-    """A header of a Kafka record, decoded (None when absent)."""
+    """A header of a Kafka record, decoded (None when absent). A ``traceparent`` that is not
+    one (a NUL byte in it could not even be stored in a text column) is treated as absent."""
     for key, value in record.headers or ():
         if key == name and value:
-            return bytes(value).decode("ascii", errors="replace")
+            text = bytes(value).decode("ascii", errors="replace")
+            if name == "traceparent" and not _TRACEPARENT.fullmatch(text):
+                return None
+            return text
     return None
 
 

@@ -196,4 +196,6 @@ async def stripe_webhook(request: Request, w: Wired) -> dict[str, str]:
         event = stripe.Webhook.construct_event(payload, signature, w.settings.stripe_webhook_secret)
     except (ValueError, stripe.SignatureVerificationError) as exc:
         raise ApiError(400, "invalid_signature", "the webhook signature does not verify") from exc
+    except (AttributeError, TypeError) as exc:  # signed, but JSON that is not an object
+        raise ApiError(400, "invalid_event", "a Stripe event is a JSON object") from exc
     return {"status": await webhooks.receive(w.db, w.recharger, event)}

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
 
+import orjson
 import prometheus_client
 
 from tally import events
@@ -26,7 +27,8 @@ from tally.events import IncomingUsage
 from tally.uow import Database
 from tally.worker import Worker
 from tally_usage_meter import storage
-from tally_usage_meter.ingestion import DirectoryUnavailable, ingest, parse_ingest_record
+from tally_usage_meter.domain import Price
+from tally_usage_meter.ingestion import Catalog, DirectoryUnavailable, ingest, parse_ingest_record
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,13 @@ WAITING = prometheus_client.Gauge(
 
 
 class Item(NamedTuple):
-    """A record of ``usage.ingest``, the event read from it, and the trace it continues."""
+    """A record of ``usage.ingest``, the event read from it, the trace it continues, and the
+    prices it is judged by when not the catalog now (it came before they changed)."""
 
     record: Any  # what ``dlq_row`` reads: value, key, topic, partition, offset
     event: IncomingUsage
     traceparent: str | None
+    prices: Catalog | None = None
 
 
 Letter = tuple[Any, str]  # a record and why it is dead-lettered
@@ -82,8 +86,11 @@ async def record(
                     waiting.update(_key(i) for i in items if failed.named_in([(i.event, None)]))
                     failed = None
                 judged = [i for i in items if _key(i) not in waiting]
+                catalogs = [i.prices for i in judged] if any(i.prices is not None for i in judged) else None
                 results = (
-                    await ingest(uow, [i.event for i in judged], [i.traceparent for i in judged], directory)
+                    await ingest(
+                        uow, [i.event for i in judged], [i.traceparent for i in judged], directory, catalogs
+                    )
                     if judged
                     else []
                 )
@@ -107,7 +114,17 @@ def _key(item: Item) -> tuple[str, str]:
     return item.event.company_id, item.event.event_id
 
 
-def _kept(item: Item) -> storage.Deferred:
+def _prices_of(catalog: Catalog, service: str) -> str:
+    """A service's prices in every currency, as kept with a set-aside record."""
+    rows = sorted([c, p.unit, p.unit_price_micros] for (s, c), p in catalog.items() if s == service)
+    return orjson.dumps(rows).decode()
+
+
+def _catalog_of(service: str, kept: str) -> Catalog:
+    return {(service, c): Price(service, unit, micros, c) for c, unit, micros in orjson.loads(kept)}
+
+
+def _kept(item: Item, catalog: Catalog) -> storage.Deferred:
     r = item.record
     return storage.Deferred(
         item.event.company_id,
@@ -118,6 +135,7 @@ def _kept(item: Item) -> storage.Deferred:
         r.partition,
         r.offset,
         item.traceparent,
+        _prices_of(catalog, item.event.service),
     )
 
 
@@ -135,7 +153,9 @@ async def record_or_defer(
         return list(items), list(unreadable)
 
     async def set_aside(conn: Conn, waiting: list[Item], _: list[Item]) -> None:
-        await storage.defer(conn, [_kept(i) for i in waiting])
+        if waiting:  # with the prices they came under: a price set since applies after them
+            catalog = await storage.load_prices(conn)
+            await storage.defer(conn, [_kept(i, catalog) for i in waiting])
 
     done = await record(db, directory, given, set_aside, failed)
     if done.waiting:
@@ -170,7 +190,8 @@ class IngestDeferred(Worker):
             unreadable.clear()
             for d in await storage.take_deferred(conn, self.ROUND):
                 try:
-                    items.append(Item(d, parse_ingest_record(d.value), d.traceparent))
+                    event = parse_ingest_record(d.value)
+                    items.append(Item(d, event, d.traceparent, _catalog_of(event.service, d.prices)))
                 except events.BadMessage as exc:  # read before; a release since reads it otherwise
                     unreadable.append((d, str(exc)))
             return items, list(unreadable)

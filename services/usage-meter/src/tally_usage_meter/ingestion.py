@@ -29,6 +29,7 @@ from tally_usage_meter import storage
 from tally_usage_meter.domain import (
     DEFAULT_CURRENCY,
     RECORDED,
+    Price,
     Priced,
     Rejected,
     price_event,
@@ -68,12 +69,16 @@ class DirectoryUnavailable(Exception):
         return any(e.company_id in self.companies or e.account_id in self.accounts for e, _ in batch)
 
 
+Catalog = dict[tuple[str, str], Price]  # prices by (service, currency)
+
+
 async def _complete(
     conn: Conn,
     batch: Sequence[IncomingUsage],
     directory: CompanyDirectory,
     known: storage.Known,
     now: datetime,
+    catalogs: Sequence[Catalog | None] | None = None,
 ) -> dict[str, str]:
     """Complete what rebilling.events told this service with rebilling's own answers, for
     companies and accounts created so recently that their events have not arrived (and
@@ -111,7 +116,11 @@ async def _complete(
     # money, and must not fix the currency a company may be created in.
     uncreated = {c for c in new_companies if c not in found}
     charged = sorted(
-        {e.company_id for e in batch if e.company_id in uncreated and _charged_in_usd(e, known, now)}
+        {
+            e.company_id
+            for i, e in enumerate(batch)
+            if e.company_id in uncreated and _charged_in_usd(e, known, now, _catalog(known, catalogs, i))
+        }
     )
     if not charged:
         return {}
@@ -122,11 +131,17 @@ async def _complete(
         raise DirectoryUnavailable(str(exc), companies, frozenset()) from exc
 
 
-def _charged_in_usd(event: IncomingUsage, known: storage.Known, now: datetime) -> bool:
+def _catalog(known: storage.Known, catalogs: Sequence[Catalog | None] | None, i: int) -> Catalog:
+    """The prices event ``i`` is judged by: the catalog now, or those it came under (docs/0029)."""
+    mine = catalogs[i] if catalogs is not None else None
+    return known.prices if mine is None else mine
+
+
+def _charged_in_usd(event: IncomingUsage, known: storage.Known, now: datetime, prices: Catalog) -> bool:
     """Whether an event of a company no one created would be accepted, priced in USD."""
     return (
         tenancy_of(event, known.owners, known.currencies.keys()) is None
-        and isinstance(price_event(event, known.prices, DEFAULT_CURRENCY, now), Priced)
+        and isinstance(price_event(event, prices, DEFAULT_CURRENCY, now), Priced)
         and suspension_of(event, known.suspended) is None
     )
 
@@ -140,25 +155,30 @@ def _unanswered(answer: object, kind: str, asked: Sequence[str]) -> frozenset[st
 
 
 async def _judge(
-    conn: Conn, batch: Sequence[IncomingUsage], directory: CompanyDirectory, now: datetime
+    conn: Conn,
+    batch: Sequence[IncomingUsage],
+    directory: CompanyDirectory,
+    now: datetime,
+    catalogs: Sequence[Catalog | None] | None = None,
 ) -> list[Priced | Rejected | None]:
     """Each event's verdict: priced, rejected (why), or None for a repeat of an earlier event
-    of the same batch."""
+    of the same batch. ``catalogs``: per event, the prices to judge it by instead of the
+    catalog now (None: the catalog now)."""
     known = await storage.known(
         conn, [e.company_id for e in batch], [e.account_id for e in batch if e.account_id], directory.facts
     )
-    pinned = await _complete(conn, batch, directory, known, now)
+    pinned = await _complete(conn, batch, directory, known, now, catalogs)
 
     outcome: list[Priced | Rejected | None] = []
     first_seen: set[tuple[str, str]] = set()  # an event id is unique within its company
-    for event in batch:
+    for i, event in enumerate(batch):
         currency = known.currencies.get(event.company_id) or pinned.get(event.company_id, DEFAULT_CURRENCY)
         # What is wrong with the event itself (not the company's account, no price, a bad
         # quantity) is said before what may pass (a suspended wallet): a retry after a top-up
         # would fail all the same.
         verdict: Priced | Rejected | None = tenancy_of(event, known.owners, known.currencies.keys())
         if verdict is None:
-            verdict = price_event(event, known.prices, currency, now)
+            verdict = price_event(event, _catalog(known, catalogs, i), currency, now)
             if isinstance(verdict, Priced):
                 verdict = suspension_of(event, known.suspended) or verdict
         if isinstance(verdict, Priced):
@@ -221,12 +241,15 @@ def _settle(
 
 
 async def _judged(
-    conn: Conn, batch: Sequence[IncomingUsage], directory: CompanyDirectory
+    conn: Conn,
+    batch: Sequence[IncomingUsage],
+    directory: CompanyDirectory,
+    catalogs: Sequence[Catalog | None] | None = None,
 ) -> tuple[datetime, list[Priced | Rejected | None], list[Priced], set[tuple[str, str]]]:
     """Both ways in, before anything is written: the time, each event's verdict, the priced
     ones, and the refused ones accepted before (``_refused_before``)."""
     now = datetime.now(UTC)
-    outcome = await _judge(conn, batch, directory, now)
+    outcome = await _judge(conn, batch, directory, now, catalogs)
     earlier = await _refused_before(conn, batch, outcome)
     return now, outcome, [p for p in outcome if isinstance(p, Priced)], earlier
 
@@ -242,11 +265,14 @@ async def ingest(
     batch: Sequence[IncomingUsage],
     traceparents: Sequence[str | None],
     directory: CompanyDirectory,
+    catalogs: Sequence[Catalog | None] | None = None,
 ) -> list[Result]:
     """In the caller's open unit of work; returns one result per input event, in order.
-    ``traceparents``: the trace each event continues (its ``usage.recorded`` carries it)."""
+    ``traceparents``: the trace each event continues (its ``usage.recorded`` carries it).
+    ``catalogs``: per event, the prices it came under, when not the catalog now (usage that
+    waited for rebilling: docs/0029)."""
     conn = uow.conn
-    now, outcome, priced, earlier = await _judged(conn, batch, directory)
+    now, outcome, priced, earlier = await _judged(conn, batch, directory, catalogs)
     new_ids = await storage.claim_event_ids(
         conn, [p.event.event_id for p in priced], [p.event.company_id for p in priced]
     )

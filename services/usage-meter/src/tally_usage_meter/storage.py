@@ -211,6 +211,7 @@ class Deferred(NamedTuple):
     partition: int
     offset: int
     traceparent: str | None
+    prices: str  # its service's prices when it came: JSON [[currency, unit, micros], ...]
 
 
 async def defer(conn: Conn, waiting: Sequence[Deferred]) -> int:
@@ -220,9 +221,9 @@ async def defer(conn: Conn, waiting: Sequence[Deferred]) -> int:
         return 0
     status = await conn.execute(
         "INSERT INTO ingest_deferred (company_id, event_id, value, record_key, topic, "
-        "source_partition, source_offset, traceparent) "
+        "source_partition, source_offset, traceparent, prices) "
         "SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::text[], "
-        "$6::int[], $7::bigint[], $8::text[]) ON CONFLICT DO NOTHING",
+        "$6::int[], $7::bigint[], $8::text[], $9::text[]) ON CONFLICT DO NOTHING",
         *(list(column) for column in zip(*waiting, strict=True)),
     )
     return int(status.split()[-1])
@@ -233,7 +234,7 @@ async def take_deferred(conn: Conn, limit: int) -> list[Deferred]:
     replica taking the others skips these)."""
     rows = await conn.fetch(
         "SELECT company_id, event_id, value, record_key, topic, source_partition, source_offset, "
-        "traceparent FROM ingest_deferred ORDER BY deferred_at, company_id, event_id "
+        "traceparent, prices FROM ingest_deferred ORDER BY deferred_at, company_id, event_id "
         "LIMIT $1 FOR UPDATE SKIP LOCKED",
         limit,
     )
