@@ -253,7 +253,14 @@ async def test_manual_top_up_and_its_bad_input(tally: Tally) -> None:
         assert r.status_code == 422, bad
     r = await tally.http.post(url, json={"amount": "12.345"}, headers=agency.admin)
     assert r.status_code == 201 and r.json()["status"] == "succeeded", r.text
+    # the attempt says what was charged and credited, beside what was asked (an attack of
+    # 2026-12-05 read only the amount asked, which neither Stripe nor the ledger had)
+    assert (r.json()["amount"], r.json()["charged"]) == ("12.345000", "12.350000"), r.text
     await wait_balance(agency, "12.350000")  # charged in whole cents, rounded up
+    listed = await tally.http.get(
+        tally.url("recharge", f"/v1/companies/{agency.cid}/wallet/recharges"), headers=agency.admin
+    )
+    assert [(a["amount"], a["charged"]) for a in listed.json()["items"]][:1] == [("12.345000", "12.350000")]
     r = await tally.http.post(
         url, json={"amount": "10"}, headers=tally.auth("company_admin", company_id=uid("co"))
     )

@@ -8,7 +8,7 @@ from typing import Literal
 import asyncpg
 from pydantic import BaseModel, Field
 
-from tally.money import amount_field, format_micros
+from tally.money import amount_field, format_micros, minor_units_to_micros
 from tally_recharge.storage import Attempt
 
 
@@ -53,6 +53,11 @@ class AttemptOut(BaseModel):
         description="cancelled: an automatic recharge the auto-recharge rule dropped before "
         "any card was charged (auto-recharge turned off, balance restored, no card)"
     )
+    charged: str | None = Field(
+        None,
+        description="what the card was charged and the wallet credited, once succeeded: the "
+        "amount rounded up to the currency's minor unit (a top-up of 1.234567 USD is 1.240000)",
+    )
     tries: list[TryOut]
     payment_intent: str | None
     fee: str | None
@@ -82,6 +87,9 @@ def attempt_out(a: Attempt) -> AttemptOut:
         amount=format_micros(a.amount_micros),
         currency=a.currency,
         status=a.status,
+        charged=None
+        if a.charged_minor is None
+        else format_micros(minor_units_to_micros(a.charged_minor, a.currency)),
         tries=[
             TryOut(
                 payment_method=t["payment_method"], outcome=t["outcome"], decline_code=t.get("decline_code")

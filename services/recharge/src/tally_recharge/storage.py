@@ -47,6 +47,7 @@ class Attempt:
     purpose: str = "wallet"
     description: str | None = None
     traceparent: str | None = None
+    charged_minor: int | None = None  # what the card was charged, in the currency's minor unit
 
 
 def _attempt(r: asyncpg.Record) -> Attempt:
@@ -75,6 +76,7 @@ def _attempt(r: asyncpg.Record) -> Attempt:
         purpose=r["purpose"],
         description=r["description"],
         traceparent=r["traceparent"],
+        charged_minor=r["charged_minor"],
     )
 
 
