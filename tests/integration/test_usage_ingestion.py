@@ -774,7 +774,7 @@ async def test_set_aside_usage_against_a_model_of_what_each_event_becomes(databa
     await check(final=True)
 
 
-async def test_set_aside_usage_is_priced_as_when_it_came_and_a_bad_trace_header_is_dropped(
+async def test_set_aside_usage_is_priced_and_dated_as_when_it_came_and_a_bad_trace_header_is_dropped(
     database: Database,
 ) -> None:
     """Found by the review of docs/0029: a set-aside event was priced when judged, so a price
@@ -796,11 +796,16 @@ async def test_set_aside_usage_is_priced_as_when_it_came_and_a_bad_trace_header_
     assert await waiting(database) == [(ghost, eid, 0)]
     async with database.unit() as uow:  # raised while it waits
         await storage.upsert_price(uow.conn, Price(service, "unit", 5_000_000, "USD"))
+        # it came a while ago: without an occurred_at of its own, it happened then
+        await uow.conn.execute(
+            "UPDATE ingest_deferred SET deferred_at = '2026-12-04T23:59:00Z' WHERE event_id = $1", eid
+        )
     directory.unreachable = set()
     await deferral.IngestDeferred(database, directory).step()  # type: ignore[arg-type]
     assert await waiting(database) == []
     (usage,) = [m["data"] for m in await recorded_usage(database) if m["data"]["event_id"] == eid]
     assert (usage["unit_price_micros"], usage["platform_amount_micros"]) == (1_000_000, 2_000_000)
+    assert usage["occurred_at"] == "2026-12-04T23:59:00+00:00"  # not the day it was judged
     later = uid("ev")  # what comes now is priced now
     await handlers.on_ingest(wiring, [usage_record(later, ghost, 1, service=service, quantity="2")])  # type: ignore[arg-type]
     (now,) = [m["data"] for m in await recorded_usage(database) if m["data"]["event_id"] == later]

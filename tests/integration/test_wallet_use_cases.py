@@ -299,32 +299,26 @@ async def test_a_credit_racing_the_companys_creation_is_posted_in_the_currency_i
     cid = uid("co")
     platform = Principal(sub="platform", role="platform_admin")
 
+    async def credit(directory: Directory, amount: str, fingerprint: str) -> object:
+        return await credits.grant(
+            database,
+            directory,  # type: ignore[arg-type]
+            platform,
+            Target("company", cid),
+            amount=amount,
+            reference=None,
+            idempotency_key=None,
+            fingerprint=fingerprint,
+        )
+
     class CreatedMeanwhile(Directory):
         async def currency_of(self, company_id: str, *, pin: bool = False) -> str:
             if not pin:
                 return "USD"  # find: not created yet
-            await credits.grant(
-                database,
-                Directory({cid: "EUR"}),  # type: ignore[arg-type]
-                platform,
-                Target("company", cid),
-                amount="2",
-                reference=None,
-                idempotency_key=None,
-                fingerprint="the other credit",
-            )
+            await credit(Directory({cid: "EUR"}), "2", "the other credit")
             return "EUR"
 
-    out = await credits.grant(
-        database,
-        CreatedMeanwhile(),  # type: ignore[arg-type]
-        platform,
-        Target("company", cid),
-        amount="1.5",
-        reference=None,
-        idempotency_key=None,
-        fingerprint="this credit",
-    )
+    out = await credit(CreatedMeanwhile(), "1.5", "this credit")
     assert isinstance(out, CreditOut)
     assert (out.wallet.currency, out.wallet.balance) == ("EUR", "3.500000")
     assert len(await lines(database, f"company:{cid}")) == 2

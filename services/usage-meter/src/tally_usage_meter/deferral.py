@@ -16,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
 
+import msgspec
 import orjson
 import prometheus_client
 
@@ -183,6 +184,11 @@ class IngestDeferred(Worker):
         self._db, self._directory = db, directory
 
     async def step(self) -> bool:
+        async with self._db.reading() as conn:  # most rounds: nothing waits, nothing to lock
+            waiting = await storage.deferred_count(conn)
+        WAITING.set(waiting)
+        if not waiting:
+            return False
         unreadable: list[Letter] = []
 
         async def oldest(conn: Conn) -> tuple[list[Item], list[Letter]]:
@@ -191,6 +197,9 @@ class IngestDeferred(Worker):
             for d in await storage.take_deferred(conn, self.ROUND):
                 try:
                     event = parse_ingest_record(d.value)
+                    if event.occurred_at is None and d.deferred_at is not None:
+                        # it happened when it came, not when it is judged (its day's usage)
+                        event = msgspec.structs.replace(event, occurred_at=d.deferred_at.isoformat())
                     items.append(Item(d, event, d.traceparent, _catalog_of(event.service, d.prices)))
                 except events.BadMessage as exc:  # read before; a release since reads it otherwise
                     unreadable.append((d, str(exc)))
@@ -210,6 +219,5 @@ class IngestDeferred(Worker):
             log.info(
                 "set-aside usage judged", extra={"events": len(done.judged), "waiting": len(done.waiting)}
             )
-        async with self._db.reading() as conn:
-            WAITING.set(await storage.deferred_count(conn))
+        WAITING.set(max(waiting - len(done.judged) - len(unreadable), 0))
         return len(done.judged) + len(unreadable) >= self.ROUND

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import NamedTuple
 
 from tally import outbox
@@ -212,6 +212,10 @@ class Deferred(NamedTuple):
     offset: int
     traceparent: str | None
     prices: str  # its service's prices when it came: JSON [[currency, unit, micros], ...]
+    deferred_at: datetime | None = None  # when it was set aside (read back; the table sets it)
+
+
+_KEPT = ("company_id", "event_id", "value", "key", "topic", "partition", "offset", "traceparent", "prices")
 
 
 async def defer(conn: Conn, waiting: Sequence[Deferred]) -> int:
@@ -224,7 +228,7 @@ async def defer(conn: Conn, waiting: Sequence[Deferred]) -> int:
         "source_partition, source_offset, traceparent, prices) "
         "SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::text[], "
         "$6::int[], $7::bigint[], $8::text[], $9::text[]) ON CONFLICT DO NOTHING",
-        *(list(column) for column in zip(*waiting, strict=True)),
+        *([getattr(d, field) for d in waiting] for field in _KEPT),
     )
     return int(status.split()[-1])
 
@@ -234,7 +238,7 @@ async def take_deferred(conn: Conn, limit: int) -> list[Deferred]:
     replica taking the others skips these)."""
     rows = await conn.fetch(
         "SELECT company_id, event_id, value, record_key, topic, source_partition, source_offset, "
-        "traceparent, prices FROM ingest_deferred ORDER BY deferred_at, company_id, event_id "
+        "traceparent, prices, deferred_at FROM ingest_deferred ORDER BY deferred_at, company_id, event_id "
         "LIMIT $1 FOR UPDATE SKIP LOCKED",
         limit,
     )
