@@ -13,6 +13,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from itertools import chain
 from types import SimpleNamespace
 from typing import Any
@@ -787,13 +788,25 @@ async def test_set_aside_usage_is_priced_and_dated_as_when_it_came_and_a_bad_tra
     async with database.unit() as uow:
         await storage.upsert_price(uow.conn, Price(service, "unit", 1_000_000, "USD"))
     ghost = uid("co")
-    directory = AnswersFor({}, {}, unreachable={ghost})
+
+    class Hanging(AnswersFor):  # rebilling hangs for a while before the ask fails
+        async def _ask(self, kind: str, asked: list[str], answer: Any) -> dict[str, str]:
+            if self.unreachable & set(asked):
+                await asyncio.sleep(0.5)
+            return await super()._ask(kind, asked, answer)
+
+    directory = Hanging({}, {}, unreachable={ghost})
     wiring = SimpleNamespace(db=database, uow=database.unit, directory=directory)
     eid = uid("ev")
     record = usage_record(eid, ghost, 0, service=service, quantity="2")
     record.headers = (("traceparent", b"00-\x00abc"),)
+    came = datetime.now(UTC)
     await handlers.on_ingest(wiring, [record])  # type: ignore[arg-type]
     assert await waiting(database) == [(ghost, eid, 0)]
+    async with database.reading() as conn:
+        kept = await conn.fetchval("SELECT deferred_at FROM ingest_deferred WHERE event_id = $1", eid)
+    # dated by when it came, not by when rebilling's wait ended (an attack saw 5-10 s between)
+    assert datetime.now(UTC) - came >= timedelta(seconds=0.5) and kept - came < timedelta(seconds=0.25)
     async with database.unit() as uow:  # raised while it waits
         await storage.upsert_price(uow.conn, Price(service, "unit", 5_000_000, "USD"))
         # it came a while ago: without an occurred_at of its own, it happened then

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Any, NamedTuple
 
 import msgspec
@@ -125,7 +126,7 @@ def _catalog_of(service: str, kept: str) -> Catalog:
     return {(service, c): Price(service, unit, micros, c) for c, unit, micros in orjson.loads(kept)}
 
 
-def _kept(item: Item, catalog: Catalog) -> storage.Deferred:
+def _kept(item: Item, catalog: Catalog, came: datetime) -> storage.Deferred:
     r = item.record
     return storage.Deferred(
         item.event.company_id,
@@ -137,6 +138,7 @@ def _kept(item: Item, catalog: Catalog) -> storage.Deferred:
         r.offset,
         item.traceparent,
         _prices_of(catalog, item.event.service),
+        came,
     )
 
 
@@ -146,9 +148,12 @@ async def record_or_defer(
     items: Sequence[Item],
     unreadable: Sequence[Letter],
     failed: DirectoryUnavailable,
+    came: datetime,
 ) -> list[Letter]:
     """A consumed batch, after rebilling ``failed`` on some of it: the records it did not
-    answer about set aside, the rest recorded. Returns the dead letters written."""
+    answer about set aside, the rest recorded. ``came``: when the batch's first try began (the
+    records that wait are dated by it, not by the rebilling timeouts after). Returns the dead
+    letters written."""
 
     async def given(_: Conn) -> tuple[list[Item], list[Letter]]:
         return list(items), list(unreadable)
@@ -156,7 +161,7 @@ async def record_or_defer(
     async def set_aside(conn: Conn, waiting: list[Item], _: list[Item]) -> None:
         if waiting:  # with the prices they came under: a price set since applies after them
             catalog = await storage.load_prices(conn)
-            await storage.defer(conn, [_kept(i, catalog) for i in waiting])
+            await storage.defer(conn, [_kept(i, catalog, came) for i in waiting])
 
     done = await record(db, directory, given, set_aside, failed)
     if done.waiting:
@@ -197,7 +202,7 @@ class IngestDeferred(Worker):
             for d in await storage.take_deferred(conn, self.ROUND):
                 try:
                     event = parse_ingest_record(d.value)
-                    if event.occurred_at is None and d.deferred_at is not None:
+                    if event.occurred_at is None:
                         # it happened when it came, not when it is judged (its day's usage)
                         event = msgspec.structs.replace(event, occurred_at=d.deferred_at.isoformat())
                     items.append(Item(d, event, d.traceparent, _catalog_of(event.service, d.prices)))

@@ -7,6 +7,7 @@ the ingestion path rejects, to the topic's DLQ."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -38,6 +39,7 @@ async def on_ingest(w: UsageMeterWiring, records: Sequence[Any]) -> None:
     letter is counted and logged once written, not for a write that failed and went again.
     Records rebilling cannot be asked about are set aside, not the partition held
     (``deferral``)."""
+    came = datetime.now(UTC)  # what waits for rebilling is dated by when it came (``deferral``)
     good, unreadable = [], []
     for r, parsed in zip(records, parse_ingest_records([r.value for r in records]), strict=True):
         if isinstance(parsed, events.BadMessage):
@@ -71,7 +73,7 @@ async def on_ingest(w: UsageMeterWiring, records: Sequence[Any]) -> None:
         except DirectoryUnavailable as failed:
             # rebilling cannot be asked about some of it: those records wait, not the partition
             items = [Item(r, e, t) for (r, e), t in zip(good, traces, strict=True)]
-            dead[:] = await record_or_defer(w.db, w.directory, items, unreadable, failed)
+            dead[:] = await record_or_defer(w.db, w.directory, items, unreadable, failed, came)
     for record, why in dead:
         note_dead_letter(record, why, service=SERVICE)
 

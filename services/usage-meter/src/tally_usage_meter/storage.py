@@ -212,10 +212,10 @@ class Deferred(NamedTuple):
     offset: int
     traceparent: str | None
     prices: str  # its service's prices when it came: JSON [[currency, unit, micros], ...]
-    deferred_at: datetime | None = None  # when it was set aside (read back; the table sets it)
+    deferred_at: datetime  # when it came: its batch's first try, before rebilling was waited for
 
 
-_KEPT = ("company_id", "event_id", "value", "key", "topic", "partition", "offset", "traceparent", "prices")
+_KEPT = Deferred._fields
 
 
 async def defer(conn: Conn, waiting: Sequence[Deferred]) -> int:
@@ -225,9 +225,9 @@ async def defer(conn: Conn, waiting: Sequence[Deferred]) -> int:
         return 0
     status = await conn.execute(
         "INSERT INTO ingest_deferred (company_id, event_id, value, record_key, topic, "
-        "source_partition, source_offset, traceparent, prices) "
+        "source_partition, source_offset, traceparent, prices, deferred_at) "
         "SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::text[], "
-        "$6::int[], $7::bigint[], $8::text[], $9::text[]) ON CONFLICT DO NOTHING",
+        "$6::int[], $7::bigint[], $8::text[], $9::text[], $10::timestamptz[]) ON CONFLICT DO NOTHING",
         *([getattr(d, field) for d in waiting] for field in _KEPT),
     )
     return int(status.split()[-1])

@@ -14,6 +14,6 @@ CREATE TABLE IF NOT EXISTS ingest_deferred (
     source_offset    bigint NOT NULL,
     traceparent  text,
     prices       text NOT NULL,
-    deferred_at  timestamptz NOT NULL DEFAULT now(),
+    deferred_at  timestamptz NOT NULL,  -- when it came (its batch's first try)
     PRIMARY KEY (company_id, event_id)
 );
